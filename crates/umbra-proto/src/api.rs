@@ -1,0 +1,382 @@
+//! JSON bodies of the controller's REST API (`/v1/...`).
+//!
+//! Shared by the controller (server), the roles (enrollment, renewal, snapshot, heartbeat)
+//! and the `umbra admin` CLI. Requests deny unknown fields so that a typo in a script is an
+//! error, not a silently ignored option.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::snapshot::{BrokerInfo, Snapshot};
+
+/// Every error answer: a message for a person and, where one field is at fault, its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment tokens
+
+/// A one-time enrollment token as handed to an operator:
+/// `umb1.<sha256 of the CA certificate, hex>.<secret>`.
+///
+/// The CA hash lets the enrolling device pin the controller's CA before it trusts anything the
+/// controller says; the secret is what the controller checks (it stores only its hash).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnrollToken {
+    pub ca_sha256: [u8; 32],
+    pub secret: String,
+}
+
+/// Why a string is not an enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed enrollment token (expected umb1.<ca hash>.<secret>)")]
+pub struct TokenFormatError;
+
+impl EnrollToken {
+    const PREFIX: &'static str = "umb1";
+
+    /// Parses the printed form.
+    pub fn parse(s: &str) -> Result<Self, TokenFormatError> {
+        let mut it = s.trim().split('.');
+        let (Some(p), Some(h), Some(secret), None) = (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(TokenFormatError);
+        };
+        if p != Self::PREFIX
+            || h.len() != 64
+            || secret.len() < 16
+            || secret.len() > 128
+            || !secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(TokenFormatError);
+        }
+        let mut ca_sha256 = [0u8; 32];
+        for (i, out) in ca_sha256.iter_mut().enumerate() {
+            *out = u8::from_str_radix(h.get(2 * i..2 * i + 2).ok_or(TokenFormatError)?, 16)
+                .map_err(|_| TokenFormatError)?;
+        }
+        Ok(EnrollToken {
+            ca_sha256,
+            secret: secret.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for EnrollToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.", Self::PREFIX)?;
+        for b in self.ca_sha256 {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ".{}", self.secret)
+    }
+}
+
+// A token is a secret: never print it by accident.
+impl fmt::Debug for EnrollToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EnrollToken(..)")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment and renewal
+
+/// `POST /v1/enroll`: redeem a token, get a certificate for a key generated on the device.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The secret part of the token.
+    pub token: String,
+    /// PKCS#10 certificate signing request, PEM.
+    pub csr_pem: String,
+}
+
+impl fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollRequest").finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/renew` (client certificate required): a fresh certificate for the same identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr_pem: String,
+}
+
+/// Answer to enrollment and renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCert {
+    /// `umbra://ORG/ROLE/ID`.
+    pub identity: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// For agents: the user the device is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Brokers known now; refreshed later from `GET /v1/brokers`.
+    pub brokers: Vec<BrokerInfo>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role control
+
+/// `GET /v1/brokers` (any enrolled peer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerList {
+    pub brokers: Vec<BrokerInfo>,
+}
+
+/// `GET /v1/connector/config` (connector certificate): the targets this connector may dial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub connector_id: String,
+    pub version: u64,
+    pub targets: Vec<PublishedTarget>,
+}
+
+/// One published target of a connector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedTarget {
+    pub service: String,
+    pub target: String,
+}
+
+/// `POST /v1/broker/heartbeat` (broker certificate), every few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerHeartbeat {
+    pub name: String,
+    pub quic_addr: Option<String>,
+    pub tcp_addr: Option<String>,
+    pub server_name: String,
+    pub snapshot_version: u64,
+    pub streams: Vec<LiveStream>,
+    /// Decisions and link events since the last heartbeat (bounded by the broker).
+    pub audit: Vec<AuditRecord>,
+}
+
+/// A stream alive on a broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveStream {
+    pub id: u64,
+    pub broker: String,
+    pub user: String,
+    pub device: String,
+    pub service: String,
+    pub connector: String,
+    pub transport: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// One audit event: who did what to what, and the outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// `admin`, `umbra://org/role/id`, or `anonymous`.
+    pub actor: String,
+    /// e.g. `stream.open`, `enroll`, `renew`, `revoke`, `service.create`.
+    pub action: String,
+    /// The object acted on (service name, device id, ...).
+    pub target: String,
+    /// `allow`, `deny`, `ok` or `error`.
+    pub result: String,
+    /// Structured detail (reason, policy ids, transport...). Never a secret.
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin objects
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub id: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    pub name: String,
+    /// `host:port` as the connector sees it.
+    pub target: String,
+    /// Names of the connectors that may serve it.
+    pub connectors: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub target: String,
+    pub connectors: Vec<String>,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePolicy {
+    pub name: String,
+    /// Cedar policy text; validated against Umbra's schema at write time.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    pub text: String,
+    pub created_at: u64,
+}
+
+/// `POST /v1/enrollment-tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollToken {
+    /// `agent`, `connector` or `broker`.
+    pub role: String,
+    /// Agent tokens: the user the device will be bound to.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Connector and broker tokens: the name it will have.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Lifetime of the token; default 1 hour, at most 7 days.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The token is shown once, here, and stored only as a hash.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EnrollTokenCreated {
+    pub id: String,
+    pub token: String,
+    pub role: String,
+    pub expires_at: u64,
+}
+
+impl fmt::Debug for EnrollTokenCreated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollTokenCreated")
+            .field("id", &self.id)
+            .field("role", &self.role)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: String,
+    pub user: String,
+    pub created_at: u64,
+    pub cert_serial: String,
+    pub cert_not_after: u64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connector {
+    pub id: String,
+    pub name: String,
+    pub created_at: u64,
+    pub cert_serial: String,
+    pub cert_not_after: u64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Broker {
+    pub id: String,
+    pub name: String,
+    pub quic_addr: Option<String>,
+    pub tcp_addr: Option<String>,
+    pub server_name: String,
+    pub snapshot_version: u64,
+    /// Unix seconds of the last heartbeat; 0 if never.
+    pub last_seen: u64,
+}
+
+/// A stored audit event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    #[serde(flatten)]
+    pub record: AuditRecord,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        let t = EnrollToken {
+            ca_sha256: [0xab; 32],
+            secret: "s3cr3t-AbCdEfGhIjKlMn_op".into(),
+        };
+        let s = t.to_string();
+        assert!(s.starts_with("umb1.abab"));
+        assert_eq!(EnrollToken::parse(&s).unwrap(), t);
+        assert_eq!(format!("{t:?}"), "EnrollToken(..)");
+    }
+
+    #[test]
+    fn token_rejects_malformed() {
+        let good_hash = "ab".repeat(32);
+        for bad in [
+            String::new(),
+            format!("umb2.{good_hash}.abcdefghijklmnopq"),
+            format!("umb1.{}.abcdefghijklmnopq", "ab".repeat(31)),
+            format!("umb1.{}.abcdefghijklmnopq", "zz".repeat(32)),
+            format!("umb1.{good_hash}.short"),
+            format!("umb1.{good_hash}.has space in it!!"),
+            format!("umb1.{good_hash}.abcdefghijklmnopq.extra"),
+        ] {
+            assert!(EnrollToken::parse(&bad).is_err(), "{bad}");
+        }
+    }
+}
