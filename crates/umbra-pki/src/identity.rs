@@ -1,0 +1,357 @@
+//! Who a peer is, and this process's own identity on disk.
+//!
+//! A peer's identity is read from the leaf certificate of a verified TLS handshake
+//! (`peer_certificates()[0]`) and from nothing else: exactly one `umbra://ORG/ROLE/ID` URI SAN,
+//! parsed strictly by [`PeerId::from_uri`]. Further certificates in the presented chain are
+//! never consulted for identity.
+//!
+//! An identity directory holds `key.pem`, `cert.pem` and `ca.pem`; files are written atomically
+//! (temporary file, fsync, rename) with mode 0600 in a 0700 directory.
+
+use std::fmt;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use time::OffsetDateTime;
+use umbra_proto::PeerId;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+use crate::crypto::random_bytes;
+use crate::error::PkiError;
+
+/// The identity and validity read from a peer's leaf certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerCert {
+    /// Organisation, role and id from the certificate's one `umbra://` URI SAN.
+    pub id: PeerId,
+    /// Serial number, lowercase hex of its DER content bytes.
+    pub serial_hex: String,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// Reads the identity from a leaf certificate: exactly one `umbra://` URI SAN (DNS and IP SANs
+/// may accompany it); anything else is [`PkiError::Identity`].
+///
+/// This does not verify the certificate: call it on the leaf of a handshake that did.
+pub fn peer_cert(leaf: &CertificateDer<'_>) -> Result<PeerCert, PkiError> {
+    let cert = parse_cert(leaf)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| PkiError::Identity("malformed or duplicate subjectAltName".into()))?
+        .ok_or_else(|| PkiError::Identity("no subjectAltName".into()))?;
+    let mut uri = None;
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::URI(u) => {
+                if uri.replace(*u).is_some() {
+                    return Err(PkiError::Identity("more than one URI name".into()));
+                }
+            }
+            GeneralName::DNSName(_) | GeneralName::IPAddress(_) => {}
+            _ => return Err(PkiError::Identity("unexpected kind of name".into())),
+        }
+    }
+    let uri = uri.ok_or_else(|| PkiError::Identity("no umbra:// URI name".into()))?;
+    let id = PeerId::from_uri(uri).map_err(|e| PkiError::Identity(e.to_string()))?;
+    Ok(PeerCert {
+        id,
+        serial_hex: hex::encode(cert.raw_serial()),
+        not_after: to_system_time(cert.validity().not_after.to_datetime())?,
+    })
+}
+
+/// End of validity of the first certificate in `cert_pem`.
+pub fn cert_not_after(cert_pem: &str) -> Result<SystemTime, PkiError> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|_| PkiError::Cert("not a PEM certificate".into()))?;
+    let cert = parse_cert(&der)?;
+    to_system_time(cert.validity().not_after.to_datetime())
+}
+
+/// This process's TLS identity: certificate chain (leaf first), key, the organisation CA it
+/// trusts, and its own identity read from the leaf.
+pub struct TlsIdentity {
+    /// Leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The organisation CA: the only trust anchor for peers.
+    pub ca: CertificateDer<'static>,
+    /// Identity from the leaf.
+    pub peer: PeerCert,
+}
+
+impl TlsIdentity {
+    /// Builds an identity from PEM. Checks that the key matches the leaf, that the leaf carries
+    /// a valid identity and that it is signed by `ca_pem`.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<Self, PkiError> {
+        let cert_chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| PkiError::Cert("certificate chain is not PEM".into()))?;
+        let leaf = cert_chain
+            .first()
+            .ok_or_else(|| PkiError::Cert("no certificate in certificate PEM".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|_| PkiError::Key("not a PEM private key"))?;
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|_| PkiError::Cert("CA certificate is not PEM".into()))?;
+        let peer = peer_cert(leaf)?;
+
+        let provider = crate::tls::crypto_provider();
+        rustls::sign::CertifiedKey::from_der(cert_chain.clone(), key.clone_key(), &provider)
+            .map_err(|_| PkiError::Key("private key does not match the certificate"))?;
+        let leaf_cert = parse_cert(leaf)?;
+        let ca_cert = parse_cert(&ca)?;
+        leaf_cert
+            .verify_signature(Some(ca_cert.public_key()))
+            .map_err(|_| PkiError::Cert("certificate is not issued by the given CA".into()))?;
+
+        Ok(TlsIdentity {
+            cert_chain,
+            key,
+            ca,
+            peer,
+        })
+    }
+
+    /// Loads `key.pem`, `cert.pem` and `ca.pem` from `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Self, PkiError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|e| PkiError::io("read", &path, e))
+        };
+        Self::from_pem(&read("cert.pem")?, &read("key.pem")?, &read("ca.pem")?)
+    }
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+            ca: self.ca.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("peer", &self.peer)
+            .field("chain_len", &self.cert_chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Writes an identity directory: `dir` mode 0700; `key.pem`, `cert.pem`, `ca.pem` mode 0600,
+/// each replaced atomically (temporary file, fsync, rename, fsync of the directory).
+pub fn write_identity_dir(
+    dir: &Path,
+    key_pem: &str,
+    cert_pem: &str,
+    ca_pem: &str,
+) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(|e| PkiError::io("create directory", dir, e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| PkiError::io("set permissions of", dir, e))?;
+    write_atomic(dir, "ca.pem", ca_pem)?;
+    write_atomic(dir, "key.pem", key_pem)?;
+    write_atomic(dir, "cert.pem", cert_pem)?;
+    let d = fs::File::open(dir).map_err(|e| PkiError::io("open directory", dir, e))?;
+    d.sync_all()
+        .map_err(|e| PkiError::io("sync directory", dir, e))
+}
+
+fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> {
+    let target = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(random_bytes::<8>())));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| PkiError::io("create", &tmp, e))?;
+        // The umask can only remove bits from 0600; set it exactly anyway.
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| PkiError::io("set permissions of", &tmp, e))?;
+        f.write_all(contents.as_bytes())
+            .map_err(|e| PkiError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| PkiError::io("sync", &tmp, e))?;
+        fs::rename(&tmp, &target).map_err(|e| PkiError::io("rename into", &target, e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Parses one DER certificate, refusing trailing bytes.
+pub(crate) fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, PkiError> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| PkiError::Cert("malformed certificate".into()))?;
+    if !rest.is_empty() {
+        return Err(PkiError::Cert("trailing data after certificate".into()));
+    }
+    Ok(cert)
+}
+
+pub(crate) fn to_system_time(t: OffsetDateTime) -> Result<SystemTime, PkiError> {
+    u64::try_from(t.unix_timestamp())
+        .ok()
+        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .ok_or_else(|| PkiError::Cert("validity time out of range".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use umbra_proto::Role;
+
+    use super::*;
+    use crate::testutil::Org;
+
+    fn cert_with(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn leaf_with_one_umbra_uri_is_an_identity() {
+        let c = cert_with(vec![
+            uri("umbra://acme/broker/b1"),
+            SanType::DnsName("b1.broker.umbra.internal".try_into().unwrap()),
+            SanType::IpAddress("10.0.0.1".parse().unwrap()),
+        ]);
+        let p = peer_cert(&c).unwrap();
+        assert_eq!(p.id, PeerId::new("acme", Role::Broker, "b1").unwrap());
+    }
+
+    #[test]
+    fn anything_but_exactly_one_umbra_uri_is_refused() {
+        let cases = [
+            vec![],
+            vec![SanType::DnsName("x.example".try_into().unwrap())],
+            vec![uri("umbra://acme/agent/a"), uri("umbra://acme/agent/b")],
+            vec![uri("umbra://acme/agent/a"), uri("umbra://acme/agent/a")],
+            vec![uri("https://acme/agent/a")],
+            vec![uri("umbra://acme/admin/a")],
+            vec![uri("umbra://acme/agent/a/b")],
+            vec![
+                uri("umbra://acme/agent/a"),
+                SanType::Rfc822Name("a@example.com".try_into().unwrap()),
+            ],
+        ];
+        for sans in cases {
+            let desc = format!("{sans:?}");
+            let err = peer_cert(&cert_with(sans)).unwrap_err();
+            assert!(matches!(err, PkiError::Identity(_)), "{desc}: {err}");
+        }
+        // A certificate without any SAN extension, and garbage.
+        let mut p = CertificateParams::default();
+        p.subject_alt_names.clear();
+        let c = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        assert!(peer_cert(c.der()).is_err());
+        assert!(matches!(
+            peer_cert(&CertificateDer::from(vec![0x30, 0x00])),
+            Err(PkiError::Cert(_))
+        ));
+    }
+
+    #[test]
+    fn not_after_is_read() {
+        let org = Org::new("acme");
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let p = org.pems_at(Role::Agent, "d", now, Duration::from_secs(3600));
+        assert_eq!(
+            cert_not_after(&p.cert).unwrap(),
+            now + Duration::from_secs(3600)
+        );
+        assert!(cert_not_after("nope").is_err());
+    }
+
+    #[test]
+    fn from_pem_checks_key_and_issuer() {
+        let org = Org::new("acme");
+        let a = org.pems(Role::Agent, "a");
+        let b = org.pems(Role::Agent, "b");
+        let id = TlsIdentity::from_pem(&a.cert, &a.key, org.ca.cert_pem()).unwrap();
+        assert_eq!(id.peer.id, org.pid(Role::Agent, "a"));
+        assert_eq!(id.cert_chain.len(), 1);
+        // Key of another certificate.
+        assert!(matches!(
+            TlsIdentity::from_pem(&a.cert, &b.key, org.ca.cert_pem()),
+            Err(PkiError::Key(_))
+        ));
+        // CA that did not issue it.
+        let other = Org::new("acme");
+        assert!(matches!(
+            TlsIdentity::from_pem(&a.cert, &a.key, other.ca.cert_pem()),
+            Err(PkiError::Cert(_))
+        ));
+        assert!(TlsIdentity::from_pem("", &a.key, org.ca.cert_pem()).is_err());
+        assert!(TlsIdentity::from_pem(&a.cert, "", org.ca.cert_pem()).is_err());
+        // Debug shows the identity, not the key.
+        let d = format!("{id:?}");
+        assert!(d.contains("umbra") || d.contains("acme"), "{d}");
+        assert!(!d.contains("PRIVATE") && !d.contains("key"), "{d}");
+    }
+
+    #[test]
+    fn identity_dir_is_private_and_atomic() {
+        let org = Org::new("acme");
+        let p = org.pems(Role::Connector, "c1");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("id");
+        // Pre-existing, too open directory and file: both get tightened.
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(dir.join("key.pem"), "old").unwrap();
+        fs::set_permissions(dir.join("key.pem"), fs::Permissions::from_mode(0o644)).unwrap();
+
+        write_identity_dir(&dir, &p.key, &p.cert, org.ca.cert_pem()).unwrap();
+
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for f in ["key.pem", "cert.pem", "ca.pem"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        // Only the three files remain: no temporary leftovers.
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ca.pem", "cert.pem", "key.pem"]);
+
+        let id = TlsIdentity::load_dir(&dir).unwrap();
+        assert_eq!(id.peer.id, org.pid(Role::Connector, "c1"));
+
+        // Renewal overwrites in place.
+        let p2 = org.pems(Role::Connector, "c1");
+        write_identity_dir(&dir, &p2.key, &p2.cert, org.ca.cert_pem()).unwrap();
+        let id2 = TlsIdentity::load_dir(&dir).unwrap();
+        assert_ne!(id2.peer.serial_hex, id.peer.serial_hex);
+        assert_eq!(mode(&dir.join("key.pem")), 0o600);
+
+        // A missing directory is a readable I/O error naming the file.
+        let err = TlsIdentity::load_dir(&tmp.path().join("none")).unwrap_err();
+        assert!(err.to_string().contains("cert.pem"), "{err}");
+    }
+}
