@@ -35,6 +35,7 @@ pub use error::PkiError;
 pub use identity::{PeerCert, TlsIdentity, cert_not_after, peer_cert, write_identity_dir};
 pub use seal::{KeyEncryptionKey, SealedCa};
 pub use tls::{
-    ClientAuth, client_config, crypto_provider, crypto_provider_pq_only, install_crypto_provider,
-    kx_group_name, server_config,
+    ClientAuth, ServerCertSlot, client_config, crypto_provider, crypto_provider_pq_only,
+    install_crypto_provider, kx_group_name, server_config, server_config_reloadable,
+    server_config_with_slot,
 };

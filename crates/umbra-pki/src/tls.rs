@@ -113,6 +113,88 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// The certificate a long-running server presents, replaceable while it runs: a renewed
+/// certificate takes effect at the next handshake, without rebinding listeners. The lock is
+/// taken once per handshake.
+#[derive(Clone)]
+pub struct ServerCertSlot(Arc<std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>>);
+
+impl std::fmt::Debug for ServerCertSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerCertSlot(..)")
+    }
+}
+
+impl ServerCertSlot {
+    fn certified(
+        id: &TlsIdentity,
+        provider: &CryptoProvider,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, PkiError> {
+        let key = provider.key_provider.load_private_key(id.key.clone_key())?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            id.cert_chain.clone(),
+            key,
+        )))
+    }
+
+    /// Presents `id` from the next handshake on. It must be issued by the same CA.
+    pub fn replace(&self, id: &TlsIdentity) -> Result<(), PkiError> {
+        let ck = Self::certified(id, &crypto_provider())?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ck;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// Like [`server_config`], but the certificate comes from `slot`, so a renewed one can be
+/// swapped in while listeners keep running. Build several configs (say, QUIC and TCP) over one
+/// slot with [`server_config_with_slot`].
+pub fn server_config_reloadable(
+    id: &TlsIdentity,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+    pq_only: bool,
+) -> Result<(ServerConfig, ServerCertSlot), PkiError> {
+    let slot = ServerCertSlot(Arc::new(std::sync::RwLock::new(ServerCertSlot::certified(
+        id,
+        &crypto_provider(),
+    )?)));
+    let cfg = server_config_with_slot(&id.ca, &slot, client_auth, alpn, pq_only)?;
+    Ok((cfg, slot))
+}
+
+/// A TLS 1.3 server config presenting the certificate in `slot`, verifying clients against `ca`.
+pub fn server_config_with_slot(
+    ca: &CertificateDer<'static>,
+    slot: &ServerCertSlot,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+    pq_only: bool,
+) -> Result<ServerConfig, PkiError> {
+    let provider = provider(pq_only);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone());
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier.build()?,
+        ClientAuth::Optional => verifier.allow_unauthenticated().build()?,
+    };
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(TLS13_ONLY)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(slot.clone()));
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
 /// A TLS 1.3 client config trusting only `ca`, presenting `client` if given.
 pub fn client_config(
     ca: &CertificateDer<'static>,
@@ -237,6 +319,27 @@ mod tests {
             Err(e) => panic!("refused, but not for the certificate: {e}"),
             Ok(_) => panic!("handshake succeeded"),
         }
+    }
+
+    #[test]
+    fn a_renewed_server_certificate_is_presented_from_the_next_handshake() {
+        let p = Pair::new();
+        let agent = p.org.identity(Role::Agent, "d-1");
+        let (server, slot) =
+            server_config_reloadable(&p.broker, ClientAuth::Required, &[ALPN], false).unwrap();
+        let client = || client_config(&p.org.ca.cert_der(), Some(&agent), &[ALPN], false).unwrap();
+        let serial = |c: &ClientConnection| {
+            peer_cert(&c.peer_certificates().unwrap()[0])
+                .unwrap()
+                .serial_hex
+        };
+        let (c1, _) = handshake(client(), server.clone(), &broker_server_name("b1")).unwrap();
+        assert_eq!(serial(&c1), p.broker.peer.serial_hex);
+        let renewed = p.org.identity(Role::Broker, "b1");
+        slot.replace(&renewed).unwrap();
+        let (c2, _) = handshake(client(), server, &broker_server_name("b1")).unwrap();
+        assert_eq!(serial(&c2), renewed.peer.serial_hex);
+        assert_ne!(renewed.peer.serial_hex, p.broker.peer.serial_hex);
     }
 
     #[test]
