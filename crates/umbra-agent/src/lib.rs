@@ -1,1 +1,60 @@
-//! umbra-agent
+//! The agent: runs on a user's device and carries its connections to services through the
+//! nearest broker.
+//!
+//! Read the modules in the order of one connection:
+//!
+//! 1. [`config`]: what the user sets.
+//! 2. `identity`: the enrolled identity and `controller.json` (where the controller is, the
+//!    last known brokers).
+//! 3. `brokers`: measure every broker (median of three pings), rank nearest first, remember
+//!    which are down.
+//! 4. `session`: one held link to the current broker; `Open` a stream per connection, failing
+//!    over to the next broker when the current one stops answering.
+//! 5. `forward`: accept local TCP connections and relay each over its own stream.
+//! 6. `status`: identity, broker round trip times, the services the user may reach.
+//!
+//! The certificate is renewed in the background while forwarding; new links use the renewed
+//! identity. Enrollment itself ([`enroll`]) is umbra-link's.
+//!
+//! Not owned here: the access decision (the broker's), and the wire format (umbra-proto).
+
+mod brokers;
+pub mod config;
+mod forward;
+mod identity;
+mod session;
+mod status;
+
+use std::net::SocketAddr;
+
+use umbra_proto::Role;
+
+pub use config::{AgentConfig, ConfigError, TransportPref, UnknownTransportPref};
+pub use forward::Forwarder;
+pub use status::{BrokerStatus, Status, services, status};
+pub use umbra_link::enroll::enroll;
+
+/// Why an agent operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No usable identity in `identity_dir` (not enrolled, or files damaged).
+    #[error("identity: {0} (enroll this device first)")]
+    Identity(#[source] umbra_pki::PkiError),
+    /// The identity is not an agent's.
+    #[error("the identity in identity_dir is a {0} certificate, not an agent's")]
+    WrongRole(Role),
+    /// `controller.json` is missing or unreadable.
+    #[error("controller reference: {0}")]
+    ControllerRef(#[source] umbra_link::LinkError),
+    /// Not a service name.
+    #[error("invalid service name {0:?}")]
+    ServiceName(String),
+    /// The local listen address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    /// No broker answered.
+    #[error("no broker reachable: {0}")]
+    NoBroker(String),
+}

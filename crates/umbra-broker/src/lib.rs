@@ -1,1 +1,255 @@
-//! umbra-broker
+//! The broker: Umbra's enforcement point, one per point of presence.
+//!
+//! It owns, for the links that agents and connectors dial to it (QUIC, or TLS 1.3 over TCP
+//! where UDP is blocked, both with mutual TLS on Umbra certificates):
+//! - admission of each link ([`authn`]),
+//! - the decision for every new stream, taken locally from the last policy snapshot, with no
+//!   controller round trip ([`authz`], [`authority`]),
+//! - routing an allowed stream to the least-loaded live connector that serves the service
+//!   ([`route`]),
+//! - relaying its bytes, and cancelling live streams that a new snapshot no longer allows
+//!   ([`relay`]),
+//! - keeping the snapshot current and reporting live streams and audit events ([`sync`]).
+//!
+//! It does not own transports or the copy loops (`umbra-link`), the policy language
+//! (`umbra-policy`) or any state that must survive it: brokers are stateless and many; the
+//! on-disk snapshot is a cache of the controller's.
+//!
+//! Read one stream's life top-down in [`accept`].
+
+mod accept;
+mod audit;
+mod authn;
+mod authority;
+mod authz;
+mod config;
+mod relay;
+mod route;
+mod sync;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use umbra_link::{ControllerClient, LinkConfig, Listener};
+use umbra_pki::{ClientAuth, TlsIdentity};
+use umbra_proto::Role;
+
+pub use config::{BrokerConfig, ConfigError};
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("broker identity in {dir}: {source}")]
+    Identity {
+        dir: PathBuf,
+        source: umbra_pki::PkiError,
+    },
+    #[error("the certificate in {0} is not a broker's (run `umbra broker enroll`)")]
+    NotABroker(PathBuf),
+    #[error("controller reference in {dir}: {source}")]
+    ControllerRef {
+        dir: PathBuf,
+        source: umbra_link::LinkError,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(umbra_pki::PkiError),
+    #[error("listen: {0}")]
+    Listen(umbra_link::LinkError),
+    #[error("policy engine: {0}")]
+    Policy(#[from] umbra_policy::PolicyError),
+}
+
+/// State shared by the broker's tasks.
+pub(crate) struct Shared {
+    pub(crate) cfg: BrokerConfig,
+    pub(crate) org: String,
+    pub(crate) name: String,
+    pub(crate) server_name: String,
+    pub(crate) quic_addr: Option<String>,
+    pub(crate) tcp_addr: Option<String>,
+    pub(crate) snapshot_path: PathBuf,
+    pub(crate) authority: ArcSwap<authority::Authority>,
+    pub(crate) connectors: route::Registry,
+    pub(crate) agents: route::Registry,
+    pub(crate) streams: relay::LiveStreams,
+    pub(crate) audit: audit::AuditQueue,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A running broker.
+pub struct Broker {
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Loads the identity and last snapshot, binds the listeners and starts serving.
+    pub async fn start(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        cfg.validate()?;
+        let dir = cfg.identity_dir.clone();
+        let identity = TlsIdentity::load_dir(&dir).map_err(|source| BrokerError::Identity {
+            dir: dir.clone(),
+            source,
+        })?;
+        if identity.peer.id.role != Role::Broker {
+            return Err(BrokerError::NotABroker(dir));
+        }
+        let cref = umbra_link::enroll::load_controller_ref(&dir).map_err(|source| {
+            BrokerError::ControllerRef {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        let snapshot_path = authority::cache_path(&dir);
+        let held = match authority::load_cached(&snapshot_path) {
+            Some(a) => {
+                info!(version = a.snapshot.version, "enforcing the cached snapshot until the controller answers");
+                a
+            }
+            None => authority::Authority::empty()?,
+        };
+        // The certificate sits in a slot so that renewals take effect without rebinding.
+        let (server_tls, cert_slot) = umbra_pki::server_config_reloadable(
+            &identity,
+            ClientAuth::Required,
+            &[umbra_link::ALPN],
+            false,
+        )
+        .map_err(BrokerError::Tls)?;
+        let link_cfg = LinkConfig {
+            handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+            max_pending_handshakes: cfg.max_pending_handshakes,
+            ..LinkConfig::default()
+        };
+        let listener = Arc::new(
+            Listener::bind(cfg.listen_quic, cfg.listen_tcp, Arc::new(server_tls), link_cfg)
+                .await
+                .map_err(BrokerError::Listen)?,
+        );
+        let host = cfg.advertise();
+        let fmt_addr = |a: SocketAddr| match host.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{host}]:{}", a.port()),
+            Err(_) => format!("{host}:{}", a.port()),
+        };
+        let org = identity.peer.id.org.clone();
+        let shared = Arc::new(Shared {
+            name: cfg.name.clone(),
+            server_name: umbra_pki::broker_server_name(&identity.peer.id.id),
+            quic_addr: listener.quic_addr().map(fmt_addr),
+            tcp_addr: listener.tcp_addr().map(fmt_addr),
+            snapshot_path,
+            authority: ArcSwap::from_pointee(held),
+            connectors: Default::default(),
+            agents: Default::default(),
+            streams: Default::default(),
+            audit: Default::default(),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            org,
+            cfg,
+        });
+        info!(
+            name = %shared.name,
+            quic = ?listener.quic_addr(),
+            tcp = ?listener.tcp_addr(),
+            "broker listening"
+        );
+        let client = match ControllerClient::new(&cref.url, &identity.ca, Some(&identity)) {
+            Ok(c) => Some(Arc::new(ArcSwap::from_pointee(c))),
+            Err(e) => {
+                warn!(error = %e, "controller client unavailable; enforcing the cached snapshot only");
+                None
+            }
+        };
+        let mut tasks = vec![tokio::spawn(accept::accept_links(
+            shared.clone(),
+            listener.clone(),
+        ))];
+        if let Some(client) = client {
+            tasks.push(tokio::spawn(sync::snapshot_loop(shared.clone(), client.clone())));
+            tasks.push(tokio::spawn(sync::heartbeat_loop(shared.clone(), client.clone())));
+            tasks.push(tokio::spawn(renewal(
+                shared.clone(),
+                dir,
+                identity,
+                cref.url,
+                cert_slot,
+                client,
+            )));
+        }
+        Ok(Broker {
+            shared,
+            listener,
+            tasks,
+        })
+    }
+
+    /// Where the QUIC listener is bound.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.listener.quic_addr()
+    }
+
+    /// Where the TLS-over-TCP listener is bound.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.listener.tcp_addr()
+    }
+
+    /// Version of the snapshot being enforced.
+    pub fn snapshot_version(&self) -> u64 {
+        self.shared.authority.load().snapshot.version
+    }
+
+    /// Number of streams relaying now.
+    pub fn live_streams(&self) -> usize {
+        self.shared.streams.len()
+    }
+
+    /// Stops accepting, closes every link and stream, and waits for the tasks.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        self.listener.close();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// Renews the broker's certificate before it expires and puts the new one to use: presented
+/// from the next handshake on, and used for the controller connection.
+async fn renewal(
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    identity: TlsIdentity,
+    url: String,
+    slot: umbra_pki::ServerCertSlot,
+    client: Arc<ArcSwap<ControllerClient>>,
+) {
+    let mut renewed = umbra_link::enroll::spawn_renewal(dir, Arc::new(identity));
+    loop {
+        tokio::select! {
+            r = renewed.changed() => if r.is_err() { return },
+            () = shared.shutdown.cancelled() => return,
+        }
+        let id = renewed.borrow_and_update().clone();
+        if let Err(e) = slot.replace(&id) {
+            warn!(error = %e, "renewed certificate unusable; keeping the current one");
+            continue;
+        }
+        match ControllerClient::new(&url, &id.ca, Some(&id)) {
+            Ok(c) => client.store(Arc::new(c)),
+            Err(e) => warn!(error = %e, "controller client with the renewed certificate"),
+        }
+        info!(serial = %id.peer.serial_hex, "presenting the renewed certificate");
+    }
+}

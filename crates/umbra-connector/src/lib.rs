@@ -1,1 +1,163 @@
-//! umbra-connector
+//! The connector: runs next to private applications and carries brokers' streams to them.
+//!
+//! It never listens. It dials out to every broker and holds one link to each; brokers open
+//! streams on those links, and the connector connects each stream to a target **published for
+//! this connector**, and nothing else. Read the modules in the order of one stream:
+//!
+//! 1. [`config`]: what the operator sets.
+//! 2. `sync`: published targets (long poll, cached in `published.json`) and the broker list
+//!    from the controller.
+//! 3. `links`: one link per broker, redialed with backoff, QUIC then TLS over TCP.
+//! 4. `serve`: read the broker's `Dial`, check it against the published targets (exact
+//!    string match), dial the target, relay.
+//!
+//! The certificate is renewed in the background (`umbra_link::enroll::spawn_renewal`); new
+//! links use the renewed identity.
+//!
+//! Offline start: everything the connector needs at start is on disk in its identity
+//! directory (`key.pem`, `cert.pem`, `ca.pem`, `controller.json` with the controller URL and
+//! last known brokers, `published.json` with the last published targets), so it starts and
+//! serves while the controller is unreachable.
+//!
+//! Not owned here: the access decision (the broker's, from policy), enrollment itself
+//! ([`enroll`] is umbra-link's).
+
+pub mod config;
+mod links;
+mod serve;
+mod sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use umbra_link::LinkConfig;
+use umbra_link::enroll::{load_controller_ref, spawn_renewal};
+use umbra_pki::TlsIdentity;
+use umbra_proto::Role;
+use umbra_proto::api::ConnectorConfig as PublishedConfig;
+
+pub use config::{ConfigError, ConnectorConfig, TransportPref, UnknownTransportPref};
+pub use umbra_link::enroll::enroll;
+
+/// Why a connector did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No usable identity in `identity_dir` (not enrolled, or files damaged).
+    #[error("identity: {0} (enroll the connector first)")]
+    Identity(#[source] umbra_pki::PkiError),
+    /// The identity is not a connector's.
+    #[error("the identity in identity_dir is a {0} certificate, not a connector's")]
+    WrongRole(Role),
+    /// `controller.json` is missing or unreadable.
+    #[error("controller reference: {0}")]
+    ControllerRef(#[source] umbra_link::LinkError),
+}
+
+/// A running connector.
+pub struct Connector {
+    identity: String,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Longest wait for the tasks at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl Connector {
+    /// Loads the identity, cached targets and broker list from `cfg.identity_dir`, then starts
+    /// the links, the controller sync and certificate renewal. Returns once everything is
+    /// started; links come up in the background.
+    pub async fn start(cfg: ConnectorConfig) -> Result<Connector, ConnectorError> {
+        cfg.validate()?;
+        let dir = cfg.identity_dir.clone();
+        let identity = TlsIdentity::load_dir(&dir).map_err(ConnectorError::Identity)?;
+        if identity.peer.id.role != Role::Connector {
+            return Err(ConnectorError::WrongRole(identity.peer.id.role));
+        }
+        let cref = load_controller_ref(&dir).map_err(ConnectorError::ControllerRef)?;
+        let me = identity.peer.id.id.clone();
+        let uri = identity.peer.id.to_uri();
+
+        let published = sync::load_cached(&dir, &me).unwrap_or_else(|| PublishedConfig {
+            connector_id: me.clone(),
+            version: 0,
+            targets: vec![],
+        });
+        tracing::info!(
+            identity = %uri,
+            version = published.version,
+            targets = published.targets.len(),
+            brokers = cref.brokers.len(),
+            "connector starting"
+        );
+        let (published_tx, published_rx) = watch::channel(Arc::new(published));
+        let (brokers_tx, brokers_rx) = watch::channel(Arc::new(cref.brokers.clone()));
+        let identity_rx = spawn_renewal(dir.clone(), Arc::new(identity));
+
+        let cancel = CancellationToken::new();
+        let link_ctx = Arc::new(links::LinkCtx {
+            link_cfg: LinkConfig::default(),
+            identity: identity_rx.clone(),
+            serve: Arc::new(serve::ServeCtx {
+                published: published_rx,
+                dial_timeout: cfg.dial_timeout(),
+                idle_timeout: cfg.idle_timeout(),
+            }),
+            cfg,
+        });
+        let tasks = vec![
+            tokio::spawn(links::supervise(link_ctx, brokers_rx, cancel.clone())),
+            tokio::spawn(sync::poll_published(
+                sync::Controller::new(cref.url.clone(), identity_rx.clone()),
+                dir.clone(),
+                me,
+                published_tx,
+                cancel.clone(),
+            )),
+            tokio::spawn(sync::poll_brokers(
+                sync::Controller::new(cref.url.clone(), identity_rx),
+                dir,
+                cref,
+                brokers_tx,
+                cancel.clone(),
+            )),
+        ];
+        Ok(Connector {
+            identity: uri,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// This connector's identity, `umbra://ORG/connector/ID`.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Closes every link and stops the background tasks (streams in flight are cut).
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let all = join_all(std::mem::take(&mut self.tasks));
+        if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+            tracing::warn!("connector tasks did not stop in time");
+        }
+        tracing::info!(identity = %self.identity, "connector stopped");
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}

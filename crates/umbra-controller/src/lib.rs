@@ -1,1 +1,49 @@
-//! umbra-controller
+//! The Umbra controller: the organisation's source of truth and its only certificate authority.
+//!
+//! It owns:
+//! - the **store** (`store`): users, groups, services, Cedar policies, enrollment tokens,
+//!   enrolled devices, connectors and brokers, issued certificates, the audit trail, and the
+//!   snapshot version: SQLite through sqlx, portable SQL, embedded migrations;
+//! - **CA custody** (`ca`): the CA key is stored sealed under a key-encryption key that is
+//!   not in the database;
+//! - **enrollment and renewal** (`enroll`): one-time tokens, atomic redemption, certificates
+//!   whose every field the controller decides;
+//! - the **REST API** (`api`): admin (bearer token), peers (client certificate), public, and
+//!   its OpenAPI document;
+//! - **distribution** (`distribution`): versioned snapshots long-polled by brokers, published
+//!   targets long-polled by connectors;
+//! - **audit** (`audit`) and metrics (`umbra_controller_requests_total{route,status}`,
+//!   `umbra_enrollments_total{role,result}`, `umbra_renewals_total{role,result}`,
+//!   `umbra_snapshot_version`).
+//!
+//! It does not decide access: brokers do, from the snapshot, with `umbra-policy`. It never
+//! sees user traffic.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), umbra_controller::ControllerError> {
+//! umbra_pki::install_crypto_provider();
+//! let ctl = umbra_controller::Controller::start(Default::default(), Default::default()).await?;
+//! if let Some(t) = ctl.first_admin_token() {
+//!     println!("admin token (shown once): {t}");
+//! }
+//! # ctl.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod api;
+mod audit;
+mod ca;
+mod config;
+mod controller;
+mod distribution;
+mod enroll;
+mod error;
+mod state;
+mod store;
+mod validate;
+
+pub use config::{ConfigError, ControllerConfig, MAX_TOKEN_TTL};
+pub use controller::{Controller, ControllerOptions};
+pub use error::ControllerError;
+pub use state::{Clock, MetricsRender};

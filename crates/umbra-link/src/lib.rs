@@ -1,1 +1,42 @@
-//! umbra-link
+//! Umbra's links: authenticated, multiplexed connections between agents or connectors and
+//! brokers, and the copy loops that move application bytes over them.
+//!
+//! Owns:
+//! - two transports behind one API ([`Link`], [`Listener`], [`dial`], [`Stream`]): QUIC
+//!   (quinn) and, where UDP is blocked, TLS 1.3 over TCP with HTTP/2 (`h2`) as the stream
+//!   multiplexer. Both use the rustls configs of `umbra-pki` (mutual TLS, ALPN [`ALPN`]) and
+//!   report the negotiated key exchange group;
+//! - who opens streams on a link (the dialer on agent links, the broker on connector links;
+//!   see [`Link`]);
+//! - header-frame I/O at the start of each stream ([`Stream::read_frame`],
+//!   [`Stream::write_frame`]; the codec itself is `umbra_proto::frame`);
+//! - the relay loops ([`relay_streams`], [`relay_tcp`]): half-close, idle timeout, counters;
+//! - the HTTPS client to the controller ([`ControllerClient`], [`fetch_pinned_ca`]).
+//!
+//! Does not own: what a peer may do (authorization is the broker's), certificates and TLS
+//! configs (`umbra-pki`), the frame codec (`umbra-proto`), deadlines on frame exchanges (the
+//! caller wraps `read_frame`/`write_frame` in `tokio::time::timeout`).
+//!
+//! Spans: `link{peer, transport, kx, remote}` per link and `stream{id}` per stream (child of
+//! its link). Metrics: see `telemetry.rs` (`umbra_links`,
+//! `umbra_link_handshake_failures_total`, `umbra_relay_bytes_total`).
+
+pub mod backoff;
+mod control;
+pub mod enroll;
+mod error;
+mod link;
+mod quic;
+mod quic_kx;
+mod relay;
+mod stream;
+mod telemetry;
+mod tls;
+mod transport;
+
+pub use control::{ControllerClient, fetch_pinned_ca};
+pub use error::LinkError;
+pub use link::{Link, Listener, dial};
+pub use relay::{Counters, relay_streams, relay_tcp};
+pub use stream::Stream;
+pub use transport::{ALPN, LinkConfig, Transport, UnknownTransport};

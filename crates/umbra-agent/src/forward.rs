@@ -1,0 +1,176 @@
+//! Local port forwarding: every TCP connection accepted on a local address becomes one stream
+//! to a service through the broker fabric.
+//!
+//! Owns the local listener and the per-connection task (open a stream via the session, then
+//! relay). Refusals are per connection: a denied connection is closed and logged, and the
+//! forwarder goes on accepting.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use umbra_link::Counters;
+use umbra_link::enroll::spawn_renewal;
+
+use crate::config::AgentConfig;
+use crate::session::{OpenError, Session};
+use crate::{AgentError, identity};
+
+/// How often the broker list is refreshed from the controller while forwarding.
+const BROKER_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A running local forwarder for one service.
+pub struct Forwarder {
+    local_addr: SocketAddr,
+    service: String,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Forwarder {
+    /// Binds `listen`, picks the nearest broker and starts accepting connections for
+    /// `service`. Brokers are not required to be reachable yet: each connection tries them.
+    pub async fn start(
+        cfg: AgentConfig,
+        service: &str,
+        listen: SocketAddr,
+    ) -> Result<Forwarder, AgentError> {
+        cfg.validate()?;
+        if !umbra_proto::valid_name(service) {
+            return Err(AgentError::ServiceName(service.to_owned()));
+        }
+        let (id, cref) = identity::load(&cfg.identity_dir)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| AgentError::Listen(listen, e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| AgentError::Listen(listen, e))?;
+
+        let id = Arc::new(id);
+        let cref = identity::refresh_brokers(&cfg, &id, cref).await;
+        let identity_rx = spawn_renewal(cfg.identity_dir.clone(), id);
+        let session = Arc::new(
+            Session::connect(cfg.clone(), identity_rx.clone(), cref.brokers.clone()).await,
+        );
+
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!("forward", %service, listen = %local_addr);
+        let task = tokio::spawn(
+            run(
+                listener,
+                session,
+                service.to_owned(),
+                cfg,
+                identity_rx,
+                cref,
+                cancel.clone(),
+            )
+            .instrument(span),
+        );
+        tracing::info!(%service, listen = %local_addr, "forwarding");
+        Ok(Forwarder {
+            local_addr,
+            service: service.to_owned(),
+            cancel,
+            task: Some(task),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The service forwarded to.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Stops accepting and closes the broker link (connections in flight are cut).
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn run(
+    listener: TcpListener,
+    session: Arc<Session>,
+    service: String,
+    cfg: AgentConfig,
+    identity_rx: tokio::sync::watch::Receiver<Arc<umbra_pki::TlsIdentity>>,
+    mut cref: umbra_link::enroll::ControllerRef,
+    cancel: CancellationToken,
+) {
+    let service: Arc<str> = Arc::from(service);
+    let mut refresh = tokio::time::interval(BROKER_REFRESH_INTERVAL);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = refresh.tick() => {
+                let id = identity_rx.borrow().clone();
+                let before = cref.brokers.clone();
+                cref = identity::refresh_brokers(&cfg, &id, cref).await;
+                if cref.brokers != before {
+                    session.update_brokers(cref.brokers.clone()).await;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let span = tracing::debug_span!("conn", %peer);
+                    tokio::spawn(
+                        forward_one(tcp, session.clone(), service.clone(), cfg.idle_timeout())
+                            .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    session.close().await;
+}
+
+async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, idle: Duration) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let stream = match session.open(&service).await {
+        Ok(s) => s,
+        Err(OpenError::Denied(_)) => {
+            tracing::warn!("access to {service} denied");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a stream to {service}");
+            return;
+        }
+    };
+    let counters = Counters::default();
+    match umbra_link::relay_tcp(tcp, stream, idle, &counters).await {
+        Ok(()) => tracing::debug!(
+            up = counters.up.load(std::sync::atomic::Ordering::Relaxed),
+            down = counters.down.load(std::sync::atomic::Ordering::Relaxed),
+            "connection closed"
+        ),
+        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+    }
+}

@@ -1,0 +1,125 @@
+//! What `umbra agent status` and `umbra agent services` show: who this device is, how far each
+//! broker is, and which services the user may reach.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use umbra_link::Transport;
+use umbra_proto::Frame;
+use umbra_proto::api::BrokerInfo;
+
+use crate::brokers::{self, Probe};
+use crate::config::AgentConfig;
+use crate::{AgentError, identity};
+
+/// The agent's identity and its view of the brokers.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// `umbra://ORG/agent/ID`.
+    pub identity: String,
+    /// The user this device is bound to.
+    pub user: Option<String>,
+    /// When the device certificate expires (it is renewed while the agent runs).
+    pub cert_not_after: SystemTime,
+    /// Every known broker, nearest first; unreachable ones last.
+    pub brokers: Vec<BrokerStatus>,
+}
+
+/// One broker as measured now.
+#[derive(Debug, Clone)]
+pub struct BrokerStatus {
+    pub info: BrokerInfo,
+    /// Median round trip time of three pings, or why it could not be measured.
+    pub rtt: Result<Duration, String>,
+    /// The transport the measurement used; for an unreachable broker, the last one tried.
+    pub transport: Transport,
+}
+
+/// Reads the identity and measures every broker (in parallel).
+pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
+    cfg.validate()?;
+    let (id, cref) = identity::load(&cfg.identity_dir)?;
+    let id = Arc::new(id);
+    let cref = identity::refresh_brokers(cfg, &id, cref).await;
+    let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
+    let last_tried = cfg
+        .transport
+        .order()
+        .last()
+        .copied()
+        .unwrap_or(Transport::Tls);
+    let brokers = probes
+        .into_iter()
+        .map(|Probe { broker, result }| match result {
+            Ok((rtt, link)) => {
+                let transport = link.transport();
+                link.close();
+                BrokerStatus {
+                    info: broker,
+                    rtt: Ok(rtt),
+                    transport,
+                }
+            }
+            Err(e) => BrokerStatus {
+                info: broker,
+                rtt: Err(e),
+                transport: last_tried,
+            },
+        })
+        .collect();
+    Ok(Status {
+        identity: id.peer.id.to_uri(),
+        user: cref.user,
+        cert_not_after: id.peer.not_after,
+        brokers,
+    })
+}
+
+/// The services this device's user may reach, sorted, as the nearest answering broker says.
+pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
+    cfg.validate()?;
+    let (id, cref) = identity::load(&cfg.identity_dir)?;
+    let id = Arc::new(id);
+    let cref = identity::refresh_brokers(cfg, &id, cref).await;
+    let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
+    let mut last = String::from("no brokers known");
+    let mut answer = None;
+    for p in &probes {
+        let Ok((_, link)) = &p.result else {
+            if let Err(e) = &p.result {
+                last = format!("{}: {e}", p.broker.name);
+            }
+            continue;
+        };
+        if answer.is_none() {
+            match list_services(link, cfg.open_timeout()).await {
+                Ok(list) => answer = Some(list),
+                Err(e) => last = format!("{}: {e}", p.broker.name),
+            }
+        }
+    }
+    for p in &probes {
+        if let Ok((_, link)) = &p.result {
+            link.close();
+        }
+    }
+    answer.ok_or(AgentError::NoBroker(last))
+}
+
+async fn list_services(link: &umbra_link::Link, timeout: Duration) -> Result<Vec<String>, String> {
+    let exchange = async {
+        let mut s = link.open().await.map_err(|e| e.to_string())?;
+        s.write_frame(&Frame::ListServices)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = s.read_frame().await.map_err(|e| e.to_string())?;
+        let _ = s.finish().await;
+        match answer {
+            Frame::ServiceList { services } => Ok(services),
+            other => Err(format!("unexpected answer to ListServices: {other:?}")),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| "no answer within the open timeout".to_owned())?
+}

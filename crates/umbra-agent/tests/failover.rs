@@ -1,0 +1,345 @@
+//! The agent's broker choice and failover over real links.
+//!
+//! Two `umbra_link::Listener`s with broker certificates stand in for brokers at the transport
+//! level: they answer pings, list one service, and answer `Open` with a scripted reply (`Ok`
+//! and then echo, prefixed by their name so the test sees which one served; `Denied` for the
+//! service `secret`). No policy runs here; the real broker is tested with the binary. What is
+//! under test is the agent: ranking, the held link, failover when a broker is killed or falls
+//! silent (within 3 s), and that a denial is final.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use umbra_agent::{AgentConfig, Forwarder, TransportPref};
+use umbra_link::enroll::{ControllerRef, save_controller_ref};
+use umbra_link::{ALPN, Link, LinkConfig, Listener, Stream, Transport};
+use umbra_pki::{Ca, ClientAuth, IssueRequest, TlsIdentity};
+use umbra_proto::api::BrokerInfo;
+use umbra_proto::{Frame, OpenCode, PeerId, Role};
+
+const ORG: &str = "test";
+const WAIT: Duration = Duration::from_secs(15);
+const FAILOVER_BUDGET: Duration = Duration::from_secs(3);
+
+struct StandIn {
+    name: String,
+    info: BrokerInfo,
+    listener: Arc<Listener>,
+    links: Arc<Mutex<Vec<Link>>>,
+    silent: Arc<AtomicBool>,
+    opens: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl StandIn {
+    async fn start(ca: &Ca, id: &str) -> StandIn {
+        let now = SystemTime::now();
+        let server_name = umbra_pki::broker_server_name(id);
+        let (issued, key) = ca
+            .issue_server(
+                &PeerId::new(ORG, Role::Broker, id).unwrap(),
+                std::slice::from_ref(&server_name),
+                Duration::from_secs(3600),
+                now,
+                umbra_pki::random_bytes(),
+            )
+            .unwrap();
+        let tls = TlsIdentity::from_pem(&issued.cert_pem, &key, ca.cert_pem()).unwrap();
+        let server = umbra_pki::server_config(&tls, ClientAuth::Required, &[ALPN], false).unwrap();
+        let listener = Arc::new(
+            Listener::bind(
+                Some("127.0.0.1:0".parse().unwrap()),
+                Some("127.0.0.1:0".parse().unwrap()),
+                Arc::new(server),
+                LinkConfig::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        let info = BrokerInfo {
+            id: id.into(),
+            name: format!("broker-{id}"),
+            quic_addr: listener.quic_addr().map(|a| a.to_string()),
+            tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
+            server_name,
+        };
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let silent = Arc::new(AtomicBool::new(false));
+        let opens = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (listener, links, silent, opens) = (
+                listener.clone(),
+                links.clone(),
+                silent.clone(),
+                opens.clone(),
+            );
+            let name = info.name.clone();
+            tokio::spawn(async move {
+                while let Some(link) = listener.accept().await {
+                    links.lock().await.push(link.clone());
+                    let (silent, opens, name) = (silent.clone(), opens.clone(), name.clone());
+                    tokio::spawn(async move {
+                        while let Some(s) = link.accept().await {
+                            tokio::spawn(serve(s, name.clone(), silent.clone(), opens.clone()));
+                        }
+                    });
+                }
+            })
+        };
+        StandIn {
+            name: info.name.clone(),
+            info,
+            listener,
+            links,
+            silent,
+            opens,
+            task,
+        }
+    }
+
+    /// As if the process died and its sockets were closed by the kernel.
+    async fn kill(&self) {
+        self.task.abort();
+        self.listener.close();
+        for l in self.links.lock().await.iter() {
+            l.close();
+        }
+    }
+}
+
+async fn serve(mut s: Stream, name: String, silent: Arc<AtomicBool>, opens: Arc<AtomicUsize>) {
+    let Ok(f) = s.read_frame().await else { return };
+    if silent.load(Ordering::SeqCst) {
+        // Holds the stream and never answers.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return;
+    }
+    match f {
+        Frame::Ping { nonce } => {
+            let _ = s.write_frame(&Frame::Pong { nonce }).await;
+            let _ = s.finish().await;
+        }
+        Frame::ListServices => {
+            let _ = s
+                .write_frame(&Frame::ServiceList {
+                    services: vec!["echo".into()],
+                })
+                .await;
+            let _ = s.finish().await;
+        }
+        Frame::Open { service, .. } => {
+            opens.fetch_add(1, Ordering::SeqCst);
+            if service == "secret" {
+                let _ = s
+                    .write_frame(&Frame::OpenReply {
+                        code: OpenCode::Denied,
+                    })
+                    .await;
+                let _ = s.finish().await;
+                return;
+            }
+            if s.write_frame(&Frame::OpenReply { code: OpenCode::Ok })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = s.send_chunk(format!("{name}\n").into()).await;
+            while let Ok(Some(b)) = s.recv_chunk().await {
+                if s.send_chunk(b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = s.finish().await;
+        }
+        _ => s.reset(),
+    }
+}
+
+fn agent_dir(ca: &Ca, dir: &Path, brokers: Vec<BrokerInfo>) {
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let issued = ca
+        .issue(
+            &IssueRequest {
+                csr_pem: &csr,
+                identity: PeerId::new(ORG, Role::Agent, "d-1").unwrap(),
+                dns_names: vec![],
+                lifetime: Duration::from_secs(3600),
+            },
+            SystemTime::now(),
+            umbra_pki::random_bytes(),
+        )
+        .unwrap();
+    umbra_pki::write_identity_dir(dir, &key, &issued.cert_pem, ca.cert_pem()).unwrap();
+    save_controller_ref(
+        dir,
+        &ControllerRef {
+            // Nothing listens here: brokers work without the controller.
+            url: "https://127.0.0.1:9".into(),
+            identity: format!("umbra://{ORG}/agent/d-1"),
+            user: Some("alice@example.test".into()),
+            brokers,
+        },
+    )
+    .unwrap();
+}
+
+/// Connects through the forwarder; returns the name of the broker that served and checks
+/// that bytes echo.
+async fn served_by(f: &Forwarder) -> String {
+    let tcp = TcpStream::connect(f.local_addr()).await.unwrap();
+    let mut r = BufReader::new(tcp);
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, r.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.ends_with('\n'), "connection closed early: {line:?}");
+    r.get_mut().write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(WAIT, r.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    line.trim_end().to_owned()
+}
+
+struct Setup {
+    ca: Ca,
+    a: StandIn,
+    b: StandIn,
+    dir: tempfile::TempDir,
+    cfg: AgentConfig,
+}
+
+async fn setup(transport: TransportPref) -> Setup {
+    umbra_pki::install_crypto_provider();
+    let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let a = StandIn::start(&ca, "b-a").await;
+    let b = StandIn::start(&ca, "b-b").await;
+    let dir = tempfile::tempdir().unwrap();
+    agent_dir(&ca, dir.path(), vec![a.info.clone(), b.info.clone()]);
+    let cfg = AgentConfig {
+        identity_dir: dir.path().to_path_buf(),
+        transport,
+        ..AgentConfig::default()
+    };
+    Setup { ca, a, b, dir, cfg }
+}
+
+async fn killed_broker_fails_over(transport: TransportPref) {
+    let s = setup(transport).await;
+    let f = Forwarder::start(s.cfg.clone(), "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let first = served_by(&f).await;
+    assert_eq!(served_by(&f).await, first, "the held link is reused");
+    let (dead, alive) = if first == s.a.name {
+        (&s.a, &s.b)
+    } else {
+        (&s.b, &s.a)
+    };
+    dead.kill().await;
+
+    let t0 = Instant::now();
+    assert_eq!(served_by(&f).await, alive.name);
+    let took = t0.elapsed();
+    assert!(took < FAILOVER_BUDGET, "failover took {took:?}");
+    // And it stays there.
+    assert_eq!(served_by(&f).await, alive.name);
+    f.shutdown().await;
+    drop((s.ca, s.dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_broker_fails_over_quic() {
+    killed_broker_fails_over(TransportPref::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_broker_fails_over_tcp() {
+    killed_broker_fails_over(TransportPref::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_broker_fails_over_within_budget() {
+    let s = setup(TransportPref::Auto).await;
+    let f = Forwarder::start(s.cfg.clone(), "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let first = served_by(&f).await;
+    let (mute, alive) = if first == s.a.name {
+        (&s.a, &s.b)
+    } else {
+        (&s.b, &s.a)
+    };
+    // The link stays up, but nothing is answered any more (a hung or blackholed broker).
+    mute.silent.store(true, Ordering::SeqCst);
+
+    let t0 = Instant::now();
+    assert_eq!(served_by(&f).await, alive.name);
+    let took = t0.elapsed();
+    assert!(took < FAILOVER_BUDGET, "failover took {took:?}");
+    f.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denial_is_final_and_closes_the_connection() {
+    let s = setup(TransportPref::Auto).await;
+    let f = Forwarder::start(s.cfg.clone(), "secret", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut tcp = TcpStream::connect(f.local_addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a denied connection is closed without data");
+    // One Open in total: a denial is not a reason to ask another broker.
+    let opens = s.a.opens.load(Ordering::SeqCst) + s.b.opens.load(Ordering::SeqCst);
+    assert_eq!(opens, 1);
+
+    // The stays-available twin: the same agent still reaches an allowed service.
+    let g = Forwarder::start(s.cfg.clone(), "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let name = served_by(&g).await;
+    assert!(name == s.a.name || name == s.b.name);
+    f.shutdown().await;
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_services() {
+    let s = setup(TransportPref::Auto).await;
+    let st = umbra_agent::status(&s.cfg).await.unwrap();
+    assert_eq!(st.identity, format!("umbra://{ORG}/agent/d-1"));
+    assert_eq!(st.user.as_deref(), Some("alice@example.test"));
+    assert!(st.cert_not_after > SystemTime::now());
+    assert_eq!(st.brokers.len(), 2);
+    for b in &st.brokers {
+        assert!(b.rtt.is_ok(), "{}: {:?}", b.info.name, b.rtt);
+        assert_eq!(b.transport, Transport::Quic);
+    }
+    assert_eq!(umbra_agent::services(&s.cfg).await.unwrap(), vec!["echo"]);
+
+    // A dead broker is listed last, with the reason.
+    s.a.kill().await;
+    let st = umbra_agent::status(&s.cfg).await.unwrap();
+    assert_eq!(st.brokers[0].info.name, s.b.name);
+    assert!(st.brokers[0].rtt.is_ok());
+    assert_eq!(st.brokers[1].info.name, s.a.name);
+    assert!(st.brokers[1].rtt.is_err());
+    assert_eq!(umbra_agent::services(&s.cfg).await.unwrap(), vec!["echo"]);
+}

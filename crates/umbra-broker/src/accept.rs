@@ -1,0 +1,312 @@
+//! Accept: links in, admitted or refused; streams on agent links dispatched by their first
+//! frame. One tracing span per link and per stream.
+//!
+//! The stage order of one stream, as a newcomer reads it: [`serve_stream`] reads the header
+//! frame -> [`crate::authz::authorize`] -> [`open_to_connector`] (route + dial) -> reply to the
+//! agent -> [`crate::relay::run`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use tracing::{Instrument, debug, info, info_span, warn};
+use umbra_link::{Link, Stream};
+use umbra_proto::{DialCode, Flow, Frame, OpenCode};
+
+use crate::Shared;
+use crate::authn::{LinkPeer, admit};
+use crate::authz::{OpenFacts, authorize};
+use crate::relay::{LiveEntry, End};
+use crate::route::{PeerLink, LoadGuard};
+
+/// Accepts links until the listener closes.
+pub(crate) async fn accept_links(shared: Arc<Shared>, listener: Arc<umbra_link::Listener>) {
+    while let Some(link) = listener.accept().await {
+        let key = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!(
+            "link",
+            key,
+            peer = %link.peer().id,
+            transport = link.transport().as_str(),
+            remote = %link.remote_addr(),
+        );
+        let shared = shared.clone();
+        tokio::spawn(async move { serve_link(shared, link, key).await }.instrument(span));
+    }
+}
+
+async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
+    let authority = shared.authority.load_full();
+    let peer = link.peer().clone();
+    match admit(&peer, &authority, &shared.org) {
+        Err(r) => {
+            warn!(reason = r.as_str(), "link refused");
+            shared.audit.record(
+                &peer.id.to_uri(),
+                "link.open",
+                &shared.name,
+                "deny",
+                serde_json::json!({ "reason": r.as_str(), "transport": link.transport().as_str() }),
+            );
+            metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str()).increment(1);
+            link.close();
+        }
+        Ok(LinkPeer::Connector { id }) => {
+            info!(kx_group = link.kx_group(), "connector link up");
+            let transport = link.transport().as_str();
+            metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
+                .increment(1.0);
+            shared.connectors.add(&id, link.clone(), key);
+            tokio::select! {
+                () = link.closed() => {}
+                () = shared.shutdown.cancelled() => link.close(),
+            }
+            shared.connectors.remove(&id, key);
+            metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
+                .decrement(1.0);
+            info!("connector link down");
+        }
+        Ok(LinkPeer::Agent { device }) => {
+            info!(kx_group = link.kx_group(), "agent link up");
+            let transport = link.transport().as_str();
+            metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
+                .increment(1.0);
+            shared.agents.add(&device, link.clone(), key);
+            let device: Arc<str> = device.into();
+            loop {
+                let stream = tokio::select! {
+                    s = link.accept() => s,
+                    () = shared.shutdown.cancelled() => { link.close(); None }
+                };
+                let Some(stream) = stream else { break };
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("stream", id);
+                tokio::spawn(
+                    serve_stream(shared.clone(), link.clone(), device.clone(), stream, id)
+                        .instrument(span),
+                );
+            }
+            shared.agents.remove(&device, key);
+            metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
+                .decrement(1.0);
+            info!("agent link down");
+        }
+    }
+}
+
+/// Serves one agent stream from its header frame on.
+async fn serve_stream(shared: Arc<Shared>, link: Link, device: Arc<str>, mut s: Stream, id: u64) {
+    let frame = match tokio::time::timeout(shared.cfg.open_timeout(), s.read_frame()).await {
+        Err(_) => {
+            debug!("no header frame in time");
+            s.reset();
+            return;
+        }
+        Ok(Err(e)) => {
+            // A peer that sends bytes that are not a frame is broken or hostile: close its
+            // link, not just the stream.
+            warn!(error = %e, "malformed frame from agent; closing link");
+            metrics::counter!("umbra_broker_bad_frames_total").increment(1);
+            link.close();
+            return;
+        }
+        Ok(Ok(f)) => f,
+    };
+    match frame {
+        Frame::Open { flow, service, .. } => open(shared, &link, &device, s, id, flow, service).await,
+        Frame::ListServices => {
+            let a = shared.authority.load_full();
+            let owner = a.engine.device_owner(&device).map(str::to_owned);
+            let services = match owner {
+                Some(user) if a.is_fresh(SystemTime::now(), shared.cfg.max_staleness()) => a.engine.services_for(
+                    &user,
+                    &device,
+                    &umbra_policy::RequestContext {
+                        now_unix: crate::authority::unix(SystemTime::now()) as i64,
+                        transport: link.transport().as_str(),
+                    },
+                ),
+                _ => vec![],
+            };
+            if s.write_frame(&Frame::ServiceList { services }).await.is_ok() {
+                let _ = s.finish().await;
+            }
+        }
+        Frame::Ping { nonce } => {
+            if s.write_frame(&Frame::Pong { nonce }).await.is_ok() {
+                let _ = s.finish().await;
+            }
+        }
+        other => {
+            warn!(frame = ?other, "unexpected frame from agent; closing link");
+            metrics::counter!("umbra_broker_bad_frames_total").increment(1);
+            link.close();
+        }
+    }
+}
+
+async fn open(
+    shared: Arc<Shared>,
+    link: &Link,
+    device: &str,
+    mut agent: Stream,
+    id: u64,
+    flow: Flow,
+    service: String,
+) {
+    let transport = link.transport().as_str();
+    let serial = link.peer().serial_hex.clone();
+    let authority = shared.authority.load_full();
+    let verdict = authorize(
+        &authority,
+        &OpenFacts {
+            device,
+            serial_hex: &serial,
+            service: &service,
+            flow,
+            transport,
+        },
+        SystemTime::now(),
+        shared.cfg.max_staleness(),
+    );
+    let actor = link.peer().id.to_uri();
+    let user = verdict.user.clone().unwrap_or_default();
+    metrics::counter!("umbra_broker_decisions_total", "result" => verdict.code.as_str()).increment(1);
+    if verdict.code != OpenCode::Ok {
+        info!(service, code = verdict.code.as_str(), reason = %verdict.reason, "stream denied");
+        shared.audit.record(
+            &actor,
+            "stream.open",
+            &service,
+            "deny",
+            serde_json::json!({
+                "stream": id, "user": user, "device": device, "reason": verdict.reason,
+                "code": verdict.code.as_str(), "transport": transport, "broker": shared.name,
+            }),
+        );
+        if agent.write_frame(&Frame::OpenReply { code: verdict.code }).await.is_ok() {
+            let _ = agent.finish().await;
+        }
+        return;
+    }
+    let Some(svc) = authority.snapshot.service(&service) else {
+        // Unreachable by construction (a permit needs the service); deny to be safe.
+        let _ = agent.write_frame(&Frame::OpenReply { code: OpenCode::Denied }).await;
+        return;
+    };
+    let routed = open_to_connector(&shared, id, &svc.connectors, &service, &svc.target, &user).await;
+    let Some((connector_stream, via, _load)) = routed else {
+        info!(service, "no connector reachable");
+        shared.audit.record(
+            &actor,
+            "stream.open",
+            &service,
+            "error",
+            serde_json::json!({
+                "stream": id, "user": user, "device": device, "reason": "no_connector",
+                "code": "unavailable", "transport": transport, "broker": shared.name,
+            }),
+        );
+        if agent.write_frame(&Frame::OpenReply { code: OpenCode::Unavailable }).await.is_ok() {
+            let _ = agent.finish().await;
+        }
+        return;
+    };
+    shared.audit.record(
+        &actor,
+        "stream.open",
+        &service,
+        "allow",
+        serde_json::json!({
+            "stream": id, "user": user, "device": device, "policies": verdict.policies,
+            "connector": via.peer, "transport": transport, "broker": shared.name,
+        }),
+    );
+    if agent.write_frame(&Frame::OpenReply { code: OpenCode::Ok }).await.is_err() {
+        return;
+    }
+    info!(service, connector = %via.peer, "stream open");
+    let entry = Arc::new(LiveEntry {
+        id,
+        device: device.to_owned(),
+        serial_hex: serial,
+        user,
+        service,
+        connector: via.peer.clone(),
+        transport,
+        started_at: SystemTime::now(),
+        counters: Default::default(),
+        cancel: Default::default(),
+    });
+    shared.streams.insert(entry.clone());
+    metrics::counter!("umbra_broker_streams_total").increment(1);
+    let end = crate::relay::run(
+        &entry,
+        agent,
+        connector_stream,
+        shared.cfg.idle_timeout(),
+        &shared.shutdown,
+    )
+    .await;
+    shared.streams.remove(id);
+    let up = entry.counters.up.load(Ordering::Relaxed);
+    let down = entry.counters.down.load(Ordering::Relaxed);
+    info!(end = end.as_str(), bytes_up = up, bytes_down = down, "stream closed");
+    if end == End::Revoked {
+        shared.audit.record(
+            &actor,
+            "stream.revoke",
+            &entry.service,
+            "ok",
+            serde_json::json!({ "stream": id, "user": entry.user, "device": entry.device }),
+        );
+    }
+}
+
+/// Opens a stream to the least-loaded live connector for the service and asks it to dial the
+/// published target; tries the next connector if one fails. The load guard holds the chosen
+/// link's stream count until the relay ends.
+async fn open_to_connector(
+    shared: &Shared,
+    id: u64,
+    connectors: &[String],
+    service: &str,
+    target: &str,
+    user: &str,
+) -> Option<(Stream, Arc<PeerLink>, LoadGuard)> {
+    for c in shared.connectors.candidates(connectors) {
+        let guard = LoadGuard::new(c.clone());
+        let dial = async {
+            let mut s = c.link.open().await.map_err(|e| e.to_string())?;
+            s.write_frame(&Frame::Dial {
+                flow: Flow::Tcp,
+                stream_id: id,
+                service: service.to_owned(),
+                target: target.to_owned(),
+                principal: user.to_owned(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            match s.read_frame().await.map_err(|e| e.to_string())? {
+                Frame::DialReply { code: DialCode::Ok } => Ok(s),
+                Frame::DialReply { code } => Err(code.as_str().to_owned()),
+                other => Err(format!("unexpected frame {other:?}")),
+            }
+        };
+        match tokio::time::timeout(shared.cfg.dial_timeout(), dial).await {
+            Ok(Ok(s)) => return Some((s, c.clone(), guard)),
+            Ok(Err(reason)) => {
+                info!(connector = %c.peer, reason, "connector could not serve the stream");
+                shared.audit.record(
+                    &format!("umbra://{}/connector/{}", shared.org, c.peer),
+                    "stream.dial",
+                    service,
+                    "error",
+                    serde_json::json!({ "stream": id, "reason": reason, "broker": shared.name }),
+                );
+            }
+            Err(_) => info!(connector = %c.peer, "connector did not answer in time"),
+        }
+    }
+    None
+}

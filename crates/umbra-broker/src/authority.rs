@@ -1,0 +1,161 @@
+//! The broker's view of policy: the last good snapshot, the engine compiled from it, and when
+//! the controller last confirmed it.
+//!
+//! Swapped atomically as a whole ([`arc_swap::ArcSwap`]): a stream reads one consistent
+//! `Authority` at open time and never takes a lock. Persisted next to the identity so a
+//! restarted broker enforces the same snapshot while the controller is away, and keeps
+//! counting staleness from the last confirmation, not from its own restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use umbra_policy::Engine;
+use umbra_proto::Snapshot;
+
+/// One consistent policy state.
+pub(crate) struct Authority {
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) engine: Arc<Engine>,
+    /// Last time the controller said this snapshot is current (Unix seconds).
+    pub(crate) confirmed_at: u64,
+}
+
+impl Authority {
+    /// No snapshot yet: an empty policy set, which denies everything.
+    pub(crate) fn empty() -> Result<Self, umbra_policy::PolicyError> {
+        let snapshot = Snapshot::default();
+        Ok(Authority {
+            engine: Arc::new(Engine::from_snapshot(&snapshot)?),
+            snapshot: Arc::new(snapshot),
+            confirmed_at: 0,
+        })
+    }
+
+    pub(crate) fn new(snapshot: Snapshot, confirmed_at: u64) -> Result<Self, umbra_policy::PolicyError> {
+        Ok(Authority {
+            engine: Arc::new(Engine::from_snapshot(&snapshot)?),
+            snapshot: Arc::new(snapshot),
+            confirmed_at,
+        })
+    }
+
+    /// Same snapshot, newer confirmation.
+    pub(crate) fn confirmed(&self, at: u64) -> Self {
+        Authority {
+            engine: self.engine.clone(),
+            snapshot: self.snapshot.clone(),
+            confirmed_at: at,
+        }
+    }
+
+    /// Whether this state may still authorize new streams at `now`.
+    pub(crate) fn is_fresh(&self, now: SystemTime, max_staleness: Duration) -> bool {
+        self.snapshot.version > 0
+            && unix(now).saturating_sub(self.confirmed_at) <= max_staleness.as_secs()
+    }
+
+    /// Seconds since the controller last confirmed the snapshot.
+    pub(crate) fn age(&self, now: SystemTime) -> u64 {
+        unix(now).saturating_sub(self.confirmed_at)
+    }
+
+    /// Whether the certificate serial is revoked.
+    pub(crate) fn serial_revoked(&self, serial_hex: &str) -> bool {
+        self.snapshot.revoked_serials.iter().any(|s| s == serial_hex)
+    }
+}
+
+pub(crate) fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// What goes to disk.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored {
+    confirmed_at: u64,
+    snapshot: Snapshot,
+}
+
+/// Where the last good snapshot is kept.
+pub(crate) fn cache_path(identity_dir: &Path) -> PathBuf {
+    identity_dir.join("snapshot.json")
+}
+
+/// Loads the cached snapshot, if there is a readable one. A damaged cache is ignored (the
+/// broker then denies until the controller answers), never fatal.
+pub(crate) fn load_cached(path: &Path) -> Option<Authority> {
+    let bytes = std::fs::read(path).ok()?;
+    let stored: Stored = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable snapshot cache");
+            return None;
+        }
+    };
+    match Authority::new(stored.snapshot, stored.confirmed_at) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring snapshot cache with invalid policies");
+            None
+        }
+    }
+}
+
+/// Writes the snapshot atomically (temp file, fsync, rename) so a crash leaves the old or the
+/// new one, never half of either.
+pub(crate) fn store_cached(path: &Path, a: &Authority) -> std::io::Result<()> {
+    use std::io::Write;
+    let stored = Stored {
+        confirmed_at: a.confirmed_at,
+        snapshot: (*a.snapshot).clone(),
+    };
+    let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(version: u64) -> Snapshot {
+        Snapshot {
+            version,
+            org: "default".into(),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn staleness() {
+        let a = Authority::new(snap(3), 1_000).unwrap();
+        let max = Duration::from_secs(60);
+        assert!(a.is_fresh(UNIX_EPOCH + Duration::from_secs(1_000), max));
+        assert!(a.is_fresh(UNIX_EPOCH + Duration::from_secs(1_060), max));
+        assert!(!a.is_fresh(UNIX_EPOCH + Duration::from_secs(1_061), max));
+        // A clock that went backwards does not make it stale.
+        assert!(a.is_fresh(UNIX_EPOCH + Duration::from_secs(10), max));
+        assert!(!Authority::empty().unwrap().is_fresh(UNIX_EPOCH + Duration::from_secs(1), max));
+    }
+
+    #[test]
+    fn cache_round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = cache_path(dir.path());
+        assert!(load_cached(&p).is_none());
+        store_cached(&p, &Authority::new(snap(7), 42).unwrap()).unwrap();
+        let a = load_cached(&p).unwrap();
+        assert_eq!(a.snapshot.version, 7);
+        assert_eq!(a.confirmed_at, 42);
+        std::fs::write(&p, b"{not json").unwrap();
+        assert!(load_cached(&p).is_none());
+    }
+}

@@ -1,0 +1,185 @@
+//! Broker configuration: a serde struct with defaults, unknown keys refused, checked at load.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a broker needs to run. Read from TOML (`[broker]` table of `umbra broker
+/// --config`), flags and `UMBRA_BROKER_*` variables; see `umbra broker --help`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Human name shown in the admin API.
+    pub name: String,
+    /// Directory holding key.pem, cert.pem, ca.pem and controller.json from `umbra broker
+    /// enroll`; the broker also keeps its last good snapshot here.
+    pub identity_dir: PathBuf,
+    /// UDP address of the QUIC listener; `None` disables QUIC.
+    pub listen_quic: Option<SocketAddr>,
+    /// TCP address of the TLS-over-TCP listener; `None` disables it.
+    pub listen_tcp: Option<SocketAddr>,
+    /// Host (name or IP) agents and connectors use to reach this broker. Defaults to the
+    /// listen address when that is not a wildcard.
+    pub advertise_host: Option<String>,
+    /// How long the broker keeps authorizing new streams from its last snapshot once it can
+    /// no longer confirm it with the controller. Past this, every new stream is refused.
+    pub max_staleness_secs: u64,
+    /// Limit for a peer to send the header frame of a new stream.
+    pub open_timeout_ms: u64,
+    /// Limit for a connector to answer a dial.
+    pub dial_timeout_ms: u64,
+    /// A stream with no bytes either way for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Interval of heartbeats (live streams, audit events) to the controller.
+    pub heartbeat_ms: u64,
+    /// TLS handshakes allowed in flight at once (the rest wait; none blocks a real peer long).
+    pub max_pending_handshakes: usize,
+    /// Limit for a TLS/QUIC handshake.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            name: "broker".into(),
+            identity_dir: PathBuf::from("broker"),
+            listen_quic: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            advertise_host: None,
+            max_staleness_secs: 24 * 3600,
+            open_timeout_ms: 5_000,
+            dial_timeout_ms: 5_000,
+            idle_timeout_secs: 3_600,
+            heartbeat_ms: 1_000,
+            max_pending_handshakes: 256,
+            handshake_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A configuration value that cannot work, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid broker configuration: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl BrokerConfig {
+    /// Checks every field; the first problem names its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !umbra_proto::valid_name(&self.name) {
+            return Err(bad(
+                "name",
+                "1-63 lowercase letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.listen_quic.is_none() && self.listen_tcp.is_none() {
+            return Err(bad("listen_quic", "at least one of listen_quic and listen_tcp is needed"));
+        }
+        if self.advertise_host.is_none() && self.advertised_ip().is_none() {
+            return Err(bad(
+                "advertise_host",
+                "required when listening on a wildcard address",
+            ));
+        }
+        if let Some(h) = &self.advertise_host
+            && (h.is_empty() || h.contains(['/', ' ', ':']) && h.parse::<std::net::Ipv6Addr>().is_err())
+        {
+            return Err(bad("advertise_host", "a host name or IP address"));
+        }
+        for (field, v) in [
+            ("max_staleness_secs", self.max_staleness_secs),
+            ("open_timeout_ms", self.open_timeout_ms),
+            ("dial_timeout_ms", self.dial_timeout_ms),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be greater than 0"));
+            }
+        }
+        if self.max_pending_handshakes == 0 {
+            return Err(bad("max_pending_handshakes", "must be greater than 0"));
+        }
+        Ok(())
+    }
+
+    fn advertised_ip(&self) -> Option<String> {
+        [self.listen_quic, self.listen_tcp]
+            .into_iter()
+            .flatten()
+            .find(|a| !a.ip().is_unspecified())
+            .map(|a| a.ip().to_string())
+    }
+
+    /// Host agents should dial.
+    pub(crate) fn advertise(&self) -> String {
+        self.advertise_host
+            .clone()
+            .or_else(|| self.advertised_ip())
+            .unwrap_or_else(|| "127.0.0.1".into())
+    }
+
+    pub(crate) fn max_staleness(&self) -> Duration {
+        Duration::from_secs(self.max_staleness_secs)
+    }
+    pub(crate) fn open_timeout(&self) -> Duration {
+        Duration::from_millis(self.open_timeout_ms)
+    }
+    pub(crate) fn dial_timeout(&self) -> Duration {
+        Duration::from_millis(self.dial_timeout_ms)
+    }
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub(crate) fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        BrokerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = toml::from_str::<BrokerConfig>("nmae = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("nmae"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let mut c = BrokerConfig::default();
+        c.open_timeout_ms = 0;
+        assert_eq!(c.validate().unwrap_err().field, "open_timeout_ms");
+        let mut c = BrokerConfig::default();
+        c.listen_quic = None;
+        c.listen_tcp = None;
+        assert_eq!(c.validate().unwrap_err().field, "listen_quic");
+        let mut c = BrokerConfig::default();
+        c.listen_quic = Some("0.0.0.0:7401".parse().unwrap());
+        c.listen_tcp = None;
+        assert_eq!(c.validate().unwrap_err().field, "advertise_host");
+        c.advertise_host = Some("broker1.example.test".into());
+        c.validate().unwrap();
+        let mut c = BrokerConfig::default();
+        c.name = "Bad Name".into();
+        assert_eq!(c.validate().unwrap_err().field, "name");
+    }
+}

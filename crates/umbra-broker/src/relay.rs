@@ -1,0 +1,130 @@
+//! Live streams: the registry of what is relaying now, and the relay itself.
+//!
+//! The registry is touched when a stream starts and ends, never per chunk; bytes are counted
+//! with relaxed atomics inside the relay. On every policy change the broker re-decides each
+//! live stream and cancels those no longer allowed, so removing a policy or revoking a device
+//! tears down access that is already open, not just the next one.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use umbra_link::{Counters, Stream};
+use umbra_proto::api::LiveStream;
+
+use crate::authority::unix;
+
+/// One relaying stream.
+pub(crate) struct LiveEntry {
+    pub(crate) id: u64,
+    pub(crate) device: String,
+    pub(crate) serial_hex: String,
+    pub(crate) user: String,
+    pub(crate) service: String,
+    pub(crate) connector: String,
+    pub(crate) transport: &'static str,
+    pub(crate) started_at: SystemTime,
+    pub(crate) counters: Counters,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// What is relaying now.
+#[derive(Default)]
+pub(crate) struct LiveStreams {
+    m: Mutex<HashMap<u64, Arc<LiveEntry>>>,
+}
+
+impl LiveStreams {
+    pub(crate) fn insert(&self, e: Arc<LiveEntry>) {
+        self.lock().insert(e.id, e);
+        metrics::gauge!("umbra_broker_streams_active").increment(1.0);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        if self.lock().remove(&id).is_some() {
+            metrics::gauge!("umbra_broker_streams_active").decrement(1.0);
+        }
+    }
+
+    pub(crate) fn entries(&self) -> Vec<Arc<LiveEntry>> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The admin view.
+    pub(crate) fn report(&self, broker: &str) -> Vec<LiveStream> {
+        let mut v: Vec<LiveStream> = self
+            .lock()
+            .values()
+            .map(|e| LiveStream {
+                id: e.id,
+                broker: broker.to_owned(),
+                user: e.user.clone(),
+                device: e.device.clone(),
+                service: e.service.clone(),
+                connector: e.connector.clone(),
+                transport: e.transport.to_owned(),
+                started_at: unix(e.started_at),
+                bytes_up: e.counters.up.load(Ordering::Relaxed),
+                bytes_down: e.counters.down.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<LiveEntry>>> {
+        self.m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Both sides finished, or one reset.
+    Done,
+    /// The policy no longer allows it.
+    Revoked,
+    /// The broker is shutting down.
+    Shutdown,
+    /// Transport error or idle timeout.
+    Error,
+}
+
+impl End {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            End::Done => "done",
+            End::Revoked => "revoked",
+            End::Shutdown => "shutdown",
+            End::Error => "error",
+        }
+    }
+}
+
+/// Relays agent <-> connector until both halves end, the policy cancels it, or shutdown.
+/// Dropping the relay on cancellation resets both streams.
+pub(crate) async fn run(
+    entry: &LiveEntry,
+    agent: Stream,
+    connector: Stream,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> End {
+    tokio::select! {
+        r = umbra_link::relay_streams(agent, connector, idle, &entry.counters) => match r {
+            Ok(()) => End::Done,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay ended");
+                End::Error
+            }
+        },
+        () = entry.cancel.cancelled() => End::Revoked,
+        () = shutdown.cancelled() => End::Shutdown,
+    }
+}

@@ -1,0 +1,147 @@
+//! The broker's two conversations with the controller: the snapshot long poll (policy in)
+//! and the heartbeat (live streams and audit events out).
+//!
+//! Neither is on the stream path: a stream is decided from the snapshot already held, so the
+//! controller being slow or away changes nothing for streams until the staleness limit.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tracing::{debug, info, warn};
+use umbra_link::ControllerClient;
+use umbra_proto::api::BrokerHeartbeat;
+use umbra_proto::{OpenCode, Snapshot};
+
+use crate::Shared;
+use crate::authn::admit;
+use crate::authority::{Authority, store_cached, unix};
+use crate::authz::{OpenFacts, authorize};
+
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Long-polls the controller for newer snapshots until shutdown.
+pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<ControllerClient>>) {
+    loop {
+        let after = shared.authority.load().snapshot.version;
+        let path = format!("/v1/snapshot?after={after}");
+        let c = client.load_full();
+        let r = tokio::select! {
+            r = c.get_opt::<Snapshot>(&path) => r,
+            () = shared.shutdown.cancelled() => return,
+        };
+        match r {
+            Ok(Some(s)) => install(&shared, s, SystemTime::now()),
+            Ok(None) => confirm(&shared, SystemTime::now()),
+            Err(e) => {
+                debug!(error = %e, "snapshot poll failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY) => {}
+                    () = shared.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// The controller said the snapshot held is current.
+fn confirm(shared: &Shared, now: SystemTime) {
+    let a = shared.authority.load().confirmed(unix(now));
+    shared.authority.store(Arc::new(a));
+}
+
+/// Installs a newer snapshot: compile, swap, persist, then re-decide what is live.
+pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) {
+    if s.org != shared.org {
+        warn!(org = %s.org, "ignoring snapshot of another organisation");
+        return;
+    }
+    let held = shared.authority.load().snapshot.version;
+    if s.version <= held {
+        confirm(shared, now);
+        return;
+    }
+    let version = s.version;
+    let a = match Authority::new(s, unix(now)) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            // Keep enforcing the last good one rather than opening or closing everything.
+            warn!(version, held, error = %e, "snapshot with invalid policies; keeping the one held");
+            return;
+        }
+    };
+    shared.authority.store(a.clone());
+    metrics::gauge!("umbra_broker_snapshot_version").set(version as f64);
+    info!(version, "snapshot installed");
+    if let Err(e) = store_cached(&shared.snapshot_path, &a) {
+        warn!(error = %e, "could not persist the snapshot");
+    }
+    reevaluate(shared, &a, now);
+}
+
+/// Re-decides every live link and stream under a new snapshot; closes what is no longer
+/// allowed (a policy removed, a device or connector revoked).
+fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
+    for l in shared.agents.all().into_iter().chain(shared.connectors.all()) {
+        if let Err(r) = admit(l.link.peer(), a, &shared.org) {
+            info!(peer = %l.link.peer().id, reason = r.as_str(), "closing link no longer admitted");
+            shared.audit.record(
+                &l.link.peer().id.to_uri(),
+                "link.revoke",
+                &shared.name,
+                "ok",
+                serde_json::json!({ "reason": r.as_str() }),
+            );
+            l.link.close();
+        }
+    }
+    for e in shared.streams.entries() {
+        let v = authorize(
+            a,
+            &OpenFacts {
+                device: &e.device,
+                serial_hex: &e.serial_hex,
+                service: &e.service,
+                flow: umbra_proto::Flow::Tcp,
+                transport: e.transport,
+            },
+            now,
+            shared.cfg.max_staleness(),
+        );
+        if v.code != OpenCode::Ok {
+            info!(stream = e.id, reason = %v.reason, "policy no longer allows a live stream; closing it");
+            e.cancel.cancel();
+        }
+    }
+}
+
+/// Reports live streams and audit events to the controller until shutdown.
+pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<ControllerClient>>) {
+    let mut tick = tokio::time::interval(shared.cfg.heartbeat());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        let now = SystemTime::now();
+        let a = shared.authority.load();
+        metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);
+        metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
+        let audit = shared.audit.take(1_000);
+        let hb = BrokerHeartbeat {
+            name: shared.name.clone(),
+            quic_addr: shared.quic_addr.clone(),
+            tcp_addr: shared.tcp_addr.clone(),
+            server_name: shared.server_name.clone(),
+            snapshot_version: a.snapshot.version,
+            streams: shared.streams.report(&shared.name),
+            audit,
+        };
+        drop(a);
+        if let Err(e) = client.load_full().post::<_, serde_json::Value>("/v1/broker/heartbeat", &hb).await {
+            debug!(error = %e, "heartbeat failed");
+            shared.audit.requeue(hb.audit);
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The connector's configuration: parsed with serde (unknown keys are errors), defaults for
+//! everything, and [`ConnectorConfig::validate`] naming the field at fault.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use umbra_link::Transport;
+
+/// Which transports to try when dialing a broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportPref {
+    /// QUIC first, then TLS over TCP when QUIC fails (UDP blocked).
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only.
+    Tcp,
+}
+
+impl TransportPref {
+    /// The transports to try, in order.
+    pub fn order(self) -> &'static [Transport] {
+        match self {
+            TransportPref::Auto => &[Transport::Quic, Transport::Tls],
+            TransportPref::Quic => &[Transport::Quic],
+            TransportPref::Tcp => &[Transport::Tls],
+        }
+    }
+}
+
+impl TransportPref {
+    /// The name used in configuration and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportPref::Auto => "auto",
+            TransportPref::Quic => "quic",
+            TransportPref::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for TransportPref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no transport preference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport {0:?} (expected \"auto\", \"quic\" or \"tcp\")")]
+pub struct UnknownTransportPref(pub String);
+
+impl FromStr for TransportPref {
+    type Err = UnknownTransportPref;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TransportPref::Auto),
+            "quic" => Ok(TransportPref::Quic),
+            "tcp" => Ok(TransportPref::Tcp),
+            other => Err(UnknownTransportPref(other.to_owned())),
+        }
+    }
+}
+
+/// Configuration of a connector (`[connector]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectorConfig {
+    /// Directory holding `key.pem`, `cert.pem`, `ca.pem`, `controller.json` (written at
+    /// enrollment) and `published.json` (the cached published targets).
+    pub identity_dir: PathBuf,
+    /// `auto` (QUIC, falling back to TLS over TCP), `quic` or `tcp`.
+    pub transport: TransportPref,
+    /// Time allowed for a TCP connection to a published target.
+    pub dial_timeout_ms: u64,
+    /// A relayed connection with no bytes either way for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// First delay before redialing a broker after a failure.
+    pub reconnect_base_ms: u64,
+    /// Longest delay between redials of a broker.
+    pub reconnect_cap_ms: u64,
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        ConnectorConfig {
+            identity_dir: PathBuf::from("/var/lib/umbra/connector"),
+            transport: TransportPref::Auto,
+            dial_timeout_ms: 5_000,
+            idle_timeout_secs: 300,
+            reconnect_base_ms: 250,
+            reconnect_cap_ms: 30_000,
+        }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid connector configuration: {field}: {reason}")]
+pub struct ConfigError {
+    /// The field at fault, as spelled in the config file.
+    pub field: &'static str,
+    pub reason: &'static str,
+}
+
+/// Longest accepted target dial timeout: beyond this a caller (the agent) gave up long ago.
+const MAX_DIAL_TIMEOUT_MS: u64 = 60_000;
+/// Longest accepted reconnect cap: a connector must come back within minutes.
+const MAX_RECONNECT_CAP_MS: u64 = 600_000;
+
+impl ConnectorConfig {
+    /// Checks every field; the error names the first one at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, reason| Err(ConfigError { field, reason });
+        if self.identity_dir.as_os_str().is_empty() {
+            return err("identity_dir", "must not be empty");
+        }
+        if self.dial_timeout_ms == 0 || self.dial_timeout_ms > MAX_DIAL_TIMEOUT_MS {
+            return err("dial_timeout_ms", "must be between 1 and 60000");
+        }
+        if self.idle_timeout_secs == 0 {
+            return err("idle_timeout_secs", "must be at least 1");
+        }
+        if self.reconnect_base_ms == 0 {
+            return err("reconnect_base_ms", "must be at least 1");
+        }
+        if self.reconnect_cap_ms < self.reconnect_base_ms
+            || self.reconnect_cap_ms > MAX_RECONNECT_CAP_MS
+        {
+            return err(
+                "reconnect_cap_ms",
+                "must be at least reconnect_base_ms and at most 600000",
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn dial_timeout(&self) -> Duration {
+        Duration::from_millis(self.dial_timeout_ms)
+    }
+
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub(crate) fn reconnect_base(&self) -> Duration {
+        Duration::from_millis(self.reconnect_base_ms)
+    }
+
+    pub(crate) fn reconnect_cap(&self) -> Duration {
+        Duration::from_millis(self.reconnect_cap_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(ConnectorConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn parses_with_defaults_and_refuses_unknown_keys() {
+        let c: ConnectorConfig =
+            serde_json::from_str(r#"{"identity_dir":"/tmp/c","transport":"tcp"}"#).unwrap();
+        assert_eq!(c.transport, TransportPref::Tcp);
+        assert_eq!(c.dial_timeout_ms, 5_000);
+        assert!(serde_json::from_str::<ConnectorConfig>(r#"{"identity_dri":"/x"}"#).is_err());
+        assert!(serde_json::from_str::<ConnectorConfig>(r#"{"transport":"udp"}"#).is_err());
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        type Breaker = fn(&mut ConnectorConfig);
+        let cases: [(Breaker, &str); 6] = [
+            (|c| c.identity_dir = PathBuf::new(), "identity_dir"),
+            (|c| c.dial_timeout_ms = 0, "dial_timeout_ms"),
+            (|c| c.dial_timeout_ms = 600_000, "dial_timeout_ms"),
+            (|c| c.idle_timeout_secs = 0, "idle_timeout_secs"),
+            (|c| c.reconnect_base_ms = 0, "reconnect_base_ms"),
+            (|c| c.reconnect_cap_ms = 1, "reconnect_cap_ms"),
+        ];
+        for (break_it, field) in cases {
+            let mut c = ConnectorConfig::default();
+            break_it(&mut c);
+            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+        }
+    }
+
+    #[test]
+    fn transport_pref_parses_and_prints() {
+        for t in [TransportPref::Auto, TransportPref::Quic, TransportPref::Tcp] {
+            assert_eq!(t.to_string().parse::<TransportPref>(), Ok(t));
+        }
+        assert!("udp".parse::<TransportPref>().is_err());
+        assert!("QUIC".parse::<TransportPref>().is_err());
+    }
+
+    #[test]
+    fn transport_order() {
+        assert_eq!(
+            TransportPref::Auto.order(),
+            &[Transport::Quic, Transport::Tls]
+        );
+        assert_eq!(TransportPref::Tcp.order(), &[Transport::Tls]);
+        assert_eq!(TransportPref::Quic.order(), &[Transport::Quic]);
+    }
+}

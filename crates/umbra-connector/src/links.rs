@@ -1,0 +1,330 @@
+//! One outbound link to every broker, kept up for as long as the broker is listed.
+//!
+//! The connector never listens: it dials each broker (QUIC first, TLS over TCP when QUIC fails
+//! and the transport is `auto`), and the broker opens streams on that link. A task per broker
+//! redials with full-jitter backoff; when the broker list changes the supervisor starts and
+//! stops tasks from a pure [`plan`] of the difference. New links use the newest identity, so
+//! certificate renewal takes effect at the next (re)connect.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use umbra_link::backoff::Backoff;
+use umbra_link::{Link, LinkConfig, LinkError, Transport};
+use umbra_proto::api::BrokerInfo;
+
+use crate::config::ConnectorConfig;
+use crate::serve::{ServeCtx, handle_stream};
+use crate::sync::{BrokersRx, IdentityRx};
+
+/// What the supervisor must do to go from the running set to the wanted one.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// Broker ids whose task must stop (gone, or changed address or name).
+    pub(crate) stop: Vec<String>,
+    /// Brokers to start a task for.
+    pub(crate) start: Vec<BrokerInfo>,
+}
+
+/// Pure diff of broker lists, keyed by broker id. A broker whose entry changed in any field is
+/// stopped and started again (its addresses or server name may be different). Later
+/// duplicates of an id in `wanted` are ignored.
+pub(crate) fn plan(running: &[BrokerInfo], wanted: &[BrokerInfo]) -> Plan {
+    let mut seen = std::collections::HashSet::new();
+    let wanted: Vec<&BrokerInfo> = wanted.iter().filter(|b| seen.insert(&b.id)).collect();
+    let mut p = Plan::default();
+    for r in running {
+        match wanted.iter().find(|w| w.id == r.id) {
+            Some(w) if *w == r => {}
+            _ => p.stop.push(r.id.clone()),
+        }
+    }
+    for w in wanted {
+        match running.iter().find(|r| r.id == w.id) {
+            Some(r) if r == w => {}
+            _ => p.start.push(w.clone()),
+        }
+    }
+    p
+}
+
+/// Shared by every broker task.
+pub(crate) struct LinkCtx {
+    pub(crate) cfg: ConnectorConfig,
+    pub(crate) link_cfg: LinkConfig,
+    pub(crate) identity: IdentityRx,
+    pub(crate) serve: Arc<ServeCtx>,
+}
+
+struct Running {
+    info: BrokerInfo,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Keeps one task per listed broker until `cancel`, then stops them all.
+pub(crate) async fn supervise(
+    ctx: Arc<LinkCtx>,
+    mut brokers: BrokersRx,
+    cancel: CancellationToken,
+) {
+    let mut running: HashMap<String, Running> = HashMap::new();
+    loop {
+        let wanted = brokers.borrow_and_update().clone();
+        let current: Vec<BrokerInfo> = running.values().map(|r| r.info.clone()).collect();
+        let p = plan(&current, &wanted);
+        for id in &p.stop {
+            if let Some(r) = running.remove(id) {
+                tracing::info!(broker = %r.info.name, "broker no longer listed; closing its link");
+                r.cancel.cancel();
+            }
+        }
+        for info in p.start {
+            let child = cancel.child_token();
+            let span = tracing::info_span!("link", broker = %info.name, broker_id = %info.id);
+            let task = tokio::spawn(
+                broker_task(ctx.clone(), info.clone(), child.clone()).instrument(span),
+            );
+            running.insert(
+                info.id.clone(),
+                Running {
+                    info,
+                    cancel: child,
+                    task,
+                },
+            );
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            r = brokers.changed() => if r.is_err() { break },
+        }
+    }
+    for r in running.values() {
+        r.cancel.cancel();
+    }
+    for (_, r) in running {
+        let _ = r.task.await;
+    }
+}
+
+/// Dials one broker, serves its streams while the link lives, redials with backoff.
+async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(ctx.cfg.reconnect_base(), ctx.cfg.reconnect_cap());
+    let name: Arc<str> = Arc::from(broker.name.as_str());
+    let gauge = metrics::gauge!("umbra_connector_links", "broker" => broker.name.clone());
+    loop {
+        let dialed = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = dial_broker(&ctx, &broker) => r,
+        };
+        match dialed {
+            Ok(link) => {
+                backoff.reset();
+                gauge.set(1.0);
+                tracing::info!(
+                    transport = link.transport().as_str(),
+                    kx = link.kx_group(),
+                    remote = %link.remote_addr(),
+                    peer = %link.peer().id,
+                    "link up"
+                );
+                serve_link(&ctx, &link, &name, &cancel).await;
+                gauge.set(0.0);
+                if cancel.is_cancelled() {
+                    return;
+                }
+                tracing::warn!("link down; redialing");
+            }
+            Err(e) => {
+                if backoff.attempt() == 0 || backoff.attempt().is_multiple_of(10) {
+                    tracing::warn!(error = %e, attempt = backoff.attempt(), "cannot reach broker");
+                } else {
+                    tracing::debug!(error = %e, attempt = backoff.attempt(), "cannot reach broker");
+                }
+            }
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Accepts the streams the broker opens until the link closes or `cancel`.
+async fn serve_link(ctx: &LinkCtx, link: &Link, broker: &Arc<str>, cancel: &CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            () = cancel.cancelled() => {
+                link.close();
+                return;
+            }
+            s = link.accept() => s,
+        };
+        let Some(stream) = stream else { return };
+        let span = tracing::debug_span!("stream", id = stream.id());
+        tokio::spawn(handle_stream(stream, ctx.serve.clone(), broker.clone()).instrument(span));
+    }
+}
+
+/// Why no link to a broker came up.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("broker lists no address for any allowed transport")]
+    NoAddress,
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] umbra_pki::PkiError),
+    #[error("{transport}: {source}")]
+    Link {
+        transport: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("{0}: handshake timed out")]
+    Timeout(&'static str),
+}
+
+/// Tries the allowed transports in order; the last failure is returned.
+async fn dial_broker(ctx: &LinkCtx, broker: &BrokerInfo) -> Result<Link, DialError> {
+    let identity = ctx.identity.borrow().clone();
+    let mut last = DialError::NoAddress;
+    for &transport in ctx.cfg.transport.order() {
+        let addr = match transport {
+            Transport::Quic => broker.quic_addr.as_deref(),
+            Transport::Tls => broker.tcp_addr.as_deref(),
+        };
+        let Some(addr) = addr else { continue };
+        let addr = match resolve(addr).await {
+            Ok(a) => a,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let tls = umbra_pki::client_config(
+            &identity.ca,
+            Some(&identity),
+            &[umbra_link::ALPN],
+            transport == Transport::Quic,
+        )?;
+        // The link bounds its own handshake; this outer bound only guards against a dial that
+        // never returns.
+        let bound = ctx.link_cfg.handshake_timeout + Duration::from_secs(1);
+        let r = tokio::time::timeout(
+            bound,
+            umbra_link::dial(
+                addr,
+                &broker.server_name,
+                transport,
+                Arc::new(tls),
+                &ctx.link_cfg,
+            ),
+        )
+        .await;
+        match r {
+            Ok(Ok(link)) => return Ok(link),
+            Ok(Err(source)) => {
+                tracing::debug!(transport = transport.as_str(), error = %source, "dial failed");
+                last = DialError::Link {
+                    transport: transport.as_str(),
+                    source,
+                };
+            }
+            Err(_) => last = DialError::Timeout(transport.as_str()),
+        }
+    }
+    Err(last)
+}
+
+async fn resolve(hostport: &str) -> Result<SocketAddr, DialError> {
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(hostport)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| DialError::Resolve(hostport.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(id: &str, quic: &str) -> BrokerInfo {
+        BrokerInfo {
+            id: id.into(),
+            name: format!("name-{id}"),
+            quic_addr: Some(quic.into()),
+            tcp_addr: Some("127.0.0.1:443".into()),
+            server_name: format!("{id}.broker.umbra.internal"),
+        }
+    }
+
+    #[test]
+    fn plan_table() {
+        let a = b("a", "127.0.0.1:1");
+        let a2 = b("a", "127.0.0.1:2");
+        let bb = b("b", "127.0.0.1:3");
+        let c = b("c", "127.0.0.1:4");
+        let ids = |v: &[BrokerInfo]| v.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
+        struct Case<'a> {
+            running: Vec<BrokerInfo>,
+            wanted: Vec<BrokerInfo>,
+            stop: &'a [&'a str],
+            start: &'a [&'a str],
+        }
+        let cases = [
+            Case {
+                running: vec![],
+                wanted: vec![a.clone(), bb.clone()],
+                stop: &[],
+                start: &["a", "b"],
+            },
+            Case {
+                running: vec![a.clone(), bb.clone()],
+                wanted: vec![bb.clone(), a.clone()],
+                stop: &[],
+                start: &[],
+            },
+            Case {
+                running: vec![a.clone(), bb.clone()],
+                wanted: vec![bb.clone(), c.clone()],
+                stop: &["a"],
+                start: &["c"],
+            },
+            Case {
+                running: vec![a.clone()],
+                wanted: vec![a2.clone()],
+                stop: &["a"],
+                start: &["a"],
+            },
+            Case {
+                running: vec![a.clone(), bb.clone()],
+                wanted: vec![],
+                stop: &["a", "b"],
+                start: &[],
+            },
+            Case {
+                running: vec![],
+                wanted: vec![a.clone(), a2.clone()],
+                stop: &[],
+                start: &["a"],
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let p = plan(&c.running, &c.wanted);
+            assert_eq!(p.stop, c.stop, "case {i} stop");
+            assert_eq!(ids(&p.start), c.start, "case {i} start");
+        }
+        // The duplicate keeps the first entry.
+        assert_eq!(plan(&[], &[a.clone(), a2]).start, vec![a]);
+    }
+}

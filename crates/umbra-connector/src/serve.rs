@@ -1,0 +1,276 @@
+//! One stream a broker opened on a link: read the `Dial`, decide, dial the target, relay.
+//!
+//! The connector is the last line of defence: whatever the broker asks, it dials only a
+//! target published for *this* connector, compared as the exact string the controller
+//! published ([`decide`]). The same address written another way (IPv4-mapped IPv6, a decimal
+//! IPv4, another hostname, another port) is a different string and is refused: normalising
+//! here would let a compromised broker reach hosts nobody published through resolver tricks.
+//! Every refusal is an audit event (`target: "audit"`) and a counter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tracing::Instrument;
+use umbra_link::{Counters, Stream};
+use umbra_proto::api::PublishedTarget;
+use umbra_proto::{DialCode, Flow, Frame};
+
+use crate::sync::PublishedRx;
+
+/// Time a broker has to send its `Dial` after opening a stream.
+pub(crate) const DIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The answer to "may this stream be connected to `target`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DialDecision {
+    /// Published for this service: dial it.
+    Allow,
+    /// Not published (for this service): refuse and audit.
+    NotPublished,
+    /// Published, but the flow kind is not served.
+    UnsupportedFlow,
+}
+
+/// Pure permission check: allowed only if `(service, target)` is exactly, byte for byte, one
+/// of the published pairs.
+pub(crate) fn decide(
+    published: &[PublishedTarget],
+    flow: Flow,
+    service: &str,
+    target: &str,
+) -> DialDecision {
+    let listed = published
+        .iter()
+        .any(|p| p.service == service && p.target == target);
+    match (listed, flow) {
+        (false, _) => DialDecision::NotPublished,
+        (true, Flow::Tcp) => DialDecision::Allow,
+        (true, Flow::Udp) => DialDecision::UnsupportedFlow,
+    }
+}
+
+/// What a stream handler needs, shared by all streams of all links.
+pub(crate) struct ServeCtx {
+    pub(crate) published: PublishedRx,
+    pub(crate) dial_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+/// Serves one broker-opened stream to its end. Never panics on what the broker sends; a
+/// malformed or missing request resets this stream only.
+pub(crate) async fn handle_stream(mut stream: Stream, ctx: Arc<ServeCtx>, broker: Arc<str>) {
+    let frame = match tokio::time::timeout(DIAL_FRAME_TIMEOUT, stream.read_frame()).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            tracing::warn!(%broker, stream = stream.id(), error = %e, "bad request frame from broker; stream reset");
+            count("bad_frame");
+            stream.reset();
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%broker, stream = stream.id(), "broker opened a stream but sent no request in time; stream reset");
+            count("timeout");
+            stream.reset();
+            return;
+        }
+    };
+
+    let (flow, stream_id, service, target, principal) = match frame {
+        Frame::Dial {
+            flow,
+            stream_id,
+            service,
+            target,
+            principal,
+        } => (flow, stream_id, service, target, principal),
+        Frame::Ping { nonce } => {
+            // Brokers may measure the link; answering costs nothing.
+            if stream.write_frame(&Frame::Pong { nonce }).await.is_ok() {
+                let _ = stream.finish().await;
+            }
+            return;
+        }
+        other => {
+            tracing::warn!(%broker, stream = stream.id(), frame = ?other, "unexpected request frame from broker; stream reset");
+            count("bad_frame");
+            stream.reset();
+            return;
+        }
+    };
+
+    let span = tracing::info_span!("dial", %broker, stream_id, %service, %principal);
+    serve_dial(stream, &ctx, &broker, flow, &service, &target, &principal)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_dial(
+    mut stream: Stream,
+    ctx: &ServeCtx,
+    broker: &str,
+    flow: Flow,
+    service: &str,
+    target: &str,
+    principal: &str,
+) {
+    let decision = {
+        let published = ctx.published.borrow();
+        decide(&published.targets, flow, service, target)
+    };
+    match decision {
+        DialDecision::Allow => {}
+        DialDecision::NotPublished => {
+            tracing::warn!(
+                target: "audit",
+                event = "connector.dial_refused",
+                broker,
+                principal,
+                service,
+                requested_target = target,
+                flow = flow.as_str(),
+                reason = "not_published",
+                "refused a dial to a target not published for this connector"
+            );
+            metrics::counter!("umbra_connector_refused_total").increment(1);
+            count(DialCode::NotPublished.as_str());
+            reply_and_finish(&mut stream, DialCode::NotPublished).await;
+            return;
+        }
+        DialDecision::UnsupportedFlow => {
+            tracing::info!(flow = flow.as_str(), "flow kind not served");
+            count(DialCode::UnsupportedFlow.as_str());
+            reply_and_finish(&mut stream, DialCode::UnsupportedFlow).await;
+            return;
+        }
+    }
+
+    let tcp = match tokio::time::timeout(ctx.dial_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "published target refused the connection");
+            count(DialCode::Unreachable.as_str());
+            reply_and_finish(&mut stream, DialCode::Unreachable).await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!(
+                timeout_ms = ctx.dial_timeout.as_millis() as u64,
+                "published target did not answer in time"
+            );
+            count(DialCode::Unreachable.as_str());
+            reply_and_finish(&mut stream, DialCode::Unreachable).await;
+            return;
+        }
+    };
+    // Interactive protocols (SSH, databases) suffer from Nagle on top of the link's own batching.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    if let Err(e) = stream
+        .write_frame(&Frame::DialReply { code: DialCode::Ok })
+        .await
+    {
+        tracing::debug!(error = %e, "broker went away before the reply");
+        count("broker_gone");
+        return;
+    }
+    count(DialCode::Ok.as_str());
+    tracing::debug!("connected; relaying");
+    let counters = Counters::default();
+    let result = umbra_link::relay_tcp(tcp, stream, ctx.idle_timeout, &counters).await;
+    let up = counters.up.load(std::sync::atomic::Ordering::Relaxed);
+    let down = counters.down.load(std::sync::atomic::Ordering::Relaxed);
+    match result {
+        Ok(()) => tracing::debug!(
+            bytes_to_target = down,
+            bytes_from_target = up,
+            "stream ended"
+        ),
+        Err(e) => {
+            tracing::debug!(bytes_to_target = down, bytes_from_target = up, error = %e, "stream ended with an error")
+        }
+    }
+}
+
+async fn reply_and_finish(stream: &mut Stream, code: DialCode) {
+    if stream.write_frame(&Frame::DialReply { code }).await.is_ok() {
+        let _ = stream.finish().await;
+    }
+}
+
+fn count(result: &'static str) {
+    metrics::counter!("umbra_connector_streams_total", "result" => result).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published() -> Vec<PublishedTarget> {
+        [
+            ("web", "127.0.0.1:8080"),
+            ("db", "db.internal:5432"),
+            ("v6", "[2001:db8::1]:443"),
+        ]
+        .into_iter()
+        .map(|(s, t)| PublishedTarget {
+            service: s.into(),
+            target: t.into(),
+        })
+        .collect()
+    }
+
+    #[test]
+    fn dial_permission_table() {
+        use DialDecision::*;
+        let p = published();
+        let cases: &[(Flow, &str, &str, DialDecision)] = &[
+            // Exactly as published.
+            (Flow::Tcp, "web", "127.0.0.1:8080", Allow),
+            (Flow::Tcp, "db", "db.internal:5432", Allow),
+            (Flow::Tcp, "v6", "[2001:db8::1]:443", Allow),
+            // The same address written differently is another string: refused.
+            (Flow::Tcp, "web", "[::ffff:127.0.0.1]:8080", NotPublished),
+            (Flow::Tcp, "web", "[::ffff:7f00:1]:8080", NotPublished),
+            (Flow::Tcp, "web", "2130706433:8080", NotPublished),
+            (Flow::Tcp, "web", "0x7f000001:8080", NotPublished),
+            (Flow::Tcp, "web", "127.1:8080", NotPublished),
+            (Flow::Tcp, "web", "localhost:8080", NotPublished),
+            (Flow::Tcp, "web", "127.0.0.1:08080", NotPublished),
+            (Flow::Tcp, "web", "127.0.0.1:8080 ", NotPublished),
+            (Flow::Tcp, "web", " 127.0.0.1:8080", NotPublished),
+            (Flow::Tcp, "web", "127.0.0.1:8080.", NotPublished),
+            (Flow::Tcp, "db", "DB.internal:5432", NotPublished),
+            (Flow::Tcp, "db", "db.internal.:5432", NotPublished),
+            (Flow::Tcp, "v6", "[2001:0db8::1]:443", NotPublished),
+            (Flow::Tcp, "v6", "[2001:DB8::1]:443", NotPublished),
+            // Another port of a published host.
+            (Flow::Tcp, "web", "127.0.0.1:8081", NotPublished),
+            (Flow::Tcp, "web", "127.0.0.1", NotPublished),
+            // A published target under another service's name.
+            (Flow::Tcp, "db", "127.0.0.1:8080", NotPublished),
+            (Flow::Tcp, "nosuch", "127.0.0.1:8080", NotPublished),
+            (Flow::Tcp, "WEB", "127.0.0.1:8080", NotPublished),
+            (Flow::Tcp, "", "", NotPublished),
+            // Flow kinds: publication is checked first.
+            (Flow::Udp, "web", "127.0.0.1:8080", UnsupportedFlow),
+            (Flow::Udp, "web", "127.0.0.1:9999", NotPublished),
+        ];
+        for (flow, service, target, want) in cases {
+            assert_eq!(
+                decide(&p, *flow, service, target),
+                *want,
+                "{flow:?} {service} {target}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_published_allows_nothing() {
+        assert_eq!(
+            decide(&[], Flow::Tcp, "web", "127.0.0.1:8080"),
+            DialDecision::NotPublished
+        );
+    }
+}

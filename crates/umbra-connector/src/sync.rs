@@ -1,0 +1,265 @@
+//! What the connector learns from the controller: its published targets and the brokers.
+//!
+//! Owns the two holders the rest of the connector reads (`watch` channels: readers take the
+//! current value without locking the data path) and keeps them fresh:
+//! - published targets by long poll (`GET /v1/connector/config?after=N`), cached on disk in
+//!   `<identity_dir>/published.json` so that a restart while the controller is away still
+//!   serves what was last published;
+//! - brokers by a poll of `GET /v1/brokers` every [`BROKER_POLL_INTERVAL`], starting from the
+//!   list in `controller.json` (which is updated when the list changes).
+//!
+//! Failures to reach the controller never clear what is held: the connector goes on serving
+//! the last known targets through the last known brokers.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use umbra_link::backoff::Backoff;
+use umbra_link::enroll::{ControllerRef, save_controller_ref};
+use umbra_link::{ControllerClient, LinkError};
+use umbra_pki::TlsIdentity;
+use umbra_proto::api::{BrokerInfo, BrokerList, ConnectorConfig as PublishedConfig};
+
+/// Cache of the published targets, next to the identity.
+pub(crate) const PUBLISHED_FILE: &str = "published.json";
+/// How often the broker list is fetched.
+pub(crate) const BROKER_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// Retry delays after a failed long poll.
+const POLL_RETRY_BASE: Duration = Duration::from_millis(500);
+const POLL_RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// The published targets as held: shared by every stream handler.
+pub(crate) type PublishedRx = watch::Receiver<Arc<PublishedConfig>>;
+pub(crate) type BrokersRx = watch::Receiver<Arc<Vec<BrokerInfo>>>;
+pub(crate) type IdentityRx = watch::Receiver<Arc<TlsIdentity>>;
+
+/// Reads `published.json`; `None` if there is none yet, or if it is unreadable or belongs to
+/// another connector (logged), in which case nothing is published until the controller
+/// answers.
+pub(crate) fn load_cached(dir: &Path, connector_id: &str) -> Option<PublishedConfig> {
+    let path = dir.join(PUBLISHED_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the published targets cache");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<PublishedConfig>(&bytes) {
+        Ok(c) if c.connector_id == connector_id => Some(c),
+        Ok(c) => {
+            tracing::warn!(path = %path.display(), cached_for = %c.connector_id, "published targets cache belongs to another connector; ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "published targets cache is damaged; ignored");
+            None
+        }
+    }
+}
+
+/// Writes `published.json` atomically (temporary file, fsync, rename), mode 0600.
+pub(crate) fn save_cached(dir: &Path, cfg: &PublishedConfig) -> io::Result<()> {
+    let path = dir.join(PUBLISHED_FILE);
+    let bytes = serde_json::to_vec_pretty(cfg).map_err(io::Error::other)?;
+    let tmp = dir.join(format!("{PUBLISHED_FILE}.tmp"));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, &path)
+}
+
+/// Whether a configuration from the controller should replace the one held: only a newer
+/// version for this very connector.
+pub(crate) fn accept_update(held: &PublishedConfig, new: &PublishedConfig, me: &str) -> bool {
+    new.connector_id == me && new.version > held.version
+}
+
+/// An HTTPS client to the controller that follows certificate renewal: rebuilt whenever the
+/// identity changes.
+pub(crate) struct Controller {
+    url: String,
+    identity: IdentityRx,
+    client: Option<(Arc<TlsIdentity>, ControllerClient)>,
+}
+
+impl Controller {
+    pub(crate) fn new(url: String, identity: IdentityRx) -> Self {
+        Controller {
+            url,
+            identity,
+            client: None,
+        }
+    }
+
+    pub(crate) fn client(&mut self) -> Result<&ControllerClient, LinkError> {
+        let id = self.identity.borrow().clone();
+        let stale = match &self.client {
+            Some((held, _)) => !Arc::ptr_eq(held, &id),
+            None => true,
+        };
+        if stale {
+            let c = ControllerClient::new(&self.url, &id.ca, Some(&id))?;
+            self.client = Some((id, c));
+        }
+        match &self.client {
+            Some((_, c)) => Ok(c),
+            None => Err(LinkError::Closed),
+        }
+    }
+}
+
+/// Long-polls the published targets until `cancel`.
+pub(crate) async fn poll_published(
+    mut ctl: Controller,
+    dir: PathBuf,
+    me: String,
+    tx: watch::Sender<Arc<PublishedConfig>>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(POLL_RETRY_BASE, POLL_RETRY_CAP);
+    loop {
+        let after = tx.borrow().version;
+        let path = format!("/v1/connector/config?after={after}");
+        let answer = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = async {
+                match ctl.client() {
+                    Ok(c) => c.get_opt::<PublishedConfig>(&path).await,
+                    Err(e) => Err(e),
+                }
+            } => r,
+        };
+        match answer {
+            Ok(Some(new)) => {
+                backoff.reset();
+                if !accept_update(&tx.borrow(), &new, &me) {
+                    tracing::debug!(
+                        version = new.version,
+                        "ignoring a configuration that is not newer or not ours"
+                    );
+                    continue;
+                }
+                if let Err(e) = save_cached(&dir, &new) {
+                    tracing::warn!(error = %e, "cannot cache the published targets");
+                }
+                tracing::info!(
+                    version = new.version,
+                    targets = new.targets.len(),
+                    "published targets updated"
+                );
+                tx.send_replace(Arc::new(new));
+            }
+            // Long poll timed out with nothing new: ask again.
+            Ok(None) => backoff.reset(),
+            Err(e) => {
+                let delay = backoff.next_delay(rand::random::<f64>());
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot fetch the published targets; serving the last known ones");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Polls the broker list every [`BROKER_POLL_INTERVAL`] until `cancel`; a changed list is
+/// published to the link supervisor and remembered in `controller.json`.
+pub(crate) async fn poll_brokers(
+    mut ctl: Controller,
+    dir: PathBuf,
+    mut cref: ControllerRef,
+    tx: watch::Sender<Arc<Vec<BrokerInfo>>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(BROKER_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let answer = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = async {
+                match ctl.client() {
+                    Ok(c) => c.get::<BrokerList>("/v1/brokers").await,
+                    Err(e) => Err(e),
+                }
+            } => r,
+        };
+        match answer {
+            Ok(list) => {
+                if **tx.borrow() == list.brokers {
+                    continue;
+                }
+                tracing::info!(brokers = list.brokers.len(), "broker list changed");
+                cref.brokers = list.brokers.clone();
+                if let Err(e) = save_controller_ref(&dir, &cref) {
+                    tracing::warn!(error = %e, "cannot remember the broker list");
+                }
+                tx.send_replace(Arc::new(list.brokers));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot fetch the broker list; keeping the last known one")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umbra_proto::api::PublishedTarget;
+
+    fn cfg(id: &str, version: u64) -> PublishedConfig {
+        PublishedConfig {
+            connector_id: id.into(),
+            version,
+            targets: vec![PublishedTarget {
+                service: "web".into(),
+                target: "127.0.0.1:80".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn only_newer_versions_for_me_are_accepted() {
+        let held = cfg("c-1", 5);
+        assert!(accept_update(&held, &cfg("c-1", 6), "c-1"));
+        assert!(!accept_update(&held, &cfg("c-1", 5), "c-1"));
+        assert!(!accept_update(&held, &cfg("c-1", 4), "c-1"));
+        assert!(!accept_update(&held, &cfg("c-2", 9), "c-1"));
+    }
+
+    #[test]
+    fn cache_round_trip() {
+        let dir = std::env::temp_dir().join(format!(
+            "umbra-connector-cache-{}",
+            u64::from_le_bytes(umbra_pki::random_bytes::<8>())
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(load_cached(&dir, "c-1"), None);
+        save_cached(&dir, &cfg("c-1", 3)).unwrap();
+        assert_eq!(load_cached(&dir, "c-1"), Some(cfg("c-1", 3)));
+        // Another connector's cache is not served.
+        assert_eq!(load_cached(&dir, "c-2"), None);
+        fs::write(dir.join(PUBLISHED_FILE), b"{not json").unwrap();
+        assert_eq!(load_cached(&dir, "c-1"), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,318 @@
+//! The connector against a real link endpoint.
+//!
+//! A `umbra_link::Listener` with a broker certificate stands in for the broker's transport
+//! endpoint: it accepts the connector's link and opens streams carrying `Dial` frames, as a
+//! broker would. The connector starts offline (no controller reachable): its identity,
+//! `controller.json` (with this endpoint as its only broker) and `published.json` are on disk,
+//! which is the documented way a connector restarts while the controller is away.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use umbra_connector::{Connector, ConnectorConfig, TransportPref};
+use umbra_link::enroll::{ControllerRef, save_controller_ref};
+use umbra_link::{ALPN, Link, LinkConfig, Listener, Stream};
+use umbra_pki::{Ca, ClientAuth, IssueRequest, TlsIdentity};
+use umbra_proto::api::{BrokerInfo, ConnectorConfig as Published, PublishedTarget};
+use umbra_proto::{DialCode, Flow, Frame, PeerId, Role};
+
+const ORG: &str = "test";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A TCP echo server that counts the connections it accepted.
+async fn echo_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let n = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            if s.write_all(&buf[..k]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepts)
+}
+
+/// A broker transport endpoint with a certificate from `ca`.
+async fn broker_endpoint(ca: &Ca) -> (Listener, BrokerInfo) {
+    let now = SystemTime::now();
+    let id = PeerId::new(ORG, Role::Broker, "b-1").unwrap();
+    let server_name = umbra_pki::broker_server_name("b-1");
+    let (issued, key) = ca
+        .issue_server(
+            &id,
+            std::slice::from_ref(&server_name),
+            Duration::from_secs(3600),
+            now,
+            umbra_pki::random_bytes(),
+        )
+        .unwrap();
+    let tls = TlsIdentity::from_pem(&issued.cert_pem, &key, ca.cert_pem()).unwrap();
+    let server = umbra_pki::server_config(&tls, ClientAuth::Required, &[ALPN], false).unwrap();
+    let listener = Listener::bind(
+        Some("127.0.0.1:0".parse().unwrap()),
+        Some("127.0.0.1:0".parse().unwrap()),
+        Arc::new(server),
+        LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let info = BrokerInfo {
+        id: "b-1".into(),
+        name: "test-broker".into(),
+        quic_addr: listener.quic_addr().map(|a| a.to_string()),
+        tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
+        server_name,
+    };
+    (listener, info)
+}
+
+/// An enrolled connector's identity directory, as enrollment and a previous run leave it.
+fn connector_dir(ca: &Ca, dir: &Path, broker: BrokerInfo, targets: Vec<PublishedTarget>) {
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let issued = ca
+        .issue(
+            &IssueRequest {
+                csr_pem: &csr,
+                identity: PeerId::new(ORG, Role::Connector, "c-1").unwrap(),
+                dns_names: vec![],
+                lifetime: Duration::from_secs(3600),
+            },
+            SystemTime::now(),
+            umbra_pki::random_bytes(),
+        )
+        .unwrap();
+    umbra_pki::write_identity_dir(dir, &key, &issued.cert_pem, ca.cert_pem()).unwrap();
+    save_controller_ref(
+        dir,
+        &ControllerRef {
+            // Nothing listens here: the connector must serve from its cache.
+            url: "https://127.0.0.1:9".into(),
+            identity: format!("umbra://{ORG}/connector/c-1"),
+            user: None,
+            brokers: vec![broker],
+        },
+    )
+    .unwrap();
+    let published = Published {
+        connector_id: "c-1".into(),
+        version: 7,
+        targets,
+    };
+    std::fs::write(
+        dir.join("published.json"),
+        serde_json::to_vec(&published).unwrap(),
+    )
+    .unwrap();
+}
+
+async fn dial(link: &Link, service: &str, target: &str) -> (DialCode, Stream) {
+    let mut s = tokio::time::timeout(WAIT, link.open())
+        .await
+        .unwrap()
+        .unwrap();
+    s.write_frame(&Frame::Dial {
+        flow: Flow::Tcp,
+        stream_id: 1,
+        service: service.into(),
+        target: target.into(),
+        principal: "alice@example.test".into(),
+    })
+    .await
+    .unwrap();
+    match tokio::time::timeout(WAIT, s.read_frame())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Frame::DialReply { code } => (code, s),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+async fn echo_round_trip(s: &mut Stream, msg: &'static [u8]) {
+    s.send_chunk(Bytes::from_static(msg)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < msg.len() {
+        match tokio::time::timeout(WAIT, s.recv_chunk())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Some(b) => got.extend_from_slice(&b),
+            None => break,
+        }
+    }
+    assert_eq!(got, msg);
+}
+
+async fn serves_only_published(transport: TransportPref) {
+    umbra_pki::install_crypto_provider();
+    let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let (echo, accepts) = echo_server().await;
+    let (listener, broker) = broker_endpoint(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let published = echo.to_string();
+    connector_dir(
+        &ca,
+        dir.path(),
+        broker,
+        vec![PublishedTarget {
+            service: "echo".into(),
+            target: published.clone(),
+        }],
+    );
+
+    let connector = Connector::start(ConnectorConfig {
+        identity_dir: dir.path().to_path_buf(),
+        transport,
+        dial_timeout_ms: 2_000,
+        ..ConnectorConfig::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(connector.identity(), format!("umbra://{ORG}/connector/c-1"));
+
+    let link = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(link.peer().id.role, Role::Connector);
+    assert_eq!(link.peer().id.id, "c-1");
+    let want = match transport {
+        TransportPref::Tcp => umbra_link::Transport::Tls,
+        _ => umbra_link::Transport::Quic,
+    };
+    assert_eq!(link.transport(), want);
+
+    // The published target, exactly as published: connected, bytes flow both ways.
+    let (code, mut s) = dial(&link, "echo", &published).await;
+    assert_eq!(code, DialCode::Ok);
+    echo_round_trip(&mut s, b"hello through the connector").await;
+    s.finish().await.unwrap();
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+
+    // The same address written differently, another port, another service: refused, and no
+    // connection reaches the echo server.
+    let port = echo.port();
+    let refused = [
+        ("echo", format!("[::ffff:127.0.0.1]:{port}")),
+        ("echo", format!("localhost:{port}")),
+        ("echo", format!("2130706433:{port}")),
+        ("echo", format!("127.1:{port}")),
+        ("echo", format!("127.0.0.1:{}", port.wrapping_add(1).max(1))),
+        ("other", published.clone()),
+    ];
+    for (service, target) in &refused {
+        let (code, _s) = dial(&link, service, target).await;
+        assert_eq!(code, DialCode::NotPublished, "{service} {target}");
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "a refused dial reached the target"
+    );
+
+    // Garbage instead of a Dial: that stream is reset...
+    let mut g = link.open().await.unwrap();
+    g.send_chunk(Bytes::from_static(b"\x09\x03garbage, not a frame"))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(WAIT, g.recv_chunk()).await.unwrap();
+    assert!(r.is_err(), "expected a reset, got {r:?}");
+
+    // ...and the connector still serves the next valid Dial on the same link.
+    let (code, mut s) = dial(&link, "echo", &published).await;
+    assert_eq!(code, DialCode::Ok);
+    echo_round_trip(&mut s, b"still serving").await;
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+
+    // Pings are answered.
+    let mut p = link.open().await.unwrap();
+    p.write_frame(&Frame::Ping { nonce: 99 }).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, p.read_frame())
+            .await
+            .unwrap()
+            .unwrap(),
+        Frame::Pong { nonce: 99 }
+    );
+
+    connector.shutdown().await;
+    // The connector closed its link.
+    tokio::time::timeout(WAIT, link.closed()).await.unwrap();
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_only_published_targets_over_quic() {
+    serves_only_published(TransportPref::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_only_published_targets_over_tcp() {
+    serves_only_published(TransportPref::Tcp).await;
+}
+
+/// `auto`: where QUIC gets no answer (UDP blackholed), the connector falls back to TLS over
+/// TCP and serves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_tcp_when_quic_gets_no_answer() {
+    umbra_pki::install_crypto_provider();
+    let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let (echo, accepts) = echo_server().await;
+    let (listener, mut broker) = broker_endpoint(&ca).await;
+    // A UDP socket that reads nothing and answers nothing.
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    broker.quic_addr = Some(blackhole.local_addr().unwrap().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    connector_dir(
+        &ca,
+        dir.path(),
+        broker,
+        vec![PublishedTarget {
+            service: "echo".into(),
+            target: echo.to_string(),
+        }],
+    );
+    let connector = Connector::start(ConnectorConfig {
+        identity_dir: dir.path().to_path_buf(),
+        transport: TransportPref::Auto,
+        ..ConnectorConfig::default()
+    })
+    .await
+    .unwrap();
+    let link = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(link.transport(), umbra_link::Transport::Tls);
+    let (code, mut s) = dial(&link, "echo", &echo.to_string()).await;
+    assert_eq!(code, DialCode::Ok);
+    echo_round_trip(&mut s, b"over tcp").await;
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    connector.shutdown().await;
+    drop(blackhole);
+}

@@ -1,0 +1,778 @@
+//! Admin routes (bearer token): users, groups, services, policies, enrollment tokens, devices,
+//! connectors, brokers, live streams and the audit trail.
+//!
+//! Every write validates all input first, then runs in one transaction that also stores its
+//! audit record and bumps the snapshot version; a refused write changes nothing except adding
+//! an audit record of the refusal.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::SqliteConnection;
+use umbra_proto::api::{
+    self, AuditEntry, CreateEnrollToken, CreateGroup, CreatePolicy, CreateService, CreateUser,
+    LiveStream,
+};
+
+use super::{Admin, ApiJson, ApiPath, ApiQuery, created};
+use crate::audit::{self, ADMIN};
+use crate::enroll;
+use crate::error::ApiFailure;
+use crate::state::Ctx;
+use crate::store::admin as q;
+use crate::store::peers::{self, Kind, PeerRow};
+use crate::store::to_u64;
+use crate::validate;
+
+/// Longest accepted policy text.
+const MAX_POLICY_BYTES: usize = 64 * 1024;
+/// A broker counts as live for `GET /v1/streams` if it sent a heartbeat this recently.
+const LIVE_BROKER_SECS: i64 = 30;
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users
+
+pub(super) async fn list_users(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::User>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    Ok(Json(q::list_users(&mut r, &ctx.org).await?))
+}
+
+pub(super) async fn create_user(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiJson(req): ApiJson<CreateUser>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let id = validate::user_id(&req.id, "id")?;
+        let mut groups = req
+            .groups
+            .iter()
+            .map(|g| validate::name(g, "groups"))
+            .collect::<Result<Vec<_>, _>>()?;
+        groups.sort();
+        groups.dedup();
+        let mut w = ctx.store.write().await?;
+        if q::user_disabled(w.conn(), &ctx.org, &id).await?.is_some() {
+            return Err(ApiFailure::conflict(
+                "id",
+                format!("user {id} already exists"),
+            ));
+        }
+        for g in &groups {
+            if !q::group_exists(w.conn(), &ctx.org, g).await? {
+                return Err(ApiFailure::not_found("groups", format!("no group {g}")));
+            }
+        }
+        let now = ctx.now_secs();
+        q::insert_user(w.conn(), &ctx.org, &id, now).await?;
+        for g in &groups {
+            q::add_member(w.conn(), &ctx.org, g, &id).await?;
+        }
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "user.create",
+            &id,
+            true,
+            json!({ "groups": groups }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(api::User {
+            id,
+            groups,
+            disabled: false,
+            created_at: to_u64(now),
+        })
+    }
+    .await;
+    ctx.audited(ADMIN, "user.create", &req.id, res)
+        .await
+        .map(created)
+}
+
+pub(super) async fn delete_user(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let id = validate::user_id(&id, "id")?;
+        let mut w = ctx.store.write().await?;
+        if q::user_disabled(w.conn(), &ctx.org, &id).await?.is_none() {
+            return Err(ApiFailure::not_found("id", format!("no user {id}")));
+        }
+        // A deleted user's devices must not keep access: revoke them with the user.
+        let devices = peers::devices_of_user(w.conn(), &ctx.org, &id).await?;
+        let now = ctx.now_secs();
+        for d in &devices {
+            peers::peer_revoke(w.conn(), &ctx.org, Kind::Device, d, now).await?;
+        }
+        q::delete_user(w.conn(), &ctx.org, &id).await?;
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "user.delete",
+            &id,
+            true,
+            json!({ "revoked_devices": devices }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "user.delete", &id, res).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups
+
+pub(super) async fn list_groups(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::Group>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    Ok(Json(q::list_groups(&mut r, &ctx.org).await?))
+}
+
+pub(super) async fn create_group(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiJson(req): ApiJson<CreateGroup>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let name = validate::name(&req.name, "name")?;
+        let mut w = ctx.store.write().await?;
+        if q::group_exists(w.conn(), &ctx.org, &name).await? {
+            return Err(ApiFailure::conflict(
+                "name",
+                format!("group {name} already exists"),
+            ));
+        }
+        q::insert_group(w.conn(), &ctx.org, &name, ctx.now_secs()).await?;
+        let rec = audit::record(ctx.now(), ADMIN, "group.create", &name, true, json!({}));
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(api::Group {
+            name,
+            members: Vec::new(),
+        })
+    }
+    .await;
+    ctx.audited(ADMIN, "group.create", &req.name, res)
+        .await
+        .map(created)
+}
+
+pub(super) async fn delete_group(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        if !q::delete_group(w.conn(), &ctx.org, &name).await? {
+            return Err(ApiFailure::not_found("name", format!("no group {name}")));
+        }
+        let rec = audit::record(ctx.now(), ADMIN, "group.delete", &name, true, json!({}));
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "group.delete", &name, res).await
+}
+
+/// `POST /v1/groups/{name}/members`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AddMember {
+    pub(crate) user: String,
+}
+
+pub(super) async fn add_member(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(group): ApiPath<String>,
+    ApiJson(req): ApiJson<AddMember>,
+) -> Result<Response, ApiFailure> {
+    let target = format!("{group}/{}", req.user);
+    let res = async {
+        let user = validate::user_id(&req.user, "user")?;
+        let mut w = ctx.store.write().await?;
+        if !q::group_exists(w.conn(), &ctx.org, &group).await? {
+            return Err(ApiFailure::not_found("name", format!("no group {group}")));
+        }
+        if q::user_disabled(w.conn(), &ctx.org, &user).await?.is_none() {
+            return Err(ApiFailure::not_found("user", format!("no user {user}")));
+        }
+        if q::is_member(w.conn(), &ctx.org, &group, &user).await? {
+            return Err(ApiFailure::conflict(
+                "user",
+                format!("{user} is already a member of {group}"),
+            ));
+        }
+        q::add_member(w.conn(), &ctx.org, &group, &user).await?;
+        let members = q::group_members(w.conn(), &ctx.org, &group).await?;
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "group.member.add",
+            &group,
+            true,
+            json!({ "user": user }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(Json(api::Group {
+            name: group.clone(),
+            members,
+        })
+        .into_response())
+    }
+    .await;
+    ctx.audited(ADMIN, "group.member.add", &target, res).await
+}
+
+pub(super) async fn remove_member(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath((group, user)): ApiPath<(String, String)>,
+) -> Result<Response, ApiFailure> {
+    let target = format!("{group}/{user}");
+    let res = async {
+        let user = validate::user_id(&user, "user")?;
+        let mut w = ctx.store.write().await?;
+        if !q::group_exists(w.conn(), &ctx.org, &group).await? {
+            return Err(ApiFailure::not_found("name", format!("no group {group}")));
+        }
+        if !q::remove_member(w.conn(), &ctx.org, &group, &user).await? {
+            return Err(ApiFailure::not_found(
+                "user",
+                format!("{user} is not a member of {group}"),
+            ));
+        }
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "group.member.remove",
+            &group,
+            true,
+            json!({ "user": user }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "group.member.remove", &target, res)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services
+
+pub(super) async fn list_services(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::Service>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    Ok(Json(q::list_services(&mut r, &ctx.org).await?))
+}
+
+/// A connector name is known if a live connector carries it or an unused token will create one.
+async fn connector_known(
+    c: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let live = peers::peers_named(c, org, Kind::Connector, name)
+        .await?
+        .iter()
+        .any(|r| r.revoked_at.is_none());
+    Ok(live || peers::name_reserved_by_token(c, org, Kind::Connector.role(), name, now).await?)
+}
+
+pub(super) async fn create_service(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiJson(req): ApiJson<CreateService>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let name = validate::name(&req.name, "name")?;
+        let target = validate::host_port(&req.target, "target")?;
+        if req.connectors.is_empty() {
+            return Err(ApiFailure::invalid(
+                "connectors",
+                "a service needs at least one connector",
+            ));
+        }
+        let mut connectors = req
+            .connectors
+            .iter()
+            .map(|c| validate::name(c, "connectors"))
+            .collect::<Result<Vec<_>, _>>()?;
+        connectors.sort();
+        connectors.dedup();
+        let now = ctx.now_secs();
+        let mut w = ctx.store.write().await?;
+        if q::service_exists(w.conn(), &ctx.org, &name).await? {
+            return Err(ApiFailure::conflict(
+                "name",
+                format!("service {name} already exists"),
+            ));
+        }
+        for c in &connectors {
+            if !connector_known(w.conn(), &ctx.org, c, now).await? {
+                return Err(ApiFailure::not_found(
+                    "connectors",
+                    format!("no connector named {c} (enrolled, or with an unused token)"),
+                ));
+            }
+        }
+        q::insert_service(w.conn(), &ctx.org, &name, &target, &connectors, now).await?;
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "service.create",
+            &name,
+            true,
+            json!({ "target": target, "connectors": connectors }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(api::Service {
+            name,
+            target,
+            connectors,
+            created_at: to_u64(now),
+        })
+    }
+    .await;
+    ctx.audited(ADMIN, "service.create", &req.name, res)
+        .await
+        .map(created)
+}
+
+pub(super) async fn delete_service(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        if !q::delete_service(w.conn(), &ctx.org, &name).await? {
+            return Err(ApiFailure::not_found("name", format!("no service {name}")));
+        }
+        let rec = audit::record(ctx.now(), ADMIN, "service.delete", &name, true, json!({}));
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "service.delete", &name, res).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies
+
+pub(super) async fn list_policies(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::Policy>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    Ok(Json(q::list_policies(&mut r, &ctx.org).await?))
+}
+
+pub(super) async fn create_policy(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiJson(req): ApiJson<CreatePolicy>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let name = validate::name(&req.name, "name")?;
+        if req.text.len() > MAX_POLICY_BYTES {
+            return Err(ApiFailure::invalid(
+                "text",
+                format!("policy text is longer than {MAX_POLICY_BYTES} bytes"),
+            ));
+        }
+        let count = umbra_policy::validate_policy(&req.text)
+            .map_err(|e| ApiFailure::invalid("text", format!("invalid policy: {e}")))?;
+        let mut w = ctx.store.write().await?;
+        if q::policy_exists(w.conn(), &ctx.org, &name).await? {
+            return Err(ApiFailure::conflict(
+                "name",
+                format!("policy {name} already exists"),
+            ));
+        }
+        let now = ctx.now_secs();
+        q::insert_policy(w.conn(), &ctx.org, &name, &req.text, now).await?;
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "policy.create",
+            &name,
+            true,
+            json!({ "policies": count }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(api::Policy {
+            name,
+            text: req.text.clone(),
+            created_at: to_u64(now),
+        })
+    }
+    .await;
+    ctx.audited(ADMIN, "policy.create", &req.name, res)
+        .await
+        .map(created)
+}
+
+pub(super) async fn delete_policy(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        if !q::delete_policy(w.conn(), &ctx.org, &name).await? {
+            return Err(ApiFailure::not_found("name", format!("no policy {name}")));
+        }
+        let rec = audit::record(ctx.now(), ADMIN, "policy.delete", &name, true, json!({}));
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "policy.delete", &name, res).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment tokens
+
+/// A token as listed (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct EnrollTokenInfo {
+    pub(crate) id: String,
+    pub(crate) role: String,
+    pub(crate) user: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) created_at: u64,
+    pub(crate) expires_at: u64,
+    pub(crate) used_at: Option<u64>,
+    /// Identity URI of the peer that redeemed it.
+    pub(crate) used_by: Option<String>,
+}
+
+pub(super) async fn list_tokens(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<EnrollTokenInfo>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    let rows = peers::token_list(&mut r, &ctx.org).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|t| EnrollTokenInfo {
+                id: t.id,
+                role: t.role,
+                user: t.user_id,
+                name: t.name,
+                created_at: to_u64(t.created_at),
+                expires_at: to_u64(t.expires_at),
+                used_at: t.used_at.map(to_u64),
+                used_by: t.used_by,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn create_token(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiJson(req): ApiJson<CreateEnrollToken>,
+) -> Result<Response, ApiFailure> {
+    let target = req.role.clone();
+    let res = enroll::create_token(&ctx, req).await;
+    ctx.audited(ADMIN, "enroll_token.create", &target, res)
+        .await
+        .map(created)
+}
+
+pub(super) async fn delete_token(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        if !peers::token_delete(w.conn(), &ctx.org, &id).await? {
+            return Err(ApiFailure::not_found(
+                "id",
+                format!("no enrollment token {id}"),
+            ));
+        }
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "enroll_token.delete",
+            &id,
+            true,
+            json!({}),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "enroll_token.delete", &id, res).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices, connectors, brokers
+
+async fn device_view(
+    c: &mut SqliteConnection,
+    org: &str,
+    rows: Vec<PeerRow>,
+) -> Result<Vec<api::Device>, sqlx::Error> {
+    let certs = peers::latest_certs(c, org, Kind::Device.role()).await?;
+    Ok(rows
+        .into_iter()
+        .map(|d| {
+            let (serial, not_after) = certs.get(&d.id).cloned().unwrap_or_default();
+            api::Device {
+                id: d.id,
+                user: d.owner,
+                created_at: to_u64(d.created_at),
+                cert_serial: serial,
+                cert_not_after: not_after,
+                revoked: d.revoked_at.is_some(),
+            }
+        })
+        .collect())
+}
+
+async fn connector_view(
+    c: &mut SqliteConnection,
+    org: &str,
+    rows: Vec<PeerRow>,
+) -> Result<Vec<api::Connector>, sqlx::Error> {
+    let certs = peers::latest_certs(c, org, Kind::Connector.role()).await?;
+    Ok(rows
+        .into_iter()
+        .map(|d| {
+            let (serial, not_after) = certs.get(&d.id).cloned().unwrap_or_default();
+            api::Connector {
+                id: d.id,
+                name: d.owner,
+                created_at: to_u64(d.created_at),
+                cert_serial: serial,
+                cert_not_after: not_after,
+                revoked: d.revoked_at.is_some(),
+            }
+        })
+        .collect())
+}
+
+pub(super) async fn list_devices(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::Device>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Device).await?;
+    Ok(Json(device_view(&mut r, &ctx.org, rows).await?))
+}
+
+pub(super) async fn list_connectors(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::Connector>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Connector).await?;
+    Ok(Json(connector_view(&mut r, &ctx.org, rows).await?))
+}
+
+pub(super) async fn list_brokers(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<api::Broker>>, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|b| api::Broker {
+                id: b.id,
+                name: b.name,
+                quic_addr: b.quic_addr,
+                tcp_addr: b.tcp_addr,
+                server_name: b.server_name,
+                snapshot_version: to_u64(b.snapshot_version),
+                last_seen: to_u64(b.last_seen),
+            })
+            .collect(),
+    ))
+}
+
+/// Revokes the peers in `rows` (those not yet revoked) with one audit record each; answers
+/// with the state after the change.
+async fn revoke_rows(
+    ctx: &Ctx,
+    mut w: crate::store::WriteTx<'_>,
+    kind: Kind,
+    rows: Vec<PeerRow>,
+) -> Result<Vec<PeerRow>, ApiFailure> {
+    let now = ctx.now_secs();
+    let mut records = Vec::new();
+    let mut out = Vec::new();
+    for mut row in rows {
+        if row.revoked_at.is_none() {
+            peers::peer_revoke(w.conn(), &ctx.org, kind, &row.id, now).await?;
+            records.push(audit::record(
+                ctx.now(),
+                ADMIN,
+                "revoke",
+                &format!("{}/{}", kind.role(), row.id),
+                true,
+                json!({ "role": kind.role().as_str(), "id": row.id, "owner": row.owner }),
+            ));
+            row.revoked_at = Some(now);
+        }
+        out.push(row);
+    }
+    if records.is_empty() {
+        // Already revoked: nothing changes, nothing to bump.
+        drop(w);
+    } else {
+        ctx.commit_change(w, &records).await?;
+    }
+    Ok(out)
+}
+
+pub(super) async fn revoke_device(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<api::Device>, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        let row = peers::peer_get(w.conn(), &ctx.org, Kind::Device, &id)
+            .await?
+            .ok_or_else(|| ApiFailure::not_found("id", format!("no device {id}")))?;
+        let rows = revoke_rows(&ctx, w, Kind::Device, vec![row]).await?;
+        let mut r = ctx.store.read().await?;
+        device_view(&mut r, &ctx.org, rows)
+            .await?
+            .pop()
+            .map(Json)
+            .ok_or_else(ApiFailure::internal)
+    }
+    .await;
+    ctx.audited(ADMIN, "revoke", &format!("agent/{id}"), res)
+        .await
+}
+
+pub(super) async fn revoke_connector(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<api::Connector>, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        // By id, else every live connector carrying that name.
+        let rows = match peers::peer_get(w.conn(), &ctx.org, Kind::Connector, &id).await? {
+            Some(row) => vec![row],
+            None => {
+                let named = peers::peers_named(w.conn(), &ctx.org, Kind::Connector, &id).await?;
+                let live: Vec<PeerRow> = named
+                    .iter()
+                    .filter(|r| r.revoked_at.is_none())
+                    .cloned()
+                    .collect();
+                match (live.is_empty(), named.last()) {
+                    (false, _) => live,
+                    (true, Some(last)) => vec![last.clone()],
+                    (true, None) => {
+                        return Err(ApiFailure::not_found(
+                            "id",
+                            format!("no connector with id or name {id}"),
+                        ));
+                    }
+                }
+            }
+        };
+        let rows = revoke_rows(&ctx, w, Kind::Connector, rows).await?;
+        let mut r = ctx.store.read().await?;
+        connector_view(&mut r, &ctx.org, rows)
+            .await?
+            .pop()
+            .map(Json)
+            .ok_or_else(ApiFailure::internal)
+    }
+    .await;
+    ctx.audited(ADMIN, "revoke", &format!("connector/{id}"), res)
+        .await
+}
+
+pub(super) async fn revoke_broker(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        let row = peers::peer_get(w.conn(), &ctx.org, Kind::Broker, &id)
+            .await?
+            .ok_or_else(|| ApiFailure::not_found("id", format!("no broker {id}")))?;
+        revoke_rows(&ctx, w, Kind::Broker, vec![row]).await?;
+        Ok(no_content())
+    }
+    .await;
+    ctx.audited(ADMIN, "revoke", &format!("broker/{id}"), res)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams and audit
+
+pub(super) async fn list_streams(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Json<Vec<LiveStream>>, ApiFailure> {
+    let since = ctx.now_secs() - LIVE_BROKER_SECS;
+    let mut r = ctx.store.read().await?;
+    let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    let mut out = Vec::new();
+    for b in rows.into_iter().filter(|b| b.last_seen >= since) {
+        match serde_json::from_str::<Vec<LiveStream>>(&b.streams) {
+            Ok(s) => out.extend(s),
+            Err(e) => tracing::warn!(broker = %b.id, error = %e, "stored streams unreadable"),
+        }
+    }
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct AuditQuery {
+    #[serde(default)]
+    after: Option<i64>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+pub(super) async fn list_audit(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiQuery(aq): ApiQuery<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, ApiFailure> {
+    let after = aq.after.unwrap_or(0);
+    let limit = aq.limit.unwrap_or(100).clamp(1, 1000);
+    let mut r = ctx.store.read().await?;
+    Ok(Json(
+        peers::audit_list(&mut r, &ctx.org, after, limit).await?,
+    ))
+}

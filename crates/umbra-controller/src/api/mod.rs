@@ -1,0 +1,254 @@
+//! The REST API: routes, request extraction, and the edge where errors become responses.
+//!
+//! Three audiences, told apart per route:
+//! - public: `GET /healthz`, `GET /v1/ca.pem`, `POST /v1/enroll`, `GET /v1/openapi.json`,
+//!   `GET /metrics`;
+//! - enrolled peers, authenticated by the client certificate of the TLS connection
+//!   ([`ConnPeer`], checked against revocation on every call): renewal, broker list, snapshot
+//!   and heartbeat (brokers), connector configuration (connectors);
+//! - administrators, authenticated by `Authorization: Bearer <admin token>` ([`Admin`]).
+//!
+//! Bodies are JSON; every error is an `api::ApiError` (unknown or missing JSON fields are
+//! named in `field`). [`serve`] runs the HTTPS server itself so each request carries the
+//! certificate its connection was authenticated with.
+
+mod admin;
+pub(crate) mod openapi;
+mod peer;
+pub(crate) mod serve;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::de::DeserializeOwned;
+
+use crate::audit;
+use crate::error::ApiFailure;
+use crate::state::Ctx;
+
+/// Builds the router with every route. [`openapi::ROUTES`] documents the same list.
+pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        // public
+        .route("/healthz", get(peer::healthz))
+        .route("/v1/ca.pem", get(peer::ca_pem))
+        .route("/v1/enroll", post(peer::enroll))
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route("/metrics", get(peer::metrics))
+        // enrolled peers
+        .route("/v1/renew", post(peer::renew))
+        .route("/v1/brokers", get(peer::brokers))
+        .route("/v1/snapshot", get(peer::snapshot))
+        .route(
+            "/v1/broker/heartbeat",
+            post(peer::heartbeat).layer(axum::extract::DefaultBodyLimit::max(16 << 20)),
+        )
+        .route("/v1/connector/config", get(peer::connector_config))
+        // admin
+        .route("/v1/users", get(admin::list_users).post(admin::create_user))
+        .route("/v1/users/{id}", delete(admin::delete_user))
+        .route(
+            "/v1/groups",
+            get(admin::list_groups).post(admin::create_group),
+        )
+        .route("/v1/groups/{name}", delete(admin::delete_group))
+        .route("/v1/groups/{name}/members", post(admin::add_member))
+        .route(
+            "/v1/groups/{name}/members/{user}",
+            delete(admin::remove_member),
+        )
+        .route(
+            "/v1/services",
+            get(admin::list_services).post(admin::create_service),
+        )
+        .route("/v1/services/{name}", delete(admin::delete_service))
+        .route(
+            "/v1/policies",
+            get(admin::list_policies).post(admin::create_policy),
+        )
+        .route("/v1/policies/{name}", delete(admin::delete_policy))
+        .route(
+            "/v1/enrollment-tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route("/v1/enrollment-tokens/{id}", delete(admin::delete_token))
+        .route("/v1/devices", get(admin::list_devices))
+        .route("/v1/devices/{id}/revoke", post(admin::revoke_device))
+        .route("/v1/connectors", get(admin::list_connectors))
+        .route("/v1/connectors/{id}/revoke", post(admin::revoke_connector))
+        .route("/v1/brokers/all", get(admin::list_brokers))
+        .route("/v1/brokers/{id}/revoke", post(admin::revoke_broker))
+        .route("/v1/streams", get(admin::list_streams))
+        .route("/v1/audit", get(admin::list_audit))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(count_requests))
+        .with_state(ctx)
+}
+
+async fn not_found() -> ApiFailure {
+    ApiFailure::new(StatusCode::NOT_FOUND, "no such route", None)
+}
+
+async fn method_not_allowed() -> ApiFailure {
+    ApiFailure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+        None,
+    )
+}
+
+/// `umbra_controller_requests_total{route, status}`; `route` is the route template, never
+/// the concrete path (ids and e-mail addresses stay out of metric labels).
+async fn count_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    metrics::counter!(
+        "umbra_controller_requests_total",
+        "route" => route,
+        "status" => resp.status().as_u16().to_string()
+    )
+    .increment(1);
+    resp
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extractors whose rejections are ApiError JSON.
+
+/// A JSON body. Malformed JSON, unknown or missing fields answer 400 naming the field.
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiFailure::new(e.status(), e.body_text(), None))?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| json_failure(&e))
+    }
+}
+
+/// Turns a serde error into a 400 naming the field where serde says which.
+pub(crate) fn json_failure(e: &serde_json::Error) -> ApiFailure {
+    let msg = e.to_string();
+    let field = ["unknown field `", "missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|marker| {
+            let start = msg.find(marker)? + marker.len();
+            let len = msg[start..].find('`')?;
+            Some(msg[start..start + len].to_owned())
+        });
+    ApiFailure::new(
+        StatusCode::BAD_REQUEST,
+        format!("invalid JSON body: {msg}"),
+        field.as_deref(),
+    )
+}
+
+/// Path parameters.
+pub(crate) struct ApiPath<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, e.body_text(), None))
+    }
+}
+
+/// Query parameters.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, e.body_text(), None))
+    }
+}
+
+/// Proof that the request carried a valid admin bearer token.
+pub(crate) struct Admin;
+
+impl FromRequestParts<Arc<Ctx>> for Admin {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &Arc<Ctx>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let err = match token {
+            Some(t) if ctx.admin_ok(t) => return Ok(Admin),
+            Some(_) => ApiFailure::unauthorized("invalid admin token"),
+            None => ApiFailure::unauthorized("admin bearer token required"),
+        };
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        ctx.audit_failure(
+            audit::ANONYMOUS,
+            "admin.auth",
+            &format!("{} {route}", parts.method),
+            &err,
+        )
+        .await;
+        Err(err)
+    }
+}
+
+/// A response for `Ok` values that are already responses.
+pub(crate) fn created<T: serde::Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, axum::Json(v)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct T {
+        name: String,
+    }
+
+    #[test]
+    fn json_failures_name_the_field() {
+        let e = serde_json::from_str::<T>(r#"{"name":"a","nmae":"b"}"#).unwrap_err();
+        assert_eq!(json_failure(&e).field.as_deref(), Some("nmae"));
+        let e = serde_json::from_str::<T>(r#"{}"#).unwrap_err();
+        assert_eq!(json_failure(&e).field.as_deref(), Some("name"));
+        let e = serde_json::from_str::<T>(r#"{"#).unwrap_err();
+        assert_eq!(json_failure(&e).field, None);
+    }
+}

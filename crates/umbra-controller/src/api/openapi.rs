@@ -1,0 +1,883 @@
+//! The OpenAPI 3.1 document served at `GET /v1/openapi.json`.
+//!
+//! Built with utoipa's builders from [`ROUTES`], one row per route of [`super::router`]. The
+//! body schemas are derived from mirror types declared here, because the wire types live in
+//! `umbra-proto`, which does not depend on utoipa; each mirror has the same fields as its
+//! `umbra_proto::api` type (a test in `tests/api.rs` checks the document lists every route).
+
+#![allow(dead_code)] // mirror types exist for their derived schemas only
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use utoipa::ToSchema;
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{
+    ComponentsBuilder, Content, InfoBuilder, OpenApi, OpenApiBuilder, Paths, Ref, RefOr, Required,
+    ResponseBuilder,
+};
+
+use crate::state::Ctx;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Auth {
+    Public,
+    /// Client certificate of one of the named roles.
+    Peer(&'static str),
+    Admin,
+}
+
+/// A response or request body.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Body {
+    None,
+    One(&'static str),
+    List(&'static str),
+    Text(&'static str),
+}
+
+/// One documented route.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteDoc {
+    pub(crate) method: &'static str,
+    pub(crate) path: &'static str,
+    pub(crate) auth: Auth,
+    pub(crate) summary: &'static str,
+    pub(crate) request: Body,
+    pub(crate) status: u16,
+    pub(crate) response: Body,
+    pub(crate) query: &'static [&'static str],
+}
+
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    auth: Auth,
+    summary: &'static str,
+    request: Body,
+    status: u16,
+    response: Body,
+) -> RouteDoc {
+    RouteDoc {
+        method,
+        path,
+        auth,
+        summary,
+        request,
+        status,
+        response,
+        query: &[],
+    }
+}
+
+const fn poll(
+    path: &'static str,
+    role: &'static str,
+    summary: &'static str,
+    body: &'static str,
+) -> RouteDoc {
+    RouteDoc {
+        method: "get",
+        path,
+        auth: Auth::Peer(role),
+        summary,
+        request: Body::None,
+        status: 200,
+        response: Body::One(body),
+        query: &["after", "wait"],
+    }
+}
+
+use Auth::{Admin, Public};
+use Body::{List, None as NoBody, One, Text};
+
+/// Every route the controller serves.
+pub(crate) const ROUTES: &[RouteDoc] = &[
+    r(
+        "get",
+        "/healthz",
+        Public,
+        "Liveness",
+        NoBody,
+        200,
+        Text("text/plain"),
+    ),
+    r(
+        "get",
+        "/v1/ca.pem",
+        Public,
+        "The organisation CA certificate (PEM)",
+        NoBody,
+        200,
+        Text("application/x-pem-file"),
+    ),
+    r(
+        "post",
+        "/v1/enroll",
+        Public,
+        "Redeem an enrollment token for a certificate",
+        One("EnrollRequest"),
+        200,
+        One("IssuedCert"),
+    ),
+    r(
+        "get",
+        "/v1/openapi.json",
+        Public,
+        "This document",
+        NoBody,
+        200,
+        Text("application/json"),
+    ),
+    r(
+        "get",
+        "/metrics",
+        Public,
+        "Prometheus metrics",
+        NoBody,
+        200,
+        Text("text/plain"),
+    ),
+    r(
+        "post",
+        "/v1/renew",
+        Auth::Peer("agent, connector or broker"),
+        "A new certificate for the caller's identity",
+        One("RenewRequest"),
+        200,
+        One("IssuedCert"),
+    ),
+    r(
+        "get",
+        "/v1/brokers",
+        Auth::Peer("agent, connector or broker"),
+        "Brokers to connect to",
+        NoBody,
+        200,
+        One("BrokerList"),
+    ),
+    poll(
+        "/v1/snapshot",
+        "broker",
+        "Long-poll the policy snapshot (204 when nothing newer than `after` within `wait` s)",
+        "Snapshot",
+    ),
+    r(
+        "post",
+        "/v1/broker/heartbeat",
+        Auth::Peer("broker"),
+        "Broker liveness, live streams and audit records",
+        One("BrokerHeartbeat"),
+        200,
+        One("HeartbeatAck"),
+    ),
+    poll(
+        "/v1/connector/config",
+        "connector",
+        "Long-poll the targets published to this connector (204 on timeout)",
+        "ConnectorConfig",
+    ),
+    r(
+        "get",
+        "/v1/users",
+        Admin,
+        "List users",
+        NoBody,
+        200,
+        List("User"),
+    ),
+    r(
+        "post",
+        "/v1/users",
+        Admin,
+        "Create a user",
+        One("CreateUser"),
+        201,
+        One("User"),
+    ),
+    r(
+        "delete",
+        "/v1/users/{id}",
+        Admin,
+        "Delete a user (revokes their devices)",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "get",
+        "/v1/groups",
+        Admin,
+        "List groups",
+        NoBody,
+        200,
+        List("Group"),
+    ),
+    r(
+        "post",
+        "/v1/groups",
+        Admin,
+        "Create a group",
+        One("CreateGroup"),
+        201,
+        One("Group"),
+    ),
+    r(
+        "delete",
+        "/v1/groups/{name}",
+        Admin,
+        "Delete a group",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "post",
+        "/v1/groups/{name}/members",
+        Admin,
+        "Add a member",
+        One("AddMember"),
+        200,
+        One("Group"),
+    ),
+    r(
+        "delete",
+        "/v1/groups/{name}/members/{user}",
+        Admin,
+        "Remove a member",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "get",
+        "/v1/services",
+        Admin,
+        "List services",
+        NoBody,
+        200,
+        List("Service"),
+    ),
+    r(
+        "post",
+        "/v1/services",
+        Admin,
+        "Publish a service",
+        One("CreateService"),
+        201,
+        One("Service"),
+    ),
+    r(
+        "delete",
+        "/v1/services/{name}",
+        Admin,
+        "Delete a service",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "get",
+        "/v1/policies",
+        Admin,
+        "List policies",
+        NoBody,
+        200,
+        List("Policy"),
+    ),
+    r(
+        "post",
+        "/v1/policies",
+        Admin,
+        "Add a Cedar policy (validated against the schema)",
+        One("CreatePolicy"),
+        201,
+        One("Policy"),
+    ),
+    r(
+        "delete",
+        "/v1/policies/{name}",
+        Admin,
+        "Delete a policy",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "get",
+        "/v1/enrollment-tokens",
+        Admin,
+        "List enrollment tokens (never their secrets)",
+        NoBody,
+        200,
+        List("EnrollTokenInfo"),
+    ),
+    r(
+        "post",
+        "/v1/enrollment-tokens",
+        Admin,
+        "Create a one-time enrollment token (shown once)",
+        One("CreateEnrollToken"),
+        201,
+        One("EnrollTokenCreated"),
+    ),
+    r(
+        "delete",
+        "/v1/enrollment-tokens/{id}",
+        Admin,
+        "Delete an enrollment token",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "get",
+        "/v1/devices",
+        Admin,
+        "List devices",
+        NoBody,
+        200,
+        List("Device"),
+    ),
+    r(
+        "post",
+        "/v1/devices/{id}/revoke",
+        Admin,
+        "Revoke a device and its certificates",
+        NoBody,
+        200,
+        One("Device"),
+    ),
+    r(
+        "get",
+        "/v1/connectors",
+        Admin,
+        "List connectors",
+        NoBody,
+        200,
+        List("Connector"),
+    ),
+    r(
+        "post",
+        "/v1/connectors/{id}/revoke",
+        Admin,
+        "Revoke a connector (by id or name) and its certificates",
+        NoBody,
+        200,
+        One("Connector"),
+    ),
+    r(
+        "get",
+        "/v1/brokers/all",
+        Admin,
+        "List brokers with their last heartbeat",
+        NoBody,
+        200,
+        List("Broker"),
+    ),
+    r(
+        "post",
+        "/v1/brokers/{id}/revoke",
+        Admin,
+        "Revoke a broker and its certificates",
+        NoBody,
+        204,
+        NoBody,
+    ),
+    r(
+        "get",
+        "/v1/streams",
+        Admin,
+        "Live streams reported by brokers seen in the last 30 s",
+        NoBody,
+        200,
+        List("LiveStream"),
+    ),
+    RouteDoc {
+        method: "get",
+        path: "/v1/audit",
+        auth: Admin,
+        summary: "Audit records after sequence number `after` (at most `limit`, default 100)",
+        request: NoBody,
+        status: 200,
+        response: List("AuditEntry"),
+        query: &["after", "limit"],
+    },
+];
+
+// ---------------------------------------------------------------------------------------------
+// Mirror types (schemas only).
+
+#[derive(ToSchema)]
+struct ApiError {
+    error: String,
+    field: Option<String>,
+}
+#[derive(ToSchema)]
+struct EnrollRequest {
+    /// The printed token `umb1.<ca hash>.<secret>`, or only its secret.
+    token: String,
+    csr_pem: String,
+}
+#[derive(ToSchema)]
+struct RenewRequest {
+    csr_pem: String,
+}
+#[derive(ToSchema)]
+struct BrokerInfo {
+    id: String,
+    name: String,
+    quic_addr: Option<String>,
+    tcp_addr: Option<String>,
+    server_name: String,
+}
+#[derive(ToSchema)]
+struct IssuedCert {
+    identity: String,
+    cert_pem: String,
+    ca_pem: String,
+    serial: String,
+    not_after: u64,
+    user: Option<String>,
+    brokers: Vec<BrokerInfo>,
+}
+#[derive(ToSchema)]
+struct BrokerList {
+    brokers: Vec<BrokerInfo>,
+}
+#[derive(ToSchema)]
+struct PublishedTarget {
+    service: String,
+    target: String,
+}
+#[derive(ToSchema)]
+struct ConnectorConfig {
+    connector_id: String,
+    version: u64,
+    targets: Vec<PublishedTarget>,
+}
+#[derive(ToSchema)]
+struct LiveStream {
+    id: u64,
+    broker: String,
+    user: String,
+    device: String,
+    service: String,
+    connector: String,
+    transport: String,
+    started_at: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+#[derive(ToSchema)]
+struct AuditRecord {
+    at_ms: u64,
+    actor: String,
+    action: String,
+    target: String,
+    result: String,
+    #[schema(value_type = Object)]
+    detail: serde_json::Value,
+}
+#[derive(ToSchema)]
+struct AuditEntry {
+    seq: i64,
+    at_ms: u64,
+    actor: String,
+    action: String,
+    target: String,
+    result: String,
+    #[schema(value_type = Object)]
+    detail: serde_json::Value,
+}
+#[derive(ToSchema)]
+struct BrokerHeartbeat {
+    name: String,
+    quic_addr: Option<String>,
+    tcp_addr: Option<String>,
+    server_name: String,
+    snapshot_version: u64,
+    streams: Vec<LiveStream>,
+    audit: Vec<AuditRecord>,
+}
+#[derive(ToSchema)]
+struct HeartbeatAck {
+    snapshot_version: u64,
+}
+#[derive(ToSchema)]
+struct UserFacts {
+    id: String,
+    groups: Vec<String>,
+    disabled: bool,
+}
+#[derive(ToSchema)]
+struct DeviceFacts {
+    id: String,
+    user: String,
+    revoked: bool,
+}
+#[derive(ToSchema)]
+struct ConnectorFacts {
+    id: String,
+    name: String,
+    revoked: bool,
+}
+#[derive(ToSchema)]
+struct ServiceFacts {
+    name: String,
+    target: String,
+    connectors: Vec<String>,
+}
+#[derive(ToSchema)]
+struct PolicyText {
+    id: String,
+    text: String,
+}
+#[derive(ToSchema)]
+struct TokenKey {
+    kid: String,
+    public_key_pem: String,
+}
+#[derive(ToSchema)]
+struct Snapshot {
+    version: u64,
+    org: String,
+    issued_at: u64,
+    users: Vec<UserFacts>,
+    groups: Vec<String>,
+    devices: Vec<DeviceFacts>,
+    connectors: Vec<ConnectorFacts>,
+    brokers: Vec<BrokerInfo>,
+    services: Vec<ServiceFacts>,
+    policies: Vec<PolicyText>,
+    revoked_serials: Vec<String>,
+    token_keys: Vec<TokenKey>,
+}
+#[derive(ToSchema)]
+struct CreateUser {
+    id: String,
+    groups: Option<Vec<String>>,
+}
+#[derive(ToSchema)]
+struct User {
+    id: String,
+    groups: Vec<String>,
+    disabled: bool,
+    created_at: u64,
+}
+#[derive(ToSchema)]
+struct CreateGroup {
+    name: String,
+}
+#[derive(ToSchema)]
+struct Group {
+    name: String,
+    members: Vec<String>,
+}
+#[derive(ToSchema)]
+struct AddMember {
+    user: String,
+}
+#[derive(ToSchema)]
+struct CreateService {
+    name: String,
+    target: String,
+    connectors: Vec<String>,
+}
+#[derive(ToSchema)]
+struct Service {
+    name: String,
+    target: String,
+    connectors: Vec<String>,
+    created_at: u64,
+}
+#[derive(ToSchema)]
+struct CreatePolicy {
+    name: String,
+    text: String,
+}
+#[derive(ToSchema)]
+struct Policy {
+    name: String,
+    text: String,
+    created_at: u64,
+}
+#[derive(ToSchema)]
+struct CreateEnrollToken {
+    role: String,
+    user: Option<String>,
+    name: Option<String>,
+    ttl_secs: Option<u64>,
+}
+#[derive(ToSchema)]
+struct EnrollTokenCreated {
+    id: String,
+    token: String,
+    role: String,
+    expires_at: u64,
+}
+#[derive(ToSchema)]
+struct EnrollTokenInfo {
+    id: String,
+    role: String,
+    user: Option<String>,
+    name: Option<String>,
+    created_at: u64,
+    expires_at: u64,
+    used_at: Option<u64>,
+    used_by: Option<String>,
+}
+#[derive(ToSchema)]
+struct Device {
+    id: String,
+    user: String,
+    created_at: u64,
+    cert_serial: String,
+    cert_not_after: u64,
+    revoked: bool,
+}
+#[derive(ToSchema)]
+struct Connector {
+    id: String,
+    name: String,
+    created_at: u64,
+    cert_serial: String,
+    cert_not_after: u64,
+    revoked: bool,
+}
+#[derive(ToSchema)]
+struct Broker {
+    id: String,
+    name: String,
+    quic_addr: Option<String>,
+    tcp_addr: Option<String>,
+    server_name: String,
+    snapshot_version: u64,
+    last_seen: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn components() -> utoipa::openapi::Components {
+    ComponentsBuilder::new()
+        .schema_from::<ApiError>()
+        .schema_from::<EnrollRequest>()
+        .schema_from::<RenewRequest>()
+        .schema_from::<BrokerInfo>()
+        .schema_from::<IssuedCert>()
+        .schema_from::<BrokerList>()
+        .schema_from::<PublishedTarget>()
+        .schema_from::<ConnectorConfig>()
+        .schema_from::<LiveStream>()
+        .schema_from::<AuditRecord>()
+        .schema_from::<AuditEntry>()
+        .schema_from::<BrokerHeartbeat>()
+        .schema_from::<HeartbeatAck>()
+        .schema_from::<UserFacts>()
+        .schema_from::<DeviceFacts>()
+        .schema_from::<ConnectorFacts>()
+        .schema_from::<ServiceFacts>()
+        .schema_from::<PolicyText>()
+        .schema_from::<TokenKey>()
+        .schema_from::<Snapshot>()
+        .schema_from::<CreateUser>()
+        .schema_from::<User>()
+        .schema_from::<CreateGroup>()
+        .schema_from::<Group>()
+        .schema_from::<AddMember>()
+        .schema_from::<CreateService>()
+        .schema_from::<Service>()
+        .schema_from::<CreatePolicy>()
+        .schema_from::<Policy>()
+        .schema_from::<CreateEnrollToken>()
+        .schema_from::<EnrollTokenCreated>()
+        .schema_from::<EnrollTokenInfo>()
+        .schema_from::<Device>()
+        .schema_from::<Connector>()
+        .schema_from::<Broker>()
+        .security_scheme(
+            "admin_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        )
+        .security_scheme(
+            "client_certificate",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "A certificate issued by this controller at enrollment (TLS client auth)"
+                        .into(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        )
+        .build()
+}
+
+fn content(body: Body) -> Option<(&'static str, Content)> {
+    match body {
+        Body::None => None,
+        Body::One(name) => Some((
+            "application/json",
+            Content::new(Some(RefOr::Ref(Ref::from_schema_name(name)))),
+        )),
+        Body::List(name) => Some((
+            "application/json",
+            Content::new(Some(RefOr::T(Schema::Array(
+                ArrayBuilder::new()
+                    .items(Ref::from_schema_name(name))
+                    .build(),
+            )))),
+        )),
+        Body::Text(mime) => Some((
+            mime,
+            Content::new(Some(RefOr::T(Schema::Object(
+                ObjectBuilder::new().schema_type(Type::String).build(),
+            )))),
+        )),
+    }
+}
+
+fn path_params(path: &str) -> Vec<String> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Builds the document.
+pub(crate) fn document() -> OpenApi {
+    let mut paths = Paths::new();
+    for route in ROUTES {
+        let method = match route.method {
+            "get" => HttpMethod::Get,
+            "post" => HttpMethod::Post,
+            "delete" => HttpMethod::Delete,
+            _ => continue,
+        };
+        let mut op = OperationBuilder::new()
+            .summary(Some(route.summary))
+            .operation_id(Some(format!(
+                "{}{}",
+                route.method,
+                route.path.replace(['/', '.', '{', '}', '-'], "_")
+            )));
+        op = op.tag(match route.auth {
+            Auth::Public => "public",
+            Auth::Peer(_) => "peer",
+            Auth::Admin => "admin",
+        });
+        match route.auth {
+            Auth::Public => {}
+            Auth::Peer(roles) => {
+                op = op
+                    .description(Some(format!("Client certificate of role: {roles}.")))
+                    .security(SecurityRequirement::new(
+                        "client_certificate",
+                        Vec::<String>::new(),
+                    ));
+            }
+            Auth::Admin => {
+                op = op.security(SecurityRequirement::new(
+                    "admin_token",
+                    Vec::<String>::new(),
+                ));
+            }
+        }
+        for p in path_params(route.path) {
+            op = op.parameter(
+                ParameterBuilder::new()
+                    .name(p)
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True)
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
+            );
+        }
+        for q in route.query {
+            op = op.parameter(
+                ParameterBuilder::new()
+                    .name(*q)
+                    .parameter_in(ParameterIn::Query)
+                    .required(Required::False)
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::Integer))),
+            );
+        }
+        if let Some((mime, c)) = content(route.request) {
+            op = op.request_body(Some(
+                RequestBodyBuilder::new()
+                    .content(mime, c)
+                    .required(Some(Required::True))
+                    .build(),
+            ));
+        }
+        let mut ok = ResponseBuilder::new().description("success");
+        if let Some((mime, c)) = content(route.response) {
+            ok = ok.content(mime, c);
+        }
+        op = op.response(route.status.to_string(), ok.build());
+        if route.query.contains(&"after") && route.auth != Auth::Admin {
+            op = op.response(
+                "204",
+                ResponseBuilder::new()
+                    .description("nothing newer than `after` before the wait ended")
+                    .build(),
+            );
+        }
+        let err = ResponseBuilder::new()
+            .description("error (4xx/5xx)")
+            .content(
+                "application/json",
+                Content::new(Some(RefOr::Ref(Ref::from_schema_name("ApiError")))),
+            )
+            .build();
+        op = op.response("default", err);
+        paths.add_path_operation(route.path, vec![method], op.build());
+    }
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("Umbra controller API")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Enrollment, renewal, distribution to brokers and connectors, and administration of an Umbra organisation.",
+                )),
+        )
+        .paths(paths)
+        .components(Some(components()))
+        .build()
+}
+
+static DOCUMENT: OnceLock<String> = OnceLock::new();
+
+pub(super) async fn serve(State(_ctx): State<Arc<Ctx>>) -> Response {
+    let json = DOCUMENT.get_or_init(|| document().to_json().unwrap_or_else(|_| String::from("{}")));
+    ([(header::CONTENT_TYPE, "application/json")], json.clone()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_lists_every_route() {
+        let doc = serde_json::to_value(document()).unwrap();
+        for route in ROUTES {
+            assert!(
+                doc["paths"][route.path][route.method].is_object(),
+                "{} {}",
+                route.method,
+                route.path
+            );
+        }
+        assert!(doc["components"]["schemas"]["Snapshot"].is_object());
+        assert_eq!(
+            path_params("/v1/groups/{name}/members/{user}"),
+            ["name", "user"]
+        );
+    }
+}

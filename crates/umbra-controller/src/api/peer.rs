@@ -1,0 +1,215 @@
+//! Public routes and the routes for enrolled peers (client certificate).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use umbra_proto::Role;
+use umbra_proto::api::{BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest};
+
+use super::ApiJson;
+use super::ApiQuery;
+use crate::audit;
+use crate::distribution;
+use crate::enroll;
+use crate::error::ApiFailure;
+use crate::state::{ConnPeer, Ctx};
+use crate::store::{self, SNAPSHOT_VERSION, peers};
+use crate::validate;
+
+/// Longest long-poll wait.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(25);
+/// Most streams and audit records one heartbeat may carry.
+const MAX_HEARTBEAT_STREAMS: usize = 100_000;
+const MAX_HEARTBEAT_AUDIT: usize = 10_000;
+
+pub(super) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub(super) async fn ca_pem(State(ctx): State<Arc<Ctx>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        ctx.ca.cert_pem().to_owned(),
+    )
+        .into_response()
+}
+
+pub(super) async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    match &ctx.metrics_render {
+        Some(render) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            render(),
+        )
+            .into_response(),
+        None => {
+            ApiFailure::new(StatusCode::NOT_FOUND, "metrics are not enabled", None).into_response()
+        }
+    }
+}
+
+pub(super) async fn enroll(
+    State(ctx): State<Arc<Ctx>>,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> Result<Response, ApiFailure> {
+    let issued = enroll::redeem(&ctx, req).await?;
+    Ok((StatusCode::OK, Json(issued)).into_response())
+}
+
+pub(super) async fn renew(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(conn): Extension<ConnPeer>,
+    ApiJson(req): ApiJson<RenewRequest>,
+) -> Result<Response, ApiFailure> {
+    let issued = enroll::renew(&ctx, &conn, req).await?;
+    Ok(Json(issued).into_response())
+}
+
+pub(super) async fn brokers(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(conn): Extension<ConnPeer>,
+) -> Result<Json<BrokerList>, ApiFailure> {
+    ctx.authorize_peer(&conn, &[Role::Agent, Role::Connector, Role::Broker])
+        .await?;
+    let mut r = ctx.store.read().await?;
+    let brokers = peers::broker_infos(&mut r, &ctx.org).await?;
+    Ok(Json(BrokerList { brokers }))
+}
+
+/// `?after=N` (default 0) and `?wait=S` (seconds, at most 25, default 25).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct PollQuery {
+    #[serde(default)]
+    after: Option<u64>,
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+impl PollQuery {
+    fn wait(&self) -> Duration {
+        self.wait
+            .map(Duration::from_secs)
+            .map_or(MAX_WAIT, |w| w.min(MAX_WAIT))
+    }
+}
+
+pub(super) async fn snapshot(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(conn): Extension<ConnPeer>,
+    ApiQuery(q): ApiQuery<PollQuery>,
+) -> Result<Response, ApiFailure> {
+    ctx.authorize_peer(&conn, &[Role::Broker]).await?;
+    let after = q.after.unwrap_or(0);
+    if ctx
+        .dist
+        .wait_newer(after, q.wait(), ctx.shutdown.clone())
+        .await
+        .is_none()
+    {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let mut r = ctx.store.read().await?;
+    let snap = distribution::build_snapshot(&mut r, &ctx.org, ctx.now_secs()).await?;
+    Ok(Json(snap).into_response())
+}
+
+pub(super) async fn connector_config(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(conn): Extension<ConnPeer>,
+    ApiQuery(q): ApiQuery<PollQuery>,
+) -> Result<Response, ApiFailure> {
+    let (peer, row, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
+    let after = q.after.unwrap_or(0);
+    if ctx
+        .dist
+        .wait_newer(after, q.wait(), ctx.shutdown.clone())
+        .await
+        .is_none()
+    {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let mut r = ctx.store.read().await?;
+    let cfg = distribution::connector_config(&mut r, &ctx.org, &peer.id.id, &row.owner).await?;
+    Ok(Json(cfg).into_response())
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct HeartbeatAck {
+    /// The controller's current snapshot version.
+    pub(crate) snapshot_version: u64,
+}
+
+pub(super) async fn heartbeat(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(conn): Extension<ConnPeer>,
+    ApiJson(hb): ApiJson<BrokerHeartbeat>,
+) -> Result<Json<HeartbeatAck>, ApiFailure> {
+    let quic = hb
+        .quic_addr
+        .as_deref()
+        .map(|a| validate::host_port(a, "quic_addr"))
+        .transpose()?;
+    let tcp = hb
+        .tcp_addr
+        .as_deref()
+        .map(|a| validate::host_port(a, "tcp_addr"))
+        .transpose()?;
+    if hb.streams.len() > MAX_HEARTBEAT_STREAMS {
+        return Err(ApiFailure::invalid(
+            "streams",
+            "too many streams in one heartbeat",
+        ));
+    }
+    if hb.audit.len() > MAX_HEARTBEAT_AUDIT {
+        return Err(ApiFailure::invalid(
+            "audit",
+            "too many audit records in one heartbeat",
+        ));
+    }
+    let now_secs = ctx.now_secs();
+    let mut w = ctx.store.write().await?;
+    let (peer, row, _) = ctx.check_peer(w.conn(), &conn, &[Role::Broker]).await?;
+    // The broker's id names its streams; never trust a different one in the body.
+    let streams: Vec<LiveStream> = hb
+        .streams
+        .into_iter()
+        .map(|mut s| {
+            s.broker = peer.id.id.clone();
+            s
+        })
+        .collect();
+    let streams_json = serde_json::to_string(&streams).map_err(|_| ApiFailure::internal())?;
+    let (old_quic, old_tcp) = peers::broker_heartbeat(
+        w.conn(),
+        &ctx.org,
+        &peer.id.id,
+        quic.as_deref(),
+        tcp.as_deref(),
+        hb.snapshot_version,
+        &streams_json,
+        now_secs,
+    )
+    .await?;
+    audit::stage(w.conn(), &ctx.org, &hb.audit, &peer.id.to_uri()).await?;
+    // Where a broker can be reached is part of the snapshot and of every broker list.
+    let moved = old_quic != quic || old_tcp != tcp;
+    let version = if moved {
+        let v = store::bump(w.conn(), &ctx.org, SNAPSHOT_VERSION).await?;
+        w.commit().await?;
+        tracing::info!(broker = %peer.id, name = %row.owner, ?quic, ?tcp, "broker addresses changed");
+        ctx.dist.publish(v);
+        v
+    } else {
+        w.commit().await?;
+        ctx.dist.current()
+    };
+    Ok(Json(HeartbeatAck {
+        snapshot_version: version,
+    }))
+}

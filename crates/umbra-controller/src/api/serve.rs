@@ -1,0 +1,155 @@
+//! The HTTPS server: TLS 1.3 with optional client certificates, HTTP/1.1 and HTTP/2.
+//!
+//! Run here rather than through `axum::serve` because each request must carry the client
+//! certificate its connection was authenticated with: the leaf is read once per connection
+//! after the handshake and inserted into every request as a [`ConnPeer`] extension.
+//!
+//! Shutdown: stop accepting, ask every connection to finish gracefully (long polls end at
+//! once, see [`crate::distribution::Distribution::wait_newer`]), then abort what is left
+//! after [`DRAIN`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::Service;
+use tracing::Instrument;
+
+use crate::state::ConnPeer;
+
+/// Longest TLS handshake before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a request's headers (slow clients hold no connection forever).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connections get to finish after shutdown starts.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Accepts connections until `shutdown` turns true (or its sender is dropped).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, remote)) => {
+                    let acceptor = TlsAcceptor::from(tls.clone());
+                    let span = tracing::debug_span!("conn", %remote);
+                    conns.spawn(
+                        connection(tcp, remote, acceptor, router.clone(), shutdown.clone())
+                            .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // Usually fd exhaustion: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            changed = shutdown.changed() => if changed.is_err() { break },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drained =
+        tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::debug!(
+            left = conns.len(),
+            "aborting connections after drain timeout"
+        );
+        conns.abort_all();
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The verifier has checked the chain to our CA; the identity comes from the leaf only.
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| match umbra_pki::peer_cert(leaf) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "client certificate without a usable identity");
+                None
+            }
+        });
+    let conn_peer = ConnPeer(peer);
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(conn_peer.clone());
+        let mut router = router.clone();
+        async move {
+            let req: Request = req.map(axum::body::Body::new);
+            // A Router is always ready; `call` directly.
+            let resp = router.call(req).await;
+            Ok::<_, Infallible>(match resp {
+                Ok(r) => r,
+                Err(never) => match never {},
+            })
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let shutting_down = async {
+        loop {
+            if *shutdown.borrow_and_update() {
+                return;
+            }
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutting_down => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

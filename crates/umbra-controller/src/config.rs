@@ -1,0 +1,274 @@
+//! The controller's configuration: what an operator writes, parsed strictly.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`), every key has a default, and
+//! [`ControllerConfig::validate`] names the field at fault. Secrets (`ca_key`, a database URL
+//! that may hold a password) never appear in `Debug` output.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest lifetime of an enrollment token.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Controller settings. See the field docs for defaults.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// Where the database (by default), the generated KEK file and nothing else live.
+    /// Default `/var/lib/umbra/controller`.
+    pub data_dir: PathBuf,
+    /// HTTPS listen address. Default `127.0.0.1:7443`.
+    pub listen: SocketAddr,
+    /// The URL peers use to reach this controller, if it differs from the listen address.
+    pub public_url: Option<String>,
+    /// DNS names and IP addresses in the controller's server certificate.
+    /// Default `["localhost", "127.0.0.1"]`.
+    pub server_names: Vec<String>,
+    /// Default `sqlite://<data_dir>/umbra.db`. Only `sqlite:` URLs are supported by this build.
+    pub database_url: Option<String>,
+    /// Key-encryption key of the CA private key: 64 hex digits or base64 of 32 bytes.
+    /// If unset, the environment variable `UMBRA_CA_KEY` is used; if that is unset too, a key is
+    /// generated once into `<data_dir>/ca.kek` (mode 0600) and a warning is logged.
+    pub ca_key: Option<String>,
+    /// Organisation name (a valid Umbra name). Default `default`.
+    pub org: String,
+    /// Lifetime of issued peer certificates, seconds. Default 86400 (1 day), at most 7 days.
+    pub cert_lifetime_secs: u64,
+    /// Default lifetime of enrollment tokens, seconds. Default 3600, at most 7 days.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            data_dir: PathBuf::from("/var/lib/umbra/controller"),
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7443),
+            public_url: None,
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            database_url: None,
+            ca_key: None,
+            org: "default".into(),
+            cert_lifetime_secs: 86_400,
+            token_ttl_secs: 3_600,
+        }
+    }
+}
+
+impl fmt::Debug for ControllerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControllerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url)
+            .field("server_names", &self.server_names)
+            .field("database_url", &self.database_url.as_ref().map(|_| ".."))
+            .field("ca_key", &self.ca_key.as_ref().map(|_| ".."))
+            .field("org", &self.org)
+            .field("cert_lifetime_secs", &self.cert_lifetime_secs)
+            .field("token_ttl_secs", &self.token_ttl_secs)
+            .finish()
+    }
+}
+
+/// A configuration value that cannot be used, and which field holds it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration field `{field}`: {reason}")]
+pub struct ConfigError {
+    /// The field at fault, as spelt in the configuration file.
+    pub field: &'static str,
+    /// Why it cannot be used (never the value of a secret field).
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Checks every field; the error names the first one at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("data_dir", "must not be empty"));
+        }
+        if !umbra_proto::valid_name(&self.org) {
+            return Err(ConfigError::new(
+                "org",
+                "must be 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit",
+            ));
+        }
+        if let Some(url) = &self.public_url
+            && (!url.starts_with("https://") || url.len() <= "https://".len())
+        {
+            return Err(ConfigError::new("public_url", "must be an https:// URL"));
+        }
+        if self.server_names.is_empty() {
+            return Err(ConfigError::new(
+                "server_names",
+                "must name at least one host",
+            ));
+        }
+        for n in &self.server_names {
+            if !valid_server_name(n) {
+                return Err(ConfigError::new(
+                    "server_names",
+                    format!("{n:?} is neither a DNS name nor an IP address"),
+                ));
+            }
+        }
+        if let Some(url) = &self.database_url
+            && !url.starts_with("sqlite:")
+        {
+            return Err(ConfigError::new(
+                "database_url",
+                "only sqlite: URLs are supported by this build",
+            ));
+        }
+        if let Some(key) = &self.ca_key
+            && umbra_pki::KeyEncryptionKey::parse(key).is_err()
+        {
+            return Err(ConfigError::new(
+                "ca_key",
+                "must be 32 bytes as 64 hex digits or base64",
+            ));
+        }
+        let max_cert = umbra_pki::MAX_LIFETIME.as_secs();
+        if self.cert_lifetime_secs == 0 || self.cert_lifetime_secs > max_cert {
+            return Err(ConfigError::new(
+                "cert_lifetime_secs",
+                format!("must be between 1 and {max_cert}"),
+            ));
+        }
+        let max_ttl = MAX_TOKEN_TTL.as_secs();
+        if self.token_ttl_secs == 0 || self.token_ttl_secs > max_ttl {
+            return Err(ConfigError::new(
+                "token_ttl_secs",
+                format!("must be between 1 and {max_ttl}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database in force: the configured URL, else the file in the data directory.
+    pub(crate) fn database(&self) -> crate::store::Database {
+        match &self.database_url {
+            Some(u) => crate::store::Database::Url(u.clone()),
+            None => crate::store::Database::File(self.data_dir.join("umbra.db")),
+        }
+    }
+
+    pub(crate) fn cert_lifetime(&self) -> Duration {
+        Duration::from_secs(self.cert_lifetime_secs)
+    }
+
+    pub(crate) fn token_ttl(&self) -> Duration {
+        Duration::from_secs(self.token_ttl_secs)
+    }
+}
+
+/// An IP address, or a DNS name of letters, digits and hyphens in dot-separated labels.
+fn valid_server_name(n: &str) -> bool {
+    if n.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ControllerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let err = serde_json::from_str::<ControllerConfig>(r#"{"org":"a","lissten":"x"}"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("lissten"), "{err}");
+    }
+
+    #[test]
+    fn partial_config_takes_defaults() {
+        let c: ControllerConfig = serde_json::from_str(r#"{"org":"acme"}"#).unwrap();
+        assert_eq!(c.org, "acme");
+        assert_eq!(c.cert_lifetime_secs, 86_400);
+        assert_eq!(c.listen.port(), 7443);
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        type Edit = Box<dyn Fn(&mut ControllerConfig)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("org", Box::new(|c| c.org = "Bad Org".into())),
+            ("server_names", Box::new(|c| c.server_names = vec![])),
+            (
+                "server_names",
+                Box::new(|c| c.server_names = vec!["a b".into()]),
+            ),
+            (
+                "public_url",
+                Box::new(|c| c.public_url = Some("http://x".into())),
+            ),
+            (
+                "database_url",
+                Box::new(|c| c.database_url = Some("mysql://x".into())),
+            ),
+            ("ca_key", Box::new(|c| c.ca_key = Some("short".into()))),
+            ("cert_lifetime_secs", Box::new(|c| c.cert_lifetime_secs = 0)),
+            (
+                "cert_lifetime_secs",
+                Box::new(|c| c.cert_lifetime_secs = 8 * 24 * 3600),
+            ),
+            ("token_ttl_secs", Box::new(|c| c.token_ttl_secs = 0)),
+        ];
+        for (field, f) in cases {
+            let mut c = ControllerConfig::default();
+            f(&mut c);
+            assert_eq!(c.validate().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = ControllerConfig {
+            ca_key: Some("ab".repeat(32)),
+            database_url: Some("sqlite://secret-path".into()),
+            ..Default::default()
+        };
+        let d = format!("{c:?}");
+        assert!(!d.contains("abab"));
+        assert!(!d.contains("secret-path"));
+    }
+
+    #[test]
+    fn server_names() {
+        assert!(valid_server_name("localhost"));
+        assert!(valid_server_name("ctl.example.com"));
+        assert!(valid_server_name("::1"));
+        assert!(!valid_server_name("-bad.example"));
+        assert!(!valid_server_name("a..b"));
+    }
+}

@@ -1,0 +1,294 @@
+//! Start-up and shutdown: open the store, take custody of the CA, create the first admin
+//! token, bind, serve.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use umbra_pki::ServerCertSlot;
+
+use crate::api;
+use crate::audit;
+use crate::ca;
+use crate::config::ControllerConfig;
+use crate::distribution::Distribution;
+use crate::error::ControllerError;
+use crate::state::{Clock, Ctx, MetricsRender, new_id};
+use crate::store::{self, SNAPSHOT_VERSION, Store, peers};
+
+/// How often the controller's own server certificate is replaced (it lives 7 days).
+const SERVER_CERT_ROTATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Process-level hooks the embedding binary provides beyond the configuration file.
+#[derive(Clone, Default)]
+pub struct ControllerOptions {
+    /// Renders `GET /metrics` (e.g. a Prometheus recorder's `render`). `None`: 404.
+    pub metrics_render: Option<MetricsRender>,
+}
+
+/// A running controller. Dropping it stops the server (without waiting); prefer
+/// [`Controller::shutdown`].
+pub struct Controller {
+    addr: SocketAddr,
+    public_url: Option<String>,
+    ca_pem: String,
+    ca_sha256: [u8; 32],
+    first_admin_token: Option<String>,
+    ctx: Arc<Ctx>,
+    shutdown_tx: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    rotation: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("addr", &self.addr)
+            .field("org", &self.ctx.org)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Validates the configuration, opens and migrates the database, loads or creates the
+    /// CA (the key-encryption key comes from `ca_key`, else the `UMBRA_CA_KEY` environment
+    /// variable, else `<data_dir>/ca.kek`), creates the first admin token on the very first
+    /// start, binds and serves.
+    pub async fn start(
+        cfg: ControllerConfig,
+        opts: ControllerOptions,
+    ) -> Result<Controller, ControllerError> {
+        Self::start_with_clock(cfg, opts, Arc::new(SystemTime::now)).await
+    }
+
+    /// [`Controller::start`] with an injected clock (tests and simulations move time to expire
+    /// tokens without sleeping). TLS handshakes still use the system clock.
+    pub async fn start_with_clock(
+        cfg: ControllerConfig,
+        opts: ControllerOptions,
+        clock: Clock,
+    ) -> Result<Controller, ControllerError> {
+        cfg.validate()?;
+        create_data_dir(&cfg)?;
+        let store = Store::open(&cfg.database(), &cfg.org).await?;
+        // The one place the environment is read; everything below takes the value.
+        let env_key = match cfg.ca_key {
+            Some(_) => None,
+            None => std::env::var(ca::KEK_ENV).ok(),
+        };
+        let ca = ca::load_or_create(&store, &cfg, env_key.as_deref(), clock()).await?;
+
+        let (admin_hashes, first_admin_token) = admin_tokens(&store, clock()).await?;
+        let server_id = ca::server_identity(&ca, &store, &cfg.server_names, clock()).await?;
+        let (tls, slot) = ca::server_tls(&server_id)?;
+
+        let version = {
+            let mut r = store.read().await?;
+            store::counter(&mut r, &cfg.org, SNAPSHOT_VERSION).await?
+        };
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| ControllerError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ControllerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let ca_pem = ca.cert_pem().to_owned();
+        let ca_sha256 = ca.sha256();
+        let ctx = Arc::new(Ctx {
+            store,
+            org: cfg.org.clone(),
+            ca,
+            clock,
+            cert_lifetime: cfg.cert_lifetime(),
+            token_ttl: cfg.token_ttl(),
+            dist: Distribution::new(version),
+            admin_hashes,
+            metrics_render: opts.metrics_render,
+            shutdown: shutdown_rx.clone(),
+        });
+        let router = api::router(ctx.clone());
+        let server = tokio::spawn(api::serve::serve(
+            listener,
+            tls,
+            router,
+            shutdown_rx.clone(),
+        ));
+        let rotation = tokio::spawn(rotate_server_cert(
+            ctx.clone(),
+            slot,
+            cfg.server_names.clone(),
+            shutdown_rx,
+        ));
+        tracing::info!(
+            %addr,
+            org = %cfg.org,
+            ca_sha256 = %hex::encode(ca_sha256),
+            snapshot_version = version,
+            "controller listening"
+        );
+        Ok(Controller {
+            addr,
+            public_url: cfg.public_url.clone(),
+            ca_pem,
+            ca_sha256,
+            first_admin_token,
+            ctx,
+            shutdown_tx,
+            server,
+            rotation,
+        })
+    }
+
+    /// `https://<address>:<port>` of the listener (loopback if bound to the unspecified address).
+    pub fn url(&self) -> String {
+        let ip = match self.addr.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("https://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// The URL peers should use: `public_url` from the configuration, else [`Controller::url`].
+    pub fn public_url(&self) -> String {
+        self.public_url.clone().unwrap_or_else(|| self.url())
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.clone()
+    }
+
+    /// SHA-256 of the CA certificate DER (the pin in enrollment tokens).
+    pub fn ca_sha256(&self) -> [u8; 32] {
+        self.ca_sha256
+    }
+
+    /// The admin token created on the very first start of this database; `None` on later
+    /// starts (only its hash is stored). Print it once.
+    pub fn first_admin_token(&self) -> Option<String> {
+        self.first_admin_token.clone()
+    }
+
+    /// The current snapshot version.
+    pub fn snapshot_version(&self) -> u64 {
+        self.ctx.dist.current()
+    }
+
+    /// Stops accepting, lets open requests finish (long polls end at once), closes the
+    /// database.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.server.await;
+        self.rotation.abort();
+        let _ = self.rotation.await;
+        self.ctx.store.close().await;
+        tracing::info!("controller stopped");
+    }
+}
+
+fn create_data_dir(cfg: &ControllerConfig) -> Result<(), ControllerError> {
+    if cfg.data_dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .map_err(|source| ControllerError::Io {
+            op: "create directory",
+            path: cfg.data_dir.clone(),
+            source,
+        })
+}
+
+/// Loads the admin token hashes; on the very first start creates one token and returns it.
+async fn admin_tokens(
+    store: &Store,
+    now: SystemTime,
+) -> Result<(Vec<[u8; 32]>, Option<String>), ControllerError> {
+    let org = store.org().to_owned();
+    let mut w = store.write().await?;
+    let stored = peers::admin_token_hashes(w.conn(), &org).await?;
+    if !stored.is_empty() {
+        drop(w);
+        let hashes = stored
+            .iter()
+            .filter_map(|h| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(h, &mut out).ok().map(|()| out)
+            })
+            .collect();
+        return Ok((hashes, None));
+    }
+    let token = format!(
+        "umbra-admin-{}",
+        URL_SAFE_NO_PAD.encode(umbra_pki::random_bytes::<32>())
+    );
+    let hash = umbra_pki::sha256(token.as_bytes());
+    let id = new_id("a");
+    let now_secs = store::to_i64(audit::unix_secs(now));
+    peers::admin_token_insert(w.conn(), &org, &id, &hex::encode(hash), now_secs).await?;
+    let rec = audit::record(
+        now,
+        audit::CONTROLLER,
+        "admin_token.create",
+        &id,
+        true,
+        serde_json::json!({}),
+    );
+    audit::stage(
+        w.conn(),
+        &org,
+        std::slice::from_ref(&rec),
+        audit::CONTROLLER,
+    )
+    .await?;
+    w.commit().await?;
+    audit::emit(&rec);
+    Ok((vec![hash], Some(token)))
+}
+
+/// Replaces the server certificate daily, long before its 7-day expiry.
+async fn rotate_server_cert(
+    ctx: Arc<Ctx>,
+    slot: ServerCertSlot,
+    names: Vec<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SERVER_CERT_ROTATION) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+        }
+        let renewed = async {
+            let id = ca::server_identity(&ctx.ca, &ctx.store, &names, ctx.now()).await?;
+            slot.replace(&id)?;
+            Ok::<_, ControllerError>(())
+        };
+        match renewed.await {
+            Ok(()) => tracing::info!("server certificate renewed"),
+            Err(e) => tracing::error!(error = %e, "cannot renew the server certificate"),
+        }
+    }
+}

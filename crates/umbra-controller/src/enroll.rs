@@ -1,0 +1,447 @@
+//! Enrollment and renewal: how a device, connector or broker gets its certificate.
+//!
+//! An administrator creates a one-time token for a role (agent tokens name the user the device
+//! will belong to; connector and broker tokens name the peer). The token is a random 32-byte
+//! secret shown once, as `umb1.<CA hash>.<secret>`; only its SHA-256 is stored. Redemption
+//! (`POST /v1/enroll`) runs in one transaction: a conditional `UPDATE` claims the token (so of
+//! concurrent redeemers exactly one wins), then the peer row, the certificate (issued by the CA
+//! from the peer's CSR, with an identity the controller chooses) and the audit row are written.
+//! Any failure rolls everything back, including the claim.
+//!
+//! Renewal (`POST /v1/renew`) needs a valid client certificate whose serial and holder are not
+//! revoked, and issues a new certificate for the same identity.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::json;
+use umbra_pki::{IssueRequest, Issued, PeerCert, PkiError};
+use umbra_proto::api::{
+    CreateEnrollToken, EnrollRequest, EnrollToken, EnrollTokenCreated, IssuedCert, RenewRequest,
+};
+use umbra_proto::{PeerId, Role};
+
+use crate::audit;
+use crate::config::MAX_TOKEN_TTL;
+use crate::error::ApiFailure;
+use crate::state::{ConnPeer, Ctx, new_id};
+use crate::store::peers::{self, Kind, TokenRow};
+use crate::store::{admin, to_i64};
+use crate::validate;
+
+/// A new token secret: 32 random bytes, base64url (43 characters).
+fn new_secret() -> String {
+    URL_SAFE_NO_PAD.encode(umbra_pki::random_bytes::<32>())
+}
+
+/// How a token secret is stored.
+pub(crate) fn secret_hash(secret: &str) -> String {
+    hex::encode(umbra_pki::sha256(secret.as_bytes()))
+}
+
+fn parse_role(s: &str) -> Result<Kind, ApiFailure> {
+    match s {
+        "agent" => Ok(Kind::Device),
+        "connector" => Ok(Kind::Connector),
+        "broker" => Ok(Kind::Broker),
+        _ => Err(ApiFailure::invalid(
+            "role",
+            "role must be agent, connector or broker",
+        )),
+    }
+}
+
+/// `POST /v1/enrollment-tokens`.
+pub(crate) async fn create_token(
+    ctx: &Ctx,
+    req: CreateEnrollToken,
+) -> Result<EnrollTokenCreated, ApiFailure> {
+    let kind = parse_role(&req.role)?;
+    let ttl = match req.ttl_secs {
+        None => ctx.token_ttl,
+        Some(s) if s > 0 && s <= MAX_TOKEN_TTL.as_secs() => Duration::from_secs(s),
+        Some(_) => {
+            return Err(ApiFailure::invalid(
+                "ttl_secs",
+                format!("ttl_secs must be between 1 and {}", MAX_TOKEN_TTL.as_secs()),
+            ));
+        }
+    };
+    let (user, name) = match kind {
+        Kind::Device => {
+            if req.name.is_some() {
+                return Err(ApiFailure::invalid(
+                    "name",
+                    "agent tokens take a user, not a name",
+                ));
+            }
+            let user = req
+                .user
+                .as_deref()
+                .ok_or_else(|| ApiFailure::invalid("user", "agent tokens need a user"))?;
+            (Some(validate::user_id(user, "user")?), None)
+        }
+        Kind::Connector | Kind::Broker => {
+            if req.user.is_some() {
+                return Err(ApiFailure::invalid(
+                    "user",
+                    "connector and broker tokens take a name, not a user",
+                ));
+            }
+            let name = req.name.as_deref().ok_or_else(|| {
+                ApiFailure::invalid("name", "connector and broker tokens need a name")
+            })?;
+            (None, Some(validate::name(name, "name")?))
+        }
+    };
+    let now = ctx.now();
+    let now_secs = ctx.now_secs();
+    let expires_at = now_secs.saturating_add(to_i64(ttl.as_secs()));
+    let secret = new_secret();
+    let row = TokenRow {
+        id: new_id("t"),
+        hash: secret_hash(&secret),
+        role: kind.role().as_str().to_owned(),
+        user_id: user.clone(),
+        name: name.clone(),
+        created_at: now_secs,
+        expires_at,
+        used_at: None,
+        used_by: None,
+    };
+    let mut w = ctx.store.write().await?;
+    if let Some(u) = &user
+        && admin::user_disabled(w.conn(), &ctx.org, u).await?.is_none()
+    {
+        return Err(ApiFailure::not_found("user", format!("no user {u}")));
+    }
+    peers::token_insert(w.conn(), &ctx.org, &row).await?;
+    let rec = audit::record(
+        now,
+        audit::ADMIN,
+        "enroll_token.create",
+        &row.id,
+        true,
+        json!({ "role": row.role, "user": user, "name": name, "expires_at": expires_at }),
+    );
+    ctx.commit_change(w, &[rec]).await?;
+    let token = EnrollToken {
+        ca_sha256: ctx.ca.sha256(),
+        secret,
+    };
+    Ok(EnrollTokenCreated {
+        id: row.id,
+        token: token.to_string(),
+        role: row.role,
+        expires_at: crate::store::to_u64(expires_at),
+    })
+}
+
+/// Why a redemption was refused, for the answer and the audit trail.
+fn token_refusal(row: Option<&TokenRow>, presented_hash: &str) -> ApiFailure {
+    match row {
+        Some(t) if umbra_pki::ct_eq(t.hash.as_bytes(), presented_hash.as_bytes()) => {
+            if t.used_at.is_some() {
+                ApiFailure::forbidden("enrollment token already used")
+            } else {
+                ApiFailure::forbidden("enrollment token expired")
+            }
+        }
+        _ => ApiFailure::unauthorized("unknown enrollment token"),
+    }
+}
+
+/// The secret part of what the device sent: the printed token or only its secret.
+fn presented_secret(ctx: &Ctx, token: &str) -> Result<String, ApiFailure> {
+    let token = token.trim();
+    if token.starts_with("umb1.") {
+        let t = EnrollToken::parse(token)
+            .map_err(|_| ApiFailure::invalid("token", "malformed enrollment token"))?;
+        if t.ca_sha256 != ctx.ca.sha256() {
+            return Err(ApiFailure::invalid(
+                "token",
+                "enrollment token was issued for another CA",
+            ));
+        }
+        return Ok(t.secret);
+    }
+    if token.is_empty() || token.len() > 256 {
+        return Err(ApiFailure::invalid("token", "malformed enrollment token"));
+    }
+    Ok(token.to_owned())
+}
+
+/// `POST /v1/enroll`.
+pub(crate) async fn redeem(ctx: &Ctx, req: EnrollRequest) -> Result<IssuedCert, ApiFailure> {
+    let mut role_label = "unknown";
+    let mut target = String::from("-");
+    let res = redeem_inner(ctx, &req, &mut role_label, &mut target).await;
+    let result = if res.is_ok() { "ok" } else { "refused" };
+    metrics::counter!("umbra_enrollments_total", "role" => role_label, "result" => result)
+        .increment(1);
+    if let Err(e) = &res {
+        ctx.audit_failure(audit::ANONYMOUS, "enroll", &target, e)
+            .await;
+    }
+    res
+}
+
+async fn redeem_inner(
+    ctx: &Ctx,
+    req: &EnrollRequest,
+    role_label: &mut &'static str,
+    target: &mut String,
+) -> Result<IssuedCert, ApiFailure> {
+    let secret = presented_secret(ctx, &req.token)?;
+    let hash = secret_hash(&secret);
+    let now = ctx.now();
+    let now_secs = ctx.now_secs();
+    let org = ctx.org.as_str();
+
+    let mut w = ctx.store.write().await?;
+    if !peers::token_redeem(w.conn(), org, &hash, now_secs).await? {
+        let row = peers::token_by_hash(w.conn(), org, &hash).await?;
+        if let Some(t) = &row {
+            *target = t.id.clone();
+        }
+        return Err(token_refusal(row.as_ref(), &hash));
+    }
+    let token = peers::token_by_hash(w.conn(), org, &hash)
+        .await?
+        .filter(|t| umbra_pki::ct_eq(t.hash.as_bytes(), hash.as_bytes()))
+        .ok_or_else(ApiFailure::internal)?;
+    *target = token.id.clone();
+    let kind = match token.role.as_str() {
+        "agent" => Kind::Device,
+        "connector" => Kind::Connector,
+        "broker" => Kind::Broker,
+        _ => return Err(ApiFailure::internal()),
+    };
+    *role_label = kind.role().as_str();
+
+    let id = new_id(kind.id_prefix());
+    let identity = PeerId::new(org, kind.role(), &id).map_err(|_| ApiFailure::internal())?;
+    let mut user = None;
+    let mut detail = json!({ "role": kind.role().as_str(), "id": id, "token_id": token.id });
+    match kind {
+        Kind::Device => {
+            let u = token.user_id.clone().ok_or_else(ApiFailure::internal)?;
+            match admin::user_disabled(w.conn(), org, &u).await? {
+                None => return Err(ApiFailure::forbidden("the token's user no longer exists")),
+                Some(true) => return Err(ApiFailure::forbidden("the token's user is disabled")),
+                Some(false) => {}
+            }
+            peers::device_insert(w.conn(), org, &id, &u, now_secs).await?;
+            detail["user"] = json!(u);
+            user = Some(u);
+        }
+        Kind::Connector => {
+            let name = token.name.clone().ok_or_else(ApiFailure::internal)?;
+            peers::connector_insert(w.conn(), org, &id, &name, now_secs).await?;
+            detail["name"] = json!(name);
+        }
+        Kind::Broker => {
+            let name = token.name.clone().ok_or_else(ApiFailure::internal)?;
+            let server_name = umbra_pki::broker_server_name(&id);
+            peers::broker_insert(w.conn(), org, &id, &name, &server_name, now_secs).await?;
+            detail["name"] = json!(name);
+        }
+    }
+    let issued = issue(ctx, &req.csr_pem, &identity, now)?;
+    record_cert(&mut w, org, &issued, &identity, now_secs).await?;
+    peers::token_set_used_by(w.conn(), org, &token.id, &identity.to_uri()).await?;
+    let brokers = peers::broker_infos(w.conn(), org).await?;
+    detail["serial"] = json!(issued.serial_hex);
+    let rec = audit::record(
+        now,
+        audit::ANONYMOUS,
+        "enroll",
+        &identity.to_uri(),
+        true,
+        detail,
+    );
+    // A new device, connector or broker changes what brokers know: bump the snapshot.
+    ctx.commit_change(w, &[rec]).await?;
+    tracing::info!(identity = %identity, "enrolled");
+    Ok(issued_cert(ctx, &identity, issued, user, brokers))
+}
+
+/// Signs `csr_pem` for `identity` (brokers also get their server name).
+fn issue(
+    ctx: &Ctx,
+    csr_pem: &str,
+    identity: &PeerId,
+    now: SystemTime,
+) -> Result<Issued, ApiFailure> {
+    let dns_names = match identity.role {
+        Role::Broker => vec![umbra_pki::broker_server_name(&identity.id)],
+        _ => Vec::new(),
+    };
+    let req = IssueRequest {
+        csr_pem,
+        identity: identity.clone(),
+        dns_names,
+        lifetime: ctx.cert_lifetime,
+    };
+    ctx.ca
+        .issue(&req, now, umbra_pki::random_bytes())
+        .map_err(|e| match e {
+            PkiError::Csr(reason) => {
+                ApiFailure::invalid("csr_pem", format!("certificate request refused: {reason}"))
+            }
+            PkiError::Cert(_) | PkiError::Name(_) | PkiError::Key(_) | PkiError::Identity(_) => {
+                ApiFailure::invalid("csr_pem", format!("certificate request refused: {e}"))
+            }
+            other => {
+                tracing::error!(error = %other, "certificate issuance failed");
+                ApiFailure::internal()
+            }
+        })
+}
+
+async fn record_cert(
+    w: &mut crate::store::WriteTx<'_>,
+    org: &str,
+    issued: &Issued,
+    identity: &PeerId,
+    now_secs: i64,
+) -> Result<(), ApiFailure> {
+    peers::cert_insert(
+        w.conn(),
+        org,
+        &issued.serial_hex,
+        identity.role,
+        &identity.id,
+        now_secs,
+        to_i64(audit::unix_secs(issued.not_after)),
+    )
+    .await?;
+    Ok(())
+}
+
+fn issued_cert(
+    ctx: &Ctx,
+    identity: &PeerId,
+    issued: Issued,
+    user: Option<String>,
+    brokers: Vec<umbra_proto::snapshot::BrokerInfo>,
+) -> IssuedCert {
+    IssuedCert {
+        identity: identity.to_uri(),
+        cert_pem: issued.cert_pem,
+        ca_pem: ctx.ca.cert_pem().to_owned(),
+        serial: issued.serial_hex,
+        not_after: audit::unix_secs(issued.not_after),
+        user,
+        brokers,
+    }
+}
+
+/// `POST /v1/renew`.
+pub(crate) async fn renew(
+    ctx: &Ctx,
+    conn: &ConnPeer,
+    req: RenewRequest,
+) -> Result<IssuedCert, ApiFailure> {
+    let actor = conn
+        .0
+        .as_ref()
+        .map(|p| p.id.to_uri())
+        .unwrap_or_else(|| audit::ANONYMOUS.to_owned());
+    let res = renew_inner(ctx, conn, &req).await;
+    let role = conn
+        .0
+        .as_ref()
+        .map(|p| p.id.role.as_str())
+        .unwrap_or("unknown");
+    metrics::counter!(
+        "umbra_renewals_total",
+        "role" => role,
+        "result" => if res.is_ok() { "ok" } else { "refused" }
+    )
+    .increment(1);
+    if let Err(e) = &res {
+        ctx.audit_failure(&actor, "renew", &actor, e).await;
+    }
+    res
+}
+
+async fn renew_inner(
+    ctx: &Ctx,
+    conn: &ConnPeer,
+    req: &RenewRequest,
+) -> Result<IssuedCert, ApiFailure> {
+    let now = ctx.now();
+    let now_secs = ctx.now_secs();
+    let org = ctx.org.as_str();
+    let mut w = ctx.store.write().await?;
+    // Checked inside the write transaction so a revocation cannot slip in between.
+    let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) = ctx
+        .check_peer(
+            w.conn(),
+            conn,
+            &[Role::Agent, Role::Connector, Role::Broker],
+        )
+        .await?;
+    let identity = peer.id.clone();
+    let issued = issue(ctx, &req.csr_pem, &identity, now)?;
+    record_cert(&mut w, org, &issued, &identity, now_secs).await?;
+    let brokers = peers::broker_infos(w.conn(), org).await?;
+    let user = (kind == Kind::Device).then(|| row.owner.clone());
+    let rec = audit::record(
+        now,
+        &identity.to_uri(),
+        "renew",
+        &identity.to_uri(),
+        true,
+        json!({ "old_serial": peer.serial_hex, "serial": issued.serial_hex }),
+    );
+    ctx.commit_quiet(w, &[rec]).await?;
+    Ok(issued_cert(ctx, &identity, issued, user, brokers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn secrets_fit_the_token_format() {
+        let s = new_secret();
+        assert_eq!(s.len(), 43);
+        let t = EnrollToken {
+            ca_sha256: [7; 32],
+            secret: s.clone(),
+        };
+        assert_eq!(EnrollToken::parse(&t.to_string()).unwrap().secret, s);
+        assert_ne!(new_secret(), s);
+    }
+
+    #[test]
+    fn refusal_reasons() {
+        let row = TokenRow {
+            id: "t-1".into(),
+            hash: secret_hash("x"),
+            role: "agent".into(),
+            user_id: None,
+            name: None,
+            created_at: 0,
+            expires_at: 10,
+            used_at: Some(5),
+            used_by: None,
+        };
+        let h = secret_hash("x");
+        assert_eq!(
+            token_refusal(Some(&row), &h).error,
+            "enrollment token already used"
+        );
+        let mut exp = row.clone();
+        exp.used_at = None;
+        assert_eq!(
+            token_refusal(Some(&exp), &h).error,
+            "enrollment token expired"
+        );
+        assert_eq!(token_refusal(None, &h).status, StatusCode::UNAUTHORIZED);
+    }
+}

@@ -1,0 +1,207 @@
+//! What every request handler shares: the store, the CA, the clock, the snapshot version
+//! channel, and the checks that run before a handler may act (admin bearer token, peer
+//! certificate).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sqlx::SqliteConnection;
+use tokio::sync::watch;
+use umbra_pki::{Ca, PeerCert};
+use umbra_proto::Role;
+use umbra_proto::api::AuditRecord;
+
+use crate::audit;
+use crate::distribution::Distribution;
+use crate::error::ApiFailure;
+use crate::store::peers::{self, Kind, PeerRow};
+use crate::store::{self, SNAPSHOT_VERSION, Store, WriteTx};
+
+/// Source of the current time. Injected so tests can move it (token expiry) without sleeping.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Renders the metrics exposition text served at `GET /metrics`.
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The client certificate of the connection a request came on, as verified by the TLS
+/// handshake (`None`: no client certificate). Inserted into every request's extensions.
+#[derive(Clone, Default)]
+pub(crate) struct ConnPeer(pub(crate) Option<Arc<PeerCert>>);
+
+pub(crate) struct Ctx {
+    pub(crate) store: Store,
+    pub(crate) org: String,
+    pub(crate) ca: Ca,
+    pub(crate) clock: Clock,
+    pub(crate) cert_lifetime: Duration,
+    pub(crate) token_ttl: Duration,
+    pub(crate) dist: Distribution,
+    /// SHA-256 of each admin token.
+    pub(crate) admin_hashes: Vec<[u8; 32]>,
+    pub(crate) metrics_render: Option<MetricsRender>,
+    /// Becomes `true` when the controller shuts down; long polls end early.
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Ctx {
+    pub(crate) fn now(&self) -> SystemTime {
+        (self.clock)()
+    }
+
+    pub(crate) fn now_secs(&self) -> i64 {
+        store::to_i64(audit::unix_secs(self.now()))
+    }
+
+    /// Whether `token` is an admin token. Compares against every stored hash in constant time.
+    pub(crate) fn admin_ok(&self, token: &str) -> bool {
+        let h = umbra_pki::sha256(token.as_bytes());
+        self.admin_hashes
+            .iter()
+            .fold(false, |ok, stored| umbra_pki::ct_eq(&h, stored) | ok)
+    }
+
+    /// Commits an admin change: stores its audit record, bumps the snapshot version, commits,
+    /// then logs the event and wakes long-pollers. Returns the new version.
+    pub(crate) async fn commit_change(
+        &self,
+        mut w: WriteTx<'_>,
+        records: &[AuditRecord],
+    ) -> Result<u64, ApiFailure> {
+        audit::stage(w.conn(), &self.org, records, audit::CONTROLLER).await?;
+        let v = store::bump(w.conn(), &self.org, SNAPSHOT_VERSION).await?;
+        w.commit().await?;
+        for r in records {
+            audit::emit(r);
+        }
+        self.dist.publish(v);
+        Ok(v)
+    }
+
+    /// Commits a change that does not alter the snapshot (renewal), with its audit record.
+    pub(crate) async fn commit_quiet(
+        &self,
+        mut w: WriteTx<'_>,
+        records: &[AuditRecord],
+    ) -> Result<(), ApiFailure> {
+        audit::stage(w.conn(), &self.org, records, audit::CONTROLLER).await?;
+        w.commit().await?;
+        for r in records {
+            audit::emit(r);
+        }
+        Ok(())
+    }
+
+    /// Records a refused or failed operation in its own transaction (the operation's own
+    /// transaction was rolled back). A failure to write is logged, not returned: the caller
+    /// answers with the original error.
+    pub(crate) async fn audit_failure(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        err: &ApiFailure,
+    ) {
+        let rec = audit::record(
+            self.now(),
+            actor,
+            action,
+            target,
+            false,
+            serde_json::json!({
+                "status": err.status.as_u16(),
+                "error": err.error,
+                "field": err.field,
+            }),
+        );
+        let res = async {
+            let mut w = self.store.write().await?;
+            audit::stage(
+                w.conn(),
+                &self.org,
+                std::slice::from_ref(&rec),
+                audit::CONTROLLER,
+            )
+            .await?;
+            w.commit().await
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "cannot store audit record");
+        }
+        audit::emit(&rec);
+    }
+
+    /// Audits `res` if it is an error, and passes it on.
+    pub(crate) async fn audited<T>(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        res: Result<T, ApiFailure>,
+    ) -> Result<T, ApiFailure> {
+        if let Err(e) = &res {
+            self.audit_failure(actor, action, target, e).await;
+        }
+        res
+    }
+
+    /// The peer's certificate must be present, of this organisation, of one of `roles`, not
+    /// revoked, and its holder enrolled and not revoked.
+    pub(crate) async fn check_peer(
+        &self,
+        c: &mut SqliteConnection,
+        conn: &ConnPeer,
+        roles: &[Role],
+    ) -> Result<(Arc<PeerCert>, PeerRow, Kind), ApiFailure> {
+        let Some(peer) = conn.0.clone() else {
+            return Err(ApiFailure::unauthorized(
+                "a client certificate issued by this controller is required",
+            ));
+        };
+        if peer.id.org != self.org {
+            return Err(ApiFailure::forbidden(
+                "certificate belongs to another organisation",
+            ));
+        }
+        if !roles.contains(&peer.id.role) {
+            let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            return Err(ApiFailure::forbidden(format!(
+                "this route is for {} certificates",
+                names.join(" or ")
+            )));
+        }
+        match peers::cert_revoked(c, &self.org, &peer.serial_hex).await? {
+            Some(false) => {}
+            Some(true) => return Err(ApiFailure::forbidden("certificate revoked")),
+            None => {
+                return Err(ApiFailure::forbidden(
+                    "certificate unknown to this controller",
+                ));
+            }
+        }
+        let kind = Kind::from_role(peer.id.role)
+            .ok_or_else(|| ApiFailure::forbidden("this route is not for the controller"))?;
+        let row = peers::peer_get(c, &self.org, kind, &peer.id.id)
+            .await?
+            .ok_or_else(|| ApiFailure::forbidden(format!("unknown {}", peer.id.role)))?;
+        if row.revoked_at.is_some() {
+            return Err(ApiFailure::forbidden(format!("{} revoked", peer.id.role)));
+        }
+        Ok((peer, row, kind))
+    }
+
+    /// [`Ctx::check_peer`] on a fresh read.
+    pub(crate) async fn authorize_peer(
+        &self,
+        conn: &ConnPeer,
+        roles: &[Role],
+    ) -> Result<(Arc<PeerCert>, PeerRow, Kind), ApiFailure> {
+        let mut r = self.store.read().await?;
+        self.check_peer(&mut r, conn, roles).await
+    }
+}
+
+/// A fresh random id for a peer or token: `<prefix>-<16 hex digits>`.
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", hex::encode(umbra_pki::random_bytes::<8>()))
+}

@@ -1,0 +1,289 @@
+//! Persistent state: one SQL database, embedded migrations, portable queries.
+//!
+//! The store owns the schema (`crates/umbra-controller/migrations`, embedded at build time) and
+//! every SQL statement. Statements use only portable SQL and `$n` placeholders so the schema
+//! can move to PostgreSQL; this build links SQLite only. SQLite runs in WAL mode with
+//! `synchronous=FULL`: a committed write survives `kill -9` and power loss.
+//!
+//! Writes go through [`Store::write`]: one transaction per logical change, serialised by an
+//! in-process lock so that a transaction that reads before it writes never races another
+//! writer (SQLite would answer such a race with `SQLITE_BUSY` instead of waiting). Reads that
+//! must be consistent across several tables ([`Store::read`]) use a transaction as a snapshot.
+//!
+//! It does not decide anything: validation and authorisation happen in the callers.
+
+pub(crate) mod admin;
+pub(crate) mod peers;
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{SqlSafeStr, SqliteConnection, SqlitePool, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
+
+/// The database backend of this build.
+pub(crate) type Db = sqlx::Sqlite;
+
+/// Migrations, embedded in the binary. Append new files here; never edit an applied one
+/// (the migrator refuses a changed checksum).
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+
+/// Counter holding the snapshot version.
+pub(crate) const SNAPSHOT_VERSION: &str = "snapshot_version";
+/// Counter holding the last audit sequence number.
+pub(crate) const AUDIT_SEQ: &str = "audit_seq";
+
+/// Where the database is.
+#[derive(Debug, Clone)]
+pub(crate) enum Database {
+    /// A `sqlite:` URL.
+    Url(String),
+    /// A SQLite file (no URL quoting issues with unusual paths).
+    File(std::path::PathBuf),
+}
+
+/// Handle to the database.
+pub(crate) struct Store {
+    pool: SqlitePool,
+    org: String,
+    write_lock: Mutex<()>,
+}
+
+/// A write transaction holding the store's write lock. Dropping it without
+/// [`WriteTx::commit`] rolls back.
+pub(crate) struct WriteTx<'a> {
+    tx: Transaction<'static, Db>,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl WriteTx<'_> {
+    /// The connection to run statements on.
+    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub(crate) async fn open(db: &Database, org: &str) -> Result<Store, StoreOpenError> {
+        let opts = match db {
+            Database::Url(url) => {
+                SqliteConnectOptions::from_str(url).map_err(StoreOpenError::Connect)?
+            }
+            Database::File(path) => SqliteConnectOptions::new().filename(path),
+        };
+        let opts = opts
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .map_err(StoreOpenError::Connect)?;
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(StoreOpenError::Migrate)?;
+        let store = Store {
+            pool,
+            org: org.to_owned(),
+            write_lock: Mutex::new(()),
+        };
+        let mut w = store.write().await.map_err(StoreOpenError::Connect)?;
+        for name in [SNAPSHOT_VERSION, AUDIT_SEQ] {
+            sqlx::query(
+                "INSERT INTO counters (org, name, value) VALUES ($1, $2, 0) \
+                 ON CONFLICT (org, name) DO NOTHING",
+            )
+            .bind(org)
+            .bind(name)
+            .execute(w.conn())
+            .await
+            .map_err(StoreOpenError::Connect)?;
+        }
+        w.commit().await.map_err(StoreOpenError::Connect)?;
+        Ok(store)
+    }
+
+    pub(crate) fn org(&self) -> &str {
+        &self.org
+    }
+
+    /// Starts a write transaction (waits for the write lock).
+    pub(crate) async fn write(&self) -> Result<WriteTx<'_>, sqlx::Error> {
+        let guard = self.write_lock.lock().await;
+        let tx = self.pool.begin().await?;
+        Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// Starts a read-only transaction: a consistent view across statements.
+    pub(crate) async fn read(&self) -> Result<Transaction<'static, Db>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    /// Closes every connection (checkpointing the WAL).
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOpenError {
+    #[error("cannot open the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|(version, desc, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*desc),
+                    MigrationType::Simple,
+                    (*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Increments a counter and returns its new value.
+pub(crate) async fn bump(
+    conn: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+) -> Result<u64, sqlx::Error> {
+    bump_by(conn, org, name, 1).await
+}
+
+/// Adds `n` to a counter and returns its new value.
+pub(crate) async fn bump_by(
+    conn: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+    n: u64,
+) -> Result<u64, sqlx::Error> {
+    let v: i64 = sqlx::query_scalar(
+        "UPDATE counters SET value = value + $1 WHERE org = $2 AND name = $3 RETURNING value",
+    )
+    .bind(to_i64(n))
+    .bind(org)
+    .bind(name)
+    .fetch_one(conn)
+    .await?;
+    Ok(to_u64(v))
+}
+
+/// Reads a counter.
+pub(crate) async fn counter(
+    conn: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+) -> Result<u64, sqlx::Error> {
+    let v: Option<i64> =
+        sqlx::query_scalar("SELECT value FROM counters WHERE org = $1 AND name = $2")
+            .bind(org)
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+    Ok(v.map(to_u64).unwrap_or(0))
+}
+
+/// Stored integers are never negative; clamp rather than wrap if one ever were.
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Unix seconds and milliseconds as stored.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn mem() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&Database::File(dir.path().join("t.db")), "t")
+            .await
+            .unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn durable_settings() {
+        let (_dir, s) = mem().await;
+        let mut r = s.read().await.unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *r)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // 2 = FULL: the WAL is synced at every commit.
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *r)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2);
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *r)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_data_and_skips_applied_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::File(dir.path().join("t.db"));
+        let s = Store::open(&db, "t").await.unwrap();
+        let mut w = s.write().await.unwrap();
+        bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap();
+        w.commit().await.unwrap();
+        s.close().await;
+        let s = Store::open(&db, "t").await.unwrap();
+        let mut r = s.read().await.unwrap();
+        assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn migrates_and_counts() {
+        let (_dir, s) = mem().await;
+        let mut w = s.write().await.unwrap();
+        assert_eq!(counter(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap(), 0);
+        assert_eq!(bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap(), 1);
+        assert_eq!(bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap(), 2);
+        w.commit().await.unwrap();
+        let mut r = s.read().await.unwrap();
+        assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn rollback_on_drop() {
+        let (_dir, s) = mem().await;
+        {
+            let mut w = s.write().await.unwrap();
+            bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap();
+        }
+        let mut r = s.read().await.unwrap();
+        assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,689 @@
+//! Statements for the CA, admin and enrollment tokens, enrolled peers (devices, connectors,
+//! brokers), the certificates issued to them, and the audit trail.
+
+use std::collections::BTreeMap;
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{FromRow, Row, SqliteConnection};
+use umbra_proto::Role;
+use umbra_proto::api::{AuditEntry, AuditRecord, BrokerInfo};
+
+use super::{to_i64, to_u64};
+
+// ---------------------------------------------------------------------------------------------
+// CA and admin tokens
+
+/// `(cert_pem, sealed_key)` of the organisation's CA, if created.
+pub(crate) async fn ca_load(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT cert_pem, sealed_key FROM ca WHERE org = $1")
+        .bind(org)
+        .fetch_optional(c)
+        .await
+}
+
+pub(crate) async fn ca_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    cert_pem: &str,
+    sealed_key: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO ca (org, cert_pem, sealed_key, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(org)
+        .bind(cert_pem)
+        .bind(sealed_key)
+        .bind(now)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn admin_token_hashes(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT hash FROM admin_tokens WHERE org = $1")
+        .bind(org)
+        .fetch_all(c)
+        .await
+}
+
+pub(crate) async fn admin_token_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    hash: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO admin_tokens (org, id, hash, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(org)
+        .bind(id)
+        .bind(hash)
+        .bind(now)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment tokens
+
+/// A stored enrollment token (its secret is not stored, only `hash`).
+#[derive(Debug, Clone)]
+pub(crate) struct TokenRow {
+    pub(crate) id: String,
+    pub(crate) hash: String,
+    pub(crate) role: String,
+    pub(crate) user_id: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) created_at: i64,
+    pub(crate) expires_at: i64,
+    pub(crate) used_at: Option<i64>,
+    pub(crate) used_by: Option<String>,
+}
+
+pub(crate) async fn token_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    t: &TokenRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO enroll_tokens (org, id, hash, role, user_id, name, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(org)
+    .bind(&t.id)
+    .bind(&t.hash)
+    .bind(&t.role)
+    .bind(&t.user_id)
+    .bind(&t.name)
+    .bind(t.created_at)
+    .bind(t.expires_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn token_list(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<Vec<TokenRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, hash, role, user_id, name, created_at, expires_at, used_at, used_by \
+         FROM enroll_tokens WHERE org = $1 ORDER BY created_at, id",
+    )
+    .bind(org)
+    .fetch_all(c)
+    .await
+}
+
+pub(crate) async fn token_by_hash(
+    c: &mut SqliteConnection,
+    org: &str,
+    hash: &str,
+) -> Result<Option<TokenRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, hash, role, user_id, name, created_at, expires_at, used_at, used_by \
+         FROM enroll_tokens WHERE org = $1 AND hash = $2",
+    )
+    .bind(org)
+    .bind(hash)
+    .fetch_optional(c)
+    .await
+}
+
+/// Marks the token used if, and only if, it is unused and unexpired. The single conditional
+/// `UPDATE` is what makes redemption atomic: of concurrent redeemers exactly one sees `true`.
+pub(crate) async fn token_redeem(
+    c: &mut SqliteConnection,
+    org: &str,
+    hash: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE enroll_tokens SET used_at = $1 \
+         WHERE hash = $2 AND org = $3 AND used_at IS NULL AND expires_at > $1",
+    )
+    .bind(now)
+    .bind(hash)
+    .bind(org)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub(crate) async fn token_set_used_by(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    used_by: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE enroll_tokens SET used_by = $1 WHERE org = $2 AND id = $3")
+        .bind(used_by)
+        .bind(org)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn token_delete(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM enroll_tokens WHERE org = $1 AND id = $2")
+        .bind(org)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Whether an unused, unexpired token of `role` will create a peer called `name`.
+pub(crate) async fn name_reserved_by_token(
+    c: &mut SqliteConnection,
+    org: &str,
+    role: Role,
+    name: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let v: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM enroll_tokens WHERE org = $1 AND role = $2 AND name = $3 \
+         AND used_at IS NULL AND expires_at > $4 LIMIT 1",
+    )
+    .bind(org)
+    .bind(role.as_str())
+    .bind(name)
+    .bind(now)
+    .fetch_optional(c)
+    .await?;
+    Ok(v.is_some())
+}
+
+impl<'r> FromRow<'r, SqliteRow> for TokenRow {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(TokenRow {
+            id: row.try_get("id")?,
+            hash: row.try_get("hash")?,
+            role: row.try_get("role")?,
+            user_id: row.try_get("user_id")?,
+            name: row.try_get("name")?,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
+            used_at: row.try_get("used_at")?,
+            used_by: row.try_get("used_by")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrolled peers
+
+/// The three kinds of enrolled peer, each with its own table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Device,
+    Connector,
+    Broker,
+}
+
+impl Kind {
+    pub(crate) fn from_role(role: Role) -> Option<Kind> {
+        match role {
+            Role::Agent => Some(Kind::Device),
+            Role::Connector => Some(Kind::Connector),
+            Role::Broker => Some(Kind::Broker),
+            Role::Controller => None,
+        }
+    }
+
+    pub(crate) fn role(self) -> Role {
+        match self {
+            Kind::Device => Role::Agent,
+            Kind::Connector => Role::Connector,
+            Kind::Broker => Role::Broker,
+        }
+    }
+
+    /// Prefix of generated ids (`d-…`, `c-…`, `b-…`).
+    pub(crate) fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Device => "d",
+            Kind::Connector => "c",
+            Kind::Broker => "b",
+        }
+    }
+}
+
+/// A stored peer of any kind. `owner` is the user (devices) or the name (connectors, brokers).
+#[derive(Debug, Clone)]
+pub(crate) struct PeerRow {
+    pub(crate) id: String,
+    pub(crate) owner: String,
+    pub(crate) created_at: i64,
+    pub(crate) revoked_at: Option<i64>,
+}
+
+impl<'r> FromRow<'r, SqliteRow> for PeerRow {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(PeerRow {
+            id: row.try_get("id")?,
+            owner: row.try_get("owner")?,
+            created_at: row.try_get("created_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+        })
+    }
+}
+
+pub(crate) async fn device_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    user: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO devices (org, id, user_id, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(org)
+        .bind(id)
+        .bind(user)
+        .bind(now)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn connector_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    name: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO connectors (org, id, name, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(org)
+        .bind(id)
+        .bind(name)
+        .bind(now)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn broker_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    name: &str,
+    server_name: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO brokers (org, id, name, created_at, server_name) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(org)
+    .bind(id)
+    .bind(name)
+    .bind(now)
+    .bind(server_name)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn peer_get(
+    c: &mut SqliteConnection,
+    org: &str,
+    kind: Kind,
+    id: &str,
+) -> Result<Option<PeerRow>, sqlx::Error> {
+    let sql = match kind {
+        Kind::Device => {
+            "SELECT id, user_id AS owner, created_at, revoked_at FROM devices WHERE org = $1 AND id = $2"
+        }
+        Kind::Connector => {
+            "SELECT id, name AS owner, created_at, revoked_at FROM connectors WHERE org = $1 AND id = $2"
+        }
+        Kind::Broker => {
+            "SELECT id, name AS owner, created_at, revoked_at FROM brokers WHERE org = $1 AND id = $2"
+        }
+    };
+    sqlx::query_as(sql)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(c)
+        .await
+}
+
+pub(crate) async fn peer_list(
+    c: &mut SqliteConnection,
+    org: &str,
+    kind: Kind,
+) -> Result<Vec<PeerRow>, sqlx::Error> {
+    let sql = match kind {
+        Kind::Device => {
+            "SELECT id, user_id AS owner, created_at, revoked_at FROM devices WHERE org = $1 ORDER BY created_at, id"
+        }
+        Kind::Connector => {
+            "SELECT id, name AS owner, created_at, revoked_at FROM connectors WHERE org = $1 ORDER BY created_at, id"
+        }
+        Kind::Broker => {
+            "SELECT id, name AS owner, created_at, revoked_at FROM brokers WHERE org = $1 ORDER BY created_at, id"
+        }
+    };
+    sqlx::query_as(sql).bind(org).fetch_all(c).await
+}
+
+/// Connectors or brokers called `name` (any revocation state).
+pub(crate) async fn peers_named(
+    c: &mut SqliteConnection,
+    org: &str,
+    kind: Kind,
+    name: &str,
+) -> Result<Vec<PeerRow>, sqlx::Error> {
+    let sql = match kind {
+        Kind::Device => return Ok(Vec::new()),
+        Kind::Connector => {
+            "SELECT id, name AS owner, created_at, revoked_at FROM connectors WHERE org = $1 AND name = $2 ORDER BY created_at, id"
+        }
+        Kind::Broker => {
+            "SELECT id, name AS owner, created_at, revoked_at FROM brokers WHERE org = $1 AND name = $2 ORDER BY created_at, id"
+        }
+    };
+    sqlx::query_as(sql).bind(org).bind(name).fetch_all(c).await
+}
+
+/// Ids of the devices bound to `user`.
+pub(crate) async fn devices_of_user(
+    c: &mut SqliteConnection,
+    org: &str,
+    user: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM devices WHERE org = $1 AND user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(org)
+    .bind(user)
+    .fetch_all(c)
+    .await
+}
+
+/// Marks the peer and every certificate issued to it revoked. Returns whether the peer was
+/// not revoked before.
+pub(crate) async fn peer_revoke(
+    c: &mut SqliteConnection,
+    org: &str,
+    kind: Kind,
+    id: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let sql = match kind {
+        Kind::Device => {
+            "UPDATE devices SET revoked_at = $1 WHERE org = $2 AND id = $3 AND revoked_at IS NULL"
+        }
+        Kind::Connector => {
+            "UPDATE connectors SET revoked_at = $1 WHERE org = $2 AND id = $3 AND revoked_at IS NULL"
+        }
+        Kind::Broker => {
+            "UPDATE brokers SET revoked_at = $1 WHERE org = $2 AND id = $3 AND revoked_at IS NULL"
+        }
+    };
+    let r = sqlx::query(sql)
+        .bind(now)
+        .bind(org)
+        .bind(id)
+        .execute(&mut *c)
+        .await?;
+    sqlx::query(
+        "UPDATE certificates SET revoked_at = $1 \
+         WHERE org = $2 AND role = $3 AND subject = $4 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(org)
+    .bind(kind.role().as_str())
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Brokers
+
+/// A broker as the admin API shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct BrokerRow {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) server_name: String,
+    pub(crate) quic_addr: Option<String>,
+    pub(crate) tcp_addr: Option<String>,
+    pub(crate) snapshot_version: i64,
+    pub(crate) last_seen: i64,
+    pub(crate) streams: String,
+}
+
+impl<'r> FromRow<'r, SqliteRow> for BrokerRow {
+    fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(BrokerRow {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            server_name: row.try_get("server_name")?,
+            quic_addr: row.try_get("quic_addr")?,
+            tcp_addr: row.try_get("tcp_addr")?,
+            snapshot_version: row.try_get("snapshot_version")?,
+            last_seen: row.try_get("last_seen")?,
+            streams: row.try_get("streams")?,
+        })
+    }
+}
+
+pub(crate) async fn brokers_active(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<Vec<BrokerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams \
+         FROM brokers WHERE org = $1 AND revoked_at IS NULL ORDER BY name, id",
+    )
+    .bind(org)
+    .fetch_all(c)
+    .await
+}
+
+/// Brokers that agents and connectors can dial: not revoked, with at least one address.
+pub(crate) async fn broker_infos(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<Vec<BrokerInfo>, sqlx::Error> {
+    Ok(brokers_active(c, org)
+        .await?
+        .into_iter()
+        .filter(|b| b.quic_addr.is_some() || b.tcp_addr.is_some())
+        .map(|b| BrokerInfo {
+            id: b.id,
+            name: b.name,
+            quic_addr: b.quic_addr,
+            tcp_addr: b.tcp_addr,
+            server_name: b.server_name,
+        })
+        .collect())
+}
+
+/// Records a heartbeat. Returns the addresses stored before it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn broker_heartbeat(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    quic_addr: Option<&str>,
+    tcp_addr: Option<&str>,
+    snapshot_version: u64,
+    streams_json: &str,
+    now: i64,
+) -> Result<(Option<String>, Option<String>), sqlx::Error> {
+    let before: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT quic_addr, tcp_addr FROM brokers WHERE org = $1 AND id = $2")
+            .bind(org)
+            .bind(id)
+            .fetch_one(&mut *c)
+            .await?;
+    sqlx::query(
+        "UPDATE brokers SET quic_addr = $1, tcp_addr = $2, snapshot_version = $3, last_seen = $4, \
+         streams = $5 WHERE org = $6 AND id = $7",
+    )
+    .bind(quic_addr)
+    .bind(tcp_addr)
+    .bind(to_i64(snapshot_version))
+    .bind(now)
+    .bind(streams_json)
+    .bind(org)
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(before)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+pub(crate) async fn cert_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    serial: &str,
+    role: Role,
+    subject: &str,
+    issued_at: i64,
+    not_after: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO certificates (org, serial, role, subject, issued_at, not_after) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(org)
+    .bind(serial)
+    .bind(role.as_str())
+    .bind(subject)
+    .bind(issued_at)
+    .bind(not_after)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// `Some(revoked)` for a certificate this controller issued.
+pub(crate) async fn cert_revoked(
+    c: &mut SqliteConnection,
+    org: &str,
+    serial: &str,
+) -> Result<Option<bool>, sqlx::Error> {
+    let v: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT revoked_at FROM certificates WHERE org = $1 AND serial = $2")
+            .bind(org)
+            .bind(serial)
+            .fetch_optional(c)
+            .await?;
+    Ok(v.map(|r| r.is_some()))
+}
+
+/// subject id -> (serial, not_after) of its most recent certificate of `role`.
+pub(crate) async fn latest_certs(
+    c: &mut SqliteConnection,
+    org: &str,
+    role: Role,
+) -> Result<BTreeMap<String, (String, u64)>, sqlx::Error> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT subject, serial, not_after FROM certificates WHERE org = $1 AND role = $2 \
+         ORDER BY issued_at, not_after",
+    )
+    .bind(org)
+    .bind(role.as_str())
+    .fetch_all(c)
+    .await?;
+    // Later rows win: ordered by issue time.
+    Ok(rows
+        .into_iter()
+        .map(|(s, serial, na)| (s, (serial, to_u64(na))))
+        .collect())
+}
+
+/// Serials of revoked certificates still within their validity at `now`.
+pub(crate) async fn revoked_serials(
+    c: &mut SqliteConnection,
+    org: &str,
+    now: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT serial FROM certificates WHERE org = $1 AND revoked_at IS NOT NULL \
+         AND not_after > $2 ORDER BY serial",
+    )
+    .bind(org)
+    .bind(now)
+    .fetch_all(c)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+pub(crate) async fn audit_insert(
+    c: &mut SqliteConnection,
+    org: &str,
+    seq: u64,
+    rec: &AuditRecord,
+    source: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit (org, seq, at_ms, actor, action, target, result, detail, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(org)
+    .bind(to_i64(seq))
+    .bind(to_i64(rec.at_ms))
+    .bind(&rec.actor)
+    .bind(&rec.action)
+    .bind(&rec.target)
+    .bind(&rec.result)
+    .bind(rec.detail.to_string())
+    .bind(source)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn audit_list(
+    c: &mut SqliteConnection,
+    org: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    type Row = (i64, i64, String, String, String, String, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT seq, at_ms, actor, action, target, result, detail FROM audit \
+         WHERE org = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(org)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(c)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(seq, at_ms, actor, action, target, result, detail)| AuditEntry {
+                seq,
+                record: AuditRecord {
+                    at_ms: to_u64(at_ms),
+                    actor,
+                    action,
+                    target,
+                    result,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                },
+            },
+        )
+        .collect())
+}

@@ -1,0 +1,140 @@
+//! Parsing of admin and peer input into values the store may hold.
+//!
+//! Each function returns the normalised value or an [`ApiFailure`] naming the field.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::error::ApiFailure;
+
+/// A service, group, connector, broker or policy name ([`umbra_proto::valid_name`]).
+pub(crate) fn name(s: &str, field: &str) -> Result<String, ApiFailure> {
+    if umbra_proto::valid_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(ApiFailure::invalid(
+            field,
+            format!(
+                "{field} must be 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+/// A user id: an e-mail address, stored lowercased.
+pub(crate) fn user_id(s: &str, field: &str) -> Result<String, ApiFailure> {
+    let bad = || ApiFailure::invalid(field, format!("{field} must be an e-mail address"));
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() < 3 || s.len() > 254 {
+        return Err(bad());
+    }
+    let (local, domain) = s.split_once('@').ok_or_else(bad)?;
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+    let domain_ok = domain.contains('.') && dns_name(domain);
+    if local_ok && domain_ok {
+        Ok(s)
+    } else {
+        Err(bad())
+    }
+}
+
+/// Dot-separated labels of letters, digits, '-' and '_' (no empty label).
+fn dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// `host:port` with port 1-65535; host a DNS name, an IPv4 address or a bracketed IPv6 address.
+pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
+    let bad = |why: &str| ApiFailure::invalid(field, format!("{field} must be host:port ({why})"));
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("port is not a number 1-65535"))?;
+    if port == 0 {
+        return Err(bad("port is not a number 1-65535"));
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<Ipv6Addr>().is_ok()
+    } else if host.contains(':') {
+        false
+    } else {
+        host.parse::<IpAddr>().is_ok() || dns_name(host)
+    };
+    if !host_ok {
+        return Err(bad("invalid host"));
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids() {
+        assert_eq!(
+            user_id("Alice@Example.com", "id").unwrap(),
+            "alice@example.com"
+        );
+        assert!(user_id("bob.smith+x@corp.example", "id").is_ok());
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "alice@",
+            "alice@localhost",
+            "a b@c.d",
+            "a@b@c.d",
+            "a\"@b.c",
+            "a..b@c.d",
+        ] {
+            assert_eq!(
+                user_id(bad, "id").unwrap_err().field.as_deref(),
+                Some("id"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn targets() {
+        for good in [
+            "db.internal:5432",
+            "10.0.0.1:22",
+            "[::1]:8080",
+            "localhost:1",
+            "h:65535",
+        ] {
+            assert!(host_port(good, "target").is_ok(), "{good}");
+        }
+        for bad in [
+            "db", "db:0", "db:65536", "db:x", ":80", "::1:80", "a b:80", "[zz]:1", "-a:1",
+        ] {
+            assert!(host_port(bad, "target").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(name("web", "name").is_ok());
+        assert_eq!(
+            name("Web", "name").unwrap_err().field.as_deref(),
+            Some("name")
+        );
+    }
+}

@@ -1,0 +1,1169 @@
+//! The controller over real HTTPS on 127.0.0.1: admin API, enrollment, renewal, distribution,
+//! persistence across restarts, audit.
+
+// A failed unwrap is a failed test here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use umbra_controller::{Controller, ControllerConfig, ControllerError, ControllerOptions};
+use umbra_pki::{CertificateDer, TlsIdentity};
+use umbra_proto::api::{
+    ApiError, AuditEntry, BrokerList, ConnectorConfig, EnrollTokenCreated, IssuedCert,
+};
+use umbra_proto::{PeerId, Role, Snapshot};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+struct Harness {
+    dir: tempfile::TempDir,
+    ctl: Controller,
+    admin_token: String,
+    ca: CertificateDer<'static>,
+    http: reqwest::Client,
+    /// Seconds added to the real clock.
+    skew: Arc<AtomicU64>,
+}
+
+fn opts() -> ControllerOptions {
+    ControllerOptions {
+        metrics_render: Some(Arc::new(|| "umbra_test_metric 1\n".to_owned())),
+    }
+}
+
+/// The real clock plus a skew the test can move.
+fn clock(skew: &Arc<AtomicU64>) -> umbra_controller::Clock {
+    let skew = skew.clone();
+    Arc::new(move || SystemTime::now() + Duration::from_secs(skew.load(Ordering::SeqCst)))
+}
+
+async fn start(
+    cfg: ControllerConfig,
+    skew: &Arc<AtomicU64>,
+) -> Result<Controller, ControllerError> {
+    Controller::start_with_clock(cfg, opts(), clock(skew)).await
+}
+
+fn config(dir: &std::path::Path) -> ControllerConfig {
+    ControllerConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    }
+}
+
+fn ca_der(pem: &str) -> CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+fn client(ca: &CertificateDer<'static>, id: Option<&TlsIdentity>) -> reqwest::Client {
+    let tls = umbra_pki::client_config(ca, id, &[b"h2", b"http/1.1"], false).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap()
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Self::start_cfg(|_| {}).await
+    }
+
+    async fn start_cfg(f: impl FnOnce(&mut ControllerConfig)) -> Harness {
+        umbra_pki::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        f(&mut cfg);
+        let skew = Arc::new(AtomicU64::new(0));
+        let ctl = start(cfg, &skew).await.unwrap();
+        let admin_token = ctl
+            .first_admin_token()
+            .expect("first start creates a token");
+        let ca = ca_der(&ctl.ca_pem());
+        let http = client(&ca, None);
+        Harness {
+            dir,
+            ctl,
+            admin_token,
+            ca,
+            http,
+            skew,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.ctl.url(), path)
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), self.url(path))
+            .bearer_auth(&self.admin_token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.admin(method, path, body).await;
+        assert!(s.is_success(), "{method} {path}: {s} {v}");
+        v
+    }
+
+    async fn token(
+        &self,
+        role: &str,
+        user: Option<&str>,
+        name: Option<&str>,
+    ) -> EnrollTokenCreated {
+        let v = self
+            .ok(
+                "POST",
+                "/v1/enrollment-tokens",
+                Some(json!({ "role": role, "user": user, "name": name })),
+            )
+            .await;
+        serde_json::from_value(v).unwrap()
+    }
+
+    async fn redeem(&self, token: &str, csr_pem: &str) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/enroll"))
+            .json(&json!({ "token": token, "csr_pem": csr_pem }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Enrolls a peer the way a device does: key and CSR made locally.
+    async fn enroll(&self, token: &str) -> (TlsIdentity, IssuedCert) {
+        let key = umbra_pki::generate_key_pem().unwrap();
+        let csr = umbra_pki::make_csr(&key).unwrap();
+        let resp = self.redeem(token, &csr).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let issued: IssuedCert = resp.json().await.unwrap();
+        let id = TlsIdentity::from_pem(&issued.cert_pem, &key, &issued.ca_pem).unwrap();
+        (id, issued)
+    }
+
+    async fn agent(&self, user: &str) -> (TlsIdentity, IssuedCert) {
+        let _ = self
+            .admin("POST", "/v1/users", Some(json!({ "id": user })))
+            .await;
+        let t = self.token("agent", Some(user), None).await;
+        self.enroll(&t.token).await
+    }
+
+    async fn peer(&self, role: &str, name: &str) -> (TlsIdentity, IssuedCert) {
+        let t = self.token(role, None, Some(name)).await;
+        self.enroll(&t.token).await
+    }
+
+    fn as_peer(&self, id: &TlsIdentity) -> reqwest::Client {
+        client(&self.ca, Some(id))
+    }
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(
+    c: &reqwest::Client,
+    url: String,
+) -> (StatusCode, Option<T>) {
+    let resp = c.get(url).send().await.unwrap();
+    let s = resp.status();
+    if s == StatusCode::OK {
+        (s, Some(resp.json().await.unwrap()))
+    } else {
+        (s, None)
+    }
+}
+
+fn api_error(v: &Value) -> ApiError {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API
+
+#[tokio::test]
+async fn admin_auth() {
+    let h = Harness::start().await;
+    let resp = h.http.get(h.url("/v1/users")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let err: ApiError = resp.json().await.unwrap();
+    assert!(err.error.contains("token"));
+    let resp = h
+        .http
+        .get(h.url("/v1/users"))
+        .bearer_auth("umbra-admin-wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(h.ok("GET", "/v1/users", None).await, json!([]));
+    // Public routes need nothing.
+    let pem = h
+        .http
+        .get(h.url("/v1/ca.pem"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(pem, h.ctl.ca_pem());
+    let health = h.http.get(h.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("umbra_test_metric"));
+    // Peer routes refuse a caller without a client certificate.
+    let resp = h
+        .http
+        .get(h.url("/v1/snapshot?after=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_and_groups_crud() {
+    let h = Harness::start().await;
+    h.ok("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    let (s, v) = h
+        .admin("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(api_error(&v).field.as_deref(), Some("name"));
+    let (s, v) = h
+        .admin("POST", "/v1/groups", Some(json!({ "name": "Bad Name" })))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(api_error(&v).field.as_deref(), Some("name"));
+
+    let u = h
+        .ok(
+            "POST",
+            "/v1/users",
+            Some(json!({ "id": "alice@example.com", "groups": ["eng"] })),
+        )
+        .await;
+    assert_eq!(u["groups"], json!(["eng"]));
+    let (s, v) = h
+        .admin("POST", "/v1/users", Some(json!({ "id": "not-an-email" })))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(api_error(&v).field.as_deref(), Some("id"));
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/v1/users",
+            Some(json!({ "id": "bob@example.com", "groups": ["nope"] })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(api_error(&v).field.as_deref(), Some("groups"));
+    let (s, _) = h
+        .admin(
+            "POST",
+            "/v1/users",
+            Some(json!({ "id": "alice@example.com" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "bob@example.com" })),
+    )
+    .await;
+    let g = h
+        .ok(
+            "POST",
+            "/v1/groups/eng/members",
+            Some(json!({ "user": "bob@example.com" })),
+        )
+        .await;
+    assert_eq!(
+        g["members"],
+        json!(["alice@example.com", "bob@example.com"])
+    );
+    let (s, _) = h
+        .admin(
+            "POST",
+            "/v1/groups/eng/members",
+            Some(json!({ "user": "bob@example.com" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/v1/groups/eng/members",
+            Some(json!({ "user": "carol@example.com" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(api_error(&v).field.as_deref(), Some("user"));
+
+    let groups = h.ok("GET", "/v1/groups", None).await;
+    assert_eq!(
+        groups,
+        json!([{ "name": "eng", "members": ["alice@example.com", "bob@example.com"] }])
+    );
+    h.ok("DELETE", "/v1/groups/eng/members/alice@example.com", None)
+        .await;
+    let users = h.ok("GET", "/v1/users", None).await;
+    assert_eq!(users.as_array().unwrap().len(), 2);
+    assert_eq!(users[0]["id"], "alice@example.com");
+    assert_eq!(users[0]["groups"], json!([]));
+    assert_eq!(users[1]["groups"], json!(["eng"]));
+
+    h.ok("DELETE", "/v1/users/bob@example.com", None).await;
+    let (s, _) = h.admin("DELETE", "/v1/users/bob@example.com", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(
+        h.ok("GET", "/v1/groups", None).await[0]["members"],
+        json!([])
+    );
+    h.ok("DELETE", "/v1/groups/eng", None).await;
+    assert_eq!(h.ok("GET", "/v1/groups", None).await, json!([]));
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn services_policies_and_failed_writes_change_nothing() {
+    let h = Harness::start().await;
+    // An unused connector token makes its name known.
+    h.token("connector", None, Some("c1")).await;
+    let v0 = h.ctl.snapshot_version();
+
+    let bad = [
+        (
+            json!({ "name": "web", "target": "web:80", "connectors": ["nope"] }),
+            StatusCode::NOT_FOUND,
+            "connectors",
+        ),
+        (
+            json!({ "name": "web", "target": "web", "connectors": ["c1"] }),
+            StatusCode::BAD_REQUEST,
+            "target",
+        ),
+        (
+            json!({ "name": "web", "target": "web:0", "connectors": ["c1"] }),
+            StatusCode::BAD_REQUEST,
+            "target",
+        ),
+        (
+            json!({ "name": "web", "target": "web:70000", "connectors": ["c1"] }),
+            StatusCode::BAD_REQUEST,
+            "target",
+        ),
+        (
+            json!({ "name": "Web", "target": "web:80", "connectors": ["c1"] }),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            json!({ "name": "web", "target": "web:80", "connectors": [] }),
+            StatusCode::BAD_REQUEST,
+            "connectors",
+        ),
+    ];
+    for (body, status, field) in bad {
+        let (s, v) = h.admin("POST", "/v1/services", Some(body.clone())).await;
+        assert_eq!(s, status, "{body}");
+        assert_eq!(api_error(&v).field.as_deref(), Some(field), "{body}");
+    }
+    assert_eq!(h.ok("GET", "/v1/services", None).await, json!([]));
+    assert_eq!(
+        h.ctl.snapshot_version(),
+        v0,
+        "refused writes must not bump the version"
+    );
+
+    let s = h
+        .ok(
+            "POST",
+            "/v1/services",
+            Some(json!({ "name": "web", "target": "10.0.0.5:80", "connectors": ["c1"] })),
+        )
+        .await;
+    assert_eq!(s["connectors"], json!(["c1"]));
+    assert_eq!(h.ctl.snapshot_version(), v0 + 1);
+    let (st, _) = h
+        .admin(
+            "POST",
+            "/v1/services",
+            Some(json!({ "name": "web", "target": "x:1", "connectors": ["c1"] })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+
+    // Policies: validated by Cedar against Umbra's schema.
+    let good = umbra_policy::allow_policy(&umbra_policy::PolicySubject::Group("eng".into()), "web");
+    h.ok(
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "eng-web", "text": good })),
+    )
+    .await;
+    let v1 = h.ctl.snapshot_version();
+    for text in [
+        "this is not cedar",
+        "permit(principal, action, resource) when { principal.no_such_attribute == 1 };",
+    ] {
+        let (s, v) = h
+            .admin(
+                "POST",
+                "/v1/policies",
+                Some(json!({ "name": "broken", "text": text })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+        let e = api_error(&v);
+        assert_eq!(e.field.as_deref(), Some("text"));
+        assert!(
+            e.error.len() > "invalid policy: ".len(),
+            "a reason is given: {}",
+            e.error
+        );
+    }
+    let policies = h.ok("GET", "/v1/policies", None).await;
+    assert_eq!(policies.as_array().unwrap().len(), 1);
+    assert_eq!(policies[0]["name"], "eng-web");
+    assert_eq!(h.ctl.snapshot_version(), v1);
+
+    h.ok("DELETE", "/v1/policies/eng-web", None).await;
+    h.ok("DELETE", "/v1/services/web", None).await;
+    let (s, _) = h.admin("DELETE", "/v1/services/web", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(h.ok("GET", "/v1/services", None).await, json!([]));
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_and_missing_fields_are_named() {
+    let h = Harness::start().await;
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/v1/users",
+            Some(json!({ "id": "a@example.com", "gropus": [] })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(api_error(&v).field.as_deref(), Some("gropus"));
+    let (s, v) = h
+        .admin("POST", "/v1/services", Some(json!({ "name": "x" })))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(api_error(&v).field.is_some());
+    let resp = h
+        .http
+        .post(h.url("/v1/enroll"))
+        .json(&json!({ "token": "x", "csr_pem": "y", "extra": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let e: ApiError = resp.json().await.unwrap();
+    assert_eq!(e.field.as_deref(), Some("extra"));
+    assert_eq!(h.ok("GET", "/v1/users", None).await, json!([]));
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_validation() {
+    let h = Harness::start().await;
+    let cases = [
+        (json!({ "role": "admin", "name": "x" }), "role"),
+        (json!({ "role": "agent" }), "user"),
+        (
+            json!({ "role": "agent", "user": "nobody@example.com" }),
+            "user",
+        ),
+        (json!({ "role": "connector" }), "name"),
+        (
+            json!({ "role": "connector", "name": "c1", "ttl_secs": 0 }),
+            "ttl_secs",
+        ),
+        (
+            json!({ "role": "broker", "name": "b1", "ttl_secs": 999999999 }),
+            "ttl_secs",
+        ),
+    ];
+    for (body, field) in cases {
+        let (s, v) = h
+            .admin("POST", "/v1/enrollment-tokens", Some(body.clone()))
+            .await;
+        assert!(s.is_client_error(), "{body}");
+        assert_eq!(api_error(&v).field.as_deref(), Some(field), "{body}");
+    }
+    let t = h.token("broker", None, Some("b1")).await;
+    assert!(t.token.starts_with("umb1."));
+    let list = h.ok("GET", "/v1/enrollment-tokens", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(
+        !list
+            .to_string()
+            .contains(t.token.rsplit('.').next().unwrap())
+    );
+    h.ok("DELETE", &format!("/v1/enrollment-tokens/{}", t.id), None)
+        .await;
+    assert_eq!(
+        h.redeem(&t.token, "x").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    h.ctl.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment and renewal
+
+#[tokio::test]
+async fn enrollment_happy_path_and_reuse() {
+    let h = Harness::start().await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "alice@example.com" })),
+    )
+    .await;
+    let t = h.token("agent", Some("alice@example.com"), None).await;
+    let (id, issued) = h.enroll(&t.token).await;
+
+    let peer = PeerId::from_uri(&issued.identity).unwrap();
+    assert_eq!(peer.org, "default");
+    assert_eq!(peer.role, Role::Agent);
+    assert_eq!(id.peer.id, peer, "the certificate carries the identity");
+    assert_eq!(id.peer.serial_hex, issued.serial);
+    assert_eq!(issued.user.as_deref(), Some("alice@example.com"));
+    assert_eq!(issued.ca_pem, h.ctl.ca_pem());
+    // The certificate verifies: it authenticates a TLS connection to the controller.
+    let (s, list) = get_json::<BrokerList>(&h.as_peer(&id), h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(list.unwrap().brokers.is_empty());
+
+    // The device is bound to the token's user.
+    let devices = h.ok("GET", "/v1/devices", None).await;
+    assert_eq!(devices[0]["id"], peer.id.as_str());
+    assert_eq!(devices[0]["user"], "alice@example.com");
+    assert_eq!(devices[0]["cert_serial"], issued.serial.as_str());
+
+    // A token works once.
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let resp = h.redeem(&t.token, &csr).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let e: ApiError = resp.json().await.unwrap();
+    assert!(e.error.contains("already used"), "{}", e.error);
+    // Only the secret works too; an unknown one does not.
+    let resp = h
+        .redeem("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", &csr)
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let h = Harness::start().await;
+    let t = h.token("connector", None, Some("c1")).await;
+    h.skew.store(2 * 3600, Ordering::SeqCst);
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let resp = h
+        .redeem(&t.token, &umbra_pki::make_csr(&key).unwrap())
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let e: ApiError = resp.json().await.unwrap();
+    assert!(e.error.contains("expired"), "{}", e.error);
+    assert_eq!(h.ok("GET", "/v1/connectors", None).await, json!([]));
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_redemption_has_one_winner() {
+    let h = Arc::new(Harness::start().await);
+    let t = h.token("connector", None, Some("c1")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let h = h.clone();
+        let token = t.token.clone();
+        let csr = umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            h.redeem(&token, &csr).await.status()
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        let s = task.await.unwrap();
+        if s == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(s, StatusCode::FORBIDDEN);
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(
+        h.ok("GET", "/v1/connectors", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+fn evil_csr(ca: bool, names: Vec<String>) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn csr_asking_for_more_is_refused_and_token_survives() {
+    let h = Harness::start().await;
+    let t = h.token("broker", None, Some("b1")).await;
+    for csr in [
+        evil_csr(true, vec![]),
+        evil_csr(false, vec!["evil.example.com".into()]),
+        evil_csr(false, vec!["b-x.broker.umbra.internal".into()]),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+    ] {
+        let resp = h.redeem(&t.token, &csr).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: ApiError = resp.json().await.unwrap();
+        assert_eq!(e.field.as_deref(), Some("csr_pem"));
+    }
+    assert_eq!(h.ok("GET", "/v1/brokers/all", None).await, json!([]));
+    // A refused request does not burn the token.
+    let (id, issued) = h.enroll(&t.token).await;
+    assert_eq!(id.peer.id.role, Role::Broker);
+    let brokers = h.ok("GET", "/v1/brokers/all", None).await;
+    assert_eq!(
+        brokers[0]["server_name"],
+        umbra_pki::broker_server_name(&id.peer.id.id).as_str()
+    );
+    assert_eq!(issued.identity, id.peer.id.to_uri());
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn renewal_and_revocation() {
+    let h = Harness::start().await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (dev, issued) = h.agent("alice@example.com").await;
+    let c = h.as_peer(&dev);
+
+    let key2 = umbra_pki::generate_key_pem().unwrap();
+    let resp = c
+        .post(h.url("/v1/renew"))
+        .json(&json!({ "csr_pem": umbra_pki::make_csr(&key2).unwrap() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let renewed: IssuedCert = resp.json().await.unwrap();
+    assert_eq!(renewed.identity, issued.identity);
+    assert_ne!(renewed.serial, issued.serial);
+    assert_eq!(renewed.user.as_deref(), Some("alice@example.com"));
+    let dev2 = TlsIdentity::from_pem(&renewed.cert_pem, &key2, &renewed.ca_pem).unwrap();
+    assert_eq!(dev2.peer.id, dev.peer.id);
+
+    // An agent may not fetch the snapshot.
+    let (s, _) = get_json::<Snapshot>(&c, h.url("/v1/snapshot?after=0&wait=1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let device_id = dev.peer.id.id.clone();
+    let d = h
+        .ok("POST", &format!("/v1/devices/{device_id}/revoke"), None)
+        .await;
+    assert_eq!(d["revoked"], true);
+    let resp = c
+        .post(h.url("/v1/renew"))
+        .json(&json!({ "csr_pem": umbra_pki::make_csr(&key2).unwrap() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // The renewed certificate is revoked too.
+    let (s, _) = get_json::<BrokerList>(&h.as_peer(&dev2), h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let (s, snap) = get_json::<Snapshot>(&h.as_peer(&broker), h.url("/v1/snapshot?after=0")).await;
+    assert_eq!(s, StatusCode::OK);
+    let snap = snap.unwrap();
+    assert!(snap.revoked_serials.contains(&issued.serial));
+    assert!(snap.revoked_serials.contains(&renewed.serial));
+    let dev_facts = snap.devices.iter().find(|d| d.id == device_id).unwrap();
+    assert!(dev_facts.revoked);
+    assert_eq!(dev_facts.user, "alice@example.com");
+    h.ctl.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Distribution
+
+#[tokio::test]
+async fn snapshot_long_poll_sees_changes_within_a_second() {
+    let h = Harness::start().await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let b = h.as_peer(&broker);
+    let (_, snap) = get_json::<Snapshot>(&b, h.url("/v1/snapshot?after=0")).await;
+    let v = snap.unwrap().version;
+    assert_eq!(v, h.ctl.snapshot_version());
+
+    // Nothing newer: 204 when the wait ends.
+    let t0 = Instant::now();
+    let resp = b
+        .get(h.url(&format!("/v1/snapshot?after={v}&wait=1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+
+    let poll = tokio::spawn({
+        let b = b.clone();
+        let url = h.url(&format!("/v1/snapshot?after={v}"));
+        async move { get_json::<Snapshot>(&b, url).await }
+    });
+    tokio::task::yield_now().await;
+    let changed_at = Instant::now();
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "new@example.com" })),
+    )
+    .await;
+    let (s, snap) = tokio::time::timeout(Duration::from_secs(1), poll)
+        .await
+        .expect("long poll answered within 1 s of the change")
+        .unwrap();
+    assert!(changed_at.elapsed() < Duration::from_secs(1));
+    assert_eq!(s, StatusCode::OK);
+    let snap = snap.unwrap();
+    assert!(snap.version > v);
+    assert!(snap.users.iter().any(|u| u.id == "new@example.com"));
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn connector_config_lists_only_its_targets() {
+    let h = Harness::start().await;
+    let (c1, _) = h.peer("connector", "c1").await;
+    let (c2, _) = h.peer("connector", "c2").await;
+    for (name, target, conns) in [
+        ("web", "10.0.0.1:80", vec!["c1"]),
+        ("db", "10.0.0.2:5432", vec!["c2"]),
+        ("both", "10.0.0.3:22", vec!["c1", "c2"]),
+    ] {
+        h.ok(
+            "POST",
+            "/v1/services",
+            Some(json!({ "name": name, "target": target, "connectors": conns })),
+        )
+        .await;
+    }
+    let (s, cfg) =
+        get_json::<ConnectorConfig>(&h.as_peer(&c1), h.url("/v1/connector/config?after=0")).await;
+    assert_eq!(s, StatusCode::OK);
+    let cfg = cfg.unwrap();
+    assert_eq!(cfg.connector_id, c1.peer.id.id);
+    let names: Vec<&str> = cfg.targets.iter().map(|t| t.service.as_str()).collect();
+    assert_eq!(names, ["both", "web"]);
+    assert_eq!(cfg.targets[1].target, "10.0.0.1:80");
+
+    // Long poll: a new service for c1 shows up.
+    let poll = tokio::spawn({
+        let c = h.as_peer(&c1);
+        let url = h.url(&format!("/v1/connector/config?after={}", cfg.version));
+        async move { get_json::<ConnectorConfig>(&c, url).await }
+    });
+    h.ok(
+        "POST",
+        "/v1/services",
+        Some(json!({ "name": "ssh", "target": "10.0.0.4:22", "connectors": ["c1"] })),
+    )
+    .await;
+    let (_, cfg2) = tokio::time::timeout(Duration::from_secs(1), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cfg2.unwrap().targets.len(), 3);
+
+    // A broker or agent may not read connector config; a revoked connector neither.
+    let (s, _) =
+        get_json::<ConnectorConfig>(&h.as_peer(&c2), h.url("/v1/connector/config?after=0")).await;
+    assert_eq!(s, StatusCode::OK);
+    h.ok("POST", "/v1/connectors/c2/revoke", None).await;
+    let (s, _) =
+        get_json::<ConnectorConfig>(&h.as_peer(&c2), h.url("/v1/connector/config?after=0")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let conns = h.ok("GET", "/v1/connectors", None).await;
+    let c2row = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "c2")
+        .unwrap();
+    assert_eq!(c2row["revoked"], true);
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn heartbeat_brokers_streams_and_audit() {
+    let h = Harness::start().await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let b = h.as_peer(&broker);
+    let v0 = h.ctl.snapshot_version();
+    let hb = json!({
+        "name": "b1",
+        "quic_addr": "127.0.0.1:4433",
+        "tcp_addr": "127.0.0.1:4443",
+        "server_name": umbra_pki::broker_server_name(&broker.peer.id.id),
+        "snapshot_version": v0,
+        "streams": [{
+            "id": 7, "broker": "spoofed", "user": "alice@example.com", "device": dev.peer.id.id,
+            "service": "web", "connector": "c-1", "transport": "quic", "started_at": 1,
+            "bytes_up": 10, "bytes_down": 20
+        }],
+        "audit": [{
+            "at_ms": 1, "actor": dev.peer.id.to_uri(), "action": "stream.open", "target": "web",
+            "result": "allow", "detail": { "policies": ["eng-web"] }
+        }]
+    });
+    let resp = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ack: Value = resp.json().await.unwrap();
+    assert!(
+        ack["snapshot_version"].as_u64().unwrap() > v0,
+        "new addresses bump the snapshot"
+    );
+    // Same addresses: no bump.
+    let v1 = h.ctl.snapshot_version();
+    b.post(h.url("/v1/broker/heartbeat"))
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.ctl.snapshot_version(), v1);
+
+    let (_, list) = get_json::<BrokerList>(&h.as_peer(&dev), h.url("/v1/brokers")).await;
+    let list = list.unwrap();
+    assert_eq!(list.brokers.len(), 1);
+    assert_eq!(list.brokers[0].quic_addr.as_deref(), Some("127.0.0.1:4433"));
+    let all = h.ok("GET", "/v1/brokers/all", None).await;
+    assert!(all[0]["last_seen"].as_u64().unwrap() > 0);
+    let streams = h.ok("GET", "/v1/streams", None).await;
+    assert_eq!(streams.as_array().unwrap().len(), 1);
+    assert_eq!(streams[0]["broker"], broker.peer.id.id.as_str());
+    let audit: Vec<AuditEntry> =
+        serde_json::from_value(h.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.record.action == "stream.open" && e.record.result == "allow")
+    );
+
+    // Streams of a broker not heard from for 30 s are not live.
+    h.skew.store(60, Ordering::SeqCst);
+    assert_eq!(h.ok("GET", "/v1/streams", None).await, json!([]));
+    h.skew.store(0, Ordering::SeqCst);
+
+    // Only brokers heartbeat; bad addresses are refused.
+    let resp = h
+        .as_peer(&dev)
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let mut bad = hb.clone();
+    bad["quic_addr"] = json!("nowhere");
+    let resp = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    h.ctl.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistence, CA custody, audit, OpenAPI
+
+#[tokio::test]
+async fn restart_keeps_state_ca_and_admin_token() {
+    let h = Harness::start().await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "alice@example.com" })),
+    )
+    .await;
+    let (dev, _) = h.agent("bob@example.com").await;
+    let ca_pem = h.ctl.ca_pem();
+    let version = h.ctl.snapshot_version();
+    let Harness {
+        dir,
+        ctl,
+        admin_token,
+        skew,
+        ..
+    } = h;
+    ctl.shutdown().await;
+
+    let ctl = start(config(dir.path()), &skew).await.unwrap();
+    assert_eq!(
+        ctl.first_admin_token(),
+        None,
+        "the admin token is not re-issued"
+    );
+    assert_eq!(ctl.ca_pem(), ca_pem, "same CA");
+    assert_eq!(ctl.snapshot_version(), version);
+    let ca = ca_der(&ctl.ca_pem());
+    let http = client(&ca, None);
+    let users: Value = http
+        .get(format!("{}/v1/users", ctl.url()))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(users.as_array().unwrap().len(), 2);
+    // Certificates issued before the restart still work.
+    let resp = client(&ca, Some(&dev))
+        .get(format!("{}/v1/brokers", ctl.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The generated KEK file is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("ca.kek"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_ca_key_fails_start_clearly() {
+    umbra_pki::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let skew = Arc::new(AtomicU64::new(0));
+    let mut cfg = config(dir.path());
+    cfg.ca_key = Some("11".repeat(32));
+    let ctl = start(cfg.clone(), &skew).await.unwrap();
+    let ca_pem = ctl.ca_pem();
+    ctl.shutdown().await;
+    assert!(
+        !dir.path().join("ca.kek").exists(),
+        "a configured key is not written to disk"
+    );
+
+    cfg.ca_key = Some("22".repeat(32));
+    let err = start(cfg.clone(), &skew).await.unwrap_err();
+    assert!(matches!(err, ControllerError::CaUnseal { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot unseal") && msg.contains("ca_key"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&"22".repeat(32)));
+
+    // No key at all for a sealed CA: a clear error too.
+    cfg.ca_key = None;
+    let err = start(cfg.clone(), &skew).await.unwrap_err();
+    assert!(err.to_string().contains("no key was given"), "{err}");
+
+    // The right key still works (same key as base64).
+    cfg.ca_key = Some("ERERERERERERERERERERERERERERERERERERERERERE=".into());
+    let ctl = start(cfg, &skew).await.unwrap();
+    assert_eq!(ctl.ca_pem(), ca_pem);
+    ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn audit_records_without_secrets() {
+    let h = Harness::start().await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "alice@example.com" })),
+    )
+    .await;
+    let t = h.token("agent", Some("alice@example.com"), None).await;
+    let (dev, _) = h.enroll(&t.token).await;
+    let _ = h.redeem(&t.token, "junk").await; // refused reuse
+    let _ = h
+        .admin("POST", "/v1/groups", Some(json!({ "name": "Bad" })))
+        .await; // refused write
+    let _ = h
+        .http
+        .get(h.url("/v1/users"))
+        .bearer_auth("umbra-admin-guess")
+        .send()
+        .await;
+    h.ok(
+        "POST",
+        &format!("/v1/devices/{}/revoke", dev.peer.id.id),
+        None,
+    )
+    .await;
+
+    let raw = h.ok("GET", "/v1/audit", None).await;
+    let entries: Vec<AuditEntry> = serde_json::from_value(raw.clone()).unwrap();
+    let has = |action: &str, result: &str| {
+        entries
+            .iter()
+            .any(|e| e.record.action == action && e.record.result == result)
+    };
+    assert!(has("user.create", "ok"));
+    assert!(has("enroll_token.create", "ok"));
+    assert!(has("enroll", "ok"));
+    assert!(has("enroll", "error"));
+    assert!(has("group.create", "error"));
+    assert!(has("admin.auth", "error"));
+    assert!(has("revoke", "ok"));
+    assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    let text = raw.to_string();
+    let secret = t.token.rsplit('.').next().unwrap();
+    assert!(!text.contains(secret), "enrollment secret in audit");
+    assert!(!text.contains(&h.admin_token), "admin token in audit");
+    assert!(
+        !text.contains("umbra-admin-guess"),
+        "presented token in audit"
+    );
+
+    // Paging.
+    let first = entries[0].seq;
+    let page: Vec<AuditEntry> = serde_json::from_value(
+        h.ok("GET", &format!("/v1/audit?after={first}&limit=2"), None)
+            .await,
+    )
+    .unwrap();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0].seq, entries[1].seq);
+    h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route() {
+    let h = Harness::start().await;
+    let doc: Value = h
+        .http
+        .get(h.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in [
+        ("get", "/healthz"),
+        ("get", "/v1/ca.pem"),
+        ("post", "/v1/enroll"),
+        ("get", "/v1/openapi.json"),
+        ("get", "/metrics"),
+        ("post", "/v1/renew"),
+        ("get", "/v1/brokers"),
+        ("get", "/v1/snapshot"),
+        ("post", "/v1/broker/heartbeat"),
+        ("get", "/v1/connector/config"),
+        ("get", "/v1/users"),
+        ("post", "/v1/users"),
+        ("delete", "/v1/users/{id}"),
+        ("get", "/v1/groups"),
+        ("post", "/v1/groups"),
+        ("delete", "/v1/groups/{name}"),
+        ("post", "/v1/groups/{name}/members"),
+        ("delete", "/v1/groups/{name}/members/{user}"),
+        ("get", "/v1/services"),
+        ("post", "/v1/services"),
+        ("delete", "/v1/services/{name}"),
+        ("get", "/v1/policies"),
+        ("post", "/v1/policies"),
+        ("delete", "/v1/policies/{name}"),
+        ("get", "/v1/enrollment-tokens"),
+        ("post", "/v1/enrollment-tokens"),
+        ("delete", "/v1/enrollment-tokens/{id}"),
+        ("get", "/v1/devices"),
+        ("post", "/v1/devices/{id}/revoke"),
+        ("get", "/v1/connectors"),
+        ("post", "/v1/connectors/{id}/revoke"),
+        ("get", "/v1/brokers/all"),
+        ("post", "/v1/brokers/{id}/revoke"),
+        ("get", "/v1/streams"),
+        ("get", "/v1/audit"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path}"
+        );
+        // ... and the route really exists (not 404 "no such route").
+        let url = h.url(
+            &path
+                .replace("{id}", "x")
+                .replace("{name}", "x")
+                .replace("{user}", "x@y.z"),
+        );
+        let resp = h
+            .http
+            .request(method.to_uppercase().parse().unwrap(), url)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == StatusCode::NOT_FOUND {
+            let e: ApiError = resp.json().await.unwrap();
+            assert_ne!(e.error, "no such route", "{method} {path}");
+        }
+    }
+    assert_eq!(paths.len(), 30);
+    h.ctl.shutdown().await;
+}

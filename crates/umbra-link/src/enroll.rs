@@ -1,0 +1,383 @@
+//! The client side of enrollment and certificate renewal, shared by agents, connectors and
+//! brokers.
+//!
+//! Owns the identity directory's life after creation: redeeming an enrollment token
+//! ([`enroll`]), renewing the certificate before it expires ([`renew`], [`spawn_renewal`]) and
+//! `controller.json`, the note of where the controller is and which brokers it last named
+//! ([`ControllerRef`]). The private key is generated here, on the device, and never leaves it:
+//! only a CSR goes to the controller.
+//!
+//! Trust starts from the enrollment token: it carries the SHA-256 of the CA certificate, so
+//! the first contact with the controller is pinned before anything it says is believed.
+//!
+//! It does not own the files' formats (`umbra_pki::write_identity_dir` writes the key,
+//! certificate and CA atomically) nor the HTTPS client ([`ControllerClient`]).
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use umbra_pki::TlsIdentity;
+use umbra_proto::api::{BrokerInfo, EnrollRequest, EnrollToken, IssuedCert, RenewRequest};
+
+use crate::backoff::{Backoff, random_unit};
+use crate::{ControllerClient, LinkError, fetch_pinned_ca};
+
+/// Name of the file, next to the identity, that says where the controller is.
+pub const CONTROLLER_FILE: &str = "controller.json";
+
+/// Why enrollment or renewal failed.
+///
+/// Kept apart by whose fault it is: the operator's input ([`EnrollError::Token`]), the
+/// network or the controller's refusal ([`EnrollError::Link`], e.g. `LinkError::Api` for a used
+/// token or a revoked device, `LinkError::PinMismatch`), an answer that does not check out
+/// ([`EnrollError::BadAnswer`]), and local key or file trouble ([`EnrollError::Pki`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("malformed enrollment token (expected umb1.<ca hash>.<secret>)")]
+    Token,
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("controller answer rejected: {0}")]
+    BadAnswer(&'static str),
+    #[error(transparent)]
+    Pki(#[from] umbra_pki::PkiError),
+}
+
+/// What a role keeps next to its identity: written at enrollment as `<dir>/controller.json`
+/// (mode 0600), brokers refreshed by the roles as they learn newer lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerRef {
+    /// Base URL of the controller's API, e.g. `https://controller.example:7443`.
+    pub url: String,
+    /// This device's identity, `umbra://ORG/ROLE/ID`.
+    pub identity: String,
+    /// For agents: the user the device is bound to.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The brokers the controller named last.
+    #[serde(default)]
+    pub brokers: Vec<BrokerInfo>,
+}
+
+/// Redeems an enrollment token: pins the controller's CA from the token, generates a key on
+/// this device, sends a CSR to `POST /v1/enroll`, and writes the identity directory and
+/// `controller.json` into `dir`.
+///
+/// Nothing is written unless the controller's answer checks out (same CA as pinned, a
+/// certificate for the key generated here).
+pub async fn enroll(
+    controller_url: &str,
+    token: &str,
+    dir: &Path,
+) -> Result<IssuedCert, EnrollError> {
+    let token = EnrollToken::parse(token).map_err(|_| EnrollError::Token)?;
+    let base = controller_url.trim_end_matches('/');
+    let ca = fetch_pinned_ca(base, &token.ca_sha256).await?;
+    let key_pem = umbra_pki::generate_key_pem()?;
+    let csr_pem = umbra_pki::make_csr(&key_pem)?;
+    let client = ControllerClient::new(base, &ca, None)?;
+    let issued: IssuedCert = client
+        .post(
+            "/v1/enroll",
+            &EnrollRequest {
+                token: token.secret.clone(),
+                csr_pem,
+            },
+        )
+        .await?;
+
+    let issued_ca = pem_cert(&issued.ca_pem)?;
+    if !umbra_pki::ct_eq(&umbra_pki::sha256(&issued_ca), &token.ca_sha256) {
+        return Err(EnrollError::BadAnswer(
+            "the controller answered with a CA other than the token's",
+        ));
+    }
+    check_issued(&issued, &key_pem)?;
+    umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
+    save_controller_ref(
+        dir,
+        &ControllerRef {
+            url: base.to_owned(),
+            identity: issued.identity.clone(),
+            user: issued.user.clone(),
+            brokers: issued.brokers.clone(),
+        },
+    )?;
+    tracing::info!(identity = %issued.identity, serial = %issued.serial, not_after = issued.not_after, "enrolled");
+    Ok(issued)
+}
+
+/// Renews the certificate in `dir`: a new key and CSR, `POST /v1/renew` authenticated with the
+/// current certificate, then the identity files are replaced atomically. The identity must stay
+/// the same, and so must the CA.
+pub async fn renew(dir: &Path) -> Result<IssuedCert, EnrollError> {
+    let current = TlsIdentity::load_dir(dir)?;
+    let mut cref = load_controller_ref(dir)?;
+    let key_pem = umbra_pki::generate_key_pem()?;
+    let csr_pem = umbra_pki::make_csr(&key_pem)?;
+    let client = ControllerClient::new(&cref.url, &current.ca, Some(&current))?;
+    let issued: IssuedCert = client.post("/v1/renew", &RenewRequest { csr_pem }).await?;
+
+    if pem_cert(&issued.ca_pem)?.as_ref() != current.ca.as_ref() {
+        return Err(EnrollError::BadAnswer(
+            "the controller renewed under a different CA",
+        ));
+    }
+    let fresh = check_issued(&issued, &key_pem)?;
+    if fresh.peer.id != current.peer.id {
+        return Err(EnrollError::BadAnswer(
+            "the renewed certificate names another identity",
+        ));
+    }
+    umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
+    if !issued.brokers.is_empty() && issued.brokers != cref.brokers {
+        cref.brokers = issued.brokers.clone();
+        save_controller_ref(dir, &cref)?;
+    }
+    tracing::info!(identity = %issued.identity, serial = %issued.serial, not_after = issued.not_after, "certificate renewed");
+    Ok(issued)
+}
+
+/// Reads `<dir>/controller.json`.
+pub fn load_controller_ref(dir: &Path) -> Result<ControllerRef, LinkError> {
+    let path = dir.join(CONTROLLER_FILE);
+    let bytes = fs::read(&path).map_err(|e| local_io("read", &path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        local_io(
+            "parse",
+            &path,
+            io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        )
+    })
+}
+
+/// Writes `<dir>/controller.json` atomically (temporary file, then rename), mode 0600.
+pub fn save_controller_ref(dir: &Path, cref: &ControllerRef) -> Result<(), LinkError> {
+    let path = dir.join(CONTROLLER_FILE);
+    let bytes = serde_json::to_vec_pretty(cref).map_err(|e| {
+        local_io(
+            "encode",
+            &path,
+            io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        )
+    })?;
+    write_private_atomic(&path, &bytes).map_err(|e| local_io("write", &path, e))
+}
+
+/// When to renew: at two thirds of the certificate's lifetime, so that a renewal that fails
+/// (controller away) still has a third of the lifetime to be retried in.
+pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    match not_after.duration_since(not_before) {
+        Ok(lifetime) => not_before + (lifetime - lifetime / 3),
+        Err(_) => not_before,
+    }
+}
+
+/// The validity window of a certificate, DER.
+pub fn cert_validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), EnrollError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| EnrollError::BadAnswer("unparsable certificate"))?;
+    let v = parsed.validity();
+    Ok((
+        unix_to_system(v.not_before.timestamp()),
+        unix_to_system(v.not_after.timestamp()),
+    ))
+}
+
+/// First delay between failed renewal attempts, and the longest.
+const RENEW_RETRY_BASE: Duration = Duration::from_secs(5);
+const RENEW_RETRY_CAP: Duration = Duration::from_secs(300);
+/// Longest single sleep while waiting for the renewal time: wall-clock time jumps (suspend,
+/// clock corrections) are noticed at least this often.
+const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Starts a background task that renews the identity in `dir` at [`renew_at`] (retrying with
+/// backoff on failure) and publishes each new identity on the returned channel, which starts
+/// with `current`. The task ends when every receiver is dropped.
+///
+/// Holders of long-lived connections keep them; new connections should use the latest
+/// identity from the channel.
+pub fn spawn_renewal(dir: PathBuf, current: Arc<TlsIdentity>) -> watch::Receiver<Arc<TlsIdentity>> {
+    let (tx, rx) = watch::channel(current);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = renewal_loop(&dir, &tx) => {}
+            () = tx.closed() => {}
+        }
+    });
+    rx
+}
+
+async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
+    loop {
+        let current = tx.borrow().clone();
+        let Some(leaf) = current.cert_chain.first() else {
+            tracing::warn!(dir = %dir.display(), "identity has no certificate; not renewing");
+            return;
+        };
+        let due = match cert_validity(leaf) {
+            Ok((not_before, not_after)) => renew_at(not_before, not_after),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the certificate's validity; not renewing");
+                return;
+            }
+        };
+        // Sleep in bounded steps against the wall clock: the deadline is a wall-clock time.
+        loop {
+            let left = due
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(RENEW_WAKE_INTERVAL)).await;
+        }
+
+        let mut backoff = Backoff::new(RENEW_RETRY_BASE, RENEW_RETRY_CAP);
+        let fresh = loop {
+            match renew(dir).await {
+                Ok(_) => match TlsIdentity::load_dir(dir) {
+                    Ok(id) => break Arc::new(id),
+                    Err(e) => tracing::warn!(error = %e, "renewed, but cannot reload the identity"),
+                },
+                Err(e) => tracing::warn!(error = %e, "certificate renewal failed; will retry"),
+            }
+            // At least one base interval, so a persistent failure never spins.
+            let delay = backoff.next_delay(random_unit()).max(RENEW_RETRY_BASE);
+            tokio::time::sleep(delay).await;
+        };
+        if tx.send(fresh).is_err() {
+            return;
+        }
+    }
+}
+
+/// Checks that the issued certificate fits the key generated here and carries an identity.
+fn check_issued(issued: &IssuedCert, key_pem: &str) -> Result<TlsIdentity, EnrollError> {
+    let id = TlsIdentity::from_pem(&issued.cert_pem, key_pem, &issued.ca_pem)?;
+    if id.peer.id.to_uri() != issued.identity {
+        return Err(EnrollError::BadAnswer(
+            "the certificate's identity differs from the one the controller reported",
+        ));
+    }
+    Ok(id)
+}
+
+fn pem_cert(pem: &str) -> Result<CertificateDer<'static>, EnrollError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| EnrollError::BadAnswer("the controller's CA certificate is not valid PEM"))
+}
+
+fn unix_to_system(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)
+}
+
+fn local_io(op: &'static str, path: &Path, e: io::Error) -> LinkError {
+    LinkError::Io(io::Error::new(
+        e.kind(),
+        format!("{op} {}: {e}", path.display()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn renew_at_two_thirds() {
+        // 24 h certificate issued at t=1000 (60 s back-dated by the CA).
+        assert_eq!(renew_at(t(1000), t(1000 + 86_400)), t(1000 + 57_600));
+        assert_eq!(renew_at(t(0), t(3)), t(2));
+        assert_eq!(renew_at(t(10), t(10)), t(10));
+        // Sub-second precision does not drift.
+        let nb = t(100);
+        let na = nb + Duration::from_millis(3001);
+        let at = renew_at(nb, na);
+        assert!(at > nb + Duration::from_millis(2000) && at < nb + Duration::from_millis(2001));
+    }
+
+    #[test]
+    fn renew_at_inverted_window_is_now_due() {
+        assert_eq!(renew_at(t(100), t(50)), t(100));
+    }
+
+    #[test]
+    fn renew_at_is_inside_the_window() {
+        for (nb, life) in [(0u64, 1u64), (5, 7), (1_700_000_000, 604_800), (42, 86_400)] {
+            let at = renew_at(t(nb), t(nb + life));
+            assert!(at >= t(nb) && at <= t(nb + life));
+            // Strictly more than half the lifetime is used, and at least a quarter remains.
+            let used = at.duration_since(t(nb)).unwrap_or_default();
+            assert!(used * 2 >= Duration::from_secs(life));
+            assert!((Duration::from_secs(life) - used) * 4 >= Duration::from_secs(life));
+        }
+    }
+
+    #[test]
+    fn controller_ref_round_trip_and_mode() {
+        let dir = std::env::temp_dir().join(format!(
+            "umbra-enroll-test-{}",
+            u64::from_le_bytes(umbra_pki::random_bytes::<8>())
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let r = ControllerRef {
+            url: "https://127.0.0.1:7443".into(),
+            identity: "umbra://default/agent/d-1".into(),
+            user: Some("alice@example.test".into()),
+            brokers: vec![BrokerInfo {
+                id: "b-1".into(),
+                name: "eu".into(),
+                quic_addr: Some("127.0.0.1:4433".into()),
+                tcp_addr: None,
+                server_name: "b-1.broker.umbra.internal".into(),
+            }],
+        };
+        save_controller_ref(&dir, &r).unwrap();
+        assert_eq!(load_controller_ref(&dir).unwrap(), r);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.join(CONTROLLER_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_controller_ref_is_an_error() {
+        assert!(load_controller_ref(Path::new("/nonexistent/umbra")).is_err());
+    }
+}

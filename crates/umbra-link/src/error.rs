@@ -1,0 +1,155 @@
+//! The one error type of this crate, and whose fault each failure is.
+//!
+//! [`LinkError::is_peer_fault`] separates a peer that broke the protocol or presented the wrong
+//! identity (close that stream or link, count it against the peer) from the network failing,
+//! local misuse, and the controller answering with an error. No variant carries key material or
+//! tokens.
+
+use std::io;
+
+use umbra_proto::FrameError;
+use umbra_proto::api::ApiError;
+
+/// Why a link, stream or controller call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Socket I/O failed (connection refused or reset, address in use, ...).
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The TLS handshake failed (certificate not trusted, expired, wrong name, alert, ...).
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The QUIC connection failed or was closed.
+    #[error("quic: {0}")]
+    Quic(quinn::ConnectionError),
+    /// A QUIC connection could not even be started (bad server name, endpoint stopping).
+    #[error("quic connect: {0}")]
+    QuicConnect(#[from] quinn::ConnectError),
+    /// The HTTP/2 layer of a TLS link failed (connection lost, protocol error, GOAWAY).
+    #[error("h2: {0}")]
+    H2(h2::Error),
+    /// The peer reset the stream, or stopped reading it; carries the application error code.
+    #[error("stream reset by peer (code {0})")]
+    StreamReset(u64),
+    /// The peer sent bytes that are not a valid header frame.
+    #[error("bad frame from peer: {0}")]
+    Frame(FrameError),
+    /// A frame given to `write_frame` cannot be encoded (a field too long): local misuse.
+    #[error("cannot encode frame: {0}")]
+    Encode(FrameError),
+    /// The peer finished its half of the stream where a header frame was expected.
+    #[error("stream ended before a complete frame")]
+    StreamEnded,
+    /// The handshake completed but the peer is not acceptable: no client certificate, no
+    /// usable ALPN, or similar.
+    #[error("handshake refused: {0}")]
+    Handshake(&'static str),
+    /// The peer's leaf certificate carries no valid Umbra identity.
+    #[error("peer identity: {0}")]
+    PeerIdentity(umbra_pki::PkiError),
+    /// The server is not a broker (dialers only talk to brokers).
+    #[error("peer is not a broker")]
+    WrongPeer,
+    /// A named deadline passed (handshake, relay idle, ...).
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The link or stream is closed (locally, or already finished).
+    #[error("closed")]
+    Closed,
+    /// This side of the link does not open streams (see the crate docs on who opens).
+    #[error("streams on this link are opened by the peer")]
+    NotOpener,
+    /// A configuration could not be used (e.g. a TLS config without the QUIC initial suite).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// HTTP to the controller failed below the API (connect, TLS, timeout, bad body).
+    #[error("controller request: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The controller answered with an API error.
+    #[error("controller answered {status}: {}", error.error)]
+    Api { status: u16, error: ApiError },
+    /// The CA fetched from the controller does not match the pinned hash.
+    #[error("CA certificate does not match the pinned SHA-256")]
+    PinMismatch,
+}
+
+impl LinkError {
+    /// True when the peer broke the protocol or is not who it must be: malformed frames, a
+    /// stream that ended early, a refused handshake or certificate, the wrong role, a protocol
+    /// violation on the wire. False for network failures, timeouts, local misuse and
+    /// controller answers.
+    pub fn is_peer_fault(&self) -> bool {
+        match self {
+            LinkError::Frame(_)
+            | LinkError::StreamEnded
+            | LinkError::Handshake(_)
+            | LinkError::PeerIdentity(_)
+            | LinkError::WrongPeer
+            | LinkError::Tls(_) => true,
+            LinkError::Quic(e) => matches!(
+                e,
+                quinn::ConnectionError::TransportError(_)
+                    | quinn::ConnectionError::ConnectionClosed(_)
+                    | quinn::ConnectionError::VersionMismatch
+            ),
+            LinkError::H2(e) => e.is_remote() && !e.is_io() && e.reason().is_some_and(|r| {
+                r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL
+            }),
+            _ => false,
+        }
+    }
+}
+
+impl From<FrameError> for LinkError {
+    fn from(e: FrameError) -> Self {
+        LinkError::Frame(e)
+    }
+}
+
+/// Maps an I/O error from tokio-rustls, which wraps rustls errors, to the precise variant.
+pub(crate) fn from_tls_io(e: io::Error) -> LinkError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => LinkError::Tls(tls.clone()),
+        None => LinkError::Io(e),
+    }
+}
+
+/// Maps an h2 error, turning stream resets into [`LinkError::StreamReset`].
+pub(crate) fn from_h2(e: h2::Error) -> LinkError {
+    match e.reason() {
+        Some(r) if e.is_reset() => LinkError::StreamReset(u64::from(u32::from(r))),
+        _ => LinkError::H2(e),
+    }
+}
+
+impl From<quinn::ReadError> for LinkError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::Reset(code) => LinkError::StreamReset(code.into_inner()),
+            quinn::ReadError::ConnectionLost(c) => from_conn(c),
+            quinn::ReadError::ClosedStream
+            | quinn::ReadError::IllegalOrderedRead
+            | quinn::ReadError::ZeroRttRejected => LinkError::Closed,
+        }
+    }
+}
+
+impl From<quinn::WriteError> for LinkError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(code) => LinkError::StreamReset(code.into_inner()),
+            quinn::WriteError::ConnectionLost(c) => from_conn(c),
+            quinn::WriteError::ClosedStream | quinn::WriteError::ZeroRttRejected => {
+                LinkError::Closed
+            }
+        }
+    }
+}
+
+/// A locally closed QUIC connection is [`LinkError::Closed`]; anything else keeps its detail.
+pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
+    match e {
+        quinn::ConnectionError::LocallyClosed => LinkError::Closed,
+        e => LinkError::Quic(e),
+    }
+}

@@ -1,0 +1,512 @@
+//! Links: one authenticated connection between a dialer (agent or connector) and a broker,
+//! over QUIC or TLS/TCP, carrying many [`Stream`]s.
+//!
+//! Who opens streams is fixed by the dialer's certificate role:
+//! - agent-dialed links: the agent (dialer) opens, one stream per flow it forwards;
+//! - connector-dialed links: the broker (listener) opens, one stream per flow it routes to the
+//!   connector.
+//!
+//! HTTP/2 only lets its client open streams, so on TLS links the opener is the h2 client; QUIC
+//! follows the same rule by stream limits. The listener learns the dialer's role from the
+//! verified client certificate; the dialer reads its own role from the certificate in its
+//! client config (the config's certificate resolver). Calling [`Link::open`] on the other side
+//! is [`LinkError::NotOpener`].
+//!
+//! [`Listener::accept`] never blocks on a single peer: handshakes run in their own tasks, at
+//! most `max_pending_handshakes` at once, each bounded by `handshake_timeout`; failures are
+//! logged (with the remote address) and counted, never returned.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::SignatureScheme;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{Span, debug, info, warn};
+use umbra_pki::PeerCert;
+use umbra_proto::Role;
+
+use crate::error::{LinkError, from_conn};
+use crate::stream::{RecvHalf, SendHalf, Stream};
+use crate::telemetry;
+use crate::tls::H2Conn;
+use crate::transport::{LinkConfig, Transport};
+use crate::{quic, tls};
+
+/// A cheap, cloneable handle to one link. The link closes when [`Link::close`] is called, when
+/// the peer goes away or is silent past the idle timeout, or when the last handle is dropped.
+#[derive(Clone)]
+pub struct Link {
+    inner: Arc<LinkInner>,
+}
+
+struct LinkInner {
+    peer: PeerCert,
+    transport: Transport,
+    kx_group: String,
+    remote: SocketAddr,
+    /// Whether this side opens the streams.
+    opener: bool,
+    span: Span,
+    conn: Conn,
+}
+
+pub(crate) enum Conn {
+    Quic {
+        conn: quinn::Connection,
+        /// A dialer's own endpoint, kept alive with the link.
+        _endpoint: Option<quinn::Endpoint>,
+    },
+    H2(H2Conn),
+}
+
+/// Everything a transport hands over once its handshake is done.
+pub(crate) struct LinkParts {
+    pub(crate) peer: PeerCert,
+    pub(crate) transport: Transport,
+    pub(crate) kx_group: String,
+    pub(crate) remote: SocketAddr,
+    pub(crate) opener: bool,
+    pub(crate) span: Span,
+    pub(crate) conn: Conn,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.inner.peer.id)
+            .field("transport", &self.inner.transport)
+            .field("kx_group", &self.inner.kx_group)
+            .field("remote", &self.inner.remote)
+            .finish()
+    }
+}
+
+/// The span of one link: every log line of the link and its streams carries these fields.
+pub(crate) fn link_span(peer: &PeerCert, t: Transport, kx: &str, remote: SocketAddr) -> Span {
+    tracing::info_span!("link", peer = %peer.id, transport = t.as_str(), kx = kx, remote = %remote)
+}
+
+/// Whether the dialer opens the streams, given its role (see the module docs).
+pub(crate) fn dialer_opens(dialer: Option<Role>) -> bool {
+    dialer != Some(Role::Connector)
+}
+
+/// This process's role, read from the certificate its client config presents.
+pub(crate) fn own_role(cfg: &rustls::ClientConfig) -> Option<Role> {
+    const SCHEMES: &[SignatureScheme] = &[
+        SignatureScheme::ECDSA_NISTP256_SHA256,
+        SignatureScheme::ECDSA_NISTP384_SHA384,
+        SignatureScheme::ED25519,
+        SignatureScheme::RSA_PSS_SHA256,
+        SignatureScheme::RSA_PKCS1_SHA256,
+    ];
+    let key = cfg.client_auth_cert_resolver.resolve(&[], SCHEMES)?;
+    let leaf = key.end_entity_cert().ok()?;
+    umbra_pki::peer_cert(leaf).ok().map(|p| p.id.role)
+}
+
+impl Link {
+    pub(crate) fn new(p: LinkParts) -> Link {
+        let gauge = telemetry::links(p.transport);
+        gauge.increment(1.0);
+        info!(parent: &p.span, opener = p.opener, "link up");
+        // Counts the link down when it closes, whoever closes it. Holds the connection, not the
+        // link, so that dropping the last `Link` still closes it (see `Drop`).
+        let span = p.span.clone();
+        match &p.conn {
+            Conn::Quic { conn, .. } => {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let why = conn.closed().await;
+                    info!(parent: &span, reason = %why, "link down");
+                    gauge.decrement(1.0);
+                });
+            }
+            Conn::H2(h) => {
+                let token = h.token();
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    info!(parent: &span, "link down");
+                    gauge.decrement(1.0);
+                });
+            }
+        }
+        Link {
+            inner: Arc::new(LinkInner {
+                peer: p.peer,
+                transport: p.transport,
+                kx_group: p.kx_group,
+                remote: p.remote,
+                opener: p.opener,
+                span: p.span,
+                conn: p.conn,
+            }),
+        }
+    }
+
+    /// The peer's identity, from the leaf certificate the handshake verified.
+    pub fn peer(&self) -> &PeerCert {
+        &self.inner.peer
+    }
+
+    /// Which transport carries this link.
+    pub fn transport(&self) -> Transport {
+        self.inner.transport
+    }
+
+    /// The negotiated key exchange group, e.g. `"X25519MLKEM768"` (from rustls on TLS links,
+    /// from the ServerHello on QUIC links; `"unknown"` if it could not be read).
+    pub fn kx_group(&self) -> &str {
+        &self.inner.kx_group
+    }
+
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote
+    }
+
+    /// This link's tracing span (fields: peer, transport, kx, remote).
+    pub fn span(&self) -> &Span {
+        &self.inner.span
+    }
+
+    /// Whether this side opens the streams on this link (see the module docs).
+    pub fn is_opener(&self) -> bool {
+        self.inner.opener
+    }
+
+    /// Opens a new bidi stream. Waits while the peer's stream limit is reached.
+    /// [`LinkError::NotOpener`] on the side that does not open streams.
+    pub async fn open(&self) -> Result<Stream, LinkError> {
+        if !self.inner.opener {
+            return Err(LinkError::NotOpener);
+        }
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => {
+                let (s, r) = conn.open_bi().await.map_err(from_conn)?;
+                Ok(Stream::new(
+                    u64::from(s.id()),
+                    SendHalf::quic(s),
+                    RecvHalf::quic(r),
+                    &self.inner.span,
+                ))
+            }
+            Conn::H2(h) => h.open(&self.inner.span).await,
+        }
+    }
+
+    /// The next stream the peer opened; `None` once the link is closed. On the opening side
+    /// (where the peer opens none) this waits for the link to close.
+    pub async fn accept(&self) -> Option<Stream> {
+        if self.inner.opener {
+            self.closed().await;
+            return None;
+        }
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => {
+                let (s, r) = conn.accept_bi().await.ok()?;
+                Some(Stream::new(
+                    u64::from(s.id()),
+                    SendHalf::quic(s),
+                    RecvHalf::quic(r),
+                    &self.inner.span,
+                ))
+            }
+            Conn::H2(h) => h.accept().await,
+        }
+    }
+
+    /// Closes the link at once; its streams fail.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    /// Resolves once the link is closed, for whatever reason.
+    pub async fn closed(&self) {
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => {
+                conn.closed().await;
+            }
+            Conn::H2(h) => h.closed().await,
+        }
+    }
+
+    /// Whether the link is closed.
+    pub fn is_closed(&self) -> bool {
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => conn.close_reason().is_some(),
+            Conn::H2(h) => h.is_closed(),
+        }
+    }
+
+    /// Current round-trip estimate: QUIC's smoothed RTT, or the last keepalive PING on TLS
+    /// links (`None` before the first).
+    pub fn rtt(&self) -> Option<Duration> {
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => Some(conn.rtt()),
+            Conn::H2(h) => h.rtt(),
+        }
+    }
+}
+
+impl LinkInner {
+    fn close(&self) {
+        match &self.conn {
+            Conn::Quic { conn, .. } => conn.close(quinn::VarInt::from_u32(0), b"closed"),
+            Conn::H2(h) => h.close(),
+        }
+    }
+}
+
+impl Drop for LinkInner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Dials a broker. Verifies the broker's certificate (CA and `server_name`, by `client_tls`),
+/// then that its identity is a broker ([`LinkError::WrongPeer`] otherwise). The whole
+/// handshake is bounded by `cfg.handshake_timeout`.
+pub async fn dial(
+    addr: SocketAddr,
+    server_name: &str,
+    transport: Transport,
+    client_tls: Arc<rustls::ClientConfig>,
+    cfg: &LinkConfig,
+) -> Result<Link, LinkError> {
+    let attempt = async {
+        match transport {
+            Transport::Quic => quic::dial(addr, server_name, client_tls, cfg).await,
+            Transport::Tls => tls::dial(addr, server_name, client_tls, cfg).await,
+        }
+    };
+    let r = match tokio::time::timeout(cfg.handshake_timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(LinkError::Timeout("handshake")),
+    };
+    if let Err(e) = &r {
+        telemetry::handshake_failed(transport);
+        debug!(%addr, transport = transport.as_str(), error = %e, "dial failed");
+    }
+    r
+}
+
+/// Accepts links on a QUIC and/or a TCP address.
+pub struct Listener {
+    quic_addr: Option<SocketAddr>,
+    tcp_addr: Option<SocketAddr>,
+    links: tokio::sync::Mutex<mpsc::Receiver<Link>>,
+    stop: CancellationToken,
+    endpoint: Option<quinn::Endpoint>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("quic_addr", &self.quic_addr)
+            .field("tcp_addr", &self.tcp_addr)
+            .finish()
+    }
+}
+
+impl Listener {
+    /// Binds the given addresses (port 0 picks one; see [`Listener::quic_addr`] and
+    /// [`Listener::tcp_addr`]) and starts accepting. `server_tls` serves both transports; it
+    /// should require client certificates (`ClientAuth::Required`) and offer ALPN
+    /// [`crate::ALPN`]. Links without a client certificate are refused either way.
+    pub async fn bind(
+        quic: Option<SocketAddr>,
+        tcp: Option<SocketAddr>,
+        server_tls: Arc<rustls::ServerConfig>,
+        cfg: LinkConfig,
+    ) -> Result<Listener, LinkError> {
+        let stop = CancellationToken::new();
+        let handshakes = Arc::new(Semaphore::new(cfg.max_pending_handshakes.max(1)));
+        let (tx, rx) = mpsc::channel(64);
+        let cfg = Arc::new(cfg);
+
+        let mut tcp_addr = None;
+        let tcp_listener = match tcp {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).await?;
+                tcp_addr = Some(l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
+        let mut quic_addr = None;
+        let endpoint = match quic {
+            Some(addr) => {
+                let e = quic::server_endpoint(addr, server_tls.clone(), &cfg)?;
+                quic_addr = Some(e.local_addr()?);
+                Some(e)
+            }
+            None => None,
+        };
+        if let Some(l) = tcp_listener {
+            let acceptor = TlsAcceptor::from(server_tls);
+            tokio::spawn(accept_tcp(
+                l,
+                acceptor,
+                handshakes.clone(),
+                tx.clone(),
+                cfg.clone(),
+                stop.clone(),
+            ));
+        }
+        if let Some(e) = &endpoint {
+            tokio::spawn(accept_quic(e.clone(), handshakes, tx, cfg, stop.clone()));
+        }
+        info!(?quic_addr, ?tcp_addr, "listening");
+        Ok(Listener {
+            quic_addr,
+            tcp_addr,
+            links: tokio::sync::Mutex::new(rx),
+            stop,
+            endpoint,
+        })
+    }
+
+    /// The bound QUIC (UDP) address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
+    }
+
+    /// The bound TCP address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// The next link whose handshake (with client certificate) completed; `None` once the
+    /// listener is closed. Failed or slow handshakes are logged and skipped, never returned.
+    pub async fn accept(&self) -> Option<Link> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let mut links = self.links.lock().await;
+        tokio::select! {
+            () = self.stop.cancelled() => None,
+            l = links.recv() => l,
+        }
+    }
+
+    /// Stops accepting: no new links, `accept` returns `None`. Links already accepted stay
+    /// up (close them one by one).
+    pub fn close(&self) {
+        self.stop.cancel();
+        if let Some(e) = &self.endpoint {
+            e.set_server_config(None);
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn accept_tcp(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshakes: Arc<Semaphore>,
+    tx: mpsc::Sender<Link>,
+    cfg: Arc<LinkConfig>,
+    stop: CancellationToken,
+) {
+    loop {
+        // A slot first: while every slot is taken, new connections wait in the kernel's
+        // backlog rather than in our memory.
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = handshakes.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (tcp, remote) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Typically EMFILE/ENFILE: back off instead of spinning.
+                    warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, tx, cfg) = (acceptor.clone(), tx.clone(), cfg.clone());
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(
+                cfg.handshake_timeout,
+                tls::accept(tcp, remote, acceptor, &cfg),
+            )
+            .await;
+            // The slot is held until the link is handed over, so links nobody accepts
+            // cannot pile up beyond the handshake limit.
+            deliver(r, Transport::Tls, remote, &tx).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn accept_quic(
+    endpoint: quinn::Endpoint,
+    handshakes: Arc<Semaphore>,
+    tx: mpsc::Sender<Link>,
+    cfg: Arc<LinkConfig>,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = handshakes.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let incoming = tokio::select! {
+            () = stop.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let (tx, cfg) = (tx.clone(), cfg.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let r = tokio::time::timeout(cfg.handshake_timeout, quic::accept(incoming)).await;
+            deliver(r, Transport::Quic, remote, &tx).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Hands a finished handshake to `accept`, or logs and counts its failure.
+async fn deliver(
+    r: Result<Result<Link, LinkError>, tokio::time::error::Elapsed>,
+    transport: Transport,
+    remote: SocketAddr,
+    tx: &mpsc::Sender<Link>,
+) {
+    let err = match r {
+        Ok(Ok(link)) => {
+            // Err: the listener is gone; dropping the link closes it.
+            let _ = tx.send(link).await;
+            return;
+        }
+        Ok(Err(e)) => e,
+        Err(_) => LinkError::Timeout("handshake"),
+    };
+    telemetry::handshake_failed(transport);
+    if err.is_peer_fault() {
+        info!(%remote, transport = transport.as_str(), error = %err, "handshake refused");
+    } else {
+        debug!(%remote, transport = transport.as_str(), error = %err, "handshake failed");
+    }
+}

@@ -1,0 +1,156 @@
+//! QUIC links (quinn): endpoint and transport configuration, handshakes.
+//!
+//! Streams are QUIC bidi streams. Stream limits enforce who opens: the side that must not be
+//! opened at advertises `max_concurrent_bidi_streams = 0`. The listener does not know the
+//! dialer's role before the handshake, so it starts at `max_streams` and lowers the limit to 0
+//! for connector links. quinn's defaults for GSO/GRO and ECN stay on.
+//!
+//! The negotiated key exchange group is read from the ServerHello (see `quic_kx.rs`), because
+//! quinn does not expose rustls's answer.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
+use rustls::pki_types::CertificateDer;
+use tracing::info;
+use umbra_pki::kx_group_name;
+use umbra_proto::Role;
+
+use crate::error::{LinkError, from_conn};
+use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
+use crate::quic_kx::{KxClientConfig, KxServerConfig, QuicHandshake};
+use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
+
+fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportConfig, LinkError> {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(cfg.stream_window))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .max_concurrent_bidi_streams(VarInt::from_u32(if peer_may_open {
+            cfg.max_streams
+        } else {
+            0
+        }))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(cfg.keepalive))
+        .max_idle_timeout(Some(IdleTimeout::try_from(cfg.idle_timeout).map_err(|_| {
+            LinkError::Config("idle_timeout too large for QUIC".into())
+        })?));
+    Ok(t)
+}
+
+/// The listener's endpoint. `server_tls` must allow TLS 1.3 with the AES-128-GCM suite (QUIC's
+/// initial suite); every umbra-pki config does.
+pub(crate) fn server_endpoint(
+    addr: SocketAddr,
+    server_tls: Arc<rustls::ServerConfig>,
+    cfg: &LinkConfig,
+) -> Result<Endpoint, LinkError> {
+    let crypto = QuicServerConfig::try_from(server_tls)
+        .map_err(|e| LinkError::Config(format!("QUIC server TLS config: {e}")))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(KxServerConfig(Arc::new(crypto))));
+    sc.transport_config(Arc::new(transport_config(cfg, true)?));
+    // Connections waiting for a handshake slot; beyond this quinn refuses new ones.
+    sc.max_incoming(cfg.max_pending_handshakes.saturating_mul(4).max(64));
+    Ok(Endpoint::server(sc, addr)?)
+}
+
+/// Listener side: completes the handshake of an incoming connection. The caller bounds it
+/// with the handshake timeout.
+pub(crate) async fn accept(incoming: quinn::Incoming) -> Result<Link, LinkError> {
+    let remote = incoming.remote_address();
+    let conn = incoming
+        .accept()
+        .map_err(from_conn)?
+        .await
+        .map_err(from_conn)?;
+    let (peer, kx_group) = verified_peer(&conn)?;
+    let we_open = !dialer_opens(Some(peer.id.role));
+    if we_open {
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
+    }
+    let span = link_span(&peer, Transport::Quic, &kx_group, remote);
+    Ok(Link::new(LinkParts {
+        peer,
+        transport: Transport::Quic,
+        kx_group,
+        remote,
+        opener: we_open,
+        span,
+        conn: Conn::Quic {
+            conn,
+            _endpoint: None,
+        },
+    }))
+}
+
+/// Dialer side, on an endpoint of its own (dropped with the link). The caller bounds it with
+/// the handshake timeout.
+pub(crate) async fn dial(
+    addr: SocketAddr,
+    server_name: &str,
+    client_tls: Arc<rustls::ClientConfig>,
+    cfg: &LinkConfig,
+) -> Result<Link, LinkError> {
+    let we_open = dialer_opens(own_role(&client_tls));
+    let crypto = QuicClientConfig::try_from(client_tls)
+        .map_err(|e| LinkError::Config(format!("QUIC client TLS config: {e}")))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(KxClientConfig(Arc::new(crypto))));
+    cc.transport_config(Arc::new(transport_config(cfg, !we_open)?));
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = Endpoint::client(bind)?;
+    let conn = endpoint
+        .connect_with(cc, addr, server_name)?
+        .await
+        .map_err(from_conn)?;
+    let (peer, kx_group) = verified_peer(&conn)?;
+    if peer.id.role != Role::Broker {
+        info!(peer = %peer.id, "dialed server is not a broker");
+        conn.close(VarInt::from_u32(0), b"not a broker");
+        return Err(LinkError::WrongPeer);
+    }
+    let span = link_span(&peer, Transport::Quic, &kx_group, addr);
+    Ok(Link::new(LinkParts {
+        peer,
+        transport: Transport::Quic,
+        kx_group,
+        remote: addr,
+        opener: we_open,
+        span,
+        conn: Conn::Quic {
+            conn,
+            _endpoint: Some(endpoint),
+        },
+    }))
+}
+
+/// ALPN, peer identity from the leaf, and key exchange group of an established connection.
+fn verified_peer(conn: &quinn::Connection) -> Result<(umbra_pki::PeerCert, String), LinkError> {
+    let hs = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<QuicHandshake>().ok());
+    let Some(hs) = hs else {
+        return Err(LinkError::Handshake("no handshake data"));
+    };
+    if hs.protocol.as_deref() != Some(ALPN) {
+        return Err(LinkError::Handshake("ALPN umbra/1 not negotiated"));
+    }
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let leaf = certs
+        .as_deref()
+        .and_then(|c| c.first())
+        .ok_or(LinkError::Handshake("no peer certificate"))?;
+    let peer = umbra_pki::peer_cert(leaf).map_err(LinkError::PeerIdentity)?;
+    let kx = hs
+        .kx_group
+        .map_or_else(|| "unknown".to_owned(), kx_group_name);
+    Ok((peer, kx))
+}

@@ -1,0 +1,170 @@
+//! The relay copy loops: stream to stream (the broker) and TCP to stream (agent and connector).
+//!
+//! Both run the two directions concurrently in the caller's task and end when both have
+//! ended:
+//! - half-close: end of input one way finishes (mux) or shuts down (TCP) the other side's
+//!   write half, and the other direction keeps running until it ends too;
+//! - idle timeout: no chunk moved either way for `idle` (checked every `idle / 4`) ends the
+//!   relay with [`LinkError::Timeout`]; `Duration::ZERO` disables it;
+//! - any error ends both directions and resets both streams (the TCP connection is closed).
+//!
+//! Per chunk the loops do no allocation of their own, take no lock and read no clock: byte
+//! counts go to [`Counters`] and to metric handles resolved once per relay (relaxed atomic
+//! adds). `relay_streams` forwards the received [`Bytes`] as they are (no copy, no buffer, so
+//! an idle stream holds no buffer memory); `relay_tcp` reads TCP into one [`BytesMut`] per
+//! direction and hands out frozen slices of it; `reserve` reuses the allocation once the
+//! transport has dropped the previous chunks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use metrics::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{Instrument, debug};
+
+use crate::error::LinkError;
+use crate::stream::{RecvHalf, SendHalf, Stream};
+use crate::telemetry;
+
+/// Size of TCP reads.
+const TCP_CHUNK: usize = 64 * 1024;
+/// Below this much spare room the read buffer is re-reserved to `TCP_CHUNK`.
+const TCP_MIN_READ: usize = 16 * 1024;
+
+/// Bytes relayed, shared by reference (or `Arc`) with whoever reports them.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Towards the service: `a -> b` in [`relay_streams`], TCP -> stream in [`relay_tcp`].
+    pub up: AtomicU64,
+    /// Back towards the client.
+    pub down: AtomicU64,
+}
+
+/// Relays between two streams until both directions have ended (see the module docs).
+/// `up` counts `a -> b`. Runs in `a`'s span.
+pub async fn relay_streams(
+    a: Stream,
+    b: Stream,
+    idle: Duration,
+    counters: &Counters,
+) -> Result<(), LinkError> {
+    let (mut a_send, mut a_recv, span) = a.into_parts();
+    let (mut b_send, mut b_recv, _) = b.into_parts();
+    let (m_up, m_down) = telemetry::relay_bytes();
+    let progress = AtomicU64::new(0);
+    let r = async {
+        let up = pump(&mut a_recv, &mut b_send, &progress, &counters.up, &m_up);
+        let down = pump(&mut b_recv, &mut a_send, &progress, &counters.down, &m_down);
+        tokio::select! {
+            r = async { tokio::try_join!(up, down).map(|_| ()) } => r,
+            () = idle_watch(&progress, idle) => Err(LinkError::Timeout("relay idle")),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    if let Err(e) = &r {
+        debug!(parent: &span, error = %e, "relay ended");
+        a_send.reset();
+        a_recv.stop();
+        b_send.reset();
+        b_recv.stop();
+    }
+    r
+}
+
+async fn pump(
+    src: &mut RecvHalf,
+    dst: &mut SendHalf,
+    progress: &AtomicU64,
+    total: &AtomicU64,
+    metric: &Counter,
+) -> Result<(), LinkError> {
+    while let Some(chunk) = src.recv().await? {
+        let n = chunk.len() as u64;
+        dst.send(chunk).await?;
+        total.fetch_add(n, Ordering::Relaxed);
+        metric.increment(n);
+        progress.fetch_add(1, Ordering::Relaxed);
+    }
+    dst.finish()
+}
+
+/// Relays between a TCP connection and a stream until both directions have ended (see the
+/// module docs). `up` counts TCP -> stream. Runs in the stream's span.
+pub async fn relay_tcp(
+    mut tcp: TcpStream,
+    s: Stream,
+    idle: Duration,
+    counters: &Counters,
+) -> Result<(), LinkError> {
+    let (mut send, mut recv, span) = s.into_parts();
+    let (m_up, m_down) = telemetry::relay_bytes();
+    let progress = AtomicU64::new(0);
+    let (mut rd, mut wr) = tcp.split();
+    let r = async {
+        let up = async {
+            let mut buf = BytesMut::with_capacity(TCP_CHUNK);
+            loop {
+                if buf.capacity() < TCP_MIN_READ {
+                    buf.reserve(TCP_CHUNK);
+                }
+                if rd.read_buf(&mut buf).await? == 0 {
+                    break;
+                }
+                let chunk = buf.split().freeze();
+                let n = chunk.len() as u64;
+                send.send(chunk).await?;
+                counters.up.fetch_add(n, Ordering::Relaxed);
+                m_up.increment(n);
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            send.finish()
+        };
+        let down = async {
+            while let Some(chunk) = recv.recv().await? {
+                wr.write_all(&chunk).await?;
+                let n = chunk.len() as u64;
+                counters.down.fetch_add(n, Ordering::Relaxed);
+                m_down.increment(n);
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            wr.shutdown().await?;
+            Ok::<(), LinkError>(())
+        };
+        tokio::select! {
+            r = async { tokio::try_join!(up, down).map(|_| ()) } => r,
+            () = idle_watch(&progress, idle) => Err(LinkError::Timeout("relay idle")),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    if let Err(e) = &r {
+        debug!(parent: &span, error = %e, "relay ended");
+        send.reset();
+        recv.stop();
+    }
+    r
+}
+
+/// Returns once `progress` has not moved for `idle` (never, for a zero `idle`).
+async fn idle_watch(progress: &AtomicU64, idle: Duration) {
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = progress.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = progress.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= idle {
+            return;
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! One bidirectional stream on a link, over either transport: header-frame I/O for the
+//! stream's first exchange, then chunk I/O for the data phase.
+//!
+//! Chunks are [`Bytes`] handed to and taken from quinn and h2 without copying. On QUIC a
+//! stream is a QUIC bidi stream; on TLS links it is one HTTP/2 request/response pair whose
+//! bodies carry the bytes (headers carry nothing of meaning).
+//!
+//! Semantics shared by both transports:
+//! - [`Stream::finish`] half-closes: the peer's `recv_chunk` returns `None` once it has read
+//!   everything; this side can keep receiving.
+//! - [`Stream::reset`] aborts both ways; so does dropping a `Stream` whose sending half was not
+//!   finished (data still queued may then be lost; call `finish` after a final reply).
+//! - The peer learns of a stream opened with [`crate::Link::open`] when the opener first writes
+//!   (QUIC announces streams with their first frame); every Umbra stream starts with the
+//!   opener's header frame, so this never delays anything.
+//! - Nothing here has a deadline. Callers bound frame reads and writes with
+//!   `tokio::time::timeout`; `read_frame` keeps partial input across a cancelled call, so a
+//!   timed-out read can be retried, but usually the stream is reset instead.
+
+use std::future::poll_fn;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use tracing::Span;
+use umbra_proto::Frame;
+use umbra_proto::frame::FrameError;
+
+use crate::error::{LinkError, from_h2};
+
+/// One bidirectional stream. See the module docs for half-close and reset semantics.
+pub struct Stream {
+    id: u64,
+    pub(crate) send: SendHalf,
+    pub(crate) recv: RecvHalf,
+    span: Span,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("id", &self.id).finish()
+    }
+}
+
+impl Stream {
+    pub(crate) fn new(id: u64, send: SendHalf, recv: RecvHalf, link_span: &Span) -> Stream {
+        let span = tracing::info_span!(parent: link_span, "stream", id);
+        Stream {
+            id,
+            send,
+            recv,
+            span,
+        }
+    }
+
+    /// The transport's stream id (QUIC stream id, or HTTP/2 stream id), unique on its link.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// This stream's tracing span (child of its link's span, field `id`).
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Reads one header frame.
+    ///
+    /// Input is refused as soon as its 4-byte header is bad (version, kind, or a length over
+    /// [`umbra_proto::frame::MAX_PAYLOAD`]), so at most one frame's worth is ever buffered.
+    /// Bytes after the frame are kept and returned first by [`Stream::recv_chunk`].
+    /// Errors: [`LinkError::Frame`] for malformed input, [`LinkError::StreamEnded`] if the peer
+    /// finished first. No deadline: wrap in `tokio::time::timeout`.
+    pub async fn read_frame(&mut self) -> Result<Frame, LinkError> {
+        self.recv.read_frame().await
+    }
+
+    /// Writes one header frame. [`LinkError::Encode`] if a field is too long to encode.
+    pub async fn write_frame(&mut self, f: &Frame) -> Result<(), LinkError> {
+        let mut v = Vec::with_capacity(64);
+        f.encode(&mut v).map_err(LinkError::Encode)?;
+        self.send.send(Bytes::from(v)).await
+    }
+
+    /// Next chunk of data from the peer; `None` once the peer has finished its half.
+    pub async fn recv_chunk(&mut self) -> Result<Option<Bytes>, LinkError> {
+        self.recv.recv().await
+    }
+
+    /// Sends a chunk, waiting for flow-control credit (on TLS links the chunk is cut to the
+    /// credit available, so at most one stream window is ever queued per stream).
+    pub async fn send_chunk(&mut self, b: Bytes) -> Result<(), LinkError> {
+        self.send.send(b).await
+    }
+
+    /// Half-closes: no more data from this side. Idempotent.
+    pub async fn finish(&mut self) -> Result<(), LinkError> {
+        self.send.finish()
+    }
+
+    /// Aborts the stream both ways: the peer's reads and writes fail with
+    /// [`LinkError::StreamReset`].
+    pub fn reset(&mut self) {
+        self.send.reset();
+        self.recv.stop();
+    }
+
+    pub(crate) fn into_parts(self) -> (SendHalf, RecvHalf, Span) {
+        (self.send, self.recv, self.span)
+    }
+}
+
+/// The sending half. Dropping it unfinished resets the stream.
+pub(crate) struct SendHalf {
+    inner: SendInner,
+    /// Finished or reset: nothing more may be sent, and drop has nothing to do.
+    done: bool,
+}
+
+enum SendInner {
+    Quic(quinn::SendStream),
+    H2(h2::SendStream<Bytes>),
+}
+
+impl SendHalf {
+    pub(crate) fn quic(s: quinn::SendStream) -> SendHalf {
+        SendHalf {
+            inner: SendInner::Quic(s),
+            done: false,
+        }
+    }
+
+    pub(crate) fn h2(s: h2::SendStream<Bytes>) -> SendHalf {
+        SendHalf {
+            inner: SendInner::H2(s),
+            done: false,
+        }
+    }
+
+    pub(crate) async fn send(&mut self, b: Bytes) -> Result<(), LinkError> {
+        if self.done {
+            return Err(LinkError::Closed);
+        }
+        if b.is_empty() {
+            return Ok(());
+        }
+        match &mut self.inner {
+            SendInner::Quic(s) => s.write_chunk(b).await.map_err(LinkError::from),
+            SendInner::H2(s) => h2_send(s, b).await,
+        }
+    }
+
+    pub(crate) fn finish(&mut self) -> Result<(), LinkError> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        match &mut self.inner {
+            SendInner::Quic(s) => s.finish().map_err(|_| LinkError::Closed),
+            SendInner::H2(s) => s.send_data(Bytes::new(), true).map_err(from_h2),
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.done = true;
+        match &mut self.inner {
+            // Errors mean the stream is already gone, which is what was asked for.
+            SendInner::Quic(s) => {
+                let _ = s.reset(quinn::VarInt::from_u32(0));
+            }
+            SendInner::H2(s) => s.send_reset(h2::Reason::CANCEL),
+        }
+    }
+}
+
+impl Drop for SendHalf {
+    fn drop(&mut self) {
+        // quinn would finish an unfinished stream on drop, which would make an aborted
+        // transfer look complete to the peer; h2 resets. Make both reset.
+        if !self.done {
+            self.reset();
+        }
+    }
+}
+
+/// Sends `b` on an h2 stream within flow control: reserve, wait for credit, send what the
+/// credit allows, repeat. h2 buffers only what was granted, so a slow peer stalls us instead
+/// of growing a buffer.
+async fn h2_send(s: &mut h2::SendStream<Bytes>, mut b: Bytes) -> Result<(), LinkError> {
+    while !b.is_empty() {
+        s.reserve_capacity(b.len());
+        let mut cap = s.capacity();
+        while cap == 0 {
+            match poll_fn(|cx| s.poll_capacity(cx)).await {
+                Some(Ok(_)) => cap = s.capacity(),
+                Some(Err(e)) => return Err(from_h2(e)),
+                None => return Err(h2_send_gone(s)),
+            }
+        }
+        let piece = if cap >= b.len() {
+            std::mem::take(&mut b)
+        } else {
+            b.split_to(cap)
+        };
+        s.send_data(piece, false).map_err(from_h2)?;
+    }
+    Ok(())
+}
+
+/// Why an h2 stream no longer accepts data: the peer's reset code if there was one.
+fn h2_send_gone(s: &mut h2::SendStream<Bytes>) -> LinkError {
+    let mut cx = Context::from_waker(Waker::noop());
+    match s.poll_reset(&mut cx) {
+        Poll::Ready(Ok(r)) => LinkError::StreamReset(u64::from(u32::from(r))),
+        Poll::Ready(Err(e)) => from_h2(e),
+        Poll::Pending => LinkError::Closed,
+    }
+}
+
+/// The receiving half, with the bytes read past a header frame.
+pub(crate) struct RecvHalf {
+    inner: RecvInner,
+    /// Bytes that followed the last header frame in its chunk: the data phase starts here.
+    leftover: Option<Bytes>,
+    /// A header frame spanning chunks, kept across cancelled `read_frame` calls.
+    partial: BytesMut,
+}
+
+enum RecvInner {
+    Quic(quinn::RecvStream),
+    /// Opener side on TLS links: the body arrives with the response headers.
+    H2Pending(h2::client::ResponseFuture),
+    H2(h2::RecvStream),
+    Ended,
+}
+
+impl RecvHalf {
+    fn with(inner: RecvInner) -> RecvHalf {
+        RecvHalf {
+            inner,
+            leftover: None,
+            partial: BytesMut::new(),
+        }
+    }
+
+    pub(crate) fn quic(r: quinn::RecvStream) -> RecvHalf {
+        RecvHalf::with(RecvInner::Quic(r))
+    }
+
+    pub(crate) fn h2(r: h2::RecvStream) -> RecvHalf {
+        RecvHalf::with(RecvInner::H2(r))
+    }
+
+    pub(crate) fn h2_pending(f: h2::client::ResponseFuture) -> RecvHalf {
+        RecvHalf::with(RecvInner::H2Pending(f))
+    }
+
+    pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, LinkError> {
+        if let Some(b) = self.leftover.take() {
+            return Ok(Some(b));
+        }
+        self.recv_raw().await
+    }
+
+    async fn recv_raw(&mut self) -> Result<Option<Bytes>, LinkError> {
+        loop {
+            match &mut self.inner {
+                RecvInner::Quic(r) => {
+                    return match r.read_chunk(usize::MAX, true).await? {
+                        Some(c) => Ok(Some(c.bytes)),
+                        None => {
+                            self.inner = RecvInner::Ended;
+                            Ok(None)
+                        }
+                    };
+                }
+                RecvInner::H2Pending(f) => {
+                    let resp = f.await.map_err(from_h2)?;
+                    self.inner = RecvInner::H2(resp.into_body());
+                }
+                RecvInner::H2(r) => match r.data().await {
+                    Some(Ok(b)) => {
+                        // Credit goes back as soon as h2 hands the bytes over: from here on
+                        // they are ours, and the relay holds at most one chunk per direction.
+                        let _ = r.flow_control().release_capacity(b.len());
+                        if !b.is_empty() {
+                            return Ok(Some(b));
+                        }
+                    }
+                    Some(Err(e)) => return Err(from_h2(e)),
+                    None => {
+                        self.inner = RecvInner::Ended;
+                        return Ok(None);
+                    }
+                },
+                RecvInner::Ended => return Ok(None),
+            }
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, LinkError> {
+        loop {
+            let chunk = match self.recv().await? {
+                Some(c) => c,
+                None if self.partial.is_empty() => return Err(LinkError::StreamEnded),
+                None => return Err(LinkError::Frame(FrameError::Truncated)),
+            };
+            if self.partial.is_empty() {
+                // Usual case: the whole frame in one chunk, decoded in place.
+                match Frame::decode(&chunk)? {
+                    Some((f, used)) => {
+                        if used < chunk.len() {
+                            self.leftover = Some(chunk.slice(used..));
+                        }
+                        return Ok(f);
+                    }
+                    None => self.partial.extend_from_slice(&chunk),
+                }
+            } else {
+                // `decode` has accepted the header, so `partial` stays below one maximal
+                // frame plus one chunk.
+                self.partial.extend_from_slice(&chunk);
+                if let Some((f, used)) = Frame::decode(&self.partial)? {
+                    let rest = self.partial.split_off(used);
+                    self.partial = BytesMut::new();
+                    if !rest.is_empty() {
+                        self.leftover = Some(rest.freeze());
+                    }
+                    return Ok(f);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn stop(&mut self) {
+        if let RecvInner::Quic(r) = &mut self.inner {
+            // Err: already finished or stopped.
+            let _ = r.stop(quinn::VarInt::from_u32(0));
+        }
+        self.inner = RecvInner::Ended;
+        self.leftover = None;
+    }
+}

@@ -1,0 +1,31 @@
+//! Metric names and labels of this crate (the binary installs the recorder).
+//!
+//! - `umbra_links{transport}` gauge: links currently up.
+//! - `umbra_link_handshake_failures_total{transport}` counter: failed handshakes, listening
+//!   and dialing.
+//! - `umbra_relay_bytes_total{direction}` counter: bytes relayed, `up` (towards the service)
+//!   and `down`.
+//!
+//! Handles are resolved once per link or relay, never per chunk: an increment on a handle is
+//! one atomic add in the Prometheus recorder.
+
+use metrics::{Counter, Gauge};
+
+use crate::transport::Transport;
+
+pub(crate) fn links(t: Transport) -> Gauge {
+    metrics::gauge!("umbra_links", "transport" => t.as_str())
+}
+
+pub(crate) fn handshake_failed(t: Transport) {
+    metrics::counter!("umbra_link_handshake_failures_total", "transport" => t.as_str())
+        .increment(1);
+}
+
+/// Relay byte counters, (up, down).
+pub(crate) fn relay_bytes() -> (Counter, Counter) {
+    (
+        metrics::counter!("umbra_relay_bytes_total", "direction" => "up"),
+        metrics::counter!("umbra_relay_bytes_total", "direction" => "down"),
+    )
+}

@@ -1,0 +1,110 @@
+//! Which transport a link uses, and the knobs shared by both.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// ALPN protocol id of Umbra links, on QUIC and on TLS over TCP alike.
+pub const ALPN: &[u8] = b"umbra/1";
+
+/// Connection-level receive window (QUIC) and HTTP/2 connection window (TLS). Per-stream
+/// windows ([`LinkConfig::stream_window`]) bound each stream; this bounds the sum, so it is
+/// what one link may buffer at a receiver in the worst case, and it must be large enough that
+/// several busy streams do not starve each other at multi-Gbit/s.
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Largest HTTP/2 DATA frame we accept (the peer's senders cut frames to this). Larger than
+/// the 16 KiB default so that a 64 KiB relay chunk goes out as one frame.
+pub(crate) const H2_MAX_FRAME: u32 = 64 * 1024;
+
+/// Largest HTTP/2 header block we accept: our requests carry none beyond the pseudo-headers.
+pub(crate) const H2_MAX_HEADER_LIST: u32 = 4 * 1024;
+
+/// The two transports behind [`crate::Link`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// QUIC (quinn), UDP.
+    Quic,
+    /// TLS 1.3 over TCP with HTTP/2 as the stream multiplexer (the fallback where UDP is
+    /// blocked).
+    Tls,
+}
+
+impl Transport {
+    /// Name in logs, metrics and configuration: `"quic"` or `"tcp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tls => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no transport.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport {0:?} (expected \"quic\" or \"tcp\")")]
+pub struct UnknownTransport(pub String);
+
+impl FromStr for Transport {
+    type Err = UnknownTransport;
+    /// Accepts `"quic"`, and `"tcp"` (or its alias `"tls"`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quic" => Ok(Transport::Quic),
+            "tcp" | "tls" => Ok(Transport::Tls),
+            other => Err(UnknownTransport(other.to_owned())),
+        }
+    }
+}
+
+/// Timers and limits of links. The same values serve both transports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Deadline for a whole handshake: TCP connect or QUIC handshake, TLS, and on TLS links
+    /// the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// A link whose peer has not been heard from for this long is closed (QUIC idle
+    /// timeout; on TLS links, a keepalive PING unanswered for this long).
+    pub idle_timeout: Duration,
+    /// Interval between keepalives (QUIC PING frames; HTTP/2 PINGs on TLS links).
+    pub keepalive: Duration,
+    /// Receive window per stream, in bytes: what one stream may have in flight.
+    pub stream_window: u32,
+    /// Most streams the peer may have open at once on one link.
+    pub max_streams: u32,
+    /// Most handshakes a [`crate::Listener`] runs at once; further connections wait.
+    pub max_pending_handshakes: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(5),
+            stream_window: 256 * 1024,
+            max_streams: 10_000,
+            max_pending_handshakes: 256,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for t in [Transport::Quic, Transport::Tls] {
+            assert_eq!(t.as_str().parse::<Transport>(), Ok(t));
+        }
+        assert_eq!("tls".parse::<Transport>(), Ok(Transport::Tls));
+        assert!("udp".parse::<Transport>().is_err());
+    }
+}

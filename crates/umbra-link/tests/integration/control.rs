@@ -1,0 +1,176 @@
+//! ControllerClient and fetch_pinned_ca against a minimal HTTPS/1.1 server (hand-rolled, so
+//! the test needs no HTTP server crate).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use umbra_link::{ControllerClient, LinkError, fetch_pinned_ca};
+use umbra_pki::ClientAuth;
+use umbra_proto::Role;
+
+use crate::common::{Org, soon};
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Thing {
+    n: u32,
+    who: String,
+}
+
+/// Serves one request per connection; answers depend on the path.
+async fn server(org: &Org) -> String {
+    let id = org.identity_with(
+        Role::Controller,
+        "ctl",
+        vec!["127.0.0.1".into()],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    );
+    let tls = umbra_pki::server_config(&id, ClientAuth::Optional, &[b"http/1.1"], false).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let ca_pem = org.ca.cert_pem().to_owned();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            let ca_pem = ca_pem.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let who = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| umbra_pki::peer_cert(c).ok())
+                    .map_or_else(|| "anonymous".to_owned(), |p| p.id.to_uri());
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let head_end = loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "request cut short");
+                    req.extend_from_slice(&buf[..n]);
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                while req.len() < head_end + len {
+                    let n = s.read(&mut buf).await.unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                }
+                let body = &req[head_end..head_end + len];
+                let bearer = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization: "))
+                    .unwrap_or("")
+                    .to_owned();
+                let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                let (status, ctype, out): (&str, &str, Vec<u8>) = match path.as_str() {
+                    "/v1/thing" => (
+                        "200 OK",
+                        "application/json",
+                        serde_json::to_vec(&Thing { n: 1, who }).unwrap(),
+                    ),
+                    "/v1/echo" => {
+                        let mut t: Thing = serde_json::from_slice(body).unwrap();
+                        t.n += 1;
+                        t.who = who;
+                        ("200 OK", "application/json", serde_json::to_vec(&t).unwrap())
+                    }
+                    "/v1/bearer" => (
+                        "200 OK",
+                        "application/json",
+                        serde_json::to_vec(&Thing { n: 0, who: bearer }).unwrap(),
+                    ),
+                    "/v1/poll" => ("204 No Content", "application/json", vec![]),
+                    "/v1/ca.pem" => ("200 OK", "application/x-pem-file", ca_pem.into_bytes()),
+                    _ => (
+                        "404 Not Found",
+                        "application/json",
+                        br#"{"error":"no such thing","field":"id"}"#.to_vec(),
+                    ),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    out.len()
+                );
+                s.write_all(resp.as_bytes()).await.unwrap();
+                s.write_all(&out).await.unwrap();
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_client_json_errors_and_identity() {
+    let org = Org::new();
+    let url = server(&org).await;
+    let agent = org.identity(Role::Agent, "dev1");
+
+    let anon = ControllerClient::new(&url, &org.ca.cert_der(), None).unwrap();
+    let t: Thing = soon("get", anon.get("/v1/thing")).await.unwrap();
+    assert_eq!(t, Thing { n: 1, who: "anonymous".into() });
+
+    let c = ControllerClient::new(&format!("{url}/"), &org.ca.cert_der(), Some(&agent)).unwrap();
+    let t: Thing = soon("get", c.get("/v1/thing")).await.unwrap();
+    assert_eq!(t.who, "umbra://default/agent/dev1");
+    let t: Thing = soon("post", c.post("/v1/echo", &Thing { n: 41, who: String::new() }))
+        .await
+        .unwrap();
+    assert_eq!(t, Thing { n: 42, who: "umbra://default/agent/dev1".into() });
+
+    match soon("404", c.get::<Thing>("/v1/nope")).await {
+        Err(LinkError::Api { status, error }) => {
+            assert_eq!(status, 404);
+            assert_eq!(error.error, "no such thing");
+            assert_eq!(error.field.as_deref(), Some("id"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(soon("204", c.get_opt::<Thing>("/v1/poll")).await.unwrap().is_none());
+    assert!(soon("200", c.get_opt::<Thing>("/v1/thing")).await.unwrap().is_some());
+
+    let admin = c.clone().with_bearer_token("s3cret").unwrap();
+    assert!(!format!("{admin:?}").contains("s3cret"));
+    let t: Thing = soon("bearer", admin.get("/v1/bearer")).await.unwrap();
+    assert_eq!(t.who, "Bearer s3cret");
+
+    // A server from another CA is not trusted.
+    let other = Org::new();
+    let distrust = ControllerClient::new(&url, &other.ca.cert_der(), None).unwrap();
+    assert!(matches!(
+        soon("untrusted", distrust.get::<Thing>("/v1/thing")).await,
+        Err(LinkError::Http(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_ca_fetch() {
+    let org = Org::new();
+    let url = server(&org).await;
+    let der = soon("fetch", fetch_pinned_ca(&url, &org.ca.sha256()))
+        .await
+        .unwrap();
+    assert_eq!(der, org.ca.cert_der());
+    let mut wrong = org.ca.sha256();
+    wrong[0] ^= 1;
+    assert!(matches!(
+        soon("fetch", fetch_pinned_ca(&url, &wrong)).await,
+        Err(LinkError::PinMismatch)
+    ));
+}

@@ -1,0 +1,443 @@
+//! Links and streams: handshakes, identities, who opens, frames, half-close, refusals.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use umbra_link::{Link, LinkConfig, LinkError, Stream, Transport, dial};
+use umbra_pki::broker_server_name;
+use umbra_proto::frame::FrameError;
+use umbra_proto::{DialCode, Flow, Frame, OpenCode, Role};
+
+use crate::common::{Org, addr, both, pattern, server_name, soon};
+
+async fn read_to_end(s: &mut Stream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(b) = s.recv_chunk().await.unwrap() {
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+async fn send_all(s: &mut Stream, data: &[u8]) {
+    for piece in data.chunks(50_000) {
+        s.send_chunk(Bytes::copy_from_slice(piece)).await.unwrap();
+    }
+}
+
+fn open_frame() -> Frame {
+    Frame::Open {
+        flow: Flow::Tcp,
+        service: "demo".into(),
+        credential: vec![],
+    }
+}
+
+/// Agent dials; identities, kx group, frames both ways, data echoed, half-close both ways.
+async fn agent_link_frames_echo_half_close(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let cfg = LinkConfig::default();
+    let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
+        .await
+        .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+
+    assert_eq!(link.transport(), t);
+    assert_eq!(server.transport(), t);
+    assert_eq!(link.peer().id.role, Role::Broker);
+    assert_eq!(link.peer().id.id, "b1");
+    assert_eq!(server.peer().id.to_uri(), "umbra://default/agent/dev1");
+    assert_eq!(link.kx_group(), "X25519MLKEM768");
+    assert_eq!(server.kx_group(), "X25519MLKEM768");
+    assert!(link.is_opener());
+    assert!(!server.is_opener());
+    assert!(matches!(server.open().await, Err(LinkError::NotOpener)));
+
+    let mut c = link.open().await.unwrap();
+    // Frame and first data back to back: the listener must keep the bytes after the frame.
+    c.write_frame(&open_frame()).await.unwrap();
+    c.send_chunk(Bytes::from_static(b"early")).await.unwrap();
+
+    let mut s = soon("stream", server.accept()).await.unwrap();
+    assert_eq!(soon("frame", s.read_frame()).await.unwrap(), open_frame());
+    s.write_frame(&Frame::OpenReply { code: OpenCode::Ok })
+        .await
+        .unwrap();
+    assert_eq!(
+        soon("reply", c.read_frame()).await.unwrap(),
+        Frame::OpenReply { code: OpenCode::Ok }
+    );
+
+    // Echo on the listener side: everything it receives goes back, then it finishes.
+    let echo = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(b) = s.recv_chunk().await.unwrap() {
+            got.extend_from_slice(&b);
+            s.send_chunk(b).await.unwrap();
+        }
+        // The client has finished; this side can still send.
+        s.send_chunk(Bytes::from_static(b"+after-your-finish"))
+            .await
+            .unwrap();
+        s.finish().await.unwrap();
+        got
+    });
+
+    // Less than one stream window, since this side sends everything before it reads (the
+    // relay tests move megabytes with both directions concurrent).
+    let data = pattern(128 * 1024, 7);
+    let sender = async {
+        send_all(&mut c, &data).await;
+        c.finish().await.unwrap();
+        read_to_end(&mut c).await
+    };
+    let back = soon("echo", sender).await;
+    let got = soon("echo task", echo).await.unwrap();
+    let mut expected = b"early".to_vec();
+    expected.extend_from_slice(&data);
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "listener received different bytes");
+    expected.extend_from_slice(b"+after-your-finish");
+    assert_eq!(back.len(), expected.len());
+    assert!(back == expected, "echo differs");
+
+    link.close();
+    soon("server sees close", server.closed()).await;
+    assert!(link.is_closed());
+}
+both!(agent_link_frames_echo_half_close);
+
+/// Connector dials; the broker (listener) opens streams, the connector accepts them.
+async fn listener_opens_on_connector_links(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let link = dial(
+        addr(&listener, t),
+        &server_name(),
+        t,
+        org.connector(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let broker = soon("accept", listener.accept()).await.unwrap();
+    assert_eq!(broker.peer().id.role, Role::Connector);
+    assert!(broker.is_opener());
+    assert!(!link.is_opener());
+    assert!(matches!(link.open().await, Err(LinkError::NotOpener)));
+
+    let dial_frame = Frame::Dial {
+        flow: Flow::Tcp,
+        stream_id: 42,
+        service: "demo".into(),
+        target: "127.0.0.1:80".into(),
+        principal: "alice".into(),
+    };
+    let mut b = broker.open().await.unwrap();
+    b.write_frame(&dial_frame).await.unwrap();
+    let mut c = soon("connector accepts", link.accept()).await.unwrap();
+    assert_eq!(soon("dial", c.read_frame()).await.unwrap(), dial_frame);
+    c.write_frame(&Frame::DialReply { code: DialCode::Ok })
+        .await
+        .unwrap();
+    c.send_chunk(Bytes::from_static(b"from connector"))
+        .await
+        .unwrap();
+    c.finish().await.unwrap();
+    assert_eq!(
+        soon("reply", b.read_frame()).await.unwrap(),
+        Frame::DialReply { code: DialCode::Ok }
+    );
+    assert_eq!(soon("data", read_to_end(&mut b)).await, b"from connector");
+    // The connector finished its half; the broker still sends.
+    b.send_chunk(Bytes::from_static(b"from broker")).await.unwrap();
+    b.finish().await.unwrap();
+    assert_eq!(soon("data", read_to_end(&mut c)).await, b"from broker");
+}
+both!(listener_opens_on_connector_links);
+
+/// Many streams at once on one link, each echoed independently.
+async fn many_concurrent_streams(t: Transport) {
+    const N: usize = 200;
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let link = dial(
+        addr(&listener, t),
+        &server_name(),
+        t,
+        org.agent(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(mut s) = server.accept().await {
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = s.recv_chunk().await {
+                    if s.send_chunk(b).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.finish().await;
+            });
+        }
+    });
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let link = link.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = link.open().await.unwrap();
+            let data = pattern(16 * 1024 + i, i as u64);
+            send_all(&mut s, &data).await;
+            s.finish().await.unwrap();
+            assert!(read_to_end(&mut s).await == data, "stream {i}");
+            s.id()
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(soon("stream task", task).await.unwrap());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "stream ids are unique");
+}
+both!(many_concurrent_streams);
+
+/// Malformed input gets `LinkError::Frame` (or `StreamEnded`) and only that stream suffers.
+async fn malformed_frames_are_errors(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let link = dial(
+        addr(&listener, t),
+        &server_name(),
+        t,
+        org.agent(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+
+    let cases: Vec<(&[u8], fn(&LinkError) -> bool)> = vec![
+        (&[9, 1, 0, 0], |e| {
+            matches!(e, LinkError::Frame(FrameError::Version(9)))
+        }),
+        (&[1, 0x7f, 0, 0], |e| {
+            matches!(e, LinkError::Frame(FrameError::UnknownKind(0x7f)))
+        }),
+        (&[1, 1, 0xff, 0xff], |e| {
+            matches!(e, LinkError::Frame(FrameError::TooLong(_)))
+        }),
+        (&[1, 2, 0, 1, 99], |e| {
+            matches!(e, LinkError::Frame(FrameError::BadValue(_)))
+        }),
+        // Truncated: a valid header, then the peer finishes.
+        (&[1, 1, 0, 10, 1], |e| {
+            matches!(e, LinkError::Frame(FrameError::Truncated))
+        }),
+        (&[], |e| matches!(e, LinkError::StreamEnded)),
+    ];
+    for (bytes, check) in cases {
+        let mut c = link.open().await.unwrap();
+        if bytes.is_empty() {
+            // QUIC announces a stream with its first frame: finishing an empty stream does.
+            c.finish().await.unwrap();
+        } else {
+            c.send_chunk(Bytes::copy_from_slice(bytes)).await.unwrap();
+            c.finish().await.unwrap();
+        }
+        let mut s = soon("stream", server.accept()).await.unwrap();
+        let e = soon("frame", s.read_frame()).await.unwrap_err();
+        assert!(check(&e), "{bytes:?}: {e:?}");
+        assert!(e.is_peer_fault());
+        s.reset();
+    }
+
+    // A frame dribbled one byte at a time is still read, and the link still works.
+    let mut c = link.open().await.unwrap();
+    let bytes = open_frame().to_bytes().unwrap();
+    let mut s = None;
+    for b in bytes {
+        c.send_chunk(Bytes::copy_from_slice(&[b])).await.unwrap();
+        if s.is_none() {
+            s = Some(soon("stream", server.accept()).await.unwrap());
+        }
+        tokio::task::yield_now().await;
+    }
+    let mut s = s.unwrap();
+    assert_eq!(soon("frame", s.read_frame()).await.unwrap(), open_frame());
+    assert!(!link.is_closed() && !server.is_closed());
+}
+both!(malformed_frames_are_errors);
+
+/// A reset reaches the peer as `StreamReset`, both ways.
+async fn reset_reaches_peer(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let link = dial(
+        addr(&listener, t),
+        &server_name(),
+        t,
+        org.agent(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+    let mut c = link.open().await.unwrap();
+    c.write_frame(&open_frame()).await.unwrap();
+    let mut s = soon("stream", server.accept()).await.unwrap();
+    s.read_frame().await.unwrap();
+    c.reset();
+    let e = soon("reset seen", s.recv_chunk()).await.unwrap_err();
+    assert!(matches!(e, LinkError::StreamReset(_)), "{e:?}");
+    // Dropping an unfinished stream resets it too.
+    let mut c = link.open().await.unwrap();
+    c.write_frame(&open_frame()).await.unwrap();
+    let mut s = soon("stream", server.accept()).await.unwrap();
+    s.read_frame().await.unwrap();
+    drop(c);
+    let e = soon("reset seen", s.recv_chunk()).await.unwrap_err();
+    assert!(matches!(e, LinkError::StreamReset(_)), "{e:?}");
+}
+both!(reset_reaches_peer);
+
+/// Servers that are not brokers are refused by the dialer.
+async fn dialer_refuses_non_brokers(t: Transport) {
+    let org = Org::new();
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    // An agent certificate cannot even serve TLS (no serverAuth EKU, no DNS name).
+    let agent = org.identity(Role::Agent, "dev9");
+    let l = umbra_link::Listener::bind(Some(lo), Some(lo), org.server_tls(&agent), LinkConfig::default())
+        .await
+        .unwrap();
+    let e = dial(addr(&l, t), &server_name(), t, org.agent(), &LinkConfig::default())
+        .await
+        .unwrap_err();
+    assert!(e.is_peer_fault(), "{e:?}");
+    // A controller certificate carrying the broker's DNS name passes TLS; the role check
+    // refuses it.
+    let ctl = org.identity_with(
+        Role::Controller,
+        "ctl",
+        vec![broker_server_name("b1")],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    );
+    let l = umbra_link::Listener::bind(Some(lo), Some(lo), org.server_tls(&ctl), LinkConfig::default())
+        .await
+        .unwrap();
+    let e = dial(addr(&l, t), &server_name(), t, org.agent(), &LinkConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LinkError::WrongPeer), "{e:?}");
+}
+both!(dialer_refuses_non_brokers);
+
+/// Dial outcome for a client the listener must refuse: TLS 1.3 clients finish their side of
+/// the handshake before the server checks their certificate, so the refusal shows either as
+/// a dial error or as the link closing at once.
+async fn refused(link: Result<Link, LinkError>) {
+    if let Ok(link) = link {
+        soon("refused link to close", link.closed()).await;
+    }
+}
+
+/// No certificate, a foreign CA's certificate, an expired certificate: refused, and the
+/// listener keeps serving a valid agent.
+async fn bad_clients_refused_listener_still_serves(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let a = addr(&listener, t);
+    let cfg = LinkConfig::default();
+
+    refused(dial(a, &server_name(), t, org.client_tls(None), &cfg).await).await;
+
+    let foreign = Org::new();
+    let stranger = foreign.identity(Role::Agent, "dev1");
+    let cfg_foreign = org.client_tls(Some(&stranger));
+    refused(dial(a, &server_name(), t, cfg_foreign, &cfg).await).await;
+
+    let day = Duration::from_secs(86_400);
+    let expired = org.identity_with(
+        Role::Agent,
+        "dev1",
+        vec![],
+        SystemTime::now() - 2 * day,
+        day,
+    );
+    refused(dial(a, &server_name(), t, org.client_tls(Some(&expired)), &cfg).await).await;
+
+    let good = dial(a, &server_name(), t, org.agent(), &cfg).await.unwrap();
+    let accepted = soon("accept", listener.accept()).await.unwrap();
+    assert_eq!(accepted.peer().id.to_uri(), "umbra://default/agent/dev1");
+    let mut s = good.open().await.unwrap();
+    s.write_frame(&open_frame()).await.unwrap();
+    let mut r = soon("stream", accepted.accept()).await.unwrap();
+    assert_eq!(r.read_frame().await.unwrap(), open_frame());
+}
+both!(bad_clients_refused_listener_still_serves);
+
+/// 200 TCP connections that send nothing, a few that send garbage, and a burst of UDP
+/// garbage do not keep a valid agent out, on either transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_do_not_block_valid_peers() {
+    let org = Org::new();
+    let cfg = LinkConfig {
+        handshake_timeout: Duration::from_secs(20),
+        ..LinkConfig::default()
+    };
+    let listener = org.listener(cfg.clone()).await;
+    let tcp = listener.tcp_addr().unwrap();
+    let udp = listener.quic_addr().unwrap();
+
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        stalled.push(tokio::net::TcpStream::connect(tcp).await.unwrap());
+    }
+    for i in 0..20u64 {
+        let mut s = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        s.write_all(&pattern(3000, i)).await.unwrap();
+        stalled.push(s);
+    }
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..2000u64 {
+        let len = 1 + (i as usize * 37) % 1400;
+        let mut g = pattern(len, i);
+        if i % 2 == 0 {
+            // Looks like a QUIC long header (Initial), then garbage.
+            g[0] = 0xc0 | (g[0] & 0x0f);
+        }
+        let _ = sock.send_to(&g, udp).await;
+    }
+
+    for t in [Transport::Quic, Transport::Tls] {
+        let started = tokio::time::Instant::now();
+        let link = tokio::time::timeout(
+            Duration::from_secs(5),
+            dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg),
+        )
+        .await
+        .expect("valid agent kept out")
+        .unwrap();
+        let accepted = soon("accept", listener.accept()).await.unwrap();
+        assert_eq!(accepted.peer().id.role, Role::Agent);
+        assert_eq!(accepted.transport(), t);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(link);
+    }
+    drop(stalled);
+}
+
+/// `Listener::close` ends `accept`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_close_ends_accept() {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    listener.close();
+    assert!(soon("accept after close", listener.accept()).await.is_none());
+}

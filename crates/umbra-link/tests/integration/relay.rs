@@ -1,0 +1,319 @@
+//! The relay loops, chained as in production:
+//! TCP client -> agent `relay_tcp` -> link -> broker `relay_streams` -> link -> connector
+//! `relay_tcp` -> TCP echo server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use umbra_link::{
+    Counters, Link, LinkConfig, LinkError, Transport, dial, relay_streams, relay_tcp,
+};
+use umbra_proto::{DialCode, Flow, Frame, OpenCode, Role};
+
+use crate::common::{Org, addr, both, pattern, server_name, soon};
+
+/// A TCP echo server that echoes until EOF, then half-closes.
+async fn echo_server() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+struct Chain {
+    /// Where TCP clients connect (the agent's local port).
+    entry: std::net::SocketAddr,
+    agent_counters: Arc<Counters>,
+    broker_counters: Arc<Counters>,
+    _links: Vec<Link>,
+}
+
+/// A TCP server that reads until EOF, then closes (the throughput benchmark's target).
+async fn sink_server() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+/// Broker, connector and agent wired together over transport `t`; `idle` for every relay.
+async fn chain(t: Transport, idle: Duration) -> Chain {
+    chain_to(t, idle, echo_server().await).await
+}
+
+/// The same, with the connector dialing `target`.
+async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) -> Chain {
+    let org = Org::new();
+    let cfg = LinkConfig::default();
+    let listener = org.listener(cfg.clone()).await;
+
+    // Connector: accepts streams from the broker, dials the target, relays.
+    let conn_link = dial(addr(&listener, t), &server_name(), t, org.connector(), &cfg)
+        .await
+        .unwrap();
+    {
+        let conn_link = conn_link.clone();
+        tokio::spawn(async move {
+            while let Some(mut s) = conn_link.accept().await {
+                tokio::spawn(async move {
+                    let Ok(Frame::Dial { target, .. }) = s.read_frame().await else {
+                        return;
+                    };
+                    let tcp = TcpStream::connect(target).await.unwrap();
+                    s.write_frame(&Frame::DialReply { code: DialCode::Ok })
+                        .await
+                        .unwrap();
+                    let _ = relay_tcp(tcp, s, idle, &Counters::default()).await;
+                });
+            }
+        });
+    }
+    let agent_link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
+        .await
+        .unwrap();
+
+    // Broker: sort the two links by role, route agent streams to the connector.
+    let mut from_agent = None;
+    let mut to_connector = None;
+    while from_agent.is_none() || to_connector.is_none() {
+        let l = soon("broker accept", listener.accept()).await.unwrap();
+        match l.peer().id.role {
+            Role::Agent => from_agent = Some(l),
+            Role::Connector => to_connector = Some(l),
+            r => panic!("unexpected {r}"),
+        }
+    }
+    let (from_agent, to_connector) = (from_agent.unwrap(), to_connector.unwrap());
+    let broker_counters = Arc::new(Counters::default());
+    {
+        let counters = broker_counters.clone();
+        let (from_agent, to_connector) = (from_agent.clone(), to_connector.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(mut a) = from_agent.accept().await {
+                n += 1;
+                let to_connector = to_connector.clone();
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    let Ok(Frame::Open { service, .. }) = a.read_frame().await else {
+                        return;
+                    };
+                    let mut c = to_connector.open().await.unwrap();
+                    c.write_frame(&Frame::Dial {
+                        flow: Flow::Tcp,
+                        stream_id: n,
+                        service,
+                        target: target.to_string(),
+                        principal: "alice".into(),
+                    })
+                    .await
+                    .unwrap();
+                    assert_eq!(
+                        c.read_frame().await.unwrap(),
+                        Frame::DialReply { code: DialCode::Ok }
+                    );
+                    a.write_frame(&Frame::OpenReply { code: OpenCode::Ok })
+                        .await
+                        .unwrap();
+                    let _ = relay_streams(a, c, idle, &counters).await;
+                });
+            }
+        });
+    }
+
+    // Agent: local port; each TCP connection becomes a stream.
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let entry = local.local_addr().unwrap();
+    let agent_counters = Arc::new(Counters::default());
+    {
+        let agent_link = agent_link.clone();
+        let counters = agent_counters.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = local.accept().await {
+                let agent_link = agent_link.clone();
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    let mut s = agent_link.open().await.unwrap();
+                    s.write_frame(&Frame::Open {
+                        flow: Flow::Tcp,
+                        service: "demo".into(),
+                        credential: vec![],
+                    })
+                    .await
+                    .unwrap();
+                    assert_eq!(
+                        s.read_frame().await.unwrap(),
+                        Frame::OpenReply { code: OpenCode::Ok }
+                    );
+                    let _ = relay_tcp(tcp, s, idle, &counters).await;
+                });
+            }
+        });
+    }
+    Chain {
+        entry,
+        agent_counters,
+        broker_counters,
+        _links: vec![conn_link, agent_link, from_agent, to_connector],
+    }
+}
+
+/// Sends `data` through the chain and returns what came back (reading concurrently).
+async fn round_trip(entry: std::net::SocketAddr, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let tcp = TcpStream::connect(entry).await.unwrap();
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        for piece in data.chunks(100_000) {
+            w.write_all(piece).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    back
+}
+
+/// 8 MiB each way through agent -> broker -> connector -> echo, intact, half-close honoured
+/// at every hop (the echo's EOF only comes after the client's).
+async fn chain_moves_8_mib_both_ways(t: Transport) {
+    let c = chain(t, Duration::from_secs(30)).await;
+    let data = Arc::new(pattern(8 << 20, 99));
+    let back = soon("8 MiB round trip", round_trip(c.entry, data.clone())).await;
+    assert_eq!(back.len(), data.len());
+    assert!(back == *data, "bytes differ");
+    // Counters: relays finish right after the client sees EOF; wait for the last adds.
+    soon("agent counters", async {
+        loop {
+            let up = c.agent_counters.up.load(std::sync::atomic::Ordering::Relaxed);
+            let down = c.agent_counters.down.load(std::sync::atomic::Ordering::Relaxed);
+            if up == 8 << 20 && down == 8 << 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        c.broker_counters.up.load(std::sync::atomic::Ordering::Relaxed),
+        8 << 20
+    );
+
+    // Several flows at once over the same links.
+    let mut flows = Vec::new();
+    for i in 0..8 {
+        let data = Arc::new(pattern(256 * 1024 + i, i as u64));
+        let entry = c.entry;
+        flows.push(tokio::spawn(async move {
+            let back = round_trip(entry, data.clone()).await;
+            assert!(back == *data, "flow {i}");
+        }));
+    }
+    for f in flows {
+        soon("parallel flows", f).await.unwrap();
+    }
+}
+both!(chain_moves_8_mib_both_ways);
+
+/// An idle relay ends with `Timeout` and resets the streams; the TCP client sees the close.
+async fn idle_relay_times_out(t: Transport) {
+    let idle = Duration::from_millis(300);
+    let c = chain(t, idle).await;
+    let mut tcp = TcpStream::connect(c.entry).await.unwrap();
+    tcp.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    // Now silence: every relay on the path times out and the agent closes the TCP side.
+    let mut rest = Vec::new();
+    let r = soon("idle close", tcp.read_to_end(&mut rest)).await;
+    assert!(r.is_ok() || r.is_err());
+    assert!(rest.is_empty());
+}
+both!(idle_relay_times_out);
+
+/// `relay_tcp` itself returns `Timeout` when nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_tcp_reports_idle_timeout() {
+    for t in [Transport::Quic, Transport::Tls] {
+        let org = Org::new();
+        let listener = org.listener(LinkConfig::default()).await;
+        let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &LinkConfig::default())
+            .await
+            .unwrap();
+        let server = soon("accept", listener.accept()).await.unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = link.open().await.unwrap();
+        s.write_frame(&Frame::ListServices).await.unwrap();
+        let mut peer = soon("stream", server.accept()).await.unwrap();
+        assert_eq!(peer.read_frame().await.unwrap(), Frame::ListServices);
+        let counters = Counters::default();
+        let r = soon(
+            "relay idle",
+            relay_tcp(tcp, s, Duration::from_millis(200), &counters),
+        )
+        .await;
+        assert!(matches!(r, Err(LinkError::Timeout(_))), "{t}: {r:?}");
+        // The peer's stream was reset.
+        let e = soon("peer sees reset", peer.recv_chunk()).await;
+        assert!(matches!(e, Err(LinkError::StreamReset(_))), "{t}: {e:?}");
+        drop(client);
+    }
+}
+
+/// Throughput of the chain, one direction (client -> sink). Run with
+/// `cargo test -p umbra-link --release -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark"]
+async fn throughput() {
+    const TOTAL: usize = 2 << 30;
+    // UMBRA_BENCH_TRANSPORT=tcp|quic measures one transport only.
+    let only = std::env::var("UMBRA_BENCH_TRANSPORT").ok();
+    for t in [Transport::Tls, Transport::Quic] {
+        if only.as_deref().is_some_and(|o| o != t.as_str()) {
+            continue;
+        }
+        let c = chain_to(t, Duration::from_secs(30), sink_server().await).await;
+        let block = vec![0x5au8; 256 * 1024];
+        let mut tcp = TcpStream::connect(c.entry).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        while sent < TOTAL {
+            tcp.write_all(&block).await.unwrap();
+            sent += block.len();
+        }
+        tcp.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{t}: {} MiB in {secs:.2} s = {:.2} Gbit/s",
+            TOTAL >> 20,
+            TOTAL as f64 * 8.0 / secs / 1e9
+        );
+    }
+}

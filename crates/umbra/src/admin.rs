@@ -1,0 +1,590 @@
+//! `umbra admin`: the controller's REST API from a shell. Every command prints a table for a
+//! person, or the API's JSON with `-o json` for scripts.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use rustls_pki_types::pem::PemObject;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use umbra_proto::api;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// TOML file with `controller`, `token_file` (or `token`) and `ca_file`; written by
+    /// `umbra quickstart` as DATA_DIR/admin.toml.
+    #[arg(long, env = "UMBRA_ADMIN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Controller URL, e.g. https://127.0.0.1:7400.
+    #[arg(long, env = "UMBRA_CONTROLLER")]
+    controller: Option<String>,
+    /// Admin bearer token (printed once at the controller's first start).
+    #[arg(long, env = "UMBRA_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, env = "UMBRA_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The organisation CA certificate (PEM) to verify the controller with.
+    #[arg(long, env = "UMBRA_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Output: `table` for people, `json` for scripts.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    controller: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Users (identified by e-mail address).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Groups of users.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Services: a name, the target host:port as the connector sees it, and the connectors
+    /// that may serve it.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Access policies in the Cedar language (default deny: no policy, no access).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// One-time enrollment tokens for agents, connectors and brokers.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Enrolled connectors.
+    #[command(subcommand)]
+    Connector(ConnectorCmd),
+    /// Brokers known to the controller.
+    #[command(subcommand)]
+    Broker(BrokerCmd),
+    /// Streams live on the brokers now.
+    #[command(subcommand)]
+    Stream(StreamCmd),
+    /// The audit log.
+    Audit {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum UserCmd {
+    /// Add a user.
+    Add {
+        id: String,
+        /// Groups to put the user in (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List users.
+    List,
+    /// Remove a user.
+    Rm { id: String },
+}
+
+#[derive(clap::Subcommand)]
+enum GroupCmd {
+    /// Add a group.
+    Add { name: String },
+    /// List groups and members.
+    List,
+    /// Put a user in a group.
+    AddMember { group: String, user: String },
+    /// Take a user out of a group.
+    RmMember { group: String, user: String },
+}
+
+#[derive(clap::Subcommand)]
+enum ServiceCmd {
+    /// Publish a service.
+    Add {
+        name: String,
+        /// host:port as the connector sees it.
+        #[arg(long)]
+        target: String,
+        /// Connector name that may serve it (repeatable).
+        #[arg(long = "connector", required = true)]
+        connectors: Vec<String>,
+    },
+    /// List services.
+    List,
+    /// Remove a service.
+    Rm { name: String },
+}
+
+#[derive(clap::Subcommand)]
+enum PolicyCmd {
+    /// Add a policy: Cedar text from --file or --text, or a generated permit from
+    /// --allow-user/--allow-group/--allow-everyone with --service.
+    Add {
+        name: String,
+        #[arg(long, conflicts_with_all = ["text", "allow_user", "allow_group", "allow_everyone"])]
+        file: Option<PathBuf>,
+        #[arg(long, conflicts_with_all = ["allow_user", "allow_group", "allow_everyone"])]
+        text: Option<String>,
+        #[arg(long, requires = "service")]
+        allow_user: Option<String>,
+        #[arg(long, requires = "service")]
+        allow_group: Option<String>,
+        #[arg(long, requires = "service")]
+        allow_everyone: bool,
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// List policies.
+    List,
+    /// Remove a policy.
+    Rm { name: String },
+}
+
+#[derive(clap::Subcommand)]
+enum TokenCmd {
+    /// Create a token (shown once).
+    Create {
+        /// agent, connector or broker.
+        #[arg(long, value_parser = ["agent", "connector", "broker"])]
+        role: String,
+        /// Agent tokens: the user the device will belong to.
+        #[arg(long)]
+        user: Option<String>,
+        /// Connector and broker tokens: its name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Token lifetime (default 1h, at most 7d).
+        #[arg(long, value_parser = crate::load::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum DeviceCmd {
+    /// List devices.
+    List,
+    /// Revoke a device: its certificates stop working and its live streams are closed.
+    Revoke { id: String },
+}
+
+#[derive(clap::Subcommand)]
+enum ConnectorCmd {
+    /// List connectors.
+    List,
+    /// Revoke a connector (id or name).
+    Revoke { id: String },
+}
+
+#[derive(clap::Subcommand)]
+enum BrokerCmd {
+    /// List brokers.
+    List,
+}
+
+#[derive(clap::Subcommand)]
+enum StreamCmd {
+    /// List live streams.
+    List,
+}
+
+pub(crate) struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new(a: &Args) -> anyhow::Result<Client> {
+        let file: AdminFile = match &a.config {
+            Some(p) => {
+                let t = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                toml::from_str(&t).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message().trim()))?
+            }
+            None => AdminFile::default(),
+        };
+        let base = a
+            .controller
+            .clone()
+            .or(file.controller)
+            .context("no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)")?;
+        let token = if let Some(t) = &a.token {
+            t.clone()
+        } else if let Some(p) = a.token_file.clone().or(file.token_file) {
+            std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read token file {}", p.display()))?
+                .trim()
+                .to_owned()
+        } else if let Some(t) = file.token {
+            t
+        } else {
+            bail!("no admin token: pass --token (or UMBRA_ADMIN_TOKEN, --token-file, or --config)")
+        };
+        let ca_file = a
+            .ca_file
+            .clone()
+            .or(file.ca_file)
+            .context("no CA: pass --ca-file with the organisation CA (or UMBRA_CA_FILE, or --config)")?;
+        let ca_pem = std::fs::read_to_string(&ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
+        let ca = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{} holds no certificate: {e}", ca_file.display()))?;
+        Client::connect(&base, token, &ca)
+    }
+
+    /// A client for `base`, trusting only the organisation CA `ca`.
+    pub(crate) fn connect(
+        base: &str,
+        token: String,
+        ca: &rustls_pki_types::CertificateDer<'static>,
+    ) -> anyhow::Result<Client> {
+        let tls = umbra_pki::client_config(ca, None, &[b"h2", b"http/1.1"], false)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        Ok(Client {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// POST that treats "already exists" (409) as done: for idempotent setup.
+    pub(crate) async fn ensure(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        let status = resp.status();
+        if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        bail!("controller refused {path} ({status}): {text}")
+    }
+
+    async fn send<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = rb
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            let msg = match serde_json::from_slice::<api::ApiError>(&bytes) {
+                Ok(e) => match e.field {
+                    Some(f) => format!("{} (field {f})", e.error),
+                    None => e.error,
+                },
+                Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
+            };
+            bail!("controller refused ({status}): {msg}");
+        }
+        if bytes.is_empty() {
+            return Ok(serde_json::from_value(serde_json::Value::Null)?);
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+    pub(crate) async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+    async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+}
+
+/// Path segment escaping for ids such as e-mail addresses.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'@') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn ts(unix: u64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    let d = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    humantime_like(d)
+}
+
+/// RFC 3339 in UTC without pulling a date crate.
+fn humantime_like(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime_like(t)
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let c = Client::new(&a)?;
+    let json = a.output == "json";
+    macro_rules! out {
+        ($v:expr, $human:expr) => {{
+            let v = $v;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                #[allow(clippy::redundant_closure_call)]
+                ($human)(v);
+            }
+        }};
+    }
+    match &a.cmd {
+        Cmd::User(UserCmd::Add { id, groups }) => {
+            let u: api::User = c.post("/v1/users", &api::CreateUser { id: id.clone(), groups: groups.clone() }).await?;
+            out!(u, |u: api::User| println!("user {} added", u.id));
+        }
+        Cmd::User(UserCmd::List) => {
+            let v: Vec<api::User> = c.get("/v1/users").await?;
+            out!(v, |v: Vec<api::User>| table(
+                &["id", "groups", "disabled", "created"],
+                v.into_iter().map(|u| vec![u.id, u.groups.join(","), u.disabled.to_string(), ts(u.created_at)]).collect()
+            ));
+        }
+        Cmd::User(UserCmd::Rm { id }) => {
+            let v = c.delete(&format!("/v1/users/{}", seg(id))).await?;
+            out!(v, |_| println!("user {id} removed"));
+        }
+        Cmd::Group(GroupCmd::Add { name }) => {
+            let g: api::Group = c.post("/v1/groups", &api::CreateGroup { name: name.clone() }).await?;
+            out!(g, |g: api::Group| println!("group {} added", g.name));
+        }
+        Cmd::Group(GroupCmd::List) => {
+            let v: Vec<api::Group> = c.get("/v1/groups").await?;
+            out!(v, |v: Vec<api::Group>| table(
+                &["name", "members"],
+                v.into_iter().map(|g| vec![g.name, g.members.join(",")]).collect()
+            ));
+        }
+        Cmd::Group(GroupCmd::AddMember { group, user }) => {
+            let v: serde_json::Value = c
+                .post(&format!("/v1/groups/{}/members", seg(group)), &serde_json::json!({ "user": user }))
+                .await?;
+            out!(v, |_| println!("{user} added to {group}"));
+        }
+        Cmd::Group(GroupCmd::RmMember { group, user }) => {
+            let v = c.delete(&format!("/v1/groups/{}/members/{}", seg(group), seg(user))).await?;
+            out!(v, |_| println!("{user} removed from {group}"));
+        }
+        Cmd::Service(ServiceCmd::Add { name, target, connectors }) => {
+            let s: api::Service = c
+                .post(
+                    "/v1/services",
+                    &api::CreateService { name: name.clone(), target: target.clone(), connectors: connectors.clone() },
+                )
+                .await?;
+            out!(s, |s: api::Service| println!("service {} -> {} via {}", s.name, s.target, s.connectors.join(",")));
+        }
+        Cmd::Service(ServiceCmd::List) => {
+            let v: Vec<api::Service> = c.get("/v1/services").await?;
+            out!(v, |v: Vec<api::Service>| table(
+                &["name", "target", "connectors"],
+                v.into_iter().map(|s| vec![s.name, s.target, s.connectors.join(",")]).collect()
+            ));
+        }
+        Cmd::Service(ServiceCmd::Rm { name }) => {
+            let v = c.delete(&format!("/v1/services/{}", seg(name))).await?;
+            out!(v, |_| println!("service {name} removed"));
+        }
+        Cmd::Policy(PolicyCmd::Add { name, file, text, allow_user, allow_group, allow_everyone, service }) => {
+            let text = match (file, text, allow_user, allow_group, *allow_everyone, service) {
+                (Some(f), ..) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+                (None, Some(t), ..) => t.clone(),
+                (None, None, Some(u), None, false, Some(s)) => {
+                    umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(u.clone()), s)
+                }
+                (None, None, None, Some(g), false, Some(s)) => {
+                    umbra_policy::allow_policy(&umbra_policy::PolicySubject::Group(g.clone()), s)
+                }
+                (None, None, None, None, true, Some(s)) => {
+                    umbra_policy::allow_policy(&umbra_policy::PolicySubject::Everyone, s)
+                }
+                _ => bail!("give the policy as --file, --text, or one of --allow-user/--allow-group/--allow-everyone with --service"),
+            };
+            let p: api::Policy = c.post("/v1/policies", &api::CreatePolicy { name: name.clone(), text }).await?;
+            out!(p, |p: api::Policy| println!("policy {} added", p.name));
+        }
+        Cmd::Policy(PolicyCmd::List) => {
+            let v: Vec<api::Policy> = c.get("/v1/policies").await?;
+            out!(v, |v: Vec<api::Policy>| for p in v {
+                println!("# {}\n{}\n", p.name, p.text.trim_end());
+            });
+        }
+        Cmd::Policy(PolicyCmd::Rm { name }) => {
+            let v = c.delete(&format!("/v1/policies/{}", seg(name))).await?;
+            out!(v, |_| println!("policy {name} removed"));
+        }
+        Cmd::Token(TokenCmd::Create { role, user, name, ttl }) => {
+            let t: api::EnrollTokenCreated = c
+                .post(
+                    "/v1/enrollment-tokens",
+                    &api::CreateEnrollToken {
+                        role: role.clone(),
+                        user: user.clone(),
+                        name: name.clone(),
+                        ttl_secs: ttl.map(|d| d.as_secs()),
+                    },
+                )
+                .await?;
+            out!(serde_json::json!({"id": t.id, "token": t.token, "role": t.role, "expires_at": t.expires_at}), |_| {
+                println!("{}", t.token);
+                eprintln!("{} token {} (expires {}; shown once)", t.role, t.id, ts(t.expires_at));
+            });
+        }
+        Cmd::Device(DeviceCmd::List) => {
+            let v: Vec<api::Device> = c.get("/v1/devices").await?;
+            out!(v, |v: Vec<api::Device>| table(
+                &["id", "user", "revoked", "cert expires", "serial"],
+                v.into_iter()
+                    .map(|d| vec![d.id, d.user, d.revoked.to_string(), ts(d.cert_not_after), d.cert_serial])
+                    .collect()
+            ));
+        }
+        Cmd::Device(DeviceCmd::Revoke { id }) => {
+            let v: serde_json::Value = c.post(&format!("/v1/devices/{}/revoke", seg(id)), &serde_json::json!({})).await?;
+            out!(v, |_| println!("device {id} revoked"));
+        }
+        Cmd::Connector(ConnectorCmd::List) => {
+            let v: Vec<api::Connector> = c.get("/v1/connectors").await?;
+            out!(v, |v: Vec<api::Connector>| table(
+                &["id", "name", "revoked", "cert expires"],
+                v.into_iter().map(|x| vec![x.id, x.name, x.revoked.to_string(), ts(x.cert_not_after)]).collect()
+            ));
+        }
+        Cmd::Connector(ConnectorCmd::Revoke { id }) => {
+            let v: serde_json::Value =
+                c.post(&format!("/v1/connectors/{}/revoke", seg(id)), &serde_json::json!({})).await?;
+            out!(v, |_| println!("connector {id} revoked"));
+        }
+        Cmd::Broker(BrokerCmd::List) => {
+            let v: Vec<api::Broker> = c.get("/v1/brokers/all").await?;
+            out!(v, |v: Vec<api::Broker>| table(
+                &["id", "name", "quic", "tcp", "snapshot", "last seen"],
+                v.into_iter()
+                    .map(|b| vec![
+                        b.id,
+                        b.name,
+                        b.quic_addr.unwrap_or_default(),
+                        b.tcp_addr.unwrap_or_default(),
+                        b.snapshot_version.to_string(),
+                        ts(b.last_seen)
+                    ])
+                    .collect()
+            ));
+        }
+        Cmd::Stream(StreamCmd::List) => {
+            let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;
+            out!(v, |v: Vec<api::LiveStream>| table(
+                &["id", "broker", "user", "service", "connector", "transport", "up", "down", "since"],
+                v.into_iter()
+                    .map(|s| vec![
+                        s.id.to_string(),
+                        s.broker,
+                        s.user,
+                        s.service,
+                        s.connector,
+                        s.transport,
+                        s.bytes_up.to_string(),
+                        s.bytes_down.to_string(),
+                        ts(s.started_at)
+                    ])
+                    .collect()
+            ));
+        }
+        Cmd::Audit { after, limit } => {
+            let v: Vec<api::AuditEntry> = c.get(&format!("/v1/audit?after={after}&limit={limit}")).await?;
+            out!(v, |v: Vec<api::AuditEntry>| table(
+                &["seq", "at", "actor", "action", "target", "result", "detail"],
+                v.into_iter()
+                    .map(|e| vec![
+                        e.seq.to_string(),
+                        ts(e.record.at_ms / 1000),
+                        e.record.actor,
+                        e.record.action,
+                        e.record.target,
+                        e.record.result,
+                        e.record.detail.to_string()
+                    ])
+                    .collect()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::ts(0), "-");
+        assert_eq!(super::ts(1_000_000_000), "2001-09-09T01:46:40Z");
+        assert_eq!(super::ts(1_795_000_000), "2026-11-19T09:46:40Z");
+    }
+
+    #[test]
+    fn path_segments() {
+        assert_eq!(super::seg("demo@example.test"), "demo@example.test");
+        assert_eq!(super::seg("a/b c"), "a%2Fb%20c");
+    }
+}

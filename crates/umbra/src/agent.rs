@@ -1,0 +1,131 @@
+//! `umbra agent`: enroll this device, show its status, list the services its user may reach,
+//! forward one to a local port. Also the enrollment command shared by every role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use umbra_agent::AgentConfig;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Identity directory (key, certificate, CA, controller reference).
+    /// Default: $HOME/.config/umbra/agent.
+    #[arg(long, global = true, env = "UMBRA_AGENT_DIR")]
+    dir: Option<PathBuf>,
+    /// Transport to brokers: auto (QUIC, falling back to TLS over TCP), quic or tcp.
+    #[arg(long, global = true, env = "UMBRA_AGENT_TRANSPORT", value_parser = ["auto", "quic", "tcp"])]
+    transport: Option<String>,
+    /// TOML file with agent settings.
+    #[arg(long, global = true, env = "UMBRA_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Enroll this device with a one-time token: the key is generated here and never leaves
+    /// this device; the controller signs a short-lived certificate, renewed automatically.
+    Enroll(EnrollArgs),
+    /// Show identity, certificate expiry, and each broker with its measured round-trip time.
+    Status,
+    /// List the services this device's user may reach.
+    Services,
+    /// Carry local TCP connections to SERVICE through the nearest broker.
+    Forward {
+        /// Service name.
+        service: String,
+        /// Local address to listen on (default: 127.0.0.1 and a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+/// Enrollment flags, the same for agents, connectors and brokers.
+#[derive(clap::Args)]
+pub(crate) struct EnrollArgs {
+    /// Controller URL, e.g. https://controller.example.test:7400.
+    #[arg(long, env = "UMBRA_CONTROLLER")]
+    controller: String,
+    /// The one-time enrollment token (umb1.<ca hash>.<secret>).
+    #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Where to write the identity (for `umbra agent`, the global --dir).
+    #[arg(long = "dir", id = "enroll_dir")]
+    dir: Option<PathBuf>,
+}
+
+/// Runs an enrollment and reports it.
+pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
+    let dir = a.dir.with_context(|| format!("--dir is required: where to keep the {role}'s identity"))?;
+    enroll_into(&a.controller, &a.token, &dir, role).await
+}
+
+async fn enroll_into(controller: &str, token: &str, dir: &std::path::Path, role: &str) -> anyhow::Result<()> {
+    let issued = umbra_link::enroll::enroll(controller, token, dir)
+        .await
+        .with_context(|| format!("{role} enrollment failed"))?;
+    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued.not_after);
+    println!("enrolled {} (certificate valid until {})", issued.identity, crate::admin::rfc3339(expires));
+    if let Some(u) = issued.user {
+        println!("this device belongs to {u}");
+    }
+    println!("identity written to {}", dir.display());
+    Ok(())
+}
+
+fn config(a: &Args) -> anyhow::Result<AgentConfig> {
+    let mut c: AgentConfig = crate::load::file_or_default(a.config.as_deref())?;
+    if let Some(d) = &a.dir {
+        c.identity_dir = d.clone();
+    }
+    if let Some(t) = &a.transport {
+        c.transport = t.parse().map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = config(&a)?;
+    match a.cmd {
+        Cmd::Enroll(e) => {
+            let dir = e.dir.clone().unwrap_or_else(|| cfg.identity_dir.clone());
+            enroll_into(&e.controller, &e.token, &dir, "agent").await
+        }
+        Cmd::Status => {
+            let s = umbra_agent::status(&cfg).await?;
+            println!("identity:     {}", s.identity);
+            println!("user:         {}", s.user.as_deref().unwrap_or("-"));
+            println!("certificate:  valid until {}", crate::admin::rfc3339(s.cert_not_after));
+            println!("brokers:");
+            for b in s.brokers {
+                match b.rtt {
+                    Ok(rtt) => println!(
+                        "  {:<20} {:<8} rtt {:>8.2} ms  {}",
+                        b.info.name,
+                        b.transport,
+                        rtt.as_secs_f64() * 1e3,
+                        b.info.quic_addr.as_deref().or(b.info.tcp_addr.as_deref()).unwrap_or("-")
+                    ),
+                    Err(e) => println!("  {:<20} unreachable: {e}", b.info.name),
+                }
+            }
+            Ok(())
+        }
+        Cmd::Services => {
+            for s in umbra_agent::services(&cfg).await? {
+                println!("{s}");
+            }
+            Ok(())
+        }
+        Cmd::Forward { service, listen } => {
+            let f = umbra_agent::Forwarder::start(cfg, &service, listen).await?;
+            println!("forwarding {} to {service}", f.local_addr());
+            crate::telemetry::shutdown_signal().await;
+            f.shutdown().await;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! `umbra broker`: run a broker, or `umbra broker enroll` one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use umbra_broker::{Broker, BrokerConfig};
+
+use crate::load;
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Redeem a broker enrollment token: generate this broker's key (it never leaves this
+    /// host) and get its certificate from the controller.
+    Enroll(crate::agent::EnrollArgs),
+}
+
+/// Run a broker. Settings come from `--config FILE` (TOML, keys as below with `_`), then
+/// flags and environment variables.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML file with broker settings (name, identity_dir, listen_quic, listen_tcp,
+    /// advertise_host, max_staleness_secs, open_timeout_ms, dial_timeout_ms,
+    /// idle_timeout_secs, heartbeat_ms, max_pending_handshakes, handshake_timeout_ms).
+    #[arg(long, env = "UMBRA_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Name shown in the admin API.
+    #[arg(long, env = "UMBRA_BROKER_NAME")]
+    name: Option<String>,
+    /// Identity directory written by `umbra broker enroll` (also holds the snapshot cache).
+    #[arg(long, env = "UMBRA_BROKER_DIR")]
+    dir: Option<PathBuf>,
+    /// UDP address for QUIC, or `none`. Default 127.0.0.1:7401.
+    #[arg(long, env = "UMBRA_BROKER_LISTEN_QUIC")]
+    listen_quic: Option<String>,
+    /// TCP address for TLS over TCP, or `none`. Default 127.0.0.1:7401.
+    #[arg(long, env = "UMBRA_BROKER_LISTEN_TCP")]
+    listen_tcp: Option<String>,
+    /// Host agents and connectors dial (needed when listening on 0.0.0.0 or [::]).
+    #[arg(long, env = "UMBRA_BROKER_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Keep authorizing from the last snapshot this long without the controller (e.g. 1h).
+    #[arg(long, env = "UMBRA_BROKER_MAX_STALENESS", value_parser = load::parse_duration)]
+    max_staleness: Option<std::time::Duration>,
+    /// Close streams idle this long (e.g. 1h).
+    #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
+    idle_timeout: Option<std::time::Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, or `none`.
+    #[arg(long, env = "UMBRA_BROKER_METRICS_LISTEN", default_value = "127.0.0.1:9401")]
+    metrics_listen: String,
+}
+
+pub(crate) fn parse_listen(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if v == "none" {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("--{flag}: {v:?} is not an address like 127.0.0.1:7401 (or none)"))
+}
+
+fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
+    let mut c: BrokerConfig = load::file_or_default(a.config.as_deref())?;
+    if let Some(v) = &a.name {
+        c.name = v.clone();
+    }
+    if let Some(v) = &a.dir {
+        c.identity_dir = v.clone();
+    }
+    if let Some(v) = &a.listen_quic {
+        c.listen_quic = parse_listen("listen-quic", v)?;
+    }
+    if let Some(v) = &a.listen_tcp {
+        c.listen_tcp = parse_listen("listen-tcp", v)?;
+    }
+    if let Some(v) = &a.advertise_host {
+        c.advertise_host = Some(v.clone());
+    }
+    if let Some(v) = a.max_staleness {
+        c.max_staleness_secs = v.as_secs();
+    }
+    if let Some(v) = a.idle_timeout {
+        c.idle_timeout_secs = v.as_secs();
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(Cmd::Enroll(e)) = a.cmd {
+        return crate::agent::enroll(e, "broker").await;
+    }
+    let cfg = config(&a.run)?;
+    if let Some(addr) = parse_listen("metrics-listen", &a.run.metrics_listen)? {
+        crate::telemetry::metrics_handle();
+        crate::telemetry::serve_metrics(addr).await;
+    }
+    let broker = Broker::start(cfg).await.context("broker did not start")?;
+    crate::telemetry::shutdown_signal().await;
+    tracing::info!("shutting down");
+    broker.shutdown().await;
+    Ok(())
+}

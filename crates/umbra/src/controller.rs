@@ -1,0 +1,85 @@
+//! `umbra controller`: run the controller (policy engine, internal CA, enrollment, admin API,
+//! snapshot distribution to brokers).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use umbra_controller::{Controller, ControllerConfig};
+
+/// Run the controller. Settings come from `--config FILE` (TOML), then flags and environment.
+/// The CA key is sealed with the key from `ca_key` / UMBRA_CA_KEY (64 hex digits or base64 of
+/// 32 bytes); without one, a key is generated once into DATA_DIR/ca.kek (0600).
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// TOML file with controller settings (data_dir, listen, public_url, server_names,
+    /// database_url, ca_key, org, cert_lifetime_secs, token_ttl_secs).
+    #[arg(long, env = "UMBRA_CONTROLLER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the embedded database and CA key file.
+    #[arg(long, env = "UMBRA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTPS listen address of the API, e.g. 0.0.0.0:7400.
+    #[arg(long, env = "UMBRA_CONTROLLER_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// URL that agents, connectors and brokers use to reach this controller.
+    #[arg(long, env = "UMBRA_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// DNS names or IPs for the controller's certificate (repeatable).
+    #[arg(long = "server-name", env = "UMBRA_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
+    /// Database URL (default: sqlite://DATA_DIR/umbra.db).
+    #[arg(long, env = "UMBRA_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Lifetime of issued certificates (default 24h, at most 7d).
+    #[arg(long, env = "UMBRA_CERT_LIFETIME", value_parser = crate::load::parse_duration)]
+    cert_lifetime: Option<std::time::Duration>,
+}
+
+pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
+    let mut c: ControllerConfig = crate::load::file_or_default(a.config.as_deref())?;
+    if let Some(v) = &a.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if let Some(v) = &a.public_url {
+        c.public_url = Some(v.clone());
+    }
+    if !a.server_names.is_empty() {
+        c.server_names = a.server_names.clone();
+    }
+    if let Some(v) = &a.database_url {
+        c.database_url = Some(v.clone());
+    }
+    if let Some(v) = a.cert_lifetime {
+        c.cert_lifetime_secs = v.as_secs();
+    }
+    if c.ca_key.is_none() {
+        c.ca_key = std::env::var("UMBRA_CA_KEY").ok().filter(|k| !k.is_empty());
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = config(&a)?;
+    let c = Controller::start(cfg, options()).await.context("controller did not start")?;
+    if let Some(token) = c.first_admin_token() {
+        // Shown once: only its hash is stored.
+        println!("admin token (shown once, store it now): {token}");
+    }
+    println!("controller listening on {}", c.url());
+    crate::telemetry::shutdown_signal().await;
+    tracing::info!("shutting down");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Process-level hooks the controller needs from the binary.
+pub(crate) fn options() -> umbra_controller::ControllerOptions {
+    let handle = crate::telemetry::metrics_handle();
+    umbra_controller::ControllerOptions {
+        metrics_render: Some(std::sync::Arc::new(move || handle.render())),
+    }
+}

@@ -1,0 +1,249 @@
+//! `umbra quickstart`: a complete local deployment in one process, on the embedded defaults.
+//!
+//! Controller (SQLite in DATA_DIR), two brokers, one connector, a demo web app bound to
+//! loopback and published as service `demo`, an enrolled agent identity for
+//! `demo@example.test` and a policy that lets that user reach `demo`. Every step is
+//! idempotent: a second run finds what the first one made and reuses it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use umbra_broker::{Broker, BrokerConfig};
+use umbra_connector::{Connector, ConnectorConfig};
+use umbra_controller::{Controller, ControllerConfig};
+use umbra_proto::api;
+
+const USER: &str = "demo@example.test";
+const SERVICE: &str = "demo";
+const CONNECTOR: &str = "demo-connector";
+const BROKERS: [&str; 2] = ["broker-1", "broker-2"];
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Where the deployment keeps its state (default: $HOME/.local/share/umbra/quickstart).
+    #[arg(long, env = "UMBRA_QUICKSTART_DIR")]
+    data_dir: Option<PathBuf>,
+    /// First of the loopback ports used: controller = P, brokers = P+1 and P+2 (UDP and
+    /// TCP), demo app = P+80.
+    #[arg(long, default_value_t = 7400)]
+    base_port: u16,
+}
+
+fn default_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".local/share/umbra/quickstart")
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn has_identity(dir: &Path) -> bool {
+    dir.join("cert.pem").exists() && dir.join("key.pem").exists()
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::Result<()> {
+    let dir = a.data_dir.unwrap_or_else(default_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let log = dir.join("umbra.log");
+    // The terminal is for the person; the structured log (audit lines included) goes to a file.
+    let _ = log_format;
+    crate::telemetry::init_logs(log_filter, "json", Some(&log))?;
+
+    let p = a.base_port;
+    let app_addr = loopback(p.checked_add(80).context("--base-port too high")?);
+
+    // 1. Controller.
+    let ccfg = ControllerConfig {
+        data_dir: dir.join("controller"),
+        listen: loopback(p),
+        public_url: Some(format!("https://127.0.0.1:{p}")),
+        ..ControllerConfig::default()
+    };
+    ccfg.validate()?;
+    let controller = Controller::start(ccfg, crate::controller::options())
+        .await
+        .context("controller did not start")?;
+    let url = controller.url();
+    let token_file = dir.join("admin.token");
+    let token = match controller.first_admin_token() {
+        Some(t) => {
+            write_private(&token_file, &t)?;
+            t
+        }
+        None => std::fs::read_to_string(&token_file)
+            .with_context(|| {
+                format!(
+                    "the controller in {} was set up before but {} is missing; remove {} to start over",
+                    dir.display(),
+                    token_file.display(),
+                    dir.display()
+                )
+            })?
+            .trim()
+            .to_owned(),
+    };
+    let ca_pem = controller.ca_pem();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem)?;
+    write_private(
+        &dir.join("admin.toml"),
+        &format!(
+            "controller = {:?}\ntoken_file = {:?}\nca_file = {:?}\n",
+            url,
+            token_file.display().to_string(),
+            ca_file.display().to_string()
+        ),
+    )?;
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| anyhow::anyhow!("CA: {e}"))?;
+    let admin = crate::admin::Client::connect(&url, token, &ca)?;
+
+    // 2. Objects and identities (each step skipped when already done).
+    admin
+        .ensure("/v1/users", &api::CreateUser { id: USER.into(), groups: vec![] })
+        .await?;
+    let enroll = |role: &'static str, user: Option<&'static str>, name: Option<&'static str>, into: PathBuf| {
+        let admin = &admin;
+        let url = url.clone();
+        async move {
+            if has_identity(&into) {
+                return anyhow::Ok(());
+            }
+            let t: api::EnrollTokenCreated = admin
+                .post(
+                    "/v1/enrollment-tokens",
+                    &api::CreateEnrollToken {
+                        role: role.into(),
+                        user: user.map(Into::into),
+                        name: name.map(Into::into),
+                        ttl_secs: Some(600),
+                    },
+                )
+                .await?;
+            umbra_link::enroll::enroll(&url, &t.token, &into)
+                .await
+                .with_context(|| format!("{role} enrollment"))?;
+            Ok(())
+        }
+    };
+    enroll("connector", None, Some(CONNECTOR), dir.join("connector")).await?;
+    for b in BROKERS {
+        enroll("broker", None, Some(b), dir.join(b)).await?;
+    }
+    admin
+        .ensure(
+            "/v1/services",
+            &api::CreateService {
+                name: SERVICE.into(),
+                target: app_addr.to_string(),
+                connectors: vec![CONNECTOR.into()],
+            },
+        )
+        .await?;
+    admin
+        .ensure(
+            "/v1/policies",
+            &api::CreatePolicy {
+                name: "demo-allow".into(),
+                text: umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(USER.into()), SERVICE),
+            },
+        )
+        .await?;
+    enroll("agent", Some(USER), None, dir.join("agent")).await?;
+
+    // 3. The demo app, on loopback only: reachable from here, and through Umbra.
+    let app = demo_app(app_addr).await?;
+
+    // 4. Brokers and the connector.
+    let mut brokers = Vec::new();
+    for (i, b) in BROKERS.iter().enumerate() {
+        let port = p + 1 + i as u16;
+        let cfg = BrokerConfig {
+            name: (*b).into(),
+            identity_dir: dir.join(b),
+            listen_quic: Some(loopback(port)),
+            listen_tcp: Some(loopback(port)),
+            ..BrokerConfig::default()
+        };
+        brokers.push(Broker::start(cfg).await.with_context(|| format!("{b} did not start"))?);
+    }
+    let connector = Connector::start(ConnectorConfig {
+        identity_dir: dir.join("connector"),
+        ..ConnectorConfig::default()
+    })
+    .await
+    .context("connector did not start")?;
+
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "umbra".into());
+    let agent_dir = dir.join("agent");
+    println!("Umbra quickstart is running. State: {}", dir.display());
+    println!("  controller  {url}  (metrics: {url}/metrics)");
+    for (i, b) in BROKERS.iter().enumerate() {
+        println!("  {b}    127.0.0.1:{} (QUIC and TLS over TCP)", p + 1 + i as u16);
+    }
+    println!("  connector   {CONNECTOR}, publishing service '{SERVICE}' -> demo app on {app_addr} (loopback only)");
+    println!("  agent       identity for {USER} in {}", agent_dir.display());
+    println!("  logs        {} (JSON, audit events included)", log.display());
+    println!();
+    println!("Next, in another terminal:");
+    println!("  {exe} agent --dir {} forward {SERVICE} --listen 127.0.0.1:8080", agent_dir.display());
+    println!("  curl http://127.0.0.1:8080/");
+    println!("Administer it:");
+    println!("  {exe} admin --config {} stream list", dir.join("admin.toml").display());
+    println!();
+    println!("Ctrl-C stops everything.");
+
+    crate::telemetry::shutdown_signal().await;
+    println!("stopping...");
+    connector.shutdown().await;
+    for b in brokers {
+        b.shutdown().await;
+    }
+    app.abort();
+    controller.shutdown().await;
+    println!("stopped; run `umbra quickstart` again to resume with the same state.");
+    Ok(())
+}
+
+/// A tiny web app standing for a private application.
+async fn demo_app(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { "hello from the demo app, reached through Umbra\n" }),
+    );
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("demo app cannot listen on {addr} (use --base-port)"))?;
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(l, app).await {
+            tracing::warn!(error = %e, "demo app stopped");
+        }
+    }))
+}

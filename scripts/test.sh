@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every Umbra test. On a fresh Debian machine, as root, it first installs what the tests
+# need (the peers they start for real: socat, curl, OpenSSH, iproute2 for network namespaces).
+# A missing peer is an install failure here, never a silently skipped test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v socat >/dev/null || need+=(socat)
+command -v curl >/dev/null || need+=(curl)
+command -v ip >/dev/null || need+=(iproute2)
+command -v ssh >/dev/null || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
+if ((${#need[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: need root to install: ${need[*]}" >&2
+    exit 1
+  fi
+  echo "installing test peers: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 900 apt-get update -q
+  timeout 900 apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+export CARGO_TERM_COLOR=never
+[ -n "${CI:-}" ] && export CARGO_INCREMENTAL=0
+# The end-to-end tests start real `umbra` processes in network namespaces: they need root and
+# fail (not skip) without it.
+export UMBRA_E2E_REQUIRED=1
+
+if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+cargo build --locked --workspace --all-targets
+cargo nextest run --locked --workspace --no-fail-fast --final-status-level fail
