@@ -16,8 +16,8 @@ use umbra_proto::{DialCode, Flow, Frame, OpenCode};
 use crate::Shared;
 use crate::authn::{LinkPeer, admit};
 use crate::authz::{OpenFacts, authorize};
-use crate::relay::{LiveEntry, End};
-use crate::route::{PeerLink, LoadGuard};
+use crate::relay::{End, LiveEntry};
+use crate::route::{LoadGuard, PeerLink};
 
 /// Accepts links until the listener closes.
 pub(crate) async fn accept_links(shared: Arc<Shared>, listener: Arc<umbra_link::Listener>) {
@@ -48,7 +48,8 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 "deny",
                 serde_json::json!({ "reason": r.as_str(), "transport": link.transport().as_str() }),
             );
-            metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str()).increment(1);
+            metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str())
+                .increment(1);
             link.close();
         }
         Ok(LinkPeer::Connector { id }) => {
@@ -113,22 +114,29 @@ async fn serve_stream(shared: Arc<Shared>, link: Link, device: Arc<str>, mut s: 
         Ok(Ok(f)) => f,
     };
     match frame {
-        Frame::Open { flow, service, .. } => open(shared, &link, &device, s, id, flow, service).await,
+        Frame::Open { flow, service, .. } => {
+            open(shared, &link, &device, s, id, flow, service).await
+        }
         Frame::ListServices => {
             let a = shared.authority.load_full();
             let owner = a.engine.device_owner(&device).map(str::to_owned);
             let services = match owner {
-                Some(user) if a.is_fresh(SystemTime::now(), shared.cfg.max_staleness()) => a.engine.services_for(
-                    &user,
-                    &device,
-                    &umbra_policy::RequestContext {
-                        now_unix: crate::authority::unix(SystemTime::now()) as i64,
-                        transport: link.transport().as_str(),
-                    },
-                ),
+                Some(user) if a.is_fresh(SystemTime::now(), shared.cfg.max_staleness()) => {
+                    a.engine.services_for(
+                        &user,
+                        &device,
+                        &umbra_policy::RequestContext {
+                            now_unix: crate::authority::unix(SystemTime::now()) as i64,
+                            transport: link.transport().as_str(),
+                        },
+                    )
+                }
                 _ => vec![],
             };
-            if s.write_frame(&Frame::ServiceList { services }).await.is_ok() {
+            if s.write_frame(&Frame::ServiceList { services })
+                .await
+                .is_ok()
+            {
                 let _ = s.finish().await;
             }
         }
@@ -171,7 +179,8 @@ async fn open(
     );
     let actor = link.peer().id.to_uri();
     let user = verdict.user.clone().unwrap_or_default();
-    metrics::counter!("umbra_broker_decisions_total", "result" => verdict.code.as_str()).increment(1);
+    metrics::counter!("umbra_broker_decisions_total", "result" => verdict.code.as_str())
+        .increment(1);
     if verdict.code != OpenCode::Ok {
         info!(service, code = verdict.code.as_str(), reason = %verdict.reason, "stream denied");
         shared.audit.record(
@@ -184,17 +193,26 @@ async fn open(
                 "code": verdict.code.as_str(), "transport": transport, "broker": shared.name,
             }),
         );
-        if agent.write_frame(&Frame::OpenReply { code: verdict.code }).await.is_ok() {
+        if agent
+            .write_frame(&Frame::OpenReply { code: verdict.code })
+            .await
+            .is_ok()
+        {
             let _ = agent.finish().await;
         }
         return;
     }
     let Some(svc) = authority.snapshot.service(&service) else {
         // Unreachable by construction (a permit needs the service); deny to be safe.
-        let _ = agent.write_frame(&Frame::OpenReply { code: OpenCode::Denied }).await;
+        let _ = agent
+            .write_frame(&Frame::OpenReply {
+                code: OpenCode::Denied,
+            })
+            .await;
         return;
     };
-    let routed = open_to_connector(&shared, id, &svc.connectors, &service, &svc.target, &user).await;
+    let routed =
+        open_to_connector(&shared, id, &svc.connectors, &service, &svc.target, &user).await;
     let Some((connector_stream, via, _load)) = routed else {
         info!(service, "no connector reachable");
         shared.audit.record(
@@ -207,7 +225,13 @@ async fn open(
                 "code": "unavailable", "transport": transport, "broker": shared.name,
             }),
         );
-        if agent.write_frame(&Frame::OpenReply { code: OpenCode::Unavailable }).await.is_ok() {
+        if agent
+            .write_frame(&Frame::OpenReply {
+                code: OpenCode::Unavailable,
+            })
+            .await
+            .is_ok()
+        {
             let _ = agent.finish().await;
         }
         return;
@@ -222,7 +246,11 @@ async fn open(
             "connector": via.peer, "transport": transport, "broker": shared.name,
         }),
     );
-    if agent.write_frame(&Frame::OpenReply { code: OpenCode::Ok }).await.is_err() {
+    if agent
+        .write_frame(&Frame::OpenReply { code: OpenCode::Ok })
+        .await
+        .is_err()
+    {
         return;
     }
     info!(service, connector = %via.peer, "stream open");
@@ -251,7 +279,12 @@ async fn open(
     shared.streams.remove(id);
     let up = entry.counters.up.load(Ordering::Relaxed);
     let down = entry.counters.down.load(Ordering::Relaxed);
-    info!(end = end.as_str(), bytes_up = up, bytes_down = down, "stream closed");
+    info!(
+        end = end.as_str(),
+        bytes_up = up,
+        bytes_down = down,
+        "stream closed"
+    );
     if end == End::Revoked {
         shared.audit.record(
             &actor,

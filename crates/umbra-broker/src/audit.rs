@@ -87,7 +87,13 @@ mod tests {
     fn bounded_and_ordered() {
         let a = AuditQueue::default();
         for i in 0..CAP + 5 {
-            a.record("x", "stream.open", &i.to_string(), "deny", serde_json::Value::Null);
+            a.record(
+                "x",
+                "stream.open",
+                &i.to_string(),
+                "deny",
+                serde_json::Value::Null,
+            );
         }
         let first = a.take(3);
         assert_eq!(first[0].target, "5", "oldest dropped first");

@@ -56,7 +56,9 @@ pub(crate) fn admit(peer: &PeerCert, a: &Authority, org: &str) -> Result<LinkPee
         Role::Agent => match s.devices.iter().find(|d| d.id == peer.id.id) {
             None => Err(Refusal::UnknownDevice),
             Some(d) if d.revoked => Err(Refusal::RevokedDevice),
-            Some(d) => Ok(LinkPeer::Agent { device: d.id.clone() }),
+            Some(d) => Ok(LinkPeer::Agent {
+                device: d.id.clone(),
+            }),
         },
         Role::Connector => match s.connectors.iter().find(|c| c.id == peer.id.id) {
             None => Err(Refusal::UnknownConnector),
@@ -90,12 +92,28 @@ mod tests {
                 version: 1,
                 org: "default".into(),
                 devices: vec![
-                    DeviceFacts { id: "d1".into(), user: "u@example.test".into(), revoked: false },
-                    DeviceFacts { id: "d2".into(), user: "u@example.test".into(), revoked: true },
+                    DeviceFacts {
+                        id: "d1".into(),
+                        user: "u@example.test".into(),
+                        revoked: false,
+                    },
+                    DeviceFacts {
+                        id: "d2".into(),
+                        user: "u@example.test".into(),
+                        revoked: true,
+                    },
                 ],
                 connectors: vec![
-                    ConnectorFacts { id: "c1".into(), name: "c".into(), revoked: false },
-                    ConnectorFacts { id: "c2".into(), name: "d".into(), revoked: true },
+                    ConnectorFacts {
+                        id: "c1".into(),
+                        name: "c".into(),
+                        revoked: false,
+                    },
+                    ConnectorFacts {
+                        id: "c2".into(),
+                        name: "d".into(),
+                        revoked: true,
+                    },
                 ],
                 revoked_serials: vec!["bad".into()],
                 ..Snapshot::default()
@@ -109,19 +127,39 @@ mod tests {
     fn table() {
         let a = authority();
         let cases = [
-            (cert(Role::Agent, "d1", "1"), Ok(LinkPeer::Agent { device: "d1".into() })),
-            (cert(Role::Agent, "d1", "bad"), Err(Refusal::RevokedCertificate)),
+            (
+                cert(Role::Agent, "d1", "1"),
+                Ok(LinkPeer::Agent {
+                    device: "d1".into(),
+                }),
+            ),
+            (
+                cert(Role::Agent, "d1", "bad"),
+                Err(Refusal::RevokedCertificate),
+            ),
             (cert(Role::Agent, "d2", "2"), Err(Refusal::RevokedDevice)),
             (cert(Role::Agent, "d9", "3"), Err(Refusal::UnknownDevice)),
-            (cert(Role::Connector, "c1", "4"), Ok(LinkPeer::Connector { id: "c1".into() })),
-            (cert(Role::Connector, "c2", "5"), Err(Refusal::RevokedConnector)),
-            (cert(Role::Connector, "d1", "6"), Err(Refusal::UnknownConnector)),
+            (
+                cert(Role::Connector, "c1", "4"),
+                Ok(LinkPeer::Connector { id: "c1".into() }),
+            ),
+            (
+                cert(Role::Connector, "c2", "5"),
+                Err(Refusal::RevokedConnector),
+            ),
+            (
+                cert(Role::Connector, "d1", "6"),
+                Err(Refusal::UnknownConnector),
+            ),
             (cert(Role::Broker, "b1", "7"), Err(Refusal::WrongRole)),
             (cert(Role::Controller, "x", "8"), Err(Refusal::WrongRole)),
         ];
         for (c, want) in cases {
             assert_eq!(admit(&c, &a, "default"), want, "{c:?}");
         }
-        assert_eq!(admit(&cert(Role::Agent, "d1", "1"), &a, "other"), Err(Refusal::WrongOrg));
+        assert_eq!(
+            admit(&cert(Role::Agent, "d1", "1"), &a, "other"),
+            Err(Refusal::WrongOrg)
+        );
     }
 }

@@ -33,7 +33,10 @@ impl Authority {
         })
     }
 
-    pub(crate) fn new(snapshot: Snapshot, confirmed_at: u64) -> Result<Self, umbra_policy::PolicyError> {
+    pub(crate) fn new(
+        snapshot: Snapshot,
+        confirmed_at: u64,
+    ) -> Result<Self, umbra_policy::PolicyError> {
         Ok(Authority {
             engine: Arc::new(Engine::from_snapshot(&snapshot)?),
             snapshot: Arc::new(snapshot),
@@ -63,12 +66,17 @@ impl Authority {
 
     /// Whether the certificate serial is revoked.
     pub(crate) fn serial_revoked(&self, serial_hex: &str) -> bool {
-        self.snapshot.revoked_serials.iter().any(|s| s == serial_hex)
+        self.snapshot
+            .revoked_serials
+            .iter()
+            .any(|s| s == serial_hex)
     }
 }
 
 pub(crate) fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What goes to disk.
@@ -143,7 +151,11 @@ mod tests {
         assert!(!a.is_fresh(UNIX_EPOCH + Duration::from_secs(1_061), max));
         // A clock that went backwards does not make it stale.
         assert!(a.is_fresh(UNIX_EPOCH + Duration::from_secs(10), max));
-        assert!(!Authority::empty().unwrap().is_fresh(UNIX_EPOCH + Duration::from_secs(1), max));
+        assert!(
+            !Authority::empty()
+                .unwrap()
+                .is_fresh(UNIX_EPOCH + Duration::from_secs(1), max)
+        );
     }
 
     #[test]

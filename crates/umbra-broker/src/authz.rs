@@ -112,8 +112,16 @@ mod tests {
                 revoked: false,
             }],
             services: vec![
-                ServiceFacts { name: "demo".into(), target: "127.0.0.1:80".into(), connectors: vec!["c1".into()] },
-                ServiceFacts { name: "db".into(), target: "127.0.0.1:5432".into(), connectors: vec!["c1".into()] },
+                ServiceFacts {
+                    name: "demo".into(),
+                    target: "127.0.0.1:80".into(),
+                    connectors: vec!["c1".into()],
+                },
+                ServiceFacts {
+                    name: "db".into(),
+                    target: "127.0.0.1:5432".into(),
+                    connectors: vec!["c1".into()],
+                },
             ],
             policies,
             revoked_serials: vec!["dead".into()],
@@ -132,7 +140,13 @@ mod tests {
     }
 
     fn open<'a>(service: &'a str, serial: &'a str, flow: Flow) -> OpenFacts<'a> {
-        OpenFacts { device: "d1", serial_hex: serial, service, flow, transport: "quic" }
+        OpenFacts {
+            device: "d1",
+            serial_hex: serial,
+            service,
+            flow,
+            transport: "quic",
+        }
     }
 
     fn at(s: u64) -> SystemTime {
@@ -154,10 +168,16 @@ mod tests {
         let unknown = authorize(&a, &open("nope", "01", Flow::Tcp), at(NOW), MAX);
         assert_eq!(forbidden.code, OpenCode::Denied);
         assert_eq!(unknown.code, OpenCode::Denied);
-        assert_ne!(forbidden.reason, unknown.reason, "the audit log still tells them apart");
+        assert_ne!(
+            forbidden.reason, unknown.reason,
+            "the audit log still tells them apart"
+        );
 
         // UDP on a forbidden service is Denied, not UnsupportedFlow (no oracle).
-        assert_eq!(authorize(&a, &open("db", "01", Flow::Udp), at(NOW), MAX).code, OpenCode::Denied);
+        assert_eq!(
+            authorize(&a, &open("db", "01", Flow::Udp), at(NOW), MAX).code,
+            OpenCode::Denied
+        );
         assert_eq!(
             authorize(&a, &open("demo", "01", Flow::Udp), at(NOW), MAX).code,
             OpenCode::UnsupportedFlow
@@ -183,9 +203,18 @@ mod tests {
     #[test]
     fn stale_snapshot_refuses_then_fresh_again() {
         let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
-        assert_eq!(authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 600), MAX).code, OpenCode::Ok);
-        assert_eq!(authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code, OpenCode::Stale);
+        assert_eq!(
+            authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 600), MAX).code,
+            OpenCode::Ok
+        );
+        assert_eq!(
+            authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code,
+            OpenCode::Stale
+        );
         let a = a.confirmed(NOW + 601);
-        assert_eq!(authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code, OpenCode::Ok);
+        assert_eq!(
+            authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code,
+            OpenCode::Ok
+        );
     }
 }

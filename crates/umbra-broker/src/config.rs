@@ -84,7 +84,10 @@ impl BrokerConfig {
             ));
         }
         if self.listen_quic.is_none() && self.listen_tcp.is_none() {
-            return Err(bad("listen_quic", "at least one of listen_quic and listen_tcp is needed"));
+            return Err(bad(
+                "listen_quic",
+                "at least one of listen_quic and listen_tcp is needed",
+            ));
         }
         if self.advertise_host.is_none() && self.advertised_ip().is_none() {
             return Err(bad(
@@ -93,7 +96,8 @@ impl BrokerConfig {
             ));
         }
         if let Some(h) = &self.advertise_host
-            && (h.is_empty() || h.contains(['/', ' ', ':']) && h.parse::<std::net::Ipv6Addr>().is_err())
+            && (h.is_empty()
+                || h.contains(['/', ' ', ':']) && h.parse::<std::net::Ipv6Addr>().is_err())
         {
             return Err(bad("advertise_host", "a host name or IP address"));
         }

@@ -114,7 +114,10 @@ impl Broker {
         let snapshot_path = authority::cache_path(&dir);
         let held = match authority::load_cached(&snapshot_path) {
             Some(a) => {
-                info!(version = a.snapshot.version, "enforcing the cached snapshot until the controller answers");
+                info!(
+                    version = a.snapshot.version,
+                    "enforcing the cached snapshot until the controller answers"
+                );
                 a
             }
             None => authority::Authority::empty()?,
@@ -133,9 +136,14 @@ impl Broker {
             ..LinkConfig::default()
         };
         let listener = Arc::new(
-            Listener::bind(cfg.listen_quic, cfg.listen_tcp, Arc::new(server_tls), link_cfg)
-                .await
-                .map_err(BrokerError::Listen)?,
+            Listener::bind(
+                cfg.listen_quic,
+                cfg.listen_tcp,
+                Arc::new(server_tls),
+                link_cfg,
+            )
+            .await
+            .map_err(BrokerError::Listen)?,
         );
         let host = cfg.advertise();
         let fmt_addr = |a: SocketAddr| match host.parse::<std::net::Ipv6Addr>() {
@@ -177,8 +185,14 @@ impl Broker {
             listener.clone(),
         ))];
         if let Some(client) = client {
-            tasks.push(tokio::spawn(sync::snapshot_loop(shared.clone(), client.clone())));
-            tasks.push(tokio::spawn(sync::heartbeat_loop(shared.clone(), client.clone())));
+            tasks.push(tokio::spawn(sync::snapshot_loop(
+                shared.clone(),
+                client.clone(),
+            )));
+            tasks.push(tokio::spawn(sync::heartbeat_loop(
+                shared.clone(),
+                client.clone(),
+            )));
             tasks.push(tokio::spawn(renewal(
                 shared.clone(),
                 dir,

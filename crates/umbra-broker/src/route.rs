@@ -57,7 +57,10 @@ impl Registry {
             key,
             active: AtomicUsize::new(0),
         });
-        self.lock().entry(peer.to_owned()).or_default().push(c.clone());
+        self.lock()
+            .entry(peer.to_owned())
+            .or_default()
+            .push(c.clone());
         c
     }
 

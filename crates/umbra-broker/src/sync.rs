@@ -82,7 +82,12 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) {
 /// Re-decides every live link and stream under a new snapshot; closes what is no longer
 /// allowed (a policy removed, a device or connector revoked).
 fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
-    for l in shared.agents.all().into_iter().chain(shared.connectors.all()) {
+    for l in shared
+        .agents
+        .all()
+        .into_iter()
+        .chain(shared.connectors.all())
+    {
         if let Err(r) = admit(l.link.peer(), a, &shared.org) {
             info!(peer = %l.link.peer().id, reason = r.as_str(), "closing link no longer admitted");
             shared.audit.record(
@@ -139,7 +144,11 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             audit,
         };
         drop(a);
-        if let Err(e) = client.load_full().post::<_, serde_json::Value>("/v1/broker/heartbeat", &hb).await {
+        if let Err(e) = client
+            .load_full()
+            .post::<_, serde_json::Value>("/v1/broker/heartbeat", &hb)
+            .await
+        {
             debug!(error = %e, "heartbeat failed");
             shared.audit.requeue(hb.audit);
         }

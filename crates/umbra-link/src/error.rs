@@ -92,9 +92,12 @@ impl LinkError {
                     | quinn::ConnectionError::ConnectionClosed(_)
                     | quinn::ConnectionError::VersionMismatch
             ),
-            LinkError::H2(e) => e.is_remote() && !e.is_io() && e.reason().is_some_and(|r| {
-                r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL
-            }),
+            LinkError::H2(e) => {
+                e.is_remote()
+                    && !e.is_io()
+                    && e.reason()
+                        .is_some_and(|r| r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL)
+            }
             _ => false,
         }
     }

@@ -35,9 +35,9 @@ fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportCo
         }))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(cfg.keepalive))
-        .max_idle_timeout(Some(IdleTimeout::try_from(cfg.idle_timeout).map_err(|_| {
-            LinkError::Config("idle_timeout too large for QUIC".into())
-        })?));
+        .max_idle_timeout(Some(IdleTimeout::try_from(cfg.idle_timeout).map_err(
+            |_| LinkError::Config("idle_timeout too large for QUIC".into()),
+        )?));
     Ok(t)
 }
 

@@ -15,7 +15,9 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use quinn::crypto::{self, ExportKeyingMaterialError, KeyPair, Keys, PacketKey, UnsupportedVersion};
+use quinn::crypto::{
+    self, ExportKeyingMaterialError, KeyPair, Keys, PacketKey, UnsupportedVersion,
+};
 use quinn::{ConnectError, ConnectionId, Side};
 use quinn_proto::TransportError;
 use quinn_proto::transport_parameters::TransportParameters;
@@ -34,7 +36,11 @@ pub(crate) struct QuicHandshake {
 pub(crate) struct KxServerConfig(pub(crate) Arc<quinn::crypto::rustls::QuicServerConfig>);
 
 impl crypto::ServerConfig for KxServerConfig {
-    fn initial_keys(&self, version: u32, dst_cid: &ConnectionId) -> Result<Keys, UnsupportedVersion> {
+    fn initial_keys(
+        &self,
+        version: u32,
+        dst_cid: &ConnectionId,
+    ) -> Result<Keys, UnsupportedVersion> {
         self.0.initial_keys(version, dst_cid)
     }
 
@@ -42,7 +48,11 @@ impl crypto::ServerConfig for KxServerConfig {
         self.0.retry_tag(version, orig_dst_cid, packet)
     }
 
-    fn start_session(self: Arc<Self>, version: u32, params: &TransportParameters) -> Box<dyn crypto::Session> {
+    fn start_session(
+        self: Arc<Self>,
+        version: u32,
+        params: &TransportParameters,
+    ) -> Box<dyn crypto::Session> {
         let inner = crypto::ServerConfig::start_session(self.0.clone(), version, params);
         Box::new(KxSession::new(inner, Side::Server))
     }
@@ -58,7 +68,8 @@ impl crypto::ClientConfig for KxClientConfig {
         server_name: &str,
         params: &TransportParameters,
     ) -> Result<Box<dyn crypto::Session>, ConnectError> {
-        let inner = crypto::ClientConfig::start_session(self.0.clone(), version, server_name, params)?;
+        let inner =
+            crypto::ClientConfig::start_session(self.0.clone(), version, server_name, params)?;
         Ok(Box::new(KxSession::new(inner, Side::Client)))
     }
 }

@@ -120,10 +120,7 @@ pub(crate) async fn accept(
     cfg: &LinkConfig,
 ) -> Result<Link, LinkError> {
     tcp.set_nodelay(true)?;
-    let tls = acceptor
-        .accept(buffered(tcp))
-        .await
-        .map_err(from_tls_io)?;
+    let tls = acceptor.accept(buffered(tcp)).await.map_err(from_tls_io)?;
     let (_, c) = tls.get_ref();
     if c.alpn_protocol() != Some(ALPN) {
         return Err(LinkError::Handshake("ALPN umbra/1 not negotiated"));
@@ -199,7 +196,10 @@ fn buffered(tcp: TcpStream) -> BufReader<TcpStream> {
 }
 
 fn kx_name(g: Option<&'static dyn rustls::crypto::SupportedKxGroup>) -> String {
-    g.map_or_else(|| "unknown".to_owned(), |g| umbra_pki::kx_group_name(g.name()))
+    g.map_or_else(
+        || "unknown".to_owned(),
+        |g| umbra_pki::kx_group_name(g.name()),
+    )
 }
 
 /// Runs the HTTP/2 handshake in the given role and starts the link's tasks.
@@ -258,7 +258,9 @@ where
         // Bounded: a peer opening streams nobody accepts gets them refused, and the driver
         // never waits on the application.
         let (tx, rx) = mpsc::channel(cfg.max_streams.clamp(1, 1024) as usize);
-        tokio::spawn(serve_streams(conn, tx, closed.clone(), span.clone()).instrument(span.clone()));
+        tokio::spawn(
+            serve_streams(conn, tx, closed.clone(), span.clone()).instrument(span.clone()),
+        );
         (H2Side::Server(tokio::sync::Mutex::new(rx)), ping)
     };
     if let Some(ping) = ping {
@@ -355,7 +357,10 @@ async fn keepalive(
                 return;
             }
             Err(_) => {
-                info!(idle_secs = idle.as_secs_f64(), "peer silent past idle timeout; closing link");
+                info!(
+                    idle_secs = idle.as_secs_f64(),
+                    "peer silent past idle timeout; closing link"
+                );
                 closed.cancel();
                 return;
             }

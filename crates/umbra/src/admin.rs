@@ -28,7 +28,7 @@ pub(crate) struct Args {
     #[arg(long, env = "UMBRA_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// Output: `table` for people, `json` for scripts.
-    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    #[arg(short = 'o', long, global = true, default_value = "table", value_parser = ["table", "json"])]
     output: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -211,16 +211,17 @@ impl Client {
     fn new(a: &Args) -> anyhow::Result<Client> {
         let file: AdminFile = match &a.config {
             Some(p) => {
-                let t = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-                toml::from_str(&t).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message().trim()))?
+                let t = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                toml::from_str(&t)
+                    .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message().trim()))?
             }
             None => AdminFile::default(),
         };
-        let base = a
-            .controller
-            .clone()
-            .or(file.controller)
-            .context("no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)")?;
+        let base =
+            a.controller.clone().or(file.controller).context(
+                "no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)",
+            )?;
         let token = if let Some(t) = &a.token {
             t.clone()
         } else if let Some(p) = a.token_file.clone().or(file.token_file) {
@@ -233,12 +234,11 @@ impl Client {
         } else {
             bail!("no admin token: pass --token (or UMBRA_ADMIN_TOKEN, --token-file, or --config)")
         };
-        let ca_file = a
-            .ca_file
-            .clone()
-            .or(file.ca_file)
-            .context("no CA: pass --ca-file with the organisation CA (or UMBRA_CA_FILE, or --config)")?;
-        let ca_pem = std::fs::read_to_string(&ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
+        let ca_file = a.ca_file.clone().or(file.ca_file).context(
+            "no CA: pass --ca-file with the organisation CA (or UMBRA_CA_FILE, or --config)",
+        )?;
+        let ca_pem = std::fs::read_to_string(&ca_file)
+            .with_context(|| format!("cannot read {}", ca_file.display()))?;
         let ca = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
             .map_err(|e| anyhow::anyhow!("{} holds no certificate: {e}", ca_file.display()))?;
         Client::connect(&base, token, &ca)
@@ -263,7 +263,11 @@ impl Client {
     }
 
     /// POST that treats "already exists" (409) as done: for idempotent setup.
-    pub(crate) async fn ensure(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<()> {
+    pub(crate) async fn ensure(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<()> {
         let resp = self
             .http
             .post(format!("{}{path}", self.base))
@@ -305,13 +309,20 @@ impl Client {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
-    pub(crate) async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    pub(crate) async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
     async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 }
 
@@ -336,7 +347,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|s| s.to_uppercase()).collect());
@@ -355,7 +370,10 @@ fn ts(unix: u64) -> String {
 
 /// RFC 3339 in UTC without pulling a date crate.
 fn humantime_like(t: std::time::SystemTime) -> String {
-    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil from days (Howard Hinnant's algorithm).
@@ -369,7 +387,12 @@ fn humantime_like(t: std::time::SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
@@ -392,14 +415,29 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     match &a.cmd {
         Cmd::User(UserCmd::Add { id, groups }) => {
-            let u: api::User = c.post("/v1/users", &api::CreateUser { id: id.clone(), groups: groups.clone() }).await?;
+            let u: api::User = c
+                .post(
+                    "/v1/users",
+                    &api::CreateUser {
+                        id: id.clone(),
+                        groups: groups.clone(),
+                    },
+                )
+                .await?;
             out!(u, |u: api::User| println!("user {} added", u.id));
         }
         Cmd::User(UserCmd::List) => {
             let v: Vec<api::User> = c.get("/v1/users").await?;
             out!(v, |v: Vec<api::User>| table(
                 &["id", "groups", "disabled", "created"],
-                v.into_iter().map(|u| vec![u.id, u.groups.join(","), u.disabled.to_string(), ts(u.created_at)]).collect()
+                v.into_iter()
+                    .map(|u| vec![
+                        u.id,
+                        u.groups.join(","),
+                        u.disabled.to_string(),
+                        ts(u.created_at)
+                    ])
+                    .collect()
             ));
         }
         Cmd::User(UserCmd::Rm { id }) => {
@@ -407,49 +445,89 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             out!(v, |_| println!("user {id} removed"));
         }
         Cmd::Group(GroupCmd::Add { name }) => {
-            let g: api::Group = c.post("/v1/groups", &api::CreateGroup { name: name.clone() }).await?;
+            let g: api::Group = c
+                .post("/v1/groups", &api::CreateGroup { name: name.clone() })
+                .await?;
             out!(g, |g: api::Group| println!("group {} added", g.name));
         }
         Cmd::Group(GroupCmd::List) => {
             let v: Vec<api::Group> = c.get("/v1/groups").await?;
             out!(v, |v: Vec<api::Group>| table(
                 &["name", "members"],
-                v.into_iter().map(|g| vec![g.name, g.members.join(",")]).collect()
+                v.into_iter()
+                    .map(|g| vec![g.name, g.members.join(",")])
+                    .collect()
             ));
         }
         Cmd::Group(GroupCmd::AddMember { group, user }) => {
             let v: serde_json::Value = c
-                .post(&format!("/v1/groups/{}/members", seg(group)), &serde_json::json!({ "user": user }))
+                .post(
+                    &format!("/v1/groups/{}/members", seg(group)),
+                    &serde_json::json!({ "user": user }),
+                )
                 .await?;
             out!(v, |_| println!("{user} added to {group}"));
         }
         Cmd::Group(GroupCmd::RmMember { group, user }) => {
-            let v = c.delete(&format!("/v1/groups/{}/members/{}", seg(group), seg(user))).await?;
+            let v = c
+                .delete(&format!("/v1/groups/{}/members/{}", seg(group), seg(user)))
+                .await?;
             out!(v, |_| println!("{user} removed from {group}"));
         }
-        Cmd::Service(ServiceCmd::Add { name, target, connectors }) => {
+        Cmd::Service(ServiceCmd::Add {
+            name,
+            target,
+            connectors,
+        }) => {
             let s: api::Service = c
                 .post(
                     "/v1/services",
-                    &api::CreateService { name: name.clone(), target: target.clone(), connectors: connectors.clone() },
+                    &api::CreateService {
+                        name: name.clone(),
+                        target: target.clone(),
+                        connectors: connectors.clone(),
+                    },
                 )
                 .await?;
-            out!(s, |s: api::Service| println!("service {} -> {} via {}", s.name, s.target, s.connectors.join(",")));
+            out!(s, |s: api::Service| println!(
+                "service {} -> {} via {}",
+                s.name,
+                s.target,
+                s.connectors.join(",")
+            ));
         }
         Cmd::Service(ServiceCmd::List) => {
             let v: Vec<api::Service> = c.get("/v1/services").await?;
             out!(v, |v: Vec<api::Service>| table(
                 &["name", "target", "connectors"],
-                v.into_iter().map(|s| vec![s.name, s.target, s.connectors.join(",")]).collect()
+                v.into_iter()
+                    .map(|s| vec![s.name, s.target, s.connectors.join(",")])
+                    .collect()
             ));
         }
         Cmd::Service(ServiceCmd::Rm { name }) => {
             let v = c.delete(&format!("/v1/services/{}", seg(name))).await?;
             out!(v, |_| println!("service {name} removed"));
         }
-        Cmd::Policy(PolicyCmd::Add { name, file, text, allow_user, allow_group, allow_everyone, service }) => {
-            let text = match (file, text, allow_user, allow_group, *allow_everyone, service) {
-                (Some(f), ..) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        Cmd::Policy(PolicyCmd::Add {
+            name,
+            file,
+            text,
+            allow_user,
+            allow_group,
+            allow_everyone,
+            service,
+        }) => {
+            let text = match (
+                file,
+                text,
+                allow_user,
+                allow_group,
+                *allow_everyone,
+                service,
+            ) {
+                (Some(f), ..) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
                 (None, Some(t), ..) => t.clone(),
                 (None, None, Some(u), None, false, Some(s)) => {
                     umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(u.clone()), s)
@@ -460,9 +538,19 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 (None, None, None, None, true, Some(s)) => {
                     umbra_policy::allow_policy(&umbra_policy::PolicySubject::Everyone, s)
                 }
-                _ => bail!("give the policy as --file, --text, or one of --allow-user/--allow-group/--allow-everyone with --service"),
+                _ => bail!(
+                    "give the policy as --file, --text, or one of --allow-user/--allow-group/--allow-everyone with --service"
+                ),
             };
-            let p: api::Policy = c.post("/v1/policies", &api::CreatePolicy { name: name.clone(), text }).await?;
+            let p: api::Policy = c
+                .post(
+                    "/v1/policies",
+                    &api::CreatePolicy {
+                        name: name.clone(),
+                        text,
+                    },
+                )
+                .await?;
             out!(p, |p: api::Policy| println!("policy {} added", p.name));
         }
         Cmd::Policy(PolicyCmd::List) => {
@@ -475,7 +563,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let v = c.delete(&format!("/v1/policies/{}", seg(name))).await?;
             out!(v, |_| println!("policy {name} removed"));
         }
-        Cmd::Token(TokenCmd::Create { role, user, name, ttl }) => {
+        Cmd::Token(TokenCmd::Create {
+            role,
+            user,
+            name,
+            ttl,
+        }) => {
             let t: api::EnrollTokenCreated = c
                 .post(
                     "/v1/enrollment-tokens",
@@ -487,34 +580,59 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(serde_json::json!({"id": t.id, "token": t.token, "role": t.role, "expires_at": t.expires_at}), |_| {
-                println!("{}", t.token);
-                eprintln!("{} token {} (expires {}; shown once)", t.role, t.id, ts(t.expires_at));
-            });
+            out!(
+                serde_json::json!({"id": t.id, "token": t.token, "role": t.role, "expires_at": t.expires_at}),
+                |_| {
+                    println!("{}", t.token);
+                    eprintln!(
+                        "{} token {} (expires {}; shown once)",
+                        t.role,
+                        t.id,
+                        ts(t.expires_at)
+                    );
+                }
+            );
         }
         Cmd::Device(DeviceCmd::List) => {
             let v: Vec<api::Device> = c.get("/v1/devices").await?;
             out!(v, |v: Vec<api::Device>| table(
                 &["id", "user", "revoked", "cert expires", "serial"],
                 v.into_iter()
-                    .map(|d| vec![d.id, d.user, d.revoked.to_string(), ts(d.cert_not_after), d.cert_serial])
+                    .map(|d| vec![
+                        d.id,
+                        d.user,
+                        d.revoked.to_string(),
+                        ts(d.cert_not_after),
+                        d.cert_serial
+                    ])
                     .collect()
             ));
         }
         Cmd::Device(DeviceCmd::Revoke { id }) => {
-            let v: serde_json::Value = c.post(&format!("/v1/devices/{}/revoke", seg(id)), &serde_json::json!({})).await?;
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/v1/devices/{}/revoke", seg(id)),
+                    &serde_json::json!({}),
+                )
+                .await?;
             out!(v, |_| println!("device {id} revoked"));
         }
         Cmd::Connector(ConnectorCmd::List) => {
             let v: Vec<api::Connector> = c.get("/v1/connectors").await?;
             out!(v, |v: Vec<api::Connector>| table(
                 &["id", "name", "revoked", "cert expires"],
-                v.into_iter().map(|x| vec![x.id, x.name, x.revoked.to_string(), ts(x.cert_not_after)]).collect()
+                v.into_iter()
+                    .map(|x| vec![x.id, x.name, x.revoked.to_string(), ts(x.cert_not_after)])
+                    .collect()
             ));
         }
         Cmd::Connector(ConnectorCmd::Revoke { id }) => {
-            let v: serde_json::Value =
-                c.post(&format!("/v1/connectors/{}/revoke", seg(id)), &serde_json::json!({})).await?;
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/v1/connectors/{}/revoke", seg(id)),
+                    &serde_json::json!({}),
+                )
+                .await?;
             out!(v, |_| println!("connector {id} revoked"));
         }
         Cmd::Broker(BrokerCmd::List) => {
@@ -536,7 +654,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Stream(StreamCmd::List) => {
             let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;
             out!(v, |v: Vec<api::LiveStream>| table(
-                &["id", "broker", "user", "service", "connector", "transport", "up", "down", "since"],
+                &[
+                    "id",
+                    "broker",
+                    "user",
+                    "service",
+                    "connector",
+                    "transport",
+                    "up",
+                    "down",
+                    "since"
+                ],
                 v.into_iter()
                     .map(|s| vec![
                         s.id.to_string(),
@@ -553,7 +681,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::Audit { after, limit } => {
-            let v: Vec<api::AuditEntry> = c.get(&format!("/v1/audit?after={after}&limit={limit}")).await?;
+            let v: Vec<api::AuditEntry> = c
+                .get(&format!("/v1/audit?after={after}&limit={limit}"))
+                .await?;
             out!(v, |v: Vec<api::AuditEntry>| table(
                 &["seq", "at", "actor", "action", "target", "result", "detail"],
                 v.into_iter()

@@ -27,7 +27,8 @@ pub(crate) struct Args {
 enum Cmd {
     /// Enroll this device with a one-time token: the key is generated here and never leaves
     /// this device; the controller signs a short-lived certificate, renewed automatically.
-    Enroll(EnrollArgs),
+    /// The identity is written to the global --dir.
+    Enroll(AgentEnrollArgs),
     /// Show identity, certificate expiry, and each broker with its measured round-trip time.
     Status,
     /// List the services this device's user may reach.
@@ -51,23 +52,47 @@ pub(crate) struct EnrollArgs {
     /// The one-time enrollment token (umb1.<ca hash>.<secret>).
     #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
     token: String,
-    /// Where to write the identity (for `umbra agent`, the global --dir).
+    /// Where to write the identity.
     #[arg(long = "dir", id = "enroll_dir")]
     dir: Option<PathBuf>,
 }
 
+/// Agent enrollment flags: as [`EnrollArgs`] without its own `--dir` (the agent's global
+/// `--dir` says where the identity goes; two `--dir` options on one command are ambiguous, and
+/// clap refuses them).
+#[derive(clap::Args)]
+pub(crate) struct AgentEnrollArgs {
+    /// Controller URL, e.g. https://controller.example.test:7400.
+    #[arg(long, env = "UMBRA_CONTROLLER")]
+    controller: String,
+    /// The one-time enrollment token (umb1.<ca hash>.<secret>).
+    #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
 /// Runs an enrollment and reports it.
 pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
-    let dir = a.dir.with_context(|| format!("--dir is required: where to keep the {role}'s identity"))?;
+    let dir = a
+        .dir
+        .with_context(|| format!("--dir is required: where to keep the {role}'s identity"))?;
     enroll_into(&a.controller, &a.token, &dir, role).await
 }
 
-async fn enroll_into(controller: &str, token: &str, dir: &std::path::Path, role: &str) -> anyhow::Result<()> {
+async fn enroll_into(
+    controller: &str,
+    token: &str,
+    dir: &std::path::Path,
+    role: &str,
+) -> anyhow::Result<()> {
     let issued = umbra_link::enroll::enroll(controller, token, dir)
         .await
         .with_context(|| format!("{role} enrollment failed"))?;
     let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued.not_after);
-    println!("enrolled {} (certificate valid until {})", issued.identity, crate::admin::rfc3339(expires));
+    println!(
+        "enrolled {} (certificate valid until {})",
+        issued.identity,
+        crate::admin::rfc3339(expires)
+    );
     if let Some(u) = issued.user {
         println!("this device belongs to {u}");
     }
@@ -90,15 +115,15 @@ fn config(a: &Args) -> anyhow::Result<AgentConfig> {
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
     match a.cmd {
-        Cmd::Enroll(e) => {
-            let dir = e.dir.clone().unwrap_or_else(|| cfg.identity_dir.clone());
-            enroll_into(&e.controller, &e.token, &dir, "agent").await
-        }
+        Cmd::Enroll(e) => enroll_into(&e.controller, &e.token, &cfg.identity_dir, "agent").await,
         Cmd::Status => {
             let s = umbra_agent::status(&cfg).await?;
             println!("identity:     {}", s.identity);
             println!("user:         {}", s.user.as_deref().unwrap_or("-"));
-            println!("certificate:  valid until {}", crate::admin::rfc3339(s.cert_not_after));
+            println!(
+                "certificate:  valid until {}",
+                crate::admin::rfc3339(s.cert_not_after)
+            );
             println!("brokers:");
             for b in s.brokers {
                 match b.rtt {
@@ -107,7 +132,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         b.info.name,
                         b.transport,
                         rtt.as_secs_f64() * 1e3,
-                        b.info.quic_addr.as_deref().or(b.info.tcp_addr.as_deref()).unwrap_or("-")
+                        b.info
+                            .quic_addr
+                            .as_deref()
+                            .or(b.info.tcp_addr.as_deref())
+                            .unwrap_or("-")
                     ),
                     Err(e) => println!("  {:<20} unreachable: {e}", b.info.name),
                 }

@@ -55,7 +55,11 @@ struct RunArgs {
     #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
     /// Serve Prometheus metrics at http://ADDR/metrics, or `none`.
-    #[arg(long, env = "UMBRA_BROKER_METRICS_LISTEN", default_value = "127.0.0.1:9401")]
+    #[arg(
+        long,
+        env = "UMBRA_BROKER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9401"
+    )]
     metrics_listen: String,
 }
 
@@ -63,9 +67,9 @@ pub(crate) fn parse_listen(flag: &str, v: &str) -> anyhow::Result<Option<SocketA
     if v == "none" {
         return Ok(None);
     }
-    v.parse()
-        .map(Some)
-        .map_err(|_| anyhow::anyhow!("--{flag}: {v:?} is not an address like 127.0.0.1:7401 (or none)"))
+    v.parse().map(Some).map_err(|_| {
+        anyhow::anyhow!("--{flag}: {v:?} is not an address like 127.0.0.1:7401 (or none)")
+    })
 }
 
 fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {

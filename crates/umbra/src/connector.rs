@@ -35,7 +35,11 @@ struct RunArgs {
     #[arg(long, env = "UMBRA_CONNECTOR_TRANSPORT", value_parser = ["auto", "quic", "tcp"])]
     transport: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics, or `none`.
-    #[arg(long, env = "UMBRA_CONNECTOR_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
+    #[arg(
+        long,
+        env = "UMBRA_CONNECTOR_METRICS_LISTEN",
+        default_value = "127.0.0.1:9402"
+    )]
     metrics_listen: String,
 }
 
@@ -59,7 +63,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(addr) = crate::broker::parse_listen("metrics-listen", &a.run.metrics_listen)? {
         crate::telemetry::serve_metrics(addr).await;
     }
-    let c = Connector::start(cfg).await.context("connector did not start")?;
+    let c = Connector::start(cfg)
+        .await
+        .context("connector did not start")?;
     crate::telemetry::shutdown_signal().await;
     tracing::info!("shutting down");
     c.shutdown().await;

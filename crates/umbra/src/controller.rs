@@ -25,7 +25,11 @@ pub(crate) struct Args {
     #[arg(long, env = "UMBRA_PUBLIC_URL")]
     public_url: Option<String>,
     /// DNS names or IPs for the controller's certificate (repeatable).
-    #[arg(long = "server-name", env = "UMBRA_SERVER_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "server-name",
+        env = "UMBRA_SERVER_NAMES",
+        value_delimiter = ','
+    )]
     server_names: Vec<String>,
     /// Database URL (default: sqlite://DATA_DIR/umbra.db).
     #[arg(long, env = "UMBRA_DATABASE_URL", hide_env_values = true)]
@@ -64,7 +68,9 @@ pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
-    let c = Controller::start(cfg, options()).await.context("controller did not start")?;
+    let c = Controller::start(cfg, options())
+        .await
+        .context("controller did not start")?;
     if let Some(token) = c.first_admin_token() {
         // Shown once: only its hash is stored.
         println!("admin token (shown once, store it now): {token}");

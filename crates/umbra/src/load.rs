@@ -8,19 +8,37 @@ use anyhow::Context;
 use serde::de::DeserializeOwned;
 
 /// Reads `path` as the role's config, or the defaults when no file is given.
-pub(crate) fn file_or_default<T: DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+pub(crate) fn file_or_default<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> anyhow::Result<T> {
     let Some(path) = path else {
         return Ok(T::default());
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.message().trim()).context(field_hint(&e)))
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("config file {}: {}", path.display(), e.message().trim())
+            .context(field_hint(&text, &e))
+    })
 }
 
-fn field_hint(e: &toml::de::Error) -> String {
-    match e.span() {
-        Some(span) => format!("invalid configuration (at bytes {}..{})", span.start, span.end),
-        None => "invalid configuration".into(),
+/// Names the key at fault: toml's message for a bad value ("invalid socket address syntax")
+/// does not. Only the key is shown, never the line: a value may be a secret.
+fn field_hint(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return "invalid configuration".into();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => {
+            format!(
+                "invalid configuration: key `{}` (line {line_no})",
+                key.trim()
+            )
+        }
+        _ => format!("invalid configuration (line {line_no})"),
     }
 }
 
@@ -34,7 +52,9 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Some((i, 'd')) => (&s[..i], 86_400),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?} (try 30s, 5m, 24h, 7d)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 30s, 5m, 24h, 7d)"))?;
     n.checked_mul(mult)
         .map(std::time::Duration::from_secs)
         .ok_or_else(|| format!("duration {s:?} is too large"))
@@ -44,6 +64,24 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 mod tests {
     use super::parse_duration;
     use std::time::Duration;
+
+    #[test]
+    fn bad_values_name_their_key() {
+        #[derive(serde::Deserialize, Default, Debug)]
+        #[allow(dead_code)]
+        struct C {
+            listen: Option<std::net::SocketAddr>,
+            ca_key: Option<String>,
+        }
+        let dir = std::env::temp_dir().join(format!("umbra-load-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "ca_key = \"s3cret\"\nlisten = \"nowhere\"\n").unwrap();
+        let e = format!("{:#}", super::file_or_default::<C>(Some(&p)).unwrap_err());
+        assert!(e.contains("key `listen` (line 2)"), "{e}");
+        assert!(!e.contains("s3cret") && !e.contains("nowhere"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn durations() {

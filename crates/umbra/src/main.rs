@@ -51,7 +51,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     umbra_pki::install_crypto_provider();
-    let interactive = matches!(cli.command, Command::Agent(_) | Command::Admin(_) | Command::Quickstart(_));
+    let interactive = matches!(
+        cli.command,
+        Command::Agent(_) | Command::Admin(_) | Command::Quickstart(_)
+    );
     let format = cli
         .log_format
         .clone()
@@ -63,7 +66,10 @@ fn main() -> std::process::ExitCode {
         // Installed before any role records a metric (records made earlier would be lost).
         telemetry::metrics_handle();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -107,6 +113,10 @@ fn main() -> std::process::ExitCode {
 impl Cli {
     /// Agent commands print results for a person: keep logs to warnings unless asked.
     fn log_or_quiet(&self) -> String {
-        if self.log == "info" { "warn,umbra_agent=info".into() } else { self.log.clone() }
+        if self.log == "info" {
+            "warn,umbra_agent=info".into()
+        } else {
+            self.log.clone()
+        }
     }
 }

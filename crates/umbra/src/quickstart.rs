@@ -55,7 +55,9 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     o.write(true).create(true).truncate(true);
     #[cfg(unix)]
     o.mode(0o600);
-    let mut f = o.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -119,14 +121,24 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             ca_file.display().to_string()
         ),
     )?;
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| anyhow::anyhow!("CA: {e}"))?;
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("CA: {e}"))?;
     let admin = crate::admin::Client::connect(&url, token, &ca)?;
 
     // 2. Objects and identities (each step skipped when already done).
     admin
-        .ensure("/v1/users", &api::CreateUser { id: USER.into(), groups: vec![] })
+        .ensure(
+            "/v1/users",
+            &api::CreateUser {
+                id: USER.into(),
+                groups: vec![],
+            },
+        )
         .await?;
-    let enroll = |role: &'static str, user: Option<&'static str>, name: Option<&'static str>, into: PathBuf| {
+    let enroll = |role: &'static str,
+                  user: Option<&'static str>,
+                  name: Option<&'static str>,
+                  into: PathBuf| {
         let admin = &admin;
         let url = url.clone();
         async move {
@@ -169,7 +181,10 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             "/v1/policies",
             &api::CreatePolicy {
                 name: "demo-allow".into(),
-                text: umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(USER.into()), SERVICE),
+                text: umbra_policy::allow_policy(
+                    &umbra_policy::PolicySubject::User(USER.into()),
+                    SERVICE,
+                ),
             },
         )
         .await?;
@@ -189,7 +204,11 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             listen_tcp: Some(loopback(port)),
             ..BrokerConfig::default()
         };
-        brokers.push(Broker::start(cfg).await.with_context(|| format!("{b} did not start"))?);
+        brokers.push(
+            Broker::start(cfg)
+                .await
+                .with_context(|| format!("{b} did not start"))?,
+        );
     }
     let connector = Connector::start(ConnectorConfig {
         identity_dir: dir.join("connector"),
@@ -206,17 +225,34 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     println!("Umbra quickstart is running. State: {}", dir.display());
     println!("  controller  {url}  (metrics: {url}/metrics)");
     for (i, b) in BROKERS.iter().enumerate() {
-        println!("  {b}    127.0.0.1:{} (QUIC and TLS over TCP)", p + 1 + i as u16);
+        println!(
+            "  {b}    127.0.0.1:{} (QUIC and TLS over TCP)",
+            p + 1 + i as u16
+        );
     }
-    println!("  connector   {CONNECTOR}, publishing service '{SERVICE}' -> demo app on {app_addr} (loopback only)");
-    println!("  agent       identity for {USER} in {}", agent_dir.display());
-    println!("  logs        {} (JSON, audit events included)", log.display());
+    println!(
+        "  connector   {CONNECTOR}, publishing service '{SERVICE}' -> demo app on {app_addr} (loopback only)"
+    );
+    println!(
+        "  agent       identity for {USER} in {}",
+        agent_dir.display()
+    );
+    println!(
+        "  logs        {} (JSON, audit events included)",
+        log.display()
+    );
     println!();
     println!("Next, in another terminal:");
-    println!("  {exe} agent --dir {} forward {SERVICE} --listen 127.0.0.1:8080", agent_dir.display());
+    println!(
+        "  {exe} agent --dir {} forward {SERVICE} --listen 127.0.0.1:8080",
+        agent_dir.display()
+    );
     println!("  curl http://127.0.0.1:8080/");
     println!("Administer it:");
-    println!("  {exe} admin --config {} stream list", dir.join("admin.toml").display());
+    println!(
+        "  {exe} admin --config {} stream list",
+        dir.join("admin.toml").display()
+    );
     println!();
     println!("Ctrl-C stops everything.");
 

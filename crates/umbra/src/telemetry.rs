@@ -10,7 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber. With `file`, logs go there instead of stderr.
 pub(crate) fn init_logs(filter: &str, format: &str, file: Option<&Path>) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid --log filter {filter:?}"))?;
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid --log filter {filter:?}"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match file {
         Some(p) => {
@@ -24,7 +25,12 @@ pub(crate) fn init_logs(filter: &str, format: &str, file: Option<&Path>) -> anyh
         None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
     };
     let r = if format == "json" {
-        builder.json().flatten_event(true).with_current_span(true).with_writer(writer).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(writer)
+            .try_init()
     } else {
         builder.with_writer(writer).try_init()
     };
@@ -78,13 +84,14 @@ pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -32,12 +32,27 @@ fn help_of_every_command_names_its_options() {
     let cases: &[(&[&str], &[&str])] = &[
         (
             &["--help"],
-            &["quickstart", "controller", "broker", "connector", "agent", "admin", "--log"],
+            &[
+                "quickstart",
+                "controller",
+                "broker",
+                "connector",
+                "agent",
+                "admin",
+                "--log",
+            ],
         ),
         (&["quickstart", "--help"], &["--data-dir", "--base-port"]),
         (
             &["controller", "--help"],
-            &["--config", "--data-dir", "--listen", "--public-url", "--server-name", "--database-url"],
+            &[
+                "--config",
+                "--data-dir",
+                "--listen",
+                "--public-url",
+                "--server-name",
+                "--database-url",
+            ],
         ),
         (
             &["broker", "--help"],
@@ -53,15 +68,34 @@ fn help_of_every_command_names_its_options() {
                 "--metrics-listen",
             ],
         ),
-        (&["broker", "enroll", "--help"], &["--controller", "--token", "--dir"]),
+        (
+            &["broker", "enroll", "--help"],
+            &["--controller", "--token", "--dir"],
+        ),
         (
             &["connector", "--help"],
-            &["enroll", "--config", "--dir", "--transport", "--metrics-listen"],
+            &[
+                "enroll",
+                "--config",
+                "--dir",
+                "--transport",
+                "--metrics-listen",
+            ],
         ),
-        (&["connector", "enroll", "--help"], &["--controller", "--token", "--dir"]),
+        (
+            &["connector", "enroll", "--help"],
+            &["--controller", "--token", "--dir"],
+        ),
         (
             &["agent", "--help"],
-            &["enroll", "status", "services", "forward", "--dir", "--transport"],
+            &[
+                "enroll",
+                "status",
+                "services",
+                "forward",
+                "--dir",
+                "--transport",
+            ],
         ),
         (&["agent", "enroll", "--help"], &["--controller", "--token"]),
         (&["agent", "forward", "--help"], &["--listen"]),
@@ -87,12 +121,25 @@ fn help_of_every_command_names_its_options() {
             ],
         ),
         (&["admin", "user", "add", "--help"], &["--group"]),
-        (&["admin", "service", "add", "--help"], &["--target", "--connector"]),
+        (
+            &["admin", "service", "add", "--help"],
+            &["--target", "--connector"],
+        ),
         (
             &["admin", "policy", "add", "--help"],
-            &["--file", "--text", "--allow-user", "--allow-group", "--allow-everyone", "--service"],
+            &[
+                "--file",
+                "--text",
+                "--allow-user",
+                "--allow-group",
+                "--allow-everyone",
+                "--service",
+            ],
         ),
-        (&["admin", "token", "create", "--help"], &["--role", "--user", "--name", "--ttl"]),
+        (
+            &["admin", "token", "create", "--help"],
+            &["--role", "--user", "--name", "--ttl"],
+        ),
         (&["admin", "device", "--help"], &["list", "revoke"]),
         (&["admin", "audit", "--help"], &["--after", "--limit"]),
     ];
@@ -100,7 +147,11 @@ fn help_of_every_command_names_its_options() {
     for (args, wanted) in cases {
         let out = umbra(home.path(), args);
         if !out.success() {
-            failures.push(format!("`umbra {}` failed: {}", args.join(" "), out.describe()));
+            failures.push(format!(
+                "`umbra {}` failed: {}",
+                args.join(" "),
+                out.describe()
+            ));
             continue;
         }
         for w in *wanted {
@@ -118,58 +169,169 @@ fn broker_config_errors_name_what_is_wrong() {
 
     // An unknown key in the config file fails at start, naming the key.
     let cfg = home.path().join("broker.toml");
-    std::fs::write(&cfg, "name = \"b-1\"\nlisten_quic = \"127.0.0.1:7401\"\nbogus_key = 1\n").expect("write");
+    std::fs::write(
+        &cfg,
+        "name = \"b-1\"\nlisten_quic = \"127.0.0.1:7401\"\nbogus_key = 1\n",
+    )
+    .expect("write");
     let cfg = cfg.to_str().expect("utf-8 path");
-    let out = umbra(home.path(), &["broker", "--config", cfg, "--metrics-listen", "none"]);
-    assert!(out.status.is_some(), "the broker started with an unknown config key: {}", out.describe());
-    assert!(!out.success(), "an unknown config key was accepted: {}", out.describe());
-    assert!(out.stderr.contains("bogus_key"), "the error does not name the unknown key: {}", out.describe());
+    let out = umbra(
+        home.path(),
+        &["broker", "--config", cfg, "--metrics-listen", "none"],
+    );
+    assert!(
+        out.status.is_some(),
+        "the broker started with an unknown config key: {}",
+        out.describe()
+    );
+    assert!(
+        !out.success(),
+        "an unknown config key was accepted: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("bogus_key"),
+        "the error does not name the unknown key: {}",
+        out.describe()
+    );
 
     // A bad value in a file names the field.
     let bad = home.path().join("bad.toml");
     std::fs::write(&bad, "listen_tcp = \"nowhere\"\n").expect("write");
     let out = umbra(
         home.path(),
-        &["broker", "--config", bad.to_str().expect("utf-8"), "--metrics-listen", "none"],
+        &[
+            "broker",
+            "--config",
+            bad.to_str().expect("utf-8"),
+            "--metrics-listen",
+            "none",
+        ],
     );
-    assert!(!out.success() && out.status.is_some(), "a bad listen_tcp was accepted: {}", out.describe());
-    assert!(out.stderr.contains("listen_tcp"), "the error does not name listen_tcp: {}", out.describe());
+    assert!(
+        !out.success() && out.status.is_some(),
+        "a bad listen_tcp was accepted: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("listen_tcp"),
+        "the error does not name listen_tcp: {}",
+        out.describe()
+    );
 
     // A bad flag value fails naming the flag.
-    let out = umbra(home.path(), &["broker", "--listen-quic", "nonsense", "--metrics-listen", "none"]);
-    assert!(!out.success() && out.status.is_some(), "--listen-quic nonsense was accepted: {}", out.describe());
-    assert!(out.stderr.contains("listen-quic"), "the error does not name --listen-quic: {}", out.describe());
+    let out = umbra(
+        home.path(),
+        &[
+            "broker",
+            "--listen-quic",
+            "nonsense",
+            "--metrics-listen",
+            "none",
+        ],
+    );
+    assert!(
+        !out.success() && out.status.is_some(),
+        "--listen-quic nonsense was accepted: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("listen-quic"),
+        "the error does not name --listen-quic: {}",
+        out.describe()
+    );
 
-    let out = umbra(home.path(), &["broker", "--max-staleness", "5x", "--metrics-listen", "none"]);
-    assert!(!out.success() && out.status.is_some(), "--max-staleness 5x was accepted: {}", out.describe());
-    assert!(out.stderr.contains("max-staleness"), "the error does not name --max-staleness: {}", out.describe());
+    let out = umbra(
+        home.path(),
+        &[
+            "broker",
+            "--max-staleness",
+            "5x",
+            "--metrics-listen",
+            "none",
+        ],
+    );
+    assert!(
+        !out.success() && out.status.is_some(),
+        "--max-staleness 5x was accepted: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("max-staleness"),
+        "the error does not name --max-staleness: {}",
+        out.describe()
+    );
 
     // The same for the controller and the connector.
     let out = umbra(home.path(), &["controller", "--listen", "not-an-address"]);
-    assert!(!out.success() && out.status.is_some(), "controller --listen not-an-address: {}", out.describe());
-    assert!(out.stderr.contains("--listen"), "the error does not name --listen: {}", out.describe());
-    let out = umbra(home.path(), &["connector", "--transport", "carrier-pigeon", "--metrics-listen", "none"]);
-    assert!(!out.success() && out.status.is_some(), "connector --transport carrier-pigeon: {}", out.describe());
-    assert!(out.stderr.contains("--transport"), "the error does not name --transport: {}", out.describe());
+    assert!(
+        !out.success() && out.status.is_some(),
+        "controller --listen not-an-address: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("--listen"),
+        "the error does not name --listen: {}",
+        out.describe()
+    );
+    let out = umbra(
+        home.path(),
+        &[
+            "connector",
+            "--transport",
+            "carrier-pigeon",
+            "--metrics-listen",
+            "none",
+        ],
+    );
+    assert!(
+        !out.success() && out.status.is_some(),
+        "connector --transport carrier-pigeon: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("--transport"),
+        "the error does not name --transport: {}",
+        out.describe()
+    );
 }
 
 #[test]
 fn admin_without_a_controller_says_so() {
     let home = tempfile::tempdir().expect("tempdir");
     let out = umbra(home.path(), &["admin", "user", "list"]);
-    assert!(!out.success() && out.status.is_some(), "admin with no controller: {}", out.describe());
+    assert!(
+        !out.success() && out.status.is_some(),
+        "admin with no controller: {}",
+        out.describe()
+    );
     assert!(
         out.stderr.contains("controller") && out.stderr.contains("--controller"),
         "the error does not say a controller is needed and how to give it: {}",
         out.describe()
     );
-    assert!(!out.stderr.contains("panicked"), "admin panicked: {}", out.describe());
+    assert!(
+        !out.stderr.contains("panicked"),
+        "admin panicked: {}",
+        out.describe()
+    );
 
     // An agent that never enrolled says so, instead of failing obscurely.
     let d = home.path().join("no-agent");
-    let out = umbra(home.path(), &["agent", "--dir", d.to_str().expect("utf-8"), "services"]);
-    assert!(!out.success() && out.status.is_some(), "agent services without identity: {}", out.describe());
-    assert!(out.stderr.contains("enroll"), "the error does not say to enroll first: {}", out.describe());
+    let out = umbra(
+        home.path(),
+        &["agent", "--dir", d.to_str().expect("utf-8"), "services"],
+    );
+    assert!(
+        !out.success() && out.status.is_some(),
+        "agent services without identity: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("enroll"),
+        "the error does not say to enroll first: {}",
+        out.describe()
+    );
 }
 
 /// A base port where P, P+1, P+2 (TCP and UDP) and P+80 are free on loopback, starting from a
@@ -186,7 +348,10 @@ fn quickstart_base_port() -> u16 {
             return p;
         }
         p += 5;
-        assert!(p < start + 5000, "no free port range for quickstart near {start}");
+        assert!(
+            p < start + 5000,
+            "no free port range for quickstart near {start}"
+        );
     }
 }
 
@@ -216,12 +381,20 @@ impl Quickstart {
         let r = poll(Duration::from_secs(60), || {
             let text = self.proc.stdout_text();
             if text.contains("Next, in another terminal") {
-                if let Some(line) = text.lines().find(|l| l.contains(" agent --dir ") && l.contains(" forward demo")) {
-                    return Ok(line.split_whitespace().map(String::from).collect::<Vec<_>>());
+                if let Some(line) = text
+                    .lines()
+                    .find(|l| l.contains(" agent --dir ") && l.contains(" forward demo"))
+                {
+                    return Ok(line
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect::<Vec<_>>());
                 }
             }
             if let Some(s) = self.proc.exited() {
-                return Err(format!("quickstart exited ({s}) before printing the next steps"));
+                return Err(format!(
+                    "quickstart exited ({s}) before printing the next steps"
+                ));
             }
             Err("quickstart did not print the next steps (with an `agent --dir ... forward demo` line) in 60 s".into())
         });
@@ -246,7 +419,11 @@ fn forward_and_get(home: &Path, printed: &[String], q: &Quickstart) -> String {
         _ => panic!("the printed agent command has no --listen ADDR: {printed:?}"),
     }
     let agent_dir = Path::new(&args[2]).to_path_buf();
-    assert!(agent_dir.join("cert.pem").exists(), "the printed agent dir {} holds no identity", agent_dir.display());
+    assert!(
+        agent_dir.join("cert.pem").exists(),
+        "the printed agent dir {} holds no identity",
+        agent_dir.display()
+    );
     let mut cmd = Command::new(common::umbra());
     cmd.args(&args).current_dir(home);
     common::clean_env(&mut cmd, home);
@@ -261,7 +438,10 @@ fn forward_and_get(home: &Path, printed: &[String], q: &Quickstart) -> String {
             return Err(format!("the agent exited: {s}"));
         }
         let answer = common::http_get(port)?;
-        if answer.starts_with("HTTP/1.") && answer.contains(" 200 ") && answer.contains("hello from the demo app") {
+        if answer.starts_with("HTTP/1.")
+            && answer.contains(" 200 ")
+            && answer.contains("hello from the demo app")
+        {
             Ok(answer)
         } else {
             Err(format!("unexpected answer: {answer:?}"))
@@ -297,15 +477,24 @@ fn quickstart_runs_stops_and_resumes() {
     let mut q = Quickstart::start(home.path(), &data, base, 1);
     let printed = q.next_steps();
     let out = q.proc.stdout_text();
-    assert!(out.contains("curl http://127.0.0.1:"), "no curl step printed:\n{out}");
-    assert!(out.contains("admin --config"), "no admin step printed:\n{out}");
+    assert!(
+        out.contains("curl http://127.0.0.1:"),
+        "no curl step printed:\n{out}"
+    );
+    assert!(
+        out.contains("admin --config"),
+        "no admin step printed:\n{out}"
+    );
     forward_and_get(home.path(), &printed, &q);
     let ca_first = std::fs::read_to_string(data.join("ca.pem")).expect("quickstart wrote ca.pem");
 
     // The printed admin step works too.
     let admin_cfg = data.join("admin.toml");
     let cfg = admin_cfg.to_str().expect("utf-8");
-    let users = umbra(home.path(), &["admin", "--config", cfg, "-o", "json", "user", "list"]);
+    let users = umbra(
+        home.path(),
+        &["admin", "--config", cfg, "-o", "json", "user", "list"],
+    );
     assert!(
         users.success() && users.stdout.contains("demo@example.test"),
         "umbra admin --config {cfg} user list: {}",
@@ -324,7 +513,10 @@ fn quickstart_runs_stops_and_resumes() {
     let mut q = Quickstart::start(home.path(), &data, base, 2);
     let printed = q.next_steps();
     let ca_second = std::fs::read_to_string(data.join("ca.pem")).expect("ca.pem");
-    assert_eq!(ca_first, ca_second, "the second run made a new CA instead of resuming");
+    assert_eq!(
+        ca_first, ca_second,
+        "the second run made a new CA instead of resuming"
+    );
     forward_and_get(home.path(), &printed, &q);
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));

@@ -105,10 +105,14 @@ impl Drop for World {
         for p in self.procs.iter_mut().rev() {
             p.kill9();
         }
-        let keep = std::thread::panicking() || std::env::var("UMBRA_E2E_KEEP").is_ok_and(|v| v == "1");
+        let keep =
+            std::thread::panicking() || std::env::var("UMBRA_E2E_KEEP").is_ok_and(|v| v == "1");
         if keep && let Some(t) = self.tmp.take() {
             let p = t.keep();
-            eprintln!("e2e: kept the working directory (logs of every process) at {}", p.display());
+            eprintln!(
+                "e2e: kept the working directory (logs of every process) at {}",
+                p.display()
+            );
         }
         // Then `ns` drops: the namespaces go.
     }
@@ -125,10 +129,16 @@ fn missing_prerequisite() -> Option<String> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        return Some("`ip netns add` failed (no iproute2, or no permission to create namespaces)".into());
+        return Some(
+            "`ip netns add` failed (no iproute2, or no permission to create namespaces)".into(),
+        );
     }
     let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-    for (prog, arg) in [("curl", "--version"), ("ssh", "-V"), ("ssh-keygen", "--help")] {
+    for (prog, arg) in [
+        ("curl", "--version"),
+        ("ssh", "-V"),
+        ("ssh-keygen", "--help"),
+    ] {
         if !common::have(prog, arg) {
             return Some(format!("{prog} is not installed"));
         }
@@ -151,7 +161,10 @@ fn with_suffix(base: &Path, suffix: &str) -> PathBuf {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// 64 hex digits, different per run.
@@ -201,7 +214,10 @@ impl World {
     }
 
     fn step(&self, what: &str) {
-        eprintln!("e2e [{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
+        eprintln!(
+            "e2e [{:>6.2}s] {what}",
+            self.started.elapsed().as_secs_f64()
+        );
     }
 
     // --- failure reporting ---------------------------------------------------------------
@@ -235,7 +251,8 @@ impl World {
 
     fn command(&self, ns: Ns, program: &str, args: &[&str], envs: &[(&str, &str)]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.ns.name(ns), program]).args(args);
+        c.args(["netns", "exec", self.ns.name(ns), program])
+            .args(args);
         common::clean_env(&mut c, &self.home);
         c.current_dir(&self.root);
         for (k, v) in envs {
@@ -245,11 +262,26 @@ impl World {
     }
 
     /// Runs a short command in `ns` to completion (killed at `timeout`).
-    fn run(&mut self, label: &str, ns: Ns, program: &str, args: &[&str], timeout: Duration) -> Output {
+    fn run(
+        &mut self,
+        label: &str,
+        ns: Ns,
+        program: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Output {
         self.seq += 1;
-        let base = self.logs.join("cmd").join(format!("{:04}-{label}", self.seq));
+        let base = self
+            .logs
+            .join("cmd")
+            .join(format!("{:04}-{label}", self.seq));
         let cmd = self.command(ns, program, args, &[]);
-        common::run_to_files(cmd, with_suffix(&base, "stdout"), with_suffix(&base, "stderr"), timeout)
+        common::run_to_files(
+            cmd,
+            with_suffix(&base, "stdout"),
+            with_suffix(&base, "stderr"),
+            timeout,
+        )
     }
 
     fn umbra(&mut self, label: &str, ns: Ns, args: &[&str]) -> Output {
@@ -261,7 +293,12 @@ impl World {
         let generation = self.procs.iter().filter(|p| p.name == name).count();
         let base = self.logs.join(format!("{name}.{generation}"));
         let cmd = self.command(ns, program, args, envs);
-        let p = Proc::spawn(name, cmd, with_suffix(&base, "stdout"), with_suffix(&base, "stderr"));
+        let p = Proc::spawn(
+            name,
+            cmd,
+            with_suffix(&base, "stdout"),
+            with_suffix(&base, "stderr"),
+        );
         self.procs.push(p);
     }
 
@@ -278,22 +315,35 @@ impl World {
 
     /// Polls `name`'s stdout or stderr (latest generation) for `needle`; fails early if the
     /// process ended.
-    fn wait_output(&mut self, name: &str, needle: &str, in_stderr: bool, timeout: Duration) -> String {
+    fn wait_output(
+        &mut self,
+        name: &str,
+        needle: &str,
+        in_stderr: bool,
+        timeout: Duration,
+    ) -> String {
         let r = poll(timeout, || {
             let p = self.proc(name);
-            let text = if in_stderr { p.stderr_text() } else { p.stdout_text() };
+            let text = if in_stderr {
+                p.stderr_text()
+            } else {
+                p.stdout_text()
+            };
             if text.contains(needle) {
                 return Ok(text);
             }
             match p.exited() {
                 Some(s) => Ok(format!("\u{0}exited: {s}")),
-                None => Err(format!("{name} did not print {needle:?} within {timeout:?}")),
+                None => Err(format!(
+                    "{name} did not print {needle:?} within {timeout:?}"
+                )),
             }
         });
         match r {
-            Ok(t) if t.starts_with('\u{0}') => {
-                self.fail(format!("{name} {} before printing {needle:?}", &t[1..]), &[name])
-            }
+            Ok(t) if t.starts_with('\u{0}') => self.fail(
+                format!("{name} {} before printing {needle:?}", &t[1..]),
+                &[name],
+            ),
             Ok(t) => t,
             Err(e) => self.fail(e, &[name]),
         }
@@ -301,7 +351,11 @@ impl World {
 
     /// Counts lines of `name`'s stderr (latest generation) containing `needle`.
     fn count_in_stderr(&mut self, name: &str, needle: &str) -> usize {
-        self.proc(name).stderr_text().lines().filter(|l| l.contains(needle)).count()
+        self.proc(name)
+            .stderr_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     // --- the admin CLI --------------------------------------------------------------------
@@ -324,12 +378,23 @@ impl World {
 
     /// `umbra admin -o json ARGS` in the edge namespace; the parsed JSON or why not.
     fn admin_try(&mut self, args: &[&str]) -> Result<(Value, Output), String> {
-        let full: Vec<String> = self.admin_args(args).into_iter().map(String::from).collect();
+        let full: Vec<String> = self
+            .admin_args(args)
+            .into_iter()
+            .map(String::from)
+            .collect();
         let full: Vec<&str> = full.iter().map(String::as_str).collect();
-        let label = format!("admin-{}", args.iter().take(2).copied().collect::<Vec<_>>().join("-"));
+        let label = format!(
+            "admin-{}",
+            args.iter().take(2).copied().collect::<Vec<_>>().join("-")
+        );
         let out = self.umbra(&label, Ns::Edge, &full);
         if !out.success() {
-            return Err(format!("`umbra admin {}` failed: {}", args.join(" "), out.describe()));
+            return Err(format!(
+                "`umbra admin {}` failed: {}",
+                args.join(" "),
+                out.describe()
+            ));
         }
         let text = out.stdout.trim();
         if text.is_empty() {
@@ -337,7 +402,10 @@ impl World {
         }
         match serde_json::from_str(text) {
             Ok(v) => Ok((v, out)),
-            Err(e) => Err(format!("`umbra admin -o json {}` printed no JSON ({e}): {text:?}", args.join(" "))),
+            Err(e) => Err(format!(
+                "`umbra admin -o json {}` printed no JSON ({e}): {text:?}",
+                args.join(" ")
+            )),
         }
     }
 
@@ -357,12 +425,16 @@ impl World {
             Err(e) => self.fail(e, &["controller"]),
         };
         let Some(token) = v.get("token").and_then(Value::as_str).map(str::to_owned) else {
-            self.fail(format!("token create printed no token: {v}"), &["controller"]);
+            self.fail(
+                format!("token create printed no token: {v}"),
+                &["controller"],
+            );
         };
         self.secret_holders.insert(out.stdout_path.clone());
         let label = format!("enrollment token {}", args.join(" "));
         if let Some(secret) = token.rsplit('.').next() {
-            self.secrets.push((format!("{label} (secret part)"), secret.to_owned()));
+            self.secrets
+                .push((format!("{label} (secret part)"), secret.to_owned()));
         }
         self.secrets.push((label, token.clone()));
         token
@@ -427,7 +499,10 @@ impl World {
     /// Polls `port` in the user namespace until the app answers through it.
     fn expect_through(&mut self, port: u16, timeout: Duration, why: &str, procs: &[&str]) {
         if let Err(e) = poll(timeout, || self.through(port)) {
-            self.fail(format!("{why}: no answer through 127.0.0.1:{port} within {timeout:?}; last: {e}"), procs);
+            self.fail(
+                format!("{why}: no answer through 127.0.0.1:{port} within {timeout:?}; last: {e}"),
+                procs,
+            );
         }
     }
 
@@ -438,7 +513,12 @@ impl World {
             Err(e) => Ok(e),
         });
         if let Err(e) = r {
-            self.fail(format!("{why}: connections through 127.0.0.1:{port} still work after {timeout:?} ({e})"), procs);
+            self.fail(
+                format!(
+                    "{why}: connections through 127.0.0.1:{port} still work after {timeout:?} ({e})"
+                ),
+                procs,
+            );
         }
     }
 }
@@ -450,7 +530,11 @@ fn ip(w: &World, args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     if !out.status.success() {
         w.fail(
-            format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)),
+            format!(
+                "`ip {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ),
             &[],
         );
     }
@@ -467,27 +551,87 @@ fn build_network(w: &mut World) {
     // Every edge service on one address on the edge's loopback.
     ip(w, &["-n", &e, "addr", "add", "10.231.0.1/32", "dev", "lo"]);
     // The veth pairs are created directly inside the namespaces: nothing touches the host's.
-    ip(w, &["-n", &e, "link", "add", "to-user", "type", "veth", "peer", "name", "to-edge", "netns", &u]);
-    ip(w, &["-n", &e, "link", "add", "to-apps", "type", "veth", "peer", "name", "to-edge", "netns", &a]);
-    ip(w, &["-n", &e, "addr", "add", "10.231.1.1/24", "dev", "to-user"]);
-    ip(w, &["-n", &e, "addr", "add", "10.231.2.1/24", "dev", "to-apps"]);
-    ip(w, &["-n", &u, "addr", "add", "10.231.1.2/24", "dev", "to-edge"]);
-    ip(w, &["-n", &a, "addr", "add", "10.231.2.2/24", "dev", "to-edge"]);
-    for (n, dev) in [(&e, "to-user"), (&e, "to-apps"), (&u, "to-edge"), (&a, "to-edge")] {
+    ip(
+        w,
+        &[
+            "-n", &e, "link", "add", "to-user", "type", "veth", "peer", "name", "to-edge", "netns",
+            &u,
+        ],
+    );
+    ip(
+        w,
+        &[
+            "-n", &e, "link", "add", "to-apps", "type", "veth", "peer", "name", "to-edge", "netns",
+            &a,
+        ],
+    );
+    ip(
+        w,
+        &["-n", &e, "addr", "add", "10.231.1.1/24", "dev", "to-user"],
+    );
+    ip(
+        w,
+        &["-n", &e, "addr", "add", "10.231.2.1/24", "dev", "to-apps"],
+    );
+    ip(
+        w,
+        &["-n", &u, "addr", "add", "10.231.1.2/24", "dev", "to-edge"],
+    );
+    ip(
+        w,
+        &["-n", &a, "addr", "add", "10.231.2.2/24", "dev", "to-edge"],
+    );
+    for (n, dev) in [
+        (&e, "to-user"),
+        (&e, "to-apps"),
+        (&u, "to-edge"),
+        (&a, "to-edge"),
+    ] {
         ip(w, &["-n", n, "link", "set", dev, "up"]);
     }
-    ip(w, &["-n", &u, "route", "add", "10.231.0.0/24", "via", "10.231.1.1"]);
-    ip(w, &["-n", &a, "route", "add", "10.231.0.0/24", "via", "10.231.2.1"]);
+    ip(
+        w,
+        &[
+            "-n",
+            &u,
+            "route",
+            "add",
+            "10.231.0.0/24",
+            "via",
+            "10.231.1.1",
+        ],
+    );
+    ip(
+        w,
+        &[
+            "-n",
+            &a,
+            "route",
+            "add",
+            "10.231.0.0/24",
+            "via",
+            "10.231.2.1",
+        ],
+    );
     // The edge never forwards: user and apps can only talk to edge services.
     let out = w.run(
         "no-forward",
         Ns::Edge,
         "sh",
-        &["-c", "echo 0 > /proc/sys/net/ipv4/ip_forward && cat /proc/sys/net/ipv4/ip_forward"],
+        &[
+            "-c",
+            "echo 0 > /proc/sys/net/ipv4/ip_forward && cat /proc/sys/net/ipv4/ip_forward",
+        ],
         Duration::from_secs(5),
     );
     if !out.success() || out.stdout.trim() != "0" {
-        w.fail(format!("cannot turn forwarding off in the edge namespace: {}", out.describe()), &[]);
+        w.fail(
+            format!(
+                "cannot turn forwarding off in the edge namespace: {}",
+                out.describe()
+            ),
+            &[],
+        );
     }
 }
 
@@ -510,7 +654,15 @@ fn start_apps(w: &mut World) {
             "http-app",
             Ns::Apps,
             "python3",
-            &["-m", "http.server", "--bind", "127.0.0.1", "--directory", &dir, &port],
+            &[
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                &dir,
+                &port,
+            ],
             &[],
         );
     } else {
@@ -540,10 +692,17 @@ fn start_apps(w: &mut World) {
             .output()
             .expect("run ssh-keygen");
         if !out.status.success() {
-            w.fail(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr)), &[]);
+            w.fail(
+                format!(
+                    "ssh-keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                &[],
+            );
         }
     }
-    std::fs::copy(ssh.join("client_key.pub"), ssh.join("authorized_keys")).expect("authorized_keys");
+    std::fs::copy(ssh.join("client_key.pub"), ssh.join("authorized_keys"))
+        .expect("authorized_keys");
     let config = ssh.join("sshd_config");
     std::fs::write(
         &config,
@@ -559,24 +718,50 @@ fn start_apps(w: &mut World) {
     // sshd refuses to start without its privilege separation directory.
     std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
     let config = config.to_str().expect("utf-8 path").to_owned();
-    w.spawn("sshd", Ns::Apps, "/usr/sbin/sshd", &["-D", "-e", "-f", &config], &[]);
+    w.spawn(
+        "sshd",
+        Ns::Apps,
+        "/usr/sbin/sshd",
+        &["-D", "-e", "-f", &config],
+        &[],
+    );
 
     // Both answer inside apps, directly: the baseline every later check builds on.
     let url = format!("http://127.0.0.1:{APP_PORT}/");
     let marker = w.marker.clone();
     let r = poll(Duration::from_secs(10), || {
-        let out = w.run("curl-apps", Ns::Apps, "curl", &["-sS", "--max-time", "2", &url], Duration::from_secs(10));
-        if out.success() && out.stdout.contains(&marker) { Ok(()) } else { Err(out.describe()) }
+        let out = w.run(
+            "curl-apps",
+            Ns::Apps,
+            "curl",
+            &["-sS", "--max-time", "2", &url],
+            Duration::from_secs(10),
+        );
+        if out.success() && out.stdout.contains(&marker) {
+            Ok(())
+        } else {
+            Err(out.describe())
+        }
     });
     if let Err(e) = r {
-        w.fail(format!("the HTTP app does not answer inside apps: {e}"), &["http-app"]);
+        w.fail(
+            format!("the HTTP app does not answer inside apps: {e}"),
+            &["http-app"],
+        );
     }
     let r = poll(Duration::from_secs(10), || {
         let out = w.ssh(Ns::Apps, SSH_PORT, "echo direct");
-        if out.success() && out.stdout.trim() == "direct" { Ok(()) } else { Err(out.describe()) }
+        if out.success() && out.stdout.trim() == "direct" {
+            Ok(())
+        } else {
+            Err(out.describe())
+        }
     });
     if let Err(e) = r {
-        w.fail(format!("sshd does not accept the client key inside apps: {e}"), &["sshd"]);
+        w.fail(
+            format!("sshd does not accept the client key inside apps: {e}"),
+            &["sshd"],
+        );
     }
 }
 
@@ -588,7 +773,10 @@ fn check_isolation(w: &mut World) {
         format!("http://127.0.0.1:{APP_PORT}/"),
     ] {
         if w.curl_user(&url).is_ok() {
-            w.fail(format!("the user reached {url} directly: the namespaces do not isolate"), &[]);
+            w.fail(
+                format!("the user reached {url} directly: the namespaces do not isolate"),
+                &[],
+            );
         }
     }
     let out = w.ssh(Ns::User, SSH_PORT, "echo direct");
@@ -621,7 +809,12 @@ fn start_controller(w: &mut World) -> String {
         ],
         &[("UMBRA_CA_KEY", key.as_str())],
     );
-    w.wait_output("controller", "controller listening on", false, Duration::from_secs(30))
+    w.wait_output(
+        "controller",
+        "controller listening on",
+        false,
+        Duration::from_secs(30),
+    )
 }
 
 /// First start: the admin token is printed once; the CA certificate is fetched.
@@ -635,7 +828,10 @@ fn first_controller_start(w: &mut World) {
         .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty())
     else {
-        w.fail(format!("the first start printed no line {prefix:?}"), &["controller"]);
+        w.fail(
+            format!("the first start printed no line {prefix:?}"),
+            &["controller"],
+        );
     };
     let stdout_path = w.proc("controller").stdout.clone();
     w.secret_holders.insert(stdout_path);
@@ -652,7 +848,14 @@ fn first_controller_start(w: &mut World) {
             "get-ca",
             Ns::Edge,
             "curl",
-            &["-sS", "--fail", "--max-time", "5", "-k", &format!("{URL}/v1/ca.pem")],
+            &[
+                "-sS",
+                "--fail",
+                "--max-time",
+                "5",
+                "-k",
+                &format!("{URL}/v1/ca.pem"),
+            ],
             Duration::from_secs(10),
         );
         if !out.success() {
@@ -668,17 +871,22 @@ fn first_controller_start(w: &mut World) {
         out.stdout
     };
     if CertificateDer::from_pem_slice(pem.as_bytes()).is_err() {
-        w.fail(format!("the CA certificate is not a PEM certificate: {pem:?}"), &["controller"]);
+        w.fail(
+            format!("the CA certificate is not a PEM certificate: {pem:?}"),
+            &["controller"],
+        );
     }
     std::fs::write(&w.ca_file, &pem).expect("write ca.pem");
 }
 
 fn ca_sha256_hex(pem: &str) -> String {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("CA PEM");
-    umbra_pki::sha256(der.as_ref()).iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    umbra_pki::sha256(der.as_ref())
+        .iter()
+        .fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -691,10 +899,19 @@ fn dir(w: &World, name: &str) -> String {
 fn enroll(w: &mut World, ns: Ns, args: &[&str], who: &str) {
     let out = w.umbra(&format!("enroll-{who}"), ns, args);
     if !out.success() {
-        w.fail(format!("enrolling {who} failed: {}", out.describe()), &["controller"]);
+        w.fail(
+            format!("enrolling {who} failed: {}", out.describe()),
+            &["controller"],
+        );
     }
     if !out.stdout.contains("enrolled umbra://") {
-        w.fail(format!("enrolling {who} did not report the identity: {}", out.describe()), &[]);
+        w.fail(
+            format!(
+                "enrolling {who} did not report the identity: {}",
+                out.describe()
+            ),
+            &[],
+        );
     }
 }
 
@@ -730,7 +947,9 @@ fn wait_connector_link(w: &mut World, broker: &str, timeout: Duration) {
         if w.count_in_stderr(broker, "connector link up") > 0 {
             Ok(())
         } else {
-            Err(format!("{broker} logged no \"connector link up\" within {timeout:?}"))
+            Err(format!(
+                "{broker} logged no \"connector link up\" within {timeout:?}"
+            ))
         }
     });
     if let Err(e) = r {
@@ -748,7 +967,15 @@ fn start_connector(w: &mut World) {
         "connector",
         Ns::Apps,
         common::umbra(),
-        &["connector", "--config", &cfg, "--dir", &d, "--metrics-listen", "none"],
+        &[
+            "connector",
+            "--config",
+            &cfg,
+            "--dir",
+            &d,
+            "--metrics-listen",
+            "none",
+        ],
         &[],
     );
 }
@@ -766,29 +993,84 @@ fn setup_fabric(w: &mut World) {
     let want = ca_sha256_hex(&pem);
     let got = t.split('.').nth(1).unwrap_or_default().to_owned();
     if got != want {
-        w.fail(format!("enrollment token pins CA {got}, the controller serves CA {want}"), &[]);
+        w.fail(
+            format!("enrollment token pins CA {got}, the controller serves CA {want}"),
+            &[],
+        );
     }
     let d = dir(w, "connector");
-    enroll(w, Ns::Apps, &["connector", "enroll", "--controller", URL, "--token", &t, "--dir", &d], "connector");
+    enroll(
+        w,
+        Ns::Apps,
+        &[
+            "connector",
+            "enroll",
+            "--controller",
+            URL,
+            "--token",
+            &t,
+            "--dir",
+            &d,
+        ],
+        "connector",
+    );
 
     for n in [1u8, 2] {
         let name = format!("broker-{n}");
         let t = w.token(&["--role", "broker", "--name", &name]);
         let d = dir(w, &name);
-        enroll(w, Ns::Edge, &["broker", "enroll", "--controller", URL, "--token", &t, "--dir", &d], &name);
+        enroll(
+            w,
+            Ns::Edge,
+            &[
+                "broker",
+                "enroll",
+                "--controller",
+                URL,
+                "--token",
+                &t,
+                "--dir",
+                &d,
+            ],
+            &name,
+        );
     }
 
     w.step("services web and ssh via conn-1; policies web-allow and ssh-allow");
     let web_target = format!("127.0.0.1:{APP_PORT}");
     let ssh_target = format!("127.0.0.1:{SSH_PORT}");
     for (svc, target) in [("web", web_target.as_str()), ("ssh", ssh_target.as_str())] {
-        let s = w.admin(&["service", "add", svc, "--target", target, "--connector", CONNECTOR]);
+        let s = w.admin(&[
+            "service",
+            "add",
+            svc,
+            "--target",
+            target,
+            "--connector",
+            CONNECTOR,
+        ]);
         if s.get("name").and_then(Value::as_str) != Some(svc) {
             w.fail(format!("service add {svc} answered {s}"), &["controller"]);
         }
     }
-    w.admin(&["policy", "add", "web-allow", "--allow-user", USER, "--service", "web"]);
-    w.admin(&["policy", "add", "ssh-allow", "--allow-user", USER, "--service", "ssh"]);
+    w.admin(&[
+        "policy",
+        "add",
+        "web-allow",
+        "--allow-user",
+        USER,
+        "--service",
+        "web",
+    ]);
+    w.admin(&[
+        "policy",
+        "add",
+        "ssh-allow",
+        "--allow-user",
+        USER,
+        "--service",
+        "ssh",
+    ]);
 
     w.step("run broker-1, broker-2 (edge) and the connector (apps)");
     start_broker(w, 1);
@@ -815,7 +1097,10 @@ fn setup_fabric(w: &mut World) {
         Ok(())
     });
     if let Err(e) = r {
-        w.fail(format!("brokers did not register: {e}"), &["controller", "broker-1", "broker-2"]);
+        w.fail(
+            format!("brokers did not register: {e}"),
+            &["controller", "broker-1", "broker-2"],
+        );
     }
     wait_connector_link(w, "broker-1", Duration::from_secs(15));
     wait_connector_link(w, "broker-2", Duration::from_secs(15));
@@ -823,7 +1108,21 @@ fn setup_fabric(w: &mut World) {
     w.step("enroll the agent in user");
     let t = w.token(&["--role", "agent", "--user", USER]);
     let d = dir(w, "agent");
-    enroll(w, Ns::User, &["agent", "--dir", &d, "enroll", "--controller", URL, "--token", &t], "agent");
+    enroll(
+        w,
+        Ns::User,
+        &[
+            "agent",
+            "--dir",
+            &d,
+            "enroll",
+            "--controller",
+            URL,
+            "--token",
+            &t,
+        ],
+        "agent",
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -833,7 +1132,11 @@ fn agent(w: &mut World, args: &[&str]) -> Output {
     let d = dir(w, "agent");
     let mut full = vec!["agent", "--dir", d.as_str()];
     full.extend_from_slice(args);
-    w.umbra(&format!("agent-{}", args.first().copied().unwrap_or("")), Ns::User, &full)
+    w.umbra(
+        &format!("agent-{}", args.first().copied().unwrap_or("")),
+        Ns::User,
+        &full,
+    )
 }
 
 /// (2) The services the user may reach: exactly ssh and web.
@@ -841,7 +1144,13 @@ fn check_services(w: &mut World) {
     w.step("(2) umbra agent services lists exactly ssh and web");
     let r = poll(Duration::from_secs(10), || {
         let out = agent(w, &["services"]);
-        let list: Vec<String> = out.stdout.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        let list: Vec<String> = out
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
         if out.success() && list == ["ssh", "web"] {
             Ok(())
         } else {
@@ -849,7 +1158,10 @@ fn check_services(w: &mut World) {
         }
     });
     if let Err(e) = r {
-        w.fail(format!("`umbra agent services` did not list exactly ssh and web: {e}"), &["broker-1", "broker-2"]);
+        w.fail(
+            format!("`umbra agent services` did not list exactly ssh and web: {e}"),
+            &["broker-1", "broker-2"],
+        );
     }
 }
 
@@ -860,10 +1172,27 @@ fn start_forward(w: &mut World, name: &str, transport: &str, service: &str, port
         name,
         Ns::User,
         common::umbra(),
-        &["--log", "info", "agent", "--dir", &d, "--transport", transport, "forward", service, "--listen", &listen],
+        &[
+            "--log",
+            "info",
+            "agent",
+            "--dir",
+            &d,
+            "--transport",
+            transport,
+            "forward",
+            service,
+            "--listen",
+            &listen,
+        ],
         &[],
     );
-    w.wait_output(name, &format!("forwarding {listen} to {service}"), false, Duration::from_secs(20));
+    w.wait_output(
+        name,
+        &format!("forwarding {listen} to {service}"),
+        false,
+        Duration::from_secs(20),
+    );
 }
 
 /// (3) web through QUIC and through TLS over TCP; (4) ssh through a forward.
@@ -872,13 +1201,26 @@ fn check_forwards(w: &mut World) {
     start_forward(w, "fwd-quic", "quic", "web", FWD_QUIC);
     start_forward(w, "fwd-tcp", "tcp", "web", FWD_TCP);
     start_forward(w, "fwd-ssh", "auto", "ssh", FWD_SSH);
-    w.expect_through(FWD_QUIC, Duration::from_secs(10), "web over QUIC", &["fwd-quic", "broker-1", "broker-2", "connector"]);
-    w.expect_through(FWD_TCP, Duration::from_secs(10), "web over TLS/TCP", &["fwd-tcp", "broker-1", "broker-2", "connector"]);
+    w.expect_through(
+        FWD_QUIC,
+        Duration::from_secs(10),
+        "web over QUIC",
+        &["fwd-quic", "broker-1", "broker-2", "connector"],
+    );
+    w.expect_through(
+        FWD_TCP,
+        Duration::from_secs(10),
+        "web over TLS/TCP",
+        &["fwd-tcp", "broker-1", "broker-2", "connector"],
+    );
 
     w.step("(4) ssh through the forward (:18083)");
     let out = w.ssh(Ns::User, FWD_SSH, &format!("echo {SSH_ECHO}"));
     if !out.success() || out.stdout.trim() != SSH_ECHO {
-        w.fail(format!("ssh through Umbra: {}", out.describe()), &["fwd-ssh", "broker-1", "broker-2", "connector", "sshd"]);
+        w.fail(
+            format!("ssh through Umbra: {}", out.describe()),
+            &["fwd-ssh", "broker-1", "broker-2", "connector", "sshd"],
+        );
     }
 }
 
@@ -890,16 +1232,24 @@ fn check_status(w: &mut World) {
         w.fail(format!("umbra agent status: {}", out.describe()), &[]);
     }
     for b in ["broker-1", "broker-2"] {
-        let ok = out
-            .stdout
-            .lines()
-            .any(|l| l.contains(b) && l.contains("rtt") && l.contains("ms") && !l.contains("unreachable"));
+        let ok = out.stdout.lines().any(|l| {
+            l.contains(b) && l.contains("rtt") && l.contains("ms") && !l.contains("unreachable")
+        });
         if !ok {
-            w.fail(format!("status shows no RTT for {b}:\n{}", out.stdout), &["broker-1", "broker-2"]);
+            w.fail(
+                format!("status shows no RTT for {b}:\n{}", out.stdout),
+                &["broker-1", "broker-2"],
+            );
         }
     }
     if !out.stdout.contains(USER) {
-        w.fail(format!("status does not name the device's user {USER}:\n{}", out.stdout), &[]);
+        w.fail(
+            format!(
+                "status does not name the device's user {USER}:\n{}",
+                out.stdout
+            ),
+            &[],
+        );
     }
 }
 
@@ -913,26 +1263,44 @@ fn check_stream_list(w: &mut World) {
         let (v, _) = w.admin_try(&["stream", "list"])?;
         let list = v.as_array().cloned().unwrap_or_default();
         match list.iter().find(|s| s["service"] == "ssh") {
-            Some(s) if s["user"] == USER && (s["broker"] == "broker-1" || s["broker"] == "broker-2") => Ok(()),
+            Some(s)
+                if s["user"] == USER
+                    && (s["broker"] == "broker-1" || s["broker"] == "broker-2") =>
+            {
+                Ok(())
+            }
             Some(s) => Err(format!("the ssh stream is listed with wrong fields: {s}")),
             None => Err(format!("no ssh stream listed: {v}")),
         }
     });
     if let Err(e) = r {
-        w.fail(format!("live stream not shown: {e}"), &["ssh-session", "broker-1", "broker-2", "controller"]);
+        w.fail(
+            format!("live stream not shown: {e}"),
+            &["ssh-session", "broker-1", "broker-2", "controller"],
+        );
     }
     let status = w.proc("ssh-session").wait_exit(Duration::from_secs(15));
     let text = w.proc("ssh-session").stdout_text();
     if !status.is_some_and(|s| s.success()) || text.trim() != "done" {
-        w.fail(format!("the held ssh session ended badly: {status:?}, {text:?}"), &["ssh-session", "fwd-ssh"]);
+        w.fail(
+            format!("the held ssh session ended badly: {status:?}, {text:?}"),
+            &["ssh-session", "fwd-ssh"],
+        );
     }
     let r = poll(Duration::from_secs(5), || {
         let (v, _) = w.admin_try(&["stream", "list"])?;
         let list = v.as_array().cloned().unwrap_or_default();
-        if list.iter().any(|s| s["service"] == "ssh") { Err(format!("still listed: {v}")) } else { Ok(()) }
+        if list.iter().any(|s| s["service"] == "ssh") {
+            Err(format!("still listed: {v}"))
+        } else {
+            Ok(())
+        }
     });
     if let Err(e) = r {
-        w.fail(format!("an ended ssh stream is still listed as live: {e}"), &["broker-1", "broker-2"]);
+        w.fail(
+            format!("an ended ssh stream is still listed as live: {e}"),
+            &["broker-1", "broker-2"],
+        );
     }
 }
 
@@ -942,25 +1310,71 @@ fn check_policy_removal(w: &mut World) {
     w.step("(7) policy rm web-allow: web denied within 3 s, ssh still allowed");
     w.admin(&["policy", "rm", "web-allow"]);
     let procs = ["broker-1", "broker-2", "controller"];
-    w.expect_refused(FWD_QUIC, Duration::from_secs(3), "web-allow removed (QUIC)", &procs);
-    w.expect_refused(FWD_TCP, Duration::from_secs(3), "web-allow removed (TCP)", &procs);
+    w.expect_refused(
+        FWD_QUIC,
+        Duration::from_secs(3),
+        "web-allow removed (QUIC)",
+        &procs,
+    );
+    w.expect_refused(
+        FWD_TCP,
+        Duration::from_secs(3),
+        "web-allow removed (TCP)",
+        &procs,
+    );
     let out = w.ssh(Ns::User, FWD_SSH, &format!("echo {SSH_ECHO}"));
     if !out.success() || out.stdout.trim() != SSH_ECHO {
-        w.fail(format!("ssh-allow still stands, but ssh through Umbra failed: {}", out.describe()), &procs);
+        w.fail(
+            format!(
+                "ssh-allow still stands, but ssh through Umbra failed: {}",
+                out.describe()
+            ),
+            &procs,
+        );
     }
     let r = poll(Duration::from_secs(3), || {
         let out = agent(w, &["services"]);
-        let list: Vec<&str> = out.stdout.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        if out.success() && list == ["ssh"] { Ok(()) } else { Err(out.describe()) }
+        let list: Vec<&str> = out
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if out.success() && list == ["ssh"] {
+            Ok(())
+        } else {
+            Err(out.describe())
+        }
     });
     if let Err(e) = r {
-        w.fail(format!("with web-allow removed, services should be only ssh: {e}"), &procs);
+        w.fail(
+            format!("with web-allow removed, services should be only ssh: {e}"),
+            &procs,
+        );
     }
 
     w.step("(7) policy add web-allow again: web works again");
-    w.admin(&["policy", "add", "web-allow", "--allow-user", USER, "--service", "web"]);
-    w.expect_through(FWD_QUIC, Duration::from_secs(5), "web-allow re-added (QUIC)", &procs);
-    w.expect_through(FWD_TCP, Duration::from_secs(5), "web-allow re-added (TCP)", &procs);
+    w.admin(&[
+        "policy",
+        "add",
+        "web-allow",
+        "--allow-user",
+        USER,
+        "--service",
+        "web",
+    ]);
+    w.expect_through(
+        FWD_QUIC,
+        Duration::from_secs(5),
+        "web-allow re-added (QUIC)",
+        &procs,
+    );
+    w.expect_through(
+        FWD_TCP,
+        Duration::from_secs(5),
+        "web-allow re-added (TCP)",
+        &procs,
+    );
 }
 
 fn web_still_works(w: &mut World, within: Duration, why: &str, procs: &[&str]) {
@@ -973,12 +1387,17 @@ fn check_broker_failover(w: &mut World) {
     let procs = ["fwd-quic", "fwd-tcp", "broker-1", "broker-2", "connector"];
     for n in [1u8, 2] {
         let name = format!("broker-{n}");
-        w.step(&format!("(8) kill -9 {name}: new connections succeed within 3 s"));
+        w.step(&format!(
+            "(8) kill -9 {name}: new connections succeed within 3 s"
+        ));
         w.kill9(&name);
         web_still_works(w, Duration::from_secs(3), &format!("{name} killed"), &procs);
         let out = w.ssh(Ns::User, FWD_SSH, &format!("echo {SSH_ECHO}"));
         if !out.success() || out.stdout.trim() != SSH_ECHO {
-            w.fail(format!("ssh after {name} was killed: {}", out.describe()), &procs);
+            w.fail(
+                format!("ssh after {name} was killed: {}", out.describe()),
+                &procs,
+            );
         }
         w.step(&format!("(8) restart {name} on the same directory"));
         start_broker(w, n);
@@ -1000,10 +1419,21 @@ fn check_controller_away(w: &mut World) {
     start_broker(w, 2);
     wait_connector_link(w, "broker-1", Duration::from_secs(10));
     wait_connector_link(w, "broker-2", Duration::from_secs(10));
-    web_still_works(w, Duration::from_secs(5), "both brokers restarted without a controller", &procs);
+    web_still_works(
+        w,
+        Duration::from_secs(5),
+        "both brokers restarted without a controller",
+        &procs,
+    );
     let out = w.ssh(Ns::User, FWD_SSH, &format!("echo {SSH_ECHO}"));
     if !out.success() || out.stdout.trim() != SSH_ECHO {
-        w.fail(format!("ssh with the controller down and brokers restarted: {}", out.describe()), &procs);
+        w.fail(
+            format!(
+                "ssh with the controller down and brokers restarted: {}",
+                out.describe()
+            ),
+            &procs,
+        );
     }
 }
 
@@ -1014,48 +1444,89 @@ fn check_controller_restart(w: &mut World) {
     let restarted_at = unix_now();
     let stdout = start_controller(w);
     if stdout.contains("admin token") {
-        w.fail(format!("the restarted controller printed an admin token again:\n{stdout}"), &["controller"]);
+        w.fail(
+            format!("the restarted controller printed an admin token again:\n{stdout}"),
+            &["controller"],
+        );
     }
     let ca_file = w.ca_file.to_str().expect("utf-8 path").to_owned();
     let out = w.run(
         "get-ca-again",
         Ns::Edge,
         "curl",
-        &["-sS", "--fail", "--max-time", "5", "--cacert", &ca_file, &format!("{URL}/v1/ca.pem")],
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            "--cacert",
+            &ca_file,
+            &format!("{URL}/v1/ca.pem"),
+        ],
         Duration::from_secs(10),
     );
     if !out.success() || ca_sha256_hex(&out.stdout) != ca_sha256_hex(&before) {
-        w.fail(format!("the restarted controller serves another CA: {}", out.describe()), &["controller"]);
+        w.fail(
+            format!(
+                "the restarted controller serves another CA: {}",
+                out.describe()
+            ),
+            &["controller"],
+        );
     }
 
     let users = w.admin(&["user", "list"]);
-    if !users.as_array().is_some_and(|a| a.iter().any(|u| u["id"] == USER)) {
-        w.fail(format!("{USER} lost across the restart: {users}"), &["controller"]);
+    if !users
+        .as_array()
+        .is_some_and(|a| a.iter().any(|u| u["id"] == USER))
+    {
+        w.fail(
+            format!("{USER} lost across the restart: {users}"),
+            &["controller"],
+        );
     }
     let services = w.admin(&["service", "list"]);
     let mut names: Vec<String> = services
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s["name"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     if names != ["ssh", "web"] {
-        w.fail(format!("services after the restart: {services}"), &["controller"]);
+        w.fail(
+            format!("services after the restart: {services}"),
+            &["controller"],
+        );
     }
     let policies = w.admin(&["policy", "list"]);
     let mut names: Vec<String> = policies
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s["name"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     if names != ["ssh-allow", "web-allow"] {
-        w.fail(format!("policies after the restart: {policies}"), &["controller"]);
+        w.fail(
+            format!("policies after the restart: {policies}"),
+            &["controller"],
+        );
     }
 
     let r = poll(Duration::from_secs(15), || {
         let (v, _) = w.admin_try(&["broker", "list"])?;
         let list = v.as_array().cloned().unwrap_or_default();
         for name in ["broker-1", "broker-2"] {
-            let seen = list.iter().find(|b| b["name"] == name).and_then(|b| b["last_seen"].as_u64()).unwrap_or(0);
+            let seen = list
+                .iter()
+                .find(|b| b["name"] == name)
+                .and_then(|b| b["last_seen"].as_u64())
+                .unwrap_or(0);
             if seen < restarted_at {
                 return Err(format!("{name} has not heartbeated since the restart: {v}"));
             }
@@ -1063,9 +1534,17 @@ fn check_controller_restart(w: &mut World) {
         Ok(())
     });
     if let Err(e) = r {
-        w.fail(format!("brokers did not reconnect: {e}"), &["controller", "broker-1", "broker-2"]);
+        w.fail(
+            format!("brokers did not reconnect: {e}"),
+            &["controller", "broker-1", "broker-2"],
+        );
     }
-    web_still_works(w, Duration::from_secs(5), "controller restarted", &["broker-1", "broker-2", "controller"]);
+    web_still_works(
+        w,
+        Duration::from_secs(5),
+        "controller restarted",
+        &["broker-1", "broker-2", "controller"],
+    );
 }
 
 /// (12) revoking the agent's device stops new connections within 3 s.
@@ -1082,28 +1561,51 @@ fn check_device_revocation(w: &mut World) {
         })
         .unwrap_or_default();
     let [id] = ids.as_slice() else {
-        w.fail(format!("expected exactly one live device of {USER}: {devices}"), &["controller"]);
+        w.fail(
+            format!("expected exactly one live device of {USER}: {devices}"),
+            &["controller"],
+        );
     };
     let id = id.clone();
     // The device id is the one in the agent's certificate.
     let status = agent(w, &["status"]);
     if !status.stdout.contains(&id) {
-        w.fail(format!("device {id} is not the agent's identity:\n{}", status.stdout), &[]);
+        w.fail(
+            format!(
+                "device {id} is not the agent's identity:\n{}",
+                status.stdout
+            ),
+            &[],
+        );
     }
     w.admin(&["device", "revoke", &id]);
     let procs = ["broker-1", "broker-2", "controller", "fwd-quic", "fwd-tcp"];
-    w.expect_refused(FWD_QUIC, Duration::from_secs(3), "device revoked (QUIC)", &procs);
-    w.expect_refused(FWD_TCP, Duration::from_secs(3), "device revoked (TCP)", &procs);
+    w.expect_refused(
+        FWD_QUIC,
+        Duration::from_secs(3),
+        "device revoked (QUIC)",
+        &procs,
+    );
+    w.expect_refused(
+        FWD_TCP,
+        Duration::from_secs(3),
+        "device revoked (TCP)",
+        &procs,
+    );
     let out = w.ssh(Ns::User, FWD_SSH, &format!("echo {SSH_ECHO}"));
     if out.success() {
         w.fail("ssh through Umbra still works for a revoked device", &procs);
     }
     let devices = w.admin(&["device", "list"]);
-    let revoked = devices
-        .as_array()
-        .is_some_and(|a| a.iter().any(|d| d["id"] == id.as_str() && d["revoked"] == true));
+    let revoked = devices.as_array().is_some_and(|a| {
+        a.iter()
+            .any(|d| d["id"] == id.as_str() && d["revoked"] == true)
+    });
     if !revoked {
-        w.fail(format!("device list does not show {id} revoked: {devices}"), &["controller"]);
+        w.fail(
+            format!("device list does not show {id} revoked: {devices}"),
+            &["controller"],
+        );
     }
 }
 
@@ -1121,9 +1623,14 @@ fn check_audit_and_secrets(w: &mut World) {
         };
         raw.push_str(&out.stdout);
         let page = v.as_array().cloned().unwrap_or_default();
-        let Some(last) = page.last().and_then(|e| e["seq"].as_i64()) else { break };
+        let Some(last) = page.last().and_then(|e| e["seq"].as_i64()) else {
+            break;
+        };
         if last <= after {
-            w.fail(format!("audit paging does not advance past seq {after}"), &["controller"]);
+            w.fail(
+                format!("audit paging does not advance past seq {after}"),
+                &["controller"],
+            );
         }
         after = last;
         entries.extend(page);
@@ -1133,37 +1640,63 @@ fn check_audit_and_secrets(w: &mut World) {
     }
     let has = |action: &str, result: &str, target: Option<&str>| {
         entries.iter().any(|e| {
-            e["action"] == action && e["result"] == result && target.is_none_or(|t| e["target"].as_str().is_some_and(|x| x.contains(t)))
+            e["action"] == action
+                && e["result"] == result
+                && target.is_none_or(|t| e["target"].as_str().is_some_and(|x| x.contains(t)))
         })
     };
     let summary = || {
         let mut s = String::new();
         for e in entries.iter().rev().take(40) {
-            let _ = writeln!(s, "{} {} {} {}", e["action"], e["target"], e["result"], e["actor"]);
+            let _ = writeln!(
+                s,
+                "{} {} {} {}",
+                e["action"], e["target"], e["result"], e["actor"]
+            );
         }
         s
     };
     for (action, result, target, why) in [
         ("stream.open", "allow", Some("web"), "an allowed web stream"),
         ("stream.open", "allow", Some("ssh"), "an allowed ssh stream"),
-        ("stream.open", "deny", Some("web"), "the web stream denied after web-allow was removed"),
-        ("enroll", "ok", Some("/connector/"), "the connector's enrollment"),
+        (
+            "stream.open",
+            "deny",
+            Some("web"),
+            "the web stream denied after web-allow was removed",
+        ),
+        (
+            "enroll",
+            "ok",
+            Some("/connector/"),
+            "the connector's enrollment",
+        ),
         ("enroll", "ok", Some("/broker/"), "a broker's enrollment"),
         ("enroll", "ok", Some("/agent/"), "the agent's enrollment"),
     ] {
         if !has(action, result, target) {
             w.fail(
-                format!("the audit log has no {action}/{result} for {why}; last entries:\n{}", summary()),
+                format!(
+                    "the audit log has no {action}/{result} for {why}; last entries:\n{}",
+                    summary()
+                ),
                 &["controller"],
             );
         }
     }
     let brokers_enrolled = entries
         .iter()
-        .filter(|e| e["action"] == "enroll" && e["result"] == "ok" && e["target"].as_str().is_some_and(|t| t.contains("/broker/")))
+        .filter(|e| {
+            e["action"] == "enroll"
+                && e["result"] == "ok"
+                && e["target"].as_str().is_some_and(|t| t.contains("/broker/"))
+        })
         .count();
     if brokers_enrolled < 2 {
-        w.fail(format!("expected 2 broker enrollments in the audit log, found {brokers_enrolled}"), &[]);
+        w.fail(
+            format!("expected 2 broker enrollments in the audit log, found {brokers_enrolled}"),
+            &[],
+        );
     }
     let denied = entries
         .iter()
@@ -1171,7 +1704,10 @@ fn check_audit_and_secrets(w: &mut World) {
         .cloned()
         .unwrap_or_default();
     if !denied.to_string().contains(USER) {
-        w.fail(format!("a denial does not say whose stream it was: {denied}"), &[]);
+        w.fail(
+            format!("a denial does not say whose stream it was: {denied}"),
+            &[],
+        );
     }
 
     // No token in the audit output.
@@ -1196,12 +1732,17 @@ fn check_audit_and_secrets(w: &mut World) {
         }
     }
     if !leaks.is_empty() {
-        w.fail(format!("secrets leaked into logs:\n{}", leaks.join("\n")), &[]);
+        w.fail(
+            format!("secrets leaked into logs:\n{}", leaks.join("\n")),
+            &[],
+        );
     }
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -1241,7 +1782,12 @@ fn zero_trust_access_end_to_end() {
     check_controller_restart(&mut w);
     check_device_revocation(&mut w);
     check_audit_and_secrets(&mut w);
-    for name in w.all_daemons().iter().map(|s| s.to_string()).collect::<Vec<_>>() {
+    for name in w
+        .all_daemons()
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+    {
         // Every daemon still meant to run is still running (none crashed on the way).
         if ["ssh-session"].contains(&name.as_str()) {
             continue;

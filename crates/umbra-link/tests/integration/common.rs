@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use umbra_link::{ALPN, LinkConfig, Listener, Transport};
 use umbra_pki::{
-    Ca, ClientAuth, IssueRequest, TlsIdentity, broker_server_name, client_config,
-    generate_key_pem, make_csr, random_bytes, server_config,
+    Ca, ClientAuth, IssueRequest, TlsIdentity, broker_server_name, client_config, generate_key_pem,
+    make_csr, random_bytes, server_config,
 };
 use umbra_proto::{PeerId, Role};
 

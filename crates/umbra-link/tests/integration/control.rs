@@ -88,7 +88,11 @@ async fn server(org: &Org) -> String {
                         let mut t: Thing = serde_json::from_slice(body).unwrap();
                         t.n += 1;
                         t.who = who;
-                        ("200 OK", "application/json", serde_json::to_vec(&t).unwrap())
+                        (
+                            "200 OK",
+                            "application/json",
+                            serde_json::to_vec(&t).unwrap(),
+                        )
                     }
                     "/v1/bearer" => (
                         "200 OK",
@@ -124,15 +128,36 @@ async fn controller_client_json_errors_and_identity() {
 
     let anon = ControllerClient::new(&url, &org.ca.cert_der(), None).unwrap();
     let t: Thing = soon("get", anon.get("/v1/thing")).await.unwrap();
-    assert_eq!(t, Thing { n: 1, who: "anonymous".into() });
+    assert_eq!(
+        t,
+        Thing {
+            n: 1,
+            who: "anonymous".into()
+        }
+    );
 
     let c = ControllerClient::new(&format!("{url}/"), &org.ca.cert_der(), Some(&agent)).unwrap();
     let t: Thing = soon("get", c.get("/v1/thing")).await.unwrap();
     assert_eq!(t.who, "umbra://default/agent/dev1");
-    let t: Thing = soon("post", c.post("/v1/echo", &Thing { n: 41, who: String::new() }))
-        .await
-        .unwrap();
-    assert_eq!(t, Thing { n: 42, who: "umbra://default/agent/dev1".into() });
+    let t: Thing = soon(
+        "post",
+        c.post(
+            "/v1/echo",
+            &Thing {
+                n: 41,
+                who: String::new(),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        t,
+        Thing {
+            n: 42,
+            who: "umbra://default/agent/dev1".into()
+        }
+    );
 
     match soon("404", c.get::<Thing>("/v1/nope")).await {
         Err(LinkError::Api { status, error }) => {
@@ -142,8 +167,18 @@ async fn controller_client_json_errors_and_identity() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(soon("204", c.get_opt::<Thing>("/v1/poll")).await.unwrap().is_none());
-    assert!(soon("200", c.get_opt::<Thing>("/v1/thing")).await.unwrap().is_some());
+    assert!(
+        soon("204", c.get_opt::<Thing>("/v1/poll"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        soon("200", c.get_opt::<Thing>("/v1/thing"))
+            .await
+            .unwrap()
+            .is_some()
+    );
 
     let admin = c.clone().with_bearer_token("s3cret").unwrap();
     assert!(!format!("{admin:?}").contains("s3cret"));

@@ -152,7 +152,9 @@ async fn listener_opens_on_connector_links(t: Transport) {
     );
     assert_eq!(soon("data", read_to_end(&mut b)).await, b"from connector");
     // The connector finished its half; the broker still sends.
-    b.send_chunk(Bytes::from_static(b"from broker")).await.unwrap();
+    b.send_chunk(Bytes::from_static(b"from broker"))
+        .await
+        .unwrap();
     b.finish().await.unwrap();
     assert_eq!(soon("data", read_to_end(&mut c)).await, b"from broker");
 }
@@ -312,12 +314,23 @@ async fn dialer_refuses_non_brokers(t: Transport) {
     let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
     // An agent certificate cannot even serve TLS (no serverAuth EKU, no DNS name).
     let agent = org.identity(Role::Agent, "dev9");
-    let l = umbra_link::Listener::bind(Some(lo), Some(lo), org.server_tls(&agent), LinkConfig::default())
-        .await
-        .unwrap();
-    let e = dial(addr(&l, t), &server_name(), t, org.agent(), &LinkConfig::default())
-        .await
-        .unwrap_err();
+    let l = umbra_link::Listener::bind(
+        Some(lo),
+        Some(lo),
+        org.server_tls(&agent),
+        LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let e = dial(
+        addr(&l, t),
+        &server_name(),
+        t,
+        org.agent(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.is_peer_fault(), "{e:?}");
     // A controller certificate carrying the broker's DNS name passes TLS; the role check
     // refuses it.
@@ -328,12 +341,23 @@ async fn dialer_refuses_non_brokers(t: Transport) {
         SystemTime::now(),
         Duration::from_secs(3600),
     );
-    let l = umbra_link::Listener::bind(Some(lo), Some(lo), org.server_tls(&ctl), LinkConfig::default())
-        .await
-        .unwrap();
-    let e = dial(addr(&l, t), &server_name(), t, org.agent(), &LinkConfig::default())
-        .await
-        .unwrap_err();
+    let l = umbra_link::Listener::bind(
+        Some(lo),
+        Some(lo),
+        org.server_tls(&ctl),
+        LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let e = dial(
+        addr(&l, t),
+        &server_name(),
+        t,
+        org.agent(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, LinkError::WrongPeer), "{e:?}");
 }
 both!(dialer_refuses_non_brokers);
@@ -439,5 +463,9 @@ async fn listener_close_ends_accept() {
     let org = Org::new();
     let listener = org.listener(LinkConfig::default()).await;
     listener.close();
-    assert!(soon("accept after close", listener.accept()).await.is_none());
+    assert!(
+        soon("accept after close", listener.accept())
+            .await
+            .is_none()
+    );
 }

@@ -206,8 +206,14 @@ async fn chain_moves_8_mib_both_ways(t: Transport) {
     // Counters: relays finish right after the client sees EOF; wait for the last adds.
     soon("agent counters", async {
         loop {
-            let up = c.agent_counters.up.load(std::sync::atomic::Ordering::Relaxed);
-            let down = c.agent_counters.down.load(std::sync::atomic::Ordering::Relaxed);
+            let up = c
+                .agent_counters
+                .up
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let down = c
+                .agent_counters
+                .down
+                .load(std::sync::atomic::Ordering::Relaxed);
             if up == 8 << 20 && down == 8 << 20 {
                 break;
             }
@@ -216,7 +222,9 @@ async fn chain_moves_8_mib_both_ways(t: Transport) {
     })
     .await;
     assert_eq!(
-        c.broker_counters.up.load(std::sync::atomic::Ordering::Relaxed),
+        c.broker_counters
+            .up
+            .load(std::sync::atomic::Ordering::Relaxed),
         8 << 20
     );
 
@@ -259,9 +267,15 @@ async fn relay_tcp_reports_idle_timeout() {
     for t in [Transport::Quic, Transport::Tls] {
         let org = Org::new();
         let listener = org.listener(LinkConfig::default()).await;
-        let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &LinkConfig::default())
-            .await
-            .unwrap();
+        let link = dial(
+            addr(&listener, t),
+            &server_name(),
+            t,
+            org.agent(),
+            &LinkConfig::default(),
+        )
+        .await
+        .unwrap();
         let server = soon("accept", listener.accept()).await.unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();

@@ -12,13 +12,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `umbra` binary built for these tests.
-pub fn umbra() -> &'static str {
+pub(crate) fn umbra() -> &'static str {
     env!("CARGO_BIN_EXE_umbra")
 }
 
 /// Removes every `UMBRA_*` variable the test runner may have, so that only the flags the test
 /// passes count, and points HOME at `home` so that no default path lands in the real one.
-pub fn clean_env(cmd: &mut Command, home: &Path) {
+pub(crate) fn clean_env(cmd: &mut Command, home: &Path) {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("UMBRA_") {
             cmd.env_remove(&k);
@@ -29,7 +29,10 @@ pub fn clean_env(cmd: &mut Command, home: &Path) {
 
 /// Calls `f` every 100 ms until it returns `Ok` or `timeout` has passed; the error is the last
 /// one `f` gave.
-pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+pub(crate) fn poll<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
     let deadline = Instant::now() + timeout;
     loop {
         match f() {
@@ -41,7 +44,7 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> R
 }
 
 /// The last `n` lines of a file (or a note that it cannot be read).
-pub fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     match fs::read(path) {
         Ok(b) => {
             let text = String::from_utf8_lossy(&b);
@@ -53,7 +56,7 @@ pub fn tail(path: &Path, n: usize) -> String {
     }
 }
 
-pub fn read(path: &Path) -> String {
+pub(crate) fn read(path: &Path) -> String {
     fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
@@ -61,21 +64,21 @@ pub fn read(path: &Path) -> String {
 
 /// A finished short command: its status (None if it was killed at its deadline) and output.
 #[derive(Debug)]
-pub struct Output {
-    pub status: Option<ExitStatus>,
-    pub stdout: String,
-    pub stderr: String,
-    pub stdout_path: PathBuf,
-    pub stderr_path: PathBuf,
+pub(crate) struct Output {
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    pub(crate) stdout_path: PathBuf,
+    pub(crate) stderr_path: PathBuf,
 }
 
 impl Output {
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.status.is_some_and(|s| s.success())
     }
 
     /// One line for failure messages.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let status = match self.status {
             Some(s) => s.to_string(),
             None => "killed at its deadline".into(),
@@ -88,7 +91,7 @@ impl Output {
     }
 }
 
-pub fn clip(s: &str, n: usize) -> &str {
+pub(crate) fn clip(s: &str, n: usize) -> &str {
     if s.len() <= n {
         return s;
     }
@@ -100,7 +103,12 @@ pub fn clip(s: &str, n: usize) -> &str {
 }
 
 /// Runs `cmd` to completion with its output in `stdout`/`stderr` files; kills it at `timeout`.
-pub fn run_to_files(mut cmd: Command, stdout: PathBuf, stderr: PathBuf, timeout: Duration) -> Output {
+pub(crate) fn run_to_files(
+    mut cmd: Command,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    timeout: Duration,
+) -> Output {
     let out = fs::File::create(&stdout).expect("create stdout file");
     let err = fs::File::create(&stderr).expect("create stderr file");
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -139,16 +147,16 @@ pub fn run_to_files(mut cmd: Command, stdout: PathBuf, stderr: PathBuf, timeout:
 }
 
 /// A long-running child with its output in files. Dropping it kills it (SIGKILL).
-pub struct Proc {
-    pub name: String,
-    pub child: Child,
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
-    pub status: Option<ExitStatus>,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
+    pub(crate) stdout: PathBuf,
+    pub(crate) stderr: PathBuf,
+    pub(crate) status: Option<ExitStatus>,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, stdout: PathBuf, stderr: PathBuf) -> Proc {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, stdout: PathBuf, stderr: PathBuf) -> Proc {
         let out = fs::File::create(&stdout).expect("create stdout file");
         let err = fs::File::create(&stderr).expect("create stderr file");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -164,12 +172,12 @@ impl Proc {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The exit status if the process has ended.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             if let Ok(Some(s)) = self.child.try_wait() {
                 self.status = Some(s);
@@ -179,7 +187,7 @@ impl Proc {
     }
 
     /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if self.exited().is_none() {
             let _ = self.child.kill();
             if let Ok(s) = self.child.wait() {
@@ -189,14 +197,14 @@ impl Proc {
     }
 
     /// Sends SIGINT (as Ctrl-C does) through the shell's `kill` builtin.
-    pub fn interrupt(&mut self) {
+    pub(crate) fn interrupt(&mut self) {
         let _ = Command::new("sh")
             .args(["-c", &format!("kill -INT {}", self.child.id())])
             .status();
     }
 
     /// Waits for the process to end, up to `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.exited() {
@@ -209,16 +217,16 @@ impl Proc {
         }
     }
 
-    pub fn stdout_text(&self) -> String {
+    pub(crate) fn stdout_text(&self) -> String {
         read(&self.stdout)
     }
 
-    pub fn stderr_text(&self) -> String {
+    pub(crate) fn stderr_text(&self) -> String {
         read(&self.stderr)
     }
 
     /// Tails of both outputs, for failure messages.
-    pub fn tails(&self, n: usize) -> String {
+    pub(crate) fn tails(&self, n: usize) -> String {
         format!(
             "--- {} stdout ({}) ---\n{}\n--- {} stderr ({}) ---\n{}\n",
             self.name,
@@ -238,7 +246,7 @@ impl Drop for Proc {
 }
 
 /// Whether this process runs as root (uid 0), read from /proc.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -250,7 +258,7 @@ pub fn is_root() -> bool {
 }
 
 /// Whether `program` can be started (`program ARG` exits, whatever its status).
-pub fn have(program: &str, arg: &str) -> bool {
+pub(crate) fn have(program: &str, arg: &str) -> bool {
     Command::new(program)
         .arg(arg)
         .stdin(Stdio::null())
@@ -261,7 +269,7 @@ pub fn have(program: &str, arg: &str) -> bool {
 }
 
 /// A loopback TCP port that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
+pub(crate) fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -269,13 +277,13 @@ pub fn free_tcp_port() -> u16 {
 }
 
 /// Whether `port` is free on loopback for TCP and, with `udp`, for UDP too.
-pub fn port_free(port: u16, udp: bool) -> bool {
+pub(crate) fn port_free(port: u16, udp: bool) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
         && (!udp || std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok())
 }
 
 /// A plain HTTP/1.0 GET of `/` on 127.0.0.1:`port`; the whole answer.
-pub fn http_get(port: u16) -> Result<String, String> {
+pub(crate) fn http_get(port: u16) -> Result<String, String> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
