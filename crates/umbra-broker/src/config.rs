@@ -169,21 +169,29 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
-        let mut c = BrokerConfig::default();
-        c.open_timeout_ms = 0;
+        let c = BrokerConfig {
+            open_timeout_ms: 0,
+            ..BrokerConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "open_timeout_ms");
-        let mut c = BrokerConfig::default();
-        c.listen_quic = None;
-        c.listen_tcp = None;
+        let c = BrokerConfig {
+            listen_quic: None,
+            listen_tcp: None,
+            ..BrokerConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "listen_quic");
-        let mut c = BrokerConfig::default();
-        c.listen_quic = Some("0.0.0.0:7401".parse().unwrap());
-        c.listen_tcp = None;
+        let mut c = BrokerConfig {
+            listen_quic: Some("0.0.0.0:7401".parse().unwrap()),
+            listen_tcp: None,
+            ..BrokerConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "advertise_host");
         c.advertise_host = Some("broker1.example.test".into());
         c.validate().unwrap();
-        let mut c = BrokerConfig::default();
-        c.name = "Bad Name".into();
+        let c = BrokerConfig {
+            name: "Bad Name".into(),
+            ..BrokerConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "name");
     }
 }

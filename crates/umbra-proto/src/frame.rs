@@ -589,11 +589,7 @@ mod tests {
         );
         // Invalid UTF-8.
         assert_eq!(
-            Frame::decode(
-                &[1, K_OPEN, 0, 6, 1, 1, 0xff, 0, 0, 0][..10]
-                    .to_vec()
-                    .as_slice()
-            ),
+            Frame::decode(&[1, K_OPEN, 0, 6, 1, 1, 0xff, 0, 0, 0]),
             Err(FrameError::BadValue("utf-8 string"))
         );
         // A service list claiming more entries than bytes.
@@ -655,7 +651,7 @@ mod tests {
             }
             if len > 3 {
                 buf[2] = 0;
-                buf[3] = buf[3] % 40;
+                buf[3] %= 40;
             }
             if let Ok(Some((f, used))) = Frame::decode(&buf) {
                 assert!(used <= buf.len());

@@ -40,6 +40,9 @@ enum Cmd {
         /// Local address to listen on (default: 127.0.0.1 and a free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Serve Prometheus metrics at http://ADDR/metrics while forwarding.
+        #[arg(long, env = "UMBRA_AGENT_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
 }
 
@@ -149,7 +152,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Forward { service, listen } => {
+        Cmd::Forward {
+            service,
+            listen,
+            metrics_listen,
+        } => {
+            if let Some(addr) = metrics_listen {
+                crate::telemetry::serve_metrics(addr).await;
+            }
             let f = umbra_agent::Forwarder::start(cfg, &service, listen).await?;
             println!("forwarding {} to {service}", f.local_addr());
             crate::telemetry::shutdown_signal().await;

@@ -41,6 +41,8 @@ const FWD_SSH: u16 = 18083;
 const USER: &str = "alice@example.test";
 const CONNECTOR: &str = "conn-1";
 const SSH_ECHO: &str = "e2e-through-umbra";
+/// How soon the connector must be linked to a broker restarted after a crash (kill -9).
+const RELINK: Duration = Duration::from_secs(45);
 
 /// The namespaces of the test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +95,8 @@ struct World {
     ca_file: PathBuf,
     admin_token: String,
     ssh_key: PathBuf,
+    /// Broker ids from `umbra admin broker list`, by name.
+    broker_ids: Vec<(String, String)>,
     /// Secrets that must never appear in logs or audit output (label, value).
     secrets: Vec<(String, String)>,
     /// Files that legitimately hold a secret (the controller's first stdout, token-create output).
@@ -206,6 +210,7 @@ impl World {
             ca_file: root.join("ca.pem"),
             admin_token: String::new(),
             ssh_key: root.join("ssh/client_key"),
+            broker_ids: Vec::new(),
             secrets: Vec::new(),
             secret_holders: BTreeSet::new(),
             root,
@@ -1102,6 +1107,12 @@ fn setup_fabric(w: &mut World) {
             &["controller", "broker-1", "broker-2"],
         );
     }
+    let list = w.admin(&["broker", "list"]);
+    for b in list.as_array().cloned().unwrap_or_default() {
+        if let (Some(name), Some(id)) = (b["name"].as_str(), b["id"].as_str()) {
+            w.broker_ids.push((name.to_owned(), id.to_owned()));
+        }
+    }
     wait_connector_link(w, "broker-1", Duration::from_secs(15));
     wait_connector_link(w, "broker-2", Duration::from_secs(15));
 
@@ -1259,13 +1270,18 @@ fn check_stream_list(w: &mut World) {
     let args = w.ssh_args(FWD_SSH, "sleep 4; echo done");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     w.spawn("ssh-session", Ns::User, "ssh", &args, &[]);
+    // A stream names its broker by id (or by name).
+    let brokers: Vec<String> = w
+        .broker_ids
+        .iter()
+        .flat_map(|(n, i)| [n.clone(), i.clone()])
+        .collect();
     let r = poll(Duration::from_secs(3), || {
         let (v, _) = w.admin_try(&["stream", "list"])?;
         let list = v.as_array().cloned().unwrap_or_default();
         match list.iter().find(|s| s["service"] == "ssh") {
             Some(s)
-                if s["user"] == USER
-                    && (s["broker"] == "broker-1" || s["broker"] == "broker-2") =>
+                if s["user"] == USER && brokers.iter().any(|b| s["broker"] == b.as_str()) =>
             {
                 Ok(())
             }
@@ -1401,7 +1417,7 @@ fn check_broker_failover(w: &mut World) {
         }
         w.step(&format!("(8) restart {name} on the same directory"));
         start_broker(w, n);
-        wait_connector_link(w, &name, Duration::from_secs(10));
+        wait_connector_link(w, &name, RELINK);
     }
 }
 
@@ -1417,8 +1433,8 @@ fn check_controller_away(w: &mut World) {
     w.kill9("broker-2");
     start_broker(w, 1);
     start_broker(w, 2);
-    wait_connector_link(w, "broker-1", Duration::from_secs(10));
-    wait_connector_link(w, "broker-2", Duration::from_secs(10));
+    wait_connector_link(w, "broker-1", RELINK);
+    wait_connector_link(w, "broker-2", RELINK);
     web_still_works(
         w,
         Duration::from_secs(5),
