@@ -4,9 +4,11 @@
 //! the broker does not answer within `open_timeout`, that broker is marked down for a while,
 //! the next one in [`failover_order`] is dialed (bounded by `connect_timeout`) and the request
 //! is retried there, so a killed broker costs a new connection at most one open timeout plus
-//! one connect. A `Denied` or `Unavailable` answer is the broker's decision, not a failure,
-//! and is final. A `Stale` answer (the broker's policy is too old to authorize anything) fails
-//! over: another broker may hold a fresh policy.
+//! one connect. A `Denied` answer is the policy's decision and is final (every broker holds
+//! the same policy). A `Stale` answer (the broker's policy is too old to authorize anything)
+//! fails over: another broker may hold a fresh one. An `Unavailable` answer (allowed, but this
+//! broker has no live link to a connector of the service, e.g. just after it restarted) tries
+//! the other brokers once each without marking this one down.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -134,13 +136,25 @@ impl Session {
             tried: Vec::new(),
             last: "no brokers known".into(),
         };
+        let mut unavailable = false;
         loop {
-            let (broker_id, link) = self.link(&mut attempts).await?;
+            let (broker_id, link) = match self.link(&mut attempts).await {
+                Ok(l) => l,
+                // Some broker allowed the stream but none could reach a connector.
+                Err(_) if unavailable => return Err(OpenError::Unavailable(service.to_owned())),
+                Err(e) => return Err(e),
+            };
             match self.try_open(&link, service).await {
                 Ok((OpenCode::Ok, stream)) => return Ok(stream),
                 Ok((OpenCode::Denied, _)) => return Err(OpenError::Denied(service.to_owned())),
                 Ok((OpenCode::Unavailable, _)) => {
-                    return Err(OpenError::Unavailable(service.to_owned()));
+                    // This broker has no live link to a connector of the service (it may
+                    // have just restarted); another broker may have one. The broker itself
+                    // is fine, so it is not marked down.
+                    tracing::info!(broker = %broker_id, service, "broker has no connector for the service; trying the next");
+                    unavailable = true;
+                    attempts.tried.push(broker_id);
+                    continue;
                 }
                 Ok((OpenCode::UnsupportedFlow, _)) => return Err(OpenError::UnsupportedFlow),
                 Ok((OpenCode::Stale, _)) => {

@@ -108,6 +108,13 @@ impl Controller {
             })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let ca_pem = ca.cert_pem().to_owned();
+        // The CA certificate is public: operators hand it to `umbra admin --ca-file`.
+        let ca_file = cfg.data_dir.join("ca.pem");
+        fs::write(&ca_file, &ca_pem).map_err(|source| ControllerError::Io {
+            op: "write",
+            path: ca_file,
+            source,
+        })?;
         let ca_sha256 = ca.sha256();
         let ctx = Arc::new(Ctx {
             store,

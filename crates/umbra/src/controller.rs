@@ -68,6 +68,7 @@ pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
+    let ca_file = cfg.data_dir.join("ca.pem");
     let c = Controller::start(cfg, options())
         .await
         .context("controller did not start")?;
@@ -76,6 +77,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         println!("admin token (shown once, store it now): {token}");
     }
     println!("controller listening on {}", c.url());
+    println!("organisation CA certificate: {}", ca_file.display());
     crate::telemetry::shutdown_signal().await;
     tracing::info!("shutting down");
     c.shutdown().await;

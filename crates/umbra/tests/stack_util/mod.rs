@@ -1,0 +1,800 @@
+//! The in-process deployment used by `stack.rs`: a real controller (temporary data directory,
+//! explicit CA key), real brokers, a real connector and a TCP echo target, all on 127.0.0.1 with
+//! ports picked by the kernel, real TLS everywhere, identities made by real enrollments.
+//!
+//! Also the probes the cases share: bytes through an agent's forward, frames on a link dialed by
+//! hand, admin REST calls. Every wait is a poll with a deadline (50 ms steps), never a sleep
+//! standing in for an assertion.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use umbra_agent::{AgentConfig, Forwarder, TransportPref};
+use umbra_broker::{Broker, BrokerConfig};
+use umbra_connector::{Connector, ConnectorConfig};
+use umbra_controller::{Controller, ControllerConfig, ControllerOptions};
+use umbra_link::{Link, LinkConfig, Stream, Transport};
+use umbra_pki::TlsIdentity;
+use umbra_proto::{Flow, Frame, OpenCode};
+
+/// The published service every user with a policy may reach (the echo target).
+pub const ECHO: &str = "echo";
+/// A published service (same target) that no policy allows.
+pub const SECRET: &str = "secret";
+/// Name of the one connector.
+pub const CONNECTOR: &str = "conn";
+/// Poll step.
+const STEP: Duration = Duration::from_millis(50);
+/// Default limit for things that should happen "soon" (start-up, convergence).
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Logs to the test's output when RUST_LOG is set (`RUST_LOG=info cargo test ...`).
+pub fn init() {
+    umbra_pki::install_crypto_provider();
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Calls `f` every 50 ms until it returns `Ok` or `within` has passed since the call; panics
+/// with the last error then.
+pub async fn poll<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if start.elapsed() >= within => {
+                panic!("{what}: not within {within:?} (last: {e})")
+            }
+            Err(_) => tokio::time::sleep(STEP).await,
+        }
+    }
+}
+
+/// The link transport an agent preference stands for.
+pub fn link_transport(t: TransportPref) -> Transport {
+    match t {
+        TransportPref::Tcp => Transport::Tls,
+        _ => Transport::Quic,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin REST client
+
+/// Admin calls with the bearer token, trusting only the organisation CA.
+#[derive(Clone)]
+pub struct Admin {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Admin {
+    pub fn new(base: &str, token: &str, ca: &CertificateDer<'static>) -> Admin {
+        let tls = umbra_pki::client_config(ca, None, &[b"h2", b"http/1.1"], false).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(15))
+            .build()
+            .unwrap();
+        Admin {
+            http,
+            base: base.to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Any call: the status and the JSON body (`Null` when empty).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        (status, v)
+    }
+
+    /// A call that must succeed.
+    pub async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: HTTP {status}: {v}"
+        );
+        v
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.ok("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        self.ok("POST", path, Some(body)).await
+    }
+
+    pub async fn token(&self, role: &str, user: Option<&str>, name: Option<&str>) -> String {
+        let v = self
+            .post(
+                "/v1/enrollment-tokens",
+                json!({ "role": role, "user": user, "name": name, "ttl_secs": 600 }),
+            )
+            .await;
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn allow(&self, policy: &str, user: &str, service: &str) {
+        let text =
+            umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(user.into()), service);
+        self.post("/v1/policies", json!({ "name": policy, "text": text }))
+            .await;
+    }
+
+    /// Every audit entry stored so far.
+    pub async fn audit(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .get(&format!("/v1/audit?after={after}&limit=1000"))
+                .await;
+            let page = page.as_array().cloned().unwrap_or_default();
+            let Some(last) = page.last() else { break };
+            after = last["seq"].as_i64().unwrap();
+            let n = page.len();
+            out.extend(page);
+            if n < 1000 {
+                break;
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The deployment
+
+/// One broker: its configuration (ports fixed after the first start, so a restart keeps the
+/// addresses agents and the connector know) and the running instance.
+pub struct BrokerSlot {
+    pub cfg: BrokerConfig,
+    pub id: String,
+    pub server_name: String,
+    pub quic: SocketAddr,
+    pub tcp: SocketAddr,
+    pub broker: Option<Broker>,
+}
+
+impl BrokerSlot {
+    pub fn addr(&self, t: Transport) -> SocketAddr {
+        match t {
+            Transport::Quic => self.quic,
+            Transport::Tls => self.tcp,
+        }
+    }
+
+    pub fn running(&self) -> &Broker {
+        self.broker.as_ref().expect("broker is running")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.shutdown().await;
+        }
+    }
+
+    /// Starts it again on the same directory and ports (the old sockets may take a moment to
+    /// be released, hence the poll).
+    pub async fn start_again(&mut self) {
+        assert!(self.broker.is_none(), "stop it first");
+        let cfg = self.cfg.clone();
+        let b = poll("broker restart", SOON, || {
+            let cfg = cfg.clone();
+            async move { Broker::start(cfg).await.map_err(|e| e.to_string()) }
+        })
+        .await;
+        assert_eq!(b.quic_addr(), Some(self.quic));
+        assert_eq!(b.tcp_addr(), Some(self.tcp));
+        self.broker = Some(b);
+    }
+}
+
+/// An enrolled agent identity.
+pub struct AgentId {
+    pub user: String,
+    pub dir: PathBuf,
+    pub device: String,
+}
+
+impl AgentId {
+    pub fn identity(&self) -> TlsIdentity {
+        TlsIdentity::load_dir(&self.dir).unwrap()
+    }
+
+    pub fn config(&self, t: TransportPref) -> AgentConfig {
+        AgentConfig {
+            identity_dir: self.dir.clone(),
+            transport: t,
+            open_timeout_ms: 1_000,
+            connect_timeout_ms: 1_000,
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+/// What to build.
+pub struct Opts {
+    /// One entry per broker: its `max_staleness_secs`.
+    pub brokers: Vec<u64>,
+    /// Users to create, each with an enrolled agent and a policy `<local part>-echo` allowing
+    /// `echo`.
+    pub users: Vec<&'static str>,
+}
+
+pub struct Stack {
+    pub dir: TempDir,
+    pub ctl_cfg: ControllerConfig,
+    pub controller: Option<Controller>,
+    pub url: String,
+    pub ca: CertificateDer<'static>,
+    pub admin: Admin,
+    pub admin_token: String,
+    pub brokers: Vec<BrokerSlot>,
+    pub connector: Option<Connector>,
+    pub connector_dir: PathBuf,
+    pub connector_id: String,
+    pub echo: SocketAddr,
+    pub agents: BTreeMap<String, AgentId>,
+    echo_task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(t) = &self.echo_task {
+            t.abort();
+        }
+    }
+}
+
+/// `alice@example.test` -> `alice`.
+pub fn local(user: &str) -> &str {
+    user.split('@').next().unwrap()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Stack {
+    /// Controller only (users created, nothing enrolled).
+    pub async fn controller_only(users: &[&str]) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl_cfg = ControllerConfig {
+            data_dir: dir.path().join("controller"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ca_key: Some(hex(&umbra_pki::random_bytes::<32>())),
+            ..ControllerConfig::default()
+        };
+        let controller = Controller::start(ctl_cfg.clone(), ControllerOptions::default())
+            .await
+            .unwrap();
+        let admin_token = controller.first_admin_token().unwrap();
+        let url = controller.url();
+        let ca = CertificateDer::from_pem_slice(controller.ca_pem().as_bytes()).unwrap();
+        let admin = Admin::new(&url, &admin_token, &ca);
+        // Restarts listen where peers already look.
+        let ctl_cfg = ControllerConfig {
+            listen: controller.local_addr(),
+            ..ctl_cfg
+        };
+        for u in users {
+            admin
+                .post("/v1/users", json!({ "id": u, "groups": [] }))
+                .await;
+        }
+        let connector_dir = dir.path().join("connector");
+        Stack {
+            dir,
+            ctl_cfg,
+            controller: Some(controller),
+            url,
+            ca,
+            admin,
+            admin_token,
+            brokers: Vec::new(),
+            connector: None,
+            connector_dir,
+            connector_id: String::new(),
+            echo: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agents: BTreeMap::new(),
+            echo_task: None,
+        }
+    }
+
+    /// The whole deployment, converged: brokers hold the latest snapshot.
+    pub async fn start(opts: Opts) -> Stack {
+        let mut s = Stack::controller_only(&opts.users).await;
+        for (i, staleness) in opts.brokers.iter().enumerate() {
+            s.add_broker(&format!("broker-{i}"), *staleness).await;
+        }
+        let n = s.brokers.len();
+        // Agents and the connector learn brokers at enrollment: wait until the controller has
+        // heard from each (the heartbeat carries its addresses).
+        poll("brokers registered", SOON, || async {
+            let v = s.admin.get("/v1/brokers/all").await;
+            let seen = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b["last_seen"].as_u64().unwrap_or(0) > 0 && !b["quic_addr"].is_null())
+                .count();
+            if seen == n {
+                Ok(())
+            } else {
+                Err(format!("{seen} of {n}: {v}"))
+            }
+        })
+        .await;
+
+        let (echo, task) = echo_server().await;
+        s.echo = echo;
+        s.echo_task = Some(task);
+
+        let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
+        let issued = umbra_link::enroll::enroll(&s.url, &token, &s.connector_dir)
+            .await
+            .unwrap();
+        s.connector_id = issued.identity.rsplit('/').next().unwrap().to_owned();
+        for svc in [ECHO, SECRET] {
+            s.admin
+                .post(
+                    "/v1/services",
+                    json!({ "name": svc, "target": echo.to_string(), "connectors": [CONNECTOR] }),
+                )
+                .await;
+        }
+        for u in &opts.users {
+            s.admin.allow(&format!("{}-echo", local(u)), u, ECHO).await;
+            s.enroll_agent(u, local(u)).await;
+        }
+        s.start_connector().await;
+        s.converge().await;
+        s
+    }
+
+    pub fn controller(&self) -> &Controller {
+        self.controller.as_ref().expect("controller is running")
+    }
+
+    pub async fn add_broker(&mut self, name: &str, max_staleness_secs: u64) {
+        let token = self.admin.token("broker", None, Some(name)).await;
+        let dir = self.dir.path().join(name);
+        let issued = umbra_link::enroll::enroll(&self.url, &token, &dir)
+            .await
+            .unwrap();
+        let id = issued.identity.rsplit('/').next().unwrap().to_owned();
+        let mut cfg = BrokerConfig {
+            name: name.into(),
+            identity_dir: dir,
+            listen_quic: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            max_staleness_secs,
+            heartbeat_ms: 250,
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::start(cfg.clone()).await.unwrap();
+        let quic = broker.quic_addr().unwrap();
+        let tcp = broker.tcp_addr().unwrap();
+        cfg.listen_quic = Some(quic);
+        cfg.listen_tcp = Some(tcp);
+        self.brokers.push(BrokerSlot {
+            cfg,
+            server_name: umbra_pki::broker_server_name(&id),
+            id,
+            quic,
+            tcp,
+            broker: Some(broker),
+        });
+    }
+
+    pub async fn enroll_agent(&mut self, user: &str, key: &str) -> &AgentId {
+        let token = self.admin.token("agent", Some(user), None).await;
+        let dir = self.dir.path().join(format!("agent-{key}"));
+        let issued = umbra_link::enroll::enroll(&self.url, &token, &dir)
+            .await
+            .unwrap();
+        let device = issued.identity.rsplit('/').next().unwrap().to_owned();
+        self.agents.insert(
+            key.to_owned(),
+            AgentId {
+                user: user.to_owned(),
+                dir,
+                device,
+            },
+        );
+        &self.agents[key]
+    }
+
+    pub fn agent(&self, key: &str) -> &AgentId {
+        &self.agents[key]
+    }
+
+    pub async fn start_connector(&mut self) {
+        let c = Connector::start(ConnectorConfig {
+            identity_dir: self.connector_dir.clone(),
+            reconnect_base_ms: 100,
+            reconnect_cap_ms: 1_000,
+            ..ConnectorConfig::default()
+        })
+        .await
+        .unwrap();
+        self.connector = Some(c);
+    }
+
+    /// Waits until every running broker enforces the controller's latest snapshot.
+    pub async fn converge(&self) {
+        let want = self.controller().snapshot_version();
+        poll("brokers converge", SOON, || async {
+            for b in &self.brokers {
+                if let Some(r) = &b.broker
+                    && r.snapshot_version() < want
+                {
+                    return Err(format!(
+                        "{} holds {} < {want}",
+                        b.cfg.name,
+                        r.snapshot_version()
+                    ));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    pub async fn forward(&self, key: &str, t: TransportPref, service: &str) -> Forwarder {
+        Forwarder::start(
+            self.agent(key).config(t),
+            service,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .await
+        .unwrap()
+    }
+
+    pub async fn stop_controller(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.shutdown().await;
+        }
+    }
+
+    /// Starts the controller again on the same data directory and address.
+    pub async fn restart_controller(&mut self, cfg: ControllerConfig) {
+        self.stop_controller().await;
+        let c = poll("controller restart", SOON, || {
+            let cfg = cfg.clone();
+            async move {
+                Controller::start(cfg, ControllerOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        assert!(c.first_admin_token().is_none());
+        self.controller = Some(c);
+    }
+
+    /// Revokes a device through the admin API.
+    pub async fn revoke_device(&self, device: &str) {
+        let v = self
+            .admin
+            .ok("POST", &format!("/v1/devices/{device}/revoke"), None)
+            .await;
+        assert_eq!(v["revoked"], true, "{v}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The target
+
+/// A TCP echo server: echoes until the client finishes its half, then finishes its own.
+pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Deterministic bytes that make misordering and corruption visible.
+pub fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through a forward (plain TCP to the agent's local port)
+
+/// Sends `data`, finishes the write half, and reads everything back; `limit` bounds it all.
+pub async fn round_trip(addr: SocketAddr, data: &[u8], limit: Duration) -> Result<(), String> {
+    let run = async {
+        let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut r, mut w) = s.into_split();
+        let write = async {
+            w.write_all(data).await?;
+            w.shutdown().await
+        };
+        let read = async {
+            let mut buf = Vec::with_capacity(data.len());
+            r.read_to_end(&mut buf).await.map(|_| buf)
+        };
+        let (wr, rd) = tokio::join!(write, read);
+        let got = rd.map_err(|e| format!("read: {e}"))?;
+        wr.map_err(|e| format!("write: {e}"))?;
+        if got.len() != data.len() {
+            return Err(format!("got {} bytes of {}", got.len(), data.len()));
+        }
+        if got != data {
+            let at = got.iter().zip(data).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!("bytes differ from offset {at}"));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, run)
+        .await
+        .map_err(|_| format!("no complete echo within {limit:?}"))?
+}
+
+/// A small echo through the forward: the service is reachable.
+pub async fn echo_ok(addr: SocketAddr) -> Result<(), String> {
+    round_trip(addr, b"ping through umbra", Duration::from_secs(3)).await
+}
+
+/// The forward closes the connection without a byte: refused. `Err` if data came back or the
+/// connection stayed open.
+pub async fn refused(addr: SocketAddr) -> Result<(), String> {
+    let run = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        // Ignore write errors: the forward may already have closed.
+        let _ = s.write_all(b"probe").await;
+        let _ = s.shutdown().await;
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf).await {
+            Ok(_) if buf.is_empty() => Ok(()),
+            Ok(_) => Err(format!("{} bytes came back: still allowed", buf.len())),
+            Err(_) => Ok(()), // reset: closed without data
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .map_err(|_| "connection stayed open".to_string())?
+}
+
+/// An open connection through a forward that has echoed once.
+pub struct LiveConn(pub TcpStream);
+
+impl LiveConn {
+    pub async fn open(addr: SocketAddr) -> Result<LiveConn, String> {
+        let mut c = LiveConn(TcpStream::connect(addr).await.map_err(|e| e.to_string())?);
+        c.echo(b"hello").await?;
+        Ok(c)
+    }
+
+    /// Writes and reads the same bytes back (the connection stays open).
+    pub async fn echo(&mut self, data: &[u8]) -> Result<(), String> {
+        let run = async {
+            self.0.write_all(data).await.map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; data.len()];
+            self.0
+                .read_exact(&mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if buf != data {
+                return Err("echo differs".to_string());
+            }
+            Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(3), run)
+            .await
+            .map_err(|_| "no echo within 3 s".to_string())?
+    }
+
+    /// Waits until the peer closes the connection (EOF or reset).
+    pub async fn closed_within(mut self, within: Duration) -> Result<(), String> {
+        let run = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match self.0.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(within, run)
+            .await
+            .map_err(|_| format!("still open after {within:?}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frame level: links dialed by hand
+
+/// Dials a broker presenting `id` (its chain and key as they are; `id.ca` is the trust anchor
+/// for the broker's certificate).
+pub async fn dial(b: &BrokerSlot, t: Transport, id: &TlsIdentity) -> Result<Link, String> {
+    let tls = umbra_pki::client_config(&id.ca, Some(id), &[umbra_link::ALPN], t == Transport::Quic)
+        .map_err(|e| e.to_string())?;
+    let cfg = LinkConfig {
+        handshake_timeout: Duration::from_secs(3),
+        ..LinkConfig::default()
+    };
+    umbra_link::dial(b.addr(t), &b.server_name, t, Arc::new(tls), &cfg)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// One `Open` and its reply.
+pub async fn open(link: &Link, service: &str) -> Result<(OpenCode, Stream), String> {
+    let run = async {
+        let mut s = link.open().await.map_err(|e| format!("open: {e}"))?;
+        s.write_frame(&Frame::Open {
+            flow: Flow::Tcp,
+            service: service.to_owned(),
+            credential: Vec::new(),
+        })
+        .await
+        .map_err(|e| format!("write Open: {e}"))?;
+        match s.read_frame().await {
+            Ok(Frame::OpenReply { code }) => Ok((code, s)),
+            Ok(other) => Err(format!("unexpected {other:?}")),
+            Err(e) => Err(format!("read reply: {e}")),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .map_err(|_| "no reply within 3 s".to_string())?
+}
+
+/// The reply code only.
+pub async fn open_code(link: &Link, service: &str) -> Result<OpenCode, String> {
+    open(link, service).await.map(|(c, _)| c)
+}
+
+/// Bytes through an opened stream: send, finish, read everything back.
+pub async fn stream_echo(s: &mut Stream, data: &[u8]) -> Result<(), String> {
+    let run = async {
+        s.send_chunk(Bytes::copy_from_slice(data))
+            .await
+            .map_err(|e| e.to_string())?;
+        s.finish().await.map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        while let Some(c) = s.recv_chunk().await.map_err(|e| e.to_string())? {
+            got.extend_from_slice(&c);
+        }
+        if got != data {
+            return Err(format!("echo differs ({} bytes)", got.len()));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .map_err(|_| "no echo within 3 s".to_string())?
+}
+
+/// Open `echo` on a fresh link and move bytes: the identity gets service from this broker.
+pub async fn served(b: &BrokerSlot, t: Transport, id: &TlsIdentity) -> Result<(), String> {
+    let link = dial(b, t, id).await?;
+    let (code, mut s) = open(&link, ECHO).await?;
+    if code != OpenCode::Ok {
+        return Err(format!("Open {ECHO}: {code:?}"));
+    }
+    let r = stream_echo(&mut s, b"frame-level hello").await;
+    link.close();
+    r
+}
+
+/// A ping on a new stream of the link.
+pub async fn ping(link: &Link) -> Result<(), String> {
+    let run = async {
+        let mut s = link.open().await.map_err(|e| e.to_string())?;
+        s.write_frame(&Frame::Ping { nonce: 7 })
+            .await
+            .map_err(|e| e.to_string())?;
+        match s.read_frame().await.map_err(|e| e.to_string())? {
+            Frame::Pong { nonce: 7 } => Ok(()),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .map_err(|_| "no pong within 3 s".to_string())?
+}
+
+/// How a broker turned an identity away.
+#[derive(Debug)]
+pub enum Refusal {
+    /// `dial` itself failed.
+    Handshake(String),
+    /// The dialer's side of the handshake completed (TLS 1.3 sends the client certificate
+    /// last), then the broker closed the link before it carried anything.
+    ClosedAfterHandshake(String),
+}
+
+/// Asserts that `id` gets nothing from the broker: the dial fails, or the link is closed
+/// before a ping is answered.
+pub async fn assert_refused(b: &BrokerSlot, t: Transport, id: &TlsIdentity, what: &str) -> Refusal {
+    match dial(b, t, id).await {
+        Err(e) => Refusal::Handshake(e),
+        Ok(link) => match ping(&link).await {
+            Ok(()) => panic!("{what} over {t:?}: the broker answered a ping"),
+            Err(e) => {
+                poll(&format!("{what}: link closed"), Duration::from_secs(3), || async {
+                    if link.is_closed() {
+                        Ok(())
+                    } else {
+                        Err("open".to_string())
+                    }
+                })
+                .await;
+                Refusal::ClosedAfterHandshake(e)
+            }
+        },
+    }
+}
+
+/// Reads the identity files of a directory as PEM.
+pub fn pem(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap()
+}
