@@ -67,7 +67,7 @@ impl FromStr for TransportPref {
     }
 }
 
-/// Configuration of an agent (`[agent]` in the config file).
+/// Configuration of an agent: the top-level keys of the TOML file given to `umbra agent --config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Everything a broker needs to run. Read from TOML (`[broker]` table of `umbra broker
-/// --config`), flags and `UMBRA_BROKER_*` variables; see `umbra broker --help`.
+/// Everything a broker needs to run. Read from the top-level keys of the TOML file given to
+/// `umbra broker --config`, then flags and `UMBRA_BROKER_*` variables; see `umbra broker --help`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {

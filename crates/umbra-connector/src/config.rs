@@ -67,7 +67,7 @@ impl FromStr for TransportPref {
     }
 }
 
-/// Configuration of a connector (`[connector]` in the config file).
+/// Configuration of a connector: the top-level keys of the TOML file given to `umbra connector --config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectorConfig {

@@ -137,10 +137,10 @@ impl crypto::Session for KxSession {
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
         let start = buf.len();
         let keys = self.inner.write_handshake(buf);
-        if self.side == Side::Server {
-            if let Some(new) = buf.get(start..) {
-                self.sniffer.feed(new);
-            }
+        if self.side == Side::Server
+            && let Some(new) = buf.get(start..)
+        {
+            self.sniffer.feed(new);
         }
         keys
     }

@@ -224,7 +224,8 @@ async fn malformed_frames_are_errors(t: Transport) {
     .unwrap();
     let server = soon("accept", listener.accept()).await.unwrap();
 
-    let cases: Vec<(&[u8], fn(&LinkError) -> bool)> = vec![
+    type Check = fn(&LinkError) -> bool;
+    let cases: Vec<(&[u8], Check)> = vec![
         (&[9, 1, 0, 0], |e| {
             matches!(e, LinkError::Frame(FrameError::Version(9)))
         }),
