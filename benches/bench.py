@@ -470,10 +470,11 @@ class Umbra:
         return self.agents[(t, s)][1]
 
     def handshakes(self):
-        """Links the broker has accepted so far (its "... link up" log lines)."""
+        """Links the broker has completed a handshake for so far (umbra_link's "link up" log
+        line, one per accepted link)."""
         try:
             with open(self.broker_log, errors="replace") as f:
-                return sum(1 for line in f if "link up" in line)
+                return sum(1 for line in f if '"message":"link up"' in line)
         except OSError:
             return None
 
@@ -540,6 +541,9 @@ def main():
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--hold", type=int, default=0,
+                    help="profiling aid: start everything, print ports and pids, keep it "
+                         "running this many seconds, measure nothing")
     ap.add_argument("--quick", action="store_true",
                     help="3 rounds, iperf3 3 s, 5000 ping-pongs, 200 setups (memory test unchanged)")
     args = ap.parse_args()
@@ -634,6 +638,18 @@ def main():
         if r is None or st is None:
             raise SystemExit(f"path {sid} does not work; logs in {d}")
         log(f"    {sid:<11} ok (rtt p50 {r['p50_us']:.0f} µs, setup p50 {st['p50_us']:.0f} µs)")
+
+    if args.hold:
+        # For profiling: everything up, nothing measured.
+        info = {"scenarios": {sid: {"iperf": ti, "echo": te, "idle": tsu}
+                              for sid, _, ti, te, tsu in scen},
+                "pids": {name: p.pid for name, p in PROCS if p.poll() is None},
+                "broker_metrics": u.broker_metrics, "workdir": d}
+        open(os.path.join(d, "hold.json"), "w").write(json.dumps(info, indent=1))
+        log(json.dumps(info, indent=1))
+        log(f"holding for {args.hold} s (ports and pids above, also in {d}/hold.json)")
+        time.sleep(args.hold)
+        return
 
     # --- rounds
     tput = {s[0]: [] for s in scen}
@@ -802,6 +818,14 @@ def wait_until_value(get, ok, timeout):
 
 # ----------------------------------------------------------------------------- report
 
+def ref(sid, vs, key):
+    if sid == "socat-b2":
+        return "1 (reference)"
+    if sid == "direct":
+        return "—"
+    return fmt_ratio(vs[key])
+
+
 def met(ok):
     return "**met**" if ok else "**not met**"
 
@@ -833,8 +857,7 @@ def write_results(res, args):
     for sid, s in sc.items():
         vs = s.get("vs_socat")
         L.append(f"| {s['label']} | {fmt(s['gbps'])} | {fmt(s['rtt_p50_us'])} | "
-                 f"{fmt(s['rtt_p99_us'])} | {fmt_ratio(vs['gbps']) if vs else '1 (reference)'} | "
-                 f"{fmt_ratio(vs['rtt_p50']) if vs else '1 (reference)'} |")
+                 f"{fmt(s['rtt_p99_us'])} | {ref(sid, vs, 'gbps')} | {ref(sid, vs, 'rtt_p50')} |")
     L.append("\nRatios are of the medians; \"per round\" is the range of the same ratio "
              "within each round (paired, so drift cancels). RTT p50 ratio < 1 is better.\n")
 

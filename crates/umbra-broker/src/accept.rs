@@ -15,6 +15,7 @@ use umbra_proto::{DialCode, Flow, Frame, OpenCode};
 
 use crate::Shared;
 use crate::authn::{LinkPeer, admit};
+use crate::authority::Authority;
 use crate::authz::{OpenFacts, authorize};
 use crate::relay::{End, LiveEntry};
 use crate::route::{LoadGuard, PeerLink};
@@ -58,6 +59,9 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
                 .increment(1.0);
             shared.connectors.add(&id, link.clone(), key);
+            if !still_admitted(&shared, &peer, &authority) {
+                link.close();
+            }
             tokio::select! {
                 () = link.closed() => {}
                 () = shared.shutdown.cancelled() => link.close(),
@@ -73,6 +77,9 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
                 .increment(1.0);
             shared.agents.add(&device, link.clone(), key);
+            if !still_admitted(&shared, &peer, &authority) {
+                link.close();
+            }
             let device: Arc<str> = device.into();
             loop {
                 let stream = tokio::select! {
@@ -93,6 +100,14 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             info!("agent link down");
         }
     }
+}
+
+/// Whether a link admitted under `seen` is still admitted under the snapshot held now. A
+/// snapshot installed between the admission and the registration re-checked the links
+/// registered then, not this one.
+fn still_admitted(shared: &Shared, peer: &umbra_pki::PeerCert, seen: &Authority) -> bool {
+    let held = shared.authority.load_full();
+    held.snapshot.version == seen.snapshot.version || admit(peer, &held, &shared.org).is_ok()
 }
 
 /// Serves one agent stream from its header frame on.
@@ -267,6 +282,28 @@ async fn open(
         cancel: Default::default(),
     });
     shared.streams.insert(entry.clone());
+    // A snapshot installed while the connector was dialing re-decided the streams registered
+    // then, not this one: decide it again under the snapshot held now.
+    let held = shared.authority.load_full();
+    if held.snapshot.version != authority.snapshot.version
+        && authorize(
+            &held,
+            &OpenFacts {
+                device,
+                serial_hex: &entry.serial_hex,
+                service: &entry.service,
+                flow,
+                transport,
+            },
+            SystemTime::now(),
+            shared.cfg.max_staleness(),
+        )
+        .code
+            != OpenCode::Ok
+    {
+        info!("policy changed while the stream was being set up; closing it");
+        entry.cancel.cancel();
+    }
     metrics::counter!("umbra_broker_streams_total").increment(1);
     let end = crate::relay::run(
         &entry,

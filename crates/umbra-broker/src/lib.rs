@@ -66,6 +66,45 @@ pub enum BrokerError {
     Listen(umbra_link::LinkError),
     #[error("policy engine: {0}")]
     Policy(#[from] umbra_policy::PolicyError),
+    #[error("{path}: {source}")]
+    ResetKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The QUIC stateless-reset key, created once and kept next to the identity so that a
+/// restarted broker can reset its peers' stale connections (they then reconnect at once).
+fn reset_key(dir: &std::path::Path) -> Result<umbra_link::ResetKey, BrokerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("quic-reset.key");
+    let err = |source| BrokerError::ResetKey {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(b) if b.len() == 32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&b);
+            return Ok(umbra_link::ResetKey(k));
+        }
+        Ok(_) => warn!(path = %path.display(), "replacing a malformed QUIC reset key"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let k: [u8; 32] = umbra_pki::random_bytes();
+    let tmp = path.with_extension("key.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(&k).and_then(|()| f.sync_all()).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(umbra_link::ResetKey(k))
 }
 
 /// State shared by the broker's tasks.
@@ -133,6 +172,7 @@ impl Broker {
         let link_cfg = LinkConfig {
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
             max_pending_handshakes: cfg.max_pending_handshakes,
+            reset_key: Some(reset_key(&dir)?),
             ..LinkConfig::default()
         };
         let listener = Arc::new(

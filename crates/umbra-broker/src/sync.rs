@@ -19,12 +19,22 @@ use crate::authority::{Authority, store_cached, unix};
 use crate::authz::{OpenFacts, authorize};
 
 const RETRY: Duration = Duration::from_secs(1);
+/// Longest the controller holds a snapshot poll open.
+const MAX_POLL_WAIT_SECS: u64 = 25;
+
+/// How long to let the controller hold a snapshot poll. Its empty answer is what confirms the
+/// snapshot held, so it must come well within the staleness limit, or a broker with a healthy
+/// controller and no policy changes would go stale. Pure.
+fn poll_wait_secs(max_staleness: Duration) -> u64 {
+    (max_staleness.as_secs() / 2).clamp(1, MAX_POLL_WAIT_SECS)
+}
 
 /// Long-polls the controller for newer snapshots until shutdown.
 pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<ControllerClient>>) {
+    let wait = poll_wait_secs(shared.cfg.max_staleness());
     loop {
         let after = shared.authority.load().snapshot.version;
-        let path = format!("/v1/snapshot?after={after}");
+        let path = format!("/v1/snapshot?after={after}&wait={wait}");
         let c = client.load_full();
         let r = tokio::select! {
             r = c.get_opt::<Snapshot>(&path) => r,
@@ -152,5 +162,20 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             debug!(error = %e, "heartbeat failed");
             shared.audit.requeue(hb.audit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_confirm_within_the_staleness_limit() {
+        let w = |s| poll_wait_secs(Duration::from_secs(s));
+        assert_eq!(w(1), 1);
+        assert_eq!(w(2), 1);
+        assert_eq!(w(10), 5);
+        assert_eq!(w(50), 25);
+        assert_eq!(w(24 * 3600), MAX_POLL_WAIT_SECS);
     }
 }

@@ -13,16 +13,18 @@
 //! is [`LinkError::NotOpener`].
 //!
 //! [`Listener::accept`] never blocks on a single peer: handshakes run in their own tasks, at
-//! most `max_pending_handshakes` at once, each bounded by `handshake_timeout`; failures are
-//! logged (with the remote address) and counted, never returned.
+//! most `max_pending_handshakes` at once (a new connection evicts the oldest handshake in
+//! progress rather than wait, see `pending.rs`), each bounded by `handshake_timeout`; failures
+//! are logged (with the remote address) and counted, never returned.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::SignatureScheme;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, warn};
@@ -30,6 +32,7 @@ use umbra_pki::PeerCert;
 use umbra_proto::Role;
 
 use crate::error::{LinkError, from_conn};
+use crate::pending::{Pending, Slot};
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::telemetry;
 use crate::tls::H2Conn;
@@ -325,8 +328,9 @@ impl Listener {
         cfg: LinkConfig,
     ) -> Result<Listener, LinkError> {
         let stop = CancellationToken::new();
-        let handshakes = Arc::new(Semaphore::new(cfg.max_pending_handshakes.max(1)));
-        let (tx, rx) = mpsc::channel(64);
+        let pending = Pending::new(cfg.max_pending_handshakes);
+        // Links handshaken but not yet taken by `accept`.
+        let (tx, rx) = mpsc::channel(cfg.max_pending_handshakes.max(1));
         let cfg = Arc::new(cfg);
 
         let mut tcp_addr = None;
@@ -352,14 +356,14 @@ impl Listener {
             tokio::spawn(accept_tcp(
                 l,
                 acceptor,
-                handshakes.clone(),
+                pending.clone(),
                 tx.clone(),
                 cfg.clone(),
                 stop.clone(),
             ));
         }
         if let Some(e) = &endpoint {
-            tokio::spawn(accept_quic(e.clone(), handshakes, tx, cfg, stop.clone()));
+            tokio::spawn(accept_quic(e.clone(), pending, tx, cfg, stop.clone()));
         }
         info!(?quic_addr, ?tcp_addr, "listening");
         Ok(Listener {
@@ -413,21 +417,12 @@ impl Drop for Listener {
 async fn accept_tcp(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    handshakes: Arc<Semaphore>,
+    pending: Arc<Pending>,
     tx: mpsc::Sender<Link>,
     cfg: Arc<LinkConfig>,
     stop: CancellationToken,
 ) {
     loop {
-        // A slot first: while every slot is taken, new connections wait in the kernel's
-        // backlog rather than in our memory.
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = handshakes.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let (tcp, remote) = tokio::select! {
             () = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -440,36 +435,28 @@ async fn accept_tcp(
                 }
             },
         };
+        let slot = pending.admit();
         let (acceptor, tx, cfg) = (acceptor.clone(), tx.clone(), cfg.clone());
         tokio::spawn(async move {
-            let r = tokio::time::timeout(
+            let r = bounded(
+                slot,
                 cfg.handshake_timeout,
                 tls::accept(tcp, remote, acceptor, &cfg),
             )
             .await;
-            // The slot is held until the link is handed over, so links nobody accepts
-            // cannot pile up beyond the handshake limit.
-            deliver(r, Transport::Tls, remote, &tx).await;
-            drop(permit);
+            deliver(r, Transport::Tls, remote, &tx);
         });
     }
 }
 
 async fn accept_quic(
     endpoint: quinn::Endpoint,
-    handshakes: Arc<Semaphore>,
+    pending: Arc<Pending>,
     tx: mpsc::Sender<Link>,
     cfg: Arc<LinkConfig>,
     stop: CancellationToken,
 ) {
     loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = handshakes.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let incoming = tokio::select! {
             () = stop.cancelled() => return,
             i = endpoint.accept() => match i {
@@ -477,31 +464,55 @@ async fn accept_quic(
                 None => return,
             },
         };
+        let slot = pending.admit();
         let (tx, cfg) = (tx.clone(), cfg.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let r = tokio::time::timeout(cfg.handshake_timeout, quic::accept(incoming)).await;
-            deliver(r, Transport::Quic, remote, &tx).await;
-            drop(permit);
+            let r = bounded(slot, cfg.handshake_timeout, quic::accept(incoming)).await;
+            deliver(r, Transport::Quic, remote, &tx);
         });
     }
 }
 
+/// Runs a handshake within its deadline and its slot (see `pending.rs`); the slot is freed
+/// when this returns.
+async fn bounded(
+    slot: Slot,
+    timeout: Duration,
+    handshake: impl Future<Output = Result<Link, LinkError>>,
+) -> Result<Link, LinkError> {
+    tokio::select! {
+        r = tokio::time::timeout(timeout, handshake) => {
+            r.unwrap_or(Err(LinkError::Timeout("handshake")))
+        }
+        () = slot.evicted.cancelled() => {
+            Err(LinkError::Timeout("handshake evicted by a newer connection"))
+        }
+    }
+}
+
 /// Hands a finished handshake to `accept`, or logs and counts its failure.
-async fn deliver(
-    r: Result<Result<Link, LinkError>, tokio::time::error::Elapsed>,
+fn deliver(
+    r: Result<Link, LinkError>,
     transport: Transport,
     remote: SocketAddr,
     tx: &mpsc::Sender<Link>,
 ) {
     let err = match r {
-        Ok(Ok(link)) => {
-            // Err: the listener is gone; dropping the link closes it.
-            let _ = tx.send(link).await;
+        Ok(link) => {
+            match tx.try_send(link) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(link)) => {
+                    // Links are arriving faster than the application accepts them: shed this
+                    // one (its dialer reconnects) rather than queue without bound.
+                    warn!(%remote, peer = %link.peer().id, "accept queue full; closing new link");
+                }
+                // The listener is gone; dropping the link closes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
             return;
         }
-        Ok(Err(e)) => e,
-        Err(_) => LinkError::Timeout("handshake"),
+        Err(e) => e,
     };
     telemetry::handshake_failed(transport);
     if err.is_peer_fault() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
-use tracing::info;
+use tracing::{debug, info};
 use umbra_pki::kx_group_name;
 use umbra_proto::Role;
 
@@ -54,7 +54,51 @@ pub(crate) fn server_endpoint(
     sc.transport_config(Arc::new(transport_config(cfg, true)?));
     // Connections waiting for a handshake slot; beyond this quinn refuses new ones.
     sc.max_incoming(cfg.max_pending_handshakes.saturating_mul(4).max(64));
-    Ok(Endpoint::server(sc, addr)?)
+    endpoint(addr, Some(sc), cfg.reset_key.as_ref())
+}
+
+/// Socket buffer asked for in each direction (the kernel caps it at `net.core.rmem_max` /
+/// `wmem_max`). The defaults (about 200 KiB) drop datagrams in bursts at Gbit/s rates, and
+/// every drop costs the congestion window.
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: Option<&crate::transport::ResetKey>,
+) -> Result<Endpoint, LinkError> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Best effort: a smaller buffer only costs throughput.
+    if let Err(e) = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER) {
+        debug!(error = %e, "cannot enlarge UDP receive buffer");
+    }
+    if let Err(e) = state.set_send_buffer_size((&socket).into(), UDP_BUFFER) {
+        debug!(error = %e, "cannot enlarge UDP send buffer");
+    }
+    let endpoint_cfg = match reset_key {
+        Some(k) => {
+            let mut c = quinn::EndpointConfig::new(Arc::new(aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                &k.0,
+            )));
+            // A restarted endpoint only answers with a reset for connection ids it recognises
+            // as its own, so the id generator's key must survive the restart too.
+            let d = umbra_pki::sha256(&[&k.0[..], b"umbra quic cid key"].concat());
+            let cid_key = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+            c.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            c
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    Ok(Endpoint::new(
+        endpoint_cfg,
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 /// Listener side: completes the handshake of an incoming connection. The caller bounds it
@@ -104,7 +148,7 @@ pub(crate) async fn dial(
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = Endpoint::client(bind)?;
+    let endpoint = endpoint(bind, None, None)?;
     let conn = endpoint
         .connect_with(cc, addr, server_name)?
         .await

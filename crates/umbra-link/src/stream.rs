@@ -181,12 +181,17 @@ impl Drop for SendHalf {
     }
 }
 
+/// Largest single credit request (far above any stream window; keeps h2's u32 arithmetic
+/// safe for huge chunks).
+const MAX_RESERVE: usize = 16 * 1024 * 1024;
+
 /// Sends `b` on an h2 stream within flow control: reserve, wait for credit, send what the
 /// credit allows, repeat. h2 buffers only what was granted, so a slow peer stalls us instead
 /// of growing a buffer.
 async fn h2_send(s: &mut h2::SendStream<Bytes>, mut b: Bytes) -> Result<(), LinkError> {
     while !b.is_empty() {
-        s.reserve_capacity(b.len());
+        // h2 takes the reservation as a u32 window size.
+        s.reserve_capacity(b.len().min(MAX_RESERVE));
         let mut cap = s.capacity();
         while cap == 0 {
             match poll_fn(|cx| s.poll_capacity(cx)).await {

@@ -80,6 +80,21 @@ pub struct LinkConfig {
     pub max_streams: u32,
     /// Most handshakes a [`crate::Listener`] runs at once; further connections wait.
     pub max_pending_handshakes: usize,
+    /// Listener only: the key QUIC stateless resets are derived from. Kept stable across
+    /// restarts (the broker stores it next to its identity), it lets a restarted broker answer
+    /// packets of connections it lost with a reset that peers recognise, so they reconnect at
+    /// once instead of waiting for their idle timeout. `None`: a random key per process.
+    pub reset_key: Option<ResetKey>,
+}
+
+/// Secret for QUIC stateless resets. Debug never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResetKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
 }
 
 impl Default for LinkConfig {
@@ -89,8 +104,11 @@ impl Default for LinkConfig {
             idle_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(5),
             stream_window: 256 * 1024,
-            max_streams: 10_000,
+            // A limit, not an allocation: the connection window bounds what all streams of a
+            // link buffer together.
+            max_streams: 65_536,
             max_pending_handshakes: 256,
+            reset_key: None,
         }
     }
 }

@@ -407,8 +407,9 @@ async fn bad_clients_refused_listener_still_serves(t: Transport) {
 }
 both!(bad_clients_refused_listener_still_serves);
 
-/// 200 TCP connections that send nothing, a few that send garbage, and a burst of UDP
-/// garbage do not keep a valid agent out, on either transport.
+/// 500 TCP connections that send nothing (more than `max_pending_handshakes`), a few that
+/// send garbage, and a burst of UDP garbage do not keep a valid agent out, on either
+/// transport.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_do_not_block_valid_peers() {
     let org = Org::new();
@@ -421,7 +422,7 @@ async fn stalled_handshakes_do_not_block_valid_peers() {
     let udp = listener.quic_addr().unwrap();
 
     let mut stalled = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..500 {
         stalled.push(tokio::net::TcpStream::connect(tcp).await.unwrap());
     }
     for i in 0..20u64 {

@@ -1,0 +1,569 @@
+//! The whole system in one process: a real controller, brokers, a connector, agents' forwards
+//! and a TCP echo target, on loopback with real TLS and real enrollments (see `stack_util`).
+//!
+//! Every refusal is checked next to its legitimate twin in the same deployment, so a case
+//! cannot pass because everything is broken. Data-path cases run once per agent transport
+//! (QUIC, and TLS over TCP): `data_path::quic`, `data_path::tcp`, and so on.
+//!
+//! `RUST_LOG=info cargo test -p umbra --test stack -- --nocapture` shows the components' logs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod stack_util;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+use stack_util::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use umbra_agent::TransportPref;
+use umbra_link::Transport;
+use umbra_pki::TlsIdentity;
+use umbra_proto::{DialCode, Frame, OpenCode, PeerId, Role};
+
+const ALICE: &str = "alice@example.test";
+const BOB: &str = "bob@example.test";
+const CAROL: &str = "carol@example.test";
+/// Published by no one.
+const NOSUCH: &str = "nosuch";
+/// How soon revocations and policy removals must take effect.
+const ENFORCE: Duration = Duration::from_secs(3);
+
+/// Two tests per case function: one per agent transport.
+macro_rules! both_transports {
+    ($case:ident) => {
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                super::$case(super::TransportPref::Quic).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                super::$case(super::TransportPref::Tcp).await
+            }
+        }
+    };
+}
+
+both_transports!(data_path);
+both_transports!(brokers_and_controller_away);
+
+/// One deployment, cases in order from harmless to destructive: allowed bytes, denials, policy
+/// removal, hand-made links (chain lending, garbage frames, foreign CA, forged leaf), device
+/// revocation, connector revocation.
+///
+/// Users: alice and bob forward through their agents; carol's identity is used by hand at
+/// the frame level.
+async fn data_path(t: TransportPref) {
+    init();
+    let lt = link_transport(t);
+    let s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE, BOB, CAROL],
+    })
+    .await;
+    let b0 = &s.brokers[0];
+    let alice = s.forward("alice", t, ECHO).await;
+    let bob = s.forward("bob", t, ECHO).await;
+    let (fa, fb) = (alice.local_addr(), bob.local_addr());
+    poll("alice reaches echo", SOON, || echo_ok(fa)).await;
+    poll("bob reaches echo", SOON, || echo_ok(fb)).await;
+    let carol = s.agent("carol").identity();
+
+    // 1. Allowed: 8 MiB each way, intact; then half-close.
+    let big = pattern(8 << 20);
+    let started = Instant::now();
+    round_trip(fa, &big, Duration::from_secs(60)).await.unwrap();
+    eprintln!("[{t}] 8 MiB each way in {:?}", started.elapsed());
+    half_close(fa).await;
+
+    // 2. Denied (published, no policy) and unknown service: the forward closes without a
+    // byte, the broker answers both with the same Denied, the audit log tells them apart.
+    let secret = s.forward("alice", t, SECRET).await;
+    let nosuch = s.forward("alice", t, NOSUCH).await;
+    refused(secret.local_addr()).await.unwrap();
+    refused(nosuch.local_addr()).await.unwrap();
+    echo_ok(fa).await.unwrap();
+    let link = dial(b0, lt, &carol).await.unwrap();
+    assert_eq!(open_code(&link, SECRET).await.unwrap(), OpenCode::Denied);
+    assert_eq!(open_code(&link, NOSUCH).await.unwrap(), OpenCode::Denied);
+    let (code, mut st) = open(&link, ECHO).await.unwrap();
+    assert_eq!(code, OpenCode::Ok);
+    stream_echo(&mut st, b"carol's twin").await.unwrap();
+    link.close();
+    let carol_device = s.agent("carol").device.clone();
+    poll("deny events in the audit log", SOON, || async {
+        let audit = s.admin.audit().await;
+        let denied = |service: &str, reason: &str| {
+            audit.iter().any(|e| {
+                e["action"] == "stream.open"
+                    && e["result"] == "deny"
+                    && e["target"] == service
+                    && e["detail"]["reason"] == reason
+                    && e["detail"]["device"] == carol_device.as_str()
+            })
+        };
+        if denied(SECRET, "no_permit") && denied(NOSUCH, "unknown_service") {
+            Ok(())
+        } else {
+            Err(format!("{} entries, deny events missing", audit.len()))
+        }
+    })
+    .await;
+    secret.shutdown().await;
+    nosuch.shutdown().await;
+
+    // 4. Policy removed: the live stream is cut, new ones refused; bob unaffected; re-adding
+    // restores access.
+    let live = LiveConn::open(fa).await.unwrap();
+    s.admin.ok("DELETE", "/v1/policies/alice-echo", None).await;
+    live.closed_within(ENFORCE).await.unwrap();
+    poll("alice refused without a policy", ENFORCE, || refused(fa)).await;
+    echo_ok(fb).await.unwrap();
+    s.admin.allow("alice-echo", ALICE, ECHO).await;
+    poll("alice restored by the policy", SOON, || echo_ok(fa)).await;
+
+    // 8. Chain lending: [carol's leaf, the connector's certificate] with carol's key is carol,
+    // an agent: Open works; it is never taken for the connector.
+    let mut lending = carol.clone();
+    let connector_cert =
+        CertificateDer::from_pem_slice(pem(&s.connector_dir, "cert.pem").as_bytes()).unwrap();
+    lending.cert_chain.push(connector_cert);
+    let lend = dial(b0, lt, &lending).await.unwrap();
+    assert!(
+        lend.is_opener(),
+        "the dialer opens streams on an agent link"
+    );
+    let (code, mut st) = open(&lend, ECHO).await.unwrap();
+    assert_eq!(code, OpenCode::Ok);
+    stream_echo(&mut st, b"lent chain, own identity")
+        .await
+        .unwrap();
+
+    // 9. Garbage from an agent closes that link; the broker serves everyone else.
+    let garbage: [(&str, Vec<u8>); 4] = [
+        ("bad version", vec![2, 1, 0, 0]),
+        ("unknown kind 0x7f", vec![0x01, 0x7f, 0, 0]),
+        ("length 0xffff", vec![0x01, 0x01, 0xff, 0xff]),
+        (
+            "a broker-bound reply frame",
+            Frame::DialReply { code: DialCode::Ok }.to_bytes().unwrap(),
+        ),
+    ];
+    for (what, bytes) in garbage {
+        let link = dial(b0, lt, &carol).await.unwrap();
+        ping(&link).await.unwrap();
+        let mut st = link.open().await.unwrap();
+        st.send_chunk(Bytes::from(bytes)).await.unwrap();
+        let closed = tokio::time::timeout(ENFORCE, link.closed()).await;
+        assert!(closed.is_ok(), "[{t}] {what}: the link stayed open");
+    }
+    served(b0, lt, &carol).await.unwrap();
+    echo_ok(fa).await.unwrap();
+
+    // 6. An identity from another CA (same org name, carol's device id) is refused.
+    let foreign = foreign_ca_identity(&s, &s.agent("carol").device);
+    let r = assert_refused(b0, lt, &foreign, "foreign CA").await;
+    eprintln!("[{t}] foreign CA: {r:?}");
+    served(b0, lt, &carol).await.unwrap();
+
+    // 7. A leaf naming the connector, signed with carol's device key (CA:false) and chained
+    // to carol's certificate, is refused.
+    let forged = forged_connector_identity(&s, "carol");
+    let r = assert_refused(b0, lt, &forged, "leaf signed by a device key").await;
+    eprintln!("[{t}] forged leaf: {r:?}");
+    served(b0, lt, &carol).await.unwrap();
+
+    // 3. Device revoked: alice's live stream is cut and her new connections fail within 3 s;
+    // bob keeps working; her identity is turned away at the link.
+    let live = LiveConn::open(fa).await.unwrap();
+    let alice_id = s.agent("alice").identity();
+    s.revoke_device(&s.agent("alice").device).await;
+    live.closed_within(ENFORCE).await.unwrap();
+    poll("alice refused after revocation", ENFORCE, || refused(fa)).await;
+    echo_ok(fb).await.unwrap();
+    let r = assert_refused(b0, lt, &alice_id, "revoked device").await;
+    eprintln!("[{t}] revoked device: {r:?}");
+
+    // 3b. Connector revoked: it stops serving. The lending link is still up and still an
+    // agent: no connector for it either, and no stream ever arrives on it.
+    let mut bob_live = LiveConn::open(fb).await.unwrap();
+    bob_live.echo(b"before").await.unwrap();
+    s.admin
+        .ok(
+            "POST",
+            &format!("/v1/connectors/{}/revoke", s.connector_id),
+            None,
+        )
+        .await;
+    bob_live.closed_within(ENFORCE).await.unwrap();
+    poll("bob refused without a connector", ENFORCE, || refused(fb)).await;
+    let link = dial(b0, lt, &carol).await.unwrap();
+    assert_eq!(open_code(&link, ECHO).await.unwrap(), OpenCode::Unavailable);
+    assert!(!lend.is_closed(), "the lending link was closed");
+    assert_eq!(open_code(&lend, ECHO).await.unwrap(), OpenCode::Unavailable);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), lend.accept())
+            .await
+            .is_err(),
+        "the broker opened a stream toward the lending link"
+    );
+}
+
+/// Writes, reads the echo, writes more, finishes the write half: the rest still comes back,
+/// then EOF.
+async fn half_close(addr: std::net::SocketAddr) {
+    let run = async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"first").await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"first");
+        s.write_all(b"after which I stop").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"after which I stop");
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("half-close round trip");
+}
+
+/// carol's device id in a certificate from a CA of the same name that is not the
+/// organisation's. The broker's own certificate is still verified against the real CA.
+fn foreign_ca_identity(s: &Stack, device: &str) -> TlsIdentity {
+    let now = SystemTime::now();
+    let ca = umbra_pki::Ca::generate("default", now).unwrap();
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let issued = ca
+        .issue(
+            &umbra_pki::IssueRequest {
+                csr_pem: &csr,
+                identity: PeerId::new("default", Role::Agent, device).unwrap(),
+                dns_names: vec![],
+                lifetime: Duration::from_secs(3600),
+            },
+            now,
+            umbra_pki::random_bytes(),
+        )
+        .unwrap();
+    let leaf = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+    TlsIdentity {
+        peer: umbra_pki::peer_cert(&leaf).unwrap(),
+        cert_chain: vec![leaf],
+        key: PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        ca: s.ca.clone(),
+    }
+}
+
+/// A leaf for `umbra://default/connector/<the real connector id>` issued by the agent's own
+/// certificate and key, presented as [forged leaf, agent certificate].
+fn forged_connector_identity(s: &Stack, agent: &str) -> TlsIdentity {
+    let a = s.agent(agent);
+    let device = a.identity();
+    let device_key = KeyPair::from_pem(&pem(&a.dir, "key.pem")).unwrap();
+    let uri = format!("umbra://default/connector/{}", s.connector_id);
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, uri.clone());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(uri.clone().try_into().unwrap())];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    let issuer = Issuer::from_ca_cert_der(&device.cert_chain[0], &device_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    let peer = umbra_pki::peer_cert(leaf.der()).unwrap();
+    assert_eq!(peer.id.to_uri(), uri);
+    TlsIdentity {
+        peer,
+        cert_chain: vec![leaf.der().clone(), device.cert_chain[0].clone()],
+        key: PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).unwrap(),
+        ca: s.ca.clone(),
+    }
+}
+
+/// Two brokers (the second with a 2 s staleness limit). 12: the broker in use goes away and
+/// the next connection goes through the other. 11: the controller goes away; live and new
+/// streams keep working, a broker restarted meanwhile serves from its cached snapshot, and the
+/// 2 s broker turns Stale.
+async fn brokers_and_controller_away(t: TransportPref) {
+    init();
+    let lt = link_transport(t);
+    let mut s = Stack::start(Opts {
+        brokers: vec![86_400, 2],
+        users: vec![ALICE],
+    })
+    .await;
+    let alice_id = s.agent("alice").identity();
+    let fwd = s.forward("alice", t, ECHO).await;
+    let fa = fwd.local_addr();
+    poll("alice reaches echo", SOON, || echo_ok(fa)).await;
+
+    // 12. Failover.
+    let live = LiveConn::open(fa).await.unwrap();
+    let used = poll("the broker carrying the stream", ENFORCE, || async {
+        let carrying: Vec<usize> = (0..s.brokers.len())
+            .filter(|&i| s.brokers[i].running().live_streams() == 1)
+            .collect();
+        match carrying[..] {
+            [i] => Ok(i),
+            _ => Err(format!("{carrying:?}")),
+        }
+    })
+    .await;
+    s.brokers[used].stop().await;
+    live.closed_within(ENFORCE).await.unwrap();
+    let started = Instant::now();
+    poll(
+        "the next connection through the other broker",
+        ENFORCE,
+        || echo_ok(fa),
+    )
+    .await;
+    eprintln!(
+        "[{t}] failover from broker-{used} in {:?}",
+        started.elapsed()
+    );
+    s.brokers[used].start_again().await;
+    {
+        let b = &s.brokers[used];
+        poll("the restarted broker serves", SOON, || {
+            served(b, lt, &alice_id)
+        })
+        .await;
+    }
+
+    // A 2 s staleness limit holds while the controller is up: the broker hears from it more
+    // often than that, also when nothing changes (the pace below is not an assertion).
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        served(&s.brokers[1], lt, &alice_id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // 11. Controller away.
+    let mut live = LiveConn::open(fa).await.unwrap();
+    served(&s.brokers[1], lt, &alice_id).await.unwrap();
+    served(&s.brokers[0], lt, &alice_id).await.unwrap();
+    s.stop_controller().await;
+    live.echo(b"the controller is gone").await.unwrap();
+    echo_ok(fa).await.unwrap();
+
+    s.brokers[0].stop().await;
+    s.brokers[0].start_again().await;
+    {
+        let b = &s.brokers[0];
+        poll("broker restarted without a controller serves", SOON, || {
+            served(b, lt, &alice_id)
+        })
+        .await;
+    }
+    poll("forward works after the restart", SOON, || echo_ok(fa)).await;
+
+    let b1 = &s.brokers[1];
+    poll(
+        "the 2 s broker turns stale",
+        Duration::from_secs(8),
+        || async {
+            let link = dial(b1, lt, &alice_id).await?;
+            let code = open_code(&link, ECHO).await;
+            link.close();
+            match code? {
+                OpenCode::Stale => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    // Its twin with a day of staleness allowed still serves, and the agent goes there.
+    served(&s.brokers[0], lt, &alice_id).await.unwrap();
+    for _ in 0..3 {
+        echo_ok(fa).await.unwrap();
+    }
+}
+
+/// 5. A certificate past its end is refused at the handshake; a fresh one works. The
+/// controller issues 2 s certificates after a restart; the broker keeps its day-long one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate() {
+    init();
+    let mut s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let fresh = s.agent("alice").identity();
+    let short = umbra_controller::ControllerConfig {
+        cert_lifetime_secs: 2,
+        ..s.ctl_cfg.clone()
+    };
+    s.restart_controller(short).await;
+    let dir = s.enroll_agent(ALICE, "short").await.dir.clone();
+    let expired = TlsIdentity::load_dir(&dir).unwrap();
+    let not_after = expired.peer.not_after;
+    assert!(not_after <= SystemTime::now() + Duration::from_secs(3));
+    s.converge().await;
+    poll("the certificate expires", SOON, || async {
+        if SystemTime::now() > not_after + Duration::from_secs(1) {
+            Ok(())
+        } else {
+            Err("still valid".to_string())
+        }
+    })
+    .await;
+    let b0 = &s.brokers[0];
+    for t in [Transport::Quic, Transport::Tls] {
+        let r = assert_refused(b0, t, &expired, "expired certificate").await;
+        eprintln!("[{t:?}] expired: {r:?}");
+        served(b0, t, &fresh).await.unwrap();
+    }
+}
+
+/// 10. 300 TCP connections that never speak and a burst of UDP garbage do not keep a real
+/// agent from a new link and a stream within 2 s, on either transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes() {
+    init();
+    let s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let b0 = &s.brokers[0];
+    let alice = s.agent("alice").identity();
+    served(b0, Transport::Quic, &alice).await.unwrap();
+
+    let mut silent = Vec::with_capacity(300);
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(b0.tcp).await.unwrap());
+    }
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..2_000 {
+        let d: [u8; 1200] = umbra_pki::random_bytes();
+        let len = [1200, 1, 64, 300][i % 4];
+        let _ = udp.send_to(&d[..len], b0.quic).await;
+    }
+
+    for t in [TransportPref::Quic, TransportPref::Tcp] {
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            served(b0, link_transport(t), &alice),
+        )
+        .await;
+        let link_took = started.elapsed();
+        let started = Instant::now();
+        let fwd = tokio::time::timeout(Duration::from_secs(2), async {
+            let f = s.forward("alice", t, ECHO).await;
+            echo_ok(f.local_addr()).await.map(|()| f)
+        })
+        .await;
+        let fwd_took = started.elapsed();
+        eprintln!("[{t}] new link and stream: {link_took:?}; new forward: {fwd_took:?}");
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "[{t}] new link under a handshake flood: {r:?} after {link_took:?}"
+        );
+        assert!(
+            matches!(fwd, Ok(Ok(_))),
+            "[{t}] new forward under a handshake flood: failed after {fwd_took:?}"
+        );
+    }
+    drop(silent);
+}
+
+/// 13. Bad admin requests answer 400 with a reason and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_requests_change_nothing() {
+    init();
+    let s = Stack::controller_only(&[ALICE]).await;
+    s.admin.allow("alice-echo", ALICE, ECHO).await;
+    let policies = s.admin.get("/v1/policies").await;
+    let users = s.admin.get("/v1/users").await;
+    let version = s.controller().snapshot_version();
+    let valid = umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(ALICE.into()), ECHO);
+
+    let cases: [(&str, &str, Value, &str, &str); 4] = [
+        (
+            "Cedar syntax error",
+            "/v1/policies",
+            json!({ "name": "broken", "text": "permit(principal, action, resource" }),
+            "text",
+            "invalid policy",
+        ),
+        (
+            "Cedar schema error",
+            "/v1/policies",
+            json!({ "name": "broken", "text":
+                "permit(principal, action, resource) when { context.nosuch == 1 };" }),
+            "text",
+            "invalid policy",
+        ),
+        (
+            "unknown field in a policy",
+            "/v1/policies",
+            json!({ "name": "another", "text": valid, "colour": "red" }),
+            "colour",
+            "colour",
+        ),
+        (
+            "unknown field in a user",
+            "/v1/users",
+            json!({ "id": "eve@example.test", "groups": [], "admin": true }),
+            "admin",
+            "admin",
+        ),
+    ];
+    for (what, path, body, field, says) in cases {
+        let (status, answer) = s.admin.call("POST", path, Some(body)).await;
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert_eq!(answer["field"], field, "{what}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{what}: {answer}");
+        eprintln!("{what}: {error}");
+    }
+
+    assert_eq!(s.admin.get("/v1/policies").await, policies);
+    assert_eq!(s.admin.get("/v1/users").await, users);
+    assert_eq!(s.controller().snapshot_version(), version);
+
+    // The CLI sees the same list.
+    let dir = s.dir.path();
+    std::fs::write(dir.join("admin.token"), &s.admin_token).unwrap();
+    std::fs::write(dir.join("ca.pem"), s.controller().ca_pem()).unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_umbra"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("UMBRA_") {
+            cmd.env_remove(&k);
+        }
+    }
+    let out = cmd
+        .env("HOME", dir)
+        .args(["admin", "--controller", &s.url, "--token-file"])
+        .arg(dir.join("admin.token"))
+        .arg("--ca-file")
+        .arg(dir.join("ca.pem"))
+        .args(["-o", "json", "policy", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umbra admin policy list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, policies);
+}
