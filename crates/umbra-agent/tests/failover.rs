@@ -137,6 +137,18 @@ async fn serve(mut s: Stream, name: String, silent: Arc<AtomicBool>, opens: Arc<
         }
         Frame::Open { service, .. } => {
             opens.fetch_add(1, Ordering::SeqCst);
+            // `partial`: only broker b-b has a connector for it; `nowhere`: no broker has.
+            let unavailable =
+                (service == "partial" && name != "broker-b-b") || service == "nowhere";
+            if unavailable {
+                let _ = s
+                    .write_frame(&Frame::OpenReply {
+                        code: OpenCode::Unavailable,
+                    })
+                    .await;
+                let _ = s.finish().await;
+                return;
+            }
             if service == "secret" {
                 let _ = s
                     .write_frame(&Frame::OpenReply {
@@ -316,6 +328,42 @@ async fn denial_is_final_and_closes_the_connection() {
         .unwrap();
     let name = served_by(&g).await;
     assert!(name == s.a.name || name == s.b.name);
+    f.shutdown().await;
+    g.shutdown().await;
+}
+
+/// A broker that allows a stream but has no connector link for it (say, it just restarted)
+/// answers `Unavailable`; the agent asks the other brokers once each before giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_tries_the_other_brokers() {
+    let s = setup(TransportPref::Auto).await;
+    let f = Forwarder::start(s.cfg.clone(), "partial", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            served_by(&f).await,
+            s.b.name,
+            "served by the broker with a connector"
+        );
+    }
+    // Nobody can serve it: the connection is closed after one try per broker.
+    let g = Forwarder::start(s.cfg.clone(), "nowhere", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let before = s.a.opens.load(Ordering::SeqCst) + s.b.opens.load(Ordering::SeqCst);
+    let mut tcp = TcpStream::connect(g.local_addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "an unavailable service closes the connection without data"
+    );
+    let after = s.a.opens.load(Ordering::SeqCst) + s.b.opens.load(Ordering::SeqCst);
+    assert_eq!(after - before, 2, "one Open per broker");
     f.shutdown().await;
     g.shutdown().await;
 }
