@@ -217,10 +217,10 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     .await
     .context("connector did not start")?;
 
+    // The full path, so the printed commands work as they are (e.g. after `cargo run`).
     let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "umbra".into());
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "umbra".into());
     let agent_dir = dir.join("agent");
     println!("Umbra quickstart is running. State: {}", dir.display());
     println!("  controller  {url}  (metrics: {url}/metrics)");
