@@ -199,6 +199,10 @@ const RENEW_RETRY_CAP: Duration = Duration::from_secs(300);
 /// Longest single sleep while waiting for the renewal time: wall-clock time jumps (suspend,
 /// clock corrections) are noticed at least this often.
 const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(600);
+/// Least time between two successful renewals. Certificates start a minute before they are
+/// issued (clock skew), so with a lifetime under a minute or so the renewal time of a fresh
+/// certificate is already past: without this floor such a peer would renew in a tight loop.
+const MIN_RENEW_GAP: Duration = Duration::from_secs(30);
 
 /// Starts a background task that renews the identity in `dir` at [`renew_at`] (retrying with
 /// backoff on failure) and publishes each new identity on the returned channel, which starts
@@ -258,6 +262,7 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
         if tx.send(fresh).is_err() {
             return;
         }
+        tokio::time::sleep(MIN_RENEW_GAP).await;
     }
 }
 
