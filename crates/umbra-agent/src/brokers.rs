@@ -6,12 +6,11 @@
 //! stream, and takes the median time to the `Pong` as the broker's round trip time.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
-use umbra_link::{Link, LinkConfig, LinkError, Transport};
+use umbra_link::{Link, LinkConfig, LinkError};
 use umbra_pki::TlsIdentity;
 use umbra_proto::Frame;
 use umbra_proto::api::BrokerInfo;
@@ -148,20 +147,14 @@ pub(crate) async fn probe_all(
 /// Why a broker could not be measured or reached.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProbeError {
-    #[error("no address for any allowed transport")]
-    NoAddress,
-    #[error("cannot resolve {0}")]
-    Resolve(String),
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] umbra_pki::PkiError),
+    #[error(transparent)]
+    Dial(#[from] umbra_link::DialBrokerError),
     #[error("{transport}: {source}")]
     Link {
         transport: &'static str,
         #[source]
         source: LinkError,
     },
-    #[error("{0}: no handshake within the connect timeout")]
-    ConnectTimeout(&'static str),
     #[error("no pong within the open timeout")]
     PingTimeout,
     #[error("unexpected answer to a ping: {0}")]
@@ -227,61 +220,14 @@ pub(crate) async fn dial(
         handshake_timeout: cfg.connect_timeout(),
         ..LinkConfig::default()
     };
-    let mut last = ProbeError::NoAddress;
-    for &transport in cfg.transport.order() {
-        let addr = match transport {
-            Transport::Quic => broker.quic_addr.as_deref(),
-            Transport::Tls => broker.tcp_addr.as_deref(),
-        };
-        let Some(addr) = addr else { continue };
-        let addr = match resolve(addr).await {
-            Ok(a) => a,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        let tls = umbra_pki::client_config(
-            &identity.ca,
-            Some(identity),
-            &[umbra_link::ALPN],
-            transport == Transport::Quic,
-        )?;
-        let r = tokio::time::timeout(
-            cfg.connect_timeout(),
-            umbra_link::dial(
-                addr,
-                &broker.server_name,
-                transport,
-                Arc::new(tls),
-                &link_cfg,
-            ),
-        )
-        .await;
-        match r {
-            Ok(Ok(link)) => return Ok(link),
-            Ok(Err(source)) => {
-                tracing::debug!(broker = %broker.name, transport = transport.as_str(), error = %source, "dial failed");
-                last = ProbeError::Link {
-                    transport: transport.as_str(),
-                    source,
-                };
-            }
-            Err(_) => last = ProbeError::ConnectTimeout(transport.as_str()),
-        }
-    }
-    Err(last)
-}
-
-async fn resolve(hostport: &str) -> Result<SocketAddr, ProbeError> {
-    if let Ok(a) = hostport.parse() {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(hostport)
-        .await
-        .ok()
-        .and_then(|mut it| it.next())
-        .ok_or_else(|| ProbeError::Resolve(hostport.to_owned()))
+    Ok(umbra_link::dial_broker(
+        broker,
+        cfg.transport,
+        identity,
+        &link_cfg,
+        cfg.connect_timeout(),
+    )
+    .await?)
 }
 
 #[cfg(test)]

@@ -1,71 +1,11 @@
 //! The agent's configuration: parsed with serde (unknown keys are errors), defaults for
 //! everything, and [`AgentConfig::validate`] naming the field at fault.
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use umbra_link::Transport;
-
-/// Which transports to try when dialing a broker.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportPref {
-    /// QUIC first, then TLS over TCP when QUIC fails (UDP blocked).
-    #[default]
-    Auto,
-    /// QUIC only.
-    Quic,
-    /// TLS over TCP only.
-    Tcp,
-}
-
-impl TransportPref {
-    /// The transports to try, in order.
-    pub fn order(self) -> &'static [Transport] {
-        match self {
-            TransportPref::Auto => &[Transport::Quic, Transport::Tls],
-            TransportPref::Quic => &[Transport::Quic],
-            TransportPref::Tcp => &[Transport::Tls],
-        }
-    }
-}
-
-impl TransportPref {
-    /// The name used in configuration and flags.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportPref::Auto => "auto",
-            TransportPref::Quic => "quic",
-            TransportPref::Tcp => "tcp",
-        }
-    }
-}
-
-impl fmt::Display for TransportPref {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that names no transport preference.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown transport {0:?} (expected \"auto\", \"quic\" or \"tcp\")")]
-pub struct UnknownTransportPref(pub String);
-
-impl FromStr for TransportPref {
-    type Err = UnknownTransportPref;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(TransportPref::Auto),
-            "quic" => Ok(TransportPref::Quic),
-            "tcp" => Ok(TransportPref::Tcp),
-            other => Err(UnknownTransportPref(other.to_owned())),
-        }
-    }
-}
+pub use umbra_link::{TransportPref, UnknownTransportPref};
 
 /// Configuration of an agent: the top-level keys of the TOML file given to `umbra agent --config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,25 +91,6 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transport_pref_parses_and_prints() {
-        for t in [TransportPref::Auto, TransportPref::Quic, TransportPref::Tcp] {
-            assert_eq!(t.to_string().parse::<TransportPref>(), Ok(t));
-        }
-        assert!("udp".parse::<TransportPref>().is_err());
-        assert!("QUIC".parse::<TransportPref>().is_err());
-    }
-
-    #[test]
-    fn transport_order() {
-        assert_eq!(
-            TransportPref::Auto.order(),
-            &[Transport::Quic, Transport::Tls]
-        );
-        assert_eq!(TransportPref::Tcp.order(), &[Transport::Tls]);
-        assert_eq!(TransportPref::Quic.order(), &[Transport::Quic]);
-    }
 
     #[test]
     fn defaults() {

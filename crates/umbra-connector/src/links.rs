@@ -7,7 +7,6 @@
 //! certificate renewal takes effect at the next (re)connect.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use umbra_link::backoff::Backoff;
-use umbra_link::{Link, LinkConfig, LinkError, Transport};
+use umbra_link::{Link, LinkConfig};
 use umbra_proto::api::BrokerInfo;
 
 use crate::config::ConnectorConfig;
@@ -172,86 +171,16 @@ async fn serve_link(ctx: &LinkCtx, link: &Link, broker: &Arc<str>, cancel: &Canc
     }
 }
 
-/// Why no link to a broker came up.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum DialError {
-    #[error("broker lists no address for any allowed transport")]
-    NoAddress,
-    #[error("cannot resolve {0}")]
-    Resolve(String),
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] umbra_pki::PkiError),
-    #[error("{transport}: {source}")]
-    Link {
-        transport: &'static str,
-        #[source]
-        source: LinkError,
-    },
-    #[error("{0}: handshake timed out")]
-    Timeout(&'static str),
-}
-
-/// Tries the allowed transports in order; the last failure is returned.
-async fn dial_broker(ctx: &LinkCtx, broker: &BrokerInfo) -> Result<Link, DialError> {
+/// Tries the allowed transports in order with the current identity.
+async fn dial_broker(
+    ctx: &LinkCtx,
+    broker: &BrokerInfo,
+) -> Result<Link, umbra_link::DialBrokerError> {
     let identity = ctx.identity.borrow().clone();
-    let mut last = DialError::NoAddress;
-    for &transport in ctx.cfg.transport.order() {
-        let addr = match transport {
-            Transport::Quic => broker.quic_addr.as_deref(),
-            Transport::Tls => broker.tcp_addr.as_deref(),
-        };
-        let Some(addr) = addr else { continue };
-        let addr = match resolve(addr).await {
-            Ok(a) => a,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        let tls = umbra_pki::client_config(
-            &identity.ca,
-            Some(&identity),
-            &[umbra_link::ALPN],
-            transport == Transport::Quic,
-        )?;
-        // The link bounds its own handshake; this outer bound only guards against a dial that
-        // never returns.
-        let bound = ctx.link_cfg.handshake_timeout + Duration::from_secs(1);
-        let r = tokio::time::timeout(
-            bound,
-            umbra_link::dial(
-                addr,
-                &broker.server_name,
-                transport,
-                Arc::new(tls),
-                &ctx.link_cfg,
-            ),
-        )
-        .await;
-        match r {
-            Ok(Ok(link)) => return Ok(link),
-            Ok(Err(source)) => {
-                tracing::debug!(transport = transport.as_str(), error = %source, "dial failed");
-                last = DialError::Link {
-                    transport: transport.as_str(),
-                    source,
-                };
-            }
-            Err(_) => last = DialError::Timeout(transport.as_str()),
-        }
-    }
-    Err(last)
-}
-
-async fn resolve(hostport: &str) -> Result<SocketAddr, DialError> {
-    if let Ok(a) = hostport.parse() {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(hostport)
-        .await
-        .ok()
-        .and_then(|mut it| it.next())
-        .ok_or_else(|| DialError::Resolve(hostport.to_owned()))
+    // The link bounds its own handshake; this outer bound only guards against a dial that
+    // never returns.
+    let bound = ctx.link_cfg.handshake_timeout + Duration::from_secs(1);
+    umbra_link::dial_broker(broker, ctx.cfg.transport, &identity, &ctx.link_cfg, bound).await
 }
 
 #[cfg(test)]

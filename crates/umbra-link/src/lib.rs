@@ -22,6 +22,7 @@
 //! `umbra_link_handshake_failures_total`, `umbra_relay_bytes_total`).
 
 pub mod backoff;
+mod broker;
 mod control;
 pub mod enroll;
 mod error;
@@ -35,6 +36,7 @@ mod telemetry;
 mod tls;
 mod transport;
 
+pub use broker::{DialBrokerError, TransportPref, UnknownTransportPref, dial_broker};
 pub use control::{ControllerClient, fetch_pinned_ca};
 pub use error::LinkError;
 pub use link::{Link, Listener, dial};

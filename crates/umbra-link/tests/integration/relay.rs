@@ -38,25 +38,6 @@ struct Chain {
     _links: Vec<Link>,
 }
 
-/// A TCP server that reads until EOF, then closes (the throughput benchmark's target).
-async fn sink_server() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    a
-}
-
 /// Broker, connector and agent wired together over transport `t`; `idle` for every relay.
 async fn chain(t: Transport, idle: Duration) -> Chain {
     chain_to(t, idle, echo_server().await).await
@@ -295,39 +276,5 @@ async fn relay_tcp_reports_idle_timeout() {
         let e = soon("peer sees reset", peer.recv_chunk()).await;
         assert!(matches!(e, Err(LinkError::StreamReset(_))), "{t}: {e:?}");
         drop(client);
-    }
-}
-
-/// Throughput of the chain, one direction (client -> sink). Run with
-/// `cargo test -p umbra-link --release -- --ignored --nocapture throughput`.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "benchmark"]
-async fn throughput() {
-    const TOTAL: usize = 2 << 30;
-    // UMBRA_BENCH_TRANSPORT=tcp|quic measures one transport only.
-    let only = std::env::var("UMBRA_BENCH_TRANSPORT").ok();
-    for t in [Transport::Tls, Transport::Quic] {
-        if only.as_deref().is_some_and(|o| o != t.as_str()) {
-            continue;
-        }
-        let c = chain_to(t, Duration::from_secs(30), sink_server().await).await;
-        let block = vec![0x5au8; 256 * 1024];
-        let mut tcp = TcpStream::connect(c.entry).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let start = std::time::Instant::now();
-        let mut sent = 0;
-        while sent < TOTAL {
-            tcp.write_all(&block).await.unwrap();
-            sent += block.len();
-        }
-        tcp.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        let _ = tcp.read_to_end(&mut rest).await;
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "{t}: {} MiB in {secs:.2} s = {:.2} Gbit/s",
-            TOTAL >> 20,
-            TOTAL as f64 * 8.0 / secs / 1e9
-        );
     }
 }

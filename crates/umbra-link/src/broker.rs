@@ -1,0 +1,214 @@
+//! Dialing a broker as the controller lists it: its addresses and server name, with the
+//! transports a peer allows tried in order (QUIC first, TLS over TCP where UDP is blocked).
+//! Shared by agents and connectors.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use umbra_pki::TlsIdentity;
+use umbra_proto::api::BrokerInfo;
+
+use crate::{Link, LinkConfig, LinkError, Transport};
+
+/// Which transports to try when dialing a broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportPref {
+    /// QUIC first, then TLS over TCP when QUIC fails (UDP blocked).
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only.
+    Tcp,
+}
+
+impl TransportPref {
+    /// The transports to try, in order.
+    pub fn order(self) -> &'static [Transport] {
+        match self {
+            TransportPref::Auto => &[Transport::Quic, Transport::Tls],
+            TransportPref::Quic => &[Transport::Quic],
+            TransportPref::Tcp => &[Transport::Tls],
+        }
+    }
+}
+
+impl TransportPref {
+    /// The name used in configuration and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportPref::Auto => "auto",
+            TransportPref::Quic => "quic",
+            TransportPref::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for TransportPref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no transport preference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport {0:?} (expected \"auto\", \"quic\" or \"tcp\")")]
+pub struct UnknownTransportPref(pub String);
+
+impl FromStr for TransportPref {
+    type Err = UnknownTransportPref;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TransportPref::Auto),
+            "quic" => Ok(TransportPref::Quic),
+            "tcp" => Ok(TransportPref::Tcp),
+            other => Err(UnknownTransportPref(other.to_owned())),
+        }
+    }
+}
+
+/// Why no link to a broker came up.
+#[derive(Debug, thiserror::Error)]
+pub enum DialBrokerError {
+    #[error("broker lists no address for any allowed transport")]
+    NoAddress,
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] umbra_pki::PkiError),
+    #[error("{transport}: {source}")]
+    Link {
+        transport: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("{0}: no handshake in time")]
+    Timeout(&'static str),
+}
+
+/// Dials `broker` presenting `identity`, trying the transports `pref` allows in order, each
+/// bounded by `bound`; the last failure is returned. QUIC offers only the post-quantum hybrid
+/// key exchange (every broker speaks it); TLS over TCP offers it first.
+pub async fn dial_broker(
+    broker: &BrokerInfo,
+    pref: TransportPref,
+    identity: &TlsIdentity,
+    link_cfg: &LinkConfig,
+    bound: Duration,
+) -> Result<Link, DialBrokerError> {
+    let mut last = DialBrokerError::NoAddress;
+    for &transport in pref.order() {
+        let addr = match transport {
+            Transport::Quic => broker.quic_addr.as_deref(),
+            Transport::Tls => broker.tcp_addr.as_deref(),
+        };
+        let Some(addr) = addr else { continue };
+        let addr = match resolve(addr).await {
+            Ok(a) => a,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let tls = umbra_pki::client_config(
+            &identity.ca,
+            Some(identity),
+            &[crate::ALPN],
+            transport == Transport::Quic,
+        )?;
+        let r = tokio::time::timeout(
+            bound,
+            crate::dial(
+                addr,
+                &broker.server_name,
+                transport,
+                Arc::new(tls),
+                link_cfg,
+            ),
+        )
+        .await;
+        match r {
+            Ok(Ok(link)) => return Ok(link),
+            Ok(Err(source)) => {
+                tracing::debug!(broker = %broker.name, transport = transport.as_str(), error = %source, "dial failed");
+                last = DialBrokerError::Link {
+                    transport: transport.as_str(),
+                    source,
+                };
+            }
+            Err(_) => last = DialBrokerError::Timeout(transport.as_str()),
+        }
+    }
+    Err(last)
+}
+
+async fn resolve(hostport: &str) -> Result<SocketAddr, DialBrokerError> {
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(hostport)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| DialBrokerError::Resolve(hostport.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preference_names_and_order() {
+        for p in [TransportPref::Auto, TransportPref::Quic, TransportPref::Tcp] {
+            assert_eq!(p.as_str().parse::<TransportPref>(), Ok(p));
+        }
+        assert!("udp".parse::<TransportPref>().is_err());
+        assert_eq!(
+            TransportPref::Auto.order(),
+            &[Transport::Quic, Transport::Tls]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_without_addresses_is_an_error() {
+        umbra_pki::install_crypto_provider();
+        let b = BrokerInfo {
+            id: "b".into(),
+            name: "b".into(),
+            quic_addr: None,
+            tcp_addr: None,
+            server_name: "b.broker.umbra.internal".into(),
+        };
+        let ca = umbra_pki::Ca::generate("default", std::time::SystemTime::now()).unwrap();
+        let key = umbra_pki::generate_key_pem().unwrap();
+        let csr = umbra_pki::make_csr(&key).unwrap();
+        let issued = ca
+            .issue(
+                &umbra_pki::IssueRequest {
+                    csr_pem: &csr,
+                    identity: umbra_proto::PeerId::new("default", umbra_proto::Role::Agent, "d1")
+                        .unwrap(),
+                    dns_names: vec![],
+                    lifetime: Duration::from_secs(60),
+                },
+                std::time::SystemTime::now(),
+                umbra_pki::random_bytes(),
+            )
+            .unwrap();
+        let id = TlsIdentity::from_pem(&issued.cert_pem, &key, ca.cert_pem()).unwrap();
+        let r = dial_broker(
+            &b,
+            TransportPref::Auto,
+            &id,
+            &LinkConfig::default(),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(r, Err(DialBrokerError::NoAddress)));
+    }
+}
