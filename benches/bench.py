@@ -35,6 +35,7 @@ HOST = "127.0.0.1"
 USER = "bench@example.test"
 BROKER = "bench-broker"
 TRANSPORTS = ("quic", "tcp")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVICES = ("iperf", "echo", "idle")
 
 # ----------------------------------------------------------------------------- processes
@@ -144,6 +145,25 @@ class Ports:
         return self.n
 
 
+def cpu_s(pid):
+    """CPU seconds used by PID so far, user + system, including reaped children (socat forks
+    one child per connection)."""
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in f[11:15]) / CLK_TCK
+    except OSError:
+        return None
+
+
+def cpu_snapshot(pids):
+    return {n: cpu_s(p) for n, p in pids.items()}
+
+
+def cpu_delta(before, after):
+    return {n: (after[n] - before[n]) if after.get(n) is not None and before.get(n) is not None
+            else None for n in before}
+
+
 def rss_kib(pid):
     """VmRSS of PID in KiB (from /proc/PID/status)."""
     with open(f"/proc/{pid}/status") as f:
@@ -184,19 +204,25 @@ def metric(port, name, **labels):
 # ----------------------------------------------------------------------------- CPU contention
 
 class Contention:
-    """Samples, once a second, whether someone else's build (rustc) or test binary is running,
-    and the 1-minute load average. Rounds record whether they overlapped any of it."""
+    """Watches for other people's work on this shared machine, once a second: whether a
+    `rustc` or a test binary runs, and how much CPU every process outside this benchmark uses
+    ("foreign" CPU: any process whose process group is not one this script started; kernel
+    threads are left out). Rounds record both."""
 
     PATTERNS = (["pgrep", "-x", "rustc"], ["pgrep", "-f", r"target/(debug|release)/deps/"])
+    BUSY_CORES = 0.10  # average foreign CPU above this flags a round
 
     def __init__(self):
-        self.busy_since_mark = False
         self.lock = threading.Lock()
         self.stopped = False
+        self.build_seen = False
+        self.foreign_ticks = 0
+        self.since = time.time()
+        self.recent = []  # (time, foreign cores over the last second)
         threading.Thread(target=self.loop, daemon=True).start()
 
     @classmethod
-    def busy_now(cls):
+    def build_running(cls):
         for cmd in cls.PATTERNS:
             try:
                 if run(cmd, 5).stdout.strip():
@@ -205,31 +231,70 @@ class Contention:
                 pass
         return False
 
+    @staticmethod
+    def scan():
+        out = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid, ppid, pgrp = int(name), int(rest[1]), int(rest[2])
+            if pid == 2 or ppid == 2:
+                continue
+            out[pid] = (pgrp, int(rest[11]) + int(rest[12]))
+        return out
+
     def loop(self):
+        prev = self.scan()
         while not self.stopped:
-            if self.busy_now():
-                with self.lock:
-                    self.busy_since_mark = True
             time.sleep(1.0)
+            mine = {p.pid for _, p in PROCS} | {os.getpgid(0)}
+            now = self.scan()
+            ticks = 0
+            for pid, (pgrp, t) in now.items():
+                if pgrp in mine:
+                    continue
+                before = prev.get(pid)
+                ticks += t - before[1] if before else t
+            prev = now
+            build = self.build_running()
+            with self.lock:
+                self.foreign_ticks += max(ticks, 0)
+                self.build_seen |= build
+                self.recent = (self.recent + [(time.time(), ticks / CLK_TCK)])[-10:]
 
     def mark(self):
-        """Returns whether anything was busy since the previous mark, and resets."""
+        """Since the previous mark: (whether it was busy, average foreign CPU in cores,
+        whether a build ran). Resets."""
         with self.lock:
-            b, self.busy_since_mark = self.busy_since_mark, False
-        return b
+            el = max(time.time() - self.since, 1e-3)
+            cores = self.foreign_ticks / CLK_TCK / el
+            build = self.build_seen
+            self.foreign_ticks, self.build_seen, self.since = 0, False, time.time()
+        return build or cores > self.BUSY_CORES, round(cores, 3), build
+
+    def quiet_now(self):
+        with self.lock:
+            last = [c for t, c in self.recent if time.time() - t < 4]
+        return not self.build_running() and (not last or max(last) < 0.2)
 
     def wait_quiet(self, max_wait):
-        """Waits (up to MAX_WAIT s) until no build runs; returns seconds waited, and whether
-        it is quiet now."""
+        """Waits (up to MAX_WAIT s) until no build runs and other processes use < 0.2 cores;
+        returns seconds waited, and whether it is quiet now."""
         t0 = time.time()
+        time.sleep(2)  # let the sampler see a couple of seconds
         announced = False
-        while self.busy_now():
+        while not self.quiet_now():
             if time.time() - t0 > max_wait:
                 return time.time() - t0, False
             if not announced:
-                log(f"    someone else's build/test is running; waiting up to {max_wait}s")
+                log(f"    other work is running on this machine; waiting up to {max_wait}s")
                 announced = True
-            time.sleep(5)
+            time.sleep(3)
         return time.time() - t0, True
 
 
@@ -251,7 +316,8 @@ def iperf(port, secs):
         if "error" in j:
             log(f"    iperf3 error on port {port}: {j['error']}")
             return None
-        return j["end"]["sum_received"]["bits_per_second"] / 1e9
+        return {"gbps": j["end"]["sum_received"]["bits_per_second"] / 1e9,
+                "bytes": j["end"]["sum_received"]["bytes"]}
     except Exception as e:  # noqa: BLE001
         log(f"    iperf3 failed on port {port}: {e}")
         return None
@@ -324,7 +390,7 @@ def socat_tls_chain(d, ports, target, tag):
     procs = [start(f"socat-{r}-{tag}", ["socat", "-b16384", a, b], d) for r, a, b in specs]
     for p in (h1, h2, h3):
         wait_port(p, procs=procs)
-    return h1
+    return h1, {r: p.pid for (r, _, _), p in zip(specs, procs)}
 
 
 # ----------------------------------------------------------------------------- Umbra deployment
@@ -598,7 +664,9 @@ def main():
     # --- socat b2
     log("starting socat b2 chains (3 relays, 2 mTLS hops) ...")
     make_pki(d)
-    socat = {s: socat_tls_chain(d, ports, targets[s], s) for s in SERVICES}
+    socat, socat_pids = {}, {}
+    for s in SERVICES:
+        socat[s], socat_pids[s] = socat_tls_chain(d, ports, targets[s], s)
 
     # --- Umbra
     log(f"starting Umbra ({args.umbra}) ...")
@@ -651,10 +719,23 @@ def main():
         time.sleep(args.hold)
         return
 
+    # Processes of each path, for CPU accounting (the broker serves both Umbra paths, but only
+    # one path carries traffic at a time).
+    def chain(sid, svc):
+        if sid.startswith("umbra"):
+            t = sid.split("-")[1]
+            return {"agent": u.agents[(t, svc)][0].pid, "broker": u.broker.pid,
+                    "connector": u.connectors[t].pid}
+        if sid == "socat-b2":
+            return dict(socat_pids[svc])
+        return {}
+
     # --- rounds
     tput = {s[0]: [] for s in scen}
+    tput_cpu = {s[0]: [] for s in scen}   # per run: {component: ns per byte}
     lat = {s[0]: [] for s in scen}
     setup = {s[0]: [] for s in scen}
+    setup_cpu = {s[0]: [] for s in scen}  # per run: {component: µs per new connection}
     hs = {s[0]: [] for s in scen}
     rounds = []
     log(f"\n[1-3] throughput, round trip, stream setup: {args.runs} interleaved rounds")
@@ -664,21 +745,47 @@ def main():
         load0 = loadavg()
         order = scen[r % len(scen):] + scen[:r % len(scen)]
         for sid, _, ti, _, _ in order:
-            tput[sid].append(iperf(ti, args.secs))
+            pids = chain(sid, "iperf")
+            c0 = cpu_snapshot(pids)
+            res_i = iperf(ti, args.secs)
+            time.sleep(0.3)  # let socat's per-connection children be reaped
+            dc = cpu_delta(c0, cpu_snapshot(pids))
+            tput[sid].append(res_i["gbps"] if res_i else None)
+            tput_cpu[sid].append({n: v / res_i["bytes"] * 1e9 for n, v in dc.items()
+                                  if v is not None} if res_i and res_i["bytes"] else None)
         for sid, _, _, te, _ in order:
             lat[sid].append(rtt(te, args.rtt_count))
         for sid, _, _, _, tsu in order:
+            pids = chain(sid, "idle")
             h0 = u.handshakes() if sid.startswith("umbra") else None
-            setup[sid].append(setup_time(tsu, args.setup_count))
+            c0 = cpu_snapshot(pids)
+            st = setup_time(tsu, args.setup_count)
+            time.sleep(0.3)
+            dc = cpu_delta(c0, cpu_snapshot(pids))
             h1 = u.handshakes() if sid.startswith("umbra") else None
+            setup[sid].append(st)
+            conns = (st["n"] + st["failed"] + 20) if st else 0  # 20 warm-up connections
+            setup_cpu[sid].append({n: v / conns * 1e6 for n, v in dc.items() if v is not None}
+                                  if conns else None)
             hs[sid].append(h1 - h0 if h0 is not None and h1 is not None else None)
-        busy = contention.mark() or not quiet
+        busy, foreign, build = contention.mark()
+        busy = busy or not quiet
         rounds.append({"round": r + 1, "order": [s[0] for s in order], "waited_s": round(waited),
-                       "other_builds_running": busy, "load1_start": load0,
-                       "load1_end": loadavg()})
-        line = "  ".join(f"{sid} {tput[sid][-1] or 0:.2f}G/{(lat[sid][-1] or {}).get('p50_us', 0):.0f}µs"
+                       "other_work_running": busy, "foreign_cpu_cores": foreign,
+                       "build_seen": build, "load1_start": load0, "load1_end": loadavg()})
+        line = "  ".join(f"{sid} {tput[sid][-1] or 0:.2f}G/"
+                         f"{(lat[sid][-1] or {}).get('p50_us', 0):.0f}µs/"
+                         f"{(setup[sid][-1] or {}).get('p50_us', 0):.0f}µs"
                          for sid, *_ in scen)
-        log(f"    round {r + 1}/{args.runs}{' (other builds running)' if busy else ''}: {line}")
+        log(f"    round {r + 1}/{args.runs}"
+            f"{f' (other work running: {foreign:.2f} cores, build {build})' if busy else ''}: "
+            f"Gbit/s / RTT p50 / setup p50: {line}")
+
+    def per_component(runs):
+        names = sorted({n for x in runs if x for n in x})
+        out = {n: summary([x.get(n) if x else None for x in runs]) for n in names}
+        out["total"] = summary([sum(x.values()) if x else None for x in runs])
+        return out
 
     res = {"meta": meta, "rounds": rounds, "scenarios": {}}
     for sid, label, *_ in scen:
@@ -691,7 +798,10 @@ def main():
             "setup_p99_us": summary([x["p99_us"] if x else None for x in setup[sid]]),
             "setup_failed_connections": sum((x or {}).get("failed", 0) for x in setup[sid]),
             "setup_link_handshakes": hs[sid] if sid.startswith("umbra") else None,
-            "raw": {"gbps": tput[sid], "rtt": lat[sid], "setup": setup[sid]},
+            "cpu_ns_per_byte": per_component(tput_cpu[sid]) if sid != "direct" else None,
+            "cpu_us_per_new_stream": per_component(setup_cpu[sid]) if sid != "direct" else None,
+            "raw": {"gbps": tput[sid], "rtt": lat[sid], "setup": setup[sid],
+                    "cpu_ns_per_byte": tput_cpu[sid], "cpu_us_per_new_stream": setup_cpu[sid]},
         }
         if sid != "socat-b2":
             res["scenarios"][sid]["vs_socat"] = {
@@ -717,7 +827,9 @@ def main():
             except Exception as e:  # noqa: BLE001
                 log(f"    memory test over {t} failed: {e}")
                 res["memory"][t] = {"error": str(e)}
-            res["memory"][t]["other_builds_running"] = contention.mark() or not quiet
+            busy, foreign, build = contention.mark()
+            res["memory"][t].update(other_work_running=busy or not quiet,
+                                    foreign_cpu_cores=foreign, build_seen=build)
 
     contention.stopped = True
     meta["elapsed_s"] = round(time.time() - t_start, 1)
@@ -840,14 +952,17 @@ def write_results(res, args):
              f"Loopback only. {args.runs} interleaved rounds, iperf3 {args.secs} s, "
              f"{args.rtt_count} ping-pongs, {args.setup_count} new connections per setup run; "
              f"took {meta['elapsed_s']:.0f} s.\n")
-    busy = [r["round"] for r in res["rounds"] if r["other_builds_running"]]
-    mem_busy = [t for t, m in res.get("memory", {}).items() if m.get("other_builds_running")]
+    busy = [r["round"] for r in res["rounds"] if r["other_work_running"]]
+    mem_busy = [t for t, m in res.get("memory", {}).items() if m.get("other_work_running")]
+    fc = ", ".join(f"{r['foreign_cpu_cores']:.2f}" for r in res["rounds"])
     if busy or mem_busy:
-        L.append(f"**CPU contention:** other people's builds/tests were running during round(s) "
-                 f"{busy or '-'} and memory test(s) {mem_busy or '-'}; read those numbers with "
-                 f"care (the interleaving spreads the effect over every scenario).\n")
+        L.append(f"**CPU contention:** other work ran on this machine during round(s) "
+                 f"{busy or '-'} and memory test(s) {mem_busy or '-'} (CPU used by processes "
+                 f"outside this benchmark, per round, in cores: {fc}). Read those numbers "
+                 f"with care: the interleaving spreads the effect over every scenario.\n")
     else:
-        L.append("No other build or test binary was seen running during the measurements.\n")
+        L.append(f"No other build, test or busy process was seen during the measurements "
+                 f"(CPU used outside this benchmark, per round, in cores: {fc}).\n")
 
     L.append(f"## One TCP stream: throughput and 1-byte round trip (median [min–max] of "
              f"{args.runs} rounds)\n")
@@ -879,6 +994,28 @@ def write_results(res, args):
             hs_txt = "—"
         L.append(f"| {s['label']} | {fmt(s['setup_p50_us'])} | {fmt(s['setup_p99_us'])} | "
                  f"{add} | {hs_txt} | {s['setup_failed_connections']} |")
+    L.append("")
+
+    L.append("## CPU cost by component (median [min–max] over rounds)\n")
+    L.append("CPU time (user + system, from /proc/PID/stat) of each relay process while it "
+             "carried the iperf3 run, per byte received; and during the setup runs, per new "
+             "connection. socat counts its per-connection children (TLS handshakes included).\n")
+    L.append("| path | agent | broker | connector | total |")
+    L.append("|---|---|---|---|---|")
+    for sid, s in sc.items():
+        c = s.get("cpu_ns_per_byte")
+        if not c:
+            continue
+        L.append(f"| {s['label']}: ns per byte | " + " | ".join(
+            fmt(c.get(n), 3) if c.get(n) else "—" for n in ("agent", "broker", "connector",
+                                                            "total")) + " |")
+    for sid, s in sc.items():
+        c = s.get("cpu_us_per_new_stream")
+        if not c:
+            continue
+        L.append(f"| {s['label']}: µs per new connection | " + " | ".join(
+            fmt(c.get(n), 3) if c.get(n) else "—" for n in ("agent", "broker", "connector",
+                                                            "total")) + " |")
     L.append("")
 
     mem = res.get("memory", {})
