@@ -709,7 +709,9 @@ mod tests {
     fn dates() {
         assert_eq!(super::ts(0), "-");
         assert_eq!(super::ts(1_000_000_000), "2001-09-09T01:46:40Z");
-        assert_eq!(super::ts(1_795_000_000), "2026-11-19T09:46:40Z");
+        assert_eq!(super::ts(1_795_000_000), "2026-11-18T11:06:40Z");
+        // A leap day.
+        assert_eq!(super::ts(951_868_799), "2000-02-29T23:59:59Z");
     }
 
     #[test]
