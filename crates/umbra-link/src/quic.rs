@@ -25,12 +25,6 @@ use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
 
 fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportConfig, LinkError> {
     let mut t = TransportConfig::default();
-    // Path MTU discovery may search up to the largest UDP payload: it settles on what the path
-    // carries (1500-byte Ethernet, jumbo frames, 64 KiB loopback), and every byte of MTU gained
-    // saves per-packet work (crypto, headers, syscalls). Probes that are too big are just lost.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(u16::MAX);
-    t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(VarInt::from_u32(cfg.stream_window))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
