@@ -268,7 +268,8 @@ async fn open(
     {
         return;
     }
-    info!(service, connector = %via.peer, "stream open");
+    // The audit event above already says who, what and why; this is for tracing.
+    debug!(service, connector = %via.peer, "stream open");
     let entry = Arc::new(LiveEntry {
         id,
         device: device.to_owned(),
