@@ -2,6 +2,9 @@
 //! that name what is wrong, and `umbra quickstart` end to end on loopback (start, the printed
 //! next step works, Ctrl-C exits cleanly, a second run resumes the same state).
 
+// Test code: a failed expectation is the test failing, with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;
@@ -380,16 +383,15 @@ impl Quickstart {
     fn next_steps(&mut self) -> Vec<String> {
         let r = poll(Duration::from_secs(60), || {
             let text = self.proc.stdout_text();
-            if text.contains("Next, in another terminal") {
-                if let Some(line) = text
+            if text.contains("Next, in another terminal")
+                && let Some(line) = text
                     .lines()
                     .find(|l| l.contains(" agent --dir ") && l.contains(" forward demo"))
-                {
-                    return Ok(line
-                        .split_whitespace()
-                        .map(String::from)
-                        .collect::<Vec<_>>());
-                }
+            {
+                return Ok(line
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect::<Vec<_>>());
             }
             if let Some(s) = self.proc.exited() {
                 return Err(format!(

@@ -17,6 +17,9 @@
 //! the working directory (logs of every process) after a successful run; after a failure it is
 //! always kept and its path printed.
 
+// Test code: a failed expectation is the test failing, with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

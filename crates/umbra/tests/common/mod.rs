@@ -178,10 +178,10 @@ impl Proc {
 
     /// The exit status if the process has ended.
     pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.status = Some(s);
-            }
+        if self.status.is_none()
+            && let Ok(Some(s)) = self.child.try_wait()
+        {
+            self.status = Some(s);
         }
         self.status
     }
