@@ -653,6 +653,27 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Stream(StreamCmd::List) => {
             let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;
+            // Streams name their broker by id (what its certificate proves); people read names.
+            let names: std::collections::HashMap<String, String> = if json {
+                Default::default()
+            } else {
+                c.get::<Vec<api::Broker>>("/v1/brokers/all")
+                    .await?
+                    .into_iter()
+                    .map(|b| (b.id, b.name))
+                    .collect()
+            };
+            let connectors: std::collections::HashMap<String, String> = if json {
+                Default::default()
+            } else {
+                c.get::<Vec<api::Connector>>("/v1/connectors")
+                    .await?
+                    .into_iter()
+                    .map(|x| (x.id, x.name))
+                    .collect()
+            };
+            let broker = |id: String| names.get(&id).cloned().unwrap_or(id);
+            let connector = |id: String| connectors.get(&id).cloned().unwrap_or(id);
             out!(v, |v: Vec<api::LiveStream>| table(
                 &[
                     "id",
@@ -668,10 +689,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 v.into_iter()
                     .map(|s| vec![
                         s.id.to_string(),
-                        s.broker,
+                        broker(s.broker),
                         s.user,
                         s.service,
-                        s.connector,
+                        connector(s.connector),
                         s.transport,
                         s.bytes_up.to_string(),
                         s.bytes_down.to_string(),

@@ -1273,7 +1273,7 @@ fn check_status(w: &mut World) {
 /// (6) a live ssh session shows in `umbra admin stream list`, and leaves it when it ends.
 fn check_stream_list(w: &mut World) {
     w.step("(6) a live ssh session is listed by umbra admin stream list");
-    let args = w.ssh_args(FWD_SSH, "sleep 4; echo done");
+    let args = w.ssh_args(FWD_SSH, "sleep 6; echo done");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     w.spawn("ssh-session", Ns::User, "ssh", &args, &[]);
     // A stream names its broker by id (or by name).
@@ -1298,6 +1298,30 @@ fn check_stream_list(w: &mut World) {
             format!("live stream not shown: {e}"),
             &["ssh-session", "broker-1", "broker-2", "controller"],
         );
+    }
+    // The table for people names the broker and connector, not their ids.
+    let table_args: Vec<String> = w
+        .admin_args(&["stream", "list"])
+        .into_iter()
+        .filter(|a| *a != "-o" && *a != "json")
+        .map(String::from)
+        .collect();
+    let table_args: Vec<&str> = table_args.iter().map(String::as_str).collect();
+    let out = w.umbra("admin-stream-table", Ns::Edge, &table_args);
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(" ssh "))
+        .map(str::to_owned);
+    match row {
+        Some(r) if r.contains("conn-1") && (r.contains("broker-1") || r.contains("broker-2")) => {}
+        other => w.fail(
+            format!(
+                "stream list table does not name broker and connector: {other:?} in {:?}",
+                out.stdout
+            ),
+            &["controller"],
+        ),
     }
     let status = w.proc("ssh-session").wait_exit(Duration::from_secs(15));
     let text = w.proc("ssh-session").stdout_text();
