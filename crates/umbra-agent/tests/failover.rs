@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use umbra_agent::{AgentConfig, Forwarder, TransportPref};
 use umbra_link::enroll::{ControllerRef, save_controller_ref};
 use umbra_link::{ALPN, Link, LinkConfig, Listener, Stream, Transport};
-use umbra_pki::{Ca, ClientAuth, IssueRequest, TlsIdentity};
+use umbra_pki::{Ca, ClientAuth};
 use umbra_proto::api::BrokerInfo;
 use umbra_proto::{Frame, OpenCode, PeerId, Role};
 
@@ -41,18 +41,9 @@ struct StandIn {
 
 impl StandIn {
     async fn start(ca: &Ca, id: &str) -> StandIn {
-        let now = SystemTime::now();
+        let _now = SystemTime::now();
         let server_name = umbra_pki::broker_server_name(id);
-        let (issued, key) = ca
-            .issue_server(
-                &PeerId::new(ORG, Role::Broker, id).unwrap(),
-                std::slice::from_ref(&server_name),
-                Duration::from_secs(3600),
-                now,
-                umbra_pki::random_bytes(),
-            )
-            .unwrap();
-        let tls = TlsIdentity::from_pem(&issued.cert_pem, &key, ca.cert_pem()).unwrap();
+        let tls = umbra_pki::test_util::identity(ca, Role::Broker, id).unwrap();
         let server = umbra_pki::server_config(&tls, ClientAuth::Required, &[ALPN], false).unwrap();
         let listener = Arc::new(
             Listener::bind(
@@ -177,21 +168,15 @@ async fn serve(mut s: Stream, name: String, silent: Arc<AtomicBool>, opens: Arc<
 }
 
 fn agent_dir(ca: &Ca, dir: &Path, brokers: Vec<BrokerInfo>) {
-    let key = umbra_pki::generate_key_pem().unwrap();
-    let csr = umbra_pki::make_csr(&key).unwrap();
-    let issued = ca
-        .issue(
-            &IssueRequest {
-                csr_pem: &csr,
-                identity: PeerId::new(ORG, Role::Agent, "d-1").unwrap(),
-                dns_names: vec![],
-                lifetime: Duration::from_secs(3600),
-            },
-            SystemTime::now(),
-            umbra_pki::random_bytes(),
-        )
-        .unwrap();
-    umbra_pki::write_identity_dir(dir, &key, &issued.cert_pem, ca.cert_pem()).unwrap();
+    let p = umbra_pki::test_util::issue_pems(
+        ca,
+        PeerId::new(ORG, Role::Agent, "d-1").unwrap(),
+        vec![],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    umbra_pki::write_identity_dir(dir, &p.key_pem, &p.cert_pem, ca.cert_pem()).unwrap();
     save_controller_ref(
         dir,
         &ControllerRef {

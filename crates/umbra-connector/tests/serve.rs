@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use umbra_connector::{Connector, ConnectorConfig, TransportPref};
 use umbra_link::enroll::{ControllerRef, save_controller_ref};
 use umbra_link::{ALPN, Link, LinkConfig, Listener, Stream};
-use umbra_pki::{Ca, ClientAuth, IssueRequest, TlsIdentity};
+use umbra_pki::{Ca, ClientAuth};
 use umbra_proto::api::{BrokerInfo, ConnectorConfig as Published, PublishedTarget};
 use umbra_proto::{DialCode, Flow, Frame, PeerId, Role};
 
@@ -56,19 +56,10 @@ async fn echo_server() -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// A broker transport endpoint with a certificate from `ca`.
 async fn broker_endpoint(ca: &Ca) -> (Listener, BrokerInfo) {
-    let now = SystemTime::now();
-    let id = PeerId::new(ORG, Role::Broker, "b-1").unwrap();
+    let _now = SystemTime::now();
+    let _id = PeerId::new(ORG, Role::Broker, "b-1").unwrap();
     let server_name = umbra_pki::broker_server_name("b-1");
-    let (issued, key) = ca
-        .issue_server(
-            &id,
-            std::slice::from_ref(&server_name),
-            Duration::from_secs(3600),
-            now,
-            umbra_pki::random_bytes(),
-        )
-        .unwrap();
-    let tls = TlsIdentity::from_pem(&issued.cert_pem, &key, ca.cert_pem()).unwrap();
+    let tls = umbra_pki::test_util::identity(ca, Role::Broker, "b-1").unwrap();
     let server = umbra_pki::server_config(&tls, ClientAuth::Required, &[ALPN], false).unwrap();
     let listener = Listener::bind(
         Some("127.0.0.1:0".parse().unwrap()),
@@ -90,21 +81,15 @@ async fn broker_endpoint(ca: &Ca) -> (Listener, BrokerInfo) {
 
 /// An enrolled connector's identity directory, as enrollment and a previous run leave it.
 fn connector_dir(ca: &Ca, dir: &Path, broker: BrokerInfo, targets: Vec<PublishedTarget>) {
-    let key = umbra_pki::generate_key_pem().unwrap();
-    let csr = umbra_pki::make_csr(&key).unwrap();
-    let issued = ca
-        .issue(
-            &IssueRequest {
-                csr_pem: &csr,
-                identity: PeerId::new(ORG, Role::Connector, "c-1").unwrap(),
-                dns_names: vec![],
-                lifetime: Duration::from_secs(3600),
-            },
-            SystemTime::now(),
-            umbra_pki::random_bytes(),
-        )
-        .unwrap();
-    umbra_pki::write_identity_dir(dir, &key, &issued.cert_pem, ca.cert_pem()).unwrap();
+    let p = umbra_pki::test_util::issue_pems(
+        ca,
+        PeerId::new(ORG, Role::Connector, "c-1").unwrap(),
+        vec![],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    umbra_pki::write_identity_dir(dir, &p.key_pem, &p.cert_pem, ca.cert_pem()).unwrap();
     save_controller_ref(
         dir,
         &ControllerRef {

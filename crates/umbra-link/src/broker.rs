@@ -185,22 +185,7 @@ mod tests {
             server_name: "b.broker.umbra.internal".into(),
         };
         let ca = umbra_pki::Ca::generate("default", std::time::SystemTime::now()).unwrap();
-        let key = umbra_pki::generate_key_pem().unwrap();
-        let csr = umbra_pki::make_csr(&key).unwrap();
-        let issued = ca
-            .issue(
-                &umbra_pki::IssueRequest {
-                    csr_pem: &csr,
-                    identity: umbra_proto::PeerId::new("default", umbra_proto::Role::Agent, "d1")
-                        .unwrap(),
-                    dns_names: vec![],
-                    lifetime: Duration::from_secs(60),
-                },
-                std::time::SystemTime::now(),
-                umbra_pki::random_bytes(),
-            )
-            .unwrap();
-        let id = TlsIdentity::from_pem(&issued.cert_pem, &key, ca.cert_pem()).unwrap();
+        let id = umbra_pki::test_util::identity(&ca, umbra_proto::Role::Agent, "d1").unwrap();
         let r = dial_broker(
             &b,
             TransportPref::Auto,

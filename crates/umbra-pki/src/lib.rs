@@ -23,6 +23,8 @@ mod identity;
 mod seal;
 mod tls;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 #[cfg(test)]
 mod testutil;
 

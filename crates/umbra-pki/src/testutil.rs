@@ -4,8 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use umbra_proto::{PeerId, Role};
 
-use crate::{Ca, DEFAULT_LIFETIME, IssueRequest, TlsIdentity, broker_server_name};
-use crate::{generate_key_pem, make_csr, random_bytes};
+use crate::{Ca, DEFAULT_LIFETIME, TlsIdentity, broker_server_name};
 
 pub(crate) struct Org {
     pub(crate) ca: Ca,
@@ -37,28 +36,16 @@ impl Org {
         now: SystemTime,
         lifetime: Duration,
     ) -> Pems {
-        let key = generate_key_pem().unwrap();
-        let csr = make_csr(&key).unwrap();
         let dns_names = match role {
             Role::Broker => vec![broker_server_name(id)],
             _ => vec![],
         };
-        let issued = self
-            .ca
-            .issue(
-                &IssueRequest {
-                    csr_pem: &csr,
-                    identity: self.pid(role, id),
-                    dns_names,
-                    lifetime,
-                },
-                now,
-                random_bytes(),
-            )
-            .unwrap();
+        let issued =
+            crate::test_util::issue_pems(&self.ca, self.pid(role, id), dns_names, now, lifetime)
+                .unwrap();
         Pems {
             cert: issued.cert_pem,
-            key,
+            key: issued.key_pem,
         }
     }
 

@@ -243,20 +243,15 @@ async fn half_close(addr: std::net::SocketAddr) {
 fn foreign_ca_identity(s: &Stack, device: &str) -> TlsIdentity {
     let now = SystemTime::now();
     let ca = umbra_pki::Ca::generate("default", now).unwrap();
-    let key = umbra_pki::generate_key_pem().unwrap();
-    let csr = umbra_pki::make_csr(&key).unwrap();
-    let issued = ca
-        .issue(
-            &umbra_pki::IssueRequest {
-                csr_pem: &csr,
-                identity: PeerId::new("default", Role::Agent, device).unwrap(),
-                dns_names: vec![],
-                lifetime: Duration::from_secs(3600),
-            },
-            now,
-            umbra_pki::random_bytes(),
-        )
-        .unwrap();
+    let issued = umbra_pki::test_util::issue_pems(
+        &ca,
+        PeerId::new("default", Role::Agent, device).unwrap(),
+        vec![],
+        now,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let key = issued.key_pem;
     let leaf = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
     TlsIdentity {
         peer: umbra_pki::peer_cert(&leaf).unwrap(),

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use umbra_link::{ALPN, LinkConfig, Listener, Transport};
-use umbra_pki::{
-    Ca, ClientAuth, IssueRequest, TlsIdentity, broker_server_name, client_config, generate_key_pem,
-    make_csr, random_bytes, server_config,
-};
+use umbra_pki::{Ca, ClientAuth, TlsIdentity, broker_server_name, client_config, server_config};
 use umbra_proto::{PeerId, Role};
 
 /// Runs an async test body once per transport, as two `#[tokio::test]`s.
@@ -51,22 +48,15 @@ impl Org {
         now: SystemTime,
         lifetime: Duration,
     ) -> TlsIdentity {
-        let key = generate_key_pem().unwrap();
-        let csr = make_csr(&key).unwrap();
-        let issued = self
-            .ca
-            .issue(
-                &IssueRequest {
-                    csr_pem: &csr,
-                    identity: PeerId::new(self.ca.org(), role, id).unwrap(),
-                    dns_names,
-                    lifetime,
-                },
-                now,
-                random_bytes(),
-            )
-            .unwrap();
-        TlsIdentity::from_pem(&issued.cert_pem, &key, self.ca.cert_pem()).unwrap()
+        let p = umbra_pki::test_util::issue_pems(
+            &self.ca,
+            PeerId::new(self.ca.org(), role, id).unwrap(),
+            dns_names,
+            now,
+            lifetime,
+        )
+        .unwrap();
+        TlsIdentity::from_pem(&p.cert_pem, &p.key_pem, self.ca.cert_pem()).unwrap()
     }
 
     pub(crate) fn identity(&self, role: Role, id: &str) -> TlsIdentity {
