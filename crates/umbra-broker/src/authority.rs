@@ -115,19 +115,12 @@ pub(crate) fn load_cached(path: &Path) -> Option<Authority> {
 /// Writes the snapshot atomically (temp file, fsync, rename) so a crash leaves the old or the
 /// new one, never half of either.
 pub(crate) fn store_cached(path: &Path, a: &Authority) -> std::io::Result<()> {
-    use std::io::Write;
     let stored = Stored {
         confirmed_at: a.confirmed_at,
         snapshot: (*a.snapshot).clone(),
     };
     let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    umbra_pki::write_private_file(path, &bytes)
 }
 
 #[cfg(test)]

@@ -76,8 +76,6 @@ pub enum BrokerError {
 /// The QUIC stateless-reset key, created once and kept next to the identity so that a
 /// restarted broker can reset its peers' stale connections (they then reconnect at once).
 fn reset_key(dir: &std::path::Path) -> Result<umbra_link::ResetKey, BrokerError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("quic-reset.key");
     let err = |source| BrokerError::ResetKey {
         path: path.clone(),
@@ -94,16 +92,7 @@ fn reset_key(dir: &std::path::Path) -> Result<umbra_link::ResetKey, BrokerError>
         Err(e) => return Err(err(e)),
     }
     let k: [u8; 32] = umbra_pki::random_bytes();
-    let tmp = path.with_extension("key.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(&k).and_then(|()| f.sync_all()).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    umbra_pki::write_private_file(&path, &k).map_err(err)?;
     Ok(umbra_link::ResetKey(k))
 }
 

@@ -12,8 +12,7 @@
 //! the last known targets through the last known brokers.
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,17 +68,7 @@ pub(crate) fn load_cached(dir: &Path, connector_id: &str) -> Option<PublishedCon
 pub(crate) fn save_cached(dir: &Path, cfg: &PublishedConfig) -> io::Result<()> {
     let path = dir.join(PUBLISHED_FILE);
     let bytes = serde_json::to_vec_pretty(cfg).map_err(io::Error::other)?;
-    let tmp = dir.join(format!("{PUBLISHED_FILE}.tmp"));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, &path)
+    umbra_pki::write_private_file(&path, &bytes)
 }
 
 /// Whether a configuration from the controller should replace the one held: only a newer

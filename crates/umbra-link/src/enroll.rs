@@ -14,8 +14,7 @@
 //! certificate and CA atomically) nor the HTTPS client ([`ControllerClient`]).
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -170,7 +169,7 @@ pub fn save_controller_ref(dir: &Path, cref: &ControllerRef) -> Result<(), LinkE
             io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
         )
     })?;
-    write_private_atomic(&path, &bytes).map_err(|e| local_io("write", &path, e))
+    umbra_pki::write_private_file(&path, &bytes).map_err(|e| local_io("write", &path, e))
 }
 
 /// When to renew: at two thirds of the certificate's lifetime, so that a renewal that fails
@@ -288,22 +287,6 @@ fn unix_to_system(secs: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
     }
-}
-
-fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)
 }
 
 fn local_io(op: &'static str, path: &Path, e: io::Error) -> LinkError {

@@ -172,21 +172,30 @@ pub fn write_identity_dir(
 
 fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> {
     let target = dir.join(name);
-    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(random_bytes::<8>())));
+    write_private_file(&target, contents.as_bytes()).map_err(|e| PkiError::io("write", &target, e))
+}
+
+/// Replaces `path` atomically with `bytes`, readable by the owner only (mode 0600): a
+/// temporary file beside it, fsync, rename. A crash leaves the old content or the new one,
+/// never a mix; on error the temporary file is removed. For keys, identities and every state
+/// file a role keeps (snapshot cache, published targets, tokens).
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex::encode(random_bytes::<8>())));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| PkiError::io("create", &tmp, e))?;
+            .open(&tmp)?;
         // The umask can only remove bits from 0600; set it exactly anyway.
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(|e| PkiError::io("set permissions of", &tmp, e))?;
-        f.write_all(contents.as_bytes())
-            .map_err(|e| PkiError::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| PkiError::io("sync", &tmp, e))?;
-        fs::rename(&tmp, &target).map_err(|e| PkiError::io("rename into", &target, e))
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -34,7 +34,9 @@ pub use ca::{Ca, DEFAULT_LIFETIME, IssueRequest, Issued, MAX_LIFETIME, broker_se
 pub use crypto::{ct_eq, random_bytes, sha256};
 pub use csr::{generate_key_pem, make_csr};
 pub use error::PkiError;
-pub use identity::{PeerCert, TlsIdentity, cert_not_after, peer_cert, write_identity_dir};
+pub use identity::{
+    PeerCert, TlsIdentity, cert_not_after, peer_cert, write_identity_dir, write_private_file,
+};
 pub use seal::{KeyEncryptionKey, SealedCa};
 pub use tls::{
     ClientAuth, ServerCertSlot, client_config, crypto_provider, crypto_provider_pq_only,
