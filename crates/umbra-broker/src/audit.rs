@@ -1,9 +1,12 @@
 //! Audit events raised by the broker: every stream decision, refused link and failed dial.
 //!
 //! Each event is logged at once as a structured line (target `audit`) and queued for the next
-//! heartbeat, which stores it in the controller's audit table. The queue is bounded: if the
-//! controller is away for long, the oldest events are dropped from the queue (they are still
-//! in the log) and counted.
+//! heartbeat, which stores it in the controller's audit table. A new event wakes the heartbeat
+//! early (see [`AuditQueue::pending`]), so events reach the store within a fraction of a
+//! second rather than a heartbeat interval: a broker that crashes loses at most what it
+//! recorded in that short window (still in its log). The queue is bounded: if the controller is
+//! away for long, the oldest events are dropped from the queue (they are still in the log) and
+//! counted.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -16,6 +19,7 @@ const CAP: usize = 10_000;
 #[derive(Default)]
 pub(crate) struct AuditQueue {
     q: Mutex<VecDeque<AuditRecord>>,
+    queued: tokio::sync::Notify,
 }
 
 impl AuditQueue {
@@ -54,6 +58,13 @@ impl AuditQueue {
             metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
         }
         q.push_back(rec);
+        drop(q);
+        self.queued.notify_one();
+    }
+
+    /// Resolves once an event has been queued since the last call.
+    pub(crate) async fn pending(&self) {
+        self.queued.notified().await;
     }
 
     /// Takes up to `max` queued events for a heartbeat.
@@ -82,6 +93,22 @@ impl AuditQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_new_event_wakes_the_sender() {
+        let a = AuditQueue::default();
+        // Nothing queued: nothing to wake for.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), a.pending())
+                .await
+                .is_err()
+        );
+        a.record("x", "stream.open", "demo", "deny", serde_json::Value::Null);
+        tokio::time::timeout(std::time::Duration::from_secs(5), a.pending())
+            .await
+            .expect("woken by the event");
+        assert_eq!(a.take(10).len(), 1);
+    }
 
     #[test]
     fn bounded_and_ordered() {

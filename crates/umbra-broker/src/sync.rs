@@ -19,6 +19,10 @@ use crate::authority::{Authority, store_cached, unix};
 use crate::authz::{OpenFacts, authorize};
 
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a heartbeat woken by a new audit event waits for more before it goes.
+const AUDIT_BATCH: Duration = Duration::from_millis(50);
+/// Least time between two heartbeats woken early by audit events.
+const MIN_SPACING: Duration = Duration::from_millis(200);
 /// Longest the controller holds a snapshot poll open.
 const MAX_POLL_WAIT_SECS: u64 = 25;
 
@@ -134,11 +138,20 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
 pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<ControllerClient>>) {
     let mut tick = tokio::time::interval(shared.cfg.heartbeat());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // Audit events go out promptly; the pause batches a burst of them, and the spacing
+            // keeps a burst of streams from turning heartbeats (which carry every live stream)
+            // into a flood.
+            () = shared.audit.pending() => {
+                let spacing = MIN_SPACING.saturating_sub(last_sent.elapsed());
+                tokio::time::sleep(spacing.max(AUDIT_BATCH)).await;
+            }
             () = shared.shutdown.cancelled() => return,
         }
+        last_sent = tokio::time::Instant::now();
         let now = SystemTime::now();
         let a = shared.authority.load();
         metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);

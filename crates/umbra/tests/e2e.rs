@@ -1397,6 +1397,29 @@ fn check_policy_removal(w: &mut World) {
         );
     }
 
+    // The broker reports decisions promptly: the deny reaches the audit store well before the
+    // broker failover below kills brokers (a crash loses only a fraction of a second of
+    // not-yet-sent events, which stay in the broker's log).
+    let r = poll(Duration::from_secs(3), || {
+        let (v, _) = w.admin_try(&["audit", "--limit", "1000"])?;
+        let found = v.as_array().is_some_and(|l| {
+            l.iter().any(|e| {
+                e["action"] == "stream.open" && e["result"] == "deny" && e["target"] == "web"
+            })
+        });
+        if found {
+            Ok(())
+        } else {
+            Err("no stream.open deny for web yet".to_string())
+        }
+    });
+    if let Err(e) = r {
+        w.fail(
+            format!("the web denial did not reach the audit log: {e}"),
+            &procs,
+        );
+    }
+
     w.step("(7) policy add web-allow again: web works again");
     w.admin(&[
         "policy",
