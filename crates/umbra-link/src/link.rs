@@ -246,6 +246,22 @@ impl Link {
         }
     }
 
+    /// The QUIC path as quinn sees it; `None` on TLS links.
+    pub fn quic_path(&self) -> Option<QuicPath> {
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => {
+                let p = conn.stats().path;
+                Some(QuicPath {
+                    mtu: p.current_mtu,
+                    sent_packets: p.sent_packets,
+                    lost_packets: p.lost_packets,
+                    black_holes: p.black_holes_detected,
+                })
+            }
+            Conn::H2(_) => None,
+        }
+    }
+
     /// Current round-trip estimate: QUIC's smoothed RTT, or the last keepalive PING on TLS
     /// links (`None` before the first).
     pub fn rtt(&self) -> Option<Duration> {
@@ -254,6 +270,19 @@ impl Link {
             Conn::H2(h) => h.rtt(),
         }
     }
+}
+
+/// Figures of a QUIC link's path (see [`Link::quic_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicPath {
+    /// Largest UDP payload in use, from path MTU discovery.
+    pub mtu: u16,
+    /// Packets sent.
+    pub sent_packets: u64,
+    /// Packets judged lost.
+    pub lost_packets: u64,
+    /// Times an MTU black hole was detected (the MTU then falls back to 1200 bytes).
+    pub black_holes: u64,
 }
 
 impl LinkInner {

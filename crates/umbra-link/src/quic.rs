@@ -3,7 +3,8 @@
 //! Streams are QUIC bidi streams. Stream limits enforce who opens: the side that must not be
 //! opened at advertises `max_concurrent_bidi_streams = 0`. The listener does not know the
 //! dialer's role before the handshake, so it starts at `max_streams` and lowers the limit to 0
-//! for connector links. quinn's defaults for GSO/GRO and ECN stay on.
+//! for connector links. quinn's defaults for GSO/GRO and ECN stay on; path MTU discovery goes
+//! up to the largest UDP payload (see `quic_socket.rs`).
 //!
 //! The negotiated key exchange group is read from the ServerHello (see `quic_kx.rs`), because
 //! quinn does not expose rustls's answer.
@@ -12,7 +13,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
+use quinn::{Endpoint, IdleTimeout, Runtime, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use tracing::{debug, info};
 use umbra_pki::kx_group_name;
@@ -21,10 +22,18 @@ use umbra_proto::Role;
 use crate::error::{LinkError, from_conn};
 use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
 use crate::quic_kx::{KxClientConfig, KxServerConfig, QuicHandshake};
+use crate::quic_socket::GsoLimit;
 use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
 
 fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportConfig, LinkError> {
     let mut t = TransportConfig::default();
+    // Path MTU discovery searches up to the largest UDP payload and settles on what the path
+    // carries: about 1450 bytes on Ethernet, more with jumbo frames, 64 KiB on loopback. Most
+    // of QUIC's cost is per packet, so a larger packet is less CPU per byte. Probes that are
+    // too big are just lost; `quic_socket` keeps GSO batches of large packets deliverable.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(VarInt::from_u32(cfg.stream_window))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
@@ -62,6 +71,11 @@ pub(crate) fn server_endpoint(
 /// every drop costs the congestion window.
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
+/// The largest UDP payload QUIC allows, as both the MTU discovery bound and what this endpoint
+/// accepts (advertised to the peer as `max_udp_payload_size`; the peer's MTU discovery stops
+/// there, so both sides must raise it).
+const MAX_UDP_PAYLOAD: u16 = 65_527;
+
 fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
@@ -76,7 +90,7 @@ fn endpoint(
     if let Err(e) = state.set_send_buffer_size((&socket).into(), UDP_BUFFER) {
         debug!(error = %e, "cannot enlarge UDP send buffer");
     }
-    let endpoint_cfg = match reset_key {
+    let mut endpoint_cfg = match reset_key {
         Some(k) => {
             let mut c = quinn::EndpointConfig::new(Arc::new(aws_lc_rs::hmac::Key::new(
                 aws_lc_rs::hmac::HMAC_SHA256,
@@ -93,11 +107,16 @@ fn endpoint(
         }
         None => quinn::EndpointConfig::default(),
     };
-    Ok(Endpoint::new(
+    endpoint_cfg
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| LinkError::Config(format!("QUIC max UDP payload: {e}")))?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = Arc::new(GsoLimit(runtime.wrap_udp_socket(socket)?));
+    Ok(Endpoint::new_with_abstract_socket(
         endpoint_cfg,
         server,
         socket,
-        Arc::new(quinn::TokioRuntime),
+        runtime,
     )?)
 }
 

@@ -225,6 +225,26 @@ async fn chain_moves_8_mib_both_ways(t: Transport) {
 }
 both!(chain_moves_8_mib_both_ways);
 
+/// On loopback (64 KiB MTU) path MTU discovery finds a large MTU on every link, in both
+/// directions (each side accepts large datagrams), and bulk data goes in large packets with
+/// no black hole detected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_uses_the_large_loopback_mtu_under_load() {
+    let c = chain(Transport::Quic, Duration::from_secs(30)).await;
+    let data = Arc::new(pattern(48 << 20, 7));
+    let back = soon("48 MiB round trip", round_trip(c.entry, data.clone())).await;
+    assert!(back == *data, "bytes differ");
+    for l in &c._links {
+        let p = l.quic_path().expect("a QUIC link");
+        assert_eq!(p.black_holes, 0, "{:?} link: {p:?}", l.peer().id.role);
+        assert!(p.mtu > 16_000, "{:?} link: {p:?}", l.peer().id.role);
+    }
+    // The data itself went in large packets: 48 MiB each way is far fewer than the 35,000
+    // packets of 1452 bytes it would take.
+    let sent: u64 = c._links.iter().map(|l| l.quic_path().unwrap().sent_packets).sum();
+    assert!(sent < 4 * 35_000, "{sent} packets on four links");
+}
+
 /// An idle relay ends with `Timeout` and resets the streams; the TCP client sees the close.
 async fn idle_relay_times_out(t: Transport) {
     let idle = Duration::from_millis(300);
