@@ -8,6 +8,7 @@ mod broker;
 mod connector;
 mod controller;
 mod load;
+mod malloc;
 mod quickstart;
 mod telemetry;
 
@@ -49,6 +50,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    malloc::tune();
     let cli = Cli::parse();
     umbra_pki::install_crypto_provider();
     let interactive = matches!(
