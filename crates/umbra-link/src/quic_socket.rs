@@ -146,12 +146,16 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_gso_batch_arrives_whole() {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let to = rx.local_addr().unwrap();
         let inner = quinn::TokioRuntime
             .wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
             .unwrap();
-        assert!(inner.max_transmit_segments() > 1, "this kernel has no UDP GSO");
+        assert!(
+            inner.max_transmit_segments() > 1,
+            "this kernel has no UDP GSO"
+        );
         let contents: Vec<u8> = (0..90_000u32).map(|i| (i % 251) as u8).collect();
 
         // The premise: quinn-udp alone reports success, yet the kernel sent nothing.

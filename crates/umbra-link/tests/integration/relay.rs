@@ -241,7 +241,11 @@ async fn quic_uses_the_large_loopback_mtu_under_load() {
     }
     // The data itself went in large packets: 48 MiB each way is far fewer than the 35,000
     // packets of 1452 bytes it would take.
-    let sent: u64 = c._links.iter().map(|l| l.quic_path().unwrap().sent_packets).sum();
+    let sent: u64 = c
+        ._links
+        .iter()
+        .map(|l| l.quic_path().unwrap().sent_packets)
+        .sum();
     assert!(sent < 4 * 35_000, "{sent} packets on four links");
 }
 
