@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, IdleTimeout, Runtime, TransportConfig, VarInt};
+use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use tracing::{debug, info};
 use umbra_pki::kx_group_name;
@@ -22,7 +22,7 @@ use umbra_proto::Role;
 use crate::error::{LinkError, from_conn};
 use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
 use crate::quic_kx::{KxClientConfig, KxServerConfig, QuicHandshake};
-use crate::quic_socket::GsoLimit;
+use crate::quic_socket::UdpIo;
 use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
 
 fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportConfig, LinkError> {
@@ -111,7 +111,7 @@ fn endpoint(
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| LinkError::Config(format!("QUIC max UDP payload: {e}")))?;
     let runtime = Arc::new(quinn::TokioRuntime);
-    let socket = Arc::new(GsoLimit(runtime.wrap_udp_socket(socket)?));
+    let socket = Arc::new(UdpIo::new(socket)?);
     Ok(Endpoint::new_with_abstract_socket(
         endpoint_cfg,
         server,

@@ -1,24 +1,38 @@
-//! The UDP socket under every QUIC endpoint: quinn's tokio socket with one fix for large MTUs.
+//! The UDP socket under every QUIC endpoint: quinn-udp's socket state, driven by tokio with
+//! two changes that matter for a relay.
 //!
-//! Path MTU discovery runs up to the largest UDP payload, so that a path with a large MTU
-//! (jumbo frames, loopback's 64 KiB) carries large packets: most of QUIC's cost is per packet,
-//! not per byte. quinn batches up to 10 packets of one size into a single GSO send, and the
-//! kernel refuses a GSO send whose total payload exceeds one IP datagram (about 64 KiB) with
-//! `EMSGSIZE`, which quinn-udp drops silently. Two 32 KiB packets would then be lost every
+//! **Large MTUs.** Path MTU discovery runs up to the largest UDP payload, so that a path with a
+//! large MTU (jumbo frames, loopback's 64 KiB) carries large packets: most of QUIC's cost is
+//! per packet, not per byte. quinn batches up to 10 packets of one size into a single GSO send,
+//! and the kernel refuses a GSO send whose total payload exceeds one IP datagram (about 64 KiB)
+//! with `EMSGSIZE`, which quinn-udp drops silently. Two 32 KiB packets would then be lost every
 //! time; the losses shrink the congestion window and trip quinn's black-hole detector, which
-//! falls back to 1200-byte packets. [`GsoLimit`] splits such a batch into sends that fit.
-//! On a 1500-byte path a batch (10 × 1452 bytes) always fits and passes through unchanged.
+//! falls back to 1200-byte packets. [`UdpIo::try_send`] splits such a batch into sends that
+//! fit. On a 1500-byte path a batch (10 × 1452 bytes) always fits and passes through unchanged.
+//!
+//! **No wake-up per packet sent.** quinn's tokio socket registers for writability as well as
+//! readability. A UDP socket reports "writable" again each time the kernel frees a sent packet,
+//! so every send brought one more `epoll_wait` round. Here the socket is registered for reads
+//! only; writability is watched only after a send found the buffer full (a duplicate of the
+//! descriptor is registered for writes until it fires). And a receive that returned fewer
+//! datagrams than asked for has emptied the queue, so it marks the socket not readable
+//! instead of asking the kernel once more just to hear `EAGAIN` (a datagram arriving later
+//! raises a new readiness event).
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 
-use quinn::udp::{RecvMeta, Transmit};
+use quinn::udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// The largest UDP payload of one IPv4 datagram (65535 − 20 − 8); IPv6 allows 20 bytes more.
 /// A GSO send carries at most this much in all.
@@ -38,18 +52,53 @@ pub(crate) fn gso_chunks(
         .map(move |start| start..len.min(start + step))
 }
 
-/// Wraps quinn's socket: a GSO batch larger than [`MAX_GSO_PAYLOAD`] goes out as several sends.
-pub(crate) struct GsoLimit(pub(crate) Arc<dyn AsyncUdpSocket>);
+/// A UDP socket for quinn (see the module docs).
+pub(crate) struct UdpIo {
+    io: AsyncFd<std::net::UdpSocket>,
+    state: UdpSocketState,
+    /// A send found the buffer full and no writability event has been seen since. quinn asks
+    /// its poller before every send; until then the answer is "writable" without a syscall.
+    full: AtomicBool,
+}
 
-impl fmt::Debug for GsoLimit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("GsoLimit").field(&self.0).finish()
+impl UdpIo {
+    /// Takes over a bound socket (made non-blocking here).
+    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<UdpIo> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        let io = register(socket, Interest::READABLE)?;
+        Ok(UdpIo {
+            io,
+            state,
+            full: AtomicBool::new(false),
+        })
+    }
+
+    fn send_one(&self, t: &Transmit) -> io::Result<()> {
+        // `send`, not `try_send`: quinn-udp reports only WouldBlock and logs the rest (a
+        // datagram refused by the kernel is a loss that QUIC recovers from).
+        let r = self.state.send(self.io.get_ref().into(), t);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.full.store(true, Ordering::Relaxed);
+        }
+        r
     }
 }
 
-impl AsyncUdpSocket for GsoLimit {
+impl fmt::Debug for UdpIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UdpIo")
+            .field("local", &self.io.get_ref().local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncUdpSocket for UdpIo {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.0.clone().create_io_poller()
+        Box::pin(WritablePoller {
+            socket: self,
+            watch: None,
+        })
     }
 
     fn try_send(&self, t: &Transmit) -> io::Result<()> {
@@ -57,14 +106,14 @@ impl AsyncUdpSocket for GsoLimit {
             .segment_size
             .filter(|_| t.contents.len() > MAX_GSO_PAYLOAD)
         else {
-            return self.0.try_send(t);
+            return self.send_one(t);
         };
         // On WouldBlock quinn retries the whole batch once the socket is writable. If a first
         // part went out already, its packets arrive twice and the receiver drops the copies by
         // packet number: cheaper than losses, which would trip the black-hole detector.
         for r in gso_chunks(t.contents.len(), segment, MAX_GSO_PAYLOAD) {
             let part = &t.contents[r];
-            self.0.try_send(&Transmit {
+            self.send_one(&Transmit {
                 destination: t.destination,
                 ecn: t.ecn,
                 contents: part,
@@ -81,23 +130,88 @@ impl AsyncUdpSocket for GsoLimit {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_recv(cx, bufs, meta)
+        let asked = bufs.len().min(meta.len()).min(BATCH_SIZE);
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            match guard.try_io(|io| self.state.recv(io.get_ref().into(), bufs, meta)) {
+                Ok(Ok(n)) => {
+                    // recvmmsg stops early only when the queue is empty. Clearing keeps any
+                    // readiness the driver saw after this guard was taken.
+                    if n < asked {
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // WouldBlock: `try_io` cleared the readiness; wait for the next event.
+                Err(_) => continue,
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.io.get_ref().local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.0.max_transmit_segments()
+        self.state.max_gso_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.0.max_receive_segments()
+        self.state.gro_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.0.may_fragment()
+        self.state.may_fragment()
+    }
+}
+
+/// Registers `fd` with the runtime's reactor for `interest` only.
+///
+/// tokio deprecates the safe constructor because an arbitrary `AsRawFd` type could hand out a
+/// different descriptor later; `std::net::UdpSocket` and `OwnedFd` own theirs for life, which
+/// is the condition the replacement (`unsafe fn register_with_interest`) asks of its caller.
+#[allow(deprecated)]
+fn register<T: std::os::fd::AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    AsyncFd::with_interest(fd, interest)
+}
+
+/// Tells quinn when to send: at once, unless a send found the buffer full; then a duplicate
+/// of the descriptor is registered for writability until it fires.
+struct WritablePoller {
+    socket: Arc<UdpIo>,
+    watch: Option<AsyncFd<OwnedFd>>,
+}
+
+impl fmt::Debug for WritablePoller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WritablePoller")
+            .field("watching", &self.watch.is_some())
+            .finish()
+    }
+}
+
+impl UdpPoller for WritablePoller {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.socket.full.load(Ordering::Relaxed) {
+            this.watch = None;
+            return Poll::Ready(Ok(()));
+        }
+        let watch = match &mut this.watch {
+            Some(w) => w,
+            slot @ None => {
+                let fd = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
+                slot.insert(register(fd, Interest::WRITABLE)?)
+            }
+        };
+        ready!(watch.poll_write_ready(cx))?.retain_ready();
+        // Writable (or an error, which the next send reports): stop watching, so that later
+        // sends raise no events. Registering checks the current state, so room that appeared
+        // between the failed send and the registration is not missed.
+        this.socket.full.store(false, Ordering::Relaxed);
+        this.watch = None;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -162,7 +276,8 @@ mod tests {
         send(inner.clone(), &batch(to, &contents)).await;
         assert!(received(&rx).is_empty());
 
-        let sock: Arc<dyn AsyncUdpSocket> = Arc::new(GsoLimit(inner));
+        let sock: Arc<dyn AsyncUdpSocket> =
+            Arc::new(UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap());
         send(sock.clone(), &batch(to, &contents)).await;
         let got = received(&rx);
         assert_eq!(got.len(), 3);
@@ -171,6 +286,73 @@ mod tests {
         // A batch that fits goes through unchanged.
         send(sock, &batch(to, &contents[..60_000])).await;
         assert_eq!(received(&rx).concat(), &contents[..60_000]);
+    }
+
+    /// Receives once into a full batch of buffers; fails if nothing comes within 5 s.
+    async fn recv_batch(sock: &UdpIo, buf: &mut [u8]) -> Vec<usize> {
+        let mut meta = [RecvMeta::default(); BATCH_SIZE];
+        let n = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut iovs: Vec<IoSliceMut<'_>> = buf
+                .chunks_mut(2048)
+                .take(BATCH_SIZE)
+                .map(IoSliceMut::new)
+                .collect();
+            std::future::poll_fn(|cx| sock.poll_recv(cx, &mut iovs, &mut meta)).await
+        })
+        .await
+        .expect("a datagram was sent but the socket never became readable")
+        .unwrap();
+        meta[..n].iter().map(|m| m.len).collect()
+    }
+
+    #[tokio::test]
+    async fn a_datagram_after_a_drained_queue_is_still_seen() {
+        let sock = UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let to = sock.local_addr().unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut buf = vec![0; 2048 * BATCH_SIZE];
+
+        // One datagram: a short batch, so the socket is marked not readable without asking
+        // the kernel again. Each later datagram must raise readiness anew.
+        for round in 1..=20usize {
+            tx.send_to(&vec![7; round], to).unwrap();
+            assert_eq!(recv_batch(&sock, &mut buf).await, vec![round]);
+        }
+
+        // A burst larger than one batch comes out whole over several receives.
+        for i in 0..(BATCH_SIZE * 3) {
+            tx.send_to(&[1; 100][..1 + i % 100], to).unwrap();
+        }
+        let mut got = 0;
+        while got < BATCH_SIZE * 3 {
+            got += recv_batch(&sock, &mut buf).await.len();
+        }
+        assert_eq!(got, BATCH_SIZE * 3);
+    }
+
+    #[tokio::test]
+    async fn writability_is_watched_only_after_a_full_buffer() {
+        let sock = Arc::new(UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap());
+        let mut poller = sock.clone().create_io_poller();
+        // Room in the buffer: ready at once, nothing registered.
+        std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+            .await
+            .unwrap();
+        assert!(format!("{poller:?}").contains("watching: false"));
+
+        // After a send found the buffer full (loopback never fills it, so the flag is set
+        // by hand): the poller registers a duplicate for writability, which reports the room
+        // there is, and clears the flag.
+        sock.full.store(true, Ordering::Relaxed);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)),
+        )
+        .await
+        .expect("a writable socket was never reported writable")
+        .unwrap();
+        assert!(!sock.full.load(Ordering::Relaxed));
+        assert!(format!("{poller:?}").contains("watching: false"));
     }
 
     fn chunks(len: usize, segment: usize, limit: usize) -> Vec<Range<usize>> {
