@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -43,7 +43,7 @@ impl Forwarder {
         if !umbra_proto::valid_name(service) {
             return Err(AgentError::ServiceName(service.to_owned()));
         }
-        let (id, cref) = identity::load(&cfg.identity_dir)?;
+        let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| AgentError::Listen(listen, e))?;

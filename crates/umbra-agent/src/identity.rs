@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use umbra_link::ControllerClient;
 use umbra_link::enroll::{ControllerRef, load_controller_ref, save_controller_ref};
@@ -12,11 +13,19 @@ use umbra_proto::api::BrokerList;
 use crate::AgentError;
 use crate::config::AgentConfig;
 
-/// Loads the identity and `controller.json`; the identity must be an agent's.
-pub(crate) fn load(dir: &Path) -> Result<(TlsIdentity, ControllerRef), AgentError> {
+/// Loads the identity and `controller.json`; the identity must be an agent's, and its
+/// certificate still valid at `now` (brokers refuse an expired one, and only a valid
+/// certificate can be renewed: the device must enroll again).
+pub(crate) fn load(
+    dir: &Path,
+    now: SystemTime,
+) -> Result<(TlsIdentity, ControllerRef), AgentError> {
     let id = TlsIdentity::load_dir(dir).map_err(AgentError::Identity)?;
     if id.peer.id.role != Role::Agent {
         return Err(AgentError::WrongRole(id.peer.id.role));
+    }
+    if id.peer.not_after <= now {
+        return Err(AgentError::Expired(umbra_pki::rfc3339(id.peer.not_after)));
     }
     let cref = load_controller_ref(dir).map_err(AgentError::ControllerRef)?;
     Ok((id, cref))
@@ -51,4 +60,77 @@ pub(crate) async fn refresh_brokers(
         }
     }
     cref
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use umbra_pki::Ca;
+    use umbra_proto::PeerId;
+
+    use super::*;
+
+    /// An agent identity directory whose certificate is valid for an hour from `now`.
+    fn enrolled(dir: &Path, now: SystemTime, role: Role) -> TlsIdentity {
+        let ca = Ca::generate("acme", now).unwrap();
+        let pid = PeerId::new("acme", role, "d-1").unwrap();
+        let p = umbra_pki::test_util::issue_pems(
+            &ca,
+            pid.clone(),
+            vec![],
+            now,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        umbra_pki::write_identity_dir(dir, &p.key_pem, &p.cert_pem, ca.cert_pem()).unwrap();
+        save_controller_ref(
+            dir,
+            &ControllerRef {
+                url: "https://127.0.0.1:1".into(),
+                identity: pid.to_string(),
+                user: Some("alice@acme.test".into()),
+                brokers: vec![],
+            },
+        )
+        .unwrap();
+        TlsIdentity::load_dir(dir).unwrap()
+    }
+
+    #[test]
+    fn a_valid_certificate_loads_and_an_expired_one_says_to_enroll_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let id = enrolled(dir.path(), now, Role::Agent);
+
+        let (loaded, cref) = load(dir.path(), now + Duration::from_secs(3599)).unwrap();
+        assert_eq!(loaded.peer, id.peer);
+        assert_eq!(cref.user.as_deref(), Some("alice@acme.test"));
+
+        for later in [id.peer.not_after, now + Duration::from_secs(48 * 3600)] {
+            match load(dir.path(), later) {
+                Err(e @ AgentError::Expired(_)) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(&umbra_pki::rfc3339(id.peer.not_after)),
+                        "{msg}"
+                    );
+                    assert!(msg.contains("umbra agent enroll"), "{msg}");
+                }
+                Err(e) => panic!("expected Expired, got {e}"),
+                Ok(_) => panic!("an expired identity loaded"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_connector_identity_is_not_an_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        enrolled(dir.path(), now, Role::Connector);
+        assert!(matches!(
+            load(dir.path(), now),
+            Err(AgentError::WrongRole(Role::Connector))
+        ));
+    }
 }

@@ -42,6 +42,13 @@ pub enum AgentError {
     /// No usable identity in `identity_dir` (not enrolled, or files damaged).
     #[error("identity: {0} (enroll this device first)")]
     Identity(#[source] umbra_pki::PkiError),
+    /// The certificate has expired (at the time given): renewal needs a valid one.
+    #[error(
+        "this device's certificate expired at {0}; it renews itself only while an agent runs. \
+         Enroll this device again with a new token from your administrator: \
+         umbra agent enroll --controller URL --token TOKEN"
+    )]
+    Expired(String),
     /// The identity is not an agent's.
     #[error("the identity in identity_dir is a {0} certificate, not an agent's")]
     WrongRole(Role),

@@ -38,7 +38,7 @@ pub struct BrokerStatus {
 /// Reads the identity and measures every broker (in parallel).
 pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
     cfg.validate()?;
-    let (id, cref) = identity::load(&cfg.identity_dir)?;
+    let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
@@ -78,7 +78,7 @@ pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
 /// The services this device's user may reach, sorted, as the nearest answering broker says.
 pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     cfg.validate()?;
-    let (id, cref) = identity::load(&cfg.identity_dir)?;
+    let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;

@@ -220,6 +220,25 @@ pub(crate) fn to_system_time(t: OffsetDateTime) -> Result<SystemTime, PkiError> 
         .ok_or_else(|| PkiError::Cert("validity time out of range".into()))
 }
 
+/// A certificate time as RFC 3339 in UTC, to the second (`2026-11-26T01:02:03Z`).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    match OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            d.year(),
+            u8::from(d.month()),
+            d.day(),
+            d.hour(),
+            d.minute(),
+            d.second()
+        ),
+        Err(_) => format!("unix time {secs}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rcgen::{CertificateParams, KeyPair, SanType};
@@ -227,6 +246,18 @@ mod tests {
 
     use super::*;
     use crate::testutil::Org;
+
+    #[test]
+    fn rfc3339_in_utc() {
+        let t = |s| UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(rfc3339(t(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(t(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(t(1_795_654_923)), "2026-11-26T01:02:03Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00Z"
+        );
+    }
 
     fn cert_with(sans: Vec<SanType>) -> CertificateDer<'static> {
         let mut p = CertificateParams::default();

@@ -365,38 +365,7 @@ fn ts(unix: u64) -> String {
         return "-".into();
     }
     let d = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
-    humantime_like(d)
-}
-
-/// RFC 3339 in UTC without pulling a date crate.
-fn humantime_like(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
-    humantime_like(t)
+    umbra_pki::rfc3339(d)
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {

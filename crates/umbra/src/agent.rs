@@ -94,7 +94,7 @@ async fn enroll_into(
     println!(
         "enrolled {} (certificate valid until {})",
         issued.identity,
-        crate::admin::rfc3339(expires)
+        umbra_pki::rfc3339(expires)
     );
     if let Some(u) = issued.user {
         println!("this device belongs to {u}");
@@ -125,7 +125,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             println!("user:         {}", s.user.as_deref().unwrap_or("-"));
             println!(
                 "certificate:  valid until {}",
-                crate::admin::rfc3339(s.cert_not_after)
+                umbra_pki::rfc3339(s.cert_not_after)
             );
             println!("brokers:");
             for b in s.brokers {
