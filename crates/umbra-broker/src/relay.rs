@@ -6,7 +6,7 @@
 //! tears down access that is already open, not just the next one.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -34,18 +34,28 @@ pub(crate) struct LiveEntry {
 #[derive(Default)]
 pub(crate) struct LiveStreams {
     m: Mutex<HashMap<u64, Arc<LiveEntry>>>,
+    /// Bumped whenever a stream starts or ends: heartbeats resend the list only when it moved
+    /// (or to refresh byte counts).
+    generation: AtomicU64,
 }
 
 impl LiveStreams {
     pub(crate) fn insert(&self, e: Arc<LiveEntry>) {
         self.lock().insert(e.id, e);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("umbra_broker_streams_active").increment(1.0);
     }
 
     pub(crate) fn remove(&self, id: u64) {
         if self.lock().remove(&id).is_some() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!("umbra_broker_streams_active").decrement(1.0);
         }
+    }
+
+    /// Changes with every stream that starts or ends.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub(crate) fn entries(&self) -> Vec<Arc<LiveEntry>> {

@@ -23,6 +23,8 @@ const RETRY: Duration = Duration::from_secs(1);
 const AUDIT_BATCH: Duration = Duration::from_millis(50);
 /// Least time between two heartbeats woken early by audit events.
 const MIN_SPACING: Duration = Duration::from_millis(200);
+/// Longest time between two heartbeats that carry the live-stream list (for byte counts).
+const STREAMS_REFRESH: Duration = Duration::from_secs(10);
 /// Longest the controller holds a snapshot poll open.
 const MAX_POLL_WAIT_SECS: u64 = 25;
 
@@ -134,11 +136,30 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
     }
 }
 
+/// The live-stream list the controller last accepted from this broker.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    generation: u64,
+    at: tokio::time::Instant,
+}
+
+/// Whether a heartbeat carries the live-stream list: when the controller has none from this
+/// broker yet (or the last heartbeat failed), when streams started or ended since, and every
+/// [`STREAMS_REFRESH`] so that byte counts stay current. Otherwise a heartbeat (often one woken
+/// for audit events) leaves the stored list as it is.
+fn streams_due(last: Option<Reported>, generation: u64, now: tokio::time::Instant) -> bool {
+    match last {
+        None => true,
+        Some(r) => r.generation != generation || now.duration_since(r.at) >= STREAMS_REFRESH,
+    }
+}
+
 /// Reports live streams and audit events to the controller until shutdown.
 pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<ControllerClient>>) {
     let mut tick = tokio::time::interval(shared.cfg.heartbeat());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sent = tokio::time::Instant::now();
+    let mut reported: Option<Reported> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -157,23 +178,38 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
         let audit = shared.audit.take(1_000);
+        // Read before the list, so that a stream starting meanwhile makes the next one due.
+        let generation = shared.streams.generation();
+        let streams = streams_due(reported, generation, last_sent)
+            .then(|| shared.streams.report(&shared.name));
         let hb = BrokerHeartbeat {
             name: shared.name.clone(),
             quic_addr: shared.quic_addr.clone(),
             tcp_addr: shared.tcp_addr.clone(),
             server_name: shared.server_name.clone(),
             snapshot_version: a.snapshot.version,
-            streams: shared.streams.report(&shared.name),
+            streams,
             audit,
         };
         drop(a);
-        if let Err(e) = client
+        match client
             .load_full()
             .post::<_, serde_json::Value>("/v1/broker/heartbeat", &hb)
             .await
         {
-            debug!(error = %e, "heartbeat failed");
-            shared.audit.requeue(hb.audit);
+            Ok(_) => {
+                if hb.streams.is_some() {
+                    reported = Some(Reported {
+                        generation,
+                        at: last_sent,
+                    });
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "heartbeat failed");
+                reported = None;
+                shared.audit.requeue(hb.audit);
+            }
         }
     }
 }
@@ -181,6 +217,25 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stream_list_goes_out_when_it_changed_or_got_old() {
+        let t0 = tokio::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let last = Some(Reported {
+            generation: 5,
+            at: t0,
+        });
+        // Nothing accepted yet (first heartbeat, or the last one failed): always.
+        assert!(streams_due(None, 5, t0));
+        // Unchanged and recent: the audit-only heartbeats in between leave it out.
+        assert!(!streams_due(last, 5, at(200)));
+        assert!(!streams_due(last, 5, at(9_999)));
+        // A stream started or ended.
+        assert!(streams_due(last, 6, at(200)));
+        // Byte counts refresh.
+        assert!(streams_due(last, 5, at(10_000)));
+    }
 
     #[test]
     fn polls_confirm_within_the_staleness_limit() {

@@ -903,10 +903,42 @@ async fn heartbeat_brokers_streams_and_audit() {
             .any(|e| e.record.action == "stream.open" && e.record.result == "allow")
     );
 
+    // A heartbeat without a stream list (the set is unchanged) keeps the stored one and
+    // still counts as a sign of life; an empty list clears it.
+    h.skew.store(20, Ordering::SeqCst);
+    let mut audit_only = hb.clone();
+    audit_only.as_object_mut().unwrap().remove("streams");
+    let resp = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&audit_only)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let streams = h.ok("GET", "/v1/streams", None).await;
+    assert_eq!(streams.as_array().unwrap().len(), 1);
+    assert_eq!(streams[0]["id"], 7);
+    let seen = h.ok("GET", "/v1/brokers/all", None).await[0]["last_seen"]
+        .as_u64()
+        .unwrap();
+    assert!(seen >= all[0]["last_seen"].as_u64().unwrap() + 20);
+    h.skew.store(0, Ordering::SeqCst);
+
     // Streams of a broker not heard from for 30 s are not live.
     h.skew.store(60, Ordering::SeqCst);
     assert_eq!(h.ok("GET", "/v1/streams", None).await, json!([]));
     h.skew.store(0, Ordering::SeqCst);
+
+    let mut none_left = hb.clone();
+    none_left["streams"] = json!([]);
+    let resp = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&none_left)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.ok("GET", "/v1/streams", None).await, json!([]));
 
     // Only brokers heartbeat; bad addresses are refused.
     let resp = h

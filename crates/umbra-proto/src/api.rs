@@ -167,7 +167,12 @@ pub struct BrokerHeartbeat {
     pub tcp_addr: Option<String>,
     pub server_name: String,
     pub snapshot_version: u64,
-    pub streams: Vec<LiveStream>,
+    /// Every live stream, or absent when the set is unchanged since the broker's last report
+    /// that carried it (brokers send it when streams start or end, and every few seconds for
+    /// the byte counts): a heartbeat woken for audit events does not resend thousands of
+    /// streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<Vec<LiveStream>>,
     /// Decisions and link events since the last heartbeat (bounded by the broker).
     pub audit: Vec<AuditRecord>,
 }

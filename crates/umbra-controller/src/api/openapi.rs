@@ -503,7 +503,8 @@ struct BrokerHeartbeat {
     tcp_addr: Option<String>,
     server_name: String,
     snapshot_version: u64,
-    streams: Vec<LiveStream>,
+    /// Absent: the broker's live streams are unchanged since its last report.
+    streams: Option<Vec<LiveStream>>,
     audit: Vec<AuditRecord>,
 }
 #[derive(ToSchema)]

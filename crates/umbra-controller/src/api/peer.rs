@@ -160,7 +160,11 @@ pub(super) async fn heartbeat(
         .as_deref()
         .map(|a| validate::host_port(a, "tcp_addr"))
         .transpose()?;
-    if hb.streams.len() > MAX_HEARTBEAT_STREAMS {
+    if hb
+        .streams
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_HEARTBEAT_STREAMS)
+    {
         return Err(ApiFailure::invalid(
             "streams",
             "too many streams in one heartbeat",
@@ -176,15 +180,19 @@ pub(super) async fn heartbeat(
     let mut w = ctx.store.write().await?;
     let (peer, row, _) = ctx.check_peer(w.conn(), &conn, &[Role::Broker]).await?;
     // The broker's id names its streams; never trust a different one in the body.
-    let streams: Vec<LiveStream> = hb
-        .streams
-        .into_iter()
-        .map(|mut s| {
-            s.broker = peer.id.id.clone();
-            s
-        })
-        .collect();
-    let streams_json = serde_json::to_string(&streams).map_err(|_| ApiFailure::internal())?;
+    let streams_json = match hb.streams {
+        Some(streams) => {
+            let streams: Vec<LiveStream> = streams
+                .into_iter()
+                .map(|mut s| {
+                    s.broker = peer.id.id.clone();
+                    s
+                })
+                .collect();
+            Some(serde_json::to_string(&streams).map_err(|_| ApiFailure::internal())?)
+        }
+        None => None,
+    };
     let (old_quic, old_tcp) = peers::broker_heartbeat(
         w.conn(),
         &ctx.org,
@@ -192,7 +200,7 @@ pub(super) async fn heartbeat(
         quic.as_deref(),
         tcp.as_deref(),
         hb.snapshot_version,
-        &streams_json,
+        streams_json.as_deref(),
         now_secs,
     )
     .await?;

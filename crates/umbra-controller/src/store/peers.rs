@@ -513,7 +513,8 @@ pub(crate) async fn broker_infos(
         .collect())
 }
 
-/// Records a heartbeat. Returns the addresses stored before it.
+/// Records a heartbeat; `streams_json: None` keeps the stored live streams. Returns the
+/// addresses stored before it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn broker_heartbeat(
     c: &mut SqliteConnection,
@@ -522,7 +523,7 @@ pub(crate) async fn broker_heartbeat(
     quic_addr: Option<&str>,
     tcp_addr: Option<&str>,
     snapshot_version: u64,
-    streams_json: &str,
+    streams_json: Option<&str>,
     now: i64,
 ) -> Result<(Option<String>, Option<String>), sqlx::Error> {
     let before: (Option<String>, Option<String>) =
@@ -533,7 +534,7 @@ pub(crate) async fn broker_heartbeat(
             .await?;
     sqlx::query(
         "UPDATE brokers SET quic_addr = $1, tcp_addr = $2, snapshot_version = $3, last_seen = $4, \
-         streams = $5 WHERE org = $6 AND id = $7",
+         streams = COALESCE($5, streams) WHERE org = $6 AND id = $7",
     )
     .bind(quic_addr)
     .bind(tcp_addr)
