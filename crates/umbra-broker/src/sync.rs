@@ -144,14 +144,19 @@ struct Reported {
 }
 
 /// Whether a heartbeat carries the live-stream list: when the controller has none from this
-/// broker yet (or the last heartbeat failed), when streams started or ended since, and every
-/// [`STREAMS_REFRESH`] so that byte counts stay current. Otherwise a heartbeat (often one woken
-/// for audit events) leaves the stored list as it is.
-fn streams_due(last: Option<Reported>, generation: u64, now: tokio::time::Instant) -> bool {
-    match last {
-        None => true,
-        Some(r) => r.generation != generation || now.duration_since(r.at) >= STREAMS_REFRESH,
-    }
+/// broker yet (or the last heartbeat failed); when streams started or ended since, at most
+/// once per `min_gap` (under churn, heartbeats woken early for audit events do not each resend
+/// the list); and every [`STREAMS_REFRESH`] so that byte counts
+/// stay current. Otherwise the controller keeps the list it has.
+fn streams_due(
+    last: Option<Reported>,
+    generation: u64,
+    now: tokio::time::Instant,
+    min_gap: Duration,
+) -> bool {
+    let Some(r) = last else { return true };
+    let age = now.duration_since(r.at);
+    (r.generation != generation && age >= min_gap) || age >= STREAMS_REFRESH
 }
 
 /// Reports live streams and audit events to the controller until shutdown.
@@ -180,7 +185,9 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let audit = shared.audit.take(1_000);
         // Read before the list, so that a stream starting meanwhile makes the next one due.
         let generation = shared.streams.generation();
-        let streams = streams_due(reported, generation, last_sent)
+        // Half an interval: a regular tick always finds the gap passed.
+        let min_gap = shared.cfg.heartbeat() / 2;
+        let streams = streams_due(reported, generation, last_sent, min_gap)
             .then(|| shared.streams.report(&shared.name));
         let hb = BrokerHeartbeat {
             name: shared.name.clone(),
@@ -226,15 +233,18 @@ mod tests {
             generation: 5,
             at: t0,
         });
+        let gap = Duration::from_secs(1);
         // Nothing accepted yet (first heartbeat, or the last one failed): always.
-        assert!(streams_due(None, 5, t0));
-        // Unchanged and recent: the audit-only heartbeats in between leave it out.
-        assert!(!streams_due(last, 5, at(200)));
-        assert!(!streams_due(last, 5, at(9_999)));
-        // A stream started or ended.
-        assert!(streams_due(last, 6, at(200)));
+        assert!(streams_due(None, 5, t0, gap));
+        // Unchanged and recent: the heartbeats in between leave it out.
+        assert!(!streams_due(last, 5, at(200), gap));
+        assert!(!streams_due(last, 5, at(9_999), gap));
+        // A stream started or ended: on the next heartbeat a full interval after the last
+        // list, not on every audit-woken one before that.
+        assert!(!streams_due(last, 6, at(200), gap));
+        assert!(streams_due(last, 6, at(1_000), gap));
         // Byte counts refresh.
-        assert!(streams_due(last, 5, at(10_000)));
+        assert!(streams_due(last, 5, at(10_000), gap));
     }
 
     #[test]
