@@ -87,6 +87,8 @@ pub(crate) struct Probe {
     pub(crate) broker: BrokerInfo,
     /// Round trip time and the link that measured it, or why there is none.
     pub(crate) result: Result<(Duration, Link), String>,
+    /// The broker refused this identity (revoked or not enrolled).
+    pub(crate) refused: bool,
 }
 
 impl Probe {
@@ -108,12 +110,20 @@ pub(crate) async fn probe_all(
     for (i, b) in brokers.iter().enumerate() {
         let (cfg, identity, b) = (cfg.clone(), identity.clone(), b.clone());
         set.spawn(async move {
-            let r = probe(&cfg, &identity, &b).await.map_err(|e| e.to_string());
+            let r = probe(&cfg, &identity, &b).await;
+            let refused = matches!(
+                r,
+                Err(ProbeError::Link {
+                    source: LinkError::Refused,
+                    ..
+                })
+            );
             (
                 i,
                 Probe {
                     broker: b,
-                    result: r,
+                    result: r.map_err(|e| e.to_string()),
+                    refused,
                 },
             )
         });
@@ -133,6 +143,7 @@ pub(crate) async fn probe_all(
             p.unwrap_or_else(|| Probe {
                 broker: b.clone(),
                 result: Err("probe task failed".into()),
+                refused: false,
             })
         })
         .collect();
@@ -171,6 +182,12 @@ async fn probe(
     for _ in 0..PINGS {
         match ping(&link, cfg.open_timeout()).await {
             Ok(d) => samples.push(d),
+            Err(ProbeError::Link { transport, source }) => {
+                // Say so if the broker refused this identity rather than failed.
+                let source = link.explain(source).await;
+                link.close();
+                return Err(ProbeError::Link { transport, source });
+            }
             Err(e) => {
                 link.close();
                 return Err(e);

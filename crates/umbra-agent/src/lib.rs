@@ -64,4 +64,7 @@ pub enum AgentError {
     /// No broker answered.
     #[error("no broker reachable: {0}")]
     NoBroker(String),
+    /// A broker refused this device's identity: revoked, or not enrolled.
+    #[error("{}", umbra_link::LinkError::Refused)]
+    Refused,
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{Mutex, watch};
-use umbra_link::{Link, Stream};
+use umbra_link::{Link, LinkError, Stream};
 use umbra_pki::TlsIdentity;
 use umbra_proto::api::BrokerInfo;
 use umbra_proto::{Flow, Frame, OpenCode};
@@ -37,6 +37,18 @@ pub(crate) enum OpenError {
     /// Every broker failed; the last failure.
     #[error("no broker reachable: {0}")]
     NoBroker(String),
+    /// The broker refused this device's identity (revoked or not enrolled). Final: every
+    /// broker holds the same snapshot.
+    #[error("{}", LinkError::Refused)]
+    Refused,
+}
+
+/// Why one `Open` attempt on a link failed.
+enum Failure {
+    /// The broker refused the link itself.
+    Refused,
+    /// The broker failed (transport error, garbage, or silence).
+    Broker(String),
 }
 
 /// The agent's connection to the broker fabric.
@@ -73,7 +85,7 @@ impl Session {
         let mut ranked_brokers = Vec::with_capacity(probes.len());
         let mut down = DownMarks::default();
         let now = Instant::now();
-        for Probe { broker, result } in probes {
+        for Probe { broker, result, .. } in probes {
             match result {
                 Ok((rtt, link)) => {
                     tracing::debug!(broker = %broker.name, rtt_ms = rtt.as_secs_f64() * 1e3, transport = link.transport().as_str(), "broker measured");
@@ -160,7 +172,11 @@ impl Session {
                 Ok((OpenCode::Stale, _)) => {
                     attempts.last = "broker policy is stale".into();
                 }
-                Err(e) => attempts.last = e,
+                Err(Failure::Refused) => {
+                    self.mark_failed(&broker_id).await;
+                    return Err(OpenError::Refused);
+                }
+                Err(Failure::Broker(e)) => attempts.last = e,
             }
             tracing::warn!(broker = %broker_id, reason = %attempts.last, "broker failed; failing over");
             self.mark_failed(&broker_id).await;
@@ -225,33 +241,38 @@ impl Session {
         }
     }
 
-    /// One `Open` on `link`, bounded by the open timeout. `Err` means the broker failed
-    /// (transport error, garbage, or silence), not that it refused.
-    async fn try_open(&self, link: &Link, service: &str) -> Result<(OpenCode, Stream), String> {
+    /// One `Open` on `link`, bounded by the open timeout. `Err` means the broker failed or
+    /// refused the link, not that it denied the service (that is an answer).
+    async fn try_open(&self, link: &Link, service: &str) -> Result<(OpenCode, Stream), Failure> {
+        // Outer error: the link or stream failed; inner: the broker answered nonsense.
         let exchange = async {
-            let mut s = link.open().await.map_err(|e| e.to_string())?;
+            let mut s = link.open().await?;
             s.write_frame(&Frame::Open {
                 flow: Flow::Tcp,
                 service: service.to_owned(),
                 credential: Vec::new(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
-            match s.read_frame().await {
-                Ok(Frame::OpenReply { code }) => Ok((code, s)),
-                Ok(other) => {
+            .await?;
+            match s.read_frame().await? {
+                Frame::OpenReply { code } => Ok(Ok((code, s))),
+                other => {
                     s.reset();
-                    Err(format!("unexpected answer to Open: {other:?}"))
+                    Ok(Err(format!("unexpected answer to Open: {other:?}")))
                 }
-                Err(e) => Err(e.to_string()),
             }
         };
         match tokio::time::timeout(self.cfg.open_timeout(), exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
+            Ok(Ok(Ok(r))) => Ok(r),
+            Ok(Ok(Err(garbage))) => Err(Failure::Broker(garbage)),
+            // A link error: was it the broker refusing this identity?
+            Ok(Err(e)) => match link.explain(e).await {
+                LinkError::Refused => Err(Failure::Refused),
+                e => Err(Failure::Broker(e.to_string())),
+            },
+            Err(_) => Err(Failure::Broker(format!(
                 "no answer within {} ms",
                 self.cfg.open_timeout().as_millis()
-            )),
+            ))),
         }
     }
 

@@ -50,7 +50,7 @@ pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
         .unwrap_or(Transport::Tls);
     let brokers = probes
         .into_iter()
-        .map(|Probe { broker, result }| match result {
+        .map(|Probe { broker, result, .. }| match result {
             Ok((rtt, link)) => {
                 let transport = link.transport();
                 link.close();
@@ -84,9 +84,11 @@ pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
     let mut last = String::from("no brokers known");
     let mut answer = None;
+    let mut refused = false;
     for p in &probes {
         let Ok((_, link)) = &p.result else {
             if let Err(e) = &p.result {
+                refused |= p.refused;
                 last = format!("{}: {e}", p.broker.name);
             }
             continue;
@@ -103,7 +105,12 @@ pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
             link.close();
         }
     }
-    answer.ok_or(AgentError::NoBroker(last))
+    match answer {
+        Some(list) => Ok(list),
+        // Every broker holds the same snapshot: one refusal speaks for all.
+        None if refused => Err(AgentError::Refused),
+        None => Err(AgentError::NoBroker(last)),
+    }
 }
 
 async fn list_services(link: &umbra_link::Link, timeout: Duration) -> Result<Vec<String>, String> {

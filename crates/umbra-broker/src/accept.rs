@@ -51,7 +51,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             );
             metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str())
                 .increment(1);
-            link.close();
+            link.refuse();
         }
         Ok(LinkPeer::Connector { id }) => {
             info!(kx_group = link.kx_group(), "connector link up");
@@ -60,7 +60,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 .increment(1.0);
             shared.connectors.add(&id, link.clone(), key);
             if !still_admitted(&shared, &peer, &authority) {
-                link.close();
+                link.refuse();
             }
             tokio::select! {
                 () = link.closed() => {}
@@ -78,7 +78,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 .increment(1.0);
             shared.agents.add(&device, link.clone(), key);
             if !still_admitted(&shared, &peer, &authority) {
-                link.close();
+                link.refuse();
             }
             let device: Arc<str> = device.into();
             loop {

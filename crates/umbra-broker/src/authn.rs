@@ -17,7 +17,8 @@ pub(crate) enum LinkPeer {
     Connector { id: String },
 }
 
-/// Why a link is refused. Logged and audited; the peer only sees the link close.
+/// Why a link is refused. Logged and audited; the peer only learns that it was refused
+/// ([`umbra_link::Link::refuse`]), not which of these it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
     WrongOrg,

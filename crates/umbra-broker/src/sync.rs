@@ -113,7 +113,7 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
                 "ok",
                 serde_json::json!({ "reason": r.as_str() }),
             );
-            l.link.close();
+            l.link.refuse();
         }
     }
     for e in shared.streams.entries() {

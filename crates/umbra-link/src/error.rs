@@ -10,6 +10,8 @@ use std::io;
 use umbra_proto::FrameError;
 use umbra_proto::api::ApiError;
 
+use crate::transport::REFUSED_CODE;
+
 /// Why a link, stream or controller call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -53,6 +55,14 @@ pub enum LinkError {
     /// A named deadline passed (handshake, relay idle, ...).
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// The broker closed the link because this identity may not hold one: its certificate
+    /// or its device or connector is revoked, or it is not enrolled (the broker's audit log
+    /// has the exact reason).
+    #[error(
+        "refused by the broker: this identity may not connect (revoked, or not enrolled); \
+         ask an administrator, or enroll again"
+    )]
+    Refused,
     /// The link or stream is closed (locally, or already finished).
     #[error("closed")]
     Closed,
@@ -117,9 +127,12 @@ pub(crate) fn from_tls_io(e: io::Error) -> LinkError {
     }
 }
 
-/// Maps an h2 error, turning stream resets into [`LinkError::StreamReset`].
+/// Maps an h2 error, turning stream resets into [`LinkError::StreamReset`] and the broker's
+/// refusal GOAWAY into [`LinkError::Refused`].
 pub(crate) fn from_h2(e: h2::Error) -> LinkError {
     match e.reason() {
+        // The GOAWAY itself, or a stream it ended (h2 reports those as resets with its code).
+        Some(r) if e.is_remote() && u32::from(r) == REFUSED_CODE => LinkError::Refused,
         Some(r) if e.is_reset() => LinkError::StreamReset(u64::from(u32::from(r))),
         _ => LinkError::H2(e),
     }
@@ -149,10 +162,16 @@ impl From<quinn::WriteError> for LinkError {
     }
 }
 
-/// A locally closed QUIC connection is [`LinkError::Closed`]; anything else keeps its detail.
+/// A locally closed QUIC connection is [`LinkError::Closed`], the broker's refusal is
+/// [`LinkError::Refused`]; anything else keeps its detail.
 pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
     match e {
         quinn::ConnectionError::LocallyClosed => LinkError::Closed,
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(REFUSED_CODE) =>
+        {
+            LinkError::Refused
+        }
         e => LinkError::Quic(e),
     }
 }

@@ -40,7 +40,7 @@ mod transport;
 pub use broker::{DialBrokerError, TransportPref, UnknownTransportPref, dial_broker};
 pub use control::{ControllerClient, fetch_pinned_ca};
 pub use error::LinkError;
-pub use link::{Link, Listener, QuicPath, dial};
+pub use link::{EXPLAIN_WAIT, Link, Listener, QuicPath, dial};
 pub use relay::{Counters, relay_streams, relay_tcp};
 pub use stream::Stream;
 pub use transport::{ALPN, LinkConfig, ResetKey, Transport, UnknownTransport};

@@ -36,8 +36,15 @@ use crate::pending::{Pending, Slot};
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::telemetry;
 use crate::tls::H2Conn;
-use crate::transport::{LinkConfig, Transport};
+use crate::transport::{LinkConfig, REFUSED_CODE, Transport};
 use crate::{quic, tls};
+
+/// Bounds of the wait before a refused QUIC link is closed (two round trips).
+const REFUSE_WAIT_MIN: Duration = Duration::from_millis(10);
+const REFUSE_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// Longest wait of [`Link::explain`] for a failing link to finish closing.
+pub const EXPLAIN_WAIT: Duration = Duration::from_millis(250);
 
 /// A cheap, cloneable handle to one link. The link closes when [`Link::close`] is called, when
 /// the peer goes away or is silent past the idle timeout, or when the last handle is dropped.
@@ -226,6 +233,60 @@ impl Link {
     /// Closes the link at once; its streams fail.
     pub fn close(&self) {
         self.inner.close();
+    }
+
+    /// Closes the link telling the peer it was refused: the identity it proved may not hold a
+    /// link (the reason stays with the broker, in its log and audit). The peer's pending and
+    /// later operations fail with [`LinkError::Refused`] (see also [`Link::explain`]). On QUIC
+    /// the close goes out two round trips later (at least 10 ms, at most 1 s), so that a link
+    /// refused right after its handshake is not mistaken for a reset. On TLS links only the
+    /// HTTP/2 server can say so (a GOAWAY with the refusal code): that is the broker on links
+    /// agents dial; on links a connector dialed this is a plain [`Link::close`].
+    pub fn refuse(&self) {
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => {
+                // Closed the moment the handshake completes, the dialer may not have
+                // confirmed it yet, and then tends to see a stateless reset instead of the
+                // close (seen on loopback about one time in fifteen). Two round trips later
+                // it has; this handle keeps the link from closing plainly before.
+                let conn = conn.clone();
+                let hold = self.clone();
+                let wait = (conn.rtt() * 2).clamp(REFUSE_WAIT_MIN, REFUSE_WAIT_MAX);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    conn.close(quinn::VarInt::from_u32(REFUSED_CODE), b"refused");
+                    drop(hold);
+                });
+            }
+            Conn::H2(h) => h.refuse(),
+        }
+    }
+
+    /// Refines an error of this link or one of its streams into [`LinkError::Refused`] when
+    /// the peer refused the link. On TLS links a stream may fail with a plain connection error
+    /// while the GOAWAY that carries the refusal is still being processed, so this waits (at
+    /// most [`EXPLAIN_WAIT`]) for the link to finish closing before it looks. For failure
+    /// paths only: on a link that stays up it returns `e` after that wait.
+    pub async fn explain(&self, e: LinkError) -> LinkError {
+        if matches!(e, LinkError::Refused) {
+            return e;
+        }
+        let _ = tokio::time::timeout(EXPLAIN_WAIT, self.closed()).await;
+        if self.refused() {
+            LinkError::Refused
+        } else {
+            e
+        }
+    }
+
+    /// Whether the peer closed this link with a refusal (see [`Link::refuse`]).
+    pub fn refused(&self) -> bool {
+        match &self.inner.conn {
+            Conn::Quic { conn, .. } => conn
+                .close_reason()
+                .is_some_and(|e| matches!(from_conn(e), LinkError::Refused)),
+            Conn::H2(h) => h.refused(),
+        }
     }
 
     /// Resolves once the link is closed, for whatever reason.

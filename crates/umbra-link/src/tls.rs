@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,7 +34,7 @@ use crate::error::{LinkError, from_h2, from_tls_io};
 use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::transport::{
-    ALPN, CONNECTION_WINDOW, H2_MAX_FRAME, H2_MAX_HEADER_LIST, LinkConfig, Transport,
+    ALPN, CONNECTION_WINDOW, H2_MAX_FRAME, H2_MAX_HEADER_LIST, LinkConfig, REFUSED_CODE, Transport,
 };
 
 /// Read buffer under TLS (see [`buffered`]).
@@ -46,7 +46,17 @@ pub(crate) struct H2Conn {
     closed: CancellationToken,
     /// Last keepalive round trip in nanoseconds; 0 until the first one.
     rtt_nanos: Arc<AtomicU64>,
+    /// Set before `closed` is cancelled by [`H2Conn::refuse`]: the server's driver then sends a
+    /// GOAWAY with the refusal code instead of just dropping the connection.
+    refusing: Arc<AtomicBool>,
+    /// The peer closed the link with a refusal.
+    peer_refused: Arc<AtomicBool>,
 }
+
+/// How long a refused link may take to deliver its GOAWAY.
+const REFUSE_FLUSH: Duration = Duration::from_secs(1);
+/// How long a refused link's socket stays open after its GOAWAY went out.
+const REFUSE_LINGER: Duration = Duration::from_millis(250);
 
 enum H2Side {
     /// We open streams.
@@ -89,6 +99,18 @@ impl H2Conn {
 
     pub(crate) fn close(&self) {
         self.closed.cancel();
+    }
+
+    /// See [`crate::Link::refuse`]: only the h2 server can send the GOAWAY that says so.
+    pub(crate) fn refuse(&self) {
+        if matches!(self.side, H2Side::Server(_)) {
+            self.refusing.store(true, Ordering::Relaxed);
+        }
+        self.closed.cancel();
+    }
+
+    pub(crate) fn refused(&self) -> bool {
+        self.peer_refused.load(Ordering::Relaxed)
     }
 
     pub(crate) async fn closed(&self) {
@@ -214,6 +236,8 @@ where
 {
     let closed = CancellationToken::new();
     let rtt_nanos = Arc::new(AtomicU64::new(0));
+    let refusing = Arc::new(AtomicBool::new(false));
+    let peer_refused = Arc::new(AtomicBool::new(false));
     let send_buffer = cfg.stream_window as usize;
     let (side, ping) = if h2_client {
         let (sr, mut conn) = h2::client::Builder::new()
@@ -229,12 +253,18 @@ where
             .map_err(from_h2)?;
         let ping = conn.ping_pong();
         let token = closed.clone();
+        let refused = peer_refused.clone();
         tokio::spawn(
             async move {
                 tokio::select! {
                     r = &mut conn => match r {
                         Ok(()) => debug!("link ended"),
-                        Err(e) => debug!(error = %e, "link ended"),
+                        Err(e) => {
+                            debug!(error = %e, "link ended");
+                            if matches!(from_h2(e), LinkError::Refused) {
+                                refused.store(true, Ordering::Relaxed);
+                            }
+                        }
                     },
                     () = token.cancelled() => debug!("link closed"),
                 }
@@ -259,7 +289,8 @@ where
         // never waits on the application.
         let (tx, rx) = mpsc::channel(cfg.max_streams.clamp(1, 1024) as usize);
         tokio::spawn(
-            serve_streams(conn, tx, closed.clone(), span.clone()).instrument(span.clone()),
+            serve_streams(conn, tx, closed.clone(), refusing.clone(), span.clone())
+                .instrument(span.clone()),
         );
         (H2Side::Server(tokio::sync::Mutex::new(rx)), ping)
     };
@@ -279,6 +310,8 @@ where
         side,
         closed,
         rtt_nanos,
+        refusing,
+        peer_refused,
     })
 }
 
@@ -287,6 +320,7 @@ async fn serve_streams<T>(
     mut conn: h2::server::Connection<T, Bytes>,
     tx: mpsc::Sender<Stream>,
     closed: CancellationToken,
+    refusing: Arc<AtomicBool>,
     span: Span,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -294,7 +328,21 @@ async fn serve_streams<T>(
     loop {
         let next = tokio::select! {
             () = closed.cancelled() => {
-                debug!("link closed");
+                if refusing.load(Ordering::Relaxed) {
+                    conn.abrupt_shutdown(h2::Reason::from(REFUSED_CODE));
+                    let flushed = tokio::time::timeout(
+                        REFUSE_FLUSH,
+                        std::future::poll_fn(|cx| conn.poll_closed(cx)),
+                    );
+                    let _ = flushed.await;
+                    // Hold the socket a moment: closing it now would answer data the peer
+                    // sent meanwhile with a TCP reset, which can reach its h2 layer before
+                    // the GOAWAY that says why.
+                    tokio::time::sleep(REFUSE_LINGER).await;
+                    debug!("link refused");
+                } else {
+                    debug!("link closed");
+                }
                 break;
             }
             next = conn.accept() => next,

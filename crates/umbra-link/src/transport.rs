@@ -20,6 +20,11 @@ pub(crate) const H2_MAX_FRAME: u32 = 64 * 1024;
 /// Largest HTTP/2 header block we accept: our requests carry none beyond the pseudo-headers.
 pub(crate) const H2_MAX_HEADER_LIST: u32 = 4 * 1024;
 
+/// Close code of a link the broker refused after the handshake (the identity may not hold a
+/// link: see [`crate::Link::refuse`]): a QUIC application close code, and on TLS links the
+/// error code of the HTTP/2 GOAWAY.
+pub(crate) const REFUSED_CODE: u32 = 0x554d_0001;
+
 /// The two transports behind [`crate::Link`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {

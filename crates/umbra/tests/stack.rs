@@ -192,6 +192,25 @@ async fn data_path(t: TransportPref) {
     echo_ok(fb).await.unwrap();
     let r = assert_refused(b0, lt, &alice_id, "revoked device").await;
     eprintln!("[{t}] revoked device: {r:?}");
+    // The broker says "refused" (not which reason): the agent tells its user to ask an
+    // administrator instead of reporting every broker unreachable.
+    assert!(
+        matches!(r, Refusal::ClosedAfterHandshake { refused: true, .. }),
+        "[{t}] {r:?}"
+    );
+    match umbra_agent::services(&s.agent("alice").config(t)).await {
+        Err(e @ umbra_agent::AgentError::Refused) => {
+            assert!(e.to_string().contains("ask an administrator"), "{e}")
+        }
+        other => panic!("[{t}] services of a revoked device: {other:?}"),
+    }
+    // The twin: bob's device is served, and its links are not refused.
+    assert!(
+        umbra_agent::services(&s.agent("bob").config(t))
+            .await
+            .unwrap()
+            .contains(&ECHO.to_string())
+    );
 
     // 3b. Connector revoked: it stops serving. The lending link is still up and still an
     // agent: no connector for it either, and no stream ever arrives on it.

@@ -309,6 +309,53 @@ async fn reset_reaches_peer(t: Transport) {
 }
 both!(reset_reaches_peer);
 
+/// The stream operations of an agent whose link the broker ended: open a stream, send a
+/// frame, read the answer; the first error.
+async fn first_error(link: &Link) -> LinkError {
+    let run = async {
+        let mut s = link.open().await?;
+        s.write_frame(&Frame::Ping { nonce: 1 }).await?;
+        s.read_frame().await?;
+        Ok::<(), LinkError>(())
+    };
+    let e = soon("the link to fail", run).await.unwrap_err();
+    link.explain(e).await
+}
+
+/// A refused link tells the agent so (it can say "revoked or not enrolled" instead of "the
+/// broker is unreachable"); a plain close does not claim a refusal.
+async fn refusal_reaches_the_agent(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let cfg = LinkConfig::default();
+
+    let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
+        .await
+        .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+    server.refuse();
+    let e = first_error(&link).await;
+    assert!(matches!(e, LinkError::Refused), "{t:?}: {e:?}");
+    assert!(e.to_string().contains("refused by the broker"), "{e}");
+    soon("closed", link.closed()).await;
+    assert!(link.refused());
+    // Later operations say so too; the refusal is not a protocol fault of the broker.
+    assert!(matches!(first_error(&link).await, LinkError::Refused));
+    assert!(!e.is_peer_fault());
+
+    // The twin: a link closed without a refusal fails, but not as refused.
+    let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
+        .await
+        .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+    server.close();
+    let e = first_error(&link).await;
+    assert!(!matches!(e, LinkError::Refused), "{t:?}: {e:?}");
+    soon("closed", link.closed()).await;
+    assert!(!link.refused());
+}
+both!(refusal_reaches_the_agent);
+
 /// Servers that are not brokers are refused by the dialer.
 async fn dialer_refuses_non_brokers(t: Transport) {
     let org = Org::new();

@@ -788,8 +788,9 @@ pub(crate) enum Refusal {
     /// `dial` itself failed.
     Handshake(String),
     /// The dialer's side of the handshake completed (TLS 1.3 sends the client certificate
-    /// last), then the broker closed the link before it carried anything.
-    ClosedAfterHandshake(String),
+    /// last), then the broker closed the link before it carried anything; `refused` when it
+    /// told the dialer so ([`umbra_link::Link::refuse`]).
+    ClosedAfterHandshake { why: String, refused: bool },
 }
 
 /// Asserts that `id` gets nothing from the broker: the dial fails, or the link is closed
@@ -814,7 +815,10 @@ pub(crate) async fn assert_refused(
         "not the opener: waited for the broker to close".to_string()
     };
     match tokio::time::timeout(Duration::from_secs(3), link.closed()).await {
-        Ok(()) => Refusal::ClosedAfterHandshake(why),
+        Ok(()) => Refusal::ClosedAfterHandshake {
+            why,
+            refused: link.refused(),
+        },
         Err(_) => panic!("{what} over {t:?}: the link stayed up"),
     }
 }
