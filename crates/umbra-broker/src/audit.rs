@@ -1,29 +1,119 @@
 //! Audit events raised by the broker: every stream decision, refused link and failed dial.
 //!
-//! Each event is logged at once as a structured line (target `audit`) and queued for the next
-//! heartbeat, which stores it in the controller's audit table. A new event wakes the heartbeat
-//! early (see [`AuditQueue::pending`]), so events reach the store within a fraction of a
-//! second rather than a heartbeat interval: a broker that crashes loses at most what it
-//! recorded in that short window (still in its log). The queue is bounded: if the controller is
-//! away for long, the oldest events are dropped from the queue (they are still in the log) and
-//! counted.
+//! Each event is logged at once as a structured line (target `audit`), numbered, appended to
+//! the spool (`audit.spool` in the broker's directory) and queued for the next heartbeat,
+//! which stores it in the controller's audit table. A new event wakes the heartbeat early (see
+//! [`AuditQueue::pending`]), so events reach the store within a fraction of a second.
+//!
+//! The spool makes them survive a crash: the append is one `write` (no fsync), so a broker
+//! killed at any point loses nothing (a power cut may lose what the page cache held). At
+//! start the spool is read back and whatever the controller has not acknowledged is queued
+//! again. Numbers (`epoch`, `seq`) travel with each heartbeat, and the controller stores each
+//! number once, so a resend after a crash or a lost answer does not duplicate events. A torn
+//! last line (the crash hit mid-write) is skipped. The spool is rewritten with only the
+//! unacknowledged events once it passes [`COMPACT_AT`].
+//!
+//! The queue is bounded: if the controller is away for long, the oldest events are dropped
+//! from it (they are still in the log) and counted.
 
 use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use umbra_proto::api::AuditRecord;
+use serde::{Deserialize, Serialize};
+use umbra_proto::api::{AuditRecord, AuditSeq};
 
 const CAP: usize = 10_000;
 
-#[derive(Default)]
+/// Spool size past which an acknowledgement rewrites it with only what is still unsent.
+pub(crate) const COMPACT_AT: u64 = 1 << 20;
+
+/// One line of the spool.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Line {
+    /// First line: the spool's epoch.
+    Epoch { epoch: u64 },
+    /// An event and its number.
+    Event { seq: u64, rec: AuditRecord },
+    /// The controller stored every event up to this number.
+    Acked { acked: u64 },
+}
+
+/// Events taken for one heartbeat.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) seq: AuditSeq,
+    pub(crate) records: Vec<AuditRecord>,
+}
+
 pub(crate) struct AuditQueue {
-    q: Mutex<VecDeque<AuditRecord>>,
+    epoch: u64,
+    inner: Mutex<Inner>,
     queued: tokio::sync::Notify,
 }
 
+struct Inner {
+    /// Unsent events, oldest first, numbered without gaps.
+    q: VecDeque<(u64, AuditRecord)>,
+    next_seq: u64,
+    spool: Option<Spool>,
+}
+
+struct Spool {
+    path: PathBuf,
+    file: File,
+    bytes: u64,
+    /// Write errors are logged once, then only counted.
+    failing: bool,
+}
+
+impl Default for AuditQueue {
+    /// In memory only (tests).
+    fn default() -> Self {
+        AuditQueue::with(new_epoch(), VecDeque::new(), 1, None)
+    }
+}
+
 impl AuditQueue {
-    /// Logs and queues one event.
+    fn with(
+        epoch: u64,
+        q: VecDeque<(u64, AuditRecord)>,
+        next_seq: u64,
+        spool: Option<Spool>,
+    ) -> Self {
+        AuditQueue {
+            epoch,
+            inner: Mutex::new(Inner { q, next_seq, spool }),
+            queued: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Opens the spool at `path`, queueing what an earlier run recorded and the controller
+    /// did not acknowledge; a missing spool starts a new epoch.
+    pub(crate) fn open(path: &Path) -> io::Result<AuditQueue> {
+        let (epoch, pending, next_seq) = match std::fs::read(path) {
+            Ok(bytes) => read_spool(&bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (None, VecDeque::new(), 1),
+            Err(e) => return Err(e),
+        };
+        let epoch = epoch.unwrap_or_else(new_epoch);
+        if !pending.is_empty() {
+            tracing::info!(
+                events = pending.len(),
+                "audit events from before the restart queued again"
+            );
+        }
+        let spool = rewrite(path, epoch, &pending)?;
+        let q = AuditQueue::with(epoch, pending, next_seq, Some(spool));
+        q.queued.notify_one();
+        Ok(q)
+    }
+
+    /// Logs, numbers, spools and queues one event.
     pub(crate) fn record(
         &self,
         actor: &str,
@@ -52,13 +142,21 @@ impl AuditQueue {
             result: result.to_owned(),
             detail,
         };
-        let mut q = self.lock();
-        if q.len() >= CAP {
-            q.pop_front();
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        if let Some(spool) = &mut inner.spool {
+            spool.append(&Line::Event {
+                seq,
+                rec: rec.clone(),
+            });
+        }
+        if inner.q.len() >= CAP {
+            inner.q.pop_front();
             metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
         }
-        q.push_back(rec);
-        drop(q);
+        inner.q.push_back((seq, rec));
+        drop(inner);
         self.queued.notify_one();
     }
 
@@ -67,27 +165,147 @@ impl AuditQueue {
         self.queued.notified().await;
     }
 
-    /// Takes up to `max` queued events for a heartbeat.
-    pub(crate) fn take(&self, max: usize) -> Vec<AuditRecord> {
-        let mut q = self.lock();
-        let n = q.len().min(max);
-        q.drain(..n).collect()
-    }
-
-    /// Puts events back at the front after a failed heartbeat.
-    pub(crate) fn requeue(&self, events: Vec<AuditRecord>) {
-        let mut q = self.lock();
-        for e in events.into_iter().rev() {
-            if q.len() >= CAP {
-                break;
-            }
-            q.push_front(e);
+    /// Takes up to `max` queued events for a heartbeat (possibly none: the numbering still
+    /// goes along).
+    pub(crate) fn take(&self, max: usize) -> Batch {
+        let mut inner = self.lock();
+        let n = inner.q.len().min(max);
+        let first = inner.q.front().map_or(inner.next_seq, |(s, _)| *s);
+        Batch {
+            seq: AuditSeq {
+                epoch: self.epoch,
+                first,
+            },
+            records: inner.q.drain(..n).map(|(_, r)| r).collect(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<AuditRecord>> {
-        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    /// Puts a batch back at the front after a failed heartbeat.
+    pub(crate) fn requeue(&self, batch: Batch) {
+        let mut inner = self.lock();
+        for (i, rec) in batch.records.into_iter().enumerate().rev() {
+            if inner.q.len() >= CAP {
+                break;
+            }
+            inner.q.push_front((batch.seq.first + i as u64, rec));
+        }
     }
+
+    /// The controller stored the batch: remember that in the spool, and rewrite the spool
+    /// with only the unsent events once it has grown past [`COMPACT_AT`].
+    pub(crate) fn acked(&self, batch: &Batch) {
+        if batch.records.is_empty() {
+            return;
+        }
+        let last = batch.seq.first + batch.records.len() as u64 - 1;
+        let mut inner = self.lock();
+        let Inner { q, spool, .. } = &mut *inner;
+        let Some(s) = spool else { return };
+        s.append(&Line::Acked { acked: last });
+        if s.bytes >= COMPACT_AT {
+            let pending: VecDeque<(u64, AuditRecord)> = q.iter().cloned().collect();
+            match rewrite(&s.path, self.epoch, &pending) {
+                Ok(new) => *s = new,
+                Err(e) => tracing::warn!(error = %e, "cannot compact the audit spool"),
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Spool {
+    fn append(&mut self, line: &Line) {
+        let mut buf = match serde_json::to_vec(line) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        buf.push(b'\n');
+        // One write call per line, so that a crash leaves at most the last line torn.
+        match self.file.write_all(&buf) {
+            Ok(()) => {
+                self.bytes += buf.len() as u64;
+                self.failing = false;
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(error = %e, path = %self.path.display(), "cannot write the audit spool; events are kept in memory only");
+                }
+                self.failing = true;
+                metrics::counter!("umbra_broker_audit_spool_errors_total").increment(1);
+            }
+        }
+    }
+}
+
+/// Epoch, unacknowledged events in order, and the next number, from a spool's bytes.
+fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) {
+    let mut epoch = None;
+    let mut events = Vec::new();
+    let mut acked = 0;
+    let mut skipped = 0usize;
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<Line>(line) {
+            Ok(Line::Epoch { epoch: e }) => epoch = epoch.or(Some(e)),
+            Ok(Line::Event { seq, rec }) => events.push((seq, rec)),
+            Ok(Line::Acked { acked: a }) => acked = acked.max(a),
+            Err(_) => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            lines = skipped,
+            "unreadable audit spool lines skipped (a torn write at a crash)"
+        );
+    }
+    let next = events
+        .iter()
+        .map(|(s, _)| s + 1)
+        .max()
+        .unwrap_or(1)
+        .max(acked + 1);
+    events.sort_by_key(|(s, _)| *s);
+    events.dedup_by_key(|(s, _)| *s);
+    let mut pending: VecDeque<_> = events.into_iter().filter(|(s, _)| *s > acked).collect();
+    while pending.len() > CAP {
+        pending.pop_front();
+    }
+    (epoch, pending, next)
+}
+
+/// Writes a fresh spool (epoch line, then `pending`) atomically, 0600, and opens it for
+/// appending.
+fn rewrite(path: &Path, epoch: u64, pending: &VecDeque<(u64, AuditRecord)>) -> io::Result<Spool> {
+    let mut text = String::new();
+    let mut push = |l: &Line| {
+        if let Ok(s) = serde_json::to_string(l) {
+            text.push_str(&s);
+            text.push('\n');
+        }
+    };
+    push(&Line::Epoch { epoch });
+    for (seq, rec) in pending {
+        push(&Line::Event {
+            seq: *seq,
+            rec: rec.clone(),
+        });
+    }
+    umbra_pki::write_private_file(path, text.as_bytes())
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let file = OpenOptions::new().append(true).open(path)?;
+    Ok(Spool {
+        path: path.to_owned(),
+        file,
+        bytes: text.len() as u64,
+        failing: false,
+    })
+}
+
+/// A random epoch below 2^63 (the controller stores it as a signed 64-bit number), never 0.
+fn new_epoch() -> u64 {
+    (u64::from_le_bytes(umbra_pki::random_bytes::<8>()) >> 1) | 1
 }
 
 #[cfg(test)]
@@ -107,7 +325,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), a.pending())
             .await
             .expect("woken by the event");
-        assert_eq!(a.take(10).len(), 1);
+        assert_eq!(a.take(10).records.len(), 1);
     }
 
     #[test]
@@ -123,8 +341,114 @@ mod tests {
             );
         }
         let first = a.take(3);
-        assert_eq!(first[0].target, "5", "oldest dropped first");
+        assert_eq!(first.records[0].target, "5", "oldest dropped first");
+        assert_eq!(first.seq.first, 6, "numbers stay with their events");
         a.requeue(first);
-        assert_eq!(a.take(1)[0].target, "5", "requeued at the front");
+        let again = a.take(1);
+        assert_eq!(again.records[0].target, "5", "requeued at the front");
+        assert_eq!(again.seq.first, 6);
+    }
+
+    fn rec(a: &AuditQueue, target: &str) {
+        a.record(
+            "x",
+            "link.open",
+            target,
+            "deny",
+            serde_json::json!({"r": 1}),
+        );
+    }
+
+    #[test]
+    fn what_the_controller_did_not_store_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let epoch = a.epoch;
+        for t in ["a", "b", "c"] {
+            rec(&a, t);
+        }
+        let sent = a.take(2);
+        assert_eq!(sent.seq, AuditSeq { epoch, first: 1 });
+        a.acked(&sent);
+        rec(&a, "d");
+        // A failed heartbeat: taken, not acknowledged.
+        let lost = a.take(10);
+        assert_eq!(lost.records.len(), 2);
+        // The process dies here (nothing flushed on the way out).
+        drop(a);
+
+        let b = AuditQueue::open(&path).unwrap();
+        assert_eq!(b.epoch, epoch, "same spool, same numbering");
+        let again = b.take(10);
+        assert_eq!(again.seq, AuditSeq { epoch, first: 3 });
+        let targets: Vec<_> = again.records.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["c", "d"]);
+        assert_eq!(again.records[0].detail, serde_json::json!({"r": 1}));
+        // Numbering goes on after the replayed events.
+        b.requeue(again);
+        rec(&b, "e");
+        let all = b.take(10);
+        assert_eq!(all.seq.first, 3);
+        assert_eq!(all.records.len(), 3);
+        b.acked(&all);
+        drop(b);
+
+        // Everything acknowledged: nothing to resend, numbers continue.
+        let c = AuditQueue::open(&path).unwrap();
+        let none = c.take(10);
+        assert!(none.records.is_empty());
+        assert_eq!(none.seq, AuditSeq { epoch, first: 6 });
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_a_missing_spool_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        rec(&a, "whole");
+        let epoch = a.epoch;
+        drop(a);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":2,"rec":{"at_ms":1,"act"#).unwrap();
+        drop(f);
+        let b = AuditQueue::open(&path).unwrap();
+        let got = b.take(10);
+        assert_eq!(got.seq, AuditSeq { epoch, first: 1 });
+        assert_eq!(got.records.len(), 1);
+        assert_eq!(got.records[0].target, "whole");
+        drop(b);
+
+        std::fs::remove_file(&path).unwrap();
+        let c = AuditQueue::open(&path).unwrap();
+        assert_ne!(c.epoch, epoch);
+        assert_eq!(c.take(10).seq.first, 1);
+    }
+
+    #[test]
+    fn the_spool_is_compacted_to_what_is_unsent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let big = "x".repeat(2_000);
+        let mut n = 0;
+        while std::fs::metadata(&path).unwrap().len() < COMPACT_AT {
+            rec(&a, &big);
+            n += 1;
+        }
+        let sent = a.take(n);
+        rec(&a, "after");
+        a.acked(&sent);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            len < 4_000,
+            "compacted to the epoch and one event: {len} bytes"
+        );
+        drop(a);
+        let b = AuditQueue::open(&path).unwrap();
+        let left = b.take(10);
+        assert_eq!(left.records.len(), 1);
+        assert_eq!(left.records[0].target, "after");
+        assert_eq!(left.seq.first, n as u64 + 1);
     }
 }

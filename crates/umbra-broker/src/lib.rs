@@ -71,6 +71,11 @@ pub enum BrokerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("audit spool {path}: {source}")]
+    AuditSpool {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The QUIC stateless-reset key, created once and kept next to the identity so that a
@@ -180,6 +185,11 @@ impl Broker {
             Err(_) => format!("{host}:{}", a.port()),
         };
         let org = identity.peer.id.org.clone();
+        let spool = dir.join("audit.spool");
+        let audit = audit::AuditQueue::open(&spool).map_err(|source| BrokerError::AuditSpool {
+            path: spool.clone(),
+            source,
+        })?;
         let shared = Arc::new(Shared {
             name: cfg.name.clone(),
             server_name: umbra_pki::broker_server_name(&identity.peer.id.id),
@@ -190,7 +200,7 @@ impl Broker {
             connectors: Default::default(),
             agents: Default::default(),
             streams: Default::default(),
-            audit: Default::default(),
+            audit,
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             org,

@@ -14,6 +14,7 @@ use umbra_proto::api::BrokerHeartbeat;
 use umbra_proto::{OpenCode, Snapshot};
 
 use crate::Shared;
+use crate::audit::Batch;
 use crate::authn::admit;
 use crate::authority::{Authority, store_cached, unix};
 use crate::authz::{OpenFacts, authorize};
@@ -167,6 +168,9 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
     let mut reported: Option<Reported> = None;
     loop {
         tokio::select! {
+            // Biased: the first tick is immediate, so a starting broker registers its
+            // addresses at once even with spooled events waiting.
+            biased;
             _ = tick.tick() => {}
             // Audit events go out promptly; the pause batches a burst of them, and the spacing
             // keeps a burst of streams from turning heartbeats (which carry every live stream)
@@ -182,7 +186,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let a = shared.authority.load();
         metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
-        let audit = shared.audit.take(1_000);
+        let batch = shared.audit.take(1_000);
         // Read before the list, so that a stream starting meanwhile makes the next one due.
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.
@@ -196,7 +200,8 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             server_name: shared.server_name.clone(),
             snapshot_version: a.snapshot.version,
             streams,
-            audit,
+            audit: batch.records,
+            audit_seq: Some(batch.seq),
         };
         drop(a);
         match client
@@ -211,11 +216,18 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                         at: last_sent,
                     });
                 }
+                shared.audit.acked(&Batch {
+                    seq: batch.seq,
+                    records: hb.audit,
+                });
             }
             Err(e) => {
                 debug!(error = %e, "heartbeat failed");
                 reported = None;
-                shared.audit.requeue(hb.audit);
+                shared.audit.requeue(Batch {
+                    seq: batch.seq,
+                    records: hb.audit,
+                });
             }
         }
     }

@@ -903,6 +903,63 @@ async fn heartbeat_brokers_streams_and_audit() {
             .any(|e| e.record.action == "stream.open" && e.record.result == "allow")
     );
 
+    // Numbered audit events are stored once: a resend after a crash or a lost answer adds
+    // only what is new.
+    let hr = &h;
+    let count = |target: &'static str| async move {
+        let audit: Vec<AuditEntry> =
+            serde_json::from_value(hr.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
+        audit.iter().filter(|e| e.record.target == target).count()
+    };
+    let numbered = |first: u64, targets: &[&str]| {
+        let mut v = hb.clone();
+        v["audit_seq"] = json!({ "epoch": 77, "first": first });
+        v["audit"] = json!(
+            targets
+                .iter()
+                .map(|t| json!({
+                    "at_ms": 1, "actor": dev.peer.id.to_uri(), "action": "stream.open",
+                    "target": t, "result": "deny", "detail": {}
+                }))
+                .collect::<Vec<_>>()
+        );
+        v
+    };
+    for (first, targets) in [
+        (1, vec!["n1", "n2"]),
+        (1, vec!["n1", "n2"]),
+        (2, vec!["n2", "n3"]),
+    ] {
+        let resp = b
+            .post(h.url("/v1/broker/heartbeat"))
+            .json(&numbered(first, &targets))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        (count("n1").await, count("n2").await, count("n3").await),
+        (1, 1, 1)
+    );
+    let mut bad = numbered(0, &["n4"]);
+    let resp = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    bad["audit_seq"] = json!({ "epoch": u64::MAX, "first": 1 });
+    let resp = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(count("n4").await, 0, "a refused heartbeat stores nothing");
+
     // A heartbeat without a stream list (the set is unchanged) keeps the stored one and
     // still counts as a sign of life; an empty list clears it.
     h.skew.store(20, Ordering::SeqCst);

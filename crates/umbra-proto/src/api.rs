@@ -175,6 +175,20 @@ pub struct BrokerHeartbeat {
     pub streams: Option<Vec<LiveStream>>,
     /// Decisions and link events since the last heartbeat (bounded by the broker).
     pub audit: Vec<AuditRecord>,
+    /// Where `audit` sits in the broker's numbering, so that the controller stores each event
+    /// once when a broker resends after a failure or a crash. Absent: store as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_seq: Option<AuditSeq>,
+}
+
+/// The numbering of a broker's audit events: `audit[i]` is number `first + i` of `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSeq {
+    /// Random, drawn when the broker's spool is created (a wiped broker starts a new one).
+    pub epoch: u64,
+    /// Number of the first event of the heartbeat (numbers start at 1 and have no gaps).
+    pub first: u64,
 }
 
 /// A stream alive on a broker.

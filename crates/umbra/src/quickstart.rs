@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use rustls_pki_types::CertificateDer;
@@ -199,6 +200,24 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
                 .with_context(|| format!("{b} did not start"))?,
         );
     }
+    // Agents learn where brokers are from the controller, which learns it from their first
+    // heartbeat: the printed commands must find them.
+    let registered = async {
+        loop {
+            let list: Vec<api::Broker> = admin.get("/v1/brokers/all").await?;
+            let ready = BROKERS.iter().all(|b| {
+                list.iter()
+                    .any(|r| r.name == *b && r.quic_addr.is_some() && r.tcp_addr.is_some())
+            });
+            if ready {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), registered)
+        .await
+        .context("the brokers did not register with the controller within 15 s")??;
     let connector = Connector::start(ConnectorConfig {
         identity_dir: dir.join("connector"),
         ..ConnectorConfig::default()

@@ -506,6 +506,14 @@ struct BrokerHeartbeat {
     /// Absent: the broker's live streams are unchanged since its last report.
     streams: Option<Vec<LiveStream>>,
     audit: Vec<AuditRecord>,
+    /// `audit[i]` is event number `first + i` of the broker's spool `epoch`; the controller
+    /// stores each number once.
+    audit_seq: Option<AuditSeq>,
+}
+#[derive(ToSchema)]
+struct AuditSeq {
+    epoch: u64,
+    first: u64,
 }
 #[derive(ToSchema)]
 struct HeartbeatAck {
@@ -679,6 +687,7 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<AuditRecord>()
         .schema_from::<AuditEntry>()
         .schema_from::<BrokerHeartbeat>()
+        .schema_from::<AuditSeq>()
         .schema_from::<HeartbeatAck>()
         .schema_from::<UserFacts>()
         .schema_from::<DeviceFacts>()

@@ -10,7 +10,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use umbra_proto::Role;
-use umbra_proto::api::{BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest};
+use umbra_proto::api::{
+    AuditSeq, BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest,
+};
 
 use super::ApiJson;
 use super::ApiQuery;
@@ -138,6 +140,19 @@ pub(super) async fn connector_config(
     Ok(Json(cfg).into_response())
 }
 
+/// Which of a heartbeat's `n` audit events are new, given the broker's last stored mark
+/// `(epoch, number)`: skip the first `skip`, and store `mark` next. A new epoch (a broker whose
+/// spool was wiped, or the first numbered heartbeat) starts over.
+fn audit_to_store(stored: (u64, u64), given: AuditSeq, n: usize) -> (usize, (u64, u64)) {
+    let n = n as u64;
+    let last = given.first.saturating_add(n).saturating_sub(1);
+    if stored.0 != given.epoch {
+        return (0, (given.epoch, if n == 0 { 0 } else { last }));
+    }
+    let skip = (stored.1 + 1).saturating_sub(given.first).min(n);
+    (skip as usize, (given.epoch, stored.1.max(last)))
+}
+
 /// Answer to a heartbeat.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct HeartbeatAck {
@@ -168,6 +183,15 @@ pub(super) async fn heartbeat(
         return Err(ApiFailure::invalid(
             "streams",
             "too many streams in one heartbeat",
+        ));
+    }
+    if hb
+        .audit_seq
+        .is_some_and(|a| a.epoch > i64::MAX as u64 || a.first == 0)
+    {
+        return Err(ApiFailure::invalid(
+            "audit_seq",
+            "epoch must be below 2^63 and numbers start at 1",
         ));
     }
     if hb.audit.len() > MAX_HEARTBEAT_AUDIT {
@@ -204,7 +228,16 @@ pub(super) async fn heartbeat(
         now_secs,
     )
     .await?;
-    audit::stage(w.conn(), &ctx.org, &hb.audit, &peer.id.to_uri()).await?;
+    let fresh = match hb.audit_seq {
+        Some(given) => {
+            let stored = peers::broker_audit_mark(w.conn(), &ctx.org, &peer.id.id).await?;
+            let (skip, mark) = audit_to_store(stored, given, hb.audit.len());
+            peers::broker_audit_set_mark(w.conn(), &ctx.org, &peer.id.id, mark).await?;
+            hb.audit.get(skip..).unwrap_or_default()
+        }
+        None => &hb.audit[..],
+    };
+    audit::stage(w.conn(), &ctx.org, fresh, &peer.id.to_uri()).await?;
     // Where a broker can be reached is part of the snapshot and of every broker list.
     let moved = old_quic != quic || old_tcp != tcp;
     let version = if moved {
@@ -220,4 +253,31 @@ pub(super) async fn heartbeat(
     Ok(Json(HeartbeatAck {
         snapshot_version: version,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(epoch: u64, first: u64) -> AuditSeq {
+        AuditSeq { epoch, first }
+    }
+
+    #[test]
+    fn each_audit_event_is_stored_once() {
+        // First numbered heartbeat: everything, and the mark moves to the last.
+        assert_eq!(audit_to_store((0, 0), seq(7, 1), 3), (0, (7, 3)));
+        // Next events.
+        assert_eq!(audit_to_store((7, 3), seq(7, 4), 2), (0, (7, 5)));
+        // A resend after a lost answer or a crash: the stored ones are skipped.
+        assert_eq!(audit_to_store((7, 5), seq(7, 4), 4), (2, (7, 7)));
+        assert_eq!(audit_to_store((7, 5), seq(7, 1), 3), (3, (7, 5)));
+        // Nothing new to say.
+        assert_eq!(audit_to_store((7, 5), seq(7, 6), 0), (0, (7, 5)));
+        // A wiped broker starts a new epoch: all of it counts.
+        assert_eq!(audit_to_store((7, 5), seq(9, 1), 2), (0, (9, 2)));
+        assert_eq!(audit_to_store((7, 5), seq(9, 1), 0), (0, (9, 0)));
+        // Events lost in between (a full queue dropped them): store what came.
+        assert_eq!(audit_to_store((7, 5), seq(7, 9), 2), (0, (7, 10)));
+    }
 }

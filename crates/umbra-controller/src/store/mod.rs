@@ -29,8 +29,14 @@ pub(crate) type Db = sqlx::Sqlite;
 
 /// Migrations, embedded in the binary. Append new files here; never edit an applied one
 /// (the migrator refuses a changed checksum).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "broker_audit_seq",
+        include_str!("../../migrations/0002_broker_audit_seq.sql"),
+    ),
+];
 
 /// Counter holding the snapshot version.
 pub(crate) const SNAPSHOT_VERSION: &str = "snapshot_version";

@@ -548,6 +548,40 @@ pub(crate) async fn broker_heartbeat(
     Ok(before)
 }
 
+/// The last broker audit event stored: `(spool epoch, event number)`.
+pub(crate) async fn broker_audit_mark(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+) -> Result<(u64, u64), sqlx::Error> {
+    let (epoch, seq): (i64, i64) =
+        sqlx::query_as("SELECT audit_epoch, audit_seq FROM brokers WHERE org = $1 AND id = $2")
+            .bind(org)
+            .bind(id)
+            .fetch_one(c)
+            .await?;
+    Ok((
+        u64::try_from(epoch).unwrap_or(0),
+        u64::try_from(seq).unwrap_or(0),
+    ))
+}
+
+pub(crate) async fn broker_audit_set_mark(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    (epoch, seq): (u64, u64),
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE brokers SET audit_epoch = $1, audit_seq = $2 WHERE org = $3 AND id = $4")
+        .bind(to_i64(epoch))
+        .bind(to_i64(seq))
+        .bind(org)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Certificates
 
