@@ -33,6 +33,8 @@ pub struct BrokerStatus {
     pub rtt: Result<Duration, String>,
     /// The transport the measurement used; for an unreachable broker, the last one tried.
     pub transport: Transport,
+    /// The broker answered, but refused this device (revoked, or not enrolled).
+    pub refused: bool,
 }
 
 /// Reads the identity and measures every broker (in parallel).
@@ -50,22 +52,30 @@ pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
         .unwrap_or(Transport::Tls);
     let brokers = probes
         .into_iter()
-        .map(|Probe { broker, result, .. }| match result {
-            Ok((rtt, link)) => {
-                let transport = link.transport();
-                link.close();
-                BrokerStatus {
-                    info: broker,
-                    rtt: Ok(rtt),
-                    transport,
+        .map(
+            |Probe {
+                 broker,
+                 result,
+                 refused,
+             }| match result {
+                Ok((rtt, link)) => {
+                    let transport = link.transport();
+                    link.close();
+                    BrokerStatus {
+                        info: broker,
+                        rtt: Ok(rtt),
+                        transport,
+                        refused,
+                    }
                 }
-            }
-            Err(e) => BrokerStatus {
-                info: broker,
-                rtt: Err(e),
-                transport: last_tried,
+                Err(e) => BrokerStatus {
+                    info: broker,
+                    rtt: Err(e),
+                    transport: last_tried,
+                    refused,
+                },
             },
-        })
+        )
         .collect();
     Ok(Status {
         identity: id.peer.id.to_uri(),

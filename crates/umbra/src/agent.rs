@@ -141,6 +141,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                             .or(b.info.tcp_addr.as_deref())
                             .unwrap_or("-")
                     ),
+                    Err(_) if b.refused => println!(
+                        "  {:<20} refused this device (revoked, or not enrolled): ask an administrator",
+                        b.info.name
+                    ),
                     Err(e) => println!("  {:<20} unreachable: {e}", b.info.name),
                 }
             }

@@ -204,12 +204,24 @@ async fn data_path(t: TransportPref) {
         }
         other => panic!("[{t}] services of a revoked device: {other:?}"),
     }
+    let st = umbra_agent::status(&s.agent("alice").config(t)).await.unwrap();
+    assert!(
+        st.brokers.iter().all(|b| b.refused && b.rtt.is_err()),
+        "[{t}] {:?}",
+        st.brokers
+    );
     // The twin: bob's device is served, and its links are not refused.
     assert!(
         umbra_agent::services(&s.agent("bob").config(t))
             .await
             .unwrap()
             .contains(&ECHO.to_string())
+    );
+    let st = umbra_agent::status(&s.agent("bob").config(t)).await.unwrap();
+    assert!(
+        st.brokers.iter().all(|b| !b.refused && b.rtt.is_ok()),
+        "[{t}] {:?}",
+        st.brokers
     );
 
     // 3b. Connector revoked: it stops serving. The lending link is still up and still an
