@@ -11,7 +11,8 @@
 //! again. Numbers (`epoch`, `seq`) travel with each heartbeat, and the controller stores each
 //! number once, so a resend after a crash or a lost answer does not duplicate events. A torn
 //! last line (the crash hit mid-write) is skipped. The spool is rewritten with only the
-//! unacknowledged events once it passes [`COMPACT_AT`].
+//! unacknowledged events once it passes [`COMPACT_AT`], and never grows much past
+//! [`SPOOL_MAX`] even when nothing is acknowledged (the oldest events are dropped then).
 //!
 //! The queue is bounded: if the controller is away for long, the oldest events are dropped
 //! from it (they are still in the log) and counted.
@@ -28,8 +29,12 @@ use umbra_proto::api::{AuditRecord, AuditSeq};
 
 const CAP: usize = 10_000;
 
-/// Spool size past which an acknowledgement rewrites it with only what is still unsent.
+/// Spool size past which an acknowledgement rewrites it with only what is still unsent (or
+/// twice the size of the last rewrite, whichever is larger).
 pub(crate) const COMPACT_AT: u64 = 1 << 20;
+/// Spool size past which a new event rewrites it with the queue as it is, acknowledged or not
+/// (a controller away for long): the spool never holds much more than the bounded queue.
+pub(crate) const SPOOL_MAX: u64 = 16 << 20;
 
 /// One line of the spool.
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +72,9 @@ struct Spool {
     path: PathBuf,
     file: File,
     bytes: u64,
+    /// Size right after the last rewrite: compaction waits until the spool has doubled, so a
+    /// large backlog is not rewritten at every acknowledgement.
+    base: u64,
     /// Write errors are logged once, then only counted.
     failing: bool,
 }
@@ -156,6 +164,21 @@ impl AuditQueue {
             metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
         }
         inner.q.push_back((seq, rec));
+        let Inner { q, spool, .. } = &mut *inner;
+        if let Some(s) = spool
+            && s.bytes >= SPOOL_MAX
+        {
+            // Keep the newest events that fit in half the bound; the older ones are dropped
+            // from the queue too (still in the log), as when the queue is full.
+            let dropped = trim_to(q, SPOOL_MAX / 2);
+            if dropped > 0 {
+                metrics::counter!("umbra_broker_audit_dropped_total").increment(dropped as u64);
+            }
+            match rewrite(&s.path, self.epoch, q) {
+                Ok(new) => *s = new,
+                Err(e) => tracing::warn!(error = %e, "cannot compact the audit spool"),
+            }
+        }
         drop(inner);
         self.queued.notify_one();
     }
@@ -202,9 +225,8 @@ impl AuditQueue {
         let Inner { q, spool, .. } = &mut *inner;
         let Some(s) = spool else { return };
         s.append(&Line::Acked { acked: last });
-        if s.bytes >= COMPACT_AT {
-            let pending: VecDeque<(u64, AuditRecord)> = q.iter().cloned().collect();
-            match rewrite(&s.path, self.epoch, &pending) {
+        if s.bytes >= COMPACT_AT.max(2 * s.base) {
+            match rewrite(&s.path, self.epoch, q) {
                 Ok(new) => *s = new,
                 Err(e) => tracing::warn!(error = %e, "cannot compact the audit spool"),
             }
@@ -238,6 +260,28 @@ impl Spool {
             }
         }
     }
+}
+
+/// Drops the oldest events until the spool lines of the rest take at most `budget` bytes;
+/// returns how many were dropped.
+fn trim_to(q: &mut VecDeque<(u64, AuditRecord)>, budget: u64) -> usize {
+    let mut total = 0u64;
+    let mut keep = 0usize;
+    for (seq, rec) in q.iter().rev() {
+        let line = serde_json::to_vec(&Line::Event {
+            seq: *seq,
+            rec: rec.clone(),
+        })
+        .map_or(0, |l| l.len() as u64 + 1);
+        if total + line > budget {
+            break;
+        }
+        total += line;
+        keep += 1;
+    }
+    let dropped = q.len() - keep;
+    q.drain(..dropped);
+    dropped
 }
 
 /// Epoch, unacknowledged events in order, and the next number, from a spool's bytes.
@@ -299,6 +343,7 @@ fn rewrite(path: &Path, epoch: u64, pending: &VecDeque<(u64, AuditRecord)>) -> i
         path: path.to_owned(),
         file,
         bytes: text.len() as u64,
+        base: text.len() as u64,
         failing: false,
     })
 }
@@ -423,6 +468,27 @@ mod tests {
         let c = AuditQueue::open(&path).unwrap();
         assert_ne!(c.epoch, epoch);
         assert_eq!(c.take(10).seq.first, 1);
+    }
+
+    #[test]
+    fn without_acknowledgements_the_spool_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let big = "y".repeat(20_000);
+        // Well past SPOOL_MAX in all, none acknowledged (the controller is away).
+        let n = (SPOOL_MAX / 20_000) as usize * 2;
+        for _ in 0..n {
+            rec(&a, &big);
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len <= SPOOL_MAX + 40_000, "{len} bytes");
+        drop(a);
+        // What is left is the newest part of the queue, still in order.
+        let b = AuditQueue::open(&path).unwrap();
+        let got = b.take(CAP);
+        assert!(!got.records.is_empty());
+        assert_eq!(got.seq.first + got.records.len() as u64 - 1, n as u64);
     }
 
     #[test]

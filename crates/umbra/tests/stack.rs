@@ -204,7 +204,9 @@ async fn data_path(t: TransportPref) {
         }
         other => panic!("[{t}] services of a revoked device: {other:?}"),
     }
-    let st = umbra_agent::status(&s.agent("alice").config(t)).await.unwrap();
+    let st = umbra_agent::status(&s.agent("alice").config(t))
+        .await
+        .unwrap();
     assert!(
         st.brokers.iter().all(|b| b.refused && b.rtt.is_err()),
         "[{t}] {:?}",
@@ -217,7 +219,9 @@ async fn data_path(t: TransportPref) {
             .unwrap()
             .contains(&ECHO.to_string())
     );
-    let st = umbra_agent::status(&s.agent("bob").config(t)).await.unwrap();
+    let st = umbra_agent::status(&s.agent("bob").config(t))
+        .await
+        .unwrap();
     assert!(
         st.brokers.iter().all(|b| !b.refused && b.rtt.is_ok()),
         "[{t}] {:?}",
