@@ -89,10 +89,17 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 let Some(stream) = stream else { break };
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("stream", id);
-                tokio::spawn(
-                    serve_stream(shared.clone(), link.clone(), device.clone(), stream, id)
-                        .instrument(span),
-                );
+                let (shared, link, device) = (shared.clone(), link.clone(), device.clone());
+                // The span is entered while the stream is set up, not while it relays: that
+                // task is polled for every chunk (see `Established::relay`).
+                tokio::spawn(async move {
+                    let open = serve_stream(shared, link, device, stream, id)
+                        .instrument(span.clone())
+                        .await;
+                    if let Some(open) = open {
+                        open.relay(&span).await;
+                    }
+                });
             }
             shared.agents.remove(&device, key);
             metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
@@ -110,13 +117,20 @@ fn still_admitted(shared: &Shared, peer: &umbra_pki::PeerCert, seen: &Authority)
     held.snapshot.version == seen.snapshot.version || admit(peer, &held, &shared.org).is_ok()
 }
 
-/// Serves one agent stream from its header frame on.
-async fn serve_stream(shared: Arc<Shared>, link: Link, device: Arc<str>, mut s: Stream, id: u64) {
+/// Serves one agent stream from its header frame on; an allowed `Open` comes back ready to
+/// relay.
+async fn serve_stream(
+    shared: Arc<Shared>,
+    link: Link,
+    device: Arc<str>,
+    mut s: Stream,
+    id: u64,
+) -> Option<Established> {
     let frame = match tokio::time::timeout(shared.cfg.open_timeout(), s.read_frame()).await {
         Err(_) => {
             debug!("no header frame in time");
             s.reset();
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             // A peer that sends bytes that are not a frame is broken or hostile: close its
@@ -124,13 +138,13 @@ async fn serve_stream(shared: Arc<Shared>, link: Link, device: Arc<str>, mut s: 
             warn!(error = %e, "malformed frame from agent; closing link");
             metrics::counter!("umbra_broker_bad_frames_total").increment(1);
             link.close();
-            return;
+            return None;
         }
         Ok(Ok(f)) => f,
     };
     match frame {
         Frame::Open { flow, service, .. } => {
-            open(shared, &link, &device, s, id, flow, service).await
+            return open(shared, &link, &device, s, id, flow, service).await;
         }
         Frame::ListServices => {
             let a = shared.authority.load_full();
@@ -166,6 +180,7 @@ async fn serve_stream(shared: Arc<Shared>, link: Link, device: Arc<str>, mut s: 
             link.close();
         }
     }
+    None
 }
 
 async fn open(
@@ -176,7 +191,7 @@ async fn open(
     id: u64,
     flow: Flow,
     service: String,
-) {
+) -> Option<Established> {
     let transport = link.transport().as_str();
     let serial = link.peer().serial_hex.clone();
     let authority = shared.authority.load_full();
@@ -215,7 +230,7 @@ async fn open(
         {
             let _ = agent.finish().await;
         }
-        return;
+        return None;
     }
     let Some(svc) = authority.snapshot.service(&service) else {
         // Unreachable by construction (a permit needs the service); deny to be safe.
@@ -224,7 +239,7 @@ async fn open(
                 code: OpenCode::Denied,
             })
             .await;
-        return;
+        return None;
     };
     let routed =
         open_to_connector(&shared, id, &svc.connectors, &service, &svc.target, &user).await;
@@ -249,7 +264,7 @@ async fn open(
         {
             let _ = agent.finish().await;
         }
-        return;
+        return None;
     };
     shared.audit.record(
         &actor,
@@ -266,7 +281,7 @@ async fn open(
         .await
         .is_err()
     {
-        return;
+        return None;
     }
     // The audit event above already says who, what and why; this is for tracing.
     debug!(service, connector = %via.peer, "stream open");
@@ -306,31 +321,65 @@ async fn open(
         entry.cancel.cancel();
     }
     metrics::counter!("umbra_broker_streams_total").increment(1);
-    let end = crate::relay::run(
-        &entry,
+    Some(Established {
+        shared,
+        entry,
         agent,
-        connector_stream,
-        shared.cfg.idle_timeout(),
-        &shared.shutdown,
-    )
-    .await;
-    shared.streams.remove(id);
-    let up = entry.counters.up.load(Ordering::Relaxed);
-    let down = entry.counters.down.load(Ordering::Relaxed);
-    info!(
-        end = end.as_str(),
-        bytes_up = up,
-        bytes_down = down,
-        "stream closed"
-    );
-    if end == End::Revoked {
-        shared.audit.record(
-            &actor,
-            "stream.revoke",
-            &entry.service,
-            "ok",
-            serde_json::json!({ "stream": id, "user": entry.user, "device": entry.device }),
+        connector: connector_stream,
+        actor,
+        _load,
+    })
+}
+
+/// An allowed stream, answered and registered, ready to relay.
+struct Established {
+    shared: Arc<Shared>,
+    entry: Arc<LiveEntry>,
+    agent: Stream,
+    connector: Stream,
+    actor: String,
+    /// Holds the connector link's stream count until the relay ends.
+    _load: LoadGuard,
+}
+
+impl Established {
+    /// Relays until the stream ends, then reports it in `span` (entered only for that).
+    async fn relay(self, span: &tracing::Span) {
+        let Established {
+            shared,
+            entry,
+            agent,
+            connector,
+            actor,
+            _load,
+        } = self;
+        let end = crate::relay::run(
+            &entry,
+            agent,
+            connector,
+            shared.cfg.idle_timeout(),
+            &shared.shutdown,
+        )
+        .await;
+        shared.streams.remove(entry.id);
+        let up = entry.counters.up.load(Ordering::Relaxed);
+        let down = entry.counters.down.load(Ordering::Relaxed);
+        let _entered = span.enter();
+        info!(
+            end = end.as_str(),
+            bytes_up = up,
+            bytes_down = down,
+            "stream closed"
         );
+        if end == End::Revoked {
+            shared.audit.record(
+                &actor,
+                "stream.revoke",
+                &entry.service,
+                "ok",
+                serde_json::json!({ "stream": entry.id, "user": entry.user, "device": entry.device }),
+            );
+        }
     }
 }
 

@@ -100,11 +100,34 @@ pub(crate) async fn handle_stream(mut stream: Stream, ctx: Arc<ServeCtx>, broker
     };
 
     let span = tracing::info_span!("dial", %broker, stream_id, %service, %principal);
-    serve_dial(stream, &ctx, &broker, flow, &service, &target, &principal)
-        .instrument(span)
-        .await;
+    // The span is entered while dialing, not while relaying: the relay is polled for every
+    // chunk, and its end is reported in the span explicitly.
+    let Some((tcp, stream)) =
+        serve_dial(stream, &ctx, &broker, flow, &service, &target, &principal)
+            .instrument(span.clone())
+            .await
+    else {
+        return;
+    };
+    let counters = Counters::default();
+    let result = umbra_link::relay_tcp(tcp, stream, ctx.idle_timeout, &counters).await;
+    let up = counters.up.load(std::sync::atomic::Ordering::Relaxed);
+    let down = counters.down.load(std::sync::atomic::Ordering::Relaxed);
+    match result {
+        Ok(()) => tracing::debug!(
+            parent: &span,
+            bytes_to_target = down,
+            bytes_from_target = up,
+            "stream ended"
+        ),
+        Err(e) => {
+            tracing::debug!(parent: &span, bytes_to_target = down, bytes_from_target = up, error = %e, "stream ended with an error")
+        }
+    }
 }
 
+/// Checks and dials the target; on success the stream and the connection come back, the
+/// `DialReply{Ok}` sent.
 async fn serve_dial(
     mut stream: Stream,
     ctx: &ServeCtx,
@@ -113,7 +136,7 @@ async fn serve_dial(
     service: &str,
     target: &str,
     principal: &str,
-) {
+) -> Option<(TcpStream, Stream)> {
     let decision = {
         let published = ctx.published.borrow();
         decide(&published.targets, flow, service, target)
@@ -135,13 +158,13 @@ async fn serve_dial(
             metrics::counter!("umbra_connector_refused_total").increment(1);
             count(DialCode::NotPublished.as_str());
             reply_and_finish(&mut stream, DialCode::NotPublished).await;
-            return;
+            return None;
         }
         DialDecision::UnsupportedFlow => {
             tracing::info!(flow = flow.as_str(), "flow kind not served");
             count(DialCode::UnsupportedFlow.as_str());
             reply_and_finish(&mut stream, DialCode::UnsupportedFlow).await;
-            return;
+            return None;
         }
     }
 
@@ -151,7 +174,7 @@ async fn serve_dial(
             tracing::info!(error = %e, "published target refused the connection");
             count(DialCode::Unreachable.as_str());
             reply_and_finish(&mut stream, DialCode::Unreachable).await;
-            return;
+            return None;
         }
         Err(_) => {
             tracing::info!(
@@ -160,7 +183,7 @@ async fn serve_dial(
             );
             count(DialCode::Unreachable.as_str());
             reply_and_finish(&mut stream, DialCode::Unreachable).await;
-            return;
+            return None;
         }
     };
     // Interactive protocols (SSH, databases) suffer from Nagle on top of the link's own batching.
@@ -173,24 +196,11 @@ async fn serve_dial(
     {
         tracing::debug!(error = %e, "broker went away before the reply");
         count("broker_gone");
-        return;
+        return None;
     }
     count(DialCode::Ok.as_str());
     tracing::debug!("connected; relaying");
-    let counters = Counters::default();
-    let result = umbra_link::relay_tcp(tcp, stream, ctx.idle_timeout, &counters).await;
-    let up = counters.up.load(std::sync::atomic::Ordering::Relaxed);
-    let down = counters.down.load(std::sync::atomic::Ordering::Relaxed);
-    match result {
-        Ok(()) => tracing::debug!(
-            bytes_to_target = down,
-            bytes_from_target = up,
-            "stream ended"
-        ),
-        Err(e) => {
-            tracing::debug!(bytes_to_target = down, bytes_from_target = up, error = %e, "stream ended with an error")
-        }
-    }
+    Some((tcp, stream))
 }
 
 async fn reply_and_finish(stream: &mut Stream, code: DialCode) {

@@ -254,24 +254,24 @@ where
         let ping = conn.ping_pong();
         let token = closed.clone();
         let refused = peer_refused.clone();
-        tokio::spawn(
-            async move {
-                tokio::select! {
-                    r = &mut conn => match r {
-                        Ok(()) => debug!("link ended"),
-                        Err(e) => {
-                            debug!(error = %e, "link ended");
-                            if matches!(from_h2(e), LinkError::Refused) {
-                                refused.store(true, Ordering::Relaxed);
-                            }
+        let span = span.clone();
+        // Not instrumented: this task is polled for every frame, and entering the link's
+        // span each time costs more than the rest of the poll; its lines name the span.
+        tokio::spawn(async move {
+            tokio::select! {
+                r = &mut conn => match r {
+                    Ok(()) => debug!(parent: &span, "link ended"),
+                    Err(e) => {
+                        debug!(parent: &span, error = %e, "link ended");
+                        if matches!(from_h2(e), LinkError::Refused) {
+                            refused.store(true, Ordering::Relaxed);
                         }
-                    },
-                    () = token.cancelled() => debug!("link closed"),
-                }
-                token.cancel();
+                    }
+                },
+                () = token.cancelled() => debug!(parent: &span, "link closed"),
             }
-            .instrument(span.clone()),
-        );
+            token.cancel();
+        });
         (H2Side::Client(sr), ping)
     } else {
         let mut conn = h2::server::Builder::new()
@@ -288,10 +288,14 @@ where
         // Bounded: a peer opening streams nobody accepts gets them refused, and the driver
         // never waits on the application.
         let (tx, rx) = mpsc::channel(cfg.max_streams.clamp(1, 1024) as usize);
-        tokio::spawn(
-            serve_streams(conn, tx, closed.clone(), refusing.clone(), span.clone())
-                .instrument(span.clone()),
-        );
+        // Not instrumented, like the client's driver above.
+        tokio::spawn(serve_streams(
+            conn,
+            tx,
+            closed.clone(),
+            refusing.clone(),
+            span.clone(),
+        ));
         (H2Side::Server(tokio::sync::Mutex::new(rx)), ping)
     };
     if let Some(ping) = ping {
@@ -339,9 +343,9 @@ async fn serve_streams<T>(
                     // sent meanwhile with a TCP reset, which can reach its h2 layer before
                     // the GOAWAY that says why.
                     tokio::time::sleep(REFUSE_LINGER).await;
-                    debug!("link refused");
+                    debug!(parent: &span, "link refused");
                 } else {
-                    debug!("link closed");
+                    debug!(parent: &span, "link closed");
                 }
                 break;
             }
@@ -350,11 +354,11 @@ async fn serve_streams<T>(
         let (req, mut respond) = match next {
             Some(Ok(x)) => x,
             Some(Err(e)) => {
-                debug!(error = %e, "link ended");
+                debug!(parent: &span, error = %e, "link ended");
                 break;
             }
             None => {
-                debug!("link ended by peer");
+                debug!(parent: &span, "link ended by peer");
                 break;
             }
         };
@@ -363,14 +367,14 @@ async fn serve_streams<T>(
         let send = match respond.send_response(http::Response::new(()), false) {
             Ok(s) => s,
             Err(e) => {
-                debug!(error = %e, "stream gone before it was accepted");
+                debug!(parent: &span, error = %e, "stream gone before it was accepted");
                 continue;
             }
         };
         let id = u64::from(u32::from(send.stream_id()));
         let stream = Stream::new(id, SendHalf::h2(send), RecvHalf::h2(req.into_body()), &span);
         if let Err(mpsc::error::TrySendError::Full(mut s)) = tx.try_send(stream) {
-            debug!(stream = id, "accept queue full; refusing stream");
+            debug!(parent: &span, stream = id, "accept queue full; refusing stream");
             s.reset();
         }
     }
