@@ -14,7 +14,8 @@ pub struct BrokerConfig {
     /// Human name shown in the admin API.
     pub name: String,
     /// Directory holding key.pem, cert.pem, ca.pem and controller.json from `umbra broker
-    /// enroll`; the broker also keeps its last good snapshot here.
+    /// enroll`; the broker also keeps its last good snapshot, its QUIC reset key and its audit
+    /// spool here.
     pub identity_dir: PathBuf,
     /// UDP address of the QUIC listener; `None` disables QUIC.
     pub listen_quic: Option<SocketAddr>,

@@ -36,7 +36,8 @@ struct RunArgs {
     /// Name shown in the admin API.
     #[arg(long, env = "UMBRA_BROKER_NAME")]
     name: Option<String>,
-    /// Identity directory written by `umbra broker enroll` (also holds the snapshot cache).
+    /// Identity directory written by `umbra broker enroll`; also holds the snapshot cache and
+    /// the audit spool (events not yet stored by the controller).
     #[arg(long, env = "UMBRA_BROKER_DIR")]
     dir: Option<PathBuf>,
     /// UDP address for QUIC, or `none`. Default 127.0.0.1:7401.
