@@ -123,7 +123,6 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
         };
         match dialed {
             Ok(link) => {
-                backoff.reset();
                 gauge.set(1.0);
                 tracing::info!(
                     transport = link.transport().as_str(),
@@ -137,7 +136,15 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
                 if cancel.is_cancelled() {
                     return;
                 }
-                tracing::warn!("link down; redialing");
+                if after_link(link.refused(), &mut backoff) {
+                    tracing::warn!(
+                        attempt = backoff.attempt(),
+                        "the broker refused this connector's identity (revoked, or not enrolled): \
+                         ask an administrator; redialing with growing delays"
+                    );
+                } else {
+                    tracing::warn!("link down; redialing");
+                }
             }
             Err(e) => {
                 if backoff.attempt() == 0 || backoff.attempt().is_multiple_of(10) {
@@ -153,6 +160,16 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// After a link ended: a link that was up and merely went away is redialed at once (the
+/// backoff starts over); one the broker refused keeps the backoff growing, since redialing
+/// at the base interval would only be refused again. Returns whether it was refused.
+fn after_link(refused: bool, backoff: &mut Backoff) -> bool {
+    if !refused {
+        backoff.reset();
+    }
+    refused
 }
 
 /// Accepts the streams the broker opens until the link closes or `cancel`.
@@ -195,6 +212,26 @@ mod tests {
             tcp_addr: Some("127.0.0.1:443".into()),
             server_name: format!("{id}.broker.umbra.internal"),
         }
+    }
+
+    #[test]
+    fn a_refused_link_keeps_the_backoff_growing() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let grown = |b: &mut Backoff| {
+            for _ in 0..5 {
+                b.next_delay(1.0);
+            }
+        };
+        grown(&mut backoff);
+        assert!(after_link(true, &mut backoff));
+        assert_eq!(
+            backoff.attempt(),
+            5,
+            "refused: the next delay keeps growing"
+        );
+        // The twin: a link that was up and went away starts over.
+        assert!(!after_link(false, &mut backoff));
+        assert_eq!(backoff.attempt(), 0);
     }
 
     #[test]
