@@ -36,14 +36,15 @@ pub(crate) const COMPACT_AT: u64 = 1 << 20;
 /// (a controller away for long): the spool never holds much more than the bounded queue.
 pub(crate) const SPOOL_MAX: u64 = 16 << 20;
 
-/// One line of the spool.
+/// One line of the spool. Written with a borrowed record (`Line<&AuditRecord>`: no copy of
+/// the event), read back owned.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-enum Line {
+enum Line<R = AuditRecord> {
     /// First line: the spool's epoch.
     Epoch { epoch: u64 },
     /// An event and its number.
-    Event { seq: u64, rec: AuditRecord },
+    Event { seq: u64, rec: R },
     /// The controller stored every event up to this number.
     Acked { acked: u64 },
 }
@@ -154,10 +155,7 @@ impl AuditQueue {
         let seq = inner.next_seq;
         inner.next_seq += 1;
         if let Some(spool) = &mut inner.spool {
-            spool.append(&Line::Event {
-                seq,
-                rec: rec.clone(),
-            });
+            spool.append(&Line::Event { seq, rec: &rec });
         }
         if inner.q.len() >= CAP {
             inner.q.pop_front();
@@ -224,7 +222,7 @@ impl AuditQueue {
         let mut inner = self.lock();
         let Inner { q, spool, .. } = &mut *inner;
         let Some(s) = spool else { return };
-        s.append(&Line::Acked { acked: last });
+        s.append(&Line::<&AuditRecord>::Acked { acked: last });
         if s.bytes >= COMPACT_AT.max(2 * s.base) {
             match rewrite(&s.path, self.epoch, q) {
                 Ok(new) => *s = new,
@@ -239,7 +237,7 @@ impl AuditQueue {
 }
 
 impl Spool {
-    fn append(&mut self, line: &Line) {
+    fn append(&mut self, line: &Line<&AuditRecord>) {
         let mut buf = match serde_json::to_vec(line) {
             Ok(b) => b,
             Err(_) => return,
@@ -268,11 +266,8 @@ fn trim_to(q: &mut VecDeque<(u64, AuditRecord)>, budget: u64) -> usize {
     let mut total = 0u64;
     let mut keep = 0usize;
     for (seq, rec) in q.iter().rev() {
-        let line = serde_json::to_vec(&Line::Event {
-            seq: *seq,
-            rec: rec.clone(),
-        })
-        .map_or(0, |l| l.len() as u64 + 1);
+        let line =
+            serde_json::to_vec(&Line::Event { seq: *seq, rec }).map_or(0, |l| l.len() as u64 + 1);
         if total + line > budget {
             break;
         }
@@ -323,7 +318,7 @@ fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) 
 /// appending.
 fn rewrite(path: &Path, epoch: u64, pending: &VecDeque<(u64, AuditRecord)>) -> io::Result<Spool> {
     let mut text = String::new();
-    let mut push = |l: &Line| {
+    let mut push = |l: &Line<&AuditRecord>| {
         if let Ok(s) = serde_json::to_string(l) {
             text.push_str(&s);
             text.push('\n');
@@ -331,10 +326,7 @@ fn rewrite(path: &Path, epoch: u64, pending: &VecDeque<(u64, AuditRecord)>) -> i
     };
     push(&Line::Epoch { epoch });
     for (seq, rec) in pending {
-        push(&Line::Event {
-            seq: *seq,
-            rec: rec.clone(),
-        });
+        push(&Line::Event { seq: *seq, rec });
     }
     umbra_pki::write_private_file(path, text.as_bytes())
         .map_err(|e| io::Error::other(e.to_string()))?;
