@@ -232,7 +232,9 @@ pub(super) async fn heartbeat(
         Some(given) => {
             let stored = peers::broker_audit_mark(w.conn(), &ctx.org, &peer.id.id).await?;
             let (skip, mark) = audit_to_store(stored, given, hb.audit.len());
-            peers::broker_audit_set_mark(w.conn(), &ctx.org, &peer.id.id, mark).await?;
+            if mark != stored {
+                peers::broker_audit_set_mark(w.conn(), &ctx.org, &peer.id.id, mark).await?;
+            }
             hb.audit.get(skip..).unwrap_or_default()
         }
         None => &hb.audit[..],
