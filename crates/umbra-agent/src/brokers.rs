@@ -236,7 +236,8 @@ pub(crate) async fn dial(
     let link_cfg = LinkConfig {
         handshake_timeout: cfg.connect_timeout(),
         ..LinkConfig::default()
-    };
+    }
+    .with_stream_window_kib(cfg.stream_window_kib);
     Ok(umbra_link::dial_broker(
         broker,
         cfg.transport,

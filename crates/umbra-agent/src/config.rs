@@ -22,6 +22,11 @@ pub struct AgentConfig {
     pub connect_timeout_ms: u64,
     /// A forwarded connection with no bytes either way for this long is closed.
     pub idle_timeout_secs: u64,
+    /// Receive window per stream on broker links, in KiB (16 to 16384): the most this
+    /// agent holds for one stream coming from a broker. A download moves at most one window
+    /// per round trip, so long paths to brokers need more (1024 KiB keeps about 80 Mbit/s per
+    /// stream at 100 ms).
+    pub stream_window_kib: u32,
 }
 
 impl Default for AgentConfig {
@@ -32,6 +37,7 @@ impl Default for AgentConfig {
             open_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
             idle_timeout_secs: 300,
+            stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }
 }
@@ -71,6 +77,9 @@ impl AgentConfig {
         }
         if self.idle_timeout_secs == 0 {
             return err("idle_timeout_secs", "must be at least 1");
+        }
+        if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
+            return err("stream_window_kib", "must be between 16 and 16384");
         }
         Ok(())
     }
@@ -114,12 +123,14 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Breaker = fn(&mut AgentConfig);
-        let cases: [(Breaker, &str); 5] = [
+        let cases: [(Breaker, &str); 7] = [
             (|c| c.identity_dir = PathBuf::new(), "identity_dir"),
             (|c| c.open_timeout_ms = 0, "open_timeout_ms"),
             (|c| c.connect_timeout_ms = 0, "connect_timeout_ms"),
             (|c| c.connect_timeout_ms = 120_000, "connect_timeout_ms"),
             (|c| c.idle_timeout_secs = 0, "idle_timeout_secs"),
+            (|c| c.stream_window_kib = 15, "stream_window_kib"),
+            (|c| c.stream_window_kib = 16_385, "stream_window_kib"),
         ];
         for (break_it, field) in cases {
             let mut c = AgentConfig {

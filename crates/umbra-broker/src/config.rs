@@ -39,6 +39,11 @@ pub struct BrokerConfig {
     pub max_pending_handshakes: usize,
     /// Limit for a TLS/QUIC handshake.
     pub handshake_timeout_ms: u64,
+    /// Receive window per stream on agent and connector links, in KiB (16 to 16384): the
+    /// most the broker holds for one stream in each direction. A stream moves at most one
+    /// window per round trip, so long paths need more (1024 KiB keeps about 80 Mbit/s per
+    /// stream at 100 ms); the agents and connectors set their own for the other direction.
+    pub stream_window_kib: u32,
 }
 
 impl Default for BrokerConfig {
@@ -56,6 +61,7 @@ impl Default for BrokerConfig {
             heartbeat_ms: 1_000,
             max_pending_handshakes: 256,
             handshake_timeout_ms: 5_000,
+            stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }
 }
@@ -116,6 +122,16 @@ impl BrokerConfig {
         }
         if self.max_pending_handshakes == 0 {
             return Err(bad("max_pending_handshakes", "must be greater than 0"));
+        }
+        if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
+            return Err(bad(
+                "stream_window_kib",
+                format!(
+                    "must be between {} and {}",
+                    umbra_link::STREAM_WINDOW_KIB.start(),
+                    umbra_link::STREAM_WINDOW_KIB.end()
+                ),
+            ));
         }
         Ok(())
     }
@@ -194,5 +210,14 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().field, "name");
+        for kib in [0, 15, 16_385] {
+            let c = BrokerConfig {
+                stream_window_kib: kib,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "stream_window_kib");
+        }
+        let c: BrokerConfig = toml::from_str("stream_window_kib = 1024").unwrap();
+        c.validate().unwrap();
     }
 }

@@ -168,7 +168,8 @@ impl Broker {
             max_pending_handshakes: cfg.max_pending_handshakes,
             reset_key: Some(reset_key(&dir)?),
             ..LinkConfig::default()
-        };
+        }
+        .with_stream_window_kib(cfg.stream_window_kib);
         let listener = Arc::new(
             Listener::bind(
                 cfg.listen_quic,

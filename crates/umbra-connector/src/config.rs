@@ -24,6 +24,11 @@ pub struct ConnectorConfig {
     pub reconnect_base_ms: u64,
     /// Longest delay between redials of a broker.
     pub reconnect_cap_ms: u64,
+    /// Receive window per stream on broker links, in KiB (16 to 16384): the most this
+    /// connector holds for one stream coming from a broker. A stream moves at most one window
+    /// per round trip, so long paths to brokers need more (1024 KiB keeps about 80 Mbit/s per
+    /// stream at 100 ms).
+    pub stream_window_kib: u32,
 }
 
 impl Default for ConnectorConfig {
@@ -35,6 +40,7 @@ impl Default for ConnectorConfig {
             idle_timeout_secs: 300,
             reconnect_base_ms: 250,
             reconnect_cap_ms: 30_000,
+            stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }
 }
@@ -65,6 +71,9 @@ impl ConnectorConfig {
         }
         if self.idle_timeout_secs == 0 {
             return err("idle_timeout_secs", "must be at least 1");
+        }
+        if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
+            return err("stream_window_kib", "must be between 16 and 16384");
         }
         if self.reconnect_base_ms == 0 {
             return err("reconnect_base_ms", "must be at least 1");
@@ -119,11 +128,13 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Breaker = fn(&mut ConnectorConfig);
-        let cases: [(Breaker, &str); 6] = [
+        let cases: [(Breaker, &str); 8] = [
             (|c| c.identity_dir = PathBuf::new(), "identity_dir"),
             (|c| c.dial_timeout_ms = 0, "dial_timeout_ms"),
             (|c| c.dial_timeout_ms = 600_000, "dial_timeout_ms"),
             (|c| c.idle_timeout_secs = 0, "idle_timeout_secs"),
+            (|c| c.stream_window_kib = 15, "stream_window_kib"),
+            (|c| c.stream_window_kib = 16_385, "stream_window_kib"),
             (|c| c.reconnect_base_ms = 0, "reconnect_base_ms"),
             (|c| c.reconnect_cap_ms = 1, "reconnect_cap_ms"),
         ];

@@ -43,4 +43,7 @@ pub use error::LinkError;
 pub use link::{EXPLAIN_WAIT, Link, Listener, QuicPath, dial};
 pub use relay::{Counters, relay_streams, relay_tcp};
 pub use stream::Stream;
-pub use transport::{ALPN, LinkConfig, ResetKey, Transport, UnknownTransport};
+pub use transport::{
+    ALPN, DEFAULT_STREAM_WINDOW_KIB, LinkConfig, ResetKey, STREAM_WINDOW_KIB, Transport,
+    UnknownTransport, stream_window_bytes,
+};

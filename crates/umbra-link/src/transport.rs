@@ -25,6 +25,19 @@ pub(crate) const H2_MAX_HEADER_LIST: u32 = 4 * 1024;
 /// error code of the HTTP/2 GOAWAY.
 pub(crate) const REFUSED_CODE: u32 = 0x554d_0001;
 
+/// Default receive window per stream, in KiB ([`LinkConfig::stream_window`]): what one stream
+/// may have in flight towards a receiver, and so the most a receiver holds for it.
+pub const DEFAULT_STREAM_WINDOW_KIB: u32 = 256;
+
+/// Accepted per-stream windows, in KiB: from one TLS record up to the connection window.
+pub const STREAM_WINDOW_KIB: std::ops::RangeInclusive<u32> = 16..=CONNECTION_WINDOW / 1024;
+
+/// The per-stream window in bytes for a configured size in KiB; `None` outside
+/// [`STREAM_WINDOW_KIB`]. Role configurations check their `stream_window_kib` with this.
+pub fn stream_window_bytes(kib: u32) -> Option<u32> {
+    STREAM_WINDOW_KIB.contains(&kib).then(|| kib * 1024)
+}
+
 /// The two transports behind [`crate::Link`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -79,7 +92,11 @@ pub struct LinkConfig {
     pub idle_timeout: Duration,
     /// Interval between keepalives (QUIC PING frames; HTTP/2 PINGs on TLS links).
     pub keepalive: Duration,
-    /// Receive window per stream, in bytes: what one stream may have in flight.
+    /// Receive window per stream, in bytes: what one stream may have in flight towards this
+    /// side, and so the most this side buffers for it (received, not yet read). A single
+    /// stream's throughput is at most this per round trip: 256 KiB over a 50 ms path is about
+    /// 40 Mbit/s. Role configurations set it from `stream_window_kib`
+    /// ([`stream_window_bytes`]).
     pub stream_window: u32,
     /// Most streams the peer may have open at once on one link.
     pub max_streams: u32,
@@ -102,13 +119,25 @@ impl std::fmt::Debug for ResetKey {
     }
 }
 
+impl LinkConfig {
+    /// This config with a per-stream window of `kib` KiB; a size outside
+    /// [`STREAM_WINDOW_KIB`] (which role configurations refuse at load) keeps the current one.
+    #[must_use]
+    pub fn with_stream_window_kib(mut self, kib: u32) -> LinkConfig {
+        if let Some(bytes) = stream_window_bytes(kib) {
+            self.stream_window = bytes;
+        }
+        self
+    }
+}
+
 impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(5),
-            stream_window: 256 * 1024,
+            stream_window: DEFAULT_STREAM_WINDOW_KIB * 1024,
             // A limit, not an allocation: the connection window bounds what all streams of a
             // link buffer together.
             max_streams: 65_536,
@@ -129,5 +158,24 @@ mod tests {
         }
         assert_eq!("tls".parse::<Transport>(), Ok(Transport::Tls));
         assert!("udp".parse::<Transport>().is_err());
+    }
+
+    #[test]
+    fn stream_window_range() {
+        assert_eq!(
+            stream_window_bytes(DEFAULT_STREAM_WINDOW_KIB),
+            Some(LinkConfig::default().stream_window)
+        );
+        assert_eq!(stream_window_bytes(16), Some(16 * 1024));
+        assert_eq!(stream_window_bytes(16 * 1024), Some(CONNECTION_WINDOW));
+        for bad in [0, 15, 16 * 1024 + 1, u32::MAX] {
+            assert_eq!(stream_window_bytes(bad), None, "{bad} KiB");
+            assert_eq!(
+                LinkConfig::default().with_stream_window_kib(bad),
+                LinkConfig::default()
+            );
+        }
+        let c = LinkConfig::default().with_stream_window_kib(1024);
+        assert_eq!(c.stream_window, 1024 * 1024);
     }
 }

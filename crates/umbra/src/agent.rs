@@ -16,6 +16,10 @@ pub(crate) struct Args {
     /// Transport to brokers: auto (QUIC, falling back to TLS over TCP), quic or tcp.
     #[arg(long, global = true, env = "UMBRA_AGENT_TRANSPORT", value_parser = ["auto", "quic", "tcp"])]
     transport: Option<String>,
+    /// Receive window per stream from brokers, in KiB (16-16384, default 256). A download
+    /// moves at most a window per round trip; raise it for long paths to brokers.
+    #[arg(long, global = true, env = "UMBRA_AGENT_STREAM_WINDOW_KIB")]
+    stream_window_kib: Option<u32>,
     /// TOML file with agent settings.
     #[arg(long, global = true, env = "UMBRA_AGENT_CONFIG")]
     config: Option<PathBuf>,
@@ -110,6 +114,9 @@ fn config(a: &Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(t) = &a.transport {
         c.transport = t.parse().map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    }
+    if let Some(v) = a.stream_window_kib {
+        c.stream_window_kib = v;
     }
     c.validate()?;
     Ok(c)

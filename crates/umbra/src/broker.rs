@@ -30,7 +30,8 @@ enum Cmd {
 struct RunArgs {
     /// TOML file with broker settings (name, identity_dir, listen_quic, listen_tcp,
     /// advertise_host, max_staleness_secs, open_timeout_ms, dial_timeout_ms,
-    /// idle_timeout_secs, heartbeat_ms, max_pending_handshakes, handshake_timeout_ms).
+    /// idle_timeout_secs, heartbeat_ms, max_pending_handshakes, handshake_timeout_ms,
+    /// stream_window_kib).
     #[arg(long, env = "UMBRA_BROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Name shown in the admin API.
@@ -55,6 +56,11 @@ struct RunArgs {
     /// Close streams idle this long (e.g. 1h).
     #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Receive window per stream, in KiB (16-16384, default 256): the most the broker holds
+    /// for one stream each way. One stream moves at most a window per round trip; raise it
+    /// for long paths.
+    #[arg(long, env = "UMBRA_BROKER_STREAM_WINDOW_KIB")]
+    stream_window_kib: Option<u32>,
     /// Serve Prometheus metrics at http://ADDR/metrics, or `none`.
     #[arg(
         long,
@@ -95,6 +101,9 @@ fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(v) = a.idle_timeout {
         c.idle_timeout_secs = v.as_secs();
+    }
+    if let Some(v) = a.stream_window_kib {
+        c.stream_window_kib = v;
     }
     c.validate()?;
     Ok(c)

@@ -34,6 +34,10 @@ struct RunArgs {
     /// Transport to brokers: auto (QUIC, falling back to TLS over TCP), quic or tcp.
     #[arg(long, env = "UMBRA_CONNECTOR_TRANSPORT", value_parser = ["auto", "quic", "tcp"])]
     transport: Option<String>,
+    /// Receive window per stream from brokers, in KiB (16-16384, default 256). One stream
+    /// moves at most a window per round trip; raise it for long paths to brokers.
+    #[arg(long, env = "UMBRA_CONNECTOR_STREAM_WINDOW_KIB")]
+    stream_window_kib: Option<u32>,
     /// Serve Prometheus metrics at http://ADDR/metrics, or `none`.
     #[arg(
         long,
@@ -50,6 +54,9 @@ fn config(a: &RunArgs) -> anyhow::Result<ConnectorConfig> {
     }
     if let Some(t) = &a.transport {
         c.transport = t.parse().map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    }
+    if let Some(v) = a.stream_window_kib {
+        c.stream_window_kib = v;
     }
     c.validate()?;
     Ok(c)

@@ -68,6 +68,7 @@ fn help_of_every_command_names_its_options() {
                 "--listen-tcp",
                 "--advertise-host",
                 "--max-staleness",
+                "--stream-window-kib",
                 "--metrics-listen",
             ],
         ),
@@ -82,6 +83,7 @@ fn help_of_every_command_names_its_options() {
                 "--config",
                 "--dir",
                 "--transport",
+                "--stream-window-kib",
                 "--metrics-listen",
             ],
         ),
@@ -98,6 +100,7 @@ fn help_of_every_command_names_its_options() {
                 "forward",
                 "--dir",
                 "--transport",
+                "--stream-window-kib",
             ],
         ),
         (&["agent", "enroll", "--help"], &["--controller", "--token"]),
@@ -264,6 +267,37 @@ fn broker_config_errors_name_what_is_wrong() {
         "the error does not name --max-staleness: {}",
         out.describe()
     );
+
+    // A value outside its range names the setting, for each role that has it.
+    for args in [
+        &[
+            "broker",
+            "--stream-window-kib",
+            "8",
+            "--metrics-listen",
+            "none",
+        ][..],
+        &[
+            "connector",
+            "--stream-window-kib",
+            "100000",
+            "--metrics-listen",
+            "none",
+        ][..],
+        &["agent", "--stream-window-kib", "0", "status"][..],
+    ] {
+        let out = umbra(home.path(), args);
+        assert!(
+            !out.success() && out.status.is_some(),
+            "{args:?} was accepted: {}",
+            out.describe()
+        );
+        assert!(
+            out.stderr.contains("stream_window_kib") && out.stderr.contains("16 and 16384"),
+            "{args:?}: the error does not name stream_window_kib and its range: {}",
+            out.describe()
+        );
+    }
 
     // The same for the controller and the connector.
     let out = umbra(home.path(), &["controller", "--listen", "not-an-address"]);

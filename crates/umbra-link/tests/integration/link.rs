@@ -109,6 +109,70 @@ async fn agent_link_frames_echo_half_close(t: Transport) {
 }
 both!(agent_link_frames_echo_half_close);
 
+/// A receiver that stops reading holds at most one stream window for that stream: the
+/// sender stalls once the window is used, so a stalled app costs the side in front of it
+/// one window of memory, never more. Checked with the default window and a configured
+/// smaller one. Twin: once the receiver reads again, every byte arrives, in order.
+async fn stalled_reader_holds_one_window(t: Transport) {
+    let org = Org::new();
+    for kib in [umbra_link::DEFAULT_STREAM_WINDOW_KIB, 64] {
+        let cfg = LinkConfig::default().with_stream_window_kib(kib);
+        let window = cfg.stream_window as usize;
+        assert_eq!(window, kib as usize * 1024);
+        let listener = org.listener(cfg.clone()).await;
+        let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
+            .await
+            .unwrap();
+        let server = soon("accept", listener.accept()).await.unwrap();
+        let mut c = link.open().await.unwrap();
+        c.write_frame(&open_frame()).await.unwrap();
+        let mut s = soon("stream", server.accept()).await.unwrap();
+        assert_eq!(soon("frame", s.read_frame()).await.unwrap(), open_frame());
+
+        // The sender pushes 8 KiB pieces and counts those fully accepted; nobody reads.
+        let data = pattern(4 * window, u64::from(kib));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sender = {
+            let data = data.clone();
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                for piece in data.chunks(8 * 1024) {
+                    c.send_chunk(Bytes::copy_from_slice(piece)).await.unwrap();
+                    accepted.fetch_add(piece.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                c.finish().await.unwrap();
+                c
+            })
+        };
+        // Wait until the count has not moved for 300 ms: the sender is stalled.
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = accepted.load(std::sync::atomic::Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        assert!(
+            last <= window,
+            "{t:?}: {last} bytes accepted for a reader that reads nothing, window {window}"
+        );
+        assert!(
+            last >= window / 2,
+            "{t:?}: only {last} bytes accepted before stalling, window {window}"
+        );
+        assert!(!sender.is_finished(), "{t:?}: sender not stalled");
+
+        let got = soon("read after the stall", read_to_end(&mut s)).await;
+        assert_eq!(got.len(), data.len(), "{t:?}, window {window}");
+        assert!(got == data, "{t:?}: bytes differ after the stall");
+        drop(soon("sender", sender).await.unwrap());
+        link.close();
+    }
+}
+both!(stalled_reader_holds_one_window);
+
 /// Connector dials; the broker (listener) opens streams, the connector accepts them.
 async fn listener_opens_on_connector_links(t: Transport) {
     let org = Org::new();

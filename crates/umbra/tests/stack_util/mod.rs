@@ -254,6 +254,7 @@ impl AgentId {
             open_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
             idle_timeout_secs: 300,
+            ..AgentConfig::default()
         }
     }
 }
