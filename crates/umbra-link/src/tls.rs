@@ -40,6 +40,16 @@ use crate::transport::{
 /// Read buffer under TLS (see [`buffered`]).
 const TCP_READ_BUFFER: usize = 64 * 1024;
 
+/// Least room rustls gets for encrypted bytes not yet written to the socket, per link (its
+/// default is 64 KiB). A 64 KiB HTTP/2 DATA frame is a little over 64 KiB once framed and
+/// sealed, so under the default every frame went out as two writes, the second of about a
+/// hundred bytes, each waking the peer. With room for several frames, a frame is one `writev`
+/// (single-stream TLS throughput: about 1.15x socat before, 1.2-1.3x after; benches/README).
+/// A link whose stream window is larger gets one window: one stream never has more than
+/// that in flight, so more room would not help it. The buffer fills only while the socket
+/// is backed up.
+const TLS_SEND_BUFFER: usize = 256 * 1024;
+
 /// The HTTP/2 side of a TLS link.
 pub(crate) struct H2Conn {
     side: H2Side,
@@ -142,7 +152,8 @@ pub(crate) async fn accept(
     cfg: &LinkConfig,
 ) -> Result<Link, LinkError> {
     tcp.set_nodelay(true)?;
-    let tls = acceptor.accept(buffered(tcp)).await.map_err(from_tls_io)?;
+    let mut tls = acceptor.accept(buffered(tcp)).await.map_err(from_tls_io)?;
+    tls.get_mut().1.set_buffer_limit(Some(tls_send_buffer(cfg)));
     let (_, c) = tls.get_ref();
     if c.alpn_protocol() != Some(ALPN) {
         return Err(LinkError::Handshake("ALPN umbra/1 not negotiated"));
@@ -179,10 +190,11 @@ pub(crate) async fn dial(
     let we_open = dialer_opens(own_role(&client_tls));
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let tls = TlsConnector::from(client_tls)
+    let mut tls = TlsConnector::from(client_tls)
         .connect(name, buffered(tcp))
         .await
         .map_err(from_tls_io)?;
+    tls.get_mut().1.set_buffer_limit(Some(tls_send_buffer(cfg)));
     let (_, c) = tls.get_ref();
     if c.alpn_protocol() != Some(ALPN) {
         return Err(LinkError::Handshake("ALPN umbra/1 not negotiated"));
@@ -208,6 +220,10 @@ pub(crate) async fn dial(
         span,
         conn: Conn::H2(conn),
     }))
+}
+
+fn tls_send_buffer(cfg: &LinkConfig) -> usize {
+    TLS_SEND_BUFFER.max(cfg.stream_window as usize)
 }
 
 /// rustls reads the socket 4 KiB at a time after each drained record; a read buffer under
