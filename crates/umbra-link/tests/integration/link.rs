@@ -111,11 +111,11 @@ both!(agent_link_frames_echo_half_close);
 
 /// A receiver that stops reading holds at most one stream window for that stream: the
 /// sender stalls once the window is used, so a stalled app costs the side in front of it
-/// one window of memory, never more. Checked with the default window and a configured
-/// smaller one. Twin: once the receiver reads again, every byte arrives, in order.
+/// one window of memory, never more. Checked with the default window and with a smaller and
+/// a larger configured one. Twin: once the receiver reads again, every byte arrives, in order.
 async fn stalled_reader_holds_one_window(t: Transport) {
     let org = Org::new();
-    for kib in [umbra_link::DEFAULT_STREAM_WINDOW_KIB, 64] {
+    for kib in [umbra_link::DEFAULT_STREAM_WINDOW_KIB, 64, 1024] {
         let cfg = LinkConfig::default().with_stream_window_kib(kib);
         let window = cfg.stream_window as usize;
         assert_eq!(window, kib as usize * 1024);
