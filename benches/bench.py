@@ -643,6 +643,7 @@ def main():
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                      if l.startswith("model name")), "?"),
         "args": vars(args), "workdir": d, "nofile": soft,
+        "env_settings": env_settings(),
     }
     log(f"workdir {d}\n{meta['cpu']} x{meta['cpus']}, kernel {meta['kernel']}")
     log(f"rounds={args.runs} iperf={args.secs}s rtt={args.rtt_count} setup={args.setup_count} "
@@ -942,6 +943,16 @@ def met(ok):
     return "**met**" if ok else "**not met**"
 
 
+def env_settings():
+    """Environment variables that change how the measured processes behave (role settings
+    such as UMBRA_BROKER_STREAM_WINDOW_KIB, tokio and glibc knobs), so that a report says what
+    it was run with. Names holding secrets are left out."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if (k.startswith("UMBRA_") or k in ("TOKIO_WORKER_THREADS", "GLIBC_TUNABLES"))
+            and k not in ("UMBRA_LOG", "UMBRA_LOG_FORMAT")
+            and not any(w in k for w in ("TOKEN", "KEY", "SECRET", "PASSWORD"))}
+
+
 def write_results(res, args):
     meta, sc = res["meta"], res["scenarios"]
     L = []
@@ -952,6 +963,9 @@ def write_results(res, args):
              f"Loopback only. {args.runs} interleaved rounds, iperf3 {args.secs} s, "
              f"{args.rtt_count} ping-pongs, {args.setup_count} new connections per setup run; "
              f"took {meta['elapsed_s']:.0f} s.\n")
+    if meta.get("env_settings"):
+        L.append("**Run with settings from the environment:** "
+                 + ", ".join(f"`{k}={v}`" for k, v in meta["env_settings"].items()) + ".\n")
     busy = [r["round"] for r in res["rounds"] if r["other_work_running"]]
     mem_busy = [t for t, m in res.get("memory", {}).items() if m.get("other_work_running")]
     fc = ", ".join(f"{r['foreign_cpu_cores']:.2f}" for r in res["rounds"])
