@@ -144,7 +144,15 @@ async fn stalled_reader_holds_one_window(t: Transport) {
                 c
             })
         };
-        // Wait until the count has not moved for 300 ms: the sender is stalled.
+        // The sender gets at least half a window out (a transport that stalls earlier fails
+        // here), then stalls: the count stops moving for 300 ms.
+        let half = window / 2;
+        soon("half a window accepted", async {
+            while accepted.load(std::sync::atomic::Ordering::Relaxed) < half {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
         let mut last = usize::MAX;
         loop {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -157,10 +165,6 @@ async fn stalled_reader_holds_one_window(t: Transport) {
         assert!(
             last <= window,
             "{t:?}: {last} bytes accepted for a reader that reads nothing, window {window}"
-        );
-        assert!(
-            last >= window / 2,
-            "{t:?}: only {last} bytes accepted before stalling, window {window}"
         );
         assert!(!sender.is_finished(), "{t:?}: sender not stalled");
 
