@@ -164,6 +164,18 @@ def cpu_delta(before, after):
             else None for n in before}
 
 
+def cpu_times():
+    """(busy, idle) jiffies of all CPUs together, from /proc/stat (iowait counts as idle)."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v[:8]) - idle, idle
+
+
+def idle_share(before, after):
+    busy, idle = after[0] - before[0], after[1] - before[1]
+    return idle / (busy + idle) if busy + idle > 0 else None
+
+
 def rss_kib(pid):
     """VmRSS of PID in KiB (from /proc/PID/status)."""
     with open(f"/proc/{pid}/status") as f:
@@ -734,6 +746,7 @@ def main():
     # --- rounds
     tput = {s[0]: [] for s in scen}
     tput_cpu = {s[0]: [] for s in scen}   # per run: {component: ns per byte}
+    tput_idle = {s[0]: [] for s in scen}  # per run: idle share of all CPUs during iperf3
     lat = {s[0]: [] for s in scen}
     setup = {s[0]: [] for s in scen}
     setup_cpu = {s[0]: [] for s in scen}  # per run: {component: µs per new connection}
@@ -748,7 +761,9 @@ def main():
         for sid, _, ti, _, _ in order:
             pids = chain(sid, "iperf")
             c0 = cpu_snapshot(pids)
+            t0 = cpu_times()
             res_i = iperf(ti, args.secs)
+            tput_idle[sid].append(idle_share(t0, cpu_times()) if res_i else None)
             time.sleep(0.3)  # let socat's per-connection children be reaped
             dc = cpu_delta(c0, cpu_snapshot(pids))
             tput[sid].append(res_i["gbps"] if res_i else None)
@@ -800,6 +815,7 @@ def main():
             "setup_failed_connections": sum((x or {}).get("failed", 0) for x in setup[sid]),
             "setup_link_handshakes": hs[sid] if sid.startswith("umbra") else None,
             "cpu_ns_per_byte": per_component(tput_cpu[sid]) if sid != "direct" else None,
+            "iperf_idle_cpu": summary(tput_idle[sid]),
             "cpu_us_per_new_stream": per_component(setup_cpu[sid]) if sid != "direct" else None,
             "raw": {"gbps": tput[sid], "rtt": lat[sid], "setup": setup[sid],
                     "cpu_ns_per_byte": tput_cpu[sid], "cpu_us_per_new_stream": setup_cpu[sid]},
@@ -1031,6 +1047,17 @@ def write_results(res, args):
             fmt(c.get(n), 3) if c.get(n) else "—" for n in ("agent", "broker", "connector",
                                                             "total")) + " |")
     L.append("")
+    idle = [(s["label"], s.get("iperf_idle_cpu")) for s in sc.values()]
+    if any(i and i.get("median") is not None for _, i in idle):
+        L.append("Idle share of both vCPUs while iperf3 ran (median [min–max]): a relay "
+                 "that leaves CPU idle at full speed is waiting on something, not CPU-bound.\n")
+        L.append("| path | idle CPU during iperf3 |")
+        L.append("|---|---|")
+        for label, i in idle:
+            if i and i.get("median") is not None:
+                L.append(f"| {label} | {i['median'] * 100:.1f}% "
+                         f"[{i['min'] * 100:.1f}–{i['max'] * 100:.1f}] |")
+        L.append("")
 
     mem = res.get("memory", {})
     if mem:
