@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use umbra_link::{Link, LinkConfig, LinkError, Stream, Transport, dial};
+use umbra_link::{Link, LinkConfig, LinkError, Listener, Stream, Transport, dial};
 use umbra_pki::broker_server_name;
 use umbra_proto::frame::FrameError;
 use umbra_proto::{DialCode, Flow, Frame, OpenCode, Role};
@@ -26,6 +26,20 @@ async fn send_all(s: &mut Stream, data: &[u8]) {
     }
 }
 
+/// An agent link dialed to `listener` over `t`, and the listener's side of it.
+async fn agent_link(
+    org: &Org,
+    listener: &Listener,
+    t: Transport,
+    cfg: &LinkConfig,
+) -> (Link, Link) {
+    let link = dial(addr(listener, t), &server_name(), t, org.agent(), cfg)
+        .await
+        .unwrap();
+    let server = soon("accept", listener.accept()).await.unwrap();
+    (link, server)
+}
+
 fn open_frame() -> Frame {
     Frame::Open {
         flow: Flow::Tcp,
@@ -39,10 +53,7 @@ async fn agent_link_frames_echo_half_close(t: Transport) {
     let org = Org::new();
     let listener = org.listener(LinkConfig::default()).await;
     let cfg = LinkConfig::default();
-    let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
-        .await
-        .unwrap();
-    let server = soon("accept", listener.accept()).await.unwrap();
+    let (link, server) = agent_link(&org, &listener, t, &cfg).await;
 
     assert_eq!(link.transport(), t);
     assert_eq!(server.transport(), t);
@@ -120,10 +131,7 @@ async fn stalled_reader_holds_one_window(t: Transport) {
         let window = cfg.stream_window as usize;
         assert_eq!(window, kib as usize * 1024);
         let listener = org.listener(cfg.clone()).await;
-        let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
-            .await
-            .unwrap();
-        let server = soon("accept", listener.accept()).await.unwrap();
+        let (link, server) = agent_link(&org, &listener, t, &cfg).await;
         let mut c = link.open().await.unwrap();
         c.write_frame(&open_frame()).await.unwrap();
         let mut s = soon("stream", server.accept()).await.unwrap();
@@ -397,10 +405,7 @@ async fn refusal_reaches_the_agent(t: Transport) {
     let listener = org.listener(LinkConfig::default()).await;
     let cfg = LinkConfig::default();
 
-    let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
-        .await
-        .unwrap();
-    let server = soon("accept", listener.accept()).await.unwrap();
+    let (link, server) = agent_link(&org, &listener, t, &cfg).await;
     server.refuse();
     let e = first_error(&link).await;
     assert!(matches!(e, LinkError::Refused), "{t:?}: {e:?}");
@@ -412,10 +417,7 @@ async fn refusal_reaches_the_agent(t: Transport) {
     assert!(!e.is_peer_fault());
 
     // The twin: a link closed without a refusal fails, but not as refused.
-    let link = dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg)
-        .await
-        .unwrap();
-    let server = soon("accept", listener.accept()).await.unwrap();
+    let (link, server) = agent_link(&org, &listener, t, &cfg).await;
     server.close();
     let e = first_error(&link).await;
     assert!(!matches!(e, LinkError::Refused), "{t:?}: {e:?}");
