@@ -842,6 +842,17 @@ async fn connector_config_lists_only_its_targets() {
     h.ctl.shutdown().await;
 }
 
+/// Posts a broker heartbeat with `client`; the answer's status.
+async fn heartbeat(h: &Harness, client: &reqwest::Client, body: &Value) -> StatusCode {
+    client
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 #[tokio::test]
 async fn heartbeat_brokers_streams_and_audit() {
     let h = Harness::start().await;
@@ -879,11 +890,7 @@ async fn heartbeat_brokers_streams_and_audit() {
     );
     // Same addresses: no bump.
     let v1 = h.ctl.snapshot_version();
-    b.post(h.url("/v1/broker/heartbeat"))
-        .json(&hb)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(heartbeat(&h, &b, &hb).await, StatusCode::OK);
     assert_eq!(h.ctl.snapshot_version(), v1);
 
     let (_, list) = get_json::<BrokerList>(&h.as_peer(&dev), h.url("/v1/brokers")).await;
@@ -930,34 +937,19 @@ async fn heartbeat_brokers_streams_and_audit() {
         (1, vec!["n1", "n2"]),
         (2, vec!["n2", "n3"]),
     ] {
-        let resp = b
-            .post(h.url("/v1/broker/heartbeat"))
-            .json(&numbered(first, &targets))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            heartbeat(&h, &b, &numbered(first, &targets)).await,
+            StatusCode::OK
+        );
     }
     assert_eq!(
         (count("n1").await, count("n2").await, count("n3").await),
         (1, 1, 1)
     );
     let mut bad = numbered(0, &["n4"]);
-    let resp = b
-        .post(h.url("/v1/broker/heartbeat"))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(heartbeat(&h, &b, &bad).await, StatusCode::BAD_REQUEST);
     bad["audit_seq"] = json!({ "epoch": u64::MAX, "first": 1 });
-    let resp = b
-        .post(h.url("/v1/broker/heartbeat"))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(heartbeat(&h, &b, &bad).await, StatusCode::BAD_REQUEST);
     assert_eq!(count("n4").await, 0, "a refused heartbeat stores nothing");
 
     // A heartbeat without a stream list (the set is unchanged) keeps the stored one and
@@ -965,13 +957,7 @@ async fn heartbeat_brokers_streams_and_audit() {
     h.skew.store(20, Ordering::SeqCst);
     let mut audit_only = hb.clone();
     audit_only.as_object_mut().unwrap().remove("streams");
-    let resp = b
-        .post(h.url("/v1/broker/heartbeat"))
-        .json(&audit_only)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(heartbeat(&h, &b, &audit_only).await, StatusCode::OK);
     let streams = h.ok("GET", "/v1/streams", None).await;
     assert_eq!(streams.as_array().unwrap().len(), 1);
     assert_eq!(streams[0]["id"], 7);
@@ -988,33 +974,17 @@ async fn heartbeat_brokers_streams_and_audit() {
 
     let mut none_left = hb.clone();
     none_left["streams"] = json!([]);
-    let resp = b
-        .post(h.url("/v1/broker/heartbeat"))
-        .json(&none_left)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(heartbeat(&h, &b, &none_left).await, StatusCode::OK);
     assert_eq!(h.ok("GET", "/v1/streams", None).await, json!([]));
 
     // Only brokers heartbeat; bad addresses are refused.
-    let resp = h
-        .as_peer(&dev)
-        .post(h.url("/v1/broker/heartbeat"))
-        .json(&hb)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        heartbeat(&h, &h.as_peer(&dev), &hb).await,
+        StatusCode::FORBIDDEN
+    );
     let mut bad = hb.clone();
     bad["quic_addr"] = json!("nowhere");
-    let resp = b
-        .post(h.url("/v1/broker/heartbeat"))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(heartbeat(&h, &b, &bad).await, StatusCode::BAD_REQUEST);
     h.ctl.shutdown().await;
 }
 
