@@ -79,7 +79,7 @@ impl AgentConfig {
             return err("idle_timeout_secs", "must be at least 1");
         }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
-            return err("stream_window_kib", "must be between 16 and 16384");
+            return err("stream_window_kib", umbra_link::STREAM_WINDOW_KIB_ERROR);
         }
         Ok(())
     }

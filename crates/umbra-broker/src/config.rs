@@ -126,11 +126,7 @@ impl BrokerConfig {
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return Err(bad(
                 "stream_window_kib",
-                format!(
-                    "must be between {} and {}",
-                    umbra_link::STREAM_WINDOW_KIB.start(),
-                    umbra_link::STREAM_WINDOW_KIB.end()
-                ),
+                umbra_link::STREAM_WINDOW_KIB_ERROR,
             ));
         }
         Ok(())

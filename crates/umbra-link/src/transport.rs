@@ -32,6 +32,9 @@ pub const DEFAULT_STREAM_WINDOW_KIB: u32 = 256;
 /// Accepted per-stream windows, in KiB: from one TLS record up to the connection window.
 pub const STREAM_WINDOW_KIB: std::ops::RangeInclusive<u32> = 16..=CONNECTION_WINDOW / 1024;
 
+/// What a role configuration says of a `stream_window_kib` outside [`STREAM_WINDOW_KIB`].
+pub const STREAM_WINDOW_KIB_ERROR: &str = "must be between 16 and 16384";
+
 /// The per-stream window in bytes for a configured size in KiB; `None` outside
 /// [`STREAM_WINDOW_KIB`]. Role configurations check their `stream_window_kib` with this.
 pub fn stream_window_bytes(kib: u32) -> Option<u32> {
@@ -175,6 +178,14 @@ mod tests {
                 LinkConfig::default()
             );
         }
+        assert_eq!(
+            STREAM_WINDOW_KIB_ERROR,
+            format!(
+                "must be between {} and {}",
+                STREAM_WINDOW_KIB.start(),
+                STREAM_WINDOW_KIB.end()
+            )
+        );
         let c = LinkConfig::default().with_stream_window_kib(1024);
         assert_eq!(c.stream_window, 1024 * 1024);
     }
