@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use umbra_controller::{Controller, ControllerConfig, ControllerError, ControllerOptions};
 use umbra_pki::{CertificateDer, TlsIdentity};
 use umbra_proto::api::{
-    ApiError, AuditEntry, BrokerList, ConnectorConfig, EnrollTokenCreated, IssuedCert,
+    ApiError, AuditEntry, AuditRecord, BrokerList, ConnectorConfig, EnrollTokenCreated, IssuedCert,
 };
 use umbra_proto::{PeerId, Role, Snapshot};
 
@@ -178,6 +178,25 @@ impl Harness {
 
     fn as_peer(&self, id: &TlsIdentity) -> reqwest::Client {
         client(&self.ca, Some(id))
+    }
+
+    /// Asks for a new certificate over `peer`, the client of an enrolled identity.
+    async fn renew(&self, peer: &reqwest::Client, body: Value) -> reqwest::Response {
+        peer.post(self.url("/v1/renew"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The audit rows with `action`, oldest first.
+    async fn audited(&self, action: &str) -> Vec<AuditRecord> {
+        let all: Vec<AuditEntry> =
+            serde_json::from_value(self.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
+        all.into_iter()
+            .map(|e| e.record)
+            .filter(|r| r.action == action)
+            .collect()
     }
 }
 
@@ -687,12 +706,8 @@ async fn renewal_and_revocation() {
     let c = h.as_peer(&dev);
 
     let key2 = umbra_pki::generate_key_pem().unwrap();
-    let resp = c
-        .post(h.url("/v1/renew"))
-        .json(&json!({ "csr_pem": umbra_pki::make_csr(&key2).unwrap() }))
-        .send()
-        .await
-        .unwrap();
+    let csr2 = umbra_pki::make_csr(&key2).unwrap();
+    let resp = h.renew(&c, json!({ "csr_pem": csr2 })).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let renewed: IssuedCert = resp.json().await.unwrap();
     assert_eq!(renewed.identity, issued.identity);
@@ -700,6 +715,17 @@ async fn renewal_and_revocation() {
     assert_eq!(renewed.user.as_deref(), Some("alice@example.com"));
     let dev2 = TlsIdentity::from_pem(&renewed.cert_pem, &key2, &renewed.ca_pem).unwrap();
     assert_eq!(dev2.peer.id, dev.peer.id);
+
+    // The renewal is audited, by and for the device, with the serial it replaces: the trail
+    // must tie every certificate in circulation to the one it came from.
+    let renewals = h.audited("renew").await;
+    assert_eq!(renewals.len(), 1, "{renewals:?}");
+    let r = &renewals[0];
+    assert_eq!(r.result, "ok");
+    assert_eq!(r.actor, issued.identity);
+    assert_eq!(r.target, issued.identity);
+    assert_eq!(r.detail["old_serial"], issued.serial.as_str());
+    assert_eq!(r.detail["serial"], renewed.serial.as_str());
 
     // An agent may not fetch the snapshot.
     let (s, _) = get_json::<Snapshot>(&c, h.url("/v1/snapshot?after=0&wait=1")).await;
@@ -710,13 +736,20 @@ async fn renewal_and_revocation() {
         .ok("POST", &format!("/v1/devices/{device_id}/revoke"), None)
         .await;
     assert_eq!(d["revoked"], true);
-    let resp = c
-        .post(h.url("/v1/renew"))
-        .json(&json!({ "csr_pem": umbra_pki::make_csr(&key2).unwrap() }))
-        .send()
-        .await
-        .unwrap();
+    let resp = h.renew(&c, json!({ "csr_pem": csr2 })).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // A revoked device trying to renew is in the trail as refused, naming the device.
+    let renewals = h.audited("renew").await;
+    assert_eq!(renewals.len(), 2, "{renewals:?}");
+    let r = &renewals[1];
+    assert_eq!(r.result, "error");
+    assert_eq!(r.actor, issued.identity);
+    assert_eq!(r.target, issued.identity);
+    assert_eq!(r.detail["status"], 403);
+    assert!(
+        r.detail["error"].as_str().unwrap().contains("revoked"),
+        "{r:?}"
+    );
     // The renewed certificate is revoked too.
     let (s, _) = get_json::<BrokerList>(&h.as_peer(&dev2), h.url("/v1/brokers")).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
@@ -730,6 +763,208 @@ async fn renewal_and_revocation() {
     assert!(dev_facts.revoked);
     assert_eq!(dev_facts.user, "alice@example.com");
     h.ctl.shutdown().await;
+}
+
+#[tokio::test]
+async fn connector_revocation_and_refused_renewals_are_audited() {
+    let h = Harness::start().await;
+    let (conn, issued) = h.peer("connector", "c1").await;
+    let id = conn.peer.id.id.clone();
+    let c = h.as_peer(&conn);
+
+    // A live connector asking for more than it is granted is refused, and the refusal is
+    // audited against it; no certificate is issued.
+    let resp = h
+        .renew(
+            &c,
+            json!({ "csr_pem": evil_csr(false, vec!["evil.example.com".into()]) }),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let renewals = h.audited("renew").await;
+    assert_eq!(renewals.len(), 1, "{renewals:?}");
+    let r = &renewals[0];
+    assert_eq!(
+        (r.result.as_str(), r.actor.as_str(), r.target.as_str()),
+        ("error", issued.identity.as_str(), issued.identity.as_str())
+    );
+    assert_eq!(r.detail["status"], 400);
+    assert_eq!(r.detail["field"], "csr_pem");
+    assert_eq!(
+        h.ok("GET", "/v1/connectors", None).await[0]["cert_serial"],
+        issued.serial.as_str()
+    );
+
+    // Revoking a connector is an admin change like any other: one audit row naming it.
+    let v = h
+        .ok("POST", &format!("/v1/connectors/{id}/revoke"), None)
+        .await;
+    assert_eq!(v["revoked"], true);
+    let target = format!("connector/{id}");
+    let revokes = h.audited("revoke").await;
+    assert_eq!(revokes.len(), 1, "{revokes:?}");
+    let r = &revokes[0];
+    assert_eq!(
+        (r.result.as_str(), r.actor.as_str(), r.target.as_str()),
+        ("ok", "admin", target.as_str())
+    );
+    assert_eq!(r.detail["role"], "connector");
+    assert_eq!(r.detail["id"], id.as_str());
+    assert_eq!(r.detail["owner"], "c1");
+    // Revoking it again changes nothing, so nothing more is recorded as done.
+    h.ok("POST", &format!("/v1/connectors/{id}/revoke"), None)
+        .await;
+    assert_eq!(h.audited("revoke").await.len(), 1);
+    // An unknown connector: refused, and the refusal is audited.
+    let (s, _) = h.admin("POST", "/v1/connectors/nope/revoke", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let revokes = h.audited("revoke").await;
+    assert_eq!(revokes.len(), 2);
+    assert_eq!(
+        (revokes[1].result.as_str(), revokes[1].target.as_str()),
+        ("error", "connector/nope")
+    );
+
+    // The revoked connector can no longer renew, and that attempt is audited too.
+    let csr = umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+    let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let renewals = h.audited("renew").await;
+    assert_eq!(renewals.len(), 2, "{renewals:?}");
+    let r = &renewals[1];
+    assert_eq!(
+        (r.result.as_str(), r.target.as_str()),
+        ("error", issued.identity.as_str())
+    );
+    assert_eq!(r.detail["status"], 403);
+    h.ctl.shutdown().await;
+}
+
+/// A CSR for `key_pem` that asks for a certificate valid until 2099. PKCS#10 has no validity
+/// field, so the only way a request can ask is an extension; the private key usage period
+/// (2.5.29.16) is the one that carries dates.
+fn csr_asking_to_live_long(key_pem: &str) -> String {
+    let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    // SEQUENCE { [0] notBefore, [1] notAfter }, both GeneralizedTime.
+    let mut period = vec![0x30, 0x22, 0x80, 0x0f];
+    period.extend_from_slice(b"20250101000000Z");
+    period.extend_from_slice(&[0x81, 0x0f]);
+    period.extend_from_slice(b"20991231235959Z");
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 16],
+            period,
+        ));
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// DER encoding of the OID 2.5.29.16 (private key usage period).
+const KEY_USAGE_PERIOD_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x10];
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `send` answers with a certificate that lives exactly `lifetime` from when it was issued,
+/// whatever the request asked for: the answer's `not_after` and the certificate's own agree.
+async fn assert_issued_for(
+    lifetime: u64,
+    send: impl std::future::Future<Output = reqwest::Response>,
+) -> IssuedCert {
+    let before = unix_now();
+    let resp = send.await;
+    let after = unix_now();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let issued: IssuedCert = resp.json().await.unwrap();
+    assert!(
+        (before + lifetime..=after + lifetime).contains(&issued.not_after),
+        "not_after {} is not {lifetime} s after issuance ({before}..={after})",
+        issued.not_after
+    );
+    let in_cert = umbra_pki::cert_not_after(&issued.cert_pem).unwrap();
+    assert_eq!(
+        in_cert,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(issued.not_after)
+    );
+    // (`ca_der` decodes any certificate PEM; here the leaf.)
+    assert!(
+        !contains(ca_der(&issued.cert_pem).as_ref(), &KEY_USAGE_PERIOD_OID),
+        "the CA copied the requested validity extension"
+    );
+    issued
+}
+
+/// Neither the JSON body nor the CSR can get a certificate that outlives the configured
+/// lifetime: the body has no lifetime field (one is refused as unknown before the token is
+/// touched), and a validity the CSR asks for in an extension is ignored like everything else
+/// in it but the key. Checked with the default lifetime (24 h) and a configured one.
+#[tokio::test]
+async fn requested_lifetime_is_refused_or_ignored() {
+    let long = 365 * 24 * 3600_u64;
+    for configured in [None, Some(2 * 3600)] {
+        let h = Harness::start_cfg(|c| {
+            if let Some(secs) = configured {
+                c.cert_lifetime_secs = secs;
+            }
+        })
+        .await;
+        let lifetime = configured.unwrap_or(24 * 3600);
+        let t = h.token("connector", None, Some("c1")).await;
+        let key = umbra_pki::generate_key_pem().unwrap();
+
+        // A lifetime field: refused by name, and the token is not spent on it.
+        let resp = h
+            .http
+            .post(h.url("/v1/enroll"))
+            .json(&json!({
+                "token": t.token,
+                "csr_pem": umbra_pki::make_csr(&key).unwrap(),
+                "lifetime_secs": long,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: ApiError = resp.json().await.unwrap();
+        assert_eq!(e.field.as_deref(), Some("lifetime_secs"));
+        assert!(e.error.contains("lifetime_secs"), "{}", e.error);
+        assert_eq!(h.ok("GET", "/v1/connectors", None).await, json!([]));
+
+        // The same token with a CSR asking to live until 2099: the token still works, and
+        // the certificate lives the configured lifetime.
+        let csr = csr_asking_to_live_long(&key);
+        let der = {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap()
+        };
+        assert!(
+            contains(der.as_ref(), &KEY_USAGE_PERIOD_OID),
+            "the request really asks"
+        );
+        let issued = assert_issued_for(lifetime, h.redeem(&t.token, &csr)).await;
+        let id = TlsIdentity::from_pem(&issued.cert_pem, &key, &issued.ca_pem).unwrap();
+        let c = h.as_peer(&id);
+
+        // Renewal: same rules.
+        let resp = h
+            .renew(&c, json!({ "csr_pem": csr, "lifetime_secs": long }))
+            .await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: ApiError = resp.json().await.unwrap();
+        assert_eq!(e.field.as_deref(), Some("lifetime_secs"));
+        let renewed = assert_issued_for(lifetime, h.renew(&c, json!({ "csr_pem": csr }))).await;
+        assert_ne!(renewed.serial, issued.serial);
+        h.ctl.shutdown().await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1046,6 +1281,73 @@ async fn restart_keeps_state_ca_and_admin_token() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    ctl.shutdown().await;
+}
+
+/// Every file in the data directory (database, WAL, shared memory, CA files), raw bytes.
+fn data_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The admin token never reaches the disk, only its SHA-256 (hex, as `Ctx::admin_ok` checks
+/// it): a copy of the data directory or a backup must not hand out admin access.
+#[tokio::test]
+async fn admin_token_is_stored_only_as_its_hash() {
+    let h = Harness::start().await;
+    let token = h.admin_token.clone();
+    // The random part alone too, in case it were stored without its prefix.
+    let random = token.strip_prefix("umbra-admin-").unwrap().to_owned();
+    let hash = hex::encode(umbra_pki::sha256(token.as_bytes()));
+    let check = |files: &[(String, Vec<u8>)]| {
+        for (name, bytes) in files {
+            assert!(!contains(bytes, token.as_bytes()), "admin token in {name}");
+            assert!(!contains(bytes, random.as_bytes()), "admin token in {name}");
+        }
+        // The hash is found, so the scan looks where the token would be.
+        assert!(
+            files.iter().any(|(_, b)| contains(b, hash.as_bytes())),
+            "the token's hash is stored"
+        );
+    };
+    // Twin: the token in hand works.
+    assert_eq!(h.ok("GET", "/v1/users", None).await, json!([]));
+
+    // While running, recent writes live in the WAL: it is read too.
+    let files = data_files(h.dir.path());
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"umbra.db") && names.contains(&"umbra.db-wal"),
+        "{names:?}"
+    );
+    check(&files);
+
+    // After shutdown the WAL is checkpointed into the database file itself.
+    let Harness { dir, ctl, skew, .. } = h;
+    ctl.shutdown().await;
+    let files = data_files(dir.path());
+    check(&files);
+    let db = &files.iter().find(|(n, _)| n == "umbra.db").unwrap().1;
+    assert!(contains(db, hash.as_bytes()));
+
+    // And the hash alone is enough to let the token in after a restart.
+    let ctl = start(config(dir.path()), &skew).await.unwrap();
+    let resp = client(&ca_der(&ctl.ca_pem()), None)
+        .get(format!("{}/v1/users", ctl.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
     ctl.shutdown().await;
 }
 
