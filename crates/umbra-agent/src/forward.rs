@@ -154,12 +154,21 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let stream = match session.open(&service).await {
-        Ok(s) => s,
+        Ok(s) => {
+            count_stream("ok");
+            s
+        }
         Err(OpenError::Denied(_)) => {
+            count_stream("denied");
             tracing::warn!("access to {service} denied");
             return;
         }
         Err(e) => {
+            count_stream(match e {
+                OpenError::Unavailable(_) => "unavailable",
+                OpenError::NoBroker(_) => "no_broker",
+                _ => "error",
+            });
             tracing::warn!(error = %e, "cannot open a stream to {service}");
             return;
         }
@@ -173,4 +182,11 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
         ),
         Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
     }
+}
+
+/// `umbra_agent_streams_total{result}`: local connections by how their stream open ended
+/// (`ok`, `denied`, `unavailable`, `no_broker`, `error`). Bytes and links are counted by
+/// `umbra-link` (`umbra_relay_bytes_total`, `umbra_links`).
+fn count_stream(result: &'static str) {
+    metrics::counter!("umbra_agent_streams_total", "result" => result).increment(1);
 }

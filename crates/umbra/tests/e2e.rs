@@ -41,6 +41,11 @@ const SSH_PORT: u16 = 2222;
 const FWD_QUIC: u16 = 18081;
 const FWD_TCP: u16 = 18082;
 const FWD_SSH: u16 = 18083;
+/// Prometheus listeners, each on 127.0.0.1 inside its role's namespace: broker-N at
+/// `BROKER_METRICS + N`, the connector, and each forward at its port + `FWD_METRICS_OFFSET`.
+const BROKER_METRICS: u16 = 9400;
+const CONNECTOR_METRICS: u16 = 9409;
+const FWD_METRICS_OFFSET: u16 = 1000;
 const USER: &str = "alice@example.test";
 const CONNECTOR: &str = "conn-1";
 const SSH_ECHO: &str = "e2e-through-umbra";
@@ -939,6 +944,7 @@ fn start_broker(w: &mut World, n: u8) {
     let name = format!("broker-{n}");
     let d = dir(w, &name);
     let addr = format!("{EDGE_IP}:740{n}");
+    let metrics = format!("127.0.0.1:{}", BROKER_METRICS + u16::from(n));
     w.spawn(
         &name,
         Ns::Edge,
@@ -954,7 +960,7 @@ fn start_broker(w: &mut World, n: u8) {
             "--listen-tcp",
             &addr,
             "--metrics-listen",
-            "none",
+            &metrics,
         ],
         &[],
     );
@@ -985,6 +991,7 @@ fn start_connector(w: &mut World) {
     let cfg = w.root.join("connector.toml");
     std::fs::write(&cfg, "reconnect_cap_ms = 2000\n").expect("connector.toml");
     let cfg = cfg.to_str().expect("utf-8 path").to_owned();
+    let metrics = format!("127.0.0.1:{CONNECTOR_METRICS}");
     w.spawn(
         "connector",
         Ns::Apps,
@@ -996,7 +1003,7 @@ fn start_connector(w: &mut World) {
             "--dir",
             &d,
             "--metrics-listen",
-            "none",
+            &metrics,
         ],
         &[],
     );
@@ -1196,6 +1203,7 @@ fn check_services(w: &mut World) {
 fn start_forward(w: &mut World, name: &str, transport: &str, service: &str, port: u16) {
     let d = dir(w, "agent");
     let listen = format!("127.0.0.1:{port}");
+    let metrics = format!("127.0.0.1:{}", port + FWD_METRICS_OFFSET);
     w.spawn(
         name,
         Ns::User,
@@ -1212,6 +1220,8 @@ fn start_forward(w: &mut World, name: &str, transport: &str, service: &str, port
             service,
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics,
         ],
         &[],
     );
@@ -1453,6 +1463,277 @@ fn check_policy_removal(w: &mut World) {
         "web-allow re-added (TCP)",
         &procs,
     );
+}
+
+/// Sum of the samples of metric `name` whose labels include every `key="value"` in `labels`
+/// (Prometheus text format); `None` if there is no such sample.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, label_set) = series.split_once('{').unwrap_or((series, ""));
+        if metric != name || !labels.iter().all(|l| label_set.contains(l)) {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// `GET /metrics` of a role, from inside its namespace.
+fn scrape(w: &mut World, ns: Ns, who: &str, url: &str) -> String {
+    let ca = w.ca_file.to_str().expect("utf-8 path").to_owned();
+    let out = w.run(
+        &format!("metrics-{who}"),
+        ns,
+        "curl",
+        &["-sS", "--fail", "--max-time", "5", "--cacert", &ca, url],
+        Duration::from_secs(10),
+    );
+    if !out.success() || !out.stdout.contains("# TYPE") {
+        w.fail(format!("GET {url} ({who}): {}", out.describe()), &[who]);
+    }
+    out.stdout
+}
+
+/// (7b) every role's /metrics: links, streams, bytes, decisions by result, snapshot version
+/// and age, after the allowed and denied streams of steps 3-7.
+fn check_metrics(w: &mut World) {
+    w.step("(7b) /metrics of controller, brokers, connector and agent");
+    let ctl = scrape(w, Ns::Edge, "controller", &format!("{URL}/metrics"));
+    let ctl_version = metric_sum(&ctl, "umbra_snapshot_version", &[]).unwrap_or(0.0);
+    let mut problems: Vec<String> = Vec::new();
+    let mut expect = |who: &str, text: &str, name: &str, labels: &[&str], min: f64| {
+        problems.extend(metric_below(who, text, name, labels, min));
+    };
+    expect(
+        "controller",
+        &ctl,
+        "umbra_enrollments_total",
+        &["result=\"ok\""],
+        4.0,
+    );
+    expect("controller", &ctl, "umbra_snapshot_version", &[], 1.0);
+
+    let mut brokers = String::new();
+    let mut stale = Vec::new();
+    for n in [1u8, 2] {
+        let who = format!("broker-{n}");
+        let url = format!("http://127.0.0.1:{}/metrics", BROKER_METRICS + u16::from(n));
+        // The policy was re-added in step 7: each broker has that snapshot within a second or
+        // so; allow 3 s before calling it stale.
+        let r = poll(Duration::from_secs(3), || {
+            let text = scrape(w, Ns::Edge, &who, &url);
+            let v = metric_sum(&text, "umbra_broker_snapshot_version", &[]).unwrap_or(0.0);
+            if v >= ctl_version {
+                Ok(text)
+            } else {
+                Err(format!("snapshot version {v}, controller at {ctl_version}"))
+            }
+        });
+        let text = match r {
+            Ok(t) => t,
+            Err(e) => w.fail(
+                format!("{who} lags the controller: {e}"),
+                &[&who, "controller"],
+            ),
+        };
+        expect(
+            &who,
+            &text,
+            "umbra_broker_links",
+            &["role=\"connector\""],
+            1.0,
+        );
+        expect(&who, &text, "umbra_broker_connector_links", &[], 1.0);
+        expect(&who, &text, "umbra_links", &[], 1.0);
+        // Age is refreshed with every answer from the controller (long poll, < 30 s).
+        match metric_sum(&text, "umbra_broker_snapshot_age_seconds", &[]) {
+            Some(age) if (0.0..30.0).contains(&age) => {}
+            got => stale.push(format!(
+                "{who}: umbra_broker_snapshot_age_seconds = {got:?}, expected 0..30"
+            )),
+        }
+        brokers.push_str(&text);
+        brokers.push('\n');
+    }
+    // Streams went through either broker: the sums over both.
+    expect(
+        "brokers",
+        &brokers,
+        "umbra_broker_decisions_total",
+        &["result=\"ok\""],
+        1.0,
+    );
+    expect(
+        "brokers",
+        &brokers,
+        "umbra_broker_decisions_total",
+        &["result=\"denied\""],
+        1.0,
+    );
+    expect("brokers", &brokers, "umbra_broker_streams_total", &[], 1.0);
+    expect(
+        "brokers",
+        &brokers,
+        "umbra_broker_links",
+        &["role=\"agent\""],
+        1.0,
+    );
+    expect(
+        "brokers",
+        &brokers,
+        "umbra_relay_bytes_total",
+        &["direction=\"up\""],
+        1.0,
+    );
+    expect(
+        "brokers",
+        &brokers,
+        "umbra_relay_bytes_total",
+        &["direction=\"down\""],
+        1.0,
+    );
+
+    let url = format!("http://127.0.0.1:{CONNECTOR_METRICS}/metrics");
+    let conn = scrape(w, Ns::Apps, "connector", &url);
+    expect("connector", &conn, "umbra_connector_links", &[], 2.0);
+    expect(
+        "connector",
+        &conn,
+        "umbra_connector_streams_total",
+        &["result=\"ok\""],
+        1.0,
+    );
+    expect(
+        "connector",
+        &conn,
+        "umbra_relay_bytes_total",
+        &["direction=\"up\""],
+        1.0,
+    );
+    expect(
+        "connector",
+        &conn,
+        "umbra_relay_bytes_total",
+        &["direction=\"down\""],
+        1.0,
+    );
+
+    for (who, port, transport) in [("fwd-quic", FWD_QUIC, "quic"), ("fwd-tcp", FWD_TCP, "tcp")] {
+        let url = format!("http://127.0.0.1:{}/metrics", port + FWD_METRICS_OFFSET);
+        let text = scrape(w, Ns::User, who, &url);
+        let t = format!("transport=\"{transport}\"");
+        expect(who, &text, "umbra_links", &[&t], 1.0);
+        expect(
+            who,
+            &text,
+            "umbra_agent_streams_total",
+            &["result=\"ok\""],
+            1.0,
+        );
+        // Step 7 refused this forward's connections while web-allow was gone.
+        expect(
+            who,
+            &text,
+            "umbra_agent_streams_total",
+            &["result=\"denied\""],
+            1.0,
+        );
+        // The web page came back through this forward.
+        expect(
+            who,
+            &text,
+            "umbra_relay_bytes_total",
+            &["direction=\"down\""],
+            100.0,
+        );
+    }
+    problems.extend(stale);
+    if !problems.is_empty() {
+        w.fail(
+            format!("metrics missing or wrong:\n{}", problems.join("\n")),
+            &[],
+        );
+    }
+}
+
+/// Why metric `name{labels}` of `who` is below `min` (or absent), if it is.
+fn metric_below(who: &str, text: &str, name: &str, labels: &[&str], min: f64) -> Option<String> {
+    match metric_sum(text, name, labels) {
+        Some(v) if v >= min => None,
+        got => Some(format!(
+            "{who}: {name}{labels:?} = {got:?}, expected >= {min}"
+        )),
+    }
+}
+
+/// TCP sockets in LISTEN state that process `pid` holds, as `ip:port` (IPv4 and IPv6).
+fn listening_tcp(pid: u32) -> Vec<String> {
+    let mut inodes = BTreeSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().into_owned();
+                if let Some(i) = t.strip_prefix("socket:[").and_then(|x| x.strip_suffix(']')) {
+                    inodes.insert(i.to_owned());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address st ... inode: fields 1, 3 and 9; 0A is LISTEN.
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                out.push(decode_proc_addr(f[1]));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `0100007F:24C1` (IPv4, host byte order on little-endian) → `127.0.0.1:9409`; IPv6 as hex.
+fn decode_proc_addr(a: &str) -> String {
+    let Some((ip, port)) = a.split_once(':') else {
+        return a.to_owned();
+    };
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    match u32::from_str_radix(ip, 16) {
+        Ok(v) if ip.len() == 8 => format!("{}:{port}", std::net::Ipv4Addr::from(v.swap_bytes())),
+        _ => format!("[{ip}]:{port}"),
+    }
+}
+
+/// (7c) the connector only dials out: its one listening socket is the metrics endpoint on
+/// loopback. The broker, checked the same way, shows its listeners (the method sees them).
+fn check_connector_listens_only_for_metrics(w: &mut World) {
+    w.step("(7c) the connector listens on nothing but its loopback metrics port");
+    let pid = w.proc("connector").pid();
+    let got = listening_tcp(pid);
+    let want = vec![format!("127.0.0.1:{CONNECTOR_METRICS}")];
+    if got != want {
+        w.fail(
+            format!("connector (pid {pid}) listens on {got:?}; expected only {want:?}"),
+            &["connector"],
+        );
+    }
+    let pid = w.proc("broker-1").pid();
+    let got = listening_tcp(pid);
+    let link = format!("{EDGE_IP}:7401");
+    if !got.contains(&link) {
+        w.fail(
+            format!("broker-1 (pid {pid}) listens on {got:?}, without its link port {link}"),
+            &["broker-1"],
+        );
+    }
 }
 
 fn web_still_works(w: &mut World, within: Duration, why: &str, procs: &[&str]) {
@@ -1829,6 +2110,21 @@ fn check_audit_and_secrets(w: &mut World) {
         );
     }
 
+    // The CA key and every private key are secrets too, not only the tokens: a line of
+    // each key.pem's base64 stands for the key.
+    w.secrets
+        .push(("CA key (UMBRA_CA_KEY)".into(), w.ca_key.clone()));
+    for who in ["agent", "connector", "broker-1", "broker-2"] {
+        let pem = common::read(&Path::new(&dir(w, who)).join("key.pem"));
+        let Some(line) = pem
+            .lines()
+            .find(|l| l.len() >= 40 && !l.starts_with("-----"))
+        else {
+            w.fail(format!("no private key in {who}'s key.pem"), &[]);
+        };
+        w.secrets
+            .push((format!("{who}'s private key"), line.to_owned()));
+    }
     // No token in the audit output.
     for (label, secret) in &w.secrets {
         if raw.contains(secret.as_str()) {
@@ -1856,6 +2152,92 @@ fn check_audit_and_secrets(w: &mut World) {
             &[],
         );
     }
+}
+
+/// (11b) every daemon logs one JSON object per line, and each audit event is one of them
+/// (`target` `audit`, with actor, action, object and result): the brokers' decisions, the
+/// controller's enrollments and admin changes.
+fn check_json_logs(w: &mut World) {
+    w.step("(11b) daemons log JSON lines; audit events are among them");
+    let mut files = Vec::new();
+    collect_files(&w.logs, &mut files);
+    let mut audit: Vec<(String, Value)> = Vec::new();
+    let mut lines = 0usize;
+    for f in &files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let daemon = ["controller.", "broker-", "connector."]
+            .iter()
+            .any(|p| name.starts_with(p));
+        if !daemon || !name.ends_with(".stderr") {
+            continue;
+        }
+        for line in common::read(f).lines().filter(|l| !l.trim().is_empty()) {
+            lines += 1;
+            let v: Value = match serde_json::from_str(line) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => w.fail(
+                    format!(
+                        "{} has a line that is not a JSON object: {line}",
+                        f.display()
+                    ),
+                    &[],
+                ),
+            };
+            if v["level"].as_str().is_none() || v["message"].as_str().is_none() {
+                w.fail(
+                    format!(
+                        "{} logged a line without level or message: {line}",
+                        f.display()
+                    ),
+                    &[],
+                );
+            }
+            if v["target"] == "audit" {
+                audit.push((name.to_owned(), v));
+            }
+        }
+    }
+    let has = |file_prefix: &str, action: &str, result: &str| {
+        audit.iter().any(|(f, v)| {
+            f.starts_with(file_prefix)
+                && v["action"] == action
+                && v["result"] == result
+                && v["actor"].as_str().is_some_and(|a| !a.is_empty())
+                && v["object"].as_str().is_some()
+        })
+    };
+    for (prefix, action, result) in [
+        ("broker-", "stream.open", "allow"),
+        ("broker-", "stream.open", "deny"),
+        ("controller.", "enroll", "ok"),
+        ("controller.", "policy.delete", "ok"),
+    ] {
+        if !has(prefix, action, result) {
+            let seen: BTreeSet<String> = audit
+                .iter()
+                .map(|(f, v)| {
+                    format!(
+                        "{} {} {}",
+                        f.split('.').next().unwrap_or(""),
+                        v["action"],
+                        v["result"]
+                    )
+                })
+                .collect();
+            w.fail(
+                format!(
+                    "no JSON audit line {action}/{result} from {prefix}* among {} audit lines \
+                     ({lines} log lines); seen: {seen:?}",
+                    audit.len()
+                ),
+                &[],
+            );
+        }
+    }
+    println!(
+        "    {lines} log lines, all JSON; {} audit events among them",
+        audit.len()
+    );
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -1896,11 +2278,14 @@ fn zero_trust_access_end_to_end() {
     check_status(&mut w);
     check_stream_list(&mut w);
     check_policy_removal(&mut w);
+    check_metrics(&mut w);
+    check_connector_listens_only_for_metrics(&mut w);
     check_broker_failover(&mut w);
     check_controller_away(&mut w);
     check_controller_restart(&mut w);
     check_device_revocation(&mut w);
     check_audit_and_secrets(&mut w);
+    check_json_logs(&mut w);
     for name in w
         .all_daemons()
         .iter()
