@@ -116,8 +116,19 @@ mod tests {
             serde_json::from_str(r#"{"identity_dir":"/tmp/a","transport":"quic"}"#).unwrap();
         assert_eq!(c.transport, TransportPref::Quic);
         assert_eq!(c.open_timeout_ms, 1_000);
-        assert!(serde_json::from_str::<AgentConfig>(r#"{"open_timeout":1}"#).is_err());
-        assert!(serde_json::from_str::<AgentConfig>(r#"{"transport":"udp"}"#).is_err());
+        for (text, named) in [
+            // A misspelt key is named, with the keys that exist.
+            (r#"{"open_timeout":1}"#, "`open_timeout`"),
+            (r#"{"open_timeout":1}"#, "open_timeout_ms"),
+            // A bad value is named, with the ones accepted.
+            (r#"{"transport":"udp"}"#, "`udp`"),
+            (r#"{"transport":"udp"}"#, "quic"),
+        ] {
+            let e = serde_json::from_str::<AgentConfig>(text)
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(named), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -138,7 +149,11 @@ mod tests {
                 ..AgentConfig::default()
             };
             break_it(&mut c);
-            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+            let e = c.validate().expect_err(field);
+            assert_eq!(e.field, field);
+            // The message a person reads names the field too.
+            let shown = e.to_string();
+            assert!(shown.contains(field) && shown.contains(e.reason), "{shown}");
         }
     }
 }

@@ -121,8 +121,19 @@ mod tests {
             serde_json::from_str(r#"{"identity_dir":"/tmp/c","transport":"tcp"}"#).unwrap();
         assert_eq!(c.transport, TransportPref::Tcp);
         assert_eq!(c.dial_timeout_ms, 5_000);
-        assert!(serde_json::from_str::<ConnectorConfig>(r#"{"identity_dri":"/x"}"#).is_err());
-        assert!(serde_json::from_str::<ConnectorConfig>(r#"{"transport":"udp"}"#).is_err());
+        for (text, named) in [
+            // A misspelt key is named, with the keys that exist.
+            (r#"{"identity_dri":"/x"}"#, "`identity_dri`"),
+            (r#"{"identity_dri":"/x"}"#, "identity_dir"),
+            // A bad value is named, with the ones accepted.
+            (r#"{"transport":"udp"}"#, "`udp`"),
+            (r#"{"transport":"udp"}"#, "tcp"),
+        ] {
+            let e = serde_json::from_str::<ConnectorConfig>(text)
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(named), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -141,7 +152,11 @@ mod tests {
         for (break_it, field) in cases {
             let mut c = ConnectorConfig::default();
             break_it(&mut c);
-            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+            let e = c.validate().expect_err(field);
+            assert_eq!(e.field, field);
+            // The message a person reads names the field too.
+            let shown = e.to_string();
+            assert!(shown.contains(field) && shown.contains(e.reason), "{shown}");
         }
     }
 }

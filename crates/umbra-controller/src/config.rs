@@ -247,7 +247,14 @@ mod tests {
         for (field, f) in cases {
             let mut c = ControllerConfig::default();
             f(&mut c);
-            assert_eq!(c.validate().unwrap_err().field, field);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, field);
+            // The message a person reads names the field too.
+            let shown = e.to_string();
+            assert!(
+                shown.contains(field) && shown.contains(&e.reason),
+                "{shown}"
+            );
         }
     }
 

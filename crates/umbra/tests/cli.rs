@@ -7,11 +7,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::{Output, Proc, poll};
+use serde_json::Value;
 
 /// `umbra ARGS` with a clean environment, killed after 20 s.
 fn umbra(home: &Path, args: &[&str]) -> Output {
@@ -333,6 +336,178 @@ fn broker_config_errors_name_what_is_wrong() {
     );
 }
 
+/// One role started with `--config FILE`: how to start it, a config that loads, what the role
+/// then says when it fails for a reason that has nothing to do with the config, and configs
+/// that must not load.
+struct RoleConfigCase {
+    role: &'static str,
+    /// The command line, given the config file.
+    args: fn(&str) -> Vec<String>,
+    /// A config that loads (the twin of the bad ones).
+    valid: String,
+    /// All in stderr when the valid config is used: the role got past loading it.
+    later_failure: Vec<String>,
+    /// A misspelt key, with a valid config around it.
+    unknown_key: &'static str,
+    /// Files with one bad value, and the field each must name.
+    bad: &'static [(&'static str, &'static str)],
+}
+
+/// `umbra controller`, `umbra connector` and `umbra agent` read `--config FILE` at start: an
+/// unknown key fails at once naming the key and the file, a bad value (wrong type, out of
+/// range) names its field, and the same command with a valid file gets past the config (it
+/// then fails for the reason expected here: a busy port, no identity).
+#[test]
+fn role_config_errors_name_what_is_wrong() {
+    let home = tempfile::tempdir().expect("tempdir");
+    // The controller's valid config listens on a port taken here, so that it stops after
+    // loading its config, opening its database and making its CA.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("local addr");
+    let p = |name: &str| home.path().join(name).to_str().expect("utf-8").to_owned();
+    let cases = [
+        RoleConfigCase {
+            role: "controller",
+            args: |cfg| vec!["controller".into(), "--config".into(), cfg.into()],
+            valid: format!(
+                "data_dir = {:?}\nlisten = \"{busy}\"\norg = \"acme\"\ncert_lifetime_secs = 3600\n",
+                p("controller-data")
+            ),
+            later_failure: vec![format!("cannot listen on {busy}")],
+            unknown_key: "listen_adress",
+            bad: &[
+                ("listen = \"nowhere\"\n", "listen"),
+                ("token_ttl_secs = \"1h\"\n", "token_ttl_secs"),
+                ("cert_lifetime_secs = 0\n", "cert_lifetime_secs"),
+                ("org = \"Bad Org\"\n", "org"),
+            ],
+        },
+        RoleConfigCase {
+            role: "connector",
+            args: |cfg| {
+                ["connector", "--config", cfg, "--metrics-listen", "none"]
+                    .map(String::from)
+                    .to_vec()
+            },
+            valid: format!(
+                "identity_dir = {:?}\ntransport = \"tcp\"\ndial_timeout_ms = 2000\n",
+                p("no-connector")
+            ),
+            later_failure: vec![p("no-connector"), "enroll".into()],
+            unknown_key: "identity_dri",
+            bad: &[
+                ("transport = \"udp\"\n", "transport"),
+                ("idle_timeout_secs = -1\n", "idle_timeout_secs"),
+                ("dial_timeout_ms = 0\n", "dial_timeout_ms"),
+                ("reconnect_cap_ms = 1\n", "reconnect_cap_ms"),
+            ],
+        },
+        RoleConfigCase {
+            role: "agent",
+            args: |cfg| {
+                ["agent", "--config", cfg, "services"]
+                    .map(String::from)
+                    .to_vec()
+            },
+            valid: format!(
+                "identity_dir = {:?}\ntransport = \"quic\"\nopen_timeout_ms = 500\n",
+                p("no-agent")
+            ),
+            later_failure: vec![p("no-agent"), "enroll".into()],
+            unknown_key: "open_timeout",
+            bad: &[
+                ("transport = \"carrier-pigeon\"\n", "transport"),
+                ("idle_timeout_secs = \"5m\"\n", "idle_timeout_secs"),
+                ("open_timeout_ms = 120000\n", "open_timeout_ms"),
+                ("stream_window_kib = 8\n", "stream_window_kib"),
+            ],
+        },
+    ];
+
+    let mut failures = Vec::new();
+    for case in &cases {
+        let role = case.role;
+        let run = |file: &str, text: &str| {
+            let path = home.path().join(format!("{role}-{file}.toml"));
+            std::fs::write(&path, text).expect("write config");
+            let path = path.to_str().expect("utf-8").to_owned();
+            let args = (case.args)(&path);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            (path, umbra(home.path(), &args))
+        };
+
+        // (a) An unknown key: the process exits (it does not start), naming the key and file.
+        let (path, out) = run(
+            "unknown",
+            &format!("{}{} = 1\n", case.valid, case.unknown_key),
+        );
+        if out.success() || out.status.is_none() {
+            failures.push(format!(
+                "{role}: unknown key {} did not fail at start: {}",
+                case.unknown_key,
+                out.describe()
+            ));
+        } else if !out.stderr.contains(case.unknown_key) || !out.stderr.contains(&path) {
+            failures.push(format!(
+                "{role}: the error does not name the unknown key {} and the file {path}: {}",
+                case.unknown_key,
+                out.describe()
+            ));
+        }
+
+        // (b) A bad value names its field.
+        for (i, (text, field)) in case.bad.iter().enumerate() {
+            let (_, out) = run(&format!("bad-{i}"), text);
+            if out.success() || out.status.is_none() {
+                failures.push(format!(
+                    "{role}: {text:?} did not fail at start: {}",
+                    out.describe()
+                ));
+            } else if !out.stderr.contains(field) {
+                failures.push(format!(
+                    "{role}: the error for {text:?} does not name {field}: {}",
+                    out.describe()
+                ));
+            }
+        }
+
+        // (c) The twin: the same command with a valid config gets past it.
+        let (path, out) = run("valid", &case.valid);
+        let config_error = [
+            "config file",
+            "invalid configuration",
+            "invalid connector configuration",
+            "invalid agent configuration",
+            path.as_str(),
+        ]
+        .into_iter()
+        .find(|w| out.stderr.contains(w));
+        if out.success() || out.status.is_none() {
+            failures.push(format!(
+                "{role}: with a valid config, expected to exit on {:?}: {}",
+                case.later_failure,
+                out.describe()
+            ));
+        } else if let Some(w) = config_error {
+            failures.push(format!(
+                "{role}: a valid config was refused ({w:?} in stderr): {}",
+                out.describe()
+            ));
+        } else if !case.later_failure.iter().all(|w| out.stderr.contains(w)) {
+            failures.push(format!(
+                "{role}: with a valid config, expected {:?} in stderr: {}",
+                case.later_failure,
+                out.describe()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "config errors:\n{}",
+        failures.join("\n")
+    );
+}
+
 #[test]
 fn admin_without_a_controller_says_so() {
     let home = tempfile::tempdir().expect("tempdir");
@@ -397,11 +572,15 @@ struct Quickstart {
 }
 
 impl Quickstart {
-    fn start(home: &Path, data: &Path, base: u16, run: u32) -> Quickstart {
+    /// `umbra quickstart [--data-dir DATA] --base-port BASE`: without DATA, in its default
+    /// directory under `home` (the child's HOME).
+    fn start(home: &Path, data: Option<&Path>, base: u16, run: u32) -> Quickstart {
         let mut cmd = Command::new(common::umbra());
-        cmd.args(["quickstart", "--data-dir"])
-            .arg(data)
-            .args(["--base-port", &base.to_string()])
+        cmd.arg("quickstart");
+        if let Some(data) = data {
+            cmd.arg("--data-dir").arg(data);
+        }
+        cmd.args(["--base-port", &base.to_string()])
             .current_dir(home);
         common::clean_env(&mut cmd, home);
         let proc = Proc::spawn(
@@ -502,40 +681,157 @@ fn forward_and_get(home: &Path, printed: &[String], q: &Quickstart) -> String {
     answer
 }
 
+/// What the controller holds, as `umbra admin --config ADMIN_TOML -o json KIND list` shows it:
+/// for each kind, one row per object with the fields that identify it, sorted.
+fn inventory(home: &Path, admin_cfg: &Path) -> BTreeMap<&'static str, Vec<String>> {
+    let cfg = admin_cfg.to_str().expect("utf-8");
+    let kinds: [(&'static str, &[&str]); 6] = [
+        ("user", &["id"]),
+        ("device", &["id", "user"]),
+        ("service", &["name", "target", "connectors"]),
+        ("policy", &["name"]),
+        ("broker", &["name", "id"]),
+        ("connector", &["name", "id"]),
+    ];
+    kinds
+        .into_iter()
+        .map(|(kind, fields)| {
+            let out = umbra(
+                home,
+                &["admin", "--config", cfg, "-o", "json", kind, "list"],
+            );
+            assert!(
+                out.success(),
+                "umbra admin --config {cfg} -o json {kind} list: {}",
+                out.describe()
+            );
+            let list: Vec<Value> = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "`{kind} list -o json` is not a JSON array ({e}): {}",
+                    out.stdout
+                )
+            });
+            let mut rows: Vec<String> = list
+                .iter()
+                .map(|o| {
+                    fields
+                        .iter()
+                        .map(|f| match &o[*f] {
+                            Value::String(s) => s.clone(),
+                            v => v.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            rows.sort();
+            (kind, rows)
+        })
+        .collect()
+}
+
+/// The objects quickstart makes, once each: user demo@example.test with one device, service
+/// demo (to `app`, through demo-connector), one policy, two brokers, one connector.
+fn assert_quickstart_objects(inv: &BTreeMap<&'static str, Vec<String>>, app: SocketAddr) {
+    let names = |kind: &str| -> Vec<&str> {
+        inv[kind]
+            .iter()
+            .map(|r| r.split(' ').next().unwrap_or_default())
+            .collect()
+    };
+    let devices = &inv["device"];
+    let service = format!("demo {app} ");
+    let checks = [
+        (
+            names("user") == ["demo@example.test"],
+            "one user, demo@example.test",
+        ),
+        (
+            devices.len() == 1 && devices[0].ends_with(" demo@example.test"),
+            "one device, of demo@example.test",
+        ),
+        (
+            inv["service"].len() == 1 && inv["service"][0].starts_with(&service),
+            "one service, demo, to the demo app",
+        ),
+        (inv["policy"].len() == 1, "one policy"),
+        (names("broker") == ["broker-1", "broker-2"], "two brokers"),
+        (names("connector") == ["demo-connector"], "one connector"),
+    ];
+    let wrong: Vec<&str> = checks.iter().filter(|c| !c.0).map(|c| c.1).collect();
+    assert!(
+        wrong.is_empty(),
+        "the controller does not hold what quickstart makes: expected {wrong:?}; it holds {inv:#?}"
+    );
+}
+
 #[test]
 fn quickstart_runs_stops_and_resumes() {
     umbra_pki::install_crypto_provider();
     let home = tempfile::tempdir().expect("tempdir");
-    let data = home.path().join("qs");
+    // The first run is given no --data-dir: it uses the default under HOME and says so.
+    let data = home.path().join(".local/share/umbra/quickstart");
     let base = quickstart_base_port();
 
     // First run: everything is set up from nothing.
-    let mut q = Quickstart::start(home.path(), &data, base, 1);
+    let mut q = Quickstart::start(home.path(), None, base, 1);
     let printed = q.next_steps();
     let out = q.proc.stdout_text();
+    assert!(
+        out.lines()
+            .any(|l| l.trim_end().ends_with(&data.display().to_string())),
+        "the first run does not print the data directory it uses ({}):\n{out}",
+        data.display()
+    );
     assert!(
         out.contains("curl http://127.0.0.1:"),
         "no curl step printed:\n{out}"
     );
+    // The demo app listens on loopback only, on the address it prints.
+    let app: SocketAddr = out
+        .lines()
+        .find_map(|l| l.split_once("demo app on ")?.1.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no `demo app on ADDR` printed:\n{out}"));
     assert!(
-        out.contains("admin --config"),
-        "no admin step printed:\n{out}"
+        app.ip().is_loopback() && app.port() == base + 80,
+        "the demo app is not on 127.0.0.1:{}: {app}",
+        base + 80
     );
+    std::net::TcpStream::connect_timeout(&app, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("the demo app does not answer on {app}: {e}"));
+    #[cfg(target_os = "linux")]
+    {
+        // All of 127/8 reaches this host on Linux: a listener on every address would answer
+        // 127.0.0.2, one bound to 127.0.0.1 does not.
+        let other = SocketAddr::from(([127, 0, 0, 2], app.port()));
+        assert!(
+            std::net::TcpStream::connect_timeout(&other, Duration::from_secs(2)).is_err(),
+            "the demo app answers on {other}: it is not bound to {app} only"
+        );
+    }
     forward_and_get(home.path(), &printed, &q);
     let ca_first = std::fs::read_to_string(data.join("ca.pem")).expect("quickstart wrote ca.pem");
 
-    // The printed admin step works too.
-    let admin_cfg = data.join("admin.toml");
-    let cfg = admin_cfg.to_str().expect("utf-8");
-    let users = umbra(
-        home.path(),
-        &["admin", "--config", cfg, "-o", "json", "user", "list"],
-    );
+    // The printed admin step works as printed.
+    let admin_step: Vec<String> = out
+        .lines()
+        .find(|l| l.contains(" admin --config "))
+        .unwrap_or_else(|| panic!("no admin step printed:\n{out}"))
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let admin_args: Vec<&str> = admin_step[1..].iter().map(String::as_str).collect();
+    let streams = umbra(home.path(), &admin_args);
     assert!(
-        users.success() && users.stdout.contains("demo@example.test"),
-        "umbra admin --config {cfg} user list: {}",
-        users.describe()
+        streams.success(),
+        "the printed admin step {admin_step:?}: {}",
+        streams.describe()
     );
+    // It holds each object quickstart makes, once.
+    let admin_cfg = data.join("admin.toml");
+    let first = inventory(home.path(), &admin_cfg);
+    assert_quickstart_objects(&first, app);
 
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
@@ -545,13 +841,19 @@ fn quickstart_runs_stops_and_resumes() {
         q.proc.tails(30)
     );
 
-    // Second run on the same directory: same CA, works again.
-    let mut q = Quickstart::start(home.path(), &data, base, 2);
+    // Second run on the same directory, now given as --data-dir: same CA, same objects (none
+    // made twice), works again.
+    let mut q = Quickstart::start(home.path(), Some(&data), base, 2);
     let printed = q.next_steps();
     let ca_second = std::fs::read_to_string(data.join("ca.pem")).expect("ca.pem");
     assert_eq!(
         ca_first, ca_second,
         "the second run made a new CA instead of resuming"
+    );
+    let second = inventory(home.path(), &admin_cfg);
+    assert_eq!(
+        first, second,
+        "the second run changed what the controller holds instead of reusing it"
     );
     forward_and_get(home.path(), &printed, &q);
     q.proc.interrupt();
