@@ -395,6 +395,7 @@ pub struct Listener {
     links: tokio::sync::Mutex<mpsc::Receiver<Link>>,
     stop: CancellationToken,
     endpoint: Option<quinn::Endpoint>,
+    pending: Arc<Pending>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -453,7 +454,13 @@ impl Listener {
             ));
         }
         if let Some(e) = &endpoint {
-            tokio::spawn(accept_quic(e.clone(), pending, tx, cfg, stop.clone()));
+            tokio::spawn(accept_quic(
+                e.clone(),
+                pending.clone(),
+                tx,
+                cfg,
+                stop.clone(),
+            ));
         }
         info!(?quic_addr, ?tcp_addr, "listening");
         Ok(Listener {
@@ -462,7 +469,14 @@ impl Listener {
             links: tokio::sync::Mutex::new(rx),
             stop,
             endpoint,
+            pending,
         })
+    }
+
+    /// Handshakes in progress on both transports (at most `max_pending_handshakes`; each
+    /// ends by `handshake_timeout`).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.pending.running()
     }
 
     /// The bound QUIC (UDP) address.

@@ -65,8 +65,8 @@ impl Pending {
         }
     }
 
-    #[cfg(test)]
-    fn running(&self) -> usize {
+    /// Handshakes in progress now.
+    pub(crate) fn running(&self) -> usize {
         self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

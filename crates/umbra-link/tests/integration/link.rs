@@ -576,6 +576,128 @@ async fn stalled_handshakes_do_not_block_valid_peers() {
     drop(stalled);
 }
 
+/// The first flight a real dialer sends on `t`: a QUIC Initial datagram (ClientHello
+/// inside), or the TLS ClientHello bytes on TCP. Captured by pointing [`dial`] at a socket
+/// that answers nothing.
+async fn first_flight(org: &Org, t: Transport, cfg: &LinkConfig) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let n = match t {
+        Transport::Quic => {
+            let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let to = sink.local_addr().unwrap();
+            let name = server_name();
+            let d = dial(to, &name, t, org.agent(), cfg);
+            tokio::select! {
+                r = sink.recv(&mut buf) => r.unwrap(),
+                r = d => panic!("dial ended before sending: {r:?}"),
+            }
+        }
+        Transport::Tls => {
+            let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let to = sink.local_addr().unwrap();
+            let name = server_name();
+            let d = dial(to, &name, t, org.agent(), cfg);
+            let read = async {
+                let (mut s, _) = sink.accept().await.unwrap();
+                tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                    .await
+                    .unwrap()
+            };
+            tokio::select! {
+                n = read => n,
+                r = d => panic!("dial ended before sending: {r:?}"),
+            }
+        }
+    };
+    buf.truncate(n);
+    assert!(buf.len() > 200, "a first flight of {} bytes", buf.len());
+    buf
+}
+
+/// Handshakes that start and then stall hold a slot only until the handshake timeout: silent
+/// TCP connections, half a real ClientHello, and real QUIC Initials (each a new connection
+/// at the listener) whose sender then goes quiet. The TCP ones are closed, every slot is
+/// freed, and a valid agent then links on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_end_at_the_handshake_timeout() {
+    let org = Org::new();
+    let timeout = Duration::from_secs(2);
+    let cfg = LinkConfig {
+        handshake_timeout: timeout,
+        ..LinkConfig::default()
+    };
+    let listener = org.listener(cfg.clone()).await;
+    let tcp = listener.tcp_addr().unwrap();
+    let udp = listener.quic_addr().unwrap();
+
+    let hello = first_flight(&org, Transport::Tls, &cfg).await;
+    let mut stalled = Vec::new();
+    for i in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        if i % 2 == 1 {
+            s.write_all(&hello[..hello.len() / 2]).await.unwrap();
+        }
+        stalled.push(s);
+    }
+    let mut quiet = Vec::new();
+    for _ in 0..4 {
+        // A fresh Initial each time (its connection id is new), from a socket of its own.
+        let initial = first_flight(&org, Transport::Quic, &cfg).await;
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&initial, udp).await.unwrap();
+        quiet.push(sock);
+    }
+    let started = tokio::time::Instant::now();
+    let all = stalled.len() + quiet.len();
+    let mut seen = 0;
+    while seen < all && started.elapsed() < timeout / 2 {
+        seen = listener.handshakes_in_progress();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, all, "every stalled handshake holds a slot at first");
+    // Not closed before their time (well within it here).
+    let mut b = [0u8; 64];
+    let early = tokio::time::timeout(
+        Duration::from_millis(50),
+        tokio::io::AsyncReadExt::read(&mut stalled[0], &mut b),
+    )
+    .await;
+    assert!(early.is_err(), "closed early: {early:?}");
+
+    // The TCP ones are closed by the listener once their time is up.
+    for s in &mut stalled {
+        let mut b = [0u8; 64];
+        let r = tokio::time::timeout(timeout * 4, tokio::io::AsyncReadExt::read(s, &mut b))
+            .await
+            .expect("a stalled TCP handshake outlived the handshake timeout");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    }
+    let freed = tokio::time::timeout(timeout * 4, async {
+        while listener.handshakes_in_progress() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        freed.is_ok(),
+        "{} handshakes still in progress long after the timeout",
+        listener.handshakes_in_progress()
+    );
+
+    // The twin: real agents link on both transports.
+    for t in [Transport::Quic, Transport::Tls] {
+        let link = soon(
+            "dial",
+            dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg),
+        )
+        .await
+        .unwrap();
+        let accepted = soon("accept", listener.accept()).await.unwrap();
+        assert_eq!(accepted.transport(), t);
+        drop(link);
+    }
+}
+
 /// `Listener::close` ends `accept`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_close_ends_accept() {
