@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs every Umbra test. On a fresh Debian machine, as root, it first installs what the tests
-# need (the peers they start for real: socat, curl, OpenSSH, iproute2 for network namespaces).
+# need: a C compiler and Rust (rustup) if missing, and the peers the tests start for real
+# (socat, curl, OpenSSH, iproute2 for network namespaces).
 # A missing peer is an install failure here, never a silently skipped test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+# Building: a C compiler for the -sys crates (SQLite, aws-lc) and curl to fetch Rust if absent.
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v socat >/dev/null || need+=(socat)
-command -v curl >/dev/null || need+=(curl)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ssh >/dev/null || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
@@ -21,6 +24,22 @@ if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   timeout 900 apt-get update -q
   timeout 900 apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+# Rust: the toolchain the workspace asks for (rust-version), through rustup, if cargo is absent.
+RUST_VERSION=1.95.0
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+if ! command -v cargo >/dev/null; then
+  echo "installing Rust $RUST_VERSION with rustup"
+  # rustup-init must keep its name: rustup picks its mode from it.
+  tmp=$(mktemp -d)
+  timeout 300 curl --proto '=https' --tlsv1.2 -sSf -o "$tmp/rustup-init" \
+    "https://static.rust-lang.org/rustup/dist/$(uname -m)-unknown-linux-gnu/rustup-init"
+  chmod +x "$tmp/rustup-init"
+  timeout 1200 "$tmp/rustup-init" -y -q --profile minimal --default-toolchain "$RUST_VERSION" \
+    --no-modify-path
+  rm -rf "$tmp"
+  . "$HOME/.cargo/env"
 fi
 
 export CARGO_TERM_COLOR=never
