@@ -106,7 +106,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -120,5 +120,82 @@ impl Cli {
         } else {
             self.log.clone()
         }
+    }
+}
+
+/// The error and its causes on one line, as `{:#}` prints them, but without a cause whose text
+/// the line already holds: the library errors put their source in their own message
+/// (`cannot listen on ADDR: Address already in use`), which `{:#}` would print twice.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    /// Like the library errors: the source in the message and as `source()`.
+    #[derive(Debug)]
+    struct Listen {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Listen {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot listen on 127.0.0.1:1: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Listen {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    /// The source in the middle of the message.
+    #[derive(Debug)]
+    struct Enroll {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Enroll {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "read cert.pem: {} (enroll first)", self.source)
+        }
+    }
+
+    impl std::error::Error for Enroll {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(Listen { source: io }).context("controller did not start");
+        assert_eq!(
+            error_line(&e),
+            "controller did not start: cannot listen on 127.0.0.1:1: Address already in use"
+        );
+        // Also when the parent adds words after its source.
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(Enroll { source: io });
+        assert_eq!(error_line(&e), "read cert.pem: No such file (enroll first)");
+        // A cause not repeated by its parent is kept, as `{:#}` would.
+        let e = anyhow::anyhow!("no identity in /x").context("agent did not start");
+        assert_eq!(error_line(&e), "agent did not start: no identity in /x");
+        assert_eq!(error_line(&e), format!("{e:#}"));
     }
 }
