@@ -48,7 +48,7 @@ pub use config::{BrokerConfig, ConfigError};
 pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("broker identity in {dir}: {source}")]
+    #[error("broker identity in {dir}: {source} (enroll the broker first: `umbra broker enroll`)")]
     Identity {
         dir: PathBuf,
         source: umbra_pki::PkiError,

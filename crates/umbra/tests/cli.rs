@@ -18,12 +18,18 @@ use serde_json::Value;
 
 /// `umbra ARGS` with a clean environment, killed after 20 s.
 fn umbra(home: &Path, args: &[&str]) -> Output {
+    umbra_env(home, args, &[])
+}
+
+/// `umbra ARGS` with a clean environment plus `envs`, killed after 20 s.
+fn umbra_env(home: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let dir = home.join("out");
     std::fs::create_dir_all(&dir).expect("out dir");
     let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     let mut cmd = Command::new(common::umbra());
     cmd.args(args).current_dir(home);
     common::clean_env(&mut cmd, home);
+    cmd.envs(envs.iter().copied());
     common::run_to_files(
         cmd,
         dir.join(format!("{n:03}.stdout")),
@@ -334,6 +340,72 @@ fn broker_config_errors_name_what_is_wrong() {
         "the error does not name --transport: {}",
         out.describe()
     );
+}
+
+/// A setting comes from the config file, then an `UMBRA_*` variable overrides it, then a flag
+/// overrides both; shown for each role with `stream_window_kib`, whose out-of-range value (8)
+/// fails at start naming the field while a valid one (64) lets the role get as far as its
+/// missing identity.
+#[test]
+fn settings_come_from_file_then_environment_then_flag() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let roles: [(&str, &str, &[&str]); 3] = [
+        (
+            "broker",
+            "UMBRA_BROKER_STREAM_WINDOW_KIB",
+            &["--metrics-listen", "none"],
+        ),
+        (
+            "connector",
+            "UMBRA_CONNECTOR_STREAM_WINDOW_KIB",
+            &["--metrics-listen", "none"],
+        ),
+        ("agent", "UMBRA_AGENT_STREAM_WINDOW_KIB", &[]),
+    ];
+    // (file, environment, flag) -> the value that must win.
+    let cases: [(&str, Option<&str>, Option<&str>, &str); 5] = [
+        ("8", None, None, "8"),
+        ("8", Some("64"), None, "64"),
+        ("64", Some("8"), None, "8"),
+        ("64", Some("8"), Some("64"), "64"),
+        ("64", Some("64"), Some("8"), "8"),
+    ];
+    let mut failures = Vec::new();
+    for (role, var, extra) in roles {
+        let id_dir = home.path().join(format!("{role}-no-identity"));
+        let id_dir = id_dir.to_str().expect("utf-8").to_owned();
+        for (i, (file, env, flag, wins)) in cases.iter().enumerate() {
+            let cfg = home.path().join(format!("{role}-{i}.toml"));
+            std::fs::write(&cfg, format!("stream_window_kib = {file}\n")).expect("write");
+            let cfg = cfg.to_str().expect("utf-8").to_owned();
+            let mut args: Vec<&str> = vec![role, "--config", &cfg, "--dir", &id_dir];
+            args.extend_from_slice(extra);
+            if let Some(f) = flag {
+                args.extend_from_slice(&["--stream-window-kib", f]);
+            }
+            if role == "agent" {
+                args.push("services");
+            }
+            let envs: Vec<(&str, &str)> = env.iter().map(|v| (var, *v)).collect();
+            let out = umbra_env(home.path(), &args, &envs);
+            let named = out.stderr.contains("stream_window_kib");
+            let what = format!("{role}: file {file}, {var}={env:?}, flag {flag:?}");
+            if out.success() || out.status.is_none() {
+                failures.push(format!("{what}: did not stop at start: {}", out.describe()));
+            } else if *wins == "8" && !named {
+                failures.push(format!(
+                    "{what}: 8 should win and be refused: {}",
+                    out.describe()
+                ));
+            } else if *wins == "64" && (named || !out.stderr.contains("enroll")) {
+                failures.push(format!(
+                    "{what}: 64 should win, and the role stop only for its missing identity: {}",
+                    out.describe()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 /// One role started with `--config FILE`: how to start it, a config that loads, what the role
