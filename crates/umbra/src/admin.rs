@@ -88,6 +88,7 @@ enum Cmd {
 enum UserCmd {
     /// Add a user.
     Add {
+        /// The user's id: their e-mail address (stored lowercased).
         id: String,
         /// Groups to put the user in (repeatable).
         #[arg(long = "group")]
@@ -96,25 +97,42 @@ enum UserCmd {
     /// List users.
     List,
     /// Remove a user.
-    Rm { id: String },
+    Rm {
+        /// The user's id (e-mail address).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
 enum GroupCmd {
     /// Add a group.
-    Add { name: String },
+    Add {
+        /// Group name: 1-63 lowercase letters, digits, `-`, `_` or `.`.
+        name: String,
+    },
     /// List groups and members.
     List,
     /// Put a user in a group.
-    AddMember { group: String, user: String },
+    AddMember {
+        /// Group name.
+        group: String,
+        /// User id (e-mail address).
+        user: String,
+    },
     /// Take a user out of a group.
-    RmMember { group: String, user: String },
+    RmMember {
+        /// Group name.
+        group: String,
+        /// User id (e-mail address).
+        user: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
 enum ServiceCmd {
     /// Publish a service.
     Add {
+        /// Service name: what agents ask for (`umbra agent forward NAME`) and policies name.
         name: String,
         /// host:port as the connector sees it.
         #[arg(long)]
@@ -126,7 +144,10 @@ enum ServiceCmd {
     /// List services.
     List,
     /// Remove a service.
-    Rm { name: String },
+    Rm {
+        /// Service name.
+        name: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -134,24 +155,34 @@ enum PolicyCmd {
     /// Add a policy: Cedar text from --file or --text, or a generated permit from
     /// --allow-user/--allow-group/--allow-everyone with --service.
     Add {
+        /// Policy name, unique in the organisation.
         name: String,
+        /// File with the policy in the Cedar language.
         #[arg(long, conflicts_with_all = ["text", "allow_user", "allow_group", "allow_everyone"])]
         file: Option<PathBuf>,
+        /// The policy in the Cedar language, inline.
         #[arg(long, conflicts_with_all = ["allow_user", "allow_group", "allow_everyone"])]
         text: Option<String>,
+        /// Permit this user (e-mail address) to connect to --service.
         #[arg(long, requires = "service")]
         allow_user: Option<String>,
+        /// Permit members of this group to connect to --service.
         #[arg(long, requires = "service")]
         allow_group: Option<String>,
+        /// Permit every user of the organisation to connect to --service.
         #[arg(long, requires = "service")]
         allow_everyone: bool,
+        /// The service a generated permit is for.
         #[arg(long)]
         service: Option<String>,
     },
     /// List policies.
     List,
     /// Remove a policy.
-    Rm { name: String },
+    Rm {
+        /// Policy name.
+        name: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -178,7 +209,10 @@ enum DeviceCmd {
     /// List devices.
     List,
     /// Revoke a device: its certificates stop working and its live streams are closed.
-    Revoke { id: String },
+    Revoke {
+        /// Device id (from `umbra admin device list`).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -186,7 +220,10 @@ enum ConnectorCmd {
     /// List connectors.
     List,
     /// Revoke a connector (id or name).
-    Revoke { id: String },
+    Revoke {
+        /// Connector id or name (from `umbra admin connector list`).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand)]

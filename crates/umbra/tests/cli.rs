@@ -342,6 +342,109 @@ fn broker_config_errors_name_what_is_wrong() {
     );
 }
 
+/// The sections of a clap help page: name -> entry lines (with their indentation).
+fn help_sections(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if !line.starts_with(' ') && line.ends_with(':') {
+            current = Some(line.trim_end_matches(':').to_owned());
+        } else if line.trim().is_empty() || !line.starts_with(' ') {
+            if !line.trim().is_empty() {
+                current = None;
+            }
+        } else if let Some(c) = &current {
+            sections.entry(c.clone()).or_default().push(line.to_owned());
+        }
+    }
+    sections
+}
+
+/// Entries of a help section (`Options`, `Arguments`, `Commands`) without a description.
+fn undescribed(lines: &[String]) -> Vec<String> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let entry =
+            indent(line) <= 6 && (t.starts_with('-') || t.starts_with('<') || indent(line) == 2);
+        if !entry {
+            continue;
+        }
+        // `--flag <V>   Description` on one line, or the description on the next, deeper.
+        let same_line = t.split("  ").filter(|p| !p.trim().is_empty()).count() >= 2;
+        let next_line = lines
+            .get(i + 1)
+            .is_some_and(|n| indent(n) > indent(line) + 2 && !n.trim_start().starts_with('-'));
+        if !same_line && !next_line {
+            missing.push(t.to_owned());
+        }
+    }
+    missing
+}
+
+/// Every command's `--help`, found by walking the `Commands:` sections from the top: each
+/// subcommand, option and argument has a description, and every `umbra admin` command takes
+/// `-o json`.
+#[test]
+fn every_option_of_every_command_is_explained() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut todo: Vec<Vec<String>> = vec![vec![]];
+    let mut problems = Vec::new();
+    let mut pages = 0;
+    while let Some(cmd) = todo.pop() {
+        let mut args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        args.push("--help");
+        let out = umbra(home.path(), &args);
+        let name = format!("umbra {}", cmd.join(" "));
+        if !out.success() {
+            problems.push(format!("{name} --help: {}", out.describe()));
+            continue;
+        }
+        pages += 1;
+        let sections = help_sections(&out.stdout);
+        let options = sections.get("Options").cloned().unwrap_or_default();
+        if !options.iter().any(|l| l.contains("--help")) {
+            problems.push(format!(
+                "{name}: no Options section with --help:\n{}",
+                out.stdout
+            ));
+        }
+        for (section, lines) in &sections {
+            for entry in undescribed(lines) {
+                problems.push(format!(
+                    "{name}: {section} entry without a description: {entry}"
+                ));
+            }
+        }
+        let subcommands: Vec<String> = sections
+            .get("Commands")
+            .map(|lines| {
+                lines
+                    .iter()
+                    .filter(|l| l.len() - l.trim_start().len() == 2)
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|c| *c != "help")
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if subcommands.is_empty() && cmd.first().is_some_and(|c| c == "admin") {
+            if !options.iter().any(|l| l.contains("-o, --output")) {
+                problems.push(format!("{name}: no -o/--output option"));
+            }
+        }
+        for sc in subcommands {
+            let mut next = cmd.clone();
+            next.push(sc);
+            todo.push(next);
+        }
+    }
+    // The walk really went everywhere: every role, admin's resources and their actions.
+    assert!(pages >= 40, "only {pages} help pages found");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 /// A setting comes from the config file, then an `UMBRA_*` variable overrides it, then a flag
 /// overrides both; shown for each role with `stream_window_kib`, whose out-of-range value (8)
 /// fails at start naming the field while a valid one (64) lets the role get as far as its
