@@ -429,10 +429,9 @@ fn every_option_of_every_command_is_explained() {
                     .collect()
             })
             .unwrap_or_default();
-        if subcommands.is_empty() && cmd.first().is_some_and(|c| c == "admin") {
-            if !options.iter().any(|l| l.contains("-o, --output")) {
-                problems.push(format!("{name}: no -o/--output option"));
-            }
+        let admin_leaf = subcommands.is_empty() && cmd.first().is_some_and(|c| c == "admin");
+        if admin_leaf && !options.iter().any(|l| l.contains("-o, --output")) {
+            problems.push(format!("{name}: no -o/--output option"));
         }
         for sc in subcommands {
             let mut next = cmd.clone();
