@@ -2156,12 +2156,14 @@ fn check_audit_and_secrets(w: &mut World) {
 
 /// (11b) every daemon logs one JSON object per line, and each audit event is one of them
 /// (`target` `audit`, with actor, action, object and result): the brokers' decisions, the
-/// controller's enrollments and admin changes.
+/// controller's enrollments and admin changes. Each link's "link up" line names its key
+/// exchange group.
 fn check_json_logs(w: &mut World) {
     w.step("(11b) daemons log JSON lines; audit events are among them");
     let mut files = Vec::new();
     collect_files(&w.logs, &mut files);
     let mut audit: Vec<(String, Value)> = Vec::new();
+    let mut link_ups: BTreeSet<(String, String, String)> = BTreeSet::new();
     let mut lines = 0usize;
     for f in &files {
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -2194,6 +2196,14 @@ fn check_json_logs(w: &mut World) {
             }
             if v["target"] == "audit" {
                 audit.push((name.to_owned(), v));
+            } else if v["message"] == "link up" && name.starts_with("broker-") {
+                // The link's span names the peer, the transport and the key exchange.
+                let span = &v["span"];
+                let role = span["peer"].as_str().unwrap_or_default();
+                let role = role.split('/').nth(3).unwrap_or_default().to_owned();
+                let transport = span["transport"].as_str().unwrap_or_default().to_owned();
+                let kx = span["kx"].as_str().unwrap_or_default().to_owned();
+                link_ups.insert((role, transport, kx));
             }
         }
     }
@@ -2234,8 +2244,25 @@ fn check_json_logs(w: &mut World) {
             );
         }
     }
+    // Every link the brokers accepted negotiated the post-quantum hybrid group, and says so:
+    // agents on both transports, the connector on QUIC (its transport is `auto`).
+    let kx = "X25519MLKEM768";
+    let want: BTreeSet<(String, String, String)> =
+        [("agent", "quic"), ("agent", "tcp"), ("connector", "quic")]
+            .iter()
+            .map(|(r, t)| ((*r).to_owned(), (*t).to_owned(), kx.to_owned()))
+            .collect();
+    if !want.is_subset(&link_ups) || link_ups.iter().any(|(_, _, k)| k != kx) {
+        w.fail(
+            format!(
+                "brokers' \"link up\" lines (peer role, transport, key exchange): {link_ups:?}; \
+                 expected {want:?}, all with {kx}"
+            ),
+            &["broker-1", "broker-2"],
+        );
+    }
     println!(
-        "    {lines} log lines, all JSON; {} audit events among them",
+        "    {lines} log lines, all JSON; {} audit events among them; links up: {link_ups:?}",
         audit.len()
     );
 }
