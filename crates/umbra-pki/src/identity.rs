@@ -122,12 +122,24 @@ impl TlsIdentity {
     }
 
     /// Loads `key.pem`, `cert.pem` and `ca.pem` from `dir`.
+    ///
+    /// If `key.pem` does not match the certificate but `key.pem.next` does, that key is used:
+    /// [`write_identity_dir`] was interrupted between replacing the certificate and moving
+    /// its key into place (see there). The directory is left as it is; the next write
+    /// completes it.
     pub fn load_dir(dir: &Path) -> Result<Self, PkiError> {
         let read = |name: &str| {
             let path = dir.join(name);
             fs::read_to_string(&path).map_err(|e| PkiError::io("read", &path, e))
         };
-        Self::from_pem(&read("cert.pem")?, &read("key.pem")?, &read("ca.pem")?)
+        let (cert, ca) = (read("cert.pem")?, read("ca.pem")?);
+        match Self::from_pem(&cert, &read("key.pem")?, &ca) {
+            Err(e @ PkiError::Key(_)) => match read(NEXT_KEY) {
+                Ok(next) => Self::from_pem(&cert, &next, &ca).map_err(|_| e),
+                Err(_) => Err(e),
+            },
+            r => r,
+        }
     }
 }
 
@@ -151,8 +163,17 @@ impl fmt::Debug for TlsIdentity {
     }
 }
 
+/// Where [`write_identity_dir`] puts a new key until its certificate is in place.
+const NEXT_KEY: &str = "key.pem.next";
+
 /// Writes an identity directory: `dir` mode 0700; `key.pem`, `cert.pem`, `ca.pem` mode 0600,
 /// each replaced atomically (temporary file, fsync, rename, fsync of the directory).
+///
+/// A renewal replaces the key and the certificate together, which no single rename can do.
+/// The new key goes to `key.pem.next` first, then the certificate replaces `cert.pem`, then
+/// the key is renamed over `key.pem`. A crash at any point leaves a directory that
+/// [`TlsIdentity::load_dir`] loads: the old pair, or the new certificate with its key still
+/// in `key.pem.next`.
 pub fn write_identity_dir(
     dir: &Path,
     key_pem: &str,
@@ -162,12 +183,19 @@ pub fn write_identity_dir(
     fs::create_dir_all(dir).map_err(|e| PkiError::io("create directory", dir, e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(|e| PkiError::io("set permissions of", dir, e))?;
+    let sync_dir = || {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| PkiError::io("sync directory", dir, e))
+    };
     write_atomic(dir, "ca.pem", ca_pem)?;
-    write_atomic(dir, "key.pem", key_pem)?;
+    write_atomic(dir, NEXT_KEY, key_pem)?;
+    sync_dir()?;
     write_atomic(dir, "cert.pem", cert_pem)?;
-    let d = fs::File::open(dir).map_err(|e| PkiError::io("open directory", dir, e))?;
-    d.sync_all()
-        .map_err(|e| PkiError::io("sync directory", dir, e))
+    sync_dir()?;
+    let (next, key) = (dir.join(NEXT_KEY), dir.join("key.pem"));
+    fs::rename(&next, &key).map_err(|e| PkiError::io("rename", &next, e))?;
+    sync_dir()
 }
 
 fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> {
@@ -393,5 +421,53 @@ mod tests {
         // A missing directory is a readable I/O error naming the file.
         let err = TlsIdentity::load_dir(&tmp.path().join("none")).unwrap_err();
         assert!(err.to_string().contains("cert.pem"), "{err}");
+    }
+
+    /// Every state a crash can leave a renewal in loads, as the old identity or the new one;
+    /// a key that matches nothing still fails.
+    #[test]
+    fn interrupted_renewal_still_loads() {
+        let org = Org::new("acme");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("id");
+        let old = org.pems(Role::Agent, "d1");
+        let new = org.pems(Role::Agent, "d1");
+        let ca = org.ca.cert_pem();
+        let serial = |p: &crate::testutil::Pems| org.load(p).peer.serial_hex;
+        let state = |cert: &str, key: &str, next: Option<&str>| {
+            write_identity_dir(&dir, key, cert, ca).unwrap();
+            match next {
+                Some(k) => write_private_file(&dir.join(NEXT_KEY), k.as_bytes()).unwrap(),
+                None => {
+                    let _ = fs::remove_file(dir.join(NEXT_KEY));
+                }
+            }
+        };
+
+        // Crash after the new key went to key.pem.next: the old pair is intact.
+        state(&old.cert, &old.key, Some(&new.key));
+        assert_eq!(
+            TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex,
+            serial(&old)
+        );
+        // Crash after the certificate was replaced, before the key was moved: the new pair.
+        fs::write(dir.join("cert.pem"), &new.cert).unwrap();
+        assert_eq!(
+            TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex,
+            serial(&new)
+        );
+        // Finished: the new pair, no key.pem.next left.
+        write_identity_dir(&dir, &new.key, &new.cert, ca).unwrap();
+        assert!(!dir.join(NEXT_KEY).exists());
+        assert_eq!(
+            TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex,
+            serial(&new)
+        );
+
+        // The twin: a certificate whose key is nowhere is still refused, naming the key.
+        let stranger = org.pems(Role::Agent, "d1");
+        state(&stranger.cert, &old.key, Some(&new.key));
+        let err = TlsIdentity::load_dir(&dir).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
     }
 }
