@@ -9,9 +9,16 @@
 //! fails over: another broker may hold a fresh one. An `Unavailable` answer (allowed, but this
 //! broker has no live link to a connector of the service, e.g. just after it restarted) tries
 //! the other brokers once each without marking this one down.
+//!
+//! An answer to `Open` that is not a frame (bad version, unknown kind, a length over the
+//! limit, a bad field, a frame cut short) or not an `OpenReply` means the broker is broken or
+//! hostile: its link is closed at once (not just the stream), a warning names the broker and
+//! the frame error, and the request fails over like for any failed broker. A broker that is
+//! silent, or whose stream ends or fails, fails over too, after the link is checked for a
+//! refusal.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::{Mutex, watch};
 use umbra_link::{Link, LinkError, Stream};
@@ -41,14 +48,41 @@ pub(crate) enum OpenError {
     /// broker holds the same snapshot.
     #[error("{}", LinkError::Refused)]
     Refused,
+    /// This device's certificate expired (at the time given) and was not renewed. Final: it
+    /// authorizes nothing, not even on a link dialed while it was valid.
+    #[error(
+        "this device's certificate expired at {0} and could not be renewed \
+         (is the controller reachable? was the device revoked?)"
+    )]
+    Expired(String),
 }
 
 /// Why one `Open` attempt on a link failed.
 enum Failure {
     /// The broker refused the link itself.
     Refused,
-    /// The broker failed (transport error, garbage, or silence).
+    /// The broker failed: the link or the stream failed, or it was silent.
     Broker(String),
+    /// The broker answered with a malformed frame, or not with an `OpenReply`.
+    Malformed(String),
+}
+
+/// What was read in answer to an `Open` (see the module docs). Pure.
+enum Reply {
+    Code(OpenCode),
+    /// Bytes that are not a frame, or a frame that is not an `OpenReply`.
+    Malformed(String),
+    /// No frame: the stream or the link failed.
+    Failed(LinkError),
+}
+
+fn reply(read: Result<Frame, LinkError>) -> Reply {
+    match read {
+        Ok(Frame::OpenReply { code }) => Reply::Code(code),
+        Ok(other) => Reply::Malformed(format!("unexpected frame {other:?}")),
+        Err(e @ LinkError::Frame(_)) => Reply::Malformed(e.to_string()),
+        Err(e) => Reply::Failed(e),
+    }
 }
 
 /// The agent's connection to the broker fabric.
@@ -144,6 +178,14 @@ impl Session {
     /// the module documentation. On success the stream's reply has been read and application
     /// bytes may flow.
     pub(crate) async fn open(&self, service: &str) -> Result<Stream, OpenError> {
+        // Brokers check the certificate's validity at the handshake only: a link dialed while
+        // it was valid would go on carrying new streams. Renewal replaces it well before it
+        // expires; when that failed, stop here, and drop the link.
+        let not_after = self.identity.borrow().peer.not_after;
+        if not_after <= SystemTime::now() {
+            self.close().await;
+            return Err(OpenError::Expired(umbra_pki::rfc3339(not_after)));
+        }
         let mut attempts = Attempts {
             tried: Vec::new(),
             last: "no brokers known".into(),
@@ -177,6 +219,11 @@ impl Session {
                     return Err(OpenError::Refused);
                 }
                 Err(Failure::Broker(e)) => attempts.last = e,
+                Err(Failure::Malformed(error)) => {
+                    tracing::warn!(broker = %broker_id, peer = %link.peer().id, %error, "malformed answer to Open from broker; closing its link");
+                    link.close();
+                    attempts.last = format!("malformed answer from the broker: {error}");
+                }
             }
             tracing::warn!(broker = %broker_id, reason = %attempts.last, "broker failed; failing over");
             self.mark_failed(&broker_id).await;
@@ -244,7 +291,8 @@ impl Session {
     /// One `Open` on `link`, bounded by the open timeout. `Err` means the broker failed or
     /// refused the link, not that it denied the service (that is an answer).
     async fn try_open(&self, link: &Link, service: &str) -> Result<(OpenCode, Stream), Failure> {
-        // Outer error: the link or stream failed; inner: the broker answered nonsense.
+        // Opening the stream or sending the request failed: the link did. Otherwise the
+        // stream comes back with what was read.
         let exchange = async {
             let mut s = link.open().await?;
             s.write_frame(&Frame::Open {
@@ -253,26 +301,24 @@ impl Session {
                 credential: Vec::new(),
             })
             .await?;
-            match s.read_frame().await? {
-                Frame::OpenReply { code } => Ok(Ok((code, s))),
-                other => {
-                    s.reset();
-                    Ok(Err(format!("unexpected answer to Open: {other:?}")))
-                }
+            let read = s.read_frame().await;
+            Ok::<_, LinkError>((reply(read), s))
+        };
+        let failed = match tokio::time::timeout(self.cfg.open_timeout(), exchange).await {
+            Ok(Ok((Reply::Code(code), s))) => return Ok((code, s)),
+            Ok(Ok((Reply::Malformed(why), _s))) => return Err(Failure::Malformed(why)),
+            Ok(Ok((Reply::Failed(e), _))) | Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(Failure::Broker(format!(
+                    "no answer within {} ms",
+                    self.cfg.open_timeout().as_millis()
+                )));
             }
         };
-        match tokio::time::timeout(self.cfg.open_timeout(), exchange).await {
-            Ok(Ok(Ok(r))) => Ok(r),
-            Ok(Ok(Err(garbage))) => Err(Failure::Broker(garbage)),
-            // A link error: was it the broker refusing this identity?
-            Ok(Err(e)) => match link.explain(e).await {
-                LinkError::Refused => Err(Failure::Refused),
-                e => Err(Failure::Broker(e.to_string())),
-            },
-            Err(_) => Err(Failure::Broker(format!(
-                "no answer within {} ms",
-                self.cfg.open_timeout().as_millis()
-            ))),
+        // A link error: was it the broker refusing this identity?
+        match link.explain(failed).await {
+            LinkError::Refused => Err(Failure::Refused),
+            e => Err(Failure::Broker(e.to_string())),
         }
     }
 
@@ -280,6 +326,57 @@ impl Session {
     pub(crate) async fn close(&self) {
         if let Some((_, link)) = self.state.lock().await.current.take() {
             link.close();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use umbra_proto::DialCode;
+    use umbra_proto::frame::FrameError;
+
+    use super::*;
+
+    #[test]
+    fn reply_table() {
+        assert!(matches!(
+            reply(Ok(Frame::OpenReply {
+                code: OpenCode::Denied
+            })),
+            Reply::Code(OpenCode::Denied)
+        ));
+        // Malformed bytes and frames that are not an OpenReply: the link is closed.
+        for e in [
+            FrameError::Version(2),
+            FrameError::UnknownKind(0x7f),
+            FrameError::TooLong(0xffff),
+            FrameError::Truncated,
+            FrameError::BadValue("open code"),
+        ] {
+            let want = LinkError::Frame(e.clone()).to_string();
+            assert!(
+                matches!(reply(Err(LinkError::Frame(e))), Reply::Malformed(m) if m == want),
+                "{want}"
+            );
+        }
+        for f in [
+            Frame::DialReply { code: DialCode::Ok },
+            Frame::Pong { nonce: 1 },
+            Frame::Open {
+                flow: Flow::Tcp,
+                service: "echo".into(),
+                credential: vec![],
+            },
+        ] {
+            assert!(matches!(reply(Ok(f.clone())), Reply::Malformed(_)), "{f:?}");
+        }
+        // No frame: the link is checked for a refusal, not blamed for a bad frame.
+        for e in [
+            LinkError::StreamEnded,
+            LinkError::StreamReset(0),
+            LinkError::Closed,
+        ] {
+            assert!(matches!(reply(Err(e)), Reply::Failed(_)));
         }
     }
 }

@@ -4,13 +4,23 @@
 //! The stage order of one stream, as a newcomer reads it: [`serve_stream`] reads the header
 //! frame -> [`crate::authz::authorize`] -> [`open_to_connector`] (route + dial) -> reply to the
 //! agent -> [`crate::relay::run`].
+//!
+//! Header frames a peer must not send close that peer's whole link, not just the stream: bytes
+//! that are not a frame (bad version, unknown kind, a length over the limit, a bad field, a
+//! frame cut short) and well-formed frames of the wrong kind mean the peer is broken or
+//! hostile. That holds for an agent's request ([`agent_request`]) and for a connector's answer
+//! to a `Dial` ([`dial_answer`]); each such frame is logged (`warn`, with the peer and the
+//! frame error) and counted in `umbra_broker_bad_frames_total{from}`. An agent's stream that
+//! ends or fails before its request also closes the agent's link, but is no bad frame; one
+//! that sends nothing within the open timeout is reset alone. A connector whose stream ends,
+//! fails or times out before its answer keeps its link; the stream goes to the next connector.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use tracing::{Instrument, debug, info, info_span, warn};
-use umbra_link::{Link, Stream};
+use umbra_link::{Link, LinkError, Stream};
 use umbra_proto::{DialCode, Flow, Frame, OpenCode};
 
 use crate::Shared;
@@ -117,6 +127,34 @@ fn still_admitted(shared: &Shared, peer: &umbra_pki::PeerCert, seen: &Authority)
     held.snapshot.version == seen.snapshot.version || admit(peer, &held, &shared.org).is_ok()
 }
 
+/// What an agent's first frame on a stream asks for (see the module docs). Pure.
+#[derive(Debug, PartialEq, Eq)]
+enum AgentRequest {
+    Open {
+        flow: Flow,
+        service: String,
+    },
+    ListServices,
+    Ping {
+        nonce: u64,
+    },
+    /// Bytes that are not a frame, or a frame an agent does not send: close its link.
+    Malformed(String),
+    /// The stream ended or failed before a frame.
+    NoFrame(String),
+}
+
+fn agent_request(read: Result<Frame, LinkError>) -> AgentRequest {
+    match read {
+        Ok(Frame::Open { flow, service, .. }) => AgentRequest::Open { flow, service },
+        Ok(Frame::ListServices) => AgentRequest::ListServices,
+        Ok(Frame::Ping { nonce }) => AgentRequest::Ping { nonce },
+        Ok(other) => AgentRequest::Malformed(format!("unexpected frame {other:?}")),
+        Err(e @ LinkError::Frame(_)) => AgentRequest::Malformed(e.to_string()),
+        Err(e) => AgentRequest::NoFrame(e.to_string()),
+    }
+}
+
 /// Serves one agent stream from its header frame on; an allowed `Open` comes back ready to
 /// relay.
 async fn serve_stream(
@@ -126,27 +164,19 @@ async fn serve_stream(
     mut s: Stream,
     id: u64,
 ) -> Option<Established> {
-    let frame = match tokio::time::timeout(shared.cfg.open_timeout(), s.read_frame()).await {
+    let read = match tokio::time::timeout(shared.cfg.open_timeout(), s.read_frame()).await {
         Err(_) => {
             debug!("no header frame in time");
             s.reset();
             return None;
         }
-        Ok(Err(e)) => {
-            // A peer that sends bytes that are not a frame is broken or hostile: close its
-            // link, not just the stream.
-            warn!(error = %e, "malformed frame from agent; closing link");
-            metrics::counter!("umbra_broker_bad_frames_total").increment(1);
-            link.close();
-            return None;
-        }
-        Ok(Ok(f)) => f,
+        Ok(r) => r,
     };
-    match frame {
-        Frame::Open { flow, service, .. } => {
+    match agent_request(read) {
+        AgentRequest::Open { flow, service } => {
             return open(shared, &link, &device, s, id, flow, service).await;
         }
-        Frame::ListServices => {
+        AgentRequest::ListServices => {
             let a = shared.authority.load_full();
             let owner = a.engine.device_owner(&device).map(str::to_owned);
             let services = match owner {
@@ -169,14 +199,19 @@ async fn serve_stream(
                 let _ = s.finish().await;
             }
         }
-        Frame::Ping { nonce } => {
+        AgentRequest::Ping { nonce } => {
             if s.write_frame(&Frame::Pong { nonce }).await.is_ok() {
                 let _ = s.finish().await;
             }
         }
-        other => {
-            warn!(frame = ?other, "unexpected frame from agent; closing link");
-            metrics::counter!("umbra_broker_bad_frames_total").increment(1);
+        AgentRequest::Malformed(error) => {
+            // The link's span names the agent.
+            warn!(%error, "malformed frame from agent; closing its link");
+            metrics::counter!("umbra_broker_bad_frames_total", "from" => "agent").increment(1);
+            link.close();
+        }
+        AgentRequest::NoFrame(why) => {
+            info!(reason = %why, "agent stream ended before its request; closing its link");
             link.close();
         }
     }
@@ -383,9 +418,32 @@ impl Established {
     }
 }
 
+/// A connector's answer to a `Dial` (see the module docs). Pure.
+#[derive(Debug, PartialEq, Eq)]
+enum DialAnswer {
+    /// Connected: relay.
+    Connected,
+    /// A refusal code, or the stream ended or failed: this connector cannot serve this
+    /// stream; its link stays up.
+    CannotServe(String),
+    /// Bytes that are not a frame, or a frame that is not a `DialReply`: close its link.
+    Malformed(String),
+}
+
+fn dial_answer(read: Result<Frame, LinkError>) -> DialAnswer {
+    match read {
+        Ok(Frame::DialReply { code: DialCode::Ok }) => DialAnswer::Connected,
+        Ok(Frame::DialReply { code }) => DialAnswer::CannotServe(code.as_str().to_owned()),
+        Ok(other) => DialAnswer::Malformed(format!("unexpected frame {other:?}")),
+        Err(e @ LinkError::Frame(_)) => DialAnswer::Malformed(e.to_string()),
+        Err(e) => DialAnswer::CannotServe(e.to_string()),
+    }
+}
+
 /// Opens a stream to the least-loaded live connector for the service and asks it to dial the
 /// published target; tries the next connector if one fails. The load guard holds the chosen
-/// link's stream count until the relay ends.
+/// link's stream count until the relay ends. A connector that answers with a malformed frame
+/// has its link closed before the next is tried.
 async fn open_to_connector(
     shared: &Shared,
     id: u64,
@@ -397,7 +455,7 @@ async fn open_to_connector(
     for c in shared.connectors.candidates(connectors) {
         let guard = LoadGuard::new(c.clone());
         let dial = async {
-            let mut s = c.link.open().await.map_err(|e| e.to_string())?;
+            let mut s = c.link.open().await?;
             s.write_frame(&Frame::Dial {
                 flow: Flow::Tcp,
                 stream_id: id,
@@ -405,28 +463,142 @@ async fn open_to_connector(
                 target: target.to_owned(),
                 principal: user.to_owned(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
-            match s.read_frame().await.map_err(|e| e.to_string())? {
-                Frame::DialReply { code: DialCode::Ok } => Ok(s),
-                Frame::DialReply { code } => Err(code.as_str().to_owned()),
-                other => Err(format!("unexpected frame {other:?}")),
+            .await?;
+            let answer = dial_answer(s.read_frame().await);
+            Ok::<_, LinkError>((answer, s))
+        };
+        let reason = match tokio::time::timeout(shared.cfg.dial_timeout(), dial).await {
+            Ok(Ok((DialAnswer::Connected, s))) => return Some((s, c.clone(), guard)),
+            Ok(Ok((DialAnswer::Malformed(error), _s))) => {
+                warn!(
+                    connector = %c.link.peer().id,
+                    %error,
+                    "malformed answer to Dial from connector; closing its link"
+                );
+                metrics::counter!("umbra_broker_bad_frames_total", "from" => "connector")
+                    .increment(1);
+                c.link.close();
+                format!("malformed answer: {error}")
+            }
+            Ok(Ok((DialAnswer::CannotServe(reason), _s))) => reason,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => {
+                info!(connector = %c.peer, "connector did not answer in time");
+                continue;
             }
         };
-        match tokio::time::timeout(shared.cfg.dial_timeout(), dial).await {
-            Ok(Ok(s)) => return Some((s, c.clone(), guard)),
-            Ok(Err(reason)) => {
-                info!(connector = %c.peer, reason, "connector could not serve the stream");
-                shared.audit.record(
-                    &format!("umbra://{}/connector/{}", shared.org, c.peer),
-                    "stream.dial",
-                    service,
-                    "error",
-                    serde_json::json!({ "stream": id, "reason": reason, "broker": shared.name }),
-                );
-            }
-            Err(_) => info!(connector = %c.peer, "connector did not answer in time"),
-        }
+        info!(connector = %c.peer, reason, "connector could not serve the stream");
+        shared.audit.record(
+            &format!("umbra://{}/connector/{}", shared.org, c.peer),
+            "stream.dial",
+            service,
+            "error",
+            serde_json::json!({ "stream": id, "reason": reason, "broker": shared.name }),
+        );
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use umbra_proto::frame::FrameError;
+
+    use super::*;
+
+    fn frame_errors() -> Vec<LinkError> {
+        vec![
+            LinkError::Frame(FrameError::Version(2)),
+            LinkError::Frame(FrameError::UnknownKind(0x7f)),
+            LinkError::Frame(FrameError::TooLong(0xffff)),
+            LinkError::Frame(FrameError::Truncated),
+            LinkError::Frame(FrameError::BadValue("dial code")),
+        ]
+    }
+
+    #[test]
+    fn agent_request_table() {
+        assert_eq!(
+            agent_request(Ok(Frame::Open {
+                flow: Flow::Tcp,
+                service: "echo".into(),
+                credential: vec![1],
+            })),
+            AgentRequest::Open {
+                flow: Flow::Tcp,
+                service: "echo".into()
+            }
+        );
+        assert_eq!(
+            agent_request(Ok(Frame::ListServices)),
+            AgentRequest::ListServices
+        );
+        assert_eq!(
+            agent_request(Ok(Frame::Ping { nonce: 4 })),
+            AgentRequest::Ping { nonce: 4 }
+        );
+        for e in frame_errors() {
+            let want = e.to_string();
+            assert_eq!(agent_request(Err(e)), AgentRequest::Malformed(want));
+        }
+        for f in [
+            Frame::DialReply { code: DialCode::Ok },
+            Frame::OpenReply { code: OpenCode::Ok },
+            Frame::Pong { nonce: 1 },
+            Frame::ServiceList { services: vec![] },
+        ] {
+            assert!(
+                matches!(agent_request(Ok(f.clone())), AgentRequest::Malformed(_)),
+                "{f:?}"
+            );
+        }
+        for e in [
+            LinkError::StreamEnded,
+            LinkError::StreamReset(0),
+            LinkError::Closed,
+        ] {
+            assert!(matches!(agent_request(Err(e)), AgentRequest::NoFrame(_)));
+        }
+    }
+
+    #[test]
+    fn dial_answer_table() {
+        assert_eq!(
+            dial_answer(Ok(Frame::DialReply { code: DialCode::Ok })),
+            DialAnswer::Connected
+        );
+        assert_eq!(
+            dial_answer(Ok(Frame::DialReply {
+                code: DialCode::NotPublished
+            })),
+            DialAnswer::CannotServe("not_published".into())
+        );
+        for e in frame_errors() {
+            let want = e.to_string();
+            assert_eq!(dial_answer(Err(e)), DialAnswer::Malformed(want));
+        }
+        for f in [
+            Frame::OpenReply { code: OpenCode::Ok },
+            Frame::Pong { nonce: 1 },
+            Frame::Dial {
+                flow: Flow::Tcp,
+                stream_id: 1,
+                service: "echo".into(),
+                target: "127.0.0.1:1".into(),
+                principal: "p".into(),
+            },
+        ] {
+            assert!(
+                matches!(dial_answer(Ok(f.clone())), DialAnswer::Malformed(_)),
+                "{f:?}"
+            );
+        }
+        // A stream that ended or failed is no protocol violation: the link stays up.
+        for e in [
+            LinkError::StreamEnded,
+            LinkError::StreamReset(0),
+            LinkError::Closed,
+        ] {
+            assert!(matches!(dial_answer(Err(e)), DialAnswer::CannotServe(_)));
+        }
+    }
 }

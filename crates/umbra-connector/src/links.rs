@@ -172,7 +172,8 @@ fn after_link(refused: bool, backoff: &mut Backoff) -> bool {
     refused
 }
 
-/// Accepts the streams the broker opens until the link closes or `cancel`.
+/// Accepts the streams the broker opens until the link closes or `cancel`. A stream whose
+/// request is malformed closes the link (see `serve`); it is then redialed like any other.
 async fn serve_link(ctx: &LinkCtx, link: &Link, broker: &Arc<str>, cancel: &CancellationToken) {
     loop {
         let stream = tokio::select! {
@@ -184,7 +185,9 @@ async fn serve_link(ctx: &LinkCtx, link: &Link, broker: &Arc<str>, cancel: &Canc
         };
         let Some(stream) = stream else { return };
         let span = tracing::debug_span!("stream", id = stream.id());
-        tokio::spawn(handle_stream(stream, ctx.serve.clone(), broker.clone()).instrument(span));
+        tokio::spawn(
+            handle_stream(stream, link.clone(), ctx.serve.clone(), broker.clone()).instrument(span),
+        );
     }
 }
 

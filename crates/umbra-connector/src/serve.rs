@@ -6,13 +6,21 @@
 //! IPv4, another hostname, another port) is a different string and is refused: normalising
 //! here would let a compromised broker reach hosts nobody published through resolver tricks.
 //! Every refusal is an audit event (`target: "audit"`) and a counter.
+//!
+//! What the broker sends first on a stream is classified by [`request`]. Bytes that are not a
+//! frame (bad version, unknown kind, a length over the limit, a bad field, a frame cut short)
+//! and frames that are not requests are protocol violations: a broker that sends them is
+//! broken or hostile, so its whole link is closed (not just the stream), with a warning that
+//! names the broker and the frame error; the link task then redials it like any link that
+//! went down. No request at all (the stream ended or was reset first, or nothing came within
+//! [`DIAL_FRAME_TIMEOUT`]) is not a violation: that stream alone is reset.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tracing::Instrument;
-use umbra_link::{Counters, Stream};
+use umbra_link::{Counters, Link, LinkError, Stream};
 use umbra_proto::api::PublishedTarget;
 use umbra_proto::{DialCode, Flow, Frame};
 
@@ -57,47 +65,104 @@ pub(crate) struct ServeCtx {
     pub(crate) idle_timeout: Duration,
 }
 
-/// Serves one broker-opened stream to its end. Never panics on what the broker sends; a
-/// malformed or missing request resets this stream only.
-pub(crate) async fn handle_stream(mut stream: Stream, ctx: Arc<ServeCtx>, broker: Arc<str>) {
-    let frame = match tokio::time::timeout(DIAL_FRAME_TIMEOUT, stream.read_frame()).await {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => {
-            tracing::warn!(%broker, stream = stream.id(), error = %e, "bad request frame from broker; stream reset");
-            count("bad_frame");
-            stream.reset();
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(%broker, stream = stream.id(), "broker opened a stream but sent no request in time; stream reset");
-            count("timeout");
-            stream.reset();
-            return;
-        }
-    };
+/// What the first read on a broker-opened stream asks of the connector. See the module docs.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// Connect this stream to `target`.
+    Dial {
+        flow: Flow,
+        stream_id: u64,
+        service: String,
+        target: String,
+        principal: String,
+    },
+    /// Answer with a `Pong` (brokers may measure the link).
+    Ping { nonce: u64 },
+    /// The broker broke the protocol: bytes that are not a frame, or a frame that is not a
+    /// request. Its link is closed.
+    Malformed(String),
+    /// No request: the stream ended or failed first, or nothing came in time (`None` read).
+    /// This stream is reset; the link stays up. `label` is the `result` counted.
+    Missing { why: String, label: &'static str },
+}
 
-    let (flow, stream_id, service, target, principal) = match frame {
-        Frame::Dial {
+/// Classifies the first read on a stream; `None` when nothing came within
+/// [`DIAL_FRAME_TIMEOUT`]. Pure.
+pub(crate) fn request(read: Option<Result<Frame, LinkError>>) -> Request {
+    match read {
+        None => Request::Missing {
+            why: "no request in time".into(),
+            label: "timeout",
+        },
+        Some(Err(e @ LinkError::Frame(_))) => Request::Malformed(e.to_string()),
+        Some(Err(e)) => Request::Missing {
+            why: e.to_string(),
+            label: "no_request",
+        },
+        Some(Ok(Frame::Dial {
+            flow,
+            stream_id,
+            service,
+            target,
+            principal,
+        })) => Request::Dial {
+            flow,
+            stream_id,
+            service,
+            target,
+            principal,
+        },
+        Some(Ok(Frame::Ping { nonce })) => Request::Ping { nonce },
+        Some(Ok(other)) => Request::Malformed(format!("unexpected frame {other:?}")),
+    }
+}
+
+/// Serves one broker-opened stream of `link` to its end. Never panics on what the broker
+/// sends; a malformed request closes `link`, a missing one resets this stream (module docs).
+pub(crate) async fn handle_stream(
+    mut stream: Stream,
+    link: Link,
+    ctx: Arc<ServeCtx>,
+    broker: Arc<str>,
+) {
+    let read = tokio::time::timeout(DIAL_FRAME_TIMEOUT, stream.read_frame())
+        .await
+        .ok();
+    let (flow, stream_id, service, target, principal) = match request(read) {
+        Request::Dial {
             flow,
             stream_id,
             service,
             target,
             principal,
         } => (flow, stream_id, service, target, principal),
-        Frame::Ping { nonce } => {
-            // Brokers may measure the link; answering costs nothing.
+        Request::Ping { nonce } => {
             if stream.write_frame(&Frame::Pong { nonce }).await.is_ok() {
                 let _ = stream.finish().await;
             }
             return;
         }
-        other => {
-            tracing::warn!(%broker, stream = stream.id(), frame = ?other, "unexpected request frame from broker; stream reset");
+        Request::Malformed(error) => {
+            tracing::warn!(
+                %broker,
+                peer = %link.peer().id,
+                stream = stream.id(),
+                %error,
+                "malformed request frame from broker; closing its link"
+            );
             count("bad_frame");
+            link.close();
+            return;
+        }
+        Request::Missing { why, label } => {
+            tracing::warn!(%broker, stream = stream.id(), reason = %why, "broker opened a stream but sent no request; stream reset");
+            count(label);
             stream.reset();
             return;
         }
     };
+    // Only the request phase may close the link; the relay does not keep it alive.
+    drop(link);
 
     let span = tracing::info_span!("dial", %broker, stream_id, %service, %principal);
     // The span is entered while dialing, not while relaying: the relay is polled for every
@@ -274,6 +339,68 @@ mod tests {
                 "{flow:?} {service} {target}"
             );
         }
+    }
+
+    #[test]
+    fn request_table() {
+        use umbra_proto::frame::FrameError;
+        let dial = Frame::Dial {
+            flow: Flow::Tcp,
+            stream_id: 3,
+            service: "web".into(),
+            target: "127.0.0.1:8080".into(),
+            principal: "p".into(),
+        };
+        assert_eq!(
+            request(Some(Ok(dial))),
+            Request::Dial {
+                flow: Flow::Tcp,
+                stream_id: 3,
+                service: "web".into(),
+                target: "127.0.0.1:8080".into(),
+                principal: "p".into(),
+            }
+        );
+        assert_eq!(
+            request(Some(Ok(Frame::Ping { nonce: 9 }))),
+            Request::Ping { nonce: 9 }
+        );
+        // Malformed input and frames that are not requests: the link is closed.
+        let malformed = [
+            LinkError::Frame(FrameError::Version(2)),
+            LinkError::Frame(FrameError::UnknownKind(0x7f)),
+            LinkError::Frame(FrameError::TooLong(0xffff)),
+            LinkError::Frame(FrameError::Truncated),
+            LinkError::Frame(FrameError::BadValue("flow")),
+        ];
+        for e in malformed {
+            let want = e.to_string();
+            assert_eq!(request(Some(Err(e))), Request::Malformed(want));
+        }
+        for f in [
+            Frame::DialReply { code: DialCode::Ok },
+            Frame::Pong { nonce: 1 },
+            Frame::ListServices,
+            Frame::Open {
+                flow: Flow::Tcp,
+                service: "web".into(),
+                credential: vec![],
+            },
+        ] {
+            assert!(
+                matches!(request(Some(Ok(f.clone()))), Request::Malformed(_)),
+                "{f:?}"
+            );
+        }
+        // No request: this stream only.
+        let missing = |r| match request(r) {
+            Request::Missing { label, .. } => label,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(missing(None), "timeout");
+        assert_eq!(missing(Some(Err(LinkError::StreamEnded))), "no_request");
+        assert_eq!(missing(Some(Err(LinkError::StreamReset(0)))), "no_request");
+        assert_eq!(missing(Some(Err(LinkError::Closed))), "no_request");
     }
 
     #[test]

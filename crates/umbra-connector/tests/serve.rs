@@ -5,6 +5,9 @@
 //! broker would. The connector starts offline (no controller reachable): its identity,
 //! `controller.json` (with this endpoint as its only broker) and `published.json` are on disk,
 //! which is the documented way a connector restarts while the controller is away.
+//!
+//! The connector's log lines and any panic on a runtime worker are captured (see `capture`),
+//! so that a case can assert that an error was logged and that nothing panicked.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,7 +25,7 @@ use umbra_link::enroll::{ControllerRef, save_controller_ref};
 use umbra_link::{ALPN, Link, LinkConfig, Listener, Stream};
 use umbra_pki::{Ca, ClientAuth};
 use umbra_proto::api::{BrokerInfo, ConnectorConfig as Published, PublishedTarget};
-use umbra_proto::{DialCode, Flow, Frame, PeerId, Role};
+use umbra_proto::{DialCode, Flow, Frame, OpenCode, PeerId, Role};
 
 const ORG: &str = "test";
 const WAIT: Duration = Duration::from_secs(15);
@@ -54,24 +57,32 @@ async fn echo_server() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, accepts)
 }
 
-/// A broker transport endpoint with a certificate from `ca`.
-async fn broker_endpoint(ca: &Ca) -> (Listener, BrokerInfo) {
-    let _now = SystemTime::now();
-    let _id = PeerId::new(ORG, Role::Broker, "b-1").unwrap();
-    let server_name = umbra_pki::broker_server_name("b-1");
-    let tls = umbra_pki::test_util::identity(ca, Role::Broker, "b-1").unwrap();
+/// A broker transport endpoint with a certificate from `ca` for broker `id` (named
+/// `broker-<id>`).
+///
+/// Its links time out after 3 s of silence (keepalives every second keep them up): on QUIC a
+/// close from the connector may never be sent, since quinn-proto (0.11.19 at least) does not
+/// send CONNECTION_CLOSE while congestion-blocked, which a 64 KiB MTU probe on loopback makes
+/// common (quinn-rs/quinn#2785); the endpoint then sees the link end by this timeout.
+async fn broker_endpoint(ca: &Ca, id: &str) -> (Listener, BrokerInfo) {
+    let server_name = umbra_pki::broker_server_name(id);
+    let tls = umbra_pki::test_util::identity(ca, Role::Broker, id).unwrap();
     let server = umbra_pki::server_config(&tls, ClientAuth::Required, &[ALPN], false).unwrap();
     let listener = Listener::bind(
         Some("127.0.0.1:0".parse().unwrap()),
         Some("127.0.0.1:0".parse().unwrap()),
         Arc::new(server),
-        LinkConfig::default(),
+        LinkConfig {
+            idle_timeout: Duration::from_secs(3),
+            keepalive: Duration::from_secs(1),
+            ..LinkConfig::default()
+        },
     )
     .await
     .unwrap();
     let info = BrokerInfo {
-        id: "b-1".into(),
-        name: "test-broker".into(),
+        id: id.into(),
+        name: format!("broker-{id}"),
         quic_addr: listener.quic_addr().map(|a| a.to_string()),
         tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
         server_name,
@@ -154,10 +165,11 @@ async fn echo_round_trip(s: &mut Stream, msg: &'static [u8]) {
 }
 
 async fn serves_only_published(transport: TransportPref) {
+    capture::init();
     umbra_pki::install_crypto_provider();
     let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
     let (echo, accepts) = echo_server().await;
-    let (listener, broker) = broker_endpoint(&ca).await;
+    let (listener, broker) = broker_endpoint(&ca, "b-1").await;
     let dir = tempfile::tempdir().unwrap();
     let published = echo.to_string();
     connector_dir(
@@ -220,11 +232,10 @@ async fn serves_only_published(transport: TransportPref) {
         "a refused dial reached the target"
     );
 
-    // Garbage instead of a Dial: that stream is reset...
+    // A stream the broker ends without a request is not a malformed frame: that stream is
+    // reset... (malformed frames close the link: `malformed_requests_close_the_link_*`)
     let mut g = link.open().await.unwrap();
-    g.send_chunk(Bytes::from_static(b"\x09\x03garbage, not a frame"))
-        .await
-        .unwrap();
+    g.finish().await.unwrap();
     let r = tokio::time::timeout(WAIT, g.recv_chunk()).await.unwrap();
     assert!(r.is_err(), "expected a reset, got {r:?}");
 
@@ -233,6 +244,10 @@ async fn serves_only_published(transport: TransportPref) {
     assert_eq!(code, DialCode::Ok);
     echo_round_trip(&mut s, b"still serving").await;
     assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    assert!(
+        !link.is_closed(),
+        "a stream without a request closed the link"
+    );
 
     // Pings are answered.
     let mut p = link.open().await.unwrap();
@@ -245,6 +260,7 @@ async fn serves_only_published(transport: TransportPref) {
         Frame::Pong { nonce: 99 }
     );
 
+    assert_eq!(capture::worker_panics(), Vec::<String>::new());
     connector.shutdown().await;
     // The connector closed its link.
     tokio::time::timeout(WAIT, link.closed()).await.unwrap();
@@ -268,7 +284,7 @@ async fn falls_back_to_tcp_when_quic_gets_no_answer() {
     umbra_pki::install_crypto_provider();
     let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
     let (echo, accepts) = echo_server().await;
-    let (listener, mut broker) = broker_endpoint(&ca).await;
+    let (listener, mut broker) = broker_endpoint(&ca, "b-1").await;
     // A UDP socket that reads nothing and answers nothing.
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     broker.quic_addr = Some(blackhole.local_addr().unwrap().to_string());
@@ -300,4 +316,220 @@ async fn falls_back_to_tcp_when_quic_gets_no_answer() {
     assert_eq!(accepts.load(Ordering::SeqCst), 1);
     connector.shutdown().await;
     drop(blackhole);
+}
+
+/// Header frames from the broker that are not requests: bytes that are no frame (a bad
+/// version, an unknown kind, a length over the limit, a bad field) and a well-formed frame of
+/// the wrong kind. Each closes the whole link (the broker endpoint sees it end), the connector
+/// logs a warning naming the broker and the frame error, nothing panics; the twin: the
+/// connector redials at once and the new link serves a valid `Dial`.
+async fn malformed_requests_close_the_link(transport: TransportPref) {
+    capture::init();
+    umbra_pki::install_crypto_provider();
+    let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let (echo, accepts) = echo_server().await;
+    // An id of its own, so that the log lines of concurrent tests are told apart.
+    let id = format!("b-bad-frames-{}", transport.as_str());
+    let (listener, broker) = broker_endpoint(&ca, &id).await;
+    let name = broker.name.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let published = echo.to_string();
+    connector_dir(
+        &ca,
+        dir.path(),
+        broker,
+        vec![PublishedTarget {
+            service: "echo".into(),
+            target: published.clone(),
+        }],
+    );
+    let connector = Connector::start(ConnectorConfig {
+        identity_dir: dir.path().to_path_buf(),
+        transport,
+        dial_timeout_ms: 2_000,
+        reconnect_base_ms: 50,
+        reconnect_cap_ms: 500,
+        ..ConnectorConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut link = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let (code, mut s) = dial(&link, "echo", &published).await;
+    assert_eq!(code, DialCode::Ok);
+    echo_round_trip(&mut s, b"before any bad frame").await;
+
+    let mut bad_field = Frame::Dial {
+        flow: Flow::Tcp,
+        stream_id: 1,
+        service: "echo".into(),
+        target: published.clone(),
+        principal: "alice@example.test".into(),
+    }
+    .to_bytes()
+    .unwrap();
+    bad_field[4] = 9; // the flow byte
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "bad version",
+            vec![2, 3, 0, 0],
+            "unsupported frame version 2",
+        ),
+        (
+            "unknown kind",
+            vec![1, 0x7f, 0, 0],
+            "unknown frame kind 0x7f",
+        ),
+        (
+            "oversized length",
+            vec![1, 3, 0xff, 0xff],
+            "frame payload of 65535 bytes exceeds the limit",
+        ),
+        ("bad field", bad_field, "invalid flow"),
+        (
+            "a frame that is not a request",
+            Frame::OpenReply { code: OpenCode::Ok }.to_bytes().unwrap(),
+            "unexpected frame OpenReply",
+        ),
+    ];
+    for (i, (what, bytes, says)) in cases.into_iter().enumerate() {
+        let mut g = link.open().await.unwrap();
+        g.send_chunk(Bytes::from(bytes)).await.unwrap();
+        let closed = tokio::time::timeout(WAIT, link.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "[{transport:?}] {what}: the link stayed up; logged:\n{}",
+            capture::all().join("\n")
+        );
+        let want = [
+            "malformed request frame from broker; closing its link",
+            name.as_str(),
+            says,
+        ];
+        let lines = capture::wait_for(&want).await;
+        assert!(!lines.is_empty(), "[{transport:?}] {what}: nothing logged");
+        eprintln!("[{transport:?}] {what}: {}", lines[0]);
+
+        // The twin: the connector redials, and the new link serves.
+        link = tokio::time::timeout(WAIT, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let (code, mut s) = dial(&link, "echo", &published).await;
+        assert_eq!(code, DialCode::Ok, "[{transport:?}] after {what}");
+        echo_round_trip(&mut s, b"served after a bad frame").await;
+        assert_eq!(accepts.load(Ordering::SeqCst), i + 2);
+    }
+    assert_eq!(capture::worker_panics(), Vec::<String>::new());
+    connector.shutdown().await;
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_close_the_link_over_quic() {
+    malformed_requests_close_the_link(TransportPref::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_close_the_link_over_tcp() {
+    malformed_requests_close_the_link(TransportPref::Tcp).await;
+}
+
+/// What this test process logged (INFO and above, one line per event, fields as
+/// `name=value`, span fields left out), and the panics of runtime worker threads, where the
+/// connector's tasks run. Installed once per process as the global subscriber.
+mod capture {
+    use std::fmt::Write as _;
+    use std::sync::{Mutex, Once};
+    use std::time::{Duration, Instant};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static INIT: Once = Once::new();
+
+    struct Capture;
+
+    struct Line(String);
+
+    impl Visit for Line {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                let _ = write!(self.0, " {value:?}");
+            } else {
+                let _ = write!(self.0, " {}={value:?}", field.name());
+            }
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, m: &Metadata<'_>) -> bool {
+            *m.level() <= Level::INFO
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, e: &Event<'_>) {
+            let m = e.metadata();
+            let mut line = Line(format!("{} {}:", m.level(), m.target()));
+            e.record(&mut line);
+            LINES.lock().unwrap_or_else(|p| p.into_inner()).push(line.0);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    pub(crate) fn init() {
+        INIT.call_once(|| {
+            tracing::subscriber::set_global_default(Capture).unwrap();
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let worker = std::thread::current()
+                    .name()
+                    .is_some_and(|n| n.starts_with("tokio-runtime-worker"));
+                if worker {
+                    PANICS
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(info.to_string());
+                }
+                default(info);
+            }));
+        });
+    }
+
+    /// The captured lines that contain every one of `parts`, waiting up to 5 s for one.
+    pub(crate) async fn wait_for(parts: &[&str]) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let found: Vec<String> = LINES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .cloned()
+                .collect();
+            if !found.is_empty() || start.elapsed() > Duration::from_secs(5) {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every captured line, for failure messages.
+    pub(crate) fn all() -> Vec<String> {
+        LINES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Panics seen on runtime worker threads so far.
+    pub(crate) fn worker_panics() -> Vec<String> {
+        PANICS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }

@@ -3,17 +3,20 @@
 //! ports picked by the kernel, real TLS everywhere, identities made by real enrollments.
 //!
 //! Also the probes the cases share: bytes through an agent's forward, frames on a link dialed by
-//! hand, admin REST calls. Every wait is a poll with a deadline (50 ms steps), never a sleep
-//! standing in for an assertion.
+//! hand, admin REST calls, stand-ins for a connector or a broker that break the frame protocol,
+//! and what the components logged (every line at INFO and above is captured, see [`logged`]).
+//! Every wait is a poll with a deadline (50 ms steps), never a sleep standing in for an
+//! assertion.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
@@ -22,14 +25,17 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use umbra_agent::{AgentConfig, Forwarder, TransportPref};
 use umbra_broker::{Broker, BrokerConfig};
 use umbra_connector::{Connector, ConnectorConfig};
 use umbra_controller::{Controller, ControllerConfig, ControllerOptions};
-use umbra_link::{Link, LinkConfig, Stream, Transport};
-use umbra_pki::TlsIdentity;
-use umbra_proto::{Flow, Frame, OpenCode};
+use umbra_link::enroll::{ControllerRef, save_controller_ref};
+use umbra_link::{Link, LinkConfig, Listener, Stream, Transport};
+use umbra_pki::{Ca, ClientAuth, TlsIdentity};
+use umbra_proto::api::BrokerInfo;
+use umbra_proto::{DialCode, Flow, Frame, OpenCode, PeerId, Role};
 
 /// The published service every user with a policy may reach (the echo target).
 pub(crate) const ECHO: &str = "echo";
@@ -41,16 +47,98 @@ pub(crate) const CONNECTOR: &str = "conn";
 const STEP: Duration = Duration::from_millis(50);
 /// Default limit for things that should happen "soon" (start-up, convergence).
 pub(crate) const SOON: Duration = Duration::from_secs(10);
+/// Links dialed by hand and the broker stand-in's links end after this much silence
+/// (keepalives every second keep them up). On QUIC a peer's close may never be sent:
+/// quinn-proto (0.11.19 at least) does not send CONNECTION_CLOSE while congestion-blocked,
+/// which a 64 KiB MTU probe on loopback makes common (quinn-rs/quinn#2785); such links then
+/// see their peer's close by this timeout, so waits for a close allow [`SOON`].
+pub(crate) const HAND_IDLE: Duration = Duration::from_secs(3);
 
-/// Logs to the test's output when RUST_LOG is set (`RUST_LOG=info cargo test ...`).
+/// Timers of links dialed by hand and of stand-in endpoints (see [`HAND_IDLE`]).
+fn hand_link_config() -> LinkConfig {
+    LinkConfig {
+        handshake_timeout: Duration::from_secs(3),
+        idle_timeout: HAND_IDLE,
+        keepalive: Duration::from_secs(1),
+        ..LinkConfig::default()
+    }
+}
+
+/// Every log line at INFO and above of this test process, with its spans' fields.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// Panics on runtime worker threads (where the components' tasks run).
+static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static INIT: Once = Once::new();
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures the logs (see [`logged`]) and worker panics (see [`worker_panics`]); also logs
+/// to the test's output when RUST_LOG is set (`RUST_LOG=info cargo test ...`).
 pub(crate) fn init() {
     umbra_pki::install_crypto_provider();
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
+    INIT.call_once(|| {
+        use tracing_subscriber::filter::LevelFilter;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::{EnvFilter, Layer, fmt};
+        let capture = fmt::layer()
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .with_filter(LevelFilter::INFO);
+        let shown = std::env::var_os("RUST_LOG").is_some().then(|| {
+            fmt::layer()
+                .with_test_writer()
+                .with_filter(EnvFilter::from_default_env())
+        });
+        let _ = tracing_subscriber::registry()
+            .with(capture)
+            .with(shown)
             .try_init();
-    }
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("tokio-runtime-worker"));
+            if worker {
+                PANICS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(info.to_string());
+            }
+            default(info);
+        }));
+    });
+}
+
+/// Waits until a captured log line contains every one of `parts` and returns it; panics
+/// after `within`. Lines carry their spans' fields (a broker's `link{peer=...}`, ...).
+pub(crate) async fn logged(what: &str, within: Duration, parts: &[&str]) -> String {
+    poll(what, within, || async {
+        let logs = LOGS.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&logs)
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no log line with all of {parts:?}"))
+    })
+    .await
+}
+
+/// Panics seen on runtime worker threads so far (a component's task that panicked).
+pub(crate) fn worker_panics() -> Vec<String> {
+    PANICS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Calls `f` every 50 ms until it returns `Ok` or `within` has passed since the call; panics
@@ -697,13 +785,15 @@ impl LiveConn {
 pub(crate) async fn dial(b: &BrokerSlot, t: Transport, id: &TlsIdentity) -> Result<Link, String> {
     let tls = umbra_pki::client_config(&id.ca, Some(id), &[umbra_link::ALPN], t == Transport::Quic)
         .map_err(|e| e.to_string())?;
-    let cfg = LinkConfig {
-        handshake_timeout: Duration::from_secs(3),
-        ..LinkConfig::default()
-    };
-    umbra_link::dial(b.addr(t), &b.server_name, t, Arc::new(tls), &cfg)
-        .await
-        .map_err(|e| e.to_string())
+    umbra_link::dial(
+        b.addr(t),
+        &b.server_name,
+        t,
+        Arc::new(tls),
+        &hand_link_config(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// One `Open` and its reply.
@@ -815,7 +905,8 @@ pub(crate) async fn assert_refused(
     } else {
         "not the opener: waited for the broker to close".to_string()
     };
-    match tokio::time::timeout(Duration::from_secs(3), link.closed()).await {
+    // SOON: on QUIC the close may only arrive by the idle timeout (see `HAND_IDLE`).
+    match tokio::time::timeout(SOON, link.closed()).await {
         Ok(()) => Refusal::ClosedAfterHandshake {
             why,
             refused: link.refused(),
@@ -827,4 +918,189 @@ pub(crate) async fn assert_refused(
 /// Reads the identity files of a directory as PEM.
 pub(crate) fn pem(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stand-ins: peers that speak the frame protocol by hand
+
+/// Serves the streams a broker opens on `link` (dialed with a connector's identity) like a
+/// connector would, counting the `Dial`s in `dials`: with `answer`, each `Dial` is answered
+/// with those raw bytes and the stream is held until the link ends (so that no reset
+/// overtakes them); with `None`, `DialReply{Ok}` and then an echo of the stream's bytes.
+pub(crate) async fn stand_in_connector(
+    link: Link,
+    answer: Option<Vec<u8>>,
+    dials: Arc<AtomicUsize>,
+) {
+    while let Some(mut s) = link.accept().await {
+        let (link, answer, dials) = (link.clone(), answer.clone(), dials.clone());
+        tokio::spawn(async move {
+            let Ok(Frame::Dial { .. }) = s.read_frame().await else {
+                return;
+            };
+            dials.fetch_add(1, Ordering::SeqCst);
+            match answer {
+                Some(b) => {
+                    let _ = s.send_chunk(Bytes::from(b)).await;
+                    link.closed().await;
+                }
+                None => {
+                    let ok = Frame::DialReply { code: DialCode::Ok };
+                    if s.write_frame(&ok).await.is_ok() {
+                        echo_stream(&mut s).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Echoes a stream's bytes until the peer finishes, then finishes.
+async fn echo_stream(s: &mut Stream) {
+    while let Ok(Some(c)) = s.recv_chunk().await {
+        if s.send_chunk(c).await.is_err() {
+            return;
+        }
+    }
+    let _ = s.finish().await;
+}
+
+/// A broker stand-in at the transport level, with a certificate from its own CA: answers
+/// pings, and each `Open` with the next scripted answer (raw bytes; the stream is then held
+/// until the link ends), or, with none left, `OpenReply{Ok}` and an echo. Each link it
+/// accepts is handed to the test on `links`.
+pub(crate) struct StandInBroker {
+    pub(crate) ca: Ca,
+    pub(crate) info: BrokerInfo,
+    pub(crate) uri: String,
+    pub(crate) script: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    pub(crate) links: mpsc::UnboundedReceiver<Link>,
+    listener: Arc<Listener>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for StandInBroker {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.listener.close();
+    }
+}
+
+impl StandInBroker {
+    pub(crate) async fn start(org: &str, id: &str) -> StandInBroker {
+        let ca = Ca::generate(org, SystemTime::now()).unwrap();
+        let tls = umbra_pki::test_util::identity(&ca, Role::Broker, id).unwrap();
+        let server =
+            umbra_pki::server_config(&tls, ClientAuth::Required, &[umbra_link::ALPN], false)
+                .unwrap();
+        let listener = Arc::new(
+            Listener::bind(
+                Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                Arc::new(server),
+                hand_link_config(),
+            )
+            .await
+            .unwrap(),
+        );
+        let info = BrokerInfo {
+            id: id.into(),
+            name: format!("stand-in-{id}"),
+            quic_addr: listener.quic_addr().map(|a| a.to_string()),
+            tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
+            server_name: umbra_pki::broker_server_name(id),
+        };
+        let script: Arc<Mutex<VecDeque<Vec<u8>>>> = Arc::default();
+        let (tx, links) = mpsc::unbounded_channel();
+        let task = {
+            let (listener, script) = (listener.clone(), script.clone());
+            tokio::spawn(async move {
+                while let Some(link) = listener.accept().await {
+                    let _ = tx.send(link.clone());
+                    let script = script.clone();
+                    tokio::spawn(async move {
+                        while let Some(s) = link.accept().await {
+                            tokio::spawn(stand_in_broker_stream(s, link.clone(), script.clone()));
+                        }
+                    });
+                }
+            })
+        };
+        StandInBroker {
+            uri: PeerId::new(org, Role::Broker, id).unwrap().to_uri(),
+            ca,
+            info,
+            script,
+            links,
+            listener,
+            task,
+        }
+    }
+
+    /// An agent identity directory (device `device`) that knows only this broker and a
+    /// controller nobody listens for (agents work without it), and a config for it.
+    pub(crate) fn agent(&self, dir: &Path, device: &str, t: TransportPref) -> AgentConfig {
+        let org = self.ca.org().to_owned();
+        let p = umbra_pki::test_util::issue_pems(
+            &self.ca,
+            PeerId::new(&org, Role::Agent, device).unwrap(),
+            vec![],
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        umbra_pki::write_identity_dir(dir, &p.key_pem, &p.cert_pem, self.ca.cert_pem()).unwrap();
+        save_controller_ref(
+            dir,
+            &ControllerRef {
+                url: "https://127.0.0.1:9".into(),
+                identity: format!("umbra://{org}/agent/{device}"),
+                user: Some("alice@example.test".into()),
+                brokers: vec![self.info.clone()],
+            },
+        )
+        .unwrap();
+        AgentConfig {
+            identity_dir: dir.to_path_buf(),
+            transport: t,
+            open_timeout_ms: 1_000,
+            connect_timeout_ms: 1_000,
+            idle_timeout_secs: 300,
+            ..AgentConfig::default()
+        }
+    }
+
+    /// The next link an agent dialed.
+    pub(crate) async fn next_link(&mut self) -> Link {
+        tokio::time::timeout(SOON, self.links.recv())
+            .await
+            .expect("a link within 10 s")
+            .expect("the stand-in is running")
+    }
+}
+
+async fn stand_in_broker_stream(mut s: Stream, link: Link, script: Arc<Mutex<VecDeque<Vec<u8>>>>) {
+    match s.read_frame().await {
+        Ok(Frame::Ping { nonce }) => {
+            if s.write_frame(&Frame::Pong { nonce }).await.is_ok() {
+                let _ = s.finish().await;
+            }
+        }
+        Ok(Frame::Open { .. }) => {
+            let next = script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+            match next {
+                Some(b) => {
+                    let _ = s.send_chunk(Bytes::from(b)).await;
+                    link.closed().await;
+                }
+                None => {
+                    let ok = Frame::OpenReply { code: OpenCode::Ok };
+                    if s.write_frame(&ok).await.is_ok() {
+                        echo_stream(&mut s).await;
+                    }
+                }
+            }
+        }
+        _ => s.reset(),
+    }
 }
