@@ -198,10 +198,13 @@ const RENEW_RETRY_CAP: Duration = Duration::from_secs(300);
 /// Longest single sleep while waiting for the renewal time: wall-clock time jumps (suspend,
 /// clock corrections) are noticed at least this often.
 const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(600);
-/// Least time between two successful renewals. Certificates start a minute before they are
-/// issued (clock skew), so with a lifetime under a minute or so the renewal time of a fresh
-/// certificate is already past: without this floor such a peer would renew in a tight loop.
+/// Usual least time between two successful renewals. Certificates start a minute before they
+/// are issued (clock skew), so with a lifetime under a minute and a half the renewal time of a
+/// fresh certificate is already past: without a gap such a peer would renew in a tight loop.
+/// See [`renew_gap`].
 const MIN_RENEW_GAP: Duration = Duration::from_secs(30);
+/// The gap is never shorter than this, whatever the lifetime.
+const RENEW_GAP_FLOOR: Duration = Duration::from_secs(2);
 
 /// Starts a background task that renews the identity in `dir` at [`renew_at`] (retrying with
 /// backoff on failure) and publishes each new identity on the returned channel, which starts
@@ -258,11 +261,26 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
             let delay = backoff.next_delay(random_unit()).max(RENEW_RETRY_BASE);
             tokio::time::sleep(delay).await;
         };
+        let gap = match fresh.cert_chain.first().map(cert_validity) {
+            Some(Ok((_, not_after))) => renew_gap(SystemTime::now(), not_after),
+            _ => MIN_RENEW_GAP,
+        };
         if tx.send(fresh).is_err() {
             return;
         }
-        tokio::time::sleep(MIN_RENEW_GAP).await;
+        tokio::time::sleep(gap).await;
     }
+}
+
+/// How long to wait after a successful renewal, at `now`, of a certificate valid until
+/// `not_after`, before the next renewal may start: [`MIN_RENEW_GAP`], but no more than two
+/// thirds of what is left of the new certificate, so that a lifetime shorter than the gap does
+/// not lapse before the next renewal (an expired certificate cannot authenticate a renewal: the
+/// holder would be locked out for good); and never under [`RENEW_GAP_FLOOR`], so that no
+/// lifetime makes it spin.
+fn renew_gap(now: SystemTime, not_after: SystemTime) -> Duration {
+    let left = not_after.duration_since(now).unwrap_or(Duration::ZERO);
+    (left * 2 / 3).clamp(RENEW_GAP_FLOOR, MIN_RENEW_GAP)
 }
 
 /// Checks that the issued certificate fits the key generated here and carries an identity.
@@ -331,6 +349,40 @@ mod tests {
             let used = at.duration_since(t(nb)).unwrap_or_default();
             assert!(used * 2 >= Duration::from_secs(life));
             assert!((Duration::from_secs(life) - used) * 4 >= Duration::from_secs(life));
+        }
+    }
+
+    #[test]
+    fn renew_gap_stays_inside_short_lifetimes() {
+        let now = t(1_000);
+        // Long lifetimes: the usual gap (the renewal point then lies far beyond it anyway).
+        assert_eq!(
+            renew_gap(now, now + Duration::from_secs(86_400)),
+            MIN_RENEW_GAP
+        );
+        assert_eq!(renew_gap(now, now + Duration::from_secs(45)), MIN_RENEW_GAP);
+        // Shorter than the gap: two thirds of what is left, so the next renewal comes first.
+        assert_eq!(
+            renew_gap(now, now + Duration::from_secs(20)),
+            Duration::from_secs(40) / 3
+        );
+        assert_eq!(
+            renew_gap(now, now + Duration::from_secs(6)),
+            Duration::from_secs(4)
+        );
+        // Never a tight loop, also for what has (nearly) expired.
+        assert_eq!(
+            renew_gap(now, now + Duration::from_secs(1)),
+            RENEW_GAP_FLOOR
+        );
+        assert_eq!(renew_gap(now, now), RENEW_GAP_FLOOR);
+        assert_eq!(renew_gap(now, t(10)), RENEW_GAP_FLOOR);
+        for life in [1u64, 3, 20, 29, 30, 31, 44, 60, 600, 86_400] {
+            let g = renew_gap(now, now + Duration::from_secs(life));
+            assert!(g >= RENEW_GAP_FLOOR && g <= MIN_RENEW_GAP, "{life}: {g:?}");
+            if life >= 3 {
+                assert!(g < Duration::from_secs(life), "{life}: {g:?} outlives it");
+            }
         }
     }
 

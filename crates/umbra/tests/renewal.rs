@@ -1,0 +1,644 @@
+//! Certificate renewal end to end: a controller that signs 20-second certificates, a broker, a
+//! connector per transport and agents' forwards, all in one process on loopback with real TLS,
+//! real enrollments and a real TCP echo target (see `stack_util`).
+//!
+//! The running roles renew on their own. The case checks what renewal must achieve, not that a
+//! timer fired: a really new certificate in the identity directory (new serial, later end of
+//! validity, same identity, a key generated on the holder that the controller never saw, files
+//! replaced atomically with mode 0600), a `renew` audit event, and service that goes on past the
+//! original certificate's expiry over new handshakes, which an expired certificate cannot
+//! complete. Next to it, in the same deployment, the twins: a device revoked before it could
+//! renew, and one that cannot reach the controller, are refused (promptly) once their
+//! certificates have expired.
+//!
+//! `RUST_LOG=info cargo nextest run -p umbra --test renewal --no-capture` shows the logs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod stack_util;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rcgen::{KeyPair, PublicKeyData};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+use stack_util::*;
+use umbra_agent::{Forwarder, TransportPref};
+use umbra_broker::{Broker, BrokerConfig};
+use umbra_connector::{Connector, ConnectorConfig};
+use umbra_controller::ControllerConfig;
+use umbra_link::Transport;
+use umbra_pki::TlsIdentity;
+
+/// Renews, and must keep working.
+const ALICE: &str = "alice@example.test";
+/// Her device is revoked before it can renew.
+const BOB: &str = "bob@example.test";
+/// Her devices cannot reach the controller, so they cannot renew.
+const CAROL: &str = "carol@example.test";
+/// The echo target again, published for the connector that links over TLS/TCP only.
+const ECHO_TCP: &str = "echo-tcp";
+const CONNECTOR_TCP: &str = "conn-tcp";
+/// Certificate lifetime the controller signs for.
+const LIFETIME_SECS: u64 = 20;
+/// Certificate times are whole seconds: past `not_after`, wait this much more before counting
+/// on a handshake with it failing.
+const MARGIN: Duration = Duration::from_secs(2);
+
+// ---------------------------------------------------------------------------------------------
+// Identity directories
+
+/// An identity directory as enrolled, before any renewal.
+struct Holder {
+    name: &'static str,
+    dir: PathBuf,
+    orig: TlsIdentity,
+    orig_key: String,
+    orig_ca: String,
+}
+
+impl Holder {
+    fn capture(name: &'static str, dir: &Path) -> Holder {
+        Holder {
+            name,
+            dir: dir.to_owned(),
+            orig: TlsIdentity::load_dir(dir).unwrap(),
+            orig_key: pem(dir, "key.pem"),
+            orig_ca: pem(dir, "ca.pem"),
+        }
+    }
+
+    fn uri(&self) -> String {
+        self.orig.peer.id.to_uri()
+    }
+
+    /// The identity in the directory now, and its key. Fails while a renewal has replaced
+    /// one of the two files and not yet the other.
+    fn current(&self) -> Result<(TlsIdentity, String), String> {
+        let read = |f: &str| {
+            fs::read_to_string(self.dir.join(f)).map_err(|e| format!("{}: {f}: {e}", self.name))
+        };
+        let key = read("key.pem")?;
+        let id = TlsIdentity::from_pem(&read("cert.pem")?, &key, &read("ca.pem")?)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        Ok((id, key))
+    }
+
+    /// [`Holder::current`], waiting out a renewal in progress.
+    async fn settled(&self) -> TlsIdentity {
+        poll(&format!("{}'s identity", self.name), SOON, || async {
+            self.current()
+        })
+        .await
+        .0
+    }
+
+    /// The identity (and key) in the directory once a renewal has replaced the enrolled one
+    /// with a certificate that ends later, which must happen before the enrolled one expires.
+    /// (Certificate times are whole seconds: a renewal in the second of the enrollment gives
+    /// the same end; with this lifetime the renewal point is already past at enrollment, so the
+    /// first renewal of a role started at once may be such a one.)
+    async fn renewed(&self) -> (TlsIdentity, String) {
+        let left = self
+            .orig
+            .peer
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        poll(
+            &format!("{} renews before expiry", self.name),
+            left,
+            || async {
+                let (now, key) = self.current()?;
+                if now.peer.serial_hex == self.orig.peer.serial_hex {
+                    Err("still the enrolled certificate".into())
+                } else if now.peer.not_after <= self.orig.peer.not_after {
+                    Err(format!(
+                        "renewed to {} in the second of the enrollment",
+                        now.peer.serial_hex
+                    ))
+                } else {
+                    Ok((now, key))
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// Enrolls `dir` with a fresh token and captures it.
+async fn enroll(
+    s: &Stack,
+    name: &'static str,
+    role: &str,
+    user: Option<&str>,
+    peer_name: Option<&str>,
+    dir: &Path,
+) -> Holder {
+    let token = s.admin.token(role, user, peer_name).await;
+    umbra_link::enroll::enroll(&s.url, &token, dir)
+        .await
+        .unwrap();
+    Holder::capture(name, dir)
+}
+
+/// Like `Stack::add_broker`, but the identity is captured between enrollment and start: a
+/// broker renews from its start, and with this lifetime the renewal point is already past.
+async fn add_broker(s: &mut Stack, name: &'static str) -> Holder {
+    let dir = s.dir.path().join(name);
+    let held = enroll(s, name, "broker", None, Some(name), &dir).await;
+    let id = held.orig.peer.id.id.clone();
+    let mut cfg = BrokerConfig {
+        name: name.into(),
+        identity_dir: dir,
+        listen_quic: Some(([127, 0, 0, 1], 0).into()),
+        listen_tcp: Some(([127, 0, 0, 1], 0).into()),
+        max_staleness_secs: 86_400,
+        heartbeat_ms: 250,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start(cfg.clone()).await.unwrap();
+    let quic = broker.quic_addr().unwrap();
+    let tcp = broker.tcp_addr().unwrap();
+    cfg.listen_quic = Some(quic);
+    cfg.listen_tcp = Some(tcp);
+    s.brokers.push(BrokerSlot {
+        cfg,
+        server_name: umbra_pki::broker_server_name(&id),
+        id,
+        quic,
+        tcp,
+        broker: Some(broker),
+    });
+    poll("broker registered", SOON, || async {
+        let v = s.admin.get("/v1/brokers/all").await;
+        let seen = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["last_seen"].as_u64().unwrap_or(0) > 0 && !b["quic_addr"].is_null());
+        if seen { Ok(()) } else { Err(v.to_string()) }
+    })
+    .await;
+    held
+}
+
+async fn start_connector(dir: &Path, transport: TransportPref) -> Connector {
+    Connector::start(ConnectorConfig {
+        identity_dir: dir.to_owned(),
+        transport,
+        reconnect_base_ms: 100,
+        reconnect_cap_ms: 1_000,
+        ..ConnectorConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether the public half of `key_pem` is the one `cert` certifies (the SubjectPublicKeyInfo
+/// is embedded verbatim in the certificate).
+fn certifies(cert: &CertificateDer<'_>, key_pem: &str) -> bool {
+    let spki = KeyPair::from_pem(key_pem)
+        .unwrap()
+        .subject_public_key_info();
+    contains(cert.as_ref(), &spki)
+}
+
+/// Every `renew` audit entry about `uri` (the holder acts on itself).
+fn renewals<'a>(audit: &'a [Value], uri: &str, result: &str) -> Vec<&'a Value> {
+    audit
+        .iter()
+        .filter(|e| {
+            e["action"] == "renew"
+                && e["actor"] == uri
+                && e["target"] == uri
+                && e["result"] == result
+        })
+        .collect()
+}
+
+/// The serials the controller issued to `uri` by renewal.
+fn renewed_serials(audit: &[Value], uri: &str) -> BTreeSet<String> {
+    renewals(audit, uri, "ok")
+        .iter()
+        .filter_map(|e| e["detail"]["serial"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// What renewal must have done to `h`'s directory, found holding `now` and `key`.
+fn assert_renewed(h: &Holder, (now, key): &(TlsIdentity, String), audit: &[Value]) {
+    let what = h.name;
+    let (old, new) = (&h.orig.peer, &now.peer);
+    assert_eq!(new.id, old.id, "{what}: the identity stays the same");
+    assert_ne!(new.serial_hex, old.serial_hex, "{what}: a new serial");
+    assert!(
+        new.not_after > old.not_after,
+        "{what}: the new certificate ends later ({:?} vs {:?})",
+        new.not_after,
+        old.not_after
+    );
+    assert_eq!(pem(&h.dir, "ca.pem"), h.orig_ca, "{what}: same CA");
+
+    // The key: generated on the holder at renewal (the documented behaviour of
+    // `umbra_link::enroll::renew`: a new key and CSR each time), certified by the new
+    // certificate, which no longer certifies the enrolled key. `TlsIdentity::from_pem` has
+    // already checked that the key and the certificate belong together.
+    let leaf = &now.cert_chain[0];
+    assert!(
+        certifies(leaf, key),
+        "{what}: key.pem is the key the new certificate certifies"
+    );
+    assert_ne!(*key, h.orig_key, "{what}: the key was rotated at renewal");
+    assert!(
+        !certifies(leaf, &h.orig_key),
+        "{what}: the new certificate is not for the enrolled key"
+    );
+
+    // Files: owner-only, and nothing left over from the atomic replacement.
+    assert_eq!(mode(&h.dir), 0o700, "{what}: directory mode");
+    for f in ["key.pem", "cert.pem", "ca.pem", "controller.json"] {
+        assert_eq!(mode(&h.dir.join(f)), 0o600, "{what}: {f} mode");
+    }
+    let stray: Vec<String> = fs::read_dir(&h.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{what}: temporary files left: {stray:?}");
+
+    // The controller's audit: the holder renewed, starting from the enrolled certificate, and
+    // the certificate on disk is one it issued by renewal.
+    let uri = h.uri();
+    let first = renewals(audit, &uri, "ok");
+    assert!(
+        first
+            .iter()
+            .any(|e| e["detail"]["old_serial"] == old.serial_hex.as_str()),
+        "{what}: no `renew` ok event from the enrolled serial {}: {first:?}",
+        old.serial_hex
+    );
+    assert!(
+        renewed_serials(audit, &uri).contains(&new.serial_hex),
+        "{what}: serial {} not issued by a renewal",
+        new.serial_hex
+    );
+}
+
+/// Reads the identity files of `dirs` over and over while renewals replace them: every read
+/// must find a whole file (never missing, never cut short).
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<WatchReport>,
+}
+
+#[derive(Debug, Default)]
+struct WatchReport {
+    reads: u64,
+    torn: Vec<String>,
+    /// Moments when the `key.pem` and `cert.pem` on disk did not belong together: each file
+    /// is replaced atomically, but not the two together (`umbra_pki::write_identity_dir`
+    /// renames the new key, then the new certificate). Reported, not asserted.
+    unpaired: u64,
+}
+
+impl Watcher {
+    fn start(dirs: Vec<PathBuf>) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut r = WatchReport::default();
+            while !flag.load(Ordering::Relaxed) {
+                for d in &dirs {
+                    let read = |f: &str| fs::read_to_string(d.join(f));
+                    // The key is read before and after the certificate: when both reads agree,
+                    // the certificate read lies in a moment when that key was on disk.
+                    let (key, cert, key_again, ca) = match (
+                        read("key.pem"),
+                        read("cert.pem"),
+                        read("key.pem"),
+                        read("ca.pem"),
+                    ) {
+                        (Ok(k), Ok(c), Ok(k2), Ok(a)) => (k, c, k2, a),
+                        (k, c, _, a) => {
+                            r.torn.push(format!(
+                                "{}: unreadable: {:?} {:?} {:?}",
+                                d.display(),
+                                k.err(),
+                                c.err(),
+                                a.err()
+                            ));
+                            continue;
+                        }
+                    };
+                    r.reads += 1;
+                    let leaf_ok = CertificateDer::from_pem_slice(cert.as_bytes())
+                        .ok()
+                        .is_some_and(|c| umbra_pki::peer_cert(&c).is_ok());
+                    let key_ok = PrivateKeyDer::from_pem_slice(key.as_bytes()).is_ok();
+                    if !leaf_ok || !key_ok {
+                        r.torn.push(format!(
+                            "{}: partial file (cert ok {leaf_ok}, key ok {key_ok})",
+                            d.display()
+                        ));
+                    } else if key == key_again && TlsIdentity::from_pem(&cert, &key, &ca).is_err() {
+                        r.unpaired += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r
+        });
+        Watcher { stop, thread }
+    }
+
+    fn finish(self) -> WatchReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Whether the private key of `key_pem` (DER, or a line of its PEM) appears in any file under
+/// `dir`.
+fn key_stored_under(dir: &Path, key_pem: &str) -> Option<PathBuf> {
+    let der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let der = der.secret_der().to_vec();
+    let line = key_pem
+        .lines()
+        .find(|l| !l.starts_with("-----") && l.len() >= 32)
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = fs::read(&p)
+                && (contains(&bytes, &der) || contains(&bytes, &line))
+            {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// A forward's local connection gets nothing and is closed, not left hanging (`refused`
+/// gives it 3 s; the agent's open and connect timeouts are 1 s each).
+async fn assert_forward_refused(f: &Forwarder, what: &str) {
+    if let Err(e) = refused(f.local_addr()).await {
+        panic!("{what}: not refused: {e}");
+    }
+}
+
+async fn sleep_until(t: SystemTime) {
+    if let Ok(d) = t.duration_since(SystemTime::now()) {
+        tokio::time::sleep(d).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The case
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_keep_roles_working_past_expiry() {
+    init();
+    let started = Instant::now();
+    let mut s = Stack::controller_only(&[ALICE, BOB, CAROL]).await;
+    let short = ControllerConfig {
+        cert_lifetime_secs: LIFETIME_SECS,
+        ..s.ctl_cfg.clone()
+    };
+    s.restart_controller(short).await;
+
+    // --- The deployment, every certificate 20 s long.
+    let broker = add_broker(&mut s, "broker-0").await;
+    let (echo, _echo_task) = echo_server().await;
+    s.echo = echo;
+    let conn_dir = s.connector_dir.clone();
+    let conn_q = enroll(
+        &s,
+        "connector (quic)",
+        "connector",
+        None,
+        Some(CONNECTOR),
+        &conn_dir,
+    )
+    .await;
+    let conn_t_dir = s.dir.path().join("connector-tcp");
+    let conn_t = enroll(
+        &s,
+        "connector (tcp)",
+        "connector",
+        None,
+        Some(CONNECTOR_TCP),
+        &conn_t_dir,
+    )
+    .await;
+    for (svc, conn) in [(ECHO, CONNECTOR), (ECHO_TCP, CONNECTOR_TCP)] {
+        s.admin
+            .post(
+                "/v1/services",
+                json!({ "name": svc, "target": echo.to_string(), "connectors": [conn] }),
+            )
+            .await;
+    }
+    for u in [ALICE, BOB, CAROL] {
+        for svc in [ECHO, ECHO_TCP] {
+            s.admin.allow(&format!("{}-{svc}", local(u)), u, svc).await;
+        }
+    }
+    let mut agents = Vec::new();
+    for (user, key) in [
+        (ALICE, "alice-quic"),
+        (ALICE, "alice-tcp"),
+        (BOB, "bob"),
+        (CAROL, "carol-quic"),
+        (CAROL, "carol-tcp"),
+    ] {
+        let dir = s.enroll_agent(user, key).await.dir.clone();
+        agents.push(Holder::capture(key, &dir));
+    }
+    let [alice_q, alice_t, bob, carol_q, carol_t] = <[Holder; 5]>::try_from(agents).ok().unwrap();
+
+    // Bob's device is revoked before anything of his runs: his renewal will be refused.
+    s.revoke_device(&s.agent("bob").device).await;
+    // Carol's devices point at a controller address where nothing listens: they cannot renew,
+    // but the broker still admits them while their certificates are valid.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    for h in [&carol_q, &carol_t] {
+        let mut cref = umbra_link::enroll::load_controller_ref(&h.dir).unwrap();
+        cref.url = format!("https://{dead}");
+        umbra_link::enroll::save_controller_ref(&h.dir, &cref).unwrap();
+    }
+
+    let _conns = [
+        start_connector(&conn_dir, TransportPref::Quic).await,
+        start_connector(&conn_t_dir, TransportPref::Tcp).await,
+    ];
+    s.converge().await;
+    let watcher = Watcher::start(
+        [&broker, &conn_q, &conn_t, &alice_q, &alice_t]
+            .iter()
+            .map(|h| h.dir.clone())
+            .collect(),
+    );
+    let fwd_alice_q = s.forward("alice-quic", TransportPref::Quic, ECHO).await;
+    let fwd_alice_t = s.forward("alice-tcp", TransportPref::Tcp, ECHO_TCP).await;
+    let fwd_carol_q = s.forward("carol-quic", TransportPref::Quic, ECHO).await;
+    let fwd_carol_t = s.forward("carol-tcp", TransportPref::Tcp, ECHO_TCP).await;
+    let fwd_bob_q = s.forward("bob", TransportPref::Quic, ECHO).await;
+    let fwd_bob_t = s.forward("bob", TransportPref::Tcp, ECHO_TCP).await;
+
+    // While the enrolled certificates are valid: Alice and Carol are served, Bob is refused.
+    for (f, what) in [
+        (&fwd_alice_q, "alice over QUIC"),
+        (&fwd_alice_t, "alice over TLS/TCP"),
+        (&fwd_carol_q, "carol over QUIC (before expiry)"),
+        (&fwd_carol_t, "carol over TLS/TCP (before expiry)"),
+    ] {
+        poll(what, SOON, || echo_ok(f.local_addr())).await;
+    }
+    assert_forward_refused(&fwd_bob_q, "bob (revoked) over QUIC").await;
+    assert_forward_refused(&fwd_bob_t, "bob (revoked) over TLS/TCP").await;
+    let expiry = [
+        &broker, &conn_q, &conn_t, &alice_q, &alice_t, &carol_q, &carol_t,
+    ]
+    .iter()
+    .map(|h| h.orig.peer.not_after)
+    .max()
+    .unwrap();
+    assert!(
+        expiry > SystemTime::now(),
+        "setup took longer than the certificates live"
+    );
+
+    // --- Every running role renews, well before its certificate expires.
+    let renewing = [&broker, &conn_q, &conn_t, &alice_q, &alice_t];
+    let mut renewed = Vec::new();
+    for h in renewing {
+        let id = h.renewed().await;
+        assert!(
+            SystemTime::now() < h.orig.peer.not_after,
+            "{}: renewed only after its certificate expired",
+            h.name
+        );
+        renewed.push(id);
+    }
+    let audit = s.admin.audit().await;
+    for (h, id) in renewing.iter().zip(&renewed) {
+        assert_renewed(h, id, &audit);
+    }
+    // The controller never held a private key: neither the enrolled ones nor the renewed.
+    let ctl_dir = &s.ctl_cfg.data_dir;
+    for h in renewing {
+        for key in [h.orig_key.clone(), pem(&h.dir, "key.pem")] {
+            if let Some(p) = key_stored_under(ctl_dir, &key) {
+                panic!("{}: a private key is in {}", h.name, p.display());
+            }
+        }
+    }
+    let watched = watcher.finish();
+    eprintln!(
+        "identity files read {} times during renewals; a key.pem not matching cert.pem seen {} \
+         times (the two files are replaced one after the other)",
+        watched.reads, watched.unpaired
+    );
+    assert!(watched.reads > 0);
+    assert!(
+        watched.torn.is_empty(),
+        "identity files seen incomplete: {:?}",
+        watched.torn
+    );
+
+    // Bob's renewal was refused and audited; his directory still holds the enrolled identity.
+    let refused_renewals = renewals(&audit, &bob.uri(), "error");
+    assert!(!refused_renewals.is_empty(), "no refused `renew` for bob");
+    assert!(renewals(&audit, &bob.uri(), "ok").is_empty());
+    // Carol could not even ask.
+    for h in [&bob, &carol_q, &carol_t] {
+        assert_eq!(
+            h.settled().await.peer.serial_hex,
+            h.orig.peer.serial_hex,
+            "{}: nothing renewed",
+            h.name
+        );
+        assert!(renewals(&audit, &h.uri(), "ok").is_empty(), "{}", h.name);
+    }
+
+    // --- Past every enrolled certificate's end.
+    sleep_until(expiry + MARGIN).await;
+    let b0 = &s.brokers[0];
+    // The enrolled certificates can no longer complete a handshake, so whatever completes one
+    // from here on presents a renewed certificate.
+    for t in [Transport::Quic, Transport::Tls] {
+        let r = assert_refused(b0, t, &alice_q.orig, "alice's enrolled certificate").await;
+        eprintln!("[{t:?}] enrolled agent certificate: {r:?}");
+        let r = assert_refused(b0, t, &conn_q.orig, "the connector's enrolled certificate").await;
+        eprintln!("[{t:?}] enrolled connector certificate: {r:?}");
+    }
+    // The running broker presents a renewed certificate on new handshakes.
+    let audit = s.admin.audit().await;
+    let broker_serials = renewed_serials(&audit, &broker.uri());
+    for t in [Transport::Quic, Transport::Tls] {
+        let link = dial(b0, t, &alice_q.settled().await).await.unwrap();
+        let presented = link.peer().clone();
+        link.close();
+        assert_eq!(presented.id, broker.orig.peer.id);
+        assert!(
+            broker_serials.contains(&presented.serial_hex),
+            "[{t:?}] the broker presents {}, not a renewed certificate ({broker_serials:?})",
+            presented.serial_hex
+        );
+    }
+    // Alice is still served on both transports, through both connectors.
+    for (f, what) in [
+        (&fwd_alice_q, "alice over QUIC past expiry"),
+        (&fwd_alice_t, "alice over TLS/TCP past expiry"),
+    ] {
+        poll(what, SOON, || echo_ok(f.local_addr())).await;
+    }
+    // The twins: without a renewed certificate, no new stream.
+    assert_forward_refused(&fwd_bob_q, "bob over QUIC past expiry").await;
+    assert_forward_refused(&fwd_bob_t, "bob over TLS/TCP past expiry").await;
+    assert_forward_refused(&fwd_carol_q, "carol over QUIC past expiry").await;
+    assert_forward_refused(&fwd_carol_t, "carol over TLS/TCP past expiry").await;
+
+    // --- Every link handshakes again: the broker restarts on the same ports. The running
+    // connectors and agents dial with what they hold now.
+    s.brokers[0].stop().await;
+    s.brokers[0].start_again().await;
+    for (f, what) in [
+        (&fwd_alice_q, "alice over QUIC after the broker restarted"),
+        (
+            &fwd_alice_t,
+            "alice over TLS/TCP after the broker restarted",
+        ),
+    ] {
+        poll(what, SOON, || echo_ok(f.local_addr())).await;
+    }
+    assert_forward_refused(&fwd_carol_q, "carol over QUIC after the restart").await;
+    assert_forward_refused(&fwd_carol_t, "carol over TLS/TCP after the restart").await;
+    assert_forward_refused(&fwd_bob_q, "bob over QUIC after the restart").await;
+
+    eprintln!("renewal case took {:?}", started.elapsed());
+}
