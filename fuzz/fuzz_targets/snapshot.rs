@@ -1,10 +1,11 @@
-//! Snapshots and API bodies arrive as JSON from the network: parsing never panics.
+//! Snapshots and the other JSON answers peers get from the controller (and the broker
+//! heartbeat): parsing never panics, and what parses survives a JSON round trip.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../harness/proto.rs"]
+mod harness;
+
 fuzz_target!(|data: &[u8]| {
-    let _ = serde_json::from_slice::<umbra_proto::Snapshot>(data);
-    let _ = serde_json::from_slice::<umbra_proto::api::ConnectorConfig>(data);
-    let _ = serde_json::from_slice::<umbra_proto::api::IssuedCert>(data);
-    let _ = serde_json::from_slice::<umbra_proto::api::BrokerHeartbeat>(data);
+    harness::snapshot(data);
 });

@@ -47,3 +47,42 @@ pub use transport::{
     ALPN, DEFAULT_STREAM_WINDOW_KIB, LinkConfig, ResetKey, STREAM_WINDOW_KIB,
     STREAM_WINDOW_KIB_ERROR, Transport, UnknownTransport, stream_window_bytes,
 };
+
+/// Not API: for `fuzz/` (target `quic_kx`) and its corpus replay test only.
+///
+/// Feeds `pieces`, in order, to a fresh QUIC client session as the server's handshake bytes,
+/// the way a dialing agent or connector reads a broker's first flight (the key exchange group
+/// is read from the ServerHello on this path, `quic_kx.rs`). Returns whether the session came
+/// out unharmed: still handshaking, with no handshake data and no peer identity, which must
+/// hold for any bytes not made with the session's own keys.
+#[doc(hidden)]
+pub fn fuzz_quic_server_flight(pieces: &[&[u8]]) -> bool {
+    use quinn::crypto::ClientConfig as _;
+    use std::sync::{Arc, OnceLock};
+    static CFG: OnceLock<Option<Arc<quic_kx::KxClientConfig>>> = OnceLock::new();
+    let cfg = CFG.get_or_init(|| {
+        let ca = umbra_pki::Ca::generate("fuzz", std::time::SystemTime::now()).ok()?;
+        let tls = umbra_pki::client_config(&ca.cert_der(), None, &[ALPN], true).ok()?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).ok()?;
+        Some(Arc::new(quic_kx::KxClientConfig(Arc::new(quic))))
+    });
+    let params = quinn_proto::transport_parameters::TransportParameters::read(
+        quinn::Side::Client,
+        &mut &[][..],
+    );
+    let (Some(cfg), Ok(params)) = (cfg, params) else {
+        return false;
+    };
+    let Ok(mut session) = cfg
+        .clone()
+        .start_session(1, "b1.broker.umbra.internal", &params)
+    else {
+        return false;
+    };
+    for piece in pieces {
+        let _ = session.read_handshake(piece);
+    }
+    session.is_handshaking()
+        && session.handshake_data().is_none()
+        && session.peer_identity().is_none()
+}
