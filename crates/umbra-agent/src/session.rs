@@ -97,6 +97,11 @@ struct State {
     brokers: Vec<BrokerInfo>,
     ranked: Vec<String>,
     current: Option<(String, Link)>,
+    /// Expiry of the certificate `current` was dialed with: a renewed one links again.
+    dialed_with: SystemTime,
+    /// Links dialed with an older certificate, kept for the streams they still carry. Each
+    /// ends when its broker closes it at that certificate's expiry, or with the session.
+    retiring: Vec<Link>,
     down: DownMarks,
 }
 
@@ -144,6 +149,8 @@ impl Session {
                 ranked: ranked_brokers.iter().map(|b| b.id.clone()).collect(),
                 brokers: ranked_brokers,
                 current,
+                dialed_with: id.peer.not_after,
+                retiring: Vec::new(),
                 down,
             }),
         }
@@ -235,6 +242,16 @@ impl Session {
     /// else a new one to the next broker in failover order.
     async fn link(&self, attempts: &mut Attempts) -> Result<(String, Link), OpenError> {
         let mut st = self.state.lock().await;
+        st.retiring.retain(|l| !l.is_closed());
+        let cert = self.identity.borrow().peer.not_after;
+        if cert != st.dialed_with
+            && let Some((id, old)) = st.current.take()
+        {
+            // Renewed: new streams go over a link made with the new certificate (to the same
+            // broker, first in the failover order); the old one keeps what it carries.
+            tracing::info!(broker = %id, "certificate renewed; linking again with it");
+            st.retiring.push(old);
+        }
         if let Some((id, link)) = &st.current {
             if !link.is_closed() && !attempts.tried.contains(id) {
                 return Ok((id.clone(), link.clone()));
@@ -264,6 +281,7 @@ impl Session {
                     if let Some((_, old)) = st.current.take() {
                         old.close();
                     }
+                    st.dialed_with = identity.peer.not_after;
                     st.down.clear(&id);
                     st.current = Some((id.clone(), link.clone()));
                     return Ok((id, link));
@@ -324,7 +342,11 @@ impl Session {
 
     /// Closes the held link.
     pub(crate) async fn close(&self) {
-        if let Some((_, link)) = self.state.lock().await.current.take() {
+        let mut st = self.state.lock().await;
+        if let Some((_, link)) = st.current.take() {
+            link.close();
+        }
+        for link in st.retiring.drain(..) {
             link.close();
         }
     }

@@ -75,6 +75,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             tokio::select! {
                 () = link.closed() => {}
                 () = shared.shutdown.cancelled() => link.close(),
+                () = expiry(&peer) => close_expired(&link, &peer),
             }
             shared.connectors.remove(&id, key);
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
@@ -95,6 +96,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 let stream = tokio::select! {
                     s = link.accept() => s,
                     () = shared.shutdown.cancelled() => { link.close(); None }
+                    () = expiry(&peer) => { close_expired(&link, &peer); None }
                 };
                 let Some(stream) = stream else { break };
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -117,6 +119,27 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             info!("agent link down");
         }
     }
+}
+
+/// Resolves when the peer's certificate expires. TLS checks validity only at the handshake;
+/// this ends a link whose credential lapsed while it was up, with every stream on it. A
+/// holder renews well before (at two thirds of the lifetime) and links again with the new
+/// certificate, so its new streams are on the new link by then.
+async fn expiry(peer: &umbra_pki::PeerCert) {
+    let left = peer
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left).await;
+}
+
+fn close_expired(link: &Link, peer: &umbra_pki::PeerCert) {
+    info!(
+        not_after = %umbra_pki::rfc3339(peer.not_after),
+        "peer certificate expired; closing its link"
+    );
+    metrics::counter!("umbra_broker_links_expired_total").increment(1);
+    link.close();
 }
 
 /// Whether a link admitted under `seen` is still admitted under the snapshot held now. A

@@ -74,15 +74,18 @@ impl Registry {
         }
     }
 
-    /// Live links of the given connectors, least loaded first.
+    /// Live links of the given connectors, least loaded first: one per connector, its newest
+    /// (see [`newest`]).
     pub(crate) fn candidates(&self, connectors: &[String]) -> Vec<Arc<PeerLink>> {
         let m = self.lock();
         let mut out: Vec<Arc<PeerLink>> = connectors
             .iter()
             .filter_map(|id| m.get(id))
-            .flatten()
-            .filter(|c| !c.link.is_closed())
-            .cloned()
+            .filter_map(|links| {
+                let live: Vec<&Arc<PeerLink>> =
+                    links.iter().filter(|c| !c.link.is_closed()).collect();
+                newest(&live, |c| (c.link.peer().not_after, c.key)).map(|c| (*c).clone())
+            })
             .collect();
         drop(m);
         rank(&mut out, |c| c.active());
@@ -106,6 +109,14 @@ impl Registry {
     }
 }
 
+/// The link a connector's new streams go to when it has several to this broker: the one with
+/// the latest certificate expiry, then the latest registered. A connector that renewed its
+/// certificate dials a new link; its old link keeps the streams it carries until they end or
+/// its certificate expires (the broker then closes it), and gets no new ones. Pure.
+fn newest<T, K: Ord>(links: &[T], key: impl Fn(&T) -> K) -> Option<&T> {
+    links.iter().max_by_key(|c| key(c))
+}
+
 /// Orders by load, stable, so ties keep registration order. Pure.
 fn rank<T>(v: &mut [T], load: impl Fn(&T) -> usize) {
     v.sort_by_key(|c| load(c));
@@ -114,6 +125,15 @@ fn rank<T>(v: &mut [T], load: impl Fn(&T) -> usize) {
 #[cfg(test)]
 mod tests {
     use super::rank;
+
+    #[test]
+    fn newest_link_of_a_connector_gets_new_streams() {
+        // (certificate expiry, registration key)
+        let links = [(100, 1), (200, 2), (200, 3), (150, 4)];
+        assert_eq!(super::newest(&links, |l| *l), Some(&(200, 3)));
+        assert_eq!(super::newest(&links[..1], |l| *l), Some(&(100, 1)));
+        assert_eq!(super::newest::<(u8, u8), _>(&[], |l| *l), None);
+    }
 
     #[test]
     fn least_loaded_first_and_stable() {

@@ -3,8 +3,9 @@
 //! The connector never listens: it dials each broker (QUIC first, TLS over TCP when QUIC fails
 //! and the transport is `auto`), and the broker opens streams on that link. A task per broker
 //! redials with full-jitter backoff; when the broker list changes the supervisor starts and
-//! stops tasks from a pure [`plan`] of the difference. New links use the newest identity, so
-//! certificate renewal takes effect at the next (re)connect.
+//! stops tasks from a pure [`plan`] of the difference. New links use the newest identity: when
+//! the certificate is renewed each task links again at once, and the old link serves what it
+//! still carries until the broker closes it at the old certificate's expiry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,7 +117,9 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
     let mut backoff = Backoff::new(ctx.cfg.reconnect_base(), ctx.cfg.reconnect_cap());
     let name: Arc<str> = Arc::from(broker.name.as_str());
     let gauge = metrics::gauge!("umbra_connector_links", "broker" => broker.name.clone());
+    let mut identity = ctx.identity.clone();
     loop {
+        identity.borrow_and_update();
         let dialed = tokio::select! {
             () = cancel.cancelled() => return,
             r = dial_broker(&ctx, &broker) => r,
@@ -131,7 +134,21 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
                     peer = %link.peer().id,
                     "link up"
                 );
-                serve_link(&ctx, &link, &name, &cancel).await;
+                if serve_link(&ctx, &link, &name, &cancel, Some(&mut identity)).await
+                    == Ended::Renewed
+                {
+                    // The old link keeps serving what the broker still sends it (the broker
+                    // gives new streams to the newest link) until its certificate expires
+                    // and the broker closes it; the new certificate links again at once.
+                    tracing::info!("certificate renewed; linking again with it");
+                    let (ctx, name, cancel) = (ctx.clone(), name.clone(), cancel.clone());
+                    tokio::spawn(
+                        async move { serve_link(&ctx, &link, &name, &cancel, None).await }
+                            .in_current_span(),
+                    );
+                    backoff.reset();
+                    continue;
+                }
                 gauge.set(0.0);
                 if cancel.is_cancelled() {
                     return;
@@ -172,18 +189,47 @@ fn after_link(refused: bool, backoff: &mut Backoff) -> bool {
     refused
 }
 
-/// Accepts the streams the broker opens until the link closes or `cancel`. A stream whose
-/// request is malformed closes the link (see `serve`); it is then redialed like any other.
-async fn serve_link(ctx: &LinkCtx, link: &Link, broker: &Arc<str>, cancel: &CancellationToken) {
+/// Why [`serve_link`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The link closed, or `cancel` (then the link was closed here).
+    Closed,
+    /// A renewed certificate arrived; the link is still up.
+    Renewed,
+}
+
+/// Accepts the streams the broker opens until the link closes or `cancel`, or, given
+/// `renewal`, until the identity changes. A stream whose request is malformed closes the
+/// link (see `serve`); it is then redialed like any other.
+async fn serve_link(
+    ctx: &LinkCtx,
+    link: &Link,
+    broker: &Arc<str>,
+    cancel: &CancellationToken,
+    mut renewal: Option<&mut IdentityRx>,
+) -> Ended {
     loop {
+        let renewed = async {
+            let changed = match renewal.as_deref_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => false,
+            };
+            if !changed {
+                // No watch, or its sender is gone: never.
+                std::future::pending::<()>().await;
+            }
+        };
         let stream = tokio::select! {
             () = cancel.cancelled() => {
                 link.close();
-                return;
+                return Ended::Closed;
             }
+            () = renewed => return Ended::Renewed,
             s = link.accept() => s,
         };
-        let Some(stream) = stream else { return };
+        let Some(stream) = stream else {
+            return Ended::Closed;
+        };
         let span = tracing::debug_span!("stream", id = stream.id());
         tokio::spawn(
             handle_stream(stream, link.clone(), ctx.serve.clone(), broker.clone()).instrument(span),

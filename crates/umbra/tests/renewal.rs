@@ -642,3 +642,126 @@ async fn renewed_certificates_keep_roles_working_past_expiry() {
 
     eprintln!("renewal case took {:?}", started.elapsed());
 }
+
+/// The broker ends a live link when the certificate it was made with expires (TLS checks
+/// validity only at the handshake), on both transports, streams and all; not before. Holders
+/// that renew are not cut off: on each renewal the connector and the agent link again with
+/// the new certificate and the broker gives new streams to the newest link, so a stream
+/// opened shortly before an old certificate's expiry outlives it. Without that hand-over it
+/// would ride the old link and end with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_links_end_when_their_certificate_expires() {
+    init();
+    let mut s = Stack::controller_only(&[ALICE]).await;
+    // Renewal comes every 2/3 of a lifetime: 8 s here, so each holder has renewed again
+    // by the time the first certificates expire.
+    let short = ControllerConfig {
+        cert_lifetime_secs: 12,
+        ..s.ctl_cfg.clone()
+    };
+    s.restart_controller(short).await;
+    let _broker = add_broker(&mut s, "broker-0").await;
+    let (echo, _echo_task) = echo_server().await;
+    s.echo = echo;
+    let conn_dir = s.connector_dir.clone();
+    enroll(
+        &s,
+        "connector",
+        "connector",
+        None,
+        Some(CONNECTOR),
+        &conn_dir,
+    )
+    .await;
+    s.admin
+        .post(
+            "/v1/services",
+            json!({ "name": ECHO, "target": echo.to_string(), "connectors": [CONNECTOR] }),
+        )
+        .await;
+    s.admin.allow("alice-echo", ALICE, ECHO).await;
+    let _conn = start_connector(&conn_dir, TransportPref::Quic).await;
+    s.converge().await;
+
+    // A device's links, one per transport, made by hand: nothing renews them.
+    let id = s.enroll_agent(ALICE, "alice").await.identity();
+    // And a running agent, which renews.
+    s.enroll_agent(ALICE, "alice-fwd").await;
+    let fwd = s.forward("alice-fwd", TransportPref::Quic, ECHO).await;
+    poll("the forward", SOON, || echo_ok(fwd.local_addr())).await;
+    let mut hand = Vec::new();
+    for t in [Transport::Quic, Transport::Tls] {
+        let (link, st) = poll("a link and a stream", SOON, || async {
+            let link = dial(&s.brokers[0], t, &id).await?;
+            let (code, mut st) = open(&link, ECHO).await?;
+            if code != umbra_proto::OpenCode::Ok {
+                return Err(format!("{code:?}"));
+            }
+            echo_open(&mut st, b"before expiry").await?;
+            Ok((link, st))
+        })
+        .await;
+        hand.push((t, link, st));
+    }
+    let not_after = id.peer.not_after;
+
+    // Shortly before that expiry: a stream through the running agent, and one on a link of a
+    // device enrolled now; both cross the connector's links.
+    sleep_until(not_after - Duration::from_millis(1500)).await;
+    let mut late = LiveConn::open(fwd.local_addr()).await.unwrap();
+    late.echo(b"opened late").await.unwrap();
+    let id2 = s.enroll_agent(ALICE, "alice-2").await.identity();
+    let link2 = dial(&s.brokers[0], Transport::Tls, &id2).await.unwrap();
+    let (code, mut late2) = open(&link2, ECHO).await.unwrap();
+    assert_eq!(code, umbra_proto::OpenCode::Ok);
+    echo_open(&mut late2, b"opened late").await.unwrap();
+    for (t, link, _) in &hand {
+        assert!(
+            !link.is_closed(),
+            "{t:?}: closed before its certificate expired"
+        );
+    }
+
+    // The expired links end, with their streams.
+    for (t, link, mut st) in hand {
+        tokio::time::timeout(MARGIN + Duration::from_secs(2), link.closed())
+            .await
+            .unwrap_or_else(|_| panic!("{t:?}: the link outlived its certificate"));
+        assert!(
+            echo_open(&mut st, b"after expiry").await.is_err(),
+            "{t:?}: a stream of the expired link still echoes"
+        );
+    }
+    // The late streams go on: the agent and the connector had linked again with renewed
+    // certificates before they were opened.
+    late.echo(b"past the first expiry")
+        .await
+        .unwrap_or_else(|e| panic!("the agent's late stream was cut: {e}"));
+    echo_open(&mut late2, b"past the first expiry")
+        .await
+        .unwrap_or_else(|e| panic!("the late stream through the connector was cut: {e}"));
+}
+
+/// Sends `data` on `s` and reads the same bytes back, leaving the stream open both ways.
+async fn echo_open(s: &mut umbra_link::Stream, data: &[u8]) -> Result<(), String> {
+    let run = async {
+        s.send_chunk(bytes::Bytes::copy_from_slice(data))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            match s.recv_chunk().await.map_err(|e| e.to_string())? {
+                Some(c) => got.extend_from_slice(&c),
+                None => return Err("the stream ended".to_string()),
+            }
+        }
+        if got == data {
+            Ok(())
+        } else {
+            Err(format!("echo differs ({} bytes)", got.len()))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .map_err(|_| "no echo within 3 s".to_string())?
+}
