@@ -475,7 +475,7 @@ async fn open_to_connector(
     target: &str,
     user: &str,
 ) -> Option<(Stream, Arc<PeerLink>, LoadGuard)> {
-    for c in shared.connectors.candidates(connectors) {
+    for c in shared.connectors.candidates(connectors, crate::route::now_ms()) {
         let guard = LoadGuard::new(c.clone());
         let dial = async {
             let mut s = c.link.open().await?;
@@ -491,7 +491,10 @@ async fn open_to_connector(
             Ok::<_, LinkError>((answer, s))
         };
         let reason = match tokio::time::timeout(shared.cfg.dial_timeout(), dial).await {
-            Ok(Ok((DialAnswer::Connected, s))) => return Some((s, c.clone(), guard)),
+            Ok(Ok((DialAnswer::Connected, s))) => {
+                c.mark_answering();
+                return Some((s, c.clone(), guard));
+            }
             Ok(Ok((DialAnswer::Malformed(error), _s))) => {
                 warn!(
                     connector = %c.link.peer().id,
@@ -503,10 +506,19 @@ async fn open_to_connector(
                 c.link.close();
                 format!("malformed answer: {error}")
             }
-            Ok(Ok((DialAnswer::CannotServe(reason), _s))) => reason,
+            Ok(Ok((DialAnswer::CannotServe(reason), _s))) => {
+                c.mark_answering();
+                reason
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => {
-                info!(connector = %c.peer, "connector did not answer in time");
+                // Its next streams would wait as long: pass it over for a while.
+                c.mark_silent(crate::route::now_ms());
+                info!(
+                    connector = %c.peer,
+                    silent_for_secs = crate::route::SILENT_FOR.as_secs(),
+                    "connector did not answer in time; passing its link over"
+                );
                 continue;
             }
         };

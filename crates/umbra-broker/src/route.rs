@@ -6,11 +6,23 @@
 //! stream open and close, never per chunk.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use umbra_link::Link;
+
+/// How long a connector link that let a `Dial` go unanswered is passed over: tried only when
+/// no answering link of the service is left. Long enough to spare the streams behind it the
+/// dial timeout; a link that is really dead is closed by its keepalive meanwhile.
+pub(crate) const SILENT_FOR: Duration = Duration::from_secs(30);
+
+/// Milliseconds on the broker's monotonic clock (since its first call), for [`PeerLink`]'s
+/// health marks.
+pub(crate) fn now_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(BASE.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
 
 /// One peer's link (a connector's, or an agent's).
 pub(crate) struct PeerLink {
@@ -19,11 +31,28 @@ pub(crate) struct PeerLink {
     pub(crate) link: Link,
     pub(crate) key: u64,
     active: AtomicUsize,
+    /// [`now_ms`] until which this link is passed over (0: it answers).
+    silent_until: AtomicU64,
 }
 
 impl PeerLink {
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// A `Dial` on this link went unanswered within the dial timeout, at `now` ([`now_ms`]).
+    pub(crate) fn mark_silent(&self, now: u64) {
+        let until = now.saturating_add(u64::try_from(SILENT_FOR.as_millis()).unwrap_or(u64::MAX));
+        self.silent_until.store(until, Ordering::Relaxed);
+    }
+
+    /// The connector answered on this link (whatever it answered).
+    pub(crate) fn mark_answering(&self) {
+        self.silent_until.store(0, Ordering::Relaxed);
+    }
+
+    fn silent(&self, now: u64) -> bool {
+        self.silent_until.load(Ordering::Relaxed) > now
     }
 }
 
@@ -56,6 +85,7 @@ impl Registry {
             link,
             key,
             active: AtomicUsize::new(0),
+            silent_until: AtomicU64::new(0),
         });
         self.lock()
             .entry(peer.to_owned())
@@ -74,9 +104,10 @@ impl Registry {
         }
     }
 
-    /// Live links of the given connectors, least loaded first: one per connector, its newest
-    /// (see [`newest`]).
-    pub(crate) fn candidates(&self, connectors: &[String]) -> Vec<Arc<PeerLink>> {
+    /// Live links of the given connectors, one per connector (its newest, see [`newest`]):
+    /// those answering first, then those recently silent (see [`SILENT_FOR`]); least loaded
+    /// first within each. `now` is [`now_ms`].
+    pub(crate) fn candidates(&self, connectors: &[String], now: u64) -> Vec<Arc<PeerLink>> {
         let m = self.lock();
         let mut out: Vec<Arc<PeerLink>> = connectors
             .iter()
@@ -88,7 +119,7 @@ impl Registry {
             })
             .collect();
         drop(m);
-        rank(&mut out, |c| c.active());
+        rank(&mut out, |c| (c.silent(now), c.active()));
         out
     }
 
@@ -117,9 +148,9 @@ fn newest<T, K: Ord>(links: &[T], key: impl Fn(&T) -> K) -> Option<&T> {
     links.iter().max_by_key(|c| key(c))
 }
 
-/// Orders by load, stable, so ties keep registration order. Pure.
-fn rank<T>(v: &mut [T], load: impl Fn(&T) -> usize) {
-    v.sort_by_key(|c| load(c));
+/// Orders by `key` (health, then load), stable, so ties keep registration order. Pure.
+fn rank<T, K: Ord>(v: &mut [T], key: impl Fn(&T) -> K) {
+    v.sort_by_key(|c| key(c));
 }
 
 #[cfg(test)]
@@ -140,5 +171,13 @@ mod tests {
         let mut v = vec![("a", 3), ("b", 1), ("c", 1), ("d", 0)];
         rank(&mut v, |x| x.1);
         assert_eq!(v.iter().map(|x| x.0).collect::<String>(), "dbca");
+    }
+
+    #[test]
+    fn silent_links_go_last_however_idle() {
+        // (name, silent, load)
+        let mut v = vec![("a", false, 3), ("b", true, 0), ("c", false, 1), ("d", true, 2)];
+        rank(&mut v, |x| (x.1, x.2));
+        assert_eq!(v.iter().map(|x| x.0).collect::<String>(), "cabd");
     }
 }

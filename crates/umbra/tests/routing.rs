@@ -9,7 +9,11 @@
 //!   `Denied`, and no connector ever sees a `Dial` for them (the connectors' stream counter and
 //!   the target's accept count do not move); the allowed twin moves each by exactly one.
 //!
-//! Both run once per transport (agent links and connector links alike): `::quic`, `::tcp`.
+//! - `a_silent_connector_is_passed_over`: a connector whose link is up but which leaves a
+//!   `Dial` unanswered costs one stream the dial timeout (that stream is then served by the
+//!   other connector); the streams after it are not offered to it at all.
+//!
+//! All run once per transport (agent links and connector links alike): `::quic`, `::tcp`.
 //!
 //! The connectors' and brokers' Prometheus counters are read in-process from a recorder this
 //! file installs; the tests of this file hold one lock so that, also under `cargo test` (one
@@ -70,6 +74,7 @@ macro_rules! both_transports {
 
 both_transports!(spread_and_failover);
 both_transports!(denied_never_reaches_connector);
+both_transports!(a_silent_connector_is_passed_over);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -528,4 +533,74 @@ async fn denied_never_reaches_connector(t: TransportPref) {
     link.close();
     guarded_fwd.shutdown().await;
     nosuch_fwd.shutdown().await;
+}
+
+async fn a_silent_connector_is_passed_over(t: TransportPref) {
+    init();
+    let _serial = serial().await;
+    let prom = metrics();
+    let lt = link_transport(t);
+    let mut s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    // A broker that gives a connector half a second to answer a Dial, so that the stream
+    // offered to the silent one is still served within the agent's open timeout (1 s).
+    s.brokers[0].stop().await;
+    s.brokers[0].cfg.dial_timeout_ms = 500;
+    s.brokers[0].start_again().await;
+    s.connector.take().unwrap().shutdown().await;
+    s.connector = Some(start_connector(&s.connector_dir, t).await);
+    let (dir2, _) = enroll_connector(&s, CONN2).await;
+    let (target, _accepted, _echo) = counting_echo().await;
+    publish(&s, PAIR, target, &[CONNECTOR, CONN2]).await;
+    s.admin.allow("alice-pair", ALICE, PAIR).await;
+    s.converge().await;
+    published(&s.connector_dir, PAIR, target).await;
+    connector_links(&prom, 1, lt).await;
+    // The second connector: linked, keeps its link alive, never answers a Dial.
+    let id2 = umbra_pki::TlsIdentity::load_dir(&dir2).unwrap();
+    let silent = dial(&s.brokers[0], lt, &id2).await.unwrap();
+    let dials = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(stand_in_connector(
+        silent.clone(),
+        Some(Vec::new()),
+        dials.clone(),
+    ));
+    connector_links(&prom, 2, lt).await;
+
+    let fwd = s.forward("alice", t, PAIR).await;
+    let fa = fwd.local_addr();
+    // A held stream loads one connector, so the next is offered to the other: within a few
+    // streams the silent one is offered one. That stream waits out the dial timeout there and
+    // is then served by the real connector.
+    let mut held = poll("a held stream", SOON, || LiveConn::open(fa)).await;
+    held.echo(b"held").await.unwrap();
+    for i in 0..3 {
+        if dials.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        echo_ok(fa)
+            .await
+            .unwrap_or_else(|e| panic!("[{t:?}] stream {i} not served: {e}"));
+    }
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        1,
+        "[{t:?}] the silent one was tried once"
+    );
+    // From now on it is passed over, though it carries nothing.
+    for i in 0..4 {
+        echo_ok(fa)
+            .await
+            .unwrap_or_else(|e| panic!("[{t:?}] stream {i}: {e}"));
+    }
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        1,
+        "[{t:?}] streams were offered to the connector that had not answered"
+    );
+    assert!(!silent.is_closed(), "[{t:?}] the silent link is still up");
+    held.echo(b"still held").await.unwrap();
 }
