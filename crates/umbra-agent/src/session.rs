@@ -1,10 +1,12 @@
 //! A held link to the current broker, and failover when it stops answering.
 //!
-//! [`Session::open`] asks the current broker for a stream to a service. If the link is dead or
-//! the broker does not answer within `open_timeout`, that broker is marked down for a while,
-//! the next one in [`failover_order`] is dialed (bounded by `connect_timeout`) and the request
-//! is retried there, so a killed broker costs a new connection at most one open timeout plus
-//! one connect. A `Denied` answer is the policy's decision and is final (every broker holds
+//! [`Session::open`] asks the current broker for a stream to a service. If the link is dead, or
+//! the broker does not answer within `open_timeout` nor a ping sent then within half of it,
+//! that broker is marked down for a while, the next one in [`failover_order`] is dialed
+//! (bounded by `connect_timeout`) and the request is retried there, so a killed broker costs a
+//! new connection at most one and a half open timeouts plus one connect. A broker that answers
+//! the ping is busy, not dead (trying connectors, or a connector waiting for a slow target):
+//! its answer is awaited up to [`ANSWER_WAIT`]. A `Denied` answer is the policy's decision and is final (every broker holds
 //! the same policy). A `Stale` answer (the broker's policy is too old to authorize anything)
 //! fails over: another broker may hold a fresh one. An `Unavailable` answer (allowed, but this
 //! broker has no live link to a connector of the service, e.g. just after it restarted) tries
@@ -18,7 +20,7 @@
 //! refusal.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Mutex, watch};
 use umbra_link::{Link, LinkError, Stream};
@@ -84,6 +86,11 @@ fn reply(read: Result<Frame, LinkError>) -> Reply {
         Err(e) => Reply::Failed(e),
     }
 }
+
+/// How long a broker that answers pings may take to answer an `Open`: it may try several
+/// connectors, each for up to its dial timeout (5 s by default), and a connector may be
+/// connecting to a slow target.
+const ANSWER_WAIT: Duration = Duration::from_secs(15);
 
 /// The agent's connection to the broker fabric.
 pub(crate) struct Session {
@@ -322,16 +329,44 @@ impl Session {
             let read = s.read_frame().await;
             Ok::<_, LinkError>((reply(read), s))
         };
-        let failed = match tokio::time::timeout(self.cfg.open_timeout(), exchange).await {
-            Ok(Ok((Reply::Code(code), s))) => return Ok((code, s)),
-            Ok(Ok((Reply::Malformed(why), _s))) => return Err(Failure::Malformed(why)),
-            Ok(Ok((Reply::Failed(e), _))) | Ok(Err(e)) => e,
+        tokio::pin!(exchange);
+        let open_timeout = self.cfg.open_timeout();
+        let answered = match tokio::time::timeout(open_timeout, &mut exchange).await {
+            Ok(r) => r,
             Err(_) => {
-                return Err(Failure::Broker(format!(
-                    "no answer within {} ms",
-                    self.cfg.open_timeout().as_millis()
-                )));
+                // No answer yet: a dead broker, or a live one still trying connectors (each
+                // may take its dial timeout) or waiting for a slow target. A ping on another
+                // stream tells which; only a broker that does not answer it is failed over.
+                let pinged = tokio::select! {
+                    r = &mut exchange => Some(r),
+                    p = brokers::ping(link, open_timeout / 2) => {
+                        if p.is_err() {
+                            return Err(Failure::Broker(format!(
+                                "no answer within {} ms, nor to a ping",
+                                open_timeout.as_millis()
+                            )));
+                        }
+                        None
+                    }
+                };
+                match pinged {
+                    Some(r) => r,
+                    None => match tokio::time::timeout(ANSWER_WAIT, &mut exchange).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Err(Failure::Broker(format!(
+                                "the broker answers pings but not the Open within {} s",
+                                ANSWER_WAIT.as_secs()
+                            )));
+                        }
+                    },
+                }
             }
+        };
+        let failed = match answered {
+            Ok((Reply::Code(code), s)) => return Ok((code, s)),
+            Ok((Reply::Malformed(why), _s)) => return Err(Failure::Malformed(why)),
+            Ok((Reply::Failed(e), _)) | Err(e) => e,
         };
         // A link error: was it the broker refusing this identity?
         match link.explain(failed).await {
