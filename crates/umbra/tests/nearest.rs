@@ -1,0 +1,194 @@
+//! The agent uses the nearest broker: two brokers in one process (see `stack_util`), one of
+//! them reached through a relay that delays every chunk by `DELAY` each way, the way a far
+//! point of presence is. The agent measures both and carries its streams through the near one;
+//! with the delay moved to the other broker, it picks that one. Which broker carries a stream
+//! is read from the controller's live stream list.
+//!
+//! The delayed broker listens on 127.0.0.1 and advertises 127.0.0.2, where the relay listens
+//! on the same port (TLS over TCP; the agents here use that transport).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod stack_util;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use stack_util::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use umbra_agent::TransportPref;
+use umbra_broker::{Broker, BrokerConfig};
+
+const ALICE: &str = "alice@example.test";
+/// Added to each direction of every chunk through the relay.
+const DELAY: Duration = Duration::from_millis(25);
+/// The far broker's advertised address.
+const FAR_HOST: &str = "127.0.0.2";
+
+/// Relays `127.0.0.2:port` to `127.0.0.1:port`, each chunk held back by [`DELAY`].
+async fn delay_relay(port: u16) -> JoinHandle<()> {
+    let l = TcpListener::bind((FAR_HOST, port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::join!(delayed(ri, wo), delayed(ro, wi));
+            });
+        }
+    })
+}
+
+async fn delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(DELAY).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// A broker named `name` on 127.0.0.1 that advertises `advertise`.
+async fn add_broker(s: &mut Stack, name: &str, advertise: &str) -> SocketAddr {
+    let token = s.admin.token("broker", None, Some(name)).await;
+    let dir = s.dir.path().join(name);
+    let issued = umbra_link::enroll::enroll(&s.url, &token, &dir)
+        .await
+        .unwrap();
+    let id = issued.identity.rsplit('/').next().unwrap().to_owned();
+    let mut cfg = BrokerConfig {
+        name: name.into(),
+        identity_dir: dir,
+        listen_quic: None,
+        listen_tcp: Some(([127, 0, 0, 1], 0).into()),
+        advertise_host: Some(advertise.into()),
+        heartbeat_ms: 250,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start(cfg.clone()).await.unwrap();
+    let tcp = broker.tcp_addr().unwrap();
+    cfg.listen_tcp = Some(tcp);
+    s.brokers.push(BrokerSlot {
+        cfg,
+        server_name: umbra_pki::broker_server_name(&id),
+        id,
+        quic: tcp,
+        tcp,
+        broker: Some(broker),
+    });
+    tcp
+}
+
+/// The broker (name or id) carrying alice's one live `echo` stream.
+async fn carrier(s: &Stack) -> String {
+    poll("the live stream is listed", SOON, || async {
+        let v = s.admin.get("/v1/streams").await;
+        let live: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["service"] == ECHO)
+            .map(|e| e["broker"].as_str().unwrap().to_owned())
+            .collect();
+        match live.as_slice() {
+            [one] => Ok(one.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// With the delay in front of broker `far` (0 or 1), alice's agent carries her stream through
+/// the other one.
+async fn nearest_is_used(far: usize) {
+    init();
+    let mut s = Stack::controller_only(&[ALICE]).await;
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let host = if i == far { FAR_HOST } else { "127.0.0.1" };
+        ports.push(add_broker(&mut s, &format!("broker-{i}"), host).await);
+    }
+    let _relay = delay_relay(ports[far].port()).await;
+    let (echo, _echo_task) = echo_server().await;
+    s.echo = echo;
+    // The connector and the agent learn the brokers from the controller: wait until both
+    // have reported their (advertised) addresses.
+    poll("brokers registered", SOON, || async {
+        let v = s.admin.get("/v1/brokers/all").await;
+        let seen = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["last_seen"].as_u64().unwrap_or(0) > 0 && !b["tcp_addr"].is_null())
+            .count();
+        if seen == 2 {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    })
+    .await;
+    let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
+    umbra_link::enroll::enroll(&s.url, &token, &s.connector_dir)
+        .await
+        .unwrap();
+    s.admin
+        .post(
+            "/v1/services",
+            serde_json::json!({ "name": ECHO, "target": echo.to_string(), "connectors": [CONNECTOR] }),
+        )
+        .await;
+    s.start_connector().await;
+    s.admin.allow("alice-echo", ALICE, ECHO).await;
+    s.enroll_agent(ALICE, "alice").await;
+    s.converge().await;
+
+    // Both brokers serve echo (the connector has linked to each) before the agent starts:
+    // otherwise its first stream would fail over to the far one for want of a connector.
+    let id = s.agent("alice").identity();
+    for b in &s.brokers {
+        poll(&format!("{} serves echo", b.cfg.name), SOON, || {
+            served(b, umbra_link::Transport::Tls, &id)
+        })
+        .await;
+    }
+    let fwd = s.forward("alice", TransportPref::Tcp, ECHO).await;
+    let mut held = poll("alice reaches echo", SOON, || {
+        LiveConn::open(fwd.local_addr())
+    })
+    .await;
+    let near = &s.brokers[1 - far];
+    let got = carrier(&s).await;
+    assert!(
+        got == near.cfg.name || got == near.id,
+        "the stream went through {got}, not the near broker {} ({})",
+        near.cfg.name,
+        near.id
+    );
+    held.echo(b"still there").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nearest_broker_is_used_far_second() {
+    nearest_is_used(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nearest_broker_is_used_far_first() {
+    nearest_is_used(0).await;
+}
