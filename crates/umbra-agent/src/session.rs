@@ -10,7 +10,8 @@
 //! the same policy). A `Stale` answer (the broker's policy is too old to authorize anything)
 //! fails over: another broker may hold a fresh one. An `Unavailable` answer (allowed, but this
 //! broker has no live link to a connector of the service, e.g. just after it restarted) tries
-//! the other brokers once each without marking this one down.
+//! the other brokers once each without marking this one down, over side links kept for such
+//! services: the nearest broker stays the one every new stream asks first.
 //!
 //! An answer to `Open` that is not a frame (bad version, unknown kind, a length over the
 //! limit, a bad field, a frame cut short) or not an `OpenReply` means the broker is broken or
@@ -109,6 +110,9 @@ struct State {
     /// Links dialed with an older certificate, kept for the streams they still carry. Each
     /// ends when its broker closes it at that certificate's expiry, or with the session.
     retiring: Vec<Link>,
+    /// Links to other brokers, for services the current one has no connector for
+    /// (`Unavailable`): the current broker stays the one new streams try first.
+    side: Vec<(String, Link)>,
     down: DownMarks,
 }
 
@@ -158,6 +162,7 @@ impl Session {
                 current,
                 dialed_with: id.peer.not_after,
                 retiring: Vec::new(),
+                side: Vec::new(),
                 down,
             }),
         }
@@ -206,7 +211,7 @@ impl Session {
         };
         let mut unavailable = false;
         loop {
-            let (broker_id, link) = match self.link(&mut attempts).await {
+            let (broker_id, link) = match self.link(&mut attempts, unavailable).await {
                 Ok(l) => l,
                 // Some broker allowed the stream but none could reach a connector.
                 Err(_) if unavailable => return Err(OpenError::Unavailable(service.to_owned())),
@@ -246,18 +251,30 @@ impl Session {
     }
 
     /// The link to use: the current one if it is alive and not tried yet for this request,
-    /// else a new one to the next broker in failover order.
-    async fn link(&self, attempts: &mut Attempts) -> Result<(String, Link), OpenError> {
+    /// else one to the next broker in failover order. With `aside` (the current broker has
+    /// no connector for the service) that one is a side link: kept for such services, while
+    /// the current broker stays current.
+    async fn link(
+        &self,
+        attempts: &mut Attempts,
+        aside: bool,
+    ) -> Result<(String, Link), OpenError> {
         let mut st = self.state.lock().await;
         st.retiring.retain(|l| !l.is_closed());
+        st.side.retain(|(_, l)| !l.is_closed());
         let cert = self.identity.borrow().peer.not_after;
-        if cert != st.dialed_with
-            && let Some((id, old)) = st.current.take()
-        {
-            // Renewed: new streams go over a link made with the new certificate (to the same
-            // broker, first in the failover order); the old one keeps what it carries.
-            tracing::info!(broker = %id, "certificate renewed; linking again with it");
-            st.retiring.push(old);
+        if cert != st.dialed_with {
+            // Renewed: new streams go over links made with the new certificate (to the same
+            // broker, first in the failover order); the old ones keep what they carry.
+            if let Some((id, old)) = st.current.take() {
+                tracing::info!(broker = %id, "certificate renewed; linking again with it");
+                st.retiring.push(old);
+            }
+            let side: Vec<Link> = st.side.drain(..).map(|(_, l)| l).collect();
+            st.retiring.extend(side);
+        }
+        if aside {
+            return self.side_link(&mut st, attempts).await;
         }
         if let Some((id, link)) = &st.current {
             if !link.is_closed() && !attempts.tried.contains(id) {
@@ -303,8 +320,56 @@ impl Session {
         }
     }
 
+    /// A link to the next untried broker in failover order other than the current one,
+    /// reused if one is up (see [`Session::link`]).
+    async fn side_link(
+        &self,
+        st: &mut State,
+        attempts: &mut Attempts,
+    ) -> Result<(String, Link), OpenError> {
+        loop {
+            let now = Instant::now();
+            let current = st.current.as_ref().map(|(id, _)| id.clone());
+            let next = failover_order(&st.ranked, &st.down, &attempts.tried, now)
+                .into_iter()
+                .find(|id| current.as_deref() != Some(*id))
+                .map(str::to_owned);
+            let Some(id) = next else {
+                return Err(OpenError::NoBroker(attempts.last.clone()));
+            };
+            if let Some((_, link)) = st.side.iter().find(|(b, _)| *b == id) {
+                return Ok((id, link.clone()));
+            }
+            let Some(info) = st.brokers.iter().find(|b| b.id == id).cloned() else {
+                attempts.tried.push(id);
+                continue;
+            };
+            let identity = self.identity.borrow().clone();
+            match brokers::dial(&self.cfg, &identity, &info).await {
+                Ok(link) => {
+                    tracing::info!(broker = %info.name, transport = link.transport().as_str(), "linked to another broker for a service the current one cannot reach");
+                    st.down.clear(&id);
+                    st.side.push((id.clone(), link.clone()));
+                    return Ok((id, link));
+                }
+                Err(e) => {
+                    tracing::warn!(broker = %info.name, error = %e, "cannot reach broker");
+                    attempts.last = e.to_string();
+                    st.down.mark(&id, now, DOWN_FOR);
+                    attempts.tried.push(id);
+                }
+            }
+        }
+    }
+
     async fn mark_failed(&self, broker_id: &str) {
         let mut st = self.state.lock().await;
+        st.side.retain(|(id, link)| {
+            if id == broker_id {
+                link.close();
+            }
+            id != broker_id
+        });
         st.down.mark(broker_id, Instant::now(), DOWN_FOR);
         if st.current.as_ref().is_some_and(|(id, _)| id == broker_id)
             && let Some((_, link)) = st.current.take()
@@ -382,6 +447,9 @@ impl Session {
             link.close();
         }
         for link in st.retiring.drain(..) {
+            link.close();
+        }
+        for (_, link) in st.side.drain(..) {
             link.close();
         }
     }

@@ -6,6 +6,10 @@
 //!
 //! The delayed broker listens on 127.0.0.1 and advertises 127.0.0.2, where the relay listens
 //! on the same port (TLS over TCP; the agents here use that transport).
+//!
+//! A service whose one connector is linked to the far broker only is served through the far
+//! broker; once the connector links to the near one too, the same agent's new streams go
+//! through the near one again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +30,8 @@ const ALICE: &str = "alice@example.test";
 const DELAY: Duration = Duration::from_millis(25);
 /// The far broker's advertised address.
 const FAR_HOST: &str = "127.0.0.2";
+/// A service whose connector links to the far broker first, to the near one later.
+const LATE: &str = "late";
 
 /// Relays `127.0.0.2:port` to `127.0.0.1:port`, each chunk held back by [`DELAY`].
 async fn delay_relay(port: u16) -> JoinHandle<()> {
@@ -94,15 +100,15 @@ async fn add_broker(s: &mut Stack, name: &str, advertise: &str) -> SocketAddr {
     tcp
 }
 
-/// The broker (name or id) carrying alice's one live `echo` stream.
-async fn carrier(s: &Stack) -> String {
+/// The broker (name or id) carrying alice's one live stream to `service`.
+async fn carrier(s: &Stack, service: &str) -> String {
     poll("the live stream is listed", SOON, || async {
         let v = s.admin.get("/v1/streams").await;
         let live: Vec<String> = v
             .as_array()
             .unwrap()
             .iter()
-            .filter(|e| e["service"] == ECHO)
+            .filter(|e| e["service"] == service)
             .map(|e| e["broker"].as_str().unwrap().to_owned())
             .collect();
         match live.as_slice() {
@@ -173,7 +179,7 @@ async fn nearest_is_used(far: usize) {
     })
     .await;
     let near = &s.brokers[1 - far];
-    let got = carrier(&s).await;
+    let got = carrier(&s, ECHO).await;
     assert!(
         got == near.cfg.name || got == near.id,
         "the stream went through {got}, not the near broker {} ({})",
@@ -181,6 +187,56 @@ async fn nearest_is_used(far: usize) {
         near.id
     );
     held.echo(b"still there").await.unwrap();
+
+    // A service whose one connector (a stand-in) is linked to the far broker only: the near
+    // broker answers `Unavailable`, and the same agent gets it through the far one.
+    let token = s.admin.token("connector", None, Some("late")).await;
+    let dir = s.dir.path().join("late");
+    umbra_link::enroll::enroll(&s.url, &token, &dir)
+        .await
+        .unwrap();
+    s.admin
+        .post(
+            "/v1/services",
+            serde_json::json!({ "name": LATE, "target": "127.0.0.1:9", "connectors": ["late"] }),
+        )
+        .await;
+    s.admin.allow("alice-late", ALICE, LATE).await;
+    s.converge().await;
+    let id = umbra_pki::TlsIdentity::load_dir(&dir).unwrap();
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let link_to = |b: usize| {
+        let (id, dials, slot) = (id.clone(), dials.clone(), &s.brokers[b]);
+        async move {
+            let link = dial(slot, umbra_link::Transport::Tls, &id).await.unwrap();
+            tokio::spawn(stand_in_connector(link.clone(), None, dials));
+            link
+        }
+    };
+    let _far_link = link_to(far).await;
+    let late_fwd = s.forward("alice", TransportPref::Tcp, LATE).await;
+    let held = poll("late through the far broker", SOON, || {
+        LiveConn::open(late_fwd.local_addr())
+    })
+    .await;
+    let farb = &s.brokers[far];
+    let got = carrier(&s, LATE).await;
+    assert!(got == farb.cfg.name || got == farb.id, "{got}");
+    drop(held);
+    // Once the connector links to the near broker too, the same agent's new streams go
+    // through the near one again: the far broker only stood in.
+    let _near_link = link_to(1 - far).await;
+    poll("late through the near broker again", SOON, || async {
+        let c = LiveConn::open(late_fwd.local_addr()).await?;
+        let got = carrier(&s, LATE).await;
+        drop(c);
+        if got == near.cfg.name || got == near.id {
+            Ok(())
+        } else {
+            Err(format!("through {got}"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
