@@ -5,13 +5,13 @@
 //! that broker is marked down for a while, the next one in [`failover_order`] is dialed
 //! (bounded by `connect_timeout`) and the request is retried there, so a killed broker costs a
 //! new connection at most one and a half open timeouts plus one connect. A broker that answers
-//! the ping is busy, not dead (trying connectors, or a connector waiting for a slow target):
-//! its answer is awaited up to [`ANSWER_WAIT`]. A `Denied` answer is the policy's decision and is final (every broker holds
-//! the same policy). A `Stale` answer (the broker's policy is too old to authorize anything)
-//! fails over: another broker may hold a fresh one. An `Unavailable` answer (allowed, but this
-//! broker has no live link to a connector of the service, e.g. just after it restarted) tries
-//! the other brokers once each without marking this one down, over side links kept for such
-//! services: the nearest broker stays the one every new stream asks first.
+//! the ping is busy, not dead (trying connectors, or a connector waiting for a slow target): its
+//! answer is awaited up to [`ANSWER_WAIT`]. A `Denied` answer is the policy's decision and is final
+//! (every broker holds the same policy). A `Stale` answer (the broker's policy is too old to
+//! authorize anything) fails over: another broker may hold a fresh one. An `Unavailable` answer
+//! (allowed, but this broker has no live link to a connector of the service, e.g. just after it
+//! restarted) tries the other brokers once each without marking this one down, over side links kept
+//! for such services: the nearest broker stays the one every new stream asks first.
 //!
 //! An answer to `Open` that is not a frame (bad version, unknown kind, a length over the
 //! limit, a bad field, a frame cut short) or not an `OpenReply` means the broker is broken or
