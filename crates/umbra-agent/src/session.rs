@@ -273,10 +273,8 @@ impl Session {
             let side: Vec<Link> = st.side.drain(..).map(|(_, l)| l).collect();
             st.retiring.extend(side);
         }
-        if aside {
-            return self.side_link(&mut st, attempts).await;
-        }
-        if let Some((id, link)) = &st.current {
+        let current = st.current.as_ref().map(|(id, _)| id.clone());
+        if !aside && let Some((id, link)) = &st.current {
             if !link.is_closed() && !attempts.tried.contains(id) {
                 return Ok((id.clone(), link.clone()));
             }
@@ -288,56 +286,15 @@ impl Session {
         }
         loop {
             let now = Instant::now();
-            let next = failover_order(&st.ranked, &st.down, &attempts.tried, now)
-                .first()
-                .map(|s| s.to_string());
-            let Some(id) = next else {
-                return Err(OpenError::NoBroker(attempts.last.clone()));
-            };
-            let Some(info) = st.brokers.iter().find(|b| b.id == id).cloned() else {
-                attempts.tried.push(id);
-                continue;
-            };
-            let identity = self.identity.borrow().clone();
-            match brokers::dial(&self.cfg, &identity, &info).await {
-                Ok(link) => {
-                    tracing::info!(broker = %info.name, transport = link.transport().as_str(), kx = link.kx_group(), "switched broker");
-                    if let Some((_, old)) = st.current.take() {
-                        old.close();
-                    }
-                    st.dialed_with = identity.peer.not_after;
-                    st.down.clear(&id);
-                    st.current = Some((id.clone(), link.clone()));
-                    return Ok((id, link));
-                }
-                Err(e) => {
-                    tracing::warn!(broker = %info.name, error = %e, "cannot reach broker");
-                    attempts.last = e.to_string();
-                    st.down.mark(&id, now, DOWN_FOR);
-                    attempts.tried.push(id);
-                }
-            }
-        }
-    }
-
-    /// A link to the next untried broker in failover order other than the current one,
-    /// reused if one is up (see [`Session::link`]).
-    async fn side_link(
-        &self,
-        st: &mut State,
-        attempts: &mut Attempts,
-    ) -> Result<(String, Link), OpenError> {
-        loop {
-            let now = Instant::now();
-            let current = st.current.as_ref().map(|(id, _)| id.clone());
+            // A side link goes to a broker other than the current one.
             let next = failover_order(&st.ranked, &st.down, &attempts.tried, now)
                 .into_iter()
-                .find(|id| current.as_deref() != Some(*id))
+                .find(|id| !aside || current.as_deref() != Some(*id))
                 .map(str::to_owned);
             let Some(id) = next else {
                 return Err(OpenError::NoBroker(attempts.last.clone()));
             };
-            if let Some((_, link)) = st.side.iter().find(|(b, _)| *b == id) {
+            if aside && let Some((_, link)) = st.side.iter().find(|(b, _)| *b == id) {
                 return Ok((id, link.clone()));
             }
             let Some(info) = st.brokers.iter().find(|b| b.id == id).cloned() else {
@@ -347,9 +304,18 @@ impl Session {
             let identity = self.identity.borrow().clone();
             match brokers::dial(&self.cfg, &identity, &info).await {
                 Ok(link) => {
-                    tracing::info!(broker = %info.name, transport = link.transport().as_str(), "linked to another broker for a service the current one cannot reach");
                     st.down.clear(&id);
-                    st.side.push((id.clone(), link.clone()));
+                    if aside {
+                        tracing::info!(broker = %info.name, transport = link.transport().as_str(), "linked to another broker for a service the current one cannot reach");
+                        st.side.push((id.clone(), link.clone()));
+                    } else {
+                        tracing::info!(broker = %info.name, transport = link.transport().as_str(), kx = link.kx_group(), "switched broker");
+                        if let Some((_, old)) = st.current.take() {
+                            old.close();
+                        }
+                        st.dialed_with = identity.peer.not_after;
+                        st.current = Some((id.clone(), link.clone()));
+                    }
                     return Ok((id, link));
                 }
                 Err(e) => {

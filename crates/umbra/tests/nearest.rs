@@ -23,7 +23,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use umbra_agent::TransportPref;
-use umbra_broker::{Broker, BrokerConfig};
 
 const ALICE: &str = "alice@example.test";
 /// Added to each direction of every chunk through the relay.
@@ -69,35 +68,20 @@ async fn delayed(
     let _ = to.shutdown().await;
 }
 
-/// A broker named `name` on 127.0.0.1 that advertises `advertise`.
+/// A broker named `name` on 127.0.0.1 (TCP only) that advertises `advertise`; its port.
 async fn add_broker(s: &mut Stack, name: &str, advertise: &str) -> SocketAddr {
     let token = s.admin.token("broker", None, Some(name)).await;
     let dir = s.dir.path().join(name);
-    let issued = umbra_link::enroll::enroll(&s.url, &token, &dir)
+    umbra_link::enroll::enroll(&s.url, &token, &dir)
         .await
         .unwrap();
-    let id = issued.identity.rsplit('/').next().unwrap().to_owned();
-    let mut cfg = BrokerConfig {
-        name: name.into(),
-        identity_dir: dir,
-        listen_quic: None,
-        listen_tcp: Some(([127, 0, 0, 1], 0).into()),
-        advertise_host: Some(advertise.into()),
-        heartbeat_ms: 250,
-        ..BrokerConfig::default()
-    };
-    let broker = Broker::start(cfg.clone()).await.unwrap();
-    let tcp = broker.tcp_addr().unwrap();
-    cfg.listen_tcp = Some(tcp);
-    s.brokers.push(BrokerSlot {
-        cfg,
-        server_name: umbra_pki::broker_server_name(&id),
-        id,
-        quic: tcp,
-        tcp,
-        broker: Some(broker),
-    });
-    tcp
+    let slot = s
+        .start_broker(name, dir, |c| {
+            c.listen_quic = None;
+            c.advertise_host = Some(advertise.into());
+        })
+        .await;
+    slot.tcp
 }
 
 /// The broker (name or id) carrying alice's one live stream to `service`.

@@ -31,7 +31,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use stack_util::*;
 use umbra_agent::{Forwarder, TransportPref};
-use umbra_broker::{Broker, BrokerConfig};
 use umbra_connector::{Connector, ConnectorConfig};
 use umbra_controller::ControllerConfig;
 use umbra_link::Transport;
@@ -154,29 +153,8 @@ async fn enroll(
 async fn add_broker(s: &mut Stack, name: &'static str) -> Holder {
     let dir = s.dir.path().join(name);
     let held = enroll(s, name, "broker", None, Some(name), &dir).await;
-    let id = held.orig.peer.id.id.clone();
-    let mut cfg = BrokerConfig {
-        name: name.into(),
-        identity_dir: dir,
-        listen_quic: Some(([127, 0, 0, 1], 0).into()),
-        listen_tcp: Some(([127, 0, 0, 1], 0).into()),
-        max_staleness_secs: 86_400,
-        heartbeat_ms: 250,
-        ..BrokerConfig::default()
-    };
-    let broker = Broker::start(cfg.clone()).await.unwrap();
-    let quic = broker.quic_addr().unwrap();
-    let tcp = broker.tcp_addr().unwrap();
-    cfg.listen_quic = Some(quic);
-    cfg.listen_tcp = Some(tcp);
-    s.brokers.push(BrokerSlot {
-        cfg,
-        server_name: umbra_pki::broker_server_name(&id),
-        id,
-        quic,
-        tcp,
-        broker: Some(broker),
-    });
+    s.start_broker(name, dir, |c| c.max_staleness_secs = 86_400)
+        .await;
     poll("broker registered", SOON, || async {
         let v = s.admin.get("/v1/brokers/all").await;
         let seen = v
@@ -711,6 +689,8 @@ async fn live_links_end_when_their_certificate_expires() {
     let mut late = LiveConn::open(fwd.local_addr()).await.unwrap();
     late.echo(b"opened late").await.unwrap();
     let id2 = s.enroll_agent(ALICE, "alice-2").await.identity();
+    // The broker admits the new device once its snapshot has it.
+    s.converge().await;
     let link2 = dial(&s.brokers[0], Transport::Tls, &id2).await.unwrap();
     let (code, mut late2) = open(&link2, ECHO).await.unwrap();
     assert_eq!(code, umbra_proto::OpenCode::Ok);

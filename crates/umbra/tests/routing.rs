@@ -21,6 +21,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod stack_util;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,22 +56,6 @@ const CONN2: &str = "conn2";
 const ENFORCE: Duration = Duration::from_secs(3);
 /// Held streams in the spread check.
 const HELD: usize = 6;
-
-/// Two tests per case function: agents and connectors on QUIC, then on TLS over TCP.
-macro_rules! both_transports {
-    ($case:ident) => {
-        mod $case {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn quic() {
-                super::$case(super::TransportPref::Quic).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tcp() {
-                super::$case(super::TransportPref::Tcp).await
-            }
-        }
-    };
-}
 
 both_transports!(spread_and_failover);
 both_transports!(denied_never_reaches_connector);

@@ -17,6 +17,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod stack_util;
 
 use std::sync::Arc;
@@ -46,22 +47,6 @@ const CAROL: &str = "carol@example.test";
 const NOSUCH: &str = "nosuch";
 /// How soon revocations and policy removals must take effect.
 const ENFORCE: Duration = Duration::from_secs(3);
-
-/// Two tests per case function: one per agent transport.
-macro_rules! both_transports {
-    ($case:ident) => {
-        mod $case {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn quic() {
-                super::$case(super::TransportPref::Quic).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tcp() {
-                super::$case(super::TransportPref::Tcp).await
-            }
-        }
-    };
-}
 
 both_transports!(data_path);
 both_transports!(brokers_and_controller_away);

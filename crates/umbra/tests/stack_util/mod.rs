@@ -37,6 +37,25 @@ use umbra_pki::{Ca, ClientAuth, TlsIdentity};
 use umbra_proto::api::BrokerInfo;
 use umbra_proto::{DialCode, Flow, Frame, OpenCode, PeerId, Role};
 
+/// Two tests per case function `$case(t: TransportPref)`: `$case::quic` and `$case::tcp`
+/// (agent links, and connector links where the case sets them up, on that transport). The
+/// test file imports `TransportPref` and declares `#[macro_use] mod stack_util;`.
+#[allow(unused_macros)]
+macro_rules! both_transports {
+    ($case:ident) => {
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                super::$case(super::TransportPref::Quic).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                super::$case(super::TransportPref::Tcp).await
+            }
+        }
+    };
+}
+
 /// The published service every user with a policy may reach (the echo target).
 pub(crate) const ECHO: &str = "echo";
 /// A published service (same target) that no policy allows.
@@ -510,32 +529,45 @@ impl Stack {
     pub(crate) async fn add_broker(&mut self, name: &str, max_staleness_secs: u64) {
         let token = self.admin.token("broker", None, Some(name)).await;
         let dir = self.dir.path().join(name);
-        let issued = umbra_link::enroll::enroll(&self.url, &token, &dir)
+        umbra_link::enroll::enroll(&self.url, &token, &dir)
             .await
             .unwrap();
-        let id = issued.identity.rsplit('/').next().unwrap().to_owned();
+        self.start_broker(name, dir, |c| c.max_staleness_secs = max_staleness_secs)
+            .await;
+    }
+
+    /// Starts a broker enrolled in `dir` on free loopback ports (QUIC and TCP, heartbeat
+    /// 250 ms, then `tweak`) and adds it to [`Stack::brokers`].
+    pub(crate) async fn start_broker(
+        &mut self,
+        name: &str,
+        dir: PathBuf,
+        tweak: impl FnOnce(&mut BrokerConfig),
+    ) -> &BrokerSlot {
+        let id = TlsIdentity::load_dir(&dir).unwrap().peer.id.id;
         let mut cfg = BrokerConfig {
             name: name.into(),
             identity_dir: dir,
             listen_quic: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            max_staleness_secs,
             heartbeat_ms: 250,
             ..BrokerConfig::default()
         };
+        tweak(&mut cfg);
         let broker = Broker::start(cfg.clone()).await.unwrap();
-        let quic = broker.quic_addr().unwrap();
-        let tcp = broker.tcp_addr().unwrap();
-        cfg.listen_quic = Some(quic);
-        cfg.listen_tcp = Some(tcp);
+        let quic = broker.quic_addr();
+        let tcp = broker.tcp_addr();
+        cfg.listen_quic = quic;
+        cfg.listen_tcp = tcp;
         self.brokers.push(BrokerSlot {
             cfg,
             server_name: umbra_pki::broker_server_name(&id),
             id,
-            quic,
-            tcp,
+            quic: quic.or(tcp).unwrap(),
+            tcp: tcp.or(quic).unwrap(),
             broker: Some(broker),
         });
+        self.brokers.last().unwrap()
     }
 
     pub(crate) async fn enroll_agent(&mut self, user: &str, key: &str) -> &AgentId {
