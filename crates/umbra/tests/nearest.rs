@@ -118,21 +118,7 @@ async fn nearest_is_used(far: usize) {
     s.echo = echo;
     // The connector and the agent learn the brokers from the controller: wait until both
     // have reported their (advertised) addresses.
-    poll("brokers registered", SOON, || async {
-        let v = s.admin.get("/v1/brokers/all").await;
-        let seen = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|b| b["last_seen"].as_u64().unwrap_or(0) > 0 && !b["tcp_addr"].is_null())
-            .count();
-        if seen == 2 {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
-    })
-    .await;
+    s.brokers_registered().await;
     let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
     umbra_link::enroll::enroll(&s.url, &token, &s.connector_dir)
         .await

@@ -130,6 +130,19 @@ async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
     (addr, accepted, task)
 }
 
+/// The stack with one broker and alice, its connector (which dials with `auto`) started again
+/// over the transport under test.
+async fn stack_over(t: TransportPref) -> Stack {
+    let mut s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    s.connector.take().unwrap().shutdown().await;
+    s.connector = Some(start_connector(&s.connector_dir, t).await);
+    s
+}
+
 /// Enrolls one more connector named `name` the way `Stack::start` enrolls the first; its
 /// identity directory and id.
 async fn enroll_connector(s: &Stack, name: &str) -> (PathBuf, String) {
@@ -258,15 +271,8 @@ async fn spread_and_failover(t: TransportPref) {
     let _serial = serial().await;
     let prom = metrics();
     let lt = link_transport(t);
-    let mut s = Stack::start(Opts {
-        brokers: vec![86_400],
-        users: vec![ALICE],
-    })
-    .await;
-    // The stack's connector dials with `auto`; run it over the transport under test.
-    s.connector.take().unwrap().shutdown().await;
+    let mut s = stack_over(t).await;
     let conn1 = s.connector_id.clone();
-    s.connector = Some(start_connector(&s.connector_dir, t).await);
     let (dir2, conn2) = enroll_connector(&s, CONN2).await;
     let c2 = start_connector(&dir2, t).await;
 
@@ -397,13 +403,7 @@ async fn denied_never_reaches_connector(t: TransportPref) {
     let _serial = serial().await;
     let prom = metrics();
     let lt = link_transport(t);
-    let mut s = Stack::start(Opts {
-        brokers: vec![86_400],
-        users: vec![ALICE],
-    })
-    .await;
-    s.connector.take().unwrap().shutdown().await;
-    s.connector = Some(start_connector(&s.connector_dir, t).await);
+    let s = stack_over(t).await;
     let (target, accepted, _echo) = counting_echo().await;
     publish(&s, GUARDED, target, &[CONNECTOR]).await;
     publish(&s, ALLOWED, target, &[CONNECTOR]).await;
@@ -525,13 +525,7 @@ async fn a_silent_connector_is_passed_over(t: TransportPref) {
     let _serial = serial().await;
     let prom = metrics();
     let lt = link_transport(t);
-    let mut s = Stack::start(Opts {
-        brokers: vec![86_400],
-        users: vec![ALICE],
-    })
-    .await;
-    s.connector.take().unwrap().shutdown().await;
-    s.connector = Some(start_connector(&s.connector_dir, t).await);
+    let s = stack_over(t).await;
     let (dir2, _) = enroll_connector(&s, CONN2).await;
     let (target, _accepted, _echo) = counting_echo().await;
     publish(&s, PAIR, target, &[CONNECTOR, CONN2]).await;

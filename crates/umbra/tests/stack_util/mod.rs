@@ -461,24 +461,7 @@ impl Stack {
         for (i, staleness) in opts.brokers.iter().enumerate() {
             s.add_broker(&format!("broker-{i}"), *staleness).await;
         }
-        let n = s.brokers.len();
-        // Agents and the connector learn brokers at enrollment: wait until the controller has
-        // heard from each (the heartbeat carries its addresses).
-        poll("brokers registered", SOON, || async {
-            let v = s.admin.get("/v1/brokers/all").await;
-            let seen = v
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|b| b["last_seen"].as_u64().unwrap_or(0) > 0 && !b["quic_addr"].is_null())
-                .count();
-            if seen == n {
-                Ok(())
-            } else {
-                Err(format!("{seen} of {n}: {v}"))
-            }
-        })
-        .await;
+        s.brokers_registered().await;
 
         let (echo, task) = echo_server().await;
         s.echo = echo;
@@ -524,6 +507,30 @@ impl Stack {
 
     pub(crate) fn controller(&self) -> &Controller {
         self.controller.as_ref().expect("controller is running")
+    }
+
+    /// Waits until the controller has heard from every broker of the stack with an address
+    /// (the heartbeat carries them): agents and connectors learn brokers from it.
+    pub(crate) async fn brokers_registered(&self) {
+        let n = self.brokers.len();
+        poll("brokers registered", SOON, || async {
+            let v = self.admin.get("/v1/brokers/all").await;
+            let seen = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| {
+                    b["last_seen"].as_u64().unwrap_or(0) > 0
+                        && !(b["quic_addr"].is_null() && b["tcp_addr"].is_null())
+                })
+                .count();
+            if seen == n {
+                Ok(())
+            } else {
+                Err(format!("{seen} of {n}: {v}"))
+            }
+        })
+        .await;
     }
 
     pub(crate) async fn add_broker(&mut self, name: &str, max_staleness_secs: u64) {
