@@ -22,7 +22,7 @@ use stack_util::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use umbra_agent::TransportPref;
+use umbra_agent::{Forwarder, TransportPref};
 
 const ALICE: &str = "alice@example.test";
 /// Added to each direction of every chunk through the relay.
@@ -84,6 +84,16 @@ async fn add_broker(s: &mut Stack, name: &str, advertise: &str) -> SocketAddr {
     slot.tcp
 }
 
+/// Alice's agent forwarding `service` over TLS/TCP. Its probes and opens get 5 s (1 s by
+/// default): on a loaded machine a slow answer must not make the near broker look dead.
+async fn forward(s: &Stack, service: &str) -> Forwarder {
+    let mut cfg = s.agent("alice").config(TransportPref::Tcp);
+    cfg.open_timeout_ms = 5_000;
+    Forwarder::start(cfg, service, ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap()
+}
+
 /// The broker (name or id) carrying alice's one live stream to `service`.
 async fn carrier(s: &Stack, service: &str) -> String {
     poll("the live stream is listed", SOON, || async {
@@ -143,7 +153,7 @@ async fn nearest_is_used(far: usize) {
         })
         .await;
     }
-    let fwd = s.forward("alice", TransportPref::Tcp, ECHO).await;
+    let fwd = forward(&s, ECHO).await;
     let mut held = poll("alice reaches echo", SOON, || {
         LiveConn::open(fwd.local_addr())
     })
@@ -184,7 +194,7 @@ async fn nearest_is_used(far: usize) {
         }
     };
     let _far_link = link_to(far).await;
-    let late_fwd = s.forward("alice", TransportPref::Tcp, LATE).await;
+    let late_fwd = forward(&s, LATE).await;
     let held = poll("late through the far broker", SOON, || {
         LiveConn::open(late_fwd.local_addr())
     })
