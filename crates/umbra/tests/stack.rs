@@ -826,3 +826,52 @@ async fn bad_admin_requests_change_nothing() {
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed, policies);
 }
+
+/// Admin changes reach every broker's enforced snapshot within a second: five changes (users
+/// and a policy), each timed from the admin write's answer until both brokers hold the
+/// controller's new version. The median must be within 1 s, as the issue asks, and the
+/// slowest within the 3 s the other tests allow for enforcement (a loaded CI machine may
+/// stall one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_reach_brokers_within_a_second() {
+    init();
+    let s = Stack::start(Opts {
+        brokers: vec![86_400, 86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let mut took = Vec::new();
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        if i == 4 {
+            s.admin.allow("alice-secret", ALICE, SECRET).await;
+        } else {
+            s.admin
+                .post(
+                    "/v1/users",
+                    serde_json::json!({ "id": format!("u{i}@example.test"), "groups": [] }),
+                )
+                .await;
+        }
+        let want = s.controller().snapshot_version();
+        poll("both brokers hold the change", ENFORCE, || async {
+            let behind: Vec<u64> = s
+                .brokers
+                .iter()
+                .filter_map(|b| b.broker.as_ref())
+                .map(|b| b.snapshot_version())
+                .filter(|v| *v < want)
+                .collect();
+            if behind.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{behind:?} < {want}"))
+            }
+        })
+        .await;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    eprintln!("admin change to both brokers: {took:?}");
+    assert!(took[2] <= Duration::from_secs(1), "median {:?}", took[2]);
+}
