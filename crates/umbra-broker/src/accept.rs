@@ -475,7 +475,10 @@ async fn open_to_connector(
     target: &str,
     user: &str,
 ) -> Option<(Stream, Arc<PeerLink>, LoadGuard)> {
-    for c in shared.connectors.candidates(connectors, crate::route::now_ms()) {
+    for c in shared
+        .connectors
+        .candidates(connectors, crate::route::now_ms())
+    {
         let guard = LoadGuard::new(c.clone());
         let dial = async {
             let mut s = c.link.open().await?;

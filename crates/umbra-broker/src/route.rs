@@ -176,7 +176,12 @@ mod tests {
     #[test]
     fn silent_links_go_last_however_idle() {
         // (name, silent, load)
-        let mut v = vec![("a", false, 3), ("b", true, 0), ("c", false, 1), ("d", true, 2)];
+        let mut v = vec![
+            ("a", false, 3),
+            ("b", true, 0),
+            ("c", false, 1),
+            ("d", true, 2),
+        ];
         rank(&mut v, |x| (x.1, x.2));
         assert_eq!(v.iter().map(|x| x.0).collect::<String>(), "cabd");
     }
