@@ -92,11 +92,14 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 link.refuse();
             }
             let device: Arc<str> = device.into();
+            // One timer for the link, not one per stream accepted.
+            let expired = expiry(&peer);
+            tokio::pin!(expired);
             loop {
                 let stream = tokio::select! {
                     s = link.accept() => s,
                     () = shared.shutdown.cancelled() => { link.close(); None }
-                    () = expiry(&peer) => { close_expired(&link, &peer); None }
+                    () = &mut expired => { close_expired(&link, &peer); None }
                 };
                 let Some(stream) = stream else { break };
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);

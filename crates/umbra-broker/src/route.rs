@@ -113,9 +113,8 @@ impl Registry {
             .iter()
             .filter_map(|id| m.get(id))
             .filter_map(|links| {
-                let live: Vec<&Arc<PeerLink>> =
-                    links.iter().filter(|c| !c.link.is_closed()).collect();
-                newest(&live, |c| (c.link.peer().not_after, c.key)).map(|c| (*c).clone())
+                let live = links.iter().filter(|c| !c.link.is_closed());
+                newest(live, |c| (c.link.peer().not_after, c.key)).cloned()
             })
             .collect();
         drop(m);
@@ -144,8 +143,8 @@ impl Registry {
 /// the latest certificate expiry, then the latest registered. A connector that renewed its
 /// certificate dials a new link; its old link keeps the streams it carries until they end or
 /// its certificate expires (the broker then closes it), and gets no new ones. Pure.
-fn newest<T, K: Ord>(links: &[T], key: impl Fn(&T) -> K) -> Option<&T> {
-    links.iter().max_by_key(|c| key(c))
+fn newest<T, K: Ord>(links: impl IntoIterator<Item = T>, key: impl Fn(&T) -> K) -> Option<T> {
+    links.into_iter().max_by_key(|c| key(c))
 }
 
 /// Orders by `key` (health, then load), stable, so ties keep registration order. Pure.
@@ -161,9 +160,9 @@ mod tests {
     fn newest_link_of_a_connector_gets_new_streams() {
         // (certificate expiry, registration key)
         let links = [(100, 1), (200, 2), (200, 3), (150, 4)];
-        assert_eq!(super::newest(&links, |l| *l), Some(&(200, 3)));
-        assert_eq!(super::newest(&links[..1], |l| *l), Some(&(100, 1)));
-        assert_eq!(super::newest::<(u8, u8), _>(&[], |l| *l), None);
+        assert_eq!(super::newest(links, |l| *l), Some((200, 3)));
+        assert_eq!(super::newest(&links[..1], |l| **l), Some(&(100, 1)));
+        assert_eq!(super::newest(Vec::<(u8, u8)>::new(), |l| *l), None);
     }
 
     #[test]
