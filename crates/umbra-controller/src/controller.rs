@@ -20,18 +20,11 @@ use crate::ca;
 use crate::config::ControllerConfig;
 use crate::distribution::Distribution;
 use crate::error::ControllerError;
-use crate::state::{Clock, Ctx, MetricsRender, new_id};
+use crate::state::{Clock, Ctx, new_id};
 use crate::store::{self, SNAPSHOT_VERSION, Store, peers};
 
 /// How often the controller's own server certificate is replaced (it lives 7 days).
 const SERVER_CERT_ROTATION: Duration = Duration::from_secs(24 * 3600);
-
-/// Process-level hooks the embedding binary provides beyond the configuration file.
-#[derive(Clone, Default)]
-pub struct ControllerOptions {
-    /// Renders `GET /metrics` (e.g. a Prometheus recorder's `render`). `None`: 404.
-    pub metrics_render: Option<MetricsRender>,
-}
 
 /// A running controller. Dropping it stops the server (without waiting); prefer
 /// [`Controller::shutdown`].
@@ -61,18 +54,14 @@ impl Controller {
     /// CA (the key-encryption key comes from `ca_key`, else the `UMBRA_CA_KEY` environment
     /// variable, else `<data_dir>/ca.kek`), creates the first admin token on the very first
     /// start, binds and serves.
-    pub async fn start(
-        cfg: ControllerConfig,
-        opts: ControllerOptions,
-    ) -> Result<Controller, ControllerError> {
-        Self::start_with_clock(cfg, opts, Arc::new(SystemTime::now)).await
+    pub async fn start(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
+        Self::start_with_clock(cfg, Arc::new(SystemTime::now)).await
     }
 
     /// [`Controller::start`] with an injected clock (tests and simulations move time to expire
     /// tokens without sleeping). TLS handshakes still use the system clock.
     pub async fn start_with_clock(
         cfg: ControllerConfig,
-        opts: ControllerOptions,
         clock: Clock,
     ) -> Result<Controller, ControllerError> {
         cfg.validate()?;
@@ -125,7 +114,6 @@ impl Controller {
             token_ttl: cfg.token_ttl(),
             dist: Distribution::new(version),
             admin_hashes,
-            metrics_render: opts.metrics_render,
             shutdown: shutdown_rx.clone(),
         });
         let router = api::router(ctx.clone());

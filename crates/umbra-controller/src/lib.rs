@@ -14,7 +14,9 @@
 //!   targets long-polled by connectors;
 //! - **audit** (`audit`) and metrics (`umbra_controller_requests_total{route,status}`,
 //!   `umbra_enrollments_total{role,result}`, `umbra_renewals_total{role,result}`,
-//!   `umbra_snapshot_version`).
+//!   `umbra_snapshot_version`), recorded through the `metrics` facade. The embedding binary
+//!   serves them on a listener of its own (loopback by default), never on the API port: the
+//!   API is public, and counts of enrollments and requests are nobody's business there.
 //!
 //! It does not decide access: brokers do, from the snapshot, with `umbra-policy`. It never
 //! sees user traffic.
@@ -22,7 +24,7 @@
 //! ```no_run
 //! # async fn run() -> Result<(), umbra_controller::ControllerError> {
 //! umbra_pki::install_crypto_provider();
-//! let ctl = umbra_controller::Controller::start(Default::default(), Default::default()).await?;
+//! let ctl = umbra_controller::Controller::start(Default::default()).await?;
 //! if let Some(t) = ctl.first_admin_token() {
 //!     println!("admin token (shown once): {t}");
 //! }
@@ -44,6 +46,6 @@ mod store;
 mod validate;
 
 pub use config::{ConfigError, ControllerConfig, MAX_TOKEN_TTL};
-pub use controller::{Controller, ControllerOptions};
+pub use controller::Controller;
 pub use error::ControllerError;
-pub use state::{Clock, MetricsRender};
+pub use state::Clock;

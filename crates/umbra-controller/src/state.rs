@@ -20,9 +20,6 @@ use crate::store::{self, SNAPSHOT_VERSION, Store, WriteTx};
 /// Source of the current time. Injected so tests can move it (token expiry) without sleeping.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// Renders the metrics exposition text served at `GET /metrics`.
-pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
-
 /// The client certificate of the connection a request came on, as verified by the TLS
 /// handshake (`None`: no client certificate). Inserted into every request's extensions.
 #[derive(Clone, Default)]
@@ -38,7 +35,6 @@ pub(crate) struct Ctx {
     pub(crate) dist: Distribution,
     /// SHA-256 of each admin token.
     pub(crate) admin_hashes: Vec<[u8; 32]>,
-    pub(crate) metrics_render: Option<MetricsRender>,
     /// Becomes `true` when the controller shuts down; long polls end early.
     pub(crate) shutdown: watch::Receiver<bool>,
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use umbra_controller::{Controller, ControllerConfig, ControllerError, ControllerOptions};
+use umbra_controller::{Controller, ControllerConfig, ControllerError};
 use umbra_pki::{CertificateDer, TlsIdentity};
 use umbra_proto::api::{
     ApiError, AuditEntry, AuditRecord, BrokerList, ConnectorConfig, EnrollTokenCreated, IssuedCert,
@@ -30,12 +30,6 @@ struct Harness {
     skew: Arc<AtomicU64>,
 }
 
-fn opts() -> ControllerOptions {
-    ControllerOptions {
-        metrics_render: Some(Arc::new(|| "umbra_test_metric 1\n".to_owned())),
-    }
-}
-
 /// The real clock plus a skew the test can move.
 fn clock(skew: &Arc<AtomicU64>) -> umbra_controller::Clock {
     let skew = skew.clone();
@@ -46,7 +40,7 @@ async fn start(
     cfg: ControllerConfig,
     skew: &Arc<AtomicU64>,
 ) -> Result<Controller, ControllerError> {
-    Controller::start_with_clock(cfg, opts(), clock(skew)).await
+    Controller::start_with_clock(cfg, clock(skew)).await
 }
 
 fn config(dir: &std::path::Path) -> ControllerConfig {
@@ -249,16 +243,9 @@ async fn admin_auth() {
     assert_eq!(pem, h.ctl.ca_pem());
     let health = h.http.get(h.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("umbra_test_metric"));
+    // Metrics are served by the binary on a listener of its own, never on the public API.
+    let metrics = h.http.get(h.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::NOT_FOUND);
     // Peer routes refuse a caller without a client certificate.
     let resp = h
         .http
@@ -1471,7 +1458,6 @@ async fn openapi_lists_every_route() {
         ("get", "/v1/ca.pem"),
         ("post", "/v1/enroll"),
         ("get", "/v1/openapi.json"),
-        ("get", "/metrics"),
         ("post", "/v1/renew"),
         ("get", "/v1/brokers"),
         ("get", "/v1/snapshot"),
@@ -1525,6 +1511,6 @@ async fn openapi_lists_every_route() {
             assert_ne!(e.error, "no such route", "{method} {path}");
         }
     }
-    assert_eq!(paths.len(), 30);
+    assert_eq!(paths.len(), 29);
     h.ctl.shutdown().await;
 }

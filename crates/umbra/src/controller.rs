@@ -37,6 +37,14 @@ pub(crate) struct Args {
     /// Lifetime of issued certificates (default 24h, at most 7d).
     #[arg(long, env = "UMBRA_CERT_LIFETIME", value_parser = crate::load::parse_duration)]
     cert_lifetime: Option<std::time::Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, or `none`. Never on the API port,
+    /// which is public.
+    #[arg(
+        long,
+        env = "UMBRA_CONTROLLER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9400"
+    )]
+    metrics_listen: String,
 }
 
 pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
@@ -68,8 +76,12 @@ pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
+    let metrics = crate::broker::parse_listen("metrics-listen", &a.metrics_listen)?;
+    if let Some(addr) = metrics {
+        crate::telemetry::serve_metrics(addr).await;
+    }
     let ca_file = cfg.data_dir.join("ca.pem");
-    let c = Controller::start(cfg, options())
+    let c = Controller::start(cfg)
         .await
         .context("controller did not start")?;
     if let Some(token) = c.first_admin_token() {
@@ -82,12 +94,4 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     c.shutdown().await;
     Ok(())
-}
-
-/// Process-level hooks the controller needs from the binary.
-pub(crate) fn options() -> umbra_controller::ControllerOptions {
-    let handle = crate::telemetry::metrics_handle();
-    umbra_controller::ControllerOptions {
-        metrics_render: Some(std::sync::Arc::new(move || handle.render())),
-    }
 }

@@ -28,7 +28,7 @@ pub(crate) struct Args {
     #[arg(long, env = "UMBRA_QUICKSTART_DIR")]
     data_dir: Option<PathBuf>,
     /// First of the loopback ports used: controller = P, brokers = P+1 and P+2 (UDP and
-    /// TCP), demo app = P+80.
+    /// TCP), demo app = P+80, metrics of every role = P+90.
     #[arg(long, default_value_t = 7400)]
     base_port: u16,
 }
@@ -77,7 +77,10 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         ..ControllerConfig::default()
     };
     ccfg.validate()?;
-    let controller = Controller::start(ccfg, crate::controller::options())
+    // One process, one registry: every role's metrics on one loopback endpoint.
+    let metrics_addr = loopback(p.checked_add(90).context("--base-port too high")?);
+    let metrics = crate::telemetry::serve_metrics(metrics_addr).await;
+    let controller = Controller::start(ccfg)
         .await
         .context("controller did not start")?;
     let url = controller.url();
@@ -231,7 +234,7 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         .unwrap_or_else(|_| "umbra".into());
     let agent_dir = dir.join("agent");
     println!("Umbra quickstart is running. State: {}", dir.display());
-    println!("  controller  {url}  (metrics: {url}/metrics)");
+    println!("  controller  {url}");
     for (i, b) in BROKERS.iter().enumerate() {
         println!(
             "  {b}    127.0.0.1:{} (QUIC and TLS over TCP)",
@@ -249,6 +252,10 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         "  logs        {} (JSON, audit events included)",
         log.display()
     );
+    match metrics {
+        Some(addr) => println!("  metrics     http://{addr}/metrics (every role)"),
+        None => println!("  metrics     not served: {metrics_addr} is in use"),
+    }
     println!();
     println!("Next, in another terminal:");
     println!(

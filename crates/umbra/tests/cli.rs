@@ -720,7 +720,7 @@ fn admin_without_a_controller_says_so() {
     );
 }
 
-/// A base port where P, P+1, P+2 (TCP and UDP) and P+80 are free on loopback, starting from a
+/// A base port where P, P+1, P+2 (TCP and UDP), P+80 and P+90 are free on loopback, starting from a
 /// pid-derived place so that parallel runs rarely meet.
 fn quickstart_base_port() -> u16 {
     let start = 27_400 + (std::process::id() % 1000) as u16 * 5;
@@ -730,6 +730,7 @@ fn quickstart_base_port() -> u16 {
             && common::port_free(p + 1, true)
             && common::port_free(p + 2, true)
             && common::port_free(p + 80, false)
+            && common::port_free(p + 90, false)
         {
             return p;
         }
@@ -985,6 +986,25 @@ fn quickstart_runs_stops_and_resumes() {
         );
     }
     forward_and_get(home.path(), &printed, &q);
+    // Every role's metrics, at the printed loopback address (and not on the public API).
+    let metrics_port = base + 90;
+    assert!(
+        out.contains(&format!("http://127.0.0.1:{metrics_port}/metrics")),
+        "the metrics address is not printed:\n{out}"
+    );
+    let metrics = common::http_get_path(metrics_port, "/metrics")
+        .unwrap_or_else(|e| panic!("GET /metrics on 127.0.0.1:{metrics_port}: {e}"));
+    for name in [
+        "umbra_enrollments_total",
+        "umbra_snapshot_version",
+        "umbra_broker_decisions_total",
+        "umbra_relay_bytes_total",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "quickstart's /metrics has no {name}:\n{metrics}"
+        );
+    }
     let ca_first = std::fs::read_to_string(data.join("ca.pem")).expect("quickstart wrote ca.pem");
 
     // The printed admin step works as printed.

@@ -41,8 +41,10 @@ const SSH_PORT: u16 = 2222;
 const FWD_QUIC: u16 = 18081;
 const FWD_TCP: u16 = 18082;
 const FWD_SSH: u16 = 18083;
-/// Prometheus listeners, each on 127.0.0.1 inside its role's namespace: broker-N at
-/// `BROKER_METRICS + N`, the connector, and each forward at its port + `FWD_METRICS_OFFSET`.
+/// Prometheus listeners, each on 127.0.0.1 inside its role's namespace: the controller (its
+/// default), broker-N at `BROKER_METRICS + N`, the connector, and each forward at its port +
+/// `FWD_METRICS_OFFSET`.
+const CONTROLLER_METRICS: u16 = 9400;
 const BROKER_METRICS: u16 = 9400;
 const CONNECTOR_METRICS: u16 = 9409;
 const FWD_METRICS_OFFSET: u16 = 1000;
@@ -1504,7 +1506,41 @@ fn scrape(w: &mut World, ns: Ns, who: &str, url: &str) -> String {
 /// and age, after the allowed and denied streams of steps 3-7.
 fn check_metrics(w: &mut World) {
     w.step("(7b) /metrics of controller, brokers, connector and agent");
-    let ctl = scrape(w, Ns::Edge, "controller", &format!("{URL}/metrics"));
+    let ctl = scrape(
+        w,
+        Ns::Edge,
+        "controller",
+        &format!("http://127.0.0.1:{CONTROLLER_METRICS}/metrics"),
+    );
+    // The public API port does not serve them: from the user's side, /metrics is a 404.
+    let ca = w.ca_file.to_str().expect("utf-8 path").to_owned();
+    let public = w.run(
+        "metrics-on-api-port",
+        Ns::User,
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "--cacert",
+            &ca,
+            &format!("{URL}/metrics"),
+        ],
+        Duration::from_secs(10),
+    );
+    if public.stdout.trim() != "404" {
+        w.fail(
+            format!(
+                "GET {URL}/metrics from the user namespace should be 404: {}",
+                public.describe()
+            ),
+            &["controller"],
+        );
+    }
     let ctl_version = metric_sum(&ctl, "umbra_snapshot_version", &[]).unwrap_or(0.0);
     let mut problems: Vec<String> = Vec::new();
     let mut expect = |who: &str, text: &str, name: &str, labels: &[&str], min: f64| {
@@ -1715,7 +1751,7 @@ fn decode_proc_addr(a: &str) -> String {
 /// (7c) the connector only dials out: its one listening socket is the metrics endpoint on
 /// loopback. The broker, checked the same way, shows its listeners (the method sees them).
 fn check_connector_listens_only_for_metrics(w: &mut World) {
-    w.step("(7c) the connector listens on nothing but its loopback metrics port");
+    w.step("(7c) the connector listens on nothing but its loopback metrics port; the controller on its API and loopback metrics");
     let pid = w.proc("connector").pid();
     let got = listening_tcp(pid);
     let want = vec![format!("127.0.0.1:{CONNECTOR_METRICS}")];
@@ -1732,6 +1768,20 @@ fn check_connector_listens_only_for_metrics(w: &mut World) {
         w.fail(
             format!("broker-1 (pid {pid}) listens on {got:?}, without its link port {link}"),
             &["broker-1"],
+        );
+    }
+    // The controller: its API, and its metrics on loopback only.
+    let pid = w.proc("controller").pid();
+    let got = listening_tcp(pid);
+    let mut want = vec![
+        CONTROLLER_LISTEN.to_owned(),
+        format!("127.0.0.1:{CONTROLLER_METRICS}"),
+    ];
+    want.sort();
+    if got != want {
+        w.fail(
+            format!("controller (pid {pid}) listens on {got:?}; expected {want:?}"),
+            &["controller"],
         );
     }
 }

@@ -1,8 +1,7 @@
 //! The REST API: routes, request extraction, and the edge where errors become responses.
 //!
 //! Three audiences, told apart per route:
-//! - public: `GET /healthz`, `GET /v1/ca.pem`, `POST /v1/enroll`, `GET /v1/openapi.json`,
-//!   `GET /metrics`;
+//! - public: `GET /healthz`, `GET /v1/ca.pem`, `POST /v1/enroll`, `GET /v1/openapi.json`;
 //! - enrolled peers, authenticated by the client certificate of the TLS connection
 //!   ([`ConnPeer`], checked against revocation on every call): renewal, broker list, snapshot
 //!   and heartbeat (brokers), connector configuration (connectors);
@@ -41,7 +40,6 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/ca.pem", get(peer::ca_pem))
         .route("/v1/enroll", post(peer::enroll))
         .route("/v1/openapi.json", get(openapi::serve))
-        .route("/metrics", get(peer::metrics))
         // enrolled peers
         .route("/v1/renew", post(peer::renew))
         .route("/v1/brokers", get(peer::brokers))

@@ -136,15 +136,6 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         Text("application/json"),
     ),
     r(
-        "get",
-        "/metrics",
-        Public,
-        "Prometheus metrics",
-        NoBody,
-        200,
-        Text("text/plain"),
-    ),
-    r(
         "post",
         "/v1/renew",
         Auth::Peer("agent, connector or broker"),

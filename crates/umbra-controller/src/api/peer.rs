@@ -42,19 +42,6 @@ pub(super) async fn ca_pem(State(ctx): State<Arc<Ctx>>) -> Response {
         .into_response()
 }
 
-pub(super) async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
-    match &ctx.metrics_render {
-        Some(render) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            render(),
-        )
-            .into_response(),
-        None => {
-            ApiFailure::new(StatusCode::NOT_FOUND, "metrics are not enabled", None).into_response()
-        }
-    }
-}
-
 pub(super) async fn enroll(
     State(ctx): State<Arc<Ctx>>,
     ApiJson(req): ApiJson<EnrollRequest>,

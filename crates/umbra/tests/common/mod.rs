@@ -284,14 +284,21 @@ pub(crate) fn port_free(port: u16, udp: bool) -> bool {
 
 /// A plain HTTP/1.0 GET of `/` on 127.0.0.1:`port`; the whole answer.
 pub(crate) fn http_get(port: u16) -> Result<String, String> {
+    http_get_path(port, "/")
+}
+
+/// `GET PATH` over HTTP/1.0 to 127.0.0.1:PORT; the whole answer, head and body.
+pub(crate) fn http_get_path(port: u16, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok();
     s.set_write_timeout(Some(Duration::from_secs(3))).ok();
-    s.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
     Ok(String::from_utf8_lossy(&buf).into_owned())

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use umbra_agent::{AgentConfig, Forwarder, TransportPref};
 use umbra_broker::{Broker, BrokerConfig};
 use umbra_connector::{Connector, ConnectorConfig};
-use umbra_controller::{Controller, ControllerConfig, ControllerOptions};
+use umbra_controller::{Controller, ControllerConfig};
 use umbra_link::enroll::{ControllerRef, save_controller_ref};
 use umbra_link::{Link, LinkConfig, Listener, Stream, Transport};
 use umbra_pki::{Ca, ClientAuth, TlsIdentity};
@@ -419,9 +419,7 @@ impl Stack {
             ca_key: Some(hex(&umbra_pki::random_bytes::<32>())),
             ..ControllerConfig::default()
         };
-        let controller = Controller::start(ctl_cfg.clone(), ControllerOptions::default())
-            .await
-            .unwrap();
+        let controller = Controller::start(ctl_cfg.clone()).await.unwrap();
         let admin_token = controller.first_admin_token().unwrap();
         let url = controller.url();
         let ca = CertificateDer::from_pem_slice(controller.ca_pem().as_bytes()).unwrap();
@@ -652,11 +650,7 @@ impl Stack {
         self.stop_controller().await;
         let c = poll("controller restart", SOON, || {
             let cfg = cfg.clone();
-            async move {
-                Controller::start(cfg, ControllerOptions::default())
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            async move { Controller::start(cfg).await.map_err(|e| e.to_string()) }
         })
         .await;
         assert!(c.first_admin_token().is_none());
