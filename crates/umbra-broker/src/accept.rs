@@ -11,8 +11,9 @@
 //! hostile. That holds for an agent's request ([`agent_request`]) and for a connector's answer
 //! to a `Dial` ([`dial_answer`]); each such frame is logged (`warn`, with the peer and the
 //! frame error) and counted in `umbra_broker_bad_frames_total{from}`. An agent's stream that
-//! ends or fails before its request also closes the agent's link, but is no bad frame; one
-//! that sends nothing within the open timeout is reset alone. A connector whose stream ends,
+//! ends, is reset or sends nothing within the open timeout before its request is no bad frame
+//! (an agent may give up on a stream at any time): that stream alone ends, and the agent's
+//! other streams keep going, as on the connector. A connector whose stream ends,
 //! fails or times out before its answer keeps its link; the stream goes to the next connector.
 
 use std::sync::Arc;
@@ -166,7 +167,7 @@ enum AgentRequest {
     },
     /// Bytes that are not a frame, or a frame an agent does not send: close its link.
     Malformed(String),
-    /// The stream ended or failed before a frame.
+    /// The stream ended or failed before a frame: reset that stream alone.
     NoFrame(String),
 }
 
@@ -237,8 +238,8 @@ async fn serve_stream(
             link.close();
         }
         AgentRequest::NoFrame(why) => {
-            info!(reason = %why, "agent stream ended before its request; closing its link");
-            link.close();
+            debug!(reason = %why, "agent stream ended before its request");
+            s.reset();
         }
     }
     None

@@ -192,6 +192,59 @@ async fn data_path(t: TransportPref) {
         .await;
         eprintln!("[{t}] {what}: {line}");
     }
+    // A frame cut short by the end of its stream is malformed too.
+    let link = dial(b0, lt, &carol).await.unwrap();
+    let mut st = link.open().await.unwrap();
+    st.send_chunk(Bytes::from_static(&[0x01, 0x01, 0, 10, 1, 2]))
+        .await
+        .unwrap();
+    st.finish().await.unwrap();
+    let closed = tokio::time::timeout(SOON, link.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "[{t}] truncated frame: the link stayed open"
+    );
+    logged(
+        &format!("[{t}] truncated frame: the broker's warning"),
+        SOON,
+        &[
+            "WARN",
+            "malformed frame from agent; closing its link",
+            &carol_uri,
+            "frame payload truncated",
+        ],
+    )
+    .await;
+    // Its twins: a stream that ends, or is reset, before any byte is no bad frame (an agent
+    // may give up on a stream): that stream alone ends; the link and its live streams stay.
+    let link = dial(b0, lt, &carol).await.unwrap();
+    let (code, mut live) = open(&link, ECHO).await.unwrap();
+    assert_eq!(code, OpenCode::Ok, "[{t}]");
+    // The ended ones are held: on TLS/TCP, h2 cancels a stream whose handles are dropped, and
+    // may then never hand it to the broker at all.
+    let mut ended = Vec::new();
+    for _ in 0..3 {
+        let mut st = link.open().await.unwrap();
+        st.finish().await.unwrap();
+        ended.push(st);
+        let mut reset = link.open().await.unwrap();
+        reset.reset();
+    }
+    for st in &mut ended {
+        // The broker ends each of them in turn.
+        let end = tokio::time::timeout(SOON, st.recv_chunk()).await;
+        assert!(end.is_ok(), "[{t}] an empty stream was left open");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!link.is_closed(), "[{t}] an empty stream closed the link");
+    stream_echo(&mut live, b"still relayed").await.unwrap();
+    ping(&link).await.unwrap();
+    let (code, mut st) = open(&link, ECHO).await.unwrap();
+    assert_eq!(code, OpenCode::Ok, "[{t}]");
+    stream_echo(&mut st, b"a new stream on the same link")
+        .await
+        .unwrap();
+    link.close();
     served(b0, lt, &carol).await.unwrap();
     echo_ok(fa).await.unwrap();
     assert_eq!(worker_panics(), Vec::<String>::new(), "[{t}]");
