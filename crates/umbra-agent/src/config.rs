@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// per round trip, so long paths to brokers need more (1024 KiB keeps about 80 Mbit/s per
     /// stream at 100 ms).
     pub stream_window_kib: u32,
+    /// Let a forward listen on an address other hosts can reach. Off by default: whoever
+    /// connects to a forward reaches the service as this device's user, so a forward on
+    /// `0.0.0.0` would share that access with the whole network.
+    pub allow_remote_clients: bool,
 }
 
 impl Default for AgentConfig {
@@ -38,6 +42,7 @@ impl Default for AgentConfig {
             connect_timeout_ms: 1_000,
             idle_timeout_secs: 300,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
+            allow_remote_clients: false,
         }
     }
 }

@@ -4,6 +4,10 @@
 //! Owns the local listener and the per-connection task (open a stream via the session, then
 //! relay). Refusals are per connection: a denied connection is closed and logged, and the
 //! forwarder goes on accepting.
+//!
+//! Whoever connects to a forward reaches the service as this device's user: the broker sees
+//! only the device. So a forward listens on loopback unless the configuration says
+//! `allow_remote_clients` ([`listen_allowed`]); access stays one user on one device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +26,12 @@ use crate::{AgentError, identity};
 
 /// How often the broker list is refreshed from the controller while forwarding.
 const BROKER_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Whether a forward may listen on `addr`: loopback always (IPv4-mapped loopback included),
+/// any other address (`0.0.0.0` and `::` too) only when remote clients are allowed. Pure.
+pub(crate) fn listen_allowed(addr: SocketAddr, allow_remote_clients: bool) -> bool {
+    allow_remote_clients || addr.ip().to_canonical().is_loopback()
+}
 
 /// A running local forwarder for one service.
 pub struct Forwarder {
@@ -42,6 +52,16 @@ impl Forwarder {
         cfg.validate()?;
         if !umbra_proto::valid_name(service) {
             return Err(AgentError::ServiceName(service.to_owned()));
+        }
+        if !listen_allowed(listen, cfg.allow_remote_clients) {
+            return Err(AgentError::RemoteListen(listen));
+        }
+        if !listen.ip().to_canonical().is_loopback() {
+            tracing::warn!(
+                %service,
+                %listen,
+                "forward open to other hosts (allow_remote_clients): they reach the service as this device's user"
+            );
         }
         let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
         let listener = TcpListener::bind(listen)
@@ -189,4 +209,38 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
 /// `umbra-link` (`umbra_relay_bytes_total`, `umbra_links`).
 fn count_stream(result: &'static str) {
     metrics::counter!("umbra_agent_streams_total", "result" => result).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_listen_on_loopback_unless_remote_clients_are_allowed() {
+        let loopback = [
+            "127.0.0.1:0",
+            "127.0.0.2:8080",
+            "[::1]:0",
+            "[::ffff:127.0.0.1]:0",
+        ];
+        let remote = [
+            "0.0.0.0:8080",
+            "[::]:0",
+            "10.0.0.5:0",
+            "192.168.1.2:22",
+            "[::ffff:10.0.0.1]:0",
+            "[::ffff:0.0.0.0]:0",
+            "[fe80::1]:0",
+        ];
+        for a in loopback {
+            let a: SocketAddr = a.parse().unwrap();
+            assert!(listen_allowed(a, false), "{a}");
+            assert!(listen_allowed(a, true), "{a}");
+        }
+        for a in remote {
+            let a: SocketAddr = a.parse().unwrap();
+            assert!(!listen_allowed(a, false), "{a}");
+            assert!(listen_allowed(a, true), "{a}");
+        }
+    }
 }

@@ -61,6 +61,13 @@ pub enum AgentError {
     /// The local listen address could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, #[source] std::io::Error),
+    /// A forward was asked to listen where other hosts can reach it.
+    #[error(
+        "refusing to listen on {0}: other hosts could connect there and reach the service as \
+         this device's user. Listen on loopback (127.0.0.1, the default), or pass \
+         --allow-remote-clients (allow_remote_clients = true) if sharing is intended"
+    )]
+    RemoteListen(SocketAddr),
     /// No broker answered.
     #[error("no broker reachable: {0}")]
     NoBroker(String),

@@ -41,9 +41,14 @@ enum Cmd {
     Forward {
         /// Service name.
         service: String,
-        /// Local address to listen on (default: 127.0.0.1 and a free port).
+        /// Local address to listen on (default: 127.0.0.1 and a free port). Loopback only,
+        /// unless --allow-remote-clients.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Allow --listen on an address other hosts can reach (e.g. 0.0.0.0). Whoever
+        /// connects there reaches the service as this device's user.
+        #[arg(long)]
+        allow_remote_clients: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics while forwarding.
         #[arg(long, env = "UMBRA_AGENT_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
@@ -166,8 +171,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Forward {
             service,
             listen,
+            allow_remote_clients,
             metrics_listen,
         } => {
+            let mut cfg = cfg;
+            cfg.allow_remote_clients |= allow_remote_clients;
             if let Some(addr) = metrics_listen {
                 crate::telemetry::serve_metrics(addr).await;
             }

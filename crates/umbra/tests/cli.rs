@@ -702,6 +702,19 @@ fn admin_without_a_controller_says_so() {
         out.describe()
     );
 
+    // A forward on an address other hosts reach is refused, naming the way to allow it.
+    let out = umbra(
+        home.path(),
+        &["agent", "forward", "demo", "--listen", "0.0.0.0:18080"],
+    );
+    assert!(
+        !out.success()
+            && out.stderr.contains("refusing to listen on 0.0.0.0:18080")
+            && out.stderr.contains("--allow-remote-clients"),
+        "forward on 0.0.0.0: {}",
+        out.describe()
+    );
+
     // An agent that never enrolled says so, instead of failing obscurely.
     let d = home.path().join("no-agent");
     let out = umbra(

@@ -82,6 +82,26 @@ async fn data_path(t: TransportPref) {
     eprintln!("[{t}] 8 MiB each way in {:?}", started.elapsed());
     half_close(fa).await;
 
+    // 1b. A forward where other hosts could connect is refused unless allowed; allowed, it
+    // serves like any other.
+    let mut cfg = s.agent("alice").config(t);
+    match umbra_agent::Forwarder::start(cfg.clone(), ECHO, "0.0.0.0:0".parse().unwrap()).await {
+        Err(e @ umbra_agent::AgentError::RemoteListen(_)) => {
+            assert!(e.to_string().contains("--allow-remote-clients"), "{e}")
+        }
+        Err(e) => panic!("[{t}] forward on 0.0.0.0: {e}"),
+        Ok(f) => panic!("[{t}] a forward listens on {}", f.local_addr()),
+    }
+    cfg.allow_remote_clients = true;
+    let shared = umbra_agent::Forwarder::start(cfg, ECHO, "0.0.0.0:0".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(shared.local_addr().ip().is_unspecified(), "[{t}]");
+    echo_ok(([127, 0, 0, 1], shared.local_addr().port()).into())
+        .await
+        .unwrap();
+    shared.shutdown().await;
+
     // 2. Denied (published, no policy) and unknown service: the forward closes without a
     // byte, the broker answers both with the same Denied, the audit log tells them apart.
     let secret = s.forward("alice", t, SECRET).await;
