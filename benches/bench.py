@@ -405,6 +405,29 @@ def socat_tls_chain(d, ports, target, tag):
     return h1, {r: p.pid for (r, _, _), p in zip(specs, procs)}
 
 
+def floor_chains(exe, d, ports, target):
+    """The libraries' floor: relay_floor's TLS and QUIC chains (3 relays, 2 mutual-TLS hops,
+    one connection per client connection, no multiplexing) to TARGET. [(sid, label, port)]."""
+    fd = os.path.join(d, "floor")
+    os.makedirs(fd, exist_ok=True)
+    r = run([exe, "setup", fd], 60)
+    if r.returncode != 0:
+        raise SystemExit(f"relay_floor setup failed: {r.stderr.strip()}")
+    out = []
+    for kind, prefix, label in (
+            ("tls", "", "floor: tokio-rustls relays, no mux (one TLS connection per client)"),
+            ("quic", "q", "floor: quinn relays, no mux (one QUIC connection per client)")):
+        p = [ports.take() for _ in range(3)]
+        procs = []
+        for role, listen, nxt in ((f"{prefix}exit", p[2], target), (f"{prefix}mid", p[1], p[2]),
+                                  (f"{prefix}entry", p[0], p[1])):
+            procs.append(start(f"floor-{role}", [exe, role, fd, f"{HOST}:{listen}",
+                                                 f"{HOST}:{nxt}"], fd))
+        wait_port(p[0], procs=procs)
+        out.append((f"floor-{kind}", label, p[0]))
+    return out
+
+
 # ----------------------------------------------------------------------------- Umbra deployment
 
 class Umbra:
@@ -606,6 +629,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--umbra", default=os.path.join(os.path.dirname(HERE), "target", "release",
                                                      "umbra"))
+    ap.add_argument("--floor", default=os.path.join(os.path.dirname(HERE), "target", "release",
+                                                     "examples", "relay_floor"),
+                    help="relay_floor binary (run.sh builds it); its chains add RTT rows")
+    ap.add_argument("--no-floor", action="store_true", help="measure no floor rows")
     ap.add_argument("--runs", type=int, default=5, help="rounds; every scenario once per round")
     ap.add_argument("--secs", type=int, default=5, help="iperf3 seconds per run")
     ap.add_argument("--rtt-count", type=int, default=10000, help="timed ping-pongs per RTT run")
@@ -634,6 +661,9 @@ def main():
             raise SystemExit(f"{tool} not found (run.sh installs it)")
     if not os.access(args.umbra, os.X_OK):
         raise SystemExit(f"umbra binary not found at {args.umbra} (run.sh builds it)")
+    if not args.no_floor and not os.access(args.floor, os.X_OK):
+        raise SystemExit(f"relay_floor not found at {args.floor} (run.sh builds it; "
+                         f"or pass --no-floor)")
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.idle_streams + 1000 and not args.skip_memory:
@@ -681,6 +711,12 @@ def main():
     for s in SERVICES:
         socat[s], socat_pids[s] = socat_tls_chain(d, ports, targets[s], s)
 
+    # --- the libraries' floor: RTT rows only
+    floors = []
+    if not args.no_floor:
+        log("starting the floor chains (tokio-rustls and quinn relays, no multiplexing) ...")
+        floors = floor_chains(args.floor, d, ports, targets["echo"])
+
     # --- Umbra
     log(f"starting Umbra ({args.umbra}) ...")
     u = Umbra(args.umbra, d, ports, targets)
@@ -719,6 +755,11 @@ def main():
         if r is None or st is None:
             raise SystemExit(f"path {sid} does not work; logs in {d}")
         log(f"    {sid:<11} ok (rtt p50 {r['p50_us']:.0f} µs, setup p50 {st['p50_us']:.0f} µs)")
+    for sid, _, te in floors:
+        r = rtt(te, 200, 50)
+        if r is None:
+            raise SystemExit(f"path {sid} does not work; logs in {d}")
+        log(f"    {sid:<11} ok (rtt p50 {r['p50_us']:.0f} µs)")
 
     if args.hold:
         # For profiling: everything up, nothing measured.
@@ -748,6 +789,7 @@ def main():
     tput_cpu = {s[0]: [] for s in scen}   # per run: {component: ns per byte}
     tput_idle = {s[0]: [] for s in scen}  # per run: idle share of all CPUs during iperf3
     lat = {s[0]: [] for s in scen}
+    lat.update({f[0]: [] for f in floors})
     setup = {s[0]: [] for s in scen}
     setup_cpu = {s[0]: [] for s in scen}  # per run: {component: µs per new connection}
     hs = {s[0]: [] for s in scen}
@@ -769,7 +811,9 @@ def main():
             tput[sid].append(res_i["gbps"] if res_i else None)
             tput_cpu[sid].append({n: v / res_i["bytes"] * 1e9 for n, v in dc.items()
                                   if v is not None} if res_i and res_i["bytes"] else None)
-        for sid, _, _, te, _ in order:
+        rtt_rows = [(s[0], s[3]) for s in scen] + [(f[0], f[2]) for f in floors]
+        k = r % len(rtt_rows)
+        for sid, te in rtt_rows[k:] + rtt_rows[:k]:
             lat[sid].append(rtt(te, args.rtt_count))
         for sid, _, _, _, tsu in order:
             pids = chain(sid, "idle")
@@ -826,6 +870,18 @@ def main():
                 "rtt_p50": ratio_summary([x["p50_us"] if x else None for x in lat[sid]],
                                          [x["p50_us"] if x else None for x in lat["socat-b2"]]),
             }
+
+    res["floors"] = {}
+    for sid, label, _ in floors:
+        p50 = [x["p50_us"] if x else None for x in lat[sid]]
+        res["floors"][sid] = {
+            "label": label,
+            "rtt_p50_us": summary(p50),
+            "rtt_p99_us": summary([x["p99_us"] if x else None for x in lat[sid]]),
+            "vs_socat_rtt_p50": ratio_summary(
+                p50, [x["p50_us"] if x else None for x in lat["socat-b2"]]),
+            "raw": {"rtt": lat[sid]},
+        }
 
     # --- memory with many idle streams
     res["memory"] = {}
@@ -1005,6 +1061,19 @@ def write_results(res, args):
                  f"{fmt(s['rtt_p99_us'])} | {ref(sid, vs, 'gbps')} | {ref(sid, vs, 'rtt_p50')} |")
     L.append("\nRatios are of the medians; \"per round\" is the range of the same ratio "
              "within each round (paired, so drift cancels). RTT p50 ratio < 1 is better.\n")
+    if res.get("floors"):
+        L.append("### The libraries' floor (RTT only, interleaved with the rows above)\n")
+        L.append("The same 3-relay, 2-hop mutual TLS 1.3 chain built from the libraries Umbra "
+                 "uses and nothing of Umbra's: one TLS (tokio-rustls) or QUIC (quinn) "
+                 "connection per client connection, no multiplexing, no framing, no policy "
+                 "(`crates/umbra-link/examples/relay_floor.rs`). Umbra's gap above its floor is "
+                 "what Umbra adds; the floor's gap to socat is the libraries'.\n")
+        L.append("| chain | RTT p50, µs | RTT p99, µs | RTT p50 vs socat |")
+        L.append("|---|---|---|---|")
+        for sid, s in res["floors"].items():
+            L.append(f"| {s['label']} | {fmt(s['rtt_p50_us'])} | {fmt(s['rtt_p99_us'])} | "
+                     f"{fmt_ratio(s['vs_socat_rtt_p50'])} |")
+        L.append("")
 
     L.append(f"## Stream setup: TCP connect → first 1-byte echo back ({args.setup_count} new "
              f"connections per round; median [min–max] of the per-round p50 and p99)\n")

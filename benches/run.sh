@@ -42,6 +42,9 @@ UMBRA_BIN="${UMBRA_BIN:-$ROOT/target/release/umbra}"
 if ((build)); then
   echo "building umbra (release; waits for cargo's lock if others are building) ..."
   (cd "$ROOT" && timeout "${BUILD_TIMEOUT:-3600}" cargo build --release -p umbra --locked)
+  # The libraries' own floor, measured beside Umbra (crates/umbra-link/examples/relay_floor.rs).
+  (cd "$ROOT" && timeout "${BUILD_TIMEOUT:-3600}" cargo build --release -p umbra-link \
+    --example relay_floor --locked)
 fi
 [ -x "$UMBRA_BIN" ] || { echo "no umbra binary at $UMBRA_BIN" >&2; exit 1; }
 
