@@ -1,6 +1,8 @@
 //! Links and streams: handshakes, identities, who opens, frames, half-close, refusals.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -710,3 +712,54 @@ async fn listener_close_ends_accept() {
             .is_none()
     );
 }
+
+/// A link closed by the side sending at full speed (its congestion window full, data in
+/// flight) reaches the peer at once, not at the peer's idle timeout (30 s): ten tries, each
+/// closing at a different point of a transfer under way.
+async fn close_during_bulk_reaches_the_peer(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let cfg = LinkConfig::default();
+    let mut late = Vec::new();
+    for i in 0..10u64 {
+        let (link, server) = agent_link(&org, &listener, t, &cfg).await;
+        let mut c = link.open().await.unwrap();
+        c.write_frame(&open_frame()).await.unwrap();
+        let mut s = soon("stream", server.accept()).await.unwrap();
+        s.read_frame().await.unwrap();
+        let sender = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+            while s.send_chunk(chunk.clone()).await.is_ok() {}
+        });
+        let received = Arc::new(AtomicUsize::new(0));
+        let counted = received.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(b)) = c.recv_chunk().await {
+                counted.fetch_add(b.len(), Ordering::Relaxed);
+            }
+        });
+        // Under way: at least 1 MiB through, then a little more each try.
+        soon("1 MiB through", async {
+            while received.load(Ordering::Relaxed) < 1 << 20 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(3 * i)).await;
+        server.close();
+        if tokio::time::timeout(Duration::from_secs(3), link.closed())
+            .await
+            .is_err()
+        {
+            late.push(i);
+        }
+        sender.abort();
+        reader.abort();
+    }
+    assert_eq!(
+        late,
+        Vec::<u64>::new(),
+        "[{t:?}] closes not seen within 3 s"
+    );
+}
+both!(close_during_bulk_reaches_the_peer);
