@@ -67,6 +67,10 @@ pub(crate) struct EnrollArgs {
     /// Where to write the identity.
     #[arg(long = "dir", id = "enroll_dir")]
     dir: Option<PathBuf>,
+    /// Replace an identity in --dir that is still valid (refused otherwise). The replaced
+    /// identity stays registered at the controller until an administrator revokes it.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Agent enrollment flags: as [`EnrollArgs`] without its own `--dir` (the agent's global
@@ -80,6 +84,10 @@ pub(crate) struct AgentEnrollArgs {
     /// The one-time enrollment token (umb1.<ca hash>.<secret>).
     #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
     token: String,
+    /// Replace an identity in --dir that is still valid (refused otherwise). The replaced
+    /// identity stays registered at the controller until an administrator revokes it.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Runs an enrollment and reports it.
@@ -87,7 +95,43 @@ pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
     let dir = a
         .dir
         .with_context(|| format!("--dir is required: where to keep the {role}'s identity"))?;
-    enroll_into(&a.controller, &a.token, &dir, role).await
+    enroll_into(&a.controller, &a.token, &dir, role, a.force).await
+}
+
+/// Refuses to overwrite an identity that still works, before the token is spent: a wrong
+/// `--dir` would otherwise silently replace another role's identity. An expired or damaged
+/// identity may be replaced (enrolling again is how an expired one is recovered).
+fn check_replace(
+    dir: &std::path::Path,
+    force: bool,
+    now: std::time::SystemTime,
+) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    match umbra_pki::TlsIdentity::load_dir(dir) {
+        Ok(id) if id.peer.not_after > now => {
+            let old = &id.peer.id;
+            let revoke = match old.role {
+                umbra_proto::Role::Agent => format!(
+                    "; then revoke the old device: umbra admin device revoke {}",
+                    old.id
+                ),
+                umbra_proto::Role::Connector => format!(
+                    "; then revoke the old connector: umbra admin connector revoke {}",
+                    old.id
+                ),
+                _ => String::new(),
+            };
+            anyhow::bail!(
+                "{} already holds a valid identity, {} (until {}); pass --force to replace it{revoke}",
+                dir.display(),
+                old.to_uri(),
+                umbra_pki::rfc3339(id.peer.not_after)
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn enroll_into(
@@ -95,7 +139,9 @@ async fn enroll_into(
     token: &str,
     dir: &std::path::Path,
     role: &str,
+    force: bool,
 ) -> anyhow::Result<()> {
+    check_replace(dir, force, std::time::SystemTime::now())?;
     let issued = umbra_link::enroll::enroll(controller, token, dir)
         .await
         .with_context(|| format!("{role} enrollment failed"))?;
@@ -130,7 +176,9 @@ fn config(a: &Args) -> anyhow::Result<AgentConfig> {
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
     match a.cmd {
-        Cmd::Enroll(e) => enroll_into(&e.controller, &e.token, &cfg.identity_dir, "agent").await,
+        Cmd::Enroll(e) => {
+            enroll_into(&e.controller, &e.token, &cfg.identity_dir, "agent", e.force).await
+        }
         Cmd::Status => {
             let s = umbra_agent::status(&cfg).await?;
             println!("identity:     {}", s.identity);
@@ -185,5 +233,66 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             f.shutdown().await;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use umbra_pki::Ca;
+    use umbra_proto::{PeerId, Role};
+
+    use super::check_replace;
+
+    fn write_identity(dir: &std::path::Path, ca: &Ca, role: Role, id: &str, now: SystemTime) {
+        let p = umbra_pki::test_util::issue_pems(
+            ca,
+            PeerId::new(ca.org(), role, id).unwrap(),
+            vec![],
+            now,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        umbra_pki::write_identity_dir(dir, &p.key_pem, &p.cert_pem, ca.cert_pem()).unwrap();
+    }
+
+    #[test]
+    fn enrolling_over_a_valid_identity_needs_force() {
+        umbra_pki::install_crypto_provider();
+        let now = SystemTime::now();
+        let ca = Ca::generate("default", now).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+
+        // Nothing there yet: enroll.
+        let empty = tmp.path().join("empty");
+        check_replace(&empty, false, now).unwrap();
+
+        let agent = tmp.path().join("agent");
+        write_identity(&agent, &ca, Role::Agent, "d-1", now);
+        let e = check_replace(&agent, false, now).unwrap_err().to_string();
+        for part in [
+            "already holds a valid identity",
+            "umbra://default/agent/d-1",
+            "--force",
+            "umbra admin device revoke d-1",
+        ] {
+            assert!(e.contains(part), "{e}");
+        }
+        // The twins: forced, or once the identity has expired (enrolling again is how an
+        // expired one is recovered).
+        check_replace(&agent, true, now).unwrap();
+        check_replace(&agent, false, now + Duration::from_secs(7200)).unwrap();
+
+        let connector = tmp.path().join("connector");
+        write_identity(&connector, &ca, Role::Connector, "c-1", now);
+        let e = check_replace(&connector, false, now)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("umbra admin connector revoke c-1"), "{e}");
+
+        // A damaged identity does not work: it may be replaced.
+        std::fs::write(agent.join("cert.pem"), "garbage").unwrap();
+        check_replace(&agent, false, now).unwrap();
     }
 }

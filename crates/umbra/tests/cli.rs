@@ -1063,6 +1063,63 @@ fn quickstart_runs_stops_and_resumes() {
         "the second run changed what the controller holds instead of reusing it"
     );
     forward_and_get(home.path(), &printed, &q);
+
+    // Enrolling again into a directory that holds a valid identity is refused before the
+    // token is spent, and changes nothing; with --force the same token replaces it.
+    let cfg = admin_cfg.to_str().expect("utf-8");
+    let made = umbra(
+        home.path(),
+        &[
+            "admin", "--config", cfg, "token", "create", "--role", "agent", "--user", USER_QS,
+        ],
+    );
+    assert!(made.success(), "token create: {}", made.describe());
+    let token = made.stdout.trim().to_owned();
+    let agent_dir = data.join("agent");
+    let dir_arg = agent_dir.to_str().expect("utf-8");
+    let controller = format!("https://127.0.0.1:{base}");
+    let cert_before = std::fs::read(agent_dir.join("cert.pem")).expect("agent cert");
+    let enroll = |extra: &[&str]| {
+        let mut args = vec![
+            "agent",
+            "--dir",
+            dir_arg,
+            "enroll",
+            "--controller",
+            &controller,
+            "--token",
+            &token,
+        ];
+        args.extend_from_slice(extra);
+        umbra(home.path(), &args)
+    };
+    let out = enroll(&[]);
+    assert!(
+        !out.success()
+            && out.stderr.contains("already holds a valid identity")
+            && out.stderr.contains("--force")
+            && out.stderr.contains("umbra admin device revoke d-"),
+        "enrolling over a valid identity: {}",
+        out.describe()
+    );
+    assert_eq!(
+        std::fs::read(agent_dir.join("cert.pem")).expect("agent cert"),
+        cert_before,
+        "a refused enrollment changed the identity"
+    );
+    let out = enroll(&["--force"]);
+    assert!(
+        out.success() && out.stdout.contains("enrolled umbra://default/agent/"),
+        "the same token with --force: {}",
+        out.describe()
+    );
+    assert_ne!(
+        std::fs::read(agent_dir.join("cert.pem")).expect("agent cert"),
+        cert_before,
+        "--force did not replace the identity"
+    );
+    forward_and_get(home.path(), &printed, &q);
+
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
     assert!(
@@ -1071,3 +1128,6 @@ fn quickstart_runs_stops_and_resumes() {
         q.proc.tails(30)
     );
 }
+
+/// The user quickstart makes.
+const USER_QS: &str = "demo@example.test";
