@@ -466,7 +466,8 @@ class Umbra:
         self.controller = start("controller", [
             self.exe, "controller", "--data-dir", os.path.join(d, "controller"),
             "--listen", f"{HOST}:{self.ctl_port}", "--public-url", self.url,
-            "--server-name", HOST], d, env=env, stdout=open(out, "wb"))
+            "--server-name", HOST, "--metrics-listen", f"{HOST}:{self.ports.take()}"], d,
+            env=env, stdout=open(out, "wb"))
 
         def token():
             m = re.search(r"admin token \(shown once, store it now\): (\S+)",
