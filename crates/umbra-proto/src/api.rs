@@ -327,6 +327,20 @@ impl fmt::Debug for EnrollTokenCreated {
     }
 }
 
+/// An enrollment token as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollTokenInfo {
+    pub id: String,
+    pub role: String,
+    pub user: Option<String>,
+    pub name: Option<String>,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub used_at: Option<u64>,
+    /// Identity URI of the peer that redeemed it.
+    pub used_by: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     pub id: String,

@@ -202,6 +202,13 @@ enum TokenCmd {
         #[arg(long, value_parser = crate::load::parse_duration)]
         ttl: Option<std::time::Duration>,
     },
+    /// List tokens: role, for whom, expiry, and who redeemed them (never the secret).
+    List,
+    /// Remove a token: unused, it can no longer be redeemed.
+    Rm {
+        /// Token id (t-..., from `umbra admin token list` or `token create`).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -598,6 +605,31 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     );
                 }
             );
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let v: Vec<api::EnrollTokenInfo> = c.get("/v1/enrollment-tokens").await?;
+            out!(v, |v: Vec<api::EnrollTokenInfo>| table(
+                &["id", "role", "for", "expires", "used by"],
+                v.into_iter()
+                    .map(|t| vec![
+                        t.id,
+                        t.role,
+                        t.user.or(t.name).unwrap_or_default(),
+                        ts(t.expires_at),
+                        match (t.used_by, t.used_at) {
+                            (Some(by), Some(at)) => format!("{by} at {}", ts(at)),
+                            (Some(by), None) => by,
+                            _ => "-".to_owned(),
+                        },
+                    ])
+                    .collect()
+            ));
+        }
+        Cmd::Token(TokenCmd::Rm { id }) => {
+            let v = c
+                .delete(&format!("/v1/enrollment-tokens/{}", seg(id)))
+                .await?;
+            out!(v, |_| println!("enrollment token {id} removed"));
         }
         Cmd::Device(DeviceCmd::List) => {
             let v: Vec<api::Device> = c.get("/v1/devices").await?;

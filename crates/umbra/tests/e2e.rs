@@ -1160,6 +1160,73 @@ fn setup_fabric(w: &mut World) {
         ],
         "agent",
     );
+    check_token_list_and_removal(w);
+}
+
+/// `token list` shows who redeemed each token and never a secret (the run's secret scan covers
+/// its output); a token removed before use cannot be redeemed.
+fn check_token_list_and_removal(w: &mut World) {
+    w.step("admin token list and token rm: a removed token cannot be redeemed");
+    let spare = w.token(&["--role", "agent", "--user", USER]);
+    let list = w.admin(&["token", "list"]);
+    let rows = list.as_array().cloned().unwrap_or_default();
+    let redeemed_by_agent = rows.iter().any(|t| {
+        t["role"] == "agent"
+            && t["user"] == USER
+            && t["used_by"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("umbra://default/agent/"))
+    });
+    let unused: Vec<String> = rows
+        .iter()
+        .filter(|t| t["role"] == "agent" && t["used_by"].is_null())
+        .filter_map(|t| t["id"].as_str().map(String::from))
+        .collect();
+    let [id] = unused.as_slice() else {
+        w.fail(
+            format!("token list: expected one unused agent token: {list}"),
+            &["controller"],
+        );
+    };
+    if !redeemed_by_agent {
+        w.fail(
+            format!("token list does not show the agent's token as redeemed: {list}"),
+            &["controller"],
+        );
+    }
+    let id = id.clone();
+    w.admin(&["token", "rm", &id]);
+    let list = w.admin(&["token", "list"]);
+    if list
+        .as_array()
+        .is_some_and(|a| a.iter().any(|t| t["id"] == id.as_str()))
+    {
+        w.fail(
+            format!("token {id} still listed after rm: {list}"),
+            &["controller"],
+        );
+    }
+    let d = dir(w, "agent-removed-token");
+    let out = w.umbra(
+        "enroll-removed-token",
+        Ns::User,
+        &[
+            "agent",
+            "--dir",
+            &d,
+            "enroll",
+            "--controller",
+            URL,
+            "--token",
+            &spare,
+        ],
+    );
+    if out.success() || std::path::Path::new(&d).join("cert.pem").exists() {
+        w.fail(
+            format!("a removed token was redeemed: {}", out.describe()),
+            &["controller"],
+        );
+    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use sqlx::SqliteConnection;
 use umbra_proto::api::{
     self, AuditEntry, CreateEnrollToken, CreateGroup, CreatePolicy, CreateService, CreateUser,
-    LiveStream,
+    EnrollTokenInfo, LiveStream,
 };
 
 use super::{Admin, ApiJson, ApiPath, ApiQuery, created};
@@ -455,20 +455,6 @@ pub(super) async fn delete_policy(
 
 // ---------------------------------------------------------------------------------------------
 // Enrollment tokens
-
-/// A token as listed (never its secret).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct EnrollTokenInfo {
-    pub(crate) id: String,
-    pub(crate) role: String,
-    pub(crate) user: Option<String>,
-    pub(crate) name: Option<String>,
-    pub(crate) created_at: u64,
-    pub(crate) expires_at: u64,
-    pub(crate) used_at: Option<u64>,
-    /// Identity URI of the peer that redeemed it.
-    pub(crate) used_by: Option<String>,
-}
 
 pub(super) async fn list_tokens(
     _: Admin,
