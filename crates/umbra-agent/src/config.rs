@@ -31,6 +31,10 @@ pub struct AgentConfig {
     /// connects to a forward reaches the service as this device's user, so a forward on
     /// `0.0.0.0` would share that access with the whole network.
     pub allow_remote_clients: bool,
+    /// How often a running forward asks the controller for the broker list. A broker that
+    /// left the list (revoked, or retired) is no longer used after the next refresh, and the
+    /// agent's link to it is closed.
+    pub broker_refresh_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -43,6 +47,7 @@ impl Default for AgentConfig {
             idle_timeout_secs: 300,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
             allow_remote_clients: false,
+            broker_refresh_secs: 60,
         }
     }
 }
@@ -66,6 +71,7 @@ pub struct ConfigError {
 }
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
+const MAX_BROKER_REFRESH_SECS: u64 = 3600;
 
 impl AgentConfig {
     /// Checks every field; the error names the first one at fault.
@@ -83,6 +89,9 @@ impl AgentConfig {
         if self.idle_timeout_secs == 0 {
             return err("idle_timeout_secs", "must be at least 1");
         }
+        if !(1..=MAX_BROKER_REFRESH_SECS).contains(&self.broker_refresh_secs) {
+            return err("broker_refresh_secs", "must be between 1 and 3600");
+        }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return err("stream_window_kib", umbra_link::STREAM_WINDOW_KIB_ERROR);
         }
@@ -95,6 +104,10 @@ impl AgentConfig {
 
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub(crate) fn broker_refresh(&self) -> Duration {
+        Duration::from_secs(self.broker_refresh_secs)
     }
 
     pub(crate) fn idle_timeout(&self) -> Duration {
@@ -139,7 +152,7 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Breaker = fn(&mut AgentConfig);
-        let cases: [(Breaker, &str); 7] = [
+        let cases: [(Breaker, &str); 9] = [
             (|c| c.identity_dir = PathBuf::new(), "identity_dir"),
             (|c| c.open_timeout_ms = 0, "open_timeout_ms"),
             (|c| c.connect_timeout_ms = 0, "connect_timeout_ms"),
@@ -147,6 +160,8 @@ mod tests {
             (|c| c.idle_timeout_secs = 0, "idle_timeout_secs"),
             (|c| c.stream_window_kib = 15, "stream_window_kib"),
             (|c| c.stream_window_kib = 16_385, "stream_window_kib"),
+            (|c| c.broker_refresh_secs = 0, "broker_refresh_secs"),
+            (|c| c.broker_refresh_secs = 3601, "broker_refresh_secs"),
         ];
         for (break_it, field) in cases {
             let mut c = AgentConfig {

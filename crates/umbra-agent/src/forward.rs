@@ -24,9 +24,6 @@ use crate::config::AgentConfig;
 use crate::session::{OpenError, Session};
 use crate::{AgentError, identity};
 
-/// How often the broker list is refreshed from the controller while forwarding.
-const BROKER_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
-
 /// Whether a forward may listen on `addr`: loopback always (IPv4-mapped loopback included),
 /// any other address (`0.0.0.0` and `::` too) only when remote clients are allowed. Pure.
 pub(crate) fn listen_allowed(addr: SocketAddr, allow_remote_clients: bool) -> bool {
@@ -132,24 +129,24 @@ async fn run(
     service: String,
     cfg: AgentConfig,
     identity_rx: tokio::sync::watch::Receiver<Arc<umbra_pki::TlsIdentity>>,
-    mut cref: umbra_link::enroll::ControllerRef,
+    cref: umbra_link::enroll::ControllerRef,
     cancel: CancellationToken,
 ) {
     let service: Arc<str> = Arc::from(service);
-    let mut refresh = tokio::time::interval(BROKER_REFRESH_INTERVAL);
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    refresh.tick().await;
+    // Its own task: a slow controller must not hold up accepting connections.
+    let refresher = tokio::spawn(
+        refresh_brokers(
+            session.clone(),
+            cfg.clone(),
+            identity_rx,
+            cref,
+            cancel.clone(),
+        )
+        .in_current_span(),
+    );
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = refresh.tick() => {
-                let id = identity_rx.borrow().clone();
-                let before = cref.brokers.clone();
-                cref = identity::refresh_brokers(&cfg, &id, cref).await;
-                if cref.brokers != before {
-                    session.update_brokers(cref.brokers.clone()).await;
-                }
-            }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let span = tracing::debug_span!("conn", %peer);
@@ -166,7 +163,35 @@ async fn run(
             },
         }
     }
+    let _ = refresher.await;
     session.close().await;
+}
+
+/// Every `broker_refresh_secs`, fetches the broker list; a changed list goes to the session,
+/// which stops using (and closes its link to) a broker no longer listed.
+async fn refresh_brokers(
+    session: Arc<Session>,
+    cfg: AgentConfig,
+    identity_rx: tokio::sync::watch::Receiver<Arc<umbra_pki::TlsIdentity>>,
+    mut cref: umbra_link::enroll::ControllerRef,
+    cancel: CancellationToken,
+) {
+    let mut refresh = tokio::time::interval(cfg.broker_refresh());
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = refresh.tick() => {
+                let id = identity_rx.borrow().clone();
+                let before = cref.brokers.clone();
+                cref = identity::refresh_brokers(&cfg, &id, cref).await;
+                if cref.brokers != before {
+                    session.update_brokers(cref.brokers.clone()).await;
+                }
+            }
+        }
+    }
 }
 
 async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, idle: Duration) {

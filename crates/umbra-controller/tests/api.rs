@@ -1210,6 +1210,84 @@ async fn heartbeat_brokers_streams_and_audit() {
     h.ctl.shutdown().await;
 }
 
+/// Revoking a broker (by name) takes it out of the broker lists peers fetch and ends what
+/// the controller serves it (heartbeat, snapshot, renewal); the other broker is untouched.
+#[tokio::test]
+async fn revoked_broker_is_unlisted_and_unserved() {
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let mut brokers = Vec::new();
+    for (name, port) in [("b1", 4433), ("b2", 4533)] {
+        let (id, _) = h.peer("broker", name).await;
+        let client = h.as_peer(&id);
+        let hb = json!({
+            "name": name,
+            "quic_addr": format!("127.0.0.1:{port}"),
+            "tcp_addr": format!("127.0.0.1:{port}"),
+            "server_name": umbra_pki::broker_server_name(&id.peer.id.id),
+            "snapshot_version": 0,
+            "streams": [],
+            "audit": [],
+        });
+        assert_eq!(heartbeat(&h, &client, &hb).await, StatusCode::OK);
+        brokers.push((id, client, hb));
+    }
+    let listed = |c: reqwest::Client| {
+        let url = h.url("/v1/brokers");
+        async move {
+            let (s, list) = get_json::<BrokerList>(&c, url).await;
+            assert_eq!(s, StatusCode::OK);
+            let mut names: Vec<String> =
+                list.unwrap().brokers.into_iter().map(|b| b.name).collect();
+            names.sort();
+            names
+        }
+    };
+    assert_eq!(listed(h.as_peer(&dev)).await, ["b1", "b2"]);
+
+    let (s, _) = h.admin("POST", "/v1/brokers/nope/revoke", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let v = h.ctl.snapshot_version();
+    let (s, _) = h.admin("POST", "/v1/brokers/b2/revoke", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(h.ctl.snapshot_version() > v, "a revocation is a change");
+
+    // Agents, connectors and the other broker no longer see it.
+    assert_eq!(listed(h.as_peer(&dev)).await, ["b1"]);
+    assert_eq!(listed(brokers[0].1.clone()).await, ["b1"]);
+    let all = h.ok("GET", "/v1/brokers/all", None).await;
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all[0]["name"], "b1");
+    // The revoked broker is served nothing more.
+    let (_, b2, hb2) = &brokers[1];
+    assert_eq!(heartbeat(&h, b2, hb2).await, StatusCode::FORBIDDEN);
+    let (s, _) = get_json::<Value>(b2, h.url("/v1/snapshot?after=0&wait=0")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The twin: the other broker still is.
+    let (_, b1, hb1) = &brokers[0];
+    assert_eq!(heartbeat(&h, b1, hb1).await, StatusCode::OK);
+    let (s, _) = get_json::<Value>(b1, h.url("/v1/snapshot?after=0&wait=0")).await;
+    assert_eq!(s, StatusCode::OK);
+    // Audited, and revoking again changes nothing.
+    let audit: Vec<AuditEntry> =
+        serde_json::from_value(h.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
+    let b2_id = brokers[1].0.peer.id.id.clone();
+    let revokes = || {
+        audit
+            .iter()
+            .filter(|e| e.record.action == "revoke" && e.record.target == format!("broker/{b2_id}"))
+            .count()
+    };
+    assert_eq!(revokes(), 1, "{audit:?}");
+    let v = h.ctl.snapshot_version();
+    let (s, _) = h
+        .admin("POST", &format!("/v1/brokers/{b2_id}/revoke"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.ctl.snapshot_version(), v);
+    h.ctl.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Persistence, CA custody, audit, OpenAPI
 

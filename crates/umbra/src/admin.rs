@@ -126,6 +126,11 @@ enum GroupCmd {
         /// User id (e-mail address).
         user: String,
     },
+    /// Remove a group (its members stay; policies naming it stop matching anyone).
+    Rm {
+        /// Group name.
+        name: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -237,6 +242,13 @@ enum ConnectorCmd {
 enum BrokerCmd {
     /// List brokers.
     List,
+    /// Revoke a broker (id or name): the controller stops serving it and takes it out of the
+    /// broker lists; connectors drop their links to it within about 10 s, agents within a
+    /// minute.
+    Revoke {
+        /// Broker id or name (from `umbra admin broker list`).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -487,6 +499,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 .await?;
             out!(v, |_| println!("{user} removed from {group}"));
         }
+        Cmd::Group(GroupCmd::Rm { name }) => {
+            let v = c.delete(&format!("/v1/groups/{}", seg(name))).await?;
+            out!(v, |_| println!("group {name} removed"));
+        }
         Cmd::Service(ServiceCmd::Add {
             name,
             target,
@@ -688,6 +704,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     ])
                     .collect()
             ));
+        }
+        Cmd::Broker(BrokerCmd::Revoke { id }) => {
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/v1/brokers/{}/revoke", seg(id)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            out!(v, |_| println!("broker {id} revoked"));
         }
         Cmd::Stream(StreamCmd::List) => {
             let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;

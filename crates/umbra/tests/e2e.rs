@@ -2025,6 +2025,58 @@ fn check_controller_restart(w: &mut World) {
     );
 }
 
+/// (13) `umbra admin broker revoke NAME`: the broker leaves the broker list and the connector
+/// drops its links to it (it polls the list every 10 s); the other broker keeps its links.
+/// Also `group add` / `group rm` through the CLI.
+fn check_broker_revocation(w: &mut World) {
+    w.step("(13) umbra admin broker revoke broker-2: the connector drops it within 15 s");
+    w.admin(&["broker", "revoke", "broker-2"]);
+    let list = w.admin(&["broker", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b["name"].as_str()).collect())
+        .unwrap_or_default();
+    if names != ["broker-1"] {
+        w.fail(
+            format!("broker list after revoking broker-2: {list}"),
+            &["controller"],
+        );
+    }
+    let url = |n: u16| format!("http://127.0.0.1:{}/metrics", BROKER_METRICS + n);
+    let connector_links = |w: &mut World, n: u16| {
+        let text = scrape(w, Ns::Edge, &format!("broker-{n}"), &url(n));
+        metric_sum(&text, "umbra_broker_links", &["role=\"connector\""]).unwrap_or(0.0)
+    };
+    let r = poll(Duration::from_secs(15), || match connector_links(w, 2) {
+        0.0 => Ok(()),
+        n => Err(format!("broker-2 still has {n} connector links")),
+    });
+    if let Err(e) = r {
+        w.fail(e, &["connector", "broker-2", "controller"]);
+    }
+    let kept = connector_links(w, 1);
+    if kept < 1.0 {
+        w.fail(
+            format!("broker-1 lost its connector links ({kept}) when broker-2 was revoked"),
+            &["connector", "broker-1"],
+        );
+    }
+
+    w.step("(13b) umbra admin group add / group rm");
+    w.admin(&["group", "add", "short-lived"]);
+    w.admin(&["group", "rm", "short-lived"]);
+    let groups = w.admin(&["group", "list"]);
+    if groups
+        .as_array()
+        .is_some_and(|a| a.iter().any(|g| g["name"] == "short-lived"))
+    {
+        w.fail(
+            format!("group short-lived still listed: {groups}"),
+            &["controller"],
+        );
+    }
+}
+
 /// (12) revoking the agent's device stops new connections within 3 s.
 fn check_device_revocation(w: &mut World) {
     w.step("(12) umbra admin device revoke: new connections fail within 3 s");
@@ -2428,6 +2480,7 @@ fn zero_trust_access_end_to_end() {
     check_controller_away(&mut w);
     check_controller_restart(&mut w);
     check_device_revocation(&mut w);
+    check_broker_revocation(&mut w);
     check_audit_and_secrets(&mut w);
     check_json_logs(&mut w);
     for name in w

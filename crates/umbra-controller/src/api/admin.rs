@@ -669,28 +669,7 @@ pub(super) async fn revoke_connector(
 ) -> Result<Json<api::Connector>, ApiFailure> {
     let res = async {
         let mut w = ctx.store.write().await?;
-        // By id, else every live connector carrying that name.
-        let rows = match peers::peer_get(w.conn(), &ctx.org, Kind::Connector, &id).await? {
-            Some(row) => vec![row],
-            None => {
-                let named = peers::peers_named(w.conn(), &ctx.org, Kind::Connector, &id).await?;
-                let live: Vec<PeerRow> = named
-                    .iter()
-                    .filter(|r| r.revoked_at.is_none())
-                    .cloned()
-                    .collect();
-                match (live.is_empty(), named.last()) {
-                    (false, _) => live,
-                    (true, Some(last)) => vec![last.clone()],
-                    (true, None) => {
-                        return Err(ApiFailure::not_found(
-                            "id",
-                            format!("no connector with id or name {id}"),
-                        ));
-                    }
-                }
-            }
-        };
+        let rows = by_id_or_name(&ctx, w.conn(), Kind::Connector, &id).await?;
         let rows = revoke_rows(&ctx, w, Kind::Connector, rows).await?;
         let mut r = ctx.store.read().await?;
         connector_view(&mut r, &ctx.org, rows)
@@ -704,6 +683,36 @@ pub(super) async fn revoke_connector(
         .await
 }
 
+/// The connectors or brokers `id` names: the one with that id, else every live one carrying
+/// that name, else the last one that carried it (revoking it again changes nothing).
+async fn by_id_or_name(
+    ctx: &Ctx,
+    c: &mut SqliteConnection,
+    kind: Kind,
+    id: &str,
+) -> Result<Vec<PeerRow>, ApiFailure> {
+    if let Some(row) = peers::peer_get(c, &ctx.org, kind, id).await? {
+        return Ok(vec![row]);
+    }
+    let named = peers::peers_named(c, &ctx.org, kind, id).await?;
+    let live: Vec<PeerRow> = named
+        .iter()
+        .filter(|r| r.revoked_at.is_none())
+        .cloned()
+        .collect();
+    match (live.is_empty(), named.last()) {
+        (false, _) => Ok(live),
+        (true, Some(last)) => Ok(vec![last.clone()]),
+        (true, None) => Err(ApiFailure::not_found(
+            "id",
+            format!("no {} with id or name {id}", kind.role().as_str()),
+        )),
+    }
+}
+
+/// Revokes a broker (id or name): the controller stops serving it (snapshots, heartbeats,
+/// renewal) and drops it from the broker lists that connectors (every 10 s) and agents
+/// (every 60 s while forwarding) fetch; they then close their links to it.
 pub(super) async fn revoke_broker(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
@@ -711,10 +720,8 @@ pub(super) async fn revoke_broker(
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let mut w = ctx.store.write().await?;
-        let row = peers::peer_get(w.conn(), &ctx.org, Kind::Broker, &id)
-            .await?
-            .ok_or_else(|| ApiFailure::not_found("id", format!("no broker {id}")))?;
-        revoke_rows(&ctx, w, Kind::Broker, vec![row]).await?;
+        let rows = by_id_or_name(&ctx, w.conn(), Kind::Broker, &id).await?;
+        revoke_rows(&ctx, w, Kind::Broker, rows).await?;
         Ok(no_content())
     }
     .await;
