@@ -183,12 +183,28 @@ impl Session {
                 ranked.push(b.id.clone());
             }
         }
+        // A broker no longer listed (revoked or retired) carries nothing more: every link to
+        // it is closed, the streams on them with it.
         if let Some((id, link)) = &st.current
             && !ranked.contains(id)
         {
             link.close();
             st.current = None;
         }
+        st.side.retain(|(id, link)| {
+            let listed = ranked.contains(id);
+            if !listed {
+                link.close();
+            }
+            listed
+        });
+        st.retiring.retain(|link| {
+            let listed = ranked.contains(&link.peer().id.id);
+            if !listed {
+                link.close();
+            }
+            listed
+        });
         st.ranked = ranked;
         st.brokers = list;
     }
