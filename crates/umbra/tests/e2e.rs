@@ -2063,15 +2063,24 @@ fn check_broker_revocation(w: &mut World) {
     }
 
     w.step("(13b) umbra admin group add / group rm");
+    let listed = |w: &mut World| {
+        let groups = w.admin(&["group", "list"]);
+        let there = groups
+            .as_array()
+            .is_some_and(|a| a.iter().any(|g| g["name"] == "short-lived"));
+        (there, groups)
+    };
     w.admin(&["group", "add", "short-lived"]);
-    w.admin(&["group", "rm", "short-lived"]);
-    let groups = w.admin(&["group", "list"]);
-    if groups
-        .as_array()
-        .is_some_and(|a| a.iter().any(|g| g["name"] == "short-lived"))
-    {
+    if let (false, groups) = listed(w) {
         w.fail(
-            format!("group short-lived still listed: {groups}"),
+            format!("group short-lived not listed after add: {groups}"),
+            &["controller"],
+        );
+    }
+    w.admin(&["group", "rm", "short-lived"]);
+    if let (true, groups) = listed(w) {
+        w.fail(
+            format!("group short-lived still listed after rm: {groups}"),
             &["controller"],
         );
     }
