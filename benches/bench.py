@@ -766,6 +766,7 @@ def main():
         # For profiling: everything up, nothing measured.
         info = {"scenarios": {sid: {"iperf": ti, "echo": te, "idle": tsu}
                               for sid, _, ti, te, tsu in scen},
+                "floors": {sid: {"echo": te} for sid, _, te in floors},
                 "pids": {name: p.pid for name, p in PROCS if p.poll() is None},
                 "broker_metrics": u.broker_metrics, "workdir": d}
         open(os.path.join(d, "hold.json"), "w").write(json.dumps(info, indent=1))
