@@ -8,8 +8,9 @@
 //! on the same port (TLS over TCP; the agents here use that transport).
 //!
 //! A service whose one connector is linked to the far broker only is served through the far
-//! broker; once the connector links to the near one too, the same agent's new streams go
-//! through the near one again.
+//! broker (a side link: the near broker stays the agent's first choice). Revoking the far
+//! broker ends that side link and its stream, not the near broker's. Once the connector links
+//! to the near one too, the same agent's new streams go through the near one again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -85,10 +86,12 @@ async fn add_broker(s: &mut Stack, name: &str, advertise: &str) -> SocketAddr {
 }
 
 /// Alice's agent forwarding `service` over TLS/TCP. Its probes and opens get 5 s (1 s by
-/// default): on a loaded machine a slow answer must not make the near broker look dead.
+/// default): on a loaded machine a slow answer must not make the near broker look dead. It
+/// refreshes the broker list every second (60 s by default).
 async fn forward(s: &Stack, service: &str) -> Forwarder {
     let mut cfg = s.agent("alice").config(TransportPref::Tcp);
     cfg.open_timeout_ms = 5_000;
+    cfg.broker_refresh_secs = 1;
     Forwarder::start(cfg, service, ([127, 0, 0, 1], 0).into())
         .await
         .unwrap()
@@ -154,7 +157,7 @@ async fn nearest_is_used(far: usize) {
         .await;
     }
     let fwd = forward(&s, ECHO).await;
-    let mut held = poll("alice reaches echo", SOON, || {
+    let mut held_near = poll("alice reaches echo", SOON, || {
         LiveConn::open(fwd.local_addr())
     })
     .await;
@@ -166,7 +169,7 @@ async fn nearest_is_used(far: usize) {
         near.cfg.name,
         near.id
     );
-    held.echo(b"still there").await.unwrap();
+    held_near.echo(b"still there").await.unwrap();
 
     // A service whose one connector (a stand-in) is linked to the far broker only: the near
     // broker answers `Unavailable`, and the same agent gets it through the far one.
@@ -202,7 +205,13 @@ async fn nearest_is_used(far: usize) {
     let farb = &s.brokers[far];
     let got = carrier(&s, LATE).await;
     assert!(got == farb.cfg.name || got == farb.id, "{got}");
-    drop(held);
+    // Revoking the far broker ends the agent's side link to it and the stream on it; the
+    // stream through the near broker goes on.
+    s.admin
+        .ok("POST", &format!("/v1/brokers/{}/revoke", farb.id), None)
+        .await;
+    held.closed_within(Duration::from_secs(5)).await.unwrap();
+    held_near.echo(b"the near broker's stream").await.unwrap();
     // Once the connector links to the near broker too, the same agent's new streams go
     // through the near one again: the far broker only stood in.
     let _near_link = link_to(1 - far).await;
