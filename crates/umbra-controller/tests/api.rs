@@ -1258,16 +1258,21 @@ async fn revoked_broker_is_unlisted_and_unserved() {
     let all = h.ok("GET", "/v1/brokers/all", None).await;
     assert_eq!(all.as_array().unwrap().len(), 1);
     assert_eq!(all[0]["name"], "b1");
-    // The revoked broker is served nothing more.
+    // The revoked broker is served nothing more: no heartbeat, snapshot or renewal.
+    let csr = || umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
     let (_, b2, hb2) = &brokers[1];
     assert_eq!(heartbeat(&h, b2, hb2).await, StatusCode::FORBIDDEN);
     let (s, _) = get_json::<Value>(b2, h.url("/v1/snapshot?after=0&wait=0")).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    let resp = h.renew(b2, json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     // The twin: the other broker still is.
     let (_, b1, hb1) = &brokers[0];
     assert_eq!(heartbeat(&h, b1, hb1).await, StatusCode::OK);
     let (s, _) = get_json::<Value>(b1, h.url("/v1/snapshot?after=0&wait=0")).await;
     assert_eq!(s, StatusCode::OK);
+    let resp = h.renew(b1, json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
     // Audited, and revoking again changes nothing.
     let audit: Vec<AuditEntry> =
         serde_json::from_value(h.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
