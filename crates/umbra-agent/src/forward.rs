@@ -53,7 +53,7 @@ impl Forwarder {
         if !listen_allowed(listen, cfg.allow_remote_clients) {
             return Err(AgentError::RemoteListen(listen));
         }
-        if !listen.ip().to_canonical().is_loopback() {
+        if !listen_allowed(listen, false) {
             tracing::warn!(
                 %service,
                 %listen,
