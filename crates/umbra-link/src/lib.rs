@@ -27,6 +27,7 @@ mod control;
 pub mod enroll;
 mod error;
 mod link;
+mod path_mtu;
 mod pending;
 mod quic;
 mod quic_kx;

@@ -132,7 +132,15 @@ impl Link {
                 let conn = conn.clone();
                 tokio::spawn(async move {
                     let why = conn.closed().await;
-                    info!(parent: &span, reason = %why, "link down");
+                    let path = conn.stats().path;
+                    telemetry::quic_link_closed(&path);
+                    info!(
+                        parent: &span,
+                        reason = %why,
+                        mtu = path.current_mtu,
+                        mtu_probes_lost = path.lost_plpmtud_probes,
+                        "link down"
+                    );
                     gauge.decrement(1.0);
                 });
             }
@@ -314,6 +322,8 @@ impl Link {
                 let p = conn.stats().path;
                 Some(QuicPath {
                     mtu: p.current_mtu,
+                    mtu_probes_sent: p.sent_plpmtud_probes,
+                    mtu_probes_lost: p.lost_plpmtud_probes,
                     sent_packets: p.sent_packets,
                     lost_packets: p.lost_packets,
                     black_holes: p.black_holes_detected,
@@ -338,6 +348,9 @@ impl Link {
 pub struct QuicPath {
     /// Largest UDP payload in use, from path MTU discovery.
     pub mtu: u16,
+    /// Path MTU probes sent, and judged lost (see `path_mtu.rs` for why these should be few).
+    pub mtu_probes_sent: u64,
+    pub mtu_probes_lost: u64,
     /// Packets sent.
     pub sent_packets: u64,
     /// Packets judged lost.
@@ -436,9 +449,9 @@ impl Listener {
         let mut quic_addr = None;
         let endpoint = match quic {
             Some(addr) => {
-                let e = quic::server_endpoint(addr, server_tls.clone(), &cfg)?;
+                let (e, base) = quic::server_endpoint(addr, server_tls.clone(), &cfg)?;
                 quic_addr = Some(e.local_addr()?);
-                Some(e)
+                Some((e, Arc::new(base)))
             }
             None => None,
         };
@@ -453,9 +466,10 @@ impl Listener {
                 stop.clone(),
             ));
         }
-        if let Some(e) = &endpoint {
+        if let Some((e, base)) = &endpoint {
             tokio::spawn(accept_quic(
                 e.clone(),
+                base.clone(),
                 pending.clone(),
                 tx,
                 cfg,
@@ -463,6 +477,7 @@ impl Listener {
             ));
         }
         info!(?quic_addr, ?tcp_addr, "listening");
+        let endpoint = endpoint.map(|(e, _)| e);
         Ok(Listener {
             quic_addr,
             tcp_addr,
@@ -555,6 +570,7 @@ async fn accept_tcp(
 
 async fn accept_quic(
     endpoint: quinn::Endpoint,
+    base: Arc<quinn::ServerConfig>,
     pending: Arc<Pending>,
     tx: mpsc::Sender<Link>,
     cfg: Arc<LinkConfig>,
@@ -569,10 +585,11 @@ async fn accept_quic(
             },
         };
         let slot = pending.admit();
-        let (tx, cfg) = (tx.clone(), cfg.clone());
+        let (tx, cfg, base) = (tx.clone(), cfg.clone(), base.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let r = bounded(slot, cfg.handshake_timeout, quic::accept(incoming)).await;
+            let handshake = quic::accept(incoming, &base, &cfg);
+            let r = bounded(slot, cfg.handshake_timeout, handshake).await;
             deliver(r, Transport::Quic, remote, &tx);
         });
     }

@@ -21,18 +21,24 @@ use umbra_proto::Role;
 
 use crate::error::{LinkError, from_conn};
 use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
+use crate::path_mtu;
 use crate::quic_kx::{KxClientConfig, KxServerConfig, QuicHandshake};
 use crate::quic_socket::UdpIo;
 use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
 
-fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportConfig, LinkError> {
+fn transport_config(
+    cfg: &LinkConfig,
+    peer_may_open: bool,
+    remote: SocketAddr,
+) -> Result<TransportConfig, LinkError> {
     let mut t = TransportConfig::default();
-    // Path MTU discovery searches up to the largest UDP payload and settles on what the path
-    // carries: about 1450 bytes on Ethernet, more with jumbo frames, 64 KiB on loopback. Most
-    // of QUIC's cost is per packet, so a larger packet is less CPU per byte. Probes that are
-    // too big are just lost; `quic_socket` keeps GSO batches of large packets deliverable.
+    // Path MTU discovery searches up to what the first hop towards `remote` carries: about
+    // 1472 bytes on Ethernet, more with jumbo frames, 64 KiB on loopback. Most of QUIC's cost
+    // is per packet, so a larger packet is less CPU per byte; probes beyond the first hop
+    // would only be lost, and stall the new link while they are in flight (`path_mtu.rs`).
+    // `quic_socket` keeps GSO batches of large packets deliverable.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(path_mtu::search_bound(remote, MAX_UDP_PAYLOAD));
     t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(VarInt::from_u32(cfg.stream_window))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
@@ -50,20 +56,24 @@ fn transport_config(cfg: &LinkConfig, peer_may_open: bool) -> Result<TransportCo
     Ok(t)
 }
 
-/// The listener's endpoint. `server_tls` must allow TLS 1.3 with the AES-128-GCM suite (QUIC's
-/// initial suite); every umbra-pki config does.
+/// The listener's endpoint and the server config each incoming connection starts from (see
+/// [`accept`]). `server_tls` must allow TLS 1.3 with the AES-128-GCM suite (QUIC's initial
+/// suite); every umbra-pki config does.
 pub(crate) fn server_endpoint(
     addr: SocketAddr,
     server_tls: Arc<rustls::ServerConfig>,
     cfg: &LinkConfig,
-) -> Result<Endpoint, LinkError> {
+) -> Result<(Endpoint, quinn::ServerConfig), LinkError> {
     let crypto = QuicServerConfig::try_from(server_tls)
         .map_err(|e| LinkError::Config(format!("QUIC server TLS config: {e}")))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(KxServerConfig(Arc::new(crypto))));
-    sc.transport_config(Arc::new(transport_config(cfg, true)?));
+    // The endpoint's own transport config is never used: every connection is accepted with
+    // one made for its path.
+    sc.transport_config(Arc::new(transport_config(cfg, true, addr)?));
     // Connections waiting for a handshake slot; beyond this quinn refuses new ones.
     sc.max_incoming(cfg.max_pending_handshakes.saturating_mul(4).max(64));
-    endpoint(addr, Some(sc), cfg.reset_key.as_ref())
+    let e = endpoint(addr, Some(sc.clone()), cfg.reset_key.as_ref())?;
+    Ok((e, sc))
 }
 
 /// Socket buffer asked for in each direction (the kernel caps it at `net.core.rmem_max` /
@@ -120,12 +130,19 @@ fn endpoint(
     )?)
 }
 
-/// Listener side: completes the handshake of an incoming connection. The caller bounds it
+/// Listener side: completes the handshake of an incoming connection, with `base` (from
+/// [`server_endpoint`]) given a transport config for this peer's path. The caller bounds it
 /// with the handshake timeout.
-pub(crate) async fn accept(incoming: quinn::Incoming) -> Result<Link, LinkError> {
+pub(crate) async fn accept(
+    incoming: quinn::Incoming,
+    base: &quinn::ServerConfig,
+    cfg: &LinkConfig,
+) -> Result<Link, LinkError> {
     let remote = incoming.remote_address();
+    let mut sc = base.clone();
+    sc.transport_config(Arc::new(transport_config(cfg, true, remote)?));
     let conn = incoming
-        .accept()
+        .accept_with(Arc::new(sc))
         .map_err(from_conn)?
         .await
         .map_err(from_conn)?;
@@ -161,7 +178,7 @@ pub(crate) async fn dial(
     let crypto = QuicClientConfig::try_from(client_tls)
         .map_err(|e| LinkError::Config(format!("QUIC client TLS config: {e}")))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(KxClientConfig(Arc::new(crypto))));
-    cc.transport_config(Arc::new(transport_config(cfg, !we_open)?));
+    cc.transport_config(Arc::new(transport_config(cfg, !we_open, addr)?));
     let bind: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

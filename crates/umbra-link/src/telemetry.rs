@@ -5,6 +5,9 @@
 //!   and dialing.
 //! - `umbra_relay_bytes_total{direction}` counter: bytes relayed, `up` (towards the service)
 //!   and `down`.
+//! - `umbra_quic_mtu_probes_total{result}` counter: path MTU probes of QUIC links, `sent` and
+//!   `lost`, counted when a link closes. Lost probes on a working path mean its MTU is below
+//!   the first hop's (a tunnel, or a router that drops instead of fragmenting).
 //!
 //! Handles are resolved once per link or relay, never per chunk: an increment on a handle is
 //! one atomic add in the Prometheus recorder.
@@ -28,4 +31,12 @@ pub(crate) fn relay_bytes() -> (Counter, Counter) {
         metrics::counter!("umbra_relay_bytes_total", "direction" => "up"),
         metrics::counter!("umbra_relay_bytes_total", "direction" => "down"),
     )
+}
+
+/// Counts a closed QUIC link's MTU probes.
+pub(crate) fn quic_link_closed(path: &quinn::PathStats) {
+    metrics::counter!("umbra_quic_mtu_probes_total", "result" => "sent")
+        .increment(path.sent_plpmtud_probes);
+    metrics::counter!("umbra_quic_mtu_probes_total", "result" => "lost")
+        .increment(path.lost_plpmtud_probes);
 }

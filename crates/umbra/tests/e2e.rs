@@ -2025,6 +2025,37 @@ fn check_controller_restart(w: &mut World) {
     );
 }
 
+/// (13) QUIC's path MTU discovery stays within what the veth pairs carry (1500 bytes): the
+/// QUIC links that have closed by now (the connector's to the revoked broker-2, and broker-2's
+/// side of it) sent MTU probes and lost none. A probe larger than the first hop is lost by
+/// construction and stalls a new link while it is in flight (`umbra-link/src/path_mtu.rs`).
+fn check_mtu_probes(w: &mut World) {
+    let url = format!("http://127.0.0.1:{}/metrics", BROKER_METRICS + 2);
+    let broker = scrape(w, Ns::Edge, "broker-2", &url);
+    let url = format!("http://127.0.0.1:{CONNECTOR_METRICS}/metrics");
+    let connector = scrape(w, Ns::Apps, "connector", &url);
+    let mut problems = Vec::new();
+    for (who, text) in [("broker-2", &broker), ("connector", &connector)] {
+        let probes = |result: &str| {
+            metric_sum(
+                text,
+                "umbra_quic_mtu_probes_total",
+                &[&format!("result=\"{result}\"")],
+            )
+        };
+        match (probes("sent"), probes("lost")) {
+            (Some(sent), Some(lost)) if sent >= 1.0 && lost == 0.0 => {}
+            (sent, lost) => problems.push(format!(
+                "{who}: MTU probes of closed QUIC links: sent {sent:?}, lost {lost:?} \
+                 (expected some sent and none lost)"
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        w.fail(problems.join("\n"), &["connector", "broker-2"]);
+    }
+}
+
 /// (13) `umbra admin broker revoke NAME`: the broker leaves the broker list and the connector
 /// drops its links to it (it polls the list every 10 s); the other broker keeps its links.
 /// Also `group add` / `group rm` through the CLI.
@@ -2061,6 +2092,7 @@ fn check_broker_revocation(w: &mut World) {
             &["connector", "broker-1"],
         );
     }
+    check_mtu_probes(w);
 
     w.step("(13b) umbra admin group add / group rm");
     let listed = |w: &mut World| {
