@@ -7,21 +7,19 @@ use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use umbra_pki::ServerCertSlot;
 
+use crate::admin_token;
 use crate::api;
-use crate::audit;
 use crate::ca;
 use crate::config::ControllerConfig;
 use crate::distribution::Distribution;
 use crate::error::ControllerError;
-use crate::state::{Clock, Ctx, new_id};
-use crate::store::{self, SNAPSHOT_VERSION, Store, peers};
+use crate::state::{Clock, Ctx};
+use crate::store::{self, SNAPSHOT_VERSION, Store};
 
 /// How often the controller's own server certificate is replaced (it lives 7 days).
 const SERVER_CERT_ROTATION: Duration = Duration::from_secs(24 * 3600);
@@ -74,7 +72,7 @@ impl Controller {
         };
         let ca = ca::load_or_create(&store, &cfg, env_key.as_deref(), clock()).await?;
 
-        let (admin_hashes, first_admin_token) = admin_tokens(&store, clock()).await?;
+        let first_admin_token = admin_token::first(&store, clock()).await?;
         let server_id = ca::server_identity(&ca, &store, &cfg.server_names, clock()).await?;
         let (tls, slot) = ca::server_tls(&server_id)?;
 
@@ -113,7 +111,6 @@ impl Controller {
             cert_lifetime: cfg.cert_lifetime(),
             token_ttl: cfg.token_ttl(),
             dist: Distribution::new(version),
-            admin_hashes,
             shutdown: shutdown_rx.clone(),
         });
         let router = api::router(ctx.clone());
@@ -185,6 +182,13 @@ impl Controller {
         self.first_admin_token.clone()
     }
 
+    /// Whether `token` is a current admin token (it may have been rotated or reset since it
+    /// was issued).
+    pub async fn admin_token_works(&self, token: &str) -> Result<bool, ControllerError> {
+        let mut r = self.ctx.store.read().await?;
+        Ok(admin_token::check(&mut r, &self.ctx.org, token).await?)
+    }
+
     /// The current snapshot version.
     pub fn snapshot_version(&self) -> u64 {
         self.ctx.dist.current()
@@ -215,53 +219,6 @@ fn create_data_dir(cfg: &ControllerConfig) -> Result<(), ControllerError> {
             path: cfg.data_dir.clone(),
             source,
         })
-}
-
-/// Loads the admin token hashes; on the very first start creates one token and returns it.
-async fn admin_tokens(
-    store: &Store,
-    now: SystemTime,
-) -> Result<(Vec<[u8; 32]>, Option<String>), ControllerError> {
-    let org = store.org().to_owned();
-    let mut w = store.write().await?;
-    let stored = peers::admin_token_hashes(w.conn(), &org).await?;
-    if !stored.is_empty() {
-        drop(w);
-        let hashes = stored
-            .iter()
-            .filter_map(|h| {
-                let mut out = [0u8; 32];
-                hex::decode_to_slice(h, &mut out).ok().map(|()| out)
-            })
-            .collect();
-        return Ok((hashes, None));
-    }
-    let token = format!(
-        "umbra-admin-{}",
-        URL_SAFE_NO_PAD.encode(umbra_pki::random_bytes::<32>())
-    );
-    let hash = umbra_pki::sha256(token.as_bytes());
-    let id = new_id("a");
-    let now_secs = store::to_i64(audit::unix_secs(now));
-    peers::admin_token_insert(w.conn(), &org, &id, &hex::encode(hash), now_secs).await?;
-    let rec = audit::record(
-        now,
-        audit::CONTROLLER,
-        "admin_token.create",
-        &id,
-        true,
-        serde_json::json!({}),
-    );
-    audit::stage(
-        w.conn(),
-        &org,
-        std::slice::from_ref(&rec),
-        audit::CONTROLLER,
-    )
-    .await?;
-    w.commit().await?;
-    audit::emit(&rec);
-    Ok((vec![hash], Some(token)))
 }
 
 /// Replaces the server certificate daily, long before its 7-day expiry.

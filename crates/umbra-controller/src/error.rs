@@ -27,6 +27,12 @@ pub enum ControllerError {
         #[source]
         source: io::Error,
     },
+    /// There is no controller database at this path (a reset was asked of a controller that
+    /// never started).
+    #[error(
+        "no controller database at {0}: has a controller ever started with this data directory?"
+    )]
+    NotSetUp(PathBuf),
     /// The database could not be opened or queried.
     #[error("database: {0}")]
     Database(#[source] sqlx::Error),

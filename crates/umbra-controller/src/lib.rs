@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+mod admin_token;
 mod api;
 mod audit;
 mod ca;
@@ -45,6 +46,7 @@ mod state;
 mod store;
 mod validate;
 
+pub use admin_token::reset_admin_token;
 pub use config::{ConfigError, ControllerConfig, MAX_TOKEN_TTL};
 pub use controller::Controller;
 pub use error::ControllerError;

@@ -33,8 +33,6 @@ pub(crate) struct Ctx {
     pub(crate) cert_lifetime: Duration,
     pub(crate) token_ttl: Duration,
     pub(crate) dist: Distribution,
-    /// SHA-256 of each admin token.
-    pub(crate) admin_hashes: Vec<[u8; 32]>,
     /// Becomes `true` when the controller shuts down; long polls end early.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -48,12 +46,11 @@ impl Ctx {
         store::to_i64(audit::unix_secs(self.now()))
     }
 
-    /// Whether `token` is an admin token. Compares against every stored hash in constant time.
-    pub(crate) fn admin_ok(&self, token: &str) -> bool {
-        let h = umbra_pki::sha256(token.as_bytes());
-        self.admin_hashes
-            .iter()
-            .fold(false, |ok, stored| umbra_pki::ct_eq(&h, stored) | ok)
+    /// Whether `token` is a current admin token (read from the store each time, see
+    /// `admin_token.rs`).
+    pub(crate) async fn admin_ok(&self, token: &str) -> Result<bool, ApiFailure> {
+        let mut r = self.store.read().await?;
+        Ok(crate::admin_token::check(&mut r, &self.org, token).await?)
     }
 
     /// Commits an admin change: stores its audit record, bumps the snapshot version, commits,

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use umbra_controller::{Controller, ControllerConfig, ControllerError};
 use umbra_pki::{CertificateDer, TlsIdentity};
 use umbra_proto::api::{
-    ApiError, AuditEntry, AuditRecord, BrokerList, ConnectorConfig, EnrollTokenCreated, IssuedCert,
+    AdminTokenCreated, ApiError, AuditEntry, AuditRecord, BrokerList, ConnectorConfig,
+    EnrollTokenCreated, IssuedCert,
 };
 use umbra_proto::{PeerId, Role, Snapshot};
 
@@ -1421,6 +1422,185 @@ async fn admin_token_is_stored_only_as_its_hash() {
     ctl.shutdown().await;
 }
 
+/// `GET /v1/users` with `token`: its status.
+async fn users_with(http: &reqwest::Client, base: &str, token: &str) -> StatusCode {
+    http.get(format!("{base}/v1/users"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// `POST /v1/admin-token/rotate` replaces every admin token, the caller's included; the old
+/// one stops working as it commits, the new one works, also after a restart. Refused
+/// rotations (no token, a wrong one, the replaced one) change nothing.
+#[tokio::test]
+async fn admin_token_rotation() {
+    let h = Harness::start().await;
+    let base = h.ctl.url();
+    let old = h.admin_token.clone();
+    let rotate = |token: Option<&str>| {
+        let mut req = h.http.post(h.url("/v1/admin-token/rotate"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+
+    // Refused: no token, a wrong token. The current one still works after each.
+    assert_eq!(
+        rotate(None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let wrong = rotate(Some("umbra-admin-wrong")).await.unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(users_with(&h.http, &base, &old).await, StatusCode::OK);
+
+    let resp = rotate(Some(&old)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let first: AdminTokenCreated = resp.json().await.unwrap();
+    assert!(first.token.starts_with("umbra-admin-"), "{first:?}");
+    assert_ne!(first.token, old);
+    assert_eq!(first.replaced, 1);
+    assert_eq!(
+        users_with(&h.http, &base, &old).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        users_with(&h.http, &base, &first.token).await,
+        StatusCode::OK
+    );
+    // The replaced token cannot rotate either.
+    assert_eq!(
+        rotate(Some(&old)).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        users_with(&h.http, &base, &first.token).await,
+        StatusCode::OK
+    );
+
+    // Again: the token just issued is replaced in turn.
+    let second: AdminTokenCreated = rotate(Some(&first.token))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second.replaced, 1);
+    assert_eq!(
+        users_with(&h.http, &base, &first.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        users_with(&h.http, &base, &second.token).await,
+        StatusCode::OK
+    );
+
+    // Audited, with no token in the trail.
+    let audit = h
+        .http
+        .get(h.url("/v1/audit?limit=1000"))
+        .bearer_auth(&second.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let entries: Vec<AuditEntry> = serde_json::from_str(&audit).unwrap();
+    let rotations: Vec<&AuditRecord> = entries
+        .iter()
+        .map(|e| &e.record)
+        .filter(|r| r.action == "admin_token.rotate")
+        .collect();
+    let ok: Vec<&str> = rotations
+        .iter()
+        .filter(|r| r.result == "ok")
+        .map(|r| r.target.as_str())
+        .collect();
+    assert_eq!(ok, [first.id.as_str(), second.id.as_str()], "{audit}");
+    for t in [&old, &first.token, &second.token] {
+        assert!(
+            !audit.contains(t.as_str()),
+            "an admin token in the audit trail"
+        );
+    }
+
+    // Persisted: after a restart the last token works and the others do not.
+    let Harness { dir, ctl, skew, .. } = h;
+    ctl.shutdown().await;
+    let ctl = start(config(dir.path()), &skew).await.unwrap();
+    assert_eq!(ctl.first_admin_token(), None);
+    let http = client(&ca_der(&ctl.ca_pem()), None);
+    assert_eq!(
+        users_with(&http, &ctl.url(), &second.token).await,
+        StatusCode::OK
+    );
+    for t in [&old, &first.token] {
+        assert_eq!(
+            users_with(&http, &ctl.url(), t).await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    ctl.shutdown().await;
+}
+
+/// `reset_admin_token` (`umbra controller --reset-admin-token`) replaces a lost or leaked
+/// token from the host, with no admin token at all, and a running controller honours it at
+/// once. It refuses a data directory that holds no controller, and creates nothing there.
+#[tokio::test]
+async fn admin_token_reset_from_the_host() {
+    let h = Harness::start().await;
+    let base = h.ctl.url();
+    let cfg = config(h.dir.path());
+    let t = umbra_controller::reset_admin_token(&cfg, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(t.replaced, 1);
+    assert_eq!(
+        users_with(&h.http, &base, &h.admin_token).await,
+        StatusCode::UNAUTHORIZED,
+        "the running controller still takes the old token"
+    );
+    assert_eq!(users_with(&h.http, &base, &t.token).await, StatusCode::OK);
+    let audit: Vec<AuditEntry> = serde_json::from_str(
+        &h.http
+            .get(h.url("/v1/audit?limit=1000"))
+            .bearer_auth(&t.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.record.action == "admin_token.reset" && e.record.target == t.id),
+        "no admin_token.reset audit record"
+    );
+    h.ctl.shutdown().await;
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = umbra_controller::reset_admin_token(&config(empty.path()), SystemTime::now())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ControllerError::NotSetUp(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("has a controller ever started"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(empty.path()).unwrap().count(),
+        0,
+        "a refused reset created files"
+    );
+}
+
 #[tokio::test]
 async fn wrong_ca_key_fails_start_clearly() {
     umbra_pki::install_crypto_provider();
@@ -1563,6 +1743,7 @@ async fn openapi_lists_every_route() {
         ("get", "/v1/enrollment-tokens"),
         ("post", "/v1/enrollment-tokens"),
         ("delete", "/v1/enrollment-tokens/{id}"),
+        ("post", "/v1/admin-token/rotate"),
         ("get", "/v1/devices"),
         ("post", "/v1/devices/{id}/revoke"),
         ("get", "/v1/connectors"),
@@ -1594,6 +1775,6 @@ async fn openapi_lists_every_route() {
             assert_ne!(e.error, "no such route", "{method} {path}");
         }
     }
-    assert_eq!(paths.len(), 29);
+    assert_eq!(paths.len(), 30);
     h.ctl.shutdown().await;
 }

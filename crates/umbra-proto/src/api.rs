@@ -308,6 +308,25 @@ pub struct CreateEnrollToken {
     pub ttl_secs: Option<u64>,
 }
 
+/// A new admin token, which replaced every previous one. Shown once, here, and stored only as
+/// a hash.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct AdminTokenCreated {
+    pub id: String,
+    pub token: String,
+    /// How many admin tokens it replaced (they no longer work).
+    pub replaced: u64,
+}
+
+impl fmt::Debug for AdminTokenCreated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminTokenCreated")
+            .field("id", &self.id)
+            .field("replaced", &self.replaced)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The token is shown once, here, and stored only as a hash.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct EnrollTokenCreated {

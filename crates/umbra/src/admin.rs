@@ -73,6 +73,9 @@ enum Cmd {
     /// Streams live on the brokers now.
     #[command(subcommand)]
     Stream(StreamCmd),
+    /// The admin token itself.
+    #[command(subcommand)]
+    AdminToken(AdminTokenCmd),
     /// The audit log.
     Audit {
         /// Only events after this sequence number.
@@ -252,6 +255,14 @@ enum BrokerCmd {
 }
 
 #[derive(clap::Subcommand)]
+enum AdminTokenCmd {
+    /// Replace every admin token, this one included, with a new one (printed once). If this
+    /// command read its token from a file (`--token-file`, or `token_file` in `--config`), the
+    /// new token is written there. Lost the token? `umbra controller --reset-admin-token`.
+    Rotate,
+}
+
+#[derive(clap::Subcommand)]
 enum StreamCmd {
     /// List live streams.
     List,
@@ -261,6 +272,8 @@ pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// Where the token was read from, if from a file.
+    token_file: Option<PathBuf>,
 }
 
 impl Client {
@@ -278,13 +291,16 @@ impl Client {
             a.controller.clone().or(file.controller).context(
                 "no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)",
             )?;
+        let mut token_file = None;
         let token = if let Some(t) = &a.token {
             t.clone()
         } else if let Some(p) = a.token_file.clone().or(file.token_file) {
-            std::fs::read_to_string(&p)
+            let t = std::fs::read_to_string(&p)
                 .with_context(|| format!("cannot read token file {}", p.display()))?
                 .trim()
-                .to_owned()
+                .to_owned();
+            token_file = Some(p);
+            t
         } else if let Some(t) = file.token {
             t
         } else {
@@ -297,7 +313,9 @@ impl Client {
             .with_context(|| format!("cannot read {}", ca_file.display()))?;
         let ca = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
             .map_err(|e| anyhow::anyhow!("{} holds no certificate: {e}", ca_file.display()))?;
-        Client::connect(&base, token, &ca)
+        let mut c = Client::connect(&base, token, &ca)?;
+        c.token_file = token_file;
+        Ok(c)
     }
 
     /// A client for `base`, trusting only the organisation CA `ca`.
@@ -315,6 +333,7 @@ impl Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token,
+            token_file: None,
         })
     }
 
@@ -713,6 +732,37 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 )
                 .await?;
             out!(v, |_| println!("broker {id} revoked"));
+        }
+        Cmd::AdminToken(AdminTokenCmd::Rotate) => {
+            let t: api::AdminTokenCreated = c
+                .post("/v1/admin-token/rotate", &serde_json::json!({}))
+                .await?;
+            // The old token is dead now: the new one is printed whatever happens to the file.
+            let saved = c.token_file.as_ref().map(|p| {
+                umbra_pki::write_private_file(p, format!("{}\n", t.token).as_bytes())
+                    .map(|()| p.clone())
+                    .map_err(|e| format!("cannot write {}: {e}", p.display()))
+            });
+            out!(
+                serde_json::json!({
+                    "id": t.id,
+                    "token": t.token,
+                    "replaced": t.replaced,
+                    "token_file": saved.as_ref().and_then(|r| r.as_ref().ok()),
+                }),
+                |_| {
+                    println!("{}", t.token);
+                    eprintln!(
+                        "admin token {} replaces {} token(s), which no longer work",
+                        t.id, t.replaced
+                    );
+                }
+            );
+            match saved {
+                Some(Ok(p)) => eprintln!("new token written to {}", p.display()),
+                Some(Err(e)) => eprintln!("warning: {e}; store the token above now"),
+                None => eprintln!("shown once: store it now"),
+            }
         }
         Cmd::Stream(StreamCmd::List) => {
             let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;

@@ -45,6 +45,11 @@ pub(crate) struct Args {
         default_value = "127.0.0.1:9400"
     )]
     metrics_listen: String,
+    /// Replace every admin token with a new one, print it once, then run. For a lost or leaked
+    /// token; give it for one start only. (With a valid token, `umbra admin admin-token rotate`
+    /// does the same without a restart.)
+    #[arg(long)]
+    reset_admin_token: bool,
 }
 
 pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
@@ -81,6 +86,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         crate::telemetry::serve_metrics(addr).await;
     }
     let ca_file = cfg.data_dir.join("ca.pem");
+    if a.reset_admin_token {
+        let t = umbra_controller::reset_admin_token(&cfg, std::time::SystemTime::now())
+            .await
+            .context("cannot reset the admin token")?;
+        // Shown once: only its hash is stored.
+        println!(
+            "admin token reset (shown once, store it now; the {} old token(s) no longer work): {}",
+            t.replaced, t.token
+        );
+    }
     let c = Controller::start(cfg)
         .await
         .context("controller did not start")?;

@@ -80,7 +80,7 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     // One process, one registry: every role's metrics on one loopback endpoint.
     let metrics_addr = loopback(p.checked_add(90).context("--base-port too high")?);
     let metrics = crate::telemetry::serve_metrics(metrics_addr).await;
-    let controller = Controller::start(ccfg)
+    let controller = Controller::start(ccfg.clone())
         .await
         .context("controller did not start")?;
     let url = controller.url();
@@ -101,6 +101,21 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             })?
             .trim()
             .to_owned(),
+    };
+    // Rotated by `umbra admin admin-token rotate` with a token given some other way than
+    // this file: this deployment is ours, so it takes a new one rather than failing below.
+    let token = if controller.admin_token_works(&token).await? {
+        token
+    } else {
+        let t = umbra_controller::reset_admin_token(&ccfg, std::time::SystemTime::now())
+            .await
+            .context("cannot reset the admin token")?;
+        write_private(&token_file, &t.token)?;
+        println!(
+            "The admin token in {} no longer worked (rotated elsewhere?): a new one is there now.",
+            token_file.display()
+        );
+        t.token
     };
     let ca_pem = controller.ca_pem();
     let ca_file = dir.join("ca.pem");

@@ -1120,6 +1120,77 @@ fn quickstart_runs_stops_and_resumes() {
     );
     forward_and_get(home.path(), &printed, &q);
 
+    // Rotating the admin token: with the config's token file, the new token goes into that
+    // file, so the same command line keeps working, and the old token is refused.
+    let before_rotation = inventory(home.path(), &admin_cfg);
+    let token_file = data.join("admin.token");
+    let old_token = std::fs::read_to_string(&token_file).expect("admin.token");
+    let old_token = old_token.trim();
+    let ca_file = data.join("ca.pem");
+    let ca_arg = ca_file.to_str().expect("utf-8");
+    let with_token = |token: &str, cmd: &[&str]| {
+        let mut args = vec![
+            "admin",
+            "--controller",
+            &controller,
+            "--ca-file",
+            ca_arg,
+            "--token",
+            token,
+        ];
+        args.extend_from_slice(cmd);
+        umbra(home.path(), &args)
+    };
+    // Refused with a wrong token: nothing changes.
+    let out = with_token("umbra-admin-wrong", &["admin-token", "rotate"]);
+    assert!(
+        !out.success() && out.stderr.contains("invalid admin token"),
+        "rotation with a wrong token: {}",
+        out.describe()
+    );
+    assert!(with_token(old_token, &["user", "list"]).success());
+    let out = umbra(
+        home.path(),
+        &["admin", "--config", cfg, "admin-token", "rotate"],
+    );
+    let new_token = out.stdout.trim().to_owned();
+    assert!(
+        out.success() && new_token.starts_with("umbra-admin-") && new_token != old_token,
+        "admin-token rotate: {}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("no longer work") && out.stderr.contains("admin.token"),
+        "rotate does not say what happened: {}",
+        out.describe()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&token_file)
+            .expect("admin.token")
+            .trim(),
+        new_token,
+        "the token file was not updated"
+    );
+    let refused = with_token(old_token, &["user", "list"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("invalid admin token"),
+        "the old token still works: {}",
+        refused.describe()
+    );
+    assert_eq!(inventory(home.path(), &admin_cfg), before_rotation);
+    // Rotated once more with the token given on the command line: the file is left stale.
+    let out = with_token(&new_token, &["-o", "json", "admin-token", "rotate"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("rotate -o json: {e}: {}", out.describe()));
+    assert!(
+        v["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("umbra-admin-"))
+            && v["replaced"] == 1
+            && v["token_file"].is_null(),
+        "{v}"
+    );
+
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
     assert!(
@@ -1127,6 +1198,126 @@ fn quickstart_runs_stops_and_resumes() {
         "the second quickstart did not exit 0 on Ctrl-C: {status:?}\n{}",
         q.proc.tails(30)
     );
+
+    // Third run: quickstart finds its stored token refused, takes a new one, and goes on.
+    let mut q = Quickstart::start(home.path(), Some(&data), base, 3);
+    let printed = q.next_steps();
+    assert!(
+        q.proc.stdout_text().contains("no longer worked"),
+        "quickstart did not say it replaced the admin token:\n{}",
+        q.proc.tails(30)
+    );
+    assert_eq!(inventory(home.path(), &admin_cfg), before_rotation);
+    forward_and_get(home.path(), &printed, &q);
+    q.proc.interrupt();
+    let status = q.proc.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the third quickstart did not exit 0 on Ctrl-C: {status:?}\n{}",
+        q.proc.tails(30)
+    );
+}
+
+/// `umbra controller --reset-admin-token`: the way back in when the token is lost. It refuses
+/// a data directory where no controller ever ran; on one that did, it prints a new token that
+/// works while the old one is refused.
+#[test]
+fn controller_reset_admin_token() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let data = home.path().join("ctl");
+    let data_arg = data.to_str().expect("utf-8");
+    let start = |run: u32, extra: &[&str]| {
+        let port = common::free_tcp_port();
+        let mut cmd = Command::new(common::umbra());
+        cmd.args([
+            "controller",
+            "--data-dir",
+            data_arg,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "none",
+        ])
+        .args(extra)
+        .current_dir(home.path());
+        common::clean_env(&mut cmd, home.path());
+        let mut proc = Proc::spawn(
+            "controller",
+            cmd,
+            home.path().join(format!("controller.{run}.stdout")),
+            home.path().join(format!("controller.{run}.stderr")),
+        );
+        let r = poll(Duration::from_secs(30), || {
+            let out = proc.stdout_text();
+            if out.contains("controller listening on") {
+                return Ok(out);
+            }
+            match proc.exited() {
+                Some(s) => Err(format!("exited ({s})")),
+                None => Err("not listening after 30 s".into()),
+            }
+        });
+        (proc, port, r)
+    };
+    let token_in = |out: &str, marker: &str| -> String {
+        out.lines()
+            .find(|l| l.contains(marker))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no `{marker}` line:\n{out}"))
+    };
+
+    // No controller here yet: refused, and nothing is created.
+    let (mut p, _, r) = start(0, &["--reset-admin-token"]);
+    assert!(r.is_err(), "a reset on an empty directory started");
+    let _ = p.wait_exit(Duration::from_secs(10));
+    assert!(
+        p.stderr_text().contains("has a controller ever started"),
+        "{}",
+        p.tails(20)
+    );
+    assert!(
+        !data.join("umbra.db").exists(),
+        "a refused reset created the database"
+    );
+
+    let (mut p, _, r) = start(1, &[]);
+    let out = r.unwrap_or_else(|e| panic!("first start: {e}\n{}", p.tails(20)));
+    let first = token_in(&out, "admin token (shown once");
+    p.interrupt();
+    let _ = p.wait_exit(Duration::from_secs(20));
+
+    let (mut p, port2, r) = start(2, &["--reset-admin-token"]);
+    let out = r.unwrap_or_else(|e| panic!("reset start: {e}\n{}", p.tails(20)));
+    let reset = token_in(&out, "admin token reset");
+    assert!(reset.starts_with("umbra-admin-") && reset != first, "{out}");
+    let ca = data.join("ca.pem");
+    let list = |token: &str| {
+        umbra(
+            home.path(),
+            &[
+                "admin",
+                "--controller",
+                &format!("https://127.0.0.1:{port2}"),
+                "--ca-file",
+                ca.to_str().expect("utf-8"),
+                "--token",
+                token,
+                "user",
+                "list",
+            ],
+        )
+    };
+    let old = list(&first);
+    assert!(
+        !old.success() && old.stderr.contains("invalid admin token"),
+        "the lost token still works: {}",
+        old.describe()
+    );
+    let new = list(&reset);
+    assert!(new.success(), "the reset token: {}", new.describe());
+    p.interrupt();
+    let _ = p.wait_exit(Duration::from_secs(20));
 }
 
 /// The user quickstart makes.

@@ -1,5 +1,5 @@
 //! Admin routes (bearer token): users, groups, services, policies, enrollment tokens, devices,
-//! connectors, brokers, live streams and the audit trail.
+//! connectors, brokers, live streams, the audit trail, and the admin token itself.
 //!
 //! Every write validates all input first, then runs in one transaction that also stores its
 //! audit record and bumps the snapshot version; a refused write changes nothing except adding
@@ -20,6 +20,7 @@ use umbra_proto::api::{
 };
 
 use super::{Admin, ApiJson, ApiPath, ApiQuery, created};
+use crate::admin_token;
 use crate::audit::{self, ADMIN};
 use crate::enroll;
 use crate::error::ApiFailure;
@@ -516,6 +517,25 @@ pub(super) async fn delete_token(
     }
     .await;
     ctx.audited(ADMIN, "enroll_token.delete", &id, res).await
+}
+
+/// Replaces every admin token, the caller's included, with a new one (shown once). The old
+/// tokens stop working as this commits.
+pub(super) async fn rotate_admin_token(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let mut w = ctx.store.write().await?;
+        let (new, rec) =
+            admin_token::replace(w.conn(), &ctx.org, ctx.now(), ADMIN, "admin_token.rotate")
+                .await?;
+        ctx.commit_quiet(w, &[rec]).await?;
+        Ok(created(new))
+    }
+    .await;
+    ctx.audited(ADMIN, "admin_token.rotate", "admin_token", res)
+        .await
 }
 
 // ---------------------------------------------------------------------------------------------

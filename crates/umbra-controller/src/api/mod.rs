@@ -77,6 +77,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
             get(admin::list_tokens).post(admin::create_token),
         )
         .route("/v1/enrollment-tokens/{id}", delete(admin::delete_token))
+        .route("/v1/admin-token/rotate", post(admin::rotate_admin_token))
         .route("/v1/devices", get(admin::list_devices))
         .route("/v1/devices/{id}/revoke", post(admin::revoke_device))
         .route("/v1/connectors", get(admin::list_connectors))
@@ -204,7 +205,7 @@ impl FromRequestParts<Arc<Ctx>> for Admin {
             })
             .map(str::trim);
         let err = match token {
-            Some(t) if ctx.admin_ok(t) => return Ok(Admin),
+            Some(t) if ctx.admin_ok(t).await? => return Ok(Admin),
             Some(_) => ApiFailure::unauthorized("invalid admin token"),
             None => ApiFailure::unauthorized("admin bearer token required"),
         };

@@ -328,6 +328,15 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         NoBody,
     ),
     r(
+        "post",
+        "/v1/admin-token/rotate",
+        Admin,
+        "Replace every admin token, the caller's included, with a new one (shown once)",
+        NoBody,
+        201,
+        One("AdminTokenCreated"),
+    ),
+    r(
         "get",
         "/v1/devices",
         Admin,
@@ -623,6 +632,12 @@ struct EnrollTokenCreated {
     expires_at: u64,
 }
 #[derive(ToSchema)]
+struct AdminTokenCreated {
+    id: String,
+    token: String,
+    replaced: u64,
+}
+#[derive(ToSchema)]
 struct EnrollTokenInfo {
     id: String,
     role: String,
@@ -699,6 +714,7 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<CreateEnrollToken>()
         .schema_from::<EnrollTokenCreated>()
         .schema_from::<EnrollTokenInfo>()
+        .schema_from::<AdminTokenCreated>()
         .schema_from::<Device>()
         .schema_from::<Connector>()
         .schema_from::<Broker>()

@@ -51,6 +51,18 @@ pub(crate) async fn admin_token_hashes(
         .await
 }
 
+/// Deletes every admin token of `org`; returns how many there were.
+pub(crate) async fn admin_tokens_delete(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM admin_tokens WHERE org = $1")
+        .bind(org)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected())
+}
+
 pub(crate) async fn admin_token_insert(
     c: &mut SqliteConnection,
     org: &str,
