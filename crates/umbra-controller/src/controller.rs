@@ -18,6 +18,7 @@ use crate::ca;
 use crate::config::ControllerConfig;
 use crate::distribution::Distribution;
 use crate::error::ControllerError;
+use crate::failures::FailureBudget;
 use crate::state::{Clock, Ctx};
 use crate::store::{self, SNAPSHOT_VERSION, Store};
 
@@ -111,6 +112,7 @@ impl Controller {
             cert_lifetime: cfg.cert_lifetime(),
             token_ttl: cfg.token_ttl(),
             dist: Distribution::new(version),
+            failures: std::sync::Mutex::new(FailureBudget::new(std::time::Instant::now())),
             shutdown: shutdown_rx.clone(),
         });
         let router = api::router(ctx.clone());

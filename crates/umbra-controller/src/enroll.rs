@@ -11,6 +11,7 @@
 //! Renewal (`POST /v1/renew`) needs a valid client certificate whose serial and holder are not
 //! revoked, and issues a new certificate for the same identity.
 
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -173,7 +174,11 @@ fn presented_secret(ctx: &Ctx, token: &str) -> Result<String, ApiFailure> {
 }
 
 /// `POST /v1/enroll`.
-pub(crate) async fn redeem(ctx: &Ctx, req: EnrollRequest) -> Result<IssuedCert, ApiFailure> {
+pub(crate) async fn redeem(
+    ctx: &Ctx,
+    source: Option<IpAddr>,
+    req: EnrollRequest,
+) -> Result<IssuedCert, ApiFailure> {
     let mut role_label = "unknown";
     let mut target = String::from("-");
     let res = redeem_inner(ctx, &req, &mut role_label, &mut target).await;
@@ -181,7 +186,7 @@ pub(crate) async fn redeem(ctx: &Ctx, req: EnrollRequest) -> Result<IssuedCert, 
     metrics::counter!("umbra_enrollments_total", "role" => role_label, "result" => result)
         .increment(1);
     if let Err(e) = &res {
-        ctx.audit_failure(audit::ANONYMOUS, "enroll", &target, e)
+        ctx.audit_refusal(source, audit::ANONYMOUS, "enroll", &target, e)
             .await;
     }
     res
@@ -342,6 +347,7 @@ fn issued_cert(
 pub(crate) async fn renew(
     ctx: &Ctx,
     conn: &ConnPeer,
+    source: Option<IpAddr>,
     req: RenewRequest,
 ) -> Result<IssuedCert, ApiFailure> {
     let actor = conn
@@ -362,7 +368,7 @@ pub(crate) async fn renew(
     )
     .increment(1);
     if let Err(e) = &res {
-        ctx.audit_failure(&actor, "renew", &actor, e).await;
+        ctx.audit_refusal(source, &actor, "renew", &actor, e).await;
     }
     res
 }

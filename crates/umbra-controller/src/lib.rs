@@ -12,9 +12,12 @@
 //!   its OpenAPI document;
 //! - **distribution** (`distribution`): versioned snapshots long-polled by brokers, published
 //!   targets long-polled by connectors;
-//! - **audit** (`audit`) and metrics (`umbra_controller_requests_total{route,status}`,
+//! - the **admin tokens** (`admin_token`): first token, rotation, reset from the host;
+//! - **audit** (`audit`; refusals of unauthenticated requests within a budget per source,
+//!   `failures`) and metrics (`umbra_controller_requests_total{route,status}`,
 //!   `umbra_enrollments_total{role,result}`, `umbra_renewals_total{role,result}`,
-//!   `umbra_snapshot_version`), recorded through the `metrics` facade. The embedding binary
+//!   `umbra_snapshot_version`, `umbra_audit_skipped_total{action}`), recorded through the
+//!   `metrics` facade. The embedding binary
 //!   serves them on a listener of its own (loopback by default), never on the API port: the
 //!   API is public, and counts of enrollments and requests are nobody's business there.
 //!
@@ -42,6 +45,7 @@ mod controller;
 mod distribution;
 mod enroll;
 mod error;
+mod failures;
 mod state;
 mod store;
 mod validate;

@@ -2,6 +2,7 @@
 //! channel, and the checks that run before a handler may act (admin bearer token, peer
 //! certificate).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +15,7 @@ use umbra_proto::api::AuditRecord;
 use crate::audit;
 use crate::distribution::Distribution;
 use crate::error::ApiFailure;
+use crate::failures::{FailureBudget, Verdict};
 use crate::store::peers::{self, Kind, PeerRow};
 use crate::store::{self, SNAPSHOT_VERSION, Store, WriteTx};
 
@@ -25,6 +27,10 @@ pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 #[derive(Clone, Default)]
 pub(crate) struct ConnPeer(pub(crate) Option<Arc<PeerCert>>);
 
+/// The address the request's connection came from. Inserted into every request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+
 pub(crate) struct Ctx {
     pub(crate) store: Store,
     pub(crate) org: String,
@@ -33,6 +39,8 @@ pub(crate) struct Ctx {
     pub(crate) cert_lifetime: Duration,
     pub(crate) token_ttl: Duration,
     pub(crate) dist: Distribution,
+    /// How many refusals may still be audited one by one (`failures.rs`).
+    pub(crate) failures: std::sync::Mutex<FailureBudget>,
     /// Becomes `true` when the controller shuts down; long polls end early.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -94,18 +102,50 @@ impl Ctx {
         target: &str,
         err: &ApiFailure,
     ) {
-        let rec = audit::record(
-            self.now(),
-            actor,
-            action,
-            target,
-            false,
-            serde_json::json!({
-                "status": err.status.as_u16(),
-                "error": err.error,
-                "field": err.field,
-            }),
-        );
+        self.store_failure(actor, action, target, failure_detail(err))
+            .await;
+    }
+
+    /// [`Ctx::audit_failure`] for a request that nobody authenticated, or whose credential was
+    /// refused: the record names the source address, and is written only within the source's
+    /// budget (`failures.rs`); a refusal beyond it is counted in
+    /// `umbra_audit_skipped_total{action}` and in the `skipped` of the source's next record.
+    pub(crate) async fn audit_refusal(
+        &self,
+        source: Option<IpAddr>,
+        actor: &str,
+        action: &str,
+        target: &str,
+        err: &ApiFailure,
+    ) {
+        let verdict = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .on_refusal(source, std::time::Instant::now());
+        let Verdict::Record { skipped } = verdict else {
+            metrics::counter!("umbra_audit_skipped_total", "action" => action.to_owned())
+                .increment(1);
+            return;
+        };
+        let mut detail = failure_detail(err);
+        detail["source"] = source.map_or(serde_json::Value::Null, |ip| {
+            serde_json::Value::String(ip.to_canonical().to_string())
+        });
+        if skipped > 0 {
+            detail["skipped"] = skipped.into();
+        }
+        self.store_failure(actor, action, target, detail).await;
+    }
+
+    async fn store_failure(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) {
+        let rec = audit::record(self.now(), actor, action, target, false, detail);
         let res = async {
             let mut w = self.store.write().await?;
             audit::stage(
@@ -197,4 +237,13 @@ impl Ctx {
 /// A fresh random id for a peer or token: `<prefix>-<16 hex digits>`.
 pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(umbra_pki::random_bytes::<8>()))
+}
+
+/// What a failure record says about the failure.
+fn failure_detail(err: &ApiFailure) -> serde_json::Value {
+    serde_json::json!({
+        "status": err.status.as_u16(),
+        "error": err.error,
+        "field": err.field,
+    })
 }

@@ -1601,6 +1601,80 @@ async fn admin_token_reset_from_the_host() {
     );
 }
 
+/// Refusals of unauthenticated requests are audited with their source address, within a
+/// budget per source: a flood of wrong admin tokens and bad enrollment tokens from one
+/// address writes a bounded number of records (each still gets its 401), the admin
+/// holding the real token is served throughout, and the source's next record, once its budget
+/// has refilled, counts the refusals that were not written.
+#[tokio::test]
+async fn refusals_are_audited_with_their_source_within_a_budget() {
+    let h = Harness::start().await;
+    const FLOOD: usize = 60;
+    for i in 0..FLOOD {
+        let resp = h
+            .http
+            .get(h.url("/v1/users"))
+            .bearer_auth(format!("umbra-admin-guess-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let bad = h.redeem(&format!("not-a-token-{i}"), "junk").await;
+        assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+        if i % 10 == 0 {
+            // Twin: the real token is never held back.
+            assert_eq!(h.ok("GET", "/v1/users", None).await, json!([]));
+        }
+    }
+    let refusals = |records: &[AuditRecord]| -> Vec<AuditRecord> {
+        records
+            .iter()
+            .filter(|r| r.result == "error" && (r.action == "admin.auth" || r.action == "enroll"))
+            .cloned()
+            .collect()
+    };
+    let all: Vec<AuditEntry> =
+        serde_json::from_value(h.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
+    let written = refusals(&all.iter().map(|e| e.record.clone()).collect::<Vec<_>>());
+    assert!(
+        !written.is_empty() && written.len() <= 20,
+        "{} refusal records for {} refusals from one address",
+        written.len(),
+        2 * FLOOD
+    );
+    for r in &written {
+        assert_eq!(r.detail["source"], "127.0.0.1", "{r:?}");
+    }
+    let skipped_before: u64 = written
+        .iter()
+        .filter_map(|r| r.detail["skipped"].as_u64())
+        .sum();
+
+    // Once the source's budget has refilled (one record per 2 s), the next refusal is
+    // written, with the count of those that were not.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resp = h
+        .http
+        .get(h.url("/v1/users"))
+        .bearer_auth("umbra-admin-guess-last")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let all: Vec<AuditEntry> =
+        serde_json::from_value(h.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
+    let now = refusals(&all.iter().map(|e| e.record.clone()).collect::<Vec<_>>());
+    assert_eq!(now.len(), written.len() + 1);
+    let last = now.last().unwrap();
+    let skipped = last.detail["skipped"].as_u64().unwrap_or(0) + skipped_before;
+    assert_eq!(
+        written.len() as u64 + skipped,
+        2 * FLOOD as u64,
+        "every refusal is either a record or counted in one: {last:?}"
+    );
+    h.ctl.shutdown().await;
+}
+
 #[tokio::test]
 async fn wrong_ca_key_fails_start_clearly() {
     umbra_pki::install_crypto_provider();

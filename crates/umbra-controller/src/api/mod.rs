@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 
 use crate::audit;
 use crate::error::ApiFailure;
-use crate::state::Ctx;
+use crate::state::{ClientAddr, Ctx};
 
 /// Builds the router with every route. [`openapi::ROUTES`] documents the same list.
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
@@ -214,7 +214,9 @@ impl FromRequestParts<Arc<Ctx>> for Admin {
             .get::<MatchedPath>()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default();
-        ctx.audit_failure(
+        let source = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+        ctx.audit_refusal(
+            source,
             audit::ANONYMOUS,
             "admin.auth",
             &format!("{} {route}", parts.method),

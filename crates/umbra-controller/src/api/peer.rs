@@ -20,7 +20,7 @@ use crate::audit;
 use crate::distribution;
 use crate::enroll;
 use crate::error::ApiFailure;
-use crate::state::{ConnPeer, Ctx};
+use crate::state::{ClientAddr, ConnPeer, Ctx};
 use crate::store::{self, SNAPSHOT_VERSION, peers};
 use crate::validate;
 
@@ -44,18 +44,22 @@ pub(super) async fn ca_pem(State(ctx): State<Arc<Ctx>>) -> Response {
 
 pub(super) async fn enroll(
     State(ctx): State<Arc<Ctx>>,
+    addr: Option<Extension<ClientAddr>>,
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> Result<Response, ApiFailure> {
-    let issued = enroll::redeem(&ctx, req).await?;
+    let source = addr.map(|Extension(a)| a.0.ip());
+    let issued = enroll::redeem(&ctx, source, req).await?;
     Ok((StatusCode::OK, Json(issued)).into_response())
 }
 
 pub(super) async fn renew(
     State(ctx): State<Arc<Ctx>>,
     Extension(conn): Extension<ConnPeer>,
+    addr: Option<Extension<ClientAddr>>,
     ApiJson(req): ApiJson<RenewRequest>,
 ) -> Result<Response, ApiFailure> {
-    let issued = enroll::renew(&ctx, &conn, req).await?;
+    let source = addr.map(|Extension(a)| a.0.ip());
+    let issued = enroll::renew(&ctx, &conn, source, req).await?;
     Ok(Json(issued).into_response())
 }
 

@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tracing::Instrument;
 
-use crate::state::ConnPeer;
+use crate::state::{ClientAddr, ConnPeer};
 
 /// Longest TLS handshake before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,6 +112,7 @@ async fn connection(
     let conn_peer = ConnPeer(peer);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(conn_peer.clone());
+        req.extensions_mut().insert(ClientAddr(remote));
         let mut router = router.clone();
         async move {
             let req: Request = req.map(axum::body::Body::new);
