@@ -31,9 +31,10 @@ pub struct AgentConfig {
     /// connects to a forward reaches the service as this device's user, so a forward on
     /// `0.0.0.0` would share that access with the whole network.
     pub allow_remote_clients: bool,
-    /// How often a running forward asks the controller for the broker list. A broker that
-    /// left the list (revoked, or retired) is no longer used after the next refresh, and the
-    /// agent's link to it is closed.
+    /// A running forward follows the controller's broker list by long poll: a broker that
+    /// leaves the list (revoked, or retired) is dropped within about a second, and the agent's
+    /// links to it are closed. While the controller cannot be reached the last list stays in
+    /// use, and tries are spaced by a backoff of at most this many seconds.
     pub broker_refresh_secs: u64,
 }
 

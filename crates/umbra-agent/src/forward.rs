@@ -167,31 +167,34 @@ async fn run(
     session.close().await;
 }
 
-/// Every `broker_refresh_secs`, fetches the broker list; a changed list goes to the session,
-/// which stops using (and closes its link to) a broker no longer listed.
+/// Follows the broker list (a long poll on the controller, see
+/// [`umbra_link::follow_broker_list`]); a changed list is remembered in `controller.json` and
+/// goes to the session, which stops using (and closes its links to) a broker no longer
+/// listed. Retries wait at most `broker_refresh_secs`.
 async fn refresh_brokers(
     session: Arc<Session>,
     cfg: AgentConfig,
     identity_rx: tokio::sync::watch::Receiver<Arc<umbra_pki::TlsIdentity>>,
-    mut cref: umbra_link::enroll::ControllerRef,
+    cref: umbra_link::enroll::ControllerRef,
     cancel: CancellationToken,
 ) {
-    let mut refresh = tokio::time::interval(cfg.broker_refresh());
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    refresh.tick().await;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = refresh.tick() => {
-                let id = identity_rx.borrow().clone();
-                let before = cref.brokers.clone();
-                cref = identity::refresh_brokers(&cfg, &id, cref).await;
-                if cref.brokers != before {
-                    session.update_brokers(cref.brokers.clone()).await;
-                }
-            }
-        }
-    }
+    let url = cref.url.clone();
+    let held = cref.brokers.clone();
+    let mut cref = cref;
+    umbra_link::follow_broker_list(
+        &url,
+        identity_rx,
+        held,
+        cfg.broker_refresh(),
+        cancel,
+        |brokers| {
+            tracing::info!(brokers = brokers.len(), "broker list updated");
+            identity::remember_brokers(&cfg, &mut cref, brokers.clone());
+            let session = session.clone();
+            async move { session.update_brokers(brokers).await }
+        },
+    )
+    .await;
 }
 
 async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, idle: Duration) {

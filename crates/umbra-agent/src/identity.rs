@@ -31,6 +31,19 @@ pub(crate) fn load(
     Ok((id, cref))
 }
 
+/// Stores `brokers` as the list in `controller.json` (a failure is logged: the list in memory
+/// is what counts, the file is for the next start).
+pub(crate) fn remember_brokers(
+    cfg: &AgentConfig,
+    cref: &mut ControllerRef,
+    brokers: Vec<umbra_proto::api::BrokerInfo>,
+) {
+    cref.brokers = brokers;
+    if let Err(e) = save_controller_ref(&cfg.identity_dir, cref) {
+        tracing::warn!(error = %e, "cannot remember the broker list");
+    }
+}
+
 /// Asks the controller for the current broker list (bounded by twice the connect timeout) and
 /// remembers a changed list in `controller.json`. When the controller cannot be reached the
 /// last known list is kept: brokers work without the controller.
@@ -46,10 +59,7 @@ pub(crate) async fn refresh_brokers(
     match tokio::time::timeout(cfg.connect_timeout() * 2, fetch).await {
         Ok(Ok(list)) if list.brokers != cref.brokers => {
             tracing::info!(brokers = list.brokers.len(), "broker list updated");
-            cref.brokers = list.brokers;
-            if let Err(e) = save_controller_ref(&cfg.identity_dir, &cref) {
-                tracing::warn!(error = %e, "cannot remember the broker list");
-            }
+            remember_brokers(cfg, &mut cref, list.brokers);
         }
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {

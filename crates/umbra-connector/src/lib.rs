@@ -120,7 +120,7 @@ impl Connector {
                 cancel.clone(),
             )),
             tokio::spawn(sync::poll_brokers(
-                sync::Controller::new(cref.url.clone(), identity_rx),
+                identity_rx,
                 dir,
                 cref,
                 brokers_tx,

@@ -5,8 +5,8 @@
 //! - published targets by long poll (`GET /v1/connector/config?after=N`), cached on disk in
 //!   `<identity_dir>/published.json` so that a restart while the controller is away still
 //!   serves what was last published;
-//! - brokers by a poll of `GET /v1/brokers` every [`BROKER_POLL_INTERVAL`], starting from the
-//!   list in `controller.json` (which is updated when the list changes).
+//! - brokers by long poll (`GET /v1/brokers?have=TAG`), starting from the list in
+//!   `controller.json` (which is updated when the list changes).
 //!
 //! Failures to reach the controller never clear what is held: the connector goes on serving
 //! the last known targets through the last known brokers.
@@ -23,12 +23,12 @@ use umbra_link::backoff::Backoff;
 use umbra_link::enroll::{ControllerRef, save_controller_ref};
 use umbra_link::{ControllerClient, LinkError};
 use umbra_pki::TlsIdentity;
-use umbra_proto::api::{BrokerInfo, BrokerList, ConnectorConfig as PublishedConfig};
+use umbra_proto::api::{BrokerInfo, ConnectorConfig as PublishedConfig};
 
 /// Cache of the published targets, next to the identity.
 pub(crate) const PUBLISHED_FILE: &str = "published.json";
-/// How often the broker list is fetched.
-pub(crate) const BROKER_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest wait between tries to fetch the broker list while the controller is away.
+const BROKER_RETRY_CAP: Duration = Duration::from_secs(10);
 /// Retry delays after a failed long poll.
 const POLL_RETRY_BASE: Duration = Duration::from_millis(500);
 const POLL_RETRY_CAP: Duration = Duration::from_secs(30);
@@ -166,48 +166,28 @@ pub(crate) async fn poll_published(
     }
 }
 
-/// Polls the broker list every [`BROKER_POLL_INTERVAL`] until `cancel`; a changed list is
-/// published to the link supervisor and remembered in `controller.json`.
+/// Follows the broker list until `cancel` (a long poll on the controller, see
+/// [`umbra_link::follow_broker_list`]); a changed list is published to the link supervisor
+/// and remembered in `controller.json`.
 pub(crate) async fn poll_brokers(
-    mut ctl: Controller,
+    identity: IdentityRx,
     dir: PathBuf,
     mut cref: ControllerRef,
     tx: watch::Sender<Arc<Vec<BrokerInfo>>>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(BROKER_POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+    let url = cref.url.clone();
+    let held = (**tx.borrow()).clone();
+    umbra_link::follow_broker_list(&url, identity, held, BROKER_RETRY_CAP, cancel, |brokers| {
+        tracing::info!(brokers = brokers.len(), "broker list changed");
+        cref.brokers = brokers.clone();
+        if let Err(e) = save_controller_ref(&dir, &cref) {
+            tracing::warn!(error = %e, "cannot remember the broker list");
         }
-        let answer = tokio::select! {
-            () = cancel.cancelled() => return,
-            r = async {
-                match ctl.client() {
-                    Ok(c) => c.get::<BrokerList>("/v1/brokers").await,
-                    Err(e) => Err(e),
-                }
-            } => r,
-        };
-        match answer {
-            Ok(list) => {
-                if **tx.borrow() == list.brokers {
-                    continue;
-                }
-                tracing::info!(brokers = list.brokers.len(), "broker list changed");
-                cref.brokers = list.brokers.clone();
-                if let Err(e) = save_controller_ref(&dir, &cref) {
-                    tracing::warn!(error = %e, "cannot remember the broker list");
-                }
-                tx.send_replace(Arc::new(list.brokers));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot fetch the broker list; keeping the last known one")
-            }
-        }
-    }
+        tx.send_replace(Arc::new(brokers));
+        std::future::ready(())
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -1422,6 +1422,88 @@ async fn admin_token_is_stored_only_as_its_hash() {
     ctl.shutdown().await;
 }
 
+/// `GET /v1/brokers?have=TAG&wait=S`, the long poll agents and connectors follow: with the
+/// tag of the current list it waits, an admin change that leaves the list as it was does not
+/// end the wait (no herd of agents at every change), and a revocation ends it at once with the
+/// new list. An old or unknown tag is answered at once. A device revoked while waiting gets
+/// its refusal, not the list.
+#[tokio::test]
+async fn broker_list_long_poll() {
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    for (name, port) in [("b1", 4433), ("b2", 4533)] {
+        let (id, _) = h.peer("broker", name).await;
+        let hb = json!({
+            "name": name,
+            "quic_addr": format!("127.0.0.1:{port}"),
+            "tcp_addr": format!("127.0.0.1:{port}"),
+            "server_name": umbra_pki::broker_server_name(&id.peer.id.id),
+            "snapshot_version": 0,
+            "streams": [],
+            "audit": [],
+        });
+        assert_eq!(heartbeat(&h, &h.as_peer(&id), &hb).await, StatusCode::OK);
+    }
+    let agent = h.as_peer(&dev);
+    let (s, list) = get_json::<BrokerList>(&agent, h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::OK);
+    let list = list.unwrap();
+    assert_eq!(list.brokers.len(), 2);
+    assert_eq!(list.tag.len(), 32, "{list:?}");
+    let poll = |have: String, wait: u64| {
+        let url = h.url(&format!("/v1/brokers?have={have}&wait={wait}"));
+        let c = agent.clone();
+        async move { get_json::<BrokerList>(&c, url).await }
+    };
+
+    // An unknown tag: the list at once, with the same tag as before.
+    let (s, again) = poll("0123".into(), 25).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again.unwrap().tag, list.tag);
+
+    // Unchanged list, unrelated change meanwhile: the wait runs out (204).
+    let waiting = tokio::spawn(poll(list.tag.clone(), 2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = h.ctl.snapshot_version();
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "bob@example.com" })),
+    )
+    .await;
+    assert!(h.ctl.snapshot_version() > v);
+    let (s, body) = waiting.await.unwrap();
+    assert_eq!(
+        s,
+        StatusCode::NO_CONTENT,
+        "woken by an unrelated change: {body:?}"
+    );
+
+    // A revocation during the wait answers it with the new list (the deadline would be 204).
+    let waiting = tokio::spawn(poll(list.tag.clone(), 25));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.ok("POST", "/v1/brokers/b2/revoke", None).await;
+    let (s, new) = waiting.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let new = new.unwrap();
+    let names: Vec<&str> = new.brokers.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["b1"]);
+    assert_ne!(new.tag, list.tag);
+
+    // The device is revoked while it waits: the answer is its refusal.
+    let waiting = tokio::spawn(poll(new.tag.clone(), 25));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.ok(
+        "POST",
+        &format!("/v1/devices/{}/revoke", dev.peer.id.id),
+        None,
+    )
+    .await;
+    let (s, _) = waiting.await.unwrap();
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    h.ctl.shutdown().await;
+}
+
 /// `GET /v1/users` with `token`: its status.
 async fn users_with(http: &reqwest::Client, base: &str, token: &str) -> StatusCode {
     http.get(format!("{base}/v1/users"))

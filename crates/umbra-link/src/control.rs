@@ -115,6 +115,85 @@ impl ControllerClient {
     }
 }
 
+/// Longest wait asked of the controller's broker-list long poll (its own cap is 25 s).
+const BROKER_POLL_WAIT: Duration = Duration::from_secs(25);
+/// First retry delay after a failed broker-list poll.
+const BROKER_RETRY_BASE: Duration = Duration::from_secs(1);
+
+/// Follows the controller's broker list by long poll (`GET /v1/brokers?have=TAG`) until
+/// `cancel`, and calls `changed` with each list that differs from the one held (`held` at
+/// first). The controller answers as soon as the list changes, so a revoked broker leaves the
+/// caller within about a second. When the controller cannot be reached the held list stays,
+/// and the next try comes after a full-jitter backoff of at most `retry_cap`. The client
+/// follows `identity`, so a renewed certificate is used from the next request.
+pub async fn follow_broker_list<F, Fut>(
+    url: &str,
+    identity: tokio::sync::watch::Receiver<Arc<TlsIdentity>>,
+    mut held: Vec<umbra_proto::api::BrokerInfo>,
+    retry_cap: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+    mut changed: F,
+) where
+    F: FnMut(Vec<umbra_proto::api::BrokerInfo>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut backoff =
+        crate::backoff::Backoff::new(BROKER_RETRY_BASE, retry_cap.max(BROKER_RETRY_BASE));
+    let mut client: Option<(Arc<TlsIdentity>, ControllerClient)> = None;
+    let mut tag: Option<String> = None;
+    loop {
+        let id = identity.borrow().clone();
+        let fresh = match &client {
+            Some((held_id, c)) if Arc::ptr_eq(held_id, &id) => Ok(c.clone()),
+            _ => ControllerClient::new(url, &id.ca, Some(&id)).inspect(|c| {
+                client = Some((id.clone(), c.clone()));
+            }),
+        };
+        let path = match &tag {
+            Some(t) => format!("/v1/brokers?have={t}&wait={}", BROKER_POLL_WAIT.as_secs()),
+            None => "/v1/brokers".to_owned(),
+        };
+        let answer = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = async {
+                match fresh {
+                    Ok(c) => c.get_opt::<umbra_proto::api::BrokerList>(&path).await,
+                    Err(e) => Err(e),
+                }
+            } => r,
+        };
+        match answer {
+            Ok(Some(list)) => {
+                backoff.reset();
+                let untagged = list.tag.is_empty();
+                tag = Some(list.tag);
+                if list.brokers != held {
+                    held = list.brokers.clone();
+                    changed(list.brokers).await;
+                }
+                if untagged {
+                    // A controller that cannot long-poll the list: ask again later, not at once.
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(retry_cap) => {}
+                    }
+                }
+            }
+            // Nothing changed before the controller's deadline: ask again.
+            Ok(None) => backoff.reset(),
+            Err(e) => {
+                let jitter = u64::from_le_bytes(umbra_pki::random_bytes::<8>());
+                let delay = backoff.next_delay(jitter as f64 / u64::MAX as f64);
+                tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot fetch the broker list; keeping the last known one");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 fn http_client(tls: rustls::ClientConfig) -> Result<reqwest::Client, LinkError> {
     Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(tls)

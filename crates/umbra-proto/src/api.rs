@@ -134,11 +134,16 @@ pub struct IssuedCert {
 // ---------------------------------------------------------------------------------------------
 // Role control
 
-/// `GET /v1/brokers` (any enrolled peer).
+/// `GET /v1/brokers` (any enrolled peer). With `?have=TAG`, the controller answers only once
+/// the list differs from the one `TAG` names (a long poll; `204 No Content` when `?wait=S`,
+/// at most 25 s, passes first).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerList {
     pub brokers: Vec<BrokerInfo>,
+    /// Names this list: what to send as `have` next.
+    #[serde(default)]
+    pub tag: String,
 }
 
 /// `GET /v1/connector/config` (connector certificate): the targets this connector may dial.

@@ -141,6 +141,7 @@ fn seed_generator_writes_answers_the_parser_accepts() {
         "broker-list",
         serde_json::to_vec(&BrokerList {
             brokers: vec![broker],
+            tag: "00112233445566778899aabbccddeeff".into(),
         })
         .unwrap(),
     );

@@ -246,8 +246,8 @@ enum BrokerCmd {
     /// List brokers.
     List,
     /// Revoke a broker (id or name): the controller stops serving it and takes it out of the
-    /// broker lists; connectors drop their links to it within about 10 s, agents within a
-    /// minute.
+    /// broker lists; connectors and forwarding agents drop their links to it within about a
+    /// second.
     Revoke {
         /// Broker id or name (from `umbra admin broker list`).
         id: String,

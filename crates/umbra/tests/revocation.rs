@@ -1,11 +1,11 @@
 //! Revoking a broker, end to end in one process (see `stack_util`): a real controller, two
 //! brokers, a connector and an agent forward over real sockets and TLS.
 //!
-//! The agent learns the broker list from the controller (every `broker_refresh_secs`, 1 s
-//! here). A revoked broker leaves that list: the agent closes its link to it, which ends the
-//! streams it carried there, and takes every new connection to the other broker. Until then
-//! refreshes alone move nothing: the twin keeps its stream on the same broker across several
-//! of them. Runs once per transport.
+//! The agent follows the broker list by long poll on the controller (default settings). A
+//! revoked broker leaves that list: the agent closes its link to it, which ends the streams
+//! it carried there, and takes every new connection to the other broker. Until then the list
+//! alone moves nothing: the twin keeps its stream on the same broker while other admin changes
+//! are made. Runs once per transport.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,26 +44,35 @@ async fn revoked_broker_is_left(t: TransportPref) {
     })
     .await;
     s.brokers_registered().await;
-    let mut cfg = s.agent("alice").config(t);
-    cfg.broker_refresh_secs = 1;
+    let cfg = s.agent("alice").config(t);
     let fwd = Forwarder::start(cfg, ECHO, ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
     let addr = fwd.local_addr();
     poll("alice reaches echo", SOON, || echo_ok(addr)).await;
 
-    // The twin first: a live stream stays where it is across refreshes of an unchanged list.
+    // The twin first: a live stream stays where it is while admin changes that leave the
+    // broker list as it was wake the controller's long polls.
     let mut live = LiveConn::open(addr).await.unwrap();
     let used = carrier(&s, 1).await;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    live.echo(b"after two refreshes").await.unwrap();
+    for i in 0..3 {
+        s.admin
+            .ok(
+                "POST",
+                "/v1/users",
+                Some(serde_json::json!({ "id": format!("bystander-{i}@example.com") })),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    live.echo(b"after three admin changes").await.unwrap();
     assert_eq!(
         carrier(&s, 1).await,
         used,
-        "[{t}] a refresh moved the stream"
+        "[{t}] an unchanged broker list moved the stream"
     );
 
-    // Revoked: the agent drops that broker within a few refreshes; its live stream ends.
+    // Revoked: the agent drops that broker at once; its live stream ends.
     s.admin
         .ok(
             "POST",

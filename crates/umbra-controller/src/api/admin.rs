@@ -731,8 +731,8 @@ async fn by_id_or_name(
 }
 
 /// Revokes a broker (id or name): the controller stops serving it (snapshots, heartbeats,
-/// renewal) and drops it from the broker lists that connectors (every 10 s) and agents
-/// (every 60 s while forwarding) fetch; they then close their links to it.
+/// renewal) and drops it from the broker lists that connectors and forwarding agents follow
+/// (long polls, answered at once); they then close their links to it.
 pub(super) async fn revoke_broker(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,

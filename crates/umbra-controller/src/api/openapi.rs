@@ -144,15 +144,17 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         200,
         One("IssuedCert"),
     ),
-    r(
-        "get",
-        "/v1/brokers",
-        Auth::Peer("agent, connector or broker"),
-        "Brokers to connect to",
-        NoBody,
-        200,
-        One("BrokerList"),
-    ),
+    RouteDoc {
+        method: "get",
+        path: "/v1/brokers",
+        auth: Auth::Peer("agent, connector or broker"),
+        summary: "Brokers to connect to; with `have` (the `tag` of the list held), a long poll \
+                  answered once the list differs (204 when nothing changed within `wait` s)",
+        request: Body::None,
+        status: 200,
+        response: Body::One("BrokerList"),
+        query: &["have", "wait"],
+    },
     poll(
         "/v1/snapshot",
         "broker",
@@ -450,6 +452,7 @@ struct IssuedCert {
 #[derive(ToSchema)]
 struct BrokerList {
     brokers: Vec<BrokerInfo>,
+    tag: String,
 }
 #[derive(ToSchema)]
 struct PublishedTarget {
@@ -821,7 +824,11 @@ pub(crate) fn document() -> OpenApi {
                     .name(*q)
                     .parameter_in(ParameterIn::Query)
                     .required(Required::False)
-                    .schema(Some(ObjectBuilder::new().schema_type(Type::Integer))),
+                    .schema(Some(ObjectBuilder::new().schema_type(if *q == "have" {
+                        Type::String
+                    } else {
+                        Type::Integer
+                    }))),
             );
         }
         if let Some((mime, c)) = content(route.request) {
@@ -842,6 +849,14 @@ pub(crate) fn document() -> OpenApi {
                 "204",
                 ResponseBuilder::new()
                     .description("nothing newer than `after` before the wait ended")
+                    .build(),
+            );
+        }
+        if route.query.contains(&"have") {
+            op = op.response(
+                "204",
+                ResponseBuilder::new()
+                    .description("still the list `have` names when the wait ended")
                     .build(),
             );
         }

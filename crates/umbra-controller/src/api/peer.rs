@@ -63,15 +63,59 @@ pub(super) async fn renew(
     Ok(Json(issued).into_response())
 }
 
+/// `?have=TAG` (the list the caller holds) and `?wait=S` (seconds, at most 25, default 25).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct BrokersQuery {
+    #[serde(default)]
+    have: Option<String>,
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+/// `GET /v1/brokers`: the list at once, or with `have`, once it differs from the caller's
+/// (agents and connectors follow it this way, so that a revoked broker leaves them within a
+/// second, and an admin change that leaves the list as it was wakes nobody).
 pub(super) async fn brokers(
     State(ctx): State<Arc<Ctx>>,
     Extension(conn): Extension<ConnPeer>,
-) -> Result<Json<BrokerList>, ApiFailure> {
-    ctx.authorize_peer(&conn, &[Role::Agent, Role::Connector, Role::Broker])
-        .await?;
-    let mut r = ctx.store.read().await?;
-    let brokers = peers::broker_infos(&mut r, &ctx.org).await?;
-    Ok(Json(BrokerList { brokers }))
+    ApiQuery(q): ApiQuery<BrokersQuery>,
+) -> Result<Response, ApiFailure> {
+    let wait = q
+        .wait
+        .map(Duration::from_secs)
+        .map_or(MAX_WAIT, |w| w.min(MAX_WAIT));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Checked again after every wait: a peer revoked meanwhile gets its refusal.
+        ctx.authorize_peer(&conn, &[Role::Agent, Role::Connector, Role::Broker])
+            .await?;
+        // Read before the list: a change committed in between makes the wait return at once.
+        let seen = ctx.dist.current();
+        let brokers = {
+            let mut r = ctx.store.read().await?;
+            peers::broker_infos(&mut r, &ctx.org).await?
+        };
+        let tag = list_tag(&brokers);
+        if q.have.as_deref() != Some(tag.as_str()) {
+            return Ok(Json(BrokerList { brokers, tag }).into_response());
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero()
+            || ctx
+                .dist
+                .wait_newer(seen, left, ctx.shutdown.clone())
+                .await
+                .is_none()
+        {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+/// A short digest of a broker list (hex): equal lists, equal tags.
+fn list_tag(brokers: &[umbra_proto::api::BrokerInfo]) -> String {
+    let bytes = serde_json::to_vec(brokers).unwrap_or_default();
+    hex::encode(&umbra_pki::sha256(&bytes)[..16])
 }
 
 /// `?after=N` (default 0) and `?wait=S` (seconds, at most 25, default 25).
