@@ -1504,6 +1504,42 @@ async fn broker_list_long_poll() {
     h.ctl.shutdown().await;
 }
 
+/// One identity may have at most 16 long polls waiting at once (each holds a task and a
+/// connection on the controller); the 17th is answered 429 at once. Another identity is not
+/// held back, and the places come back when the polls end.
+#[tokio::test]
+async fn long_polls_per_identity_are_bounded() {
+    let h = Harness::start().await;
+    let (alice, _) = h.agent("alice@example.com").await;
+    let (bob, _) = h.agent("bob@example.com").await;
+    let tag = |c: reqwest::Client| {
+        let url = h.url("/v1/brokers");
+        async move { get_json::<BrokerList>(&c, url).await.1.unwrap().tag }
+    };
+    let have = tag(h.as_peer(&alice)).await;
+    let poll = |c: reqwest::Client, wait: u64| {
+        let url = h.url(&format!("/v1/brokers?have={have}&wait={wait}"));
+        async move { c.get(url).send().await.unwrap().status() }
+    };
+    // Each on a client of its own, as a misbehaving peer would open them.
+    let waiting: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(poll(h.as_peer(&alice), 3)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        poll(h.as_peer(&alice), 3).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Without `have` nothing waits, so nothing is counted.
+    assert_eq!(tag(h.as_peer(&alice)).await, have);
+    assert_eq!(poll(h.as_peer(&bob), 1).await, StatusCode::NO_CONTENT);
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(poll(h.as_peer(&alice), 1).await, StatusCode::NO_CONTENT);
+    h.ctl.shutdown().await;
+}
+
 /// `GET /v1/users` with `token`: its status.
 async fn users_with(http: &reqwest::Client, base: &str, token: &str) -> StatusCode {
     http.get(format!("{base}/v1/users"))

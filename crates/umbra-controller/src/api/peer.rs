@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use umbra_pki::PeerCert;
 use umbra_proto::Role;
 use umbra_proto::api::{
     AuditSeq, BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest,
@@ -17,7 +18,7 @@ use umbra_proto::api::{
 use super::ApiJson;
 use super::ApiQuery;
 use crate::audit;
-use crate::distribution;
+use crate::distribution::{self, MAX_WAITING_PER_PEER, WaitSlot};
 use crate::enroll;
 use crate::error::ApiFailure;
 use crate::state::{ClientAddr, ConnPeer, Ctx};
@@ -85,9 +86,11 @@ pub(super) async fn brokers(
         .map(Duration::from_secs)
         .map_or(MAX_WAIT, |w| w.min(MAX_WAIT));
     let deadline = tokio::time::Instant::now() + wait;
+    let mut slot = None;
     loop {
         // Checked again after every wait: a peer revoked meanwhile gets its refusal.
-        ctx.authorize_peer(&conn, &[Role::Agent, Role::Connector, Role::Broker])
+        let (peer, _, _) = ctx
+            .authorize_peer(&conn, &[Role::Agent, Role::Connector, Role::Broker])
             .await?;
         // Read before the list: a change committed in between makes the wait return at once.
         let seen = ctx.dist.current();
@@ -98,6 +101,9 @@ pub(super) async fn brokers(
         let tag = list_tag(&brokers);
         if q.have.as_deref() != Some(tag.as_str()) {
             return Ok(Json(BrokerList { brokers, tag }).into_response());
+        }
+        if slot.is_none() {
+            slot = Some(wait_slot(&ctx, &peer)?);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero()
@@ -110,6 +116,17 @@ pub(super) async fn brokers(
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
     }
+}
+
+/// A place for one more long poll of `peer`, or 429 when it has too many waiting.
+fn wait_slot<'a>(ctx: &'a Ctx, peer: &PeerCert) -> Result<WaitSlot<'a>, ApiFailure> {
+    ctx.dist.wait_slot(&peer.id.to_uri()).ok_or_else(|| {
+        ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many requests waiting for this identity (at most {MAX_WAITING_PER_PEER})"),
+            None,
+        )
+    })
 }
 
 /// A short digest of a broker list (hex): equal lists, equal tags.
@@ -140,7 +157,8 @@ pub(super) async fn snapshot(
     Extension(conn): Extension<ConnPeer>,
     ApiQuery(q): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiFailure> {
-    ctx.authorize_peer(&conn, &[Role::Broker]).await?;
+    let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Broker]).await?;
+    let _slot = wait_slot(&ctx, &peer)?;
     let after = q.after.unwrap_or(0);
     if ctx
         .dist
@@ -161,6 +179,7 @@ pub(super) async fn connector_config(
     ApiQuery(q): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiFailure> {
     let (peer, row, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
+    let _slot = wait_slot(&ctx, &peer)?;
     let after = q.after.unwrap_or(0);
     if ctx
         .dist
