@@ -40,6 +40,15 @@ pub struct ControllerConfig {
     pub cert_lifetime_secs: u64,
     /// Default lifetime of enrollment tokens, seconds. Default 3600, at most 7 days.
     pub token_ttl_secs: u64,
+    /// TLS handshakes the API runs at once. When all are taken, a new connection evicts the
+    /// oldest handshake, so that stalled ones cannot keep a real client out. Default 256.
+    pub max_pending_handshakes: usize,
+    /// Connections without a client certificate (enrollment, administration) held at once.
+    /// When all are taken, a new one evicts the oldest. Default 1024.
+    pub max_anonymous_connections: usize,
+    /// How long a connection without a client certificate may stay open, seconds (enrolled
+    /// peers' connections, which long-poll, are not limited). Default 60.
+    pub anonymous_connection_secs: u64,
 }
 
 impl Default for ControllerConfig {
@@ -54,6 +63,9 @@ impl Default for ControllerConfig {
             org: "default".into(),
             cert_lifetime_secs: 86_400,
             token_ttl_secs: 3_600,
+            max_pending_handshakes: 256,
+            max_anonymous_connections: 1024,
+            anonymous_connection_secs: 60,
         }
     }
 }
@@ -70,6 +82,9 @@ impl fmt::Debug for ControllerConfig {
             .field("org", &self.org)
             .field("cert_lifetime_secs", &self.cert_lifetime_secs)
             .field("token_ttl_secs", &self.token_ttl_secs)
+            .field("max_pending_handshakes", &self.max_pending_handshakes)
+            .field("max_anonymous_connections", &self.max_anonymous_connections)
+            .field("anonymous_connection_secs", &self.anonymous_connection_secs)
             .finish()
     }
 }
@@ -152,6 +167,24 @@ impl ControllerConfig {
             return Err(ConfigError::new(
                 "token_ttl_secs",
                 format!("must be between 1 and {max_ttl}"),
+            ));
+        }
+        if !(1..=65_536).contains(&self.max_pending_handshakes) {
+            return Err(ConfigError::new(
+                "max_pending_handshakes",
+                "must be between 1 and 65536",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_anonymous_connections) {
+            return Err(ConfigError::new(
+                "max_anonymous_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=3_600).contains(&self.anonymous_connection_secs) {
+            return Err(ConfigError::new(
+                "anonymous_connection_secs",
+                "must be between 1 and 3600",
             ));
         }
         Ok(())
@@ -243,6 +276,22 @@ mod tests {
                 Box::new(|c| c.cert_lifetime_secs = 8 * 24 * 3600),
             ),
             ("token_ttl_secs", Box::new(|c| c.token_ttl_secs = 0)),
+            (
+                "max_pending_handshakes",
+                Box::new(|c| c.max_pending_handshakes = 0),
+            ),
+            (
+                "max_anonymous_connections",
+                Box::new(|c| c.max_anonymous_connections = 0),
+            ),
+            (
+                "anonymous_connection_secs",
+                Box::new(|c| c.anonymous_connection_secs = 0),
+            ),
+            (
+                "anonymous_connection_secs",
+                Box::new(|c| c.anonymous_connection_secs = 3601),
+            ),
         ];
         for (field, f) in cases {
             let mut c = ControllerConfig::default();

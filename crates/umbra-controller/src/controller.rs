@@ -116,10 +116,16 @@ impl Controller {
             shutdown: shutdown_rx.clone(),
         });
         let router = api::router(ctx.clone());
+        let limits = api::serve::Limits {
+            handshakes: umbra_link::pending::Pending::new(cfg.max_pending_handshakes),
+            anonymous: umbra_link::pending::Pending::new(cfg.max_anonymous_connections),
+            anonymous_for: Duration::from_secs(cfg.anonymous_connection_secs),
+        };
         let server = tokio::spawn(api::serve::serve(
             listener,
             tls,
             router,
+            limits,
             shutdown_rx.clone(),
         ));
         let rotation = tokio::spawn(rotate_server_cert(

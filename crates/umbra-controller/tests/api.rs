@@ -1540,6 +1540,119 @@ async fn long_polls_per_identity_are_bounded() {
     h.ctl.shutdown().await;
 }
 
+/// A TLS connection to the controller speaking HTTP/1.1, with or without a client certificate.
+async fn tls_conn(
+    h: &Harness,
+    id: Option<&TlsIdentity>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = umbra_pki::client_config(&h.ca, id, &[b"http/1.1"], false).unwrap();
+    let tcp = tokio::net::TcpStream::connect(h.ctl.local_addr())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Whether the server has closed `io` within `within` (EOF or reset); `false` if it is still
+/// open then.
+async fn closed_by_server<T: tokio::io::AsyncRead + Unpin>(io: &mut T, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let read_to_end = async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read_to_end).await.is_ok()
+}
+
+/// The API is public, so what unauthenticated connections may hold is bounded: handshakes in
+/// progress (a flood of stalled ones only evicts the oldest, and the admin is served
+/// meanwhile), and connections without a client certificate (at most so many, each for at
+/// most `anonymous_connection_secs`). The twin: an enrolled peer's connection outlives that.
+#[tokio::test]
+async fn stalled_and_idle_connections_cannot_keep_clients_out() {
+    let h = Harness::start_cfg(|c| {
+        c.max_pending_handshakes = 4;
+        c.max_anonymous_connections = 4;
+        c.anonymous_connection_secs = 2;
+    })
+    .await;
+    let (alice, _) = h.agent("alice@example.com").await;
+
+    // Ten connections that never send a ClientHello.
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        stalled.push(
+            tokio::net::TcpStream::connect(h.ctl.local_addr())
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.ok("GET", "/v1/users", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut closed = 0;
+    for c in &mut stalled {
+        if closed_by_server(c, Duration::from_millis(300)).await {
+            closed += 1;
+        }
+    }
+    // At most four handshakes are held: the six oldest were closed, and the admin's own
+    // handshake evicted one more.
+    assert!(
+        (6..=10).contains(&closed),
+        "{closed} of 10 stalled handshakes closed"
+    );
+    drop(stalled);
+
+    // Six connections without a client certificate: the two oldest are closed at once.
+    let mut anonymous = Vec::new();
+    for _ in 0..6 {
+        anonymous.push(tls_conn(&h, None).await);
+    }
+    let mut peer = tls_conn(&h, Some(&alice)).await;
+    for (i, c) in anonymous.iter_mut().enumerate().take(2) {
+        assert!(
+            closed_by_server(c, Duration::from_secs(1)).await,
+            "anonymous connection {i} was not evicted"
+        );
+    }
+    // The other four are closed once they are 2 s old; the enrolled peer's is not.
+    for (i, c) in anonymous.iter_mut().enumerate().skip(2) {
+        assert!(
+            closed_by_server(c, Duration::from_secs(10)).await,
+            "anonymous connection {i} outlived anonymous_connection_secs"
+        );
+    }
+    assert!(
+        !closed_by_server(&mut peer, Duration::from_secs(1)).await,
+        "the enrolled peer's connection was closed"
+    );
+    // And the admin is still served, on a connection of its own.
+    assert_eq!(
+        h.ok("GET", "/v1/users", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    h.ctl.shutdown().await;
+}
+
 /// `GET /v1/users` with `token`: its status.
 async fn users_with(http: &reqwest::Client, base: &str, token: &str) -> StatusCode {
     http.get(format!("{base}/v1/users"))

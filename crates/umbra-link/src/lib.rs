@@ -28,7 +28,7 @@ pub mod enroll;
 mod error;
 mod link;
 mod path_mtu;
-mod pending;
+pub mod pending;
 mod quic;
 mod quic_kx;
 mod quic_socket;

@@ -1,4 +1,5 @@
-//! The listener's bound on handshakes in progress.
+//! A bound on handshakes in progress, for the broker's listeners and for the controller's
+//! HTTPS server (which also bounds its unauthenticated connections with it).
 //!
 //! At most `max` handshakes run at once. When a new connection arrives and all slots are
 //! taken, the *oldest* handshake in progress is evicted (cancelled) to make room, instead of
@@ -13,9 +14,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio_util::sync::CancellationToken;
 
-/// Handshakes in progress, oldest first.
+/// Slots in use, oldest first; at most `max` (see the module docs).
 #[derive(Debug)]
-pub(crate) struct Pending {
+pub struct Pending {
     max: usize,
     inner: Mutex<Inner>,
 }
@@ -29,14 +30,14 @@ struct Inner {
 /// One handshake's slot: `evicted` fires if a newer connection needs the slot. Dropping the
 /// slot frees it.
 #[derive(Debug)]
-pub(crate) struct Slot {
+pub struct Slot {
     pending: Arc<Pending>,
     id: u64,
-    pub(crate) evicted: CancellationToken,
+    pub evicted: CancellationToken,
 }
 
 impl Pending {
-    pub(crate) fn new(max: usize) -> Arc<Pending> {
+    pub fn new(max: usize) -> Arc<Pending> {
         Arc::new(Pending {
             max: max.max(1),
             inner: Mutex::new(Inner::default()),
@@ -44,7 +45,7 @@ impl Pending {
     }
 
     /// Takes a slot for a new handshake, evicting the oldest one if all are taken.
-    pub(crate) fn admit(self: &Arc<Self>) -> Slot {
+    pub fn admit(self: &Arc<Self>) -> Slot {
         let evicted = CancellationToken::new();
         // The lock guards a short queue operation once per connection, never per chunk; a
         // poisoned lock still holds a consistent queue.
@@ -66,7 +67,7 @@ impl Pending {
     }
 
     /// Handshakes in progress now.
-    pub(crate) fn running(&self) -> usize {
+    pub fn running(&self) -> usize {
         self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

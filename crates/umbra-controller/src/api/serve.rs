@@ -4,6 +4,14 @@
 //! certificate its connection was authenticated with: the leaf is read once per connection
 //! after the handshake and inserted into every request as a [`ConnPeer`] extension.
 //!
+//! Bounds, because the API is public (devices enroll through it before they have any
+//! credential): at most `max_pending_handshakes` TLS handshakes run at once, and at most
+//! `max_anonymous_connections` connections without a client certificate are held, each for
+//! at most `anonymous_connection_secs`. A new connection that finds either bound full evicts
+//! the oldest one there (`umbra_link::pending`), so connections that stall or idle cannot keep
+//! a real client out. Enrolled peers' connections (client certificate) carry long polls and
+//! are not limited here; their long polls are, per identity.
+//!
 //! Shutdown: stop accepting, ask every connection to finish gracefully (long polls end at
 //! once, see [`crate::distribution::Distribution::wait_newer`]), then abort what is left
 //! after [`DRAIN`].
@@ -24,6 +32,8 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tracing::Instrument;
 
+use umbra_link::pending::Pending;
+
 use crate::state::{ClientAddr, ConnPeer};
 
 /// Longest TLS handshake before the connection is dropped.
@@ -33,11 +43,20 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connections get to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// The bounds on connections (see the module docs).
+#[derive(Clone)]
+pub(crate) struct Limits {
+    pub(crate) handshakes: Arc<Pending>,
+    pub(crate) anonymous: Arc<Pending>,
+    pub(crate) anonymous_for: Duration,
+}
+
 /// Accepts connections until `shutdown` turns true (or its sender is dropped).
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -51,8 +70,15 @@ pub(crate) async fn serve(
                     let acceptor = TlsAcceptor::from(tls.clone());
                     let span = tracing::debug_span!("conn", %remote);
                     conns.spawn(
-                        connection(tcp, remote, acceptor, router.clone(), shutdown.clone())
-                            .instrument(span),
+                        connection(
+                            tcp,
+                            remote,
+                            acceptor,
+                            router.clone(),
+                            limits.clone(),
+                            shutdown.clone(),
+                        )
+                        .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -82,10 +108,20 @@ async fn connection(
     remote: SocketAddr,
     acceptor: TlsAcceptor,
     router: Router,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let slot = limits.handshakes.admit();
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
+        () = slot.evicted.cancelled() => {
+            tracing::debug!(%remote, "TLS handshake evicted by a newer connection");
+            return;
+        }
+    };
+    drop(slot);
+    let tls = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -109,6 +145,8 @@ async fn connection(
                 None
             }
         });
+    // Without a client certificate: a place among the anonymous connections, for a while.
+    let anonymous = peer.is_none().then(|| limits.anonymous.admit());
     let conn_peer = ConnPeer(peer);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(conn_peer.clone());
@@ -142,6 +180,15 @@ async fn connection(
             }
         }
     };
+    let anonymous_over = async {
+        match &anonymous {
+            Some(slot) => tokio::select! {
+                () = slot.evicted.cancelled() => "evicted by a newer anonymous connection",
+                () = tokio::time::sleep(limits.anonymous_for) => "anonymous_connection_secs reached",
+            },
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
@@ -151,6 +198,12 @@ async fn connection(
         _ = shutting_down => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
+        }
+        why = anonymous_over => {
+            tracing::debug!(%remote, why, "closing a connection without a client certificate");
+            // Requests in progress finish (bounded by the drain time); no new ones start.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, conn).await;
         }
     }
 }
