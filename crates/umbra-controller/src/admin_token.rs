@@ -95,15 +95,7 @@ pub(crate) async fn first(
     }
     let (created, rec) =
         replace(w.conn(), &org, now, audit::CONTROLLER, "admin_token.create").await?;
-    audit::stage(
-        w.conn(),
-        &org,
-        std::slice::from_ref(&rec),
-        audit::CONTROLLER,
-    )
-    .await?;
-    w.commit().await?;
-    audit::emit(&rec);
+    audit::commit(w, &org, std::slice::from_ref(&rec)).await?;
     Ok(Some(created.token))
 }
 
@@ -128,15 +120,7 @@ pub async fn reset_admin_token(
     let mut w = store.write().await?;
     let (created, rec) =
         replace(w.conn(), &org, now, audit::CONTROLLER, "admin_token.reset").await?;
-    audit::stage(
-        w.conn(),
-        &org,
-        std::slice::from_ref(&rec),
-        audit::CONTROLLER,
-    )
-    .await?;
-    w.commit().await?;
-    audit::emit(&rec);
+    audit::commit(w, &org, std::slice::from_ref(&rec)).await?;
     store.close().await;
     Ok(created)
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sqlx::SqliteConnection;
 use umbra_proto::api::AuditRecord;
 
-use crate::store::{self, AUDIT_SEQ, peers};
+use crate::store::{self, AUDIT_SEQ, WriteTx, peers};
 
 /// `source` of rows written by the controller itself.
 pub(crate) const CONTROLLER: &str = "controller";
@@ -75,6 +75,21 @@ pub(crate) async fn stage(
 }
 
 /// Logs a record as a structured event (call after the commit that stored it).
+/// Stores `records` (the controller's own) in `w`, commits, then logs them: the log never
+/// shows an event that the store does not hold.
+pub(crate) async fn commit(
+    mut w: WriteTx<'_>,
+    org: &str,
+    records: &[AuditRecord],
+) -> Result<(), sqlx::Error> {
+    stage(w.conn(), org, records, CONTROLLER).await?;
+    w.commit().await?;
+    for r in records {
+        emit(r);
+    }
+    Ok(())
+}
+
 pub(crate) fn emit(rec: &AuditRecord) {
     if rec.result == "ok" || rec.result == "allow" {
         tracing::info!(

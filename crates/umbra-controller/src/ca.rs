@@ -170,15 +170,7 @@ pub(crate) async fn load_or_create(
         true,
         serde_json::json!({ "ca_sha256": hex::encode(ca.sha256()) }),
     );
-    audit::stage(
-        w.conn(),
-        &org,
-        std::slice::from_ref(&rec),
-        audit::CONTROLLER,
-    )
-    .await?;
-    w.commit().await?;
-    audit::emit(&rec);
+    audit::commit(w, &org, std::slice::from_ref(&rec)).await?;
     tracing::info!(org = %org, ca_sha256 = %hex::encode(ca.sha256()), "CA created");
     Ok(ca)
 }

@@ -81,15 +81,10 @@ impl Ctx {
     /// Commits a change that does not alter the snapshot (renewal), with its audit record.
     pub(crate) async fn commit_quiet(
         &self,
-        mut w: WriteTx<'_>,
+        w: WriteTx<'_>,
         records: &[AuditRecord],
     ) -> Result<(), ApiFailure> {
-        audit::stage(w.conn(), &self.org, records, audit::CONTROLLER).await?;
-        w.commit().await?;
-        for r in records {
-            audit::emit(r);
-        }
-        Ok(())
+        Ok(audit::commit(w, &self.org, records).await?)
     }
 
     /// Records a refused or failed operation in its own transaction (the operation's own
@@ -147,21 +142,15 @@ impl Ctx {
     ) {
         let rec = audit::record(self.now(), actor, action, target, false, detail);
         let res = async {
-            let mut w = self.store.write().await?;
-            audit::stage(
-                w.conn(),
-                &self.org,
-                std::slice::from_ref(&rec),
-                audit::CONTROLLER,
-            )
-            .await?;
-            w.commit().await
+            let w = self.store.write().await?;
+            audit::commit(w, &self.org, std::slice::from_ref(&rec)).await
         }
         .await;
         if let Err(e) = res {
+            // Logged all the same: the refusal must leave a trace somewhere.
             tracing::error!(error = %e, "cannot store audit record");
+            audit::emit(&rec);
         }
-        audit::emit(&rec);
     }
 
     /// Audits `res` if it is an error, and passes it on.
