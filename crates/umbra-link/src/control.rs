@@ -165,14 +165,18 @@ pub async fn follow_broker_list<F, Fut>(
         match answer {
             Ok(Some(list)) => {
                 backoff.reset();
-                let untagged = list.tag.is_empty();
-                tag = Some(list.tag);
+                // The tag goes back into a URL: only a short alphanumeric one is used.
+                let untagged = list.tag.is_empty()
+                    || list.tag.len() > 64
+                    || !list.tag.bytes().all(|b| b.is_ascii_alphanumeric());
+                tag = (!untagged).then_some(list.tag);
                 if list.brokers != held {
                     held = list.brokers.clone();
                     changed(list.brokers).await;
                 }
                 if untagged {
-                    // A controller that cannot long-poll the list: ask again later, not at once.
+                    // A controller that cannot long-poll the list (or names it oddly): ask
+                    // again later, not at once.
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(retry_cap) => {}
