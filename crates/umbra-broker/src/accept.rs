@@ -50,26 +50,21 @@ pub(crate) async fn accept_links(shared: Arc<Shared>, listener: Arc<umbra_link::
 async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
     let authority = shared.authority.load_full();
     let peer = link.peer().clone();
+    let max = shared.cfg.max_links_per_peer;
     match admit(&peer, &authority, &shared.org) {
-        Err(r) => {
-            warn!(reason = r.as_str(), "link refused");
-            shared.audit.record(
-                &peer.id.to_uri(),
-                "link.open",
-                &shared.name,
-                "deny",
-                serde_json::json!({ "reason": r.as_str(), "transport": link.transport().as_str() }),
-            );
-            metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str())
-                .increment(1);
-            link.refuse();
-        }
+        Err(r) => refuse(&shared, &peer, &link, r.as_str()),
         Ok(LinkPeer::Connector { id }) => {
+            if shared
+                .connectors
+                .try_add(&id, link.clone(), key, max)
+                .is_none()
+            {
+                return refuse(&shared, &peer, &link, TOO_MANY_LINKS);
+            }
             info!(kx_group = link.kx_group(), "connector link up");
             let transport = link.transport().as_str();
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
                 .increment(1.0);
-            shared.connectors.add(&id, link.clone(), key);
             if !still_admitted(&shared, &peer, &authority) {
                 link.refuse();
             }
@@ -84,11 +79,17 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             info!("connector link down");
         }
         Ok(LinkPeer::Agent { device }) => {
+            if shared
+                .agents
+                .try_add(&device, link.clone(), key, max)
+                .is_none()
+            {
+                return refuse(&shared, &peer, &link, TOO_MANY_LINKS);
+            }
             info!(kx_group = link.kx_group(), "agent link up");
             let transport = link.transport().as_str();
             metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
                 .increment(1.0);
-            shared.agents.add(&device, link.clone(), key);
             if !still_admitted(&shared, &peer, &authority) {
                 link.refuse();
             }
@@ -123,6 +124,24 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             info!("agent link down");
         }
     }
+}
+
+/// Why a link is refused when its peer already has `max_links_per_peer` links up.
+const TOO_MANY_LINKS: &str = "too_many_links";
+
+/// Refuses a link (the peer learns it was refused, not that the broker failed), with an
+/// audit record and a count of `reason`.
+fn refuse(shared: &Shared, peer: &umbra_pki::PeerCert, link: &Link, reason: &'static str) {
+    warn!(reason, "link refused");
+    shared.audit.record(
+        &peer.id.to_uri(),
+        "link.open",
+        &shared.name,
+        "deny",
+        serde_json::json!({ "reason": reason, "transport": link.transport().as_str() }),
+    );
+    metrics::counter!("umbra_broker_links_refused_total", "reason" => reason).increment(1);
+    link.refuse();
 }
 
 /// Resolves when the peer's certificate expires. TLS checks validity only at the handshake;

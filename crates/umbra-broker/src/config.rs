@@ -39,6 +39,11 @@ pub struct BrokerConfig {
     pub max_pending_handshakes: usize,
     /// Limit for a TLS/QUIC handshake.
     pub handshake_timeout_ms: u64,
+    /// Links one identity (a device or a connector) may have up at once; more are refused.
+    /// An agent holds one per running forward (two around a certificate renewal), a connector
+    /// one (two around a renewal), so the default 32 leaves room while bounding what one
+    /// stolen or broken identity can hold.
+    pub max_links_per_peer: usize,
     /// Receive window per stream on agent and connector links, in KiB (16 to 16384): the
     /// most the broker holds for one stream in each direction. A stream moves at most one
     /// window per round trip, so long paths need more (1024 KiB keeps about 80 Mbit/s per
@@ -61,6 +66,7 @@ impl Default for BrokerConfig {
             heartbeat_ms: 1_000,
             max_pending_handshakes: 256,
             handshake_timeout_ms: 5_000,
+            max_links_per_peer: 32,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }
@@ -122,6 +128,9 @@ impl BrokerConfig {
         }
         if self.max_pending_handshakes == 0 {
             return Err(bad("max_pending_handshakes", "must be greater than 0"));
+        }
+        if !(1..=4096).contains(&self.max_links_per_peer) {
+            return Err(bad("max_links_per_peer", "must be between 1 and 4096"));
         }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return Err(bad(
@@ -187,6 +196,13 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().field, "open_timeout_ms");
+        for n in [0, 4097] {
+            let c = BrokerConfig {
+                max_links_per_peer: n,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "max_links_per_peer");
+        }
         let c = BrokerConfig {
             listen_quic: None,
             listen_tcp: None,

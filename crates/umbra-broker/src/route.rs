@@ -79,7 +79,20 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn add(&self, peer: &str, link: Link, key: u64) -> Arc<PeerLink> {
+    /// Adds `link` for `peer` unless `peer` already has `max` links open (then `None`).
+    pub(crate) fn try_add(
+        &self,
+        peer: &str,
+        link: Link,
+        key: u64,
+        max: usize,
+    ) -> Option<Arc<PeerLink>> {
+        let mut m = self.lock();
+        let links = m.entry(peer.to_owned()).or_default();
+        // Closed links leave with their task; do not count one that is on its way out.
+        if links.iter().filter(|c| !c.link.is_closed()).count() >= max {
+            return None;
+        }
         let c = Arc::new(PeerLink {
             peer: peer.to_owned(),
             link,
@@ -87,11 +100,8 @@ impl Registry {
             active: AtomicUsize::new(0),
             silent_until: AtomicU64::new(0),
         });
-        self.lock()
-            .entry(peer.to_owned())
-            .or_default()
-            .push(c.clone());
-        c
+        links.push(c.clone());
+        Some(c)
     }
 
     pub(crate) fn remove(&self, peer: &str, key: u64) {

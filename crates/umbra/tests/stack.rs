@@ -816,6 +816,61 @@ async fn stalled_handshakes() {
     drop(silent);
 }
 
+/// One identity may hold at most `max_links_per_peer` links to a broker (4 here): the next is
+/// refused (the dialer is told so, and it is audited), while another user's link is served,
+/// and closing one of the first makes room again.
+async fn links_per_identity_are_bounded(t: TransportPref) {
+    init();
+    let mut s = Stack::start(Opts {
+        brokers: vec![],
+        users: vec![ALICE, BOB],
+    })
+    .await;
+    let token = s.admin.token("broker", None, Some("bounded")).await;
+    let dir = s.dir.path().join("bounded");
+    umbra_link::enroll::enroll(&s.url, &token, &dir)
+        .await
+        .unwrap();
+    s.start_broker("bounded", dir, |c| c.max_links_per_peer = 4)
+        .await;
+    let b0 = &s.brokers[0];
+    let tr = link_transport(t);
+    let alice = s.agent("alice").identity();
+    let bob = s.agent("bob").identity();
+    // Once the broker holds a snapshot that knows alice (each probe's link is closed).
+    poll("the broker serves alice", SOON, || served(b0, tr, &alice)).await;
+    let mut held = Vec::new();
+    for i in 0..4 {
+        // Retried: the probes' links above may take a moment to leave the broker's count.
+        let link = poll(&format!("[{t}] link {i} of 4"), SOON, || async {
+            let link = dial(b0, tr, &alice).await?;
+            ping(&link).await.map(|()| link)
+        })
+        .await;
+        held.push(link);
+    }
+    match assert_refused(b0, tr, &alice, "a fifth link").await {
+        Refusal::ClosedAfterHandshake { refused: true, .. } => {}
+        other => panic!("[{t}] a fifth link: {other:?}"),
+    }
+    // Another identity is not held back; the first four still work.
+    served(b0, tr, &bob).await.unwrap();
+    for l in &held {
+        ping(l).await.unwrap();
+    }
+    // Room again once one of them closes.
+    held.pop().unwrap().close();
+    poll("a link after one closed", SOON, || async {
+        let link = dial(b0, tr, &alice).await?;
+        let r = ping(&link).await;
+        link.close();
+        r
+    })
+    .await;
+    drop(held);
+}
+both_transports!(links_per_identity_are_bounded);
+
 /// 13. Bad admin requests answer 400 with a reason and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_admin_requests_change_nothing() {
