@@ -49,6 +49,9 @@ pub struct ControllerConfig {
     /// How long a connection without a client certificate may stay open, seconds (enrolled
     /// peers' connections, which long-poll, are not limited). Default 60.
     pub anonymous_connection_secs: u64,
+    /// Connections one enrolled identity (device, connector, broker) may hold open at once;
+    /// more are closed after the handshake. Each role process holds one or two. Default 32.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ControllerConfig {
@@ -66,6 +69,7 @@ impl Default for ControllerConfig {
             max_pending_handshakes: 256,
             max_anonymous_connections: 1024,
             anonymous_connection_secs: 60,
+            max_connections_per_peer: 32,
         }
     }
 }
@@ -85,6 +89,7 @@ impl fmt::Debug for ControllerConfig {
             .field("max_pending_handshakes", &self.max_pending_handshakes)
             .field("max_anonymous_connections", &self.max_anonymous_connections)
             .field("anonymous_connection_secs", &self.anonymous_connection_secs)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
             .finish()
     }
 }
@@ -179,6 +184,12 @@ impl ControllerConfig {
             return Err(ConfigError::new(
                 "max_anonymous_connections",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=4_096).contains(&self.max_connections_per_peer) {
+            return Err(ConfigError::new(
+                "max_connections_per_peer",
+                "must be between 1 and 4096",
             ));
         }
         if !(1..=3_600).contains(&self.anonymous_connection_secs) {
@@ -287,6 +298,10 @@ mod tests {
             (
                 "anonymous_connection_secs",
                 Box::new(|c| c.anonymous_connection_secs = 0),
+            ),
+            (
+                "max_connections_per_peer",
+                Box::new(|c| c.max_connections_per_peer = 0),
             ),
             (
                 "anonymous_connection_secs",

@@ -9,7 +9,8 @@
 //! waiting. Snapshots are built from one read transaction, so a snapshot is always a
 //! consistent view at its version.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::SqliteConnection;
@@ -19,6 +20,7 @@ use umbra_proto::snapshot::{
     ConnectorFacts, DeviceFacts, PolicyText, ServiceFacts, Snapshot, UserFacts,
 };
 
+use crate::quota::{Place, Quota};
 use crate::store::peers::{self, Kind};
 use crate::store::{self, SNAPSHOT_VERSION, admin};
 
@@ -26,7 +28,7 @@ use crate::store::{self, SNAPSHOT_VERSION, admin};
 pub(crate) struct Distribution {
     tx: watch::Sender<u64>,
     /// Long polls waiting now, per peer identity.
-    waiting: std::sync::Mutex<HashMap<String, usize>>,
+    waiting: Arc<Quota>,
 }
 
 /// Long polls one peer identity may have waiting at once. Each holds a task and a connection
@@ -35,52 +37,19 @@ pub(crate) struct Distribution {
 /// misbehaving identity can hold.
 pub(crate) const MAX_WAITING_PER_PEER: usize = 16;
 
-/// One of a peer's long-poll places, given back when dropped.
-pub(crate) struct WaitSlot<'a> {
-    waiting: &'a std::sync::Mutex<HashMap<String, usize>>,
-    peer: String,
-}
-
-impl Drop for WaitSlot<'_> {
-    fn drop(&mut self) {
-        let mut w = self
-            .waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = w.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                w.remove(&self.peer);
-            }
-        }
-    }
-}
-
 impl Distribution {
     pub(crate) fn new(version: u64) -> Self {
         metrics::gauge!("umbra_snapshot_version").set(version as f64);
         Distribution {
             tx: watch::Sender::new(version),
-            waiting: std::sync::Mutex::new(HashMap::new()),
+            waiting: Quota::new(MAX_WAITING_PER_PEER),
         }
     }
 
     /// A place for one more long poll of `peer` (its identity URI), or `None` when it already
     /// has [`MAX_WAITING_PER_PEER`] waiting. Hold it for as long as the request waits.
-    pub(crate) fn wait_slot(&self, peer: &str) -> Option<WaitSlot<'_>> {
-        let mut w = self
-            .waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = w.entry(peer.to_owned()).or_insert(0);
-        if *n >= MAX_WAITING_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(WaitSlot {
-            waiting: &self.waiting,
-            peer: peer.to_owned(),
-        })
+    pub(crate) fn wait_slot(&self, peer: &str) -> Option<Place> {
+        self.waiting.take(peer)
     }
 
     /// Announces `version` (ignored if not newer than the one announced).
@@ -248,33 +217,6 @@ pub(crate) async fn connector_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn long_polls_per_peer_are_bounded_and_given_back() {
-        let d = Distribution::new(1);
-        let mut held: Vec<WaitSlot<'_>> = (0..MAX_WAITING_PER_PEER)
-            .map(|_| d.wait_slot("umbra://o/agent/d-1").unwrap())
-            .collect();
-        assert!(d.wait_slot("umbra://o/agent/d-1").is_none());
-        // Another identity is not held back.
-        let other = d.wait_slot("umbra://o/agent/d-2");
-        assert!(other.is_some());
-        held.pop();
-        let again = d.wait_slot("umbra://o/agent/d-1");
-        assert!(again.is_some());
-        drop((other, again));
-        {
-            // Nothing is kept for identities with nothing waiting.
-            let w = d.waiting.lock().unwrap();
-            assert_eq!(w.get("umbra://o/agent/d-2"), None);
-            assert_eq!(
-                w.get("umbra://o/agent/d-1"),
-                Some(&(MAX_WAITING_PER_PEER - 1))
-            );
-        }
-        drop(held);
-        assert!(d.waiting.lock().unwrap().is_empty());
-    }
 
     #[tokio::test]
     async fn wait_newer_wakes_on_publish_and_times_out() {

@@ -46,6 +46,7 @@ mod distribution;
 mod enroll;
 mod error;
 mod failures;
+mod quota;
 mod state;
 mod store;
 mod validate;

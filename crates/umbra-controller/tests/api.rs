@@ -1575,16 +1575,20 @@ async fn closed_by_server<T: tokio::io::AsyncRead + Unpin>(io: &mut T, within: D
 /// The API is public, so what unauthenticated connections may hold is bounded: handshakes in
 /// progress (a flood of stalled ones only evicts the oldest, and the admin is served
 /// meanwhile), and connections without a client certificate (at most so many, each for at
-/// most `anonymous_connection_secs`). The twin: an enrolled peer's connection outlives that.
+/// most `anonymous_connection_secs`), and connections per enrolled identity. The twins: an
+/// enrolled peer's connection outlives `anonymous_connection_secs`, and another identity is
+/// not held back by one at its limit.
 #[tokio::test]
 async fn stalled_and_idle_connections_cannot_keep_clients_out() {
     let h = Harness::start_cfg(|c| {
         c.max_pending_handshakes = 4;
         c.max_anonymous_connections = 4;
         c.anonymous_connection_secs = 2;
+        c.max_connections_per_peer = 2;
     })
     .await;
     let (alice, _) = h.agent("alice@example.com").await;
+    let (bob, _) = h.agent("bob@example.com").await;
 
     // Ten connections that never send a ClientHello.
     let mut stalled = Vec::new();
@@ -1596,14 +1600,8 @@ async fn stalled_and_idle_connections_cannot_keep_clients_out() {
         );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        h.ok("GET", "/v1/users", None)
-            .await
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    let users = h.ok("GET", "/v1/users", None).await;
+    assert_eq!(users.as_array().unwrap().len(), 2);
     let mut closed = 0;
     for c in &mut stalled {
         if closed_by_server(c, Duration::from_millis(300)).await {
@@ -1641,15 +1639,28 @@ async fn stalled_and_idle_connections_cannot_keep_clients_out() {
         !closed_by_server(&mut peer, Duration::from_secs(1)).await,
         "the enrolled peer's connection was closed"
     );
-    // And the admin is still served, on a connection of its own.
-    assert_eq!(
-        h.ok("GET", "/v1/users", None)
-            .await
-            .as_array()
-            .unwrap()
-            .len(),
-        1
+    // An identity holds at most two connections: alice's third is closed at once, while her
+    // second and bob's first stay.
+    let mut second = tls_conn(&h, Some(&alice)).await;
+    let mut third = tls_conn(&h, Some(&alice)).await;
+    let mut bobs = tls_conn(&h, Some(&bob)).await;
+    assert!(
+        closed_by_server(&mut third, Duration::from_secs(2)).await,
+        "a third connection of one identity was kept"
     );
+    for (who, c) in [
+        ("alice's second", &mut second),
+        ("bob's", &mut bobs),
+        ("alice's first", &mut peer),
+    ] {
+        assert!(
+            !closed_by_server(c, Duration::from_millis(500)).await,
+            "{who} connection was closed"
+        );
+    }
+    // And the admin is still served, on a connection of its own.
+    let users = h.ok("GET", "/v1/users", None).await;
+    assert_eq!(users.as_array().unwrap().len(), 2);
     h.ctl.shutdown().await;
 }
 

@@ -13,7 +13,7 @@ use umbra_controller::{Controller, ControllerConfig};
 pub(crate) struct Args {
     /// TOML file with controller settings (data_dir, listen, public_url, server_names,
     /// database_url, ca_key, org, cert_lifetime_secs, token_ttl_secs, max_pending_handshakes,
-    /// max_anonymous_connections, anonymous_connection_secs).
+    /// max_anonymous_connections, anonymous_connection_secs, max_connections_per_peer).
     #[arg(long, env = "UMBRA_CONTROLLER_CONFIG")]
     config: Option<PathBuf>,
     /// Directory for the embedded database and CA key file.

@@ -18,9 +18,10 @@ use umbra_proto::api::{
 use super::ApiJson;
 use super::ApiQuery;
 use crate::audit;
-use crate::distribution::{self, MAX_WAITING_PER_PEER, WaitSlot};
+use crate::distribution::{self, MAX_WAITING_PER_PEER};
 use crate::enroll;
 use crate::error::ApiFailure;
+use crate::quota::Place;
 use crate::state::{ClientAddr, ConnPeer, Ctx};
 use crate::store::{self, SNAPSHOT_VERSION, peers};
 use crate::validate;
@@ -119,7 +120,7 @@ pub(super) async fn brokers(
 }
 
 /// A place for one more long poll of `peer`, or 429 when it has too many waiting.
-fn wait_slot<'a>(ctx: &'a Ctx, peer: &PeerCert) -> Result<WaitSlot<'a>, ApiFailure> {
+fn wait_slot(ctx: &Ctx, peer: &PeerCert) -> Result<Place, ApiFailure> {
     ctx.dist.wait_slot(&peer.id.to_uri()).ok_or_else(|| {
         ApiFailure::new(
             StatusCode::TOO_MANY_REQUESTS,

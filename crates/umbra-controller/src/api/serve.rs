@@ -10,7 +10,8 @@
 //! at most `anonymous_connection_secs`. A new connection that finds either bound full evicts
 //! the oldest one there (`umbra_link::pending`), so connections that stall or idle cannot keep
 //! a real client out. Enrolled peers' connections (client certificate) carry long polls and
-//! are not limited here; their long polls are, per identity.
+//! live on, at most `max_connections_per_peer` per identity (more are closed after the
+//! handshake); their long polls are bounded per identity too.
 //!
 //! Shutdown: stop accepting, ask every connection to finish gracefully (long polls end at
 //! once, see [`crate::distribution::Distribution::wait_newer`]), then abort what is left
@@ -34,6 +35,8 @@ use tracing::Instrument;
 
 use umbra_link::pending::Pending;
 
+use crate::quota::Quota;
+
 use crate::state::{ClientAddr, ConnPeer};
 
 /// Longest TLS handshake before the connection is dropped.
@@ -49,6 +52,7 @@ pub(crate) struct Limits {
     pub(crate) handshakes: Arc<Pending>,
     pub(crate) anonymous: Arc<Pending>,
     pub(crate) anonymous_for: Duration,
+    pub(crate) per_peer: Arc<Quota>,
 }
 
 /// Accepts connections until `shutdown` turns true (or its sender is dropped).
@@ -147,6 +151,22 @@ async fn connection(
         });
     // Without a client certificate: a place among the anonymous connections, for a while.
     let anonymous = peer.is_none().then(|| limits.anonymous.admit());
+    // With one: a place among that identity's connections, for as long as it lasts.
+    let _place = match &peer {
+        Some(p) => match limits.per_peer.take(&p.id.to_uri()) {
+            Some(place) => Some(place),
+            None => {
+                tracing::warn!(
+                    %remote,
+                    peer = %p.id,
+                    max = limits.per_peer.max(),
+                    "too many connections from this identity; closing this one"
+                );
+                return;
+            }
+        },
+        None => None,
+    };
     let conn_peer = ConnPeer(peer);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(conn_peer.clone());
