@@ -16,7 +16,8 @@
 //! - **audit** (`audit`; refusals of unauthenticated requests within a budget per source,
 //!   `failures`) and metrics (`umbra_controller_requests_total{route,status}`,
 //!   `umbra_enrollments_total{role,result}`, `umbra_renewals_total{role,result}`,
-//!   `umbra_snapshot_version`, `umbra_audit_skipped_total{action}`), recorded through the
+//!   `umbra_snapshot_version`, `umbra_audit_skipped_total{action}`,
+//!   `umbra_controller_connections_refused_total{reason}`), recorded through the
 //!   `metrics` facade. The embedding binary
 //!   serves them on a listener of its own (loopback by default), never on the API port: the
 //!   API is public, and counts of enrollments and requests are nobody's business there.

@@ -36,7 +36,6 @@ use tracing::Instrument;
 use umbra_link::pending::Pending;
 
 use crate::quota::Quota;
-
 use crate::state::{ClientAddr, ConnPeer};
 
 /// Longest TLS handshake before the connection is dropped.
@@ -156,7 +155,10 @@ async fn connection(
         Some(p) => match limits.per_peer.take(&p.id.to_uri()) {
             Some(place) => Some(place),
             None => {
-                tracing::warn!(
+                // Counted, and logged at debug only: the peer could repeat this at will.
+                metrics::counter!("umbra_controller_connections_refused_total", "reason" => "per_peer")
+                    .increment(1);
+                tracing::debug!(
                     %remote,
                     peer = %p.id,
                     max = limits.per_peer.max(),
