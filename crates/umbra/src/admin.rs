@@ -76,13 +76,15 @@ enum Cmd {
     /// The admin token itself.
     #[command(subcommand)]
     AdminToken(AdminTokenCmd),
-    /// The audit log.
+    /// The audit log (`audit` and `audit list` are the same).
     Audit {
+        #[command(subcommand)]
+        list: Option<AuditCmd>,
         /// Only events after this sequence number.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, global = true)]
         after: i64,
         /// At most this many events.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, global = true)]
         limit: u32,
     },
 }
@@ -252,6 +254,12 @@ enum BrokerCmd {
         /// Broker id or name (from `umbra admin broker list`).
         id: String,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum AuditCmd {
+    /// List audit events, oldest first (as `umbra admin audit`, like every other `list`).
+    List,
 }
 
 #[derive(clap::Subcommand)]
@@ -814,7 +822,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     .collect()
             ));
         }
-        Cmd::Audit { after, limit } => {
+        Cmd::Audit { after, limit, .. } => {
             let v: Vec<api::AuditEntry> = c
                 .get(&format!("/v1/audit?after={after}&limit={limit}"))
                 .await?;

@@ -156,7 +156,14 @@ fn help_of_every_command_names_its_options() {
             &["--role", "--user", "--name", "--ttl"],
         ),
         (&["admin", "device", "--help"], &["list", "revoke"]),
-        (&["admin", "audit", "--help"], &["--after", "--limit"]),
+        (
+            &["admin", "audit", "--help"],
+            &["--after", "--limit", "list"],
+        ),
+        (
+            &["admin", "audit", "list", "--help"],
+            &["--after", "--limit"],
+        ),
     ];
     let mut failures = Vec::new();
     for (args, wanted) in cases {
@@ -1039,6 +1046,18 @@ fn quickstart_runs_stops_and_resumes() {
     let admin_cfg = data.join("admin.toml");
     let first = inventory(home.path(), &admin_cfg);
     assert_quickstart_objects(&first, app);
+    // `audit list` is `audit`, like every other kind's `list`.
+    let cfg_arg = admin_cfg.to_str().expect("utf-8");
+    let audit = |extra: &[&str]| {
+        let mut args = vec!["admin", "--config", cfg_arg, "-o", "json", "audit"];
+        args.extend_from_slice(extra);
+        let out = umbra(home.path(), &args);
+        assert!(out.success(), "{args:?}: {}", out.describe());
+        serde_json::from_str::<Value>(&out.stdout).expect("JSON")
+    };
+    let listed = audit(&["list", "--limit", "3"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    assert_eq!(listed, audit(&["--limit", "3"]));
 
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
