@@ -269,6 +269,12 @@ impl Broker {
         self.shared.streams.len()
     }
 
+    /// Number of agent links up now (the same count as the `umbra_broker_links{role="agent"}`
+    /// gauge).
+    pub fn agent_links(&self) -> usize {
+        self.shared.agents.len()
+    }
+
     /// Stops accepting, closes every link and stream, and waits for the tasks.
     pub async fn shutdown(self) {
         self.shared.shutdown.cancel();

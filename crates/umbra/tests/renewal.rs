@@ -722,6 +722,102 @@ async fn live_links_end_when_their_certificate_expires() {
         .unwrap_or_else(|e| panic!("the late stream through the connector was cut: {e}"));
 }
 
+/// A broker revoked while an agent holds a link to it that a renewal retired (kept for the
+/// streams it carries, the new streams going over a link made with the new certificate): the
+/// agent closes the retired link too, at once, long before the old certificate's expiry would
+/// have ended it at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_broker_ends_retired_links_too() {
+    init();
+    let mut s = Stack::controller_only(&[ALICE]).await;
+    let short = ControllerConfig {
+        cert_lifetime_secs: LIFETIME_SECS,
+        ..s.ctl_cfg.clone()
+    };
+    s.restart_controller(short).await;
+    let broker = add_broker(&mut s, "broker-0").await;
+    let (echo, _echo_task) = echo_server().await;
+    s.echo = echo;
+    let conn_dir = s.connector_dir.clone();
+    enroll(
+        &s,
+        "connector",
+        "connector",
+        None,
+        Some(CONNECTOR),
+        &conn_dir,
+    )
+    .await;
+    s.admin
+        .post(
+            "/v1/services",
+            json!({ "name": ECHO, "target": echo.to_string(), "connectors": [CONNECTOR] }),
+        )
+        .await;
+    s.admin.allow("alice-echo", ALICE, ECHO).await;
+    let _conn = start_connector(&conn_dir, TransportPref::Quic).await;
+    s.converge().await;
+    let dir = s.enroll_agent(ALICE, "alice").await.dir.clone();
+    let alice = Holder::capture("alice", &dir);
+    let fwd = s.forward("alice", TransportPref::Quic, ECHO).await;
+    poll("the forward", SOON, || echo_ok(fwd.local_addr())).await;
+    let b0 = s.brokers[0].running();
+    poll("the probes' links closed", SOON, || async {
+        match b0.agent_links() {
+            1 => Ok(()),
+            n => Err(format!("{n} agent links")),
+        }
+    })
+    .await;
+
+    // A stream on the first link, then the agent renews.
+    let mut early = LiveConn::open(fwd.local_addr()).await.unwrap();
+    early.echo(b"on the first link").await.unwrap();
+    alice.renewed().await;
+    // The next connection makes the agent link again with the renewed certificate; the early
+    // stream stays where it is, on the link now retired.
+    let mut late = LiveConn::open(fwd.local_addr()).await.unwrap();
+    late.echo(b"on the new link").await.unwrap();
+    early.echo(b"still on the retired link").await.unwrap();
+    assert_eq!(
+        b0.agent_links(),
+        2,
+        "the agent did not link again after renewing"
+    );
+    let old_end = alice.orig.peer.not_after;
+    assert!(
+        SystemTime::now() + Duration::from_secs(4) < old_end,
+        "renewal came too late for this case to tell revocation from expiry"
+    );
+
+    s.admin
+        .ok(
+            "POST",
+            &format!("/v1/brokers/{}/revoke", broker.orig.peer.id.id),
+            None,
+        )
+        .await;
+    // Both links go, the retired one included (the streams would end anyway: the connector
+    // leaves the revoked broker too), long before the old certificate's end.
+    poll(
+        "the agent's links closed",
+        Duration::from_secs(3),
+        || async {
+            match b0.agent_links() {
+                0 => Ok(()),
+                n => Err(format!("{n} agent links")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        SystemTime::now() < old_end,
+        "the retired link ended only with its certificate"
+    );
+    early.closed_within(Duration::from_secs(3)).await.unwrap();
+    late.closed_within(Duration::from_secs(3)).await.unwrap();
+}
+
 /// Sends `data` on `s` and reads the same bytes back, leaving the stream open both ways.
 async fn echo_open(s: &mut umbra_link::Stream, data: &[u8]) -> Result<(), String> {
     let run = async {
