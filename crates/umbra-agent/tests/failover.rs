@@ -376,3 +376,68 @@ async fn status_and_services() {
     assert!(st.brokers[1].rtt.is_err());
     assert_eq!(umbra_agent::services(&s.cfg).await.unwrap(), vec!["echo"]);
 }
+
+/// Where UDP is blocked, `auto` falls back to TLS over TCP: with every broker's QUIC address
+/// a UDP socket that swallows what it is sent (as a firewall dropping UDP would), the agent is
+/// served over TLS/TCP links. The twin: with QUIC reachable, `auto` links over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tls_where_udp_is_blocked() {
+    let s = setup(TransportPref::Auto).await;
+    let transports = |st: &StandIn| {
+        let links = st.links.clone();
+        async move {
+            links
+                .lock()
+                .await
+                .iter()
+                .filter(|l| !l.is_closed())
+                .map(Link::transport)
+                .collect::<Vec<_>>()
+        }
+    };
+    // Twin first: QUIC reachable, QUIC used.
+    let f = Forwarder::start(s.cfg.clone(), "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let first = served_by(&f).await;
+    let served = if first == s.a.name { &s.a } else { &s.b };
+    assert!(transports(served).await.contains(&Transport::Quic));
+    f.shutdown().await;
+
+    // Now the QUIC addresses lead nowhere: bound, never read, never answered.
+    let swallow: Vec<std::net::UdpSocket> = (0..2)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let brokers: Vec<BrokerInfo> = [&s.a, &s.b]
+        .iter()
+        .zip(&swallow)
+        .map(|(st, u)| BrokerInfo {
+            quic_addr: Some(u.local_addr().unwrap().to_string()),
+            ..st.info.clone()
+        })
+        .collect();
+    agent_dir(&s.ca, dir.path(), brokers);
+    let cfg = AgentConfig {
+        identity_dir: dir.path().to_path_buf(),
+        ..s.cfg.clone()
+    };
+    for st in [&s.a, &s.b] {
+        for l in st.links.lock().await.iter() {
+            l.close();
+        }
+    }
+    let f = Forwarder::start(cfg, "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let name = served_by(&f).await;
+    let served = if name == s.a.name { &s.a } else { &s.b };
+    let up = transports(served).await;
+    assert!(
+        !up.is_empty() && up.iter().all(|t| *t == Transport::Tls),
+        "links up at the serving broker: {up:?}"
+    );
+    assert_eq!(served_by(&f).await, name, "the TLS link is held");
+    f.shutdown().await;
+    drop(swallow);
+}
