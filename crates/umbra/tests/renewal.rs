@@ -621,25 +621,24 @@ async fn renewed_certificates_keep_roles_working_past_expiry() {
     eprintln!("renewal case took {:?}", started.elapsed());
 }
 
-/// The broker ends a live link when the certificate it was made with expires (TLS checks
-/// validity only at the handshake), on both transports, streams and all; not before. Holders
-/// that renew are not cut off: on each renewal the connector and the agent link again with
-/// the new certificate and the broker gives new streams to the newest link, so a stream
-/// opened shortly before an old certificate's expiry outlives it. Without that hand-over it
-/// would ride the old link and end with it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_links_end_when_their_certificate_expires() {
-    init();
+/// A deployment whose controller signs `lifetime_secs` certificates: one broker, one
+/// connector over QUIC publishing `ECHO` (a local echo server), and Alice allowed to reach it.
+struct OneBroker {
+    s: Stack,
+    broker: Holder,
+    _echo: tokio::task::JoinHandle<()>,
+    _conn: Connector,
+}
+
+async fn one_broker(lifetime_secs: u64) -> OneBroker {
     let mut s = Stack::controller_only(&[ALICE]).await;
-    // Renewal comes every 2/3 of a lifetime: 8 s here, so each holder has renewed again
-    // by the time the first certificates expire.
     let short = ControllerConfig {
-        cert_lifetime_secs: 12,
+        cert_lifetime_secs: lifetime_secs,
         ..s.ctl_cfg.clone()
     };
     s.restart_controller(short).await;
-    let _broker = add_broker(&mut s, "broker-0").await;
-    let (echo, _echo_task) = echo_server().await;
+    let broker = add_broker(&mut s, "broker-0").await;
+    let (echo, echo_task) = echo_server().await;
     s.echo = echo;
     let conn_dir = s.connector_dir.clone();
     enroll(
@@ -658,8 +657,34 @@ async fn live_links_end_when_their_certificate_expires() {
         )
         .await;
     s.admin.allow("alice-echo", ALICE, ECHO).await;
-    let _conn = start_connector(&conn_dir, TransportPref::Quic).await;
+    let conn = start_connector(&conn_dir, TransportPref::Quic).await;
     s.converge().await;
+    OneBroker {
+        s,
+        broker,
+        _echo: echo_task,
+        _conn: conn,
+    }
+}
+
+/// The broker ends a live link when the certificate it was made with expires (TLS checks
+/// validity only at the handshake), on both transports, streams and all; not before. Holders
+/// that renew are not cut off: on each renewal the connector and the agent link again with
+/// the new certificate and the broker gives new streams to the newest link, so a stream
+/// opened shortly before an old certificate's expiry outlives it. Without that hand-over it
+/// would ride the old link and end with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_links_end_when_their_certificate_expires() {
+    init();
+    // Renewal comes every 2/3 of a lifetime: 8 s here, so each holder has renewed again
+    // by the time the first certificates expire.
+    // Every part is held to the end (`..` would drop the connector here).
+    let OneBroker {
+        mut s,
+        broker: _broker,
+        _echo,
+        _conn,
+    } = one_broker(12).await;
 
     // A device's links, one per transport, made by hand: nothing renews them.
     let id = s.enroll_agent(ALICE, "alice").await.identity();
@@ -729,34 +754,12 @@ async fn live_links_end_when_their_certificate_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_broker_ends_retired_links_too() {
     init();
-    let mut s = Stack::controller_only(&[ALICE]).await;
-    let short = ControllerConfig {
-        cert_lifetime_secs: LIFETIME_SECS,
-        ..s.ctl_cfg.clone()
-    };
-    s.restart_controller(short).await;
-    let broker = add_broker(&mut s, "broker-0").await;
-    let (echo, _echo_task) = echo_server().await;
-    s.echo = echo;
-    let conn_dir = s.connector_dir.clone();
-    enroll(
-        &s,
-        "connector",
-        "connector",
-        None,
-        Some(CONNECTOR),
-        &conn_dir,
-    )
-    .await;
-    s.admin
-        .post(
-            "/v1/services",
-            json!({ "name": ECHO, "target": echo.to_string(), "connectors": [CONNECTOR] }),
-        )
-        .await;
-    s.admin.allow("alice-echo", ALICE, ECHO).await;
-    let _conn = start_connector(&conn_dir, TransportPref::Quic).await;
-    s.converge().await;
+    let OneBroker {
+        mut s,
+        broker,
+        _echo,
+        _conn,
+    } = one_broker(LIFETIME_SECS).await;
     let dir = s.enroll_agent(ALICE, "alice").await.dir.clone();
     let alice = Holder::capture("alice", &dir);
     let fwd = s.forward("alice", TransportPref::Quic, ECHO).await;
