@@ -113,7 +113,7 @@ impl Connector {
         let tasks = vec![
             tokio::spawn(links::supervise(link_ctx, brokers_rx, cancel.clone())),
             tokio::spawn(sync::poll_published(
-                sync::Controller::new(cref.url.clone(), identity_rx.clone()),
+                umbra_link::RenewingClient::new(cref.url.clone(), identity_rx.clone()),
                 dir.clone(),
                 me,
                 published_tx,

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use umbra_link::RenewingClient;
 use umbra_link::backoff::Backoff;
 use umbra_link::enroll::{ControllerRef, save_controller_ref};
-use umbra_link::{ControllerClient, LinkError};
 use umbra_pki::TlsIdentity;
 use umbra_proto::api::{BrokerInfo, ConnectorConfig as PublishedConfig};
 
@@ -77,43 +77,9 @@ pub(crate) fn accept_update(held: &PublishedConfig, new: &PublishedConfig, me: &
     new.connector_id == me && new.version > held.version
 }
 
-/// An HTTPS client to the controller that follows certificate renewal: rebuilt whenever the
-/// identity changes.
-pub(crate) struct Controller {
-    url: String,
-    identity: IdentityRx,
-    client: Option<(Arc<TlsIdentity>, ControllerClient)>,
-}
-
-impl Controller {
-    pub(crate) fn new(url: String, identity: IdentityRx) -> Self {
-        Controller {
-            url,
-            identity,
-            client: None,
-        }
-    }
-
-    pub(crate) fn client(&mut self) -> Result<&ControllerClient, LinkError> {
-        let id = self.identity.borrow().clone();
-        let stale = match &self.client {
-            Some((held, _)) => !Arc::ptr_eq(held, &id),
-            None => true,
-        };
-        if stale {
-            let c = ControllerClient::new(&self.url, &id.ca, Some(&id))?;
-            self.client = Some((id, c));
-        }
-        match &self.client {
-            Some((_, c)) => Ok(c),
-            None => Err(LinkError::Closed),
-        }
-    }
-}
-
 /// Long-polls the published targets until `cancel`.
 pub(crate) async fn poll_published(
-    mut ctl: Controller,
+    mut ctl: RenewingClient,
     dir: PathBuf,
     me: String,
     tx: watch::Sender<Arc<PublishedConfig>>,

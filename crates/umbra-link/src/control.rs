@@ -115,6 +115,41 @@ impl ControllerClient {
     }
 }
 
+/// An HTTPS client to the controller that follows certificate renewal: rebuilt (with the
+/// new certificate) whenever `identity` has changed since the last request.
+pub struct RenewingClient {
+    url: String,
+    identity: tokio::sync::watch::Receiver<Arc<TlsIdentity>>,
+    client: Option<(Arc<TlsIdentity>, ControllerClient)>,
+}
+
+impl RenewingClient {
+    pub fn new(url: String, identity: tokio::sync::watch::Receiver<Arc<TlsIdentity>>) -> Self {
+        RenewingClient {
+            url,
+            identity,
+            client: None,
+        }
+    }
+
+    /// The client for the identity held now.
+    pub fn client(&mut self) -> Result<&ControllerClient, LinkError> {
+        let id = self.identity.borrow().clone();
+        let stale = match &self.client {
+            Some((held, _)) => !Arc::ptr_eq(held, &id),
+            None => true,
+        };
+        if stale {
+            let c = ControllerClient::new(&self.url, &id.ca, Some(&id))?;
+            self.client = Some((id, c));
+        }
+        match &self.client {
+            Some((_, c)) => Ok(c),
+            None => Err(LinkError::Closed),
+        }
+    }
+}
+
 /// Longest wait asked of the controller's broker-list long poll (its own cap is 25 s).
 const BROKER_POLL_WAIT: Duration = Duration::from_secs(25);
 /// First retry delay after a failed broker-list poll.
@@ -139,16 +174,9 @@ pub async fn follow_broker_list<F, Fut>(
 {
     let mut backoff =
         crate::backoff::Backoff::new(BROKER_RETRY_BASE, retry_cap.max(BROKER_RETRY_BASE));
-    let mut client: Option<(Arc<TlsIdentity>, ControllerClient)> = None;
+    let mut client = RenewingClient::new(url.to_owned(), identity);
     let mut tag: Option<String> = None;
     loop {
-        let id = identity.borrow().clone();
-        let fresh = match &client {
-            Some((held_id, c)) if Arc::ptr_eq(held_id, &id) => Ok(c.clone()),
-            _ => ControllerClient::new(url, &id.ca, Some(&id)).inspect(|c| {
-                client = Some((id.clone(), c.clone()));
-            }),
-        };
         let path = match &tag {
             Some(t) => format!("/v1/brokers?have={t}&wait={}", BROKER_POLL_WAIT.as_secs()),
             None => "/v1/brokers".to_owned(),
@@ -156,7 +184,7 @@ pub async fn follow_broker_list<F, Fut>(
         let answer = tokio::select! {
             () = cancel.cancelled() => return,
             r = async {
-                match fresh {
+                match client.client() {
                     Ok(c) => c.get_opt::<umbra_proto::api::BrokerList>(&path).await,
                     Err(e) => Err(e),
                 }
