@@ -345,6 +345,12 @@ impl Client {
         })
     }
 
+    /// `POST /v1/KIND/ID/revoke` (devices, connectors, brokers): the API's answer.
+    async fn revoke(&self, kind: &str, id: &str) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/v1/{kind}/{}/revoke", seg(id));
+        self.post(&path, &serde_json::json!({})).await
+    }
+
     /// POST that treats "already exists" (409) as done: for idempotent setup.
     pub(crate) async fn ensure(
         &self,
@@ -690,12 +696,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::Device(DeviceCmd::Revoke { id }) => {
-            let v: serde_json::Value = c
-                .post(
-                    &format!("/v1/devices/{}/revoke", seg(id)),
-                    &serde_json::json!({}),
-                )
-                .await?;
+            let v = c.revoke("devices", id).await?;
             out!(v, |_| println!("device {id} revoked"));
         }
         Cmd::Connector(ConnectorCmd::List) => {
@@ -708,12 +709,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::Connector(ConnectorCmd::Revoke { id }) => {
-            let v: serde_json::Value = c
-                .post(
-                    &format!("/v1/connectors/{}/revoke", seg(id)),
-                    &serde_json::json!({}),
-                )
-                .await?;
+            let v = c.revoke("connectors", id).await?;
             out!(v, |_| println!("connector {id} revoked"));
         }
         Cmd::Broker(BrokerCmd::List) => {
@@ -733,12 +729,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::Broker(BrokerCmd::Revoke { id }) => {
-            let v: serde_json::Value = c
-                .post(
-                    &format!("/v1/brokers/{}/revoke", seg(id)),
-                    &serde_json::json!({}),
-                )
-                .await?;
+            let v = c.revoke("brokers", id).await?;
             out!(v, |_| println!("broker {id} revoked"));
         }
         Cmd::AdminToken(AdminTokenCmd::Rotate) => {
