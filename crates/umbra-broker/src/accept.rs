@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use tracing::{Instrument, debug, info, info_span, warn};
-use umbra_link::{Link, LinkError, Stream};
+use umbra_link::{Link, LinkError, Refusal, Stream};
 use umbra_proto::{DialCode, Flow, Frame, OpenCode};
 
 use crate::Shared;
@@ -52,21 +52,21 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
     let peer = link.peer().clone();
     let max = shared.cfg.max_links_per_peer;
     match admit(&peer, &authority, &shared.org) {
-        Err(r) => refuse(&shared, &peer, &link, r.as_str()),
+        Err(r) => refuse(&shared, &peer, &link, r.as_str(), Refusal::Identity),
         Ok(LinkPeer::Connector { id }) => {
             if shared
                 .connectors
                 .try_add(&id, link.clone(), key, max)
                 .is_none()
             {
-                return refuse(&shared, &peer, &link, TOO_MANY_LINKS);
+                return refuse(&shared, &peer, &link, TOO_MANY_LINKS, Refusal::TooManyLinks);
             }
             info!(kx_group = link.kx_group(), "connector link up");
             let transport = link.transport().as_str();
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
                 .increment(1.0);
             if !still_admitted(&shared, &peer, &authority) {
-                link.refuse();
+                link.refuse(Refusal::Identity);
             }
             tokio::select! {
                 () = link.closed() => {}
@@ -84,14 +84,14 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 .try_add(&device, link.clone(), key, max)
                 .is_none()
             {
-                return refuse(&shared, &peer, &link, TOO_MANY_LINKS);
+                return refuse(&shared, &peer, &link, TOO_MANY_LINKS, Refusal::TooManyLinks);
             }
             info!(kx_group = link.kx_group(), "agent link up");
             let transport = link.transport().as_str();
             metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
                 .increment(1.0);
             if !still_admitted(&shared, &peer, &authority) {
-                link.refuse();
+                link.refuse(Refusal::Identity);
             }
             let device: Arc<str> = device.into();
             // One timer for the link, not one per stream accepted.
@@ -129,9 +129,15 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
 /// Why a link is refused when its peer already has `max_links_per_peer` links up.
 const TOO_MANY_LINKS: &str = "too_many_links";
 
-/// Refuses a link (the peer learns it was refused, not that the broker failed), with an
-/// audit record and a count of `reason`.
-fn refuse(shared: &Shared, peer: &umbra_pki::PeerCert, link: &Link, reason: &'static str) {
+/// Refuses a link (the peer learns it was refused, and whether for its identity or for its
+/// number of links, not that the broker failed), with an audit record and a count of `reason`.
+fn refuse(
+    shared: &Shared,
+    peer: &umbra_pki::PeerCert,
+    link: &Link,
+    reason: &'static str,
+    why: Refusal,
+) {
     warn!(reason, "link refused");
     shared.audit.record(
         &peer.id.to_uri(),
@@ -141,7 +147,7 @@ fn refuse(shared: &Shared, peer: &umbra_pki::PeerCert, link: &Link, reason: &'st
         serde_json::json!({ "reason": reason, "transport": link.transport().as_str() }),
     );
     metrics::counter!("umbra_broker_links_refused_total", "reason" => reason).increment(1);
-    link.refuse();
+    link.refuse(why);
 }
 
 /// Resolves when the peer's certificate expires. TLS checks validity only at the handshake;

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
-use umbra_link::ControllerClient;
+use umbra_link::{ControllerClient, Refusal};
 use umbra_proto::api::BrokerHeartbeat;
 use umbra_proto::{OpenCode, Snapshot};
 
@@ -114,7 +114,7 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
                 "ok",
                 serde_json::json!({ "reason": r.as_str() }),
             );
-            l.link.refuse();
+            l.link.refuse(Refusal::Identity);
         }
     }
     for e in shared.streams.entries() {

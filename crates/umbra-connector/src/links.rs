@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use umbra_link::backoff::Backoff;
-use umbra_link::{Link, LinkConfig};
+use umbra_link::{Link, LinkConfig, Refusal};
 use umbra_proto::api::BrokerInfo;
 
 use crate::config::ConnectorConfig;
@@ -153,14 +153,19 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
                 if cancel.is_cancelled() {
                     return;
                 }
-                if after_link(link.refused(), &mut backoff) {
-                    tracing::warn!(
+                match after_link(link.refused(), &mut backoff) {
+                    Some(Refusal::Identity) => tracing::warn!(
                         attempt = backoff.attempt(),
                         "the broker refused this connector's identity (revoked, or not enrolled): \
                          ask an administrator; redialing with growing delays"
-                    );
-                } else {
-                    tracing::warn!("link down; redialing");
+                    ),
+                    Some(Refusal::TooManyLinks) => tracing::warn!(
+                        attempt = backoff.attempt(),
+                        "the broker holds as many links for this connector's identity as it \
+                         allows (do several connector processes share one identity? each \
+                         needs its own enrollment); redialing with growing delays"
+                    ),
+                    None => tracing::warn!("link down; redialing"),
                 }
             }
             Err(e) => {
@@ -181,9 +186,9 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
 
 /// After a link ended: a link that was up and merely went away is redialed at once (the
 /// backoff starts over); one the broker refused keeps the backoff growing, since redialing
-/// at the base interval would only be refused again. Returns whether it was refused.
-fn after_link(refused: bool, backoff: &mut Backoff) -> bool {
-    if !refused {
+/// at the base interval would only be refused again. Returns the refusal, if any.
+fn after_link(refused: Option<Refusal>, backoff: &mut Backoff) -> Option<Refusal> {
+    if refused.is_none() {
         backoff.reset();
     }
     refused
@@ -272,14 +277,12 @@ mod tests {
             }
         };
         grown(&mut backoff);
-        assert!(after_link(true, &mut backoff));
-        assert_eq!(
-            backoff.attempt(),
-            5,
-            "refused: the next delay keeps growing"
-        );
+        for r in [Refusal::Identity, Refusal::TooManyLinks] {
+            assert_eq!(after_link(Some(r), &mut backoff), Some(r));
+            assert_eq!(backoff.attempt(), 5, "{r:?}: the next delay keeps growing");
+        }
         // The twin: a link that was up and went away starts over.
-        assert!(!after_link(false, &mut backoff));
+        assert_eq!(after_link(None, &mut backoff), None);
         assert_eq!(backoff.attempt(), 0);
     }
 

@@ -10,7 +10,7 @@ use std::io;
 use umbra_proto::FrameError;
 use umbra_proto::api::ApiError;
 
-use crate::transport::REFUSED_CODE;
+use crate::transport::Refusal;
 
 /// Why a link, stream or controller call failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,14 @@ pub enum LinkError {
          ask an administrator, or enroll again"
     )]
     Refused,
+    /// The broker closed the link because this identity already holds as many links to it as
+    /// it allows (`max_links_per_peer`). Not final: another broker may take the link, and
+    /// this one once the identity's other links close.
+    #[error(
+        "refused by the broker: this identity already holds as many links to it as the broker \
+         allows (are many agents or forwards running with one identity?)"
+    )]
+    TooManyLinks,
     /// The link or stream is closed (locally, or already finished).
     #[error("closed")]
     Closed,
@@ -84,6 +92,15 @@ pub enum LinkError {
 }
 
 impl LinkError {
+    /// The broker's refusal this error reports, if it is one.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            LinkError::Refused => Some(Refusal::Identity),
+            LinkError::TooManyLinks => Some(Refusal::TooManyLinks),
+            _ => None,
+        }
+    }
+
     /// True when the peer broke the protocol or is not who it must be: malformed frames, a
     /// stream that ended early, a refused handshake or certificate, the wrong role, a protocol
     /// violation on the wire. False for network failures, timeouts, local misuse and
@@ -128,11 +145,14 @@ pub(crate) fn from_tls_io(e: io::Error) -> LinkError {
 }
 
 /// Maps an h2 error, turning stream resets into [`LinkError::StreamReset`] and the broker's
-/// refusal GOAWAY into [`LinkError::Refused`].
+/// refusal GOAWAY into the error of its [`Refusal`].
 pub(crate) fn from_h2(e: h2::Error) -> LinkError {
+    // The GOAWAY itself, or a stream it ended (h2 reports those as resets with its code).
+    let refusal = e.reason().filter(|_| e.is_remote());
+    if let Some(r) = refusal.and_then(|r| Refusal::from_code(r.into())) {
+        return r.error();
+    }
     match e.reason() {
-        // The GOAWAY itself, or a stream it ended (h2 reports those as resets with its code).
-        Some(r) if e.is_remote() && u32::from(r) == REFUSED_CODE => LinkError::Refused,
         Some(r) if e.is_reset() => LinkError::StreamReset(u64::from(u32::from(r))),
         _ => LinkError::H2(e),
     }
@@ -162,16 +182,21 @@ impl From<quinn::WriteError> for LinkError {
     }
 }
 
-/// A locally closed QUIC connection is [`LinkError::Closed`], the broker's refusal is
-/// [`LinkError::Refused`]; anything else keeps its detail.
+/// A locally closed QUIC connection is [`LinkError::Closed`], the broker's refusal is the
+/// error of its [`Refusal`]; anything else keeps its detail.
 pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
     match e {
         quinn::ConnectionError::LocallyClosed => LinkError::Closed,
-        quinn::ConnectionError::ApplicationClosed(c)
-            if c.error_code == quinn::VarInt::from_u32(REFUSED_CODE) =>
-        {
-            LinkError::Refused
+        quinn::ConnectionError::ApplicationClosed(ref c) => {
+            match u32::try_from(c.error_code.into_inner())
+                .ok()
+                .and_then(Refusal::from_code)
+            {
+                Some(r) => r.error(),
+                None => LinkError::Quic(e),
+            }
         }
         e => LinkError::Quic(e),
     }
 }
+

@@ -45,7 +45,7 @@ pub use link::{EXPLAIN_WAIT, Link, Listener, QuicPath, dial};
 pub use relay::{Counters, relay_streams, relay_tcp};
 pub use stream::Stream;
 pub use transport::{
-    ALPN, DEFAULT_STREAM_WINDOW_KIB, LinkConfig, ResetKey, STREAM_WINDOW_KIB,
+    ALPN, DEFAULT_STREAM_WINDOW_KIB, LinkConfig, Refusal, ResetKey, STREAM_WINDOW_KIB,
     STREAM_WINDOW_KIB_ERROR, Transport, UnknownTransport, stream_window_bytes,
 };
 

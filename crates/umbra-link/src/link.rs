@@ -36,7 +36,7 @@ use crate::pending::{Pending, Slot};
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::telemetry;
 use crate::tls::H2Conn;
-use crate::transport::{LinkConfig, REFUSED_CODE, Transport};
+use crate::transport::{LinkConfig, Refusal, Transport};
 use crate::{quic, tls};
 
 /// Bounds of the wait before a refused QUIC link is closed (two round trips).
@@ -243,14 +243,14 @@ impl Link {
         self.inner.close();
     }
 
-    /// Closes the link telling the peer it was refused: the identity it proved may not hold a
-    /// link (the reason stays with the broker, in its log and audit). The peer's pending and
-    /// later operations fail with [`LinkError::Refused`] (see also [`Link::explain`]). On QUIC
+    /// Closes the link telling the peer it was refused, and which [`Refusal`] (the detail stays
+    /// with the broker, in its log and audit). The peer's pending and later operations fail
+    /// with that refusal's error (see also [`Link::explain`]). On QUIC
     /// the close goes out two round trips later (at least 10 ms, at most 1 s), so that a link
     /// refused right after its handshake is not mistaken for a reset. On TLS links only the
     /// HTTP/2 server can say so (a GOAWAY with the refusal code): that is the broker on links
     /// agents dial; on links a connector dialed this is a plain [`Link::close`].
-    pub fn refuse(&self) {
+    pub fn refuse(&self, why: Refusal) {
         match &self.inner.conn {
             Conn::Quic { conn, .. } => {
                 // Closed the moment the handshake completes, the dialer may not have
@@ -262,37 +262,31 @@ impl Link {
                 let wait = (conn.rtt() * 2).clamp(REFUSE_WAIT_MIN, REFUSE_WAIT_MAX);
                 tokio::spawn(async move {
                     tokio::time::sleep(wait).await;
-                    conn.close(quinn::VarInt::from_u32(REFUSED_CODE), b"refused");
+                    conn.close(quinn::VarInt::from_u32(why.code()), b"refused");
                     drop(hold);
                 });
             }
-            Conn::H2(h) => h.refuse(),
+            Conn::H2(h) => h.refuse(why),
         }
     }
 
-    /// Refines an error of this link or one of its streams into [`LinkError::Refused`] when
-    /// the peer refused the link. On TLS links a stream may fail with a plain connection error
+    /// Refines an error of this link or one of its streams into its refusal's error when the
+    /// peer refused the link. On TLS links a stream may fail with a plain connection error
     /// while the GOAWAY that carries the refusal is still being processed, so this waits (at
     /// most [`EXPLAIN_WAIT`]) for the link to finish closing before it looks. For failure
     /// paths only: on a link that stays up it returns `e` after that wait.
     pub async fn explain(&self, e: LinkError) -> LinkError {
-        if matches!(e, LinkError::Refused) {
+        if e.refusal().is_some() {
             return e;
         }
         let _ = tokio::time::timeout(EXPLAIN_WAIT, self.closed()).await;
-        if self.refused() {
-            LinkError::Refused
-        } else {
-            e
-        }
+        self.refused().map_or(e, Refusal::error)
     }
 
-    /// Whether the peer closed this link with a refusal (see [`Link::refuse`]).
-    pub fn refused(&self) -> bool {
+    /// How the peer refused this link, if it closed it with a refusal (see [`Link::refuse`]).
+    pub fn refused(&self) -> Option<Refusal> {
         match &self.inner.conn {
-            Conn::Quic { conn, .. } => conn
-                .close_reason()
-                .is_some_and(|e| matches!(from_conn(e), LinkError::Refused)),
+            Conn::Quic { conn, .. } => conn.close_reason().and_then(|e| from_conn(e).refusal()),
             Conn::H2(h) => h.refused(),
         }
     }

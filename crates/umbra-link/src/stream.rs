@@ -26,7 +26,7 @@ use umbra_proto::Frame;
 use umbra_proto::frame::FrameError;
 
 use crate::error::{LinkError, from_h2};
-use crate::transport::REFUSED_CODE;
+use crate::transport::Refusal;
 
 /// One bidirectional stream. See the module docs for half-close and reset semantics.
 pub struct Stream {
@@ -215,8 +215,10 @@ async fn h2_send(s: &mut h2::SendStream<Bytes>, mut b: Bytes) -> Result<(), Link
 fn h2_send_gone(s: &mut h2::SendStream<Bytes>) -> LinkError {
     let mut cx = Context::from_waker(Waker::noop());
     match s.poll_reset(&mut cx) {
-        Poll::Ready(Ok(r)) if u32::from(r) == REFUSED_CODE => LinkError::Refused,
-        Poll::Ready(Ok(r)) => LinkError::StreamReset(u64::from(u32::from(r))),
+        Poll::Ready(Ok(r)) => match Refusal::from_code(r.into()) {
+            Some(refusal) => refusal.error(),
+            None => LinkError::StreamReset(u64::from(u32::from(r))),
+        },
         Poll::Ready(Err(e)) => from_h2(e),
         Poll::Pending => LinkError::Closed,
     }

@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,7 +34,7 @@ use crate::error::{LinkError, from_h2, from_tls_io};
 use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::transport::{
-    ALPN, CONNECTION_WINDOW, H2_MAX_FRAME, H2_MAX_HEADER_LIST, LinkConfig, REFUSED_CODE, Transport,
+    ALPN, CONNECTION_WINDOW, H2_MAX_FRAME, H2_MAX_HEADER_LIST, LinkConfig, Refusal, Transport,
 };
 
 /// Read buffer under TLS (see [`buffered`]).
@@ -56,11 +56,12 @@ pub(crate) struct H2Conn {
     closed: CancellationToken,
     /// Last keepalive round trip in nanoseconds; 0 until the first one.
     rtt_nanos: Arc<AtomicU64>,
-    /// Set before `closed` is cancelled by [`H2Conn::refuse`]: the server's driver then sends a
-    /// GOAWAY with the refusal code instead of just dropping the connection.
-    refusing: Arc<AtomicBool>,
-    /// The peer closed the link with a refusal.
-    peer_refused: Arc<AtomicBool>,
+    /// Set (to the refusal's code) before `closed` is cancelled by [`H2Conn::refuse`]: the
+    /// server's driver then sends a GOAWAY with that code instead of just dropping the
+    /// connection. 0 until then.
+    refusing: Arc<AtomicU32>,
+    /// The code of the peer's refusal, if it closed the link with one; 0 if not.
+    peer_refused: Arc<AtomicU32>,
 }
 
 /// How long a refused link may take to deliver its GOAWAY.
@@ -112,15 +113,15 @@ impl H2Conn {
     }
 
     /// See [`crate::Link::refuse`]: only the h2 server can send the GOAWAY that says so.
-    pub(crate) fn refuse(&self) {
+    pub(crate) fn refuse(&self, why: Refusal) {
         if matches!(self.side, H2Side::Server(_)) {
-            self.refusing.store(true, Ordering::Relaxed);
+            self.refusing.store(why.code(), Ordering::Relaxed);
         }
         self.closed.cancel();
     }
 
-    pub(crate) fn refused(&self) -> bool {
-        self.peer_refused.load(Ordering::Relaxed)
+    pub(crate) fn refused(&self) -> Option<Refusal> {
+        Refusal::from_code(self.peer_refused.load(Ordering::Relaxed))
     }
 
     pub(crate) async fn closed(&self) {
@@ -252,8 +253,8 @@ where
 {
     let closed = CancellationToken::new();
     let rtt_nanos = Arc::new(AtomicU64::new(0));
-    let refusing = Arc::new(AtomicBool::new(false));
-    let peer_refused = Arc::new(AtomicBool::new(false));
+    let refusing = Arc::new(AtomicU32::new(0));
+    let peer_refused = Arc::new(AtomicU32::new(0));
     let send_buffer = cfg.stream_window as usize;
     let (side, ping) = if h2_client {
         let (sr, mut conn) = h2::client::Builder::new()
@@ -279,8 +280,8 @@ where
                     Ok(()) => debug!(parent: &span, "link ended"),
                     Err(e) => {
                         debug!(parent: &span, error = %e, "link ended");
-                        if matches!(from_h2(e), LinkError::Refused) {
-                            refused.store(true, Ordering::Relaxed);
+                        if let Some(r) = from_h2(e).refusal() {
+                            refused.store(r.code(), Ordering::Relaxed);
                         }
                     }
                 },
@@ -340,7 +341,7 @@ async fn serve_streams<T>(
     mut conn: h2::server::Connection<T, Bytes>,
     tx: mpsc::Sender<Stream>,
     closed: CancellationToken,
-    refusing: Arc<AtomicBool>,
+    refusing: Arc<AtomicU32>,
     span: Span,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -348,8 +349,9 @@ async fn serve_streams<T>(
     loop {
         let next = tokio::select! {
             () = closed.cancelled() => {
-                if refusing.load(Ordering::Relaxed) {
-                    conn.abrupt_shutdown(h2::Reason::from(REFUSED_CODE));
+                let code = refusing.load(Ordering::Relaxed);
+                if code != 0 {
+                    conn.abrupt_shutdown(h2::Reason::from(code));
                     let flushed = tokio::time::timeout(
                         REFUSE_FLUSH,
                         std::future::poll_fn(|cx| conn.poll_closed(cx)),

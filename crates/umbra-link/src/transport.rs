@@ -20,10 +20,44 @@ pub(crate) const H2_MAX_FRAME: u32 = 64 * 1024;
 /// Largest HTTP/2 header block we accept: our requests carry none beyond the pseudo-headers.
 pub(crate) const H2_MAX_HEADER_LIST: u32 = 4 * 1024;
 
-/// Close code of a link the broker refused after the handshake (the identity may not hold a
-/// link: see [`crate::Link::refuse`]): a QUIC application close code, and on TLS links the
-/// error code of the HTTP/2 GOAWAY.
-pub(crate) const REFUSED_CODE: u32 = 0x554d_0001;
+/// Why a broker refused a link after its handshake (see [`crate::Link::refuse`]). Each has its
+/// own close code on the wire (a QUIC application close code, and on TLS links the error code
+/// of the HTTP/2 GOAWAY), so that the dialer can tell "this identity may not connect" from
+/// "this broker holds enough links for it" and act on each: stop, or try another broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The identity may not hold a link: its certificate, device or connector is revoked, or
+    /// it is not enrolled. Every broker holds the same snapshot, so another broker says the same.
+    Identity,
+    /// The identity already holds as many links to this broker as the broker allows
+    /// (`max_links_per_peer`). Another broker, or this one later, may take it.
+    TooManyLinks,
+}
+
+impl Refusal {
+    /// The close code that carries this refusal.
+    pub(crate) const fn code(self) -> u32 {
+        match self {
+            Refusal::Identity => 0x554d_0001,
+            Refusal::TooManyLinks => 0x554d_0002,
+        }
+    }
+
+    /// The refusal a close code carries, if it is one.
+    pub(crate) fn from_code(code: u32) -> Option<Refusal> {
+        [Refusal::Identity, Refusal::TooManyLinks]
+            .into_iter()
+            .find(|r| r.code() == code)
+    }
+
+    /// The error a dialer's operations fail with after this refusal.
+    pub fn error(self) -> crate::LinkError {
+        match self {
+            Refusal::Identity => crate::LinkError::Refused,
+            Refusal::TooManyLinks => crate::LinkError::TooManyLinks,
+        }
+    }
+}
 
 /// Default receive window per stream, in KiB ([`LinkConfig::stream_window`]): what one stream
 /// may have in flight towards a receiver, and so the most a receiver holds for it.
@@ -153,6 +187,20 @@ impl Default for LinkConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_codes_round_trip_and_differ() {
+        let all = [Refusal::Identity, Refusal::TooManyLinks];
+        for r in all {
+            assert_eq!(Refusal::from_code(r.code()), Some(r));
+            assert_eq!(r.error().refusal(), Some(r));
+        }
+        assert_ne!(Refusal::Identity.code(), Refusal::TooManyLinks.code());
+        // Codes that are not ours (h2's NO_ERROR and CANCEL, a peer's own) are no refusal.
+        for code in [0, 8, 0x554d_0000, 0x554d_0003, u32::MAX] {
+            assert_eq!(Refusal::from_code(code), None, "{code:#x}");
+        }
+    }
 
     #[test]
     fn names_round_trip() {

@@ -295,7 +295,13 @@ async fn data_path(t: TransportPref) {
     // The broker says "refused" (not which reason): the agent tells its user to ask an
     // administrator instead of reporting every broker unreachable.
     assert!(
-        matches!(r, Refusal::ClosedAfterHandshake { refused: true, .. }),
+        matches!(
+            r,
+            Refusal::ClosedAfterHandshake {
+                refused: Some(umbra_link::Refusal::Identity),
+                ..
+            }
+        ),
         "[{t}] {r:?}"
     );
     match umbra_agent::services(&s.agent("alice").config(t)).await {
@@ -818,7 +824,8 @@ async fn stalled_handshakes() {
 
 /// One identity may hold at most `max_links_per_peer` links to a broker (4 here): the next is
 /// refused (the dialer is told so, and it is audited), while another user's link is served,
-/// and closing one of the first makes room again.
+/// and closing one of the first makes room again. The dialer learns that it was this limit,
+/// not a revocation: the agent says so instead of "revoked", and goes to another broker.
 async fn links_per_identity_are_bounded(t: TransportPref) {
     init();
     let mut s = Stack::start(Opts {
@@ -850,7 +857,10 @@ async fn links_per_identity_are_bounded(t: TransportPref) {
         held.push(link);
     }
     match assert_refused(b0, tr, &alice, "a fifth link").await {
-        Refusal::ClosedAfterHandshake { refused: true, .. } => {}
+        Refusal::ClosedAfterHandshake {
+            refused: Some(umbra_link::Refusal::TooManyLinks),
+            ..
+        } => {}
         other => panic!("[{t}] a fifth link: {other:?}"),
     }
     // Another identity is not held back; the first four still work.
@@ -858,6 +868,24 @@ async fn links_per_identity_are_bounded(t: TransportPref) {
     for l in &held {
         ping(l).await.unwrap();
     }
+    // The agent, with this broker its only one, says why it cannot link; it is not told
+    // that its identity was refused (which would send its user to enroll again).
+    let cfg = s.agent("alice").config(t);
+    let e = umbra_agent::services(&cfg).await.unwrap_err();
+    let said = e.to_string();
+    assert!(
+        matches!(e, umbra_agent::AgentError::NoBroker(_)) && said.contains("as many links"),
+        "[{t}] {e:?}: {said}"
+    );
+    assert!(!said.contains("revoked"), "[{t}] {said}");
+    // With another broker to go to, the agent is served there.
+    s.add_broker("other", 3600).await;
+    let listed = poll("alice served by the other broker", SOON, || async {
+        umbra_agent::services(&cfg).await.map_err(|e| e.to_string())
+    })
+    .await;
+    eprintln!("[{t}] alice's services through the other broker: {listed:?}");
+    let b0 = &s.brokers[0];
     // Room again once one of them closes.
     held.pop().unwrap().close();
     poll("a link after one closed", SOON, || async {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use umbra_link::{Link, LinkConfig, LinkError, Listener, Stream, Transport, dial};
+use umbra_link::{Link, LinkConfig, LinkError, Listener, Refusal, Stream, Transport, dial};
 use umbra_pki::broker_server_name;
 use umbra_proto::frame::FrameError;
 use umbra_proto::{DialCode, Flow, Frame, OpenCode, Role};
@@ -400,31 +400,38 @@ async fn first_error(link: &Link) -> LinkError {
     link.explain(e).await
 }
 
-/// A refused link tells the agent so (it can say "revoked or not enrolled" instead of "the
-/// broker is unreachable"); a plain close does not claim a refusal.
+/// A refused link tells the agent so, and which refusal (it can say "revoked or not enrolled",
+/// or "too many links", instead of "the broker is unreachable"); a plain close does not claim
+/// a refusal.
 async fn refusal_reaches_the_agent(t: Transport) {
     let org = Org::new();
     let listener = org.listener(LinkConfig::default()).await;
     let cfg = LinkConfig::default();
 
-    let (link, server) = agent_link(&org, &listener, t, &cfg).await;
-    server.refuse();
-    let e = first_error(&link).await;
-    assert!(matches!(e, LinkError::Refused), "{t:?}: {e:?}");
-    assert!(e.to_string().contains("refused by the broker"), "{e}");
-    soon("closed", link.closed()).await;
-    assert!(link.refused());
-    // Later operations say so too; the refusal is not a protocol fault of the broker.
-    assert!(matches!(first_error(&link).await, LinkError::Refused));
-    assert!(!e.is_peer_fault());
+    for (why, says) in [
+        (Refusal::Identity, "revoked, or not enrolled"),
+        (Refusal::TooManyLinks, "as many links"),
+    ] {
+        let (link, server) = agent_link(&org, &listener, t, &cfg).await;
+        server.refuse(why);
+        let e = first_error(&link).await;
+        assert_eq!(e.refusal(), Some(why), "{t:?}: {e:?}");
+        assert!(e.to_string().contains("refused by the broker"), "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+        soon("closed", link.closed()).await;
+        assert_eq!(link.refused(), Some(why));
+        // Later operations say so too; the refusal is not a protocol fault of the broker.
+        assert_eq!(first_error(&link).await.refusal(), Some(why), "{t:?}");
+        assert!(!e.is_peer_fault());
+    }
 
     // The twin: a link closed without a refusal fails, but not as refused.
     let (link, server) = agent_link(&org, &listener, t, &cfg).await;
     server.close();
     let e = first_error(&link).await;
-    assert!(!matches!(e, LinkError::Refused), "{t:?}: {e:?}");
+    assert_eq!(e.refusal(), None, "{t:?}: {e:?}");
     soon("closed", link.closed()).await;
-    assert!(!link.refused());
+    assert_eq!(link.refused(), None);
 }
 both!(refusal_reaches_the_agent);
 

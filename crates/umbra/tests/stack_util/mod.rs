@@ -912,9 +912,12 @@ pub(crate) enum Refusal {
     /// `dial` itself failed.
     Handshake(String),
     /// The dialer's side of the handshake completed (TLS 1.3 sends the client certificate
-    /// last), then the broker closed the link before it carried anything; `refused` when it
-    /// told the dialer so ([`umbra_link::Link::refuse`]).
-    ClosedAfterHandshake { why: String, refused: bool },
+    /// last), then the broker closed the link before it carried anything; `refused` is what
+    /// it told the dialer ([`umbra_link::Link::refuse`]), if it did.
+    ClosedAfterHandshake {
+        why: String,
+        refused: Option<umbra_link::Refusal>,
+    },
 }
 
 /// Asserts that `id` gets nothing from the broker: the dial fails, or the link is closed
