@@ -1,9 +1,9 @@
 //! Choosing a broker: measure, rank, remember which ones are down.
 //!
-//! The pure part ([`rank`], [`DownMarks`], [`failover_order`], [`median`]) takes measurements
+//! The pure part ([`rank`], [`DownMarks`], [`failover_order`], [`fastest`]) takes measurements
 //! and `now` in and hands an order out. The driver ([`probe_all`], [`dial`]) dials every broker
 //! in parallel (QUIC, falling back to TLS over TCP), sends three `Ping` frames, each on a new
-//! stream, and takes the median time to the `Pong` as the broker's round trip time.
+//! stream, and takes the fastest time to the `Pong` as the broker's round trip time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use umbra_proto::api::BrokerInfo;
 
 use crate::config::AgentConfig;
 
-/// Pings per broker; the median is its round trip time.
+/// Pings per broker; the fastest is its round trip time.
 pub(crate) const PINGS: usize = 3;
 /// How long a broker that failed stays at the back of the line.
 pub(crate) const DOWN_FOR: Duration = Duration::from_secs(30);
@@ -38,11 +38,12 @@ pub(crate) fn rank<E>(rtts: &[Result<Duration, E>]) -> Vec<usize> {
     keyed.into_iter().map(|(i, _)| i).collect()
 }
 
-/// The median of some durations (the lower middle one for an even count).
-pub(crate) fn median(mut v: Vec<Duration>) -> Option<Duration> {
-    v.sort();
-    let mid = v.len().checked_sub(1)? / 2;
-    v.get(mid).copied()
+/// The shortest of some round trips: the estimate of a broker's distance. What delays a ping
+/// beyond the path (queues, scheduling, and on a new QUIC link the pacing of its first
+/// packets) only ever adds, so the fastest sample is the closest to the path itself; a median
+/// let two slowed pings out of three rank a near broker behind a far one.
+pub(crate) fn fastest(v: &[Duration]) -> Option<Duration> {
+    v.iter().min().copied()
 }
 
 /// Brokers recently seen failing, each until an expiry.
@@ -194,7 +195,7 @@ async fn probe(
             }
         }
     }
-    match median(samples) {
+    match fastest(&samples) {
         Some(d) => Ok((d, link)),
         None => Err(ProbeError::PingTimeout),
     }
@@ -270,12 +271,18 @@ mod tests {
     }
 
     #[test]
-    fn median_of_three() {
-        assert_eq!(median(vec![9 * MS, 1 * MS, 5 * MS]), Some(5 * MS));
-        assert_eq!(median(vec![100 * MS, 2 * MS, 3 * MS]), Some(3 * MS));
-        assert_eq!(median(vec![4 * MS]), Some(4 * MS));
-        assert_eq!(median(vec![4 * MS, 2 * MS]), Some(2 * MS));
-        assert_eq!(median(vec![]), None);
+    fn fastest_of_three() {
+        assert_eq!(fastest(&[9 * MS, 1 * MS, 5 * MS]), Some(1 * MS));
+        assert_eq!(fastest(&[4 * MS]), Some(4 * MS));
+        assert_eq!(fastest(&[]), None);
+        // A near broker (2 ms) two of whose pings were held up ranks ahead of a steady far
+        // one (3 ms); by the median it ranked behind.
+        let near = fastest(&[9 * MS, 2 * MS, 8 * MS]);
+        let far = fastest(&[3 * MS, 3 * MS, 3 * MS]);
+        assert_eq!(
+            rank::<()>(&[Ok(far.unwrap()), Ok(near.unwrap())]),
+            vec![1, 0]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! 1. [`config`]: what the user sets.
 //! 2. `identity`: the enrolled identity and `controller.json` (where the controller is, the
 //!    last known brokers).
-//! 3. `brokers`: measure every broker (median of three pings), rank nearest first, remember
+//! 3. `brokers`: measure every broker (fastest of three pings), rank nearest first, remember
 //!    which are down.
 //! 4. `session`: one held link to the current broker; `Open` a stream per connection, failing
 //!    over to the next broker when the current one stops answering.

@@ -12,6 +12,13 @@
 //! no path is wider than its first hop, so the search stops there: on Ethernet it probes
 //! 1200..=1472 bytes, which never blocks a window; on loopback (64 KiB) it still reaches the
 //! large packets that make QUIC cheap per byte.
+//!
+//! On loopback there is no search at all ([`initial`]): the first hop is the whole path, so
+//! its MTU is the path's, and a link starts with it. Searching there cost the first pings of
+//! every link milliseconds (quinn paces the packets after a probe as if the probe's 16-64 KiB
+//! were data, on a window of a dozen KiB): a new loopback link measured 1-5 ms instead of
+//! 0.1 ms, which `umbra agent status` in the quickstart showed, and which could rank brokers
+//! on one host in the wrong order.
 
 use std::net::SocketAddr;
 
@@ -30,6 +37,28 @@ pub(crate) fn search_bound(remote: SocketAddr, max: u16) -> u16 {
     // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 addresses.
     let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
     bound_for(first_hop_mtu(remote), remote.is_ipv6(), max)
+}
+
+/// The UDP payload size a link to `remote` starts with, given the search `bound` from
+/// [`search_bound`]: the bound itself where the whole path is the loopback interface (it is
+/// then the path's MTU, so nothing is left to discover), else QUIC's minimum, which discovery
+/// raises towards the bound.
+pub(crate) fn initial(remote: SocketAddr, bound: u16) -> u16 {
+    if remote.ip().to_canonical().is_loopback() {
+        bound
+    } else {
+        QUIC_MIN_PAYLOAD
+    }
+}
+
+/// The congestion window a link starting with packets of `initial` bytes starts with: RFC 9002
+/// (section 7.2), ten packets but at most `max(14720, 2 * initial)` bytes. quinn's default is
+/// fixed at 14720 bytes, and quinn sends nothing while a whole packet does not fit in the
+/// window, so a link starting with 64 KiB packets on that default could not even finish its
+/// handshake.
+pub(crate) fn initial_window(initial: u16) -> u64 {
+    let mtu = u64::from(initial);
+    (10 * mtu).min(14_720.max(2 * mtu))
 }
 
 /// Pure part of [`search_bound`]: the largest UDP payload that fits the first hop's MTU
@@ -128,6 +157,33 @@ mod tests {
             assert_eq!(bound_for(mtu, v6, MAX), want, "mtu {mtu:?} ipv6 {v6}");
         }
         assert_eq!(bound_for(Some(9000), false, 4000), 4000, "max wins");
+    }
+
+    #[test]
+    fn only_loopback_links_start_at_the_bound() {
+        for (remote, start) in [
+            ("127.0.0.1:9", 65_508),
+            ("127.3.2.1:9", 65_508),
+            ("[::1]:9", 65_508),
+            ("[::ffff:127.0.0.1]:9", 65_508),
+            // anything else starts at QUIC's minimum and searches up to the bound
+            ("10.0.0.1:9", QUIC_MIN_PAYLOAD),
+            ("192.168.1.1:9", QUIC_MIN_PAYLOAD),
+            ("[fe80::1]:9", QUIC_MIN_PAYLOAD),
+            ("[::ffff:10.0.0.1]:9", QUIC_MIN_PAYLOAD),
+        ] {
+            assert_eq!(initial(remote.parse().unwrap(), 65_508), start, "{remote}");
+        }
+    }
+
+    #[test]
+    fn initial_window_follows_rfc_9002() {
+        // QUIC's minimum packet: quinn's own default.
+        assert_eq!(initial_window(QUIC_MIN_PAYLOAD), 12_000);
+        assert_eq!(initial_window(1472), 14_720);
+        // Loopback: two packets, so that the first one fits.
+        assert_eq!(initial_window(65_508), 131_016);
+        assert_eq!(initial_window(u16::MAX), 2 * u64::from(u16::MAX));
     }
 
     #[cfg(target_os = "linux")]

@@ -37,9 +37,16 @@ fn transport_config(
     // is per packet, so a larger packet is less CPU per byte; probes beyond the first hop
     // would only be lost, and stall the new link while they are in flight (`path_mtu.rs`).
     // `quic_socket` keeps GSO batches of large packets deliverable.
+    // On loopback the bound is the path's MTU, and a link starts there (`path_mtu::initial`).
+    let bound = path_mtu::search_bound(remote, MAX_UDP_PAYLOAD);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(path_mtu::search_bound(remote, MAX_UDP_PAYLOAD));
+    mtu.upper_bound(bound);
     t.mtu_discovery_config(Some(mtu));
+    let initial = path_mtu::initial(remote, bound);
+    t.initial_mtu(initial);
+    let mut cc = quinn::congestion::CubicConfig::default();
+    cc.initial_window(path_mtu::initial_window(initial));
+    t.congestion_controller_factory(Arc::new(cc));
     t.stream_receive_window(VarInt::from_u32(cfg.stream_window))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))

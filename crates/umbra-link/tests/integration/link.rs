@@ -187,6 +187,51 @@ async fn stalled_reader_holds_one_window(t: Transport) {
 }
 both!(stalled_reader_holds_one_window);
 
+/// On loopback a QUIC link starts with the loopback interface's MTU on both sides and sends
+/// no MTU probe: the first hop is the whole path, so nothing is left to discover
+/// (`path_mtu.rs`; the search cost the first pings of every loopback link milliseconds).
+/// Links over other interfaces start at QUIC's minimum and search: the e2e test checks that
+/// over veth pairs (`check_mtu_probes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_loopback_links_start_at_the_loopback_mtu() {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let cfg = LinkConfig::default();
+    let (link, server) = agent_link(&org, &listener, Transport::Quic, &cfg).await;
+    // Right after the handshake, before any stream.
+    for (side, l) in [("dialer", &link), ("listener", &server)] {
+        let p = l.quic_path().unwrap();
+        assert!(p.mtu > 16_000, "{side}: {p:?}");
+    }
+    let pongs = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while let Some(mut s) = server.accept().await {
+                if let Ok(Frame::Ping { nonce }) = s.read_frame().await {
+                    s.write_frame(&Frame::Pong { nonce }).await.unwrap();
+                    s.finish().await.unwrap();
+                }
+            }
+        })
+    };
+    for nonce in 0..20 {
+        let mut s = link.open().await.unwrap();
+        s.write_frame(&Frame::Ping { nonce }).await.unwrap();
+        assert_eq!(
+            soon("pong", s.read_frame()).await.unwrap(),
+            Frame::Pong { nonce }
+        );
+    }
+    for (side, l) in [("dialer", &link), ("listener", &server)] {
+        let p = l.quic_path().unwrap();
+        assert!(p.mtu > 16_000, "{side}: {p:?}");
+        assert_eq!((p.mtu_probes_sent, p.black_holes), (0, 0), "{side}: {p:?}");
+    }
+    link.close();
+    soon("listener sees the close", server.closed()).await;
+    pongs.abort();
+}
+
 /// Connector dials; the broker (listener) opens streams, the connector accepts them.
 async fn listener_opens_on_connector_links(t: Transport) {
     let org = Org::new();
