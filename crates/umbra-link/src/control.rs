@@ -154,13 +154,17 @@ impl RenewingClient {
 const BROKER_POLL_WAIT: Duration = Duration::from_secs(25);
 /// First retry delay after a failed broker-list poll.
 const BROKER_RETRY_BASE: Duration = Duration::from_secs(1);
+/// What [`follow_broker_list`] logs when the controller answers again after failures.
+pub const FOLLOWING_AGAIN: &str = "controller reachable again; following the broker list";
 
 /// Follows the controller's broker list by long poll (`GET /v1/brokers?have=TAG`) until
 /// `cancel`, and calls `changed` with each list that differs from the one held (`held` at
 /// first). The controller answers as soon as the list changes, so a revoked broker leaves the
 /// caller within about a second. When the controller cannot be reached the held list stays,
-/// and the next try comes after a full-jitter backoff of at most `retry_cap`. The client
-/// follows `identity`, so a renewed certificate is used from the next request.
+/// and the next try comes after a full-jitter backoff of at most `retry_cap`; the first answer
+/// after that is logged ([`FOLLOWING_AGAIN`]), so an operator sees when the caller follows
+/// the list again. The client follows `identity`, so a renewed certificate is used from the
+/// next request.
 pub async fn follow_broker_list<F, Fut>(
     url: &str,
     identity: tokio::sync::watch::Receiver<Arc<TlsIdentity>>,
@@ -176,6 +180,8 @@ pub async fn follow_broker_list<F, Fut>(
         crate::backoff::Backoff::new(BROKER_RETRY_BASE, retry_cap.max(BROKER_RETRY_BASE));
     let mut client = RenewingClient::new(url.to_owned(), identity);
     let mut tag: Option<String> = None;
+    // Since when the controller has not answered, if it has not.
+    let mut failing: Option<std::time::Instant> = None;
     loop {
         let path = match &tag {
             Some(t) => format!("/v1/brokers?have={t}&wait={}", BROKER_POLL_WAIT.as_secs()),
@@ -190,6 +196,14 @@ pub async fn follow_broker_list<F, Fut>(
                 }
             } => r,
         };
+        if answer.is_ok()
+            && let Some(since) = failing.take()
+        {
+            tracing::info!(
+                unreachable_ms = since.elapsed().as_millis() as u64,
+                "{FOLLOWING_AGAIN}"
+            );
+        }
         match answer {
             Ok(Some(list)) => {
                 backoff.reset();
@@ -214,6 +228,10 @@ pub async fn follow_broker_list<F, Fut>(
             // Nothing changed before the controller's deadline: ask again.
             Ok(None) => backoff.reset(),
             Err(e) => {
+                failing.get_or_insert_with(std::time::Instant::now);
+                // The next try asks for the list as it is, answered at once, not for a
+                // change: that tells at once whether the controller is back.
+                tag = None;
                 let jitter = u64::from_le_bytes(umbra_pki::random_bytes::<8>());
                 let delay = backoff.next_delay(jitter as f64 / u64::MAX as f64);
                 tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot fetch the broker list; keeping the last known one");

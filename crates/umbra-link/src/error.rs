@@ -81,7 +81,7 @@ pub enum LinkError {
     #[error("configuration: {0}")]
     Config(String),
     /// HTTP to the controller failed below the API (connect, TLS, timeout, bad body).
-    #[error("controller request: {0}")]
+    #[error("controller request: {}", with_causes(.0))]
     Http(#[from] reqwest::Error),
     /// The controller answered with an API error.
     #[error("controller answered {status}: {}", error.error)]
@@ -89,6 +89,24 @@ pub enum LinkError {
     /// The CA fetched from the controller does not match the pinned hash.
     #[error("CA certificate does not match the pinned SHA-256")]
     PinMismatch,
+}
+
+/// An error's message followed by its causes': reqwest's own says only "error sending request
+/// for url (...)", and the cause (connection refused, timed out, certificate not trusted) is
+/// what an operator needs.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        // Some layers repeat their cause in their own message.
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cause = c.source();
+    }
+    s
 }
 
 impl LinkError {
@@ -200,3 +218,25 @@ pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error sending request")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Middle(#[source] io::Error);
+
+    #[test]
+    fn causes_follow_the_message() {
+        let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(
+            with_causes(&Outer(Middle(refused()))),
+            "error sending request: client error (Connect): connection refused"
+        );
+        assert_eq!(with_causes(&refused()), "connection refused");
+    }
+}

@@ -39,7 +39,9 @@ mod tls;
 mod transport;
 
 pub use broker::{DialBrokerError, TransportPref, UnknownTransportPref, dial_broker};
-pub use control::{ControllerClient, RenewingClient, fetch_pinned_ca, follow_broker_list};
+pub use control::{
+    ControllerClient, FOLLOWING_AGAIN, RenewingClient, fetch_pinned_ca, follow_broker_list,
+};
 pub use error::LinkError;
 pub use link::{EXPLAIN_WAIT, Link, Listener, QuicPath, dial};
 pub use relay::{Counters, relay_streams, relay_tcp};

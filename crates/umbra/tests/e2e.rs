@@ -1007,7 +1007,9 @@ fn start_connector(w: &mut World) {
             "--metrics-listen",
             &metrics,
         ],
-        &[],
+        // Its controller calls at debug: each failed one names its cause, so a failure of
+        // the revocation steps shows whether the connector was in contact.
+        &[("UMBRA_LOG", "info,umbra_link::control=debug")],
     );
 }
 
@@ -1918,6 +1920,7 @@ fn check_controller_away(w: &mut World) {
 /// (10) restart the controller on its data: no new admin token, state intact, brokers back.
 fn check_controller_restart(w: &mut World) {
     w.step("(10) restart the controller on the same data dir");
+    let followed = w.count_in_stderr("connector", umbra_link::FOLLOWING_AGAIN);
     let before = std::fs::read_to_string(&w.ca_file).expect("ca.pem");
     let restarted_at = unix_now();
     let stdout = start_controller(w);
@@ -2023,6 +2026,19 @@ fn check_controller_restart(w: &mut World) {
         "controller restarted",
         &["broker-1", "broker-2", "controller"],
     );
+    // The connector follows the broker list again (it retries with a backoff of at most
+    // 10 s while the controller is away, and says when it is back): the revocations of
+    // steps 12 and 13 are timed from a connector in contact with the controller.
+    let r = poll(Duration::from_secs(15), || {
+        if w.count_in_stderr("connector", umbra_link::FOLLOWING_AGAIN) > followed {
+            Ok(())
+        } else {
+            Err("the connector did not follow the broker list again within 15 s".to_string())
+        }
+    });
+    if let Err(e) = r {
+        w.fail(e, &["connector", "controller"]);
+    }
 }
 
 /// (13) QUIC's path MTU discovery stays within what the veth pairs carry (1500 bytes): the

@@ -188,10 +188,23 @@ async fn controller_client_json_errors_and_identity() {
     // A server from another CA is not trusted.
     let other = Org::new();
     let distrust = ControllerClient::new(&url, &other.ca.cert_der(), None).unwrap();
-    assert!(matches!(
-        soon("untrusted", distrust.get::<Thing>("/v1/thing")).await,
-        Err(LinkError::Http(_))
-    ));
+    let e = soon("untrusted", distrust.get::<Thing>("/v1/thing"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LinkError::Http(_)), "{e:?}");
+    // The message says why, not only that sending failed.
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+
+    // Nothing listening: the message says the connection was refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let nobody = format!("https://127.0.0.1:{port}");
+    let c = ControllerClient::new(&nobody, &org.ca.cert_der(), None).unwrap();
+    let e = soon("refused", c.get::<Thing>("/v1/thing"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Connection refused"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
