@@ -186,12 +186,14 @@ impl Harness {
 
     /// The audit rows with `action`, oldest first.
     async fn audited(&self, action: &str) -> Vec<AuditRecord> {
-        let all: Vec<AuditEntry> =
-            serde_json::from_value(self.ok("GET", "/v1/audit?limit=1000", None).await).unwrap();
-        all.into_iter()
-            .map(|e| e.record)
-            .filter(|r| r.action == action)
-            .collect()
+        let path = format!("/v1/audit?limit=1000&action={action}");
+        let all = self.audit_page(&path).await;
+        assert!(all.iter().all(|e| e.record.action == action), "{all:?}");
+        all.into_iter().map(|e| e.record).collect()
+    }
+
+    async fn audit_page(&self, path: &str) -> Vec<AuditEntry> {
+        serde_json::from_value(self.ok("GET", path, None).await).unwrap()
     }
 }
 
@@ -256,6 +258,83 @@ async fn admin_auth() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     h.ctl.shutdown().await;
+}
+
+/// The audit log is read by filters (exact actor, action, target, result) and from either
+/// end (`limit`: the oldest, `last`: the newest), always oldest first. A bad query is a 400
+/// naming the parameter; a filter value is data, never SQL.
+#[tokio::test]
+async fn audit_log_filters_and_newest() {
+    let h = Harness::start().await;
+    for u in ["a@example.com", "b@example.com", "c@example.com"] {
+        h.ok("POST", "/v1/users", Some(json!({ "id": u }))).await;
+    }
+    let (s, _) = h
+        .admin("POST", "/v1/users", Some(json!({ "id": "not-an-email" })))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let all = h.audit_page("/v1/audit?limit=1000").await;
+    assert!(all.len() >= 5, "{all:?}");
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    let created = h.audit_page("/v1/audit?action=user.create").await;
+    let targets: Vec<&str> = created.iter().map(|e| e.record.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        [
+            "a@example.com",
+            "b@example.com",
+            "c@example.com",
+            "not-an-email"
+        ]
+    );
+    let failed = h
+        .audit_page("/v1/audit?action=user.create&result=error")
+        .await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].record.target, "not-an-email");
+    let b = h
+        .audit_page("/v1/audit?actor=admin&target=b%40example.com")
+        .await;
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].record.action, "user.create");
+
+    // The newest: the tail of the whole log, oldest first; with a filter, its tail.
+    let newest = h.audit_page("/v1/audit?last=2").await;
+    assert_eq!(newest, all[all.len() - 2..].to_vec());
+    let newest = h.audit_page("/v1/audit?last=2&action=user.create").await;
+    assert_eq!(newest, created[2..].to_vec());
+    // `after` still pages forward, and combines with `last`.
+    let after = h
+        .audit_page(&format!("/v1/audit?after={}", created[1].seq))
+        .await;
+    assert_eq!(after.first().map(|e| e.seq), Some(created[1].seq + 1));
+    let oldest = h.audit_page("/v1/audit?limit=1").await;
+    assert_eq!(oldest, all[..1].to_vec());
+
+    // A filter value is bound as data: SQL in it matches nothing and changes nothing.
+    let injected = h
+        .audit_page("/v1/audit?action=x%27%20OR%20%271%27%3D%271")
+        .await;
+    assert!(injected.is_empty(), "{injected:?}");
+    assert_eq!(h.audit_page("/v1/audit?limit=1000").await.len(), all.len());
+
+    let long = "a".repeat(513);
+    for (query, field) in [
+        ("limit=5&last=2", "last"),
+        ("last=0", "last"),
+        ("last=1001", "last"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        (&format!("action={long}") as &str, "action"),
+    ] {
+        let (s, v) = h.admin("GET", &format!("/v1/audit?{query}"), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {v}");
+        assert_eq!(api_error(&v).field.as_deref(), Some(field), "{query}: {v}");
+    }
+    let (s, v) = h.admin("GET", "/v1/audit?nosuch=1", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(api_error(&v).error.contains("nosuch"), "{v}");
 }
 
 #[tokio::test]

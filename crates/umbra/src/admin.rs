@@ -76,16 +76,31 @@ enum Cmd {
     /// The admin token itself.
     #[command(subcommand)]
     AdminToken(AdminTokenCmd),
-    /// The audit log (`audit` and `audit list` are the same).
+    /// The audit log (`audit` and `audit list` are the same), oldest first.
     Audit {
         #[command(subcommand)]
         list: Option<AuditCmd>,
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0, global = true)]
         after: i64,
-        /// At most this many events.
-        #[arg(long, default_value_t = 100, global = true)]
-        limit: u32,
+        /// The oldest events, at most this many (default 100, at most 1000).
+        #[arg(long, global = true, conflicts_with = "last")]
+        limit: Option<u32>,
+        /// The newest events instead, this many (at most 1000): what just happened.
+        #[arg(long, global = true)]
+        last: Option<u32>,
+        /// Only events by this actor, e.g. `admin` or `umbra://default/agent/d-...`.
+        #[arg(long, global = true)]
+        actor: Option<String>,
+        /// Only events of this action, e.g. `stream.open`, `link.open`, `enroll`, `revoke`.
+        #[arg(long, global = true)]
+        action: Option<String>,
+        /// Only events about this target, e.g. a service, user or identity URI.
+        #[arg(long, global = true)]
+        target: Option<String>,
+        /// Only events with this result: `allow` or `deny` (decisions), `ok` or `error`.
+        #[arg(long, global = true)]
+        result: Option<String>,
     },
 }
 
@@ -813,10 +828,28 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     .collect()
             ));
         }
-        Cmd::Audit { after, limit, .. } => {
-            let v: Vec<api::AuditEntry> = c
-                .get(&format!("/v1/audit?after={after}&limit={limit}"))
-                .await?;
+        Cmd::Audit {
+            after,
+            limit,
+            last,
+            actor,
+            action,
+            target,
+            result,
+            ..
+        } => {
+            let mut query = vec![("after", after.to_string())];
+            query.extend(limit.map(|n| ("limit", n.to_string())));
+            query.extend(last.map(|n| ("last", n.to_string())));
+            for (name, value) in [
+                ("actor", actor),
+                ("action", action),
+                ("target", target),
+                ("result", result),
+            ] {
+                query.extend(value.clone().map(|v| (name, v)));
+            }
+            let v: Vec<api::AuditEntry> = c.get(&audit_path(&query)?).await?;
             out!(v, |v: Vec<api::AuditEntry>| table(
                 &["seq", "at", "actor", "action", "target", "result", "detail"],
                 v.into_iter()
@@ -836,8 +869,35 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `/v1/audit` with `query`, each value percent-encoded (an identity URI or an e-mail address
+/// is a valid filter).
+fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut url = reqwest::Url::parse("https://controller/v1/audit")?;
+    url.query_pairs_mut()
+        .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+    Ok(match url.query() {
+        Some(q) if !q.is_empty() => format!("{}?{q}", url.path()),
+        _ => url.path().to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn audit_filters_are_encoded() {
+        let q = [
+            ("after", "0".to_owned()),
+            ("actor", "umbra://default/agent/d-1".to_owned()),
+            ("target", "a b&c=d@example.com".to_owned()),
+        ];
+        assert_eq!(
+            super::audit_path(&q).unwrap(),
+            "/v1/audit?after=0&actor=umbra%3A%2F%2Fdefault%2Fagent%2Fd-1\
+             &target=a+b%26c%3Dd%40example.com"
+        );
+        assert_eq!(super::audit_path(&[]).unwrap(), "/v1/audit");
+    }
+
     #[test]
     fn dates() {
         assert_eq!(super::ts(0), "-");

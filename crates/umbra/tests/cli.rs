@@ -1058,6 +1058,37 @@ fn quickstart_runs_stops_and_resumes() {
     let listed = audit(&["list", "--limit", "3"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
     assert_eq!(listed, audit(&["--limit", "3"]));
+    // The newest events, and filters (an identity URI as the target goes through encoded).
+    let all = audit(&["--limit", "1000"]);
+    let all = all.as_array().expect("a list");
+    let newest = audit(&["--last", "2"]);
+    assert_eq!(
+        newest.as_array().map(Vec::as_slice),
+        Some(&all[all.len() - 2..])
+    );
+    let agent_enroll = all
+        .iter()
+        .find(|e| {
+            e["action"] == "enroll"
+                && e["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("umbra://default/agent/"))
+        })
+        .expect("the agent's enrollment is audited");
+    let target = agent_enroll["target"].as_str().expect("a target");
+    let found = audit(&["--action", "enroll", "--result", "ok", "--target", target]);
+    assert_eq!(found, Value::Array(vec![agent_enroll.clone()]));
+    let both = umbra(
+        home.path(),
+        &[
+            "admin", "--config", cfg_arg, "audit", "--limit", "3", "--last", "2",
+        ],
+    );
+    assert!(
+        !both.success() && both.stderr.contains("--last"),
+        "--limit with --last: {}",
+        both.describe()
+    );
 
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));

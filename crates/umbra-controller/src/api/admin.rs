@@ -770,11 +770,72 @@ pub(super) async fn list_streams(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct AuditQuery {
     #[serde(default)]
     after: Option<i64>,
     #[serde(default)]
     limit: Option<i64>,
+    #[serde(default)]
+    last: Option<i64>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    result: Option<String>,
+}
+
+/// Most records one audit request returns.
+const AUDIT_PAGE_MAX: i64 = 1000;
+/// Longest filter value: longer than any actor, action, target or result that is stored.
+const AUDIT_FILTER_MAX: usize = 512;
+
+/// Validates an audit query: `limit` (the oldest) or `last` (the newest), each 1 to 1000,
+/// never both; filters of at most 512 bytes.
+fn audit_query(aq: &AuditQuery) -> Result<peers::AuditQuery<'_>, ApiFailure> {
+    let page = |field: &str, n: i64| {
+        if (1..=AUDIT_PAGE_MAX).contains(&n) {
+            Ok(n)
+        } else {
+            Err(ApiFailure::invalid(
+                field,
+                format!("must be between 1 and {AUDIT_PAGE_MAX}"),
+            ))
+        }
+    };
+    let (limit, newest) = match (aq.limit, aq.last) {
+        (Some(_), Some(_)) => {
+            return Err(ApiFailure::invalid(
+                "last",
+                "give `limit` (the oldest records) or `last` (the newest), not both",
+            ));
+        }
+        (_, Some(n)) => (page("last", n)?, true),
+        (n, None) => (page("limit", n.unwrap_or(100))?, false),
+    };
+    let filter = |field: &str, v: &'_ Option<String>| match v {
+        Some(v) if v.len() > AUDIT_FILTER_MAX => Err(ApiFailure::invalid(
+            field,
+            format!("at most {AUDIT_FILTER_MAX} bytes"),
+        )),
+        _ => Ok(()),
+    };
+    filter("actor", &aq.actor)?;
+    filter("action", &aq.action)?;
+    filter("target", &aq.target)?;
+    filter("result", &aq.result)?;
+    Ok(peers::AuditQuery {
+        after: aq.after.unwrap_or(0),
+        limit,
+        newest,
+        actor: aq.actor.as_deref(),
+        action: aq.action.as_deref(),
+        target: aq.target.as_deref(),
+        result: aq.result.as_deref(),
+    })
 }
 
 pub(super) async fn list_audit(
@@ -782,10 +843,7 @@ pub(super) async fn list_audit(
     State(ctx): State<Arc<Ctx>>,
     ApiQuery(aq): ApiQuery<AuditQuery>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiFailure> {
-    let after = aq.after.unwrap_or(0);
-    let limit = aq.limit.unwrap_or(100).clamp(1, 1000);
+    let q = audit_query(&aq)?;
     let mut r = ctx.store.read().await?;
-    Ok(Json(
-        peers::audit_list(&mut r, &ctx.org, after, limit).await?,
-    ))
+    Ok(Json(peers::audit_list(&mut r, &ctx.org, &q).await?))
 }

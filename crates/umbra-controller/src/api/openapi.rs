@@ -405,11 +405,15 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         method: "get",
         path: "/v1/audit",
         auth: Admin,
-        summary: "Audit records after sequence number `after` (at most `limit`, default 100)",
+        summary: "Audit records after sequence number `after`, oldest first: the oldest `limit` \
+                  (default 100) or the newest `last` (1 to 1000). `actor`, `action`, `target` \
+                  and `result` keep only the records with that exact value",
         request: NoBody,
         status: 200,
         response: List("AuditEntry"),
-        query: &["after", "limit"],
+        query: &[
+            "after", "limit", "last", "actor", "action", "target", "result",
+        ],
     },
 ];
 

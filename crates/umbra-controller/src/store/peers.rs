@@ -701,22 +701,57 @@ pub(crate) async fn audit_insert(
     Ok(())
 }
 
+/// Which audit records [`audit_list`] returns: those after `after` that match every filter
+/// given (exact match), at most `limit` of them, the oldest or (`newest`) the newest ones;
+/// oldest first either way.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AuditQuery<'a> {
+    pub(crate) after: i64,
+    pub(crate) limit: i64,
+    pub(crate) newest: bool,
+    pub(crate) actor: Option<&'a str>,
+    pub(crate) action: Option<&'a str>,
+    pub(crate) target: Option<&'a str>,
+    pub(crate) result: Option<&'a str>,
+}
+
 pub(crate) async fn audit_list(
     c: &mut SqliteConnection,
     org: &str,
-    after: i64,
-    limit: i64,
+    q: &AuditQuery<'_>,
 ) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    use std::fmt::Write as _;
     type Row = (i64, i64, String, String, String, String, String);
-    let rows: Vec<Row> = sqlx::query_as(
+    let mut sql = String::from(
         "SELECT seq, at_ms, actor, action, target, result, detail FROM audit \
-         WHERE org = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-    )
-    .bind(org)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(c)
-    .await?;
+         WHERE org = $1 AND seq > $2",
+    );
+    // Only fixed column names are written into the statement; every value is bound ($3...).
+    let mut filters: Vec<&str> = Vec::new();
+    for (column, value) in [
+        ("actor", q.actor),
+        ("action", q.action),
+        ("target", q.target),
+        ("result", q.result),
+    ] {
+        if let Some(value) = value {
+            filters.push(value);
+            let _ = write!(sql, " AND {column} = ${}", 2 + filters.len());
+        }
+    }
+    let order = if q.newest { "DESC" } else { "ASC" };
+    let _ = write!(sql, " ORDER BY seq {order} LIMIT ${}", 3 + filters.len());
+    // Safe: built above from fixed text and fixed column names only.
+    let mut query = sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(sql))
+        .bind(org)
+        .bind(q.after);
+    for f in filters {
+        query = query.bind(f);
+    }
+    let mut rows: Vec<Row> = query.bind(q.limit).fetch_all(c).await?;
+    if q.newest {
+        rows.reverse();
+    }
     Ok(rows
         .into_iter()
         .map(
