@@ -101,6 +101,11 @@ enum Cmd {
         /// Only events with this result: `allow` or `deny` (decisions), `ok` or `error`.
         #[arg(long, global = true)]
         result: Option<String>,
+        /// Keep printing new events as they are recorded, one per line (with `-o json`, one
+        /// JSON object per line), until Ctrl-C. Starts with the newest 10 unless `--last`,
+        /// `--limit` or `--after` says otherwise.
+        #[arg(long, short = 'f', global = true)]
+        follow: bool,
     },
 }
 
@@ -836,20 +841,31 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             action,
             target,
             result,
+            follow,
             ..
         } => {
-            let mut query = vec![("after", after.to_string())];
-            query.extend(limit.map(|n| ("limit", n.to_string())));
-            query.extend(last.map(|n| ("last", n.to_string())));
+            let mut filters = Vec::new();
             for (name, value) in [
                 ("actor", actor),
                 ("action", action),
                 ("target", target),
                 ("result", result),
             ] {
-                query.extend(value.clone().map(|v| (name, v)));
+                filters.extend(value.clone().map(|v| (name, v)));
             }
+            // `--follow` alone starts like `tail -f`: with the newest few.
+            let last = match (follow, limit, last, after) {
+                (true, None, None, 0) => Some(10),
+                _ => *last,
+            };
+            let mut query = vec![("after", after.to_string())];
+            query.extend(limit.map(|n| ("limit", n.to_string())));
+            query.extend(last.map(|n| ("last", n.to_string())));
+            query.extend(filters.iter().cloned());
             let v: Vec<api::AuditEntry> = c.get(&audit_path(&query)?).await?;
+            if *follow {
+                return follow_audit(&c, v, *after, &filters, json).await;
+            }
             out!(v, |v: Vec<api::AuditEntry>| table(
                 &["seq", "at", "actor", "action", "target", "result", "detail"],
                 v.into_iter()
@@ -867,6 +883,74 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often `audit --follow` asks for new events.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `umbra admin audit --follow`: prints `first`, then every newer event matching `filters`
+/// as it is recorded, until Ctrl-C. A controller that cannot be reached (restarting, say) is
+/// said once and asked again; a refusal (the admin token rotated) ends the command.
+async fn follow_audit(
+    c: &Client,
+    first: Vec<api::AuditEntry>,
+    after: i64,
+    filters: &[(&str, String)],
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut seen = first.last().map_or(after, |e| e.seq);
+    let mut page = first;
+    let mut unreachable = false;
+    loop {
+        let mut out = std::io::stdout().lock();
+        for e in &page {
+            if json {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            } else {
+                let r = &e.record;
+                writeln!(
+                    out,
+                    "{}  {}  {}  {}  {}  {}  {}",
+                    e.seq,
+                    ts(r.at_ms / 1000),
+                    r.actor,
+                    r.action,
+                    r.target,
+                    r.result,
+                    r.detail
+                )?;
+            }
+        }
+        out.flush()?;
+        drop(out);
+        let full = page.len() >= 1000;
+        if !full {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => return r.map_err(Into::into),
+                () = tokio::time::sleep(FOLLOW_EVERY) => {}
+            }
+        }
+        let mut query = vec![("after", seen.to_string()), ("limit", "1000".to_owned())];
+        query.extend(filters.iter().cloned());
+        page = match c.get::<Vec<api::AuditEntry>>(&audit_path(&query)?).await {
+            Ok(p) => {
+                if std::mem::take(&mut unreachable) {
+                    eprintln!("controller reachable again");
+                }
+                p
+            }
+            // Not reached (the HTTP layer failed): try again. Answered with a refusal: stop.
+            Err(e) if e.chain().any(|c| c.is::<reqwest::Error>()) => {
+                if !std::mem::replace(&mut unreachable, true) {
+                    eprintln!("{e:#}; trying again every second");
+                }
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        seen = page.last().map_or(seen, |e| e.seq);
+    }
 }
 
 /// `/v1/audit` with `query`, each value percent-encoded (an identity URI or an e-mail address

@@ -1089,6 +1089,82 @@ fn quickstart_runs_stops_and_resumes() {
         "--limit with --last: {}",
         both.describe()
     );
+    // `audit --follow`: the newest matching events, then each new one as it is recorded, one
+    // JSON object per line; Ctrl-C ends it cleanly.
+    let mut cmd = Command::new(common::umbra());
+    cmd.args([
+        "admin",
+        "--config",
+        cfg_arg,
+        "-o",
+        "json",
+        "audit",
+        "--follow",
+        "--action",
+        "user.create",
+    ])
+    .current_dir(home.path());
+    common::clean_env(&mut cmd, home.path());
+    let mut follower = common::Proc::spawn(
+        "audit-follow",
+        cmd,
+        home.path().join("follow.stdout"),
+        home.path().join("follow.stderr"),
+    );
+    let lines = |p: &common::Proc| -> Vec<Value> {
+        p.stdout_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect()
+    };
+    let newest = common::poll(Duration::from_secs(10), || match lines(&follower) {
+        l if l.is_empty() => Err("nothing printed yet".to_string()),
+        l => Ok(l),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", follower.tails(10)));
+    assert!(
+        newest.iter().all(|e| e["action"] == "user.create"),
+        "{newest:?}"
+    );
+    let added = umbra(
+        home.path(),
+        &[
+            "admin",
+            "--config",
+            cfg_arg,
+            "user",
+            "add",
+            "followed@example.test",
+        ],
+    );
+    assert!(added.success(), "{}", added.describe());
+    common::poll(Duration::from_secs(10), || {
+        let l = lines(&follower);
+        match l.last() {
+            Some(e) if e["target"] == "followed@example.test" => Ok(()),
+            _ => Err(format!("the new user's event was not printed: {l:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", follower.tails(10)));
+    follower.interrupt();
+    let status = follower.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "audit --follow on Ctrl-C: {status:?}\n{}",
+        follower.tails(10)
+    );
+    let removed = umbra(
+        home.path(),
+        &[
+            "admin",
+            "--config",
+            cfg_arg,
+            "user",
+            "rm",
+            "followed@example.test",
+        ],
+    );
+    assert!(removed.success(), "{}", removed.describe());
 
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
