@@ -55,6 +55,46 @@ fn bounded(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
+/// Longest field of a record a broker reports (actor, target).
+const BROKER_FIELD_MAX: usize = 256;
+/// Longest `detail` of a record a broker reports, as JSON.
+const BROKER_DETAIL_MAX: usize = 4096;
+
+/// Whether a broker may report `rec`: a record of its own decisions (`link.*`, `stream.*`),
+/// by an identity of this organisation (the agent or connector it acted for, or itself),
+/// with a decision's result and bounded fields. A compromised broker can still misreport
+/// its own decisions; it cannot write records that read as the administrator's or the
+/// controller's (`actor` "admin", "controller", "anonymous"), nor unbounded ones. Every
+/// stored record also names its source. `Err` says why not.
+pub(crate) fn broker_may_report(org: &str, rec: &AuditRecord) -> Result<(), &'static str> {
+    let action_ok = ["link.", "stream."].iter().any(|p| {
+        rec.action
+            .strip_prefix(p)
+            .is_some_and(|rest| !rest.is_empty() && rest.len() <= 32)
+    });
+    if !action_ok {
+        return Err("action is not a broker's (link.*, stream.*)");
+    }
+    let actor_ok = rec
+        .actor
+        .strip_prefix("umbra://")
+        .and_then(|rest| rest.strip_prefix(org))
+        .is_some_and(|rest| rest.starts_with('/'));
+    if !actor_ok || rec.actor.len() > BROKER_FIELD_MAX {
+        return Err("actor is not an identity of this organisation");
+    }
+    if rec.target.len() > BROKER_FIELD_MAX {
+        return Err("target too long");
+    }
+    if !["allow", "deny", "ok", "error"].contains(&rec.result.as_str()) {
+        return Err("result is not allow, deny, ok or error");
+    }
+    if rec.detail.to_string().len() > BROKER_DETAIL_MAX {
+        return Err("detail too long");
+    }
+    Ok(())
+}
+
 /// Writes records in the caller's transaction; returns the sequence number of the last one.
 pub(crate) async fn stage(
     c: &mut SqliteConnection,
@@ -129,6 +169,115 @@ pub(crate) fn unix_secs(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_broker_may_report() {
+        let ok = AuditRecord {
+            at_ms: 1,
+            actor: "umbra://acme/agent/d-1".into(),
+            action: "stream.open".into(),
+            target: "web".into(),
+            result: "allow".into(),
+            detail: serde_json::json!({ "policies": ["p"] }),
+        };
+        assert_eq!(broker_may_report("acme", &ok), Ok(()));
+        for (what, r) in [
+            (
+                "link refusal",
+                AuditRecord {
+                    action: "link.open".into(),
+                    result: "deny".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "dial failure by a connector",
+                AuditRecord {
+                    actor: "umbra://acme/connector/c-1".into(),
+                    action: "stream.dial".into(),
+                    result: "error".into(),
+                    ..ok.clone()
+                },
+            ),
+        ] {
+            assert_eq!(broker_may_report("acme", &r), Ok(()), "{what}");
+        }
+        let long = "x".repeat(257);
+        for (what, r) in [
+            (
+                "admin's action",
+                AuditRecord {
+                    action: "user.delete".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "admin as actor",
+                AuditRecord {
+                    actor: "admin".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "controller as actor",
+                AuditRecord {
+                    actor: "controller".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "another organisation",
+                AuditRecord {
+                    actor: "umbra://other/agent/d-1".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "organisation prefix",
+                AuditRecord {
+                    actor: "umbra://acmex/agent/d-1".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "bare prefix",
+                AuditRecord {
+                    action: "stream.".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "long target",
+                AuditRecord {
+                    target: long.clone(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "long actor",
+                AuditRecord {
+                    actor: format!("umbra://acme/agent/{long}"),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "odd result",
+                AuditRecord {
+                    result: "granted".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "long detail",
+                AuditRecord {
+                    detail: serde_json::json!({ "x": "y".repeat(5000) }),
+                    ..ok.clone()
+                },
+            ),
+        ] {
+            assert!(broker_may_report("acme", &r).is_err(), "{what}");
+        }
+    }
 
     #[test]
     fn record_shape() {

@@ -175,23 +175,7 @@ impl Ctx {
         conn: &ConnPeer,
         roles: &[Role],
     ) -> Result<(Arc<PeerCert>, PeerRow, Kind), ApiFailure> {
-        let Some(peer) = conn.0.clone() else {
-            return Err(ApiFailure::unauthorized(
-                "a client certificate issued by this controller is required",
-            ));
-        };
-        if peer.id.org != self.org {
-            return Err(ApiFailure::forbidden(
-                "certificate belongs to another organisation",
-            ));
-        }
-        if !roles.contains(&peer.id.role) {
-            let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-            return Err(ApiFailure::forbidden(format!(
-                "this route is for {} certificates",
-                names.join(" or ")
-            )));
-        }
+        let peer = self.check_cert(conn, roles)?;
         match peers::cert_revoked(c, &self.org, &peer.serial_hex).await? {
             Some(false) => {}
             Some(true) => return Err(ApiFailure::forbidden("certificate revoked")),
@@ -210,6 +194,34 @@ impl Ctx {
             return Err(ApiFailure::forbidden(format!("{} revoked", peer.id.role)));
         }
         Ok((peer, row, kind))
+    }
+
+    /// The first part of [`Ctx::check_peer`], without the store: the connection's certificate
+    /// (which the TLS handshake verified against this CA) is present, of this organisation
+    /// and of one of `roles`.
+    pub(crate) fn check_cert(
+        &self,
+        conn: &ConnPeer,
+        roles: &[Role],
+    ) -> Result<Arc<PeerCert>, ApiFailure> {
+        let Some(peer) = conn.0.clone() else {
+            return Err(ApiFailure::unauthorized(
+                "a client certificate issued by this controller is required",
+            ));
+        };
+        if peer.id.org != self.org {
+            return Err(ApiFailure::forbidden(
+                "certificate belongs to another organisation",
+            ));
+        }
+        if !roles.contains(&peer.id.role) {
+            let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            return Err(ApiFailure::forbidden(format!(
+                "this route is for {} certificates",
+                names.join(" or ")
+            )));
+        }
+        Ok(peer)
     }
 
     /// [`Ctx::check_peer`] on a fresh read.

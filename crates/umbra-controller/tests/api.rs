@@ -2173,3 +2173,136 @@ async fn openapi_lists_every_route() {
     assert_eq!(paths.len(), 30);
     h.ctl.shutdown().await;
 }
+
+/// The heartbeat's large body limit (16 MiB) is for brokers only: any other connection is
+/// refused on its headers, before the controller reads or holds its body. The twin: a
+/// broker's request is read (nothing is answered before its body is complete).
+#[tokio::test]
+async fn only_brokers_get_a_heartbeat_body_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let (agent, _) = h.agent("alice@example.com").await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let head = "POST /v1/broker/heartbeat HTTP/1.1\r\nhost: controller\r\n\
+                content-type: application/json\r\ncontent-length: 16000000\r\n\r\n{";
+    let answer_within = |id: Option<TlsIdentity>| {
+        let h = &h;
+        async move {
+            let mut c = tls_conn(h, id.as_ref()).await;
+            c.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(1500), c.read(&mut buf)).await {
+                Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Ok(Err(e)) => Some(format!("error: {e}")),
+                Err(_) => None,
+            }
+        }
+    };
+    for (who, id, status) in [
+        ("no certificate", None, "401"),
+        ("an agent", Some(agent), "403"),
+    ] {
+        let got = answer_within(id).await;
+        assert!(
+            got.as_deref()
+                .is_some_and(|s| s.starts_with(&format!("HTTP/1.1 {status}"))),
+            "{who}: {got:?}"
+        );
+    }
+    assert_eq!(
+        answer_within(Some(broker)).await,
+        None,
+        "a broker's body is read"
+    );
+    h.ctl.shutdown().await;
+}
+
+/// A broker or connector revoked while its long poll waits is answered with the refusal,
+/// not with the snapshot or targets its own revocation published. The twin: the poll of one
+/// not revoked is answered with the new snapshot.
+#[tokio::test]
+async fn a_peer_revoked_while_waiting_gets_nothing() {
+    let h = Harness::start().await;
+    let (b1, _) = h.peer("broker", "b1").await;
+    let (b2, _) = h.peer("broker", "b2").await;
+    let (c1, _) = h.peer("connector", "c1").await;
+    let v = h.ctl.snapshot_version();
+    let wait = |id: &TlsIdentity, path: String| {
+        let c = h.as_peer(id);
+        let url = h.url(&path);
+        tokio::spawn(async move { c.get(url).send().await.unwrap().status() })
+    };
+    let b1_poll = wait(&b1, format!("/v1/snapshot?after={v}&wait=10"));
+    let b2_poll = wait(&b2, format!("/v1/snapshot?after={v}&wait=10"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.ok(
+        "POST",
+        &format!("/v1/brokers/{}/revoke", b1.peer.id.id),
+        None,
+    )
+    .await;
+    assert_eq!(b1_poll.await.unwrap(), StatusCode::FORBIDDEN);
+    assert_eq!(b2_poll.await.unwrap(), StatusCode::OK);
+    let v = h.ctl.snapshot_version();
+    let c1_poll = wait(&c1, format!("/v1/connector/config?after={v}&wait=10"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.ok(
+        "POST",
+        &format!("/v1/connectors/{}/revoke", c1.peer.id.id),
+        None,
+    )
+    .await;
+    assert_eq!(c1_poll.await.unwrap(), StatusCode::FORBIDDEN);
+    h.ctl.shutdown().await;
+}
+
+/// A broker reports records of its own decisions; it cannot write records that read as the
+/// administrator's or the controller's, nor unbounded ones. Those are left out, and that it
+/// tried is recorded by the controller. Every record says who wrote it. The twin: the
+/// broker's legitimate record in the same heartbeat is stored.
+#[tokio::test]
+async fn a_broker_cannot_write_others_audit_records() {
+    let h = Harness::start().await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let b = h.as_peer(&broker);
+    let record = |actor: &str, action: &str, target: &str| {
+        json!({ "at_ms": 1, "actor": actor, "action": action, "target": target,
+                "result": "allow", "detail": {} })
+    };
+    let hb = json!({
+        "name": "b1",
+        "server_name": umbra_pki::broker_server_name(&broker.peer.id.id),
+        "snapshot_version": h.ctl.snapshot_version(),
+        "audit": [
+            record("admin", "user.delete", "alice@example.com"),
+            record(&dev.peer.id.to_uri(), "stream.open", &"x".repeat(10_000)),
+            record(&dev.peer.id.to_uri(), "stream.open", "web"),
+        ]
+    });
+    assert_eq!(heartbeat(&h, &b, &hb).await, StatusCode::OK);
+    let all = h.audit_page("/v1/audit?limit=1000").await;
+    assert!(
+        !all.iter().any(|e| e.record.action == "user.delete"),
+        "{all:?}"
+    );
+    let opens: Vec<&AuditEntry> = all
+        .iter()
+        .filter(|e| e.record.action == "stream.open")
+        .collect();
+    assert_eq!(opens.len(), 1, "{opens:?}");
+    assert_eq!(opens[0].record.target, "web");
+    assert_eq!(opens[0].source, broker.peer.id.to_uri());
+    let report = h.audit_page("/v1/audit?action=audit.report").await;
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert_eq!(report[0].record.actor, broker.peer.id.to_uri());
+    assert_eq!(report[0].record.result, "error");
+    assert_eq!(report[0].record.detail["refused"], 2);
+    assert_eq!(report[0].source, "controller");
+    assert!(
+        all.iter()
+            .filter(|e| e.record.action == "user.create")
+            .all(|e| e.source == "controller")
+    );
+    h.ctl.shutdown().await;
+}

@@ -403,6 +403,9 @@ pub struct AuditEntry {
     pub seq: i64,
     #[serde(flatten)]
     pub record: AuditRecord,
+    /// Who wrote it: `controller`, or the identity URI of the broker that reported it.
+    #[serde(default)]
+    pub source: String,
 }
 
 #[cfg(test)]

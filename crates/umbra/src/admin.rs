@@ -867,7 +867,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 return follow_audit(&c, v, *after, &filters, json).await;
             }
             out!(v, |v: Vec<api::AuditEntry>| table(
-                &["seq", "at", "actor", "action", "target", "result", "detail"],
+                &[
+                    "seq", "at", "actor", "action", "target", "result", "source", "detail"
+                ],
                 v.into_iter()
                     .map(|e| vec![
                         e.seq.to_string(),
@@ -876,6 +878,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         e.record.action,
                         e.record.target,
                         e.record.result,
+                        e.source,
                         e.record.detail.to_string()
                     ])
                     .collect()
@@ -911,13 +914,14 @@ async fn follow_audit(
                 let r = &e.record;
                 writeln!(
                     out,
-                    "{}  {}  {}  {}  {}  {}  {}",
+                    "{}  {}  {}  {}  {}  {}  {}  {}",
                     e.seq,
                     ts(r.at_ms / 1000),
                     r.actor,
                     r.action,
                     r.target,
                     r.result,
+                    e.source,
                     r.detail
                 )?;
             }

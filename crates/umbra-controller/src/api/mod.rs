@@ -30,7 +30,8 @@ use serde::de::DeserializeOwned;
 
 use crate::audit;
 use crate::error::ApiFailure;
-use crate::state::{ClientAddr, Ctx};
+use crate::state::{ClientAddr, ConnPeer, Ctx};
+use umbra_proto::Role;
 
 /// Builds the router with every route. [`openapi::ROUTES`] documents the same list.
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
@@ -224,6 +225,29 @@ impl FromRequestParts<Arc<Ctx>> for Admin {
         )
         .await;
         Err(err)
+    }
+}
+
+/// A request on a connection whose client certificate names a broker of this organisation
+/// ([`Ctx::check_cert`]; revocation is checked by the handler, in its transaction). As an
+/// extractor it runs before the body is read, so only brokers may send the large bodies the
+/// heartbeat allows: anyone else is refused on the headers.
+pub(crate) struct BrokerConn(pub(crate) ConnPeer);
+
+impl FromRequestParts<Arc<Ctx>> for BrokerConn {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &Arc<Ctx>,
+    ) -> Result<Self, Self::Rejection> {
+        let conn = parts
+            .extensions
+            .get::<ConnPeer>()
+            .cloned()
+            .unwrap_or_default();
+        ctx.check_cert(&conn, &[Role::Broker])?;
+        Ok(BrokerConn(conn))
     }
 }
 

@@ -502,6 +502,8 @@ struct AuditEntry {
     result: String,
     #[schema(value_type = Object)]
     detail: serde_json::Value,
+    /// `controller`, or the identity URI of the broker that reported the record.
+    source: String,
 }
 #[derive(ToSchema)]
 struct BrokerHeartbeat {

@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use umbra_pki::PeerCert;
 use umbra_proto::Role;
 use umbra_proto::api::{
-    AuditSeq, BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest,
+    AuditRecord, AuditSeq, BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest,
 };
 
-use super::ApiJson;
 use super::ApiQuery;
+use super::{ApiJson, BrokerConn};
 use crate::audit;
 use crate::distribution::{self, MAX_WAITING_PER_PEER};
 use crate::enroll;
@@ -170,6 +170,9 @@ pub(super) async fn snapshot(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let mut r = ctx.store.read().await?;
+    // Revoked while it waited (its own revocation is a change, so it wakes this poll): the
+    // refusal, not the snapshot.
+    ctx.check_peer(&mut r, &conn, &[Role::Broker]).await?;
     let snap = distribution::build_snapshot(&mut r, &ctx.org, ctx.now_secs()).await?;
     Ok(Json(snap).into_response())
 }
@@ -179,7 +182,7 @@ pub(super) async fn connector_config(
     Extension(conn): Extension<ConnPeer>,
     ApiQuery(q): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiFailure> {
-    let (peer, row, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
+    let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
     let _slot = wait_slot(&ctx, &peer)?;
     let after = q.after.unwrap_or(0);
     if ctx
@@ -191,6 +194,8 @@ pub(super) async fn connector_config(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let mut r = ctx.store.read().await?;
+    // Revoked while it waited: the refusal, not the targets (as for snapshots).
+    let (peer, row, _) = ctx.check_peer(&mut r, &conn, &[Role::Connector]).await?;
     let cfg = distribution::connector_config(&mut r, &ctx.org, &peer.id.id, &row.owner).await?;
     Ok(Json(cfg).into_response())
 }
@@ -217,7 +222,8 @@ pub(crate) struct HeartbeatAck {
 
 pub(super) async fn heartbeat(
     State(ctx): State<Arc<Ctx>>,
-    Extension(conn): Extension<ConnPeer>,
+    // Before the body: only a broker's connection gets it read (see `BrokerConn`).
+    BrokerConn(conn): BrokerConn,
     ApiJson(hb): ApiJson<BrokerHeartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiFailure> {
     let quic = hb
@@ -294,7 +300,36 @@ pub(super) async fn heartbeat(
         }
         None => &hb.audit[..],
     };
-    audit::stage(w.conn(), &ctx.org, fresh, &peer.id.to_uri()).await?;
+    // What a broker may write is checked (`audit::broker_may_report`); what it may not is
+    // left out, and that it tried is a record of the controller's own.
+    let (kept, refused): (Vec<&AuditRecord>, Vec<&AuditRecord>) = fresh
+        .iter()
+        .partition(|r| audit::broker_may_report(&ctx.org, r).is_ok());
+    let kept: Vec<AuditRecord> = kept.into_iter().cloned().collect();
+    audit::stage(w.conn(), &ctx.org, &kept, &peer.id.to_uri()).await?;
+    let refusal = refused.first().map(|first| {
+        let why = audit::broker_may_report(&ctx.org, first)
+            .err()
+            .unwrap_or_default();
+        metrics::counter!("umbra_controller_audit_refused_total").increment(refused.len() as u64);
+        audit::record(
+            (ctx.clock)(),
+            &peer.id.to_uri(),
+            "audit.report",
+            &peer.id.to_uri(),
+            false,
+            serde_json::json!({ "refused": refused.len(), "reason": why }),
+        )
+    });
+    if let Some(r) = &refusal {
+        audit::stage(
+            w.conn(),
+            &ctx.org,
+            std::slice::from_ref(r),
+            audit::CONTROLLER,
+        )
+        .await?;
+    }
     // Where a broker can be reached is part of the snapshot and of every broker list.
     let moved = old_quic != quic || old_tcp != tcp;
     let version = if moved {
@@ -307,6 +342,9 @@ pub(super) async fn heartbeat(
         w.commit().await?;
         ctx.dist.current()
     };
+    if let Some(r) = &refusal {
+        audit::emit(r);
+    }
     Ok(Json(HeartbeatAck {
         snapshot_version: version,
     }))

@@ -42,6 +42,10 @@ use crate::state::{ClientAddr, ConnPeer};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a request's headers (slow clients hold no connection forever).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests one HTTP/2 connection may have in progress (hyper's default is 200). Each may
+/// carry a body of up to its route's limit, so this bounds what one connection can make the
+/// controller hold; an identity's long polls (16) and a CLI's calls fit well within it.
+const H2_MAX_STREAMS: u32 = 32;
 /// How long connections get to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -189,7 +193,10 @@ async fn connection(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let shutting_down = async {

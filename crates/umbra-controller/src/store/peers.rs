@@ -721,9 +721,9 @@ pub(crate) async fn audit_list(
     q: &AuditQuery<'_>,
 ) -> Result<Vec<AuditEntry>, sqlx::Error> {
     use std::fmt::Write as _;
-    type Row = (i64, i64, String, String, String, String, String);
+    type Row = (i64, i64, String, String, String, String, String, String);
     let mut sql = String::from(
-        "SELECT seq, at_ms, actor, action, target, result, detail FROM audit \
+        "SELECT seq, at_ms, actor, action, target, result, detail, source FROM audit \
          WHERE org = $1 AND seq > $2",
     );
     // Only fixed column names are written into the statement; every value is bound ($3...).
@@ -755,8 +755,9 @@ pub(crate) async fn audit_list(
     Ok(rows
         .into_iter()
         .map(
-            |(seq, at_ms, actor, action, target, result, detail)| AuditEntry {
+            |(seq, at_ms, actor, action, target, result, detail, source)| AuditEntry {
                 seq,
+                source,
                 record: AuditRecord {
                     at_ms: to_u64(at_ms),
                     actor,
