@@ -127,6 +127,11 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> End {
     tokio::select! {
+        // Cancellation first: a stream revoked while it was set up relays nothing, not even
+        // what is already waiting on either side.
+        biased;
+        () = entry.cancel.cancelled() => End::Revoked,
+        () = shutdown.cancelled() => End::Shutdown,
         r = umbra_link::relay_streams(agent, connector, idle, &entry.counters) => match r {
             Ok(()) => End::Done,
             Err(e) => {
@@ -134,7 +139,5 @@ pub(crate) async fn run(
                 End::Error
             }
         },
-        () = entry.cancel.cancelled() => End::Revoked,
-        () = shutdown.cancelled() => End::Shutdown,
     }
 }

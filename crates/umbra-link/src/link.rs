@@ -62,6 +62,9 @@ struct LinkInner {
     opener: bool,
     span: Span,
     conn: Conn,
+    /// Set by [`Link::refuse`]: the link counts as closed from then on (no new streams are
+    /// opened on it), although on QUIC the close itself goes out a little later.
+    refused_here: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) enum Conn {
@@ -162,6 +165,7 @@ impl Link {
                 opener: p.opener,
                 span: p.span,
                 conn: p.conn,
+                refused_here: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -202,6 +206,9 @@ impl Link {
     pub async fn open(&self) -> Result<Stream, LinkError> {
         if !self.inner.opener {
             return Err(LinkError::NotOpener);
+        }
+        if self.refused_here() {
+            return Err(LinkError::Closed);
         }
         match &self.inner.conn {
             Conn::Quic { conn, .. } => {
@@ -251,6 +258,9 @@ impl Link {
     /// HTTP/2 server can say so (a GOAWAY with the refusal code): that is the broker on links
     /// agents dial; on links a connector dialed this is a plain [`Link::close`].
     pub fn refuse(&self, why: Refusal) {
+        self.inner
+            .refused_here
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         match &self.inner.conn {
             Conn::Quic { conn, .. } => {
                 // Closed the moment the handshake completes, the dialer may not have
@@ -301,8 +311,18 @@ impl Link {
         }
     }
 
-    /// Whether the link is closed.
+    /// Whether this side refused the link ([`Link::refuse`]).
+    fn refused_here(&self) -> bool {
+        self.inner
+            .refused_here
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the link is closed, or refused by this side (and about to close).
     pub fn is_closed(&self) -> bool {
+        if self.refused_here() {
+            return true;
+        }
         match &self.inner.conn {
             Conn::Quic { conn, .. } => conn.close_reason().is_some(),
             Conn::H2(h) => h.is_closed(),

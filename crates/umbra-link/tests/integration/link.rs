@@ -283,6 +283,49 @@ async fn listener_opens_on_connector_links(t: Transport) {
 }
 both!(listener_opens_on_connector_links);
 
+/// A link this side refused counts as closed at once and opens no more streams, although on
+/// QUIC its close goes out up to two round trips later: a broker sends no new stream to a
+/// connector it has just refused (revoked). The twin: before the refusal it opens them.
+async fn a_refused_link_opens_nothing(t: Transport) {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let link = dial(
+        addr(&listener, t),
+        &server_name(),
+        t,
+        org.connector(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let broker = soon("accept", listener.accept()).await.unwrap();
+    let accepted = tokio::spawn(async move {
+        // Held, not dropped: a dropped stream is reset.
+        let mut held = Vec::new();
+        while let Some(s) = link.accept().await {
+            held.push(s);
+        }
+        held.len()
+    });
+    assert!(!broker.is_closed());
+    let mut s = broker.open().await.unwrap();
+    s.write_frame(&Frame::Ping { nonce: 1 }).await.unwrap();
+    broker.refuse(Refusal::Identity);
+    assert!(
+        broker.is_closed(),
+        "{t:?}: refused, so closed for new streams"
+    );
+    assert!(
+        matches!(broker.open().await, Err(LinkError::Closed)),
+        "{t:?}"
+    );
+    // At most the stream opened before the refusal reached the connector (on TLS links the
+    // broker's refusal is a plain close, which may overtake it).
+    let n = soon("the link closes", accepted).await.unwrap();
+    assert!(n <= 1, "{t:?}: {n} streams reached the connector");
+}
+both!(a_refused_link_opens_nothing);
+
 /// Many streams at once on one link, each echoed independently.
 async fn many_concurrent_streams(t: Transport) {
     const N: usize = 200;
