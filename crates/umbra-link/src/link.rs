@@ -13,9 +13,11 @@
 //! is [`LinkError::NotOpener`].
 //!
 //! [`Listener::accept`] never blocks on a single peer: handshakes run in their own tasks, at
-//! most `max_pending_handshakes` at once (a new connection evicts the oldest handshake in
-//! progress rather than wait, see `pending.rs`), each bounded by `handshake_timeout`; failures
-//! are logged (with the remote address) and counted, never returned.
+//! most `max_pending_handshakes` at once per transport (a new connection evicts the oldest
+//! handshake in progress rather than wait, see `pending.rs`), each bounded by
+//! `handshake_timeout`; failures are logged (with the remote address) and counted, never
+//! returned. Once half the QUIC slots are taken, a new QUIC peer must first prove its address
+//! with a Retry, so forged Initials (one datagram each) take no slot.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -422,7 +424,9 @@ pub struct Listener {
     links: tokio::sync::Mutex<mpsc::Receiver<Link>>,
     stop: CancellationToken,
     endpoint: Option<quinn::Endpoint>,
-    pending: Arc<Pending>,
+    /// Handshakes in progress, one bound per transport: a flood on one (spoofed QUIC
+    /// Initials cost an attacker one datagram each) cannot evict the other's.
+    pending: [Arc<Pending>; 2],
 }
 
 impl std::fmt::Debug for Listener {
@@ -446,7 +450,10 @@ impl Listener {
         cfg: LinkConfig,
     ) -> Result<Listener, LinkError> {
         let stop = CancellationToken::new();
-        let pending = Pending::new(cfg.max_pending_handshakes);
+        let pending = [
+            Pending::new(cfg.max_pending_handshakes),
+            Pending::new(cfg.max_pending_handshakes),
+        ];
         // Links handshaken but not yet taken by `accept`.
         let (tx, rx) = mpsc::channel(cfg.max_pending_handshakes.max(1));
         let cfg = Arc::new(cfg);
@@ -474,7 +481,7 @@ impl Listener {
             tokio::spawn(accept_tcp(
                 l,
                 acceptor,
-                pending.clone(),
+                pending[1].clone(),
                 tx.clone(),
                 cfg.clone(),
                 stop.clone(),
@@ -484,7 +491,7 @@ impl Listener {
             tokio::spawn(accept_quic(
                 e.clone(),
                 base.clone(),
-                pending.clone(),
+                pending[0].clone(),
                 tx,
                 cfg,
                 stop.clone(),
@@ -502,10 +509,10 @@ impl Listener {
         })
     }
 
-    /// Handshakes in progress on both transports (at most `max_pending_handshakes`; each
-    /// ends by `handshake_timeout`).
+    /// Handshakes in progress on both transports (at most `max_pending_handshakes` on each;
+    /// each ends by `handshake_timeout`).
     pub fn handshakes_in_progress(&self) -> usize {
-        self.pending.running()
+        self.pending.iter().map(|p| p.running()).sum()
     }
 
     /// The bound QUIC (UDP) address.
@@ -598,6 +605,16 @@ async fn accept_quic(
                 None => return,
             },
         };
+        // Under load, a peer must first show that it receives at its address (a stateless
+        // Retry, one round trip): an Initial is one datagram whose source anyone can forge,
+        // and otherwise each would take a slot and evict a real handshake.
+        if pending.busy() && !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            metrics::counter!("umbra_link_quic_retries_total").increment(1);
+            continue;
+        }
         let slot = pending.admit();
         let (tx, cfg, base) = (tx.clone(), cfg.clone(), base.clone());
         tokio::spawn(async move {

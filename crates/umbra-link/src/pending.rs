@@ -66,6 +66,12 @@ impl Pending {
         }
     }
 
+    /// Whether at least half the slots are taken: a listener then asks new QUIC peers to
+    /// prove their address first (a Retry), so that spoofed Initials cannot evict.
+    pub fn busy(&self) -> bool {
+        self.running() * 2 >= self.max
+    }
+
     /// Handshakes in progress now.
     pub fn running(&self) -> usize {
         self.inner
@@ -112,6 +118,18 @@ mod tests {
         assert!(!c.evicted.is_cancelled() && !d.evicted.is_cancelled());
         drop((c, d));
         assert_eq!(p.running(), 0);
+    }
+
+    #[test]
+    fn busy_from_half() {
+        let p = Pending::new(4);
+        let a = p.admit();
+        assert!(!p.busy());
+        let b = p.admit();
+        assert!(p.busy());
+        drop(a);
+        assert!(!p.busy());
+        drop(b);
     }
 
     #[test]

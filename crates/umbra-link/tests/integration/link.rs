@@ -711,6 +711,78 @@ async fn first_flight(org: &Org, t: Transport, cfg: &LinkConfig) -> Vec<u8> {
     buf
 }
 
+/// A flood of QUIC Initials, each from an address of its own that then goes quiet (as forged
+/// source addresses would), takes at most half the QUIC handshake slots: beyond that the
+/// listener answers with a Retry, which only a sender that receives at its address can
+/// follow. It evicts no TCP handshake (each transport has its own slots). The twins: a real
+/// agent links over QUIC (through the Retry) and over TCP meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
+    let org = Org::new();
+    let cfg = LinkConfig {
+        handshake_timeout: Duration::from_secs(20),
+        max_pending_handshakes: 8,
+        ..LinkConfig::default()
+    };
+    let listener = org.listener(cfg.clone()).await;
+    let udp = listener.quic_addr().unwrap();
+    // Four stalled TCP handshakes.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(
+            tokio::net::TcpStream::connect(listener.tcp_addr().unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut senders = Vec::new();
+    for _ in 0..24 {
+        let initial = first_flight(&org, Transport::Quic, &cfg).await;
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&initial, udp).await.unwrap();
+        senders.push(sock);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 4 TCP + at most 4 (half of 8) QUIC.
+    let held = listener.handshakes_in_progress();
+    assert!(held <= 8, "{held} handshakes hold slots");
+    // The later senders were asked to retry: a long-header Retry packet (type 3).
+    let mut retried = 0;
+    for s in &senders {
+        let mut buf = [0u8; 2048];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(20), s.recv(&mut buf)).await
+        {
+            if n > 0 && buf[0] & 0xf0 == 0xf0 {
+                retried += 1;
+                break;
+            }
+        }
+    }
+    assert!(retried >= 20, "{retried} of 24 senders were sent a Retry");
+    // No stalled TCP handshake was evicted by the flood.
+    for s in &mut stalled {
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(
+            Duration::from_millis(50),
+            tokio::io::AsyncReadExt::read(s, &mut b),
+        )
+        .await;
+        assert!(r.is_err(), "a stalled TCP handshake was closed: {r:?}");
+    }
+    for t in [Transport::Quic, Transport::Tls] {
+        let link = soon(
+            "a real agent links",
+            dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg),
+        )
+        .await
+        .unwrap();
+        let accepted = soon("accept", listener.accept()).await.unwrap();
+        assert_eq!(accepted.transport(), t);
+        drop(link);
+    }
+}
+
 /// Handshakes that start and then stall hold a slot only until the handshake timeout: silent
 /// TCP connections, half a real ClientHello, and real QUIC Initials (each a new connection
 /// at the listener) whose sender then goes quiet. The TCP ones are closed, every slot is
