@@ -378,6 +378,7 @@ async fn open(
         serial_hex: serial,
         user,
         service,
+        target: svc.target.clone(),
         connector: via.peer.clone(),
         transport,
         started_at: SystemTime::now(),
@@ -389,7 +390,7 @@ async fn open(
     // then, not this one: decide it again under the snapshot held now.
     let held = shared.authority.load_full();
     if held.snapshot.version != authority.snapshot.version
-        && authorize(
+        && (authorize(
             &held,
             &OpenFacts {
                 device,
@@ -403,6 +404,7 @@ async fn open(
         )
         .code
             != OpenCode::Ok
+            || !entry.still_routed(&held.snapshot))
     {
         info!("policy changed while the stream was being set up; closing it");
         entry.cancel.cancel();

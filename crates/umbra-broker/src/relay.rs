@@ -23,11 +23,26 @@ pub(crate) struct LiveEntry {
     pub(crate) serial_hex: String,
     pub(crate) user: String,
     pub(crate) service: String,
+    /// The service's `host:port` when the stream was opened (what the connector dialed).
+    pub(crate) target: String,
     pub(crate) connector: String,
     pub(crate) transport: &'static str,
     pub(crate) started_at: SystemTime,
     pub(crate) counters: Counters,
     pub(crate) cancel: CancellationToken,
+}
+
+impl LiveEntry {
+    /// Whether `snapshot` still publishes this stream's route: its service with the same
+    /// target, served by its connector. A stream to a target since unpublished, or through a
+    /// connector since taken off the service, is ended like one the policy no longer allows
+    /// (with a policy check alone it would run on, when a service is removed and added
+    /// again with another target between two snapshots the broker installs).
+    pub(crate) fn still_routed(&self, snapshot: &umbra_proto::Snapshot) -> bool {
+        snapshot
+            .service(&self.service)
+            .is_some_and(|s| s.target == self.target && s.connectors.contains(&self.connector))
+    }
 }
 
 /// What is relaying now.
@@ -139,5 +154,49 @@ pub(crate) async fn run(
                 End::Error
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umbra_proto::snapshot::ServiceFacts;
+
+    fn entry() -> LiveEntry {
+        LiveEntry {
+            id: 1,
+            device: "d-1".into(),
+            serial_hex: "01".into(),
+            user: "alice@example.com".into(),
+            service: "web".into(),
+            target: "10.0.0.1:80".into(),
+            connector: "c-1".into(),
+            transport: "quic",
+            started_at: SystemTime::UNIX_EPOCH,
+            counters: Counters::default(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn snapshot(target: &str, connectors: &[&str]) -> umbra_proto::Snapshot {
+        umbra_proto::Snapshot {
+            services: vec![ServiceFacts {
+                name: "web".into(),
+                target: target.into(),
+                connectors: connectors.iter().map(|c| (*c).to_owned()).collect(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_live_stream_needs_its_route_still_published() {
+        let e = entry();
+        assert!(e.still_routed(&snapshot("10.0.0.1:80", &["c-1"])));
+        assert!(e.still_routed(&snapshot("10.0.0.1:80", &["c-2", "c-1"])));
+        // Another target, the connector taken off, the service gone.
+        assert!(!e.still_routed(&snapshot("10.0.0.2:80", &["c-1"])));
+        assert!(!e.still_routed(&snapshot("10.0.0.1:80", &["c-2"])));
+        assert!(!e.still_routed(&umbra_proto::Snapshot::default()));
     }
 }

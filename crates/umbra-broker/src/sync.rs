@@ -133,6 +133,9 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
         if v.code != OpenCode::Ok {
             info!(stream = e.id, reason = %v.reason, "policy no longer allows a live stream; closing it");
             e.cancel.cancel();
+        } else if !e.still_routed(&a.snapshot) {
+            info!(stream = e.id, service = %e.service, "the service's target or connectors changed under a live stream; closing it");
+            e.cancel.cancel();
         }
     }
 }
