@@ -103,7 +103,16 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                     () = shared.shutdown.cancelled() => { link.close(); None }
                     () = &mut expired => { close_expired(&link, &peer); None }
                 };
-                let Some(stream) = stream else { break };
+                let Some(mut stream) = stream else { break };
+                let max = shared.cfg.max_streams_per_device;
+                let Some(quota) = shared.device_streams.take(&device, max) else {
+                    // Reset at once: no task, no decision, no connector. Counted, not audited
+                    // per stream (a device over its bound would flood the audit log).
+                    debug!(max, "device at max_streams_per_device; stream reset");
+                    metrics::counter!("umbra_broker_streams_refused_total", "reason" => "max_streams_per_device").increment(1);
+                    stream.reset();
+                    continue;
+                };
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("stream", id);
                 let (shared, link, device) = (shared.clone(), link.clone(), device.clone());
@@ -116,6 +125,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                     if let Some(open) = open {
                         open.relay(&span).await;
                     }
+                    drop(quota);
                 });
             }
             shared.agents.remove(&device, key);

@@ -44,6 +44,11 @@ pub struct BrokerConfig {
     /// one (two around a renewal), so the default 32 leaves room while bounding what one
     /// stolen or broken identity can hold.
     pub max_links_per_peer: usize,
+    /// Streams one device may have open at once at this broker, over all its links (being
+    /// set up or relaying); more are reset as they arrive. Each costs broker memory, a task
+    /// and a connection at a connector and the app, so this bounds what one stolen or broken
+    /// device can tie up.
+    pub max_streams_per_device: usize,
     /// Receive window per stream on agent and connector links, in KiB (16 to 16384): the
     /// most the broker holds for one stream in each direction. A stream moves at most one
     /// window per round trip, so long paths need more (1024 KiB keeps about 80 Mbit/s per
@@ -67,6 +72,7 @@ impl Default for BrokerConfig {
             max_pending_handshakes: 256,
             handshake_timeout_ms: 5_000,
             max_links_per_peer: 32,
+            max_streams_per_device: 16_384,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }
@@ -131,6 +137,12 @@ impl BrokerConfig {
         }
         if !(1..=4096).contains(&self.max_links_per_peer) {
             return Err(bad("max_links_per_peer", "must be between 1 and 4096"));
+        }
+        if !(1..=1_000_000).contains(&self.max_streams_per_device) {
+            return Err(bad(
+                "max_streams_per_device",
+                "must be between 1 and 1000000",
+            ));
         }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return Err(bad(
@@ -202,6 +214,13 @@ mod tests {
                 ..BrokerConfig::default()
             };
             assert_eq!(c.validate().unwrap_err().field, "max_links_per_peer");
+        }
+        for n in [0, 1_000_001] {
+            let c = BrokerConfig {
+                max_streams_per_device: n,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "max_streams_per_device");
         }
         let c = BrokerConfig {
             listen_quic: None,

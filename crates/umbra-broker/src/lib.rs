@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) authority: ArcSwap<authority::Authority>,
     pub(crate) connectors: route::Registry,
     pub(crate) agents: route::Registry,
+    /// Streams open per device (`max_streams_per_device`).
+    pub(crate) device_streams: Arc<route::StreamQuota>,
     pub(crate) streams: relay::LiveStreams,
     pub(crate) audit: audit::AuditQueue,
     pub(crate) next_id: AtomicU64,
@@ -200,6 +202,7 @@ impl Broker {
             authority: ArcSwap::from_pointee(held),
             connectors: Default::default(),
             agents: Default::default(),
+            device_streams: Default::default(),
             streams: Default::default(),
             audit,
             next_id: AtomicU64::new(1),

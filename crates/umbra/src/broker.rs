@@ -31,7 +31,7 @@ struct RunArgs {
     /// TOML file with broker settings (name, identity_dir, listen_quic, listen_tcp,
     /// advertise_host, max_staleness_secs, open_timeout_ms, dial_timeout_ms,
     /// idle_timeout_secs, heartbeat_ms, max_pending_handshakes, handshake_timeout_ms,
-    /// max_links_per_peer, stream_window_kib).
+    /// max_links_per_peer, max_streams_per_device, stream_window_kib).
     #[arg(long, env = "UMBRA_BROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Name shown in the admin API.

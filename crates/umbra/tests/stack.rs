@@ -899,6 +899,64 @@ async fn links_per_identity_are_bounded(t: TransportPref) {
 }
 both_transports!(links_per_identity_are_bounded);
 
+/// One device may have at most `max_streams_per_device` streams open at a broker (3 here),
+/// over all its links: the next is reset before any decision or dial, while another user's
+/// streams are served, and closing one makes room again.
+async fn streams_per_device_are_bounded(t: TransportPref) {
+    init();
+    let mut s = Stack::start(Opts {
+        brokers: vec![],
+        users: vec![ALICE, BOB],
+    })
+    .await;
+    let token = s.admin.token("broker", None, Some("bounded")).await;
+    let dir = s.dir.path().join("bounded");
+    umbra_link::enroll::enroll(&s.url, &token, &dir)
+        .await
+        .unwrap();
+    s.start_broker("bounded", dir, |c| c.max_streams_per_device = 3)
+        .await;
+    let b0 = &s.brokers[0];
+    let tr = link_transport(t);
+    let alice = s.agent("alice").identity();
+    let bob = s.agent("bob").identity();
+    poll("the broker serves alice", SOON, || served(b0, tr, &alice)).await;
+    // Three streams held open, over two links.
+    let links = [
+        dial(b0, tr, &alice).await.unwrap(),
+        dial(b0, tr, &alice).await.unwrap(),
+    ];
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (code, st) = poll(&format!("[{t}] stream {i} of 3"), SOON, || {
+            open(&links[i % 2], ECHO)
+        })
+        .await;
+        assert_eq!(code, OpenCode::Ok, "[{t}] stream {i}");
+        held.push(st);
+    }
+    for l in &links {
+        let r = open(l, ECHO).await;
+        assert!(
+            !matches!(r, Ok((OpenCode::Ok, _))),
+            "[{t}] a fourth stream was served: {:?}",
+            r.map(|(c, _)| c)
+        );
+    }
+    served(b0, tr, &bob).await.unwrap();
+    for st in &mut held {
+        stream_echo(st, b"still served").await.unwrap();
+    }
+    // The held streams have ended (echoed and finished): room again.
+    drop(held);
+    let (code, _) = poll("a stream after the others ended", SOON, || {
+        open(&links[0], ECHO)
+    })
+    .await;
+    assert_eq!(code, OpenCode::Ok);
+}
+both_transports!(streams_per_device_are_bounded);
+
 /// 13. Bad admin requests answer 400 with a reason and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_admin_requests_change_nothing() {
