@@ -822,30 +822,34 @@ async fn stalled_handshakes() {
     drop(silent);
 }
 
-/// One identity may hold at most `max_links_per_peer` links to a broker (4 here): the next is
-/// refused (the dialer is told so, and it is audited), while another user's link is served,
-/// and closing one of the first makes room again. The dialer learns that it was this limit,
-/// not a revocation: the agent says so instead of "revoked", and goes to another broker.
-async fn links_per_identity_are_bounded(t: TransportPref) {
+/// Users alice and bob, and one broker "bounded" started with `tweak`, serving alice over
+/// `t` (so its snapshot knows her; the probe's link is closed).
+async fn bounded_broker(
+    tweak: impl FnOnce(&mut umbra_broker::BrokerConfig),
+    t: TransportPref,
+) -> (Stack, TlsIdentity, TlsIdentity) {
     init();
     let mut s = Stack::start(Opts {
         brokers: vec![],
         users: vec![ALICE, BOB],
     })
     .await;
-    let token = s.admin.token("broker", None, Some("bounded")).await;
-    let dir = s.dir.path().join("bounded");
-    umbra_link::enroll::enroll(&s.url, &token, &dir)
-        .await
-        .unwrap();
-    s.start_broker("bounded", dir, |c| c.max_links_per_peer = 4)
-        .await;
-    let b0 = &s.brokers[0];
-    let tr = link_transport(t);
+    s.add_broker_with("bounded", tweak).await;
     let alice = s.agent("alice").identity();
     let bob = s.agent("bob").identity();
-    // Once the broker holds a snapshot that knows alice (each probe's link is closed).
+    let (b0, tr) = (&s.brokers[0], link_transport(t));
     poll("the broker serves alice", SOON, || served(b0, tr, &alice)).await;
+    (s, alice, bob)
+}
+
+/// One identity may hold at most `max_links_per_peer` links to a broker (4 here): the next is
+/// refused (the dialer is told so, and it is audited), while another user's link is served,
+/// and closing one of the first makes room again. The dialer learns that it was this limit,
+/// not a revocation: the agent says so instead of "revoked", and goes to another broker.
+async fn links_per_identity_are_bounded(t: TransportPref) {
+    let (mut s, alice, bob) = bounded_broker(|c| c.max_links_per_peer = 4, t).await;
+    let b0 = &s.brokers[0];
+    let tr = link_transport(t);
     let mut held = Vec::new();
     for i in 0..4 {
         // Retried: the probes' links above may take a moment to leave the broker's count.
@@ -903,24 +907,9 @@ both_transports!(links_per_identity_are_bounded);
 /// over all its links: the next is reset before any decision or dial, while another user's
 /// streams are served, and closing one makes room again.
 async fn streams_per_device_are_bounded(t: TransportPref) {
-    init();
-    let mut s = Stack::start(Opts {
-        brokers: vec![],
-        users: vec![ALICE, BOB],
-    })
-    .await;
-    let token = s.admin.token("broker", None, Some("bounded")).await;
-    let dir = s.dir.path().join("bounded");
-    umbra_link::enroll::enroll(&s.url, &token, &dir)
-        .await
-        .unwrap();
-    s.start_broker("bounded", dir, |c| c.max_streams_per_device = 3)
-        .await;
+    let (s, alice, bob) = bounded_broker(|c| c.max_streams_per_device = 3, t).await;
     let b0 = &s.brokers[0];
     let tr = link_transport(t);
-    let alice = s.agent("alice").identity();
-    let bob = s.agent("bob").identity();
-    poll("the broker serves alice", SOON, || served(b0, tr, &alice)).await;
     // Three streams held open, over two links.
     let links = [
         dial(b0, tr, &alice).await.unwrap(),

@@ -42,6 +42,36 @@ async fn agent_link(
     (link, server)
 }
 
+/// A connector link dialed to `listener` over `t`, and the listener's (broker's) side of it.
+async fn connector_link(org: &Org, listener: &Listener, t: Transport) -> (Link, Link) {
+    let link = dial(
+        addr(listener, t),
+        &server_name(),
+        t,
+        org.connector(),
+        &LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let broker = soon("accept", listener.accept()).await.unwrap();
+    (link, broker)
+}
+
+/// A real agent dials `listener` over QUIC, then over TLS/TCP, and is accepted each time.
+async fn agents_link_on_both_transports(org: &Org, listener: &Listener, cfg: &LinkConfig) {
+    for t in [Transport::Quic, Transport::Tls] {
+        let link = soon(
+            "a real agent links",
+            dial(addr(listener, t), &server_name(), t, org.agent(), cfg),
+        )
+        .await
+        .unwrap();
+        let accepted = soon("accept", listener.accept()).await.unwrap();
+        assert_eq!(accepted.transport(), t);
+        drop(link);
+    }
+}
+
 fn open_frame() -> Frame {
     Frame::Open {
         flow: Flow::Tcp,
@@ -236,16 +266,7 @@ async fn quic_loopback_links_start_at_the_loopback_mtu() {
 async fn listener_opens_on_connector_links(t: Transport) {
     let org = Org::new();
     let listener = org.listener(LinkConfig::default()).await;
-    let link = dial(
-        addr(&listener, t),
-        &server_name(),
-        t,
-        org.connector(),
-        &LinkConfig::default(),
-    )
-    .await
-    .unwrap();
-    let broker = soon("accept", listener.accept()).await.unwrap();
+    let (link, broker) = connector_link(&org, &listener, t).await;
     assert_eq!(broker.peer().id.role, Role::Connector);
     assert!(broker.is_opener());
     assert!(!link.is_opener());
@@ -289,16 +310,7 @@ both!(listener_opens_on_connector_links);
 async fn a_refused_link_opens_nothing(t: Transport) {
     let org = Org::new();
     let listener = org.listener(LinkConfig::default()).await;
-    let link = dial(
-        addr(&listener, t),
-        &server_name(),
-        t,
-        org.connector(),
-        &LinkConfig::default(),
-    )
-    .await
-    .unwrap();
-    let broker = soon("accept", listener.accept()).await.unwrap();
+    let (link, broker) = connector_link(&org, &listener, t).await;
     let accepted = tokio::spawn(async move {
         // Held, not dropped: a dropped stream is reset.
         let mut held = Vec::new();
@@ -770,17 +782,7 @@ async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
         .await;
         assert!(r.is_err(), "a stalled TCP handshake was closed: {r:?}");
     }
-    for t in [Transport::Quic, Transport::Tls] {
-        let link = soon(
-            "a real agent links",
-            dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg),
-        )
-        .await
-        .unwrap();
-        let accepted = soon("accept", listener.accept()).await.unwrap();
-        assert_eq!(accepted.transport(), t);
-        drop(link);
-    }
+    agents_link_on_both_transports(&org, &listener, &cfg).await;
 }
 
 /// Handshakes that start and then stall hold a slot only until the handshake timeout: silent
@@ -854,17 +856,7 @@ async fn stalled_handshakes_end_at_the_handshake_timeout() {
     );
 
     // The twin: real agents link on both transports.
-    for t in [Transport::Quic, Transport::Tls] {
-        let link = soon(
-            "dial",
-            dial(addr(&listener, t), &server_name(), t, org.agent(), &cfg),
-        )
-        .await
-        .unwrap();
-        let accepted = soon("accept", listener.accept()).await.unwrap();
-        assert_eq!(accepted.transport(), t);
-        drop(link);
-    }
+    agents_link_on_both_transports(&org, &listener, &cfg).await;
 }
 
 /// `Listener::close` ends `accept`.

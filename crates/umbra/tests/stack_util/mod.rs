@@ -532,13 +532,22 @@ impl Stack {
     }
 
     pub(crate) async fn add_broker(&mut self, name: &str, max_staleness_secs: u64) {
+        self.add_broker_with(name, |c| c.max_staleness_secs = max_staleness_secs)
+            .await;
+    }
+
+    /// Enrolls a broker `name` and starts it with `tweak` applied to its configuration.
+    pub(crate) async fn add_broker_with(
+        &mut self,
+        name: &str,
+        tweak: impl FnOnce(&mut BrokerConfig),
+    ) {
         let token = self.admin.token("broker", None, Some(name)).await;
         let dir = self.dir.path().join(name);
         umbra_link::enroll::enroll(&self.url, &token, &dir)
             .await
             .unwrap();
-        self.start_broker(name, dir, |c| c.max_staleness_secs = max_staleness_secs)
-            .await;
+        self.start_broker(name, dir, tweak).await;
     }
 
     /// Starts a broker enrolled in `dir` on free loopback ports (QUIC and TCP, heartbeat
