@@ -15,19 +15,34 @@
 //! [`SPOOL_MAX`] even when nothing is acknowledged (the oldest events are dropped then).
 //!
 //! The queue is bounded: if the controller is away for long, the oldest events are dropped
-//! from it (they are still in the log) and counted.
+//! from it (they are still in the log) and counted. So that a flood of refusals cannot push
+//! real events out, denials and errors have a budget per actor (the identity that asked) and
+//! in all ([`DENIALS`]): beyond it they are counted, not recorded, and the actor's next
+//! recorded one says how many were skipped (`skipped` in its detail).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use umbra_link::budget::{Budget, BudgetConfig, Verdict};
 use umbra_proto::api::{AuditRecord, AuditSeq};
 
 const CAP: usize = 10_000;
+
+/// The budget of `deny` and `error` records (see the module docs): per actor a burst of 20,
+/// then one per 2 s; in all a burst of 1000, then 50 per second, well above what policy
+/// denials of real users add up to.
+const DENIALS: BudgetConfig = BudgetConfig {
+    key_burst: 20.0,
+    key_every: Duration::from_secs(2),
+    global_burst: 1000.0,
+    global_per_sec: 50.0,
+    max_keys: 4096,
+};
 
 /// Spool size past which an acknowledgement rewrites it with only what is still unsent (or
 /// twice the size of the last rewrite, whichever is larger).
@@ -67,6 +82,7 @@ struct Inner {
     q: VecDeque<(u64, AuditRecord)>,
     next_seq: u64,
     spool: Option<Spool>,
+    denials: Budget<String>,
 }
 
 struct Spool {
@@ -96,7 +112,12 @@ impl AuditQueue {
     ) -> Self {
         AuditQueue {
             epoch,
-            inner: Mutex::new(Inner { q, next_seq, spool }),
+            inner: Mutex::new(Inner {
+                q,
+                next_seq,
+                spool,
+                denials: Budget::new(DENIALS, Instant::now()),
+            }),
             queued: tokio::sync::Notify::new(),
         }
     }
@@ -129,8 +150,34 @@ impl AuditQueue {
         action: &str,
         target: &str,
         result: &str,
-        detail: serde_json::Value,
+        mut detail: serde_json::Value,
     ) {
+        if result == "deny" || result == "error" {
+            let verdict = self
+                .lock()
+                .denials
+                .on_event(Some(actor.to_owned()), Instant::now());
+            match verdict {
+                Verdict::Skip => {
+                    metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
+                        .increment(1);
+                    tracing::debug!(
+                        actor,
+                        action,
+                        object = target,
+                        result,
+                        "over the actor's audit budget: counted, not recorded"
+                    );
+                    return;
+                }
+                Verdict::Record { skipped } if skipped > 0 => {
+                    if let Some(d) = detail.as_object_mut() {
+                        d.insert("skipped".into(), skipped.into());
+                    }
+                }
+                Verdict::Record { .. } => {}
+            }
+        }
         tracing::info!(
             target: "audit",
             actor,
@@ -373,7 +420,7 @@ mod tests {
                 "x",
                 "stream.open",
                 &i.to_string(),
-                "deny",
+                "allow",
                 serde_json::Value::Null,
             );
         }
@@ -389,11 +436,36 @@ mod tests {
     fn rec(a: &AuditQueue, target: &str) {
         a.record(
             "x",
-            "link.open",
+            "stream.open",
             target,
-            "deny",
+            "allow",
             serde_json::json!({"r": 1}),
         );
+    }
+
+    /// A flood of denials of one identity keeps its burst, and pushes out neither another
+    /// identity's denials nor any allowed stream's record.
+    #[test]
+    fn denials_have_a_budget_per_actor() {
+        let a = AuditQueue::default();
+        let (d1, d2) = ("umbra://o/agent/d-1", "umbra://o/agent/d-2");
+        for _ in 0..100 {
+            a.record(d1, "stream.open", "web", "deny", serde_json::json!({}));
+        }
+        a.record(d2, "link.open", "b1", "deny", serde_json::json!({}));
+        for _ in 0..30 {
+            a.record(d1, "stream.open", "web", "allow", serde_json::json!({}));
+        }
+        let b = a.take(1000);
+        let count = |actor: &str, result: &str| {
+            b.records
+                .iter()
+                .filter(|r| r.actor == actor && r.result == result)
+                .count()
+        };
+        assert_eq!(count(d1, "deny"), 20);
+        assert_eq!(count(d2, "deny"), 1);
+        assert_eq!(count(d1, "allow"), 30);
     }
 
     #[test]

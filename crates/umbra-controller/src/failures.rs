@@ -12,9 +12,11 @@
 //! [`MAX_SOURCES`] are tracked; beyond that, new sources share one budget. Pure: the caller
 //! passes the time.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+pub(crate) use umbra_link::budget::Verdict;
+use umbra_link::budget::{Budget, BudgetConfig};
 
 /// Records one source may write at once.
 const SOURCE_BURST: f64 = 20.0;
@@ -27,93 +29,32 @@ const GLOBAL_PER_SEC: f64 = 5.0;
 /// Sources tracked one by one.
 pub(crate) const MAX_SOURCES: usize = 4096;
 
-/// What to do with a refusal's audit record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Write it; `skipped` refusals from the same source were not written since its last one.
-    Record { skipped: u64 },
-    /// Over budget: count it, write nothing.
-    Skip,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-    skipped: u64,
-}
-
-impl Bucket {
-    fn full(capacity: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: capacity,
-            at: now,
-            skipped: 0,
-        }
-    }
-
-    fn refill(&mut self, capacity: f64, per_sec: f64, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * per_sec).min(capacity);
-        self.at = now;
-    }
-}
-
-/// The budgets (see the module docs).
+/// The budgets (see the module docs), keyed by source ([`source_key`]).
 #[derive(Debug)]
-pub(crate) struct FailureBudget {
-    sources: HashMap<IpAddr, Bucket>,
-    /// Shared by sources beyond `MAX_SOURCES`, and by refusals with no known source.
-    overflow: Bucket,
-    global: Bucket,
-}
+pub(crate) struct FailureBudget(Budget<IpAddr>);
 
 impl FailureBudget {
     pub(crate) fn new(now: Instant) -> FailureBudget {
-        FailureBudget {
-            sources: HashMap::new(),
-            overflow: Bucket::full(SOURCE_BURST, now),
-            global: Bucket::full(GLOBAL_BURST, now),
-        }
+        FailureBudget(Budget::new(
+            BudgetConfig {
+                key_burst: SOURCE_BURST,
+                key_every: SOURCE_EVERY,
+                global_burst: GLOBAL_BURST,
+                global_per_sec: GLOBAL_PER_SEC,
+                max_keys: MAX_SOURCES,
+            },
+            now,
+        ))
     }
 
     /// One refusal from `source` at `now`.
     pub(crate) fn on_refusal(&mut self, source: Option<IpAddr>, now: Instant) -> Verdict {
-        let per_source = 1.0 / SOURCE_EVERY.as_secs_f64();
-        self.global.refill(GLOBAL_BURST, GLOBAL_PER_SEC, now);
-        let key = source.map(source_key);
-        if let Some(k) = key
-            && !self.sources.contains_key(&k)
-            && self.sources.len() >= MAX_SOURCES
-        {
-            // Forget sources whose budget is whole again: they hold nothing worth keeping.
-            self.sources.retain(|_, b| {
-                b.refill(SOURCE_BURST, per_source, now);
-                b.skipped > 0 || b.tokens < SOURCE_BURST
-            });
-        }
-        let bucket = match key {
-            Some(k) if self.sources.len() < MAX_SOURCES || self.sources.contains_key(&k) => self
-                .sources
-                .entry(k)
-                .or_insert_with(|| Bucket::full(SOURCE_BURST, now)),
-            _ => &mut self.overflow,
-        };
-        bucket.refill(SOURCE_BURST, per_source, now);
-        if bucket.tokens >= 1.0 && self.global.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            self.global.tokens -= 1.0;
-            let skipped = std::mem::take(&mut bucket.skipped);
-            Verdict::Record { skipped }
-        } else {
-            bucket.skipped += 1;
-            Verdict::Skip
-        }
+        self.0.on_event(source.map(source_key), now)
     }
 
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        self.sources.len()
+        self.0.tracked()
     }
 }
 

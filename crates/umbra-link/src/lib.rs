@@ -23,6 +23,7 @@
 
 pub mod backoff;
 mod broker;
+pub mod budget;
 mod control;
 pub mod enroll;
 mod error;
