@@ -104,11 +104,13 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                     () = &mut expired => { close_expired(&link, &peer); None }
                 };
                 let Some(mut stream) = stream else { break };
-                let max = shared.cfg.max_streams_per_device;
-                let Some(quota) = shared.device_streams.take(&device, max) else {
+                let Some(quota) = shared.device_streams.take(&device) else {
                     // Reset at once: no task, no decision, no connector. Counted, not audited
                     // per stream (a device over its bound would flood the audit log).
-                    debug!(max, "device at max_streams_per_device; stream reset");
+                    debug!(
+                        max = shared.device_streams.max(),
+                        "device at max_streams_per_device; stream reset"
+                    );
                     metrics::counter!("umbra_broker_streams_refused_total", "reason" => "max_streams_per_device").increment(1);
                     stream.reset();
                     continue;

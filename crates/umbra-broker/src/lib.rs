@@ -114,7 +114,7 @@ pub(crate) struct Shared {
     pub(crate) connectors: route::Registry,
     pub(crate) agents: route::Registry,
     /// Streams open per device (`max_streams_per_device`).
-    pub(crate) device_streams: Arc<route::StreamQuota>,
+    pub(crate) device_streams: Arc<umbra_link::quota::Quota>,
     pub(crate) streams: relay::LiveStreams,
     pub(crate) audit: audit::AuditQueue,
     pub(crate) next_id: AtomicU64,
@@ -202,7 +202,7 @@ impl Broker {
             authority: ArcSwap::from_pointee(held),
             connectors: Default::default(),
             agents: Default::default(),
-            device_streams: Default::default(),
+            device_streams: umbra_link::quota::Quota::new(cfg.max_streams_per_device),
             streams: Default::default(),
             audit,
             next_id: AtomicU64::new(1),

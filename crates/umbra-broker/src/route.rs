@@ -162,83 +162,9 @@ fn rank<T, K: Ord>(v: &mut [T], key: impl Fn(&T) -> K) {
     v.sort_by_key(|c| key(c));
 }
 
-/// Streams open per device, over all its links: at most a configured number each
-/// ([`StreamQuota::take`], once per stream, never per chunk).
-#[derive(Default)]
-pub(crate) struct StreamQuota {
-    open: Mutex<HashMap<Arc<str>, usize>>,
-}
-
-/// One stream's place in its device's quota; dropping it frees the place.
-pub(crate) struct QuotaGuard {
-    quota: Arc<StreamQuota>,
-    device: Arc<str>,
-}
-
-impl StreamQuota {
-    /// A place for one more stream of `device`, unless it has `max` open already.
-    pub(crate) fn take(self: &Arc<Self>, device: &Arc<str>, max: usize) -> Option<QuotaGuard> {
-        let mut m = self.lock();
-        let n = m.entry(device.clone()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(QuotaGuard {
-            quota: self.clone(),
-            device: device.clone(),
-        })
-    }
-
-    /// Streams `device` has open.
-    #[cfg(test)]
-    pub(crate) fn open(&self, device: &str) -> usize {
-        self.lock().get(device).copied().unwrap_or(0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
-        // A poisoned lock still holds consistent counts (each update is one statement).
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for QuotaGuard {
-    fn drop(&mut self) {
-        let mut m = self.quota.lock();
-        if let Some(n) = m.get_mut(&self.device) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.device);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::rank;
-    use super::{Arc, StreamQuota};
-
-    #[test]
-    fn stream_quota_per_device() {
-        let q = Arc::new(StreamQuota::default());
-        let (a, b): (Arc<str>, Arc<str>) = ("d-a".into(), "d-b".into());
-        let first = q.take(&a, 2).unwrap();
-        let second = q.take(&a, 2).unwrap();
-        assert!(q.take(&a, 2).is_none(), "a third stream of the same device");
-        assert!(q.take(&b, 2).is_some(), "another device is not held back");
-        assert_eq!(q.open("d-a"), 2);
-        drop(first);
-        let third = q.take(&a, 2).unwrap();
-        drop((second, third));
-        assert_eq!(q.open("d-a"), 0);
-        assert!(
-            q.lock().is_empty(),
-            "no entry left for devices with nothing open"
-        );
-    }
 
     #[test]
     fn newest_link_of_a_connector_gets_new_streams() {

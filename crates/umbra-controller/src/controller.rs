@@ -120,7 +120,7 @@ impl Controller {
             handshakes: umbra_link::pending::Pending::new(cfg.max_pending_handshakes),
             anonymous: umbra_link::pending::Pending::new(cfg.max_anonymous_connections),
             anonymous_for: Duration::from_secs(cfg.anonymous_connection_secs),
-            per_peer: crate::quota::Quota::new(cfg.max_connections_per_peer),
+            per_peer: umbra_link::quota::Quota::new(cfg.max_connections_per_peer),
         };
         let server = tokio::spawn(api::serve::serve(
             listener,

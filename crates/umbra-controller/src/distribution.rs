@@ -20,9 +20,9 @@ use umbra_proto::snapshot::{
     ConnectorFacts, DeviceFacts, PolicyText, ServiceFacts, Snapshot, UserFacts,
 };
 
-use crate::quota::{Place, Quota};
 use crate::store::peers::{self, Kind};
 use crate::store::{self, SNAPSHOT_VERSION, admin};
+use umbra_link::quota::{Place, Quota};
 
 /// Publishes committed snapshot versions to waiting requests.
 pub(crate) struct Distribution {

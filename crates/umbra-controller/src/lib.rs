@@ -47,7 +47,6 @@ mod distribution;
 mod enroll;
 mod error;
 mod failures;
-mod quota;
 mod state;
 mod store;
 mod validate;

@@ -21,10 +21,10 @@ use crate::audit;
 use crate::distribution::{self, MAX_WAITING_PER_PEER};
 use crate::enroll;
 use crate::error::ApiFailure;
-use crate::quota::Place;
 use crate::state::{ClientAddr, ConnPeer, Ctx};
 use crate::store::{self, SNAPSHOT_VERSION, peers};
 use crate::validate;
+use umbra_link::quota::Place;
 
 /// Longest long-poll wait.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(25);

@@ -35,8 +35,8 @@ use tracing::Instrument;
 
 use umbra_link::pending::Pending;
 
-use crate::quota::Quota;
 use crate::state::{ClientAddr, ConnPeer};
+use umbra_link::quota::Quota;
 
 /// Longest TLS handshake before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,5 +1,5 @@
-//! Per-identity quotas: how many of something (long polls waiting, connections open) one peer
-//! identity may hold at once. A place is taken by [`Quota::take`] and given back when its
+//! Per-identity quotas: how many of something (the controller's long polls waiting and
+//! connections open, the broker's streams per device) one peer identity may hold at once. A place is taken by [`Quota::take`] and given back when its
 //! [`Place`] is dropped; identities holding nothing take no memory.
 
 use std::collections::HashMap;
@@ -7,20 +7,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 /// At most `max` places per key.
 #[derive(Debug)]
-pub(crate) struct Quota {
+pub struct Quota {
     max: usize,
     held: Mutex<HashMap<String, usize>>,
 }
 
 /// One place of a key, given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Place {
+pub struct Place {
     quota: Arc<Quota>,
     key: String,
 }
 
 impl Quota {
-    pub(crate) fn new(max: usize) -> Arc<Quota> {
+    pub fn new(max: usize) -> Arc<Quota> {
         Arc::new(Quota {
             max,
             held: Mutex::new(HashMap::new()),
@@ -28,12 +28,12 @@ impl Quota {
     }
 
     /// The most places one key may hold.
-    pub(crate) fn max(&self) -> usize {
+    pub fn max(&self) -> usize {
         self.max
     }
 
     /// A place for `key`, or `None` when it already holds `max`.
-    pub(crate) fn take(self: &Arc<Self>, key: &str) -> Option<Place> {
+    pub fn take(self: &Arc<Self>, key: &str) -> Option<Place> {
         let mut held = self.lock();
         let n = held.entry(key.to_owned()).or_insert(0);
         if *n >= self.max {
