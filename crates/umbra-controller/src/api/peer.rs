@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use umbra_pki::PeerCert;
 use umbra_proto::Role;
 use umbra_proto::api::{
-    AuditRecord, AuditSeq, BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest,
+    AuditSeq, BrokerHeartbeat, BrokerList, EnrollRequest, LiveStream, RenewRequest,
 };
 
 use super::ApiQuery;
@@ -302,23 +302,29 @@ pub(super) async fn heartbeat(
     };
     // What a broker may write is checked (`audit::broker_may_report`); what it may not is
     // left out, and that it tried is a record of the controller's own.
-    let (kept, refused): (Vec<&AuditRecord>, Vec<&AuditRecord>) = fresh
-        .iter()
-        .partition(|r| audit::broker_may_report(&ctx.org, r).is_ok());
-    let kept: Vec<AuditRecord> = kept.into_iter().cloned().collect();
+    let mut kept = Vec::with_capacity(fresh.len());
+    let (mut refused, mut why) = (0usize, "");
+    for r in fresh {
+        match audit::broker_may_report(&ctx.org, r) {
+            Ok(()) => kept.push(r.clone()),
+            Err(e) => {
+                refused += 1;
+                if why.is_empty() {
+                    why = e;
+                }
+            }
+        }
+    }
     audit::stage(w.conn(), &ctx.org, &kept, &peer.id.to_uri()).await?;
-    let refusal = refused.first().map(|first| {
-        let why = audit::broker_may_report(&ctx.org, first)
-            .err()
-            .unwrap_or_default();
-        metrics::counter!("umbra_controller_audit_refused_total").increment(refused.len() as u64);
+    let refusal = (refused > 0).then(|| {
+        metrics::counter!("umbra_controller_audit_refused_total").increment(refused as u64);
         audit::record(
             (ctx.clock)(),
             &peer.id.to_uri(),
             "audit.report",
             &peer.id.to_uri(),
             false,
-            serde_json::json!({ "refused": refused.len(), "reason": why }),
+            serde_json::json!({ "refused": refused, "reason": why }),
         )
     });
     if let Some(r) = &refusal {
