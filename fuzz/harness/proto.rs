@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use umbra_proto::api::{
     ApiError, BrokerHeartbeat, BrokerList, ConnectorConfig, CreateEnrollToken, CreateGroup,
     CreatePolicy, CreateService, CreateUser, EnrollRequest, EnrollToken, IssuedCert, RenewRequest,
+    ReplacePolicy, UpdateService, UpdateUser,
 };
 use umbra_proto::{Frame, PeerId, Snapshot};
 
@@ -99,6 +100,9 @@ pub(crate) fn api_request(data: &[u8]) -> bool {
         json::<CreateService>(data).is_some(),
         json::<CreatePolicy>(data).is_some(),
         json::<CreateEnrollToken>(data).is_some(),
+        json::<UpdateUser>(data).is_some(),
+        json::<UpdateService>(data).is_some(),
+        json::<ReplacePolicy>(data).is_some(),
     ]
     .contains(&true)
 }

@@ -390,6 +390,12 @@ async fn renew_inner(
             &[Role::Agent, Role::Connector, Role::Broker],
         )
         .await?;
+    // A disabled user's devices keep their certificates (enabling the user again restores
+    // them) but get no new ones, so disabling takes every credential away within a lifetime.
+    if kind == Kind::Device && admin::user_disabled(w.conn(), org, &row.owner).await? != Some(false)
+    {
+        return Err(ApiFailure::forbidden("the device's user is disabled"));
+    }
     let identity = peer.id.clone();
     let issued = issue(ctx, &req.csr_pem, &identity, now)?;
     record_cert(&mut w, org, &issued, &identity, now_secs).await?;

@@ -2124,6 +2124,7 @@ async fn openapi_lists_every_route() {
         ("get", "/v1/users"),
         ("post", "/v1/users"),
         ("delete", "/v1/users/{id}"),
+        ("patch", "/v1/users/{id}"),
         ("get", "/v1/groups"),
         ("post", "/v1/groups"),
         ("delete", "/v1/groups/{name}"),
@@ -2132,9 +2133,11 @@ async fn openapi_lists_every_route() {
         ("get", "/v1/services"),
         ("post", "/v1/services"),
         ("delete", "/v1/services/{name}"),
+        ("patch", "/v1/services/{name}"),
         ("get", "/v1/policies"),
         ("post", "/v1/policies"),
         ("delete", "/v1/policies/{name}"),
+        ("put", "/v1/policies/{name}"),
         ("get", "/v1/enrollment-tokens"),
         ("post", "/v1/enrollment-tokens"),
         ("delete", "/v1/enrollment-tokens/{id}"),
@@ -2304,5 +2307,335 @@ async fn a_broker_cannot_write_others_audit_records() {
             .filter(|e| e.record.action == "user.create")
             .all(|e| e.source == "controller")
     );
+    h.ctl.shutdown().await;
+}
+
+/// Changes in place: a service's route, a policy's text, a user's standing. Each is one
+/// change (one snapshot version, one audit record); each refused change (bad value, unknown
+/// object, nothing to change, unknown field) says which field and changes nothing.
+#[tokio::test]
+async fn updates_are_one_change_and_refused_ones_change_nothing() {
+    let h = Harness::start().await;
+    h.token("connector", None, Some("c1")).await;
+    h.token("connector", None, Some("c2")).await;
+    h.ok(
+        "POST",
+        "/v1/services",
+        Some(json!({ "name": "web", "target": "10.0.0.5:80", "connectors": ["c1"] })),
+    )
+    .await;
+    let allow_eng =
+        umbra_policy::allow_policy(&umbra_policy::PolicySubject::Group("eng".into()), "web");
+    h.ok(
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "eng-web", "text": allow_eng })),
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ann@example.test" })),
+    )
+    .await;
+
+    // Refused: each names its field, and nothing moves.
+    let v0 = h.ctl.snapshot_version();
+    let services0 = h.ok("GET", "/v1/services", None).await;
+    let policies0 = h.ok("GET", "/v1/policies", None).await;
+    let users0 = h.ok("GET", "/v1/users", None).await;
+    let refused = [
+        (
+            "PATCH",
+            "/v1/services/web",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            "target",
+        ),
+        (
+            "PATCH",
+            "/v1/services/web",
+            json!({ "target": "web" }),
+            StatusCode::BAD_REQUEST,
+            "target",
+        ),
+        (
+            "PATCH",
+            "/v1/services/web",
+            json!({ "connectors": [] }),
+            StatusCode::BAD_REQUEST,
+            "connectors",
+        ),
+        (
+            "PATCH",
+            "/v1/services/web",
+            json!({ "target": "10.0.0.6:80", "connectors": ["nope"] }),
+            StatusCode::NOT_FOUND,
+            "connectors",
+        ),
+        (
+            "PATCH",
+            "/v1/services/web",
+            json!({ "port": 81 }),
+            StatusCode::BAD_REQUEST,
+            "port",
+        ),
+        (
+            "PATCH",
+            "/v1/services/nosuch",
+            json!({ "target": "10.0.0.6:80" }),
+            StatusCode::NOT_FOUND,
+            "name",
+        ),
+        (
+            "PUT",
+            "/v1/policies/eng-web",
+            json!({ "text": "this is not cedar" }),
+            StatusCode::BAD_REQUEST,
+            "text",
+        ),
+        (
+            "PUT",
+            "/v1/policies/eng-web",
+            json!({ "text": "permit(principal, action, resource) when { principal.no_such_attribute == 1 };" }),
+            StatusCode::BAD_REQUEST,
+            "text",
+        ),
+        (
+            "PUT",
+            "/v1/policies/eng-web",
+            json!({ "text": "x".repeat(65 * 1024) }),
+            StatusCode::BAD_REQUEST,
+            "text",
+        ),
+        (
+            "PUT",
+            "/v1/policies/eng-web",
+            json!({ "name": "other", "text": allow_eng }),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            "PUT",
+            "/v1/policies/nosuch",
+            json!({ "text": allow_eng }),
+            StatusCode::NOT_FOUND,
+            "name",
+        ),
+        (
+            "PATCH",
+            "/v1/users/ann@example.test",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            "disabled",
+        ),
+        (
+            "PATCH",
+            "/v1/users/ann@example.test",
+            json!({ "disabled": "yes" }),
+            StatusCode::BAD_REQUEST,
+            "disabled",
+        ),
+        (
+            "PATCH",
+            "/v1/users/ann@example.test",
+            json!({ "groups": [] }),
+            StatusCode::BAD_REQUEST,
+            "groups",
+        ),
+        (
+            "PATCH",
+            "/v1/users/nobody@example.test",
+            json!({ "disabled": true }),
+            StatusCode::NOT_FOUND,
+            "id",
+        ),
+    ];
+    for (method, path, body, status, field) in refused {
+        let (s, v) = h.admin(method, path, Some(body.clone())).await;
+        assert_eq!(s, status, "{method} {path} {body}: {v}");
+        assert_eq!(
+            api_error(&v).field.as_deref(),
+            Some(field),
+            "{method} {path} {body}: {v}"
+        );
+    }
+    assert_eq!(h.ok("GET", "/v1/services", None).await, services0);
+    assert_eq!(h.ok("GET", "/v1/policies", None).await, policies0);
+    assert_eq!(h.ok("GET", "/v1/users", None).await, users0);
+    assert_eq!(h.ctl.snapshot_version(), v0, "refused changes bump nothing");
+
+    // A new target alone keeps the connectors; new connectors alone keep the target.
+    let s = h
+        .ok(
+            "PATCH",
+            "/v1/services/web",
+            Some(json!({ "target": "10.0.0.6:8080" })),
+        )
+        .await;
+    assert_eq!(s["target"], "10.0.0.6:8080");
+    assert_eq!(s["connectors"], json!(["c1"]));
+    assert_eq!(h.ctl.snapshot_version(), v0 + 1);
+    let s = h
+        .ok(
+            "PATCH",
+            "/v1/services/web",
+            Some(json!({ "connectors": ["c2", "c1", "c2"] })),
+        )
+        .await;
+    assert_eq!(s["target"], "10.0.0.6:8080");
+    assert_eq!(s["connectors"], json!(["c1", "c2"]));
+    assert_eq!(h.ok("GET", "/v1/services", None).await[0], s);
+    assert_eq!(h.ctl.snapshot_version(), v0 + 2);
+    // The same values again: nothing to record.
+    h.ok(
+        "PATCH",
+        "/v1/services/web",
+        Some(json!({ "target": "10.0.0.6:8080" })),
+    )
+    .await;
+    assert_eq!(h.ctl.snapshot_version(), v0 + 2);
+    let updates = h.audited("service.update").await;
+    let ok: Vec<_> = updates.iter().filter(|r| r.result == "ok").collect();
+    assert_eq!(ok.len(), 2, "{updates:?}");
+    assert_eq!(ok[0].detail["was"]["target"], "10.0.0.5:80");
+    assert_eq!(ok[0].detail["target"], "10.0.0.6:8080");
+    assert_eq!(ok[1].detail["was"]["connectors"], json!(["c1"]));
+
+    // The policy's text is replaced under its name, and brokers get it in the snapshot.
+    let allow_ann = umbra_policy::allow_policy(
+        &umbra_policy::PolicySubject::User("ann@example.test".into()),
+        "web",
+    );
+    let p = h
+        .ok(
+            "PUT",
+            "/v1/policies/eng-web",
+            Some(json!({ "text": allow_ann })),
+        )
+        .await;
+    assert_eq!(p["name"], "eng-web");
+    assert_eq!(p["text"], allow_ann.as_str());
+    assert_eq!(p["created_at"], policies0[0]["created_at"]);
+    assert_eq!(h.ctl.snapshot_version(), v0 + 3);
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (s, snap) = get_json::<Snapshot>(&h.as_peer(&broker), h.url("/v1/snapshot?after=0")).await;
+    assert_eq!(s, StatusCode::OK);
+    let snap = snap.unwrap();
+    assert_eq!(snap.policies.len(), 1);
+    assert_eq!(snap.policies[0].text, allow_ann);
+    let replaced = h.audited("policy.update").await;
+    assert_eq!(
+        replaced.iter().filter(|r| r.result == "ok").count(),
+        1,
+        "{replaced:?}"
+    );
+    // Refusals are in the trail too (all but the body that did not parse, which never
+    // reached the handler).
+    assert_eq!(replaced.iter().filter(|r| r.result == "error").count(), 4);
+
+    // Disable, and the snapshot says so; disabling again records nothing more; enable.
+    let v = h.ctl.snapshot_version();
+    let u = h
+        .ok(
+            "PATCH",
+            "/v1/users/ann@example.test",
+            Some(json!({ "disabled": true })),
+        )
+        .await;
+    assert_eq!(u["disabled"], true);
+    h.ok(
+        "PATCH",
+        "/v1/users/ann@example.test",
+        Some(json!({ "disabled": true })),
+    )
+    .await;
+    assert_eq!(h.ctl.snapshot_version(), v + 1);
+    let (_, snap) = get_json::<Snapshot>(&h.as_peer(&broker), h.url("/v1/snapshot?after=0")).await;
+    let ann = |s: &Snapshot| {
+        s.users
+            .iter()
+            .find(|u| u.id == "ann@example.test")
+            .unwrap()
+            .disabled
+    };
+    assert!(ann(&snap.unwrap()));
+    let disables = h.audited("user.disable").await;
+    let ok: Vec<_> = disables.iter().filter(|r| r.result == "ok").collect();
+    assert_eq!(ok.len(), 1, "{disables:?}");
+    assert_eq!(ok[0].target, "ann@example.test");
+    // The refused one, for a user who does not exist, is there too.
+    assert_eq!(disables.len(), 2, "{disables:?}");
+    let u = h
+        .ok(
+            "PATCH",
+            "/v1/users/ann@example.test",
+            Some(json!({ "disabled": false })),
+        )
+        .await;
+    assert_eq!(u["disabled"], false);
+    let (_, snap) = get_json::<Snapshot>(&h.as_peer(&broker), h.url("/v1/snapshot?after=0")).await;
+    assert!(!ann(&snap.unwrap()));
+    assert_eq!(h.audited("user.enable").await.len(), 1);
+    h.ctl.shutdown().await;
+}
+
+/// A disabled user's devices get no new certificate (the refusal is audited), and a new
+/// enrollment for the user is refused; enabled again, the same device renews. Another user's
+/// device renews throughout.
+#[tokio::test]
+async fn a_disabled_users_devices_are_not_renewed() {
+    let h = Harness::start().await;
+    let (dev, issued) = h.agent("ann@example.test").await;
+    let (other, _) = h.agent("ben@example.test").await;
+    let unused = h.token("agent", Some("ann@example.test"), None).await;
+    let hr = &h;
+    let renew = |id: &TlsIdentity| {
+        let h = hr;
+        let c = h.as_peer(id);
+        async move {
+            let key = umbra_pki::generate_key_pem().unwrap();
+            let csr = umbra_pki::make_csr(&key).unwrap();
+            h.renew(&c, json!({ "csr_pem": csr })).await.status()
+        }
+    };
+    assert_eq!(renew(&dev).await, StatusCode::OK);
+
+    h.ok(
+        "PATCH",
+        "/v1/users/ann@example.test",
+        Some(json!({ "disabled": true })),
+    )
+    .await;
+    assert_eq!(renew(&dev).await, StatusCode::FORBIDDEN);
+    assert_eq!(renew(&other).await, StatusCode::OK, "another user's device");
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let resp = h
+        .redeem(&unused.token, &umbra_pki::make_csr(&key).unwrap())
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let refused: Vec<_> = h
+        .audited("renew")
+        .await
+        .into_iter()
+        .filter(|r| r.result == "error")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].actor, issued.identity);
+    assert!(
+        refused[0].detail["error"]
+            .as_str()
+            .unwrap()
+            .contains("disabled"),
+        "{refused:?}"
+    );
+
+    h.ok(
+        "PATCH",
+        "/v1/users/ann@example.test",
+        Some(json!({ "disabled": false })),
+    )
+    .await;
+    assert_eq!(renew(&dev).await, StatusCode::OK);
     h.ctl.shutdown().await;
 }

@@ -283,6 +283,10 @@ fn seed_generator_writes_inputs_the_parsers_handle() {
         ("create-policy", r#"{"name":"p1","text":"permit(principal in Umbra::Group::\"eng\", action, resource == Umbra::Service::\"db\");"}"#.to_owned()),
         ("create-token-agent", r#"{"role":"agent","user":"alice@example.com"}"#.to_owned()),
         ("create-token-broker", r#"{"role":"broker","name":"b1","ttl_secs":3600}"#.to_owned()),
+        ("update-user", r#"{"disabled":true}"#.to_owned()),
+        ("update-service", r#"{"target":"[fd00::5]:5432","connectors":["c1","c2"]}"#.to_owned()),
+        ("update-service-target", r#"{"target":"db2.internal:5432"}"#.to_owned()),
+        ("replace-policy", r#"{"text":"permit(principal == Umbra::User::\"a@example.com\", action, resource);"}"#.to_owned()),
     ];
     for (name, body) in bodies {
         write("api_request", &format!("{name}.json"), body.as_bytes());

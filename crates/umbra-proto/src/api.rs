@@ -251,6 +251,16 @@ pub struct User {
     pub created_at: u64,
 }
 
+/// `PATCH /v1/users/{id}`: the fields to change (at least one).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    /// A disabled user's devices are denied every stream and get no new certificate; their
+    /// live streams end. Enabling again restores the devices whose certificate has not expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGroup {
@@ -273,6 +283,18 @@ pub struct CreateService {
     pub connectors: Vec<String>,
 }
 
+/// `PATCH /v1/services/{name}`: the fields to change (at least one); the others stay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateService {
+    /// New `host:port` as the connector sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// New set of connectors that may serve it (replaces the old set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connectors: Option<Vec<String>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
@@ -285,6 +307,14 @@ pub struct Service {
 #[serde(deny_unknown_fields)]
 pub struct CreatePolicy {
     pub name: String,
+    /// Cedar policy text; validated against Umbra's schema at write time.
+    pub text: String,
+}
+
+/// `PUT /v1/policies/{name}`: the policy's new text, replacing the old in one change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePolicy {
     /// Cedar policy text; validated against Umbra's schema at write time.
     pub text: String,
 }

@@ -126,6 +126,18 @@ enum UserCmd {
         /// The user's id (e-mail address).
         id: String,
     },
+    /// Disable a user: their devices are denied every stream (live ones end within a second
+    /// or so) and get no new certificates; the user, their groups and devices stay.
+    Disable {
+        /// The user's id (e-mail address).
+        id: String,
+    },
+    /// Enable a disabled user again: their devices whose certificates have not expired work
+    /// again at once (an expired device enrolls again).
+    Enable {
+        /// The user's id (e-mail address).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -171,6 +183,18 @@ enum ServiceCmd {
         #[arg(long = "connector", required = true)]
         connectors: Vec<String>,
     },
+    /// Change a service's target, its connectors, or both, in one change (live streams on
+    /// the old route end; new ones take the new route).
+    Set {
+        /// Service name.
+        name: String,
+        /// New host:port as the connector sees it.
+        #[arg(long, required_unless_present = "connectors")]
+        target: Option<String>,
+        /// Connector that may serve it (repeatable; the list replaces the old one).
+        #[arg(long = "connector")]
+        connectors: Vec<String>,
+    },
     /// List services.
     List,
     /// Remove a service.
@@ -187,24 +211,16 @@ enum PolicyCmd {
     Add {
         /// Policy name, unique in the organisation.
         name: String,
-        /// File with the policy in the Cedar language.
-        #[arg(long, conflicts_with_all = ["text", "allow_user", "allow_group", "allow_everyone"])]
-        file: Option<PathBuf>,
-        /// The policy in the Cedar language, inline.
-        #[arg(long, conflicts_with_all = ["allow_user", "allow_group", "allow_everyone"])]
-        text: Option<String>,
-        /// Permit this user (e-mail address) to connect to --service.
-        #[arg(long, requires = "service")]
-        allow_user: Option<String>,
-        /// Permit members of this group to connect to --service.
-        #[arg(long, requires = "service")]
-        allow_group: Option<String>,
-        /// Permit every user of the organisation to connect to --service.
-        #[arg(long, requires = "service")]
-        allow_everyone: bool,
-        /// The service a generated permit is for.
-        #[arg(long)]
-        service: Option<String>,
+        #[command(flatten)]
+        source: PolicySource,
+    },
+    /// Replace a policy's text, in one change: streams the new text still allows go on (a
+    /// remove and add would cut them). Same sources as `add`; an invalid text changes nothing.
+    Set {
+        /// Name of an existing policy.
+        name: String,
+        #[command(flatten)]
+        source: PolicySource,
     },
     /// List policies.
     List,
@@ -213,6 +229,61 @@ enum PolicyCmd {
         /// Policy name.
         name: String,
     },
+}
+
+/// Where a policy's text comes from.
+#[derive(clap::Args)]
+struct PolicySource {
+    /// File with the policy in the Cedar language.
+    #[arg(long, conflicts_with_all = ["text", "allow_user", "allow_group", "allow_everyone"])]
+    file: Option<PathBuf>,
+    /// The policy in the Cedar language, inline.
+    #[arg(long, conflicts_with_all = ["allow_user", "allow_group", "allow_everyone"])]
+    text: Option<String>,
+    /// Permit this user (e-mail address) to connect to --service.
+    #[arg(long, requires = "service")]
+    allow_user: Option<String>,
+    /// Permit members of this group to connect to --service.
+    #[arg(long, requires = "service")]
+    allow_group: Option<String>,
+    /// Permit every user of the organisation to connect to --service.
+    #[arg(long, requires = "service")]
+    allow_everyone: bool,
+    /// The service a generated permit is for.
+    #[arg(long)]
+    service: Option<String>,
+}
+
+impl PolicySource {
+    fn text(&self) -> anyhow::Result<String> {
+        use umbra_policy::{PolicySubject, allow_policy};
+        Ok(
+            match (
+                &self.file,
+                &self.text,
+                &self.allow_user,
+                &self.allow_group,
+                self.allow_everyone,
+                &self.service,
+            ) {
+                (Some(f), ..) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                (None, Some(t), ..) => t.clone(),
+                (None, None, Some(u), None, false, Some(s)) => {
+                    allow_policy(&PolicySubject::User(u.clone()), s)
+                }
+                (None, None, None, Some(g), false, Some(s)) => {
+                    allow_policy(&PolicySubject::Group(g.clone()), s)
+                }
+                (None, None, None, None, true, Some(s)) => {
+                    allow_policy(&PolicySubject::Everyone, s)
+                }
+                _ => bail!(
+                    "give the policy as --file, --text, or one of --allow-user/--allow-group/--allow-everyone with --service"
+                ),
+            },
+        )
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -429,6 +500,22 @@ impl Client {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
     }
+    async fn patch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+    async fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
     async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await
@@ -522,6 +609,22 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let v = c.delete(&format!("/v1/users/{}", seg(id))).await?;
             out!(v, |_| println!("user {id} removed"));
         }
+        Cmd::User(UserCmd::Disable { id } | UserCmd::Enable { id }) => {
+            let disabled = matches!(a.cmd, Cmd::User(UserCmd::Disable { .. }));
+            let u: api::User = c
+                .patch(
+                    &format!("/v1/users/{}", seg(id)),
+                    &api::UpdateUser {
+                        disabled: Some(disabled),
+                    },
+                )
+                .await?;
+            out!(u, |u: api::User| println!(
+                "user {} {}",
+                u.id,
+                if u.disabled { "disabled" } else { "enabled" }
+            ));
+        }
         Cmd::Group(GroupCmd::Add { name }) => {
             let g: api::Group = c
                 .post("/v1/groups", &api::CreateGroup { name: name.clone() })
@@ -578,6 +681,27 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 s.connectors.join(",")
             ));
         }
+        Cmd::Service(ServiceCmd::Set {
+            name,
+            target,
+            connectors,
+        }) => {
+            let s: api::Service = c
+                .patch(
+                    &format!("/v1/services/{}", seg(name)),
+                    &api::UpdateService {
+                        target: target.clone(),
+                        connectors: (!connectors.is_empty()).then(|| connectors.clone()),
+                    },
+                )
+                .await?;
+            out!(s, |s: api::Service| println!(
+                "service {} -> {} via {}",
+                s.name,
+                s.target,
+                s.connectors.join(",")
+            ));
+        }
         Cmd::Service(ServiceCmd::List) => {
             let v: Vec<api::Service> = c.get("/v1/services").await?;
             out!(v, |v: Vec<api::Service>| table(
@@ -591,39 +715,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let v = c.delete(&format!("/v1/services/{}", seg(name))).await?;
             out!(v, |_| println!("service {name} removed"));
         }
-        Cmd::Policy(PolicyCmd::Add {
-            name,
-            file,
-            text,
-            allow_user,
-            allow_group,
-            allow_everyone,
-            service,
-        }) => {
-            let text = match (
-                file,
-                text,
-                allow_user,
-                allow_group,
-                *allow_everyone,
-                service,
-            ) {
-                (Some(f), ..) => std::fs::read_to_string(f)
-                    .with_context(|| format!("cannot read {}", f.display()))?,
-                (None, Some(t), ..) => t.clone(),
-                (None, None, Some(u), None, false, Some(s)) => {
-                    umbra_policy::allow_policy(&umbra_policy::PolicySubject::User(u.clone()), s)
-                }
-                (None, None, None, Some(g), false, Some(s)) => {
-                    umbra_policy::allow_policy(&umbra_policy::PolicySubject::Group(g.clone()), s)
-                }
-                (None, None, None, None, true, Some(s)) => {
-                    umbra_policy::allow_policy(&umbra_policy::PolicySubject::Everyone, s)
-                }
-                _ => bail!(
-                    "give the policy as --file, --text, or one of --allow-user/--allow-group/--allow-everyone with --service"
-                ),
-            };
+        Cmd::Policy(PolicyCmd::Add { name, source }) => {
+            let text = source.text()?;
             let p: api::Policy = c
                 .post(
                     "/v1/policies",
@@ -634,6 +727,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 )
                 .await?;
             out!(p, |p: api::Policy| println!("policy {} added", p.name));
+        }
+        Cmd::Policy(PolicyCmd::Set { name, source }) => {
+            let p: api::Policy = c
+                .put(
+                    &format!("/v1/policies/{}", seg(name)),
+                    &api::ReplacePolicy {
+                        text: source.text()?,
+                    },
+                )
+                .await?;
+            out!(p, |p: api::Policy| println!("policy {} replaced", p.name));
         }
         Cmd::Policy(PolicyCmd::List) => {
             let v: Vec<api::Policy> = c.get("/v1/policies").await?;

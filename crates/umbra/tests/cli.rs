@@ -136,9 +136,24 @@ fn help_of_every_command_names_its_options() {
             ],
         ),
         (&["admin", "user", "add", "--help"], &["--group"]),
+        (&["admin", "user", "--help"], &["disable", "enable"]),
         (
             &["admin", "service", "add", "--help"],
             &["--target", "--connector"],
+        ),
+        (
+            &["admin", "service", "set", "--help"],
+            &["--target", "--connector"],
+        ),
+        (
+            &["admin", "policy", "set", "--help"],
+            &[
+                "--file",
+                "--text",
+                "--allow-user",
+                "--allow-group",
+                "--service",
+            ],
         ),
         (
             &["admin", "policy", "add", "--help"],
@@ -1347,51 +1362,207 @@ fn quickstart_runs_stops_and_resumes() {
 /// `umbra controller --reset-admin-token`: the way back in when the token is lost. It refuses
 /// a data directory where no controller ever ran; on one that did, it prints a new token that
 /// works while the old one is refused.
+/// Starts `umbra controller` on a free loopback port with its data in `data`, and waits until
+/// it listens: the process, its port, and its standard output so far (or why it did not
+/// start).
+fn start_controller(
+    home: &Path,
+    data: &str,
+    run: u32,
+    extra: &[&str],
+) -> (Proc, u16, Result<String, String>) {
+    let port = common::free_tcp_port();
+    let mut cmd = Command::new(common::umbra());
+    cmd.args([
+        "controller",
+        "--data-dir",
+        data,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--metrics-listen",
+        "none",
+    ])
+    .args(extra)
+    .current_dir(home);
+    common::clean_env(&mut cmd, home);
+    let mut proc = Proc::spawn(
+        "controller",
+        cmd,
+        home.join(format!("controller.{run}.stdout")),
+        home.join(format!("controller.{run}.stderr")),
+    );
+    let r = poll(Duration::from_secs(30), || {
+        let out = proc.stdout_text();
+        if out.contains("controller listening on") {
+            return Ok(out);
+        }
+        match proc.exited() {
+            Some(s) => Err(format!("exited ({s})")),
+            None => Err("not listening after 30 s".into()),
+        }
+    });
+    (proc, port, r)
+}
+
+/// The last word of the first line of `out` containing `marker` (a printed token).
+fn token_in(out: &str, marker: &str) -> String {
+    out.lines()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no `{marker}` line:\n{out}"))
+}
+
+/// `umbra admin user disable|enable`, `service set` and `policy set` against a real
+/// controller: each changes the object in place and prints it; a refused change (an
+/// invalid policy, nothing to change) fails naming the field and leaves the object as it
+/// was.
+#[test]
+fn admin_changes_in_place() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let data = home.path().join("ctl");
+    let (mut p, port, r) = start_controller(home.path(), data.to_str().expect("utf-8"), 0, &[]);
+    let out = r.unwrap_or_else(|e| panic!("start: {e}\n{}", p.tails(20)));
+    let token = token_in(&out, "admin token (shown once");
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = data.join("ca.pem");
+    let admin = |args: &[&str]| {
+        let mut all = vec![
+            "admin",
+            "--controller",
+            &url,
+            "--ca-file",
+            ca.to_str().expect("utf-8"),
+            "--token",
+            &token,
+        ];
+        all.extend_from_slice(args);
+        umbra(home.path(), &all)
+    };
+    let ok = |args: &[&str]| {
+        let o = admin(args);
+        assert!(
+            o.success(),
+            "umbra admin {}: {}",
+            args.join(" "),
+            o.describe()
+        );
+        o.stdout
+    };
+    let json = |args: &[&str]| -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&ok(&all)).expect("JSON output")
+    };
+
+    ok(&["user", "add", "ann@example.test"]);
+    assert!(ok(&["user", "disable", "ann@example.test"]).contains("disabled"));
+    assert_eq!(json(&["user", "list"])[0]["disabled"], true);
+    assert_eq!(
+        json(&["user", "enable", "ann@example.test"])["disabled"],
+        false
+    );
+
+    ok(&["token", "create", "--role", "connector", "--name", "dc-1"]);
+    ok(&["token", "create", "--role", "connector", "--name", "dc-2"]);
+    ok(&[
+        "service",
+        "add",
+        "wiki",
+        "--target",
+        "10.1.2.3:80",
+        "--connector",
+        "dc-1",
+    ]);
+    let printed = ok(&["service", "set", "wiki", "--target", "10.1.2.4:8080"]);
+    assert!(
+        printed.contains("10.1.2.4:8080") && printed.contains("dc-1"),
+        "{printed}"
+    );
+    let v = json(&[
+        "service",
+        "set",
+        "wiki",
+        "--connector",
+        "dc-2",
+        "--connector",
+        "dc-1",
+    ]);
+    assert_eq!(v["target"], "10.1.2.4:8080");
+    assert_eq!(v["connectors"], serde_json::json!(["dc-1", "dc-2"]));
+    let none = admin(&["service", "set", "wiki"]);
+    assert!(
+        !none.success(),
+        "a set with nothing to set: {}",
+        none.describe()
+    );
+
+    ok(&[
+        "policy",
+        "add",
+        "wiki-ann",
+        "--allow-user",
+        "ann@example.test",
+        "--service",
+        "wiki",
+    ]);
+    let before = json(&["policy", "list"]);
+    let bad = admin(&["policy", "set", "wiki-ann", "--text", "permit("]);
+    assert!(
+        !bad.success()
+            && bad.stderr.contains("invalid policy")
+            && bad.stderr.contains("field text"),
+        "{}",
+        bad.describe()
+    );
+    assert_eq!(
+        json(&["policy", "list"]),
+        before,
+        "a refused text changed the policy"
+    );
+    let missing = admin(&[
+        "policy",
+        "set",
+        "nosuch",
+        "--allow-everyone",
+        "--service",
+        "wiki",
+    ]);
+    assert!(
+        !missing.success() && missing.stderr.contains("no policy nosuch"),
+        "{}",
+        missing.describe()
+    );
+    ok(&["group", "add", "eng"]);
+    assert!(
+        ok(&[
+            "policy",
+            "set",
+            "wiki-ann",
+            "--allow-group",
+            "eng",
+            "--service",
+            "wiki"
+        ])
+        .contains("replaced")
+    );
+    let after = json(&["policy", "list"]);
+    assert!(
+        after[0]["text"].as_str().expect("text").contains("\"eng\""),
+        "{after}"
+    );
+    let audit = ok(&["audit", "--action", "policy.update", "--result", "ok"]);
+    assert!(audit.contains("wiki-ann"), "{audit}");
+    p.interrupt();
+    let _ = p.wait_exit(Duration::from_secs(20));
+}
+
 #[test]
 fn controller_reset_admin_token() {
     let home = tempfile::tempdir().expect("tempdir");
     let data = home.path().join("ctl");
     let data_arg = data.to_str().expect("utf-8");
-    let start = |run: u32, extra: &[&str]| {
-        let port = common::free_tcp_port();
-        let mut cmd = Command::new(common::umbra());
-        cmd.args([
-            "controller",
-            "--data-dir",
-            data_arg,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            "none",
-        ])
-        .args(extra)
-        .current_dir(home.path());
-        common::clean_env(&mut cmd, home.path());
-        let mut proc = Proc::spawn(
-            "controller",
-            cmd,
-            home.path().join(format!("controller.{run}.stdout")),
-            home.path().join(format!("controller.{run}.stderr")),
-        );
-        let r = poll(Duration::from_secs(30), || {
-            let out = proc.stdout_text();
-            if out.contains("controller listening on") {
-                return Ok(out);
-            }
-            match proc.exited() {
-                Some(s) => Err(format!("exited ({s})")),
-                None => Err("not listening after 30 s".into()),
-            }
-        });
-        (proc, port, r)
-    };
-    let token_in = |out: &str, marker: &str| -> String {
-        out.lines()
-            .find(|l| l.contains(marker))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(str::to_owned)
-            .unwrap_or_else(|| panic!("no `{marker}` line:\n{out}"))
-    };
+    let start = |run: u32, extra: &[&str]| start_controller(home.path(), data_arg, run, extra);
 
     // No controller here yet: refused, and nothing is created.
     let (mut p, _, r) = start(0, &["--reset-admin-token"]);

@@ -34,8 +34,6 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use stack_util::*;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use umbra_agent::TransportPref;
 use umbra_connector::{Connector, ConnectorConfig};
 use umbra_link::Transport;
@@ -106,28 +104,6 @@ fn metric(h: &PrometheusHandle, name: &str, labels: &[&str]) -> f64 {
 /// counts each `Dial` it reads, and every malformed or missing request).
 fn connector_dials(h: &PrometheusHandle) -> f64 {
     metric(h, "umbra_connector_streams_total", &[])
-}
-
-/// A TCP echo server that counts the connections it accepted.
-async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-            });
-        }
-    });
-    (addr, accepted, task)
 }
 
 /// The stack with one broker and alice, its connector (which dials with `auto`) started again

@@ -16,7 +16,7 @@ use serde_json::json;
 use sqlx::SqliteConnection;
 use umbra_proto::api::{
     self, AuditEntry, CreateEnrollToken, CreateGroup, CreatePolicy, CreateService, CreateUser,
-    EnrollTokenInfo, LiveStream,
+    EnrollTokenInfo, LiveStream, ReplacePolicy, UpdateService, UpdateUser,
 };
 
 use super::{Admin, ApiJson, ApiPath, ApiQuery, created};
@@ -134,6 +134,60 @@ pub(super) async fn delete_user(
     }
     .await;
     ctx.audited(ADMIN, "user.delete", &id, res).await
+}
+
+/// `PATCH /v1/users/{id}`: disable or enable. Disabling keeps the user, their groups and
+/// devices; the brokers deny the devices from the next snapshot on (live streams end), and
+/// the devices get no new certificates until the user is enabled again.
+pub(super) async fn update_user(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateUser>,
+) -> Result<Response, ApiFailure> {
+    let action = match req.disabled {
+        Some(true) => "user.disable",
+        Some(false) => "user.enable",
+        None => "user.update",
+    };
+    let res = async {
+        let id = validate::user_id(&id, "id")?;
+        let Some(disabled) = req.disabled else {
+            return Err(ApiFailure::invalid(
+                "disabled",
+                "nothing to change: give disabled (true or false)",
+            ));
+        };
+        let mut w = ctx.store.write().await?;
+        let Some(was) = q::user_disabled(w.conn(), &ctx.org, &id).await? else {
+            return Err(ApiFailure::not_found("id", format!("no user {id}")));
+        };
+        // Asking for the state the user is in changes nothing, and records nothing.
+        if was != disabled {
+            q::set_user_disabled(w.conn(), &ctx.org, &id, disabled).await?;
+            let devices = peers::devices_of_user(w.conn(), &ctx.org, &id).await?;
+            let rec = audit::record(
+                ctx.now(),
+                ADMIN,
+                action,
+                &id,
+                true,
+                json!({ "devices": devices }),
+            );
+            ctx.commit_change(w, &[rec]).await?;
+        } else {
+            drop(w);
+        }
+        let mut r = ctx.store.read().await?;
+        q::list_users(&mut r, &ctx.org)
+            .await?
+            .into_iter()
+            .find(|u| u.id == id)
+            .map(|u| Json(u).into_response())
+            .ok_or_else(|| ApiFailure::not_found("id", format!("no user {id}")))
+    }
+    .await;
+    ctx.audited(ADMIN, action, &id, res).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,6 +356,41 @@ async fn connector_known(
     Ok(live || peers::name_reserved_by_token(c, org, Kind::Connector.role(), name, now).await?)
 }
 
+/// Validated, sorted, deduplicated connector names of a service (at least one).
+fn connector_names(names: &[String]) -> Result<Vec<String>, ApiFailure> {
+    if names.is_empty() {
+        return Err(ApiFailure::invalid(
+            "connectors",
+            "a service needs at least one connector",
+        ));
+    }
+    let mut connectors = names
+        .iter()
+        .map(|c| validate::name(c, "connectors"))
+        .collect::<Result<Vec<_>, _>>()?;
+    connectors.sort();
+    connectors.dedup();
+    Ok(connectors)
+}
+
+/// Refuses the first connector name that is not [`connector_known`].
+async fn connectors_known(
+    c: &mut SqliteConnection,
+    org: &str,
+    names: &[String],
+    now: i64,
+) -> Result<(), ApiFailure> {
+    for n in names {
+        if !connector_known(c, org, n, now).await? {
+            return Err(ApiFailure::not_found(
+                "connectors",
+                format!("no connector named {n} (enrolled, or with an unused token)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(super) async fn create_service(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
@@ -310,19 +399,7 @@ pub(super) async fn create_service(
     let res = async {
         let name = validate::name(&req.name, "name")?;
         let target = validate::host_port(&req.target, "target")?;
-        if req.connectors.is_empty() {
-            return Err(ApiFailure::invalid(
-                "connectors",
-                "a service needs at least one connector",
-            ));
-        }
-        let mut connectors = req
-            .connectors
-            .iter()
-            .map(|c| validate::name(c, "connectors"))
-            .collect::<Result<Vec<_>, _>>()?;
-        connectors.sort();
-        connectors.dedup();
+        let connectors = connector_names(&req.connectors)?;
         let now = ctx.now_secs();
         let mut w = ctx.store.write().await?;
         if q::service_exists(w.conn(), &ctx.org, &name).await? {
@@ -331,14 +408,7 @@ pub(super) async fn create_service(
                 format!("service {name} already exists"),
             ));
         }
-        for c in &connectors {
-            if !connector_known(w.conn(), &ctx.org, c, now).await? {
-                return Err(ApiFailure::not_found(
-                    "connectors",
-                    format!("no connector named {c} (enrolled, or with an unused token)"),
-                ));
-            }
-        }
+        connectors_known(w.conn(), &ctx.org, &connectors, now).await?;
         q::insert_service(w.conn(), &ctx.org, &name, &target, &connectors, now).await?;
         let rec = audit::record(
             ctx.now(),
@@ -360,6 +430,70 @@ pub(super) async fn create_service(
     ctx.audited(ADMIN, "service.create", &req.name, res)
         .await
         .map(created)
+}
+
+/// `PATCH /v1/services/{name}`: a new target, a new set of connectors, or both, in one
+/// change. Live streams that the service no longer routes as they were (another target, or a
+/// connector no longer in the set) end at the brokers; new streams take the new route.
+pub(super) async fn update_service(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateService>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        if req.target.is_none() && req.connectors.is_none() {
+            return Err(ApiFailure::invalid(
+                "target",
+                "nothing to change: give target, connectors, or both",
+            ));
+        }
+        let target = req
+            .target
+            .as_deref()
+            .map(|t| validate::host_port(t, "target"))
+            .transpose()?;
+        let connectors = req.connectors.as_deref().map(connector_names).transpose()?;
+        let now = ctx.now_secs();
+        let mut w = ctx.store.write().await?;
+        let Some(was) = q::service(w.conn(), &ctx.org, &name).await? else {
+            return Err(ApiFailure::not_found("name", format!("no service {name}")));
+        };
+        if let Some(c) = &connectors {
+            connectors_known(w.conn(), &ctx.org, c, now).await?;
+        }
+        let now_is = api::Service {
+            target: target.unwrap_or_else(|| was.target.clone()),
+            connectors: connectors.unwrap_or_else(|| was.connectors.clone()),
+            ..was.clone()
+        };
+        if now_is != was {
+            q::update_service(
+                w.conn(),
+                &ctx.org,
+                &name,
+                &now_is.target,
+                &now_is.connectors,
+            )
+            .await?;
+            let rec = audit::record(
+                ctx.now(),
+                ADMIN,
+                "service.update",
+                &name,
+                true,
+                json!({
+                    "target": now_is.target,
+                    "connectors": now_is.connectors,
+                    "was": { "target": was.target, "connectors": was.connectors },
+                }),
+            );
+            ctx.commit_change(w, &[rec]).await?;
+        }
+        Ok(Json(now_is).into_response())
+    }
+    .await;
+    ctx.audited(ADMIN, "service.update", &name, res).await
 }
 
 pub(super) async fn delete_service(
@@ -391,6 +525,18 @@ pub(super) async fn list_policies(
     Ok(Json(q::list_policies(&mut r, &ctx.org).await?))
 }
 
+/// Checks a policy text (size, Cedar syntax, Umbra's schema); the number of policies in it.
+fn policy_text(text: &str) -> Result<usize, ApiFailure> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(ApiFailure::invalid(
+            "text",
+            format!("policy text is longer than {MAX_POLICY_BYTES} bytes"),
+        ));
+    }
+    umbra_policy::validate_policy(text)
+        .map_err(|e| ApiFailure::invalid("text", format!("invalid policy: {e}")))
+}
+
 pub(super) async fn create_policy(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
@@ -398,14 +544,7 @@ pub(super) async fn create_policy(
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let name = validate::name(&req.name, "name")?;
-        if req.text.len() > MAX_POLICY_BYTES {
-            return Err(ApiFailure::invalid(
-                "text",
-                format!("policy text is longer than {MAX_POLICY_BYTES} bytes"),
-            ));
-        }
-        let count = umbra_policy::validate_policy(&req.text)
-            .map_err(|e| ApiFailure::invalid("text", format!("invalid policy: {e}")))?;
+        let count = policy_text(&req.text)?;
         let mut w = ctx.store.write().await?;
         if q::policy_exists(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::conflict(
@@ -434,6 +573,42 @@ pub(super) async fn create_policy(
     ctx.audited(ADMIN, "policy.create", &req.name, res)
         .await
         .map(created)
+}
+
+/// `PUT /v1/policies/{name}`: replaces the policy's text in one change, so there is no
+/// moment without it (removing and adding it again would cut every stream it allows). Live
+/// streams the new text still allows go on; the others end at the brokers.
+pub(super) async fn replace_policy(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<ReplacePolicy>,
+) -> Result<Response, ApiFailure> {
+    let res = async {
+        let count = policy_text(&req.text)?;
+        let mut w = ctx.store.write().await?;
+        if !q::set_policy_text(w.conn(), &ctx.org, &name, &req.text).await? {
+            return Err(ApiFailure::not_found("name", format!("no policy {name}")));
+        }
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "policy.update",
+            &name,
+            true,
+            json!({ "policies": count }),
+        );
+        ctx.commit_change(w, &[rec]).await?;
+        let mut r = ctx.store.read().await?;
+        q::list_policies(&mut r, &ctx.org)
+            .await?
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| Json(p).into_response())
+            .ok_or_else(|| ApiFailure::not_found("name", format!("no policy {name}")))
+    }
+    .await;
+    ctx.audited(ADMIN, "policy.update", &name, res).await
 }
 
 pub(super) async fn delete_policy(

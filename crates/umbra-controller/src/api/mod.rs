@@ -52,7 +52,10 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/connector/config", get(peer::connector_config))
         // admin
         .route("/v1/users", get(admin::list_users).post(admin::create_user))
-        .route("/v1/users/{id}", delete(admin::delete_user))
+        .route(
+            "/v1/users/{id}",
+            delete(admin::delete_user).patch(admin::update_user),
+        )
         .route(
             "/v1/groups",
             get(admin::list_groups).post(admin::create_group),
@@ -67,12 +70,18 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
             "/v1/services",
             get(admin::list_services).post(admin::create_service),
         )
-        .route("/v1/services/{name}", delete(admin::delete_service))
+        .route(
+            "/v1/services/{name}",
+            delete(admin::delete_service).patch(admin::update_service),
+        )
         .route(
             "/v1/policies",
             get(admin::list_policies).post(admin::create_policy),
         )
-        .route("/v1/policies/{name}", delete(admin::delete_policy))
+        .route(
+            "/v1/policies/{name}",
+            delete(admin::delete_policy).put(admin::replace_policy),
+        )
         .route(
             "/v1/enrollment-tokens",
             get(admin::list_tokens).post(admin::create_token),
@@ -136,21 +145,38 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiFailure::new(e.status(), e.body_text(), None))?;
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| json_failure(&e))
+        json_body(&bytes).map(ApiJson)
     }
 }
 
-/// Turns a serde error into a 400 naming the field where serde says which.
-pub(crate) fn json_failure(e: &serde_json::Error) -> ApiFailure {
-    let msg = e.to_string();
+/// Decodes a JSON request body (nothing may follow the value).
+fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiFailure> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| json_failure(&e))?;
+    de.end().map_err(|e| {
+        ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {e}"),
+            None,
+        )
+    })?;
+    Ok(v)
+}
+
+/// Turns a serde error into a 400 naming the field: the one serde names (unknown, missing,
+/// duplicate), else the top-level field whose value was refused (a wrong type, say).
+fn json_failure(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiFailure {
+    let msg = e.inner().to_string();
     let field = ["unknown field `", "missing field `", "duplicate field `"]
         .iter()
         .find_map(|marker| {
             let start = msg.find(marker)? + marker.len();
             let len = msg[start..].find('`')?;
             Some(msg[start..start + len].to_owned())
+        })
+        .or_else(|| match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+            _ => None,
         });
     ApiFailure::new(
         StatusCode::BAD_REQUEST,
@@ -267,13 +293,17 @@ mod tests {
         name: String,
     }
 
+    fn field(body: &str) -> Option<String> {
+        json_body::<T>(body.as_bytes()).unwrap_err().field
+    }
+
     #[test]
     fn json_failures_name_the_field() {
-        let e = serde_json::from_str::<T>(r#"{"name":"a","nmae":"b"}"#).unwrap_err();
-        assert_eq!(json_failure(&e).field.as_deref(), Some("nmae"));
-        let e = serde_json::from_str::<T>(r#"{}"#).unwrap_err();
-        assert_eq!(json_failure(&e).field.as_deref(), Some("name"));
-        let e = serde_json::from_str::<T>(r#"{"#).unwrap_err();
-        assert_eq!(json_failure(&e).field, None);
+        assert_eq!(field(r#"{"name":"a","nmae":"b"}"#).as_deref(), Some("nmae"));
+        assert_eq!(field(r#"{}"#).as_deref(), Some("name"));
+        assert_eq!(field(r#"{"name":7}"#).as_deref(), Some("name"));
+        assert_eq!(field(r#"{"#), None);
+        assert_eq!(field(r#"{"name":"a"} {}"#), None);
+        assert_eq!(json_body::<T>(br#"{"name":"a"}"#).unwrap().name, "a");
     }
 }

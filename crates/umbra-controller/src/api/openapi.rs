@@ -204,6 +204,16 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         NoBody,
     ),
     r(
+        "patch",
+        "/v1/users/{id}",
+        Admin,
+        "Disable or enable a user: a disabled user's devices are denied every stream (live ones \
+         end) and get no new certificate",
+        One("UpdateUser"),
+        200,
+        One("User"),
+    ),
+    r(
         "get",
         "/v1/groups",
         Admin,
@@ -276,6 +286,16 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         NoBody,
     ),
     r(
+        "patch",
+        "/v1/services/{name}",
+        Admin,
+        "Change a service's target, connectors, or both, in one change; live streams on the \
+         old route end",
+        One("UpdateService"),
+        200,
+        One("Service"),
+    ),
+    r(
         "get",
         "/v1/policies",
         Admin,
@@ -301,6 +321,16 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         NoBody,
         204,
         NoBody,
+    ),
+    r(
+        "put",
+        "/v1/policies/{name}",
+        Admin,
+        "Replace a policy's text in one change (validated first; live streams it still allows \
+         go on)",
+        One("ReplacePolicy"),
+        200,
+        One("Policy"),
     ),
     r(
         "get",
@@ -590,6 +620,10 @@ struct User {
     created_at: u64,
 }
 #[derive(ToSchema)]
+struct UpdateUser {
+    disabled: Option<bool>,
+}
+#[derive(ToSchema)]
 struct CreateGroup {
     name: String,
 }
@@ -609,6 +643,11 @@ struct CreateService {
     connectors: Vec<String>,
 }
 #[derive(ToSchema)]
+struct UpdateService {
+    target: Option<String>,
+    connectors: Option<Vec<String>>,
+}
+#[derive(ToSchema)]
 struct Service {
     name: String,
     target: String,
@@ -618,6 +657,10 @@ struct Service {
 #[derive(ToSchema)]
 struct CreatePolicy {
     name: String,
+    text: String,
+}
+#[derive(ToSchema)]
+struct ReplacePolicy {
     text: String,
 }
 #[derive(ToSchema)]
@@ -713,13 +756,16 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<Snapshot>()
         .schema_from::<CreateUser>()
         .schema_from::<User>()
+        .schema_from::<UpdateUser>()
         .schema_from::<CreateGroup>()
         .schema_from::<Group>()
         .schema_from::<AddMember>()
         .schema_from::<CreateService>()
         .schema_from::<Service>()
+        .schema_from::<UpdateService>()
         .schema_from::<CreatePolicy>()
         .schema_from::<Policy>()
+        .schema_from::<ReplacePolicy>()
         .schema_from::<CreateEnrollToken>()
         .schema_from::<EnrollTokenCreated>()
         .schema_from::<EnrollTokenInfo>()
@@ -784,6 +830,8 @@ pub(crate) fn document() -> OpenApi {
             "get" => HttpMethod::Get,
             "post" => HttpMethod::Post,
             "delete" => HttpMethod::Delete,
+            "put" => HttpMethod::Put,
+            "patch" => HttpMethod::Patch,
             _ => continue,
         };
         let mut op = OperationBuilder::new()

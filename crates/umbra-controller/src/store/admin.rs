@@ -64,6 +64,22 @@ pub(crate) async fn user_disabled(
     Ok(v.map(|d| d != 0))
 }
 
+/// Sets a user's `disabled` flag; false if there is no such user.
+pub(crate) async fn set_user_disabled(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    disabled: bool,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("UPDATE users SET disabled = $1 WHERE org = $2 AND id = $3")
+        .bind(i64::from(disabled))
+        .bind(org)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 pub(crate) async fn insert_user(
     c: &mut SqliteConnection,
     org: &str,
@@ -297,6 +313,36 @@ pub(crate) async fn service_connector_names(
     Ok(out)
 }
 
+/// One service, if it exists.
+pub(crate) async fn service(
+    c: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+) -> Result<Option<api::Service>, sqlx::Error> {
+    let row: Option<(String, i64)> =
+        sqlx::query_as("SELECT target, created_at FROM services WHERE org = $1 AND name = $2")
+            .bind(org)
+            .bind(name)
+            .fetch_optional(&mut *c)
+            .await?;
+    let Some((target, created_at)) = row else {
+        return Ok(None);
+    };
+    let connectors: Vec<String> = sqlx::query_scalar(
+        "SELECT connector FROM service_connectors WHERE org = $1 AND service = $2 ORDER BY connector",
+    )
+    .bind(org)
+    .bind(name)
+    .fetch_all(c)
+    .await?;
+    Ok(Some(api::Service {
+        name: name.to_owned(),
+        target,
+        connectors,
+        created_at: to_u64(created_at),
+    }))
+}
+
 pub(crate) async fn service_exists(
     c: &mut SqliteConnection,
     org: &str,
@@ -323,6 +369,36 @@ pub(crate) async fn insert_service(
         .bind(name)
         .bind(target)
         .bind(now)
+        .execute(&mut *c)
+        .await?;
+    for conn in connectors {
+        sqlx::query("INSERT INTO service_connectors (org, service, connector) VALUES ($1, $2, $3)")
+            .bind(org)
+            .bind(name)
+            .bind(conn)
+            .execute(&mut *c)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Replaces an existing service's target and connectors.
+pub(crate) async fn update_service(
+    c: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+    target: &str,
+    connectors: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE services SET target = $1 WHERE org = $2 AND name = $3")
+        .bind(target)
+        .bind(org)
+        .bind(name)
+        .execute(&mut *c)
+        .await?;
+    sqlx::query("DELETE FROM service_connectors WHERE org = $1 AND service = $2")
+        .bind(org)
+        .bind(name)
         .execute(&mut *c)
         .await?;
     for conn in connectors {
@@ -404,6 +480,22 @@ pub(crate) async fn insert_policy(
         .execute(c)
         .await?;
     Ok(())
+}
+
+/// Replaces a policy's text; false if there is no such policy.
+pub(crate) async fn set_policy_text(
+    c: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+    text: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("UPDATE policies SET body = $1 WHERE org = $2 AND name = $3")
+        .bind(text)
+        .bind(org)
+        .bind(name)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 pub(crate) async fn delete_policy(

@@ -681,13 +681,22 @@ impl Stack {
 
 /// A TCP echo server: echoes until the client finishes its half, then finishes its own.
 pub(crate) async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let (addr, _, task) = counting_echo().await;
+    (addr, task)
+}
+
+/// [`echo_server`], which also counts the connections it accepted.
+pub(crate) async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
                 continue;
             };
+            count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -695,7 +704,7 @@ pub(crate) async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
             });
         }
     });
-    (addr, task)
+    (addr, accepted, task)
 }
 
 /// Deterministic bytes that make misordering and corruption visible.
