@@ -396,30 +396,23 @@ async fn open(
         started_at: SystemTime::now(),
         counters: Default::default(),
         cancel: Default::default(),
+        ended_for: Default::default(),
     });
     shared.streams.insert(entry.clone());
     // A snapshot installed while the connector was dialing re-decided the streams registered
     // then, not this one: decide it again under the snapshot held now.
     let held = shared.authority.load_full();
     if held.snapshot.version != authority.snapshot.version
-        && (authorize(
+        && let Some((_, why)) = crate::authz::recheck(
+            std::slice::from_ref(&entry),
             &held,
-            &OpenFacts {
-                device,
-                serial_hex: &entry.serial_hex,
-                service: &entry.service,
-                flow,
-                transport,
-            },
             SystemTime::now(),
             shared.cfg.max_staleness(),
         )
-        .code
-            != OpenCode::Ok
-            || !entry.still_routed(&held.snapshot))
+        .pop()
     {
-        info!("policy changed while the stream was being set up; closing it");
-        entry.cancel.cancel();
+        info!(reason = %why, "policy changed while the stream was being set up; closing it");
+        entry.end(&why);
     }
     metrics::counter!("umbra_broker_streams_total").increment(1);
     Some(Established {
@@ -478,7 +471,12 @@ impl Established {
                 "stream.revoke",
                 &entry.service,
                 "ok",
-                serde_json::json!({ "stream": entry.id, "user": entry.user, "device": entry.device }),
+                serde_json::json!({
+                    "stream": entry.id,
+                    "user": entry.user,
+                    "device": entry.device,
+                    "reason": entry.ended_for.get(),
+                }),
             );
         }
     }

@@ -4,12 +4,15 @@
 //! carries its reason for the audit log, but the wire answer for an unknown service and a
 //! forbidden one is the same [`OpenCode::Denied`], so the answer is no oracle of what exists.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use umbra_policy::{AccessRequest, Reason, RequestContext};
 use umbra_proto::{Flow, OpenCode};
 
 use crate::authority::{Authority, unix};
+use crate::relay::LiveEntry;
 
 /// Facts about one `Open` request.
 pub(crate) struct OpenFacts<'a> {
@@ -43,6 +46,55 @@ impl Verdict {
         }
     }
 }
+
+/// The live streams that may no longer run under `a` at `now`, each with why: the reason of
+/// the decision that now denies it, or `route_changed` when its service no longer has its
+/// target through its connector ([`LiveEntry::still_routed`]). Streams of one device
+/// certificate to one service over one transport share a decision, made once per call, so a
+/// re-check costs one evaluation per distinct access, not per stream. Pure.
+pub(crate) fn recheck<'e>(
+    live: &'e [Arc<LiveEntry>],
+    a: &Authority,
+    now: SystemTime,
+    max_staleness: Duration,
+) -> Vec<(&'e LiveEntry, String)> {
+    let mut decided: HashMap<(&str, &str, &str, &str), Option<String>> = HashMap::new();
+    let mut out = Vec::new();
+    for e in live {
+        let key = (
+            e.device.as_str(),
+            e.serial_hex.as_str(),
+            e.service.as_str(),
+            e.transport,
+        );
+        let denied = decided
+            .entry(key)
+            .or_insert_with(|| {
+                let v = authorize(
+                    a,
+                    &OpenFacts {
+                        device: &e.device,
+                        serial_hex: &e.serial_hex,
+                        service: &e.service,
+                        flow: Flow::Tcp,
+                        transport: e.transport,
+                    },
+                    now,
+                    max_staleness,
+                );
+                (v.code != OpenCode::Ok).then_some(v.reason)
+            })
+            .clone();
+        let why = denied.or_else(|| (!e.still_routed(&a.snapshot)).then(|| ROUTE_CHANGED.into()));
+        if let Some(why) = why {
+            out.push((&**e, why));
+        }
+    }
+    out
+}
+
+/// Why a live stream ends whose service no longer routes as it did.
+pub(crate) const ROUTE_CHANGED: &str = "route_changed";
 
 /// Decides an `Open`. Only `OpenCode::Ok` lets bytes reach a connector.
 pub(crate) fn authorize(
@@ -215,6 +267,92 @@ mod tests {
         assert_eq!(
             authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code,
             OpenCode::Ok
+        );
+    }
+
+    fn live(id: u64, service: &str, target: &str) -> Arc<LiveEntry> {
+        Arc::new(LiveEntry {
+            id,
+            device: "d1".into(),
+            serial_hex: "01".into(),
+            user: "demo@example.test".into(),
+            service: service.into(),
+            target: target.into(),
+            connector: "c1".into(),
+            transport: "quic",
+            started_at: UNIX_EPOCH,
+            counters: Default::default(),
+            cancel: Default::default(),
+            ended_for: Default::default(),
+        })
+    }
+
+    fn ended(v: Vec<(&LiveEntry, String)>) -> Vec<(u64, String)> {
+        v.into_iter().map(|(e, why)| (e.id, why)).collect()
+    }
+
+    /// A policy on `context.now` ends live streams when its time is up, with no new snapshot:
+    /// allowed up to the second before, ended from that second on, every stream of that
+    /// access, and only those.
+    #[test]
+    fn live_streams_end_when_a_time_bound_policy_runs_out() {
+        let until = NOW + 100;
+        let policies = vec![
+            PolicyText {
+                id: "demo-until".into(),
+                text: format!(
+                    r#"permit(principal == Umbra::User::"demo@example.test", action, resource == Umbra::Service::"demo") when {{ context.now < {until} }};"#
+                ),
+            },
+            PolicyText {
+                id: "db-always".into(),
+                text: umbra_policy::allow_policy(
+                    &umbra_policy::PolicySubject::User("demo@example.test".into()),
+                    "db",
+                ),
+            },
+        ];
+        let a = Authority::new(snapshot(policies), NOW).unwrap();
+        let streams = [
+            live(1, "demo", "127.0.0.1:80"),
+            live(2, "db", "127.0.0.1:5432"),
+            live(3, "demo", "127.0.0.1:80"),
+        ];
+        assert!(recheck(&streams, &a, at(until - 1), MAX).is_empty());
+        assert_eq!(
+            ended(recheck(&streams, &a, at(until), MAX)),
+            vec![(1, "no_permit".into()), (3, "no_permit".into())]
+        );
+    }
+
+    /// Past the staleness limit every live stream ends (the broker can no longer tell what
+    /// the controller allows); a confirmation in time keeps them.
+    #[test]
+    fn live_streams_end_once_the_snapshot_is_stale() {
+        let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
+        let streams = [live(1, "demo", "127.0.0.1:80")];
+        assert!(recheck(&streams, &a, at(NOW + 600), MAX).is_empty());
+        assert_eq!(
+            ended(recheck(&streams, &a, at(NOW + 601), MAX)),
+            vec![(1, "stale_snapshot".into())]
+        );
+        let a = a.confirmed(NOW + 601);
+        assert!(recheck(&streams, &a, at(NOW + 601), MAX).is_empty());
+    }
+
+    /// A stream to a target its service no longer has ends as `route_changed`; a denial
+    /// says why first.
+    #[test]
+    fn live_streams_on_an_old_route_end() {
+        let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
+        let streams = [
+            live(1, "demo", "127.0.0.1:80"),
+            live(2, "demo", "127.0.0.1:8080"),
+            live(3, "db", "127.0.0.1:9999"),
+        ];
+        assert_eq!(
+            ended(recheck(&streams, &a, at(NOW), MAX)),
+            vec![(2, ROUTE_CHANGED.into()), (3, "no_permit".into())]
         );
     }
 }

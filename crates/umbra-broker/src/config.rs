@@ -24,9 +24,14 @@ pub struct BrokerConfig {
     /// Host (name or IP) agents and connectors use to reach this broker. Defaults to the
     /// listen address when that is not a wildcard.
     pub advertise_host: Option<String>,
-    /// How long the broker keeps authorizing new streams from its last snapshot once it can
-    /// no longer confirm it with the controller. Past this, every new stream is refused.
+    /// How long the broker keeps authorizing streams from its last snapshot once it can no
+    /// longer confirm it with the controller. Past this, every new stream is refused, and
+    /// live streams end at their next re-check (`reverify_secs`).
     pub max_staleness_secs: u64,
+    /// Live streams are decided again at least this often (and at once on every new
+    /// snapshot): a decision can change with time alone, by a policy on `context.now` or by
+    /// the staleness limit.
+    pub reverify_secs: u64,
     /// Limit for a peer to send the header frame of a new stream.
     pub open_timeout_ms: u64,
     /// Limit for a connector to answer a dial.
@@ -65,6 +70,7 @@ impl Default for BrokerConfig {
             listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             advertise_host: None,
             max_staleness_secs: 24 * 3600,
+            reverify_secs: 10,
             open_timeout_ms: 5_000,
             dial_timeout_ms: 5_000,
             idle_timeout_secs: 3_600,
@@ -132,6 +138,9 @@ impl BrokerConfig {
                 return Err(bad(field, "must be greater than 0"));
             }
         }
+        if !(1..=3600).contains(&self.reverify_secs) {
+            return Err(bad("reverify_secs", "must be between 1 and 3600"));
+        }
         if self.max_pending_handshakes == 0 {
             return Err(bad("max_pending_handshakes", "must be greater than 0"));
         }
@@ -171,6 +180,9 @@ impl BrokerConfig {
 
     pub(crate) fn max_staleness(&self) -> Duration {
         Duration::from_secs(self.max_staleness_secs)
+    }
+    pub(crate) fn reverify(&self) -> Duration {
+        Duration::from_secs(self.reverify_secs)
     }
     pub(crate) fn open_timeout(&self) -> Duration {
         Duration::from_millis(self.open_timeout_ms)
@@ -214,6 +226,13 @@ mod tests {
                 ..BrokerConfig::default()
             };
             assert_eq!(c.validate().unwrap_err().field, "max_links_per_peer");
+        }
+        for n in [0, 3601] {
+            let c = BrokerConfig {
+                reverify_secs: n,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "reverify_secs");
         }
         for n in [0, 1_000_001] {
             let c = BrokerConfig {

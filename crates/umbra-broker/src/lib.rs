@@ -223,10 +223,10 @@ impl Broker {
                 None
             }
         };
-        let mut tasks = vec![tokio::spawn(accept::accept_links(
-            shared.clone(),
-            listener.clone(),
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(accept::accept_links(shared.clone(), listener.clone())),
+            tokio::spawn(sync::reverify_loop(shared.clone())),
+        ];
         if let Some(client) = client {
             tasks.push(tokio::spawn(sync::snapshot_loop(
                 shared.clone(),

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -29,10 +29,20 @@ pub(crate) struct LiveEntry {
     pub(crate) transport: &'static str,
     pub(crate) started_at: SystemTime,
     pub(crate) counters: Counters,
+    /// Cancelled by [`LiveEntry::end`] when the broker ends the stream.
     pub(crate) cancel: CancellationToken,
+    /// Why the broker ended it (the first reason given), for its `stream.revoke` record.
+    pub(crate) ended_for: OnceLock<String>,
 }
 
 impl LiveEntry {
+    /// Ends the stream because it may no longer run, for `why` (a decision's reason, or
+    /// `route_changed`). The first reason given is the one recorded.
+    pub(crate) fn end(&self, why: &str) {
+        let _ = self.ended_for.set(why.to_owned());
+        self.cancel.cancel();
+    }
+
     /// Whether `snapshot` still publishes this stream's route: its service with the same
     /// target, served by its connector. A stream to a target since unpublished, or through a
     /// connector since taken off the service, is ended like one the policy no longer allows
@@ -175,6 +185,7 @@ mod tests {
             started_at: SystemTime::UNIX_EPOCH,
             counters: Counters::default(),
             cancel: CancellationToken::new(),
+            ended_for: OnceLock::new(),
         }
     }
 

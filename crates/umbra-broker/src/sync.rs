@@ -10,14 +10,14 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
 use umbra_link::{ControllerClient, Refusal};
+use umbra_proto::Snapshot;
 use umbra_proto::api::BrokerHeartbeat;
-use umbra_proto::{OpenCode, Snapshot};
 
 use crate::Shared;
 use crate::audit::Batch;
 use crate::authn::admit;
 use crate::authority::{Authority, store_cached, unix};
-use crate::authz::{OpenFacts, authorize};
+use crate::authz::recheck;
 
 const RETRY: Duration = Duration::from_secs(1);
 /// How long a heartbeat woken by a new audit event waits for more before it goes.
@@ -117,26 +117,31 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
             l.link.refuse(Refusal::Identity);
         }
     }
-    for e in shared.streams.entries() {
-        let v = authorize(
-            a,
-            &OpenFacts {
-                device: &e.device,
-                serial_hex: &e.serial_hex,
-                service: &e.service,
-                flow: umbra_proto::Flow::Tcp,
-                transport: e.transport,
-            },
-            now,
-            shared.cfg.max_staleness(),
-        );
-        if v.code != OpenCode::Ok {
-            info!(stream = e.id, reason = %v.reason, "policy no longer allows a live stream; closing it");
-            e.cancel.cancel();
-        } else if !e.still_routed(&a.snapshot) {
-            info!(stream = e.id, service = %e.service, "the service's target or connectors changed under a live stream; closing it");
-            e.cancel.cancel();
+    end_disallowed(shared, a, now);
+}
+
+/// Ends the live streams `a` no longer allows at `now` (see [`recheck`]).
+fn end_disallowed(shared: &Shared, a: &Authority, now: SystemTime) {
+    let live = shared.streams.entries();
+    for (e, why) in recheck(&live, a, now, shared.cfg.max_staleness()) {
+        info!(stream = e.id, service = %e.service, reason = %why, "a live stream may no longer run; closing it");
+        e.end(&why);
+    }
+}
+
+/// Re-decides the live streams every `reverify_secs`, also when no snapshot arrives: a
+/// decision can change with time alone (a policy on `context.now`, the staleness limit).
+pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.cfg.reverify());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
         }
+        let a = shared.authority.load_full();
+        end_disallowed(&shared, &a, SystemTime::now());
     }
 }
 

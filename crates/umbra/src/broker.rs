@@ -29,7 +29,7 @@ enum Cmd {
 #[derive(clap::Args)]
 struct RunArgs {
     /// TOML file with broker settings (name, identity_dir, listen_quic, listen_tcp,
-    /// advertise_host, max_staleness_secs, open_timeout_ms, dial_timeout_ms,
+    /// advertise_host, max_staleness_secs, reverify_secs, open_timeout_ms, dial_timeout_ms,
     /// idle_timeout_secs, heartbeat_ms, max_pending_handshakes, handshake_timeout_ms,
     /// max_links_per_peer, max_streams_per_device, stream_window_kib).
     #[arg(long, env = "UMBRA_BROKER_CONFIG")]
@@ -53,6 +53,10 @@ struct RunArgs {
     /// Keep authorizing from the last snapshot this long without the controller (e.g. 1h).
     #[arg(long, env = "UMBRA_BROKER_MAX_STALENESS", value_parser = load::parse_duration)]
     max_staleness: Option<std::time::Duration>,
+    /// Decide live streams again at least this often (e.g. 10s; 1s to 1h), besides at every
+    /// policy change: time-bound policies and the staleness limit end streams by it.
+    #[arg(long, env = "UMBRA_BROKER_REVERIFY", value_parser = load::parse_duration)]
+    reverify: Option<std::time::Duration>,
     /// Close streams idle this long (e.g. 1h).
     #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
@@ -98,6 +102,9 @@ fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(v) = a.max_staleness {
         c.max_staleness_secs = v.as_secs();
+    }
+    if let Some(v) = a.reverify {
+        c.reverify_secs = v.as_secs();
     }
     if let Some(v) = a.idle_timeout {
         c.idle_timeout_secs = v.as_secs();

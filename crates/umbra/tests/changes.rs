@@ -13,7 +13,10 @@
 //!    bob is served; enabled again, her enrolled device is served at once;
 //! 4. the service given a second connector: the route of live streams is unchanged, they run
 //!    on; then given a new target: live streams to the old target end, and new connections
-//!    reach the new target only.
+//!    reach the new target only;
+//! 5. no change at all, but time: alice's policy allows her only until a second a few seconds
+//!    ahead (`context.now`). Her live stream runs until then and ends at the broker's next
+//!    re-check after it (every second here), never before; bob's runs on.
 //!
 //! Runs once per transport.
 
@@ -35,15 +38,26 @@ const BOB: &str = "bob@example.test";
 /// How soon a change must cut what it no longer allows.
 const ENFORCE: Duration = Duration::from_secs(3);
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 both_transports!(changes_in_place);
 
 async fn changes_in_place(t: TransportPref) {
     init();
-    let s = Stack::start(Opts {
-        brokers: vec![86_400],
+    let mut s = Stack::start(Opts {
+        brokers: vec![],
         users: vec![ALICE, BOB],
     })
     .await;
+    s.add_broker_with("reverifying", |c| c.reverify_secs = 1)
+        .await;
+    s.brokers_registered().await;
+    s.ready().await;
     let alice = s.forward("alice", t, ECHO).await;
     let bob = s.forward("bob", t, ECHO).await;
     let (fa, fb) = (alice.local_addr(), bob.local_addr());
@@ -167,6 +181,45 @@ async fn changes_in_place(t: TransportPref) {
         reached + 1,
         "[{t}] bob's new connection goes to the new target"
     );
+
+    // 5. Time alone: allowed until `until`, then not, with no admin change in between.
+    let until = unix_now() + 5;
+    let text = format!(
+        r#"permit(principal == Umbra::User::"{ALICE}", action, resource == Umbra::Service::"{ECHO}") when {{ context.now < {until} }};"#
+    );
+    s.admin
+        .ok("PUT", policy, Some(json!({ "text": text })))
+        .await;
+    s.converge().await;
+    let live = LiveConn::open(fa).await.unwrap();
+    let mut bob_live = LiveConn::open(fb).await.unwrap();
+    live.closed_within(Duration::from_secs(5 + 1) + ENFORCE)
+        .await
+        .unwrap();
+    let closed_at = unix_now();
+    assert!(
+        closed_at >= until,
+        "[{t}] alice's stream ended at {closed_at}, before her access ran out at {until}"
+    );
+    bob_live.echo(b"bob's policy has no end").await.unwrap();
+    refused(fa).await.unwrap();
+    poll("the end is audited with its reason", SOON, || async {
+        let audit = s.admin.audit().await;
+        let why = audit.iter().any(|e| {
+            e["action"] == "stream.revoke"
+                && e["detail"]["device"] == device.as_str()
+                && e["detail"]["reason"] == "no_permit"
+        });
+        if why {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} entries, no stream.revoke for no_permit",
+                audit.len()
+            ))
+        }
+    })
+    .await;
     task.abort();
     alice.shutdown().await;
     bob.shutdown().await;
