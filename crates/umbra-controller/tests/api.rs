@@ -2150,6 +2150,7 @@ async fn openapi_lists_every_route() {
         ("post", "/v1/brokers/{id}/revoke"),
         ("get", "/v1/streams"),
         ("get", "/v1/audit"),
+        ("get", "/v1/access"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -2173,7 +2174,7 @@ async fn openapi_lists_every_route() {
             assert_ne!(e.error, "no such route", "{method} {path}");
         }
     }
-    assert_eq!(paths.len(), 30);
+    assert_eq!(paths.len(), 31);
     h.ctl.shutdown().await;
 }
 
@@ -2637,5 +2638,177 @@ async fn a_disabled_users_devices_are_not_renewed() {
     )
     .await;
     assert_eq!(renew(&dev).await, StatusCode::OK);
+    h.ctl.shutdown().await;
+}
+
+async fn access(h: &Harness, q: &str) -> umbra_proto::api::Access {
+    let v = h.ok("GET", &format!("/v1/access?{q}"), None).await;
+    serde_json::from_value(v).unwrap()
+}
+
+/// `GET /v1/access` answers what a broker would decide, and why: per service for a user on
+/// any device of theirs, or on one device; refusals name their field.
+#[tokio::test]
+async fn access_says_who_may_reach_what_and_why() {
+    let h = Harness::start().await;
+    h.token("connector", None, Some("c1")).await;
+    h.ok("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    for (id, groups) in [
+        ("ann@example.test", json!(["eng"])),
+        ("ben@example.test", json!([])),
+    ] {
+        h.ok(
+            "POST",
+            "/v1/users",
+            Some(json!({ "id": id, "groups": groups })),
+        )
+        .await;
+    }
+    for svc in ["web", "db"] {
+        h.ok(
+            "POST",
+            "/v1/services",
+            Some(json!({ "name": svc, "target": "10.0.0.5:80", "connectors": ["c1"] })),
+        )
+        .await;
+    }
+    let policies = [
+        (
+            "eng-web",
+            umbra_policy::allow_policy(&umbra_policy::PolicySubject::Group("eng".into()), "web"),
+        ),
+        (
+            "all-db",
+            umbra_policy::allow_policy(&umbra_policy::PolicySubject::Everyone, "db"),
+        ),
+        (
+            "no-db-for-ann",
+            r#"forbid(principal == Umbra::User::"ann@example.test", action, resource == Umbra::Service::"db");"#.to_owned(),
+        ),
+        (
+            "web-over-tcp",
+            r#"permit(principal == Umbra::User::"ben@example.test", action, resource == Umbra::Service::"web") when { context.transport == "tcp" };"#.to_owned(),
+        ),
+    ];
+    for (name, text) in policies {
+        h.ok(
+            "POST",
+            "/v1/policies",
+            Some(json!({ "name": name, "text": text })),
+        )
+        .await;
+    }
+    let brief = |a: &umbra_proto::api::Access| -> Vec<(String, bool, String, Vec<String>)> {
+        a.decisions
+            .iter()
+            .map(|d| {
+                (
+                    d.service.clone(),
+                    d.allow,
+                    d.reason.clone(),
+                    d.policies.clone(),
+                )
+            })
+            .collect()
+    };
+    let s = |x: &str| x.to_owned();
+
+    let ann = access(&h, &s("user=ann@example.test")).await;
+    assert_eq!(ann.device, None);
+    assert_eq!(ann.transport, "quic");
+    assert_eq!(ann.snapshot_version, h.ctl.snapshot_version());
+    assert_eq!(
+        brief(&ann),
+        vec![
+            (s("db"), false, s("forbidden"), vec![s("no-db-for-ann")]),
+            (s("web"), true, s("permitted"), vec![s("eng-web")]),
+        ]
+    );
+    let ben = access(&h, &s("user=ben@example.test")).await;
+    assert_eq!(
+        brief(&ben),
+        vec![
+            (s("db"), true, s("permitted"), vec![s("all-db")]),
+            (s("web"), false, s("no_permit"), vec![]),
+        ]
+    );
+    let ben_tcp = access(&h, &s("user=ben@example.test&service=web&transport=tcp")).await;
+    assert_eq!(
+        brief(&ben_tcp),
+        vec![(s("web"), true, s("permitted"), vec![s("web-over-tcp")])]
+    );
+    let nosuch = access(&h, &s("user=ann@example.test&service=nosuch")).await;
+    assert_eq!(
+        brief(&nosuch),
+        vec![(s("nosuch"), false, s("unknown_service"), vec![])]
+    );
+
+    // Disabled, and one device revoked: the same reasons the broker gives.
+    let (dev, _) = h.agent("ann@example.test").await;
+    let (dev2, _) = h.agent("ann@example.test").await;
+    let d = dev.peer.id.id.clone();
+    h.ok("POST", &format!("/v1/devices/{d}/revoke"), None).await;
+    let on_revoked = access(&h, &format!("device={d}&service=web")).await;
+    assert_eq!(on_revoked.user, "ann@example.test");
+    assert_eq!(on_revoked.device.as_deref(), Some(d.as_str()));
+    assert_eq!(brief(&on_revoked)[0].2, "revoked_device");
+    let on_good = access(
+        &h,
+        &format!(
+            "user=ann@example.test&device={}&service=web",
+            dev2.peer.id.id
+        ),
+    )
+    .await;
+    assert!(on_good.decisions[0].allow, "{on_good:?}");
+    h.ok(
+        "PATCH",
+        "/v1/users/ann@example.test",
+        Some(json!({ "disabled": true })),
+    )
+    .await;
+    let disabled = access(&h, &s("user=ann@example.test&service=web")).await;
+    assert_eq!(brief(&disabled)[0].2, "disabled_user");
+
+    // Refused questions name their field and record nothing.
+    let audit_before = h.audit_page("/v1/audit?last=1").await;
+    for (q, status, field) in [
+        (s(""), StatusCode::BAD_REQUEST, Some("user")),
+        (
+            s("user=nobody@example.test"),
+            StatusCode::NOT_FOUND,
+            Some("user"),
+        ),
+        (s("device=d-0000"), StatusCode::NOT_FOUND, Some("device")),
+        (
+            format!("user=ben@example.test&device={d}"),
+            StatusCode::BAD_REQUEST,
+            Some("device"),
+        ),
+        (
+            s("user=ben@example.test&transport=udp"),
+            StatusCode::BAD_REQUEST,
+            Some("transport"),
+        ),
+        (
+            s("user=ben@example.test&who=me"),
+            StatusCode::BAD_REQUEST,
+            Some("who"),
+        ),
+    ] {
+        let (st, v) = h.admin("GET", &format!("/v1/access?{q}"), None).await;
+        assert_eq!(st, status, "{q}: {v}");
+        assert_eq!(api_error(&v).field.as_deref(), field, "{q}: {v}");
+    }
+    assert_eq!(h.audit_page("/v1/audit?last=1").await, audit_before);
+    // Admin only.
+    let resp = h
+        .http
+        .get(h.url("/v1/access?user=ben@example.test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     h.ctl.shutdown().await;
 }

@@ -326,6 +326,33 @@ pub struct Policy {
     pub created_at: u64,
 }
 
+/// `GET /v1/access`: what the policy decides now for a user (on one of their devices, or on
+/// any device of theirs in good standing), for one service or for every published one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Access {
+    pub user: String,
+    /// The device decided for; `None`: any enrolled, unrevoked device of the user.
+    pub device: Option<String>,
+    /// `quic` or `tcp`: the link transport the decisions assume (`context.transport`).
+    pub transport: String,
+    /// The controller's snapshot version the decisions were made on.
+    pub snapshot_version: u64,
+    /// One per service asked about, sorted by service.
+    pub decisions: Vec<AccessDecision>,
+}
+
+/// One decision of [`Access`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessDecision {
+    pub service: String,
+    pub allow: bool,
+    /// As in `stream.open` audit records: `permitted`, `no_permit`, `forbidden`,
+    /// `unknown_service`, `disabled_user`, `revoked_device`...
+    pub reason: String,
+    /// The policies that permitted it, or the `forbid` policies that denied it.
+    pub policies: Vec<String>,
+}
+
 /// `POST /v1/enrollment-tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

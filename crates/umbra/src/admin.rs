@@ -76,6 +76,23 @@ enum Cmd {
     /// The admin token itself.
     #[command(subcommand)]
     AdminToken(AdminTokenCmd),
+    /// What the policy decides now, and why: may this user reach this service (or which
+    /// services may they reach)? Decided as a broker decides, on the controller's current
+    /// state; changes nothing.
+    Access {
+        /// The user (e-mail address); the owner of --device when omitted.
+        #[arg(long, required_unless_present = "device")]
+        user: Option<String>,
+        /// One device of the user (its id); default: any device of theirs in good standing.
+        #[arg(long)]
+        device: Option<String>,
+        /// One service; default: every published service.
+        #[arg(long)]
+        service: Option<String>,
+        /// The link transport to decide for (policies may test `context.transport`).
+        #[arg(long, default_value = "quic", value_parser = ["quic", "tcp"])]
+        transport: String,
+    },
     /// The audit log (`audit` and `audit list` are the same), oldest first.
     Audit {
         #[command(subcommand)]
@@ -625,6 +642,44 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 if u.disabled { "disabled" } else { "enabled" }
             ));
         }
+        Cmd::Access {
+            user,
+            device,
+            service,
+            transport,
+        } => {
+            let mut query = vec![("transport", transport.clone())];
+            query.extend(user.clone().map(|u| ("user", u)));
+            query.extend(device.clone().map(|d| ("device", d)));
+            query.extend(service.clone().map(|s| ("service", s)));
+            let v: api::Access = c.get(&path_with_query("/v1/access", &query)?).await?;
+            out!(v, |v: api::Access| {
+                println!(
+                    "{} on {}, over {} (snapshot {}):",
+                    v.user,
+                    v.device.as_deref().map_or_else(
+                        || "any device in good standing".to_owned(),
+                        |d| format!("device {d}")
+                    ),
+                    v.transport,
+                    v.snapshot_version
+                );
+                table(
+                    &["service", "decision", "reason", "policies"],
+                    v.decisions
+                        .into_iter()
+                        .map(|d| {
+                            vec![
+                                d.service,
+                                if d.allow { "allow" } else { "deny" }.to_owned(),
+                                d.reason,
+                                d.policies.join(","),
+                            ]
+                        })
+                        .collect(),
+                );
+            });
+        }
         Cmd::Group(GroupCmd::Add { name }) => {
             let g: api::Group = c
                 .post("/v1/groups", &api::CreateGroup { name: name.clone() })
@@ -1064,7 +1119,12 @@ async fn follow_audit(
 /// `/v1/audit` with `query`, each value percent-encoded (an identity URI or an e-mail address
 /// is a valid filter).
 fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
-    let mut url = reqwest::Url::parse("https://controller/v1/audit")?;
+    path_with_query("/v1/audit", query)
+}
+
+/// `path?query`, the query's values percent-encoded.
+fn path_with_query(path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut url = reqwest::Url::parse("https://controller")?.join(path)?;
     url.query_pairs_mut()
         .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
     Ok(match url.query() {

@@ -9,8 +9,9 @@
 //!    runs on; an invalid text is refused and changes nothing;
 //! 2. replaced by one that no longer allows her: her stream ends, new ones are refused, bob
 //!    is served; the old text back, she is served again;
-//! 3. alice disabled: her stream ends and new ones are refused (audited as `disabled_user`),
-//!    bob is served; enabled again, her enrolled device is served at once;
+//! 3. alice disabled: her stream ends and new ones are refused (audited as `disabled_user`,
+//!    the reason `GET /v1/access` gives too), bob is served; enabled again, her enrolled
+//!    device is served at once;
 //! 4. the service given a second connector: the route of live streams is unchanged, they run
 //!    on; then given a new target: live streams to the old target end, and new connections
 //!    reach the new target only;
@@ -135,6 +136,10 @@ async fn changes_in_place(t: TransportPref) {
         }
     })
     .await;
+    // The controller's answer to "may alice reach echo?" is the broker's.
+    let asked = format!("/v1/access?user={ALICE}&service={ECHO}");
+    let v = s.admin.get(&asked).await;
+    assert_eq!(v["decisions"][0]["reason"], "disabled_user", "[{t}] {v}");
     s.admin
         .ok("PATCH", &user, Some(json!({ "disabled": false })))
         .await;
@@ -202,6 +207,8 @@ async fn changes_in_place(t: TransportPref) {
         "[{t}] alice's stream ended at {closed_at}, before her access ran out at {until}"
     );
     bob_live.echo(b"bob's policy has no end").await.unwrap();
+    let v = s.admin.get(&asked).await;
+    assert_eq!(v["decisions"][0]["reason"], "no_permit", "[{t}] {v}");
     refused(fa).await.unwrap();
     poll("the end is audited with its reason", SOON, || async {
         let audit = s.admin.audit().await;

@@ -138,6 +138,10 @@ fn help_of_every_command_names_its_options() {
         (&["admin", "user", "add", "--help"], &["--group"]),
         (&["admin", "user", "--help"], &["disable", "enable"]),
         (
+            &["admin", "access", "--help"],
+            &["--user", "--device", "--service", "--transport"],
+        ),
+        (
             &["admin", "service", "add", "--help"],
             &["--target", "--connector"],
         ),
@@ -1416,7 +1420,7 @@ fn token_in(out: &str, marker: &str) -> String {
 /// `umbra admin user disable|enable`, `service set` and `policy set` against a real
 /// controller: each changes the object in place and prints it; a refused change (an
 /// invalid policy, nothing to change) fails naming the field and leaves the object as it
-/// was.
+/// was. `umbra admin access` tells what the policy decides as it changes.
 #[test]
 fn admin_changes_in_place() {
     let home = tempfile::tempdir().expect("tempdir");
@@ -1550,6 +1554,37 @@ fn admin_changes_in_place() {
     assert!(
         after[0]["text"].as_str().expect("text").contains("\"eng\""),
         "{after}"
+    );
+    // Who may reach what, and why, as the policy stands now.
+    let decision = |v: Value| {
+        (
+            v["decisions"][0]["allow"].clone(),
+            v["decisions"][0]["reason"].clone(),
+        )
+    };
+    let asked = ["access", "--user", "ann@example.test", "--service", "wiki"];
+    assert_eq!(
+        decision(json(&asked)),
+        (Value::Bool(false), Value::from("no_permit"))
+    );
+    ok(&["group", "add-member", "eng", "ann@example.test"]);
+    assert_eq!(
+        decision(json(&asked)),
+        (Value::Bool(true), Value::from("permitted"))
+    );
+    let printed = ok(&["access", "--user", "ann@example.test"]);
+    assert!(
+        printed.contains("any device in good standing")
+            && printed
+                .lines()
+                .any(|l| l.starts_with("wiki") && l.contains("allow") && l.contains("wiki-ann")),
+        "{printed}"
+    );
+    let unknown = admin(&["access", "--user", "nobody@example.test"]);
+    assert!(
+        !unknown.success() && unknown.stderr.contains("field user"),
+        "{}",
+        unknown.describe()
     );
     let audit = ok(&["audit", "--action", "policy.update", "--result", "ok"]);
     assert!(audit.contains("wiki-ann"), "{audit}");

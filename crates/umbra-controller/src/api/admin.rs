@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::SqliteConnection;
+use umbra_policy::{AccessRequest, Engine, Reason, RequestContext};
 use umbra_proto::api::{
     self, AuditEntry, CreateEnrollToken, CreateGroup, CreatePolicy, CreateService, CreateUser,
     EnrollTokenInfo, LiveStream, ReplacePolicy, UpdateService, UpdateUser,
@@ -627,6 +628,115 @@ pub(super) async fn delete_policy(
     }
     .await;
     ctx.audited(ADMIN, "policy.delete", &name, res).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access: what the policy decides, asked by an administrator
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AccessQuery {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    transport: Option<String>,
+}
+
+/// Stands for "a device of the user in good standing" when no device is named. Real device
+/// ids are `d-` and hex, so it names none of them.
+const ANY_DEVICE: &str = "any-device";
+
+/// `GET /v1/access`: the broker's decision, made here on the controller's current snapshot,
+/// for `user` (or `device`'s owner) and `service` (or every published service), so an
+/// administrator can see who may reach what, and why, before and after a change. Reads only.
+pub(super) async fn access(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiQuery(aq): ApiQuery<AccessQuery>,
+) -> Result<Json<api::Access>, ApiFailure> {
+    let transport: &'static str = match aq.transport.as_deref() {
+        None | Some("quic") => "quic",
+        Some("tcp") => "tcp",
+        Some(_) => return Err(ApiFailure::invalid("transport", "quic or tcp")),
+    };
+    let mut r = ctx.store.read().await?;
+    let now = ctx.now_secs();
+    let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
+    drop(r);
+    let user = match (&aq.user, &aq.device) {
+        (None, None) => return Err(ApiFailure::invalid("user", "give user, device, or both")),
+        (Some(u), _) => validate::user_id(u, "user")?,
+        (None, Some(d)) => match snapshot.devices.iter().find(|x| &x.id == d) {
+            Some(x) => x.user.clone(),
+            None => return Err(ApiFailure::not_found("device", format!("no device {d}"))),
+        },
+    };
+    if !snapshot.users.iter().any(|u| u.id == user) {
+        return Err(ApiFailure::not_found("user", format!("no user {user}")));
+    }
+    let device = match &aq.device {
+        Some(d) => match snapshot.devices.iter().find(|x| &x.id == d) {
+            None => return Err(ApiFailure::not_found("device", format!("no device {d}"))),
+            Some(x) if x.user != user => {
+                return Err(ApiFailure::invalid(
+                    "device",
+                    format!("device {d} belongs to another user"),
+                ));
+            }
+            Some(x) => x.id.clone(),
+        },
+        None => {
+            snapshot.devices.push(umbra_proto::snapshot::DeviceFacts {
+                id: ANY_DEVICE.into(),
+                user: user.clone(),
+                revoked: false,
+            });
+            ANY_DEVICE.to_owned()
+        }
+    };
+    let engine = Engine::from_snapshot(&snapshot).map_err(|e| {
+        tracing::error!(error = %e, "stored policies do not compile");
+        ApiFailure::internal()
+    })?;
+    let services: Vec<String> = match &aq.service {
+        Some(s) => vec![s.clone()],
+        None => snapshot.services.iter().map(|s| s.name.clone()).collect(),
+    };
+    let mut decisions: Vec<api::AccessDecision> = services
+        .into_iter()
+        .map(|service| {
+            let d = engine.decide(&AccessRequest {
+                device: &device,
+                service: &service,
+                ctx: RequestContext {
+                    now_unix: now,
+                    transport,
+                },
+            });
+            let policies = match &d.reason {
+                Reason::Permitted { policies } | Reason::Forbidden { policies } => policies.clone(),
+                _ => Vec::new(),
+            };
+            api::AccessDecision {
+                service,
+                allow: d.allow,
+                reason: d.reason.as_str().to_owned(),
+                policies,
+            }
+        })
+        .collect();
+    decisions.sort_by(|a, b| a.service.cmp(&b.service));
+    Ok(Json(api::Access {
+        user,
+        device: (device != ANY_DEVICE).then_some(device),
+        transport: transport.to_owned(),
+        snapshot_version: snapshot.version,
+        decisions,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/brokers/{id}/revoke", post(admin::revoke_broker))
         .route("/v1/streams", get(admin::list_streams))
         .route("/v1/audit", get(admin::list_audit))
+        .route("/v1/access", get(admin::access))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(count_requests))
@@ -167,22 +168,26 @@ fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiFailure> {
 /// duplicate), else the top-level field whose value was refused (a wrong type, say).
 fn json_failure(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiFailure {
     let msg = e.inner().to_string();
-    let field = ["unknown field `", "missing field `", "duplicate field `"]
+    let field = field_named_in(&msg).or_else(|| match e.path().iter().next() {
+        Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+        _ => None,
+    });
+    ApiFailure::new(
+        StatusCode::BAD_REQUEST,
+        format!("invalid JSON body: {msg}"),
+        field.as_deref(),
+    )
+}
+
+/// The field a serde message names: unknown, missing or duplicate.
+fn field_named_in(msg: &str) -> Option<String> {
+    ["unknown field `", "missing field `", "duplicate field `"]
         .iter()
         .find_map(|marker| {
             let start = msg.find(marker)? + marker.len();
             let len = msg[start..].find('`')?;
             Some(msg[start..start + len].to_owned())
         })
-        .or_else(|| match e.path().iter().next() {
-            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
-            _ => None,
-        });
-    ApiFailure::new(
-        StatusCode::BAD_REQUEST,
-        format!("invalid JSON body: {msg}"),
-        field.as_deref(),
-    )
 }
 
 /// Path parameters.
@@ -208,7 +213,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         Query::<T>::try_from_uri(&parts.uri)
             .map(|Query(v)| ApiQuery(v))
-            .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, e.body_text(), None))
+            .map_err(|e| {
+                let msg = e.body_text();
+                let field = field_named_in(&msg);
+                ApiFailure::new(StatusCode::BAD_REQUEST, msg, field.as_deref())
+            })
     }
 }
 

@@ -445,6 +445,18 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
             "after", "limit", "last", "actor", "action", "target", "result",
         ],
     },
+    RouteDoc {
+        method: "get",
+        path: "/v1/access",
+        auth: Admin,
+        summary: "What the policy decides now, and why, for `user` (on `device`, or on any \
+                  device of theirs in good standing) and `service` (or every published \
+                  service), over `transport` (`quic`, the default, or `tcp`). Reads only",
+        request: NoBody,
+        status: 200,
+        response: One("Access"),
+        query: &["user", "device", "service", "transport"],
+    },
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -670,6 +682,21 @@ struct Policy {
     created_at: u64,
 }
 #[derive(ToSchema)]
+struct AccessDecision {
+    service: String,
+    allow: bool,
+    reason: String,
+    policies: Vec<String>,
+}
+#[derive(ToSchema)]
+struct Access {
+    user: String,
+    device: Option<String>,
+    transport: String,
+    snapshot_version: u64,
+    decisions: Vec<AccessDecision>,
+}
+#[derive(ToSchema)]
 struct CreateEnrollToken {
     role: String,
     user: Option<String>,
@@ -766,6 +793,8 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<CreatePolicy>()
         .schema_from::<Policy>()
         .schema_from::<ReplacePolicy>()
+        .schema_from::<AccessDecision>()
+        .schema_from::<Access>()
         .schema_from::<CreateEnrollToken>()
         .schema_from::<EnrollTokenCreated>()
         .schema_from::<EnrollTokenInfo>()
