@@ -514,24 +514,16 @@ impl Client {
         path: &str,
         body: &impl serde::Serialize,
     ) -> anyhow::Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
+        self.with_body(reqwest::Method::POST, path, body).await
     }
-    async fn patch<T: DeserializeOwned>(
+    async fn with_body<T: DeserializeOwned>(
         &self,
+        method: reqwest::Method,
         path: &str,
         body: &impl serde::Serialize,
     ) -> anyhow::Result<T> {
-        self.send(self.http.patch(format!("{}{path}", self.base)).json(body))
-            .await
-    }
-    async fn put<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &impl serde::Serialize,
-    ) -> anyhow::Result<T> {
-        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
-            .await
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.request(method, url).json(body)).await
     }
     async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
@@ -629,7 +621,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::User(UserCmd::Disable { id } | UserCmd::Enable { id }) => {
             let disabled = matches!(a.cmd, Cmd::User(UserCmd::Disable { .. }));
             let u: api::User = c
-                .patch(
+                .with_body(
+                    reqwest::Method::PATCH,
                     &format!("/v1/users/{}", seg(id)),
                     &api::UpdateUser {
                         disabled: Some(disabled),
@@ -729,12 +722,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(s, |s: api::Service| println!(
-                "service {} -> {} via {}",
-                s.name,
-                s.target,
-                s.connectors.join(",")
-            ));
+            out!(s, print_service);
         }
         Cmd::Service(ServiceCmd::Set {
             name,
@@ -742,7 +730,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             connectors,
         }) => {
             let s: api::Service = c
-                .patch(
+                .with_body(
+                    reqwest::Method::PATCH,
                     &format!("/v1/services/{}", seg(name)),
                     &api::UpdateService {
                         target: target.clone(),
@@ -750,12 +739,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(s, |s: api::Service| println!(
-                "service {} -> {} via {}",
-                s.name,
-                s.target,
-                s.connectors.join(",")
-            ));
+            out!(s, print_service);
         }
         Cmd::Service(ServiceCmd::List) => {
             let v: Vec<api::Service> = c.get("/v1/services").await?;
@@ -785,7 +769,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Policy(PolicyCmd::Set { name, source }) => {
             let p: api::Policy = c
-                .put(
+                .with_body(
+                    reqwest::Method::PUT,
                     &format!("/v1/policies/{}", seg(name)),
                     &api::ReplacePolicy {
                         text: source.text()?,
@@ -1120,6 +1105,15 @@ async fn follow_audit(
 /// is a valid filter).
 fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
     path_with_query("/v1/audit", query)
+}
+
+fn print_service(s: api::Service) {
+    println!(
+        "service {} -> {} via {}",
+        s.name,
+        s.target,
+        s.connectors.join(",")
+    );
 }
 
 /// `path?query`, the query's values percent-encoded.

@@ -371,6 +371,21 @@ pub(crate) async fn insert_service(
         .bind(now)
         .execute(&mut *c)
         .await?;
+    set_service_connectors(c, org, name, connectors).await
+}
+
+/// Makes `connectors` the connectors of service `name`, in place of any it had.
+async fn set_service_connectors(
+    c: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+    connectors: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM service_connectors WHERE org = $1 AND service = $2")
+        .bind(org)
+        .bind(name)
+        .execute(&mut *c)
+        .await?;
     for conn in connectors {
         sqlx::query("INSERT INTO service_connectors (org, service, connector) VALUES ($1, $2, $3)")
             .bind(org)
@@ -396,20 +411,7 @@ pub(crate) async fn update_service(
         .bind(name)
         .execute(&mut *c)
         .await?;
-    sqlx::query("DELETE FROM service_connectors WHERE org = $1 AND service = $2")
-        .bind(org)
-        .bind(name)
-        .execute(&mut *c)
-        .await?;
-    for conn in connectors {
-        sqlx::query("INSERT INTO service_connectors (org, service, connector) VALUES ($1, $2, $3)")
-            .bind(org)
-            .bind(name)
-            .bind(conn)
-            .execute(&mut *c)
-            .await?;
-    }
-    Ok(())
+    set_service_connectors(c, org, name, connectors).await
 }
 
 pub(crate) async fn delete_service(
@@ -417,11 +419,7 @@ pub(crate) async fn delete_service(
     org: &str,
     name: &str,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query("DELETE FROM service_connectors WHERE org = $1 AND service = $2")
-        .bind(org)
-        .bind(name)
-        .execute(&mut *c)
-        .await?;
+    set_service_connectors(c, org, name, &[]).await?;
     let r = sqlx::query("DELETE FROM services WHERE org = $1 AND name = $2")
         .bind(org)
         .bind(name)
