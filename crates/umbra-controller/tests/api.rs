@@ -260,6 +260,74 @@ async fn admin_auth() {
     h.ctl.shutdown().await;
 }
 
+/// Every admin route of the OpenAPI document (so also every route added later) refuses a
+/// caller without the admin token, with a wrong one, and an enrolled device that presents
+/// its certificate instead; none of those calls changes anything. The twin: the same
+/// client with the token is served.
+#[tokio::test]
+async fn every_admin_route_needs_the_admin_token() {
+    let h = Harness::start().await;
+    let (device, _) = h.agent("ann@example.test").await;
+    let as_device = h.as_peer(&device);
+    let doc: Value = h
+        .http
+        .get(h.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let version = h.ctl.snapshot_version();
+    let users = h.ok("GET", "/v1/users", None).await;
+    let audit_len = h.audit_page("/v1/audit?limit=1000").await.len();
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            if !op["tags"]
+                .as_array()
+                .is_some_and(|t| t.contains(&json!("admin")))
+            {
+                continue;
+            }
+            let url = h.url(
+                &path
+                    .replace("{id}", "ann@example.test")
+                    .replace("{name}", "x")
+                    .replace("{user}", "ann@example.test"),
+            );
+            let m: reqwest::Method = method.to_uppercase().parse().unwrap();
+            for (who, client, token) in [
+                ("nobody", &h.http, None),
+                ("a wrong token", &h.http, Some("umbra-admin-wrong")),
+                ("a device", &as_device, None),
+                ("a device with a wrong token", &as_device, Some("x")),
+            ] {
+                let mut req = client.request(m.clone(), &url).json(&json!({}));
+                if let Some(t) = token {
+                    req = req.bearer_auth(t);
+                }
+                let status = req.send().await.unwrap().status();
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} by {who}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "only {checked} admin routes in the document");
+    assert_eq!(h.ctl.snapshot_version(), version);
+    assert_eq!(h.ok("GET", "/v1/users", None).await, users);
+    // Refusals without a token are audited (within a budget), but nothing else was added.
+    let after: Vec<AuditEntry> = h.audit_page("/v1/audit?limit=1000").await;
+    assert!(
+        after[audit_len..]
+            .iter()
+            .all(|e| e.record.result == "error"),
+        "{:?}",
+        &after[audit_len..]
+    );
+    h.ctl.shutdown().await;
+}
+
 /// The audit log is read by filters (exact actor, action, target, result) and from either
 /// end (`limit`: the oldest, `last`: the newest), always oldest first. A bad query is a 400
 /// naming the parameter; a filter value is data, never SQL.
