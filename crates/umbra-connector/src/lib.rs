@@ -40,6 +40,7 @@ use umbra_proto::Role;
 use umbra_proto::api::ConnectorConfig as PublishedConfig;
 
 pub use config::{ConfigError, ConnectorConfig, TransportPref, UnknownTransportPref};
+pub use sync::{TARGETS_FOLLOWING_AGAIN, TARGETS_UNREACHABLE};
 pub use umbra_link::enroll::enroll;
 
 /// Why a connector did not start.

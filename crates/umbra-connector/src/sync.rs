@@ -29,9 +29,10 @@ use umbra_proto::api::{BrokerInfo, ConnectorConfig as PublishedConfig};
 pub(crate) const PUBLISHED_FILE: &str = "published.json";
 /// Longest wait between tries to fetch the broker list while the controller is away.
 const BROKER_RETRY_CAP: Duration = Duration::from_secs(10);
-/// Retry delays after a failed long poll.
+/// Retry delays after a failed long poll. The cap bounds how long targets published just
+/// after a controller outage wait to be served: as for the broker list.
 const POLL_RETRY_BASE: Duration = Duration::from_millis(500);
-const POLL_RETRY_CAP: Duration = Duration::from_secs(30);
+const POLL_RETRY_CAP: Duration = BROKER_RETRY_CAP;
 
 /// The published targets as held: shared by every stream handler.
 pub(crate) type PublishedRx = watch::Receiver<Arc<PublishedConfig>>;
@@ -77,6 +78,14 @@ pub(crate) fn accept_update(held: &PublishedConfig, new: &PublishedConfig, me: &
     new.connector_id == me && new.version > held.version
 }
 
+/// What the connector logs (a warning) when the controller first fails to answer its
+/// published-targets poll; retries after it are logged at debug level only.
+pub const TARGETS_UNREACHABLE: &str =
+    "cannot fetch the published targets; serving the last known ones until the controller answers";
+/// What it logs at the first answer after failures.
+pub const TARGETS_FOLLOWING_AGAIN: &str =
+    "controller reachable again; following the published targets";
+
 /// Long-polls the published targets until `cancel`.
 pub(crate) async fn poll_published(
     mut ctl: RenewingClient,
@@ -86,9 +95,18 @@ pub(crate) async fn poll_published(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(POLL_RETRY_BASE, POLL_RETRY_CAP);
+    // Since when the controller has not answered, if it has not: the first failure is a
+    // warning, the retries after it are not (an outage would fill the log), and the first
+    // answer after them says how long it lasted.
+    let mut failing: Option<std::time::Instant> = None;
     loop {
         let after = tx.borrow().version;
-        let path = format!("/v1/connector/config?after={after}");
+        // After a failure, a question answered at once (`wait=0`), not a long poll: whether
+        // the controller is back is known as soon as it is.
+        let path = match failing {
+            None => format!("/v1/connector/config?after={after}"),
+            Some(_) => format!("/v1/connector/config?after={after}&wait=0"),
+        };
         let answer = tokio::select! {
             () = cancel.cancelled() => return,
             r = async {
@@ -98,6 +116,14 @@ pub(crate) async fn poll_published(
                 }
             } => r,
         };
+        if answer.is_ok()
+            && let Some(since) = failing.take()
+        {
+            tracing::info!(
+                unreachable_ms = since.elapsed().as_millis() as u64,
+                "{TARGETS_FOLLOWING_AGAIN}"
+            );
+        }
         match answer {
             Ok(Some(new)) => {
                 backoff.reset();
@@ -122,7 +148,13 @@ pub(crate) async fn poll_published(
             Ok(None) => backoff.reset(),
             Err(e) => {
                 let delay = backoff.next_delay(rand::random::<f64>());
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot fetch the published targets; serving the last known ones");
+                let retry_in_ms = delay.as_millis() as u64;
+                if failing.is_none() {
+                    failing = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, retry_in_ms, "{TARGETS_UNREACHABLE}");
+                } else {
+                    tracing::debug!(error = %e, retry_in_ms, "cannot fetch the published targets; still serving the last known ones");
+                }
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}

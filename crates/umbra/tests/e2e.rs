@@ -115,6 +115,9 @@ struct World {
     /// Unix ms from killing the controller to killing both brokers in step (9): decisions the
     /// brokers made then reach the audit store only from their spools, after the restarts.
     controller_down_ms: (u64, u64),
+    /// The connector's "cannot fetch the published targets" warnings before step (9)'s
+    /// outage: it warns once per outage, not once per retry.
+    targets_warnings: usize,
     ns: Namespaces,
 }
 
@@ -235,6 +238,7 @@ impl World {
             secrets: Vec::new(),
             secret_holders: BTreeSet::new(),
             controller_down_ms: (0, 0),
+            targets_warnings: 0,
             root,
             ns,
         }
@@ -1887,6 +1891,7 @@ fn check_broker_failover(w: &mut World) {
 fn check_controller_away(w: &mut World) {
     let procs = ["fwd-quic", "fwd-tcp", "broker-1", "broker-2", "connector"];
     w.step("(9) kill -9 the controller: new connections still succeed");
+    w.targets_warnings = w.count_in_stderr("connector", umbra_connector::TARGETS_UNREACHABLE);
     let down = unix_ms();
     w.kill9("controller");
     web_still_works(w, Duration::from_secs(3), "controller killed", &procs);
@@ -2038,6 +2043,26 @@ fn check_controller_restart(w: &mut World) {
     });
     if let Err(e) = r {
         w.fail(e, &["connector", "controller"]);
+    }
+    // The published targets too, and the outage, retried many times meanwhile, was one
+    // warning in the connector's log.
+    let r = poll(Duration::from_secs(15), || {
+        if w.count_in_stderr("connector", umbra_connector::TARGETS_FOLLOWING_AGAIN) > 0 {
+            Ok(())
+        } else {
+            Err("the connector did not follow its published targets again within 15 s".to_string())
+        }
+    });
+    if let Err(e) = r {
+        w.fail(e, &["connector", "controller"]);
+    }
+    let warned =
+        w.count_in_stderr("connector", umbra_connector::TARGETS_UNREACHABLE) - w.targets_warnings;
+    if warned != 1 {
+        w.fail(
+            format!("the connector warned {warned} times about one controller outage, not once"),
+            &["connector"],
+        );
     }
 }
 
