@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use umbra_policy::{AccessRequest, Reason, RequestContext};
+use umbra_proto::snapshot::ServiceFacts;
 use umbra_proto::{Flow, OpenCode};
 
 use crate::authority::{Authority, unix};
@@ -49,9 +50,9 @@ impl Verdict {
 
 /// The live streams that may no longer run under `a` at `now`, each with why: the reason of
 /// the decision that now denies it, or `route_changed` when its service no longer has its
-/// target through its connector ([`LiveEntry::still_routed`]). Streams of one device
+/// target through its connector ([`LiveEntry::routed_by`]). Streams of one device
 /// certificate to one service over one transport share a decision, made once per call, so a
-/// re-check costs one evaluation per distinct access, not per stream. Pure.
+/// re-check costs one evaluation per distinct access and a few hash lookups per stream. Pure.
 pub(crate) fn recheck<'e>(
     live: &'e [Arc<LiveEntry>],
     a: &Authority,
@@ -59,6 +60,12 @@ pub(crate) fn recheck<'e>(
     max_staleness: Duration,
 ) -> Vec<(&'e LiveEntry, String)> {
     let mut decided: HashMap<(&str, &str, &str, &str), Option<String>> = HashMap::new();
+    let services: HashMap<&str, &ServiceFacts> = a
+        .snapshot
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
     let mut out = Vec::new();
     for e in live {
         let key = (
@@ -85,7 +92,8 @@ pub(crate) fn recheck<'e>(
                 (v.code != OpenCode::Ok).then_some(v.reason)
             })
             .clone();
-        let why = denied.or_else(|| (!e.still_routed(&a.snapshot)).then(|| ROUTE_CHANGED.into()));
+        let routed = e.routed_by(services.get(e.service.as_str()).copied());
+        let why = denied.or_else(|| (!routed).then(|| ROUTE_CHANGED.into()));
         if let Some(why) = why {
             out.push((&**e, why));
         }

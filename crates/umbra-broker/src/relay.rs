@@ -43,15 +43,14 @@ impl LiveEntry {
         self.cancel.cancel();
     }
 
-    /// Whether `snapshot` still publishes this stream's route: its service with the same
-    /// target, served by its connector. A stream to a target since unpublished, or through a
-    /// connector since taken off the service, is ended like one the policy no longer allows
-    /// (with a policy check alone it would run on, when a service is removed and added
-    /// again with another target between two snapshots the broker installs).
-    pub(crate) fn still_routed(&self, snapshot: &umbra_proto::Snapshot) -> bool {
-        snapshot
-            .service(&self.service)
-            .is_some_and(|s| s.target == self.target && s.connectors.contains(&self.connector))
+    /// Whether `service`, what a snapshot says of this stream's service (`None`: not
+    /// published), still routes this stream: the same target, served by its connector. A
+    /// stream to a target since unpublished, or through a connector since taken off the
+    /// service, is ended like one the policy no longer allows (with a policy check alone it
+    /// would run on, when a service is removed and added again with another target between
+    /// two snapshots the broker installs).
+    pub(crate) fn routed_by(&self, service: Option<&umbra_proto::snapshot::ServiceFacts>) -> bool {
+        service.is_some_and(|s| s.target == self.target && s.connectors.contains(&self.connector))
     }
 }
 
@@ -203,11 +202,12 @@ mod tests {
     #[test]
     fn a_live_stream_needs_its_route_still_published() {
         let e = entry();
-        assert!(e.still_routed(&snapshot("10.0.0.1:80", &["c-1"])));
-        assert!(e.still_routed(&snapshot("10.0.0.1:80", &["c-2", "c-1"])));
+        let routed = |s: umbra_proto::Snapshot| e.routed_by(s.service("web"));
+        assert!(routed(snapshot("10.0.0.1:80", &["c-1"])));
+        assert!(routed(snapshot("10.0.0.1:80", &["c-2", "c-1"])));
         // Another target, the connector taken off, the service gone.
-        assert!(!e.still_routed(&snapshot("10.0.0.2:80", &["c-1"])));
-        assert!(!e.still_routed(&snapshot("10.0.0.1:80", &["c-2"])));
-        assert!(!e.still_routed(&umbra_proto::Snapshot::default()));
+        assert!(!routed(snapshot("10.0.0.2:80", &["c-1"])));
+        assert!(!routed(snapshot("10.0.0.1:80", &["c-2"])));
+        assert!(!routed(umbra_proto::Snapshot::default()));
     }
 }

@@ -18,6 +18,7 @@ use crate::audit::Batch;
 use crate::authn::admit;
 use crate::authority::{Authority, store_cached, unix};
 use crate::authz::recheck;
+use crate::relay::LiveEntry;
 
 const RETRY: Duration = Duration::from_secs(1);
 /// How long a heartbeat woken by a new audit event waits for more before it goes.
@@ -117,13 +118,13 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
             l.link.refuse(Refusal::Identity);
         }
     }
-    end_disallowed(shared, a, now);
+    end_disallowed(shared, &shared.streams.entries(), a, now);
 }
 
-/// Ends the live streams `a` no longer allows at `now` (see [`recheck`]).
-fn end_disallowed(shared: &Shared, a: &Authority, now: SystemTime) {
-    let live = shared.streams.entries();
-    for (e, why) in recheck(&live, a, now, shared.cfg.max_staleness()) {
+/// Ends the streams of `live` that `a` no longer allows at `now` (see [`recheck`]). `a` must
+/// be at least as new as every snapshot that admitted one of them: read the list first.
+fn end_disallowed(shared: &Shared, live: &[Arc<LiveEntry>], a: &Authority, now: SystemTime) {
+    for (e, why) in recheck(live, a, now, shared.cfg.max_staleness()) {
         info!(stream = e.id, service = %e.service, reason = %why, "a live stream may no longer run; closing it");
         e.end(&why);
     }
@@ -140,8 +141,12 @@ pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
             () = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // The list before the state: a stream admitted under a snapshot installed meanwhile
+        // is either not in the list, or judged by that snapshot (or a newer one), never by
+        // an older one that would end it wrongly.
+        let live = shared.streams.entries();
         let a = shared.authority.load_full();
-        end_disallowed(&shared, &a, SystemTime::now());
+        end_disallowed(&shared, &live, &a, SystemTime::now());
     }
 }
 

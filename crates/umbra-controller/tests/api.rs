@@ -2715,7 +2715,7 @@ async fn access(h: &Harness, q: &str) -> umbra_proto::api::Access {
 }
 
 /// `GET /v1/access` answers what a broker would decide, and why: per service for a user on
-/// any device of theirs, or on one device; refusals name their field.
+/// a new device of theirs, or on one device; refusals name their field.
 #[tokio::test]
 async fn access_says_who_may_reach_what_and_why() {
     let h = Harness::start().await;

@@ -327,11 +327,12 @@ pub struct Policy {
 }
 
 /// `GET /v1/access`: what the policy decides now for a user (on one of their devices, or on
-/// any device of theirs in good standing), for one service or for every published one.
+/// a new device of theirs in good standing), for one service or for every published one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Access {
     pub user: String,
-    /// The device decided for; `None`: any enrolled, unrevoked device of the user.
+    /// The device decided for; `None`: a device of the user in good standing that no policy
+    /// names (a newly enrolled one, say).
     pub device: Option<String>,
     /// `quic` or `tcp`: the link transport the decisions assume (`context.transport`).
     pub transport: String,

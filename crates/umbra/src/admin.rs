@@ -83,7 +83,8 @@ enum Cmd {
         /// The user (e-mail address); the owner of --device when omitted.
         #[arg(long, required_unless_present = "device")]
         user: Option<String>,
-        /// One device of the user (its id); default: any device of theirs in good standing.
+        /// One device of the user (its id); default: a device of theirs in good standing that
+        /// no policy names (as a newly enrolled one).
         #[arg(long)]
         device: Option<String>,
         /// One service; default: every published service.
@@ -651,7 +652,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     "{} on {}, over {} (snapshot {}):",
                     v.user,
                     v.device.as_deref().map_or_else(
-                        || "any device in good standing".to_owned(),
+                        || "a new device in good standing".to_owned(),
                         |d| format!("device {d}")
                     ),
                     v.transport,

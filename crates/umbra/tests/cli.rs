@@ -1574,7 +1574,7 @@ fn admin_changes_in_place() {
     );
     let printed = ok(&["access", "--user", "ann@example.test"]);
     assert!(
-        printed.contains("any device in good standing")
+        printed.contains("a new device in good standing")
             && printed
                 .lines()
                 .any(|l| l.starts_with("wiki") && l.contains("allow") && l.contains("wiki-ann")),

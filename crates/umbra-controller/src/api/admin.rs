@@ -166,6 +166,14 @@ pub(super) async fn update_user(
         // Asking for the state the user is in changes nothing, and records nothing.
         if was != disabled {
             q::set_user_disabled(w.conn(), &ctx.org, &id, disabled).await?;
+        }
+        // The answer is read in the same transaction: what was committed, nothing later.
+        let user = q::list_users(w.conn(), &ctx.org)
+            .await?
+            .into_iter()
+            .find(|u| u.id == id)
+            .ok_or_else(ApiFailure::internal)?;
+        if was != disabled {
             let devices = peers::devices_of_user(w.conn(), &ctx.org, &id).await?;
             let rec = audit::record(
                 ctx.now(),
@@ -176,16 +184,8 @@ pub(super) async fn update_user(
                 json!({ "devices": devices }),
             );
             ctx.commit_change(w, &[rec]).await?;
-        } else {
-            drop(w);
         }
-        let mut r = ctx.store.read().await?;
-        q::list_users(&mut r, &ctx.org)
-            .await?
-            .into_iter()
-            .find(|u| u.id == id)
-            .map(|u| Json(u).into_response())
-            .ok_or_else(|| ApiFailure::not_found("id", format!("no user {id}")))
+        Ok(Json(user).into_response())
     }
     .await;
     ctx.audited(ADMIN, action, &id, res).await
@@ -591,6 +591,12 @@ pub(super) async fn replace_policy(
         if !q::set_policy_text(w.conn(), &ctx.org, &name, &req.text).await? {
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
+        // The answer is read in the same transaction: what was committed, nothing later.
+        let policy = q::list_policies(w.conn(), &ctx.org)
+            .await?
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(ApiFailure::internal)?;
         let rec = audit::record(
             ctx.now(),
             ADMIN,
@@ -600,13 +606,7 @@ pub(super) async fn replace_policy(
             json!({ "policies": count }),
         );
         ctx.commit_change(w, &[rec]).await?;
-        let mut r = ctx.store.read().await?;
-        q::list_policies(&mut r, &ctx.org)
-            .await?
-            .into_iter()
-            .find(|p| p.name == name)
-            .map(|p| Json(p).into_response())
-            .ok_or_else(|| ApiFailure::not_found("name", format!("no policy {name}")))
+        Ok(Json(policy).into_response())
     }
     .await;
     ctx.audited(ADMIN, "policy.update", &name, res).await
@@ -653,6 +653,11 @@ const ANY_DEVICE: &str = "any-device";
 /// `GET /v1/access`: the broker's decision, made here on the controller's current snapshot,
 /// for `user` (or `device`'s owner) and `service` (or every published service), so an
 /// administrator can see who may reach what, and why, before and after a change. Reads only.
+///
+/// Without `device`, the decision is for a device of the user in good standing that no
+/// policy names (a newly enrolled one, say); a policy on one device (`context.device`) needs
+/// `device`. It is the policy's answer: a broker may still answer `Unavailable` (no connector
+/// linked) or `Stale`, and applies it once it holds this snapshot version.
 pub(super) async fn access(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,

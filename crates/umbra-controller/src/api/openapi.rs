@@ -449,7 +449,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         method: "get",
         path: "/v1/access",
         auth: Admin,
-        summary: "What the policy decides now, and why, for `user` (on `device`, or on any \
+        summary: "What the policy decides now, and why, for `user` (on `device`, or on a new \
                   device of theirs in good standing) and `service` (or every published \
                   service), over `transport` (`quic`, the default, or `tcp`). Reads only",
         request: NoBody,
