@@ -1,5 +1,6 @@
 //! Local port forwarding: every TCP connection accepted on a local address becomes one stream
-//! to a service through the broker fabric.
+//! to a service through the broker fabric. One [`Forwarder`] serves any number of
+//! services, each on its own address, over one session.
 //!
 //! Owns the local listener and the per-connection task (open a stream via the session, then
 //! relay). Refusals are per connection: a denied connection is closed and logged, and the
@@ -30,10 +31,11 @@ pub(crate) fn listen_allowed(addr: SocketAddr, allow_remote_clients: bool) -> bo
     allow_remote_clients || addr.ip().to_canonical().is_loopback()
 }
 
-/// A running local forwarder for one service.
+/// Running local forwards: one or more services, each on its own local address, over one
+/// session (one link to the nearest broker, one certificate renewal, one broker-list
+/// follower), however many there are.
 pub struct Forwarder {
-    local_addr: SocketAddr,
-    service: String,
+    forwards: Vec<(String, SocketAddr)>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -46,27 +48,46 @@ impl Forwarder {
         service: &str,
         listen: SocketAddr,
     ) -> Result<Forwarder, AgentError> {
+        Self::start_many(cfg, &[(service.to_owned(), listen)]).await
+    }
+
+    /// [`Forwarder::start`] for several `(service, listen)` pairs at once, sharing one
+    /// session. Every pair is checked and every address bound before anything starts: one
+    /// bad pair fails the whole call.
+    pub async fn start_many(
+        cfg: AgentConfig,
+        forwards: &[(String, SocketAddr)],
+    ) -> Result<Forwarder, AgentError> {
         cfg.validate()?;
-        if !umbra_proto::valid_name(service) {
-            return Err(AgentError::ServiceName(service.to_owned()));
+        if forwards.is_empty() {
+            return Err(AgentError::NoForward);
         }
-        if !listen_allowed(listen, cfg.allow_remote_clients) {
-            return Err(AgentError::RemoteListen(listen));
-        }
-        if !listen_allowed(listen, false) {
-            tracing::warn!(
-                %service,
-                %listen,
-                "forward open to other hosts (allow_remote_clients): they reach the service as this device's user"
-            );
+        for (service, listen) in forwards {
+            if !umbra_proto::valid_name(service) {
+                return Err(AgentError::ServiceName(service.clone()));
+            }
+            if !listen_allowed(*listen, cfg.allow_remote_clients) {
+                return Err(AgentError::RemoteListen(*listen));
+            }
         }
         let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| AgentError::Listen(listen, e))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| AgentError::Listen(listen, e))?;
+        let mut listeners = Vec::with_capacity(forwards.len());
+        for (service, listen) in forwards {
+            let listener = TcpListener::bind(listen)
+                .await
+                .map_err(|e| AgentError::Listen(*listen, e))?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| AgentError::Listen(*listen, e))?;
+            if !listen_allowed(local, false) {
+                tracing::warn!(
+                    %service,
+                    listen = %local,
+                    "forward open to other hosts (allow_remote_clients): they reach the service as this device's user"
+                );
+            }
+            listeners.push((service.clone(), local, listener));
+        }
 
         let id = Arc::new(id);
         let cref = identity::refresh_brokers(&cfg, &id, cref).await;
@@ -76,36 +97,55 @@ impl Forwarder {
         );
 
         let cancel = CancellationToken::new();
-        let span = tracing::info_span!("forward", %service, listen = %local_addr);
-        let task = tokio::spawn(
-            run(
-                listener,
-                session,
-                service.to_owned(),
-                cfg,
-                identity_rx,
-                cref,
-                cancel.clone(),
-            )
-            .instrument(span),
-        );
-        tracing::info!(%service, listen = %local_addr, "forwarding");
+        let bound: Vec<(String, SocketAddr)> = listeners
+            .iter()
+            .map(|(service, local, _)| (service.clone(), *local))
+            .collect();
+        let accepting = listeners
+            .into_iter()
+            .map(|(service, local, listener)| {
+                tracing::info!(%service, listen = %local, "forwarding");
+                let span = tracing::info_span!("forward", %service, listen = %local);
+                tokio::spawn(
+                    accept(
+                        listener,
+                        session.clone(),
+                        Arc::from(service),
+                        cfg.idle_timeout(),
+                        cancel.clone(),
+                    )
+                    .instrument(span),
+                )
+            })
+            .collect();
+        let task = tokio::spawn(run(
+            accepting,
+            session,
+            cfg,
+            identity_rx,
+            cref,
+            cancel.clone(),
+        ));
         Ok(Forwarder {
-            local_addr,
-            service: service.to_owned(),
+            forwards: bound,
             cancel,
             task: Some(task),
         })
     }
 
-    /// The address actually bound (useful with port 0).
+    /// The address actually bound for the first forward (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.forwards[0].1
     }
 
-    /// The service forwarded to.
+    /// The service of the first forward.
     pub fn service(&self) -> &str {
-        &self.service
+        &self.forwards[0].0
+    }
+
+    /// Every forward: the service and the address actually bound, in the order given.
+    pub fn forwards(&self) -> &[(String, SocketAddr)] {
+        &self.forwards
     }
 
     /// Stops accepting and closes the broker link (connections in flight are cut).
@@ -123,27 +163,32 @@ impl Drop for Forwarder {
     }
 }
 
+/// Follows the broker list for the session until `cancel`, then waits for the accept loops
+/// and closes the session.
 async fn run(
-    listener: TcpListener,
+    accepting: Vec<JoinHandle<()>>,
     session: Arc<Session>,
-    service: String,
     cfg: AgentConfig,
     identity_rx: tokio::sync::watch::Receiver<Arc<umbra_pki::TlsIdentity>>,
     cref: umbra_link::enroll::ControllerRef,
     cancel: CancellationToken,
 ) {
-    let service: Arc<str> = Arc::from(service);
-    // Its own task: a slow controller must not hold up accepting connections.
-    let refresher = tokio::spawn(
-        refresh_brokers(
-            session.clone(),
-            cfg.clone(),
-            identity_rx,
-            cref,
-            cancel.clone(),
-        )
-        .in_current_span(),
-    );
+    refresh_brokers(session.clone(), cfg, identity_rx, cref, cancel).await;
+    for a in accepting {
+        let _ = a.await;
+    }
+    session.close().await;
+}
+
+/// Accepts local connections for one service until `cancel`; each is relayed over its own
+/// stream.
+async fn accept(
+    listener: TcpListener,
+    session: Arc<Session>,
+    service: Arc<str>,
+    idle: Duration,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -151,8 +196,7 @@ async fn run(
                 Ok((tcp, peer)) => {
                     let span = tracing::debug_span!("conn", %peer);
                     tokio::spawn(
-                        forward_one(tcp, session.clone(), service.clone(), cfg.idle_timeout())
-                            .instrument(span),
+                        forward_one(tcp, session.clone(), service.clone(), idle).instrument(span),
                     );
                 }
                 Err(e) => {
@@ -163,8 +207,6 @@ async fn run(
             },
         }
     }
-    let _ = refresher.await;
-    session.close().await;
 }
 
 /// Follows the broker list (a long poll on the controller, see

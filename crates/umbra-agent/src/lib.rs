@@ -55,6 +55,9 @@ pub enum AgentError {
     /// `controller.json` is missing or unreadable.
     #[error("controller reference: {0}")]
     ControllerRef(#[source] umbra_link::LinkError),
+    /// A forwarder was started with nothing to forward.
+    #[error("no service to forward")]
+    NoForward,
     /// Not a service name.
     #[error("invalid service name {0:?}")]
     ServiceName(String),

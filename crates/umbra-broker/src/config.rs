@@ -45,7 +45,8 @@ pub struct BrokerConfig {
     /// Limit for a TLS/QUIC handshake.
     pub handshake_timeout_ms: u64,
     /// Links one identity (a device or a connector) may have up at once; more are refused.
-    /// An agent holds one per running forward (two around a certificate renewal), a connector
+    /// An agent holds one per running `umbra agent forward`, whatever number of services it
+    /// forwards (two around a certificate renewal), a connector
     /// one (two around a renewal), so the default 32 leaves room while bounding what one
     /// stolen or broken identity can hold.
     pub max_links_per_peer: usize,

@@ -32,9 +32,10 @@ pub(crate) struct Distribution {
 }
 
 /// Long polls one peer identity may have waiting at once. Each holds a task and a connection
-/// on the controller for up to 25 s; an agent runs one per forward, a connector two, a broker
-/// one, so this leaves room for many forwards on one device while bounding what one stolen or
-/// misbehaving identity can hold.
+/// on the controller for up to 25 s; an agent runs one per `umbra agent forward` process
+/// (which forwards any number of services), a connector two, a broker one, so this leaves
+/// room for many forwards on one device while bounding what one stolen or misbehaving
+/// identity can hold.
 pub(crate) const MAX_WAITING_PER_PEER: usize = 16;
 
 impl Distribution {

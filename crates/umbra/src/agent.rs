@@ -39,10 +39,12 @@ enum Cmd {
     Services,
     /// Carry local TCP connections to SERVICE through the nearest broker.
     Forward {
-        /// Service name.
-        service: String,
-        /// Local address to listen on (default: 127.0.0.1 and a free port). Loopback only,
-        /// unless --allow-remote-clients.
+        /// Service to forward, as NAME (listening on --listen) or NAME=ADDR (listening on
+        /// ADDR, e.g. wiki=127.0.0.1:8080). Several may be given: they share one link.
+        #[arg(required = true, value_name = "SERVICE[=ADDR]")]
+        services: Vec<String>,
+        /// Local address for a SERVICE given without =ADDR (default: 127.0.0.1 and a free
+        /// port). Loopback only, unless --allow-remote-clients.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
         /// Allow --listen on an address other hosts can reach (e.g. 0.0.0.0). Whoever
@@ -217,23 +219,51 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Forward {
-            service,
+            services,
             listen,
             allow_remote_clients,
             metrics_listen,
         } => {
             let mut cfg = cfg;
             cfg.allow_remote_clients |= allow_remote_clients;
+            let forwards = forward_pairs(&services, listen)?;
             if let Some(addr) = metrics_listen {
                 crate::telemetry::serve_metrics(addr).await;
             }
-            let f = umbra_agent::Forwarder::start(cfg, &service, listen).await?;
-            println!("forwarding {} to {service}", f.local_addr());
+            let f = umbra_agent::Forwarder::start_many(cfg, &forwards).await?;
+            for (service, addr) in f.forwards() {
+                println!("forwarding {addr} to {service}");
+            }
             crate::telemetry::shutdown_signal().await;
             f.shutdown().await;
             Ok(())
         }
     }
+}
+
+/// `NAME` or `NAME=ADDR` arguments as (service, address) pairs; `NAME` alone listens on
+/// `listen`, which only one of them may do unless it is a port-0 address (each then gets its
+/// own free port).
+fn forward_pairs(args: &[String], listen: SocketAddr) -> anyhow::Result<Vec<(String, SocketAddr)>> {
+    let mut out = Vec::with_capacity(args.len());
+    for a in args {
+        match a.split_once('=') {
+            Some((name, addr)) => {
+                let addr = addr.parse().map_err(|_| {
+                    anyhow::anyhow!("{a:?}: {addr:?} is not an address like 127.0.0.1:8080")
+                })?;
+                out.push((name.to_owned(), addr));
+            }
+            None => out.push((a.clone(), listen)),
+        }
+    }
+    let on_listen = out.iter().filter(|(_, a)| *a == listen).count();
+    if on_listen > 1 && listen.port() != 0 {
+        anyhow::bail!(
+            "{on_listen} services would listen on {listen}: give each its own address as NAME=ADDR"
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -243,7 +273,31 @@ mod tests {
     use umbra_pki::Ca;
     use umbra_proto::{PeerId, Role};
 
-    use super::check_replace;
+    use super::{check_replace, forward_pairs};
+
+    #[test]
+    fn forward_arguments() {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let fixed: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            forward_pairs(&args(&["wiki"]), fixed).unwrap(),
+            vec![("wiki".to_owned(), fixed)]
+        );
+        assert_eq!(
+            forward_pairs(&args(&["wiki", "ssh=127.0.0.1:2222", "db"]), any).unwrap(),
+            vec![
+                ("wiki".to_owned(), any),
+                ("ssh".to_owned(), "127.0.0.1:2222".parse().unwrap()),
+                ("db".to_owned(), any),
+            ]
+        );
+        // Two on one fixed address, and an address that is none.
+        let e = forward_pairs(&args(&["wiki", "db"]), fixed).unwrap_err();
+        assert!(e.to_string().contains("NAME=ADDR"), "{e}");
+        let e = forward_pairs(&args(&["wiki=localhost"]), any).unwrap_err();
+        assert!(e.to_string().contains("not an address"), "{e}");
+    }
 
     fn write_identity(dir: &std::path::Path, ca: &Ca, role: Role, id: &str, now: SystemTime) {
         let p = umbra_pki::test_util::issue_pems(

@@ -1078,3 +1078,70 @@ async fn admin_changes_reach_brokers_within_a_second() {
     eprintln!("admin change to both brokers: {took:?}");
     assert!(took[2] <= Duration::from_secs(1), "median {:?}", took[2]);
 }
+
+both_transports!(forwards_share_one_link);
+
+/// One forwarder for several services: each local address reaches its own service (an
+/// allowed one, a denied one, the allowed one again), all over one link to the broker. One
+/// bad forward fails the whole start and leaves nothing listening.
+async fn forwards_share_one_link(t: TransportPref) {
+    init();
+    let s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let cfg = s.agent("alice").config(t);
+    let f = umbra_agent::Forwarder::start_many(
+        cfg.clone(),
+        &[(ECHO.into(), any), (SECRET.into(), any), (ECHO.into(), any)],
+    )
+    .await
+    .unwrap();
+    let [(_, echo1), (_, secret), (_, echo2)] = f.forwards() else {
+        panic!("[{t}] {:?}", f.forwards());
+    };
+    poll("the first echo forward", SOON, || echo_ok(*echo1)).await;
+    echo_ok(*echo2).await.unwrap();
+    refused(*secret).await.unwrap();
+    let mut held = Vec::new();
+    for addr in [echo1, echo2, echo1] {
+        held.push(LiveConn::open(*addr).await.unwrap());
+    }
+    let b = s.brokers[0].running();
+    assert_eq!(b.live_streams(), 3, "[{t}]");
+    assert_eq!(b.agent_links(), 1, "[{t}] three forwards, one link");
+    for mut c in held {
+        c.echo(b"still here").await.unwrap();
+    }
+    f.shutdown().await;
+
+    // A bad name, or an address in use, fails the start, and nothing stays bound.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let first = free.local_addr().unwrap();
+    drop(free);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    match umbra_agent::Forwarder::start_many(
+        cfg.clone(),
+        &[(ECHO.into(), first), (ECHO.into(), busy)],
+    )
+    .await
+    {
+        Err(umbra_agent::AgentError::Listen(a, _)) => assert_eq!(a, busy, "[{t}]"),
+        Err(e) => panic!("[{t}] {e}"),
+        Ok(f) => panic!("[{t}] started on a busy address: {:?}", f.forwards()),
+    }
+    match umbra_agent::Forwarder::start_many(
+        cfg,
+        &[(ECHO.into(), first), ("Not A Name".into(), any)],
+    )
+    .await
+    {
+        Err(umbra_agent::AgentError::ServiceName(n)) => assert_eq!(n, "Not A Name", "[{t}]"),
+        Err(e) => panic!("[{t}] {e}"),
+        Ok(f) => panic!("[{t}] started with a bad name: {:?}", f.forwards()),
+    }
+    std::net::TcpListener::bind(first).expect("the refused start left its first address bound");
+}
