@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use umbra_proto::api::{
     ApiError, BrokerHeartbeat, BrokerList, ConnectorConfig, CreateEnrollToken, CreateGroup,
-    CreatePolicy, CreateService, CreateUser, EnrollRequest, EnrollToken, IssuedCert, RenewRequest,
-    ReplacePolicy, UpdateService, UpdateUser,
+    CreatePolicy, CreateService, CreateUser, EnrollRequest, EnrollToken, IssuedCert, PolicyCheck,
+    RenewRequest, ReplacePolicy, UpdateService, UpdateUser,
 };
 use umbra_proto::{Frame, PeerId, Snapshot};
 
@@ -103,6 +103,7 @@ pub(crate) fn api_request(data: &[u8]) -> bool {
         json::<UpdateUser>(data).is_some(),
         json::<UpdateService>(data).is_some(),
         json::<ReplacePolicy>(data).is_some(),
+        json::<PolicyCheck>(data).is_some(),
     ]
     .contains(&true)
 }

@@ -2206,6 +2206,7 @@ async fn openapi_lists_every_route() {
         ("post", "/v1/policies"),
         ("delete", "/v1/policies/{name}"),
         ("put", "/v1/policies/{name}"),
+        ("post", "/v1/policies/{name}/check"),
         ("get", "/v1/enrollment-tokens"),
         ("post", "/v1/enrollment-tokens"),
         ("delete", "/v1/enrollment-tokens/{id}"),
@@ -2242,7 +2243,7 @@ async fn openapi_lists_every_route() {
             assert_ne!(e.error, "no such route", "{method} {path}");
         }
     }
-    assert_eq!(paths.len(), 31);
+    assert_eq!(paths.len(), 32);
     h.ctl.shutdown().await;
 }
 
@@ -2878,5 +2879,131 @@ async fn access_says_who_may_reach_what_and_why() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    h.ctl.shutdown().await;
+}
+
+/// `POST /v1/policies/{name}/check` names the live streams a policy change would end (a
+/// replacement, a removal, an added `forbid`), decided as brokers decide, and changes
+/// nothing; the twin changes that end nothing list nothing, and a bad text is refused.
+#[tokio::test]
+async fn a_policy_change_can_be_checked_first() {
+    let h = Harness::start().await;
+    h.token("connector", None, Some("c1")).await;
+    h.ok("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    for svc in ["web", "db"] {
+        h.ok(
+            "POST",
+            "/v1/services",
+            Some(json!({ "name": svc, "target": "10.0.0.5:80", "connectors": ["c1"] })),
+        )
+        .await;
+    }
+    let (ann, _) = h.agent("ann@example.test").await;
+    let (ben, _) = h.agent("ben@example.test").await;
+    h.ok(
+        "POST",
+        "/v1/groups/eng/members",
+        Some(json!({ "user": "ann@example.test" })),
+    )
+    .await;
+    let allow = |s: umbra_policy::PolicySubject, svc: &str| umbra_policy::allow_policy(&s, svc);
+    use umbra_policy::PolicySubject::{Everyone, Group, User};
+    h.ok(
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "web", "text": allow(Everyone, "web") })),
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "db", "text": allow(Group("eng".into()), "db") })),
+    )
+    .await;
+    // A broker reports three live streams: ann on web and db, ben on web.
+    let (broker, _) = h.peer("broker", "b1").await;
+    let stream = |id: u64, dev: &TlsIdentity, user: &str, svc: &str| {
+        json!({
+            "id": id, "broker": "b1", "user": user, "device": dev.peer.id.id, "service": svc,
+            "connector": "c-1", "transport": "quic", "started_at": 1, "bytes_up": 0, "bytes_down": 0
+        })
+    };
+    let hb = json!({
+        "name": "b1", "quic_addr": "127.0.0.1:4433", "tcp_addr": null,
+        "server_name": umbra_pki::broker_server_name(&broker.peer.id.id),
+        "snapshot_version": h.ctl.snapshot_version(),
+        "streams": [
+            stream(1, &ann, "ann@example.test", "web"),
+            stream(2, &ann, "ann@example.test", "db"),
+            stream(3, &ben, "ben@example.test", "web"),
+        ],
+        "audit": []
+    });
+    assert_eq!(
+        heartbeat(&h, &h.as_peer(&broker), &hb).await,
+        StatusCode::OK
+    );
+    let version = h.ctl.snapshot_version();
+    let policies = h.ok("GET", "/v1/policies", None).await;
+
+    let check = |name: &'static str, body: Value| {
+        let h = &h;
+        async move {
+            let v = h
+                .ok("POST", &format!("/v1/policies/{name}/check"), Some(body))
+                .await;
+            let r: umbra_proto::api::PolicyCheckResult = serde_json::from_value(v).unwrap();
+            assert_eq!(r.live, 3);
+            let mut ids: Vec<u64> = r.ends.iter().map(|s| s.id).collect();
+            ids.sort();
+            (r.change, ids)
+        }
+    };
+    // web for ann only: ben's stream would end.
+    assert_eq!(
+        check(
+            "web",
+            json!({ "text": allow(User("ann@example.test".into()), "web") })
+        )
+        .await,
+        ("replace".to_owned(), vec![3])
+    );
+    // db removed: ann's db stream would end.
+    assert_eq!(check("db", json!({})).await, ("remove".to_owned(), vec![2]));
+    // A new forbid for ann everywhere: both of hers.
+    let forbid = r#"forbid(principal == Umbra::User::"ann@example.test", action, resource);"#;
+    assert_eq!(
+        check("no-ann", json!({ "text": forbid })).await,
+        ("add".to_owned(), vec![1, 2])
+    );
+    // Twins: a broader text, a new permit: nothing ends.
+    assert_eq!(
+        check("db", json!({ "text": allow(Everyone, "db") })).await,
+        ("replace".to_owned(), vec![])
+    );
+    assert_eq!(
+        check("extra", json!({ "text": allow(Everyone, "db") })).await,
+        ("add".to_owned(), vec![])
+    );
+    // Refused: a bad text, removing what is not there, an unknown field.
+    for (name, body, status, field) in [
+        (
+            "web",
+            json!({ "text": "permit(" }),
+            StatusCode::BAD_REQUEST,
+            "text",
+        ),
+        ("nosuch", json!({}), StatusCode::NOT_FOUND, "name"),
+        ("web", json!({ "txt": "x" }), StatusCode::BAD_REQUEST, "txt"),
+    ] {
+        let (s, v) = h
+            .admin("POST", &format!("/v1/policies/{name}/check"), Some(body))
+            .await;
+        assert_eq!(s, status, "{name}: {v}");
+        assert_eq!(api_error(&v).field.as_deref(), Some(field), "{name}: {v}");
+    }
+    assert_eq!(h.ctl.snapshot_version(), version, "a check changes nothing");
+    assert_eq!(h.ok("GET", "/v1/policies", None).await, policies);
     h.ctl.shutdown().await;
 }

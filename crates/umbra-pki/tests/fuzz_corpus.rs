@@ -286,6 +286,7 @@ fn seed_generator_writes_inputs_the_parsers_handle() {
         ("update-user", r#"{"disabled":true}"#.to_owned()),
         ("update-service", r#"{"target":"[fd00::5]:5432","connectors":["c1","c2"]}"#.to_owned()),
         ("update-service-target", r#"{"target":"db2.internal:5432"}"#.to_owned()),
+        ("check-policy-remove", "{}".to_owned()),
         ("replace-policy", r#"{"text":"permit(principal == Umbra::User::\"a@example.com\", action, resource);"}"#.to_owned()),
     ];
     for (name, body) in bodies {

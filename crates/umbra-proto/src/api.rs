@@ -319,6 +319,27 @@ pub struct ReplacePolicy {
     pub text: String,
 }
 
+/// `POST /v1/policies/{name}/check`: a policy change to try without making it. With `text`,
+/// the policy added (new name) or replaced; without, removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCheck {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// What a policy change would do, were it made now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCheckResult {
+    /// `add`, `replace` or `remove`.
+    pub change: String,
+    /// The live streams (as `GET /v1/streams` lists them) the policy set after the change
+    /// would no longer allow: brokers would end them.
+    pub ends: Vec<LiveStream>,
+    /// Live streams looked at.
+    pub live: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub name: String,

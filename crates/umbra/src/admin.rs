@@ -231,6 +231,9 @@ enum PolicyCmd {
         name: String,
         #[command(flatten)]
         source: PolicySource,
+        /// Change nothing: list the live streams this change would end.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Replace a policy's text, in one change: streams the new text still allows go on (a
     /// remove and add would cut them). Same sources as `add`; an invalid text changes nothing.
@@ -239,6 +242,9 @@ enum PolicyCmd {
         name: String,
         #[command(flatten)]
         source: PolicySource,
+        /// Change nothing: list the live streams this change would end.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List policies.
     List,
@@ -246,6 +252,9 @@ enum PolicyCmd {
     Rm {
         /// Policy name.
         name: String,
+        /// Change nothing: list the live streams this change would end.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -755,7 +764,30 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let v = c.delete(&format!("/v1/services/{}", seg(name))).await?;
             out!(v, |_| println!("service {name} removed"));
         }
-        Cmd::Policy(PolicyCmd::Add { name, source }) => {
+        Cmd::Policy(
+            PolicyCmd::Add {
+                name,
+                source,
+                dry_run: true,
+            }
+            | PolicyCmd::Set {
+                name,
+                source,
+                dry_run: true,
+            },
+        ) => {
+            let body = api::PolicyCheck {
+                text: Some(source.text()?),
+            };
+            check_policy(&c, name, &body, json).await?;
+        }
+        Cmd::Policy(PolicyCmd::Rm {
+            name,
+            dry_run: true,
+        }) => {
+            check_policy(&c, name, &api::PolicyCheck::default(), json).await?;
+        }
+        Cmd::Policy(PolicyCmd::Add { name, source, .. }) => {
             let text = source.text()?;
             let p: api::Policy = c
                 .post(
@@ -768,7 +800,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 .await?;
             out!(p, |p: api::Policy| println!("policy {} added", p.name));
         }
-        Cmd::Policy(PolicyCmd::Set { name, source }) => {
+        Cmd::Policy(PolicyCmd::Set { name, source, .. }) => {
             let p: api::Policy = c
                 .with_body(
                     reqwest::Method::PUT,
@@ -786,7 +818,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 println!("# {}\n{}\n", p.name, p.text.trim_end());
             });
         }
-        Cmd::Policy(PolicyCmd::Rm { name }) => {
+        Cmd::Policy(PolicyCmd::Rm { name, .. }) => {
             let v = c.delete(&format!("/v1/policies/{}", seg(name))).await?;
             out!(v, |_| println!("policy {name} removed"));
         }
@@ -1106,6 +1138,47 @@ async fn follow_audit(
 /// is a valid filter).
 fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
     path_with_query("/v1/audit", query)
+}
+
+/// `policy add|set|rm --dry-run`: the live streams the change would end.
+async fn check_policy(
+    c: &Client,
+    name: &str,
+    body: &api::PolicyCheck,
+    json: bool,
+) -> anyhow::Result<()> {
+    let r: api::PolicyCheckResult = c
+        .post(&format!("/v1/policies/{}/check", seg(name)), body)
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "dry run, nothing changed: to {} policy {name} would end {} of {} live streams",
+        r.change,
+        r.ends.len(),
+        r.live
+    );
+    if !r.ends.is_empty() {
+        table(
+            &["id", "broker", "user", "device", "service", "since"],
+            r.ends
+                .into_iter()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.broker,
+                        s.user,
+                        s.device,
+                        s.service,
+                        ts(s.started_at),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    Ok(())
 }
 
 fn print_service(s: api::Service) {

@@ -7,8 +7,9 @@
 //! In order, alice's live stream through each change, bob's forward as the bystander:
 //! 1. a policy's text replaced by one that still allows alice (through a group): her stream
 //!    runs on; an invalid text is refused and changes nothing;
-//! 2. replaced by one that no longer allows her: her stream ends, new ones are refused, bob
-//!    is served; the old text back, she is served again;
+//! 2. replaced by one that no longer allows her (checked first: the dry run names her live
+//!    stream, not bob's, and changes nothing): her stream ends, new ones are refused, bob is
+//!    served; the old text back, she is served again;
 //! 3. alice disabled: her stream ends and new ones are refused (audited as `disabled_user`,
 //!    the reason `GET /v1/access` gives too), bob is served; enabled again, her enrolled
 //!    device is served at once;
@@ -96,8 +97,28 @@ async fn changes_in_place(t: TransportPref) {
     );
     live.echo(b"a refused change moves nothing").await.unwrap();
 
-    // 2. Replaced by a text that no longer allows alice.
+    // 2. Replaced by a text that no longer allows alice. Checked first: the check names her
+    // live stream (as the broker reported it) and changes nothing.
     let bob_only = allow_policy(&PolicySubject::User(BOB.into()), ECHO);
+    let check = format!("{policy}/check");
+    let version = s.controller().snapshot_version();
+    poll("the check names alice's live stream", SOON, || async {
+        let r = s.admin.post(&check, json!({ "text": bob_only })).await;
+        let ends: Vec<&str> = r["ends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["user"].as_str())
+            .collect();
+        if ends == [ALICE] {
+            Ok(())
+        } else {
+            Err(format!("{r}"))
+        }
+    })
+    .await;
+    assert_eq!(s.controller().snapshot_version(), version, "[{t}]");
+    live.echo(b"a check moves nothing").await.unwrap();
     s.admin
         .ok("PUT", policy, Some(json!({ "text": bob_only })))
         .await;

@@ -1586,6 +1586,28 @@ fn admin_changes_in_place() {
         "{}",
         unknown.describe()
     );
+    // A dry run reports and changes nothing.
+    let before = json(&["policy", "list"]);
+    let dry = ok(&["policy", "rm", "wiki-ann", "--dry-run"]);
+    assert!(
+        dry.contains("dry run, nothing changed: to remove policy wiki-ann would end 0 of 0"),
+        "{dry}"
+    );
+    let dry = json(&[
+        "policy",
+        "add",
+        "more",
+        "--allow-everyone",
+        "--service",
+        "wiki",
+        "--dry-run",
+    ]);
+    assert_eq!(dry["change"], "add", "{dry}");
+    assert_eq!(
+        json(&["policy", "list"]),
+        before,
+        "a dry run changed the policies"
+    );
     let audit = ok(&["audit", "--action", "policy.update", "--result", "ok"]);
     assert!(audit.contains("wiki-ann"), "{audit}");
     p.interrupt();

@@ -630,6 +630,73 @@ pub(super) async fn delete_policy(
     ctx.audited(ADMIN, "policy.delete", &name, res).await
 }
 
+/// `POST /v1/policies/{name}/check`: which live streams a policy change (add, replace or
+/// remove `name`) would end, decided as the brokers will decide once they hold it. Changes
+/// nothing; an invalid text is refused as the change itself would be.
+pub(super) async fn check_policy(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<api::PolicyCheck>,
+) -> Result<Json<api::PolicyCheckResult>, ApiFailure> {
+    let name = validate::name(&name, "name")?;
+    if let Some(text) = &req.text {
+        policy_text(text)?;
+    }
+    let mut r = ctx.store.read().await?;
+    let now = ctx.now_secs();
+    let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
+    let live = live_streams(&ctx, &mut r).await?;
+    drop(r);
+    let held = snapshot.policies.iter().position(|p| p.id == name);
+    let change = match (held, req.text) {
+        (Some(i), Some(text)) => {
+            snapshot.policies[i].text = text;
+            "replace"
+        }
+        (Some(i), None) => {
+            snapshot.policies.remove(i);
+            "remove"
+        }
+        (None, Some(text)) => {
+            snapshot
+                .policies
+                .push(umbra_proto::snapshot::PolicyText { id: name, text });
+            "add"
+        }
+        (None, None) => {
+            return Err(ApiFailure::not_found(
+                "name",
+                format!("no policy {name} to remove (give text to check adding it)"),
+            ));
+        }
+    };
+    let engine = Engine::from_snapshot(&snapshot)
+        .map_err(|e| ApiFailure::invalid("text", format!("invalid policy set: {e}")))?;
+    let transport = |t: &str| if t == "tcp" { "tcp" } else { "quic" };
+    let ends: Vec<LiveStream> = live
+        .iter()
+        .filter(|s| {
+            !engine
+                .decide(&AccessRequest {
+                    device: &s.device,
+                    service: &s.service,
+                    ctx: RequestContext {
+                        now_unix: now,
+                        transport: transport(&s.transport),
+                    },
+                })
+                .allow
+        })
+        .cloned()
+        .collect();
+    Ok(Json(api::PolicyCheckResult {
+        change: change.to_owned(),
+        ends,
+        live: live.len(),
+    }))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Access: what the policy decides, asked by an administrator
 
@@ -1046,9 +1113,14 @@ pub(super) async fn list_streams(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
 ) -> Result<Json<Vec<LiveStream>>, ApiFailure> {
-    let since = ctx.now_secs() - LIVE_BROKER_SECS;
     let mut r = ctx.store.read().await?;
-    let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    Ok(Json(live_streams(&ctx, &mut r).await?))
+}
+
+/// The streams brokers heard from lately report live.
+async fn live_streams(ctx: &Ctx, c: &mut SqliteConnection) -> Result<Vec<LiveStream>, ApiFailure> {
+    let since = ctx.now_secs() - LIVE_BROKER_SECS;
+    let rows = peers::brokers_active(c, &ctx.org).await?;
     let mut out = Vec::new();
     for b in rows.into_iter().filter(|b| b.last_seen >= since) {
         match serde_json::from_str::<Vec<LiveStream>>(&b.streams) {
@@ -1056,7 +1128,7 @@ pub(super) async fn list_streams(
             Err(e) => tracing::warn!(broker = %b.id, error = %e, "stored streams unreadable"),
         }
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]

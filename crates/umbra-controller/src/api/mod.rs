@@ -97,6 +97,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/streams", get(admin::list_streams))
         .route("/v1/audit", get(admin::list_audit))
         .route("/v1/access", get(admin::access))
+        .route("/v1/policies/{name}/check", post(admin::check_policy))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(count_requests))

@@ -333,6 +333,16 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         One("Policy"),
     ),
     r(
+        "post",
+        "/v1/policies/{name}/check",
+        Admin,
+        "Which live streams a change of policy `name` would end (with `text`: added or \
+         replaced; without: removed), decided as brokers will decide; changes nothing",
+        One("PolicyCheck"),
+        200,
+        One("PolicyCheckResult"),
+    ),
+    r(
         "get",
         "/v1/enrollment-tokens",
         Admin,
@@ -676,6 +686,16 @@ struct ReplacePolicy {
     text: String,
 }
 #[derive(ToSchema)]
+struct PolicyCheck {
+    text: Option<String>,
+}
+#[derive(ToSchema)]
+struct PolicyCheckResult {
+    change: String,
+    ends: Vec<LiveStream>,
+    live: u64,
+}
+#[derive(ToSchema)]
 struct Policy {
     name: String,
     text: String,
@@ -793,6 +813,8 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<CreatePolicy>()
         .schema_from::<Policy>()
         .schema_from::<ReplacePolicy>()
+        .schema_from::<PolicyCheck>()
+        .schema_from::<PolicyCheckResult>()
         .schema_from::<AccessDecision>()
         .schema_from::<Access>()
         .schema_from::<CreateEnrollToken>()
