@@ -95,6 +95,27 @@ pub(crate) fn broker_may_report(org: &str, rec: &AuditRecord) -> Result<(), &'st
     Ok(())
 }
 
+/// Whether a broker may list `s` as one of its live streams: a stream of a device of this
+/// organisation, for the device's own user (`owners`: device id -> user), with bounded
+/// fields. The admin stream list and policy checks read these, so a broker cannot make up
+/// streams of other users; what it says of its own devices' streams it is trusted with, as
+/// with its decisions. `Err` says why not.
+pub(crate) fn broker_may_list(
+    s: &umbra_proto::api::LiveStream,
+    owners: &std::collections::HashMap<String, String>,
+) -> Result<(), &'static str> {
+    if owners.get(&s.device) != Some(&s.user) {
+        return Err("stream of a device that is not this user's, or not enrolled");
+    }
+    if [&s.service, &s.connector, &s.transport]
+        .iter()
+        .any(|f| f.len() > BROKER_FIELD_MAX)
+    {
+        return Err("stream field too long");
+    }
+    Ok(())
+}
+
 /// Writes records in the caller's transaction; returns the sequence number of the last one.
 pub(crate) async fn stage(
     c: &mut SqliteConnection,
@@ -169,6 +190,41 @@ pub(crate) fn unix_secs(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_broker_may_list() {
+        let owners: std::collections::HashMap<String, String> =
+            [("d-1".to_owned(), "ann@example.test".to_owned())].into();
+        let ok = umbra_proto::api::LiveStream {
+            id: 1,
+            broker: "b-1".into(),
+            user: "ann@example.test".into(),
+            device: "d-1".into(),
+            service: "web".into(),
+            connector: "c-1".into(),
+            transport: "quic".into(),
+            started_at: 1,
+            bytes_up: 0,
+            bytes_down: 0,
+        };
+        assert_eq!(broker_may_list(&ok, &owners), Ok(()));
+        for bad in [
+            umbra_proto::api::LiveStream {
+                user: "ben@example.test".into(),
+                ..ok.clone()
+            },
+            umbra_proto::api::LiveStream {
+                device: "d-2".into(),
+                ..ok.clone()
+            },
+            umbra_proto::api::LiveStream {
+                connector: "c".repeat(BROKER_FIELD_MAX + 1),
+                ..ok.clone()
+            },
+        ] {
+            assert!(broker_may_list(&bad, &owners).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn what_a_broker_may_report() {

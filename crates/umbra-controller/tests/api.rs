@@ -2330,9 +2330,10 @@ async fn a_peer_revoked_while_waiting_gets_nothing() {
 }
 
 /// A broker reports records of its own decisions; it cannot write records that read as the
-/// administrator's or the controller's, nor unbounded ones. Those are left out, and that it
-/// tried is recorded by the controller. Every record says who wrote it. The twin: the
-/// broker's legitimate record in the same heartbeat is stored.
+/// administrator's or the controller's, nor unbounded ones, nor list live streams of other
+/// users or of devices never enrolled. Those are left out, and that it tried is recorded by
+/// the controller. Every record says who wrote it. The twins: the broker's legitimate record
+/// and stream in the same heartbeat are stored.
 #[tokio::test]
 async fn a_broker_cannot_write_others_audit_records() {
     let h = Harness::start().await;
@@ -2343,6 +2344,12 @@ async fn a_broker_cannot_write_others_audit_records() {
         json!({ "at_ms": 1, "actor": actor, "action": action, "target": target,
                 "result": "allow", "detail": {} })
     };
+    let stream = |id: u64, user: &str, device: &str, service: &str| {
+        json!({ "id": id, "broker": "b1", "user": user, "device": device, "service": service,
+                "connector": "c-1", "transport": "quic", "started_at": 1, "bytes_up": 0,
+                "bytes_down": 0 })
+    };
+    let alice_dev = dev.peer.id.id.as_str();
     let hb = json!({
         "name": "b1",
         "server_name": umbra_pki::broker_server_name(&broker.peer.id.id),
@@ -2351,9 +2358,25 @@ async fn a_broker_cannot_write_others_audit_records() {
             record("admin", "user.delete", "alice@example.com"),
             record(&dev.peer.id.to_uri(), "stream.open", &"x".repeat(10_000)),
             record(&dev.peer.id.to_uri(), "stream.open", "web"),
+        ],
+        // Live streams: alice's own, one said to be bob's on alice's device, one of a device
+        // that was never enrolled, one with an oversized field.
+        "streams": [
+            stream(1, "alice@example.com", alice_dev, "web"),
+            stream(2, "bob@example.com", alice_dev, "web"),
+            stream(3, "alice@example.com", "d-0000000000000000", "web"),
+            stream(4, "alice@example.com", alice_dev, &"x".repeat(10_000)),
         ]
     });
     assert_eq!(heartbeat(&h, &b, &hb).await, StatusCode::OK);
+    let listed = h.ok("GET", "/v1/streams", None).await;
+    let ids: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1], "{listed}");
     let all = h.audit_page("/v1/audit?limit=1000").await;
     assert!(
         !all.iter().any(|e| e.record.action == "user.delete"),
@@ -2370,7 +2393,10 @@ async fn a_broker_cannot_write_others_audit_records() {
     assert_eq!(report.len(), 1, "{report:?}");
     assert_eq!(report[0].record.actor, broker.peer.id.to_uri());
     assert_eq!(report[0].record.result, "error");
-    assert_eq!(report[0].record.detail["refused"], 2);
+    assert_eq!(
+        report[0].record.detail["refused"], 5,
+        "2 records and 3 streams"
+    );
     assert_eq!(report[0].source, "controller");
     assert!(
         all.iter()

@@ -264,17 +264,33 @@ pub(super) async fn heartbeat(
     let now_secs = ctx.now_secs();
     let mut w = ctx.store.write().await?;
     let (peer, row, _) = ctx.check_peer(w.conn(), &conn, &[Role::Broker]).await?;
-    // The broker's id names its streams; never trust a different one in the body.
+    // The broker's id names its streams; never trust a different one in the body. Streams
+    // it may not list (`audit::broker_may_list`) are left out and counted as refusals.
+    let (mut refused, mut why) = (0usize, "");
     let streams_json = match hb.streams {
         Some(streams) => {
-            let streams: Vec<LiveStream> = streams
-                .into_iter()
-                .map(|mut s| {
-                    s.broker = peer.id.id.clone();
-                    s
-                })
-                .collect();
-            Some(serde_json::to_string(&streams).map_err(|_| ApiFailure::internal())?)
+            let owners: std::collections::HashMap<String, String> =
+                peers::peer_list(w.conn(), &ctx.org, peers::Kind::Device)
+                    .await?
+                    .into_iter()
+                    .map(|d| (d.id, d.owner))
+                    .collect();
+            let mut kept: Vec<LiveStream> = Vec::with_capacity(streams.len());
+            for mut s in streams {
+                match audit::broker_may_list(&s, &owners) {
+                    Ok(()) => {
+                        s.broker = peer.id.id.clone();
+                        kept.push(s);
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        if why.is_empty() {
+                            why = e;
+                        }
+                    }
+                }
+            }
+            Some(serde_json::to_string(&kept).map_err(|_| ApiFailure::internal())?)
         }
         None => None,
     };
@@ -303,7 +319,6 @@ pub(super) async fn heartbeat(
     // What a broker may write is checked (`audit::broker_may_report`); what it may not is
     // left out, and that it tried is a record of the controller's own.
     let mut kept = Vec::with_capacity(fresh.len());
-    let (mut refused, mut why) = (0usize, "");
     for r in fresh {
         match audit::broker_may_report(&ctx.org, r) {
             Ok(()) => kept.push(r.clone()),
