@@ -118,14 +118,11 @@ impl Forwarder {
                 )
             })
             .collect();
-        let task = tokio::spawn(run(
-            accepting,
-            session,
-            cfg,
-            identity_rx,
-            cref,
-            cancel.clone(),
-        ));
+        let services: Vec<&str> = bound.iter().map(|(s, _)| s.as_str()).collect();
+        let span = tracing::info_span!("forwards", services = %services.join(","));
+        let task = tokio::spawn(
+            run(accepting, session, cfg, identity_rx, cref, cancel.clone()).instrument(span),
+        );
         Ok(Forwarder {
             forwards: bound,
             cancel,

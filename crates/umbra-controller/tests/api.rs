@@ -2927,6 +2927,7 @@ async fn a_policy_change_can_be_checked_first() {
     }
     let (ann, _) = h.agent("ann@example.test").await;
     let (ben, _) = h.agent("ben@example.test").await;
+    let (cat, _) = h.agent("cat@example.test").await;
     h.ok(
         "POST",
         "/v1/groups/eng/members",
@@ -2963,6 +2964,7 @@ async fn a_policy_change_can_be_checked_first() {
             stream(1, &ann, "ann@example.test", "web"),
             stream(2, &ann, "ann@example.test", "db"),
             stream(3, &ben, "ben@example.test", "web"),
+            stream(4, &cat, "cat@example.test", "web"),
         ],
         "audit": []
     });
@@ -2970,6 +2972,14 @@ async fn a_policy_change_can_be_checked_first() {
         heartbeat(&h, &h.as_peer(&broker), &hb).await,
         StatusCode::OK
     );
+    // cat's device is revoked after the broker's report: her stream ends for that, whatever
+    // any policy change does, and no check counts it.
+    h.ok(
+        "POST",
+        &format!("/v1/devices/{}/revoke", cat.peer.id.id),
+        None,
+    )
+    .await;
     let version = h.ctl.snapshot_version();
     let policies = h.ok("GET", "/v1/policies", None).await;
 
@@ -2980,10 +2990,14 @@ async fn a_policy_change_can_be_checked_first() {
                 .ok("POST", &format!("/v1/policies/{name}/check"), Some(body))
                 .await;
             let r: umbra_proto::api::PolicyCheckResult = serde_json::from_value(v).unwrap();
-            assert_eq!(r.live, 3);
-            let mut ids: Vec<u64> = r.ends.iter().map(|s| s.id).collect();
-            ids.sort();
-            (r.change, ids)
+            assert_eq!((r.live, r.brokers_silent), (4, 0));
+            let mut ends: Vec<(u64, String)> = r
+                .ends
+                .iter()
+                .map(|e| (e.stream.id, e.reason.clone()))
+                .collect();
+            ends.sort();
+            (r.change, ends)
         }
     };
     // web for ann only: ben's stream would end.
@@ -2993,15 +3007,21 @@ async fn a_policy_change_can_be_checked_first() {
             json!({ "text": allow(User("ann@example.test".into()), "web") })
         )
         .await,
-        ("replace".to_owned(), vec![3])
+        ("replace".to_owned(), vec![(3, "no_permit".to_owned())])
     );
     // db removed: ann's db stream would end.
-    assert_eq!(check("db", json!({})).await, ("remove".to_owned(), vec![2]));
+    assert_eq!(
+        check("db", json!({})).await,
+        ("remove".to_owned(), vec![(2, "no_permit".to_owned())])
+    );
     // A new forbid for ann everywhere: both of hers.
     let forbid = r#"forbid(principal == Umbra::User::"ann@example.test", action, resource);"#;
     assert_eq!(
         check("no-ann", json!({ "text": forbid })).await,
-        ("add".to_owned(), vec![1, 2])
+        (
+            "add".to_owned(),
+            vec![(1, "forbidden".to_owned()), (2, "forbidden".to_owned())]
+        )
     );
     // Twins: a broader text, a new permit: nothing ends.
     assert_eq!(

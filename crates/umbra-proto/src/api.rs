@@ -333,11 +333,22 @@ pub struct PolicyCheck {
 pub struct PolicyCheckResult {
     /// `add`, `replace` or `remove`.
     pub change: String,
-    /// The live streams (as `GET /v1/streams` lists them) the policy set after the change
-    /// would no longer allow: brokers would end them.
-    pub ends: Vec<LiveStream>,
+    /// The live streams (as `GET /v1/streams` lists them) the policy allows now and would
+    /// not after the change: brokers would end them.
+    pub ends: Vec<PolicyCheckEnd>,
     /// Live streams looked at.
     pub live: usize,
+    /// Brokers whose streams could not be looked at (not heard from in the last 30 s): they
+    /// apply the change too once they hold it.
+    pub brokers_silent: usize,
+}
+
+/// One stream a policy change would end, and the decision's reason after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCheckEnd {
+    pub stream: LiveStream,
+    /// `no_permit`, `forbidden`, ...
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -779,13 +779,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let body = api::PolicyCheck {
                 text: Some(source.text()?),
             };
-            check_policy(&c, name, &body, json).await?;
+            let expect = if matches!(a.cmd, Cmd::Policy(PolicyCmd::Add { .. })) {
+                "add"
+            } else {
+                "replace"
+            };
+            check_policy(&c, name, &body, expect, json).await?;
         }
         Cmd::Policy(PolicyCmd::Rm {
             name,
             dry_run: true,
         }) => {
-            check_policy(&c, name, &api::PolicyCheck::default(), json).await?;
+            check_policy(&c, name, &api::PolicyCheck::default(), "remove", json).await?;
         }
         Cmd::Policy(PolicyCmd::Add { name, source, .. }) => {
             let text = source.text()?;
@@ -1140,16 +1145,24 @@ fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
     path_with_query("/v1/audit", query)
 }
 
-/// `policy add|set|rm --dry-run`: the live streams the change would end.
+/// `policy add|set|rm --dry-run`: the live streams the change would end. `expect` is the
+/// change the command makes; a dry run of a command that would be refused (`add` of a name
+/// in use, `set` of a name not in use) fails as the command would.
 async fn check_policy(
     c: &Client,
     name: &str,
     body: &api::PolicyCheck,
+    expect: &str,
     json: bool,
 ) -> anyhow::Result<()> {
     let r: api::PolicyCheckResult = c
         .post(&format!("/v1/policies/{}/check", seg(name)), body)
         .await?;
+    match (expect, r.change.as_str()) {
+        (e, got) if e == got => {}
+        ("add", _) => bail!("policy {name} already exists (field name)"),
+        _ => bail!("no policy {name} (field name)"),
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -1160,19 +1173,28 @@ async fn check_policy(
         r.ends.len(),
         r.live
     );
+    if r.brokers_silent > 0 {
+        println!(
+            "({} brokers not heard from lately are not counted; they apply the change too)",
+            r.brokers_silent
+        );
+    }
     if !r.ends.is_empty() {
         table(
-            &["id", "broker", "user", "device", "service", "since"],
+            &[
+                "id", "broker", "user", "device", "service", "since", "reason",
+            ],
             r.ends
                 .into_iter()
-                .map(|s| {
+                .map(|e| {
                     vec![
-                        s.id.to_string(),
-                        s.broker,
-                        s.user,
-                        s.device,
-                        s.service,
-                        ts(s.started_at),
+                        e.stream.id.to_string(),
+                        e.stream.broker,
+                        e.stream.user,
+                        e.stream.device,
+                        e.stream.service,
+                        ts(e.stream.started_at),
+                        e.reason,
                     ]
                 })
                 .collect(),

@@ -257,6 +257,11 @@ fn forward_pairs(args: &[String], listen: SocketAddr) -> anyhow::Result<Vec<(Str
             None => out.push((a.clone(), listen)),
         }
     }
+    for (i, (_, a)) in out.iter().enumerate() {
+        if a.port() != 0 && *a != listen && out[..i].iter().any(|(_, b)| b == a) {
+            anyhow::bail!("two services would listen on {a}: give each its own address");
+        }
+    }
     let on_listen = out.iter().filter(|(_, a)| *a == listen).count();
     if on_listen > 1 && listen.port() != 0 {
         anyhow::bail!(
@@ -297,6 +302,13 @@ mod tests {
         assert!(e.to_string().contains("NAME=ADDR"), "{e}");
         let e = forward_pairs(&args(&["wiki=localhost"]), any).unwrap_err();
         assert!(e.to_string().contains("not an address"), "{e}");
+        let e = forward_pairs(&args(&["a=127.0.0.1:81", "b=127.0.0.1:81"]), any).unwrap_err();
+        assert!(e.to_string().contains("127.0.0.1:81"), "{e}");
+        // IPv6: the name ends at the first '='.
+        assert_eq!(
+            forward_pairs(&args(&["ssh=[::1]:2222"]), any).unwrap(),
+            vec![("ssh".to_owned(), "[::1]:2222".parse().unwrap())]
+        );
     }
 
     fn write_identity(dir: &std::path::Path, ca: &Ca, role: Role, id: &str, now: SystemTime) {

@@ -102,23 +102,29 @@ async fn changes_in_place(t: TransportPref) {
     let bob_only = allow_policy(&PolicySubject::User(BOB.into()), ECHO);
     let check = format!("{policy}/check");
     let version = s.controller().snapshot_version();
-    poll("the check names alice's live stream", SOON, || async {
-        let r = s.admin.post(&check, json!({ "text": bob_only })).await;
-        let ends: Vec<&str> = r["ends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["user"].as_str())
-            .collect();
-        if ends == [ALICE] {
-            Ok(())
-        } else {
-            Err(format!("{r}"))
-        }
-    })
+    let mut bob_live = LiveConn::open(fb).await.unwrap();
+    poll(
+        "the check names alice's live stream, not bob's",
+        SOON,
+        || async {
+            let r = s.admin.post(&check, json!({ "text": bob_only })).await;
+            let ends: Vec<&str> = r["ends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|e| e["stream"]["user"].as_str())
+                .collect();
+            if ends == [ALICE] && r["live"].as_u64() == Some(2) {
+                Ok(())
+            } else {
+                Err(format!("{r}"))
+            }
+        },
+    )
     .await;
     assert_eq!(s.controller().snapshot_version(), version, "[{t}]");
     live.echo(b"a check moves nothing").await.unwrap();
+    bob_live.echo(b"bob's stream is not named").await.unwrap();
     s.admin
         .ok("PUT", policy, Some(json!({ "text": bob_only })))
         .await;

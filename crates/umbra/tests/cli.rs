@@ -1603,6 +1603,35 @@ fn admin_changes_in_place() {
         "--dry-run",
     ]);
     assert_eq!(dry["change"], "add", "{dry}");
+    // A dry run of a command that would be refused is refused the same way.
+    let taken = admin(&[
+        "policy",
+        "add",
+        "wiki-ann",
+        "--allow-everyone",
+        "--service",
+        "wiki",
+        "--dry-run",
+    ]);
+    assert!(
+        !taken.success() && taken.stderr.contains("already exists"),
+        "{}",
+        taken.describe()
+    );
+    let missing = admin(&[
+        "policy",
+        "set",
+        "nosuch",
+        "--allow-everyone",
+        "--service",
+        "wiki",
+        "--dry-run",
+    ]);
+    assert!(
+        !missing.success() && missing.stderr.contains("no policy nosuch"),
+        "{}",
+        missing.describe()
+    );
     assert_eq!(
         json(&["policy", "list"]),
         before,

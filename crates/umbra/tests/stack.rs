@@ -1122,7 +1122,19 @@ async fn forwards_share_one_link(t: TransportPref) {
     for mut c in held {
         c.echo(b"still here").await.unwrap();
     }
+    let bound: Vec<std::net::SocketAddr> = f.forwards().iter().map(|(_, a)| *a).collect();
     f.shutdown().await;
+    // Shut down, it holds nothing: no address, no link.
+    for a in bound {
+        std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("[{t}] {a} still bound: {e}"));
+    }
+    poll("the link closed", SOON, || async {
+        match b.agent_links() {
+            0 => Ok(()),
+            n => Err(format!("[{t}] {n} agent links")),
+        }
+    })
+    .await;
 
     // A bad name, or an address in use, fails the start, and nothing stays bound.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

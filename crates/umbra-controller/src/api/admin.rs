@@ -5,6 +5,7 @@
 //! audit record and bumps the snapshot version; a refused write changes nothing except adding
 //! an audit record of the refusal.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -646,8 +647,12 @@ pub(super) async fn check_policy(
     let mut r = ctx.store.read().await?;
     let now = ctx.now_secs();
     let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
-    let live = live_streams(&ctx, &mut r).await?;
+    let (live, brokers_silent) = live_streams_and_silent(&ctx, &mut r).await?;
     drop(r);
+    let before = Engine::from_snapshot(&snapshot).map_err(|e| {
+        tracing::error!(error = %e, "stored policies do not compile");
+        ApiFailure::internal()
+    })?;
     let held = snapshot.policies.iter().position(|p| p.id == name);
     let change = match (held, req.text) {
         (Some(i), Some(text)) => {
@@ -671,29 +676,43 @@ pub(super) async fn check_policy(
             ));
         }
     };
-    let engine = Engine::from_snapshot(&snapshot)
+    let after = Engine::from_snapshot(&snapshot)
         .map_err(|e| ApiFailure::invalid("text", format!("invalid policy set: {e}")))?;
-    let transport = |t: &str| if t == "tcp" { "tcp" } else { "quic" };
-    let ends: Vec<LiveStream> = live
-        .iter()
-        .filter(|s| {
-            !engine
-                .decide(&AccessRequest {
+    // Only streams the policy allows now and would not after: one that is denied already
+    // (a device revoked, a user disabled since the broker's report) ends for that reason,
+    // not for this change. One decision pair per device, service and transport.
+    let mut decided: HashMap<(&str, &str, &str), Option<String>> = HashMap::new();
+    let mut ends = Vec::new();
+    for s in &live {
+        let transport: &'static str = if s.transport == "tcp" { "tcp" } else { "quic" };
+        let why = decided
+            .entry((&s.device, &s.service, transport))
+            .or_insert_with(|| {
+                let req = AccessRequest {
                     device: &s.device,
                     service: &s.service,
                     ctx: RequestContext {
                         now_unix: now,
-                        transport: transport(&s.transport),
+                        transport,
                     },
-                })
-                .allow
-        })
-        .cloned()
-        .collect();
+                };
+                let now_allowed = before.decide(&req).allow;
+                let then = after.decide(&req);
+                (now_allowed && !then.allow).then(|| then.reason.as_str().to_owned())
+            })
+            .clone();
+        if let Some(reason) = why {
+            ends.push(api::PolicyCheckEnd {
+                stream: s.clone(),
+                reason,
+            });
+        }
+    }
     Ok(Json(api::PolicyCheckResult {
         change: change.to_owned(),
         ends,
         live: live.len(),
+        brokers_silent,
     }))
 }
 
@@ -1119,16 +1138,33 @@ pub(super) async fn list_streams(
 
 /// The streams brokers heard from lately report live.
 async fn live_streams(ctx: &Ctx, c: &mut SqliteConnection) -> Result<Vec<LiveStream>, ApiFailure> {
+    Ok(live_streams_and_silent(ctx, c).await?.0)
+}
+
+/// [`live_streams`], and how many brokers (not revoked) are left out of it: not heard from
+/// lately, or with a list that cannot be read.
+async fn live_streams_and_silent(
+    ctx: &Ctx,
+    c: &mut SqliteConnection,
+) -> Result<(Vec<LiveStream>, usize), ApiFailure> {
     let since = ctx.now_secs() - LIVE_BROKER_SECS;
     let rows = peers::brokers_active(c, &ctx.org).await?;
     let mut out = Vec::new();
-    for b in rows.into_iter().filter(|b| b.last_seen >= since) {
+    let mut silent = 0;
+    for b in rows {
+        if b.last_seen < since {
+            silent += 1;
+            continue;
+        }
         match serde_json::from_str::<Vec<LiveStream>>(&b.streams) {
             Ok(s) => out.extend(s),
-            Err(e) => tracing::warn!(broker = %b.id, error = %e, "stored streams unreadable"),
+            Err(e) => {
+                silent += 1;
+                tracing::warn!(broker = %b.id, error = %e, "stored streams unreadable");
+            }
         }
     }
-    Ok(out)
+    Ok((out, silent))
 }
 
 #[derive(Debug, Deserialize)]

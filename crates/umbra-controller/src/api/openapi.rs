@@ -690,10 +690,16 @@ struct PolicyCheck {
     text: Option<String>,
 }
 #[derive(ToSchema)]
+struct PolicyCheckEnd {
+    stream: LiveStream,
+    reason: String,
+}
+#[derive(ToSchema)]
 struct PolicyCheckResult {
     change: String,
-    ends: Vec<LiveStream>,
+    ends: Vec<PolicyCheckEnd>,
     live: u64,
+    brokers_silent: u64,
 }
 #[derive(ToSchema)]
 struct Policy {
@@ -814,6 +820,7 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<Policy>()
         .schema_from::<ReplacePolicy>()
         .schema_from::<PolicyCheck>()
+        .schema_from::<PolicyCheckEnd>()
         .schema_from::<PolicyCheckResult>()
         .schema_from::<AccessDecision>()
         .schema_from::<Access>()
