@@ -1459,6 +1459,16 @@ fn admin_changes_in_place() {
         serde_json::from_str(&ok(&all)).expect("JSON output")
     };
 
+    // A command that must fail, saying `why`.
+    let refused = |args: &[&str], why: &str| {
+        let o = admin(args);
+        assert!(
+            !o.success() && o.stderr.contains(why),
+            "umbra admin {}: {}",
+            args.join(" "),
+            o.describe()
+        );
+    };
     ok(&["user", "add", "ann@example.test"]);
     assert!(ok(&["user", "disable", "ann@example.test"]).contains("disabled"));
     assert_eq!(json(&["user", "list"])[0]["disabled"], true);
@@ -1524,18 +1534,16 @@ fn admin_changes_in_place() {
         before,
         "a refused text changed the policy"
     );
-    let missing = admin(&[
-        "policy",
-        "set",
-        "nosuch",
-        "--allow-everyone",
-        "--service",
-        "wiki",
-    ]);
-    assert!(
-        !missing.success() && missing.stderr.contains("no policy nosuch"),
-        "{}",
-        missing.describe()
+    refused(
+        &[
+            "policy",
+            "set",
+            "nosuch",
+            "--allow-everyone",
+            "--service",
+            "wiki",
+        ],
+        "no policy nosuch",
     );
     ok(&["group", "add", "eng"]);
     assert!(
@@ -1580,12 +1588,7 @@ fn admin_changes_in_place() {
                 .any(|l| l.starts_with("wiki") && l.contains("allow") && l.contains("wiki-ann")),
         "{printed}"
     );
-    let unknown = admin(&["access", "--user", "nobody@example.test"]);
-    assert!(
-        !unknown.success() && unknown.stderr.contains("field user"),
-        "{}",
-        unknown.describe()
-    );
+    refused(&["access", "--user", "nobody@example.test"], "field user");
     // A dry run reports and changes nothing.
     let before = json(&["policy", "list"]);
     let dry = ok(&["policy", "rm", "wiki-ann", "--dry-run"]);
@@ -1604,33 +1607,29 @@ fn admin_changes_in_place() {
     ]);
     assert_eq!(dry["change"], "add", "{dry}");
     // A dry run of a command that would be refused is refused the same way.
-    let taken = admin(&[
-        "policy",
-        "add",
-        "wiki-ann",
-        "--allow-everyone",
-        "--service",
-        "wiki",
-        "--dry-run",
-    ]);
-    assert!(
-        !taken.success() && taken.stderr.contains("already exists"),
-        "{}",
-        taken.describe()
+    refused(
+        &[
+            "policy",
+            "add",
+            "wiki-ann",
+            "--allow-everyone",
+            "--service",
+            "wiki",
+            "--dry-run",
+        ],
+        "already exists",
     );
-    let missing = admin(&[
-        "policy",
-        "set",
-        "nosuch",
-        "--allow-everyone",
-        "--service",
-        "wiki",
-        "--dry-run",
-    ]);
-    assert!(
-        !missing.success() && missing.stderr.contains("no policy nosuch"),
-        "{}",
-        missing.describe()
+    refused(
+        &[
+            "policy",
+            "set",
+            "nosuch",
+            "--allow-everyone",
+            "--service",
+            "wiki",
+            "--dry-run",
+        ],
+        "no policy nosuch",
     );
     assert_eq!(
         json(&["policy", "list"]),
