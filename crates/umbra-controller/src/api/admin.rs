@@ -169,10 +169,8 @@ pub(super) async fn update_user(
             q::set_user_disabled(w.conn(), &ctx.org, &id, disabled).await?;
         }
         // The answer is read in the same transaction: what was committed, nothing later.
-        let user = q::list_users(w.conn(), &ctx.org)
+        let user = q::user(w.conn(), &ctx.org, &id)
             .await?
-            .into_iter()
-            .find(|u| u.id == id)
             .ok_or_else(ApiFailure::internal)?;
         if was != disabled {
             let devices = peers::devices_of_user(w.conn(), &ctx.org, &id).await?;
@@ -593,10 +591,8 @@ pub(super) async fn replace_policy(
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
         // The answer is read in the same transaction: what was committed, nothing later.
-        let policy = q::list_policies(w.conn(), &ctx.org)
+        let policy = q::policy(w.conn(), &ctx.org, &name)
             .await?
-            .into_iter()
-            .find(|p| p.name == name)
             .ok_or_else(ApiFailure::internal)?;
         let rec = audit::record(
             ctx.now(),
@@ -631,6 +627,14 @@ pub(super) async fn delete_policy(
     ctx.audited(ADMIN, "policy.delete", &name, res).await
 }
 
+/// The engine of the stored policies (validated when written, so a failure is ours).
+fn stored_engine(snapshot: &umbra_proto::Snapshot) -> Result<Engine, ApiFailure> {
+    Engine::from_snapshot(snapshot).map_err(|e| {
+        tracing::error!(error = %e, "stored policies do not compile");
+        ApiFailure::internal()
+    })
+}
+
 /// `POST /v1/policies/{name}/check`: which live streams a policy change (add, replace or
 /// remove `name`) would end, decided as the brokers will decide once they hold it. Changes
 /// nothing; an invalid text is refused as the change itself would be.
@@ -649,10 +653,7 @@ pub(super) async fn check_policy(
     let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
     let (live, brokers_silent) = live_streams_and_silent(&ctx, &mut r).await?;
     drop(r);
-    let before = Engine::from_snapshot(&snapshot).map_err(|e| {
-        tracing::error!(error = %e, "stored policies do not compile");
-        ApiFailure::internal()
-    })?;
+    let before = stored_engine(&snapshot)?;
     let held = snapshot.policies.iter().position(|p| p.id == name);
     let change = match (held, req.text) {
         (Some(i), Some(text)) => {
@@ -789,10 +790,7 @@ pub(super) async fn access(
             ANY_DEVICE.to_owned()
         }
     };
-    let engine = Engine::from_snapshot(&snapshot).map_err(|e| {
-        tracing::error!(error = %e, "stored policies do not compile");
-        ApiFailure::internal()
-    })?;
+    let engine = stored_engine(&snapshot)?;
     let services: Vec<String> = match &aq.service {
         Some(s) => vec![s.clone()],
         None => snapshot.services.iter().map(|s| s.name.clone()).collect(),

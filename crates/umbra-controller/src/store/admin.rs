@@ -31,6 +31,36 @@ pub(crate) async fn list_users(
         .collect())
 }
 
+/// One user, if it exists.
+pub(crate) async fn user(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+) -> Result<Option<api::User>, sqlx::Error> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT disabled, created_at FROM users WHERE org = $1 AND id = $2")
+            .bind(org)
+            .bind(id)
+            .fetch_optional(&mut *c)
+            .await?;
+    let Some((disabled, created_at)) = row else {
+        return Ok(None);
+    };
+    let groups: Vec<String> = sqlx::query_scalar(
+        "SELECT group_name FROM group_members WHERE org = $1 AND user_id = $2 ORDER BY group_name",
+    )
+    .bind(org)
+    .bind(id)
+    .fetch_all(c)
+    .await?;
+    Ok(Some(api::User {
+        id: id.to_owned(),
+        groups,
+        disabled: disabled != 0,
+        created_at: to_u64(created_at),
+    }))
+}
+
 /// user id -> sorted group names.
 pub(crate) async fn memberships_by_user(
     c: &mut SqliteConnection,
@@ -448,6 +478,25 @@ pub(crate) async fn list_policies(
             created_at: to_u64(created_at),
         })
         .collect())
+}
+
+/// One policy, if it exists.
+pub(crate) async fn policy(
+    c: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+) -> Result<Option<api::Policy>, sqlx::Error> {
+    let row: Option<(String, i64)> =
+        sqlx::query_as("SELECT body, created_at FROM policies WHERE org = $1 AND name = $2")
+            .bind(org)
+            .bind(name)
+            .fetch_optional(c)
+            .await?;
+    Ok(row.map(|(text, created_at)| api::Policy {
+        name: name.to_owned(),
+        text,
+        created_at: to_u64(created_at),
+    }))
 }
 
 pub(crate) async fn policy_exists(
