@@ -59,6 +59,22 @@ impl Authority {
             && unix(now).saturating_sub(self.confirmed_at) <= max_staleness.as_secs()
     }
 
+    /// How long until this state stops being fresh at the current confirmation; `None` if it
+    /// is not fresh now. Freshness counts whole seconds, so it ends at the start of the first
+    /// second past the limit.
+    pub(crate) fn fresh_for(&self, now: SystemTime, max_staleness: Duration) -> Option<Duration> {
+        if !self.is_fresh(now, max_staleness) {
+            return None;
+        }
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let stale_at = Duration::from_secs(
+            self.confirmed_at
+                .saturating_add(max_staleness.as_secs())
+                .saturating_add(1),
+        );
+        Some(stale_at.saturating_sub(now))
+    }
+
     /// Seconds since the controller last confirmed the snapshot.
     pub(crate) fn age(&self, now: SystemTime) -> u64 {
         unix(now).saturating_sub(self.confirmed_at)
@@ -146,6 +162,26 @@ mod tests {
                 .unwrap()
                 .is_fresh(UNIX_EPOCH + Duration::from_secs(1), max)
         );
+    }
+
+    #[test]
+    fn fresh_for_ends_where_freshness_ends() {
+        let a = Authority::new(snap(3), 1_000).unwrap();
+        let max = Duration::from_secs(60);
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(
+            a.fresh_for(at(1_000_000), max),
+            Some(Duration::from_secs(61))
+        );
+        assert_eq!(
+            a.fresh_for(at(1_060_250), max),
+            Some(Duration::from_millis(750))
+        );
+        // Waking when it said, the state is stale: no wake-up too early to see it.
+        let left = a.fresh_for(at(1_060_250), max).unwrap();
+        assert!(!a.is_fresh(at(1_060_250) + left, max));
+        assert_eq!(a.fresh_for(at(1_061_000), max), None);
+        assert_eq!(Authority::empty().unwrap().fresh_for(at(5), max), None);
     }
 
     #[test]

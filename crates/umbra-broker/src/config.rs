@@ -26,7 +26,7 @@ pub struct BrokerConfig {
     pub advertise_host: Option<String>,
     /// How long the broker keeps authorizing streams from its last snapshot once it can no
     /// longer confirm it with the controller. Past this, every new stream is refused, and
-    /// live streams end at their next re-check (`reverify_secs`).
+    /// live streams end too (the re-check comes then, whatever `reverify_secs` is).
     pub max_staleness_secs: u64,
     /// Live streams are decided again at least this often (and at once on every new
     /// snapshot): a decision can change with time alone, by a policy on `context.now` or by

@@ -132,21 +132,44 @@ fn end_disallowed(shared: &Shared, live: &[Arc<LiveEntry>], a: &Authority, now: 
 
 /// Re-decides the live streams every `reverify_secs`, also when no snapshot arrives: a
 /// decision can change with time alone (a policy on `context.now`, the staleness limit).
+/// When the snapshot goes stale before the next re-check, it wakes then instead, so that
+/// live streams end at the staleness limit whatever `reverify_secs` is.
 pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.cfg.reverify());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let every = shared.cfg.reverify();
+    let max_staleness = shared.cfg.max_staleness();
+    let mut wait = next_recheck(
+        &shared.authority.load(),
+        SystemTime::now(),
+        every,
+        max_staleness,
+    );
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(wait) => {}
         }
         // The list before the state: a stream admitted under a snapshot installed meanwhile
         // is either not in the list, or judged by that snapshot (or a newer one), never by
         // an older one that would end it wrongly.
         let live = shared.streams.entries();
         let a = shared.authority.load_full();
-        end_disallowed(&shared, &live, &a, SystemTime::now());
+        let now = SystemTime::now();
+        end_disallowed(&shared, &live, &a, now);
+        wait = next_recheck(&a, now, every, max_staleness);
+    }
+}
+
+/// Time to the next re-check: `every`, or less if the state goes stale sooner. A
+/// confirmation that arrives meanwhile only makes that wake-up find nothing to end. Pure.
+fn next_recheck(
+    a: &Authority,
+    now: SystemTime,
+    every: Duration,
+    max_staleness: Duration,
+) -> Duration {
+    match a.fresh_for(now, max_staleness) {
+        Some(left) => every.min(left),
+        None => every,
     }
 }
 
@@ -249,6 +272,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn the_stream_list_goes_out_when_it_changed_or_got_old() {
@@ -270,6 +294,36 @@ mod tests {
         assert!(streams_due(last, 6, at(1_000), gap));
         // Byte counts refresh.
         assert!(streams_due(last, 5, at(10_000), gap));
+    }
+
+    #[test]
+    fn a_recheck_comes_when_the_snapshot_goes_stale() {
+        let a = Authority::new(
+            Snapshot {
+                version: 2,
+                ..Snapshot::default()
+            },
+            1_000,
+        )
+        .unwrap();
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let every = Duration::from_secs(10);
+        let max = Duration::from_secs(2);
+        // Stale at 1,003: the re-check comes then, not 10 s later.
+        assert_eq!(
+            next_recheck(&a, at(1_000), every, max),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            next_recheck(&a, at(1_002), every, max),
+            Duration::from_secs(1)
+        );
+        // Already stale, or far from it: the usual interval.
+        assert_eq!(next_recheck(&a, at(1_003), every, max), every);
+        assert_eq!(
+            next_recheck(&a, at(1_000), every, Duration::from_secs(3600)),
+            every
+        );
     }
 
     #[test]

@@ -50,11 +50,12 @@ struct RunArgs {
     /// Host agents and connectors dial (needed when listening on 0.0.0.0 or [::]).
     #[arg(long, env = "UMBRA_BROKER_ADVERTISE_HOST")]
     advertise_host: Option<String>,
-    /// Keep authorizing from the last snapshot this long without the controller (e.g. 1h).
+    /// Keep authorizing from the last snapshot this long without the controller (e.g. 1h);
+    /// past it new streams are refused and live ones end.
     #[arg(long, env = "UMBRA_BROKER_MAX_STALENESS", value_parser = load::parse_duration)]
     max_staleness: Option<std::time::Duration>,
     /// Decide live streams again at least this often (e.g. 10s; 1s to 1h), besides at every
-    /// policy change: time-bound policies and the staleness limit end streams by it.
+    /// policy change: time-bound policies end streams by it.
     #[arg(long, env = "UMBRA_BROKER_REVERIFY", value_parser = load::parse_duration)]
     reverify: Option<std::time::Duration>,
     /// Close streams idle this long (e.g. 1h).

@@ -668,6 +668,19 @@ async fn brokers_and_controller_away(t: TransportPref) {
         .await;
     }
 
+    // The 2 s broker re-checks live streams only hourly from here: its staleness cut below
+    // must not wait for that.
+    s.brokers[1].stop().await;
+    s.brokers[1].cfg.reverify_secs = 3600;
+    s.brokers[1].start_again().await;
+    {
+        let b = &s.brokers[1];
+        poll("the 2 s broker serves again", SOON, || {
+            served(b, lt, &alice_id)
+        })
+        .await;
+    }
+
     // A 2 s staleness limit holds while the controller is up: the broker hears from it more
     // often than that, also when nothing changes (the pace below is not an assertion).
     let until = Instant::now() + Duration::from_secs(4);
@@ -679,6 +692,16 @@ async fn brokers_and_controller_away(t: TransportPref) {
     // 11. Controller away.
     let mut live = LiveConn::open(fa).await.unwrap();
     served(&s.brokers[1], lt, &alice_id).await.unwrap();
+    // A stream held open on the 2 s broker, to see it end when that broker turns stale.
+    let stale_link = dial(&s.brokers[1], lt, &alice_id).await.unwrap();
+    let (code, mut on_stale) = open(&stale_link, ECHO).await.unwrap();
+    assert_eq!(code, OpenCode::Ok, "[{t}]");
+    on_stale.send_chunk(Bytes::from_static(b"x")).await.unwrap();
+    let first = tokio::time::timeout(SOON, on_stale.recv_chunk()).await;
+    assert!(
+        matches!(first, Ok(Ok(Some(ref c))) if &c[..] == b"x"),
+        "[{t}] {first:?}"
+    );
     served(&s.brokers[0], lt, &alice_id).await.unwrap();
     s.stop_controller().await;
     live.echo(b"the controller is gone").await.unwrap();
@@ -710,6 +733,13 @@ async fn brokers_and_controller_away(t: TransportPref) {
         },
     )
     .await;
+    // Its live stream ends with the staleness limit, not at the next hourly re-check.
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Ok(Some(_)) = on_stale.recv_chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "[{t}] a stream on the stale broker runs on");
+    stale_link.close();
     // Its twin with a day of staleness allowed still serves, and the agent goes there.
     served(&s.brokers[0], lt, &alice_id).await.unwrap();
     for _ in 0..3 {
