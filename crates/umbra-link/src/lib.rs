@@ -33,6 +33,7 @@ pub mod pending;
 mod quic;
 mod quic_kx;
 mod quic_socket;
+mod quic_streams;
 pub mod quota;
 mod relay;
 mod stream;

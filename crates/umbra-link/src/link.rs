@@ -72,6 +72,8 @@ struct LinkInner {
 pub(crate) enum Conn {
     Quic {
         conn: quinn::Connection,
+        /// The streams the peer holds open and the limit it is given (grown with use).
+        credit: crate::quic_streams::StreamCredit,
         /// A dialer's own endpoint, kept alive with the link.
         _endpoint: Option<quinn::Endpoint>,
     },
@@ -234,12 +236,17 @@ impl Link {
             return None;
         }
         match &self.inner.conn {
-            Conn::Quic { conn, .. } => {
+            Conn::Quic { conn, credit, .. } => {
                 let (s, r) = conn.accept_bi().await.ok()?;
+                let (held, raise) = credit.accepted();
+                if let Some(limit) = raise {
+                    debug!(parent: &self.inner.span, limit, "peer may open more streams at once");
+                    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limit));
+                }
                 Some(Stream::new(
                     u64::from(s.id()),
                     SendHalf::quic(s),
-                    RecvHalf::quic(r),
+                    RecvHalf::quic(r).holding(held),
                     &self.inner.span,
                 ))
             }

@@ -2,8 +2,8 @@
 //!
 //! Streams are QUIC bidi streams. Stream limits enforce who opens: the side that must not be
 //! opened at advertises `max_concurrent_bidi_streams = 0`. The listener does not know the
-//! dialer's role before the handshake, so it starts at `max_streams` and lowers the limit to 0
-//! for connector links. quinn's defaults for GSO/GRO and ECN stay on; path MTU discovery goes
+//! dialer's role before the handshake, so it starts at a small limit (`quic_streams`), grown
+//! with use on agent links and lowered to 0 for connector links. quinn's defaults for GSO/GRO and ECN stay on; path MTU discovery goes
 //! up to the largest UDP payload (see `quic_socket.rs`).
 //!
 //! The negotiated key exchange group is read from the ServerHello (see `quic_kx.rs`), because
@@ -24,6 +24,7 @@ use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
 use crate::path_mtu;
 use crate::quic_kx::{KxClientConfig, KxServerConfig, QuicHandshake};
 use crate::quic_socket::UdpIo;
+use crate::quic_streams::{self, StreamCredit};
 use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
 
 fn transport_config(
@@ -51,7 +52,7 @@ fn transport_config(
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
         .max_concurrent_bidi_streams(VarInt::from_u32(if peer_may_open {
-            cfg.max_streams
+            quic_streams::initial(cfg.max_streams)
         } else {
             0
         }))
@@ -168,6 +169,7 @@ pub(crate) async fn accept(
         span,
         conn: Conn::Quic {
             conn,
+            credit: StreamCredit::new(if we_open { 0 } else { cfg.max_streams }),
             _endpoint: None,
         },
     }))
@@ -212,6 +214,7 @@ pub(crate) async fn dial(
         span,
         conn: Conn::Quic {
             conn,
+            credit: StreamCredit::new(if we_open { 0 } else { cfg.max_streams }),
             _endpoint: Some(endpoint),
         },
     }))

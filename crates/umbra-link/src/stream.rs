@@ -231,6 +231,8 @@ pub(crate) struct RecvHalf {
     leftover: Option<Bytes>,
     /// A header frame spanning chunks, kept across cancelled `read_frame` calls.
     partial: BytesMut,
+    /// On streams a QUIC peer opened: counts the stream open on its link until dropped.
+    _held: Option<crate::quic_streams::Held>,
 }
 
 enum RecvInner {
@@ -247,7 +249,14 @@ impl RecvHalf {
             inner,
             leftover: None,
             partial: BytesMut::new(),
+            _held: None,
         }
+    }
+
+    /// This half counts its stream as open on its link until it is dropped.
+    pub(crate) fn holding(mut self, held: crate::quic_streams::Held) -> RecvHalf {
+        self._held = Some(held);
+        self
     }
 
     pub(crate) fn quic(r: quinn::RecvStream) -> RecvHalf {

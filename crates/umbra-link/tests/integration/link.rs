@@ -387,6 +387,91 @@ async fn many_concurrent_streams(t: Transport) {
 }
 both!(many_concurrent_streams);
 
+/// More streams held open at once than a QUIC link allows its peer at first (256): the
+/// limit grows as they are used, and no stream is refused or left waiting.
+async fn streams_held_at_once_beyond_the_first_limit(t: Transport) {
+    const N: usize = 1000;
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let (link, server) = agent_link(&org, &listener, t, &LinkConfig::default()).await;
+    let (tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(s) = server.accept().await {
+            if tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    let mut opened = Vec::new();
+    for i in 0..N {
+        let mut s = soon(&format!("stream {i} opens"), link.open())
+            .await
+            .unwrap();
+        // A QUIC peer learns of a stream with its first byte.
+        s.send_chunk(Bytes::from(vec![i as u8])).await.unwrap();
+        opened.push(s);
+    }
+    // Every one of them open on both sides at once, then each echoes its byte.
+    let mut held = Vec::new();
+    for i in 0..N {
+        held.push(
+            soon(&format!("stream {i} accepted"), accepted.recv())
+                .await
+                .unwrap(),
+        );
+    }
+    for s in &mut held {
+        let b = soon("a byte", s.recv_chunk()).await.unwrap().unwrap();
+        s.send_chunk(b).await.unwrap();
+    }
+    for (i, s) in opened.iter_mut().enumerate() {
+        let b = soon("the echo", s.recv_chunk()).await.unwrap().unwrap();
+        assert_eq!(&b[..], &[i as u8], "{t:?}: stream {i}");
+    }
+}
+both!(streams_held_at_once_beyond_the_first_limit);
+
+/// Resident memory of this process (nextest runs each test in its own).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A QUIC link costs the listener little memory before its peer uses it: quinn keeps state
+/// for every stream a peer may open at once, and a link that allowed 65,536 from the
+/// handshake on cost about 5 MiB, before any certificate was checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_links_cost_little_memory() {
+    const LINKS: usize = 100;
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let cfg = LinkConfig::default();
+    // One link first, so that what every process sets up once is not counted.
+    let first = agent_link(&org, &listener, Transport::Quic, &cfg).await;
+    let before = rss_bytes();
+    let mut links = Vec::new();
+    for _ in 0..LINKS {
+        links.push(agent_link(&org, &listener, Transport::Quic, &cfg).await);
+    }
+    let per_link = (rss_bytes().saturating_sub(before)) / LINKS as u64;
+    eprintln!("QUIC: {} KiB per link (both ends)", per_link / 1024);
+    assert!(
+        per_link < 1024 * 1024,
+        "{} KiB per QUIC link (both ends)",
+        per_link / 1024
+    );
+    // They all work.
+    for (agent, _) in links.iter().chain([&first]) {
+        let mut s = agent.open().await.unwrap();
+        s.send_chunk(Bytes::from_static(b"x")).await.unwrap();
+    }
+}
+
 /// Malformed input gets `LinkError::Frame` (or `StreamEnded`) and only that stream suffers.
 async fn malformed_frames_are_errors(t: Transport) {
     let org = Org::new();
