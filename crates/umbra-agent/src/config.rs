@@ -53,13 +53,20 @@ impl Default for AgentConfig {
     }
 }
 
-/// `$HOME/.config/umbra/agent`, or `.config/umbra/agent` relative to the working directory
-/// when `HOME` is unset. Read once, when the default configuration is built.
+/// `$HOME/.config/umbra/agent`. Read once, when the default configuration is built.
 fn default_identity_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default()
-        .join(".config/umbra/agent")
+    identity_dir_under(std::env::var_os("HOME"))
+}
+
+/// The default identity directory under `home`; none (an empty path, refused by
+/// [`AgentConfig::validate`]) when `home` is unset or not absolute. A relative default would
+/// land under whatever directory the agent was started in (`/` for a service, `/tmp` for a
+/// shell), where someone else may have created it and placed their own CA and controller.
+fn identity_dir_under(home: Option<std::ffi::OsString>) -> PathBuf {
+    match home.map(PathBuf::from) {
+        Some(h) if h.is_absolute() => h.join(".config/umbra/agent"),
+        _ => PathBuf::new(),
+    }
 }
 
 /// A configuration value that cannot work.
@@ -79,7 +86,10 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field, reason| Err(ConfigError { field, reason });
         if self.identity_dir.as_os_str().is_empty() {
-            return err("identity_dir", "must not be empty");
+            return err(
+                "identity_dir",
+                "not set: give it (--dir); the default is under $HOME, which is unset or relative",
+            );
         }
         if self.open_timeout_ms == 0 || self.open_timeout_ms > MAX_TIMEOUT_MS {
             return err("open_timeout_ms", "must be between 1 and 60000");
@@ -147,6 +157,21 @@ mod tests {
                 .expect_err(text)
                 .to_string();
             assert!(e.contains(named), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn no_default_identity_dir_without_an_absolute_home() {
+        assert_eq!(
+            identity_dir_under(Some("/home/ann".into())),
+            PathBuf::from("/home/ann/.config/umbra/agent")
+        );
+        for home in [None, Some("".into()), Some("ann".into())] {
+            let c = AgentConfig {
+                identity_dir: identity_dir_under(home.clone()),
+                ..AgentConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "identity_dir", "{home:?}");
         }
     }
 

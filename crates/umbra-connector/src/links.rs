@@ -126,6 +126,7 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
         };
         match dialed {
             Ok(link) => {
+                let up_at = tokio::time::Instant::now();
                 gauge.set(1.0);
                 tracing::info!(
                     transport = link.transport().as_str(),
@@ -153,7 +154,7 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
                 if cancel.is_cancelled() {
                     return;
                 }
-                match after_link(link.refused(), &mut backoff) {
+                match after_link(link.refused(), up_at.elapsed(), &mut backoff) {
                     Some(Refusal::Identity) => tracing::warn!(
                         attempt = backoff.attempt(),
                         "the broker refused this connector's identity (revoked, or not enrolled): \
@@ -165,7 +166,11 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
                          allows (do several connector processes share one identity? each \
                          needs its own enrollment); redialing with growing delays"
                     ),
-                    None => tracing::warn!("link down; redialing"),
+                    None if backoff.attempt() == 0 => tracing::warn!("link down; redialing"),
+                    None => tracing::warn!(
+                        attempt = backoff.attempt(),
+                        "link down again soon after it came up; redialing with growing delays"
+                    ),
                 }
             }
             Err(e) => {
@@ -184,11 +189,21 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
     }
 }
 
-/// After a link ended: a link that was up and merely went away is redialed at once (the
-/// backoff starts over); one the broker refused keeps the backoff growing, since redialing
-/// at the base interval would only be refused again. Returns the refusal, if any.
-fn after_link(refused: Option<Refusal>, backoff: &mut Backoff) -> Option<Refusal> {
-    if refused.is_none() {
+/// A link up at least this long ended for an ordinary reason (a broker restart, a network
+/// change): redial at once.
+const STABLE_LINK: Duration = Duration::from_secs(10);
+
+/// After a link ended: a link that was up a while and merely went away is redialed at once
+/// (the backoff starts over). One the broker refused, or one that went down soon after it
+/// came up (a broker in a crash loop, or one that sends a frame this connector refuses),
+/// keeps the backoff growing, since redialing at the base interval would only meet the
+/// same end, a full handshake each time. Returns the refusal, if any.
+fn after_link(
+    refused: Option<Refusal>,
+    lasted: Duration,
+    backoff: &mut Backoff,
+) -> Option<Refusal> {
+    if refused.is_none() && lasted >= STABLE_LINK {
         backoff.reset();
     }
     refused
@@ -269,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_link_keeps_the_backoff_growing() {
+    fn a_refused_or_short_link_keeps_the_backoff_growing() {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let grown = |b: &mut Backoff| {
             for _ in 0..5 {
@@ -277,12 +292,24 @@ mod tests {
             }
         };
         grown(&mut backoff);
+        let long = Duration::from_secs(3600);
         for r in [Refusal::Identity, Refusal::TooManyLinks] {
-            assert_eq!(after_link(Some(r), &mut backoff), Some(r));
+            assert_eq!(after_link(Some(r), long, &mut backoff), Some(r));
             assert_eq!(backoff.attempt(), 5, "{r:?}: the next delay keeps growing");
         }
-        // The twin: a link that was up and went away starts over.
-        assert_eq!(after_link(None, &mut backoff), None);
+        // A link that went down right after it came up, without a refusal, as well.
+        assert_eq!(
+            after_link(None, Duration::from_millis(5), &mut backoff),
+            None
+        );
+        assert_eq!(backoff.attempt(), 5);
+        assert_eq!(
+            after_link(None, STABLE_LINK - Duration::from_millis(1), &mut backoff),
+            None
+        );
+        assert_eq!(backoff.attempt(), 5);
+        // The twin: a link that was up a while and went away starts over.
+        assert_eq!(after_link(None, STABLE_LINK, &mut backoff), None);
         assert_eq!(backoff.attempt(), 0);
     }
 

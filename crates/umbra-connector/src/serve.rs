@@ -175,7 +175,29 @@ pub(crate) async fn handle_stream(
         return;
     };
     let counters = Counters::default();
-    let result = umbra_link::relay_tcp(tcp, stream, ctx.idle_timeout, &counters).await;
+    let result = tokio::select! {
+        // A target unpublished (or moved to another service or connector) ends its live
+        // streams here too, whatever the broker does: the broker ends them on the same
+        // change, but one that is stale or compromised would not.
+        biased;
+        () = until_unpublished(ctx.published.clone(), &service, &target) => {
+            tracing::warn!(
+                target: "audit",
+                parent: &span,
+                event = "connector.stream_ended",
+                %broker,
+                principal,
+                service,
+                requested_target = target,
+                reason = "not_published",
+                "ended a live stream: its target is no longer published for this connector"
+            );
+            count("unpublished_live");
+            // Dropping the relay resets the stream and closes the connection to the target.
+            return;
+        }
+        r = umbra_link::relay_tcp(tcp, stream, ctx.idle_timeout, &counters) => r,
+    };
     let up = counters.up.load(std::sync::atomic::Ordering::Relaxed);
     let down = counters.down.load(std::sync::atomic::Ordering::Relaxed);
     match result {
@@ -268,6 +290,22 @@ async fn serve_dial(
     Some((tcp, stream))
 }
 
+/// Completes once the published targets no longer allow `(service, target)`; never if they
+/// go on allowing it. A receiver cloned from the one the dial was decided on also sees a
+/// change made between that decision and the clone.
+async fn until_unpublished(mut rx: PublishedRx, service: &str, target: &str) {
+    loop {
+        if rx.changed().await.is_err() {
+            // The sender is gone (shutting down): nothing will change any more.
+            return std::future::pending().await;
+        }
+        let allowed = decide(&rx.borrow_and_update().targets, Flow::Tcp, service, target);
+        if allowed != DialDecision::Allow {
+            return;
+        }
+    }
+}
+
 async fn reply_and_finish(stream: &mut Stream, code: DialCode) {
     if stream.write_frame(&Frame::DialReply { code }).await.is_ok() {
         let _ = stream.finish().await;
@@ -294,6 +332,54 @@ mod tests {
             target: t.into(),
         })
         .collect()
+    }
+
+    /// A live stream's target: unpublished ends it; a change that keeps it does not; a
+    /// change made before the stream's receiver was cloned is seen too.
+    #[tokio::test]
+    async fn a_live_stream_ends_when_its_target_is_unpublished() {
+        use umbra_proto::api::ConnectorConfig as Published;
+        let config = |version, targets: Vec<PublishedTarget>| {
+            Arc::new(Published {
+                connector_id: "c".into(),
+                version,
+                targets,
+            })
+        };
+        let (tx, rx) = tokio::sync::watch::channel(config(1, published()));
+        fn pending<F: Future<Output = ()>>(f: &mut std::pin::Pin<Box<F>>) -> bool {
+            use std::task::{Context, Poll, Waker};
+            f.as_mut().poll(&mut Context::from_waker(Waker::noop())) == Poll::Pending
+        }
+        let mut web = Box::pin(until_unpublished(rx.clone(), "web", "127.0.0.1:8080"));
+        let mut db = Box::pin(until_unpublished(rx.clone(), "db", "db.internal:5432"));
+        assert!(pending(&mut web) && pending(&mut db));
+        // A newer version that keeps both pairs (another target added).
+        let mut more = published();
+        more.push(PublishedTarget {
+            service: "wiki".into(),
+            target: "10.0.0.9:80".into(),
+        });
+        tx.send_replace(config(2, more.clone()));
+        assert!(pending(&mut web) && pending(&mut db));
+        // web moves to another port: its stream ends, db's does not.
+        more[0].target = "127.0.0.1:8081".into();
+        tx.send_replace(config(3, more.clone()));
+        assert!(
+            !pending(&mut web),
+            "a stream to an unpublished target runs on"
+        );
+        assert!(pending(&mut db));
+        // Cloned after a change that already removed db: seen at once.
+        more.retain(|t| t.service != "db");
+        tx.send_replace(config(4, more));
+        let mut late = Box::pin(until_unpublished(rx.clone(), "db", "db.internal:5432"));
+        assert!(!pending(&mut late));
+        assert!(!pending(&mut db));
+        // The sender gone (shutdown): nothing ends because of it.
+        let mut v6 = Box::pin(until_unpublished(rx, "v6", "[2001:db8::1]:443"));
+        drop(tx);
+        assert!(pending(&mut v6));
     }
 
     #[test]

@@ -394,6 +394,18 @@ enum StreamCmd {
     List,
 }
 
+/// Checks that the controller URL is `https://` with a host: the admin token is a bearer
+/// credential for the whole organisation, so it is never sent where TLS would not carry it.
+fn https_url(base: &str) -> anyhow::Result<()> {
+    let u = reqwest::Url::parse(base).map_err(|e| anyhow::anyhow!("{base:?} is not a URL: {e}"))?;
+    if u.scheme() != "https" || u.host_str().is_none_or(str::is_empty) {
+        bail!(
+            "{base:?} must be an https:// URL of the controller (the admin token is never sent in clear)"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
@@ -417,6 +429,8 @@ impl Client {
             a.controller.clone().or(file.controller).context(
                 "no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)",
             )?;
+        // Checked before anything else is read: the admin token must never go out in clear.
+        https_url(&base).context("--controller")?;
         let mut token_file = None;
         let token = if let Some(t) = &a.token {
             t.clone()
@@ -451,8 +465,12 @@ impl Client {
         ca: &rustls_pki_types::CertificateDer<'static>,
     ) -> anyhow::Result<Client> {
         let tls = umbra_pki::client_config(ca, None, &[b"h2", b"http/1.1"], false)?;
+        https_url(base)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            // The bearer token goes only over TLS, also after a redirect.
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(30))
             .build()?;
         Ok(Client {

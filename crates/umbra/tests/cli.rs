@@ -1469,6 +1469,40 @@ fn admin_changes_in_place() {
             o.describe()
         );
     };
+    // The admin token never goes out in clear: an http:// controller URL is refused before
+    // any connection, naming the option. (Every command above and below is its twin.)
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    plain.set_nonblocking(true).expect("nonblocking");
+    let plain_url = format!("http://{}", plain.local_addr().expect("addr"));
+    let o = umbra(
+        home.path(),
+        &[
+            "admin",
+            "--controller",
+            &plain_url,
+            "--ca-file",
+            ca.to_str().expect("utf-8"),
+            "--token",
+            &token,
+            "user",
+            "list",
+        ],
+    );
+    assert!(
+        !o.success() && o.stderr.contains("--controller") && o.stderr.contains("https://"),
+        "admin over http: {}",
+        o.describe()
+    );
+    assert!(
+        matches!(plain.accept(), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "admin connected to an http:// controller"
+    );
+    assert!(
+        !o.stderr.contains(&token),
+        "the token was printed: {}",
+        o.describe()
+    );
+
     ok(&["user", "add", "ann@example.test"]);
     assert!(ok(&["user", "disable", "ann@example.test"]).contains("disabled"));
     assert_eq!(json(&["user", "list"])[0]["disabled"], true);
