@@ -21,6 +21,8 @@ use crate::authz::recheck;
 use crate::relay::LiveEntry;
 
 const RETRY: Duration = Duration::from_secs(1);
+/// Wait before asking again after refusing a snapshot.
+const REFUSED_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 /// How long a heartbeat woken by a new audit event waits for more before it goes.
 const AUDIT_BATCH: Duration = Duration::from_millis(50);
 /// Least time between two heartbeats woken early by audit events.
@@ -49,7 +51,15 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
             () = shared.shutdown.cancelled() => return,
         };
         match r {
-            Ok(Some(s)) => install(&shared, s, SystemTime::now()),
+            Ok(Some(s)) => {
+                if !install(&shared, s, SystemTime::now()) {
+                    // Asked again at once, the controller would send the same at once.
+                    tokio::select! {
+                        () = tokio::time::sleep(REFUSED_SNAPSHOT_WAIT) => {}
+                        () = shared.shutdown.cancelled() => return,
+                    }
+                }
+            }
             Ok(None) => confirm(&shared, SystemTime::now()),
             Err(e) => {
                 debug!(error = %e, "snapshot poll failed; retrying");
@@ -68,24 +78,35 @@ fn confirm(shared: &Shared, now: SystemTime) {
     shared.authority.store(Arc::new(a));
 }
 
-/// Installs a newer snapshot: compile, swap, persist, then re-decide what is live.
-pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) {
+/// Installs a snapshot the controller sent (newer, or older after a restore of its store):
+/// compile, swap, persist, then re-decide what is live.
+/// Returns `false` if it refused the snapshot (the one held stays in force).
+pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
     if s.org != shared.org {
         warn!(org = %s.org, "ignoring snapshot of another organisation");
-        return;
+        return false;
     }
     let held = shared.authority.load().snapshot.version;
-    if s.version <= held {
+    if s.version == held {
         confirm(shared, now);
-        return;
+        return true;
     }
     let version = s.version;
+    if version < held {
+        // The controller answers with an older version only when it holds nothing newer:
+        // its store went back (restored from a backup). What it holds now is what is true.
+        warn!(
+            version,
+            held,
+            "the controller's snapshot version went back (was its store restored?); installing its snapshot"
+        );
+    }
     let a = match Authority::new(s, unix(now)) {
         Ok(a) => Arc::new(a),
         Err(e) => {
             // Keep enforcing the last good one rather than opening or closing everything.
             warn!(version, held, error = %e, "snapshot with invalid policies; keeping the one held");
-            return;
+            return false;
         }
     };
     shared.authority.store(a.clone());
@@ -95,6 +116,7 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) {
         warn!(error = %e, "could not persist the snapshot");
     }
     reevaluate(shared, &a, now);
+    true
 }
 
 /// Re-decides every live link and stream under a new snapshot; closes what is no longer

@@ -72,10 +72,11 @@ pub(crate) fn save_cached(dir: &Path, cfg: &PublishedConfig) -> io::Result<()> {
     umbra_pki::write_private_file(&path, &bytes)
 }
 
-/// Whether a configuration from the controller should replace the one held: only a newer
-/// version for this very connector.
+/// Whether a configuration from the controller should replace the one held: another
+/// version for this very connector. The controller sends an older one only when it holds
+/// nothing newer (its store was restored from a backup): then that is what is published.
 pub(crate) fn accept_update(held: &PublishedConfig, new: &PublishedConfig, me: &str) -> bool {
-    new.connector_id == me && new.version > held.version
+    new.connector_id == me && new.version != held.version
 }
 
 /// What the connector logs (a warning) when the controller first fails to answer its
@@ -128,10 +129,17 @@ pub(crate) async fn poll_published(
             Ok(Some(new)) => {
                 backoff.reset();
                 if !accept_update(&tx.borrow(), &new, &me) {
-                    tracing::debug!(
+                    tracing::warn!(
                         version = new.version,
-                        "ignoring a configuration that is not newer or not ours"
+                        connector = %new.connector_id,
+                        "ignoring a configuration from the controller that is not another \
+                         version of this connector's; asking again shortly"
                     );
+                    // Asked again at once, it would answer the same at once.
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(backoff.next_delay(rand::random::<f64>())) => {}
+                    }
                     continue;
                 }
                 if let Err(e) = save_cached(&dir, &new) {
@@ -205,11 +213,12 @@ mod tests {
     }
 
     #[test]
-    fn only_newer_versions_for_me_are_accepted() {
+    fn other_versions_for_me_are_accepted() {
         let held = cfg("c-1", 5);
         assert!(accept_update(&held, &cfg("c-1", 6), "c-1"));
         assert!(!accept_update(&held, &cfg("c-1", 5), "c-1"));
-        assert!(!accept_update(&held, &cfg("c-1", 4), "c-1"));
+        // Older: the controller's store was restored, and this is what it publishes now.
+        assert!(accept_update(&held, &cfg("c-1", 4), "c-1"));
         assert!(!accept_update(&held, &cfg("c-2", 9), "c-1"));
     }
 

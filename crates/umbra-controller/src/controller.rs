@@ -37,6 +37,8 @@ pub struct Controller {
     shutdown_tx: watch::Sender<bool>,
     server: JoinHandle<()>,
     rotation: JoinHandle<()>,
+    /// Publishes committed versions a dropped request did not (`distribution::follow_store`).
+    follow: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -133,8 +135,21 @@ impl Controller {
             ctx.clone(),
             slot,
             cfg.server_names.clone(),
-            shutdown_rx,
+            shutdown_rx.clone(),
         ));
+        let follow = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                crate::distribution::follow_store(
+                    &ctx.store,
+                    &ctx.org,
+                    &ctx.dist,
+                    crate::distribution::FOLLOW_EVERY,
+                    shutdown_rx,
+                )
+                .await;
+            })
+        };
         tracing::info!(
             %addr,
             org = %cfg.org,
@@ -152,6 +167,7 @@ impl Controller {
             shutdown_tx,
             server,
             rotation,
+            follow,
         })
     }
 
@@ -210,6 +226,8 @@ impl Controller {
         let _ = self.server.await;
         self.rotation.abort();
         let _ = self.rotation.await;
+        self.follow.abort();
+        let _ = self.follow.await;
         self.ctx.store.close().await;
         tracing::info!("controller stopped");
     }

@@ -215,9 +215,72 @@ pub(crate) async fn connector_config(
     })
 }
 
+/// How often the committed version is read back from the store (see [`follow_store`]).
+pub(crate) const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the store's committed version every `every`, until shutdown. A change is
+/// normally published right after its commit; but a request dropped between the two (its
+/// client reset the stream while the commit was in flight: the commit stands, the publish
+/// never runs) would leave brokers confirming the older snapshot as current until some
+/// unrelated change. This bounds that to `every`. A read that fails is retried next time.
+pub(crate) async fn follow_store(
+    store: &store::Store,
+    org: &str,
+    dist: &Distribution,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+        }
+        let read = async {
+            let mut r = store.read().await?;
+            store::counter(&mut r, org, SNAPSHOT_VERSION).await
+        };
+        match read.await {
+            Ok(v) => dist.publish(v),
+            Err(e) => tracing::debug!(error = %e, "cannot read the snapshot version"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A version committed without being published (the request was dropped in between)
+    /// reaches long polls anyway; shutdown ends the follower.
+    #[tokio::test]
+    async fn a_committed_version_is_published_even_if_its_request_was_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store::Store::open(&store::Database::File(dir.path().join("t.db")), "t")
+            .await
+            .unwrap();
+        let dist = Distribution::new(0);
+        let (stop, shutdown) = watch::channel(false);
+        let follower = follow_store(&s, "t", &dist, Duration::from_millis(20), shutdown.clone());
+        let changed = async {
+            let mut w = s.write().await.unwrap();
+            let v = store::bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap();
+            w.commit().await.unwrap();
+            // No publish: the request that made the change is gone.
+            dist.wait_newer(0, Duration::from_secs(5), shutdown.clone())
+                .await
+                .map(|seen| (v, seen))
+        };
+        tokio::pin!(follower);
+        let got = tokio::select! {
+            got = changed => got,
+            () = &mut follower => panic!("the follower stopped"),
+        };
+        assert_eq!(got, Some((1, 1)));
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(1), follower)
+            .await
+            .expect("the follower ends at shutdown");
+    }
 
     #[tokio::test]
     async fn wait_newer_wakes_on_publish_and_times_out() {

@@ -1444,6 +1444,103 @@ async fn revoked_broker_is_unlisted_and_unserved() {
 // ---------------------------------------------------------------------------------------------
 // Persistence, CA custody, audit, OpenAPI
 
+/// Copies the regular files of `from` into `to` (created), or back: a backup of a stopped
+/// controller's data directory, and its restore (files the backup lacks are removed).
+fn copy_data(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(to).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() && !from.join(p.file_name().unwrap()).exists() {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// The store restored from a backup: its version is below what brokers and connectors
+/// hold. Their long polls get the store's state at once (a device revoked after the restore
+/// must not keep access until the counter catches up); a peer at the store's version waits
+/// as usual.
+#[tokio::test]
+async fn peers_ahead_of_a_restored_store_get_its_state_at_once() {
+    let h = Harness::start().await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (conn, _) = h.peer("connector", "c1").await;
+    h.ok(
+        "POST",
+        "/v1/services",
+        Some(json!({ "name": "web", "target": "10.0.0.1:80", "connectors": ["c1"] })),
+    )
+    .await;
+    let Harness {
+        dir,
+        ctl,
+        admin_token,
+        skew,
+        ..
+    } = h;
+    ctl.shutdown().await;
+    let backup = tempfile::tempdir().unwrap();
+    copy_data(dir.path(), backup.path());
+
+    // After the backup: more changes, which the peers follow.
+    let ctl = start(config(dir.path()), &skew).await.unwrap();
+    let ca = ca_der(&ctl.ca_pem());
+    let admin = client(&ca, None);
+    for u in ["a@example.test", "b@example.test", "c@example.test"] {
+        let r = admin
+            .post(format!("{}/v1/users", ctl.url()))
+            .bearer_auth(&admin_token)
+            .json(&json!({ "id": u }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let ahead = ctl.snapshot_version();
+    let url = |ctl: &Controller, p: &str| format!("{}{p}", ctl.url());
+    ctl.shutdown().await;
+    copy_data(backup.path(), dir.path());
+
+    let ctl = start(config(dir.path()), &skew).await.unwrap();
+    let restored = ctl.snapshot_version();
+    assert!(restored < ahead, "{restored} < {ahead}");
+    let b = client(&ca, Some(&broker));
+    let t0 = Instant::now();
+    let (s, snap) = get_json::<Snapshot>(
+        &b,
+        url(&ctl, &format!("/v1/snapshot?after={ahead}&wait=10")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let snap = snap.unwrap();
+    assert_eq!(snap.version, restored);
+    assert!(snap.users.iter().all(|u| u.id != "a@example.test"));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let c = client(&ca, Some(&conn));
+    let (s, cfg) = get_json::<ConnectorConfig>(
+        &c,
+        url(&ctl, &format!("/v1/connector/config?after={ahead}&wait=10")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let cfg = cfg.unwrap();
+    assert_eq!((cfg.version, cfg.targets.len()), (restored, 1));
+    // The twin: a peer at the store's version waits for a change, as ever.
+    let r = b
+        .get(url(&ctl, &format!("/v1/snapshot?after={restored}&wait=1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    ctl.shutdown().await;
+}
+
 #[tokio::test]
 async fn restart_keeps_state_ca_and_admin_token() {
     let h = Harness::start().await;

@@ -153,6 +153,36 @@ impl PollQuery {
     }
 }
 
+/// Whether a long poll that holds version `after` gets an answer: once the version passes
+/// it (`false` when the wait ends first). A peer ahead of the store gets one at once: the
+/// store went back (restored from a backup), and waiting for its counter to pass the peer's
+/// again would leave the peer confirming state that no longer exists, such as access for a
+/// device revoked since the restore. Peers take the older version they are then sent.
+async fn changed_since(ctx: &Ctx, after: u64, wait: Duration) -> Result<bool, ApiFailure> {
+    if after > ctx.dist.current() {
+        // The published version may only lag the store (`distribution::follow_store`).
+        let stored = {
+            let mut r = ctx.store.read().await?;
+            store::counter(&mut r, &ctx.org, SNAPSHOT_VERSION).await?
+        };
+        ctx.dist.publish(stored);
+        if after > stored {
+            tracing::warn!(
+                peer_version = after,
+                stored,
+                "a peer holds a newer snapshot version than the store (was the store restored \
+                 from a backup?); sending it the store's"
+            );
+            return Ok(true);
+        }
+    }
+    Ok(ctx
+        .dist
+        .wait_newer(after, wait, ctx.shutdown.clone())
+        .await
+        .is_some())
+}
+
 pub(super) async fn snapshot(
     State(ctx): State<Arc<Ctx>>,
     Extension(conn): Extension<ConnPeer>,
@@ -160,13 +190,7 @@ pub(super) async fn snapshot(
 ) -> Result<Response, ApiFailure> {
     let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Broker]).await?;
     let _slot = wait_slot(&ctx, &peer)?;
-    let after = q.after.unwrap_or(0);
-    if ctx
-        .dist
-        .wait_newer(after, q.wait(), ctx.shutdown.clone())
-        .await
-        .is_none()
-    {
+    if !changed_since(&ctx, q.after.unwrap_or(0), q.wait()).await? {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let mut r = ctx.store.read().await?;
@@ -184,13 +208,7 @@ pub(super) async fn connector_config(
 ) -> Result<Response, ApiFailure> {
     let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
     let _slot = wait_slot(&ctx, &peer)?;
-    let after = q.after.unwrap_or(0);
-    if ctx
-        .dist
-        .wait_newer(after, q.wait(), ctx.shutdown.clone())
-        .await
-        .is_none()
-    {
+    if !changed_since(&ctx, q.after.unwrap_or(0), q.wait()).await? {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let mut r = ctx.store.read().await?;
