@@ -214,6 +214,13 @@ impl Ctx {
                 "certificate belongs to another organisation",
             ));
         }
+        // TLS checked validity at the handshake only; a connection may outlive its
+        // certificate (HTTP/2 keeps it open), and an expired one must not renew or poll on.
+        if self.now() > peer.not_after {
+            return Err(ApiFailure::unauthorized(
+                "certificate expired: enroll again",
+            ));
+        }
         if !roles.contains(&peer.id.role) {
             let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
             return Err(ApiFailure::forbidden(format!(

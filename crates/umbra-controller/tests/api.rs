@@ -900,6 +900,39 @@ async fn renewal_and_revocation() {
     h.ctl.shutdown().await;
 }
 
+/// A certificate that expired while its connection stayed open (HTTP/2 keeps one) renews
+/// and polls no more; the same certificate within its lifetime does.
+#[tokio::test]
+async fn an_expired_certificate_is_refused_on_an_open_connection() {
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let c = h.as_peer(&dev);
+    let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::OK);
+    let lifetime = dev
+        .peer
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap()
+        .as_secs();
+    // The controller's clock passes the certificate's end; the connection is the same one
+    // (TLS would refuse a new handshake by the real clock only later).
+    h.skew.store(lifetime + 60, Ordering::SeqCst);
+    let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let v: Value = resp.json().await.unwrap();
+    assert!(api_error(&v).error.contains("expired"), "{v}");
+    // The twin: within its lifetime it renews.
+    h.skew.store(lifetime.saturating_sub(60), Ordering::SeqCst);
+    let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    h.ctl.shutdown().await;
+}
+
 #[tokio::test]
 async fn connector_revocation_and_refused_renewals_are_audited() {
     let h = Harness::start().await;
@@ -1798,6 +1831,53 @@ async fn tls_conn(
         .connect(name, tcp)
         .await
         .unwrap()
+}
+
+/// A body that stalls is answered (and let go) after the body deadline, not held for as
+/// long as the peer's connection lives; a body over a device route's limit is refused at
+/// once. The twin: a whole body on the same kind of connection is served.
+#[tokio::test]
+async fn stalled_or_oversized_bodies_are_not_held() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let mut io = tls_conn(&h, Some(&dev)).await;
+    io.write_all(
+        b"POST /v1/renew HTTP/1.1\r\nhost: controller\r\ncontent-type: application/json\r\n\
+          content-length: 1000\r\n\r\n{\"csr_pem\":",
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "a stalled body was held for 20 s");
+    let head = String::from_utf8_lossy(&got);
+    assert!(head.starts_with("HTTP/1.1 4"), "{head}");
+    eprintln!(
+        "stalled body answered after {:?}: {}",
+        t0.elapsed(),
+        head.lines().next().unwrap_or("")
+    );
+
+    let c = h.as_peer(&dev);
+    let big = "A".repeat(100 << 10);
+    let resp = h.renew(&c, json!({ "csr_pem": big })).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    h.ctl.shutdown().await;
 }
 
 /// Whether the server has closed `io` within `within` (EOF or reset); `false` if it is still

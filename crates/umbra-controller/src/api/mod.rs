@@ -33,16 +33,26 @@ use crate::error::ApiFailure;
 use crate::state::{ClientAddr, ConnPeer, Ctx};
 use umbra_proto::Role;
 
+/// Body limit of the routes devices call with a CSR (a few KiB at most), far below the
+/// default 2 MiB: what one identity can make the controller hold is a multiple of it.
+const SMALL_BODY: usize = 64 << 10;
+
 /// Builds the router with every route. [`openapi::ROUTES`] documents the same list.
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         // public
         .route("/healthz", get(peer::healthz))
         .route("/v1/ca.pem", get(peer::ca_pem))
-        .route("/v1/enroll", post(peer::enroll))
+        .route(
+            "/v1/enroll",
+            post(peer::enroll).layer(axum::extract::DefaultBodyLimit::max(SMALL_BODY)),
+        )
         .route("/v1/openapi.json", get(openapi::serve))
         // enrolled peers
-        .route("/v1/renew", post(peer::renew))
+        .route(
+            "/v1/renew",
+            post(peer::renew).layer(axum::extract::DefaultBodyLimit::max(SMALL_BODY)),
+        )
         .route("/v1/brokers", get(peer::brokers))
         .route("/v1/snapshot", get(peer::snapshot))
         .route(

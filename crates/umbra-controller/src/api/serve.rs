@@ -46,6 +46,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// carry a body of up to its route's limit, so this bounds what one connection can make the
 /// controller hold; an identity's long polls (16) and a CLI's calls fit well within it.
 const H2_MAX_STREAMS: u32 = 32;
+/// Longest time for a request's body to arrive, counted from the handler's first read of
+/// it (right after the headers, for every route that takes a body). Bodies are read
+/// into memory (up to the route's limit), so one that trickles in, or stalls, would hold
+/// that memory for as long as its connection lives; enrolled peers' connections live long.
+pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connections get to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -179,7 +184,8 @@ async fn connection(
         req.extensions_mut().insert(ClientAddr(remote));
         let mut router = router.clone();
         async move {
-            let req: Request = req.map(axum::body::Body::new);
+            let req: Request =
+                req.map(|b| axum::body::Body::new(Deadline::new(b, BODY_READ_TIMEOUT)));
             // A Router is always ready; `call` directly.
             let resp = router.call(req).await;
             Ok::<_, Infallible>(match resp {
@@ -234,5 +240,64 @@ async fn connection(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(DRAIN, conn).await;
         }
+    }
+}
+
+/// A request body that fails once `limit` has passed since the request arrived (see
+/// [`BODY_READ_TIMEOUT`]). The timer starts only when the body is first read: a handler that
+/// never reads it (a long poll) is not cut.
+struct Deadline<B> {
+    inner: B,
+    limit: Duration,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Deadline<B> {
+    fn new(inner: B, limit: Duration) -> Self {
+        Deadline {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let limit = this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "request body not received within {} s",
+                limit.as_secs()
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
