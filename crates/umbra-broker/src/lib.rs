@@ -111,6 +111,8 @@ pub(crate) struct Shared {
     pub(crate) tcp_addr: Option<String>,
     pub(crate) snapshot_path: PathBuf,
     pub(crate) authority: ArcSwap<authority::Authority>,
+    /// The confirmation time last written to `snapshot_path` (Unix seconds).
+    pub(crate) persisted_confirmation: std::sync::atomic::AtomicU64,
     pub(crate) connectors: route::Registry,
     pub(crate) agents: route::Registry,
     /// Streams open per device (`max_streams_per_device`).
@@ -199,6 +201,7 @@ impl Broker {
             quic_addr: listener.quic_addr().map(fmt_addr),
             tcp_addr: listener.tcp_addr().map(fmt_addr),
             snapshot_path,
+            persisted_confirmation: held.confirmed_at.into(),
             authority: ArcSwap::from_pointee(held),
             connectors: Default::default(),
             agents: Default::default(),

@@ -5,6 +5,7 @@
 //! controller being slow or away changes nothing for streams until the staleness limit.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -72,10 +73,30 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
     }
 }
 
-/// The controller said the snapshot held is current.
+/// The controller said the snapshot held is current. The confirmation is written to disk
+/// too, now and then ([`persist_due`]), so that a broker restarted while the controller is
+/// away counts staleness from about when it was last confirmed, not from the last change.
 fn confirm(shared: &Shared, now: SystemTime) {
-    let a = shared.authority.load().confirmed(unix(now));
-    shared.authority.store(Arc::new(a));
+    let a = Arc::new(shared.authority.load().confirmed(unix(now)));
+    shared.authority.store(a.clone());
+    let persisted = shared.persisted_confirmation.load(Ordering::Relaxed);
+    if persist_due(persisted, a.confirmed_at, shared.cfg.max_staleness()) {
+        match store_cached(&shared.snapshot_path, &a) {
+            Ok(()) => shared
+                .persisted_confirmation
+                .store(a.confirmed_at, Ordering::Relaxed),
+            Err(e) => warn!(error = %e, "could not persist the snapshot's confirmation"),
+        }
+    }
+}
+
+/// Whether a confirmation at `now` should be written, the last one written being at
+/// `persisted`: once it is a quarter of the staleness limit old (at least 1 s, at most
+/// 5 min apart). A restarted broker then counts at most that much staleness it did not have.
+/// Pure.
+fn persist_due(persisted: u64, now: u64, max_staleness: Duration) -> bool {
+    let every = (max_staleness.as_secs() / 4).clamp(1, 300);
+    now.saturating_sub(persisted) >= every
 }
 
 /// Installs a snapshot the controller sent (newer, or older after a restore of its store):
@@ -112,8 +133,11 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
     shared.authority.store(a.clone());
     metrics::gauge!("umbra_broker_snapshot_version").set(version as f64);
     info!(version, "snapshot installed");
-    if let Err(e) = store_cached(&shared.snapshot_path, &a) {
-        warn!(error = %e, "could not persist the snapshot");
+    match store_cached(&shared.snapshot_path, &a) {
+        Ok(()) => shared
+            .persisted_confirmation
+            .store(a.confirmed_at, Ordering::Relaxed),
+        Err(e) => warn!(error = %e, "could not persist the snapshot"),
     }
     reevaluate(shared, &a, now);
     true
@@ -346,6 +370,21 @@ mod tests {
             next_recheck(&a, at(1_000), every, Duration::from_secs(3600)),
             every
         );
+    }
+
+    #[test]
+    fn confirmations_are_written_a_quarter_of_the_limit_apart() {
+        let day = Duration::from_secs(24 * 3600);
+        assert!(!persist_due(1_000, 1_299, day));
+        assert!(persist_due(1_000, 1_300, day));
+        let ten_minutes = Duration::from_secs(600);
+        assert!(!persist_due(1_000, 1_149, ten_minutes));
+        assert!(persist_due(1_000, 1_150, ten_minutes));
+        // A tiny limit: every second at most.
+        assert!(!persist_due(1_000, 1_000, Duration::from_secs(2)));
+        assert!(persist_due(1_000, 1_001, Duration::from_secs(2)));
+        // A clock that went back writes nothing.
+        assert!(!persist_due(1_000, 900, day));
     }
 
     #[test]
