@@ -138,6 +138,23 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
     }
 }
 
+/// Writes a reply frame to an agent stream within `open_timeout_ms`; `false` if it failed or
+/// did not go out in time. An agent that never opens its stream window would otherwise hold
+/// the stream's task, its place in the device's quota and, after a dial, a connector stream
+/// with the app's connection behind it, for as long as its link lives.
+async fn reply(s: &mut Stream, f: &Frame, shared: &Shared) -> bool {
+    match tokio::time::timeout(shared.cfg.open_timeout(), s.write_frame(f)).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            debug!("the agent did not take the reply in time; stream reset");
+            metrics::counter!("umbra_broker_streams_refused_total", "reason" => "reply_timeout")
+                .increment(1);
+            s.reset();
+            false
+        }
+    }
+}
+
 /// Why a link is refused when its peer already has `max_links_per_peer` links up.
 const TOO_MANY_LINKS: &str = "too_many_links";
 
@@ -256,15 +273,12 @@ async fn serve_stream(
                 }
                 _ => vec![],
             };
-            if s.write_frame(&Frame::ServiceList { services })
-                .await
-                .is_ok()
-            {
+            if reply(&mut s, &Frame::ServiceList { services }, &shared).await {
                 let _ = s.finish().await;
             }
         }
         AgentRequest::Ping { nonce } => {
-            if s.write_frame(&Frame::Pong { nonce }).await.is_ok() {
+            if reply(&mut s, &Frame::Pong { nonce }, &shared).await {
                 let _ = s.finish().await;
             }
         }
@@ -322,10 +336,12 @@ async fn open(
                 "code": verdict.code.as_str(), "transport": transport, "broker": shared.name,
             }),
         );
-        if agent
-            .write_frame(&Frame::OpenReply { code: verdict.code })
-            .await
-            .is_ok()
+        if reply(
+            &mut agent,
+            &Frame::OpenReply { code: verdict.code },
+            &shared,
+        )
+        .await
         {
             let _ = agent.finish().await;
         }
@@ -333,11 +349,14 @@ async fn open(
     }
     let Some(svc) = authority.snapshot.service(&service) else {
         // Unreachable by construction (a permit needs the service); deny to be safe.
-        let _ = agent
-            .write_frame(&Frame::OpenReply {
+        reply(
+            &mut agent,
+            &Frame::OpenReply {
                 code: OpenCode::Denied,
-            })
-            .await;
+            },
+            &shared,
+        )
+        .await;
         return None;
     };
     let routed =
@@ -354,12 +373,14 @@ async fn open(
                 "code": "unavailable", "transport": transport, "broker": shared.name,
             }),
         );
-        if agent
-            .write_frame(&Frame::OpenReply {
+        if reply(
+            &mut agent,
+            &Frame::OpenReply {
                 code: OpenCode::Unavailable,
-            })
-            .await
-            .is_ok()
+            },
+            &shared,
+        )
+        .await
         {
             let _ = agent.finish().await;
         }
@@ -375,11 +396,14 @@ async fn open(
             "connector": via.peer, "transport": transport, "broker": shared.name,
         }),
     );
-    if agent
-        .write_frame(&Frame::OpenReply { code: OpenCode::Ok })
-        .await
-        .is_err()
+    if !reply(
+        &mut agent,
+        &Frame::OpenReply { code: OpenCode::Ok },
+        &shared,
+    )
+    .await
     {
+        // Dropping the connector stream resets it: the connector lets the app go.
         return None;
     }
     // The audit event above already says who, what and why; this is for tracing.

@@ -1194,3 +1194,49 @@ async fn forwards_share_one_link(t: TransportPref) {
     }
     std::net::TcpListener::bind(first).expect("the refused start left its first address bound");
 }
+
+/// An agent whose links never open a stream window (it takes no reply) gets its `Open`
+/// reset once the broker's reply has waited `open_timeout_ms`, instead of holding the
+/// broker's task, its device's stream quota and the app connection behind the dial for as
+/// long as the link lives. Its twin, a normal link of the same device, is served.
+/// Over QUIC only: our h2 side sizes its send buffer by the same window, so a TLS link with
+/// a zero window cannot even send its `Open` (the broker's reply path is the same for both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_takes_no_reply_holds_nothing() {
+    let t = TransportPref::Quic;
+    init();
+    let lt = link_transport(t);
+    let s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let alice = s.agent("alice").identity();
+    let b = &s.brokers[0];
+    let link = dial_with(b, lt, &alice, |c| c.stream_window = 0)
+        .await
+        .unwrap();
+    let mut st = link.open().await.unwrap();
+    st.write_frame(&Frame::Open {
+        flow: umbra_proto::Flow::Tcp,
+        service: ECHO.to_owned(),
+        credential: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let limit = Duration::from_millis(b.cfg.open_timeout_ms);
+    let answer = tokio::time::timeout(limit + Duration::from_secs(5), st.read_frame()).await;
+    assert!(
+        matches!(answer, Ok(Err(_))),
+        "[{t}] a reply nobody takes held the stream: {answer:?}"
+    );
+    poll("the stream is gone from the broker", SOON, || async {
+        match b.running().live_streams() {
+            0 => Ok(()),
+            n => Err(format!("{n} live")),
+        }
+    })
+    .await;
+    link.close();
+    served(b, lt, &alice).await.unwrap();
+}

@@ -834,17 +834,23 @@ impl LiveConn {
 /// Dials a broker presenting `id` (its chain and key as they are; `id.ca` is the trust anchor
 /// for the broker's certificate).
 pub(crate) async fn dial(b: &BrokerSlot, t: Transport, id: &TlsIdentity) -> Result<Link, String> {
+    dial_with(b, t, id, |_| {}).await
+}
+
+/// [`dial`] with `tweak` applied to the link configuration.
+pub(crate) async fn dial_with(
+    b: &BrokerSlot,
+    t: Transport,
+    id: &TlsIdentity,
+    tweak: impl FnOnce(&mut LinkConfig),
+) -> Result<Link, String> {
+    let mut cfg = hand_link_config();
+    tweak(&mut cfg);
     let tls = umbra_pki::client_config(&id.ca, Some(id), &[umbra_link::ALPN], t == Transport::Quic)
         .map_err(|e| e.to_string())?;
-    umbra_link::dial(
-        b.addr(t),
-        &b.server_name,
-        t,
-        Arc::new(tls),
-        &hand_link_config(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    umbra_link::dial(b.addr(t), &b.server_name, t, Arc::new(tls), &cfg)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// One `Open` and its reply.
