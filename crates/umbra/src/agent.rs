@@ -63,9 +63,13 @@ pub(crate) struct EnrollArgs {
     /// Controller URL, e.g. https://controller.example.test:7400.
     #[arg(long, env = "UMBRA_CONTROLLER")]
     controller: String,
-    /// The one-time enrollment token (umb1.<ca hash>.<secret>).
+    /// The one-time enrollment token (umb1.<ca hash>.<secret>). On a shared host prefer
+    /// --token-file or UMBRA_TOKEN: other users can read a command line.
     #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
+    /// File holding the enrollment token (instead of --token).
+    #[arg(long, env = "UMBRA_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Where to write the identity.
     #[arg(long = "dir", id = "enroll_dir")]
     dir: Option<PathBuf>,
@@ -83,9 +87,13 @@ pub(crate) struct AgentEnrollArgs {
     /// Controller URL, e.g. https://controller.example.test:7400.
     #[arg(long, env = "UMBRA_CONTROLLER")]
     controller: String,
-    /// The one-time enrollment token (umb1.<ca hash>.<secret>).
+    /// The one-time enrollment token (umb1.<ca hash>.<secret>). On a shared host prefer
+    /// --token-file or UMBRA_TOKEN: other users can read a command line.
     #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
+    /// File holding the enrollment token (instead of --token).
+    #[arg(long, env = "UMBRA_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Replace an identity in --dir that is still valid (refused otherwise). The replaced
     /// identity stays registered at the controller until an administrator revokes it.
     #[arg(long)]
@@ -97,7 +105,27 @@ pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
     let dir = a
         .dir
         .with_context(|| format!("--dir is required: where to keep the {role}'s identity"))?;
-    enroll_into(&a.controller, &a.token, &dir, role, a.force).await
+    let token = enroll_token(a.token, a.token_file)?;
+    enroll_into(&a.controller, &token, &dir, role, a.force).await
+}
+
+/// The enrollment token, from `--token` or the file `--token-file` names (trimmed).
+fn enroll_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    match (token, file) {
+        (Some(t), _) => Ok(t),
+        (None, Some(p)) => {
+            let t = std::fs::read_to_string(&p)
+                .with_context(|| format!("--token-file: cannot read {}", p.display()))?;
+            let t = t.trim();
+            if t.is_empty() {
+                anyhow::bail!("--token-file: {} is empty", p.display());
+            }
+            Ok(t.to_owned())
+        }
+        (None, None) => anyhow::bail!(
+            "no enrollment token: pass --token-file FILE (or UMBRA_TOKEN, or --token)"
+        ),
+    }
 }
 
 /// Refuses to overwrite an identity that still works, before the token is spent: a wrong
@@ -179,7 +207,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
     match a.cmd {
         Cmd::Enroll(e) => {
-            enroll_into(&e.controller, &e.token, &cfg.identity_dir, "agent", e.force).await
+            let token = enroll_token(e.token, e.token_file)?;
+            enroll_into(&e.controller, &token, &cfg.identity_dir, "agent", e.force).await
         }
         Cmd::Status => {
             let s = umbra_agent::status(&cfg).await?;

@@ -83,7 +83,7 @@ fn help_of_every_command_names_its_options() {
         ),
         (
             &["broker", "enroll", "--help"],
-            &["--controller", "--token", "--dir"],
+            &["--controller", "--token", "--token-file", "--dir"],
         ),
         (
             &["connector", "--help"],
@@ -98,7 +98,7 @@ fn help_of_every_command_names_its_options() {
         ),
         (
             &["connector", "enroll", "--help"],
-            &["--controller", "--token", "--dir"],
+            &["--controller", "--token", "--token-file", "--dir"],
         ),
         (
             &["agent", "--help"],
@@ -112,7 +112,10 @@ fn help_of_every_command_names_its_options() {
                 "--stream-window-kib",
             ],
         ),
-        (&["agent", "enroll", "--help"], &["--controller", "--token"]),
+        (
+            &["agent", "enroll", "--help"],
+            &["--controller", "--token", "--token-file"],
+        ),
         (&["agent", "forward", "--help"], &["--listen"]),
         (&["agent", "status", "--help"], &["--dir"]),
         (&["agent", "services", "--help"], &["--dir"]),
@@ -1738,3 +1741,106 @@ fn controller_reset_admin_token() {
 
 /// The user quickstart makes.
 const USER_QS: &str = "demo@example.test";
+
+/// An enrollment token can come from a file (or the environment) instead of the command
+/// line, where other users of the host could read it; a missing or empty file, or no token
+/// at all, fails naming the option and spends nothing.
+#[test]
+fn enroll_takes_its_token_from_a_file() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let data = home.path().join("ctl");
+    let (mut p, port, r) = start_controller(home.path(), data.to_str().expect("utf-8"), 0, &[]);
+    let out = r.unwrap_or_else(|e| panic!("start: {e}\n{}", p.tails(20)));
+    let admin_token = token_in(&out, "admin token (shown once");
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = data.join("ca.pem");
+    let admin = |args: &[&str]| {
+        let mut all = vec![
+            "admin",
+            "--controller",
+            &url,
+            "--ca-file",
+            ca.to_str().expect("utf-8"),
+            "--token",
+            &admin_token,
+        ];
+        all.extend_from_slice(args);
+        let o = umbra(home.path(), &all);
+        assert!(
+            o.success(),
+            "umbra admin {}: {}",
+            args.join(" "),
+            o.describe()
+        );
+        o.stdout
+    };
+    admin(&["user", "add", "ann@example.test"]);
+    let token = admin(&[
+        "token",
+        "create",
+        "--role",
+        "agent",
+        "--user",
+        "ann@example.test",
+    ]);
+    let agent_dir = home.path().join("agent");
+    let enroll = |extra: &[&str]| {
+        let mut all = vec![
+            "agent",
+            "--dir",
+            agent_dir.to_str().expect("utf-8"),
+            "enroll",
+            "--controller",
+            &url,
+        ];
+        all.extend_from_slice(extra);
+        umbra(home.path(), &all)
+    };
+
+    let o = enroll(&[]);
+    assert!(
+        !o.success() && o.stderr.contains("--token-file"),
+        "no token: {}",
+        o.describe()
+    );
+    let empty = home.path().join("empty.token");
+    std::fs::write(&empty, "\n").expect("write");
+    let o = enroll(&["--token-file", empty.to_str().expect("utf-8")]);
+    assert!(
+        !o.success() && o.stderr.contains("--token-file") && o.stderr.contains("empty"),
+        "empty token file: {}",
+        o.describe()
+    );
+    let o = enroll(&["--token-file", "no/such/file"]);
+    assert!(
+        !o.success() && o.stderr.contains("--token-file"),
+        "missing token file: {}",
+        o.describe()
+    );
+    let file = home.path().join("ann.token");
+    std::fs::write(&file, &token).expect("write");
+    let o = enroll(&[
+        "--token",
+        token.trim(),
+        "--token-file",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        !o.success(),
+        "both --token and --token-file: {}",
+        o.describe()
+    );
+    assert!(
+        !agent_dir.join("cert.pem").exists(),
+        "a refused enroll wrote an identity"
+    );
+
+    // The twin: from the file, and the token is spent (the same file again is refused).
+    let o = enroll(&["--token-file", file.to_str().expect("utf-8")]);
+    assert!(o.success(), "enroll from a file: {}", o.describe());
+    assert!(o.stdout.contains("enrolled umbra://"), "{}", o.describe());
+    let o = enroll(&["--force", "--token-file", file.to_str().expect("utf-8")]);
+    assert!(!o.success(), "a spent token from a file: {}", o.describe());
+    p.interrupt();
+    let _ = p.wait_exit(Duration::from_secs(20));
+}
