@@ -47,8 +47,9 @@ pub(crate) enum OpenError {
     /// Every broker failed; the last failure.
     #[error("no broker reachable: {0}")]
     NoBroker(String),
-    /// The broker refused this device's identity (revoked or not enrolled). Final: every
-    /// broker holds the same snapshot.
+    /// The broker refused this device's identity (revoked, or of another organisation).
+    /// Final: every broker would say the same (a broker that merely does not know the
+    /// device yet closes the link without refusing it).
     #[error("{}", LinkError::Refused)]
     Refused,
     /// This device's certificate expired (at the time given) and was not renewed. Final: it

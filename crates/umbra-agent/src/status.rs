@@ -117,7 +117,7 @@ pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     }
     match answer {
         Some(list) => Ok(list),
-        // Every broker holds the same snapshot: one refusal speaks for all.
+        // A refusal is final (revoked): one speaks for all brokers.
         None if refused => Err(AgentError::Refused),
         None => Err(AgentError::NoBroker(last)),
     }

@@ -52,7 +52,24 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
     let peer = link.peer().clone();
     let max = shared.cfg.max_links_per_peer;
     match admit(&peer, &authority, &shared.org) {
-        Err(r) => refuse(&shared, &peer, &link, r.as_str(), Refusal::Identity),
+        Err(r) if r.is_final() => refuse(&shared, &peer, &link, r.as_str(), Refusal::Identity),
+        Err(r) => {
+            info!(
+                reason = r.as_str(),
+                version = authority.snapshot.version,
+                "link from an identity this broker's snapshot does not know; closed (not refused)"
+            );
+            shared.audit.record(
+                &peer.id.to_uri(),
+                "link.open",
+                &shared.name,
+                "deny",
+                serde_json::json!({ "reason": r.as_str(), "transport": link.transport().as_str(), "snapshot_version": authority.snapshot.version }),
+            );
+            metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str())
+                .increment(1);
+            link.close();
+        }
         Ok(LinkPeer::Connector { id }) => {
             if shared
                 .connectors

@@ -31,6 +31,14 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
+    /// Whether every broker would refuse the same: `false` for an identity this broker does
+    /// not know, since its snapshot may predate the enrollment (a device linking a moment
+    /// after it enrolled, or a broker with no snapshot yet). Such a link is closed, not
+    /// refused, so that the peer tries again or another broker instead of giving up.
+    pub(crate) fn is_final(self) -> bool {
+        !matches!(self, Refusal::UnknownDevice | Refusal::UnknownConnector)
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::WrongOrg => "wrong_org",
@@ -162,5 +170,24 @@ mod tests {
             admit(&cert(Role::Agent, "d1", "1"), &a, "other"),
             Err(Refusal::WrongOrg)
         );
+    }
+
+    /// Only "not known here" may be this broker's ignorance; everything else every broker
+    /// would say.
+    #[test]
+    fn which_refusals_are_final() {
+        use Refusal::*;
+        for r in [
+            WrongOrg,
+            WrongRole,
+            RevokedCertificate,
+            RevokedDevice,
+            RevokedConnector,
+        ] {
+            assert!(r.is_final(), "{r:?}");
+        }
+        for r in [UnknownDevice, UnknownConnector] {
+            assert!(!r.is_final(), "{r:?}");
+        }
     }
 }

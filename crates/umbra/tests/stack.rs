@@ -689,6 +689,13 @@ async fn brokers_and_controller_away(t: TransportPref) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
+    // A broker enrolled now, started only once the controller is gone: it has no snapshot.
+    let late_token = s.admin.token("broker", None, Some("broker-late")).await;
+    let late_dir = s.dir.path().join("broker-late");
+    umbra_link::enroll::enroll(&s.url, &late_token, &late_dir)
+        .await
+        .unwrap();
+
     // 11. Controller away.
     let mut live = LiveConn::open(fa).await.unwrap();
     served(&s.brokers[1], lt, &alice_id).await.unwrap();
@@ -733,6 +740,16 @@ async fn brokers_and_controller_away(t: TransportPref) {
         },
     )
     .await;
+    // The broker without a snapshot knows no device: it closes alice's link without calling
+    // it a refusal (another broker, or a later try, may serve her); a revoked identity is
+    // refused everywhere (case 7).
+    s.start_broker("broker-late", late_dir, |_| {}).await;
+    let late = s.brokers.last().unwrap();
+    match assert_refused(late, lt, &alice_id, "a broker without a snapshot").await {
+        Refusal::ClosedAfterHandshake { refused: None, .. } => {}
+        other => panic!("[{t}] a broker without a snapshot: {other:?}"),
+    }
+
     // Its live stream ends with the staleness limit, not at the next hourly re-check.
     let ended = tokio::time::timeout(Duration::from_secs(3), async {
         while let Ok(Some(_)) = on_stale.recv_chunk().await {}
