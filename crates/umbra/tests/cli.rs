@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -1411,6 +1411,44 @@ fn start_controller(
     (proc, port, r)
 }
 
+/// A controller started for a test, and `umbra admin` against it.
+struct AdminCtl {
+    proc: Proc,
+    url: String,
+    ca: PathBuf,
+    token: String,
+}
+
+impl AdminCtl {
+    /// A fresh controller with its data in `home`/ctl.
+    fn start(home: &Path) -> AdminCtl {
+        let data = home.join("ctl");
+        let (proc, port, r) = start_controller(home, data.to_str().expect("utf-8"), 0, &[]);
+        let out = r.unwrap_or_else(|e| panic!("start: {e}\n{}", proc.tails(20)));
+        AdminCtl {
+            token: token_in(&out, "admin token (shown once"),
+            url: format!("https://127.0.0.1:{port}"),
+            ca: data.join("ca.pem"),
+            proc,
+        }
+    }
+
+    /// `umbra admin --controller .. --ca-file .. --token .. ARGS`.
+    fn admin(&self, home: &Path, args: &[&str]) -> Output {
+        let mut all = vec![
+            "admin",
+            "--controller",
+            &self.url,
+            "--ca-file",
+            self.ca.to_str().expect("utf-8"),
+            "--token",
+            &self.token,
+        ];
+        all.extend_from_slice(args);
+        umbra(home, &all)
+    }
+}
+
 /// The last word of the first line of `out` containing `marker` (a printed token).
 fn token_in(out: &str, marker: &str) -> String {
     out.lines()
@@ -1427,25 +1465,9 @@ fn token_in(out: &str, marker: &str) -> String {
 #[test]
 fn admin_changes_in_place() {
     let home = tempfile::tempdir().expect("tempdir");
-    let data = home.path().join("ctl");
-    let (mut p, port, r) = start_controller(home.path(), data.to_str().expect("utf-8"), 0, &[]);
-    let out = r.unwrap_or_else(|e| panic!("start: {e}\n{}", p.tails(20)));
-    let token = token_in(&out, "admin token (shown once");
-    let url = format!("https://127.0.0.1:{port}");
-    let ca = data.join("ca.pem");
-    let admin = |args: &[&str]| {
-        let mut all = vec![
-            "admin",
-            "--controller",
-            &url,
-            "--ca-file",
-            ca.to_str().expect("utf-8"),
-            "--token",
-            &token,
-        ];
-        all.extend_from_slice(args);
-        umbra(home.path(), &all)
-    };
+    let mut ctl = AdminCtl::start(home.path());
+    let (ca, token) = (ctl.ca.clone(), ctl.token.clone());
+    let admin = |args: &[&str]| ctl.admin(home.path(), args);
     let ok = |args: &[&str]| {
         let o = admin(args);
         assert!(
@@ -1675,8 +1697,8 @@ fn admin_changes_in_place() {
     );
     let audit = ok(&["audit", "--action", "policy.update", "--result", "ok"]);
     assert!(audit.contains("wiki-ann"), "{audit}");
-    p.interrupt();
-    let _ = p.wait_exit(Duration::from_secs(20));
+    ctl.proc.interrupt();
+    let _ = ctl.proc.wait_exit(Duration::from_secs(20));
 }
 
 #[test]
@@ -1748,24 +1770,10 @@ const USER_QS: &str = "demo@example.test";
 #[test]
 fn enroll_takes_its_token_from_a_file() {
     let home = tempfile::tempdir().expect("tempdir");
-    let data = home.path().join("ctl");
-    let (mut p, port, r) = start_controller(home.path(), data.to_str().expect("utf-8"), 0, &[]);
-    let out = r.unwrap_or_else(|e| panic!("start: {e}\n{}", p.tails(20)));
-    let admin_token = token_in(&out, "admin token (shown once");
-    let url = format!("https://127.0.0.1:{port}");
-    let ca = data.join("ca.pem");
+    let mut ctl = AdminCtl::start(home.path());
+    let url = ctl.url.clone();
     let admin = |args: &[&str]| {
-        let mut all = vec![
-            "admin",
-            "--controller",
-            &url,
-            "--ca-file",
-            ca.to_str().expect("utf-8"),
-            "--token",
-            &admin_token,
-        ];
-        all.extend_from_slice(args);
-        let o = umbra(home.path(), &all);
+        let o = ctl.admin(home.path(), args);
         assert!(
             o.success(),
             "umbra admin {}: {}",
@@ -1841,6 +1849,6 @@ fn enroll_takes_its_token_from_a_file() {
     assert!(o.stdout.contains("enrolled umbra://"), "{}", o.describe());
     let o = enroll(&["--force", "--token-file", file.to_str().expect("utf-8")]);
     assert!(!o.success(), "a spent token from a file: {}", o.describe());
-    p.interrupt();
-    let _ = p.wait_exit(Duration::from_secs(20));
+    ctl.proc.interrupt();
+    let _ = ctl.proc.wait_exit(Duration::from_secs(20));
 }
