@@ -82,8 +82,8 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             let transport = link.transport().as_str();
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
                 .increment(1.0);
-            if !still_admitted(&shared, &peer, &authority) {
-                link.refuse(Refusal::Identity);
+            if let Err(why) = still_admitted(&shared, &peer, &authority) {
+                crate::sync::close_unadmitted(&link, why);
             }
             tokio::select! {
                 () = link.closed() => {}
@@ -107,8 +107,8 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             let transport = link.transport().as_str();
             metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
                 .increment(1.0);
-            if !still_admitted(&shared, &peer, &authority) {
-                link.refuse(Refusal::Identity);
+            if let Err(why) = still_admitted(&shared, &peer, &authority) {
+                crate::sync::close_unadmitted(&link, why);
             }
             let device: Arc<str> = device.into();
             // One timer for the link, not one per stream accepted.
@@ -217,12 +217,20 @@ fn close_expired(link: &Link, peer: &umbra_pki::PeerCert) {
     link.close();
 }
 
-/// Whether a link admitted under `seen` is still admitted under the snapshot held now. A
+/// Whether a link admitted under `seen` is still admitted under the snapshot held now (why
+/// not, if not). A
 /// snapshot installed between the admission and the registration re-checked the links
 /// registered then, not this one.
-fn still_admitted(shared: &Shared, peer: &umbra_pki::PeerCert, seen: &Authority) -> bool {
+fn still_admitted(
+    shared: &Shared,
+    peer: &umbra_pki::PeerCert,
+    seen: &Authority,
+) -> Result<(), crate::authn::Refusal> {
     let held = shared.authority.load_full();
-    held.snapshot.version == seen.snapshot.version || admit(peer, &held, &shared.org).is_ok()
+    if held.snapshot.version == seen.snapshot.version {
+        return Ok(());
+    }
+    admit(peer, &held, &shared.org).map(|_| ())
 }
 
 /// What an agent's first frame on a stream asks for (see the module docs). Pure.

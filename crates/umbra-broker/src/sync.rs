@@ -161,10 +161,21 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
                 "ok",
                 serde_json::json!({ "reason": r.as_str() }),
             );
-            l.link.refuse(Refusal::Identity);
+            close_unadmitted(&l.link, r);
         }
     }
     end_disallowed(shared, &shared.streams.entries(), a, now);
+}
+
+/// Closes a link whose peer is no longer admitted: refused when every broker would say the
+/// same (revoked), plainly closed when the snapshot merely does not know the peer (a store
+/// restored to before its enrollment), so that it tries again rather than gives up.
+pub(crate) fn close_unadmitted(link: &umbra_link::Link, why: crate::authn::Refusal) {
+    if why.is_final() {
+        link.refuse(Refusal::Identity);
+    } else {
+        link.close();
+    }
 }
 
 /// Ends the streams of `live` that `a` no longer allows at `now` (see [`recheck`]). `a` must
@@ -206,7 +217,9 @@ pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
 }
 
 /// Time to the next re-check: `every`, or less if the state goes stale sooner. A
-/// confirmation that arrives meanwhile only makes that wake-up find nothing to end. Pure.
+/// confirmation that arrives meanwhile only makes that wake-up find nothing to end. A state
+/// not fresh now is looked at again within the staleness limit: one confirmed meanwhile
+/// goes stale no sooner than that, so its staleness is not missed. Pure.
 fn next_recheck(
     a: &Authority,
     now: SystemTime,
@@ -215,7 +228,7 @@ fn next_recheck(
 ) -> Duration {
     match a.fresh_for(now, max_staleness) {
         Some(left) => every.min(left),
-        None => every,
+        None => every.min(max_staleness + Duration::from_secs(1)),
     }
 }
 
@@ -364,8 +377,12 @@ mod tests {
             next_recheck(&a, at(1_002), every, max),
             Duration::from_secs(1)
         );
-        // Already stale, or far from it: the usual interval.
-        assert_eq!(next_recheck(&a, at(1_003), every, max), every);
+        // Already stale: again within the limit (a confirmation meanwhile goes stale no
+        // sooner than that). Far from stale: the usual interval.
+        assert_eq!(
+            next_recheck(&a, at(1_003), every, max),
+            Duration::from_secs(3)
+        );
         assert_eq!(
             next_recheck(&a, at(1_000), every, Duration::from_secs(3600)),
             every

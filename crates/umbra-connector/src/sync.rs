@@ -87,6 +87,9 @@ pub const TARGETS_UNREACHABLE: &str =
 pub const TARGETS_FOLLOWING_AGAIN: &str =
     "controller reachable again; following the published targets";
 
+/// Wait before asking again after refusing a configuration from the controller.
+const REFUSED_CONFIG_WAIT: Duration = Duration::from_secs(5);
+
 /// Long-polls the published targets until `cancel`.
 pub(crate) async fn poll_published(
     mut ctl: RenewingClient,
@@ -138,7 +141,7 @@ pub(crate) async fn poll_published(
                     // Asked again at once, it would answer the same at once.
                     tokio::select! {
                         () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(backoff.next_delay(rand::random::<f64>())) => {}
+                        () = tokio::time::sleep(REFUSED_CONFIG_WAIT) => {}
                     }
                     continue;
                 }

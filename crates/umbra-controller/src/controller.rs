@@ -79,9 +79,18 @@ impl Controller {
         let server_id = ca::server_identity(&ca, &store, &cfg.server_names, clock()).await?;
         let (tls, slot) = ca::server_tls(&server_id)?;
 
+        // Every start moves the version to at least the clock in milliseconds. A store
+        // restored from a backup counts on from where the backup was; without this, it could
+        // hand out a version a broker or connector already holds for other content, and they
+        // would take it for current. The clock is far ahead of any count of changes.
         let version = {
-            let mut r = store.read().await?;
-            store::counter(&mut r, &cfg.org, SNAPSHOT_VERSION).await?
+            let floor = clock()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let mut w = store.write().await?;
+            let v = store::raise(w.conn(), &cfg.org, SNAPSHOT_VERSION, floor).await?;
+            w.commit().await?;
+            v
         };
         let listener =
             TcpListener::bind(cfg.listen)

@@ -5,8 +5,11 @@
 //! on a `watch` channel; long-polling requests (`GET /v1/snapshot?after=N`,
 //! `GET /v1/connector/config?after=N`, and `GET /v1/brokers?have=TAG`, which looks again at
 //! every version) wait on it and answer as soon as the version passes `N`, or with 204 when
-//! their wait ends. One peer identity may have at most [`MAX_WAITING_PER_PEER`] of them
-//! waiting. Snapshots are built from one read transaction, so a snapshot is always a
+//! their wait ends. A request whose `N` is above the store's version (the store was
+//! restored from a backup) is answered at once with the store's state ([`follow_store`] also
+//! reads the stored version back every second, so that a change committed by a request
+//! dropped before it announced it is not missed). One peer identity may have at most
+//! [`MAX_WAITING_PER_PEER`] of them waiting. Snapshots are built from one read transaction, so a snapshot is always a
 //! consistent view at its version.
 
 use std::collections::BTreeMap;

@@ -1495,10 +1495,12 @@ fn copy_data(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// The store restored from a backup: its version is below what brokers and connectors
-/// hold. Their long polls get the store's state at once (a device revoked after the restore
-/// must not keep access until the counter catches up); a peer at the store's version waits
-/// as usual.
+/// The store restored from a backup. A start moves the version to at least the clock in
+/// milliseconds, so the restored store does not hand out a version a peer already holds
+/// for other content: a peer holding the version from before the backup gets the store's
+/// state at once. A peer ahead of the store (possible if the clock went back) gets it at once
+/// too (a device revoked after the restore must not keep access until the counter catches
+/// up); a peer at the store's version waits as usual.
 #[tokio::test]
 async fn peers_ahead_of_a_restored_store_get_its_state_at_once() {
     let h = Harness::start().await;
@@ -1510,6 +1512,7 @@ async fn peers_ahead_of_a_restored_store_get_its_state_at_once() {
         Some(json!({ "name": "web", "target": "10.0.0.1:80", "connectors": ["c1"] })),
     )
     .await;
+    let at_backup = h.ctl.snapshot_version();
     let Harness {
         dir,
         ctl,
@@ -1542,7 +1545,11 @@ async fn peers_ahead_of_a_restored_store_get_its_state_at_once() {
 
     let ctl = start(config(dir.path()), &skew).await.unwrap();
     let restored = ctl.snapshot_version();
-    assert!(restored < ahead, "{restored} < {ahead}");
+    assert!(at_backup < restored, "{at_backup} < {restored}");
+    // The changes after the backup are gone. A peer ahead of the store (possible if the clock
+    // went back, so that the start could not move the version past theirs) is simulated.
+    assert!(ahead > at_backup);
+    let ahead = restored + 1_000;
     let b = client(&ca, Some(&broker));
     let t0 = Instant::now();
     let (s, snap) = get_json::<Snapshot>(
@@ -1564,6 +1571,18 @@ async fn peers_ahead_of_a_restored_store_get_its_state_at_once() {
     assert_eq!(s, StatusCode::OK);
     let cfg = cfg.unwrap();
     assert_eq!((cfg.version, cfg.targets.len()), (restored, 1));
+    // A peer that held the version the backup was taken at: the start moved past it.
+    let t0 = Instant::now();
+    let (s, snap) = get_json::<Snapshot>(
+        &b,
+        url(&ctl, &format!("/v1/snapshot?after={at_backup}&wait=10")),
+    )
+    .await;
+    assert_eq!(
+        (s, snap.map(|s| s.version)),
+        (StatusCode::OK, Some(restored))
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     // The twin: a peer at the store's version waits for a change, as ever.
     let r = b
         .get(url(&ctl, &format!("/v1/snapshot?after={restored}&wait=1")))
@@ -1602,7 +1621,8 @@ async fn restart_keeps_state_ca_and_admin_token() {
         "the admin token is not re-issued"
     );
     assert_eq!(ctl.ca_pem(), ca_pem, "same CA");
-    assert_eq!(ctl.snapshot_version(), version);
+    // A start moves the version on (to at least the clock in ms): see the restore test.
+    assert!(ctl.snapshot_version() > version);
     let ca = ca_der(&ctl.ca_pem());
     let http = client(&ca, None);
     let users: Value = http
@@ -1838,43 +1858,58 @@ async fn tls_conn(
 /// once. The twin: a whole body on the same kind of connection is served.
 #[tokio::test]
 async fn stalled_or_oversized_bodies_are_not_held() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let h = Harness::start().await;
     let (dev, _) = h.agent("alice@example.com").await;
-    let mut io = tls_conn(&h, Some(&dev)).await;
-    io.write_all(
-        b"POST /v1/renew HTTP/1.1\r\nhost: controller\r\ncontent-type: application/json\r\n\
-          content-length: 1000\r\n\r\n{\"csr_pem\":",
-    )
-    .await
-    .unwrap();
-    let t0 = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let answered = tokio::time::timeout(Duration::from_secs(20), async {
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            match io.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(answered.is_ok(), "a stalled body was held for 20 s");
-    let head = String::from_utf8_lossy(&got);
-    assert!(head.starts_with("HTTP/1.1 4"), "{head}");
-    eprintln!(
-        "stalled body answered after {:?}: {}",
-        t0.elapsed(),
-        head.lines().next().unwrap_or("")
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    let body = json!({ "csr_pem": csr }).to_string();
+    let head = format!(
+        "POST /v1/renew HTTP/1.1\r\nhost: controller\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
     );
+    // Sends the headers and `parts` of the body, `gap` apart; the status line answered.
+    let send = |parts: Vec<String>, gap: Duration| {
+        let (h, dev, head) = (&h, &dev, head.clone());
+        async move {
+            let mut io = tls_conn(h, Some(dev)).await;
+            io.write_all(head.as_bytes()).await.unwrap();
+            let t0 = Instant::now();
+            for p in parts {
+                tokio::time::sleep(gap).await;
+                io.write_all(p.as_bytes()).await.unwrap();
+            }
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                use tokio::io::AsyncReadExt;
+                let _ = io.read_to_end(&mut got).await;
+            })
+            .await;
+            let text = String::from_utf8_lossy(&got).into_owned();
+            (text.lines().next().unwrap_or("").to_owned(), t0.elapsed())
+        }
+    };
+    // Half of it, then nothing: answered 408 at the deadline (10 s), not held.
+    let (status, took) = send(vec![body[..body.len() / 2].to_owned()], Duration::ZERO).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "answered after {took:?}"
+    );
+    // The twin: the same body trickled in over 3 s is served.
+    let thirds: Vec<String> = body
+        .as_bytes()
+        .chunks(body.len() / 3 + 1)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    let (status, _) = send(thirds, Duration::from_secs(1)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
 
     let c = h.as_peer(&dev);
     let big = "A".repeat(100 << 10);
     let resp = h.renew(&c, json!({ "csr_pem": big })).await;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let key = umbra_pki::generate_key_pem().unwrap();
-    let csr = umbra_pki::make_csr(&key).unwrap();
     let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
     assert_eq!(resp.status(), StatusCode::OK);
     h.ctl.shutdown().await;

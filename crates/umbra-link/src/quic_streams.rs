@@ -54,7 +54,11 @@ impl StreamCredit {
     }
 
     /// Counts an accepted stream. Returns its guard, and the new limit to advertise when it
-    /// should grow (only one caller gets each raise).
+    /// should grow (only one caller gets each raise). The raise and its advertisement are
+    /// two steps: with two tasks accepting on one link, a smaller raise could be advertised
+    /// after a larger one. Each link has one accept loop (`Link::accept`'s callers).
+    /// Counting follows the accepted stream's receiving half, which the relays keep until
+    /// both directions end.
     pub(crate) fn accepted(&self) -> (Held, Option<u32>) {
         let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
         let held = Held(self.live.clone());

@@ -430,7 +430,8 @@ impl Client {
                 "no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)",
             )?;
         // Checked before anything else is read: the admin token must never go out in clear.
-        https_url(&base).context("--controller")?;
+        https_url(&base)
+            .context("the controller URL (--controller, UMBRA_CONTROLLER or --config)")?;
         let mut token_file = None;
         let token = if let Some(t) = &a.token {
             t.clone()

@@ -67,8 +67,9 @@ pub(crate) struct EnrollArgs {
     /// --token-file or UMBRA_TOKEN: other users can read a command line.
     #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the enrollment token (instead of --token).
-    #[arg(long, env = "UMBRA_TOKEN_FILE", conflicts_with = "token")]
+    /// File holding the enrollment token; used instead of --token (or UMBRA_TOKEN) when
+    /// both are given.
+    #[arg(long, env = "UMBRA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Where to write the identity.
     #[arg(long = "dir", id = "enroll_dir")]
@@ -91,8 +92,9 @@ pub(crate) struct AgentEnrollArgs {
     /// --token-file or UMBRA_TOKEN: other users can read a command line.
     #[arg(long, env = "UMBRA_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the enrollment token (instead of --token).
-    #[arg(long, env = "UMBRA_TOKEN_FILE", conflicts_with = "token")]
+    /// File holding the enrollment token; used instead of --token (or UMBRA_TOKEN) when
+    /// both are given.
+    #[arg(long, env = "UMBRA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Replace an identity in --dir that is still valid (refused otherwise). The replaced
     /// identity stays registered at the controller until an administrator revokes it.
@@ -109,11 +111,12 @@ pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
     enroll_into(&a.controller, &token, &dir, role, a.force).await
 }
 
-/// The enrollment token, from `--token` or the file `--token-file` names (trimmed).
+/// The enrollment token: from the file `--token-file` names (trimmed), else `--token`. The
+/// file wins: it is the deliberate choice, and a `UMBRA_TOKEN` left in the environment from
+/// an earlier enrollment must not override it.
 fn enroll_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
     match (token, file) {
-        (Some(t), _) => Ok(t),
-        (None, Some(p)) => {
+        (_, Some(p)) => {
             let t = std::fs::read_to_string(&p)
                 .with_context(|| format!("--token-file: cannot read {}", p.display()))?;
             let t = t.trim();
@@ -122,6 +125,7 @@ fn enroll_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<
             }
             Ok(t.to_owned())
         }
+        (Some(t), None) => Ok(t),
         (None, None) => anyhow::bail!(
             "no enrollment token: pass --token-file FILE (or UMBRA_TOKEN, or --token)"
         ),

@@ -1827,24 +1827,27 @@ fn enroll_takes_its_token_from_a_file() {
     );
     let file = home.path().join("ann.token");
     std::fs::write(&file, &token).expect("write");
-    let o = enroll(&[
-        "--token",
-        token.trim(),
-        "--token-file",
-        file.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        !o.success(),
-        "both --token and --token-file: {}",
-        o.describe()
-    );
     assert!(
         !agent_dir.join("cert.pem").exists(),
         "a refused enroll wrote an identity"
     );
 
-    // The twin: from the file, and the token is spent (the same file again is refused).
-    let o = enroll(&["--token-file", file.to_str().expect("utf-8")]);
+    // The twin: from the file, which wins over a token left in the environment; the token
+    // is spent then (the same file again is refused).
+    let o = umbra_env(
+        home.path(),
+        &[
+            "agent",
+            "--dir",
+            agent_dir.to_str().expect("utf-8"),
+            "enroll",
+            "--controller",
+            &url,
+            "--token-file",
+            file.to_str().expect("utf-8"),
+        ],
+        &[("UMBRA_TOKEN", "umb1.stale.left-over")],
+    );
     assert!(o.success(), "enroll from a file: {}", o.describe());
     assert!(o.stdout.contains("enrolled umbra://"), "{}", o.describe());
     let o = enroll(&["--force", "--token-file", file.to_str().expect("utf-8")]);

@@ -154,9 +154,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiFailure;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiFailure::new(e.status(), e.body_text(), None))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if serve::body_timed_out(&e) {
+                ApiFailure::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time",
+                    None,
+                )
+            } else {
+                ApiFailure::new(e.status(), e.body_text(), None)
+            }
+        })?;
         json_body(&bytes).map(ApiJson)
     }
 }

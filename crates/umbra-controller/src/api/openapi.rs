@@ -158,7 +158,8 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     poll(
         "/v1/snapshot",
         "broker",
-        "Long-poll the policy snapshot (204 when nothing newer than `after` within `wait` s)",
+        "Long-poll the policy snapshot (204 when nothing newer than `after` within `wait` s; \
+         at once when `after` is ahead of the store, which was restored)",
         "Snapshot",
     ),
     r(
@@ -173,7 +174,8 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     poll(
         "/v1/connector/config",
         "connector",
-        "Long-poll the targets published to this connector (204 on timeout)",
+        "Long-poll the targets published to this connector (204 on timeout; at once when \
+         `after` is ahead of the store)",
         "ConnectorConfig",
     ),
     r(

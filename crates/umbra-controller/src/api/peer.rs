@@ -158,6 +158,9 @@ impl PollQuery {
 /// store went back (restored from a backup), and waiting for its counter to pass the peer's
 /// again would leave the peer confirming state that no longer exists, such as access for a
 /// device revoked since the restore. Peers take the older version they are then sent.
+/// How long a peer ahead of the store waits for its answer.
+const AHEAD_PAUSE: Duration = Duration::from_secs(1);
+
 async fn changed_since(ctx: &Ctx, after: u64, wait: Duration) -> Result<bool, ApiFailure> {
     if after > ctx.dist.current() {
         // The published version may only lag the store (`distribution::follow_store`).
@@ -167,12 +170,30 @@ async fn changed_since(ctx: &Ctx, after: u64, wait: Duration) -> Result<bool, Ap
         };
         ctx.dist.publish(stored);
         if after > stored {
-            tracing::warn!(
-                peer_version = after,
-                stored,
-                "a peer holds a newer snapshot version than the store (was the store restored \
-                 from a backup?); sending it the store's"
-            );
+            // Once a minute at most: any peer can send a large `after`.
+            static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let now = audit::unix_secs(ctx.now());
+            let last = LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last.saturating_add(60)
+                && LAST_WARNED
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                tracing::warn!(
+                    peer_version = after,
+                    stored,
+                    "a peer holds a newer snapshot version than the store (was the store \
+                     restored from a backup, or did the clock go back?); sending it the store's"
+                );
+            }
+            // A short pause: a peer that cannot take the older version would ask again at
+            // once, and this bounds that to one answer a second.
+            tokio::time::sleep(AHEAD_PAUSE.min(wait)).await;
             return Ok(true);
         }
     }

@@ -46,11 +46,41 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// carry a body of up to its route's limit, so this bounds what one connection can make the
 /// controller hold; an identity's long polls (16) and a CLI's calls fit well within it.
 const H2_MAX_STREAMS: u32 = 32;
-/// Longest time for a request's body to arrive, counted from the handler's first read of
-/// it (right after the headers, for every route that takes a body). Bodies are read
-/// into memory (up to the route's limit), so one that trickles in, or stalls, would hold
-/// that memory for as long as its connection lives; enrolled peers' connections live long.
+/// Longest time for a request's body to arrive, counted from the first read that has to
+/// wait for it (the handler reads right after the headers, on every route that takes a
+/// body). Bodies are read into memory (up to the route's limit), so one that trickles in, or
+/// stalls, would hold that memory for as long as its connection lives; enrolled peers'
+/// connections live long. Answered 408.
 pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for a broker's heartbeat, which may carry up to 16 MiB (a busy broker's live
+/// streams) over a slow uplink; the broker's own client waits 60 s.
+const HEARTBEAT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the body of a request to `path` may take.
+fn body_timeout(path: &str) -> Duration {
+    if path == "/v1/broker/heartbeat" {
+        HEARTBEAT_BODY_TIMEOUT
+    } else {
+        BODY_READ_TIMEOUT
+    }
+}
+
+/// A request body that did not arrive in time (see [`BODY_READ_TIMEOUT`]).
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {0} s")]
+pub(crate) struct BodyTimedOut(u64);
+
+/// Whether `e`, or an error it wraps, is a [`BodyTimedOut`].
+pub(crate) fn body_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTimedOut>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
 /// How long connections get to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -184,8 +214,8 @@ async fn connection(
         req.extensions_mut().insert(ClientAddr(remote));
         let mut router = router.clone();
         async move {
-            let req: Request =
-                req.map(|b| axum::body::Body::new(Deadline::new(b, BODY_READ_TIMEOUT)));
+            let limit = body_timeout(req.uri().path());
+            let req: Request = req.map(|b| axum::body::Body::new(Deadline::new(b, limit)));
             // A Router is always ready; `call` directly.
             let resp = router.call(req).await;
             Ok::<_, Infallible>(match resp {
@@ -243,9 +273,8 @@ async fn connection(
     }
 }
 
-/// A request body that fails once `limit` has passed since the request arrived (see
-/// [`BODY_READ_TIMEOUT`]). The timer starts only when the body is first read: a handler that
-/// never reads it (a long poll) is not cut.
+/// A request body that fails once `limit` has passed since its first read that had to wait
+/// (see [`BODY_READ_TIMEOUT`]). A handler that never reads it (a long poll) is not cut.
 struct Deadline<B> {
     inner: B,
     limit: Duration,
@@ -284,11 +313,7 @@ where
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                "request body not received within {} s",
-                limit.as_secs()
-            )
-            .into()))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(limit.as_secs()))))),
             Poll::Pending => Poll::Pending,
         }
     }

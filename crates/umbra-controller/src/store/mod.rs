@@ -197,6 +197,25 @@ pub(crate) async fn bump_by(
     Ok(to_u64(v))
 }
 
+/// Raises a counter by one, or to `at_least` if that is more, and returns its new value.
+pub(crate) async fn raise(
+    conn: &mut SqliteConnection,
+    org: &str,
+    name: &str,
+    at_least: u64,
+) -> Result<u64, sqlx::Error> {
+    let v: i64 = sqlx::query_scalar(
+        "UPDATE counters SET value = CASE WHEN value + 1 > $1 THEN value + 1 ELSE $1 END \
+         WHERE org = $2 AND name = $3 RETURNING value",
+    )
+    .bind(to_i64(at_least))
+    .bind(org)
+    .bind(name)
+    .fetch_one(conn)
+    .await?;
+    Ok(to_u64(v))
+}
+
 /// Reads a counter.
 pub(crate) async fn counter(
     conn: &mut SqliteConnection,
@@ -268,6 +287,25 @@ mod tests {
         let s = Store::open(&db, "t").await.unwrap();
         let mut r = s.read().await.unwrap();
         assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn raise_goes_up_by_one_or_to_the_floor() {
+        let (_dir, s) = mem().await;
+        let mut w = s.write().await.unwrap();
+        assert_eq!(
+            raise(w.conn(), "t", SNAPSHOT_VERSION, 100).await.unwrap(),
+            100
+        );
+        assert_eq!(
+            raise(w.conn(), "t", SNAPSHOT_VERSION, 50).await.unwrap(),
+            101
+        );
+        assert_eq!(
+            raise(w.conn(), "t", SNAPSHOT_VERSION, 101).await.unwrap(),
+            102
+        );
+        assert_eq!(bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap(), 103);
     }
 
     #[tokio::test]
