@@ -43,14 +43,23 @@ fn poll_wait_secs(max_staleness: Duration) -> u64 {
 /// Long-polls the controller for newer snapshots until shutdown.
 pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<ControllerClient>>) {
     let wait = poll_wait_secs(shared.cfg.max_staleness());
+    // The first poll, and the first after a failure, is answered at once (`wait=0`): a
+    // broker restarted with its cached snapshot, or back from an outage, learns at once
+    // whether it is current, instead of at the end of a long poll while its staleness runs.
+    let mut at_once = true;
     loop {
         let after = shared.authority.load().snapshot.version;
-        let path = format!("/v1/snapshot?after={after}&wait={wait}");
+        let path = if at_once {
+            format!("/v1/snapshot?after={after}&wait=0")
+        } else {
+            format!("/v1/snapshot?after={after}&wait={wait}")
+        };
         let c = client.load_full();
         let r = tokio::select! {
             r = c.get_opt::<Snapshot>(&path) => r,
             () = shared.shutdown.cancelled() => return,
         };
+        at_once = r.is_err();
         match r {
             Ok(Some(s)) => {
                 if !install(&shared, s, SystemTime::now()) {

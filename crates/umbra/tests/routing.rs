@@ -481,6 +481,11 @@ async fn denied_never_reaches_connector(t: TransportPref) {
     })
     .await;
     for e in &audit {
+        // The stack's own readiness checks on `echo` (in `Stack::start`, while the connector
+        // may not have its targets yet) can land after `audit0`: brokers report in batches.
+        if e["target"] == ECHO {
+            continue;
+        }
         let about_denied = e["target"] == GUARDED || e["target"] == NOSUCH;
         assert!(
             !(about_denied && (e["result"] != "deny" || e["detail"].get("connector").is_some())),
