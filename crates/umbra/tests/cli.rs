@@ -21,6 +21,19 @@ fn umbra(home: &Path, args: &[&str]) -> Output {
     umbra_env(home, args, &[])
 }
 
+/// `umbra agent --dir DIR enroll --controller URL EXTRA` with `envs`.
+fn enroll_agent_cmd(
+    home: &Path,
+    dir: &str,
+    controller: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Output {
+    let mut args = vec!["agent", "--dir", dir, "enroll", "--controller", controller];
+    args.extend_from_slice(extra);
+    umbra_env(home, &args, envs)
+}
+
 /// `umbra ARGS` with a clean environment plus `envs`, killed after 20 s.
 fn umbra_env(home: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let dir = home.join("out");
@@ -1228,18 +1241,9 @@ fn quickstart_runs_stops_and_resumes() {
     let controller = format!("https://127.0.0.1:{base}");
     let cert_before = std::fs::read(agent_dir.join("cert.pem")).expect("agent cert");
     let enroll = |extra: &[&str]| {
-        let mut args = vec![
-            "agent",
-            "--dir",
-            dir_arg,
-            "enroll",
-            "--controller",
-            &controller,
-            "--token",
-            &token,
-        ];
+        let mut args = vec!["--token", token.as_str()];
         args.extend_from_slice(extra);
-        umbra(home.path(), &args)
+        enroll_agent_cmd(home.path(), dir_arg, &controller, &args, &[])
     };
     let out = enroll(&[]);
     assert!(
@@ -1792,18 +1796,8 @@ fn enroll_takes_its_token_from_a_file() {
         "ann@example.test",
     ]);
     let agent_dir = home.path().join("agent");
-    let enroll = |extra: &[&str]| {
-        let mut all = vec![
-            "agent",
-            "--dir",
-            agent_dir.to_str().expect("utf-8"),
-            "enroll",
-            "--controller",
-            &url,
-        ];
-        all.extend_from_slice(extra);
-        umbra(home.path(), &all)
-    };
+    let dir_arg = agent_dir.to_str().expect("utf-8");
+    let enroll = |extra: &[&str]| enroll_agent_cmd(home.path(), dir_arg, &url, extra, &[]);
 
     let o = enroll(&[]);
     assert!(
@@ -1834,18 +1828,11 @@ fn enroll_takes_its_token_from_a_file() {
 
     // The twin: from the file, which wins over a token left in the environment; the token
     // is spent then (the same file again is refused).
-    let o = umbra_env(
+    let o = enroll_agent_cmd(
         home.path(),
-        &[
-            "agent",
-            "--dir",
-            agent_dir.to_str().expect("utf-8"),
-            "enroll",
-            "--controller",
-            &url,
-            "--token-file",
-            file.to_str().expect("utf-8"),
-        ],
+        dir_arg,
+        &url,
+        &["--token-file", file.to_str().expect("utf-8")],
         &[("UMBRA_TOKEN", "umb1.stale.left-over")],
     );
     assert!(o.success(), "enroll from a file: {}", o.describe());
