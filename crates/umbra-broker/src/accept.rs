@@ -52,23 +52,15 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
     let peer = link.peer().clone();
     let max = shared.cfg.max_links_per_peer;
     match admit(&peer, &authority, &shared.org) {
-        Err(r) if r.is_final() => refuse(&shared, &peer, &link, r.as_str(), Refusal::Identity),
         Err(r) => {
-            info!(
-                reason = r.as_str(),
-                version = authority.snapshot.version,
-                "link from an identity this broker's snapshot does not know; closed (not refused)"
-            );
-            shared.audit.record(
-                &peer.id.to_uri(),
-                "link.open",
-                &shared.name,
-                "deny",
-                serde_json::json!({ "reason": r.as_str(), "transport": link.transport().as_str(), "snapshot_version": authority.snapshot.version }),
-            );
-            metrics::counter!("umbra_broker_links_refused_total", "reason" => r.as_str())
-                .increment(1);
-            link.close();
+            if !r.is_final() {
+                info!(
+                    version = authority.snapshot.version,
+                    "this broker's snapshot does not know the identity"
+                );
+            }
+            deny_link(&shared, &peer, &link, r.as_str());
+            crate::sync::close_unadmitted(&link, r);
         }
         Ok(LinkPeer::Connector { id }) => {
             if shared
@@ -184,6 +176,12 @@ fn refuse(
     reason: &'static str,
     why: Refusal,
 ) {
+    deny_link(shared, peer, link, reason);
+    link.refuse(why);
+}
+
+/// The log line, audit record and count of a link not admitted, for `reason`.
+fn deny_link(shared: &Shared, peer: &umbra_pki::PeerCert, link: &Link, reason: &'static str) {
     warn!(reason, "link refused");
     shared.audit.record(
         &peer.id.to_uri(),
@@ -193,7 +191,6 @@ fn refuse(
         serde_json::json!({ "reason": reason, "transport": link.transport().as_str() }),
     );
     metrics::counter!("umbra_broker_links_refused_total", "reason" => reason).increment(1);
-    link.refuse(why);
 }
 
 /// Resolves when the peer's certificate expires. TLS checks validity only at the handshake;
@@ -218,9 +215,8 @@ fn close_expired(link: &Link, peer: &umbra_pki::PeerCert) {
 }
 
 /// Whether a link admitted under `seen` is still admitted under the snapshot held now (why
-/// not, if not). A
-/// snapshot installed between the admission and the registration re-checked the links
-/// registered then, not this one.
+/// not, if not). A snapshot installed between the admission and the registration re-checked
+/// the links registered then, not this one.
 fn still_admitted(
     shared: &Shared,
     peer: &umbra_pki::PeerCert,

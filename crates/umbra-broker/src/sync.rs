@@ -90,12 +90,17 @@ fn confirm(shared: &Shared, now: SystemTime) {
     shared.authority.store(a.clone());
     let persisted = shared.persisted_confirmation.load(Ordering::Relaxed);
     if persist_due(persisted, a.confirmed_at, shared.cfg.max_staleness()) {
-        match store_cached(&shared.snapshot_path, &a) {
-            Ok(()) => shared
-                .persisted_confirmation
-                .store(a.confirmed_at, Ordering::Relaxed),
-            Err(e) => warn!(error = %e, "could not persist the snapshot's confirmation"),
-        }
+        persist(shared, &a);
+    }
+}
+
+/// Writes `a` (snapshot and confirmation) to the cache, and remembers when it was confirmed.
+fn persist(shared: &Shared, a: &Authority) {
+    match store_cached(&shared.snapshot_path, a) {
+        Ok(()) => shared
+            .persisted_confirmation
+            .store(a.confirmed_at, Ordering::Relaxed),
+        Err(e) => warn!(error = %e, "could not persist the snapshot"),
     }
 }
 
@@ -142,12 +147,7 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
     shared.authority.store(a.clone());
     metrics::gauge!("umbra_broker_snapshot_version").set(version as f64);
     info!(version, "snapshot installed");
-    match store_cached(&shared.snapshot_path, &a) {
-        Ok(()) => shared
-            .persisted_confirmation
-            .store(a.confirmed_at, Ordering::Relaxed),
-        Err(e) => warn!(error = %e, "could not persist the snapshot"),
-    }
+    persist(shared, &a);
     reevaluate(shared, &a, now);
     true
 }

@@ -9,8 +9,8 @@
 //! restored from a backup) is answered at once with the store's state ([`follow_store`] also
 //! reads the stored version back every second, so that a change committed by a request
 //! dropped before it announced it is not missed). One peer identity may have at most
-//! [`MAX_WAITING_PER_PEER`] of them waiting. Snapshots are built from one read transaction, so a snapshot is always a
-//! consistent view at its version.
+//! [`MAX_WAITING_PER_PEER`] of them waiting. Snapshots are built from one read transaction,
+//! so a snapshot is always a consistent view at its version.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -3,8 +3,9 @@
 //! Streams are QUIC bidi streams. Stream limits enforce who opens: the side that must not be
 //! opened at advertises `max_concurrent_bidi_streams = 0`. The listener does not know the
 //! dialer's role before the handshake, so it starts at a small limit (`quic_streams`), grown
-//! with use on agent links and lowered to 0 for connector links. quinn's defaults for GSO/GRO and ECN stay on; path MTU discovery goes
-//! up to the largest UDP payload (see `quic_socket.rs`).
+//! with use on agent links and lowered to 0 for connector links. quinn's defaults for GSO/GRO
+//! and ECN stay on; path MTU discovery goes up to the largest UDP payload (see
+//! `quic_socket.rs`).
 //!
 //! The negotiated key exchange group is read from the ServerHello (see `quic_kx.rs`), because
 //! quinn does not expose rustls's answer.

@@ -429,17 +429,11 @@ impl Client {
             a.controller.clone().or(file.controller).context(
                 "no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)",
             )?;
-        // Checked before anything else is read: the admin token must never go out in clear.
-        https_url(&base)
-            .context("the controller URL (--controller, UMBRA_CONTROLLER or --config)")?;
         let mut token_file = None;
         let token = if let Some(t) = &a.token {
             t.clone()
         } else if let Some(p) = a.token_file.clone().or(file.token_file) {
-            let t = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read token file {}", p.display()))?
-                .trim()
-                .to_owned();
+            let t = crate::load::secret_file(&p, "token file")?;
             token_file = Some(p);
             t
         } else if let Some(t) = file.token {
@@ -465,8 +459,9 @@ impl Client {
         token: String,
         ca: &rustls_pki_types::CertificateDer<'static>,
     ) -> anyhow::Result<Client> {
+        https_url(base)
+            .context("the controller URL (--controller, UMBRA_CONTROLLER or --config)")?;
         let tls = umbra_pki::client_config(ca, None, &[b"h2", b"http/1.1"], false)?;
-        https_url(base)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             // The bearer token goes only over TLS, also after a redirect.

@@ -116,15 +116,7 @@ pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
 /// an earlier enrollment must not override it.
 fn enroll_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
     match (token, file) {
-        (_, Some(p)) => {
-            let t = std::fs::read_to_string(&p)
-                .with_context(|| format!("--token-file: cannot read {}", p.display()))?;
-            let t = t.trim();
-            if t.is_empty() {
-                anyhow::bail!("--token-file: {} is empty", p.display());
-            }
-            Ok(t.to_owned())
-        }
+        (_, Some(p)) => crate::load::secret_file(&p, "--token-file"),
         (Some(t), None) => Ok(t),
         (None, None) => anyhow::bail!(
             "no enrollment token: pass --token-file FILE (or UMBRA_TOKEN, or --token)"

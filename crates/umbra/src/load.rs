@@ -1,6 +1,6 @@
 //! Configuration loading shared by the role subcommands: a TOML file (optional) whose keys are
 //! the role's config fields, then flags and `UMBRA_*` variables on top. Unknown keys and bad
-//! values fail at start, naming the field.
+//! values fail at start, naming the field. Also tokens read from files ([`secret_file`]).
 
 use std::path::Path;
 
@@ -58,6 +58,18 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     n.checked_mul(mult)
         .map(std::time::Duration::from_secs)
         .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// Reads a secret (a token) from `path`, trimmed; `option` names where the path came from
+/// in the error. An empty file is an error: it would otherwise be sent as an empty token.
+pub(crate) fn secret_file(path: &Path, option: &str) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("{option}: cannot read {}", path.display()))?;
+    let t = t.trim();
+    if t.is_empty() {
+        anyhow::bail!("{option}: {} is empty", path.display());
+    }
+    Ok(t.to_owned())
 }
 
 #[cfg(test)]

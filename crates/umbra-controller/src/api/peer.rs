@@ -153,14 +153,15 @@ impl PollQuery {
     }
 }
 
-/// Whether a long poll that holds version `after` gets an answer: once the version passes
-/// it (`false` when the wait ends first). A peer ahead of the store gets one at once: the
-/// store went back (restored from a backup), and waiting for its counter to pass the peer's
-/// again would leave the peer confirming state that no longer exists, such as access for a
-/// device revoked since the restore. Peers take the older version they are then sent.
 /// How long a peer ahead of the store waits for its answer.
 const AHEAD_PAUSE: Duration = Duration::from_secs(1);
 
+/// Whether a long poll that holds version `after` gets an answer: once the version passes
+/// it (`false` when the wait ends first). A peer ahead of the store gets one after
+/// [`AHEAD_PAUSE`]: the store went back (restored from a backup, or the clock went back),
+/// and waiting for its counter to pass the peer's again would leave the peer confirming
+/// state that no longer exists, such as access for a device revoked since the restore.
+/// Peers take the older version they are then sent.
 async fn changed_since(ctx: &Ctx, after: u64, wait: Duration) -> Result<bool, ApiFailure> {
     if after > ctx.dist.current() {
         // The published version may only lag the store (`distribution::follow_store`).
@@ -171,17 +172,13 @@ async fn changed_since(ctx: &Ctx, after: u64, wait: Duration) -> Result<bool, Ap
         ctx.dist.publish(stored);
         if after > stored {
             // Once a minute at most: any peer can send a large `after`.
-            static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+            static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
             let now = audit::unix_secs(ctx.now());
-            let last = LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed);
+            let last = LAST_WARNED.load(Relaxed);
             if now >= last.saturating_add(60)
                 && LAST_WARNED
-                    .compare_exchange(
-                        last,
-                        now,
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    )
+                    .compare_exchange(last, now, Relaxed, Relaxed)
                     .is_ok()
             {
                 tracing::warn!(
