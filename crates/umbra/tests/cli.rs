@@ -1531,6 +1531,28 @@ fn admin_changes_in_place() {
         "the token was printed: {}",
         o.describe()
     );
+    // An empty token file is refused by name, not sent as an empty token.
+    let empty = home.path().join("empty-admin.token");
+    std::fs::write(&empty, "\n").expect("write");
+    let o = umbra(
+        home.path(),
+        &[
+            "admin",
+            "--controller",
+            &ctl.url,
+            "--ca-file",
+            ca.to_str().expect("utf-8"),
+            "--token-file",
+            empty.to_str().expect("utf-8"),
+            "user",
+            "list",
+        ],
+    );
+    assert!(
+        !o.success() && o.stderr.contains("token file") && o.stderr.contains("is empty"),
+        "empty admin token file: {}",
+        o.describe()
+    );
 
     ok(&["user", "add", "ann@example.test"]);
     assert!(ok(&["user", "disable", "ann@example.test"]).contains("disabled"));
