@@ -519,12 +519,12 @@ class Umbra:
         self.broker_metrics = self.ports.take()
         self.conn_metrics = {t: self.ports.take() for t in TRANSPORTS}
 
-    def start_broker(self, tag=""):
+    def start_broker(self, tag="", extra=()):
         self.broker = start(f"broker{tag}", [
             self.exe, "broker", "--dir", self.broker_dir, "--name", BROKER,
             "--listen-quic", f"{HOST}:{self.broker_port}",
             "--listen-tcp", f"{HOST}:{self.broker_port}",
-            "--metrics-listen", f"{HOST}:{self.broker_metrics}"], self.d, env=self.env)
+            "--metrics-listen", f"{HOST}:{self.broker_metrics}", *extra], self.d, env=self.env)
         self.broker_log = os.path.join(self.d, f"broker{tag}.log")
         wait_port(self.broker_port, procs=[self.broker])
         wait_port(self.broker_metrics, procs=[self.broker])
@@ -917,7 +917,8 @@ def memory_test(u, t, args, d):
     # A fresh broker: its baseline holds no allocator leftovers of the throughput runs.
     u.stop_broker()
     u.stop_agent(t, "idle")
-    u.start_broker(tag=f"-mem-{t}")
+    # One agent holds all the streams: lift the per-device cap (1024 by default) above them.
+    u.start_broker(tag=f"-mem-{t}", extra=["--max-streams-per-device", str(n + 100)])
     u.wait_connector_links()
     port = u.start_agent(t, "idle", tag=f"-mem-{t}")
     # The agent links up at start (it measures the broker); a first stream proves the path.

@@ -51,9 +51,12 @@ pub struct BrokerConfig {
     /// stolen or broken identity can hold.
     pub max_links_per_peer: usize,
     /// Streams one device may have open at once at this broker, over all its links (being
-    /// set up or relaying); more are reset as they arrive. Each costs broker memory, a task
-    /// and a connection at a connector and the app, so this bounds what one stolen or broken
-    /// device can tie up.
+    /// set up or relaying); more are reset as they arrive. Each costs a task and a
+    /// connection at a connector and the app, and up to one stream window of broker memory
+    /// each way when the agent or the app stops reading; so this bounds what one stolen or
+    /// broken device can tie up: at most this many windows each way (1024 × 256 KiB =
+    /// 256 MiB by default), whatever it does. Links never stall for it: a stream whose
+    /// reader stopped holds its own window, never the shared link to a connector.
     pub max_streams_per_device: usize,
     /// Receive window per stream on agent and connector links, in KiB (16 to 16384): the
     /// most the broker holds for one stream in each direction. A stream moves at most one
@@ -79,7 +82,7 @@ impl Default for BrokerConfig {
             max_pending_handshakes: 256,
             handshake_timeout_ms: 5_000,
             max_links_per_peer: 32,
-            max_streams_per_device: 16_384,
+            max_streams_per_device: 1024,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }

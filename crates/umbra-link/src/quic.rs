@@ -26,7 +26,7 @@ use crate::path_mtu;
 use crate::quic_kx::{KxClientConfig, KxServerConfig, QuicHandshake};
 use crate::quic_socket::UdpIo;
 use crate::quic_streams::{self, StreamCredit};
-use crate::transport::{ALPN, CONNECTION_WINDOW, LinkConfig, Transport};
+use crate::transport::{ALPN, LinkConfig, QUIC_SEND_WINDOW, Transport};
 
 fn transport_config(
     cfg: &LinkConfig,
@@ -50,8 +50,8 @@ fn transport_config(
     cc.initial_window(path_mtu::initial_window(initial));
     t.congestion_controller_factory(Arc::new(cc));
     t.stream_receive_window(VarInt::from_u32(cfg.stream_window))
-        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
-        .send_window(u64::from(CONNECTION_WINDOW))
+        .receive_window(VarInt::from_u64(cfg.connection_window()).unwrap_or(VarInt::MAX))
+        .send_window(QUIC_SEND_WINDOW)
         .max_concurrent_bidi_streams(VarInt::from_u32(if peer_may_open {
             quic_streams::initial(cfg.max_streams)
         } else {

@@ -10,8 +10,8 @@
 //! [`CancellationToken`] is the link's closed flag: cancelled by `close()`, by the driver when
 //! the connection ends, or by keepalive.
 //!
-//! Flow control: every stream's receive window is `stream_window`, the connection's is
-//! [`CONNECTION_WINDOW`]; received bytes are credited back as the stream hands them out, and
+//! Flow control: every stream's receive window is `stream_window`, the connection's the sum
+//! of them (`LinkConfig::connection_window`); received bytes are credited back as the stream hands them out, and
 //! senders wait for credit (see `stream.rs`), so a link never buffers more than its windows.
 
 use std::net::SocketAddr;
@@ -33,9 +33,7 @@ use umbra_proto::Role;
 use crate::error::{LinkError, from_h2, from_tls_io};
 use crate::link::{Conn, Link, LinkParts, dialer_opens, link_span, own_role};
 use crate::stream::{RecvHalf, SendHalf, Stream};
-use crate::transport::{
-    ALPN, CONNECTION_WINDOW, H2_MAX_FRAME, H2_MAX_HEADER_LIST, LinkConfig, Refusal, Transport,
-};
+use crate::transport::{ALPN, H2_MAX_FRAME, H2_MAX_HEADER_LIST, LinkConfig, Refusal, Transport};
 
 /// Read buffer under TLS (see [`buffered`]).
 const TCP_READ_BUFFER: usize = 64 * 1024;
@@ -259,7 +257,7 @@ where
     let (side, ping) = if h2_client {
         let (sr, mut conn) = h2::client::Builder::new()
             .initial_window_size(cfg.stream_window)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_connection_window_size(cfg.h2_connection_window())
             .max_frame_size(H2_MAX_FRAME)
             .max_send_buffer_size(send_buffer)
             .max_header_list_size(H2_MAX_HEADER_LIST)
@@ -293,7 +291,7 @@ where
     } else {
         let mut conn = h2::server::Builder::new()
             .initial_window_size(cfg.stream_window)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_connection_window_size(cfg.h2_connection_window())
             .max_frame_size(H2_MAX_FRAME)
             .max_send_buffer_size(send_buffer)
             .max_header_list_size(H2_MAX_HEADER_LIST)

@@ -7,11 +7,15 @@ use std::time::Duration;
 /// ALPN protocol id of Umbra links, on QUIC and on TLS over TCP alike.
 pub const ALPN: &[u8] = b"umbra/1";
 
-/// Connection-level receive window (QUIC) and HTTP/2 connection window (TLS). Per-stream
-/// windows ([`LinkConfig::stream_window`]) bound each stream; this bounds the sum, so it is
-/// what one link may buffer at a receiver in the worst case, and it must be large enough that
-/// several busy streams do not starve each other at multi-Gbit/s.
-pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// What a QUIC link may have sent and not yet acknowledged, over all its streams: the
+/// sender's own memory bound, and enough for multi-Gbit/s on one link.
+pub(crate) const QUIC_SEND_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// Largest window HTTP/2 can express (RFC 9113, 6.9.1).
+pub(crate) const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// Largest per-stream window, in bytes (16 MiB).
+const MAX_STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Largest HTTP/2 DATA frame we accept (the peer's senders cut frames to this). Larger than
 /// the 16 KiB default so that a 64 KiB relay chunk goes out as one frame.
@@ -63,8 +67,8 @@ impl Refusal {
 /// may have in flight towards a receiver, and so the most a receiver holds for it.
 pub const DEFAULT_STREAM_WINDOW_KIB: u32 = 256;
 
-/// Accepted per-stream windows, in KiB: from one TLS record up to the connection window.
-pub const STREAM_WINDOW_KIB: std::ops::RangeInclusive<u32> = 16..=CONNECTION_WINDOW / 1024;
+/// Accepted per-stream windows, in KiB: from one TLS record up to 16 MiB.
+pub const STREAM_WINDOW_KIB: std::ops::RangeInclusive<u32> = 16..=MAX_STREAM_WINDOW / 1024;
 
 /// What a role configuration says of a `stream_window_kib` outside [`STREAM_WINDOW_KIB`].
 pub const STREAM_WINDOW_KIB_ERROR: &str = "must be between 16 and 16384";
@@ -157,6 +161,24 @@ impl std::fmt::Debug for ResetKey {
 }
 
 impl LinkConfig {
+    /// The connection-level receive window: every stream's window at once, up to what the
+    /// transport can express. Streams whose reader has stopped then hold at most their own
+    /// window each and never the link: on a link many users share (a connector's), one user
+    /// who stops reading would otherwise stall everyone else's streams once their windows add
+    /// up to the connection's. What a link buffers is bounded per stream instead, and how
+    /// many streams a peer may hold is bounded by whoever accepts them (the broker's
+    /// `max_streams_per_device`).
+    pub(crate) fn connection_window(&self) -> u64 {
+        u64::from(self.stream_window) * u64::from(self.max_streams.max(1))
+    }
+
+    /// [`Self::connection_window`] as HTTP/2 can express it (at most 2 GiB: about 8,000
+    /// streams of 256 KiB).
+    pub(crate) fn h2_connection_window(&self) -> u32 {
+        u32::try_from(self.connection_window().min(u64::from(H2_MAX_WINDOW)))
+            .unwrap_or(H2_MAX_WINDOW)
+    }
+
     /// This config with a per-stream window of `kib` KiB; a size outside
     /// [`STREAM_WINDOW_KIB`] (which role configurations refuse at load) keeps the current one.
     #[must_use]
@@ -175,8 +197,8 @@ impl Default for LinkConfig {
             idle_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(5),
             stream_window: DEFAULT_STREAM_WINDOW_KIB * 1024,
-            // A limit, not an allocation: the connection window bounds what all streams of a
-            // link buffer together.
+            // A limit, not an allocation: what streams buffer is bounded per stream, and how
+            // many one device holds by the broker (`max_streams_per_device`).
             max_streams: 65_536,
             max_pending_handshakes: 256,
             reset_key: None,
@@ -212,13 +234,32 @@ mod tests {
     }
 
     #[test]
+    fn the_connection_window_holds_every_stream_window() {
+        let c = LinkConfig {
+            max_streams: 1100,
+            ..LinkConfig::default().with_stream_window_kib(16)
+        };
+        assert_eq!(c.connection_window(), 1100 * 16 * 1024);
+        assert_eq!(c.h2_connection_window(), 1100 * 16 * 1024);
+        // Beyond what HTTP/2 can say, its largest window; QUIC says it all.
+        let d = LinkConfig::default();
+        assert_eq!(d.connection_window(), 65_536 * 256 * 1024);
+        assert_eq!(d.h2_connection_window(), H2_MAX_WINDOW);
+        let none = LinkConfig {
+            max_streams: 0,
+            ..LinkConfig::default()
+        };
+        assert_eq!(none.connection_window(), u64::from(none.stream_window));
+    }
+
+    #[test]
     fn stream_window_range() {
         assert_eq!(
             stream_window_bytes(DEFAULT_STREAM_WINDOW_KIB),
             Some(LinkConfig::default().stream_window)
         );
         assert_eq!(stream_window_bytes(16), Some(16 * 1024));
-        assert_eq!(stream_window_bytes(16 * 1024), Some(CONNECTION_WINDOW));
+        assert_eq!(stream_window_bytes(16 * 1024), Some(MAX_STREAM_WINDOW));
         for bad in [0, 15, 16 * 1024 + 1, u32::MAX] {
             assert_eq!(stream_window_bytes(bad), None, "{bad} KiB");
             assert_eq!(

@@ -61,6 +61,10 @@ struct RunArgs {
     /// Close streams idle this long (e.g. 1h).
     #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
+    /// Streams one device may have open at once here, over all its links (default 1024);
+    /// more are reset. Each may hold up to one stream window of memory each way.
+    #[arg(long, env = "UMBRA_BROKER_MAX_STREAMS_PER_DEVICE")]
+    max_streams_per_device: Option<usize>,
     /// Receive window per stream, in KiB (16-16384, default 256): the most the broker holds
     /// for one stream each way. One stream moves at most a window per round trip; raise it
     /// for long paths.
@@ -109,6 +113,9 @@ fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(v) = a.idle_timeout {
         c.idle_timeout_secs = v.as_secs();
+    }
+    if let Some(v) = a.max_streams_per_device {
+        c.max_streams_per_device = v;
     }
     if let Some(v) = a.stream_window_kib {
         c.stream_window_kib = v;

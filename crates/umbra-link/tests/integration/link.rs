@@ -217,6 +217,59 @@ async fn stalled_reader_holds_one_window(t: Transport) {
 }
 both!(stalled_reader_holds_one_window);
 
+/// Streams whose reader has stopped never hold up the other streams of their link: on a
+/// connector's link, shared by every user of its apps, a broker that cannot pass one user's
+/// downloads on (that user's agent reads nothing) holds them, one stream window each, and the
+/// other users' streams go on. 1,100 stalled streams of 16 KiB hold more than the 16 MiB a
+/// fixed connection window would allow; one more stream still moves 1 MiB. Twin: every stalled
+/// stream's bytes arrive once it is read.
+async fn stalled_streams_hold_up_no_other_stream(t: Transport) {
+    const STALLED: usize = 1100;
+    let org = Org::new();
+    let cfg = LinkConfig::default().with_stream_window_kib(16);
+    let window = cfg.stream_window as usize;
+    assert!(STALLED * window > 16 * 1024 * 1024);
+    let listener = org.listener(cfg.clone()).await;
+    let link = dial(addr(&listener, t), &server_name(), t, org.connector(), &cfg)
+        .await
+        .unwrap();
+    let broker = soon("accept", listener.accept()).await.unwrap();
+    // The connector answers each stream with one window of data, or 1 MiB when asked by a 1.
+    tokio::spawn(async move {
+        while let Some(mut s) = link.accept().await {
+            tokio::spawn(async move {
+                let Ok(Some(ask)) = s.recv_chunk().await else {
+                    return;
+                };
+                let len = if ask[..] == [1] { 1 << 20 } else { window };
+                send_all(&mut s, &pattern(len, len as u64)).await;
+                s.finish().await.unwrap();
+                // Held, as a relay holds it, until the broker's side ends.
+                while let Ok(Some(_)) = s.recv_chunk().await {}
+            });
+        }
+    });
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let mut s = soon(&format!("stream {i} opens"), broker.open())
+            .await
+            .unwrap();
+        s.send_chunk(Bytes::from_static(&[0])).await.unwrap();
+        stalled.push(s);
+    }
+    // Let the connector fill every window before the stream that must still move.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut busy = broker.open().await.unwrap();
+    busy.send_chunk(Bytes::from_static(&[1])).await.unwrap();
+    let got = soon("1 MiB past 1,100 stalled streams", read_to_end(&mut busy)).await;
+    assert!(got == pattern(1 << 20, 1 << 20), "{t:?}: bytes differ");
+    for (i, s) in stalled.iter_mut().enumerate() {
+        let got = soon("a stalled stream's window", read_to_end(s)).await;
+        assert!(got == pattern(window, window as u64), "{t:?}: stream {i}");
+    }
+}
+both!(stalled_streams_hold_up_no_other_stream);
+
 /// On loopback a QUIC link starts with the loopback interface's MTU on both sides and sends
 /// no MTU probe: the first hop is the whole path, so nothing is left to discover
 /// (`path_mtu.rs`; the search cost the first pings of every loopback link milliseconds).
