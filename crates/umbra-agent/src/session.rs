@@ -17,8 +17,10 @@
 //! limit, a bad field, a frame cut short) or not an `OpenReply` means the broker is broken or
 //! hostile: its link is closed at once (not just the stream), a warning names the broker and
 //! the frame error, and the request fails over like for any failed broker. A broker that is
-//! silent, or whose stream ends or fails, fails over too, after the link is checked for a
-//! refusal.
+//! silent, or whose link fails, fails over too, after the link is checked for a refusal. A
+//! stream reset or ended while its link stays up (a broker resets the streams of a device
+//! over its `max_streams_per_device`) fails that request only: it tries the other brokers
+//! once each, and the link, with the live connections it carries, is kept.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -65,8 +67,11 @@ pub(crate) enum OpenError {
 enum Failure {
     /// The broker refused the link itself.
     Refused,
-    /// The broker failed: the link or the stream failed, or it was silent.
+    /// The broker failed: the link failed, or it was silent.
     Broker(String),
+    /// The broker reset this one stream and kept the link (it does so to a device over its
+    /// `max_streams_per_device`): the link, and the streams it carries, are fine.
+    Stream(String),
     /// The broker answered with a malformed frame, or not with an `OpenReply`.
     Malformed(String),
 }
@@ -255,6 +260,13 @@ impl Session {
                     return Err(OpenError::Refused);
                 }
                 Err(Failure::Broker(e)) => attempts.last = e,
+                Err(Failure::Stream(e)) => {
+                    // Closing the link over it would end every live connection on it.
+                    tracing::info!(broker = %broker_id, service, error = %e, "broker reset the stream; trying the next");
+                    attempts.last = e;
+                    attempts.tried.push(broker_id);
+                    continue;
+                }
                 Err(Failure::Malformed(error)) => {
                     tracing::warn!(broker = %broker_id, peer = %link.peer().id, %error, "malformed answer to Open from broker; closing its link");
                     link.close();
@@ -416,9 +428,12 @@ impl Session {
             Ok((Reply::Malformed(why), _s)) => return Err(Failure::Malformed(why)),
             Ok((Reply::Failed(e), _)) | Err(e) => e,
         };
-        // A link error: was it the broker refusing this identity?
+        // A link error: was it the broker refusing this identity? Or only this stream?
         match link.explain(failed).await {
             LinkError::Refused => Err(Failure::Refused),
+            e @ (LinkError::StreamReset(_) | LinkError::StreamEnded) if !link.is_closed() => {
+                Err(Failure::Stream(e.to_string()))
+            }
             e => Err(Failure::Broker(e.to_string())),
         }
     }

@@ -952,7 +952,8 @@ both_transports!(links_per_identity_are_bounded);
 
 /// One device may have at most `max_streams_per_device` streams open at a broker (3 here),
 /// over all its links: the next is reset before any decision or dial, while another user's
-/// streams are served, and closing one makes room again.
+/// streams are served, and closing one makes room again. The agent turns the reset into one
+/// closed connection: its live ones, on the same link, run on.
 async fn streams_per_device_are_bounded(t: TransportPref) {
     let (s, alice, bob) = bounded_broker(|c| c.max_streams_per_device = 3, t).await;
     let b0 = &s.brokers[0];
@@ -990,6 +991,33 @@ async fn streams_per_device_are_bounded(t: TransportPref) {
     })
     .await;
     assert_eq!(code, OpenCode::Ok);
+
+    // Through the agent: a connection beyond the bound is closed, and the live ones run on
+    // (the broker reset one stream; the agent keeps the link that carries the others).
+    for l in &links {
+        l.close();
+    }
+    let f = s.forward("alice", t, ECHO).await;
+    let fa = f.local_addr();
+    let mut live = Vec::new();
+    for i in 0..3 {
+        let c = poll(
+            &format!("[{t}] connection {i} of 3 through the agent"),
+            SOON,
+            || LiveConn::open(fa),
+        )
+        .await;
+        live.push(c);
+    }
+    refused(fa).await.unwrap();
+    for (i, c) in live.iter_mut().enumerate() {
+        c.echo(b"the link was kept")
+            .await
+            .unwrap_or_else(|e| panic!("[{t}] live connection {i}: {e}"));
+    }
+    // One ends: room again for the next.
+    drop(live.pop());
+    poll("a connection after one ended", SOON, || LiveConn::open(fa)).await;
 }
 both_transports!(streams_per_device_are_bounded);
 
