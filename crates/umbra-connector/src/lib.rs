@@ -28,7 +28,7 @@ mod serve;
 mod sync;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -57,6 +57,27 @@ pub enum ConnectorError {
     /// `controller.json` is missing or unreadable.
     #[error("controller reference: {0}")]
     ControllerRef(#[source] umbra_link::LinkError),
+    /// The certificate expired (at the time given) while the connector was not running:
+    /// brokers refuse it, and only a valid certificate can be renewed.
+    #[error(
+        "this connector's certificate expired at {0}; it renews itself only while the \
+         connector runs. Enroll it again with a new token: \
+         umbra connector enroll --controller URL --token TOKEN"
+    )]
+    Expired(String),
+}
+
+/// Whether `identity` can serve as this connector's at `now`: a connector's, not expired.
+fn usable(identity: &TlsIdentity, now: SystemTime) -> Result<(), ConnectorError> {
+    if identity.peer.id.role != Role::Connector {
+        return Err(ConnectorError::WrongRole(identity.peer.id.role));
+    }
+    if identity.peer.not_after <= now {
+        return Err(ConnectorError::Expired(umbra_pki::rfc3339(
+            identity.peer.not_after,
+        )));
+    }
+    Ok(())
 }
 
 /// A running connector.
@@ -77,9 +98,7 @@ impl Connector {
         cfg.validate()?;
         let dir = cfg.identity_dir.clone();
         let identity = TlsIdentity::load_dir(&dir).map_err(ConnectorError::Identity)?;
-        if identity.peer.id.role != Role::Connector {
-            return Err(ConnectorError::WrongRole(identity.peer.id.role));
-        }
+        usable(&identity, SystemTime::now())?;
         let cref = load_controller_ref(&dir).map_err(ConnectorError::ControllerRef)?;
         let me = identity.peer.id.id.clone();
         let uri = identity.peer.id.to_uri();
@@ -160,5 +179,42 @@ impl Drop for Connector {
 async fn join_all(tasks: Vec<JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use umbra_pki::Ca;
+
+    use super::*;
+
+    #[test]
+    fn only_a_valid_connector_identity_starts() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("test", now).unwrap();
+        let id = umbra_pki::test_util::identity(&ca, Role::Connector, "c1").unwrap();
+        assert!(usable(&id, now).is_ok());
+        // Past its end (an hour): refused, naming when it ended and what to do.
+        let later = id.peer.not_after + Duration::from_secs(1);
+        match usable(&id, later) {
+            Err(e @ ConnectorError::Expired(_)) => {
+                let said = e.to_string();
+                assert!(
+                    said.contains(&umbra_pki::rfc3339(id.peer.not_after)),
+                    "{said}"
+                );
+                assert!(said.contains("umbra connector enroll"), "{said}");
+            }
+            other => panic!("expected Expired, got {other:?}"),
+        }
+        assert!(matches!(
+            usable(&id, id.peer.not_after),
+            Err(ConnectorError::Expired(_))
+        ));
+        let agent = umbra_pki::test_util::identity(&ca, Role::Agent, "d1").unwrap();
+        assert!(matches!(
+            usable(&agent, now),
+            Err(ConnectorError::WrongRole(Role::Agent))
+        ));
     }
 }

@@ -164,7 +164,9 @@ pub(crate) async fn handle_stream(
     // Only the request phase may close the link; the relay does not keep it alive.
     drop(link);
 
-    let span = tracing::info_span!("dial", %broker, stream_id, %service, %principal);
+    // `service` and `principal` are the broker's words: recorded as values (quoted, control
+    // characters escaped), never displayed raw, so that they cannot forge log lines.
+    let span = tracing::info_span!("dial", %broker, stream_id, service, principal);
     // The span is entered while dialing, not while relaying: the relay is polled for every
     // chunk, and its end is reported in the span explicitly.
     let Some((tcp, stream)) =
