@@ -3,6 +3,13 @@
 //! Shared by the controller (server), the roles (enrollment, renewal, snapshot, heartbeat)
 //! and the `umbra admin` CLI. Requests deny unknown fields so that a typo in a script is an
 //! error, not a silently ignored option.
+//!
+//! Answers to the roles are read by what they are for. Those a role only takes information
+//! from (an issued certificate, the broker list) ignore fields they do not know, so that a
+//! controller upgraded first does not stop older agents and connectors from renewing. Those a
+//! role enforces (the broker's [`Snapshot`], a connector's [`ConnectorConfig`]) deny them: a
+//! field an older role does not understand may restrict access, so it keeps enforcing the last
+//! one it understood instead (fail closed).
 
 use std::fmt;
 
@@ -112,9 +119,8 @@ pub struct RenewRequest {
     pub csr_pem: String,
 }
 
-/// Answer to enrollment and renewal.
+/// Answer to enrollment and renewal (fields it does not know are ignored: see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IssuedCert {
     /// `umbra://ORG/ROLE/ID`.
     pub identity: String,
@@ -137,8 +143,8 @@ pub struct IssuedCert {
 /// `GET /v1/brokers` (any enrolled peer). With `?have=TAG`, the controller answers only once
 /// the list differs from the one `TAG` names (a long poll; `204 No Content` when `?wait=S`,
 /// at most 25 s, passes first).
+/// Fields it does not know are ignored (see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BrokerList {
     pub brokers: Vec<BrokerInfo>,
     /// Names this list: what to send as `have` next.
@@ -501,6 +507,57 @@ pub struct AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a newer controller may add: information answers take it, enforced ones refuse it
+    /// (the role keeps the last one it understood). Twins: the same bodies without the field
+    /// parse, and a missing required field is an error either way.
+    #[test]
+    fn unknown_fields_in_answers_by_what_they_are_for() {
+        let broker = r#"{"id":"b1","name":"b1","quic_addr":"127.0.0.1:7401","tcp_addr":null,"server_name":"b1.broker.umbra.test"NEW}"#;
+        let issued = format!(
+            r#"{{"identity":"umbra://o/agent/d1","cert_pem":"c","ca_pem":"a","serial":"01","not_after":1,"brokers":[{}]NEW}}"#,
+            broker.replace("NEW", "")
+        );
+        let list = format!(
+            r#"{{"brokers":[{}],"tag":"t"NEW}}"#,
+            broker.replace("NEW", "")
+        );
+        let extra = r#","region":"eu-west""#;
+        for (what, body) in [
+            ("broker", broker.to_owned()),
+            ("issued", issued),
+            ("list", list),
+        ] {
+            let plain = body.replace("NEW", "");
+            let newer = body.replace("NEW", extra);
+            let ok = |b: &str| match what {
+                "broker" => serde_json::from_str::<BrokerInfo>(b).map(drop),
+                "issued" => serde_json::from_str::<IssuedCert>(b).map(drop),
+                _ => serde_json::from_str::<BrokerList>(b).map(drop),
+            };
+            ok(&plain).unwrap_or_else(|e| panic!("{what}: {e}"));
+            ok(&newer).unwrap_or_else(|e| panic!("{what} with a new field: {e}"));
+            // Without a field it needs (a broker's name, here or in the lists): an error.
+            assert!(
+                ok(&plain.replacen(r#""name":"b1","#, "", 1)).is_err(),
+                "{what}"
+            );
+        }
+
+        let targets = r#"{"connector_id":"c1","version":3,"targets":[{"service":"web","target":"10.0.0.1:80"NEW}]}"#;
+        serde_json::from_str::<ConnectorConfig>(&targets.replace("NEW", "")).unwrap();
+        let e = serde_json::from_str::<ConnectorConfig>(
+            &targets.replace("NEW", r#","ports_only":[443]"#),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("ports_only"), "{e}");
+        let snap = Snapshot::default();
+        let mut v = serde_json::to_value(&snap).unwrap();
+        serde_json::from_value::<Snapshot>(v.clone()).unwrap();
+        v["require_posture"] = serde_json::json!(true);
+        let e = serde_json::from_value::<Snapshot>(v).unwrap_err();
+        assert!(e.to_string().contains("require_posture"), "{e}");
+    }
 
     #[test]
     fn token_round_trip() {
