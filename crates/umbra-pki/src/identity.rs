@@ -166,6 +166,11 @@ impl fmt::Debug for TlsIdentity {
 /// Where [`write_identity_dir`] puts a new key until its certificate is in place.
 const NEXT_KEY: &str = "key.pem.next";
 
+/// Locked while [`write_identity_dir`] writes: two processes renewing one identity (two
+/// `umbra agent forward` run from one directory renew at the same moment) would otherwise
+/// interleave their steps and leave a certificate with the other's key, which loads nowhere.
+const WRITE_LOCK: &str = ".identity.lock";
+
 /// Writes an identity directory: `dir` mode 0700; `key.pem`, `cert.pem`, `ca.pem` mode 0600,
 /// each replaced atomically (temporary file, fsync, rename, fsync of the directory).
 ///
@@ -173,7 +178,8 @@ const NEXT_KEY: &str = "key.pem.next";
 /// The new key goes to `key.pem.next` first, then the certificate replaces `cert.pem`, then
 /// the key is renamed over `key.pem`. A crash at any point leaves a directory that
 /// [`TlsIdentity::load_dir`] loads: the old pair, or the new certificate with its key still
-/// in `key.pem.next`.
+/// in `key.pem.next`. Writers take turns on an exclusive lock of `.identity.lock`; readers
+/// need none, since every state between the steps loads.
 pub fn write_identity_dir(
     dir: &Path,
     key_pem: &str,
@@ -183,6 +189,17 @@ pub fn write_identity_dir(
     fs::create_dir_all(dir).map_err(|e| PkiError::io("create directory", dir, e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(|e| PkiError::io("set permissions of", dir, e))?;
+    let lock_path = dir.join(WRITE_LOCK);
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| PkiError::io("open", &lock_path, e))?;
+    // Released when `lock` is dropped, at return.
+    lock.lock()
+        .map_err(|e| PkiError::io("lock", &lock_path, e))?;
     let sync_dir = || {
         fs::File::open(dir)
             .and_then(|d| d.sync_all())
@@ -406,7 +423,8 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, ["ca.pem", "cert.pem", "key.pem"]);
+        assert_eq!(names, [WRITE_LOCK, "ca.pem", "cert.pem", "key.pem"]);
+        assert_eq!(mode(&dir.join(WRITE_LOCK)), 0o600);
 
         let id = TlsIdentity::load_dir(&dir).unwrap();
         assert_eq!(id.peer.id, org.pid(Role::Connector, "c1"));
@@ -421,6 +439,35 @@ mod tests {
         // A missing directory is a readable I/O error naming the file.
         let err = TlsIdentity::load_dir(&tmp.path().join("none")).unwrap_err();
         assert!(err.to_string().contains("cert.pem"), "{err}");
+    }
+
+    /// Two processes renewing one identity at once (threads here, each with its own new
+    /// pair, as two processes would be): the directory always ends with a pair that loads.
+    #[test]
+    fn concurrent_renewals_leave_a_pair_that_loads() {
+        let org = Org::new("acme");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("id");
+        let ca = org.ca.cert_pem().to_owned();
+        let pairs = [org.pems(Role::Agent, "d1"), org.pems(Role::Agent, "d1")];
+        let serials: Vec<String> = pairs.iter().map(|p| org.load(p).peer.serial_hex).collect();
+        write_identity_dir(&dir, &pairs[0].key, &pairs[0].cert, &ca).unwrap();
+        for round in 0..20 {
+            std::thread::scope(|s| {
+                for p in &pairs {
+                    let (dir, ca) = (&dir, &ca);
+                    s.spawn(move || {
+                        for _ in 0..5 {
+                            write_identity_dir(dir, &p.key, &p.cert, ca).unwrap();
+                        }
+                    });
+                }
+            });
+            let id = TlsIdentity::load_dir(&dir)
+                .unwrap_or_else(|e| panic!("round {round}: the directory does not load: {e}"));
+            assert!(serials.contains(&id.peer.serial_hex), "round {round}");
+            assert!(!dir.join(NEXT_KEY).exists(), "round {round}");
+        }
     }
 
     /// Every state a crash can leave a renewal in loads, as the old identity or the new one;
