@@ -152,6 +152,9 @@ impl AuditQueue {
         result: &str,
         mut detail: serde_json::Value,
     ) {
+        // The target may be what a peer asked for (a service name): escaped, so that it
+        // cannot forge lines where records are shown, and so that the controller stores it.
+        let target = &*umbra_proto::escape_controls(target);
         if result == "deny" || result == "error" {
             let verdict = self
                 .lock()
@@ -441,6 +444,19 @@ mod tests {
             "allow",
             serde_json::json!({"r": 1}),
         );
+    }
+
+    /// What a peer asked for is recorded with its control characters escaped (the controller
+    /// refuses records holding any); plain text as it is.
+    #[test]
+    fn a_peers_words_are_recorded_escaped() {
+        let a = AuditQueue::default();
+        rec(&a, "web\nWARN forged\u{1b}[2K");
+        rec(&a, "web");
+        let got = a.take(10);
+        assert_eq!(got.records[0].target, "web\\nWARN forged\\u{1b}[2K");
+        assert!(!umbra_proto::has_controls(&got.records[0].target));
+        assert_eq!(got.records[1].target, "web");
     }
 
     /// A flood of denials of one identity keeps its burst, and pushes out neither another

@@ -86,6 +86,14 @@ pub(crate) fn broker_may_report(org: &str, rec: &AuditRecord) -> Result<(), &'st
     if rec.target.len() > BROKER_FIELD_MAX {
         return Err("target too long");
     }
+    // A newline or a terminal escape would let it forge lines where records are shown
+    // (brokers escape what their peers asked for before they report it).
+    if [&rec.actor, &rec.action, &rec.target, &rec.result]
+        .iter()
+        .any(|f| umbra_proto::has_controls(f))
+    {
+        return Err("control character in a field");
+    }
     if !["allow", "deny", "ok", "error"].contains(&rec.result.as_str()) {
         return Err("result is not allow, deny, ok or error");
     }
@@ -112,6 +120,12 @@ pub(crate) fn broker_may_list(
         .any(|f| f.len() > BROKER_FIELD_MAX)
     {
         return Err("stream field too long");
+    }
+    if [&s.service, &s.connector, &s.transport]
+        .iter()
+        .any(|f| umbra_proto::has_controls(f))
+    {
+        return Err("control character in a stream field");
     }
     Ok(())
 }
@@ -221,6 +235,14 @@ mod tests {
                 connector: "c".repeat(BROKER_FIELD_MAX + 1),
                 ..ok.clone()
             },
+            umbra_proto::api::LiveStream {
+                service: "web\u{1b}[1A".into(),
+                ..ok.clone()
+            },
+            umbra_proto::api::LiveStream {
+                transport: "quic\nb-2".into(),
+                ..ok.clone()
+            },
         ] {
             assert!(broker_may_list(&bad, &owners).is_err(), "{bad:?}");
         }
@@ -252,6 +274,14 @@ mod tests {
                     actor: "umbra://acme/connector/c-1".into(),
                     action: "stream.dial".into(),
                     result: "error".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "a peer's odd request, escaped by the broker",
+                AuditRecord {
+                    target: umbra_proto::escape_controls("web\u{1b}[2K").into_owned(),
+                    result: "deny".into(),
                     ..ok.clone()
                 },
             ),
@@ -313,6 +343,27 @@ mod tests {
                 "long actor",
                 AuditRecord {
                     actor: format!("umbra://acme/agent/{long}"),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "newline in the action",
+                AuditRecord {
+                    action: "stream.x\n42  admin  user.delete  bob  ok".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "terminal escape in the target",
+                AuditRecord {
+                    target: "web\u{1b}[2K".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "carriage return in the actor",
+                AuditRecord {
+                    actor: "umbra://acme/agent/d-1\r".into(),
                     ..ok.clone()
                 },
             ),

@@ -32,9 +32,47 @@ pub fn valid_name(name: &str) -> bool {
         })
 }
 
+/// `s` with its control characters (newlines, escapes, ...) written as escapes (`\n`,
+/// `\u{1b}`), the rest as it is: for text a peer chose that ends up in a log line, an audit
+/// record or a terminal, where a raw control character could forge a line or rewrite one.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !has_controls(s) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Whether `s` holds a control character (see [`escape_controls`]).
+pub fn has_controls(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 #[cfg(test)]
 mod tests {
     use super::valid_name;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        use super::{escape_controls, has_controls};
+        assert_eq!(escape_controls("web"), "web");
+        assert!(matches!(
+            escape_controls("web"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(escape_controls("a\nWARN b"), "a\\nWARN b");
+        assert_eq!(escape_controls("x\u{1b}[2Ky\r\t"), "x\\u{1b}[2Ky\\r\\t");
+        // Not control characters: left as they are.
+        assert_eq!(escape_controls("élan – ok"), "élan – ok");
+        assert!(has_controls("a\u{7f}") && has_controls("\u{85}") && !has_controls("a b"));
+    }
 
     #[test]
     fn names() {

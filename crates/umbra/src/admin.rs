@@ -569,6 +569,16 @@ fn seg(s: &str) -> String {
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    // Cells hold what peers reported (audit records, live streams): a newline or a terminal
+    // escape in one must not forge or rewrite a line.
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|c| umbra_proto::escape_controls(&c).into_owned())
+                .collect()
+        })
+        .collect();
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
