@@ -204,6 +204,15 @@ async fn redeem_inner(
     let now_secs = ctx.now_secs();
     let org = ctx.org.as_str();
 
+    // Anyone may present a token: one that does not exist is refused from a read, without
+    // queueing on the one write lock that revocations and admin changes take. A known one is
+    // redeemed in the write transaction, the one step that decides who wins.
+    {
+        let mut r = ctx.store.read().await?;
+        if peers::token_by_hash(&mut r, org, &hash).await?.is_none() {
+            return Err(token_refusal(None, &hash));
+        }
+    }
     let mut w = ctx.store.write().await?;
     if !peers::token_redeem(w.conn(), org, &hash, now_secs).await? {
         let row = peers::token_by_hash(w.conn(), org, &hash).await?;
@@ -381,15 +390,13 @@ async fn renew_inner(
     let now = ctx.now();
     let now_secs = ctx.now_secs();
     let org = ctx.org.as_str();
+    let roles = [Role::Agent, Role::Connector, Role::Broker];
+    // No certificate, an expired or a foreign one: refused before queueing on the write lock.
+    ctx.check_cert(conn, &roles)?;
     let mut w = ctx.store.write().await?;
     // Checked inside the write transaction so a revocation cannot slip in between.
-    let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) = ctx
-        .check_peer(
-            w.conn(),
-            conn,
-            &[Role::Agent, Role::Connector, Role::Broker],
-        )
-        .await?;
+    let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) =
+        ctx.check_peer(w.conn(), conn, &roles).await?;
     // A disabled user's devices keep their certificates (enabling the user again restores
     // them) but get no new ones, so disabling takes every credential away within a lifetime.
     if kind == Kind::Device && admin::user_disabled(w.conn(), org, &row.owner).await? != Some(false)

@@ -2459,8 +2459,9 @@ async fn openapi_lists_every_route() {
     h.ctl.shutdown().await;
 }
 
-/// The heartbeat's large body limit (16 MiB) is for brokers only: any other connection is
-/// refused on its headers, before the controller reads or holds its body. The twin: a
+/// The heartbeat's large body limit (16 MiB) is for brokers only: any other connection,
+/// a revoked broker's too (its certificate still valid), is refused on its headers, before
+/// the controller reads or holds its body. The twin: a
 /// broker's request is read (nothing is answered before its body is complete).
 #[tokio::test]
 async fn only_brokers_get_a_heartbeat_body_read() {
@@ -2468,6 +2469,13 @@ async fn only_brokers_get_a_heartbeat_body_read() {
     let h = Harness::start().await;
     let (agent, _) = h.agent("alice@example.com").await;
     let (broker, _) = h.peer("broker", "b1").await;
+    let (revoked, _) = h.peer("broker", "b2").await;
+    h.ok(
+        "POST",
+        &format!("/v1/brokers/{}/revoke", revoked.peer.id.id),
+        None,
+    )
+    .await;
     let head = "POST /v1/broker/heartbeat HTTP/1.1\r\nhost: controller\r\n\
                 content-type: application/json\r\ncontent-length: 16000000\r\n\r\n{";
     let answer_within = |id: Option<TlsIdentity>| {
@@ -2486,6 +2494,7 @@ async fn only_brokers_get_a_heartbeat_body_read() {
     for (who, id, status) in [
         ("no certificate", None, "401"),
         ("an agent", Some(agent), "403"),
+        ("a revoked broker", Some(revoked), "403"),
     ] {
         let got = answer_within(id).await;
         assert!(

@@ -282,10 +282,11 @@ impl FromRequestParts<Arc<Ctx>> for Admin {
     }
 }
 
-/// A request on a connection whose client certificate names a broker of this organisation
-/// ([`Ctx::check_cert`]; revocation is checked by the handler, in its transaction). As an
-/// extractor it runs before the body is read, so only brokers may send the large bodies the
-/// heartbeat allows: anyone else is refused on the headers.
+/// A request on a connection whose client certificate names a broker of this organisation,
+/// enrolled and not revoked ([`Ctx::authorize_peer`]; the handler checks again in its own
+/// transaction). As an extractor it runs before the body is read, so only brokers in good
+/// standing may send the large bodies the heartbeat allows: anyone else, a revoked broker's
+/// stolen key too, is refused on the headers.
 pub(crate) struct BrokerConn(pub(crate) ConnPeer);
 
 impl FromRequestParts<Arc<Ctx>> for BrokerConn {
@@ -300,7 +301,7 @@ impl FromRequestParts<Arc<Ctx>> for BrokerConn {
             .get::<ConnPeer>()
             .cloned()
             .unwrap_or_default();
-        ctx.check_cert(&conn, &[Role::Broker])?;
+        ctx.authorize_peer(&conn, &[Role::Broker]).await?;
         Ok(BrokerConn(conn))
     }
 }
