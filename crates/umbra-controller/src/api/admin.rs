@@ -1043,17 +1043,20 @@ pub(super) async fn revoke_device(
         let row = peers::peer_get(w.conn(), &ctx.org, Kind::Device, &id)
             .await?
             .ok_or_else(|| ApiFailure::not_found("id", format!("no device {id}")))?;
-        let rows = revoke_rows(&ctx, w, Kind::Device, vec![row]).await?;
-        let mut r = ctx.store.read().await?;
-        device_view(&mut r, &ctx.org, rows)
-            .await?
-            .pop()
-            .map(Json)
-            .ok_or_else(ApiFailure::internal)
+        revoke_rows(&ctx, w, Kind::Device, vec![row]).await
     }
     .await;
-    ctx.audited(ADMIN, "revoke", &format!("agent/{id}"), res)
-        .await
+    // Only the revocation is audited: once it is committed (with its record), a failure to
+    // read the answer is not a failed revocation.
+    let rows = ctx
+        .audited(ADMIN, "revoke", &format!("agent/{id}"), res)
+        .await?;
+    let mut r = ctx.store.read().await?;
+    device_view(&mut r, &ctx.org, rows)
+        .await?
+        .pop()
+        .map(Json)
+        .ok_or_else(ApiFailure::internal)
 }
 
 pub(super) async fn revoke_connector(
@@ -1064,17 +1067,19 @@ pub(super) async fn revoke_connector(
     let res = async {
         let mut w = ctx.store.write().await?;
         let rows = by_id_or_name(&ctx, w.conn(), Kind::Connector, &id).await?;
-        let rows = revoke_rows(&ctx, w, Kind::Connector, rows).await?;
-        let mut r = ctx.store.read().await?;
-        connector_view(&mut r, &ctx.org, rows)
-            .await?
-            .pop()
-            .map(Json)
-            .ok_or_else(ApiFailure::internal)
+        revoke_rows(&ctx, w, Kind::Connector, rows).await
     }
     .await;
-    ctx.audited(ADMIN, "revoke", &format!("connector/{id}"), res)
-        .await
+    // As for devices: only the revocation is audited.
+    let rows = ctx
+        .audited(ADMIN, "revoke", &format!("connector/{id}"), res)
+        .await?;
+    let mut r = ctx.store.read().await?;
+    connector_view(&mut r, &ctx.org, rows)
+        .await?
+        .pop()
+        .map(Json)
+        .ok_or_else(ApiFailure::internal)
 }
 
 /// The connectors or brokers `id` names: the one with that id, else every live one carrying
