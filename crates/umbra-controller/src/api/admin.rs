@@ -2,8 +2,11 @@
 //! connectors, brokers, live streams, the audit trail, and the admin token itself.
 //!
 //! Every write validates all input first, then runs in one transaction that also stores its
-//! audit record and bumps the snapshot version; a refused write changes nothing except adding
-//! an audit record of the refusal.
+//! audit record and bumps the snapshot version; a refused write changes nothing. A write its
+//! handler refuses (an invalid value, a conflict, nothing by that name) adds an audit record
+//! of the refusal; a request whose body or path does not even decode (malformed JSON, an
+//! unknown field) is answered 400 naming the field before any handler runs, and is counted
+//! in `umbra_controller_requests_total` by route and status, not audited.
 
 use std::collections::HashMap;
 use std::sync::Arc;
