@@ -36,19 +36,22 @@ pub(crate) fn record(
         at_ms: unix_ms(now),
         actor: actor.to_owned(),
         action: action.to_owned(),
-        target: bounded(target),
+        target: bounded(&umbra_proto::escape_controls(target), TARGET_MAX),
         result: if ok { "ok" } else { "error" }.to_owned(),
         detail,
     }
 }
 
-/// Targets can come from request paths; keep rows bounded.
-fn bounded(s: &str) -> String {
-    const MAX: usize = 256;
-    if s.len() <= MAX {
+/// Longest target of a record: targets can come from request paths.
+const TARGET_MAX: usize = 256;
+
+/// `s` cut to at most `max` bytes (on a character boundary, marked `…`): text a request
+/// chose (a path, an error naming it) keeps audit rows bounded.
+pub(crate) fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
@@ -398,5 +401,29 @@ mod tests {
         );
         assert_eq!(r.at_ms, 1500);
         assert_eq!(r.result, "error");
+        // A target from a request path: control characters escaped, length bounded.
+        let odd = record(
+            UNIX_EPOCH,
+            ADMIN,
+            "group.delete",
+            "a\nb",
+            false,
+            Value::Null,
+        );
+        assert_eq!(odd.target, "a\\nb");
+        let long = record(
+            UNIX_EPOCH,
+            ADMIN,
+            "group.delete",
+            &"é".repeat(300),
+            false,
+            Value::Null,
+        );
+        assert!(
+            long.target.len() <= TARGET_MAX + '…'.len_utf8(),
+            "{}",
+            long.target.len()
+        );
+        assert!(long.target.ends_with('…'));
     }
 }

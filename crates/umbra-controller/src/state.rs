@@ -251,7 +251,8 @@ pub(crate) fn new_id(prefix: &str) -> String {
 fn failure_detail(err: &ApiFailure) -> serde_json::Value {
     serde_json::json!({
         "status": err.status.as_u16(),
-        "error": err.error,
+        // An error may quote the request (a name from its path): bounded like the target.
+        "error": audit::bounded(&err.error, 2048),
         "field": err.field,
     })
 }
