@@ -742,7 +742,7 @@ def main():
          targets["iperf"], targets["echo"], targets["idle"]),
         ("umbra-quic", "Umbra over QUIC (agent → broker → connector)",
          u.port("quic", "iperf"), u.port("quic", "echo"), u.port("quic", "idle")),
-        ("umbra-tcp", "Umbra over TLS 1.3/TCP + h2 (agent → broker → connector)",
+        ("umbra-tcp", "Umbra over TLS 1.3/TCP (agent → broker → connector)",
          u.port("tcp", "iperf"), u.port("tcp", "echo"), u.port("tcp", "idle")),
         ("socat-b2", "socat, mutual TLS on 2 hops, 3 relays (peers b2)",
          socat["iperf"], socat["echo"], socat["idle"]),
@@ -1144,7 +1144,7 @@ def write_results(res, args):
                 L.append(f"| {t} | failed: {m['error']} | | | | | |")
                 continue
             b, a, p = m["rss_before_kib"], m["rss_after_kib"], m["kib_per_stream"]
-            L.append(f"| {'QUIC' if t == 'quic' else 'TLS/TCP + h2'} | {m['client_open']} / "
+            L.append(f"| {'QUIC' if t == 'quic' else 'TLS/TCP'} | {m['client_open']} / "
                      f"{m['broker_streams_active']:.0f} / {m['admin_stream_list']} | "
                      f"{b['broker'] / 1024:.1f} → {a['broker'] / 1024:.1f} | "
                      f"**{p['broker']:.2f}** | {p['agent']:.2f} | {p['connector']:.2f} | "

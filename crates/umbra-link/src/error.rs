@@ -10,6 +10,7 @@ use std::io;
 use umbra_proto::FrameError;
 use umbra_proto::api::ApiError;
 
+use crate::mux::MuxError;
 use crate::transport::Refusal;
 
 /// Why a link, stream or controller call failed.
@@ -27,9 +28,10 @@ pub enum LinkError {
     /// A QUIC connection could not even be started (bad server name, endpoint stopping).
     #[error("quic connect: {0}")]
     QuicConnect(#[from] quinn::ConnectError),
-    /// The HTTP/2 layer of a TLS link failed (connection lost, protocol error, GOAWAY).
-    #[error("h2: {0}")]
-    H2(h2::Error),
+    /// The multiplexer of a TLS link failed: the peer broke its protocol, or closed the link
+    /// with an error code.
+    #[error("link: {0}")]
+    Mux(MuxError),
     /// The peer reset the stream, or stopped reading it; carries the application error code.
     #[error("stream reset by peer (code {0})")]
     StreamReset(u64),
@@ -137,12 +139,7 @@ impl LinkError {
                     | quinn::ConnectionError::ConnectionClosed(_)
                     | quinn::ConnectionError::VersionMismatch
             ),
-            LinkError::H2(e) => {
-                e.is_remote()
-                    && !e.is_io()
-                    && e.reason()
-                        .is_some_and(|r| r != h2::Reason::NO_ERROR && r != h2::Reason::CANCEL)
-            }
+            LinkError::Mux(_) => true,
             _ => false,
         }
     }
@@ -159,20 +156,6 @@ pub(crate) fn from_tls_io(e: io::Error) -> LinkError {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(tls) => LinkError::Tls(tls.clone()),
         None => LinkError::Io(e),
-    }
-}
-
-/// Maps an h2 error, turning stream resets into [`LinkError::StreamReset`] and the broker's
-/// refusal GOAWAY into the error of its [`Refusal`].
-pub(crate) fn from_h2(e: h2::Error) -> LinkError {
-    // The GOAWAY itself, or a stream it ended (h2 reports those as resets with its code).
-    let refusal = e.reason().filter(|_| e.is_remote());
-    if let Some(r) = refusal.and_then(|r| Refusal::from_code(r.into())) {
-        return r.error();
-    }
-    match e.reason() {
-        Some(r) if e.is_reset() => LinkError::StreamReset(u64::from(u32::from(r))),
-        _ => LinkError::H2(e),
     }
 }
 

@@ -3,8 +3,8 @@
 //!
 //! Owns:
 //! - two transports behind one API ([`Link`], [`Listener`], [`dial`], [`Stream`]): QUIC
-//!   (quinn) and, where UDP is blocked, TLS 1.3 over TCP with HTTP/2 (`h2`) as the stream
-//!   multiplexer. Both use the rustls configs of `umbra-pki` (mutual TLS, ALPN [`ALPN`]) and
+//!   (quinn) and, where UDP is blocked, TLS 1.3 over TCP with Umbra's own stream multiplexer
+//!   (`mux/`). Both use the rustls configs of `umbra-pki` (mutual TLS, ALPN [`ALPN`]) and
 //!   report the negotiated key exchange group;
 //! - who opens streams on a link (the dialer on agent links, the broker on connector links;
 //!   see [`Link`]);
@@ -28,6 +28,7 @@ mod control;
 pub mod enroll;
 mod error;
 mod link;
+mod mux;
 mod path_mtu;
 pub mod pending;
 mod quic;
@@ -47,6 +48,10 @@ pub use control::{
 };
 pub use error::LinkError;
 pub use link::{EXPLAIN_WAIT, Link, Listener, QuicPath, dial};
+/// Not API: see [`mux::fuzz_peer`].
+#[doc(hidden)]
+pub use mux::fuzz_peer as fuzz_mux_peer;
+pub use mux::{MuxError, MuxFrameError};
 pub use relay::{Counters, relay_streams, relay_tcp};
 pub use stream::Stream;
 pub use transport::{

@@ -6,8 +6,8 @@
 //! - connector-dialed links: the broker (listener) opens, one stream per flow it routes to the
 //!   connector.
 //!
-//! HTTP/2 only lets its client open streams, so on TLS links the opener is the h2 client; QUIC
-//! follows the same rule by stream limits. The listener learns the dialer's role from the
+//! On TLS links the multiplexer refuses streams opened by the other side; QUIC follows the same
+//! rule by stream limits. The listener learns the dialer's role from the
 //! verified client certificate; the dialer reads its own role from the certificate in its
 //! client config (the config's certificate resolver). Calling [`Link::open`] on the other side
 //! is [`LinkError::NotOpener`].
@@ -34,10 +34,10 @@ use umbra_pki::PeerCert;
 use umbra_proto::Role;
 
 use crate::error::{LinkError, from_conn};
+use crate::mux::MuxConn;
 use crate::pending::{Pending, Slot};
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::telemetry;
-use crate::tls::H2Conn;
 use crate::transport::{LinkConfig, Refusal, Transport};
 use crate::{quic, tls};
 
@@ -77,7 +77,7 @@ pub(crate) enum Conn {
         /// A dialer's own endpoint, kept alive with the link.
         _endpoint: Option<quinn::Endpoint>,
     },
-    H2(H2Conn),
+    Mux(MuxConn),
 }
 
 /// Everything a transport hands over once its handshake is done.
@@ -151,7 +151,7 @@ impl Link {
                     gauge.decrement(1.0);
                 });
             }
-            Conn::H2(h) => {
+            Conn::Mux(h) => {
                 let token = h.token();
                 tokio::spawn(async move {
                     token.cancelled().await;
@@ -224,7 +224,7 @@ impl Link {
                     &self.inner.span,
                 ))
             }
-            Conn::H2(h) => h.open(&self.inner.span).await,
+            Conn::Mux(h) => h.open(&self.inner.span).await,
         }
     }
 
@@ -250,7 +250,7 @@ impl Link {
                     &self.inner.span,
                 ))
             }
-            Conn::H2(h) => h.accept().await,
+            Conn::Mux(h) => h.accept().await,
         }
     }
 
@@ -263,9 +263,8 @@ impl Link {
     /// with the broker, in its log and audit). The peer's pending and later operations fail
     /// with that refusal's error (see also [`Link::explain`]). On QUIC
     /// the close goes out two round trips later (at least 10 ms, at most 1 s), so that a link
-    /// refused right after its handshake is not mistaken for a reset. On TLS links only the
-    /// HTTP/2 server can say so (a GOAWAY with the refusal code): that is the broker on links
-    /// agents dial; on links a connector dialed this is a plain [`Link::close`].
+    /// refused right after its handshake is not mistaken for a reset. On TLS links it is a
+    /// GOAWAY with the refusal code, after which the socket lingers a moment.
     pub fn refuse(&self, why: Refusal) {
         self.inner
             .refused_here
@@ -285,7 +284,7 @@ impl Link {
                     drop(hold);
                 });
             }
-            Conn::H2(h) => h.refuse(why),
+            Conn::Mux(h) => h.refuse(why),
         }
     }
 
@@ -306,7 +305,7 @@ impl Link {
     pub fn refused(&self) -> Option<Refusal> {
         match &self.inner.conn {
             Conn::Quic { conn, .. } => conn.close_reason().and_then(|e| from_conn(e).refusal()),
-            Conn::H2(h) => h.refused(),
+            Conn::Mux(h) => h.refused(),
         }
     }
 
@@ -316,7 +315,7 @@ impl Link {
             Conn::Quic { conn, .. } => {
                 conn.closed().await;
             }
-            Conn::H2(h) => h.closed().await,
+            Conn::Mux(h) => h.closed().await,
         }
     }
 
@@ -334,7 +333,7 @@ impl Link {
         }
         match &self.inner.conn {
             Conn::Quic { conn, .. } => conn.close_reason().is_some(),
-            Conn::H2(h) => h.is_closed(),
+            Conn::Mux(h) => h.is_closed(),
         }
     }
 
@@ -352,7 +351,7 @@ impl Link {
                     black_holes: p.black_holes_detected,
                 })
             }
-            Conn::H2(_) => None,
+            Conn::Mux(_) => None,
         }
     }
 
@@ -361,7 +360,7 @@ impl Link {
     pub fn rtt(&self) -> Option<Duration> {
         match &self.inner.conn {
             Conn::Quic { conn, .. } => Some(conn.rtt()),
-            Conn::H2(h) => h.rtt(),
+            Conn::Mux(h) => h.rtt(),
         }
     }
 }
@@ -386,7 +385,7 @@ impl LinkInner {
     fn close(&self) {
         match &self.conn {
             Conn::Quic { conn, .. } => conn.close(quinn::VarInt::from_u32(0), b"closed"),
-            Conn::H2(h) => h.close(),
+            Conn::Mux(h) => h.close(),
         }
     }
 }

@@ -1,9 +1,9 @@
 //! One bidirectional stream on a link, over either transport: header-frame I/O for the
 //! stream's first exchange, then chunk I/O for the data phase.
 //!
-//! Chunks are [`Bytes`] handed to and taken from quinn and h2 without copying. On QUIC a
-//! stream is a QUIC bidi stream; on TLS links it is one HTTP/2 request/response pair whose
-//! bodies carry the bytes (headers carry nothing of meaning).
+//! Chunks are [`Bytes`] handed to and taken from quinn and the multiplexer without copying. On
+//! QUIC a stream is a QUIC bidi stream; on TLS links a stream of Umbra's own multiplexer
+//! (`mux/`).
 //!
 //! Semantics shared by both transports:
 //! - [`Stream::finish`] half-closes: the peer's `recv_chunk` returns `None` once it has read
@@ -11,22 +11,19 @@
 //! - [`Stream::reset`] aborts both ways; so does dropping a `Stream` whose sending half was not
 //!   finished (data still queued may then be lost; call `finish` after a final reply).
 //! - The peer learns of a stream opened with [`crate::Link::open`] when the opener first writes
-//!   (QUIC announces streams with their first frame); every Umbra stream starts with the
-//!   opener's header frame, so this never delays anything.
+//!   on QUIC (which announces streams with their first frame), at once on TLS links; every
+//!   Umbra stream starts with the opener's header frame, so this never delays anything.
 //! - Nothing here has a deadline. Callers bound frame reads and writes with
 //!   `tokio::time::timeout`; `read_frame` keeps partial input across a cancelled call, so a
 //!   timed-out read can be retried, but usually the stream is reset instead.
-
-use std::future::poll_fn;
-use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use tracing::Span;
 use umbra_proto::Frame;
 use umbra_proto::frame::FrameError;
 
-use crate::error::{LinkError, from_h2};
-use crate::transport::Refusal;
+use crate::error::LinkError;
+use crate::mux::{MuxRecv, MuxSend};
 
 /// One bidirectional stream. See the module docs for half-close and reset semantics.
 pub struct Stream {
@@ -53,7 +50,7 @@ impl Stream {
         }
     }
 
-    /// The transport's stream id (QUIC stream id, or HTTP/2 stream id), unique on its link.
+    /// The transport's stream id (QUIC stream id, or the multiplexer's), unique on its link.
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -118,7 +115,7 @@ pub(crate) struct SendHalf {
 
 enum SendInner {
     Quic(quinn::SendStream),
-    H2(h2::SendStream<Bytes>),
+    Mux(MuxSend),
 }
 
 impl SendHalf {
@@ -129,9 +126,9 @@ impl SendHalf {
         }
     }
 
-    pub(crate) fn h2(s: h2::SendStream<Bytes>) -> SendHalf {
+    pub(crate) fn mux(s: MuxSend) -> SendHalf {
         SendHalf {
-            inner: SendInner::H2(s),
+            inner: SendInner::Mux(s),
             done: false,
         }
     }
@@ -145,7 +142,7 @@ impl SendHalf {
         }
         match &mut self.inner {
             SendInner::Quic(s) => s.write_chunk(b).await.map_err(LinkError::from),
-            SendInner::H2(s) => h2_send(s, b).await,
+            SendInner::Mux(s) => s.send(b).await,
         }
     }
 
@@ -156,7 +153,7 @@ impl SendHalf {
         self.done = true;
         match &mut self.inner {
             SendInner::Quic(s) => s.finish().map_err(|_| LinkError::Closed),
-            SendInner::H2(s) => s.send_data(Bytes::new(), true).map_err(from_h2),
+            SendInner::Mux(s) => s.finish(),
         }
     }
 
@@ -167,7 +164,7 @@ impl SendHalf {
             SendInner::Quic(s) => {
                 let _ = s.reset(quinn::VarInt::from_u32(0));
             }
-            SendInner::H2(s) => s.send_reset(h2::Reason::CANCEL),
+            SendInner::Mux(s) => s.reset(),
         }
     }
 }
@@ -175,52 +172,10 @@ impl SendHalf {
 impl Drop for SendHalf {
     fn drop(&mut self) {
         // quinn would finish an unfinished stream on drop, which would make an aborted
-        // transfer look complete to the peer; h2 resets. Make both reset.
+        // transfer look complete to the peer. Make both transports reset.
         if !self.done {
             self.reset();
         }
-    }
-}
-
-/// Largest single credit request (far above any stream window; keeps h2's u32 arithmetic
-/// safe for huge chunks).
-const MAX_RESERVE: usize = 16 * 1024 * 1024;
-
-/// Sends `b` on an h2 stream within flow control: reserve, wait for credit, send what the
-/// credit allows, repeat. h2 buffers only what was granted, so a slow peer stalls us instead
-/// of growing a buffer.
-async fn h2_send(s: &mut h2::SendStream<Bytes>, mut b: Bytes) -> Result<(), LinkError> {
-    while !b.is_empty() {
-        // h2 takes the reservation as a u32 window size.
-        s.reserve_capacity(b.len().min(MAX_RESERVE));
-        let mut cap = s.capacity();
-        while cap == 0 {
-            match poll_fn(|cx| s.poll_capacity(cx)).await {
-                Some(Ok(_)) => cap = s.capacity(),
-                Some(Err(e)) => return Err(from_h2(e)),
-                None => return Err(h2_send_gone(s)),
-            }
-        }
-        let piece = if cap >= b.len() {
-            std::mem::take(&mut b)
-        } else {
-            b.split_to(cap)
-        };
-        s.send_data(piece, false).map_err(from_h2)?;
-    }
-    Ok(())
-}
-
-/// Why an h2 stream no longer accepts data: the peer's reset code if there was one.
-fn h2_send_gone(s: &mut h2::SendStream<Bytes>) -> LinkError {
-    let mut cx = Context::from_waker(Waker::noop());
-    match s.poll_reset(&mut cx) {
-        Poll::Ready(Ok(r)) => match Refusal::from_code(r.into()) {
-            Some(refusal) => refusal.error(),
-            None => LinkError::StreamReset(u64::from(u32::from(r))),
-        },
-        Poll::Ready(Err(e)) => from_h2(e),
-        Poll::Pending => LinkError::Closed,
     }
 }
 
@@ -237,9 +192,7 @@ pub(crate) struct RecvHalf {
 
 enum RecvInner {
     Quic(quinn::RecvStream),
-    /// Opener side on TLS links: the body arrives with the response headers.
-    H2Pending(h2::client::ResponseFuture),
-    H2(h2::RecvStream),
+    Mux(MuxRecv),
     Ended,
 }
 
@@ -263,12 +216,8 @@ impl RecvHalf {
         RecvHalf::with(RecvInner::Quic(r))
     }
 
-    pub(crate) fn h2(r: h2::RecvStream) -> RecvHalf {
-        RecvHalf::with(RecvInner::H2(r))
-    }
-
-    pub(crate) fn h2_pending(f: h2::client::ResponseFuture) -> RecvHalf {
-        RecvHalf::with(RecvInner::H2Pending(f))
+    pub(crate) fn mux(r: MuxRecv) -> RecvHalf {
+        RecvHalf::with(RecvInner::Mux(r))
     }
 
     pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, LinkError> {
@@ -279,38 +228,16 @@ impl RecvHalf {
     }
 
     async fn recv_raw(&mut self) -> Result<Option<Bytes>, LinkError> {
-        loop {
-            match &mut self.inner {
-                RecvInner::Quic(r) => {
-                    return match r.read_chunk(usize::MAX, true).await? {
-                        Some(c) => Ok(Some(c.bytes)),
-                        None => {
-                            self.inner = RecvInner::Ended;
-                            Ok(None)
-                        }
-                    };
+        match &mut self.inner {
+            RecvInner::Quic(r) => match r.read_chunk(usize::MAX, true).await? {
+                Some(c) => Ok(Some(c.bytes)),
+                None => {
+                    self.inner = RecvInner::Ended;
+                    Ok(None)
                 }
-                RecvInner::H2Pending(f) => {
-                    let resp = f.await.map_err(from_h2)?;
-                    self.inner = RecvInner::H2(resp.into_body());
-                }
-                RecvInner::H2(r) => match r.data().await {
-                    Some(Ok(b)) => {
-                        // Credit goes back as soon as h2 hands the bytes over: from here on
-                        // they are ours, and the relay holds at most one chunk per direction.
-                        let _ = r.flow_control().release_capacity(b.len());
-                        if !b.is_empty() {
-                            return Ok(Some(b));
-                        }
-                    }
-                    Some(Err(e)) => return Err(from_h2(e)),
-                    None => {
-                        self.inner = RecvInner::Ended;
-                        return Ok(None);
-                    }
-                },
-                RecvInner::Ended => return Ok(None),
-            }
+            },
+            RecvInner::Mux(r) => r.recv().await,
+            RecvInner::Ended => Ok(None),
         }
     }
 

@@ -11,22 +11,12 @@ pub const ALPN: &[u8] = b"umbra/1";
 /// sender's own memory bound, and enough for multi-Gbit/s on one link.
 pub(crate) const QUIC_SEND_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Largest window HTTP/2 can express (RFC 9113, 6.9.1).
-pub(crate) const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
-
 /// Largest per-stream window, in bytes (16 MiB).
 const MAX_STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Largest HTTP/2 DATA frame we accept (the peer's senders cut frames to this). Larger than
-/// the 16 KiB default so that a 64 KiB relay chunk goes out as one frame.
-pub(crate) const H2_MAX_FRAME: u32 = 64 * 1024;
-
-/// Largest HTTP/2 header block we accept: our requests carry none beyond the pseudo-headers.
-pub(crate) const H2_MAX_HEADER_LIST: u32 = 4 * 1024;
-
 /// Why a broker refused a link after its handshake (see [`crate::Link::refuse`]). Each has its
 /// own close code on the wire (a QUIC application close code, and on TLS links the error code
-/// of the HTTP/2 GOAWAY), so that the dialer can tell "this identity may not connect" from
+/// of the multiplexer's GOAWAY), so that the dialer can tell "this identity may not connect" from
 /// "this broker holds enough links for it" and act on each: stop, or try another broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -84,7 +74,7 @@ pub fn stream_window_bytes(kib: u32) -> Option<u32> {
 pub enum Transport {
     /// QUIC (quinn), UDP.
     Quic,
-    /// TLS 1.3 over TCP with HTTP/2 as the stream multiplexer (the fallback where UDP is
+    /// TLS 1.3 over TCP with Umbra's stream multiplexer (the fallback where UDP is
     /// blocked).
     Tls,
 }
@@ -126,12 +116,12 @@ impl FromStr for Transport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkConfig {
     /// Deadline for a whole handshake: TCP connect or QUIC handshake, TLS, and on TLS links
-    /// the HTTP/2 preface.
+    /// the multiplexer's HELLO.
     pub handshake_timeout: Duration,
     /// A link whose peer has not been heard from for this long is closed (QUIC idle
     /// timeout; on TLS links, a keepalive PING unanswered for this long).
     pub idle_timeout: Duration,
-    /// Interval between keepalives (QUIC PING frames; HTTP/2 PINGs on TLS links).
+    /// Interval between keepalives (QUIC PING frames; the multiplexer's PINGs on TLS links).
     pub keepalive: Duration,
     /// Receive window per stream, in bytes: what one stream may have in flight towards this
     /// side, and so the most this side buffers for it (received, not yet read). A single
@@ -161,8 +151,8 @@ impl std::fmt::Debug for ResetKey {
 }
 
 impl LinkConfig {
-    /// The connection-level receive window: every stream's window at once, up to what the
-    /// transport can express. Streams whose reader has stopped then hold at most their own
+    /// The connection-level receive window of QUIC links: every stream's window at once (the
+    /// TLS multiplexer has none). Streams whose reader has stopped then hold at most their own
     /// window each and never the link: on a link many users share (a connector's), one user
     /// who stops reading would otherwise stall everyone else's streams once their windows add
     /// up to the connection's. What a link buffers is bounded per stream instead, and how
@@ -170,13 +160,6 @@ impl LinkConfig {
     /// `max_streams_per_device`).
     pub(crate) fn connection_window(&self) -> u64 {
         u64::from(self.stream_window) * u64::from(self.max_streams.max(1))
-    }
-
-    /// [`Self::connection_window`] as HTTP/2 can express it (at most 2 GiB: about 8,000
-    /// streams of 256 KiB).
-    pub(crate) fn h2_connection_window(&self) -> u32 {
-        u32::try_from(self.connection_window().min(u64::from(H2_MAX_WINDOW)))
-            .unwrap_or(H2_MAX_WINDOW)
     }
 
     /// This config with a per-stream window of `kib` KiB; a size outside
@@ -218,7 +201,7 @@ mod tests {
             assert_eq!(r.error().refusal(), Some(r));
         }
         assert_ne!(Refusal::Identity.code(), Refusal::TooManyLinks.code());
-        // Codes that are not ours (h2's NO_ERROR and CANCEL, a peer's own) are no refusal.
+        // Codes that are not ours (the multiplexer's own, a peer's) are no refusal.
         for code in [0, 8, 0x554d_0000, 0x554d_0003, u32::MAX] {
             assert_eq!(Refusal::from_code(code), None, "{code:#x}");
         }
@@ -240,11 +223,8 @@ mod tests {
             ..LinkConfig::default().with_stream_window_kib(16)
         };
         assert_eq!(c.connection_window(), 1100 * 16 * 1024);
-        assert_eq!(c.h2_connection_window(), 1100 * 16 * 1024);
-        // Beyond what HTTP/2 can say, its largest window; QUIC says it all.
         let d = LinkConfig::default();
         assert_eq!(d.connection_window(), 65_536 * 256 * 1024);
-        assert_eq!(d.h2_connection_window(), H2_MAX_WINDOW);
         let none = LinkConfig {
             max_streams: 0,
             ..LinkConfig::default()

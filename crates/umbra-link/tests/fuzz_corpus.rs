@@ -1,11 +1,11 @@
-//! The fuzz corpus of the `umbra-link` target `quic_kx`, replayed under `cargo test` (no
-//! nightly, no libFuzzer): every file of `fuzz/corpus/quic_kx/` and `fuzz/artifacts/quic_kx/`,
-//! then seeded mutants of them, through the same check the fuzz target runs
-//! (`fuzz/harness/link.rs`). See `fuzz/README.md`.
+//! The fuzz corpora of the `umbra-link` targets `quic_kx` and `mux`, replayed under `cargo
+//! test` (no nightly, no libFuzzer): every file of `fuzz/corpus/<target>/` and
+//! `fuzz/artifacts/<target>/`, then seeded mutants of them, through the same check the fuzz
+//! target runs (`fuzz/harness/link.rs`). See `fuzz/README.md`.
 //!
-//! `seed_generator_writes_flights_the_session_survives` makes the seed inputs, among them a
-//! real ServerHello of Umbra's QUIC server config, and checks them; with
-//! `UMBRA_FUZZ_WRITE_SEEDS=1` it writes them into `fuzz/corpus/quic_kx/`.
+//! The `seed_generator_*` tests make the seed inputs (among them a real ServerHello of Umbra's
+//! QUIC server config, and whole multiplexer sessions) and check them; with
+//! `UMBRA_FUZZ_WRITE_SEEDS=1` they write them into `fuzz/corpus/<target>/`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,6 +27,103 @@ use umbra_proto::Role;
 fn quic_kx() {
     let r = replay::replay("quic_kx", 20_000, harness::quic_kx);
     eprintln!("quic_kx: {r:?}");
+}
+
+#[test]
+fn mux() {
+    let r = replay::replay("mux", 20_000, harness::mux);
+    eprintln!("mux: {r:?}");
+}
+
+/// A multiplexer frame header: kind, flags, version byte, stream, value (`mux/frame.rs`).
+fn mf(kind: u8, flags: u8, ver: u8, stream: u32, value: u32) -> Vec<u8> {
+    let mut b = vec![kind, flags, ver, 0];
+    b.extend(stream.to_be_bytes());
+    b.extend(value.to_be_bytes());
+    b
+}
+
+#[test]
+fn seed_generator_writes_sessions_the_multiplexer_survives() {
+    const WINDOW: u32 = 16 * 1024;
+    let hello = |max_streams| mf(6, 0, 1, max_streams, WINDOW);
+    let data = |stream, flags, payload: &[u8]| {
+        let mut b = mf(0, flags, 0, stream, payload.len() as u32);
+        b.extend(payload);
+        b
+    };
+    let (open, fin) = (1, 2);
+    let seeds: Vec<(&str, u8, Vec<Vec<u8>>, bool)> = vec![
+        (
+            "accept-session",
+            0,
+            vec![
+                hello(0),
+                data(1, open, b"hi"),
+                data(1, 0, b" there"),
+                mf(3, 0, 0, 0, 7),
+                data(1, fin, b""),
+                mf(5, 0, 0, 0, 0),
+            ],
+            true,
+        ),
+        (
+            "accept-over-the-limit",
+            0,
+            std::iter::once(hello(0))
+                .chain((1..=6).map(|i| data(i, open | fin, b"x")))
+                .collect(),
+            true,
+        ),
+        (
+            "accept-reset-then-late-frames",
+            0,
+            vec![
+                hello(0),
+                data(1, open, b"a"),
+                mf(2, 0, 0, 1, 0),
+                data(1, 0, b"late"),
+                mf(1, 0, 0, 1, 4),
+            ],
+            true,
+        ),
+        (
+            "accept-past-the-window",
+            0,
+            vec![hello(0), data(1, open, &[0; 16 * 1024]), data(1, 0, b"!")],
+            true,
+        ),
+        (
+            "open-session",
+            1,
+            vec![
+                hello(8),
+                mf(1, 0, 0, 1, 5),
+                data(1, 0, b"reply"),
+                data(1, fin, b""),
+                mf(4, 0, 0, 0, 1),
+            ],
+            true,
+        ),
+        ("open-reset", 1, vec![hello(8), mf(2, 0, 0, 1, 2)], true),
+        ("open-refused", 1, vec![mf(5, 0, 0, 0, 0x554d_0001)], false),
+        (
+            "open-peer-opens",
+            1,
+            vec![hello(8), data(1, open, b"x")],
+            true,
+        ),
+        ("bad-version", 0, vec![mf(6, 0, 2, 0, WINDOW)], false),
+        ("no-hello", 0, vec![data(1, open, b"x")], false),
+    ];
+    let dir = replay::seed_dir("mux");
+    for (name, mode, frames, starts) in seeds {
+        let mut input = vec![mode];
+        input.extend(frames.concat());
+        assert_eq!(harness::mux(&input), starts, "{name}");
+        std::fs::write(dir.join(format!("seed-{name}")), input).unwrap();
+    }
+    replay::check_seeds(&dir, harness::mux);
 }
 
 /// A TLS 1.3 ServerHello handshake message with `exts` (type, data).

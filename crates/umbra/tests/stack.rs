@@ -240,8 +240,8 @@ async fn data_path(t: TransportPref) {
     let link = dial(b0, lt, &carol).await.unwrap();
     let (code, mut live) = open(&link, ECHO).await.unwrap();
     assert_eq!(code, OpenCode::Ok, "[{t}]");
-    // The ended ones are held: on TLS/TCP, h2 cancels a stream whose handles are dropped, and
-    // may then never hand it to the broker at all.
+    // The ended ones are held: a stream whose handles are dropped is reset, and may then end
+    // before the broker has read it.
     let mut ended = Vec::new();
     for _ in 0..3 {
         let mut st = link.open().await.unwrap();
@@ -1244,8 +1244,9 @@ async fn forwards_share_one_link(t: TransportPref) {
 /// reset once the broker's reply has waited `open_timeout_ms`, instead of holding the
 /// broker's task, its device's stream quota and the app connection behind the dial for as
 /// long as the link lives. Its twin, a normal link of the same device, is served.
-/// Over QUIC only: our h2 side sizes its send buffer by the same window, so a TLS link with
-/// a zero window cannot even send its `Open` (the broker's reply path is the same for both).
+/// Over QUIC only: the TLS multiplexer announces windows of at least 16 KiB (its HELLO
+/// refuses less), so a TLS link cannot refuse a reply this way (the broker's reply path is
+/// the same for both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_takes_no_reply_holds_nothing() {
     let t = TransportPref::Quic;

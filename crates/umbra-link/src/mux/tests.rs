@@ -1,0 +1,423 @@
+//! The multiplexer against a raw peer over an in-memory pipe: each rule a peer can break,
+//! with the legitimate twin next to it. (TLS links run the same code over real sockets in
+//! the integration tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tracing::Span;
+
+use super::frame::{HEADER_LEN, Header, MIN_WINDOW};
+use super::{MuxConn, MuxError, code, start};
+use crate::error::LinkError;
+use crate::stream::Stream;
+use crate::transport::{LinkConfig, Refusal};
+
+const WINDOW: u32 = MIN_WINDOW;
+
+fn cfg(max_streams: u32) -> LinkConfig {
+    LinkConfig {
+        max_streams,
+        ..LinkConfig::default().with_stream_window_kib(WINDOW / 1024)
+    }
+}
+
+async fn soon<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Whether `f` is still pending after a moment (it waits on something that has not come).
+async fn still_waiting<T>(f: impl std::future::Future<Output = T>) -> bool {
+    tokio::time::timeout(Duration::from_millis(200), f)
+        .await
+        .is_err()
+}
+
+/// The raw side of a pipe: frames written and read by hand.
+struct Raw {
+    io: DuplexStream,
+}
+
+impl Raw {
+    async fn send(&mut self, h: Header, payload: &[u8]) {
+        self.io.write_all(&h.encode()).await.unwrap();
+        self.io.write_all(payload).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Option<(Header, Vec<u8>)> {
+        let mut head = [0u8; HEADER_LEN];
+        self.io.read_exact(&mut head).await.ok()?;
+        let h = Header::decode(&head).unwrap();
+        let len = match h {
+            Header::Data { len, .. } => len as usize,
+            _ => 0,
+        };
+        let mut payload = vec![0; len];
+        self.io.read_exact(&mut payload).await.ok()?;
+        Some((h, payload))
+    }
+
+    /// Frames until the multiplexer closes the pipe; the last one, if a GOAWAY, is its code.
+    async fn goaway(&mut self) -> Option<u32> {
+        let mut last = None;
+        while let Some((h, _)) = soon("the link to close", self.next()).await {
+            last = Some(h);
+        }
+        match last {
+            Some(Header::GoAway { code }) => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A multiplexer on one end of a pipe, a raw peer on the other, past the HELLOs. `opener`:
+/// whether the multiplexer opens the streams.
+async fn raw_peer(opener: bool, max_streams: u32) -> (MuxConn, Raw) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let mut raw = Raw { io: b };
+    let hello = Header::Hello {
+        window: WINDOW,
+        max_streams: if opener { 8 } else { 0 },
+    };
+    raw.send(hello, &[]).await;
+    let conn = soon("start", start(a, opener, &cfg(max_streams), &Span::none()))
+        .await
+        .unwrap();
+    let (h, _) = raw.next().await.unwrap();
+    assert_eq!(
+        h,
+        Header::Hello {
+            window: WINDOW,
+            max_streams: if opener { 0 } else { max_streams },
+        }
+    );
+    (conn, raw)
+}
+
+async fn read_all(s: &mut Stream) -> Result<Vec<u8>, LinkError> {
+    let mut v = Vec::new();
+    while let Some(c) = s.recv_chunk().await? {
+        v.extend_from_slice(&c);
+    }
+    Ok(v)
+}
+
+fn data(stream: u32, open: bool, fin: bool, len: usize) -> Header {
+    Header::Data {
+        stream,
+        open,
+        fin,
+        len: len as u32,
+    }
+}
+
+#[tokio::test]
+async fn two_multiplexers_carry_streams_both_ways() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let opener = tokio::spawn(async move { start(a, true, &cfg(4), &Span::none()).await });
+    let acceptor = soon("start", start(b, false, &cfg(4), &Span::none()))
+        .await
+        .unwrap();
+    let opener = opener.await.unwrap().unwrap();
+    for round in 0..3u8 {
+        let mut c = opener.open(&Span::none()).await.unwrap();
+        // More than a window each way: credit has to come back for it to finish.
+        let up = vec![round; 3 * WINDOW as usize + 5];
+        let client = async {
+            c.send_chunk(Bytes::from(up.clone())).await.unwrap();
+            c.finish().await.unwrap();
+            read_all(&mut c).await.unwrap()
+        };
+        let serve = async {
+            let mut s = acceptor.accept().await.unwrap();
+            let got = read_all(&mut s).await.unwrap();
+            s.send_chunk(Bytes::from(got.clone())).await.unwrap();
+            s.finish().await.unwrap();
+            got
+        };
+        let (reply, got) = soon("echo", async { tokio::join!(client, serve) }).await;
+        assert_eq!(got, up);
+        assert_eq!(reply, up);
+    }
+    // The acceptor cannot open, the opener cannot accept.
+    assert!(matches!(
+        acceptor.open(&Span::none()).await,
+        Err(LinkError::NotOpener)
+    ));
+    opener.close();
+    assert!(soon("closed", acceptor.accept()).await.is_none());
+}
+
+/// The opener holds at most the acceptor's `max_streams` at once and waits for a slot rather
+/// than being refused; a slot frees once the stream has ended both ways.
+#[tokio::test]
+async fn the_opener_waits_for_a_slot_under_the_peers_limit() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let opener = tokio::spawn(async move { start(a, true, &cfg(4), &Span::none()).await });
+    let acceptor = soon("start", start(b, false, &cfg(2), &Span::none()))
+        .await
+        .unwrap();
+    let opener = opener.await.unwrap().unwrap();
+    let mut first = opener.open(&Span::none()).await.unwrap();
+    let _second = opener.open(&Span::none()).await.unwrap();
+    assert!(still_waiting(opener.open(&Span::none())).await);
+    // Ending the first one both ways frees its slot.
+    first.finish().await.unwrap();
+    let mut s = soon("accept", acceptor.accept()).await.unwrap();
+    assert_eq!(read_all(&mut s).await.unwrap(), b"");
+    s.finish().await.unwrap();
+    assert_eq!(soon("end", read_all(&mut first)).await.unwrap(), b"");
+    let _third = soon("a free slot", opener.open(&Span::none()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_sending_past_the_window_loses_the_link() {
+    let (conn, mut raw) = raw_peer(false, 8).await;
+    // Exactly one window is fine, and arrives.
+    raw.send(data(1, true, false, 0), &[]).await;
+    let mut s = soon("accept", conn.accept()).await.unwrap();
+    let full = vec![7u8; WINDOW as usize];
+    for piece in full.chunks(4096) {
+        raw.send(data(1, false, false, piece.len()), piece).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < full.len() {
+        got.extend_from_slice(&soon("data", s.recv_chunk()).await.unwrap().unwrap());
+    }
+    assert_eq!(got, full);
+    // Credit came back for what was read.
+    let mut credited = 0;
+    while credited < WINDOW {
+        match soon("credit", raw.next()).await.unwrap() {
+            (Header::Credit { stream: 1, bytes }, _) => credited += bytes,
+            other => panic!("{other:?}"),
+        }
+    }
+    // A second stream goes one byte past its window without waiting for credit.
+    raw.send(data(2, true, false, 0), &[]).await;
+    let mut s2 = soon("accept", conn.accept()).await.unwrap();
+    raw.send(data(2, false, false, WINDOW as usize), &full)
+        .await;
+    raw.send(data(2, false, false, 1), &[1]).await;
+    assert_eq!(raw.goaway().await, Some(code::PROTOCOL));
+    let _ = soon("the window's bytes", s2.recv_chunk()).await;
+    let e = soon("error", read_all(&mut s2)).await.unwrap_err();
+    assert!(matches!(e, LinkError::Mux(MuxError::Protocol(_))), "{e:?}");
+    assert!(e.is_peer_fault());
+    assert!(conn.is_closed());
+}
+
+#[tokio::test]
+async fn credit_beyond_the_window_loses_the_link() {
+    let (conn, mut raw) = raw_peer(true, 0).await;
+    let mut c = conn.open(&Span::none()).await.unwrap();
+    assert_eq!(raw.next().await.unwrap().0, data(1, true, false, 0));
+    // The twin: a window sent, the window credited back, and more can be sent.
+    let window = Bytes::from(vec![1u8; WINDOW as usize]);
+    c.send_chunk(window.clone()).await.unwrap();
+    let mut got = 0;
+    while got < WINDOW as usize {
+        got += raw.next().await.unwrap().1.len();
+    }
+    assert!(still_waiting(c.send_chunk(Bytes::from_static(b"x"))).await);
+    let credit = |bytes| Header::Credit { stream: 1, bytes };
+    raw.send(credit(WINDOW), &[]).await;
+    // The pending send above was cancelled, so this one goes out first.
+    soon("send", c.send_chunk(Bytes::from_static(b"y")))
+        .await
+        .unwrap();
+    assert_eq!(raw.next().await.unwrap().1, b"y");
+    // One byte outstanding: crediting two is more than was ever sent.
+    raw.send(credit(2), &[]).await;
+    assert_eq!(raw.goaway().await, Some(code::PROTOCOL));
+    assert!(conn.is_closed());
+}
+
+#[tokio::test]
+async fn only_the_opening_side_opens_and_ids_only_go_up() {
+    // A peer opening on a link where we open.
+    let (conn, mut raw) = raw_peer(true, 0).await;
+    raw.send(data(1, true, false, 0), &[]).await;
+    assert_eq!(raw.goaway().await, Some(code::PROTOCOL));
+    assert!(conn.is_closed());
+
+    // Ids up: fine; the same id again, or a lower one: the link closes.
+    for bad in [3, 2] {
+        let (conn, mut raw) = raw_peer(false, 8).await;
+        raw.send(data(1, true, false, 1), b"a").await;
+        raw.send(data(3, true, false, 1), b"b").await;
+        // Held, not dropped: a dropped stream is reset.
+        let mut held = Vec::new();
+        for want in [b"a", b"b"] {
+            let mut s = soon("accept", conn.accept()).await.unwrap();
+            assert_eq!(
+                &soon("data", s.recv_chunk()).await.unwrap().unwrap()[..],
+                want
+            );
+            held.push(s);
+        }
+        raw.send(data(bad, true, false, 1), b"c").await;
+        assert_eq!(raw.goaway().await, Some(code::PROTOCOL), "id {bad}");
+    }
+}
+
+#[tokio::test]
+async fn frames_for_ended_streams_are_ignored_for_unopened_ones_not() {
+    let (conn, mut raw) = raw_peer(false, 8).await;
+    raw.send(data(1, true, false, 1), b"a").await;
+    let mut s = soon("accept", conn.accept()).await.unwrap();
+    assert_eq!(
+        &soon("data", s.recv_chunk()).await.unwrap().unwrap()[..],
+        b"a"
+    );
+    s.reset();
+    assert_eq!(
+        raw.next().await.unwrap().0,
+        Header::Reset {
+            stream: 1,
+            code: code::NO_ERROR
+        }
+    );
+    // Still in flight when the reset crossed: ignored.
+    raw.send(data(1, false, false, 1), b"b").await;
+    raw.send(
+        Header::Credit {
+            stream: 1,
+            bytes: 1,
+        },
+        &[],
+    )
+    .await;
+    raw.send(Header::Ping { opaque: 5 }, &[]).await;
+    assert_eq!(
+        soon("pong", raw.next()).await.unwrap().0,
+        Header::Pong { opaque: 5 }
+    );
+    assert!(!conn.is_closed());
+    // Stream 9 was never opened.
+    raw.send(data(9, false, false, 1), b"c").await;
+    assert_eq!(raw.goaway().await, Some(code::PROTOCOL));
+}
+
+#[tokio::test]
+async fn data_after_the_end_of_a_stream_loses_the_link() {
+    let (conn, mut raw) = raw_peer(false, 8).await;
+    raw.send(data(1, true, true, 1), b"a").await;
+    let mut s = soon("accept", conn.accept()).await.unwrap();
+    assert_eq!(soon("all", read_all(&mut s)).await.unwrap(), b"a");
+    // Our half is still open, so the stream is too; the peer's is over.
+    raw.send(data(1, false, false, 1), b"b").await;
+    assert_eq!(raw.goaway().await, Some(code::PROTOCOL));
+}
+
+/// A peer that opens more streams than it was told gets the extra ones refused and keeps its
+/// link; one that pings without reading gets at most `MAX_ANSWERS` answers queued before the
+/// multiplexer stops reading it (its writes stall), and goes on once it reads.
+#[tokio::test]
+async fn a_peer_over_its_limits_is_refused_not_served() {
+    let (conn, mut raw) = raw_peer(false, 1).await;
+    raw.send(data(1, true, false, 1), b"a").await;
+    raw.send(data(2, true, false, 1), b"b").await;
+    assert_eq!(
+        soon("refused", raw.next()).await.unwrap().0,
+        Header::Reset {
+            stream: 2,
+            code: code::REFUSED
+        }
+    );
+    let mut s = soon("accept", conn.accept()).await.unwrap();
+    assert_eq!(
+        &soon("data", s.recv_chunk()).await.unwrap().unwrap()[..],
+        b"a"
+    );
+    assert!(!conn.is_closed());
+
+    // Pings, unread: the answers fill the pipe (64 KiB each way), then the multiplexer's own
+    // queue, then it stops reading and the flood stalls.
+    const FLOOD: u32 = 100_000;
+    let pings: Vec<u8> = (0..FLOOD)
+        .flat_map(|i| Header::Ping { opaque: i }.encode())
+        .collect();
+    let (mut rd, mut wr) = tokio::io::split(raw.io);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&pings).await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writer.is_finished(), "the multiplexer kept reading");
+    // Reading the answers lets it go on: every ping is answered, in order.
+    let mut head = [0u8; HEADER_LEN];
+    let drain = async {
+        for i in 0..FLOOD {
+            rd.read_exact(&mut head).await.unwrap();
+            assert_eq!(Header::decode(&head), Ok(Header::Pong { opaque: i }));
+        }
+    };
+    soon("the flood to go through", drain).await;
+    writer.await.unwrap();
+    assert!(!conn.is_closed());
+}
+
+#[tokio::test]
+async fn a_hello_is_checked() {
+    let hello = |window, ver: u8| {
+        let mut b = Header::Hello {
+            window,
+            max_streams: 4,
+        }
+        .encode();
+        b[2] = ver;
+        b
+    };
+    type Check = fn(&LinkError) -> bool;
+    let cases: Vec<([u8; HEADER_LEN], Check)> = vec![
+        (hello(WINDOW, 2), |e| {
+            matches!(
+                e,
+                LinkError::Mux(MuxError::Frame(super::MuxFrameError::Version(2)))
+            )
+        }),
+        (hello(1, 1), |e| {
+            matches!(
+                e,
+                LinkError::Mux(MuxError::Frame(super::MuxFrameError::Window(1)))
+            )
+        }),
+        (Header::Ping { opaque: 1 }.encode(), |e| {
+            matches!(e, LinkError::Mux(MuxError::Protocol(_)))
+        }),
+        (
+            Header::GoAway {
+                code: Refusal::Identity.code(),
+            }
+            .encode(),
+            |e| matches!(e, LinkError::Refused),
+        ),
+        (
+            Header::Hello {
+                window: WINDOW,
+                max_streams: 0,
+            }
+            .encode(),
+            |e| matches!(e, LinkError::Mux(MuxError::Protocol(_))),
+        ),
+    ];
+    for (first, check) in cases {
+        let (a, mut b) = tokio::io::duplex(1024);
+        b.write_all(&first).await.unwrap();
+        let e = match soon("start", start(a, true, &cfg(0), &Span::none())).await {
+            Ok(_) => panic!("{first:?} accepted"),
+            Err(e) => e,
+        };
+        assert!(check(&e), "{first:?}: {e:?}");
+    }
+    // The twin: a good HELLO starts the link.
+    let (a, mut b) = tokio::io::duplex(1024);
+    b.write_all(&hello(WINDOW, 1)).await.unwrap();
+    assert!(start(a, true, &cfg(0), &Span::none()).await.is_ok());
+}
