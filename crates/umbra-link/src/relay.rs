@@ -16,8 +16,12 @@
 //! adds). `relay_streams` forwards the received [`Bytes`] as they are (no copy, no buffer, so
 //! an idle stream holds no buffer memory); `relay_tcp` reads TCP into one [`BytesMut`] per
 //! direction and hands out frozen slices of it; `reserve` reuses the allocation once the
-//! transport has dropped the previous chunks.
+//! transport has dropped the previous chunks. Between two streams of TLS links,
+//! `relay_streams` has the links' drivers pass chunks on themselves while the other stream
+//! has credit (`mux::Splice`): no wake-up of the relay task per chunk; its loops move the
+//! rest.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -29,6 +33,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::error::LinkError;
+use crate::mux::SpliceStats;
 use crate::stream::{RecvHalf, SendHalf, Stream};
 use crate::telemetry;
 
@@ -37,13 +42,15 @@ const TCP_CHUNK: usize = 64 * 1024;
 /// Below this much spare room the read buffer is re-reserved to `TCP_CHUNK`.
 const TCP_MIN_READ: usize = 16 * 1024;
 
-/// Bytes relayed, shared by reference (or `Arc`) with whoever reports them.
+/// Bytes relayed, shared by reference (or `Arc`) with whoever reports them. Each count is
+/// an `Arc` of its own because a TLS link's driver adds what it splices (see
+/// [`relay_streams`]).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Towards the service: `a -> b` in [`relay_streams`], TCP -> stream in [`relay_tcp`].
-    pub up: AtomicU64,
+    pub up: Arc<AtomicU64>,
     /// Back towards the client.
-    pub down: AtomicU64,
+    pub down: Arc<AtomicU64>,
 }
 
 /// Relays between two streams until both directions have ended (see the module docs).
@@ -57,7 +64,20 @@ pub async fn relay_streams(
     let (mut a_send, mut a_recv, span) = a.into_parts();
     let (mut b_send, mut b_recv, _) = b.into_parts();
     let (m_up, m_down) = telemetry::relay_bytes();
-    let progress = AtomicU64::new(0);
+    let progress = Arc::new(AtomicU64::new(0));
+    // Between two TLS links the links' drivers pass chunks on themselves while they can,
+    // sparing this task a wake-up per chunk; the pumps below then move only what they could
+    // not (a chunk the other stream had no credit for, and what follows it) and the ends.
+    let stats = |total: &Arc<AtomicU64>, metric: &Counter| {
+        let (progress, total, metric) = (progress.clone(), total.clone(), metric.clone());
+        move || SpliceStats {
+            progress,
+            total,
+            metric,
+        }
+    };
+    a_recv.splice(&b_send, stats(&counters.up, &m_up));
+    b_recv.splice(&a_send, stats(&counters.down, &m_down));
     let r = async {
         let up = pump(&mut a_recv, &mut b_send, &progress, &counters.up, &m_up);
         let down = pump(&mut b_recv, &mut a_send, &progress, &counters.down, &m_down);

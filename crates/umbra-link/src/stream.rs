@@ -23,7 +23,7 @@ use umbra_proto::Frame;
 use umbra_proto::frame::FrameError;
 
 use crate::error::LinkError;
-use crate::mux::{MuxRecv, MuxSend};
+use crate::mux::{MuxRecv, MuxSend, SpliceStats};
 
 /// One bidirectional stream. See the module docs for half-close and reset semantics.
 pub struct Stream {
@@ -218,6 +218,15 @@ impl RecvHalf {
 
     pub(crate) fn mux(r: MuxRecv) -> RecvHalf {
         RecvHalf::with(RecvInner::Mux(r))
+    }
+
+    /// Lets the link's driver pass this half's bytes to `to` itself when both are streams of
+    /// TLS links (see `mux::Splice`); elsewhere nothing changes. `recv` goes on returning
+    /// whatever the driver does not pass on.
+    pub(crate) fn splice(&mut self, to: &SendHalf, stats: impl FnOnce() -> SpliceStats) {
+        if let (RecvInner::Mux(r), SendInner::Mux(s)) = (&mut self.inner, &to.inner) {
+            r.splice(s, stats());
+        }
     }
 
     pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, LinkError> {

@@ -121,6 +121,40 @@ enum Cmd {
         bytes: u32,
     },
     Ping(oneshot::Sender<()>),
+    /// From now on, pass stream `id`'s bytes straight to another stream (see [`Splice`]).
+    Splice {
+        id: u32,
+        to: Box<Splice>,
+    },
+    /// The reader of stream `id` has taken `taken` events in all and passed them on, and
+    /// found its channel empty.
+    Drained {
+        id: u32,
+        taken: u64,
+    },
+}
+
+/// Where the driver passes a stream's incoming bytes itself, instead of through the stream's
+/// reader: the sending half of another stream (the broker's relay between an agent's link and
+/// a connector's). Saves the relay task's wake-up on every chunk. Only while the reader has
+/// passed on everything the channel gave it (no backlog) and the other stream has the credit
+/// for the chunk; any other chunk goes through the channel as usual, and the relay's own
+/// loop passes it on. Either way a chunk leaves this link's memory only into the other
+/// stream's credit, so the bound per stream holds.
+pub(crate) struct Splice {
+    link: Arc<Shared>,
+    id: u32,
+    stream: Arc<StreamShared>,
+    stats: SpliceStats,
+}
+
+/// What a spliced chunk counts, as the relay loop would have counted it.
+pub(crate) struct SpliceStats {
+    /// Chunks moved (the relay's idle watch reads it).
+    pub(crate) progress: Arc<AtomicU64>,
+    /// Bytes moved this way.
+    pub(crate) total: Arc<AtomicU64>,
+    pub(crate) metric: metrics::Counter,
 }
 
 /// What the driver hands a stream's reader, in order.
@@ -326,6 +360,9 @@ fn new_stream(
         link: link.clone(),
         unacked: 0,
         done: None,
+        taken: 0,
+        reported: None,
+        spliced: false,
     };
     Stream::new(
         u64::from(id),
@@ -411,16 +448,55 @@ pub(crate) struct MuxRecv {
     unacked: u32,
     /// `Some(None)` once the peer finished, `Some(Some(code))` once it reset.
     done: Option<Option<u32>>,
+    /// Spliced: events taken from the channel, and the count last reported to the driver.
+    taken: u64,
+    reported: Option<u64>,
+    spliced: bool,
 }
 
 impl MuxRecv {
+    /// Has the driver pass this stream's bytes to `to` itself, when it can (see [`Splice`]).
+    /// Call once, before reading the data phase with [`MuxRecv::recv`], which goes on
+    /// returning what the driver could not pass on.
+    pub(crate) fn splice(&mut self, to: &MuxSend, stats: SpliceStats) {
+        let to = Box::new(Splice {
+            link: to.link.clone(),
+            id: to.id,
+            stream: to.stream.clone(),
+            stats,
+        });
+        if self.link.send(Cmd::Splice { id: self.id, to }).is_ok() {
+            self.spliced = true;
+        }
+    }
+
     pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, LinkError> {
         match self.done {
             Some(None) => return Ok(None),
             Some(Some(code)) => return Err(reset_error(code)),
             None => {}
         }
-        match self.rx.recv().await {
+        let event = if self.spliced {
+            match self.rx.try_recv() {
+                Ok(ev) => Some(ev),
+                Err(_) => {
+                    // Everything taken so far has been passed on (this is the relay's next
+                    // read): the driver may pass bytes on itself again.
+                    if self.reported != Some(self.taken) {
+                        self.reported = Some(self.taken);
+                        let _ = self.link.send(Cmd::Drained {
+                            id: self.id,
+                            taken: self.taken,
+                        });
+                    }
+                    self.rx.recv().await
+                }
+            }
+        } else {
+            self.rx.recv().await
+        };
+        self.taken += u64::from(event.is_some());
+        match event {
             Some(Event::Data(b)) => {
                 self.took(b.len());
                 Ok(Some(b))
@@ -471,9 +547,54 @@ struct Entry {
     received_end: bool,
     /// Opener: this stream's place under the peer's stream limit.
     _slot: Option<OwnedSemaphorePermit>,
+    /// Where the driver passes this stream's bytes itself, if anywhere.
+    splice: Option<Box<Splice>>,
+    /// Events sent down `tx` in all.
+    pushed: u64,
+    /// Some events sent down `tx` may not have been passed on yet: splicing waits.
+    backlog: bool,
+    /// Spliced bytes not yet credited back.
+    unacked: u32,
 }
 
 impl Entry {
+    /// Hands `ev` to the stream's reader.
+    fn push(&mut self, ev: Event) {
+        // Err: the reader is gone, and its reset on the way.
+        let _ = self.tx.send(ev);
+        self.pushed += 1;
+        self.backlog = true;
+    }
+
+    /// Passes `payload` to the splice's stream if it can (see [`Splice`]); the bytes passed.
+    fn try_splice(&mut self, payload: &Bytes) -> Option<u32> {
+        let to = self.splice.as_ref()?;
+        if self.backlog || to.stream.state.load(Ordering::Acquire) != OPEN {
+            return None;
+        }
+        let len = payload.len() as u64;
+        // Nobody else spends this credit now: the relay's sender only sends what our
+        // channel gave it, and the channel has been drained.
+        if to.stream.credit.load(Ordering::Acquire) < len {
+            return None;
+        }
+        to.stream.credit.fetch_sub(len, Ordering::AcqRel);
+        let data = Cmd::Data {
+            id: to.id,
+            data: payload.clone(),
+            fin: false,
+        };
+        if to.link.cmds.send(data).is_err() {
+            // The other link is gone; the relay finds out through its own send.
+            to.stream.credit.fetch_add(len, Ordering::AcqRel);
+            return None;
+        }
+        to.stats.progress.fetch_add(1, Ordering::Relaxed);
+        to.stats.total.fetch_add(len, Ordering::Relaxed);
+        to.stats.metric.increment(len);
+        u32::try_from(len).ok()
+    }
+
     fn new(
         tx: mpsc::UnboundedSender<Event>,
         stream: Arc<StreamShared>,
@@ -486,6 +607,10 @@ impl Entry {
             sent_end: false,
             received_end: false,
             _slot: slot,
+            splice: None,
+            pushed: 0,
+            backlog: false,
+            unacked: 0,
         }
     }
 }
@@ -842,6 +967,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                     }
                 }
             }
+            Cmd::Splice { id, to } => {
+                if let Some(e) = self.streams.get_mut(&id) {
+                    // Until the reader says it has passed on what it was given.
+                    e.backlog = true;
+                    e.splice = Some(to);
+                }
+            }
+            Cmd::Drained { id, taken } => {
+                if let Some(e) = self.streams.get_mut(&id) {
+                    e.backlog = e.pushed != taken;
+                }
+            }
             Cmd::Ping(done) => {
                 self.ping_seq = self.ping_seq.wrapping_add(1);
                 self.ping = Some((self.ping_seq, done));
@@ -889,12 +1026,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 if e.buffered > self.window {
                     return violation("more data than the stream window");
                 }
-                // Err: the reader is gone, and its reset on the way.
                 if len > 0 {
-                    let _ = e.tx.send(Event::Data(payload));
+                    if let Some(bytes) = e.try_splice(&payload) {
+                        e.buffered -= bytes;
+                        e.unacked = e.unacked.saturating_add(bytes);
+                        if e.unacked >= self.link.credit_step && !fin {
+                            let credit = Header::Credit {
+                                stream,
+                                bytes: std::mem::take(&mut e.unacked),
+                            };
+                            self.out.frame(credit, Bytes::new());
+                        }
+                    } else {
+                        e.push(Event::Data(payload));
+                    }
                 }
                 if fin {
-                    let _ = e.tx.send(Event::Fin);
+                    e.push(Event::Fin);
                     e.received_end = true;
                     if e.sent_end {
                         self.streams.remove(&stream);
@@ -915,11 +1063,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 e.stream.notify.notify_one();
             }
             Header::Reset { stream, code } => {
-                let Some(e) = self.streams.remove(&stream) else {
+                let Some(mut e) = self.streams.remove(&stream) else {
                     return self.ended_stream(stream);
                 };
                 e.stream.end(u64::from(code) + 1);
-                let _ = e.tx.send(Event::Reset(code));
+                e.push(Event::Reset(code));
             }
             Header::Ping { opaque } => {
                 self.answers += 1;
