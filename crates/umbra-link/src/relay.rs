@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use metrics::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
@@ -117,15 +116,23 @@ async fn pump(
 /// Relays between a TCP connection and a stream until both directions have ended (see the
 /// module docs). `up` counts TCP -> stream. Runs in the stream's span.
 pub async fn relay_tcp(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     s: Stream,
     idle: Duration,
     counters: &Counters,
 ) -> Result<(), LinkError> {
     let (mut send, mut recv, span) = s.into_parts();
     let (m_up, m_down) = telemetry::relay_bytes();
-    let progress = AtomicU64::new(0);
-    let (mut rd, mut wr) = tcp.split();
+    let progress = Arc::new(AtomicU64::new(0));
+    // Shared, not split: on a TLS link the link's driver writes what arrives to the socket
+    // itself whenever the socket takes it at once (`mux::Splice`), sparing this task a
+    // wake-up per chunk; `down` below writes the rest.
+    let tcp = Arc::new(tcp);
+    recv.splice_tcp(&tcp, || SpliceStats {
+        progress: progress.clone(),
+        total: counters.down.clone(),
+        metric: m_down.clone(),
+    });
     let r = async {
         let up = async {
             let mut buf = BytesMut::with_capacity(TCP_CHUNK);
@@ -133,7 +140,7 @@ pub async fn relay_tcp(
                 if buf.capacity() < TCP_MIN_READ {
                     buf.reserve(TCP_CHUNK);
                 }
-                if rd.read_buf(&mut buf).await? == 0 {
+                if read_some(&tcp, &mut buf).await? == 0 {
                     break;
                 }
                 let chunk = buf.split().freeze();
@@ -147,13 +154,13 @@ pub async fn relay_tcp(
         };
         let down = async {
             while let Some(chunk) = recv.recv().await? {
-                wr.write_all(&chunk).await?;
+                write_all(&tcp, &chunk).await?;
                 let n = chunk.len() as u64;
                 counters.down.fetch_add(n, Ordering::Relaxed);
                 m_down.increment(n);
                 progress.fetch_add(1, Ordering::Relaxed);
             }
-            wr.shutdown().await?;
+            socket2::SockRef::from(&*tcp).shutdown(std::net::Shutdown::Write)?;
             Ok::<(), LinkError>(())
         };
         tokio::select! {
@@ -168,6 +175,30 @@ pub async fn relay_tcp(
         recv.stop();
     }
     r
+}
+
+/// Reads what `tcp` has into `buf`, waiting for some: 0 at end of input.
+async fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+    }
+}
+
+/// Writes all of `b` to `tcp`.
+async fn write_all(tcp: &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(b) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Returns once `progress` has not moved for `idle` (never, for a zero `idle`).

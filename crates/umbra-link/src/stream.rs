@@ -17,7 +17,10 @@
 //!   `tokio::time::timeout`; `read_frame` keeps partial input across a cancelled call, so a
 //!   timed-out read can be retried, but usually the stream is reset instead.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
 use tracing::Span;
 use umbra_proto::Frame;
 use umbra_proto::frame::FrameError;
@@ -226,6 +229,14 @@ impl RecvHalf {
     pub(crate) fn splice(&mut self, to: &SendHalf, stats: impl FnOnce() -> SpliceStats) {
         if let (RecvInner::Mux(r), SendInner::Mux(s)) = (&mut self.inner, &to.inner) {
             r.splice(s, stats());
+        }
+    }
+
+    /// The same towards a TCP connection: on TLS links the driver writes this half's bytes to
+    /// `tcp` itself when the socket takes them at once.
+    pub(crate) fn splice_tcp(&mut self, tcp: &Arc<TcpStream>, stats: impl FnOnce() -> SpliceStats) {
+        if let RecvInner::Mux(r) = &mut self.inner {
+            r.splice_tcp(tcp.clone(), stats());
         }
     }
 

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -136,16 +137,24 @@ enum Cmd {
 
 /// Where the driver passes a stream's incoming bytes itself, instead of through the stream's
 /// reader: the sending half of another stream (the broker's relay between an agent's link and
-/// a connector's). Saves the relay task's wake-up on every chunk. Only while the reader has
-/// passed on everything the channel gave it (no backlog) and the other stream has the credit
-/// for the chunk; any other chunk goes through the channel as usual, and the relay's own
-/// loop passes it on. Either way a chunk leaves this link's memory only into the other
-/// stream's credit, so the bound per stream holds.
-pub(crate) struct Splice {
-    link: Arc<Shared>,
-    id: u32,
-    stream: Arc<StreamShared>,
+/// a connector's), or the TCP connection a relay copies them to (agent and connector). Saves
+/// the relay task's wake-up on every chunk. Only while the reader has passed on everything
+/// the channel gave it (no backlog), and the other stream has the credit for the chunk or
+/// the socket takes it at once; anything else goes through the channel as usual, and the
+/// relay's own loop passes it on. Either way a chunk leaves this link's memory only into the
+/// other stream's credit or the kernel, so the bound per stream holds.
+struct Splice {
+    to: SpliceTo,
     stats: SpliceStats,
+}
+
+enum SpliceTo {
+    Stream {
+        link: Arc<Shared>,
+        id: u32,
+        stream: Arc<StreamShared>,
+    },
+    Tcp(Arc<TcpStream>),
 }
 
 /// What a spliced chunk counts, as the relay loop would have counted it.
@@ -459,12 +468,22 @@ impl MuxRecv {
     /// Call once, before reading the data phase with [`MuxRecv::recv`], which goes on
     /// returning what the driver could not pass on.
     pub(crate) fn splice(&mut self, to: &MuxSend, stats: SpliceStats) {
-        let to = Box::new(Splice {
+        let to = SpliceTo::Stream {
             link: to.link.clone(),
             id: to.id,
             stream: to.stream.clone(),
-            stats,
-        });
+        };
+        self.splice_to(to, stats);
+    }
+
+    /// Has the driver write this stream's bytes to `tcp` itself, when the socket takes them
+    /// at once (see [`Splice`]); [`MuxRecv::recv`] returns the rest.
+    pub(crate) fn splice_tcp(&mut self, tcp: Arc<TcpStream>, stats: SpliceStats) {
+        self.splice_to(SpliceTo::Tcp(tcp), stats);
+    }
+
+    fn splice_to(&mut self, to: SpliceTo, stats: SpliceStats) {
+        let to = Box::new(Splice { to, stats });
         if self.link.send(Cmd::Splice { id: self.id, to }).is_ok() {
             self.spliced = true;
         }
@@ -566,33 +585,51 @@ impl Entry {
         self.backlog = true;
     }
 
-    /// Passes `payload` to the splice's stream if it can (see [`Splice`]); the bytes passed.
-    fn try_splice(&mut self, payload: &Bytes) -> Option<u32> {
-        let to = self.splice.as_ref()?;
-        if self.backlog || to.stream.state.load(Ordering::Acquire) != OPEN {
-            return None;
-        }
-        let len = payload.len() as u64;
-        // Nobody else spends this credit now: the relay's sender only sends what our
-        // channel gave it, and the channel has been drained.
-        if to.stream.credit.load(Ordering::Acquire) < len {
-            return None;
-        }
-        to.stream.credit.fetch_sub(len, Ordering::AcqRel);
-        let data = Cmd::Data {
-            id: to.id,
-            data: payload.clone(),
-            fin: false,
+    /// Passes as much of `payload` on as the splice can take at once (see [`Splice`]): the
+    /// number of bytes passed, from the front.
+    fn try_splice(&mut self, payload: &Bytes) -> usize {
+        let Some(sp) = self.splice.as_ref() else {
+            return 0;
         };
-        if to.link.cmds.send(data).is_err() {
-            // The other link is gone; the relay finds out through its own send.
-            to.stream.credit.fetch_add(len, Ordering::AcqRel);
-            return None;
+        if self.backlog {
+            return 0;
         }
-        to.stats.progress.fetch_add(1, Ordering::Relaxed);
-        to.stats.total.fetch_add(len, Ordering::Relaxed);
-        to.stats.metric.increment(len);
-        u32::try_from(len).ok()
+        let passed = match &sp.to {
+            SpliceTo::Stream { link, id, stream } => {
+                let len = payload.len() as u64;
+                // Nobody else spends this credit now: the relay's sender only sends what our
+                // channel gave it, and the channel has been drained.
+                if stream.state.load(Ordering::Acquire) != OPEN
+                    || stream.credit.load(Ordering::Acquire) < len
+                {
+                    return 0;
+                }
+                stream.credit.fetch_sub(len, Ordering::AcqRel);
+                let data = Cmd::Data {
+                    id: *id,
+                    data: payload.clone(),
+                    fin: false,
+                };
+                if link.cmds.send(data).is_err() {
+                    // The other link is gone; the relay finds out through its own send.
+                    stream.credit.fetch_add(len, Ordering::AcqRel);
+                    return 0;
+                }
+                payload.len()
+            }
+            // Nobody else writes now either: the relay only writes what our channel gave it.
+            // An error is left for the relay's own write to meet.
+            SpliceTo::Tcp(tcp) => match tcp.try_write(payload) {
+                Ok(n) => n,
+                Err(_) => return 0,
+            },
+        };
+        if passed > 0 {
+            sp.stats.progress.fetch_add(1, Ordering::Relaxed);
+            sp.stats.total.fetch_add(passed as u64, Ordering::Relaxed);
+            sp.stats.metric.increment(passed as u64);
+        }
+        passed
     }
 
     fn new(
@@ -1027,7 +1064,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                     return violation("more data than the stream window");
                 }
                 if len > 0 {
-                    if let Some(bytes) = e.try_splice(&payload) {
+                    let passed = e.try_splice(&payload);
+                    if passed > 0 {
+                        // passed <= len <= MAX_DATA
+                        let bytes = u32::try_from(passed).unwrap_or(len);
                         e.buffered -= bytes;
                         e.unacked = e.unacked.saturating_add(bytes);
                         if e.unacked >= self.link.credit_step && !fin {
@@ -1037,8 +1077,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                             };
                             self.out.frame(credit, Bytes::new());
                         }
-                    } else {
-                        e.push(Event::Data(payload));
+                    }
+                    if passed < payload.len() {
+                        e.push(Event::Data(payload.slice(passed..)));
                     }
                 }
                 if fin {

@@ -526,3 +526,88 @@ async fn a_splice_passes_bytes_on_and_waits_when_the_other_stream_is_full() {
     let _x = soon("sender", sender).await.unwrap();
     let _ = soon("pump", pump).await.unwrap();
 }
+
+/// Agent and connector: the link's driver writes a stream's bytes to the relay's TCP
+/// connection itself while the socket takes them, so the relay's loop sees none of them;
+/// when the socket is full the rest goes through the loop, and everything arrives in order.
+#[tokio::test]
+async fn a_tcp_splice_writes_to_the_socket_and_leaves_the_rest_to_the_loop() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::net::{TcpListener, TcpStream};
+
+    let (a_open, a_acc) = pair().await;
+    let mut x = a_open.open(&Span::none()).await.unwrap();
+    x.send_chunk(Bytes::from_static(b"hello")).await.unwrap();
+    let src = soon("accept", a_acc.accept()).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ours = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut app, _) = listener.accept().await.unwrap();
+    let ours = Arc::new(ours);
+    let (_src_send, mut src_recv, _) = src.into_parts();
+    let total = Arc::new(AtomicU64::new(0));
+    {
+        let total = total.clone();
+        src_recv.splice_tcp(&ours, move || super::SpliceStats {
+            progress: Arc::new(AtomicU64::new(0)),
+            total,
+            metric: metrics::Counter::noop(),
+        });
+    }
+    let looped = Arc::new(AtomicU64::new(0));
+    let pump = {
+        let (looped, ours) = (looped.clone(), ours.clone());
+        tokio::spawn(async move {
+            while let Some(c) = src_recv.recv().await.unwrap() {
+                looped.fetch_add(c.len() as u64, Ordering::Relaxed);
+                let mut b = &c[..];
+                while !b.is_empty() {
+                    ours.writable().await.unwrap();
+                    if let Ok(n) = ours.try_write(b) {
+                        b = &b[n..];
+                    }
+                }
+            }
+            src_recv
+        })
+    };
+    let mut buf = vec![0u8; 5];
+    soon("hello", app.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(buf, b"hello");
+    for i in 0..100u32 {
+        let chunk = format!("{i:04}");
+        x.send_chunk(Bytes::from(chunk.clone())).await.unwrap();
+        let mut got = [0u8; 4];
+        soon("chunk", app.read_exact(&mut got)).await.unwrap();
+        assert_eq!(&got, chunk.as_bytes());
+    }
+    assert_eq!(
+        looped.load(Ordering::Relaxed),
+        5,
+        "chunks went through the loop"
+    );
+    assert_eq!(total.load(Ordering::Relaxed), 400);
+
+    // The app stops reading: the socket fills, the loop takes the overflow.
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    let sender = {
+        let big = Bytes::from(big.clone());
+        tokio::spawn(async move {
+            x.send_chunk(big).await.unwrap();
+            x.finish().await.unwrap();
+            x
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = vec![0u8; big.len()];
+    soon("16 MiB", app.read_exact(&mut got)).await.unwrap();
+    assert!(got == big, "bytes differ");
+    assert!(
+        looped.load(Ordering::Relaxed) > 5,
+        "the loop took the overflow"
+    );
+    let _x = soon("sender", sender).await.unwrap();
+    let _ = soon("pump", pump).await.unwrap();
+}
