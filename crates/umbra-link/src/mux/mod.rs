@@ -19,6 +19,11 @@
 //! window: one stream whose reader stopped holds its own window and never the others' (a
 //! connector's link is shared by every user of its apps).
 //!
+//! Relays can have the driver pass a stream's chunks on itself ([`Splice`]): to another
+//! link's stream (the broker) or into a TCP socket (agent and connector), whenever the relay
+//! has nothing pending and the destination takes the chunk at once; the relay's own loop
+//! moves the rest. That spares a task wake-up per chunk on each relay.
+//!
 //! Stream lifetime: a stream's slot is free on each side once that side has both sent and
 //! received the end of the stream (FIN both ways), or sent or received a RESET. TCP keeps
 //! frames in order, so the acceptor frees a slot no later than the opener, and the opener can
