@@ -376,7 +376,6 @@ fn new_stream(
         done: None,
         taken: 0,
         reported: None,
-        spliced: false,
     };
     Stream::new(
         u64::from(id),
@@ -462,10 +461,10 @@ pub(crate) struct MuxRecv {
     unacked: u32,
     /// `Some(None)` once the peer finished, `Some(Some(code))` once it reset.
     done: Option<Option<u32>>,
-    /// Spliced: events taken from the channel, and the count last reported to the driver.
+    /// Events taken from the channel.
     taken: u64,
+    /// Spliced only: `taken` as last reported to the driver (`u64::MAX` before the first).
     reported: Option<u64>,
-    spliced: bool,
 }
 
 impl MuxRecv {
@@ -490,7 +489,7 @@ impl MuxRecv {
     fn splice_to(&mut self, to: SpliceTo, stats: SpliceStats) {
         let to = Box::new(Splice { to, stats });
         if self.link.send(Cmd::Splice { id: self.id, to }).is_ok() {
-            self.spliced = true;
+            self.reported = Some(u64::MAX);
         }
     }
 
@@ -500,13 +499,13 @@ impl MuxRecv {
             Some(Some(code)) => return Err(reset_error(code)),
             None => {}
         }
-        let event = if self.spliced {
-            match self.rx.try_recv() {
+        let event = match self.reported {
+            Some(reported) => match self.rx.try_recv() {
                 Ok(ev) => Some(ev),
                 Err(_) => {
                     // Everything taken so far has been passed on (this is the relay's next
                     // read): the driver may pass bytes on itself again.
-                    if self.reported != Some(self.taken) {
+                    if reported != self.taken {
                         self.reported = Some(self.taken);
                         let _ = self.link.send(Cmd::Drained {
                             id: self.id,
@@ -515,9 +514,8 @@ impl MuxRecv {
                     }
                     self.rx.recv().await
                 }
-            }
-        } else {
-            self.rx.recv().await
+            },
+            None => self.rx.recv().await,
         };
         self.taken += u64::from(event.is_some());
         match event {
@@ -553,7 +551,7 @@ impl Drop for MuxRecv {
     fn drop(&mut self) {
         // Dropped before the peer's end: tell it to stop (it ends the stream both ways).
         if self.done.is_none() {
-            let _ = self.link.cmds.send(Cmd::Reset {
+            let _ = self.link.send(Cmd::Reset {
                 id: self.id,
                 code: code::NO_ERROR,
             });
