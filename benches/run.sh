@@ -42,7 +42,7 @@ UMBRA_BIN="${UMBRA_BIN:-$ROOT/target/release/umbra}"
 if ((build)); then
   echo "building umbra (release; waits for cargo's lock if others are building) ..."
   (cd "$ROOT" && timeout "${BUILD_TIMEOUT:-3600}" cargo build --release -p umbra --locked)
-  # The libraries' own floor, measured beside Umbra (crates/umbra-link/examples/relay_floor.rs).
+  # The libraries' own floor, measured beside Umbra (crates/umbra-link/examples/relay_floor/).
   (cd "$ROOT" && timeout "${BUILD_TIMEOUT:-3600}" cargo build --release -p umbra-link \
     --example relay_floor --locked)
 fi

@@ -1,13 +1,15 @@
 //! Benchmark companion (never shipped): the floor of a relay chain built from the libraries
 //! Umbra's data path uses, with none of Umbra's own work. One TLS (tokio-rustls) or QUIC
 //! (quinn) connection per client connection, no multiplexing, no framing, no policy: the shape
-//! of socat's b2 chain. `benches/bench.py` measures it beside Umbra and socat, so a gap between
+//! of socat's b2 chain. A third chain drives quinn's protocol crate (quinn-proto) from one task
+//! per relay (`proto.rs`): what QUIC costs without quinn's task structure. `benches/bench.py` measures it beside Umbra and socat, so a gap between
 //! Umbra and socat can be split into what the libraries cost and what Umbra adds.
 //!
 //! ```text
 //! relay_floor setup DIR                          CA and two identities into DIR
 //! relay_floor entry|mid|exit DIR LISTEN NEXT     TLS chain: entry takes TCP, exit gives TCP
 //! relay_floor qentry|qmid|qexit DIR LISTEN NEXT  the same with QUIC
+//! relay_floor pentry|pmid|pexit DIR LISTEN NEXT  QUIC again, one task per relay (`proto.rs`)
 //! ```
 //!
 //! Both hops use mutual TLS 1.3 with Umbra's own configurations (`umbra_pki`): X25519MLKEM768
@@ -23,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use umbra_pki::{Ca, ClientAuth, TlsIdentity};
 use umbra_proto::{PeerId, Role};
+
+mod proto;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -49,6 +53,30 @@ fn main() -> Result<(), Error> {
     let server_tls = umbra_pki::server_config(&server, ClientAuth::Required, &[ALPN], false)?;
     let client_tls = umbra_pki::client_config(&server.ca, Some(&client), &[ALPN], false)?;
     let name = umbra_pki::broker_server_name("floor");
+    let quic = |server_tls, client_tls| -> Result<_, Error> {
+        Ok((
+            quinn::ServerConfig::with_crypto(Arc::new(
+                quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?,
+            )),
+            quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
+                client_tls,
+            )?)),
+        ))
+    };
+    if let Some(p) = role.strip_prefix('p') {
+        let role = match p {
+            "entry" => proto::Role::Entry,
+            "mid" => proto::Role::Mid,
+            "exit" => proto::Role::Exit,
+            _ => return Err(usage.into()),
+        };
+        // One thread, one task: the point of this chain.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (sq, cq) = quic(server_tls, client_tls)?;
+        return rt.block_on(proto::run(role, listen, next, sq, cq, name));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -62,12 +90,7 @@ fn main() -> Result<(), Error> {
             name,
         )),
         "qentry" | "qmid" | "qexit" => {
-            let sq = quinn::ServerConfig::with_crypto(Arc::new(
-                quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?,
-            ));
-            let cq = quinn::ClientConfig::new(Arc::new(
-                quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
-            ));
+            let (sq, cq) = quic(server_tls, client_tls)?;
             rt.block_on(quic_chain(role.to_owned(), listen, next, sq, cq, name))
         }
         _ => Err(usage.into()),
