@@ -117,12 +117,7 @@ fn data(stream: u32, open: bool, fin: bool, len: usize) -> Header {
 
 #[tokio::test]
 async fn two_multiplexers_carry_streams_both_ways() {
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let opener = tokio::spawn(async move { start(a, true, &cfg(4), &Span::none()).await });
-    let acceptor = soon("start", start(b, false, &cfg(4), &Span::none()))
-        .await
-        .unwrap();
-    let opener = opener.await.unwrap().unwrap();
+    let (opener, acceptor) = pair(4).await;
     for round in 0..3u8 {
         let mut c = opener.open(&Span::none()).await.unwrap();
         // More than a window each way: credit has to come back for it to finish.
@@ -156,12 +151,7 @@ async fn two_multiplexers_carry_streams_both_ways() {
 /// than being refused; a slot frees once the stream has ended both ways.
 #[tokio::test]
 async fn the_opener_waits_for_a_slot_under_the_peers_limit() {
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let opener = tokio::spawn(async move { start(a, true, &cfg(4), &Span::none()).await });
-    let acceptor = soon("start", start(b, false, &cfg(2), &Span::none()))
-        .await
-        .unwrap();
-    let opener = opener.await.unwrap().unwrap();
+    let (opener, acceptor) = pair(2).await;
     let mut first = opener.open(&Span::none()).await.unwrap();
     let _second = opener.open(&Span::none()).await.unwrap();
     assert!(still_waiting(opener.open(&Span::none())).await);
@@ -422,11 +412,12 @@ async fn a_hello_is_checked() {
     assert!(start(a, true, &cfg(0), &Span::none()).await.is_ok());
 }
 
-/// Two multiplexers on the ends of one pipe: (opener, acceptor).
-async fn pair() -> (MuxConn, MuxConn) {
+/// Two multiplexers on the ends of one pipe: (opener, acceptor), the acceptor taking at most
+/// `max_streams` at once.
+async fn pair(max_streams: u32) -> (MuxConn, MuxConn) {
     let (a, b) = tokio::io::duplex(256 * 1024);
-    let opener = tokio::spawn(async move { start(a, true, &cfg(8), &Span::none()).await });
-    let acceptor = soon("start", start(b, false, &cfg(8), &Span::none()))
+    let opener = tokio::spawn(async move { start(a, true, &cfg(0), &Span::none()).await });
+    let acceptor = soon("start", start(b, false, &cfg(max_streams), &Span::none()))
         .await
         .unwrap();
     (opener.await.unwrap().unwrap(), acceptor)
@@ -449,8 +440,8 @@ async fn a_splice_passes_bytes_on_and_waits_when_the_other_stream_is_full() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    let (a_open, a_acc) = pair().await;
-    let (b_open, b_acc) = pair().await;
+    let (a_open, a_acc) = pair(8).await;
+    let (b_open, b_acc) = pair(8).await;
     let mut x = a_open.open(&Span::none()).await.unwrap();
     x.send_chunk(Bytes::from_static(b"hello")).await.unwrap();
     let src = soon("accept", a_acc.accept()).await.unwrap();
@@ -536,7 +527,7 @@ async fn a_tcp_splice_writes_to_the_socket_and_leaves_the_rest_to_the_loop() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::net::{TcpListener, TcpStream};
 
-    let (a_open, a_acc) = pair().await;
+    let (a_open, a_acc) = pair(8).await;
     let mut x = a_open.open(&Span::none()).await.unwrap();
     x.send_chunk(Bytes::from_static(b"hello")).await.unwrap();
     let src = soon("accept", a_acc.accept()).await.unwrap();
