@@ -621,7 +621,8 @@ def fmt_ratio(s):
     if s.get("of_medians") is None:
         return "—"
     if s.get("n"):
-        return f"{s['of_medians']:.2f}x (per round {s['min']:.2f}–{s['max']:.2f})"
+        return (f"{s['of_medians']:.2f}x (per round {s['median']:.2f} "
+                f"[{s['min']:.2f}–{s['max']:.2f}])")
     return f"{s['of_medians']:.2f}x"
 
 
@@ -1064,8 +1065,9 @@ def write_results(res, args):
         vs = s.get("vs_socat")
         L.append(f"| {s['label']} | {fmt(s['gbps'])} | {fmt(s['rtt_p50_us'])} | "
                  f"{fmt(s['rtt_p99_us'])} | {ref(sid, vs, 'gbps')} | {ref(sid, vs, 'rtt_p50')} |")
-    L.append("\nRatios are of the medians; \"per round\" is the range of the same ratio "
-             "within each round (paired, so drift cancels). RTT p50 ratio < 1 is better.\n")
+    L.append("\nRatios are of the medians; \"per round\" is the median [min–max] of the same "
+             "ratio taken within each round (paired, so drift between rounds cancels). RTT p50 "
+             "ratio < 1 is better. The targets are judged on the ratio of the medians.\n")
     if res.get("floors"):
         L.append("### The libraries' floor (RTT only, interleaved with the rows above)\n")
         L.append("The same 3-relay, 2-hop mutual TLS 1.3 chain built from the libraries Umbra "
@@ -1160,6 +1162,10 @@ def write_results(res, args):
 
     # --- targets
     L.append("## Targets\n")
+    if meta.get("env_settings"):
+        L.append("The targets are for Umbra's defaults. This run changed settings through the "
+                 "environment (see the top), so the verdicts below describe those settings, "
+                 "not the defaults.\n")
     L.append("| target | measured | result |")
     L.append("|---|---|---|")
     targets = {}
