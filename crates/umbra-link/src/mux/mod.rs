@@ -9,7 +9,9 @@
 //! frames and hands each stream's bytes to that stream's channel, and writes what the streams
 //! send it through the link's command channel. A stream half never touches the socket, takes
 //! no lock and allocates nothing per chunk: a chunk is a [`Bytes`] sliced from the driver's
-//! read buffer on the way in, and given to rustls as it is on the way out.
+//! read buffer on the way in, and given to rustls as it is on the way out. The driver takes no
+//! lock per wake-up either: it learns that the link is closing from an atomic flag (see
+//! `Shared::close`), not by polling a cancellation token, whose every poll takes a mutex.
 //!
 //! Flow control is per stream only. Each side announces its stream window in its HELLO; a
 //! sender has that much credit per stream, spends it on DATA, and gets it back in CREDIT
@@ -39,11 +41,12 @@ use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -194,7 +197,15 @@ enum End {
 /// State of a link shared by its handle, its streams, the driver and keepalive.
 struct Shared {
     cmds: mpsc::UnboundedSender<Cmd>,
+    /// Cancelled once the link has ended or is closing, for whoever waits on that. Only
+    /// [`Shared::close`] and the driver itself cancel it: the driver does not poll it (a
+    /// token's poll takes its mutex, once per wake-up of the driver) but reads `closing`.
     closed: CancellationToken,
+    /// Set by [`Shared::close`]: the driver ends at its next poll (`driver` wakes it).
+    closing: AtomicBool,
+    /// The driver task's waker, registered on every poll: `close` must reach a driver that
+    /// waits on a socket the peer has stopped reading, not only one that polls its commands.
+    driver: AtomicWaker,
     /// Why the link ended; set before `closed` is cancelled by the driver.
     end: OnceLock<End>,
     rtt_nanos: AtomicU64,
@@ -206,6 +217,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Closes the link from this side: the driver sends a GOAWAY (with `refusing`'s code, if
+    /// set) and ends.
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.driver.wake();
+        self.closed.cancel();
+    }
+
     /// The error of an operation on this link after it ended.
     fn error(&self) -> LinkError {
         match self.end.get() {
@@ -320,13 +339,13 @@ impl MuxConn {
     }
 
     pub(crate) fn close(&self) {
-        self.shared.closed.cancel();
+        self.shared.close();
     }
 
     /// See [`crate::Link::refuse`]: a GOAWAY with the refusal's code, then the close.
     pub(crate) fn refuse(&self, why: Refusal) {
         self.shared.refusing.store(why.code(), Ordering::Relaxed);
-        self.shared.closed.cancel();
+        self.shared.close();
     }
 
     pub(crate) fn refused(&self) -> Option<Refusal> {
@@ -703,6 +722,8 @@ where
     let shared = Arc::new(Shared {
         cmds,
         closed: CancellationToken::new(),
+        closing: AtomicBool::new(false),
+        driver: AtomicWaker::new(),
         end: OnceLock::new(),
         rtt_nanos: AtomicU64::new(0),
         refusing: AtomicU32::new(0),
@@ -846,11 +867,7 @@ struct Driver<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     async fn run(mut self) {
-        let closed = self.link.closed.clone();
-        let end = tokio::select! {
-            () = closed.cancelled() => End::Local,
-            end = poll_fn(|cx| self.poll_drive(cx)) => end,
-        };
+        let end = poll_fn(|cx| self.poll_drive(cx)).await;
         let goaway = match &end {
             End::Local => Some(self.link.refusing.load(Ordering::Relaxed)),
             End::Mux(_) => Some(code::PROTOCOL),
@@ -871,7 +888,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         self.accept = None;
         self.ping = None;
         if let Some(code) = goaway {
-            self.out = Output::default();
+            // After what is queued, not instead of it: the connection may hold part of a
+            // frame already, and a GOAWAY cut into it would reach the peer as garbage.
             self.out.frame(Header::GoAway { code }, Bytes::new());
             let io = &mut self.io;
             let out = &mut self.out;
@@ -889,6 +907,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
 
     /// Moves frames both ways until the link ends.
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        // Registered before `closing` is read: a close in between still wakes this task.
+        self.link.driver.register(cx.waker());
+        if self.link.closing.load(Ordering::Acquire) {
+            return Poll::Ready(End::Local);
+        }
         for _ in 0..DRIVER_BUDGET {
             let mut progress = false;
             // What the streams send.
@@ -1205,7 +1228,7 @@ async fn keepalive(link: Arc<Shared>, every: Duration, idle: Duration) {
                     idle_secs = idle.as_secs_f64(),
                     "peer silent past idle timeout; closing link"
                 );
-                link.closed.cancel();
+                link.close();
                 return;
             }
         }

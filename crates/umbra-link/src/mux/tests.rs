@@ -412,6 +412,47 @@ async fn a_hello_is_checked() {
     assert!(start(a, true, &cfg(0), &Span::none()).await.is_ok());
 }
 
+/// A close from this side ends the link even while the peer reads nothing, when the driver
+/// waits on the full connection and not on its commands: a stream waiting for credit hears of
+/// it at once, and the peer, once it reads, gets everything queued whole and then the GOAWAY.
+#[tokio::test]
+async fn a_local_close_ends_the_link_while_the_peer_reads_nothing() {
+    let (conn, mut raw) = raw_peer(true, 4).await;
+    let span = Span::none();
+    // Eight windows (128 KiB) against a 64 KiB pipe: the driver is left holding the rest.
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut s = soon("open", conn.open(&span)).await.unwrap();
+        let window = Bytes::from(vec![7u8; WINDOW as usize]);
+        soon("a window's worth", s.send_chunk(window)).await.unwrap();
+        streams.push(s);
+    }
+    let s = streams.last_mut().unwrap();
+    let mut more = Box::pin(s.send_chunk(Bytes::from_static(b"more")));
+    assert!(
+        still_waiting(more.as_mut()).await,
+        "sent past the stream's credit"
+    );
+    conn.close();
+    let r = soon("the waiting stream to hear of the close", more).await;
+    assert!(matches!(r, Err(LinkError::Closed)), "{r:?}");
+    // The peer reads again: whole frames (`next` decodes each header), the data of every
+    // stream, then the GOAWAY.
+    let mut bytes = 0;
+    let mut last = None;
+    while let Some((h, payload)) = soon("the link to close", raw.next()).await {
+        bytes += payload.len();
+        last = Some(h);
+    }
+    assert_eq!(bytes, 8 * WINDOW as usize);
+    assert_eq!(
+        last,
+        Some(Header::GoAway {
+            code: code::NO_ERROR
+        })
+    );
+}
+
 /// Two multiplexers on the ends of one pipe: (opener, acceptor), the acceptor taking at most
 /// `max_streams` at once.
 async fn pair(max_streams: u32) -> (MuxConn, MuxConn) {
