@@ -2,8 +2,9 @@
 //! Umbra's data path uses, with none of Umbra's own work. One TLS (tokio-rustls) or QUIC
 //! (quinn) connection per client connection, no multiplexing, no framing, no policy: the shape
 //! of socat's b2 chain. A third chain drives quinn's protocol crate (quinn-proto) from one task
-//! per relay (`proto.rs`): what QUIC costs without quinn's task structure. `benches/bench.py` measures it beside Umbra and socat, so a gap between
-//! Umbra and socat can be split into what the libraries cost and what Umbra adds.
+//! per relay (`proto.rs`): what QUIC costs without quinn's task structure. `benches/bench.py`
+//! measures them beside Umbra and socat, so a gap between Umbra and socat can be split into
+//! what the libraries cost and what Umbra adds.
 //!
 //! ```text
 //! relay_floor setup DIR                          CA and two identities into DIR

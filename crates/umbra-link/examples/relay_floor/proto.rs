@@ -99,7 +99,8 @@ pub(crate) async fn run(
     let socket = std::net::UdpSocket::bind(udp_addr)?;
     socket.set_nonblocking(true)?;
     let state = UdpSocketState::new((&socket).into())?;
-    // The socket is owned by the AsyncFd for as long as it is registered.
+    // Deprecated as unsound for types that could hand out another descriptor later; a
+    // `std::net::UdpSocket` owns its descriptor for life (as in Umbra's `quic_socket.rs`).
     #[allow(deprecated)]
     let udp = AsyncFd::with_interest(socket, Interest::READABLE)?;
     let mut r = Relay {
@@ -265,46 +266,44 @@ impl Relay {
     }
 
     fn datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) -> Result<(), Error> {
+        self.tx.clear();
+        match self
+            .endpoint
+            .handle(now, from, None, None, data, &mut self.tx)
         {
-            self.tx.clear();
-            match self
-                .endpoint
-                .handle(now, from, None, None, data, &mut self.tx)
-            {
-                Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                    if let Some(c) = self.conns.get_mut(&ch) {
-                        c.handle_event(ev);
-                    }
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(c) = self.conns.get_mut(&ch) {
+                    c.handle_event(ev);
                 }
-                Some(DatagramEvent::NewConnection(incoming)) => {
-                    match self.endpoint.accept(incoming, now, &mut self.tx, None) {
-                        Ok((ch, c)) => {
-                            self.conns.insert(ch, c);
-                            let other = match self.role {
-                                Role::Mid => End::Quic {
-                                    ch: self.dial(now)?,
-                                    sid: None,
-                                },
-                                _ => {
-                                    // Blocking, in the loop: the app is on loopback.
-                                    let s = std::net::TcpStream::connect(self.next)?;
-                                    s.set_nodelay(true)?;
-                                    s.set_nonblocking(true)?;
-                                    End::Tcp(TcpStream::from_std(s)?)
-                                }
-                            };
-                            self.add_flow([End::Quic { ch, sid: None }, other]);
-                        }
-                        Err(e) => {
-                            if let Some(t) = e.response {
-                                self.send(&t, &self.tx);
-                            }
-                        }
-                    }
-                }
-                Some(DatagramEvent::Response(t)) => self.send(&t, &self.tx),
-                None => {}
             }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                match self.endpoint.accept(incoming, now, &mut self.tx, None) {
+                    Ok((ch, c)) => {
+                        self.conns.insert(ch, c);
+                        let other = match self.role {
+                            Role::Mid => End::Quic {
+                                ch: self.dial(now)?,
+                                sid: None,
+                            },
+                            _ => {
+                                // Blocking, in the loop: the app is on loopback.
+                                let s = std::net::TcpStream::connect(self.next)?;
+                                s.set_nodelay(true)?;
+                                s.set_nonblocking(true)?;
+                                End::Tcp(TcpStream::from_std(s)?)
+                            }
+                        };
+                        self.add_flow([End::Quic { ch, sid: None }, other]);
+                    }
+                    Err(e) => {
+                        if let Some(t) = e.response {
+                            self.send(&t, &self.tx);
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(t)) => self.send(&t, &self.tx),
+            None => {}
         }
         Ok(())
     }

@@ -424,7 +424,9 @@ async fn a_local_close_ends_the_link_while_the_peer_reads_nothing() {
     for _ in 0..8 {
         let mut s = soon("open", conn.open(&span)).await.unwrap();
         let window = Bytes::from(vec![7u8; WINDOW as usize]);
-        soon("a window's worth", s.send_chunk(window)).await.unwrap();
+        soon("a window's worth", s.send_chunk(window))
+            .await
+            .unwrap();
         streams.push(s);
     }
     let s = streams.last_mut().unwrap();
