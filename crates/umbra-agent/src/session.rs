@@ -231,9 +231,12 @@ impl Session {
             tried: Vec::new(),
             last: "no brokers known".into(),
         };
+        // Some broker allowed the stream but had no connector for it.
         let mut unavailable = false;
+        // Further attempts go over side links: the current link is fine and stays current.
+        let mut aside = false;
         loop {
-            let (broker_id, link) = match self.link(&mut attempts, unavailable).await {
+            let (broker_id, link) = match self.link(&mut attempts, aside).await {
                 Ok(l) => l,
                 // Some broker allowed the stream but none could reach a connector.
                 Err(_) if unavailable => return Err(OpenError::Unavailable(service.to_owned())),
@@ -248,6 +251,7 @@ impl Session {
                     // is fine, so it is not marked down.
                     tracing::info!(broker = %broker_id, service, "broker has no connector for the service; trying the next");
                     unavailable = true;
+                    aside = true;
                     attempts.tried.push(broker_id);
                     continue;
                 }
@@ -261,9 +265,12 @@ impl Session {
                 }
                 Err(Failure::Broker(e)) => attempts.last = e,
                 Err(Failure::Stream(e)) => {
-                    // Closing the link over it would end every live connection on it.
+                    // The link is fine: closing it, or replacing it as the current one, would
+                    // end every live connection it carries. The other brokers are tried over
+                    // side links.
                     tracing::info!(broker = %broker_id, service, error = %e, "broker reset the stream; trying the next");
                     attempts.last = e;
+                    aside = true;
                     attempts.tried.push(broker_id);
                     continue;
                 }
@@ -281,39 +288,45 @@ impl Session {
 
     /// The link to use: the current one if it is alive and not tried yet for this request,
     /// else one to the next broker in failover order. With `aside` (the current broker has
-    /// no connector for the service) that one is a side link: kept for such services, while
-    /// the current broker stays current.
+    /// no connector for the service, or reset the stream while its link stays up) that one
+    /// is a side link: kept for such services, while the current broker stays current.
+    ///
+    /// A side link is dialed without holding the session's lock: the current link is fine,
+    /// and the streams other requests open on it must not wait for a dial to a broker that
+    /// may be far or unreachable. A new current link is dialed under the lock: the current
+    /// one failed, every request needs the new one, and one dial serves them all.
     async fn link(
         &self,
         attempts: &mut Attempts,
         aside: bool,
     ) -> Result<(String, Link), OpenError> {
-        let mut st = self.state.lock().await;
-        st.retiring.retain(|l| !l.is_closed());
-        st.side.retain(|(_, l)| !l.is_closed());
-        let cert = self.identity.borrow().peer.not_after;
-        if cert != st.dialed_with {
-            // Renewed: new streams go over links made with the new certificate (to the same
-            // broker, first in the failover order); the old ones keep what they carry.
-            if let Some((id, old)) = st.current.take() {
-                tracing::info!(broker = %id, "certificate renewed; linking again with it");
-                st.retiring.push(old);
-            }
-            let side: Vec<Link> = st.side.drain(..).map(|(_, l)| l).collect();
-            st.retiring.extend(side);
-        }
-        let current = st.current.as_ref().map(|(id, _)| id.clone());
-        if !aside && let Some((id, link)) = &st.current {
-            if !link.is_closed() && !attempts.tried.contains(id) {
-                return Ok((id.clone(), link.clone()));
-            }
-            if link.is_closed() {
-                let id = id.clone();
-                st.down.mark(&id, Instant::now(), DOWN_FOR);
-                st.current = None;
-            }
-        }
         loop {
+            let mut st = self.state.lock().await;
+            st.retiring.retain(|l| !l.is_closed());
+            st.side.retain(|(_, l)| !l.is_closed());
+            let cert = self.identity.borrow().peer.not_after;
+            if cert != st.dialed_with {
+                // Renewed: new streams go over links made with the new certificate (to the
+                // same broker, first in the failover order); the old ones keep what they carry.
+                if let Some((id, old)) = st.current.take() {
+                    tracing::info!(broker = %id, "certificate renewed; linking again with it");
+                    st.retiring.push(old);
+                }
+                let side: Vec<Link> = st.side.drain(..).map(|(_, l)| l).collect();
+                st.retiring.extend(side);
+                st.dialed_with = cert;
+            }
+            let current = st.current.as_ref().map(|(id, _)| id.clone());
+            if !aside && let Some((id, link)) = &st.current {
+                if !link.is_closed() && !attempts.tried.contains(id) {
+                    return Ok((id.clone(), link.clone()));
+                }
+                if link.is_closed() {
+                    let id = id.clone();
+                    st.down.mark(&id, Instant::now(), DOWN_FOR);
+                    st.current = None;
+                }
+            }
             let now = Instant::now();
             // A side link goes to a broker other than the current one.
             let next = failover_order(&st.ranked, &st.down, &attempts.tried, now)
@@ -331,11 +344,33 @@ impl Session {
                 continue;
             };
             let identity = self.identity.borrow().clone();
-            match brokers::dial(&self.cfg, &identity, &info).await {
+            let dialed = if aside {
+                drop(st);
+                let r = brokers::dial(&self.cfg, &identity, &info).await;
+                st = self.state.lock().await;
+                r
+            } else {
+                brokers::dial(&self.cfg, &identity, &info).await
+            };
+            match dialed {
                 Ok(link) => {
                     st.down.clear(&id);
                     if aside {
-                        tracing::info!(broker = %info.name, transport = link.transport().as_str(), "linked to another broker for a service the current one cannot reach");
+                        // Another request may have linked to the same broker meanwhile, or the
+                        // certificate was renewed during the dial: keep one link, made with
+                        // the certificate held now.
+                        if let Some((_, held)) =
+                            st.side.iter().find(|(b, l)| *b == id && !l.is_closed())
+                        {
+                            let held = held.clone();
+                            link.close();
+                            return Ok((id, held));
+                        }
+                        if identity.peer.not_after != st.dialed_with {
+                            link.close();
+                            continue;
+                        }
+                        tracing::info!(broker = %info.name, transport = link.transport().as_str(), "linked to another broker for a service the current one cannot serve");
                         st.side.push((id.clone(), link.clone()));
                     } else {
                         tracing::info!(broker = %info.name, transport = link.transport().as_str(), kx = link.kx_group(), "switched broker");

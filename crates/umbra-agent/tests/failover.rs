@@ -35,6 +35,9 @@ struct StandIn {
     listener: Arc<Listener>,
     links: Arc<Mutex<Vec<Link>>>,
     silent: Arc<AtomicBool>,
+    /// Reset every `Open` stream, keeping the link (as a broker does to a device over its
+    /// `max_streams_per_device`).
+    reset: Arc<AtomicBool>,
     opens: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -64,22 +67,23 @@ impl StandIn {
         };
         let links = Arc::new(Mutex::new(Vec::new()));
         let silent = Arc::new(AtomicBool::new(false));
+        let reset = Arc::new(AtomicBool::new(false));
         let opens = Arc::new(AtomicUsize::new(0));
         let task = {
-            let (listener, links, silent, opens) = (
-                listener.clone(),
-                links.clone(),
-                silent.clone(),
-                opens.clone(),
-            );
-            let name = info.name.clone();
+            let (listener, links) = (listener.clone(), links.clone());
+            let flags = Flags {
+                name: info.name.clone(),
+                silent: silent.clone(),
+                reset: reset.clone(),
+                opens: opens.clone(),
+            };
             tokio::spawn(async move {
                 while let Some(link) = listener.accept().await {
                     links.lock().await.push(link.clone());
-                    let (silent, opens, name) = (silent.clone(), opens.clone(), name.clone());
+                    let flags = flags.clone();
                     tokio::spawn(async move {
                         while let Some(s) = link.accept().await {
-                            tokio::spawn(serve(s, name.clone(), silent.clone(), opens.clone()));
+                            tokio::spawn(serve(s, flags.clone()));
                         }
                     });
                 }
@@ -91,6 +95,7 @@ impl StandIn {
             listener,
             links,
             silent,
+            reset,
             opens,
             task,
         }
@@ -106,7 +111,22 @@ impl StandIn {
     }
 }
 
-async fn serve(mut s: Stream, name: String, silent: Arc<AtomicBool>, opens: Arc<AtomicUsize>) {
+/// What a stand-in's streams are served with.
+#[derive(Clone)]
+struct Flags {
+    name: String,
+    silent: Arc<AtomicBool>,
+    reset: Arc<AtomicBool>,
+    opens: Arc<AtomicUsize>,
+}
+
+async fn serve(mut s: Stream, flags: Flags) {
+    let Flags {
+        name,
+        silent,
+        reset,
+        opens,
+    } = flags;
     let Ok(f) = s.read_frame().await else { return };
     if silent.load(Ordering::SeqCst) {
         // Holds the stream and never answers.
@@ -128,6 +148,10 @@ async fn serve(mut s: Stream, name: String, silent: Arc<AtomicBool>, opens: Arc<
         }
         Frame::Open { service, .. } => {
             opens.fetch_add(1, Ordering::SeqCst);
+            if reset.load(Ordering::SeqCst) {
+                s.reset();
+                return;
+            }
             // `partial`: only broker b-b has a connector for it; `nowhere`: no broker has.
             let unavailable =
                 (service == "partial" && name != "broker-b-b") || service == "nowhere";
@@ -193,7 +217,13 @@ fn agent_dir(ca: &Ca, dir: &Path, brokers: Vec<BrokerInfo>) {
 /// Connects through the forwarder; returns the name of the broker that served and checks
 /// that bytes echo.
 async fn served_by(f: &Forwarder) -> String {
-    let tcp = TcpStream::connect(f.local_addr()).await.unwrap();
+    connected(f.local_addr()).await.0
+}
+
+/// Connects to a forward and checks that bytes echo; returns the name of the broker that
+/// served and the connection, still open.
+async fn connected(forward: std::net::SocketAddr) -> (String, BufReader<TcpStream>) {
+    let tcp = TcpStream::connect(forward).await.unwrap();
     let mut r = BufReader::new(tcp);
     let mut line = String::new();
     tokio::time::timeout(WAIT, r.read_line(&mut line))
@@ -201,6 +231,11 @@ async fn served_by(f: &Forwarder) -> String {
         .unwrap()
         .unwrap();
     assert!(line.ends_with('\n'), "connection closed early: {line:?}");
+    echoes(&mut r).await;
+    (line.trim_end().to_owned(), r)
+}
+
+async fn echoes(r: &mut BufReader<TcpStream>) {
     r.get_mut().write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
     tokio::time::timeout(WAIT, r.read_exact(&mut back))
@@ -208,7 +243,6 @@ async fn served_by(f: &Forwarder) -> String {
         .unwrap()
         .unwrap();
     assert_eq!(&back, b"ping");
-    line.trim_end().to_owned()
 }
 
 struct Setup {
@@ -351,6 +385,115 @@ async fn unavailable_tries_the_other_brokers() {
     assert_eq!(after - before, 2, "one Open per broker");
     f.shutdown().await;
     g.shutdown().await;
+}
+
+/// A broker that resets one stream but keeps the link (a device over its
+/// `max_streams_per_device`) fails only that request: it is served by the other broker, and
+/// the link to the first, with the live connections it carries, stays up and current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_keeps_the_link_and_its_live_connections() {
+    let s = setup(TransportPref::Auto).await;
+    let f = Forwarder::start(s.cfg.clone(), "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (first, mut live) = connected(f.local_addr()).await;
+    let (busy, other) = if first == s.a.name {
+        (&s.a, &s.b)
+    } else {
+        (&s.b, &s.a)
+    };
+    busy.reset.store(true, Ordering::SeqCst);
+    assert_eq!(
+        served_by(&f).await,
+        other.name,
+        "the reset request fails over"
+    );
+    // The connection that was live on the first broker's link still works.
+    echoes(&mut live).await;
+    // The first broker is still the one new connections ask first.
+    busy.reset.store(false, Ordering::SeqCst);
+    let opens = busy.opens.load(Ordering::SeqCst);
+    assert_eq!(
+        served_by(&f).await,
+        busy.name,
+        "the current broker stays current"
+    );
+    assert_eq!(busy.opens.load(Ordering::SeqCst), opens + 1);
+    echoes(&mut live).await;
+    f.shutdown().await;
+}
+
+/// While a request that the current broker cannot serve dials another broker that does not
+/// answer (black-holed: its UDP swallowed, its TCP never served), connections through the
+/// current link go on being served at once: the side dial does not hold the session up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_side_dial_does_not_hold_up_the_current_link() {
+    let s = setup(TransportPref::Auto).await;
+    let swallow = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let unserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole = BrokerInfo {
+        id: "b-hole".into(),
+        name: "broker-b-hole".into(),
+        quic_addr: Some(swallow.local_addr().unwrap().to_string()),
+        tcp_addr: Some(unserved.local_addr().unwrap().to_string()),
+        server_name: umbra_pki::broker_server_name("b-hole"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    agent_dir(
+        &s.ca,
+        dir.path(),
+        vec![s.a.info.clone(), s.b.info.clone(), hole],
+    );
+    let cfg = AgentConfig {
+        identity_dir: dir.path().to_path_buf(),
+        ..s.cfg.clone()
+    };
+    // One session for both services.
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let f = Forwarder::start_many(cfg, &[("echo".into(), any), ("nowhere".into(), any)])
+        .await
+        .unwrap();
+    let (echo, nowhere) = (f.forwards()[0].1, f.forwards()[1].1);
+    let first = connected(echo).await.0;
+    assert!(first == s.a.name || first == s.b.name, "{first}");
+
+    // Neither listed broker has a connector for `nowhere`: after both answer, the request
+    // dials the black-holed one, which takes a connect timeout per transport.
+    let asked = || s.a.opens.load(Ordering::SeqCst) + s.b.opens.load(Ordering::SeqCst);
+    let before = asked();
+    let stalled = tokio::spawn(async move {
+        let mut tcp = TcpStream::connect(nowhere).await.unwrap();
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0)
+    });
+    let t0 = Instant::now();
+    while asked() < before + 2 {
+        assert!(t0.elapsed() < WAIT, "the brokers were never asked");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !stalled.is_finished(),
+        "the side dial should still be under way"
+    );
+    // Served through the current link while that dial is under way.
+    for _ in 0..3 {
+        assert_eq!(connected(echo).await.0, first);
+    }
+    assert!(
+        !stalled.is_finished(),
+        "served only after the side dial gave up"
+    );
+    assert_eq!(
+        stalled.await.unwrap(),
+        0,
+        "unavailable: closed without data"
+    );
+    f.shutdown().await;
+    drop((swallow, unserved));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
