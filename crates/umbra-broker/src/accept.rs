@@ -27,7 +27,7 @@ use umbra_proto::{DialCode, Flow, Frame, OpenCode};
 use crate::Shared;
 use crate::authn::{LinkPeer, admit};
 use crate::authority::Authority;
-use crate::authz::{OpenFacts, authorize};
+use crate::authz::{CERTIFICATE_EXPIRED, OpenFacts, authorize, certificate_expired};
 use crate::relay::{End, LiveEntry};
 use crate::route::{LoadGuard, PeerLink};
 
@@ -197,6 +197,11 @@ fn deny_link(shared: &Shared, peer: &umbra_pki::PeerCert, link: &Link, reason: &
 /// this ends a link whose credential lapsed while it was up, with every stream on it. A
 /// holder renews well before (at two thirds of the lifetime) and links again with the new
 /// certificate, so its new streams are on the new link by then.
+///
+/// The sleep runs on tokio's monotonic clock, which stands still while the machine is
+/// suspended and does not follow wall-clock steps, so it may fire late: every stream decision
+/// also checks the certificate by wall clock ([`crate::authz::CERTIFICATE_EXPIRED`]), and the
+/// re-check of live streams closes such links too ([`crate::sync`]).
 async fn expiry(peer: &umbra_pki::PeerCert) {
     let left = peer
         .not_after
@@ -205,7 +210,7 @@ async fn expiry(peer: &umbra_pki::PeerCert) {
     tokio::time::sleep(left).await;
 }
 
-fn close_expired(link: &Link, peer: &umbra_pki::PeerCert) {
+pub(crate) fn close_expired(link: &Link, peer: &umbra_pki::PeerCert) {
     info!(
         not_after = %umbra_pki::rfc3339(peer.not_after),
         "peer certificate expired; closing its link"
@@ -281,13 +286,17 @@ async fn serve_stream(
         AgentRequest::ListServices => {
             let a = shared.authority.load_full();
             let owner = a.engine.device_owner(&device).map(str::to_owned);
+            let now = SystemTime::now();
             let services = match owner {
-                Some(user) if a.is_fresh(SystemTime::now(), shared.cfg.max_staleness()) => {
+                Some(user)
+                    if a.is_fresh(now, shared.cfg.max_staleness())
+                        && !certificate_expired(link.peer().not_after, now) =>
+                {
                     a.engine.services_for(
                         &user,
                         &device,
                         &umbra_policy::RequestContext {
-                            now_unix: crate::authority::unix(SystemTime::now()) as i64,
+                            now_unix: crate::authority::unix(now) as i64,
                             transport: link.transport().as_str(),
                         },
                     )
@@ -334,6 +343,7 @@ async fn open(
         &OpenFacts {
             device,
             serial_hex: &serial,
+            not_after: link.peer().not_after,
             service: &service,
             flow,
             transport,
@@ -365,6 +375,9 @@ async fn open(
         .await
         {
             let _ = agent.finish().await;
+        }
+        if verdict.ends_link() {
+            close_expired(link, link.peer());
         }
         return None;
     }
@@ -433,6 +446,7 @@ async fn open(
         id,
         device: device.to_owned(),
         serial_hex: serial,
+        not_after: link.peer().not_after,
         user,
         service,
         target: svc.target.clone(),
@@ -444,20 +458,22 @@ async fn open(
         ended_for: Default::default(),
     });
     shared.streams.insert(entry.clone());
-    // A snapshot installed while the connector was dialing re-decided the streams registered
-    // then, not this one: decide it again under the snapshot held now.
+    // A re-check of the live streams that ran while the connector was dialing (a new
+    // snapshot, the staleness limit) did not see this one: decide it again if one could
+    // have ended it.
     let held = shared.authority.load_full();
-    if held.snapshot.version != authority.snapshot.version
-        && let Some((_, why)) = crate::authz::recheck(
-            std::slice::from_ref(&entry),
-            &held,
-            SystemTime::now(),
-            shared.cfg.max_staleness(),
-        )
-        .pop()
-    {
-        info!(reason = %why, "policy changed while the stream was being set up; closing it");
+    if let Some(why) = crate::authz::recheck_registered(
+        &entry,
+        &authority,
+        &held,
+        SystemTime::now(),
+        shared.cfg.max_staleness(),
+    ) {
+        info!(reason = %why, "no longer allowed once set up; closing the stream");
         entry.end(&why);
+        if why == CERTIFICATE_EXPIRED {
+            close_expired(link, link.peer());
+        }
     }
     metrics::counter!("umbra_broker_streams_total").increment(1);
     Some(Established {

@@ -3,6 +3,13 @@
 //! Decided locally from the current [`Authority`], with no controller round trip. Every deny
 //! carries its reason for the audit log, but the wire answer for an unknown service and a
 //! forbidden one is the same [`OpenCode::Denied`], so the answer is no oracle of what exists.
+//!
+//! The peer's certificate is part of every decision: past its `not_after` (wall clock, the
+//! `now` the decision is given) a stream is denied as [`CERTIFICATE_EXPIRED`], new or live.
+//! The link's expiry timer alone would not do: it runs on tokio's monotonic clock, which
+//! stands still while the machine is suspended and does not follow wall-clock steps; and once
+//! a certificate has expired the controller drops its serial from the revoked list, so a
+//! revoked certificate that outlives its expiry on a link is denied by nothing else.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +26,8 @@ use crate::relay::LiveEntry;
 pub(crate) struct OpenFacts<'a> {
     pub(crate) device: &'a str,
     pub(crate) serial_hex: &'a str,
+    /// End of validity of the certificate the link was made with.
+    pub(crate) not_after: SystemTime,
     pub(crate) service: &'a str,
     pub(crate) flow: Flow,
     pub(crate) transport: &'static str,
@@ -46,11 +55,25 @@ impl Verdict {
             policies: vec![],
         }
     }
+
+    /// Whether the link the stream came on must close too: its certificate has expired, so
+    /// no stream of it may run.
+    pub(crate) fn ends_link(&self) -> bool {
+        self.reason == CERTIFICATE_EXPIRED
+    }
+}
+
+/// Why a stream of a peer whose certificate has expired is denied (or ends).
+pub(crate) const CERTIFICATE_EXPIRED: &str = "certificate_expired";
+
+/// Whether a certificate valid until `not_after` has expired at `now`. Pure.
+pub(crate) fn certificate_expired(not_after: SystemTime, now: SystemTime) -> bool {
+    not_after <= now
 }
 
 /// The live streams that may no longer run under `a` at `now`, each with why: the reason of
-/// the decision that now denies it, or `route_changed` when its service no longer has its
-/// target through its connector ([`LiveEntry::routed_by`]). Streams of one device
+/// the decision that now denies it (also [`CERTIFICATE_EXPIRED`]), or `route_changed` when
+/// its service no longer has its target through its connector ([`LiveEntry::routed_by`]). Streams of one device
 /// certificate to one service over one transport share a decision, made once per call, so a
 /// re-check costs one evaluation per distinct access and a few hash lookups per stream. Pure.
 pub(crate) fn recheck<'e>(
@@ -82,6 +105,7 @@ pub(crate) fn recheck<'e>(
                     &OpenFacts {
                         device: &e.device,
                         serial_hex: &e.serial_hex,
+                        not_after: e.not_after,
                         service: &e.service,
                         flow: Flow::Tcp,
                         transport: e.transport,
@@ -101,6 +125,36 @@ pub(crate) fn recheck<'e>(
     out
 }
 
+/// Why `entry`, allowed under `decided` and registered as live since, may not relay after all
+/// under `held` (the state held now) at `now`; `None` if it may.
+///
+/// The re-checks of live streams (on a new snapshot, and every `reverify_secs` or when the
+/// state goes stale) read the list of live streams, and one that ran while this stream was
+/// being set up (the connector dialing) did not see it. It is decided again here when one of
+/// them could have ended it: another snapshot was installed; the state has gone stale (which
+/// changes no version; the timed re-check may have swept just before the stream was
+/// registered, and would not look again for up to `reverify_secs`); or its certificate has
+/// expired. Otherwise a stream registered before the staleness limit is still in the list
+/// when the re-check at the limit reads it. The usual path (none of these) costs no policy
+/// evaluation. Pure.
+pub(crate) fn recheck_registered(
+    entry: &Arc<LiveEntry>,
+    decided: &Authority,
+    held: &Authority,
+    now: SystemTime,
+    max_staleness: Duration,
+) -> Option<String> {
+    let missed = held.snapshot.version != decided.snapshot.version
+        || !held.is_fresh(now, max_staleness)
+        || certificate_expired(entry.not_after, now);
+    if !missed {
+        return None;
+    }
+    recheck(std::slice::from_ref(entry), held, now, max_staleness)
+        .pop()
+        .map(|(_, why)| why)
+}
+
 /// Why a live stream ends whose service no longer routes as it did.
 pub(crate) const ROUTE_CHANGED: &str = "route_changed";
 
@@ -111,6 +165,10 @@ pub(crate) fn authorize(
     now: SystemTime,
     max_staleness: Duration,
 ) -> Verdict {
+    // First: whatever the snapshot says, this credential no longer vouches for anyone.
+    if certificate_expired(req.not_after, now) {
+        return Verdict::deny(OpenCode::Denied, CERTIFICATE_EXPIRED, None);
+    }
     if !a.is_fresh(now, max_staleness) {
         return Verdict::deny(OpenCode::Stale, "stale_snapshot", None);
     }
@@ -199,10 +257,14 @@ mod tests {
         }]
     }
 
+    /// End of validity of the device certificate in these tests: a day after `NOW`.
+    const NOT_AFTER: u64 = NOW + 86_400;
+
     fn open<'a>(service: &'a str, serial: &'a str, flow: Flow) -> OpenFacts<'a> {
         OpenFacts {
             device: "d1",
             serial_hex: serial,
+            not_after: at(NOT_AFTER),
             service,
             flow,
             transport: "quic",
@@ -260,6 +322,51 @@ mod tests {
         assert_eq!(v.reason, "revoked_certificate");
     }
 
+    /// From its `not_after` on, the certificate the link was made with opens nothing, by
+    /// wall-clock `now` (the link's timer may not have fired: a suspended machine), fresh
+    /// snapshot or not; up to the second before, the same request is allowed.
+    #[test]
+    fn an_expired_certificate_opens_nothing() {
+        let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
+        let soon = NOW + 60;
+        let req = OpenFacts {
+            not_after: at(soon),
+            ..open("demo", "01", Flow::Tcp)
+        };
+        let before = authorize(&a, &req, at(soon) - Duration::from_millis(1), MAX);
+        assert_eq!(before.code, OpenCode::Ok);
+        assert!(!before.ends_link());
+
+        let after = authorize(&a, &req, at(soon), MAX);
+        assert_eq!(after.code, OpenCode::Denied);
+        assert_eq!(after.reason, CERTIFICATE_EXPIRED);
+        assert!(after.ends_link(), "the link it came on closes too");
+        // Also when the snapshot is stale, and on every other denial's path: this reason.
+        let late = at(NOW + 3_600);
+        assert_eq!(authorize(&a, &req, late, MAX).reason, CERTIFICATE_EXPIRED);
+        // Other denials do not end the link.
+        let forbidden = authorize(&a, &open("db", "01", Flow::Tcp), at(NOW), MAX);
+        assert!(!forbidden.ends_link());
+    }
+
+    /// A revoked certificate past its `not_after` is no longer in the snapshot's revoked
+    /// serials (the controller drops them then): it is still denied, as expired.
+    #[test]
+    fn a_revoked_certificate_stays_denied_once_its_serial_is_dropped() {
+        let mut s = snapshot(allow_demo());
+        s.revoked_serials.clear();
+        let a = Authority::new(s, NOW).unwrap();
+        let req = OpenFacts {
+            not_after: at(NOW),
+            ..open("demo", "dead", Flow::Tcp)
+        };
+        let v = authorize(&a, &req, at(NOW + 1), MAX);
+        assert_eq!(
+            (v.code, v.reason.as_str()),
+            (OpenCode::Denied, CERTIFICATE_EXPIRED)
+        );
+    }
+
     #[test]
     fn stale_snapshot_refuses_then_fresh_again() {
         let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
@@ -283,6 +390,7 @@ mod tests {
             id,
             device: "d1".into(),
             serial_hex: "01".into(),
+            not_after: at(NOT_AFTER),
             user: "demo@example.test".into(),
             service: service.into(),
             target: target.into(),
@@ -346,6 +454,72 @@ mod tests {
         );
         let a = a.confirmed(NOW + 601);
         assert!(recheck(&streams, &a, at(NOW + 601), MAX).is_empty());
+    }
+
+    /// A live stream ends when a re-check finds its certificate expired, with no new
+    /// snapshot and whatever the link's timer did; the streams of a certificate still valid
+    /// run on.
+    #[test]
+    fn live_streams_end_when_their_certificate_expires() {
+        let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
+        let soon = NOW + 60;
+        let expiring = Arc::new(LiveEntry {
+            not_after: at(soon),
+            serial_hex: "02".into(),
+            ..Arc::into_inner(live(1, "demo", "127.0.0.1:80")).unwrap()
+        });
+        let streams = [expiring, live(2, "demo", "127.0.0.1:80")];
+        assert!(recheck(&streams, &a, at(soon - 1), MAX).is_empty());
+        assert_eq!(
+            ended(recheck(&streams, &a, at(soon), MAX)),
+            vec![(1, CERTIFICATE_EXPIRED.into())]
+        );
+    }
+
+    /// A stream registered as live after a re-check's sweep is decided again when that sweep
+    /// could have ended it: the state went stale meanwhile (no new version), another
+    /// snapshot, its certificate expired. Within the limit, under the same snapshot, it runs.
+    #[test]
+    fn a_stream_registered_after_a_sweep_is_decided_again_when_it_missed_one() {
+        let decided = Authority::new(snapshot(allow_demo()), NOW).unwrap();
+        let e = live(1, "demo", "127.0.0.1:80");
+        // Decided at the last second of freshness, registered once the connector answered.
+        let limit = NOW + MAX.as_secs();
+        assert_eq!(
+            recheck_registered(&e, &decided, &decided, at(limit), MAX),
+            None
+        );
+        assert_eq!(
+            recheck_registered(&e, &decided, &decided, at(limit + 1), MAX).as_deref(),
+            Some("stale_snapshot")
+        );
+        // A confirmation that came meanwhile keeps it.
+        let confirmed = decided.confirmed(limit + 1);
+        assert_eq!(
+            recheck_registered(&e, &decided, &confirmed, at(limit + 1), MAX),
+            None
+        );
+        // A new snapshot that no longer allows it.
+        let mut newer = snapshot(vec![]);
+        newer.version += 1;
+        let newer = Authority::new(newer, NOW).unwrap();
+        assert_eq!(
+            recheck_registered(&e, &decided, &newer, at(NOW), MAX).as_deref(),
+            Some("no_permit")
+        );
+        // Its certificate expired while the connector dialed.
+        let expiring = Arc::new(LiveEntry {
+            not_after: at(NOW + 60),
+            ..Arc::into_inner(live(1, "demo", "127.0.0.1:80")).unwrap()
+        });
+        assert_eq!(
+            recheck_registered(&expiring, &decided, &decided, at(NOW + 59), MAX),
+            None
+        );
+        assert_eq!(
+            recheck_registered(&expiring, &decided, &decided, at(NOW + 60), MAX).as_deref(),
+            Some(CERTIFICATE_EXPIRED)
+        );
     }
 
     /// A stream to a target its service no longer has ends as `route_changed`; a denial

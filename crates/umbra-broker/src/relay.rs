@@ -21,6 +21,9 @@ pub(crate) struct LiveEntry {
     pub(crate) id: u64,
     pub(crate) device: String,
     pub(crate) serial_hex: String,
+    /// End of validity of the agent's certificate: the stream ends then
+    /// ([`crate::authz::CERTIFICATE_EXPIRED`]).
+    pub(crate) not_after: SystemTime,
     pub(crate) user: String,
     pub(crate) service: String,
     /// The service's `host:port` when the stream was opened (what the connector dialed).
@@ -36,8 +39,8 @@ pub(crate) struct LiveEntry {
 }
 
 impl LiveEntry {
-    /// Ends the stream because it may no longer run, for `why` (a decision's reason, or
-    /// `route_changed`). The first reason given is the one recorded.
+    /// Ends the stream because it may no longer run, for `why` (a decision's reason, such as
+    /// `certificate_expired`, or `route_changed`). The first reason given is the one recorded.
     pub(crate) fn end(&self, why: &str) {
         let _ = self.ended_for.set(why.to_owned());
         self.cancel.cancel();
@@ -176,6 +179,7 @@ mod tests {
             id: 1,
             device: "d-1".into(),
             serial_hex: "01".into(),
+            not_after: SystemTime::UNIX_EPOCH,
             user: "alice@example.com".into(),
             service: "web".into(),
             target: "10.0.0.1:80".into(),

@@ -18,7 +18,7 @@ use crate::Shared;
 use crate::audit::Batch;
 use crate::authn::admit;
 use crate::authority::{Authority, store_cached, unix};
-use crate::authz::recheck;
+use crate::authz::{certificate_expired, recheck};
 use crate::relay::LiveEntry;
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -153,7 +153,7 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
 }
 
 /// Re-decides every live link and stream under a new snapshot; closes what is no longer
-/// allowed (a policy removed, a device or connector revoked).
+/// allowed (a policy removed, a device or connector revoked, a certificate expired).
 fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
     for l in shared
         .agents
@@ -174,6 +174,24 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
         }
     }
     end_disallowed(shared, &shared.streams.entries(), a, now);
+    close_expired_links(shared, now);
+}
+
+/// Closes every link whose peer's certificate has expired at `now` (wall clock). Each link
+/// has a timer for that, on tokio's monotonic clock, which stands still while the machine
+/// is suspended and does not follow wall-clock steps; this catches what it missed. Its
+/// streams were ended first, by [`end_disallowed`], so that each is audited with why.
+fn close_expired_links(shared: &Shared, now: SystemTime) {
+    for l in shared
+        .agents
+        .all()
+        .into_iter()
+        .chain(shared.connectors.all())
+    {
+        if !l.link.is_closed() && certificate_expired(l.link.peer().not_after, now) {
+            crate::accept::close_expired(&l.link, l.link.peer());
+        }
+    }
 }
 
 /// Closes a link whose peer is no longer admitted: refused when every broker would say the
@@ -197,9 +215,12 @@ fn end_disallowed(shared: &Shared, live: &[Arc<LiveEntry>], a: &Authority, now: 
 }
 
 /// Re-decides the live streams every `reverify_secs`, also when no snapshot arrives: a
-/// decision can change with time alone (a policy on `context.now`, the staleness limit).
-/// When the snapshot goes stale before the next re-check, it wakes then instead, so that
-/// live streams end at the staleness limit whatever `reverify_secs` is.
+/// decision can change with time alone (a policy on `context.now`, the staleness limit, a
+/// certificate's expiry), and closes the links whose certificate has expired. When the
+/// snapshot goes stale before the next re-check, it wakes then instead, so that live streams
+/// end at the staleness limit whatever `reverify_secs` is (a stream registered after this
+/// loop read the list is decided again by its opener, see
+/// [`crate::authz::recheck_registered`]).
 pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
     let every = shared.cfg.reverify();
     let max_staleness = shared.cfg.max_staleness();
@@ -221,6 +242,7 @@ pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
         let a = shared.authority.load_full();
         let now = SystemTime::now();
         end_disallowed(&shared, &live, &a, now);
+        close_expired_links(&shared, now);
         wait = next_recheck(&a, now, every, max_staleness);
     }
 }
