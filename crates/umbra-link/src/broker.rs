@@ -3,6 +3,7 @@
 //! Shared by agents and connectors.
 
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -101,6 +102,21 @@ pub async fn dial_broker(
     link_cfg: &LinkConfig,
     bound: Duration,
 ) -> Result<Link, DialBrokerError> {
+    dial_broker_with(broker, pref, identity, link_cfg, bound, resolve).await
+}
+
+async fn dial_broker_with<R, F>(
+    broker: &BrokerInfo,
+    pref: TransportPref,
+    identity: &TlsIdentity,
+    link_cfg: &LinkConfig,
+    bound: Duration,
+    resolve: R,
+) -> Result<Link, DialBrokerError>
+where
+    R: Fn(String) -> F,
+    F: Future<Output = Result<SocketAddr, DialBrokerError>>,
+{
     let mut last = DialBrokerError::NoAddress;
     for &transport in pref.order() {
         let addr = match transport {
@@ -108,10 +124,17 @@ pub async fn dial_broker(
             Transport::Tls => broker.tcp_addr.as_deref(),
         };
         let Some(addr) = addr else { continue };
-        let addr = match resolve(addr).await {
-            Ok(a) => a,
-            Err(e) => {
+        // A broker advertised by name: the resolver counts against the same bound (the
+        // system's own timeout is 5 s or more, longer than a failover may take).
+        let deadline = tokio::time::Instant::now() + bound;
+        let addr = match tokio::time::timeout_at(deadline, resolve(addr.to_owned())).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
                 last = e;
+                continue;
+            }
+            Err(_) => {
+                last = DialBrokerError::Resolve(format!("{addr} (no answer in time)"));
                 continue;
             }
         };
@@ -121,8 +144,8 @@ pub async fn dial_broker(
             &[crate::ALPN],
             transport == Transport::Quic,
         )?;
-        let r = tokio::time::timeout(
-            bound,
+        let r = tokio::time::timeout_at(
+            deadline,
             crate::dial(
                 addr,
                 &broker.server_name,
@@ -147,15 +170,15 @@ pub async fn dial_broker(
     Err(last)
 }
 
-async fn resolve(hostport: &str) -> Result<SocketAddr, DialBrokerError> {
+async fn resolve(hostport: String) -> Result<SocketAddr, DialBrokerError> {
     if let Ok(a) = hostport.parse() {
         return Ok(a);
     }
-    tokio::net::lookup_host(hostport)
+    tokio::net::lookup_host(&hostport)
         .await
         .ok()
         .and_then(|mut it| it.next())
-        .ok_or_else(|| DialBrokerError::Resolve(hostport.to_owned()))
+        .ok_or(DialBrokerError::Resolve(hostport))
 }
 
 #[cfg(test)]
@@ -195,5 +218,43 @@ mod tests {
         )
         .await;
         assert!(matches!(r, Err(DialBrokerError::NoAddress)));
+    }
+
+    /// A broker listed by a name the resolver does not answer for: the dial gives up within
+    /// its bound, for each transport, instead of waiting for the system resolver's timeout.
+    /// (Paused time: the bound passes as soon as nothing else can happen.)
+    #[tokio::test(start_paused = true)]
+    async fn a_resolver_that_does_not_answer_counts_against_the_bound() {
+        umbra_pki::install_crypto_provider();
+        let b = BrokerInfo {
+            id: "b".into(),
+            name: "b".into(),
+            quic_addr: Some("b.example.test:7401".into()),
+            tcp_addr: Some("b.example.test:7401".into()),
+            server_name: "b.broker.umbra.internal".into(),
+        };
+        let ca = umbra_pki::Ca::generate("default", std::time::SystemTime::now()).unwrap();
+        let id = umbra_pki::test_util::identity(&ca, umbra_proto::Role::Agent, "d1").unwrap();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let t0 = tokio::time::Instant::now();
+        let r = dial_broker_with(
+            &b,
+            TransportPref::Auto,
+            &id,
+            &LinkConfig::default(),
+            Duration::from_secs(1),
+            |_| {
+                asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::future::pending()
+            },
+        )
+        .await;
+        assert!(
+            matches!(&r, Err(DialBrokerError::Resolve(m)) if m.contains("no answer in time")),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
     }
 }

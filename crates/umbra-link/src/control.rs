@@ -261,16 +261,43 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, LinkE
     Err(api_error(status, resp).await)
 }
 
+/// The most of an error answer's body read: the controller's are a line of JSON. What
+/// answers may be anyone (`fetch_pinned_ca` talks to an unauthenticated server).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The body of `resp`, `None` if it is longer than `limit`; never more than `limit` is held.
+async fn body_within(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 async fn api_error(status: StatusCode, resp: reqwest::Response) -> LinkError {
-    let error = match resp.bytes().await {
-        Ok(body) => serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
-            error: format!("HTTP {status} without an error body"),
-            field: None,
-        }),
-        Err(e) => ApiError {
-            error: format!("HTTP {status}; body unreadable: {e}"),
-            field: None,
+    let unexplained = |why: String| ApiError {
+        error: format!("HTTP {status} {why}"),
+        field: None,
+    };
+    let error = match body_within(resp, MAX_ERROR_BODY).await {
+        Ok(Some(body)) => match serde_json::from_slice::<ApiError>(&body) {
+            // Printed to a terminal and logged: no control characters from the server.
+            Ok(e) => ApiError {
+                error: umbra_proto::escape_controls(&e.error).into_owned(),
+                field: e
+                    .field
+                    .map(|f| umbra_proto::escape_controls(&f).into_owned()),
+            },
+            Err(_) => unexplained("without an error body".into()),
         },
+        Ok(None) => unexplained(format!("with an error body over {MAX_ERROR_BODY} bytes")),
+        Err(e) => unexplained(format!("; body unreadable: {e}")),
     };
     LinkError::Api {
         status: status.as_u16(),
@@ -294,18 +321,14 @@ pub async fn fetch_pinned_ca(
     tls.alpn_protocols = HTTP_ALPN.iter().map(|p| p.to_vec()).collect();
     let http = http_client(tls)?;
     let url = format!("{}/v1/ca.pem", base_url.trim_end_matches('/'));
-    let mut resp = http.get(url).send().await?;
+    let resp = http.get(url).send().await?;
     let status = resp.status();
     if !status.is_success() {
         return Err(api_error(status, resp).await);
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        if body.len() + chunk.len() > MAX_CA_PEM {
-            return Err(LinkError::PinMismatch);
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = body_within(resp, MAX_CA_PEM)
+        .await?
+        .ok_or(LinkError::PinMismatch)?;
     let der = CertificateDer::from_pem_slice(&body).map_err(|_| LinkError::PinMismatch)?;
     if !umbra_pki::ct_eq(&umbra_pki::sha256(&der), pin) {
         return Err(LinkError::PinMismatch);

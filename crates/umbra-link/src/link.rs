@@ -137,8 +137,28 @@ impl Link {
         match &p.conn {
             Conn::Quic { conn, .. } => {
                 let conn = conn.clone();
+                let opener = p.opener;
                 tokio::spawn(async move {
-                    let why = conn.closed().await;
+                    let why = if opener {
+                        // The peer may open no stream here. A listener allows every new
+                        // connection a few before it knows the peer's role, and QUIC cannot
+                        // take an allowance back: a connector that opens one anyway would
+                        // have this side hold what it sends, for nobody, so it loses the
+                        // link (as on TLS links, where the multiplexer says so).
+                        tokio::select! {
+                            why = conn.closed() => why,
+                            Ok(_) = conn.accept_bi() => {
+                                warn!(parent: &span, "peer opened a stream on a link where it may not; closing the link");
+                                conn.close(
+                                    quinn::VarInt::from_u32(crate::mux::code::PROTOCOL),
+                                    b"stream opened by the wrong side",
+                                );
+                                conn.closed().await
+                            }
+                        }
+                    } else {
+                        conn.closed().await
+                    };
                     let path = conn.stats().path;
                     telemetry::quic_link_closed(&path);
                     info!(

@@ -93,6 +93,13 @@ const MIN_READ: usize = 16 * 1024;
 /// Payloads up to this size are copied next to their header (one slice for rustls); larger
 /// ones are handed over as they are.
 const COPY_MAX: usize = 2 * 1024;
+/// A received chunk that waits for its stream's reader is kept as a slice of the read buffer
+/// only from this size on. A slice keeps its whole read buffer (up to two frames' worth)
+/// alive, so a peer sending small DATA frames to a stream whose reader is slow would pin a
+/// read buffer per byte of window; smaller chunks are copied out, and gathered while the
+/// reader is behind (see [`Entry::queue`]). What a waiting stream holds is then at most about
+/// four times its window, whatever sizes the peer sends.
+const QUEUE_SLICE_MIN: usize = 32 * 1024;
 /// Most slices per vectored write.
 const MAX_IOV: usize = 32;
 /// Frames answered on the peer's behalf (PONG, refused streams) allowed in the output at
@@ -252,6 +259,11 @@ struct StreamShared {
     state: AtomicU64,
     /// Wakes the sender waiting for credit (or for the news that there will be none).
     notify: Notify,
+    /// Events the reader has taken from its channel (it stores, the driver loads).
+    taken: AtomicU64,
+    /// Set by the driver while it holds small chunks back for the reader (see
+    /// [`Entry::queue`]): a reader that finds its channel empty then says so.
+    held: AtomicBool,
 }
 
 const OPEN: u64 = 0;
@@ -263,6 +275,8 @@ impl StreamShared {
             credit: AtomicU64::new(u64::from(credit)),
             state: AtomicU64::new(OPEN),
             notify: Notify::new(),
+            taken: AtomicU64::new(0),
+            held: AtomicBool::new(false),
         })
     }
 
@@ -384,12 +398,13 @@ fn new_stream(
 ) -> Stream {
     let send = MuxSend {
         id,
-        stream,
+        stream: stream.clone(),
         link: link.clone(),
     };
     let recv = MuxRecv {
         id,
         rx,
+        stream: stream.clone(),
         link: link.clone(),
         unacked: 0,
         done: None,
@@ -475,6 +490,7 @@ impl MuxSend {
 pub(crate) struct MuxRecv {
     id: u32,
     rx: mpsc::UnboundedReceiver<Event>,
+    stream: Arc<StreamShared>,
     link: Arc<Shared>,
     /// Bytes taken and not yet credited back.
     unacked: u32,
@@ -518,25 +534,32 @@ impl MuxRecv {
             Some(Some(code)) => return Err(reset_error(code)),
             None => {}
         }
-        let event = match self.reported {
-            Some(reported) => match self.rx.try_recv() {
-                Ok(ev) => Some(ev),
-                Err(_) => {
-                    // Everything taken so far has been passed on (this is the relay's next
-                    // read): the driver may pass bytes on itself again.
-                    if reported != self.taken {
+        let event = match self.rx.try_recv() {
+            Ok(ev) => Some(ev),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Everything taken so far has been passed on (this is the relay's next read):
+                // a spliced stream's driver may pass bytes on itself again. And a driver
+                // holding small chunks back hands them over now. (`held` is loaded after
+                // `taken` was stored; the driver stores `held` before it loads `taken`: one
+                // of the two sees the other.)
+                let spliced = self.reported.is_some_and(|r| r != self.taken);
+                if spliced || self.stream.held.load(Ordering::SeqCst) {
+                    if spliced {
                         self.reported = Some(self.taken);
-                        let _ = self.link.send(Cmd::Drained {
-                            id: self.id,
-                            taken: self.taken,
-                        });
                     }
-                    self.rx.recv().await
+                    let _ = self.link.send(Cmd::Drained {
+                        id: self.id,
+                        taken: self.taken,
+                    });
                 }
-            },
-            None => self.rx.recv().await,
+                self.rx.recv().await
+            }
         };
-        self.taken += u64::from(event.is_some());
+        if event.is_some() {
+            self.taken += 1;
+            self.stream.taken.store(self.taken, Ordering::SeqCst);
+        }
         match event {
             Some(Event::Data(b)) => {
                 self.took(b.len());
@@ -596,9 +619,67 @@ struct Entry {
     backlog: bool,
     /// Spliced bytes not yet credited back.
     unacked: u32,
+    /// Small chunks received while the reader was behind, not yet sent down `tx`.
+    held: Vec<u8>,
+    /// Listed in the driver's `unsettled`.
+    unsettled: bool,
+    /// `stream.held` is set: the reader is to say when it has drained its channel.
+    asked: bool,
 }
 
 impl Entry {
+    /// Hands `data`, received and not passed on, to the stream's reader; `true` if small
+    /// chunks are held back and [`Entry::settle`] must run once the frames at hand are done.
+    ///
+    /// A chunk of [`QUEUE_SLICE_MIN`] or more goes down the channel as it is. A smaller one is
+    /// copied into `held`, which goes down the channel (as one chunk, in its own allocation)
+    /// once it reaches that size, or when the reader has taken everything sent so far: at
+    /// once for a reader that keeps up, and for one that does not, one chunk per catch-up
+    /// instead of one per frame. Either way nothing small keeps a read buffer alive.
+    fn queue(&mut self, data: Bytes) -> bool {
+        if data.len() >= QUEUE_SLICE_MIN {
+            self.release();
+            self.push(Event::Data(data));
+            return false;
+        }
+        self.held.extend_from_slice(&data);
+        // Nothing may overtake what is held: no splicing until the reader has drained.
+        self.backlog = true;
+        if self.held.len() >= QUEUE_SLICE_MIN {
+            self.release();
+            return false;
+        }
+        true
+    }
+
+    /// Sends what is held down the channel.
+    fn release(&mut self) {
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            self.push(Event::Data(Bytes::from(held)));
+        }
+        if self.asked {
+            self.asked = false;
+            self.stream.held.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Releases what is held if the reader has taken everything sent so far; otherwise asks
+    /// the reader to say when it has.
+    fn settle(&mut self) {
+        self.unsettled = false;
+        if self.held.is_empty() {
+            return;
+        }
+        if !self.asked {
+            self.asked = true;
+            self.stream.held.store(true, Ordering::SeqCst);
+        }
+        if self.stream.taken.load(Ordering::SeqCst) == self.pushed {
+            self.release();
+        }
+    }
+
     /// Hands `ev` to the stream's reader.
     fn push(&mut self, ev: Event) {
         // Err: the reader is gone, and its reset on the way.
@@ -670,6 +751,9 @@ impl Entry {
             pushed: 0,
             backlog: false,
             unacked: 0,
+            held: Vec::new(),
+            unsettled: false,
+            asked: false,
         }
     }
 }
@@ -755,6 +839,7 @@ where
         peer_window,
         max_streams: cfg.max_streams,
         rbuf: BytesMut::with_capacity(READ_BUF),
+        unsettled: Vec::new(),
         out: Output::default(),
         answers: 0,
         ping: None,
@@ -854,6 +939,8 @@ struct Driver<T> {
     /// Acceptor: most streams the peer may hold open at once.
     max_streams: u32,
     rbuf: BytesMut,
+    /// Streams holding small chunks back, to settle once the frames at hand are handled.
+    unsettled: Vec<u32>,
     out: Output,
     /// Frames queued on the peer's behalf since the output last drained.
     answers: u32,
@@ -882,7 +969,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         // Streams see why from here on.
         let _ = self.link.end.set(end);
         self.link.closed.cancel();
-        for (_, e) in self.streams.drain() {
+        for (_, mut e) in self.streams.drain() {
+            e.release();
             e.stream.end(GONE);
         }
         self.accept = None;
@@ -1039,6 +1127,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             }
             Cmd::Drained { id, taken } => {
                 if let Some(e) = self.streams.get_mut(&id) {
+                    if taken == e.pushed {
+                        e.release();
+                    }
                     e.backlog = e.pushed != taken;
                 }
             }
@@ -1055,8 +1146,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         }
     }
 
-    /// Handles the whole frames in the read buffer, up to the cap on answers.
+    /// Handles the whole frames in the read buffer, up to the cap on answers, then settles
+    /// the streams that hold small chunks back.
     fn on_input(&mut self) -> Result<(), End> {
+        let r = self.on_frames();
+        for id in self.unsettled.drain(..) {
+            if let Some(e) = self.streams.get_mut(&id) {
+                e.settle();
+            }
+        }
+        r
+    }
+
+    fn on_frames(&mut self) -> Result<(), End> {
         while self.answers < MAX_ANSWERS {
             match next_frame(&mut self.rbuf) {
                 Ok(Some((h, payload))) => self.on_frame(h, payload)?,
@@ -1104,11 +1206,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                             self.out.frame(credit, Bytes::new());
                         }
                     }
-                    if passed < payload.len() {
-                        e.push(Event::Data(payload.slice(passed..)));
+                    if passed < payload.len() && e.queue(payload.slice(passed..)) && !e.unsettled {
+                        e.unsettled = true;
+                        self.unsettled.push(stream);
                     }
                 }
                 if fin {
+                    e.release();
                     e.push(Event::Fin);
                     e.received_end = true;
                     if e.sent_end {
@@ -1134,6 +1238,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                     return self.ended_stream(stream);
                 };
                 e.stream.end(u64::from(code) + 1);
+                e.release();
                 e.push(Event::Reset(code));
             }
             Header::Ping { opaque } => {

@@ -203,6 +203,52 @@ async fn a_peer_sending_past_the_window_loses_the_link() {
     assert!(conn.is_closed());
 }
 
+/// Small DATA frames for a stream whose reader is behind are gathered, not queued one by
+/// one: each queued slice would keep a whole read buffer alive, so a peer sending one-byte
+/// frames could make one window of bytes hold gigabytes. The twin: a reader that keeps up
+/// gets every small frame at once.
+#[tokio::test]
+async fn small_frames_for_a_slow_reader_are_gathered() {
+    let (conn, mut raw) = raw_peer(false, 8).await;
+    raw.send(data(1, true, false, 0), &[]).await;
+    let mut s = soon("accept", conn.accept()).await.unwrap();
+    for i in 0..5u8 {
+        raw.send(data(1, false, false, 1), &[i]).await;
+        let got = soon("a byte", s.recv_chunk()).await.unwrap().unwrap();
+        assert_eq!(&got[..], &[i]);
+    }
+    // The reader stops. 1,000 one-byte frames, each handled by the driver on its own: a ping
+    // follows each, and its pong is awaited.
+    let sent: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    for (i, b) in (0u32..).zip(&sent) {
+        raw.send(data(1, false, false, 1), &[*b]).await;
+        raw.send(Header::Ping { opaque: i }, &[]).await;
+        loop {
+            match soon("pong", raw.next()).await.unwrap() {
+                (Header::Pong { opaque }, _) if opaque == i => break,
+                (Header::Credit { .. }, _) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // The reader catches up: everything arrives, in order, without another frame from the
+    // peer, in two chunks (the first byte went down at once; the rest was held).
+    let mut got = Vec::new();
+    let mut chunks = 0;
+    while got.len() < sent.len() {
+        got.extend_from_slice(&soon("held bytes", s.recv_chunk()).await.unwrap().unwrap());
+        chunks += 1;
+    }
+    assert_eq!(got, sent);
+    assert!(chunks <= 2, "{chunks} chunks for 1,000 one-byte frames");
+    // And a reader waiting again gets the next byte at once.
+    raw.send(data(1, false, false, 1), &[9]).await;
+    let got = soon("a byte", s.recv_chunk()).await.unwrap().unwrap();
+    assert_eq!(&got[..], &[9]);
+    raw.send(data(1, false, true, 0), &[]).await;
+    assert!(soon("fin", s.recv_chunk()).await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn credit_beyond_the_window_loses_the_link() {
     let (conn, mut raw) = raw_peer(true, 0).await;

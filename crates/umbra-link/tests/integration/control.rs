@@ -19,6 +19,9 @@ struct Thing {
     who: String,
 }
 
+/// Bytes of the endless error body sent so far.
+static ENDLESS_SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Serves one request per connection; answers depend on the path.
 async fn server(org: &Org) -> String {
     let id = org.identity_with(
@@ -78,6 +81,21 @@ async fn server(org: &Org) -> String {
                     .unwrap_or("")
                     .to_owned();
                 let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                if path == "/endless/v1/ca.pem" {
+                    // An error answer that goes on for a GiB, sent until the client hangs up.
+                    let head = "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 1073741824\r\nconnection: close\r\n\r\n";
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let piece = vec![b' '; 64 * 1024];
+                    for _ in 0..(1 << 14) {
+                        if s.write_all(&piece).await.is_err() {
+                            return;
+                        }
+                        ENDLESS_SENT.fetch_add(piece.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return;
+                }
                 let (status, ctype, out): (&str, &str, Vec<u8>) = match path.as_str() {
                     "/v1/thing" => (
                         "200 OK",
@@ -100,6 +118,11 @@ async fn server(org: &Org) -> String {
                         serde_json::to_vec(&Thing { n: 0, who: bearer }).unwrap(),
                     ),
                     "/v1/poll" => ("204 No Content", "application/json", vec![]),
+                    "/escape/v1/ca.pem" => (
+                        "500 Internal Server Error",
+                        "application/json",
+                        br#"{"error":"\u001b[2Jgone\u0007","field":"\u001b]0;x"}"#.to_vec(),
+                    ),
                     "/v1/ca.pem" => ("200 OK", "application/x-pem-file", ca_pem.into_bytes()),
                     _ => (
                         "404 Not Found",
@@ -221,4 +244,42 @@ async fn pinned_ca_fetch() {
         soon("fetch", fetch_pinned_ca(&url, &wrong)).await,
         Err(LinkError::PinMismatch)
     ));
+}
+
+/// The CA fetch talks to a server nobody has authenticated yet: an error answer from it is
+/// read only up to a bound (not a GiB into memory), and its text reaches the terminal without
+/// control characters. The twin: a well-formed error is shown as the server wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_ca_fetch_bounds_and_escapes_error_answers() {
+    let org = Org::new();
+    let url = server(&org).await;
+    let pin = org.ca.sha256();
+    match soon("endless", fetch_pinned_ca(&format!("{url}/endless"), &pin)).await {
+        Err(LinkError::Api { status, error }) => {
+            assert_eq!(status, 500);
+            assert!(error.error.contains("over 65536 bytes"), "{}", error.error);
+        }
+        other => panic!("{other:?}"),
+    }
+    // What the server got out before the client hung up: the bound and what socket and TLS
+    // buffers held, far from the GiB announced.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = ENDLESS_SENT.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 32 << 20, "{sent} bytes sent");
+    match soon("escape", fetch_pinned_ca(&format!("{url}/escape"), &pin)).await {
+        Err(LinkError::Api { status, error }) => {
+            assert_eq!(status, 500);
+            assert!(!error.error.contains('\u{1b}') && !error.error.contains('\u{7}'));
+            assert!(error.error.contains("gone"), "{}", error.error);
+            assert!(!error.field.unwrap().contains('\u{1b}'));
+        }
+        other => panic!("{other:?}"),
+    }
+    match soon("404", fetch_pinned_ca(&format!("{url}/nowhere"), &pin)).await {
+        Err(LinkError::Api { status, error }) => {
+            assert_eq!(status, 404);
+            assert_eq!(error.error, "no such thing");
+        }
+        other => panic!("{other:?}"),
+    }
 }

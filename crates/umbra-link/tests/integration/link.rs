@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use umbra_link::{Link, LinkConfig, LinkError, Listener, Refusal, Stream, Transport, dial};
+use umbra_link::{ALPN, Link, LinkConfig, LinkError, Listener, Refusal, Stream, Transport, dial};
 use umbra_pki::broker_server_name;
 use umbra_proto::frame::FrameError;
 use umbra_proto::{DialCode, Flow, Frame, OpenCode, Role};
@@ -356,6 +356,48 @@ async fn listener_opens_on_connector_links(t: Transport) {
     assert_eq!(soon("data", read_to_end(&mut c)).await, b"from broker");
 }
 both!(listener_opens_on_connector_links);
+
+/// A connector may open no stream on its link: the broker opens them. Over QUIC the listener
+/// allows a new connection a few streams before it knows the peer's role, and cannot take
+/// that back; a connector that opens one anyway (here a raw quinn client with a real
+/// connector certificate) loses the link, instead of having the broker hold what it sends.
+/// The twin: the broker's own streams on that link work up to then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_opening_a_quic_stream_loses_the_link() {
+    let org = Org::new();
+    let listener = org.listener(LinkConfig::default()).await;
+    let id = org.identity(Role::Connector, "c1");
+    let tls = umbra_pki::client_config(&org.ca.cert_der(), Some(&id), &[ALPN], true).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            addr(&listener, Transport::Quic),
+            &server_name(),
+        )
+        .unwrap();
+    let conn = soon("handshake", connecting).await.unwrap();
+    let broker = soon("accept", listener.accept()).await.unwrap();
+    assert_eq!(broker.peer().id.role, Role::Connector);
+    assert!(broker.is_opener());
+
+    let mut b = broker.open().await.unwrap();
+    b.send_chunk(Bytes::from_static(b"dial")).await.unwrap();
+    let (_send, mut recv) = soon("the broker's stream", conn.accept_bi()).await.unwrap();
+    let mut got = [0u8; 4];
+    soon("its bytes", recv.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"dial");
+
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(&[0u8; 64 * 1024]).await;
+    let why = soon("the link to close", conn.closed()).await;
+    assert!(
+        matches!(&why, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(1)),
+        "{why:?}"
+    );
+    assert!(broker.is_closed());
+}
 
 /// A link this side refused counts as closed at once and opens no more streams, although on
 /// QUIC its close goes out up to two round trips later: a broker sends no new stream to a
