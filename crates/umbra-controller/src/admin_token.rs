@@ -6,6 +6,10 @@
 //! A token is shown once and stored only as its SHA-256. The check reads the stored hashes on
 //! every admin request (admin requests are few), so a rotation or a reset takes effect at once,
 //! in every controller that shares the store, with no cached copy left to honour an old token.
+//! A request keeps the hash of the token it presented ([`Presented`]), and every admin write
+//! checks it again inside the transaction that makes the change
+//! (`Ctx::admin_write`): a request's body may arrive seconds after its headers were checked,
+//! and a token rotated or reset meanwhile must not make the change.
 
 use std::time::SystemTime;
 
@@ -33,6 +37,26 @@ fn generate() -> (String, [u8; 32]) {
     (token, hash)
 }
 
+/// An admin token as a request presented it: its hash only, so that the token itself is not
+/// kept (or logged) for as long as the request lasts.
+#[derive(Clone, Copy)]
+pub(crate) struct Presented([u8; 32]);
+
+impl Presented {
+    pub(crate) fn new(token: &str) -> Self {
+        Presented(umbra_pki::sha256(token.as_bytes()))
+    }
+
+    /// Whether this is a current admin token of `org` (see [`check`]).
+    pub(crate) async fn is_current(
+        &self,
+        c: &mut SqliteConnection,
+        org: &str,
+    ) -> Result<bool, sqlx::Error> {
+        check_hash(c, org, &self.0).await
+    }
+}
+
 /// Whether `token` is a current admin token of `org`. Its hash is compared with every stored
 /// hash, each in constant time.
 pub(crate) async fn check(
@@ -40,12 +64,19 @@ pub(crate) async fn check(
     org: &str,
     token: &str,
 ) -> Result<bool, sqlx::Error> {
-    let h = umbra_pki::sha256(token.as_bytes());
+    Presented::new(token).is_current(c, org).await
+}
+
+async fn check_hash(
+    c: &mut SqliteConnection,
+    org: &str,
+    h: &[u8; 32],
+) -> Result<bool, sqlx::Error> {
     let stored = peers::admin_token_hashes(c, org).await?;
     Ok(stored.iter().fold(false, |ok, s| {
         let mut bytes = [0u8; 32];
         let decoded = hex::decode_to_slice(s, &mut bytes).is_ok();
-        (decoded & umbra_pki::ct_eq(&h, &bytes)) | ok
+        (decoded & umbra_pki::ct_eq(h, &bytes)) | ok
     }))
 }
 
@@ -123,4 +154,50 @@ pub async fn reset_admin_token(
     audit::commit(w, &org, std::slice::from_ref(&rec)).await?;
     store.close().await;
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reset from the host runs in another process, past the in-process write lock. A write
+    /// whose transaction checked the token before the reset committed cannot commit after it
+    /// (SQLite refuses a write to a transaction that read an older state), so the check that
+    /// `Ctx::admin_write` makes holds until the commit. The twin: a write checked after the
+    /// reset, with the new token, goes through.
+    #[tokio::test]
+    async fn a_write_checked_before_a_reset_elsewhere_cannot_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::File(dir.path().join("t.db"));
+        let server = Store::open(&db, "t").await.unwrap();
+        let host = Store::open(&db, "t").await.unwrap();
+        let now = SystemTime::now();
+        let old = Presented::new(&first(&server, now).await.unwrap().unwrap());
+
+        let mut w = server.write().await.unwrap();
+        assert!(old.is_current(w.conn(), "t").await.unwrap());
+        let mut r = host.write().await.unwrap();
+        let (new, rec) = replace(r.conn(), "t", now, audit::CONTROLLER, "admin_token.reset")
+            .await
+            .unwrap();
+        audit::commit(r, "t", std::slice::from_ref(&rec))
+            .await
+            .unwrap();
+        assert!(
+            store::bump(w.conn(), "t", store::SNAPSHOT_VERSION)
+                .await
+                .is_err(),
+            "a write checked before the reset was let through"
+        );
+        drop(w);
+
+        let new = Presented::new(&new.token);
+        let mut w = server.write().await.unwrap();
+        assert!(!old.is_current(w.conn(), "t").await.unwrap());
+        assert!(new.is_current(w.conn(), "t").await.unwrap());
+        store::bump(w.conn(), "t", store::SNAPSHOT_VERSION)
+            .await
+            .unwrap();
+        w.commit().await.unwrap();
+    }
 }

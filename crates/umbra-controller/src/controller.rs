@@ -1,5 +1,5 @@
-//! Start-up and shutdown: open the store, take custody of the CA, create the first admin
-//! token, bind, serve.
+//! Start-up and shutdown: open the store, take custody of the CA, bind, create the first admin
+//! token (the last step that can fail), serve.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -53,8 +53,9 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// Validates the configuration, opens and migrates the database, loads or creates the
     /// CA (the key-encryption key comes from `ca_key`, else the `UMBRA_CA_KEY` environment
-    /// variable, else `<data_dir>/ca.kek`), creates the first admin token on the very first
-    /// start, binds and serves.
+    /// variable, else `<data_dir>/ca.kek`), binds, creates the first admin token on the very
+    /// first start (once nothing else can fail, so that a failed start leaves none unseen),
+    /// and serves.
     pub async fn start(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
         Self::start_with_clock(cfg, Arc::new(SystemTime::now)).await
     }
@@ -75,7 +76,6 @@ impl Controller {
         };
         let ca = ca::load_or_create(&store, &cfg, env_key.as_deref(), clock()).await?;
 
-        let first_admin_token = admin_token::first(&store, clock()).await?;
         let server_id = ca::server_identity(&ca, &store, &cfg.server_names, clock()).await?;
         let (tls, slot) = ca::server_tls(&server_id)?;
 
@@ -114,6 +114,11 @@ impl Controller {
             path: ca_file,
             source,
         })?;
+        // Last of the steps that can fail: the token is shown only by a start that succeeds,
+        // and its hash, once committed, stops every later start from creating one. Created
+        // before a failing step, it would be lost with the error, and the operator left
+        // without one (a reset from the host would be the only way back).
+        let first_admin_token = admin_token::first(&store, clock()).await?;
         let ca_sha256 = ca.sha256();
         let ctx = Arc::new(Ctx {
             store,
@@ -123,6 +128,7 @@ impl Controller {
             cert_lifetime: cfg.cert_lifetime(),
             token_ttl: cfg.token_ttl(),
             dist: Distribution::new(version),
+            heartbeats: umbra_link::quota::Quota::new(api::MAX_HEARTBEATS_PER_BROKER),
             failures: std::sync::Mutex::new(FailureBudget::new(std::time::Instant::now())),
             shutdown: shutdown_rx.clone(),
         });

@@ -23,6 +23,7 @@ use umbra_proto::api::{
 };
 use umbra_proto::{PeerId, Role};
 
+use crate::admin_token::Presented;
 use crate::audit;
 use crate::config::MAX_TOKEN_TTL;
 use crate::error::ApiFailure;
@@ -53,9 +54,11 @@ fn parse_role(s: &str) -> Result<Kind, ApiFailure> {
     }
 }
 
-/// `POST /v1/enrollment-tokens`.
+/// `POST /v1/enrollment-tokens`, for the administrator whose token is `admin` (checked
+/// again in the transaction that stores the token, see [`Ctx::admin_write`]).
 pub(crate) async fn create_token(
     ctx: &Ctx,
+    admin: &Presented,
     req: CreateEnrollToken,
 ) -> Result<EnrollTokenCreated, ApiFailure> {
     let kind = parse_role(&req.role)?;
@@ -111,7 +114,7 @@ pub(crate) async fn create_token(
         used_at: None,
         used_by: None,
     };
-    let mut w = ctx.store.write().await?;
+    let mut w = ctx.admin_write(admin).await?;
     if let Some(u) = &user
         && admin::user_disabled(w.conn(), &ctx.org, u).await?.is_none()
     {

@@ -6,18 +6,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sqlx::SqliteConnection;
+use sqlx::{SqliteConnection, Transaction};
 use tokio::sync::watch;
+use umbra_link::quota::Quota;
 use umbra_pki::{Ca, PeerCert};
 use umbra_proto::Role;
 use umbra_proto::api::AuditRecord;
 
+use crate::admin_token::Presented;
 use crate::audit;
 use crate::distribution::Distribution;
 use crate::error::ApiFailure;
 use crate::failures::{FailureBudget, Verdict};
 use crate::store::peers::{self, Kind, PeerRow};
-use crate::store::{self, SNAPSHOT_VERSION, Store, WriteTx};
+use crate::store::{self, Db, SNAPSHOT_VERSION, Store, WriteTx};
 
 /// Source of the current time. Injected so tests can move it (token expiry) without sleeping.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -39,6 +41,8 @@ pub(crate) struct Ctx {
     pub(crate) cert_lifetime: Duration,
     pub(crate) token_ttl: Duration,
     pub(crate) dist: Distribution,
+    /// Heartbeats in flight, per broker identity (`api::HeartbeatConn`).
+    pub(crate) heartbeats: Arc<Quota>,
     /// How many refusals may still be audited one by one (`failures.rs`).
     pub(crate) failures: std::sync::Mutex<FailureBudget>,
     /// Becomes `true` when the controller shuts down; long polls end early.
@@ -54,11 +58,39 @@ impl Ctx {
         store::to_i64(audit::unix_secs(self.now()))
     }
 
-    /// Whether `token` is a current admin token (read from the store each time, see
+    /// Whether `admin` is a current admin token (read from the store each time, see
     /// `admin_token.rs`).
-    pub(crate) async fn admin_ok(&self, token: &str) -> Result<bool, ApiFailure> {
+    pub(crate) async fn admin_ok(&self, admin: &Presented) -> Result<bool, ApiFailure> {
         let mut r = self.store.read().await?;
-        Ok(crate::admin_token::check(&mut r, &self.org, token).await?)
+        Ok(admin.is_current(&mut r, &self.org).await?)
+    }
+
+    /// Starts the write transaction of an admin change; every admin write gets its
+    /// transaction here. The token the request presented was checked on its headers, but its
+    /// body may arrive seconds later: it is checked again in this transaction, and a token
+    /// rotated or reset since is answered 401 with nothing changed. The check holds until the
+    /// commit: writers in this process wait for the store's write lock (a rotation is a
+    /// write), and SQLite refuses to let a transaction that has read write once another
+    /// connection (a reset from the host) has committed since.
+    pub(crate) async fn admin_write(&self, admin: &Presented) -> Result<WriteTx<'_>, ApiFailure> {
+        let mut w = self.store.write().await?;
+        if !admin.is_current(w.conn(), &self.org).await? {
+            return Err(token_replaced());
+        }
+        Ok(w)
+    }
+
+    /// [`Ctx::admin_write`] for an admin request that reads after its body arrived: a read
+    /// transaction, in which the token has been checked again.
+    pub(crate) async fn admin_read(
+        &self,
+        admin: &Presented,
+    ) -> Result<Transaction<'static, Db>, ApiFailure> {
+        let mut r = self.store.read().await?;
+        if !admin.is_current(&mut r, &self.org).await? {
+            return Err(token_replaced());
+        }
+        Ok(r)
     }
 
     /// Commits an admin change: stores its audit record, bumps the snapshot version, commits,
@@ -240,6 +272,14 @@ impl Ctx {
         let mut r = self.store.read().await?;
         self.check_peer(&mut r, conn, roles).await
     }
+}
+
+/// 401 for a request whose admin token was current when its headers arrived, and was rotated
+/// or reset before it could act.
+fn token_replaced() -> ApiFailure {
+    ApiFailure::unauthorized(
+        "admin token replaced (rotated or reset) while the request was under way",
+    )
 }
 
 /// A fresh random id for a peer or token: `<prefix>-<16 hex digits>`.

@@ -1853,6 +1853,70 @@ async fn tls_conn(
         .unwrap()
 }
 
+/// The head of the next response on `io` (status line and headers), read byte by byte so
+/// that nothing after it is consumed; "" if none arrives within 5 s or the connection ends.
+async fn response_head<T: tokio::io::AsyncRead + Unpin>(io: &mut T) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            match io.read(&mut b).await {
+                Ok(1) => got.push(b[0]),
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Everything the controller sends on `io` until it closes it (at most 10 s): the rest of a
+/// response to a request sent with `connection: close`.
+async fn rest_of<T: tokio::io::AsyncRead + Unpin>(io: &mut T) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Starts `POST path` on a connection of its own: sends the headers, with
+/// `Expect: 100-continue` and the length of `body`, and no body. The controller answers
+/// `100 Continue` when the handler starts to read the body, that is once every check made on
+/// the headers alone has passed; the head it answered with is returned with the connection.
+async fn post_headers_only(
+    h: &Harness,
+    id: Option<&TlsIdentity>,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    String,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut io = tls_conn(h, id).await;
+    let auth = bearer.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: controller\r\n{auth}content-type: application/json\r\n\
+         expect: 100-continue\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    io.write_all(head.as_bytes()).await.unwrap();
+    let answered = response_head(&mut io).await;
+    (io, answered)
+}
+
+/// Sends `body` on a request started by [`post_headers_only`]; the whole response.
+async fn send_body(
+    mut io: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    body: &str,
+) -> String {
+    use tokio::io::AsyncWriteExt;
+    io.write_all(body.as_bytes()).await.unwrap();
+    rest_of(&mut io).await
+}
+
 /// A body that stalls is answered (and let go) after the body deadline, not held for as
 /// long as the peer's connection lives; a body over a device route's limit is refused at
 /// once. The twin: a whole body on the same kind of connection is served.
@@ -2148,6 +2212,77 @@ async fn admin_token_rotation() {
     ctl.shutdown().await;
 }
 
+/// An admin write is made only if the token that authorised it is still current when the
+/// write commits, not only when the request's headers arrived: a request whose token is
+/// rotated while its body is on the way (a body may take up to 10 s) changes nothing and is
+/// answered 401, so a leaked token stops working for requests already under way too. The
+/// twin: the same request with the new token is served.
+#[tokio::test]
+async fn a_token_rotated_while_a_body_is_on_the_way_writes_nothing() {
+    let h = Harness::start().await;
+    let body = json!({ "role": "broker", "name": "b1" }).to_string();
+    let path = "/v1/enrollment-tokens";
+    let (pending, answered) = post_headers_only(&h, None, path, Some(&h.admin_token), &body).await;
+    assert!(answered.starts_with("HTTP/1.1 100"), "{answered}");
+
+    // Rotated meanwhile, with the same token, on another connection.
+    let resp = h
+        .http
+        .post(h.url("/v1/admin-token/rotate"))
+        .bearer_auth(&h.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let new: AdminTokenCreated = resp.json().await.unwrap();
+
+    let answer = send_body(pending, &body).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(!answer.contains("umbra-enroll"), "{answer}");
+    let tokens = |token: String| {
+        let h = &h;
+        async move {
+            let resp = h
+                .http
+                .get(h.url(path))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.json::<Vec<Value>>().await.unwrap()
+        }
+    };
+    assert_eq!(tokens(new.token.clone()).await, Vec::<Value>::new());
+
+    // The twin: the same request, its token current throughout, is served.
+    let (pending, answered) = post_headers_only(&h, None, path, Some(&new.token), &body).await;
+    assert!(answered.starts_with("HTTP/1.1 100"), "{answered}");
+    let answer = send_body(pending, &body).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(tokens(new.token.clone()).await.len(), 1);
+
+    // The refused write is audited as a refusal.
+    let audit: Vec<AuditEntry> = serde_json::from_str(
+        &h.http
+            .get(h.url("/v1/audit?limit=1000&action=enroll_token.create"))
+            .bearer_auth(&new.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let results: Vec<(&str, Option<u64>)> = audit
+        .iter()
+        .map(|e| (e.record.result.as_str(), e.record.detail["status"].as_u64()))
+        .collect();
+    assert_eq!(results, [("error", Some(401)), ("ok", None)], "{audit:?}");
+    h.ctl.shutdown().await;
+}
+
 /// `reset_admin_token` (`umbra controller --reset-admin-token`) replaces a lost or leaked
 /// token from the host, with no admin token at all, and a running controller honours it at
 /// once. It refuses a data directory that holds no controller, and creates nothing there.
@@ -2274,6 +2409,31 @@ async fn refusals_are_audited_with_their_source_within_a_budget() {
         "every refusal is either a record or counted in one: {last:?}"
     );
     h.ctl.shutdown().await;
+}
+
+/// A first start that fails after the database was set up (here: the listen port is taken)
+/// leaves no admin token behind that nobody was shown: the next start creates the first
+/// token, shows it, and it works.
+#[tokio::test]
+async fn a_failed_first_start_leaves_no_unseen_admin_token() {
+    umbra_pki::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let skew = Arc::new(AtomicU64::new(0));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(dir.path());
+    cfg.listen = taken.local_addr().unwrap();
+    let err = start(cfg.clone(), &skew).await.unwrap_err();
+    assert!(matches!(err, ControllerError::Bind { .. }), "{err:?}");
+
+    drop(taken);
+    let ctl = start(cfg, &skew).await.unwrap();
+    let token = ctl
+        .first_admin_token()
+        .expect("the first start that succeeds shows the first admin token");
+    assert!(ctl.admin_token_works(&token).await.unwrap());
+    let http = client(&ca_der(&ctl.ca_pem()), None);
+    assert_eq!(users_with(&http, &ctl.url(), &token).await, StatusCode::OK);
+    ctl.shutdown().await;
 }
 
 #[tokio::test]
@@ -2507,6 +2667,60 @@ async fn only_brokers_get_a_heartbeat_body_read() {
         answer_within(Some(broker)).await,
         None,
         "a broker's body is read"
+    );
+    h.ctl.shutdown().await;
+}
+
+/// A broker identity may have at most two heartbeats in flight (a broker sends one at a
+/// time, and each may carry up to 16 MiB): one more is answered 429 on its headers, before
+/// any of its body is read. The twins: another broker is not held back, and once the held
+/// heartbeats end the broker is served again.
+#[tokio::test]
+async fn heartbeats_in_flight_per_broker_are_bounded() {
+    let h = Harness::start().await;
+    let (b1, _) = h.peer("broker", "b1").await;
+    let (b2, _) = h.peer("broker", "b2").await;
+    let hb = |id: &TlsIdentity, name: &str| {
+        json!({
+            "name": name,
+            "quic_addr": "127.0.0.1:4433",
+            "tcp_addr": "127.0.0.1:4443",
+            "server_name": umbra_pki::broker_server_name(&id.peer.id.id),
+            "snapshot_version": 0,
+            "audit": []
+        })
+    };
+    let body = hb(&b1, "b1").to_string();
+    let path = "/v1/broker/heartbeat";
+    // Two heartbeats whose bodies are on the way (each on a connection of its own).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (io, answered) = post_headers_only(&h, Some(&b1), path, None, &body).await;
+        assert!(answered.starts_with("HTTP/1.1 100"), "{answered}");
+        held.push(io);
+    }
+    // A third is refused on its headers: no 100 Continue, and an error in JSON.
+    for _ in 0..2 {
+        let (mut io, answered) = post_headers_only(&h, Some(&b1), path, None, &body).await;
+        assert!(answered.starts_with("HTTP/1.1 429"), "{answered}");
+        let rest = rest_of(&mut io).await;
+        let err: ApiError = serde_json::from_str(rest.trim_start_matches(|c| c != '{'))
+            .unwrap_or_else(|e| panic!("{e}: {rest}"));
+        assert!(err.error.contains("heartbeats"), "{err:?}");
+    }
+    // Another broker is served meanwhile.
+    assert_eq!(
+        heartbeat(&h, &h.as_peer(&b2), &hb(&b2, "b2")).await,
+        StatusCode::OK
+    );
+    // The held ones are served once their bodies arrive, and then the broker again.
+    for io in held {
+        let answer = send_body(io, &body).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert_eq!(
+        heartbeat(&h, &h.as_peer(&b1), &hb(&b1, "b1")).await,
+        StatusCode::OK
     );
     h.ctl.shutdown().await;
 }

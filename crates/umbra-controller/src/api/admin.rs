@@ -2,7 +2,10 @@
 //! connectors, brokers, live streams, the audit trail, and the admin token itself.
 //!
 //! Every write validates all input first, then runs in one transaction that also stores its
-//! audit record and bumps the snapshot version; a refused write changes nothing. A write its
+//! audit record and bumps the snapshot version; a refused write changes nothing. That
+//! transaction comes from `Ctx::admin_write`, which checks the caller's admin token again in
+//! it: a token rotated or reset while the request's body was on the way is answered 401 and
+//! changes nothing (a policy check, which reads after its body, checks it again too). A write its
 //! handler refuses (an invalid value, a conflict, nothing by that name) adds an audit record
 //! of the refusal; a request whose body or path does not even decode (malformed JSON, an
 //! unknown field) is answered 400 naming the field before any handler runs, and is counted
@@ -56,7 +59,7 @@ pub(super) async fn list_users(
 }
 
 pub(super) async fn create_user(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiJson(req): ApiJson<CreateUser>,
 ) -> Result<Response, ApiFailure> {
@@ -69,7 +72,7 @@ pub(super) async fn create_user(
             .collect::<Result<Vec<_>, _>>()?;
         groups.sort();
         groups.dedup();
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if q::user_disabled(w.conn(), &ctx.org, &id).await?.is_some() {
             return Err(ApiFailure::conflict(
                 "id",
@@ -109,13 +112,13 @@ pub(super) async fn create_user(
 }
 
 pub(super) async fn delete_user(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let id = validate::user_id(&id, "id")?;
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if q::user_disabled(w.conn(), &ctx.org, &id).await?.is_none() {
             return Err(ApiFailure::not_found("id", format!("no user {id}")));
         }
@@ -145,7 +148,7 @@ pub(super) async fn delete_user(
 /// devices; the brokers deny the devices from the next snapshot on (live streams end), and
 /// the devices get no new certificates until the user is enabled again.
 pub(super) async fn update_user(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateUser>,
@@ -163,7 +166,7 @@ pub(super) async fn update_user(
                 "nothing to change: give disabled (true or false)",
             ));
         };
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         let Some(was) = q::user_disabled(w.conn(), &ctx.org, &id).await? else {
             return Err(ApiFailure::not_found("id", format!("no user {id}")));
         };
@@ -205,13 +208,13 @@ pub(super) async fn list_groups(
 }
 
 pub(super) async fn create_group(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiJson(req): ApiJson<CreateGroup>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let name = validate::name(&req.name, "name")?;
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if q::group_exists(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::conflict(
                 "name",
@@ -233,12 +236,12 @@ pub(super) async fn create_group(
 }
 
 pub(super) async fn delete_group(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !q::delete_group(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no group {name}")));
         }
@@ -258,7 +261,7 @@ pub(crate) struct AddMember {
 }
 
 pub(super) async fn add_member(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(group): ApiPath<String>,
     ApiJson(req): ApiJson<AddMember>,
@@ -266,7 +269,7 @@ pub(super) async fn add_member(
     let target = format!("{group}/{}", req.user);
     let res = async {
         let user = validate::user_id(&req.user, "user")?;
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !q::group_exists(w.conn(), &ctx.org, &group).await? {
             return Err(ApiFailure::not_found("name", format!("no group {group}")));
         }
@@ -301,14 +304,14 @@ pub(super) async fn add_member(
 }
 
 pub(super) async fn remove_member(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath((group, user)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiFailure> {
     let target = format!("{group}/{user}");
     let res = async {
         let user = validate::user_id(&user, "user")?;
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !q::group_exists(w.conn(), &ctx.org, &group).await? {
             return Err(ApiFailure::not_found("name", format!("no group {group}")));
         }
@@ -395,7 +398,7 @@ async fn connectors_known(
 }
 
 pub(super) async fn create_service(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiJson(req): ApiJson<CreateService>,
 ) -> Result<Response, ApiFailure> {
@@ -404,7 +407,7 @@ pub(super) async fn create_service(
         let target = validate::host_port(&req.target, "target")?;
         let connectors = connector_names(&req.connectors)?;
         let now = ctx.now_secs();
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if q::service_exists(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::conflict(
                 "name",
@@ -439,7 +442,7 @@ pub(super) async fn create_service(
 /// change. Live streams that the service no longer routes as they were (another target, or a
 /// connector no longer in the set) end at the brokers; new streams take the new route.
 pub(super) async fn update_service(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateService>,
@@ -458,7 +461,7 @@ pub(super) async fn update_service(
             .transpose()?;
         let connectors = req.connectors.as_deref().map(connector_names).transpose()?;
         let now = ctx.now_secs();
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         let Some(was) = q::service(w.conn(), &ctx.org, &name).await? else {
             return Err(ApiFailure::not_found("name", format!("no service {name}")));
         };
@@ -500,12 +503,12 @@ pub(super) async fn update_service(
 }
 
 pub(super) async fn delete_service(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !q::delete_service(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no service {name}")));
         }
@@ -541,14 +544,14 @@ fn policy_text(text: &str) -> Result<usize, ApiFailure> {
 }
 
 pub(super) async fn create_policy(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiJson(req): ApiJson<CreatePolicy>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let name = validate::name(&req.name, "name")?;
         let count = policy_text(&req.text)?;
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if q::policy_exists(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::conflict(
                 "name",
@@ -582,14 +585,14 @@ pub(super) async fn create_policy(
 /// moment without it (removing and adding it again would cut every stream it allows). Live
 /// streams the new text still allows go on; the others end at the brokers.
 pub(super) async fn replace_policy(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<ReplacePolicy>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let count = policy_text(&req.text)?;
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !q::set_policy_text(w.conn(), &ctx.org, &name, &req.text).await? {
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
@@ -613,12 +616,12 @@ pub(super) async fn replace_policy(
 }
 
 pub(super) async fn delete_policy(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !q::delete_policy(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
@@ -642,7 +645,7 @@ fn stored_engine(snapshot: &umbra_proto::Snapshot) -> Result<Engine, ApiFailure>
 /// remove `name`) would end, decided as the brokers will decide once they hold it. Changes
 /// nothing; an invalid text is refused as the change itself would be.
 pub(super) async fn check_policy(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<api::PolicyCheck>,
@@ -651,7 +654,7 @@ pub(super) async fn check_policy(
     if let Some(text) = &req.text {
         policy_text(text)?;
     }
-    let mut r = ctx.store.read().await?;
+    let mut r = ctx.admin_read(&admin).await?;
     let now = ctx.now_secs();
     let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
     let (live, brokers_silent) = live_streams_and_silent(&ctx, &mut r).await?;
@@ -857,24 +860,24 @@ pub(super) async fn list_tokens(
 }
 
 pub(super) async fn create_token(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiJson(req): ApiJson<CreateEnrollToken>,
 ) -> Result<Response, ApiFailure> {
     let target = req.role.clone();
-    let res = enroll::create_token(&ctx, req).await;
+    let res = enroll::create_token(&ctx, &admin, req).await;
     ctx.audited(ADMIN, "enroll_token.create", &target, res)
         .await
         .map(created)
 }
 
 pub(super) async fn delete_token(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         if !peers::token_delete(w.conn(), &ctx.org, &id).await? {
             return Err(ApiFailure::not_found(
                 "id",
@@ -899,11 +902,11 @@ pub(super) async fn delete_token(
 /// Replaces every admin token, the caller's included, with a new one (shown once). The old
 /// tokens stop working as this commits.
 pub(super) async fn rotate_admin_token(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         let (new, rec) =
             admin_token::replace(w.conn(), &ctx.org, ctx.now(), ADMIN, "admin_token.rotate")
                 .await?;
@@ -1037,12 +1040,12 @@ async fn revoke_rows(
 }
 
 pub(super) async fn revoke_device(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<api::Device>, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         let row = peers::peer_get(w.conn(), &ctx.org, Kind::Device, &id)
             .await?
             .ok_or_else(|| ApiFailure::not_found("id", format!("no device {id}")))?;
@@ -1063,12 +1066,12 @@ pub(super) async fn revoke_device(
 }
 
 pub(super) async fn revoke_connector(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<api::Connector>, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         let rows = by_id_or_name(&ctx, w.conn(), Kind::Connector, &id).await?;
         revoke_rows(&ctx, w, Kind::Connector, rows).await
     }
@@ -1116,12 +1119,12 @@ async fn by_id_or_name(
 /// renewal) and drops it from the broker lists that connectors and forwarding agents follow
 /// (long polls, answered at once); they then close their links to it.
 pub(super) async fn revoke_broker(
-    _: Admin,
+    Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let mut w = ctx.store.write().await?;
+        let mut w = ctx.admin_write(&admin).await?;
         let rows = by_id_or_name(&ctx, w.conn(), Kind::Broker, &id).await?;
         revoke_rows(&ctx, w, Kind::Broker, rows).await?;
         Ok(no_content())

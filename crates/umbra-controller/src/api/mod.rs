@@ -5,7 +5,8 @@
 //! - enrolled peers, authenticated by the client certificate of the TLS connection
 //!   ([`ConnPeer`], checked against revocation on every call): renewal, broker list, snapshot
 //!   and heartbeat (brokers), connector configuration (connectors);
-//! - administrators, authenticated by `Authorization: Bearer <admin token>` ([`Admin`]).
+//! - administrators, authenticated by `Authorization: Bearer <admin token>` ([`Admin`]),
+//!   checked on the headers and again in the transaction of every admin write.
 //!
 //! Bodies are JSON; every error is an `api::ApiError` (unknown or missing JSON fields are
 //! named in `field`). [`serve`] runs the HTTPS server itself so each request carries the
@@ -28,9 +29,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
 
+use crate::admin_token::Presented;
 use crate::audit;
 use crate::error::ApiFailure;
 use crate::state::{ClientAddr, ConnPeer, Ctx};
+use umbra_link::quota::Place;
 use umbra_proto::Role;
 
 /// Body limit of the routes devices call with a CSR (a few KiB at most), far below the
@@ -240,8 +243,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// Proof that the request carried a valid admin bearer token.
-pub(crate) struct Admin;
+/// Proof that the request carried a valid admin bearer token when its headers arrived. It
+/// keeps the token's hash: a handler that writes opens its transaction with
+/// [`Ctx::admin_write`], which checks the token again there, since a rotation or a reset may
+/// come while the body is on the way.
+pub(crate) struct Admin(pub(crate) Presented);
 
 impl FromRequestParts<Arc<Ctx>> for Admin {
     type Rejection = ApiFailure;
@@ -259,8 +265,8 @@ impl FromRequestParts<Arc<Ctx>> for Admin {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        let err = match token {
-            Some(t) if ctx.admin_ok(t).await? => return Ok(Admin),
+        let err = match token.map(Presented::new) {
+            Some(t) if ctx.admin_ok(&t).await? => return Ok(Admin(t)),
             Some(_) => ApiFailure::unauthorized("invalid admin token"),
             None => ApiFailure::unauthorized("admin bearer token required"),
         };
@@ -282,14 +288,25 @@ impl FromRequestParts<Arc<Ctx>> for Admin {
     }
 }
 
-/// A request on a connection whose client certificate names a broker of this organisation,
-/// enrolled and not revoked ([`Ctx::authorize_peer`]; the handler checks again in its own
-/// transaction). As an extractor it runs before the body is read, so only brokers in good
-/// standing may send the large bodies the heartbeat allows: anyone else, a revoked broker's
-/// stolen key too, is refused on the headers.
-pub(crate) struct BrokerConn(pub(crate) ConnPeer);
+/// Heartbeats one broker identity may have in flight at once. A broker sends one at a time
+/// (two leave room for one its client gave up on while the controller still reads it); each
+/// may carry up to 16 MiB, read into memory, so without this bound one identity could make the
+/// controller hold a heartbeat on every stream of every connection it may open.
+pub(crate) const MAX_HEARTBEATS_PER_BROKER: usize = 2;
 
-impl FromRequestParts<Arc<Ctx>> for BrokerConn {
+/// A heartbeat on a connection whose client certificate names a broker of this organisation,
+/// enrolled and not revoked ([`Ctx::authorize_peer`]; the handler checks again in its own
+/// transaction), holding one of that broker's [`MAX_HEARTBEATS_PER_BROKER`] places until the
+/// handler returns. As an extractor it runs before the body is read, so only brokers in good
+/// standing may send the large bodies the heartbeat allows, and a bounded number at once:
+/// anyone else, a revoked broker's stolen key too, is refused on the headers, and a broker
+/// with too many in flight is answered 429 on them.
+pub(crate) struct HeartbeatConn {
+    pub(crate) conn: ConnPeer,
+    _place: Place,
+}
+
+impl FromRequestParts<Arc<Ctx>> for HeartbeatConn {
     type Rejection = ApiFailure;
 
     async fn from_request_parts(
@@ -301,8 +318,21 @@ impl FromRequestParts<Arc<Ctx>> for BrokerConn {
             .get::<ConnPeer>()
             .cloned()
             .unwrap_or_default();
-        ctx.authorize_peer(&conn, &[Role::Broker]).await?;
-        Ok(BrokerConn(conn))
+        let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Broker]).await?;
+        let place = ctx.heartbeats.take(&peer.id.to_uri()).ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many heartbeats in flight for this broker \
+                     (at most {MAX_HEARTBEATS_PER_BROKER})"
+                ),
+                None,
+            )
+        })?;
+        Ok(HeartbeatConn {
+            conn,
+            _place: place,
+        })
     }
 }
 

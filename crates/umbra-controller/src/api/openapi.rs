@@ -166,7 +166,8 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/v1/broker/heartbeat",
         Auth::Peer("broker"),
-        "Broker liveness, live streams and audit records",
+        "Broker liveness, live streams and audit records (at most 2 in flight per broker, \
+         429 beyond)",
         One("BrokerHeartbeat"),
         200,
         One("HeartbeatAck"),

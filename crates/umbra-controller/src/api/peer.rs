@@ -16,7 +16,7 @@ use umbra_proto::api::{
 };
 
 use super::ApiQuery;
-use super::{ApiJson, BrokerConn};
+use super::{ApiJson, HeartbeatConn};
 use crate::audit;
 use crate::distribution::{self, MAX_WAITING_PER_PEER};
 use crate::enroll;
@@ -258,8 +258,9 @@ pub(crate) struct HeartbeatAck {
 
 pub(super) async fn heartbeat(
     State(ctx): State<Arc<Ctx>>,
-    // Before the body: only a broker's connection gets it read (see `BrokerConn`).
-    BrokerConn(conn): BrokerConn,
+    // Before the body: only a broker's connection gets it read, and only so many at once
+    // (see `HeartbeatConn`); the place is held until this returns.
+    HeartbeatConn { conn, _place }: HeartbeatConn,
     ApiJson(hb): ApiJson<BrokerHeartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiFailure> {
     let quic = hb

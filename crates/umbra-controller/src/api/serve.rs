@@ -11,7 +11,7 @@
 //! the oldest one there (`umbra_link::pending`), so connections that stall or idle cannot keep
 //! a real client out. Enrolled peers' connections (client certificate) carry long polls and
 //! live on, at most `max_connections_per_peer` per identity (more are closed after the
-//! handshake); their long polls are bounded per identity too.
+//! handshake); their long polls and heartbeats in flight are bounded per identity too.
 //!
 //! Shutdown: stop accepting, ask every connection to finish gracefully (long polls end at
 //! once, see [`crate::distribution::Distribution::wait_newer`]), then abort what is left
