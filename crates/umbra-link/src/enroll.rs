@@ -101,7 +101,17 @@ pub async fn enroll(
         ));
     }
     check_issued(&issued, &key_pem)?;
-    umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
+    // The controller reference first: a crash between the two writes then leaves no
+    // identity (enroll again), not an identity that cannot find its controller and that
+    // every later enrollment refuses to replace. The directory is made as the identity's
+    // own writer makes it (private to this user).
+    fs::create_dir_all(dir).map_err(|e| local_io("create", dir, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| local_io("set permissions of", dir, e))?;
+    }
     save_controller_ref(
         dir,
         &ControllerRef {
@@ -111,6 +121,7 @@ pub async fn enroll(
             brokers: issued.brokers.clone(),
         },
     )?;
+    umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
     tracing::info!(identity = %issued.identity, serial = %issued.serial, not_after = issued.not_after, "enrolled");
     Ok(issued)
 }
@@ -291,6 +302,16 @@ fn check_issued(issued: &IssuedCert, key_pem: &str) -> Result<TlsIdentity, Enrol
             "the certificate's identity differs from the one the controller reported",
         ));
     }
+    let not_after = id
+        .peer
+        .not_after
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if not_after != issued.not_after {
+        return Err(EnrollError::BadAnswer(
+            "the certificate's expiry differs from the one the controller reported",
+        ));
+    }
     Ok(id)
 }
 
@@ -320,6 +341,46 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// What the controller reports about a certificate must be what the certificate says:
+    /// the caller prints and schedules by it.
+    #[test]
+    fn an_answer_must_report_the_certificate_as_it_is() {
+        umbra_pki::install_crypto_provider();
+        let ca = umbra_pki::Ca::generate("default", SystemTime::now()).unwrap();
+        let id = umbra_proto::PeerId::new("default", umbra_proto::Role::Agent, "d1").unwrap();
+        let p = umbra_pki::test_util::issue_pems(
+            &ca,
+            id.clone(),
+            vec![],
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let held = TlsIdentity::from_pem(&p.cert_pem, &p.key_pem, ca.cert_pem()).unwrap();
+        let not_after = held
+            .peer
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let issued = |identity: String, not_after: u64| IssuedCert {
+            identity,
+            cert_pem: p.cert_pem.clone(),
+            ca_pem: ca.cert_pem().to_owned(),
+            serial: String::new(),
+            not_after,
+            user: None,
+            brokers: vec![],
+        };
+        assert!(check_issued(&issued(id.to_uri(), not_after), &p.key_pem).is_ok());
+        for bad in [not_after + 1, u64::MAX] {
+            let e = check_issued(&issued(id.to_uri(), bad), &p.key_pem).unwrap_err();
+            assert!(e.to_string().contains("expiry"), "{e}");
+        }
+        let other = "umbra://default/agent/d2".to_owned();
+        assert!(check_issued(&issued(other, not_after), &p.key_pem).is_err());
     }
 
     #[test]

@@ -171,7 +171,10 @@ async fn enroll_into(
     let issued = umbra_link::enroll::enroll(controller, token, dir)
         .await
         .with_context(|| format!("{role} enrollment failed"))?;
-    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued.not_after);
+    // Checked against the certificate by `enroll`, so it is a time a certificate can hold.
+    let expires = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(issued.not_after))
+        .unwrap_or(std::time::UNIX_EPOCH);
     println!(
         "enrolled {} (certificate valid until {})",
         issued.identity,

@@ -44,8 +44,12 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// An enrolled identity: its key and certificate, and where its controller is (written
+/// first; an enrollment cut short between the files is done again).
 fn has_identity(dir: &Path) -> bool {
-    dir.join("cert.pem").exists() && dir.join("key.pem").exists()
+    ["controller.json", "cert.pem", "key.pem"]
+        .iter()
+        .all(|f| dir.join(f).exists())
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

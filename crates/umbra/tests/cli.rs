@@ -1351,6 +1351,11 @@ fn quickstart_runs_stops_and_resumes() {
         q.proc.tails(30)
     );
 
+    // As if an enrollment had been cut short between its files: the connector's identity
+    // without its controller reference. The next run enrolls it again instead of failing.
+    std::fs::remove_file(data.join("connector/controller.json"))
+        .expect("connector/controller.json");
+
     // Third run: quickstart finds its stored token refused, takes a new one, and goes on.
     let mut q = Quickstart::start(home.path(), Some(&data), base, 3);
     let printed = q.next_steps();
@@ -1359,7 +1364,19 @@ fn quickstart_runs_stops_and_resumes() {
         "quickstart did not say it replaced the admin token:\n{}",
         q.proc.tails(30)
     );
-    assert_eq!(inventory(home.path(), &admin_cfg), before_rotation);
+    // The same objects, but for the connector enrolled again under its name (the one whose
+    // enrollment was cut short stays listed until an administrator revokes it).
+    let mut third = inventory(home.path(), &admin_cfg);
+    let mut expected = before_rotation.clone();
+    let connectors = third.remove("connector").unwrap_or_default();
+    let before = expected.remove("connector").unwrap_or_default();
+    assert_eq!(third, expected);
+    assert!(
+        connectors.len() == before.len() + 1
+            && before.iter().all(|c| connectors.contains(c))
+            && connectors.iter().all(|c| c.starts_with("demo-connector ")),
+        "connectors after enrolling one again: {connectors:?} (before: {before:?})"
+    );
     forward_and_get(home.path(), &printed, &q);
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
