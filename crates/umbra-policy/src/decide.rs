@@ -4,7 +4,8 @@
 //! 1. device not in the snapshot -> [`Reason::UnknownDevice`]
 //! 2. device revoked -> [`Reason::RevokedDevice`]
 //! 3. the device's owner unknown or disabled -> [`Reason::DisabledUser`]
-//! 4. service not published -> [`Reason::UnknownService`]
+//! 4. service not published -> [`Reason::UnknownService`] (after Cedar has been asked all the
+//!    same, so that an unknown name costs what a forbidden one does: no timing oracle)
 //! 5. Cedar, with the owner as principal, `Umbra::Action::"connect"`, the service as resource:
 //!    a satisfied `forbid` -> [`Reason::Forbidden`]; else any evaluation error ->
 //!    [`Reason::Error`]; else a satisfied `permit` -> [`Reason::Permitted`]; else
@@ -114,10 +115,13 @@ impl Engine {
         if !self.facts.user_enabled(&device.owner) {
             return Decision::deny(Reason::DisabledUser, user);
         }
+        // Evaluated before the service is looked up, and for an unknown service thrown away:
+        // refusing an unknown name without asking Cedar would answer faster than refusing a
+        // forbidden one, and a peer timing its answers could tell which names are published.
+        let reason = self.evaluate(&device.owner, req.device, req.service, &req.ctx);
         if !self.facts.services.contains(req.service) {
             return Decision::deny(Reason::UnknownService, user);
         }
-        let reason = self.evaluate(&device.owner, req.device, req.service, &req.ctx);
         Decision {
             allow: matches!(reason, Reason::Permitted { .. }),
             reason,
@@ -342,6 +346,20 @@ mod tests {
         assert!(!d.allow);
         assert_eq!(d.reason, Reason::UnknownService);
         assert_eq!(d.user.as_deref(), Some("alice@example.com"));
+    }
+
+    /// Cedar is asked for an unknown service too (see `decide`), and its answer never counts:
+    /// even a policy that permits every resource lets no one reach a name not published.
+    #[test]
+    fn an_unknown_service_stays_denied_under_a_policy_for_every_resource() {
+        let mut s = base();
+        s.policies = vec![policy("all", "permit(principal, action, resource);")];
+        let e = engine(&s);
+        let d = decide(&e, "d-bob", "nope");
+        assert!(!d.allow);
+        assert_eq!(d.reason, Reason::UnknownService);
+        // The twin: a published one is reached under it.
+        assert!(decide(&e, "d-bob", "db").allow);
     }
 
     #[test]
