@@ -275,12 +275,20 @@ struct Reported {
 /// once per `min_gap` (under churn, heartbeats woken early for audit events do not each resend
 /// the list); and every [`STREAMS_REFRESH`] so that byte counts
 /// stay current. Otherwise the controller keeps the list it has.
+///
+/// `refused`: when the controller last refused a heartbeat for what the list held (more
+/// streams than it takes in one, say). The list is then left out for [`STREAMS_REFRESH`]:
+/// audit events travel in the same heartbeat, and must not stop with it.
 fn streams_due(
     last: Option<Reported>,
+    refused: Option<tokio::time::Instant>,
     generation: u64,
     now: tokio::time::Instant,
     min_gap: Duration,
 ) -> bool {
+    if refused.is_some_and(|at| now.duration_since(at) < STREAMS_REFRESH) {
+        return false;
+    }
     let Some(r) = last else { return true };
     let age = now.duration_since(r.at);
     (r.generation != generation && age >= min_gap) || age >= STREAMS_REFRESH
@@ -292,6 +300,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sent = tokio::time::Instant::now();
     let mut reported: Option<Reported> = None;
+    let mut refused: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             // Biased: the first tick is immediate, so a starting broker registers its
@@ -317,7 +326,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.
         let min_gap = shared.cfg.heartbeat() / 2;
-        let streams = streams_due(reported, generation, last_sent, min_gap)
+        let streams = streams_due(reported, refused, generation, last_sent, min_gap)
             .then(|| shared.streams.report(&shared.name));
         let hb = BrokerHeartbeat {
             name: shared.name.clone(),
@@ -341,6 +350,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                         generation,
                         at: last_sent,
                     });
+                    refused = None;
                 }
                 shared.audit.acked(&Batch {
                     seq: batch.seq,
@@ -348,7 +358,20 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                 });
             }
             Err(e) => {
-                debug!(error = %e, "heartbeat failed");
+                // Refused for what it carried (not lost on the way): if that was the stream
+                // list, the next ones go without it for a while.
+                if let (
+                    Some(list),
+                    umbra_link::LinkError::Api {
+                        status: 400 | 413, ..
+                    },
+                ) = (&hb.streams, &e)
+                {
+                    warn!(streams = list.len(), error = %e, "the controller refused the live-stream list; sending audit events without it for {} s", STREAMS_REFRESH.as_secs());
+                    refused = Some(last_sent);
+                } else {
+                    debug!(error = %e, "heartbeat failed");
+                }
                 reported = None;
                 shared.audit.requeue(Batch {
                     seq: batch.seq,
@@ -374,16 +397,29 @@ mod tests {
         });
         let gap = Duration::from_secs(1);
         // Nothing accepted yet (first heartbeat, or the last one failed): always.
-        assert!(streams_due(None, 5, t0, gap));
+        assert!(streams_due(None, None, 5, t0, gap));
         // Unchanged and recent: the heartbeats in between leave it out.
-        assert!(!streams_due(last, 5, at(200), gap));
-        assert!(!streams_due(last, 5, at(9_999), gap));
+        assert!(!streams_due(last, None, 5, at(200), gap));
+        assert!(!streams_due(last, None, 5, at(9_999), gap));
         // A stream started or ended: on the next heartbeat a full interval after the last
         // list, not on every audit-woken one before that.
-        assert!(!streams_due(last, 6, at(200), gap));
-        assert!(streams_due(last, 6, at(1_000), gap));
+        assert!(!streams_due(last, None, 6, at(200), gap));
+        assert!(streams_due(last, None, 6, at(1_000), gap));
         // Byte counts refresh.
-        assert!(streams_due(last, 5, at(10_000), gap));
+        assert!(streams_due(last, None, 5, at(10_000), gap));
+    }
+
+    /// A list the controller refused (too many streams for one heartbeat) is left out for a
+    /// while, so that the heartbeats carrying audit events go through; then it is tried again.
+    #[test]
+    fn a_refused_stream_list_is_left_out_for_a_while() {
+        let t0 = tokio::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let gap = Duration::from_secs(1);
+        let refused = Some(t0);
+        assert!(!streams_due(None, refused, 5, at(200), gap));
+        assert!(!streams_due(None, refused, 6, at(9_999), gap));
+        assert!(streams_due(None, refused, 6, at(10_000), gap));
     }
 
     #[test]
