@@ -30,6 +30,13 @@ const AUDIT_BATCH: Duration = Duration::from_millis(50);
 const MIN_SPACING: Duration = Duration::from_millis(200);
 /// Longest time between two heartbeats that carry the live-stream list (for byte counts).
 const STREAMS_REFRESH: Duration = Duration::from_secs(10);
+/// Most audit events one heartbeat carries. With heartbeats at most every [`MIN_SPACING`],
+/// 12,500 events a second reach the controller: allowed streams, which are not budgeted
+/// (every access is recorded), would have to be set up faster than that for the bounded
+/// queue to drop old events while the controller is up. A broker's record is at most about
+/// 5 KiB (the controller's bounds on its fields and detail), so a full batch stays within the
+/// controller's 16 MiB body limit.
+const AUDIT_PER_HEARTBEAT: usize = 2_500;
 /// Longest the controller holds a snapshot poll open.
 const MAX_POLL_WAIT_SECS: u64 = 25;
 
@@ -321,7 +328,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let a = shared.authority.load();
         metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
-        let batch = shared.audit.take(1_000);
+        let batch = shared.audit.take(AUDIT_PER_HEARTBEAT);
         // Read before the list, so that a stream starting meanwhile makes the next one due.
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.
