@@ -356,6 +356,13 @@ impl Session {
                 Ok(link) => {
                     st.down.clear(&id);
                     if aside {
+                        // The broker list may have dropped it during the dial (revoked or
+                        // retired): a broker no longer listed carries nothing.
+                        if !st.ranked.contains(&id) {
+                            link.close();
+                            attempts.tried.push(id);
+                            continue;
+                        }
                         // Another request may have linked to the same broker meanwhile, or the
                         // certificate was renewed during the dial: keep one link, made with
                         // the certificate held now.
@@ -494,6 +501,129 @@ mod tests {
     use umbra_proto::frame::FrameError;
 
     use super::*;
+
+    /// A broker at the transport level: answers pings, and every `Open` with `Unavailable`
+    /// (the broker itself is fine; it has no connector). Returns its info and its links.
+    async fn unavailable_broker(
+        ca: &umbra_pki::Ca,
+        id: &str,
+    ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>) {
+        let tls = umbra_pki::test_util::identity(ca, umbra_proto::Role::Broker, id).unwrap();
+        let server = umbra_pki::server_config(
+            &tls,
+            umbra_pki::ClientAuth::Required,
+            &[umbra_link::ALPN],
+            false,
+        )
+        .unwrap();
+        let listener = umbra_link::Listener::bind(
+            None,
+            Some("127.0.0.1:0".parse().unwrap()),
+            Arc::new(server),
+            umbra_link::LinkConfig::default(),
+        )
+        .await
+        .unwrap();
+        let info = BrokerInfo {
+            id: id.into(),
+            name: id.into(),
+            quic_addr: None,
+            tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
+            server_name: umbra_pki::broker_server_name(id),
+        };
+        let links = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let held = links.clone();
+        tokio::spawn(async move {
+            while let Some(link) = listener.accept().await {
+                held.lock().await.push(link.clone());
+                tokio::spawn(async move {
+                    while let Some(mut s) = link.accept().await {
+                        tokio::spawn(async move {
+                            let answer = match s.read_frame().await {
+                                Ok(Frame::Ping { nonce }) => Frame::Pong { nonce },
+                                Ok(Frame::Open { .. }) => Frame::OpenReply {
+                                    code: OpenCode::Unavailable,
+                                },
+                                _ => return,
+                            };
+                            let _ = s.write_frame(&answer).await;
+                            let _ = s.finish().await;
+                        });
+                    }
+                });
+            }
+        });
+        (info, links)
+    }
+
+    /// A broker the controller drops from the list while the agent is dialing it for a side
+    /// link (revoked, say) carries nothing: the new link is closed, not used. The dial is
+    /// slowed by a TCP relay that waits before it forwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_dropped_from_the_list_during_a_side_dial_is_not_used() {
+        umbra_pki::install_crypto_provider();
+        let ca = umbra_pki::Ca::generate("default", SystemTime::now()).unwrap();
+        let (a, _) = unavailable_broker(&ca, "b-a").await;
+        let (mut b, b_links) = unavailable_broker(&ca, "b-b").await;
+        let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = b
+            .tcp_addr
+            .replace(slow.local_addr().unwrap().to_string())
+            .unwrap();
+        let delay = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let delaying = delay.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = slow.accept().await {
+                let (to, delaying) = (to.clone(), delaying.clone());
+                tokio::spawn(async move {
+                    if delaying.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    let mut u = tokio::net::TcpStream::connect(&to).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                });
+            }
+        });
+        let id = umbra_pki::test_util::identity(&ca, umbra_proto::Role::Agent, "d1").unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(id));
+        let cfg = AgentConfig {
+            transport: umbra_link::TransportPref::Tcp,
+            ..AgentConfig::default()
+        };
+        let session = Arc::new(Session::connect(cfg, rx, vec![a.clone(), b.clone()]).await);
+        // `b-a` is current (no relay in front), or the test means nothing.
+        let current = session
+            .state
+            .lock()
+            .await
+            .current
+            .as_ref()
+            .map(|(id, _)| id.clone());
+        assert_eq!(current.as_deref(), Some("b-a"));
+        delay.store(true, std::sync::atomic::Ordering::SeqCst);
+
+        let opening = tokio::spawn({
+            let session = session.clone();
+            async move { session.open("svc").await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        session.update_brokers(vec![a]).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), opening)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(r, Err(OpenError::Unavailable(_))), "{r:?}");
+        // Its link (the one dialed for the side) is closed, and none is kept.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let open_links = b_links
+            .lock()
+            .await
+            .iter()
+            .filter(|l| !l.is_closed())
+            .count();
+        assert_eq!(open_links, 0);
+        assert!(session.state.lock().await.side.is_empty());
+    }
 
     #[test]
     fn reply_table() {
