@@ -9,7 +9,9 @@
 //! frames and hands each stream's bytes to that stream's channel, and writes what the streams
 //! send it through the link's command channel. A stream half never touches the socket, takes
 //! no lock and allocates nothing per chunk: a chunk is a [`Bytes`] sliced from the driver's
-//! read buffer on the way in, and given to rustls as it is on the way out. The driver takes no
+//! read buffer on the way in, and given to rustls as it is on the way out. (Only while a
+//! stream's reader is behind are its small chunks copied out and gathered, so that they do
+//! not each keep a read buffer alive: see [`QUEUE_SLICE_MIN`].) The driver takes no
 //! lock per wake-up either: it learns that the link is closing from an atomic flag (see
 //! `Shared::close`), not by polling a cancellation token, whose every poll takes a mutex.
 //!
@@ -631,13 +633,19 @@ impl Entry {
     /// Hands `data`, received and not passed on, to the stream's reader; `true` if small
     /// chunks are held back and [`Entry::settle`] must run once the frames at hand are done.
     ///
-    /// A chunk of [`QUEUE_SLICE_MIN`] or more goes down the channel as it is. A smaller one is
+    /// A chunk of [`QUEUE_SLICE_MIN`] or more goes down the channel as it is, and so does any
+    /// chunk for a reader that has taken everything sent so far. Otherwise it is
     /// copied into `held`, which goes down the channel (as one chunk, in its own allocation)
     /// once it reaches that size, or when the reader has taken everything sent so far: at
     /// once for a reader that keeps up, and for one that does not, one chunk per catch-up
-    /// instead of one per frame. Either way nothing small keeps a read buffer alive.
+    /// instead of one per frame. Either way at most one small chunk per stream keeps a read
+    /// buffer alive.
     fn queue(&mut self, data: Bytes) -> bool {
-        if data.len() >= QUEUE_SLICE_MIN {
+        // A reader that has taken everything takes this too, soon: as it is. (One slice per
+        // stream at most, then, for a reader that stops; the rest is gathered.)
+        let caught_up =
+            self.held.is_empty() && self.stream.taken.load(Ordering::SeqCst) == self.pushed;
+        if data.len() >= QUEUE_SLICE_MIN || caught_up {
             self.release();
             self.push(Event::Data(data));
             return false;
