@@ -130,23 +130,48 @@ impl BrokerConfig {
         {
             return Err(bad("advertise_host", "a host name or IP address"));
         }
-        for (field, v) in [
-            ("max_staleness_secs", self.max_staleness_secs),
-            ("open_timeout_ms", self.open_timeout_ms),
-            ("dial_timeout_ms", self.dial_timeout_ms),
-            ("idle_timeout_secs", self.idle_timeout_secs),
-            ("heartbeat_ms", self.heartbeat_ms),
-            ("handshake_timeout_ms", self.handshake_timeout_ms),
+        // Upper bounds too: a duration is added to clocks and timers, where an absurd one
+        // would overflow (a panic in a background task that then never runs again).
+        for (field, v, max, what) in [
+            (
+                "max_staleness_secs",
+                self.max_staleness_secs,
+                366 * 86_400,
+                "366 days",
+            ),
+            (
+                "open_timeout_ms",
+                self.open_timeout_ms,
+                3_600_000,
+                "an hour",
+            ),
+            (
+                "dial_timeout_ms",
+                self.dial_timeout_ms,
+                3_600_000,
+                "an hour",
+            ),
+            ("idle_timeout_secs", self.idle_timeout_secs, 86_400, "a day"),
+            ("heartbeat_ms", self.heartbeat_ms, 3_600_000, "an hour"),
+            (
+                "handshake_timeout_ms",
+                self.handshake_timeout_ms,
+                3_600_000,
+                "an hour",
+            ),
         ] {
             if v == 0 {
                 return Err(bad(field, "must be greater than 0"));
+            }
+            if v > max {
+                return Err(bad(field, format!("must be at most {max} ({what})")));
             }
         }
         if !(1..=3600).contains(&self.reverify_secs) {
             return Err(bad("reverify_secs", "must be between 1 and 3600"));
         }
-        if self.max_pending_handshakes == 0 {
-            return Err(bad("max_pending_handshakes", "must be greater than 0"));
+        if !(1..=65_536).contains(&self.max_pending_handshakes) {
+            return Err(bad("max_pending_handshakes", "must be between 1 and 65536"));
         }
         if !(1..=4096).contains(&self.max_links_per_peer) {
             return Err(bad("max_links_per_peer", "must be between 1 and 4096"));
@@ -238,6 +263,33 @@ mod tests {
             };
             assert_eq!(c.validate().unwrap_err().field, "reverify_secs");
         }
+        // Absurdly large values are refused by name, not left to overflow a timer later.
+        for n in [0, 65_537, 1 << 62] {
+            let c = BrokerConfig {
+                max_pending_handshakes: n,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "max_pending_handshakes");
+        }
+        let c = BrokerConfig {
+            max_staleness_secs: u64::MAX,
+            ..BrokerConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "max_staleness_secs");
+        let c = BrokerConfig {
+            idle_timeout_secs: 86_401,
+            ..BrokerConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "idle_timeout_secs");
+        // The twin: the largest allowed values are taken.
+        let c = BrokerConfig {
+            max_staleness_secs: 366 * 86_400,
+            max_pending_handshakes: 65_536,
+            idle_timeout_secs: 86_400,
+            heartbeat_ms: 3_600_000,
+            ..BrokerConfig::default()
+        };
+        c.validate().unwrap();
         for n in [0, 1_000_001] {
             let c = BrokerConfig {
                 max_streams_per_device: n,

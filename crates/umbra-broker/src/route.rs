@@ -157,14 +157,33 @@ fn newest<T, K: Ord>(links: impl IntoIterator<Item = T>, key: impl Fn(&T) -> K) 
     links.into_iter().max_by_key(|c| key(c))
 }
 
-/// Orders by `key` (health, then load), stable, so ties keep registration order. Pure.
+/// Orders by `key` (health, then load), stable, so ties keep registration order. Each key is
+/// read once: health and load are live counters that other streams change during the sort,
+/// and a sort whose comparisons disagree with each other may panic. Pure.
 fn rank<T, K: Ord>(v: &mut [T], key: impl Fn(&T) -> K) {
-    v.sort_by_key(|c| key(c));
+    v.sort_by_cached_key(|c| key(c));
 }
 
 #[cfg(test)]
 mod tests {
     use super::rank;
+
+    /// Keys that change while the sort runs (other streams open and close meanwhile) are
+    /// read once each: no panic, and the order is that of the keys as read.
+    #[test]
+    fn ranking_reads_each_key_once() {
+        let calls = std::cell::Cell::new(0u64);
+        let mut v: Vec<u64> = (0..64).collect();
+        rank(&mut v, |x| {
+            calls.set(calls.get() + 1);
+            // A different answer on every call, as a live counter can give.
+            (x * 7919 + calls.get() * 104_729) % 1000
+        });
+        assert_eq!(calls.get(), 64);
+        let mut sorted = v.clone();
+        sorted.sort_unstable();
+        assert_ne!(v, sorted, "the keys ordered it, not the values");
+    }
 
     #[test]
     fn newest_link_of_a_connector_gets_new_streams() {

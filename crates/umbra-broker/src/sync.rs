@@ -266,7 +266,7 @@ fn next_recheck(
 ) -> Duration {
     match a.fresh_for(now, max_staleness) {
         Some(left) => every.min(left),
-        None => every.min(max_staleness + Duration::from_secs(1)),
+        None => every.min(max_staleness.saturating_add(Duration::from_secs(1))),
     }
 }
 

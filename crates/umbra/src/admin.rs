@@ -18,11 +18,15 @@ pub(crate) struct Args {
     /// Controller URL, e.g. https://127.0.0.1:7400.
     #[arg(long, env = "UMBRA_CONTROLLER")]
     controller: Option<String>,
-    /// Admin bearer token (printed once at the controller's first start).
-    #[arg(long, env = "UMBRA_ADMIN_TOKEN", hide_env_values = true)]
+    /// Admin bearer token (printed once at the controller's first start). A command line is
+    /// visible to other users of the host: prefer --token-file. [env: UMBRA_ADMIN_TOKEN]
+    #[arg(long)]
     token: Option<String>,
-    /// File holding the admin token.
-    #[arg(long, env = "UMBRA_ADMIN_TOKEN_FILE")]
+    /// File holding the admin token. [env: UMBRA_ADMIN_TOKEN_FILE]
+    ///
+    /// Flags win over the environment, and the environment over --config: a token left in
+    /// UMBRA_ADMIN_TOKEN does not override a --token-file given on the command line.
+    #[arg(long)]
     token_file: Option<PathBuf>,
     /// The organisation CA certificate (PEM) to verify the controller with.
     #[arg(long, env = "UMBRA_CA_FILE")]
@@ -406,6 +410,41 @@ fn https_url(base: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the admin token comes from.
+#[derive(Debug, PartialEq)]
+enum TokenSource {
+    Given(String),
+    File(PathBuf),
+}
+
+/// The admin token's source: a flag (`--token`, then `--token-file`), else the environment
+/// (`UMBRA_ADMIN_TOKEN`, then `UMBRA_ADMIN_TOKEN_FILE`), else `--config` (`token_file`, then
+/// `token`). A more deliberate place wins: a token exported for the shell must not override a
+/// `--token-file` on the command line (a rotation would then not rewrite that file). Pure.
+fn token_source(
+    a: &Args,
+    env_token: Option<String>,
+    env_file: Option<PathBuf>,
+    config_token: Option<String>,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<TokenSource> {
+    Ok(if let Some(t) = &a.token {
+        TokenSource::Given(t.clone())
+    } else if let Some(p) = &a.token_file {
+        TokenSource::File(p.clone())
+    } else if let Some(t) = env_token {
+        TokenSource::Given(t)
+    } else if let Some(p) = env_file.or(config_file) {
+        TokenSource::File(p)
+    } else if let Some(t) = config_token {
+        TokenSource::Given(t)
+    } else {
+        bail!(
+            "no admin token: pass --token-file (or --token, UMBRA_ADMIN_TOKEN_FILE, UMBRA_ADMIN_TOKEN, or --config)"
+        )
+    })
+}
+
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
@@ -416,30 +455,28 @@ pub(crate) struct Client {
 
 impl Client {
     fn new(a: &Args) -> anyhow::Result<Client> {
-        let file: AdminFile = match &a.config {
-            Some(p) => {
-                let t = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read {}", p.display()))?;
-                toml::from_str(&t)
-                    .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message().trim()))?
-            }
-            None => AdminFile::default(),
-        };
+        // As the role configs are read: an error names the key and its line.
+        let file: AdminFile = crate::load::file_or_default(a.config.as_deref())?;
         let base =
             a.controller.clone().or(file.controller).context(
                 "no controller: pass --controller URL (or UMBRA_CONTROLLER, or --config)",
             )?;
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        let source = token_source(
+            a,
+            env("UMBRA_ADMIN_TOKEN").map(|v| v.to_string_lossy().into_owned()),
+            env("UMBRA_ADMIN_TOKEN_FILE").map(PathBuf::from),
+            file.token,
+            file.token_file,
+        )?;
         let mut token_file = None;
-        let token = if let Some(t) = &a.token {
-            t.clone()
-        } else if let Some(p) = a.token_file.clone().or(file.token_file) {
-            let t = crate::load::secret_file(&p, "token file")?;
-            token_file = Some(p);
-            t
-        } else if let Some(t) = file.token {
-            t
-        } else {
-            bail!("no admin token: pass --token (or UMBRA_ADMIN_TOKEN, --token-file, or --config)")
+        let token = match source {
+            TokenSource::Given(t) => t,
+            TokenSource::File(p) => {
+                let t = crate::load::secret_file(&p, "token file")?;
+                token_file = Some(p);
+                t
+            }
         };
         let ca_file = a.ca_file.clone().or(file.ca_file).context(
             "no CA: pass --ca-file with the organisation CA (or UMBRA_CA_FILE, or --config)",
@@ -1249,6 +1286,68 @@ fn path_with_query(path: &str, query: &[(&str, String)]) -> anyhow::Result<Strin
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use super::{TokenSource, token_source};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: super::Args,
+    }
+
+    fn args(flags: &[&str]) -> super::Args {
+        let mut argv = vec!["umbra"];
+        argv.extend_from_slice(flags);
+        argv.extend_from_slice(&["user", "list"]);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().a
+    }
+
+    /// Flags, then the environment, then the config file: a token exported for the shell
+    /// does not override a `--token-file` on the command line.
+    #[test]
+    fn the_admin_token_comes_from_the_most_deliberate_place() {
+        let env = Some("from-env".to_owned());
+        let f = |p: &str| TokenSource::File(PathBuf::from(p));
+        let src = |a: &super::Args, env: Option<String>| {
+            token_source(
+                a,
+                env,
+                Some(PathBuf::from("/env-file")),
+                Some("from-config".into()),
+                Some(PathBuf::from("/config-file")),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            src(&args(&["--token-file", "/flag-file"]), env.clone()),
+            f("/flag-file")
+        );
+        assert_eq!(
+            src(&args(&["--token", "t", "--token-file", "/x"]), env.clone()),
+            TokenSource::Given("t".into())
+        );
+        assert_eq!(src(&args(&[]), env), TokenSource::Given("from-env".into()));
+        assert_eq!(src(&args(&[]), None), f("/env-file"));
+        let none = args(&[]);
+        assert_eq!(
+            token_source(
+                &none,
+                None,
+                None,
+                Some("c".into()),
+                Some("/config-file".into())
+            )
+            .unwrap(),
+            f("/config-file")
+        );
+        assert_eq!(
+            token_source(&none, None, None, Some("c".into()), None).unwrap(),
+            TokenSource::Given("c".into())
+        );
+        assert!(token_source(&none, None, None, None, None).is_err());
+    }
+
     #[test]
     fn audit_filters_are_encoded() {
         let q = [

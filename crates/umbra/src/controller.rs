@@ -73,9 +73,8 @@ pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
     if let Some(v) = a.cert_lifetime {
         c.cert_lifetime_secs = v.as_secs();
     }
-    if c.ca_key.is_none() {
-        c.ca_key = std::env::var("UMBRA_CA_KEY").ok().filter(|k| !k.is_empty());
-    }
+    // UMBRA_CA_KEY is read by the controller itself, so that what it says about a bad or
+    // wrong key names the variable, not a `ca_key` setting the operator never wrote.
     c.validate()?;
     Ok(c)
 }
@@ -105,6 +104,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         println!("admin token (shown once, store it now): {token}");
     }
     println!("controller listening on {}", c.url());
+    if c.public_url() != c.url() {
+        // What to give agents, connectors and brokers (`enroll --controller`).
+        println!("peers reach it at {}", c.public_url());
+    }
     println!("organisation CA certificate: {}", ca_file.display());
     crate::telemetry::shutdown_signal().await;
     tracing::info!("shutting down");

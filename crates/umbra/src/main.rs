@@ -22,9 +22,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "umbra", version, propagate_version = true)]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `umbra_broker=debug`.
-    #[arg(long, global = true, env = "UMBRA_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `umbra_broker=debug`. Default:
+    /// `info` for the roles; for `agent` and `admin`, which print results for a person,
+    /// warnings only (and the agent's own `info`).
+    #[arg(long, global = true, env = "UMBRA_LOG")]
+    log: Option<String>,
     /// Log format: `json` (one structured line per event) or `text`.
     #[arg(long, global = true, env = "UMBRA_LOG_FORMAT", value_parser = ["json", "text"])]
     log_format: Option<String>,
@@ -62,8 +64,7 @@ fn main() -> std::process::ExitCode {
         .clone()
         .unwrap_or_else(|| if interactive { "text" } else { "json" }.to_owned());
     let format = format.as_str();
-    let agent_log = cli.log_or_quiet();
-    let log = cli.log.clone();
+    let log = cli.log_filter();
     if !matches!(cli.command, Command::Admin(_) | Command::Agent(_)) {
         // Installed before any role records a metric (records made earlier would be lost).
         telemetry::metrics_handle();
@@ -94,11 +95,11 @@ fn main() -> std::process::ExitCode {
                 connector::run(a).await
             }
             Command::Agent(a) => {
-                telemetry::init_logs(&agent_log, format, None)?;
+                telemetry::init_logs(&log, format, None)?;
                 agent::run(a).await
             }
             Command::Admin(a) => {
-                telemetry::init_logs("warn", format, None)?;
+                telemetry::init_logs(&log, format, None)?;
                 admin::run(a).await
             }
         }
@@ -113,13 +114,18 @@ fn main() -> std::process::ExitCode {
 }
 
 impl Cli {
-    /// Agent commands print results for a person: keep logs to warnings unless asked.
-    fn log_or_quiet(&self) -> String {
-        if self.log == "info" {
-            "warn,umbra_agent=info".into()
-        } else {
-            self.log.clone()
+    /// The log filter asked for (`--log`, `UMBRA_LOG`), else the command's own default: agent
+    /// and admin commands print results for a person, so their logs stay to warnings.
+    fn log_filter(&self) -> String {
+        if let Some(l) = &self.log {
+            return l.clone();
         }
+        match self.command {
+            Command::Agent(_) => "warn,umbra_agent=info",
+            Command::Admin(_) => "warn",
+            _ => "info",
+        }
+        .to_owned()
     }
 }
 
@@ -144,6 +150,28 @@ fn error_line(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::error_line;
+
+    /// An explicit `--log` is used as given, `info` included; without one, each command has
+    /// its default. (`UMBRA_LOG` counts as given; the test environment leaves it unset.)
+    #[test]
+    fn the_log_filter_asked_for_wins() {
+        use clap::Parser;
+        let filter = |argv: &[&str]| super::Cli::try_parse_from(argv).unwrap().log_filter();
+        assert_eq!(
+            filter(&["umbra", "--log", "info", "agent", "status"]),
+            "info"
+        );
+        assert_eq!(
+            filter(&["umbra", "agent", "status"]),
+            "warn,umbra_agent=info"
+        );
+        assert_eq!(
+            filter(&["umbra", "--log", "debug", "admin", "user", "list"]),
+            "debug"
+        );
+        assert_eq!(filter(&["umbra", "admin", "user", "list"]), "warn");
+        assert_eq!(filter(&["umbra", "controller"]), "info");
+    }
 
     /// Like the library errors: the source in the message and as `source()`.
     #[derive(Debug)]

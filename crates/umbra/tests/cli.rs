@@ -569,7 +569,8 @@ struct RoleConfigCase {
     bad: &'static [(&'static str, &'static str)],
 }
 
-/// `umbra controller`, `umbra connector` and `umbra agent` read `--config FILE` at start: an
+/// `umbra controller`, `umbra connector`, `umbra agent` and `umbra admin` read `--config FILE`
+/// at start: an
 /// unknown key fails at once naming the key and the file, a bad value (wrong type, out of
 /// range) names its field, and the same command with a valid file gets past the config (it
 /// then fails for the reason expected here: a busy port, no identity).
@@ -636,6 +637,24 @@ fn role_config_errors_name_what_is_wrong() {
                 ("idle_timeout_secs = \"5m\"\n", "idle_timeout_secs"),
                 ("open_timeout_ms = 120000\n", "open_timeout_ms"),
                 ("stream_window_kib = 8\n", "stream_window_kib"),
+            ],
+        },
+        RoleConfigCase {
+            role: "admin",
+            args: |cfg| {
+                ["admin", "--config", cfg, "user", "list"]
+                    .map(String::from)
+                    .to_vec()
+            },
+            valid: format!(
+                "controller = \"https://127.0.0.1:9\"\ntoken = \"t\"\nca_file = {:?}\n",
+                p("no-ca.pem")
+            ),
+            later_failure: vec![format!("cannot read {}", p("no-ca.pem"))],
+            unknown_key: "controler",
+            bad: &[
+                ("controller = 7400\n", "controller"),
+                ("token_file = [1]\n", "token_file"),
             ],
         },
     ];
@@ -722,6 +741,50 @@ fn role_config_errors_name_what_is_wrong() {
         "config errors:\n{}",
         failures.join("\n")
     );
+}
+
+/// A bad `UMBRA_CA_KEY` is reported as that variable, not as a `ca_key` setting the
+/// operator never wrote. The twin: a good one starts the controller.
+#[test]
+fn a_bad_ca_key_variable_is_named() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let data = home.path().join("ctl");
+    let args = [
+        "controller",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "none",
+    ];
+    let out = umbra_env(home.path(), &args, &[("UMBRA_CA_KEY", "short")]);
+    assert!(
+        !out.success() && out.stderr.contains("UMBRA_CA_KEY") && !out.stderr.contains("ca_key"),
+        "{}",
+        out.describe()
+    );
+    let key = "ab".repeat(32);
+    let mut cmd = Command::new(common::umbra());
+    cmd.args(args).current_dir(home.path());
+    common::clean_env(&mut cmd, home.path());
+    cmd.env("UMBRA_CA_KEY", &key);
+    let mut p = Proc::spawn(
+        "controller",
+        cmd,
+        home.path().join("ctl.stdout"),
+        home.path().join("ctl.stderr"),
+    );
+    let r = poll(Duration::from_secs(30), || {
+        if p.stdout_text().contains("controller listening on") {
+            Ok(())
+        } else {
+            Err(format!("not listening: {}", p.tails(10)))
+        }
+    });
+    r.unwrap_or_else(|e| panic!("{e}"));
+    p.interrupt();
+    let _ = p.wait_exit(Duration::from_secs(20));
 }
 
 #[test]
@@ -1765,9 +1828,19 @@ fn controller_reset_admin_token() {
         "a refused reset created the database"
     );
 
-    let (mut p, _, r) = start(1, &[]);
+    let (mut p, _, r) = start(1, &["--public-url", "https://ctl.example.test:7400"]);
     let out = r.unwrap_or_else(|e| panic!("first start: {e}\n{}", p.tails(20)));
     let first = token_in(&out, "admin token (shown once");
+    // The URL peers are to use is the one printed for them.
+    common::poll(Duration::from_secs(5), || {
+        let out = p.stdout_text();
+        if out.contains("peers reach it at https://ctl.example.test:7400") {
+            Ok(())
+        } else {
+            Err(format!("--public-url not printed:\n{out}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     p.interrupt();
     let _ = p.wait_exit(Duration::from_secs(20));
 
