@@ -571,12 +571,15 @@ mod tests {
             .replace(slow.local_addr().unwrap().to_string())
             .unwrap();
         let delay = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let delaying = delay.clone();
+        let dialing = Arc::new(tokio::sync::Notify::new());
+        let (delaying, dialed) = (delay.clone(), dialing.clone());
         tokio::spawn(async move {
             while let Ok((mut c, _)) = slow.accept().await {
-                let (to, delaying) = (to.clone(), delaying.clone());
+                let (to, delaying, dialed) = (to.clone(), delaying.clone(), dialed.clone());
                 tokio::spawn(async move {
                     if delaying.load(std::sync::atomic::Ordering::SeqCst) {
+                        // The side dial is under way: the test drops the broker now.
+                        dialed.notify_one();
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     let mut u = tokio::net::TcpStream::connect(&to).await.unwrap();
@@ -606,23 +609,32 @@ mod tests {
             let session = session.clone();
             async move { session.open("svc").await }
         });
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::timeout(Duration::from_secs(10), dialing.notified())
+            .await
+            .expect("the side dial to b-b did not start");
         session.update_brokers(vec![a]).await;
         let r = tokio::time::timeout(Duration::from_secs(10), opening)
             .await
             .unwrap()
             .unwrap();
         assert!(matches!(r, Err(OpenError::Unavailable(_))), "{r:?}");
-        // Its link (the one dialed for the side) is closed, and none is kept.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let open_links = b_links
-            .lock()
-            .await
-            .iter()
-            .filter(|l| !l.is_closed())
-            .count();
-        assert_eq!(open_links, 0);
+        // The side link reached b-b (after the probe's), is closed, and is not kept.
         assert!(session.state.lock().await.side.is_empty());
+        let t0 = std::time::Instant::now();
+        loop {
+            let links = b_links.lock().await;
+            if links.len() >= 2 && links.iter().all(Link::is_closed) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "b-b's links: {} accepted, {} open",
+                links.len(),
+                links.iter().filter(|l| !l.is_closed()).count()
+            );
+            drop(links);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[test]

@@ -446,6 +446,9 @@ async fn a_side_dial_does_not_hold_up_the_current_link() {
     );
     let cfg = AgentConfig {
         identity_dir: dir.path().to_path_buf(),
+        // The black-holed dial lasts a connect timeout per transport: long enough that the
+        // connections below are served well within it, however loaded the machine.
+        connect_timeout_ms: 3_000,
         ..s.cfg.clone()
     };
     // One session for both services.

@@ -920,12 +920,14 @@ fn forward_and_get(home: &Path, printed: &[String], q: &Quickstart) -> String {
         printed.len() >= 6 && printed[1] == "agent" && printed[2] == "--dir",
         "unexpected agent command line: {printed:?}"
     );
-    let port = common::free_tcp_port();
     let mut args: Vec<String> = printed[1..].to_vec();
+    // Port 0, and the port the agent prints: a port picked here could be taken meanwhile.
     match args.iter().position(|a| a == "--listen") {
-        Some(i) if i + 1 < args.len() => args[i + 1] = format!("127.0.0.1:{port}"),
+        Some(i) if i + 1 < args.len() => args[i + 1] = "127.0.0.1:0".into(),
         _ => panic!("the printed agent command has no --listen ADDR: {printed:?}"),
     }
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let agent_dir = Path::new(&args[2]).to_path_buf();
     assert!(
         agent_dir.join("cert.pem").exists(),
@@ -938,13 +940,15 @@ fn forward_and_get(home: &Path, printed: &[String], q: &Quickstart) -> String {
     let mut agent = Proc::spawn(
         "agent",
         cmd,
-        home.join(format!("agent.{port}.stdout")),
-        home.join(format!("agent.{port}.stderr")),
+        home.join(format!("agent.{run}.stdout")),
+        home.join(format!("agent.{run}.stderr")),
     );
     let r = poll(Duration::from_secs(20), || {
         if let Some(s) = agent.exited() {
             return Err(format!("the agent exited: {s}"));
         }
+        let port = printed_port(&agent.stdout_text(), "forwarding 127.0.0.1:")
+            .ok_or("the agent has not printed its forward yet")?;
         let answer = common::http_get(port)?;
         if answer.starts_with("HTTP/1.")
             && answer.contains(" 200 ")
@@ -1462,14 +1466,14 @@ fn start_controller(
     run: u32,
     extra: &[&str],
 ) -> (Proc, u16, Result<String, String>) {
-    let port = common::free_tcp_port();
+    // Port 0, and the port it prints: a port picked here could be taken meanwhile.
     let mut cmd = Command::new(common::umbra());
     cmd.args([
         "controller",
         "--data-dir",
         data,
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        "127.0.0.1:0",
         "--metrics-listen",
         "none",
     ])
@@ -1492,7 +1496,19 @@ fn start_controller(
             None => Err("not listening after 30 s".into()),
         }
     });
+    let port = r
+        .as_ref()
+        .ok()
+        .and_then(|out| printed_port(out, "controller listening on https://127.0.0.1:"))
+        .unwrap_or(0);
     (proc, port, r)
+}
+
+/// The port printed right after `prefix` in `out`.
+fn printed_port(out: &str, prefix: &str) -> Option<u16> {
+    let rest = &out[out.find(prefix)? + prefix.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// A controller started for a test, and `umbra admin` against it.

@@ -35,16 +35,31 @@ struct Chain {
     entry: std::net::SocketAddr,
     agent_counters: Arc<Counters>,
     broker_counters: Arc<Counters>,
+    /// How each of the broker's relays ended.
+    broker_ends: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Result<(), LinkError>>>,
     _links: Vec<Link>,
+}
+
+/// Each relay's idle timeout (zero: none).
+#[derive(Clone, Copy)]
+struct Idle {
+    agent: Duration,
+    broker: Duration,
+    connector: Duration,
 }
 
 /// Broker, connector and agent wired together over transport `t`; `idle` for every relay.
 async fn chain(t: Transport, idle: Duration) -> Chain {
-    chain_to(t, idle, echo_server().await).await
+    let idle = Idle {
+        agent: idle,
+        broker: idle,
+        connector: idle,
+    };
+    chain_with(t, idle, echo_server().await).await
 }
 
-/// The same, with the connector dialing `target`.
-async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) -> Chain {
+/// The chain with an idle timeout per relay.
+async fn chain_with(t: Transport, idle: Idle, target: std::net::SocketAddr) -> Chain {
     let org = Org::new();
     let cfg = LinkConfig::default();
     let listener = org.listener(cfg.clone()).await;
@@ -65,7 +80,7 @@ async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) ->
                     s.write_frame(&Frame::DialReply { code: DialCode::Ok })
                         .await
                         .unwrap();
-                    let _ = relay_tcp(tcp, s, idle, &Counters::default()).await;
+                    let _ = relay_tcp(tcp, s, idle.connector, &Counters::default()).await;
                 });
             }
         });
@@ -87,6 +102,7 @@ async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) ->
     }
     let (from_agent, to_connector) = (from_agent.unwrap(), to_connector.unwrap());
     let broker_counters = Arc::new(Counters::default());
+    let (ended, broker_ends) = tokio::sync::mpsc::unbounded_channel();
     {
         let counters = broker_counters.clone();
         let (from_agent, to_connector) = (from_agent.clone(), to_connector.clone());
@@ -96,6 +112,7 @@ async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) ->
                 n += 1;
                 let to_connector = to_connector.clone();
                 let counters = counters.clone();
+                let ended = ended.clone();
                 tokio::spawn(async move {
                     let Ok(Frame::Open { service, .. }) = a.read_frame().await else {
                         return;
@@ -117,7 +134,7 @@ async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) ->
                     a.write_frame(&Frame::OpenReply { code: OpenCode::Ok })
                         .await
                         .unwrap();
-                    let _ = relay_streams(a, c, idle, &counters).await;
+                    let _ = ended.send(relay_streams(a, c, idle.broker, &counters).await);
                 });
             }
         });
@@ -147,7 +164,7 @@ async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) ->
                         s.read_frame().await.unwrap(),
                         Frame::OpenReply { code: OpenCode::Ok }
                     );
-                    let _ = relay_tcp(tcp, s, idle, &counters).await;
+                    let _ = relay_tcp(tcp, s, idle.agent, &counters).await;
                 });
             }
         });
@@ -156,6 +173,7 @@ async fn chain_to(t: Transport, idle: Duration, target: std::net::SocketAddr) ->
         entry,
         agent_counters,
         broker_counters,
+        broker_ends: tokio::sync::Mutex::new(broker_ends),
         _links: vec![conn_link, agent_link, from_agent, to_connector],
     }
 }
@@ -249,19 +267,37 @@ async fn quic_uses_the_large_loopback_mtu_under_load() {
     assert!(sent < 4 * 35_000, "{sent} packets on four links");
 }
 
-/// An idle relay ends with `Timeout` and resets the streams; the TCP client sees the close.
+/// The broker's relay, idle, ends with `Timeout` and resets both streams, so the TCP client
+/// sees its connection end, not before the idle time. Only the broker has an idle timeout
+/// here: the agent's and the connector's relays would wait for ever.
 async fn idle_relay_times_out(t: Transport) {
     let idle = Duration::from_millis(300);
-    let c = chain(t, idle).await;
+    let c = chain_with(
+        t,
+        Idle {
+            agent: Duration::ZERO,
+            broker: idle,
+            connector: Duration::ZERO,
+        },
+        echo_server().await,
+    )
+    .await;
     let mut tcp = TcpStream::connect(c.entry).await.unwrap();
     tcp.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
     tcp.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello");
-    // Now silence: every relay on the path times out and the agent closes the TCP side.
+    // Now silence.
+    let quiet = std::time::Instant::now();
+    let end = soon("the broker's relay to end", async {
+        c.broker_ends.lock().await.recv().await
+    })
+    .await;
+    assert!(matches!(end, Some(Err(LinkError::Timeout(_)))), "{end:?}");
+    assert!(quiet.elapsed() >= idle, "ended after {:?}", quiet.elapsed());
+    // The agent's relay saw its stream reset and closed the client's connection.
     let mut rest = Vec::new();
-    let r = soon("idle close", tcp.read_to_end(&mut rest)).await;
-    assert!(r.is_ok() || r.is_err());
+    let _ = soon("the client's connection to end", tcp.read_to_end(&mut rest)).await;
     assert!(rest.is_empty());
 }
 both!(idle_relay_times_out);

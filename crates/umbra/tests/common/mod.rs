@@ -268,14 +268,6 @@ pub(crate) fn have(program: &str, arg: &str) -> bool {
         .is_ok()
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub(crate) fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
-
 /// Whether `port` is free on loopback for TCP and, with `udp`, for UDP too.
 pub(crate) fn port_free(port: u16, udp: bool) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
