@@ -593,8 +593,10 @@ mod tests {
             transport: umbra_link::TransportPref::Tcp,
             ..AgentConfig::default()
         };
-        let session = Arc::new(Session::connect(cfg, rx, vec![a.clone(), b.clone()]).await);
-        // `b-a` is current (no relay in front), or the test means nothing.
+        // `b-a` alone is measured, so it is current however loaded the machine; `b-b` joins the
+        // list after it (a refresh puts new brokers last).
+        let session = Arc::new(Session::connect(cfg, rx, vec![a.clone()]).await);
+        session.update_brokers(vec![a.clone(), b.clone()]).await;
         let current = session
             .state
             .lock()
@@ -618,12 +620,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(matches!(r, Err(OpenError::Unavailable(_))), "{r:?}");
-        // The side link reached b-b (after the probe's), is closed, and is not kept.
+        // The side link reached b-b, is closed, and is not kept.
         assert!(session.state.lock().await.side.is_empty());
         let t0 = std::time::Instant::now();
         loop {
             let links = b_links.lock().await;
-            if links.len() >= 2 && links.iter().all(Link::is_closed) {
+            if !links.is_empty() && links.iter().all(Link::is_closed) {
                 break;
             }
             assert!(

@@ -195,6 +195,18 @@ impl Harness {
     async fn audit_page(&self, path: &str) -> Vec<AuditEntry> {
         serde_json::from_value(self.ok("GET", path, None).await).unwrap()
     }
+
+    /// [`Harness::audit_page`] with `token`, for tests that replaced the harness's own.
+    async fn audit_page_with(&self, path: &str, token: &str) -> Vec<AuditEntry> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str(&resp.text().await.unwrap()).unwrap()
+    }
 }
 
 async fn get_json<T: serde::de::DeserializeOwned>(
@@ -2274,18 +2286,12 @@ async fn a_token_rotated_while_a_body_is_on_the_way_writes_nothing() {
     assert_eq!(tokens(new.token.clone()).await.len(), 1);
 
     // The refused write is audited as a refusal.
-    let audit: Vec<AuditEntry> = serde_json::from_str(
-        &h.http
-            .get(h.url("/v1/audit?limit=1000&action=enroll_token.create"))
-            .bearer_auth(&new.token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let audit = h
+        .audit_page_with(
+            "/v1/audit?limit=1000&action=enroll_token.create",
+            &new.token,
+        )
+        .await;
     let results: Vec<(&str, Option<u64>)> = audit
         .iter()
         .map(|e| (e.record.result.as_str(), e.record.detail["status"].as_u64()))
@@ -2312,18 +2318,7 @@ async fn admin_token_reset_from_the_host() {
         "the running controller still takes the old token"
     );
     assert_eq!(users_with(&h.http, &base, &t.token).await, StatusCode::OK);
-    let audit: Vec<AuditEntry> = serde_json::from_str(
-        &h.http
-            .get(h.url("/v1/audit?limit=1000"))
-            .bearer_auth(&t.token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let audit = h.audit_page_with("/v1/audit?limit=1000", &t.token).await;
     assert!(
         audit
             .iter()
