@@ -47,37 +47,29 @@ impl Presented {
         Presented(umbra_pki::sha256(token.as_bytes()))
     }
 
-    /// Whether this is a current admin token of `org` (see [`check`]).
+    /// Whether this is a current admin token of `org`. Its hash is compared with every
+    /// stored hash, each in constant time.
     pub(crate) async fn is_current(
         &self,
         c: &mut SqliteConnection,
         org: &str,
     ) -> Result<bool, sqlx::Error> {
-        check_hash(c, org, &self.0).await
+        let stored = peers::admin_token_hashes(c, org).await?;
+        Ok(stored.iter().fold(false, |ok, s| {
+            let mut bytes = [0u8; 32];
+            let decoded = hex::decode_to_slice(s, &mut bytes).is_ok();
+            (decoded & umbra_pki::ct_eq(&self.0, &bytes)) | ok
+        }))
     }
 }
 
-/// Whether `token` is a current admin token of `org`. Its hash is compared with every stored
-/// hash, each in constant time.
+/// Whether `token` is a current admin token of `org` ([`Presented::is_current`]).
 pub(crate) async fn check(
     c: &mut SqliteConnection,
     org: &str,
     token: &str,
 ) -> Result<bool, sqlx::Error> {
     Presented::new(token).is_current(c, org).await
-}
-
-async fn check_hash(
-    c: &mut SqliteConnection,
-    org: &str,
-    h: &[u8; 32],
-) -> Result<bool, sqlx::Error> {
-    let stored = peers::admin_token_hashes(c, org).await?;
-    Ok(stored.iter().fold(false, |ok, s| {
-        let mut bytes = [0u8; 32];
-        let decoded = hex::decode_to_slice(s, &mut bytes).is_ok();
-        (decoded & umbra_pki::ct_eq(h, &bytes)) | ok
-    }))
 }
 
 /// Replaces every admin token of `org` with one new token, in the caller's transaction.
