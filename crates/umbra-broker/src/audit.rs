@@ -20,10 +20,10 @@
 //! in all ([`DENIALS`]): beyond it they are counted, not recorded, and the actor's next
 //! recorded one says how many were skipped (`skipped` in its detail).
 //!
-//! A record's target may be what a peer asked for (a service name): its control characters
-//! are escaped, and it is cut to [`TARGET_MAX`] bytes, marked `…`, since the controller
-//! refuses a record with a longer one (escapes make a name of control characters several
-//! times longer) and the rest of the record (who, the decision) would be lost with it.
+//! A record's target may be what a peer asked for (a service name): it is escaped and bounded
+//! as the controller's own are ([`umbra_proto::audit_target`]), since the controller refuses
+//! a record with a longer one and the rest of the record (who, the decision) would be lost
+//! with it.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -37,29 +37,6 @@ use umbra_link::budget::{Budget, BudgetConfig, Verdict};
 use umbra_proto::api::{AuditRecord, AuditSeq};
 
 const CAP: usize = 10_000;
-
-/// Longest target of a record, in bytes: what the controller accepts from a broker.
-pub(crate) const TARGET_MAX: usize = 256;
-/// Marks a target cut to [`TARGET_MAX`].
-const CUT: char = '…';
-
-/// `target` as recorded: control characters escaped, so that it cannot forge lines where
-/// records are shown (the controller refuses records holding any), then cut on a character
-/// boundary to at most [`TARGET_MAX`] bytes, marker included. Pure.
-fn record_target(target: &str) -> std::borrow::Cow<'_, str> {
-    let escaped = umbra_proto::escape_controls(target);
-    if escaped.len() <= TARGET_MAX {
-        return escaped;
-    }
-    let mut end = TARGET_MAX - CUT.len_utf8();
-    while !escaped.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut cut = String::with_capacity(end + CUT.len_utf8());
-    cut.push_str(&escaped[..end]);
-    cut.push(CUT);
-    std::borrow::Cow::Owned(cut)
-}
 
 /// The budget of `deny` and `error` records (see the module docs): per actor a burst of 20,
 /// then one per 2 s; in all a burst of 1000, then 50 per second, well above what policy
@@ -183,7 +160,7 @@ impl AuditQueue {
         // The target may be what a peer asked for (a service name): escaped and bounded, so
         // that it cannot forge lines where records are shown, and so that the controller
         // stores the record.
-        let target = &*record_target(target);
+        let target = &*umbra_proto::audit_target(target);
         if result == "deny" || result == "error" {
             let verdict = self
                 .lock()
@@ -503,31 +480,35 @@ mod tests {
             "deny",
             serde_json::json!({"reason": "unknown_service"}),
         );
-        let fits = "s".repeat(TARGET_MAX);
+        let fits = "s".repeat(umbra_proto::AUDIT_TARGET_MAX);
         rec(&a, &fits);
         rec(&a, "demo");
         // Multi-byte characters: cut on a boundary.
-        let wide = "é".repeat(TARGET_MAX);
+        let wide = "é".repeat(umbra_proto::AUDIT_TARGET_MAX);
         rec(&a, &wide);
         let got = a.take(10).records;
         assert_eq!(got.len(), 4, "every record kept");
 
         let cut = &got[0];
-        assert!(cut.target.len() <= TARGET_MAX, "{} bytes", cut.target.len());
+        assert!(
+            cut.target.len() <= umbra_proto::AUDIT_TARGET_MAX,
+            "{} bytes",
+            cut.target.len()
+        );
         assert!(cut.target.starts_with("\\u{1}\\u{1}"));
-        assert!(cut.target.ends_with(CUT));
+        assert!(cut.target.ends_with('…'));
         assert!(!umbra_proto::has_controls(&cut.target));
         assert_eq!((cut.actor.as_str(), cut.result.as_str()), (device, "deny"));
         assert_eq!(cut.detail["reason"], "unknown_service");
 
         assert_eq!(got[1].target, fits, "at the bound: whole");
         assert_eq!(got[2].target, "demo");
-        assert!(got[3].target.len() <= TARGET_MAX);
-        assert!(got[3].target.ends_with(CUT));
+        assert!(got[3].target.len() <= umbra_proto::AUDIT_TARGET_MAX);
+        assert!(got[3].target.ends_with('…'));
         assert!(
             got[3]
                 .target
-                .trim_end_matches(CUT)
+                .trim_end_matches('…')
                 .chars()
                 .all(|c| c == 'é')
         );

@@ -36,30 +36,15 @@ pub(crate) fn record(
         at_ms: unix_ms(now),
         actor: actor.to_owned(),
         action: action.to_owned(),
-        target: bounded(&umbra_proto::escape_controls(target), TARGET_MAX),
+        target: umbra_proto::audit_target(target),
         result: if ok { "ok" } else { "error" }.to_owned(),
         detail,
     }
 }
 
-/// Longest target of a record: targets can come from request paths.
-const TARGET_MAX: usize = 256;
-
-/// `s` cut to at most `max` bytes (on a character boundary, marked `…`): text a request
-/// chose (a path, an error naming it) keeps audit rows bounded.
-pub(crate) fn bounded(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
-/// Longest field of a record a broker reports (actor, target).
-const BROKER_FIELD_MAX: usize = 256;
+/// Longest field of a record a broker reports (actor, target; brokers bound their targets
+/// with [`umbra_proto::audit_target`]).
+const BROKER_FIELD_MAX: usize = umbra_proto::AUDIT_TARGET_MAX;
 /// Longest `detail` of a record a broker reports, as JSON.
 const BROKER_DETAIL_MAX: usize = 4096;
 
@@ -420,7 +405,7 @@ mod tests {
             Value::Null,
         );
         assert!(
-            long.target.len() <= TARGET_MAX + '…'.len_utf8(),
+            long.target.len() <= umbra_proto::AUDIT_TARGET_MAX,
             "{}",
             long.target.len()
         );

@@ -292,7 +292,7 @@ fn failure_detail(err: &ApiFailure) -> serde_json::Value {
     serde_json::json!({
         "status": err.status.as_u16(),
         // An error may quote the request (a name from its path): bounded like the target.
-        "error": audit::bounded(&err.error, 2048),
+        "error": umbra_proto::bounded(&err.error, 2048),
         "field": err.field,
     })
 }

@@ -55,6 +55,32 @@ pub fn has_controls(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+/// `s` cut to at most `max` bytes, on a character boundary, marked `…` (the marker counts):
+/// text a peer or a request chose, kept bounded where it is stored or shown.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    const CUT: char = '…';
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max.saturating_sub(CUT.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{CUT}", &s[..end]))
+}
+
+/// Longest target of an audit record, in bytes: the controller stores no longer one, and
+/// refuses a broker's record with a longer one.
+pub const AUDIT_TARGET_MAX: usize = 256;
+
+/// `target` as an audit record holds it: control characters escaped (so that it cannot forge
+/// lines where records are shown), then [`bounded`] to [`AUDIT_TARGET_MAX`] (escapes make a
+/// name of control characters several times longer, and a record with a longer target would
+/// be refused, who and the decision with it).
+pub fn audit_target(target: &str) -> String {
+    bounded(&escape_controls(target), AUDIT_TARGET_MAX).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::valid_name;
@@ -72,6 +98,24 @@ mod tests {
         // Not control characters: left as they are.
         assert_eq!(escape_controls("élan – ok"), "élan – ok");
         assert!(has_controls("a\u{7f}") && has_controls("\u{85}") && !has_controls("a b"));
+    }
+
+    /// Cut on a character boundary, marked, within the bound; text within it is whole.
+    #[test]
+    fn bounded_text_and_audit_targets() {
+        use super::{AUDIT_TARGET_MAX, audit_target, bounded, has_controls};
+        assert_eq!(bounded("demo", 4), "demo");
+        assert_eq!(bounded("demo!", 4), "d…");
+        assert_eq!(bounded(&"é".repeat(10), 6), "é…");
+        let fits = "s".repeat(AUDIT_TARGET_MAX);
+        assert_eq!(audit_target(&fits), fits);
+        // A name of control characters is several times longer once escaped: cut, marked.
+        let hostile = audit_target(&"\u{1}".repeat(255));
+        assert!(hostile.len() <= AUDIT_TARGET_MAX && hostile.ends_with('…'));
+        assert!(hostile.starts_with("\\u{1}\\u{1}") && !has_controls(&hostile));
+        let cut = audit_target(&"é".repeat(AUDIT_TARGET_MAX));
+        assert!(cut.len() <= AUDIT_TARGET_MAX);
+        assert!(cut.trim_end_matches('…').chars().all(|c| c == 'é'));
     }
 
     #[test]
