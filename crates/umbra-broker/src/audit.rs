@@ -11,7 +11,7 @@
 //! again. Numbers (`epoch`, `seq`) travel with each heartbeat, and the controller stores each
 //! number once, so a resend after a crash or a lost answer does not duplicate events. A torn
 //! last line (the crash hit mid-write) is skipped. The spool is rewritten with only the
-//! unacknowledged events once it passes [`COMPACT_AT`], and never grows much past
+//! unacknowledged events (and the number the next one gets) once it passes [`COMPACT_AT`], and never grows much past
 //! [`SPOOL_MAX`] even when nothing is acknowledged (the oldest events are dropped then).
 //!
 //! The queue is bounded: if the controller is away for long, the oldest events are dropped
@@ -67,6 +67,11 @@ enum Line<R = AuditRecord> {
     Event { seq: u64, rec: R },
     /// The controller stored every event up to this number.
     Acked { acked: u64 },
+    /// Written by every rewrite, right after the epoch: the number the next event gets. A
+    /// rewrite may keep no event and no acknowledgement, and without this line the numbering
+    /// would start again at 1 under the same epoch, below what the controller has stored
+    /// (which then takes the new events for resends and drops them).
+    Next { next: u64 },
 }
 
 /// Events taken for one heartbeat.
@@ -142,7 +147,7 @@ impl AuditQueue {
                 "audit events from before the restart queued again"
             );
         }
-        let spool = rewrite(path, epoch, &pending)?;
+        let spool = rewrite(path, epoch, &pending, next_seq)?;
         let q = AuditQueue::with(epoch, pending, next_seq, Some(spool));
         q.queued.notify_one();
         Ok(q)
@@ -218,7 +223,9 @@ impl AuditQueue {
             metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
         }
         inner.q.push_back((seq, rec));
-        let Inner { q, spool, .. } = &mut *inner;
+        let Inner {
+            q, spool, next_seq, ..
+        } = &mut *inner;
         if let Some(s) = spool
             && s.bytes >= SPOOL_MAX
         {
@@ -228,7 +235,7 @@ impl AuditQueue {
             if dropped > 0 {
                 metrics::counter!("umbra_broker_audit_dropped_total").increment(dropped as u64);
             }
-            match rewrite(&s.path, self.epoch, q) {
+            match rewrite(&s.path, self.epoch, q, *next_seq) {
                 Ok(new) => *s = new,
                 Err(e) => tracing::warn!(error = %e, "cannot compact the audit spool"),
             }
@@ -276,11 +283,13 @@ impl AuditQueue {
         }
         let last = batch.seq.first + batch.records.len() as u64 - 1;
         let mut inner = self.lock();
-        let Inner { q, spool, .. } = &mut *inner;
+        let Inner {
+            q, spool, next_seq, ..
+        } = &mut *inner;
         let Some(s) = spool else { return };
         s.append(&Line::<&AuditRecord>::Acked { acked: last });
         if s.bytes >= COMPACT_AT.max(2 * s.base) {
-            match rewrite(&s.path, self.epoch, q) {
+            match rewrite(&s.path, self.epoch, q, *next_seq) {
                 Ok(new) => *s = new,
                 Err(e) => tracing::warn!(error = %e, "cannot compact the audit spool"),
             }
@@ -340,12 +349,14 @@ fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) 
     let mut epoch = None;
     let mut events = Vec::new();
     let mut acked = 0;
+    let mut next = 1;
     let mut skipped = 0usize;
     for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         match serde_json::from_slice::<Line>(line) {
             Ok(Line::Epoch { epoch: e }) => epoch = epoch.or(Some(e)),
             Ok(Line::Event { seq, rec }) => events.push((seq, rec)),
             Ok(Line::Acked { acked: a }) => acked = acked.max(a),
+            Ok(Line::Next { next: n }) => next = next.max(n),
             Err(_) => skipped += 1,
         }
     }
@@ -360,7 +371,8 @@ fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) 
         .map(|(s, _)| s + 1)
         .max()
         .unwrap_or(1)
-        .max(acked + 1);
+        .max(acked + 1)
+        .max(next);
     events.sort_by_key(|(s, _)| *s);
     events.dedup_by_key(|(s, _)| *s);
     let mut pending: VecDeque<_> = events.into_iter().filter(|(s, _)| *s > acked).collect();
@@ -370,9 +382,14 @@ fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) 
     (epoch, pending, next)
 }
 
-/// Writes a fresh spool (epoch line, then `pending`) atomically, 0600, and opens it for
-/// appending.
-fn rewrite(path: &Path, epoch: u64, pending: &VecDeque<(u64, AuditRecord)>) -> io::Result<Spool> {
+/// Writes a fresh spool (epoch line, the next number, then `pending`) atomically, 0600, and
+/// opens it for appending.
+fn rewrite(
+    path: &Path,
+    epoch: u64,
+    pending: &VecDeque<(u64, AuditRecord)>,
+    next_seq: u64,
+) -> io::Result<Spool> {
     let mut text = String::new();
     let mut push = |l: &Line<&AuditRecord>| {
         if let Ok(s) = serde_json::to_string(l) {
@@ -381,6 +398,7 @@ fn rewrite(path: &Path, epoch: u64, pending: &VecDeque<(u64, AuditRecord)>) -> i
         }
     };
     push(&Line::Epoch { epoch });
+    push(&Line::Next { next: next_seq });
     for (seq, rec) in pending {
         push(&Line::Event { seq: *seq, rec });
     }
@@ -651,5 +669,52 @@ mod tests {
         assert_eq!(left.records.len(), 1);
         assert_eq!(left.records[0].target, "after");
         assert_eq!(left.seq.first, n as u64 + 1);
+    }
+
+    /// A rewrite that keeps no event (a restart with nothing unsent, a compaction at an
+    /// acknowledgement that left the queue empty) must not restart the numbering: the
+    /// controller would take the next events for resends of what it stored and drop them.
+    #[test]
+    fn the_numbering_survives_rewrites_that_keep_no_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let epoch = a.epoch;
+        for t in ["a", "b", "c"] {
+            rec(&a, t);
+        }
+        let sent = a.take(10);
+        a.acked(&sent);
+        drop(a);
+        // Two restarts with no event between them: the first rewrites the spool with
+        // nothing to keep.
+        drop(AuditQueue::open(&path).unwrap());
+        let b = AuditQueue::open(&path).unwrap();
+        rec(&b, "d");
+        assert_eq!(b.take(10).seq, AuditSeq { epoch, first: 4 });
+        drop(b);
+
+        // Compaction at an acknowledgement with the queue empty, then a restart.
+        let c = AuditQueue::open(&path).unwrap();
+        let big = "x".repeat(2_000);
+        let mut n = 4;
+        while std::fs::metadata(&path).unwrap().len() < COMPACT_AT {
+            rec(&c, &big);
+            n += 1;
+        }
+        let sent = c.take(CAP);
+        c.acked(&sent);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len < 200, "compacted to its first lines: {len} bytes");
+        drop(c);
+        let d = AuditQueue::open(&path).unwrap();
+        rec(&d, "after");
+        assert_eq!(
+            d.take(10).seq,
+            AuditSeq {
+                epoch,
+                first: n + 1
+            }
+        );
     }
 }
