@@ -72,13 +72,35 @@ pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
         inner.parse::<Ipv6Addr>().is_ok()
     } else if host.contains(':') {
         false
+    } else if host.parse::<IpAddr>().is_ok() {
+        true
+    } else if ends_in_a_number(host) {
+        // Not a canonical address, yet the system resolver reads it as one with the old C
+        // rules (octal, hex, short forms): `010.0.0.5` is 8.0.0.5 to the connector's dial
+        // while every list and audit record shows it as written.
+        return Err(bad(
+            "an IPv4 address must be four decimal numbers without leading zeros, e.g. 10.0.0.5",
+        ));
     } else {
-        host.parse::<IpAddr>().is_ok() || dns_name(host)
+        dns_name(host)
     };
     if !host_ok {
         return Err(bad("invalid host"));
     }
     Ok(s.to_owned())
+}
+
+/// Whether a host's last label is a number (all digits, or `0x` and hex digits), which the
+/// resolver takes for an IPv4 address in some form; no DNS name ends in one (the WHATWG URL
+/// standard's "ends in a number").
+fn ends_in_a_number(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    last.strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -126,6 +148,31 @@ mod tests {
             "db", "db:0", "db:65536", "db:x", ":80", "::1:80", "a b:80", "[zz]:1", "-a:1",
         ] {
             assert!(host_port(bad, "target").is_err(), "{bad}");
+        }
+        // The same address written in the forms the resolver reads as IPv4 (octal, short,
+        // decimal, hex): each would dial another address than the one shown.
+        for odd in [
+            "010.0.0.5:22",
+            "127.1:80",
+            "2130706433:80",
+            "0x7f000001:80",
+            "0X7F.1:80",
+            "10.0.0.0x1:80",
+            "db.internal.5:80",
+        ] {
+            let e = host_port(odd, "target").unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("target"), "{odd}");
+            assert!(e.error.contains("decimal"), "{odd}: {}", e.error);
+        }
+        // Names that merely contain digits or start with 0x are names.
+        for name in [
+            "0x.example:80",
+            "db1.internal:80",
+            "0xdead.corp:1",
+            "1a:80",
+            "x-1:80",
+        ] {
+            assert!(host_port(name, "target").is_ok(), "{name}");
         }
     }
 
