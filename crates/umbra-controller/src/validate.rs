@@ -20,42 +20,10 @@ pub(crate) fn name(s: &str, field: &str) -> Result<String, ApiFailure> {
     }
 }
 
-/// A user id: an e-mail address, stored lowercased.
+/// A user id: an e-mail address, stored lowercased ([`umbra_proto::user_id`]).
 pub(crate) fn user_id(s: &str, field: &str) -> Result<String, ApiFailure> {
-    let bad = || ApiFailure::invalid(field, format!("{field} must be an e-mail address"));
-    let s = s.trim().to_ascii_lowercase();
-    if s.len() < 3 || s.len() > 254 {
-        return Err(bad());
-    }
-    let (local, domain) = s.split_once('@').ok_or_else(bad)?;
-    let local_ok = !local.is_empty()
-        && local.len() <= 64
-        && !local.starts_with('.')
-        && !local.ends_with('.')
-        && !local.contains("..")
-        && local
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
-    let domain_ok = domain.contains('.') && dns_name(domain);
-    if local_ok && domain_ok {
-        Ok(s)
-    } else {
-        Err(bad())
-    }
-}
-
-/// Dot-separated labels of letters, digits, '-' and '_' (no empty label).
-fn dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+    umbra_proto::user_id(s)
+        .ok_or_else(|| ApiFailure::invalid(field, format!("{field} must be an e-mail address")))
 }
 
 /// `host:port` with port 1-65535; host a DNS name, an IPv4 address or a bracketed IPv6 address.
@@ -82,7 +50,7 @@ pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
             "an IPv4 address must be four decimal numbers without leading zeros, e.g. 10.0.0.5",
         ));
     } else {
-        dns_name(host)
+        umbra_proto::dns_name(host)
     };
     if !host_ok {
         return Err(bad("invalid host"));

@@ -34,7 +34,49 @@ pub fn validate_policy(text: &str) -> Result<usize, PolicyError> {
     let set = parse(text, None)?;
     let validator = Validator::new(schema::schema()?);
     validate(&validator, &set, text, Check::Write)?;
+    check_ids(&set)?;
     Ok(set.num_of_policies())
+}
+
+/// Refuses entity literals no stored object can ever have: Cedar compares ids exactly, so a
+/// `forbid` naming `Umbra::User::"Mallory@Corp.example"` would never apply to the user the
+/// controller stores as `mallory@corp.example`, and would be accepted in silence. Users are
+/// lowercased ASCII e-mail addresses, groups and services [`umbra_proto::valid_name`]s.
+/// Write time only: a snapshot's already stored policies load as they are.
+fn check_ids(set: &PolicySet) -> Result<(), PolicyError> {
+    let mut reasons = Vec::new();
+    for policy in set.policies() {
+        for uid in policy.entity_literals() {
+            let ty = uid.type_name().to_string();
+            let id = uid.id().unescaped();
+            let why = match ty.as_str() {
+                schema::USER => match umbra_proto::user_id(id) {
+                    Some(stored) if stored == id => continue,
+                    Some(stored) => format!(
+                        "user ids are stored lowercased; write {}::{}",
+                        schema::USER,
+                        literal(&stored)
+                    ),
+                    None => "a user id is an ASCII e-mail address".to_owned(),
+                },
+                schema::GROUP | schema::SERVICE if umbra_proto::valid_name(id) => continue,
+                schema::GROUP | schema::SERVICE => {
+                    "names are 1-63 lowercase letters, digits, '-', '_' or '.'".to_owned()
+                }
+                _ => continue,
+            };
+            let shown = umbra_proto::escape_controls(id);
+            reasons.push(format!(
+                "{ty}::\"{shown}\" can never match anything stored: {why}"
+            ));
+        }
+    }
+    reasons.dedup();
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyError::Invalid(reasons.join("; ")))
+    }
 }
 
 /// Parses one stored policy text and validates it (schema errors only, see [`Check::Load`]),
@@ -346,9 +388,12 @@ mod tests {
     fn allow_policy_escapes_ids() {
         let evil = r#"x\" ); permit (principal, action, resource); //"#;
         let service = "svc\"\\\n\u{1}é";
-        // The injection attempt stays inside the literal: one policy, for that odd user only.
+        // The injection attempt stays inside the literal: one policy, for that odd user only
+        // (refused at write, since no stored user can have that id).
         let text = allow_policy(&PolicySubject::User(evil.into()), "web");
-        assert_eq!(validate_policy(&text), Ok(1), "{text}");
+        let msg = invalid(&text);
+        assert!(msg.contains("can never match"), "{msg}");
+        assert!(Policy::parse(None, &text).is_ok(), "{text}");
         // Control characters round-trip too.
         let text = allow_policy(&PolicySubject::User(evil.into()), service);
         let p = Policy::parse(None, &text).unwrap();
@@ -369,12 +414,60 @@ mod tests {
         }
     }
 
+    /// A policy naming an id the controller can never store would silently never apply (a
+    /// `forbid` that protects nothing): refused at write, naming the literal, wherever it is
+    /// written (scope or condition). Stored ids in the same places still validate.
     #[test]
-    fn printable_non_ascii_ids_validate() {
-        for id in ["josé@example.com", "müller@example.de", "иван@example.ru"] {
-            let text = allow_policy(&PolicySubject::User(id.into()), "web");
-            assert_eq!(validate_policy(&text), Ok(1), "{text}");
+    fn ids_no_stored_object_can_have_are_refused() {
+        for (text, shown, hint) in [
+            (
+                r#"forbid (principal == Umbra::User::"Mallory@Corp.example", action, resource);"#,
+                r#"Umbra::User::"Mallory@Corp.example""#,
+                r#"write Umbra::User::"mallory@corp.example""#,
+            ),
+            (
+                r#"forbid (principal in Umbra::Group::"Eng", action, resource);"#,
+                r#"Umbra::Group::"Eng""#,
+                "lowercase",
+            ),
+            (
+                r#"forbid (principal, action, resource == Umbra::Service::"DB");"#,
+                r#"Umbra::Service::"DB""#,
+                "lowercase",
+            ),
+            (
+                // Cyrillic е in the group name, inside a condition.
+                "permit (principal, action, resource) unless { principal in Umbra::Group::\"\u{435}ng\" };",
+                "Umbra::Group::\"\u{435}ng\"",
+                "lowercase",
+            ),
+            (
+                r#"permit (principal == Umbra::User::"josé@example.com", action, resource);"#,
+                r#"Umbra::User::"josé@example.com""#,
+                "ASCII e-mail",
+            ),
+            (
+                "forbid (principal == Umbra::User::\"a\u{1b}@b.c\", action, resource);",
+                r#"Umbra::User::"a\u{1b}@b.c""#,
+                "ASCII e-mail",
+            ),
+        ] {
+            let msg = invalid(text);
+            assert!(msg.contains(shown), "{text}: {msg}");
+            assert!(msg.contains(hint), "{text}: {msg}");
         }
+        // The legitimate twins.
+        for text in [
+            r#"forbid (principal == Umbra::User::"mallory@corp.example", action, resource);"#,
+            r#"forbid (principal in Umbra::Group::"eng", action, resource == Umbra::Service::"db");"#,
+            r#"permit (principal, action, resource) unless { principal in Umbra::Group::"eng" };"#,
+        ] {
+            assert_eq!(validate_policy(text), Ok(1), "{text}");
+        }
+        // Stored policies load as they are (checked at write time only).
+        let validator = Validator::new(schema::schema().unwrap());
+        let old = r#"forbid (principal == Umbra::User::"Mallory@Corp.example", action, resource);"#;
+        assert!(parse_stored(&validator, "old", old).is_ok());
     }
 
     #[test]

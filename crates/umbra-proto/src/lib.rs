@@ -32,6 +32,42 @@ pub fn valid_name(name: &str) -> bool {
         })
 }
 
+/// A user id as the controller stores it: an e-mail address of ASCII characters, trimmed
+/// and lowercased; `None` if `s` is not one. Policies compare ids exactly, so a policy may
+/// only name a user by the id this returns (see `umbra-policy`).
+pub fn user_id(s: &str) -> Option<String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() < 3 || s.len() > 254 {
+        return None;
+    }
+    let (local, domain) = s.split_once('@')?;
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+    let domain_ok = domain.contains('.') && dns_name(domain);
+    (local_ok && domain_ok).then_some(s)
+}
+
+/// Dot-separated labels of ASCII letters, digits, '-' and '_' (no empty label, none starting
+/// or ending with '-'), at most 253 bytes.
+pub fn dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// `s` with its control characters (newlines, escapes, ...) written as escapes (`\n`,
 /// `\u{1b}`), the rest as it is: for text a peer chose that ends up in a log line, an audit
 /// record or a terminal, where a raw control character could forge a line or rewrite one.

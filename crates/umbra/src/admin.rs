@@ -301,7 +301,10 @@ impl PolicySource {
                     .with_context(|| format!("cannot read {}", f.display()))?,
                 (None, Some(t), ..) => t.clone(),
                 (None, None, Some(u), None, false, Some(s)) => {
-                    allow_policy(&PolicySubject::User(u.clone()), s)
+                    // As the controller stores user ids (lowercased); anything else goes as
+                    // typed, and the controller says why it cannot be stored.
+                    let id = umbra_proto::user_id(u).unwrap_or_else(|| u.clone());
+                    allow_policy(&PolicySubject::User(id), s)
                 }
                 (None, None, None, Some(g), false, Some(s)) => {
                     allow_policy(&PolicySubject::Group(g.clone()), s)

@@ -1697,11 +1697,32 @@ fn admin_changes_in_place() {
         "add",
         "wiki-ann",
         "--allow-user",
-        "ann@example.test",
+        "Ann@Example.test",
         "--service",
         "wiki",
     ]);
     let before = json(&["policy", "list"]);
+    // Written for the id as the controller stores it, or it would never match.
+    let text = before
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "wiki-ann"))
+        .and_then(|p| p["text"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        text.contains(r#"Umbra::User::"ann@example.test""#),
+        "{before}"
+    );
+    refused(
+        &[
+            "policy",
+            "add",
+            "wiki-bob",
+            "--text",
+            r#"forbid (principal == Umbra::User::"Bob@Example.test", action, resource);"#,
+        ],
+        "can never match",
+    );
     let bad = admin(&["policy", "set", "wiki-ann", "--text", "permit("]);
     assert!(
         !bad.success()
