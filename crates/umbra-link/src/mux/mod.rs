@@ -21,7 +21,12 @@
 //! receiver that gets more than its window for a stream, or credit beyond the window, closes
 //! the link: it never buffers more than one window per stream. There is no connection
 //! window: one stream whose reader stopped holds its own window and never the others' (a
-//! connector's link is shared by every user of its apps).
+//! connector's link is shared by every user of its apps). Credit bounds what the peer makes
+//! us buffer, not what we queue for it: a peer may return credit for bytes it never read. So
+//! the driver stops taking the streams' commands while [`OUT_MAX`] bytes wait for the
+//! connection, and senders wait once [`QUEUE_MAX`] DATA bytes wait in the command channel;
+//! the driver never stops reading the peer for this, so two links sending both ways do not
+//! wait on each other.
 //!
 //! Relays can have the driver pass a stream's chunks on itself ([`Splice`]): to another
 //! link's stream (the broker) or into a TCP socket (agent and connector), whenever the relay
@@ -104,6 +109,15 @@ const COPY_MAX: usize = 2 * 1024;
 const QUEUE_SLICE_MIN: usize = 32 * 1024;
 /// Most slices per vectored write.
 const MAX_IOV: usize = 32;
+/// Bytes queued for the connection past which the driver takes no more of the streams'
+/// commands until it has written some: what it holds for a peer that does not read.
+const OUT_MAX: usize = READ_BUF * 4;
+/// DATA bytes the streams of one link may have waiting in the command channel; a sender
+/// beyond it waits for the driver to take some (see [`Shared::try_queue`]). Credit alone does
+/// not bound what a link holds for a peer that stops reading: a peer may return credit for
+/// bytes it never read (it cannot be told from one that reads), and the driver goes on
+/// reading its frames, so that two links both sending do not wait on each other.
+const QUEUE_MAX: u64 = 1 << 20;
 /// Frames answered on the peer's behalf (PONG, refused streams) allowed in the output at
 /// once; beyond, the peer's frames are not read until the output has drained. An honest peer
 /// never gets near: it pings once per keepalive and respects the stream limit.
@@ -223,6 +237,12 @@ struct Shared {
     refusing: AtomicU32,
     /// Receive-side credit is returned in steps of this many bytes.
     credit_step: u32,
+    /// DATA bytes in the command channel, at most [`QUEUE_MAX`]: senders add, the driver
+    /// takes away as it takes their commands.
+    queued: AtomicU64,
+    /// A sender found no room in `queued` and waits on `room`.
+    blocked: AtomicBool,
+    room: Notify,
 }
 
 impl Shared {
@@ -250,6 +270,45 @@ impl Shared {
 
     fn send(&self, c: Cmd) -> Result<(), LinkError> {
         self.cmds.send(c).map_err(|_| self.error())
+    }
+
+    /// Counts `n` more DATA bytes into the command channel, if they fit under [`QUEUE_MAX`].
+    fn try_queue(&self, n: u64) -> bool {
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q + n <= QUEUE_MAX).then_some(q + n)
+            })
+            .is_ok()
+    }
+
+    /// Counts `n` more DATA bytes into the command channel, once they fit.
+    async fn queue(&self, n: u64) -> Result<(), LinkError> {
+        if self.try_queue(n) {
+            return Ok(());
+        }
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            // Stored before the retry, and the driver loads it after taking bytes away:
+            // either the retry sees room, or the driver sees a sender waiting.
+            self.blocked.store(true, Ordering::SeqCst);
+            if self.try_queue(n) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = self.closed.cancelled() => return Err(self.error()),
+            }
+        }
+    }
+
+    /// The driver took `n` DATA bytes out of the command channel.
+    fn dequeued(&self, n: u64) {
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        if self.blocked.load(Ordering::SeqCst) && self.blocked.swap(false, Ordering::SeqCst) {
+            self.room.notify_waiters();
+        }
     }
 }
 
@@ -438,6 +497,9 @@ impl MuxSend {
                 .unwrap_or(usize::MAX)
                 .min(b.len())
                 .min(MAX_DATA as usize);
+            // Only this sender spends the stream's credit meanwhile (a splice into this stream
+            // waits until the relay is back reading, see `Entry::try_splice`).
+            self.link.queue(n as u64).await?;
             let piece = if n == b.len() {
                 std::mem::take(&mut b)
             } else {
@@ -712,6 +774,7 @@ impl Entry {
                 // channel gave it, and the channel has been drained.
                 if stream.state.load(Ordering::Acquire) != OPEN
                     || stream.credit.load(Ordering::Acquire) < len
+                    || !link.try_queue(len)
                 {
                     return 0;
                 }
@@ -724,6 +787,7 @@ impl Entry {
                 if link.cmds.send(data).is_err() {
                     // The other link is gone; the relay finds out through its own send.
                     stream.credit.fetch_add(len, Ordering::AcqRel);
+                    link.dequeued(len);
                     return 0;
                 }
                 payload.len()
@@ -820,6 +884,9 @@ where
         rtt_nanos: AtomicU64::new(0),
         refusing: AtomicU32::new(0),
         credit_step: (window / 8).max(1),
+        queued: AtomicU64::new(0),
+        blocked: AtomicBool::new(false),
+        room: Notify::new(),
     });
     let (side, accept) = if opener {
         let slots = (peer_max_streams as usize).min(Semaphore::MAX_PERMITS);
@@ -1010,16 +1077,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         }
         for _ in 0..DRIVER_BUDGET {
             let mut progress = false;
-            // What the streams send.
-            while let Poll::Ready(cmd) = self.cmds.poll_recv(cx) {
-                match cmd {
-                    Some(cmd) => self.on_cmd(cmd),
-                    None => return Poll::Ready(End::Local),
+            // What the streams send, while the connection takes it: past `OUT_MAX` the
+            // commands wait in the channel, where their DATA counts against `QUEUE_MAX`.
+            while self.out.len < OUT_MAX {
+                match self.cmds.poll_recv(cx) {
+                    Poll::Ready(Some(cmd)) => self.on_cmd(cmd),
+                    Poll::Ready(None) => return Poll::Ready(End::Local),
+                    Poll::Pending => break,
                 }
                 progress = true;
-                if self.out.len >= READ_BUF * 4 {
-                    break;
-                }
             }
             // Out to the connection.
             if !self.out.is_empty() {
@@ -1088,6 +1154,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 self.out.frame(open, Bytes::new());
             }
             Cmd::Data { id, data, fin } => {
+                if !data.is_empty() {
+                    self.link.dequeued(data.len() as u64);
+                }
                 let Some(e) = self.streams.get_mut(&id) else {
                     // Reset meanwhile: the bytes have nowhere to go.
                     return;

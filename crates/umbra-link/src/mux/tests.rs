@@ -691,3 +691,83 @@ async fn a_tcp_splice_writes_to_the_socket_and_leaves_the_rest_to_the_loop() {
     let _x = soon("sender", sender).await.unwrap();
     let _ = soon("pump", pump).await.unwrap();
 }
+
+/// A peer that stops reading yet keeps returning credit (it cannot be told from one that
+/// reads) gets no more than a bounded amount queued for it: the sender waits. Once the peer
+/// reads again, everything arrives.
+#[tokio::test]
+async fn a_peer_that_returns_credit_without_reading_is_not_queued_for_without_bound() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let (conn, raw) = raw_peer(true, 8).await;
+    let (mut rd, mut wr) = tokio::io::split(raw.io);
+    let mut s = conn.open(&Span::none()).await.unwrap();
+    // Far more than the bound, in chunks of a quarter window.
+    const TOTAL: u64 = 8 << 20;
+    let chunk = Bytes::from(vec![5u8; WINDOW as usize / 4]);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let sender = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while accepted.load(Ordering::SeqCst) < TOTAL {
+                s.send_chunk(chunk.clone()).await.unwrap();
+                accepted.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+            s
+        }
+    });
+    // Credit for every byte the sender got rid of, none of them read.
+    let mut returned = 0u64;
+    soon("the sender to wait for room", async {
+        while !conn.shared.blocked.load(Ordering::SeqCst) {
+            let a = accepted.load(Ordering::SeqCst);
+            if a > returned {
+                let bytes = u32::try_from(a - returned).unwrap();
+                wr.write_all(&Header::Credit { stream: 1, bytes }.encode())
+                    .await
+                    .unwrap();
+                returned = a;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let held = accepted.load(Ordering::SeqCst);
+    // What waits in the channel, what the driver holds for the connection, the pipe's buffer,
+    // and a frame on its way.
+    let bound = super::QUEUE_MAX + super::OUT_MAX as u64 + 64 * 1024 + 2 * u64::from(WINDOW);
+    assert!(
+        held <= bound,
+        "{held} bytes taken for a peer that reads nothing"
+    );
+    assert!(held < TOTAL && !sender.is_finished());
+
+    // The twin: the peer reads again (crediting what it reads), and everything arrives.
+    let reader = async {
+        let mut read = 0u64;
+        let mut head = [0u8; HEADER_LEN];
+        let mut buf = vec![0u8; 64 * 1024];
+        while read < TOTAL {
+            rd.read_exact(&mut head).await.unwrap();
+            if let Header::Data { stream: 1, len, .. } = Header::decode(&head).unwrap() {
+                rd.read_exact(&mut buf[..len as usize]).await.unwrap();
+                read += u64::from(len);
+                if read > returned {
+                    let bytes = u32::try_from(read - returned).unwrap();
+                    wr.write_all(&Header::Credit { stream: 1, bytes }.encode())
+                        .await
+                        .unwrap();
+                    returned = read;
+                }
+            }
+        }
+        read
+    };
+    let (read, sender) = soon("everything once the peer reads", async {
+        tokio::join!(reader, sender)
+    })
+    .await;
+    assert_eq!(read, TOTAL);
+    drop(sender.unwrap());
+}
