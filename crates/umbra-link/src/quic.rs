@@ -58,6 +58,10 @@ fn transport_config(
             0
         }))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // No QUIC datagrams until UDP flows use them: quinn would otherwise advertise them and
+        // keep up to 1.25 MB of a peer's datagrams per link that nothing reads (each one a
+        // slice holding its whole receive buffer). A peer sending one now breaks the protocol.
+        .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(cfg.keepalive))
         .max_idle_timeout(Some(IdleTimeout::try_from(cfg.idle_timeout).map_err(
             |_| LinkError::Config("idle_timeout too large for QUIC".into()),

@@ -378,6 +378,13 @@ async fn a_connector_opening_a_quic_stream_loses_the_link() {
         )
         .unwrap();
     let conn = soon("handshake", connecting).await.unwrap();
+    // Nor may it send QUIC datagrams, which nothing reads yet (UDP flows come later): the
+    // broker does not offer them.
+    assert_eq!(conn.max_datagram_size(), None);
+    assert!(matches!(
+        conn.send_datagram(Bytes::from_static(b"udp")),
+        Err(quinn::SendDatagramError::UnsupportedByPeer)
+    ));
     let broker = soon("accept", listener.accept()).await.unwrap();
     assert_eq!(broker.peer().id.role, Role::Connector);
     assert!(broker.is_opener());
