@@ -29,6 +29,10 @@ pub(crate) fn user_id(s: &str, field: &str) -> Result<String, ApiFailure> {
 /// `host:port` with port 1-65535; host a DNS name, an IPv4 address or a bracketed IPv6 address.
 pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
     let bad = |why: &str| ApiFailure::invalid(field, format!("{field} must be host:port ({why})"));
+    // The broker names the target in its Dial frame, in at most 255 bytes.
+    if s.len() > usize::from(u8::MAX) {
+        return Err(bad("at most 255 bytes"));
+    }
     let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     let port: u16 = port
         .parse()
@@ -132,6 +136,11 @@ mod tests {
             assert_eq!(e.field.as_deref(), Some("target"), "{odd}");
             assert!(e.error.contains("decimal"), "{odd}: {}", e.error);
         }
+        // One byte over what a Dial frame carries, and the longest that fits.
+        let host = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(58));
+        assert!(host_port(&format!("{host}:65535"), "target").is_err());
+        assert_eq!(format!("{host}:6553").len(), 255);
+        assert!(host_port(&format!("{host}:6553"), "target").is_ok());
         // Names that merely contain digits or start with 0x are names.
         for name in [
             "0x.example:80",
