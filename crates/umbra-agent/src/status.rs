@@ -123,17 +123,35 @@ pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     }
 }
 
+/// Most services a broker's list may hold: a bound on what the agent keeps for a broker
+/// that would not stop.
+const MAX_LISTED: usize = 1 << 16;
+
 async fn list_services(link: &umbra_link::Link, timeout: Duration) -> Result<Vec<String>, String> {
     let exchange = async {
         let mut s = link.open().await.map_err(|e| e.to_string())?;
         s.write_frame(&Frame::ListServices)
             .await
             .map_err(|e| e.to_string())?;
-        let answer = s.read_frame().await.map_err(|e| e.to_string())?;
+        let mut answered = false;
         let _ = s.finish().await;
-        match answer {
-            Frame::ServiceList { services } => Ok(services),
-            other => Err(format!("unexpected answer to ListServices: {other:?}")),
+        // One frame or several (a long list); the end of the stream ends the list.
+        let mut list = Vec::new();
+        loop {
+            match s.read_frame().await {
+                Ok(Frame::ServiceList { services }) => {
+                    if list.len() + services.len() > MAX_LISTED {
+                        return Err(format!("more than {MAX_LISTED} services listed"));
+                    }
+                    list.extend(services);
+                }
+                Ok(other) => return Err(format!("unexpected answer to ListServices: {other:?}")),
+                Err(umbra_link::LinkError::StreamEnded) if answered => {
+                    return Ok(list);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            answered = true;
         }
     };
     tokio::time::timeout(timeout, exchange)

@@ -284,6 +284,20 @@ async fn serve_stream(
             return open(shared, &link, &device, s, id, flow, service).await;
         }
         AgentRequest::ListServices => {
+            // One Cedar decision per published service: a device asking in a loop would
+            // take the broker's cores from everyone's relays.
+            let verdict = shared
+                .listings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .on_event(Some(device.clone()), std::time::Instant::now());
+            if verdict == umbra_link::budget::Verdict::Skip {
+                debug!("service list asked for too often; stream reset");
+                metrics::counter!("umbra_broker_streams_refused_total", "reason" => "list_rate")
+                    .increment(1);
+                s.reset();
+                return None;
+            }
             let a = shared.authority.load_full();
             let owner = a.engine.device_owner(&device).map(str::to_owned);
             let now = SystemTime::now();
@@ -303,9 +317,13 @@ async fn serve_stream(
                 }
                 _ => vec![],
             };
-            if reply(&mut s, &Frame::ServiceList { services }, &shared).await {
-                let _ = s.finish().await;
+            // Several frames for a long list; the stream's end ends it.
+            for f in Frame::service_lists(services) {
+                if !reply(&mut s, &f, &shared).await {
+                    return None;
+                }
             }
+            let _ = s.finish().await;
         }
         AgentRequest::Ping { nonce } => {
             if reply(&mut s, &Frame::Pong { nonce }, &shared).await {

@@ -102,6 +102,17 @@ fn reset_key(dir: &std::path::Path) -> Result<umbra_link::ResetKey, BrokerError>
 }
 
 /// State shared by the broker's tasks.
+/// How often a device may ask for its service list (one Cedar decision per published
+/// service each time): a burst of 10, then one per 500 ms; all devices together 1000, then
+/// 100 per second. An agent asks once per `umbra agent services`.
+const LISTINGS: umbra_link::budget::BudgetConfig = umbra_link::budget::BudgetConfig {
+    key_burst: 10.0,
+    key_every: std::time::Duration::from_millis(500),
+    global_burst: 1000.0,
+    global_per_sec: 100.0,
+    max_keys: 4096,
+};
+
 pub(crate) struct Shared {
     pub(crate) cfg: BrokerConfig,
     pub(crate) org: String,
@@ -119,6 +130,8 @@ pub(crate) struct Shared {
     pub(crate) device_streams: Arc<umbra_link::quota::Quota>,
     pub(crate) streams: relay::LiveStreams,
     pub(crate) audit: audit::AuditQueue,
+    /// Service lists per device ([`LISTINGS`]).
+    pub(crate) listings: std::sync::Mutex<umbra_link::budget::Budget<Arc<str>>>,
     pub(crate) next_id: AtomicU64,
     pub(crate) shutdown: CancellationToken,
 }
@@ -208,6 +221,10 @@ impl Broker {
             device_streams: umbra_link::quota::Quota::new(cfg.max_streams_per_device),
             streams: Default::default(),
             audit,
+            listings: std::sync::Mutex::new(umbra_link::budget::Budget::new(
+                LISTINGS,
+                std::time::Instant::now(),
+            )),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             org,

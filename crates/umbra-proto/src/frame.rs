@@ -185,7 +185,8 @@ pub enum Frame {
     Pong { nonce: u64 },
     /// Agent -> broker: which services may I reach?
     ListServices,
-    /// Broker -> agent: the services this agent's user may reach, sorted.
+    /// Broker -> agent: the services this agent's user may reach, sorted. A long list comes
+    /// in several of these (see [`Frame::service_lists`]); the end of the stream ends it.
     ServiceList { services: Vec<String> },
 }
 
@@ -259,6 +260,27 @@ const K_LIST: u8 = 0x07;
 const K_SERVICE_LIST: u8 = 0x08;
 
 impl Frame {
+    /// `services` as `ServiceList` frames that each fit in [`MAX_PAYLOAD`], in order (one
+    /// frame, empty, for an empty list). Names longer than 255 bytes cannot be encoded and are
+    /// left out (no valid service name is).
+    pub fn service_lists(services: Vec<String>) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut current = Vec::new();
+        let mut size = 2;
+        for name in services.into_iter().filter(|n| n.len() <= u8::MAX as usize) {
+            if size + 1 + name.len() > MAX_PAYLOAD || current.len() == u16::MAX as usize {
+                frames.push(Frame::ServiceList {
+                    services: std::mem::take(&mut current),
+                });
+                size = 2;
+            }
+            size += 1 + name.len();
+            current.push(name);
+        }
+        frames.push(Frame::ServiceList { services: current });
+        frames
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Frame::Open { .. } => K_OPEN,
@@ -659,5 +681,34 @@ mod tests {
                 assert_eq!(f.to_bytes().unwrap(), buf[..used]);
             }
         }
+    }
+
+    #[test]
+    fn a_long_service_list_is_split_into_frames_that_fit() {
+        let names: Vec<String> = (0..1000).map(|i| format!("{i:0>63}")).collect();
+        let frames = Frame::service_lists(names.clone());
+        assert!(frames.len() > 1);
+        let mut back = Vec::new();
+        for f in &frames {
+            let mut v = Vec::new();
+            f.encode(&mut v).unwrap();
+            assert!(v.len() <= HEADER_LEN + MAX_PAYLOAD);
+            match Frame::decode(&v).unwrap() {
+                Some((Frame::ServiceList { services }, _)) => back.extend(services),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(back, names);
+        // Short and empty lists stay one frame.
+        assert_eq!(
+            Frame::service_lists(vec!["a".into()]),
+            [Frame::ServiceList {
+                services: vec!["a".into()]
+            }]
+        );
+        assert_eq!(
+            Frame::service_lists(vec![]),
+            [Frame::ServiceList { services: vec![] }]
+        );
     }
 }

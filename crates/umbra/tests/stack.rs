@@ -1286,3 +1286,94 @@ async fn an_agent_that_takes_no_reply_holds_nothing() {
     link.close();
     served(b, lt, &alice).await.unwrap();
 }
+
+/// A service list longer than one frame (16 KiB) arrives whole, in several frames; and a
+/// device asking for its list in a loop (one Cedar decision per service each time) is held
+/// to a budget (a burst of 10, then one per 500 ms), while another device is served.
+async fn long_service_lists_arrive_whole_and_asking_is_bounded(t: TransportPref) {
+    let (s, alice, bob) = bounded_broker(|_| {}, t).await;
+    let names: Vec<String> = (0..400)
+        .map(|i| format!("svc-{i:03}-{}", "x".repeat(55)))
+        .collect();
+    for n in &names {
+        s.admin
+            .post(
+                "/v1/services",
+                json!({ "name": n, "target": s.echo.to_string(), "connectors": [CONNECTOR] }),
+            )
+            .await;
+    }
+    s.admin
+        .post(
+            "/v1/policies",
+            json!({ "name": "everything", "text": "permit (principal, action, resource);" }),
+        )
+        .await;
+    let mut want: Vec<String> = names.clone();
+    want.extend([ECHO.to_owned(), SECRET.to_owned()]);
+    want.sort();
+    let cfg = s.agent("bob").config(t);
+    poll(&format!("[{t}] bob's whole list"), SOON, || async {
+        let got = umbra_agent::services(&cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{} of {} listed", got.len(), want.len()))
+        }
+    })
+    .await;
+
+    // Alice asks 60 times at once on one link.
+    let b0 = &s.brokers[0];
+    let link = dial(b0, link_transport(t), &alice).await.unwrap();
+    let started = Instant::now();
+    let mut asks = tokio::task::JoinSet::new();
+    for _ in 0..60 {
+        let link = link.clone();
+        asks.spawn(async move {
+            let mut st = link.open().await.map_err(|e| e.to_string())?;
+            st.write_frame(&Frame::ListServices)
+                .await
+                .map_err(|e| e.to_string())?;
+            match st.read_frame().await {
+                Ok(Frame::ServiceList { .. }) => Ok(true),
+                Ok(other) => Err(format!("unexpected {other:?}")),
+                Err(_) => Ok(false),
+            }
+        });
+    }
+    let mut answered = 0;
+    while let Some(r) = asks.join_next().await {
+        if r.unwrap().unwrap() {
+            answered += 1;
+        }
+    }
+    let refills = started.elapsed().as_millis() / 500 + 1;
+    eprintln!(
+        "[{t}] {answered} of 60 asks answered in {:?}",
+        started.elapsed()
+    );
+    assert!(answered >= 1, "[{t}] the burst was not served");
+    assert!(
+        answered <= 10 + refills,
+        "[{t}] {answered} answered, over the budget of 10 + {refills}"
+    );
+    // Bob is not held back by alice's asking; alice is served again once her budget refills.
+    served(b0, link_transport(t), &bob).await.unwrap();
+    assert_eq!(umbra_agent::services(&cfg).await.unwrap(), want);
+    let alice_cfg = s.agent("alice").config(t);
+    poll(
+        &format!("[{t}] alice's list after a pause"),
+        SOON,
+        || async {
+            umbra_agent::services(&alice_cfg)
+                .await
+                .map(|l| assert_eq!(l, want))
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+}
+both_transports!(long_service_lists_arrive_whole_and_asking_is_bounded);
