@@ -3487,3 +3487,65 @@ async fn a_policy_change_can_be_checked_first() {
     assert_eq!(h.ok("GET", "/v1/policies", None).await, policies);
     h.ctl.shutdown().await;
 }
+
+/// The HTTP/2 SETTINGS the controller announces on a new connection (id -> value).
+async fn h2_settings(h: &Harness, id: Option<&TlsIdentity>) -> std::collections::HashMap<u16, u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut io = tls_conn(h, id).await;
+    io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await.unwrap();
+            // SETTINGS, not its ACK.
+            if head[3] == 4 && head[4] & 1 == 0 {
+                return payload
+                    .chunks_exact(6)
+                    .map(|e| {
+                        (
+                            u16::from_be_bytes([e[0], e[1]]),
+                            u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+                        )
+                    })
+                    .collect();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the controller's SETTINGS")
+}
+
+/// A connection without a client certificate (anyone's) may have 4 requests in progress and
+/// 64 KiB of unread body per stream and in all, so that the anonymous connections together
+/// cannot make the controller hold gigabytes of request bodies. The twin: an enrolled peer's
+/// connection keeps 32 (its long polls need them).
+#[tokio::test]
+async fn anonymous_connections_get_few_streams_and_small_windows() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    let h = Harness::start().await;
+    let anonymous = h2_settings(&h, None).await;
+    assert_eq!(
+        anonymous.get(&MAX_CONCURRENT_STREAMS),
+        Some(&4),
+        "{anonymous:?}"
+    );
+    assert_eq!(
+        anonymous.get(&INITIAL_WINDOW_SIZE),
+        Some(&(64 << 10)),
+        "{anonymous:?}"
+    );
+    let (dev, _) = h.agent("alice@example.com").await;
+    let enrolled = h2_settings(&h, Some(&dev)).await;
+    assert_eq!(
+        enrolled.get(&MAX_CONCURRENT_STREAMS),
+        Some(&32),
+        "{enrolled:?}"
+    );
+}

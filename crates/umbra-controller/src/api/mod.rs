@@ -36,9 +36,10 @@ use crate::state::{ClientAddr, ConnPeer, Ctx};
 use umbra_link::quota::Place;
 use umbra_proto::Role;
 
-/// Body limit of the routes devices call with a CSR (a few KiB at most), far below the
-/// default 2 MiB: what one identity can make the controller hold is a multiple of it.
-const SMALL_BODY: usize = 64 << 10;
+/// Body limit of the routes devices call with a CSR (about 1 KiB with its token), far below
+/// the default 2 MiB: what one identity, or anyone on an anonymous connection, can make the
+/// controller hold is a multiple of it.
+const SMALL_BODY: usize = 16 << 10;
 
 /// Builds the router with every route. [`openapi::ROUTES`] documents the same list.
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {

@@ -46,6 +46,13 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// carry a body of up to its route's limit, so this bounds what one connection can make the
 /// controller hold; an identity's long polls (16) and a CLI's calls fit well within it.
 const H2_MAX_STREAMS: u32 = 32;
+/// The same for a connection without a client certificate (enrollment, the CA, the admin
+/// API with its bearer token): up to `max_anonymous_connections` of them come from anyone.
+const H2_ANONYMOUS_STREAMS: u32 = 4;
+/// HTTP/2 flow-control windows (per stream and per connection) of an anonymous connection:
+/// what the controller buffers of bodies no handler has read yet (hyper's default is 1 MiB
+/// per connection). Admin uploads larger than this just take more round trips.
+const H2_ANONYMOUS_WINDOW: u32 = 64 << 10;
 /// Longest time for a request's body to arrive, counted from the first read that has to
 /// wait for it (the handler reads right after the headers, on every route that takes a
 /// body). Bodies are read into memory (up to the route's limit), so one that trickles in, or
@@ -229,10 +236,15 @@ async fn connection(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS);
+    let mut h2 = builder.http2();
+    h2.timer(TokioTimer::new());
+    if anonymous.is_some() {
+        h2.max_concurrent_streams(H2_ANONYMOUS_STREAMS)
+            .initial_stream_window_size(H2_ANONYMOUS_WINDOW)
+            .initial_connection_window_size(H2_ANONYMOUS_WINDOW);
+    } else {
+        h2.max_concurrent_streams(H2_MAX_STREAMS);
+    }
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let shutting_down = async {
