@@ -385,6 +385,11 @@ pub(crate) async fn renew(
     res
 }
 
+/// Most certificates one identity may hold valid at once: a renewal beyond it is refused
+/// (429). An identity renews at two thirds of a lifetime, so it holds two at most, a few more
+/// if answers were lost on the way.
+const MAX_VALID_CERTS: i64 = 8;
+
 async fn renew_inner(
     ctx: &Ctx,
     conn: &ConnPeer,
@@ -407,6 +412,20 @@ async fn renew_inner(
         return Err(ApiFailure::forbidden("the device's user is disabled"));
     }
     let identity = peer.id.clone();
+    // Each renewal is a durable write under the one write lock, and a revocation lists every
+    // serial still valid in every snapshot: an identity renewing in a loop would stall the
+    // controller's writes and swell the snapshots. One renews about twice per lifetime.
+    let valid = peers::certs_valid(w.conn(), org, identity.role, &identity.id, now_secs).await?;
+    if valid >= MAX_VALID_CERTS {
+        return Err(ApiFailure::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "renewed too often: {valid} certificates of this identity are still valid; \
+                 renew nearer the end of the current one"
+            ),
+            None,
+        ));
+    }
     let issued = issue(ctx, &req.csr_pem, &identity, now)?;
     record_cert(&mut w, org, &issued, &identity, now_secs).await?;
     let brokers = peers::broker_infos(w.conn(), org).await?;

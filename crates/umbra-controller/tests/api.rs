@@ -3549,3 +3549,39 @@ async fn anonymous_connections_get_few_streams_and_small_windows() {
         "{enrolled:?}"
     );
 }
+
+/// One identity may hold at most 8 valid certificates: renewing in a loop is refused (429,
+/// audited) instead of costing a durable write each and swelling every snapshot's revoked
+/// serials once the device is revoked. The twin: another identity renews meanwhile.
+#[tokio::test]
+async fn an_identity_renewing_in_a_loop_is_refused() {
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("ann@example.test").await;
+    let (other, _) = h.agent("ben@example.test").await;
+    let renew = |id: &TlsIdentity| {
+        let c = h.as_peer(id);
+        let h = &h;
+        async move {
+            let key = umbra_pki::generate_key_pem().unwrap();
+            let csr = umbra_pki::make_csr(&key).unwrap();
+            h.renew(&c, json!({ "csr_pem": csr })).await
+        }
+    };
+    // Enrolled, then 7 renewals: 8 valid certificates.
+    for i in 0..7 {
+        assert_eq!(renew(&dev).await.status(), StatusCode::OK, "renewal {i}");
+    }
+    let refused = renew(&dev).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let e: ApiError = refused.json().await.unwrap();
+    assert!(e.error.contains("renewed too often"), "{}", e.error);
+    assert_eq!(renew(&other).await.status(), StatusCode::OK);
+    let audit = h.ok("GET", "/v1/audit?limit=1000", None).await;
+    let refusals = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "renew" && r["result"] != "ok")
+        .count();
+    assert_eq!(refusals, 1, "{audit}");
+}
