@@ -9,8 +9,6 @@
 //! This module also issues the controller's own HTTPS server certificate.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -104,23 +102,16 @@ pub(crate) fn resolve_kek(
     Ok((kek, KekSource::File(path)))
 }
 
-/// Creates `path` with mode 0600, failing if it exists.
+/// Creates `path` with mode 0600, failing if it exists; a crash leaves no file or the whole
+/// one (an empty key file would fail every later start).
 fn write_new_secret_file(path: &Path, contents: &str) -> Result<(), ControllerError> {
-    let io = |source| ControllerError::Io {
-        op: "write",
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(contents.as_bytes()).map_err(io)?;
-    f.write_all(b"\n").map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(())
+    umbra_pki::create_private_file(path, format!("{contents}\n").as_bytes()).map_err(|source| {
+        ControllerError::Io {
+            op: "write",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// Loads the organisation CA from the store, or creates and stores it on first start.

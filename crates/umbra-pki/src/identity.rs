@@ -133,7 +133,17 @@ impl TlsIdentity {
             fs::read_to_string(&path).map_err(|e| PkiError::io("read", &path, e))
         };
         let (cert, ca) = (read("cert.pem")?, read("ca.pem")?);
-        match Self::from_pem(&cert, &read("key.pem")?, &ca) {
+        let key = match read("key.pem") {
+            Ok(k) => k,
+            // A first write interrupted before its key was moved into place.
+            Err(e) => {
+                return match read(NEXT_KEY) {
+                    Ok(next) => Self::from_pem(&cert, &next, &ca).map_err(|_| e),
+                    Err(_) => Err(e),
+                };
+            }
+        };
+        match Self::from_pem(&cert, &key, &ca) {
             Err(e @ PkiError::Key(_)) => match read(NEXT_KEY) {
                 Ok(next) => Self::from_pem(&cert, &next, &ca).map_err(|_| e),
                 Err(_) => Err(e),
@@ -205,6 +215,9 @@ pub fn write_identity_dir(
             .and_then(|d| d.sync_all())
             .map_err(|e| PkiError::io("sync directory", dir, e))
     };
+    // An earlier write interrupted before its last step left the certificate's only key in
+    // `key.pem.next`, which this write is about to replace: move it into place first.
+    finish_interrupted_write(dir)?;
     write_atomic(dir, "ca.pem", ca_pem)?;
     write_atomic(dir, NEXT_KEY, key_pem)?;
     sync_dir()?;
@@ -215,16 +228,58 @@ pub fn write_identity_dir(
     sync_dir()
 }
 
+/// Renames `key.pem.next` over `key.pem` if it is the key of `cert.pem` (the last step of an
+/// interrupted [`write_identity_dir`]); anything else is left for the caller to overwrite.
+fn finish_interrupted_write(dir: &Path) -> Result<(), PkiError> {
+    let (next, key) = (dir.join(NEXT_KEY), dir.join("key.pem"));
+    let (Ok(next_pem), Ok(cert), Ok(ca)) = (
+        fs::read_to_string(&next),
+        fs::read_to_string(dir.join("cert.pem")),
+        fs::read_to_string(dir.join("ca.pem")),
+    ) else {
+        return Ok(());
+    };
+    if TlsIdentity::from_pem(&cert, &next_pem, &ca).is_err() {
+        return Ok(());
+    }
+    fs::rename(&next, &key).map_err(|e| PkiError::io("rename", &next, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| PkiError::io("sync directory", dir, e))
+}
+
 fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> {
     let target = dir.join(name);
     write_private_file(&target, contents.as_bytes()).map_err(|e| PkiError::io("write", &target, e))
 }
 
 /// Replaces `path` atomically with `bytes`, readable by the owner only (mode 0600): a
-/// temporary file beside it, fsync, rename. A crash leaves the old content or the new one,
-/// never a mix; on error the temporary file is removed. For keys, identities and every state
-/// file a role keeps (snapshot cache, published targets, tokens).
+/// temporary file beside it, fsync, rename, fsync of the directory. A crash leaves the old
+/// content or the new one, never a mix, and once this returns the new one survives a power
+/// cut; on error the temporary file is removed. For keys, identities and every state file a
+/// role keeps (snapshot cache, published targets, tokens).
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    put_private_file(path, bytes, |tmp| fs::rename(tmp, path))
+}
+
+/// Creates `path` with `bytes`, mode 0600, failing with `AlreadyExists` if it exists; like
+/// [`write_private_file`], a crash leaves no file or the whole one (never an empty or torn
+/// one, which a later start would take for the real thing).
+pub fn create_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    put_private_file(path, bytes, |tmp| {
+        // A hard link fails if `path` exists, where a rename would replace it.
+        fs::hard_link(tmp, path)?;
+        fs::remove_file(tmp)
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, has `place` put it at `path`,
+/// and syncs the directory.
+fn put_private_file(
+    path: &Path,
+    bytes: &[u8],
+    place: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -240,12 +295,18 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        place(&tmp)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
+        return result;
     }
-    result
+    // The rename itself is durable only once the directory is.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)?.sync_all()
 }
 
 /// Parses one DER certificate, refusing trailing bytes.
@@ -516,5 +577,54 @@ mod tests {
         state(&stranger.cert, &old.key, Some(&new.key));
         let err = TlsIdentity::load_dir(&dir).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
+
+        // A first write interrupted before the key was moved: no key.pem at all.
+        state(&new.cert, &new.key, Some(&new.key));
+        fs::remove_file(dir.join("key.pem")).unwrap();
+        assert_eq!(
+            TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex,
+            serial(&new)
+        );
+    }
+
+    /// A write that follows an interrupted one first moves the certificate's key out of
+    /// `key.pem.next`, which it is about to overwrite: a crash in the new write then still
+    /// leaves a pair that loads. A leftover key that belongs to no certificate is left to
+    /// be overwritten.
+    #[test]
+    fn a_write_after_an_interrupted_one_keeps_the_certificates_key() {
+        let org = Org::new("acme");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("id");
+        let old = org.pems(Role::Agent, "d1");
+        let new = org.pems(Role::Agent, "d1");
+        let ca = org.ca.cert_pem();
+        write_identity_dir(&dir, &old.key, &new.cert, ca).unwrap();
+        write_private_file(&dir.join(NEXT_KEY), new.key.as_bytes()).unwrap();
+        finish_interrupted_write(&dir).unwrap();
+        assert!(!dir.join(NEXT_KEY).exists());
+        assert_eq!(fs::read_to_string(dir.join("key.pem")).unwrap(), new.key);
+        assert!(TlsIdentity::load_dir(&dir).is_ok());
+        // The twin: a key.pem.next of no certificate here stays where it is.
+        let stray = org.pems(Role::Agent, "d1");
+        write_private_file(&dir.join(NEXT_KEY), stray.key.as_bytes()).unwrap();
+        finish_interrupted_write(&dir).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("key.pem")).unwrap(), new.key);
+        assert!(dir.join(NEXT_KEY).exists());
+    }
+
+    #[test]
+    fn a_created_private_file_is_whole_and_never_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("secret");
+        create_private_file(&path, b"first").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let e = create_private_file(&path, b"second").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        // No temporary file left behind either way.
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 }

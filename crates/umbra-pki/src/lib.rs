@@ -35,8 +35,8 @@ pub use crypto::{ct_eq, random_bytes, sha256};
 pub use csr::{generate_key_pem, make_csr};
 pub use error::PkiError;
 pub use identity::{
-    PeerCert, TlsIdentity, cert_not_after, peer_cert, rfc3339, write_identity_dir,
-    write_private_file,
+    PeerCert, TlsIdentity, cert_not_after, create_private_file, peer_cert, rfc3339,
+    write_identity_dir, write_private_file,
 };
 pub use seal::{KeyEncryptionKey, SealedCa};
 pub use tls::{

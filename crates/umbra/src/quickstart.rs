@@ -94,21 +94,19 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             write_private(&token_file, &t)?;
             t
         }
-        None => std::fs::read_to_string(&token_file)
-            .with_context(|| {
-                format!(
-                    "the controller in {} was set up before but {} is missing; remove {} to start over",
-                    dir.display(),
-                    token_file.display(),
-                    dir.display()
-                )
-            })?
-            .trim()
-            .to_owned(),
+        // Missing: a first run killed between storing the token's hash and writing this file.
+        None => match std::fs::read_to_string(&token_file) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", token_file.display()));
+            }
+        },
     };
     // Rotated by `umbra admin admin-token rotate` with a token given some other way than
-    // this file: this deployment is ours, so it takes a new one rather than failing below.
-    let token = if controller.admin_token_works(&token).await? {
+    // this file, or the file is missing: this deployment is ours, so it takes a new one
+    // rather than failing below.
+    let token = if !token.is_empty() && controller.admin_token_works(&token).await? {
         token
     } else {
         let t = umbra_controller::reset_admin_token(&ccfg, std::time::SystemTime::now())
@@ -116,7 +114,7 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             .context("cannot reset the admin token")?;
         write_private(&token_file, &t.token)?;
         println!(
-            "The admin token in {} no longer worked (rotated elsewhere?): a new one is there now.",
+            "The admin token in {} was missing or no longer worked (rotated elsewhere?): a new one is there now.",
             token_file.display()
         );
         t.token

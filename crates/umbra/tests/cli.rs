@@ -1452,6 +1452,30 @@ fn quickstart_runs_stops_and_resumes() {
         "the third quickstart did not exit 0 on Ctrl-C: {status:?}\n{}",
         q.proc.tails(30)
     );
+
+    // As if the first run had been killed between storing the admin token's hash and
+    // writing it out: no admin.token. The fourth run takes a new one and goes on.
+    std::fs::remove_file(data.join("admin.token")).expect("admin.token");
+    let mut q = Quickstart::start(home.path(), Some(&data), base, 4);
+    q.next_steps();
+    assert!(
+        q.proc
+            .stdout_text()
+            .contains("was missing or no longer worked"),
+        "quickstart did not say it replaced the admin token:\n{}",
+        q.proc.tails(30)
+    );
+    assert!(data.join("admin.token").exists());
+    let mut fourth = inventory(home.path(), &admin_cfg);
+    fourth.remove("connector");
+    assert_eq!(fourth, expected);
+    q.proc.interrupt();
+    let status = q.proc.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the fourth quickstart did not exit 0 on Ctrl-C: {status:?}\n{}",
+        q.proc.tails(30)
+    );
 }
 
 /// `umbra controller --reset-admin-token`: the way back in when the token is lost. It refuses
