@@ -692,7 +692,7 @@ async fn brokers_and_controller_away(t: TransportPref) {
     // A broker enrolled now, started only once the controller is gone: it has no snapshot.
     let late_token = s.admin.token("broker", None, Some("broker-late")).await;
     let late_dir = s.dir.path().join("broker-late");
-    umbra_link::enroll::enroll(&s.url, &late_token, &late_dir)
+    umbra_link::enroll::enroll(&s.url, &late_token, &late_dir, Role::Broker)
         .await
         .unwrap();
 
@@ -1166,11 +1166,18 @@ async fn forwards_share_one_link(t: TransportPref) {
         users: vec![ALICE],
     })
     .await;
+    // Ports outside the kernel's own range: checked free again below, after the shutdown,
+    // when a port the kernel had picked could have gone to any new socket.
+    let at = || std::net::SocketAddr::from(([127, 0, 0, 1], restartable_port()));
     let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     let cfg = s.agent("alice").config(t);
     let f = umbra_agent::Forwarder::start_many(
         cfg.clone(),
-        &[(ECHO.into(), any), (SECRET.into(), any), (ECHO.into(), any)],
+        &[
+            (ECHO.into(), at()),
+            (SECRET.into(), at()),
+            (ECHO.into(), at()),
+        ],
     )
     .await
     .unwrap();
@@ -1212,9 +1219,7 @@ async fn forwards_share_one_link(t: TransportPref) {
     .await;
 
     // A bad name, or an address in use, fails the start, and nothing stays bound.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let first = free.local_addr().unwrap();
-    drop(free);
+    let first = at();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap();
     match umbra_agent::Forwarder::start_many(

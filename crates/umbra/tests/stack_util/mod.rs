@@ -297,6 +297,47 @@ impl Admin {
 // ---------------------------------------------------------------------------------------------
 // The deployment
 
+/// Starts something that a test may stop and start again on the same port: on a port from
+/// [`restartable_port`], trying the next one if `start` fails (some other process took it).
+pub(crate) async fn on_restartable_port<T, F, Fut>(what: &str, mut start: F) -> T
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for _ in 0..20 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], restartable_port()));
+        match start(addr).await {
+            Ok(t) => return t,
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    panic!("{what} did not start on any restartable port: {last}")
+}
+
+/// A loopback port, free for TCP and UDP when picked, for a listener a test restarts on the
+/// same port. A port the kernel picked for port 0 could be given to any new socket (an
+/// outgoing connection, a QUIC dialer's UDP socket) while the listener is down, and the
+/// restart would fail. These come from 12000-26999, below the range the kernel hands out
+/// (32768 and up by default) and below the quickstart tests' ports (27400 and up), each
+/// test process starting in its own slice (by its pid), so that parallel tests rarely meet.
+pub(crate) fn restartable_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOW: usize = 12_000;
+    const SPAN: usize = 15_000;
+    let slice = (std::process::id() as usize % 500) * 30;
+    for _ in 0..SPAN {
+        let i = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (LOW + (slice + i) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}-{}", LOW + SPAN - 1)
+}
+
 /// One broker: its configuration (ports fixed after the first start, so a restart keeps the
 /// addresses agents and the connector know) and the running instance.
 pub(crate) struct BrokerSlot {
@@ -415,11 +456,17 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let ctl_cfg = ControllerConfig {
             data_dir: dir.path().join("controller"),
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ca_key: Some(hex(&umbra_pki::random_bytes::<32>())),
             ..ControllerConfig::default()
         };
-        let controller = Controller::start(ctl_cfg.clone()).await.unwrap();
+        let controller = on_restartable_port("controller", |addr| {
+            let cfg = ControllerConfig {
+                listen: addr,
+                ..ctl_cfg.clone()
+            };
+            async move { Controller::start(cfg).await.map_err(|e| e.to_string()) }
+        })
+        .await;
         let admin_token = controller.first_admin_token().unwrap();
         let url = controller.url();
         let ca = CertificateDer::from_pem_slice(controller.ca_pem().as_bytes()).unwrap();
@@ -466,7 +513,7 @@ impl Stack {
         s.echo_task = Some(task);
 
         let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
-        let issued = umbra_link::enroll::enroll(&s.url, &token, &s.connector_dir)
+        let issued = umbra_link::enroll::enroll(&s.url, &token, &s.connector_dir, Role::Connector)
             .await
             .unwrap();
         s.connector_id = issued.identity.rsplit('/').next().unwrap().to_owned();
@@ -544,7 +591,7 @@ impl Stack {
     ) {
         let token = self.admin.token("broker", None, Some(name)).await;
         let dir = self.dir.path().join(name);
-        umbra_link::enroll::enroll(&self.url, &token, &dir)
+        umbra_link::enroll::enroll(&self.url, &token, &dir, Role::Broker)
             .await
             .unwrap();
         self.start_broker(name, dir, tweak).await;
@@ -562,13 +609,18 @@ impl Stack {
         let mut cfg = BrokerConfig {
             name: name.into(),
             identity_dir: dir,
-            listen_quic: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             heartbeat_ms: 250,
             ..BrokerConfig::default()
         };
         tweak(&mut cfg);
-        let broker = Broker::start(cfg.clone()).await.unwrap();
+        // QUIC and TLS/TCP on one port (UDP and TCP), as operators run it.
+        let broker = on_restartable_port(name, |addr| {
+            let mut cfg = cfg.clone();
+            cfg.listen_quic = cfg.listen_quic.map(|_| addr);
+            cfg.listen_tcp = cfg.listen_tcp.map(|_| addr);
+            async move { Broker::start(cfg).await.map_err(|e| e.to_string()) }
+        })
+        .await;
         let quic = broker.quic_addr();
         let tcp = broker.tcp_addr();
         cfg.listen_quic = quic;
@@ -587,7 +639,7 @@ impl Stack {
     pub(crate) async fn enroll_agent(&mut self, user: &str, key: &str) -> &AgentId {
         let token = self.admin.token("agent", Some(user), None).await;
         let dir = self.dir.path().join(format!("agent-{key}"));
-        let issued = umbra_link::enroll::enroll(&self.url, &token, &dir)
+        let issued = umbra_link::enroll::enroll(&self.url, &token, &dir, Role::Agent)
             .await
             .unwrap();
         let device = issued.identity.rsplit('/').next().unwrap().to_owned();
