@@ -236,6 +236,25 @@ async fn redeem_inner(
         _ => return Err(ApiFailure::internal()),
     };
     *role_label = kind.role().as_str();
+    // `umbra broker enroll` run with an agent's token would otherwise spend it and leave a
+    // user's device key on a server: refused, and the claim rolled back with the transaction.
+    if let Some(asked) = req.role.as_deref()
+        && asked != kind.role().as_str()
+    {
+        let r = kind.role().as_str();
+        let a = |role: &str| if role == "agent" { "an" } else { "a" };
+        return Err(ApiFailure::invalid(
+            "role",
+            match asked {
+                "agent" | "connector" | "broker" => format!(
+                    "this token enrolls {} {r}, not {} {asked}: use `umbra {r} enroll`",
+                    a(r),
+                    a(asked)
+                ),
+                _ => "role must be agent, connector or broker".to_owned(),
+            },
+        ));
+    }
 
     let id = new_id(kind.id_prefix());
     let identity = PeerId::new(org, kind.role(), &id).map_err(|_| ApiFailure::internal())?;

@@ -3585,3 +3585,54 @@ async fn an_identity_renewing_in_a_loop_is_refused() {
         .count();
     assert_eq!(refusals, 1, "{audit}");
 }
+
+/// An enrollment command for one role given a token of another (`umbra broker enroll` with
+/// an agent's token) is refused, naming the command to use, and the token is not spent. The
+/// twins: the right role, and a request that names none, redeem it.
+#[tokio::test]
+async fn a_token_of_another_role_is_refused_and_not_spent() {
+    let h = Harness::start().await;
+    let redeem_as = |token: String, role: Option<&'static str>| {
+        let h = &h;
+        async move {
+            let key = umbra_pki::generate_key_pem().unwrap();
+            let csr = umbra_pki::make_csr(&key).unwrap();
+            let mut body = json!({ "token": token, "csr_pem": csr });
+            if let Some(r) = role {
+                body["role"] = json!(r);
+            }
+            h.http
+                .post(h.url("/v1/enroll"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ann@example.test", "groups": [] })),
+    )
+    .await;
+    let agent = h.token("agent", Some("ann@example.test"), None).await.token;
+    let r = redeem_as(agent.clone(), Some("broker")).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let e: ApiError = r.json().await.unwrap();
+    assert_eq!(e.field.as_deref(), Some("role"));
+    assert!(e.error.contains("use `umbra agent enroll`"), "{}", e.error);
+    let r = redeem_as(agent.clone(), Some("root")).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(h.ok("GET", "/v1/devices", None).await, json!([]));
+    assert_eq!(
+        redeem_as(agent, Some("agent")).await.status(),
+        StatusCode::OK
+    );
+
+    let connector = h.token("connector", None, Some("c1")).await.token;
+    assert_eq!(
+        redeem_as(connector.clone(), Some("agent")).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(redeem_as(connector, None).await.status(), StatusCode::OK);
+}

@@ -24,6 +24,7 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use umbra_pki::TlsIdentity;
+use umbra_proto::Role;
 use umbra_proto::api::{BrokerInfo, EnrollRequest, EnrollToken, IssuedCert, RenewRequest};
 
 use crate::backoff::{Backoff, random_unit};
@@ -67,9 +68,10 @@ pub struct ControllerRef {
     pub brokers: Vec<BrokerInfo>,
 }
 
-/// Redeems an enrollment token: pins the controller's CA from the token, generates a key on
-/// this device, sends a CSR to `POST /v1/enroll`, and writes the identity directory and
-/// `controller.json` into `dir`.
+/// Redeems an enrollment token for a `role` identity: pins the controller's CA from the
+/// token, generates a key on this device, sends a CSR to `POST /v1/enroll`, and writes the
+/// identity directory and `controller.json` into `dir`. The controller refuses a token of
+/// another role without spending it.
 ///
 /// Nothing is written unless the controller's answer checks out (same CA as pinned, a
 /// certificate for the key generated here).
@@ -77,6 +79,7 @@ pub async fn enroll(
     controller_url: &str,
     token: &str,
     dir: &Path,
+    role: Role,
 ) -> Result<IssuedCert, EnrollError> {
     let token = EnrollToken::parse(token).map_err(|_| EnrollError::Token)?;
     let base = controller_url.trim_end_matches('/');
@@ -90,6 +93,7 @@ pub async fn enroll(
             &EnrollRequest {
                 token: token.secret.clone(),
                 csr_pem,
+                role: Some(role.as_str().to_owned()),
             },
         )
         .await?;

@@ -104,6 +104,10 @@ pub struct EnrollRequest {
     pub token: String,
     /// PKCS#10 certificate signing request, PEM.
     pub csr_pem: String,
+    /// The role the enrolling command is for (`agent`, `connector`, `broker`): a token of
+    /// another role is refused without being spent. Absent: whatever the token's role is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl fmt::Debug for EnrollRequest {

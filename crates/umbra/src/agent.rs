@@ -168,7 +168,7 @@ async fn enroll_into(
     force: bool,
 ) -> anyhow::Result<()> {
     check_replace(dir, force, std::time::SystemTime::now())?;
-    let issued = umbra_link::enroll::enroll(controller, token, dir)
+    let issued = umbra_link::enroll::enroll(controller, token, dir, role.parse()?)
         .await
         .with_context(|| format!("{role} enrollment failed"))?;
     // Checked against the certificate by `enroll`, so it is a time a certificate can hold.

@@ -166,7 +166,7 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
                     },
                 )
                 .await?;
-            umbra_link::enroll::enroll(&url, &t.token, &into)
+            umbra_link::enroll::enroll(&url, &t.token, &into, role.parse()?)
                 .await
                 .with_context(|| format!("{role} enrollment"))?;
             Ok(())

@@ -73,7 +73,7 @@ async fn delayed(
 async fn add_broker(s: &mut Stack, name: &str, advertise: &str) -> SocketAddr {
     let token = s.admin.token("broker", None, Some(name)).await;
     let dir = s.dir.path().join(name);
-    umbra_link::enroll::enroll(&s.url, &token, &dir)
+    umbra_link::enroll::enroll(&s.url, &token, &dir, umbra_proto::Role::Broker)
         .await
         .unwrap();
     let slot = s
@@ -131,9 +131,14 @@ async fn nearest_is_used(far: usize) {
     // have reported their (advertised) addresses.
     s.brokers_registered().await;
     let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
-    umbra_link::enroll::enroll(&s.url, &token, &s.connector_dir)
-        .await
-        .unwrap();
+    umbra_link::enroll::enroll(
+        &s.url,
+        &token,
+        &s.connector_dir,
+        umbra_proto::Role::Connector,
+    )
+    .await
+    .unwrap();
     s.admin
         .post(
             "/v1/services",
@@ -173,7 +178,7 @@ async fn nearest_is_used(far: usize) {
     // broker answers `Unavailable`, and the same agent gets it through the far one.
     let token = s.admin.token("connector", None, Some("late")).await;
     let dir = s.dir.path().join("late");
-    umbra_link::enroll::enroll(&s.url, &token, &dir)
+    umbra_link::enroll::enroll(&s.url, &token, &dir, umbra_proto::Role::Connector)
         .await
         .unwrap();
     s.admin

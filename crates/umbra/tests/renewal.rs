@@ -142,7 +142,7 @@ async fn enroll(
     dir: &Path,
 ) -> Holder {
     let token = s.admin.token(role, user, peer_name).await;
-    umbra_link::enroll::enroll(&s.url, &token, dir)
+    umbra_link::enroll::enroll(&s.url, &token, dir, role.parse().unwrap())
         .await
         .unwrap();
     Holder::capture(name, dir)

@@ -124,7 +124,7 @@ async fn stack_over(t: TransportPref) -> Stack {
 async fn enroll_connector(s: &Stack, name: &str) -> (PathBuf, String) {
     let token = s.admin.token("connector", None, Some(name)).await;
     let dir = s.dir.path().join(name);
-    let issued = umbra_link::enroll::enroll(&s.url, &token, &dir)
+    let issued = umbra_link::enroll::enroll(&s.url, &token, &dir, umbra_proto::Role::Connector)
         .await
         .unwrap();
     let id = issued.identity.rsplit('/').next().unwrap().to_owned();

@@ -485,6 +485,9 @@ struct EnrollRequest {
     /// The printed token `umb1.<ca hash>.<secret>`, or only its secret.
     token: String,
     csr_pem: String,
+    /// The role the enrolling command is for (`agent`, `connector`, `broker`); a token of
+    /// another role is refused (400, field `role`) and not spent.
+    role: Option<String>,
 }
 #[derive(ToSchema)]
 struct RenewRequest {
