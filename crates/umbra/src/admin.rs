@@ -518,17 +518,28 @@ impl Client {
     }
 
     /// `POST /v1/KIND/ID/revoke` (devices, connectors, brokers): the API's answer.
-    async fn revoke(&self, kind: &str, id: &str) -> anyhow::Result<serde_json::Value> {
+    pub(crate) async fn revoke(&self, kind: &str, id: &str) -> anyhow::Result<serde_json::Value> {
         let path = format!("/v1/{kind}/{}/revoke", seg(id));
         self.post(&path, &serde_json::json!({})).await
     }
 
-    /// POST that treats "already exists" (409) as done: for idempotent setup.
+    /// Creates an object unless the list at `path` already holds one whose `key` field is
+    /// `id` (and treats "already exists", 409, as done too): for idempotent setup, without a
+    /// refused write in the audit log at every run.
     pub(crate) async fn ensure(
         &self,
         path: &str,
+        key: &str,
+        id: &str,
         body: &impl serde::Serialize,
     ) -> anyhow::Result<()> {
+        let listed: serde_json::Value = self.get(path).await?;
+        if listed
+            .as_array()
+            .is_some_and(|a| a.iter().any(|o| o[key] == id))
+        {
+            return Ok(());
+        }
         let resp = self
             .http
             .post(format!("{}{path}", self.base))

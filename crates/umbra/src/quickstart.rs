@@ -28,9 +28,40 @@ pub(crate) struct Args {
     #[arg(long, env = "UMBRA_QUICKSTART_DIR")]
     data_dir: Option<PathBuf>,
     /// First of the loopback ports used: controller = P, brokers = P+1 and P+2 (UDP and
-    /// TCP), demo app = P+80, metrics of every role = P+90.
-    #[arg(long, default_value_t = 7400)]
-    base_port: u16,
+    /// TCP), demo app = P+80, metrics of every role = P+90. Default: 7400, or the one the
+    /// data directory was set up with (its identities and service point at those ports).
+    #[arg(long)]
+    base_port: Option<u16>,
+}
+
+const DEFAULT_BASE_PORT: u16 = 7400;
+
+/// The base port of this data directory: the one it was set up with (`base-port`, written
+/// once its controller has started there), which `asked` must match, or `asked` (default
+/// 7400) for a new one.
+fn base_port(dir: &Path, asked: Option<u16>) -> anyhow::Result<u16> {
+    let file = dir.join("base-port");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let stored: u16 = text
+                .trim()
+                .parse()
+                .with_context(|| format!("{} does not hold a port", file.display()))?;
+            match asked {
+                Some(p) if p != stored => anyhow::bail!(
+                    "{} was set up with --base-port {stored}, and its identities, brokers and \
+                     service point at those ports: run it with --base-port {stored}, or give \
+                     another --data-dir",
+                    dir.display()
+                ),
+                _ => Ok(stored),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(asked.unwrap_or(DEFAULT_BASE_PORT))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
+    }
 }
 
 fn default_dir() -> PathBuf {
@@ -44,12 +75,27 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// An enrolled identity: its key and certificate, and where its controller is (written
-/// first; an enrollment cut short between the files is done again).
-fn has_identity(dir: &Path) -> bool {
-    ["controller.json", "cert.pem", "key.pem"]
-        .iter()
-        .all(|f| dir.join(f).exists())
+/// What a role's identity directory holds for this run.
+enum Held {
+    /// An identity that loads, with its controller reference, valid for a while yet (its role
+    /// renews it from here).
+    Usable,
+    /// Nothing usable (never enrolled, or an enrollment cut short between its files).
+    Nothing,
+    /// The identity `id` (`umbra://…`), whose certificate has expired or is about to: the
+    /// deployment was stopped for longer than a certificate lives, and nothing renewed it.
+    Expired(umbra_proto::PeerId),
+}
+
+fn held_identity(dir: &Path, now: std::time::SystemTime) -> Held {
+    if !dir.join("controller.json").exists() {
+        return Held::Nothing;
+    }
+    match umbra_pki::TlsIdentity::load_dir(dir) {
+        Ok(id) if id.peer.not_after > now + Duration::from_secs(60) => Held::Usable,
+        Ok(id) => Held::Expired(id.peer.id),
+        Err(_) => Held::Nothing,
+    }
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -70,7 +116,7 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     let _ = log_format;
     crate::telemetry::init_logs(log_filter, "json", Some(&log))?;
 
-    let p = a.base_port;
+    let p = base_port(&dir, a.base_port)?;
     let app_addr = loopback(p.checked_add(80).context("--base-port too high")?);
 
     // 1. Controller.
@@ -88,6 +134,8 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         .await
         .context("controller did not start")?;
     let url = controller.url();
+    // From now on the state points at these ports (see `base_port`).
+    write_private(&dir.join("base-port"), &format!("{p}\n"))?;
     let token_file = dir.join("admin.token");
     let token = match controller.first_admin_token() {
         Some(t) => {
@@ -139,6 +187,8 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     admin
         .ensure(
             "/v1/users",
+            "id",
+            USER,
             &api::CreateUser {
                 id: USER.into(),
                 groups: vec![],
@@ -152,9 +202,18 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         let admin = &admin;
         let url = url.clone();
         async move {
-            if has_identity(&into) {
-                return anyhow::Ok(());
-            }
+            let old = match held_identity(&into, std::time::SystemTime::now()) {
+                Held::Usable => return anyhow::Ok(()),
+                Held::Nothing => None,
+                Held::Expired(id) => {
+                    println!(
+                        "The {role} certificate in {} has expired (stopped for longer than a \
+                         certificate lives): enrolling it again.",
+                        into.display()
+                    );
+                    Some(id)
+                }
+            };
             let t: api::EnrollTokenCreated = admin
                 .post(
                     "/v1/enrollment-tokens",
@@ -169,6 +228,15 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
             umbra_link::enroll::enroll(&url, &t.token, &into, role.parse()?)
                 .await
                 .with_context(|| format!("{role} enrollment"))?;
+            // The old identity is of no use to anyone now; it leaves the lists as revoked.
+            if let Some(old) = old {
+                let kind = match old.role {
+                    umbra_proto::Role::Agent => "devices",
+                    umbra_proto::Role::Connector => "connectors",
+                    _ => "brokers",
+                };
+                admin.revoke(kind, &old.id).await?;
+            }
             Ok(())
         }
     };
@@ -179,6 +247,8 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     admin
         .ensure(
             "/v1/services",
+            "name",
+            SERVICE,
             &api::CreateService {
                 name: SERVICE.into(),
                 target: app_addr.to_string(),
@@ -189,6 +259,8 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     admin
         .ensure(
             "/v1/policies",
+            "name",
+            "demo-allow",
             &api::CreatePolicy {
                 name: "demo-allow".into(),
                 text: umbra_policy::allow_policy(
@@ -314,4 +386,51 @@ async fn demo_app(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()
             tracing::warn!(error = %e, "demo app stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+    use umbra_proto::{PeerId, Role};
+
+    /// A second run long after the first finds certificates nothing renewed: it enrolls
+    /// those roles again instead of failing to start them. The twins: a valid identity is
+    /// reused, and a directory without its controller reference (an enrollment cut short)
+    /// counts as nothing.
+    #[test]
+    fn expired_identities_are_enrolled_again() {
+        let now = SystemTime::now();
+        let ca = umbra_pki::Ca::generate("default", now).unwrap();
+        let id = PeerId::new("default", Role::Connector, "c-1").unwrap();
+        let lifetime = Duration::from_secs(24 * 3600);
+        let pems =
+            umbra_pki::test_util::issue_pems(&ca, id.clone(), vec![], now, lifetime).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("connector");
+        umbra_pki::write_identity_dir(&dir, &pems.key_pem, &pems.cert_pem, ca.cert_pem()).unwrap();
+        assert!(matches!(held_identity(&dir, now), Held::Nothing));
+        std::fs::write(dir.join("controller.json"), "{}").unwrap();
+        assert!(matches!(held_identity(&dir, now), Held::Usable));
+        let later = now + lifetime + Duration::from_secs(3600);
+        assert!(matches!(held_identity(&dir, later), Held::Expired(ref e) if *e == id));
+        // A minute before the end is too late to start a role on it.
+        let almost = now + lifetime - Duration::from_secs(30);
+        assert!(matches!(held_identity(&dir, almost), Held::Expired(_)));
+    }
+
+    /// A data directory keeps the ports it was set up with: another --base-port is refused,
+    /// naming the stored one, instead of a deployment whose identities and service point at
+    /// the old ports. The twins: the same port, or none, runs on the stored one.
+    #[test]
+    fn a_data_directory_keeps_its_base_port() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(base_port(tmp.path(), None).unwrap(), DEFAULT_BASE_PORT);
+        assert_eq!(base_port(tmp.path(), Some(27_400)).unwrap(), 27_400);
+        std::fs::write(tmp.path().join("base-port"), "27400\n").unwrap();
+        assert_eq!(base_port(tmp.path(), None).unwrap(), 27_400);
+        assert_eq!(base_port(tmp.path(), Some(27_400)).unwrap(), 27_400);
+        let e = base_port(tmp.path(), Some(27_600)).unwrap_err().to_string();
+        assert!(e.contains("--base-port 27400"), "{e}");
+    }
 }

@@ -1469,12 +1469,57 @@ fn quickstart_runs_stops_and_resumes() {
     let mut fourth = inventory(home.path(), &admin_cfg);
     fourth.remove("connector");
     assert_eq!(fourth, expected);
+    // Runs after the first find their objects and write nothing: no refused "already
+    // exists" in the audit log.
+    let cfg = admin_cfg.to_str().expect("utf-8");
+    let out = umbra(
+        home.path(),
+        &[
+            "admin", "--config", cfg, "-o", "json", "audit", "--result", "error",
+        ],
+    );
+    assert!(out.success(), "{}", out.describe());
+    let errors: Vec<Value> = serde_json::from_str(&out.stdout).expect("audit -o json");
+    assert!(
+        errors
+            .iter()
+            .all(|r| !r["action"].as_str().unwrap_or("").ends_with(".create")),
+        "refused creations at restarts: {errors:?}"
+    );
+
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
     assert!(
         status.is_some_and(|s| s.success()),
         "the fourth quickstart did not exit 0 on Ctrl-C: {status:?}\n{}",
         q.proc.tails(30)
+    );
+
+    // Another --base-port on the same directory is refused, naming the one it was set up
+    // with, instead of a deployment that points at the old ports.
+    let mut cmd = Command::new(common::umbra());
+    cmd.arg("quickstart")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--base-port", &(base + 5).to_string()])
+        .current_dir(home.path());
+    common::clean_env(&mut cmd, home.path());
+    let mut other = Proc::spawn(
+        "quickstart-other-port",
+        cmd,
+        home.path().join("quickstart.other.stdout"),
+        home.path().join("quickstart.other.stderr"),
+    );
+    let status = other.wait_exit(Duration::from_secs(30));
+    if status.is_none() {
+        other.interrupt();
+        let _ = other.wait_exit(Duration::from_secs(20));
+    }
+    assert!(
+        status.is_some_and(|s| !s.success())
+            && other.stderr_text().contains(&format!("--base-port {base}")),
+        "quickstart on another base port: {status:?}\n{}",
+        other.tails(30)
     );
 }
 
