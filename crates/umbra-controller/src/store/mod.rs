@@ -77,6 +77,30 @@ impl WriteTx<'_> {
     }
 }
 
+/// Makes the database file (created empty if missing, which SQLite takes for a new database)
+/// and its WAL files readable by the owner only, whatever the umask and the directory: they
+/// hold the audit log, the inventory, token hashes and the sealed CA key. SQLite gives the WAL
+/// files the database file's mode when it creates them.
+fn private_db_files(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    let name = path.as_os_str().to_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = name.clone();
+        p.push(suffix);
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub(crate) async fn open(db: &Database, org: &str) -> Result<Store, StoreOpenError> {
@@ -84,7 +108,10 @@ impl Store {
             Database::Url(url) => {
                 SqliteConnectOptions::from_str(url).map_err(StoreOpenError::Connect)?
             }
-            Database::File(path) => SqliteConnectOptions::new().filename(path),
+            Database::File(path) => {
+                private_db_files(path).map_err(|e| StoreOpenError::Connect(sqlx::Error::Io(e)))?;
+                SqliteConnectOptions::new().filename(path)
+            }
         };
         let opts = opts
             .create_if_missing(true)
@@ -251,6 +278,35 @@ mod tests {
             .await
             .unwrap();
         (dir, s)
+    }
+
+    /// The database and its WAL files are the owner's alone, in a directory anyone may
+    /// read (systemd's StateDirectory= makes 0755) and whatever the umask; a database left
+    /// readable by an older version is made private at the next start.
+    #[tokio::test]
+    async fn the_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("umbra.db");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let s = Store::open(&Database::File(path.clone()), "t")
+            .await
+            .unwrap();
+        // A write, so that the WAL files exist.
+        let mut w = s.write().await.unwrap();
+        bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap();
+        w.commit().await.unwrap();
+        for f in ["umbra.db", "umbra.db-wal", "umbra.db-shm"] {
+            assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+        }
+        s.close().await;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(&Database::File(path.clone()), "t")
+            .await
+            .unwrap();
+        assert_eq!(mode(&path), 0o600);
+        s.close().await;
     }
 
     #[tokio::test]
