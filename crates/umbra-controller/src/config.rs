@@ -113,6 +113,17 @@ impl ConfigError {
     }
 }
 
+/// The host of an `https://` URL (an IPv6 address without its brackets).
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit('@').next()?;
+    if let Some(v6) = hostport.strip_prefix('[') {
+        return v6.split(']').next();
+    }
+    hostport.split(':').next().filter(|h| !h.is_empty())
+}
+
 impl ControllerConfig {
     /// Checks every field; the error names the first one at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -143,6 +154,23 @@ impl ControllerConfig {
                     format!("{n:?} is neither a DNS name nor an IP address"),
                 ));
             }
+        }
+        // Peers check the controller's certificate against the host they dial: one not in
+        // `server_names` fails every enrollment, far from this file.
+        if let Some(host) = self.public_url.as_deref().and_then(url_host)
+            && !self
+                .server_names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(host))
+        {
+            return Err(ConfigError::new(
+                "public_url",
+                format!(
+                    "its host {host:?} is not one of server_names ({}), which the controller's \
+                     certificate is for: add it there",
+                    self.server_names.join(", ")
+                ),
+            ));
         }
         if let Some(url) = &self.database_url
             && !url.starts_with("sqlite:")
@@ -280,6 +308,10 @@ mod tests {
                 "database_url",
                 Box::new(|c| c.database_url = Some("mysql://x".into())),
             ),
+            (
+                "public_url",
+                Box::new(|c| c.public_url = Some("https://ctl.example.test:7400".into())),
+            ),
             ("ca_key", Box::new(|c| c.ca_key = Some("short".into()))),
             ("cert_lifetime_secs", Box::new(|c| c.cert_lifetime_secs = 0)),
             (
@@ -319,6 +351,26 @@ mod tests {
                 shown.contains(field) && shown.contains(&e.reason),
                 "{shown}"
             );
+        }
+    }
+
+    /// The public URL's host must be one the certificate names; the twins pass.
+    #[test]
+    fn the_public_urls_host_is_a_server_name() {
+        for (url, names, ok) in [
+            ("https://localhost:7400", vec!["localhost"], true),
+            ("https://CTL.example.test/", vec!["ctl.example.test"], true),
+            ("https://[::1]:7400", vec!["::1"], true),
+            ("https://127.0.0.1", vec!["127.0.0.1"], true),
+            ("https://localhost:7400", vec!["127.0.0.1"], false),
+            ("https://ctl.example.test:7400/x", vec!["localhost"], false),
+        ] {
+            let c = ControllerConfig {
+                public_url: Some(url.into()),
+                server_names: names.into_iter().map(String::from).collect(),
+                ..Default::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{url}");
         }
     }
 

@@ -1555,16 +1555,21 @@ fn start_controller(
         home.join(format!("controller.{run}.stdout")),
         home.join(format!("controller.{run}.stderr")),
     );
-    let r = poll(Duration::from_secs(30), || {
+    // Until it listens, or exits (no use waiting longer for a process that is gone).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let r = loop {
         let out = proc.stdout_text();
         if out.contains("controller listening on") {
-            return Ok(out);
+            break Ok(out);
         }
-        match proc.exited() {
-            Some(s) => Err(format!("exited ({s})")),
-            None => Err("not listening after 30 s".into()),
+        if let Some(s) = proc.exited() {
+            break Err(format!("exited ({s})"));
         }
-    });
+        if std::time::Instant::now() > deadline {
+            break Err("not listening after 30 s".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let port = r
         .as_ref()
         .ok()
@@ -1934,7 +1939,23 @@ fn controller_reset_admin_token() {
         "a refused reset created the database"
     );
 
+    // Without the URL's host among the certificate's names it is refused, naming the field.
     let (mut p, _, r) = start(1, &["--public-url", "https://ctl.example.test:7400"]);
+    assert!(
+        r.is_err(),
+        "a public URL the certificate does not name was taken"
+    );
+    let _ = p.wait_exit(Duration::from_secs(10));
+    assert!(p.stderr_text().contains("public_url"), "{}", p.tails(20));
+    let (mut p, _, r) = start(
+        1,
+        &[
+            "--public-url",
+            "https://ctl.example.test:7400",
+            "--server-name",
+            "ctl.example.test,127.0.0.1,localhost",
+        ],
+    );
     let out = r.unwrap_or_else(|e| panic!("first start: {e}\n{}", p.tails(20)));
     let first = token_in(&out, "admin token (shown once");
     // The URL peers are to use is the one printed for them.
