@@ -17,9 +17,11 @@ pub struct BrokerConfig {
     /// enroll`; the broker also keeps its last good snapshot, its QUIC reset key and its audit
     /// spool here.
     pub identity_dir: PathBuf,
-    /// UDP address of the QUIC listener; `None` disables QUIC.
+    /// UDP address of the QUIC listener; `None` (`"none"` in the file) disables QUIC.
+    #[serde(with = "addr_or_none")]
     pub listen_quic: Option<SocketAddr>,
-    /// TCP address of the TLS-over-TCP listener; `None` disables it.
+    /// TCP address of the TLS-over-TCP listener; `None` (`"none"` in the file) disables it.
+    #[serde(with = "addr_or_none")]
     pub listen_tcp: Option<SocketAddr>,
     /// Host (name or IP) agents and connectors use to reach this broker. Defaults to the
     /// listen address when that is not a wildcard.
@@ -227,9 +229,63 @@ impl BrokerConfig {
     }
 }
 
+/// A listen address as TOML holds it: `"127.0.0.1:7401"`, or `"none"` for no listener (a
+/// key left out means the default, so it cannot say "none" by its absence).
+mod addr_or_none {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "none" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            D::Error::custom(format!(
+                "{text:?} is not an address like 127.0.0.1:7401 (or \"none\")"
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener is turned off in the file with "none", as with the flag; a bad value is
+    /// refused naming the key. The twin: an address, or no key (the default).
+    #[test]
+    fn listeners_are_turned_off_with_none() {
+        let c: BrokerConfig = toml::from_str("listen_quic = \"none\"").unwrap();
+        assert_eq!(c.listen_quic, None);
+        assert_eq!(c.listen_tcp, BrokerConfig::default().listen_tcp);
+        let c: BrokerConfig = toml::from_str("listen_tcp = \"0.0.0.0:443\"").unwrap();
+        assert_eq!(c.listen_tcp, Some("0.0.0.0:443".parse().unwrap()));
+        let e = toml::from_str::<BrokerConfig>("listen_tcp = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_tcp") && e.contains("nowhere"), "{e}");
+        // What it writes, it reads back.
+        let off = BrokerConfig {
+            listen_quic: None,
+            ..BrokerConfig::default()
+        };
+        let back: BrokerConfig = toml::from_str(&toml::to_string(&off).unwrap()).unwrap();
+        assert_eq!(back, off);
+    }
 
     #[test]
     fn defaults_are_valid() {
