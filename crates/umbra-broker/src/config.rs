@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Human name shown in the admin API.
+    /// Name in this broker's log lines, audit records and stream reports. Empty (the
+    /// default): its identity's id (`b-…`), which the admin API lists beside the name the
+    /// broker was enrolled under.
     pub name: String,
     /// Directory holding key.pem, cert.pem, ca.pem and controller.json from `umbra broker
     /// enroll`; the broker also keeps its last good snapshot, its QUIC reset key and its audit
@@ -70,7 +72,7 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            name: "broker".into(),
+            name: String::new(),
             identity_dir: PathBuf::from("broker"),
             listen_quic: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             listen_tcp: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
@@ -108,7 +110,7 @@ fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
 impl BrokerConfig {
     /// Checks every field; the first problem names its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !umbra_proto::valid_name(&self.name) {
+        if !self.name.is_empty() && !umbra_proto::valid_name(&self.name) {
             return Err(bad(
                 "name",
                 "1-63 lowercase letters, digits, '-', '_' or '.'",

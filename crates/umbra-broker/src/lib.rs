@@ -209,7 +209,11 @@ impl Broker {
             source,
         })?;
         let shared = Arc::new(Shared {
-            name: cfg.name.clone(),
+            name: if cfg.name.is_empty() {
+                identity.peer.id.id.clone()
+            } else {
+                cfg.name.clone()
+            },
             server_name: umbra_pki::broker_server_name(&identity.peer.id.id),
             quic_addr: listener.quic_addr().map(fmt_addr),
             tcp_addr: listener.tcp_addr().map(fmt_addr),

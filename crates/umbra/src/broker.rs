@@ -34,11 +34,12 @@ struct RunArgs {
     /// max_links_per_peer, max_streams_per_device, stream_window_kib).
     #[arg(long, env = "UMBRA_BROKER_CONFIG")]
     config: Option<PathBuf>,
-    /// Name shown in the admin API.
+    /// Name in this broker's log lines, audit records and stream reports (default: its
+    /// identity's id, b-…, which `umbra admin broker list` shows beside its enrolled name).
     #[arg(long, env = "UMBRA_BROKER_NAME")]
     name: Option<String>,
-    /// Identity directory written by `umbra broker enroll`; also holds the snapshot cache and
-    /// the audit spool (events not yet stored by the controller).
+    /// Identity directory written by `umbra broker enroll` (default: ./broker); also holds
+    /// the snapshot cache and the audit spool (events not yet stored by the controller).
     #[arg(long, env = "UMBRA_BROKER_DIR")]
     dir: Option<PathBuf>,
     /// UDP address for QUIC, or `none`. Default 127.0.0.1:7401.
@@ -50,15 +51,15 @@ struct RunArgs {
     /// Host agents and connectors dial (needed when listening on 0.0.0.0 or [::]).
     #[arg(long, env = "UMBRA_BROKER_ADVERTISE_HOST")]
     advertise_host: Option<String>,
-    /// Keep authorizing from the last snapshot this long without the controller (e.g. 1h);
-    /// past it new streams are refused and live ones end.
+    /// Keep authorizing from the last snapshot this long without the controller (default
+    /// 24h); past it new streams are refused and live ones end.
     #[arg(long, env = "UMBRA_BROKER_MAX_STALENESS", value_parser = load::parse_duration)]
     max_staleness: Option<std::time::Duration>,
-    /// Decide live streams again at least this often (e.g. 10s; 1s to 1h), besides at every
-    /// policy change: time-bound policies end streams by it.
+    /// Decide live streams again at least this often (default 10s; 1s to 1h), besides at
+    /// every policy change: time-bound policies end streams by it.
     #[arg(long, env = "UMBRA_BROKER_REVERIFY", value_parser = load::parse_duration)]
     reverify: Option<std::time::Duration>,
-    /// Close streams idle this long (e.g. 1h).
+    /// Close streams idle this long (default 1h).
     #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
     /// Streams one device may have open at once here, over all its links (default 1024);

@@ -13,13 +13,16 @@ use umbra_controller::{Controller, ControllerConfig};
 pub(crate) struct Args {
     /// TOML file with controller settings (data_dir, listen, public_url, server_names,
     /// database_url, ca_key, org, cert_lifetime_secs, token_ttl_secs, max_pending_handshakes,
-    /// max_anonymous_connections, anonymous_connection_secs, max_connections_per_peer).
+    /// max_anonymous_connections, anonymous_connection_secs, max_connections_per_peer). The CA
+    /// key is sealed with `ca_key` or UMBRA_CA_KEY (64 hex digits, or base64 of 32 bytes;
+    /// from a secret store, never a flag); without either, a key is generated once into
+    /// DATA_DIR/ca.kek (0600).
     #[arg(long, env = "UMBRA_CONTROLLER_CONFIG")]
     config: Option<PathBuf>,
-    /// Directory for the embedded database and CA key file.
+    /// Directory for the embedded database and CA key file (default /var/lib/umbra/controller).
     #[arg(long, env = "UMBRA_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// HTTPS listen address of the API, e.g. 0.0.0.0:7400.
+    /// HTTPS listen address of the API, e.g. 0.0.0.0:7400 (default 127.0.0.1:7443).
     #[arg(long, env = "UMBRA_CONTROLLER_LISTEN")]
     listen: Option<std::net::SocketAddr>,
     /// URL that agents, connectors and brokers use to reach this controller.
