@@ -38,6 +38,13 @@ pub(crate) struct Args {
     cmd: Cmd,
 }
 
+impl Args {
+    /// `-o json`: results, and errors, as JSON.
+    pub(crate) fn json_output(&self) -> bool {
+        self.output == "json"
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct AdminFile {

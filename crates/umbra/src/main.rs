@@ -65,6 +65,8 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|| if interactive { "text" } else { "json" }.to_owned());
     let format = format.as_str();
     let log = cli.log_filter();
+    // Scripts reading `-o json` get their error as JSON too (on stderr, as a person would).
+    let json_errors = matches!(&cli.command, Command::Admin(a) if a.json_output());
     if !matches!(cli.command, Command::Admin(_) | Command::Agent(_)) {
         // Installed before any role records a metric (records made earlier would be lost).
         telemetry::metrics_handle();
@@ -106,6 +108,10 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if json_errors => {
+            eprintln!("{}", serde_json::json!({ "error": error_line(&e) }));
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", error_line(&e));
             std::process::ExitCode::FAILURE
