@@ -1088,8 +1088,10 @@ pub(super) async fn revoke_connector(
         .ok_or_else(ApiFailure::internal)
 }
 
-/// The connectors or brokers `id` names: the one with that id, else every live one carrying
-/// that name, else the last one that carried it (revoking it again changes nothing).
+/// The connectors or brokers `id` names: the one with that id, else the one live one carrying
+/// that name, else the last one that carried it (revoking it again changes nothing). A name
+/// several live ones carry (instances of one connector) is refused, listing their ids: one
+/// revocation would end them all while its answer could name only one.
 async fn by_id_or_name(
     ctx: &Ctx,
     c: &mut SqliteConnection,
@@ -1105,10 +1107,21 @@ async fn by_id_or_name(
         .filter(|r| r.revoked_at.is_none())
         .cloned()
         .collect();
-    match (live.is_empty(), named.last()) {
-        (false, _) => Ok(live),
-        (true, Some(last)) => Ok(vec![last.clone()]),
-        (true, None) => Err(ApiFailure::not_found(
+    match (live.len(), named.last()) {
+        (1, _) => Ok(live),
+        (n @ 2.., _) => {
+            let role = kind.role().as_str();
+            let ids: Vec<&str> = live.iter().map(|r| r.id.as_str()).collect();
+            Err(ApiFailure::conflict(
+                "id",
+                format!(
+                    "{n} live {role}s are named {id} ({}): revoke each by its id",
+                    ids.join(", ")
+                ),
+            ))
+        }
+        (0, Some(last)) => Ok(vec![last.clone()]),
+        (0, None) => Err(ApiFailure::not_found(
             "id",
             format!("no {} with id or name {id}", kind.role().as_str()),
         )),
