@@ -234,6 +234,14 @@ impl Controller {
         self.ctx.dist.current()
     }
 
+    /// Long polls (snapshots, connector configs, broker lists) waiting now for a newer
+    /// version: each one counted here sees the next publish. For tests that make a change
+    /// once a poll waits.
+    #[doc(hidden)]
+    pub fn long_polls_waiting(&self) -> usize {
+        self.ctx.dist.waiting_now()
+    }
+
     /// Stops accepting, lets open requests finish (long polls end at once), closes the
     /// database.
     pub async fn shutdown(self) {

@@ -75,6 +75,11 @@ impl Distribution {
         *self.tx.borrow()
     }
 
+    /// Requests in [`Distribution::wait_newer`] now (each subscribed: a publish wakes it).
+    pub(crate) fn waiting_now(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     /// Waits until the published version exceeds `after`, at most `wait`, or until shutdown.
     /// Returns the version, or `None` if the wait ended first.
     pub(crate) async fn wait_newer(

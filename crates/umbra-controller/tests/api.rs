@@ -1174,9 +1174,9 @@ async fn snapshot_long_poll_sees_changes_within_a_second() {
         let url = h.url(&format!("/v1/snapshot?after={v}"));
         async move { get_json::<Snapshot>(&b, url).await }
     });
-    // Long enough for the poll to be waiting when the change commits (the path under test:
-    // a change made before it arrives is answered at once, without waiting).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The poll waits when the change commits (the path under test: a change made before it
+    // arrives is answered at once, without waiting).
+    polls_waiting(&h, 1).await;
     let changed_at = Instant::now();
     h.ok(
         "POST",
@@ -1774,7 +1774,7 @@ async fn broker_list_long_poll() {
 
     // Unchanged list, unrelated change meanwhile: the wait runs out (204).
     let waiting = tokio::spawn(poll(list.tag.clone(), 2));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&h, 1).await;
     let v = h.ctl.snapshot_version();
     h.ok(
         "POST",
@@ -1792,7 +1792,7 @@ async fn broker_list_long_poll() {
 
     // A revocation during the wait answers it with the new list (the deadline would be 204).
     let waiting = tokio::spawn(poll(list.tag.clone(), 25));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&h, 1).await;
     h.ok("POST", "/v1/brokers/b2/revoke", None).await;
     let (s, new) = waiting.await.unwrap();
     assert_eq!(s, StatusCode::OK);
@@ -1803,7 +1803,7 @@ async fn broker_list_long_poll() {
 
     // The device is revoked while it waits: the answer is its refusal.
     let waiting = tokio::spawn(poll(new.tag.clone(), 25));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&h, 1).await;
     h.ok(
         "POST",
         &format!("/v1/devices/{}/revoke", dev.peer.id.id),
@@ -2748,7 +2748,7 @@ async fn a_peer_revoked_while_waiting_gets_nothing() {
     };
     let b1_poll = wait(&b1, format!("/v1/snapshot?after={v}&wait=10"));
     let b2_poll = wait(&b2, format!("/v1/snapshot?after={v}&wait=10"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&h, 2).await;
     h.ok(
         "POST",
         &format!("/v1/brokers/{}/revoke", b1.peer.id.id),
@@ -2759,7 +2759,7 @@ async fn a_peer_revoked_while_waiting_gets_nothing() {
     assert_eq!(b2_poll.await.unwrap(), StatusCode::OK);
     let v = h.ctl.snapshot_version();
     let c1_poll = wait(&c1, format!("/v1/connector/config?after={v}&wait=10"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    polls_waiting(&h, 1).await;
     h.ok(
         "POST",
         &format!("/v1/connectors/{}/revoke", c1.peer.id.id),
@@ -3635,4 +3635,54 @@ async fn a_token_of_another_role_is_refused_and_not_spent() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(redeem_as(connector, None).await.status(), StatusCode::OK);
+}
+
+/// Waits until `n` long polls wait at the controller (so a change made next is the one that
+/// wakes them, not one they find on arrival).
+async fn polls_waiting(h: &Harness, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while h.ctl.long_polls_waiting() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} long polls never waited"));
+}
+
+/// Two live connectors under one name (instances of one connector): revoking the name is
+/// refused, listing both ids, and nothing is revoked; each is revoked by its id. The twin: a
+/// name only one live connector carries is revoked by name.
+#[tokio::test]
+async fn revoking_a_name_several_peers_carry_is_refused() {
+    let h = Harness::start().await;
+    let t1 = h.token("connector", None, Some("dc")).await.token;
+    let t2 = h.token("connector", None, Some("dc")).await.token;
+    let (a, _) = h.enroll(&t1).await;
+    let (b, _) = h.enroll(&t2).await;
+    let (s, v) = h.admin("POST", "/v1/connectors/dc/revoke", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains(&a.peer.id.id) && msg.contains(&b.peer.id.id),
+        "{msg}"
+    );
+    let listed = h.ok("GET", "/v1/connectors", None).await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["revoked"] == false),
+        "{listed}"
+    );
+    h.ok(
+        "POST",
+        &format!("/v1/connectors/{}/revoke", a.peer.id.id),
+        None,
+    )
+    .await;
+    // One live instance left: the name now names it.
+    let v = h.ok("POST", "/v1/connectors/dc/revoke", None).await;
+    assert_eq!(v["id"], b.peer.id.id.as_str());
+    assert_eq!(v["revoked"], true);
 }

@@ -77,6 +77,7 @@ fn help_of_every_command_names_its_options() {
                 "--public-url",
                 "--server-name",
                 "--database-url",
+                "UMBRA_CA_KEY",
             ],
         ),
         (
@@ -1394,6 +1395,18 @@ fn quickstart_runs_stops_and_resumes() {
     assert!(
         !refused.success() && refused.stderr.contains("invalid admin token"),
         "the old token still works: {}",
+        refused.describe()
+    );
+    // A script asking for JSON gets its error as JSON.
+    let refused = with_token(old_token, &["-o", "json", "user", "list"]);
+    let e: serde_json::Value = serde_json::from_str(refused.stderr.trim())
+        .unwrap_or_else(|e| panic!("-o json error is not JSON ({e}): {}", refused.describe()));
+    assert!(
+        !refused.success()
+            && e["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("invalid admin token")),
+        "{}",
         refused.describe()
     );
     assert_eq!(inventory(home.path(), &admin_cfg), before_rotation);
