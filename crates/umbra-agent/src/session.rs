@@ -572,15 +572,23 @@ mod tests {
             .unwrap();
         let delay = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let dialing = Arc::new(tokio::sync::Notify::new());
-        let (delaying, dialed) = (delay.clone(), dialing.clone());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (delaying, dialed, released) = (delay.clone(), dialing.clone(), release.clone());
         tokio::spawn(async move {
             while let Ok((mut c, _)) = slow.accept().await {
-                let (to, delaying, dialed) = (to.clone(), delaying.clone(), dialed.clone());
+                let (to, delaying, dialed, released) = (
+                    to.clone(),
+                    delaying.clone(),
+                    dialed.clone(),
+                    released.clone(),
+                );
                 tokio::spawn(async move {
                     if delaying.load(std::sync::atomic::Ordering::SeqCst) {
-                        // The side dial is under way: the test drops the broker now.
+                        // The side dial is under way: the test drops the broker now, and
+                        // lets the dial go on only once it has.
                         dialed.notify_one();
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(10), released.notified())
+                            .await;
                     }
                     let mut u = tokio::net::TcpStream::connect(&to).await.unwrap();
                     let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
@@ -615,6 +623,7 @@ mod tests {
             .await
             .expect("the side dial to b-b did not start");
         session.update_brokers(vec![a]).await;
+        release.notify_one();
         let r = tokio::time::timeout(Duration::from_secs(10), opening)
             .await
             .unwrap()

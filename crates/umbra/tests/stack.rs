@@ -273,6 +273,7 @@ async fn data_path(t: TransportPref) {
     let foreign = foreign_ca_identity(&s, &s.agent("carol").device);
     let r = assert_refused(b0, lt, &foreign, "foreign CA").await;
     eprintln!("[{t}] foreign CA: {r:?}");
+    assert!(refused_by_tls(&r), "[{t}] foreign CA: {r:?}");
     served(b0, lt, &carol).await.unwrap();
 
     // 7. A leaf naming the connector, signed with carol's device key (CA:false) and chained
@@ -280,6 +281,7 @@ async fn data_path(t: TransportPref) {
     let forged = forged_connector_identity(&s, "carol");
     let r = assert_refused(b0, lt, &forged, "leaf signed by a device key").await;
     eprintln!("[{t}] forged leaf: {r:?}");
+    assert!(refused_by_tls(&r), "[{t}] forged leaf: {r:?}");
     served(b0, lt, &carol).await.unwrap();
 
     // 3. Device revoked: alice's live stream is cut and her new connections fail within 3 s;
@@ -617,15 +619,15 @@ fn forged_connector_identity(s: &Stack, agent: &str) -> TlsIdentity {
     }
 }
 
-/// Two brokers (the second with a 2 s staleness limit). 12: the broker in use goes away and
+/// Two brokers (the second with a 3 s staleness limit). 12: the broker in use goes away and
 /// the next connection goes through the other. 11: the controller goes away; live and new
 /// streams keep working, a broker restarted meanwhile serves from its cached snapshot, and the
-/// 2 s broker turns Stale.
+/// 3 s broker turns Stale.
 async fn brokers_and_controller_away(t: TransportPref) {
     init();
     let lt = link_transport(t);
     let mut s = Stack::start(Opts {
-        brokers: vec![86_400, 2],
+        brokers: vec![86_400, 3],
         users: vec![ALICE],
     })
     .await;
@@ -668,20 +670,20 @@ async fn brokers_and_controller_away(t: TransportPref) {
         .await;
     }
 
-    // The 2 s broker re-checks live streams only hourly from here: its staleness cut below
+    // The 3 s broker re-checks live streams only hourly from here: its staleness cut below
     // must not wait for that.
     s.brokers[1].stop().await;
     s.brokers[1].cfg.reverify_secs = 3600;
     s.brokers[1].start_again().await;
     {
         let b = &s.brokers[1];
-        poll("the 2 s broker serves again", SOON, || {
+        poll("the 3 s broker serves again", SOON, || {
             served(b, lt, &alice_id)
         })
         .await;
     }
 
-    // A 2 s staleness limit holds while the controller is up: the broker hears from it more
+    // A 3 s staleness limit holds while the controller is up: the broker hears from it more
     // often than that, also when nothing changes (the pace below is not an assertion).
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
@@ -699,7 +701,7 @@ async fn brokers_and_controller_away(t: TransportPref) {
     // 11. Controller away.
     let mut live = LiveConn::open(fa).await.unwrap();
     served(&s.brokers[1], lt, &alice_id).await.unwrap();
-    // A stream held open on the 2 s broker, to see it end when that broker turns stale.
+    // A stream held open on the 3 s broker, to see it end when that broker turns stale.
     let stale_link = dial(&s.brokers[1], lt, &alice_id).await.unwrap();
     let (code, mut on_stale) = open(&stale_link, ECHO).await.unwrap();
     assert_eq!(code, OpenCode::Ok, "[{t}]");
@@ -727,8 +729,8 @@ async fn brokers_and_controller_away(t: TransportPref) {
 
     let b1 = &s.brokers[1];
     poll(
-        "the 2 s broker turns stale",
-        Duration::from_secs(8),
+        "the 3 s broker turns stale",
+        Duration::from_secs(10),
         || async {
             let link = dial(b1, lt, &alice_id).await?;
             let code = open_code(&link, ECHO).await;
@@ -812,6 +814,7 @@ async fn expired_certificate() {
     for t in [Transport::Quic, Transport::Tls] {
         let r = assert_refused(b0, t, &expired, "expired certificate").await;
         eprintln!("[{t:?}] expired: {r:?}");
+        assert!(refused_by_tls(&r), "[{t:?}] expired: {r:?}");
         served(b0, t, &fresh).await.unwrap();
     }
 }
@@ -1382,3 +1385,12 @@ async fn long_service_lists_arrive_whole_and_asking_is_bounded(t: TransportPref)
     .await;
 }
 both_transports!(long_service_lists_arrive_whole_and_asking_is_bounded);
+
+/// Whether a refusal came from the TLS handshake (the certificate did not verify: the dial
+/// failed, or the link closed with no word from the broker), not from a check after it.
+fn refused_by_tls(r: &Refusal) -> bool {
+    matches!(
+        r,
+        Refusal::Handshake(_) | Refusal::ClosedAfterHandshake { refused: None, .. }
+    )
+}

@@ -234,9 +234,13 @@ async fn stalled_streams_hold_up_no_other_stream(t: Transport) {
         .await
         .unwrap();
     let broker = soon("accept", listener.accept()).await.unwrap();
-    // The connector answers each stream with one window of data, or 1 MiB when asked by a 1.
+    // The connector answers each stream with one window of data, or 1 MiB when asked by a 1,
+    // and counts the windows it has sent whole.
+    let windows_sent = Arc::new(AtomicUsize::new(0));
+    let sent = windows_sent.clone();
     tokio::spawn(async move {
         while let Some(mut s) = link.accept().await {
+            let sent = sent.clone();
             tokio::spawn(async move {
                 let Ok(Some(ask)) = s.recv_chunk().await else {
                     return;
@@ -244,6 +248,9 @@ async fn stalled_streams_hold_up_no_other_stream(t: Transport) {
                 let len = if ask[..] == [1] { 1 << 20 } else { window };
                 send_all(&mut s, &pattern(len, len as u64)).await;
                 s.finish().await.unwrap();
+                if len == window {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
                 // Held, as a relay holds it, until the broker's side ends.
                 while let Ok(Some(_)) = s.recv_chunk().await {}
             });
@@ -257,8 +264,14 @@ async fn stalled_streams_hold_up_no_other_stream(t: Transport) {
         s.send_chunk(Bytes::from_static(&[0])).await.unwrap();
         stalled.push(s);
     }
-    // Let the connector fill every window before the stream that must still move.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every stalled stream's window filled (sent whole, so the broker holds it) before the
+    // stream that must still move.
+    soon("every stalled stream's window sent", async {
+        while windows_sent.load(Ordering::SeqCst) < STALLED {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let mut busy = broker.open().await.unwrap();
     busy.send_chunk(Bytes::from_static(&[1])).await.unwrap();
     let got = soon("1 MiB past 1,100 stalled streams", read_to_end(&mut busy)).await;
@@ -945,18 +958,20 @@ async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
     // 4 TCP + at most 4 (half of 8) QUIC.
     let held = listener.handshakes_in_progress();
     assert!(held <= 8, "{held} handshakes hold slots");
-    // The later senders were asked to retry: a long-header Retry packet (type 3).
+    // The later senders were asked to retry: the listener's first answer to them is a
+    // long-header Retry packet (type 3), not its Initial. Each sender waits for that first
+    // answer (all at once, up to 5 s: a loaded machine answers late, not differently).
+    let mut firsts = tokio::task::JoinSet::new();
+    for s in senders {
+        firsts.spawn(async move {
+            let mut buf = [0u8; 2048];
+            let first = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf)).await;
+            matches!(first, Ok(Ok(n)) if n > 0 && buf[0] & 0xf0 == 0xf0)
+        });
+    }
     let mut retried = 0;
-    for s in &senders {
-        let mut buf = [0u8; 2048];
-        while let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(20), s.recv(&mut buf)).await
-        {
-            if n > 0 && buf[0] & 0xf0 == 0xf0 {
-                retried += 1;
-                break;
-            }
-        }
+    while let Some(r) = firsts.join_next().await {
+        retried += usize::from(r.unwrap());
     }
     assert!(retried >= 20, "{retried} of 24 senders were sent a Retry");
     // No stalled TCP handshake was evicted by the flood.
@@ -979,7 +994,9 @@ async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_end_at_the_handshake_timeout() {
     let org = Org::new();
-    let timeout = Duration::from_secs(2);
+    // Long enough that setting up the stalls below (real Initials, made one by one) takes
+    // well under half of it on a loaded machine.
+    let timeout = Duration::from_secs(6);
     let cfg = LinkConfig {
         handshake_timeout: timeout,
         ..LinkConfig::default()
