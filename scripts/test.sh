@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 need=()
 # Building: a C compiler for the -sys crates (SQLite, aws-lc) and curl to fetch Rust if absent.
 command -v cc >/dev/null || need+=(gcc libc6-dev)
-command -v curl >/dev/null || need+=(curl ca-certificates)
+command -v curl >/dev/null || need+=(curl)
+# Certificates for the rustup and crates.io downloads (an image may have curl without them).
+[ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 command -v socat >/dev/null || need+=(socat)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ssh >/dev/null || need+=(openssh-client)
@@ -50,7 +52,11 @@ export UMBRA_E2E_REQUIRED=1
 
 if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"
-  cargo install --locked cargo-nextest
+  # A known version: a later one may ask for a newer Rust than the one above.
+  cargo install --locked cargo-nextest@0.9.143
 fi
 cargo build --locked --workspace --all-targets
+# Hung tests are ended by the limits in .config/nextest.toml.
 cargo nextest run --locked --workspace --no-fail-fast --final-status-level fail
+# nextest does not run documentation examples: they are compiled and run here.
+cargo test --locked --workspace --doc
