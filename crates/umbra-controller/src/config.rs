@@ -246,22 +246,10 @@ impl ControllerConfig {
     }
 }
 
-/// An IP address, or a DNS name of letters, digits and hyphens in dot-separated labels.
+/// An IP address, or a DNS name of letters, digits and hyphens in dot-separated labels (no
+/// '_': certificates name hosts, and a host name has none).
 fn valid_server_name(n: &str) -> bool {
-    if n.parse::<IpAddr>().is_ok() {
-        return true;
-    }
-    !n.is_empty()
-        && n.len() <= 253
-        && n.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    n.parse::<IpAddr>().is_ok() || (umbra_proto::dns_name(n) && !n.contains('_'))
 }
 
 #[cfg(test)]
