@@ -1089,15 +1089,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             }
             // Out to the connection.
             if !self.out.is_empty() {
+                // Commands were left in the channel while the output was full, and its waker
+                // is not registered then (the last receive found something): once there is
+                // room again, the next pass must take them, or they wait for the peer's next
+                // frame to wake this task.
+                let was_full = self.out.len >= OUT_MAX;
                 match self.out.poll_write(&mut self.io, cx) {
                     Poll::Ready(Ok(())) => {
                         // Reading may have paused for the answers just written.
-                        progress |= self.answers > 0;
+                        progress |= self.answers > 0 || was_full;
                         self.answers = 0;
                         self.flushed = false;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(End::Io(e.kind())),
-                    Poll::Pending => {}
+                    Poll::Pending => progress |= was_full && self.out.len < OUT_MAX,
                 }
             }
             if !self.flushed {

@@ -771,3 +771,84 @@ async fn a_peer_that_returns_credit_without_reading_is_not_queued_for_without_bo
     assert_eq!(read, TOTAL);
     drop(sender.unwrap());
 }
+
+/// Once a peer that stopped reading takes everything at once (its socket buffer is large)
+/// and sends nothing, the commands that waited while the output was full still go out: the
+/// driver must not wait for the peer's next frame to take them (a download sharing a
+/// connector's link with a stalled one would freeze until the next keepalive).
+#[tokio::test]
+async fn commands_held_while_the_output_was_full_go_out_once_it_drains() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    // A pipe that holds far more than the driver queues itself.
+    let (a, b) = tokio::io::duplex(8 << 20);
+    let mut raw = Raw { io: b };
+    raw.send(
+        Header::Hello {
+            window: WINDOW,
+            max_streams: 8,
+        },
+        &[],
+    )
+    .await;
+    let conn = soon("start", start(a, true, &cfg(8), &Span::none()))
+        .await
+        .unwrap();
+    let _ = raw.next().await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(raw.io);
+    let mut bulk = conn.open(&Span::none()).await.unwrap();
+    let mut late = conn.open(&Span::none()).await.unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let sender = tokio::spawn({
+        let accepted = accepted.clone();
+        let chunk = Bytes::from(vec![5u8; WINDOW as usize / 4]);
+        async move {
+            loop {
+                if bulk.send_chunk(chunk.clone()).await.is_err() {
+                    return;
+                }
+                accepted.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+        }
+    });
+    // Credit for every byte, none read, until the pipe and the driver's output are full and
+    // the sender waits for room.
+    let mut returned = 0u64;
+    soon("the sender to wait for room", async {
+        while !conn.shared.blocked.load(Ordering::SeqCst) {
+            let a = accepted.load(Ordering::SeqCst);
+            if a > returned {
+                let bytes = u32::try_from(a - returned).unwrap();
+                wr.write_all(&Header::Credit { stream: 1, bytes }.encode())
+                    .await
+                    .unwrap();
+                returned = a;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Queued behind it all.
+    let late_send = tokio::spawn(async move {
+        late.send_chunk(Bytes::from_static(b"late")).await.unwrap();
+        late
+    });
+    // The peer now reads everything and sends nothing.
+    soon("stream 2's chunk, with the peer silent", async {
+        let mut head = [0u8; HEADER_LEN];
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            rd.read_exact(&mut head).await.unwrap();
+            if let Header::Data { stream, len, .. } = Header::decode(&head).unwrap() {
+                rd.read_exact(&mut buf[..len as usize]).await.unwrap();
+                if stream == 2 && &buf[..len as usize] == b"late" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    drop(soon("the late sender", late_send).await.unwrap());
+    sender.abort();
+}
