@@ -404,10 +404,13 @@ pub(crate) async fn renew(
     res
 }
 
-/// Most certificates one identity may hold valid at once: a renewal beyond it is refused
-/// (429). An identity renews at two thirds of a lifetime, so it holds two at most, a few more
-/// if answers were lost on the way.
-const MAX_VALID_CERTS: i64 = 8;
+/// Most certificates one identity may be issued within [`RENEWAL_WINDOW`]: a renewal beyond
+/// it is refused (429) until the oldest of them leaves the window. An identity renews once
+/// per two thirds of a lifetime; a few processes sharing one identity directory, or answers
+/// lost on the way, add a few more. Over a 24-hour lifetime that bounds an identity's valid
+/// certificates (the serials a revocation puts in every snapshot) to under 200.
+const MAX_ISSUED_IN_WINDOW: i64 = 8;
+const RENEWAL_WINDOW: i64 = 3600;
 
 async fn renew_inner(
     ctx: &Ctx,
@@ -433,14 +436,22 @@ async fn renew_inner(
     let identity = peer.id.clone();
     // Each renewal is a durable write under the one write lock, and a revocation lists every
     // serial still valid in every snapshot: an identity renewing in a loop would stall the
-    // controller's writes and swell the snapshots. One renews about twice per lifetime.
-    let valid = peers::certs_valid(w.conn(), org, identity.role, &identity.id, now_secs).await?;
-    if valid >= MAX_VALID_CERTS {
+    // controller's writes and swell the snapshots. A rate, not a count of valid certificates:
+    // a device whose answers were lost must still renew before its certificate expires.
+    let recent = peers::certs_issued_since(
+        w.conn(),
+        org,
+        identity.role,
+        &identity.id,
+        now_secs - RENEWAL_WINDOW,
+    )
+    .await?;
+    if recent >= MAX_ISSUED_IN_WINDOW {
         return Err(ApiFailure::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             format!(
-                "renewed too often: {valid} certificates of this identity are still valid; \
-                 renew nearer the end of the current one"
+                "renewed too often: {recent} certificates issued to this identity in the last \
+                 hour; try again later"
             ),
             None,
         ));

@@ -621,22 +621,22 @@ pub(crate) async fn cert_insert(
     Ok(())
 }
 
-/// Certificates of `role` `subject` still within their validity at `now` (revoked or not).
-pub(crate) async fn certs_valid(
+/// Certificates issued to `role` `subject` after `since` (Unix seconds).
+pub(crate) async fn certs_issued_since(
     c: &mut SqliteConnection,
     org: &str,
     role: Role,
     subject: &str,
-    now: i64,
+    since: i64,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT COUNT(*) FROM certificates WHERE org = $1 AND role = $2 AND subject = $3 \
-         AND not_after > $4",
+         AND issued_at > $4",
     )
     .bind(org)
     .bind(role.as_str())
     .bind(subject)
-    .bind(now)
+    .bind(since)
     .fetch_one(c)
     .await
 }
