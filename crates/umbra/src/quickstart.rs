@@ -58,7 +58,19 @@ fn base_port(dir: &Path, asked: Option<u16>) -> anyhow::Result<u16> {
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(asked.unwrap_or(DEFAULT_BASE_PORT))
+            // Set up before this file existed: its identities name the controller's port.
+            let Some(stored) = enrolled_base_port(dir) else {
+                return Ok(asked.unwrap_or(DEFAULT_BASE_PORT));
+            };
+            match asked {
+                Some(p) if p != stored => anyhow::bail!(
+                    "{} was set up with --base-port {stored} (its identities name that \
+                     controller port): run it with --base-port {stored}, or give another \
+                     --data-dir",
+                    dir.display()
+                ),
+                _ => Ok(stored),
+            }
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
     }
@@ -73,6 +85,15 @@ fn default_dir() -> PathBuf {
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The controller port an identity of this data directory was enrolled with (the base port
+/// of a directory set up before `base-port` was written).
+fn enrolled_base_port(dir: &Path) -> Option<u16> {
+    ["connector", "agent", BROKERS[0], BROKERS[1]]
+        .iter()
+        .find_map(|d| umbra_link::enroll::load_controller_ref(&dir.join(d)).ok())
+        .and_then(|r| r.url.rsplit(':').next()?.trim_end_matches('/').parse().ok())
 }
 
 /// What a role's identity directory holds for this run.
@@ -432,5 +453,20 @@ mod tests {
         assert_eq!(base_port(tmp.path(), Some(27_400)).unwrap(), 27_400);
         let e = base_port(tmp.path(), Some(27_600)).unwrap_err().to_string();
         assert!(e.contains("--base-port 27400"), "{e}");
+
+        // A directory set up before `base-port` existed: its identities name the port.
+        let old = tempfile::tempdir().unwrap();
+        let dir = old.path().join("connector");
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = umbra_link::enroll::ControllerRef {
+            url: "https://127.0.0.1:27500".into(),
+            identity: "umbra://default/connector/c-1".into(),
+            user: None,
+            brokers: vec![],
+        };
+        umbra_link::enroll::save_controller_ref(&dir, &r).unwrap();
+        assert_eq!(base_port(old.path(), None).unwrap(), 27_500);
+        let e = base_port(old.path(), Some(7400)).unwrap_err().to_string();
+        assert!(e.contains("--base-port 27500"), "{e}");
     }
 }
