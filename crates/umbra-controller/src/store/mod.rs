@@ -106,7 +106,13 @@ impl Store {
     pub(crate) async fn open(db: &Database, org: &str) -> Result<Store, StoreOpenError> {
         let opts = match db {
             Database::Url(url) => {
-                SqliteConnectOptions::from_str(url).map_err(StoreOpenError::Connect)?
+                let opts = SqliteConnectOptions::from_str(url).map_err(StoreOpenError::Connect)?;
+                let file = opts.get_filename();
+                if file != std::path::Path::new(":memory:") {
+                    private_db_files(file)
+                        .map_err(|e| StoreOpenError::Connect(sqlx::Error::Io(e)))?;
+                }
+                opts
             }
             Database::File(path) => {
                 private_db_files(path).map_err(|e| StoreOpenError::Connect(sqlx::Error::Io(e)))?;
@@ -306,6 +312,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(mode(&path), 0o600);
+        s.close().await;
+        // The same when the database is given as a URL (`database_url`).
+        let url_path = dir.path().join("by-url.db");
+        let url = format!("sqlite://{}", url_path.display());
+        let s = Store::open(&Database::Url(url), "t").await.unwrap();
+        assert_eq!(mode(&url_path), 0o600);
         s.close().await;
     }
 
