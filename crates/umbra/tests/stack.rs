@@ -1370,7 +1370,18 @@ async fn long_service_lists_arrive_whole_and_asking_is_bounded(t: TransportPref)
     );
     // Bob is not held back by alice's asking; alice is served again once her budget refills.
     served(b0, link_transport(t), &bob).await.unwrap();
-    assert_eq!(umbra_agent::services(&cfg).await.unwrap(), want);
+    // (Polled: bob's own polls above may have spent his burst while the list converged.)
+    poll(
+        &format!("[{t}] bob's list beside alice's asking"),
+        SOON,
+        || async {
+            umbra_agent::services(&cfg)
+                .await
+                .map(|l| assert_eq!(l, want))
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
     let alice_cfg = s.agent("alice").config(t);
     poll(
         &format!("[{t}] alice's list after a pause"),
