@@ -71,7 +71,8 @@ pub(crate) struct EnrollArgs {
     /// both are given.
     #[arg(long, env = "UMBRA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Where to write the identity.
+    /// Where to write the identity (default: UMBRA_BROKER_DIR or UMBRA_CONNECTOR_DIR, else
+    /// where `umbra broker` or `umbra connector` looks without --dir).
     #[arg(long = "dir", id = "enroll_dir")]
     dir: Option<PathBuf>,
     /// Replace an identity in --dir that is still valid (refused otherwise). The replaced
@@ -103,10 +104,18 @@ pub(crate) struct AgentEnrollArgs {
 }
 
 /// Runs an enrollment and reports it.
-pub(crate) async fn enroll(a: EnrollArgs, role: &str) -> anyhow::Result<()> {
+/// `umbra broker enroll` / `umbra connector enroll`: the identity goes where that role's run
+/// command looks for it unless `--dir` says otherwise (`default_dir`, under `env`).
+pub(crate) async fn enroll(
+    a: EnrollArgs,
+    role: &str,
+    env: &str,
+    default_dir: PathBuf,
+) -> anyhow::Result<()> {
     let dir = a
         .dir
-        .with_context(|| format!("--dir is required: where to keep the {role}'s identity"))?;
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .unwrap_or(default_dir);
     let token = enroll_token(a.token, a.token_file)?;
     enroll_into(&a.controller, &token, &dir, role, a.force).await
 }
@@ -176,9 +185,10 @@ async fn enroll_into(
         .checked_add(std::time::Duration::from_secs(issued.not_after))
         .unwrap_or(std::time::UNIX_EPOCH);
     println!(
-        "enrolled {} (certificate valid until {})",
+        "enrolled {} (certificate valid until {}) into {}",
         issued.identity,
-        umbra_pki::rfc3339(expires)
+        umbra_pki::rfc3339(expires),
+        dir.display()
     );
     if let Some(u) = issued.user {
         println!("this device belongs to {u}");

@@ -127,7 +127,8 @@ fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(Cmd::Enroll(e)) = a.cmd {
-        return crate::agent::enroll(e, "broker").await;
+        let default = umbra_broker::BrokerConfig::default().identity_dir;
+        return crate::agent::enroll(e, "broker", "UMBRA_BROKER_DIR", default).await;
     }
     let cfg = config(&a.run)?;
     if let Some(addr) = parse_listen("metrics-listen", &a.run.metrics_listen)? {

@@ -64,7 +64,8 @@ fn config(a: &RunArgs) -> anyhow::Result<ConnectorConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(Cmd::Enroll(e)) = a.cmd {
-        return crate::agent::enroll(e, "connector").await;
+        let default = umbra_connector::ConnectorConfig::default().identity_dir;
+        return crate::agent::enroll(e, "connector", "UMBRA_CONNECTOR_DIR", default).await;
     }
     let cfg = config(&a.run)?;
     if let Some(addr) = crate::broker::parse_listen("metrics-listen", &a.run.metrics_listen)? {

@@ -2091,6 +2091,67 @@ fn enroll_takes_its_token_from_a_file() {
     assert!(o.stdout.contains("enrolled umbra://"), "{}", o.describe());
     let o = enroll(&["--force", "--token-file", file.to_str().expect("utf-8")]);
     assert!(!o.success(), "a spent token from a file: {}", o.describe());
+
+    // A connector enrolled without --dir goes where `umbra connector` looks for it
+    // (UMBRA_CONNECTOR_DIR here), and says where.
+    let t = admin(&["token", "create", "--role", "connector", "--name", "dc-1"]);
+    let cdir = home.path().join("connector-from-env");
+    let cdir_s = cdir.to_str().expect("utf-8");
+    let o = umbra_env(
+        home.path(),
+        &[
+            "connector",
+            "enroll",
+            "--controller",
+            &url,
+            "--token",
+            t.trim(),
+        ],
+        &[("UMBRA_CONNECTOR_DIR", cdir_s)],
+    );
+    assert!(
+        o.success() && o.stdout.contains(cdir_s) && cdir.join("cert.pem").exists(),
+        "{}",
+        o.describe()
+    );
+    // An agent's token given to `umbra broker enroll` is refused, naming the command to use,
+    // and writes nothing; the token still enrolls an agent.
+    let t = admin(&[
+        "token",
+        "create",
+        "--role",
+        "agent",
+        "--user",
+        "ann@example.test",
+    ]);
+    let bdir = home.path().join("broker-wrong-token");
+    let o = umbra(
+        home.path(),
+        &[
+            "broker",
+            "enroll",
+            "--controller",
+            &url,
+            "--token",
+            t.trim(),
+            "--dir",
+            bdir.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        !o.success() && o.stderr.contains("umbra agent enroll") && !bdir.join("cert.pem").exists(),
+        "{}",
+        o.describe()
+    );
+    let adir = home.path().join("agent-2");
+    let o = enroll_agent_cmd(
+        home.path(),
+        adir.to_str().expect("utf-8"),
+        &url,
+        &["--token", t.trim()],
+        &[],
+    );
+    assert!(o.success(), "the same token for an agent: {}", o.describe());
     ctl.proc.interrupt();
     let _ = ctl.proc.wait_exit(Duration::from_secs(20));
 }
