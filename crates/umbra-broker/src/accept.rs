@@ -75,12 +75,14 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
                 .increment(1.0);
             if let Err(why) = still_admitted(&shared, &peer, &authority) {
+                // Recorded as every other refusal is.
+                deny_link(&shared, &peer, &link, why.as_str());
                 crate::sync::close_unadmitted(&link, why);
             }
             tokio::select! {
                 () = link.closed() => {}
                 () = shared.shutdown.cancelled() => link.close(),
-                () = expiry(&peer) => close_expired(&link, &peer),
+                () = expiry(&peer) => close_expired(&shared, &link, &peer),
             }
             shared.connectors.remove(&id, key);
             metrics::gauge!("umbra_broker_links", "role" => "connector", "transport" => transport)
@@ -100,6 +102,8 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
             metrics::gauge!("umbra_broker_links", "role" => "agent", "transport" => transport)
                 .increment(1.0);
             if let Err(why) = still_admitted(&shared, &peer, &authority) {
+                // Recorded as every other refusal is.
+                deny_link(&shared, &peer, &link, why.as_str());
                 crate::sync::close_unadmitted(&link, why);
             }
             let device: Arc<str> = device.into();
@@ -110,7 +114,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 let stream = tokio::select! {
                     s = link.accept() => s,
                     () = shared.shutdown.cancelled() => { link.close(); None }
-                    () = &mut expired => { close_expired(&link, &peer); None }
+                    () = &mut expired => { close_expired(&shared, &link, &peer); None }
                 };
                 let Some(mut stream) = stream else { break };
                 let Some(quota) = shared.device_streams.take(&device) else {
@@ -210,12 +214,21 @@ async fn expiry(peer: &umbra_pki::PeerCert) {
     tokio::time::sleep(left).await;
 }
 
-pub(crate) fn close_expired(link: &Link, peer: &umbra_pki::PeerCert) {
+pub(crate) fn close_expired(shared: &Shared, link: &Link, peer: &umbra_pki::PeerCert) {
     info!(
         not_after = %umbra_pki::rfc3339(peer.not_after),
         "peer certificate expired; closing its link"
     );
     metrics::counter!("umbra_broker_links_expired_total").increment(1);
+    // The agent's live streams made with this certificate are ended first, each audited
+    // (`stream.revoke`, certificate_expired): closed with the link, they would end as link
+    // errors with no record. (A connector's streams carry no certificate of its own here; they
+    // end with the link.)
+    for e in shared.streams.entries() {
+        if e.serial_hex == peer.serial_hex {
+            e.end(CERTIFICATE_EXPIRED);
+        }
+    }
     link.close();
 }
 
@@ -395,7 +408,7 @@ async fn open(
             let _ = agent.finish().await;
         }
         if verdict.ends_link() {
-            close_expired(link, link.peer());
+            close_expired(&shared, link, link.peer());
         }
         return None;
     }
@@ -490,7 +503,7 @@ async fn open(
         info!(reason = %why, "no longer allowed once set up; closing the stream");
         entry.end(&why);
         if why == CERTIFICATE_EXPIRED {
-            close_expired(link, link.peer());
+            close_expired(&shared, link, link.peer());
         }
     }
     metrics::counter!("umbra_broker_streams_total").increment(1);
@@ -642,7 +655,7 @@ async fn open_to_connector(
                     silent_for_secs = crate::route::SILENT_FOR.as_secs(),
                     "connector did not answer in time; passing its link over"
                 );
-                continue;
+                "timeout".to_owned()
             }
         };
         info!(connector = %c.peer, reason, "connector could not serve the stream");

@@ -154,20 +154,30 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
     shared.authority.store(a.clone());
     metrics::gauge!("umbra_broker_snapshot_version").set(version as f64);
     info!(version, "snapshot installed");
-    persist(shared, &a);
+    // Live streams the new snapshot ends are ended before it is written to disk: an fsync on
+    // a busy disk must not keep a revoked device's streams relaying.
     reevaluate(shared, &a, now);
+    persist(shared, &a);
     true
 }
 
 /// Re-decides every live link and stream under a new snapshot; closes what is no longer
 /// allowed (a policy removed, a device or connector revoked, a certificate expired).
 fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
+    // Streams first, each ended and audited with why: a link closed before would end its
+    // streams as link errors, with no record naming the user, service and bytes.
+    end_disallowed(shared, &shared.streams.entries(), a, now);
     for l in shared
         .agents
         .all()
         .into_iter()
         .chain(shared.connectors.all())
     {
+        // A link refused already (a QUIC close waits a moment) is not refused and recorded
+        // again.
+        if l.link.is_closed() {
+            continue;
+        }
         if let Err(r) = admit(l.link.peer(), a, &shared.org) {
             info!(peer = %l.link.peer().id, reason = r.as_str(), "closing link no longer admitted");
             shared.audit.record(
@@ -180,7 +190,6 @@ fn reevaluate(shared: &Shared, a: &Authority, now: SystemTime) {
             close_unadmitted(&l.link, r);
         }
     }
-    end_disallowed(shared, &shared.streams.entries(), a, now);
     close_expired_links(shared, now);
 }
 
@@ -196,7 +205,7 @@ fn close_expired_links(shared: &Shared, now: SystemTime) {
         .chain(shared.connectors.all())
     {
         if !l.link.is_closed() && certificate_expired(l.link.peer().not_after, now) {
-            crate::accept::close_expired(&l.link, l.link.peer());
+            crate::accept::close_expired(shared, &l.link, l.link.peer());
         }
     }
 }

@@ -746,6 +746,27 @@ async fn live_links_end_when_their_certificate_expires() {
     echo_open(&mut late2, b"past the first expiry")
         .await
         .unwrap_or_else(|e| panic!("the late stream through the connector was cut: {e}"));
+    // Each stream the expiry ended is in the audit log, with why.
+    let device = id.peer.id.id.clone();
+    poll("the expired streams audited", SOON, || async {
+        let n = s
+            .admin
+            .audit()
+            .await
+            .iter()
+            .filter(|e| {
+                e["action"] == "stream.revoke"
+                    && e["detail"]["device"] == device.as_str()
+                    && e["detail"]["reason"] == "certificate_expired"
+            })
+            .count();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} of 2"))
+        }
+    })
+    .await;
 }
 
 /// A broker revoked while an agent holds a link to it that a renewal retired (kept for the
