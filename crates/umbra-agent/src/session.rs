@@ -455,8 +455,11 @@ impl Session {
                     Some(r) => r,
                     None => match tokio::time::timeout(ANSWER_WAIT, &mut exchange).await {
                         Ok(r) => r,
+                        // The broker is up (it answered the ping): this request failed, not
+                        // the link, which the other live connections ride on. The stream is
+                        // reset as the exchange is dropped; other brokers are tried aside.
                         Err(_) => {
-                            return Err(Failure::Broker(format!(
+                            return Err(Failure::Stream(format!(
                                 "the broker answers pings but not the Open within {} s",
                                 ANSWER_WAIT.as_secs()
                             )));

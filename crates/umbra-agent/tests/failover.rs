@@ -38,6 +38,8 @@ struct StandIn {
     /// Reset every `Open` stream, keeping the link (as a broker does to a device over its
     /// `max_streams_per_device`).
     reset: Arc<AtomicBool>,
+    /// Answer pings but hold every `Open` unanswered (connectors slow to dial).
+    slow: Arc<AtomicBool>,
     opens: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -68,6 +70,7 @@ impl StandIn {
         let links = Arc::new(Mutex::new(Vec::new()));
         let silent = Arc::new(AtomicBool::new(false));
         let reset = Arc::new(AtomicBool::new(false));
+        let slow = Arc::new(AtomicBool::new(false));
         let opens = Arc::new(AtomicUsize::new(0));
         let task = {
             let (listener, links) = (listener.clone(), links.clone());
@@ -75,6 +78,7 @@ impl StandIn {
                 name: info.name.clone(),
                 silent: silent.clone(),
                 reset: reset.clone(),
+                slow: slow.clone(),
                 opens: opens.clone(),
             };
             tokio::spawn(async move {
@@ -96,6 +100,7 @@ impl StandIn {
             links,
             silent,
             reset,
+            slow,
             opens,
             task,
         }
@@ -117,6 +122,7 @@ struct Flags {
     name: String,
     silent: Arc<AtomicBool>,
     reset: Arc<AtomicBool>,
+    slow: Arc<AtomicBool>,
     opens: Arc<AtomicUsize>,
 }
 
@@ -125,6 +131,7 @@ async fn serve(mut s: Stream, flags: Flags) {
         name,
         silent,
         reset,
+        slow,
         opens,
     } = flags;
     let Ok(f) = s.read_frame().await else { return };
@@ -150,6 +157,10 @@ async fn serve(mut s: Stream, flags: Flags) {
             opens.fetch_add(1, Ordering::SeqCst);
             if reset.load(Ordering::SeqCst) {
                 s.reset();
+                return;
+            }
+            if slow.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
                 return;
             }
             // `partial`: only broker b-b has a connector for it; `nowhere`: no broker has.
@@ -419,6 +430,44 @@ async fn a_reset_stream_keeps_the_link_and_its_live_connections() {
         "the current broker stays current"
     );
     assert_eq!(busy.opens.load(Ordering::SeqCst), opens + 1);
+    echoes(&mut live).await;
+    f.shutdown().await;
+}
+
+/// A broker that answers pings but not an `Open` (its connectors slow to dial) fails that
+/// request only: it is tried on the other broker, and the connections live on the first
+/// broker's link go on, as that broker stays current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_open_keeps_the_link_and_its_live_connections() {
+    let s = setup(TransportPref::Auto).await;
+    let f = Forwarder::start(s.cfg.clone(), "echo", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (first, mut live) = connected(f.local_addr()).await;
+    let (busy, other) = if first == s.a.name {
+        (&s.a, &s.b)
+    } else {
+        (&s.b, &s.a)
+    };
+    busy.slow.store(true, Ordering::SeqCst);
+    // The open timeout, a ping, then the wait for a broker that still answers pings.
+    let (name, _) = tokio::time::timeout(Duration::from_secs(40), async {
+        let tcp = TcpStream::connect(f.local_addr()).await.unwrap();
+        let mut r = BufReader::new(tcp);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        (line.trim_end().to_owned(), r)
+    })
+    .await
+    .expect("the slow request was not served elsewhere");
+    assert_eq!(name, other.name, "the slow request fails over");
+    echoes(&mut live).await;
+    busy.slow.store(false, Ordering::SeqCst);
+    assert_eq!(
+        served_by(&f).await,
+        busy.name,
+        "the broker that was slow stays current"
+    );
     echoes(&mut live).await;
     f.shutdown().await;
 }
