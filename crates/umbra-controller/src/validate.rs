@@ -34,9 +34,15 @@ pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
         return Err(bad("at most 255 bytes"));
     }
     let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    // Digits only, no leading zero: `+80` and `0080` parse as 80, and the same target would
+    // be listed (and matched by the connector) under several spellings.
+    let canonical =
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
     let port: u16 = port
         .parse()
-        .map_err(|_| bad("port is not a number 1-65535"))?;
+        .ok()
+        .filter(|_| canonical)
+        .ok_or_else(|| bad("port is not a number 1-65535"))?;
     if port == 0 {
         return Err(bad("port is not a number 1-65535"));
     }
@@ -118,6 +124,7 @@ mod tests {
         }
         for bad in [
             "db", "db:0", "db:65536", "db:x", ":80", "::1:80", "a b:80", "[zz]:1", "-a:1",
+            "db:+80", "db:080", "db:", "db: 80",
         ] {
             assert!(host_port(bad, "target").is_err(), "{bad}");
         }
