@@ -3690,3 +3690,45 @@ async fn revoking_a_name_several_peers_carry_is_refused() {
     assert_eq!(v["id"], b.peer.id.id.as_str());
     assert_eq!(v["revoked"], true);
 }
+
+/// What granted access, and when, can be read from the audit log alone: a policy's records
+/// keep its text (and the text it replaced or removed), and a group's removal names the
+/// members who lost it.
+#[tokio::test]
+async fn policy_and_group_changes_keep_their_content_in_the_audit_log() {
+    let h = Harness::start().await;
+    let first = r#"permit (principal in Umbra::Group::"eng", action, resource);"#;
+    let second = r#"permit (principal in Umbra::Group::"ops", action, resource);"#;
+    h.ok("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ann@example.test", "groups": ["eng"] })),
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "p", "text": first })),
+    )
+    .await;
+    h.ok("PUT", "/v1/policies/p", Some(json!({ "text": second })))
+        .await;
+    let (s, _) = h.admin("DELETE", "/v1/policies/p", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h.admin("DELETE", "/v1/groups/eng", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    let created = h.audited("policy.create").await;
+    assert_eq!(created[0].detail["text"], first);
+    let updated = h.audited("policy.update").await;
+    assert_eq!(
+        (&updated[0].detail["was"], &updated[0].detail["text"]),
+        (&json!(first), &json!(second))
+    );
+    let deleted = h.audited("policy.delete").await;
+    assert_eq!(deleted[0].detail["was"], second);
+    let group = h.audited("group.delete").await;
+    assert_eq!(group[0].detail["members"], json!(["ann@example.test"]));
+}

@@ -242,10 +242,19 @@ pub(super) async fn delete_group(
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let mut w = ctx.admin_write(&admin).await?;
+        // Who lost this group's access with it.
+        let members = q::group_members(w.conn(), &ctx.org, &name).await?;
         if !q::delete_group(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no group {name}")));
         }
-        let rec = audit::record(ctx.now(), ADMIN, "group.delete", &name, true, json!({}));
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "group.delete",
+            &name,
+            true,
+            json!({ "members": members }),
+        );
         ctx.commit_change(w, &[rec]).await?;
         Ok(no_content())
     }
@@ -566,7 +575,7 @@ pub(super) async fn create_policy(
             "policy.create",
             &name,
             true,
-            json!({ "policies": count }),
+            json!({ "policies": count, "text": policy_in_audit(&req.text) }),
         );
         ctx.commit_change(w, &[rec]).await?;
         Ok(api::Policy {
@@ -593,6 +602,7 @@ pub(super) async fn replace_policy(
     let res = async {
         let count = policy_text(&req.text)?;
         let mut w = ctx.admin_write(&admin).await?;
+        let was = q::policy(w.conn(), &ctx.org, &name).await?.map(|p| p.text);
         if !q::set_policy_text(w.conn(), &ctx.org, &name, &req.text).await? {
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
@@ -606,7 +616,11 @@ pub(super) async fn replace_policy(
             "policy.update",
             &name,
             true,
-            json!({ "policies": count }),
+            json!({
+                "policies": count,
+                "text": policy_in_audit(&req.text),
+                "was": was.as_deref().map(policy_in_audit),
+            }),
         );
         ctx.commit_change(w, &[rec]).await?;
         Ok(Json(policy).into_response())
@@ -622,15 +636,28 @@ pub(super) async fn delete_policy(
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let mut w = ctx.admin_write(&admin).await?;
+        let was = q::policy(w.conn(), &ctx.org, &name).await?.map(|p| p.text);
         if !q::delete_policy(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
-        let rec = audit::record(ctx.now(), ADMIN, "policy.delete", &name, true, json!({}));
+        let rec = audit::record(
+            ctx.now(),
+            ADMIN,
+            "policy.delete",
+            &name,
+            true,
+            json!({ "was": was.as_deref().map(policy_in_audit) }),
+        );
         ctx.commit_change(w, &[rec]).await?;
         Ok(no_content())
     }
     .await;
     ctx.audited(ADMIN, "policy.delete", &name, res).await
+}
+
+/// A policy's text as its audit records keep it (what granted access, and when), up to 64 KiB.
+fn policy_in_audit(text: &str) -> String {
+    umbra_proto::bounded(text, 64 << 10).into_owned()
 }
 
 /// The engine of the stored policies (validated when written, so a failure is ours).
