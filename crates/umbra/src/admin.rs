@@ -661,8 +661,11 @@ fn ts(unix: u64) -> String {
     if unix == 0 {
         return "-".into();
     }
-    let d = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
-    umbra_pki::rfc3339(d)
+    // A time a broker reported may be anything: shown as the number if no date holds it.
+    match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(unix)) {
+        Some(d) if unix < 253_402_300_800 => umbra_pki::rfc3339(d),
+        _ => unix.to_string(),
+    }
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -1310,6 +1313,15 @@ mod tests {
     use std::path::PathBuf;
 
     use super::{TokenSource, token_source};
+
+    /// A stream's start time comes from a broker: any number is shown, none panics.
+    #[test]
+    fn any_reported_time_is_shown() {
+        assert_eq!(super::ts(0), "-");
+        assert_eq!(super::ts(86_400), "1970-01-02T00:00:00Z");
+        assert_eq!(super::ts(u64::MAX), u64::MAX.to_string());
+        assert_eq!(super::ts(253_402_300_800), "253402300800");
+    }
 
     #[derive(clap::Parser)]
     struct Cli {
