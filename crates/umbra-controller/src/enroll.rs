@@ -129,7 +129,8 @@ pub(crate) async fn create_token(
         true,
         json!({ "role": row.role, "user": user, "name": name, "expires_at": expires_at }),
     );
-    ctx.commit_change(w, &[rec]).await?;
+    // Tokens are in no snapshot, config or broker list: nothing for brokers to fetch.
+    ctx.commit_quiet(w, &[rec]).await?;
     let token = EnrollToken {
         ca_sha256: ctx.ca.sha256(),
         secret,

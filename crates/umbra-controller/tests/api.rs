@@ -3732,3 +3732,20 @@ async fn policy_and_group_changes_keep_their_content_in_the_audit_log() {
     let group = h.audited("group.delete").await;
     assert_eq!(group[0].detail["members"], json!(["ann@example.test"]));
 }
+
+/// Enrollment tokens are in no snapshot: creating or deleting one wakes no broker (the
+/// version stays), while a change brokers need still moves it.
+#[tokio::test]
+async fn token_writes_leave_the_snapshot_version_alone() {
+    let h = Harness::start().await;
+    let v = h.ctl.snapshot_version();
+    let t = h.token("connector", None, Some("c1")).await;
+    let (s, _) = h
+        .admin("DELETE", &format!("/v1/enrollment-tokens/{}", t.id), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.ctl.snapshot_version(), v);
+    h.ok("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    assert!(h.ctl.snapshot_version() > v);
+}

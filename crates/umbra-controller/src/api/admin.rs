@@ -919,7 +919,8 @@ pub(super) async fn delete_token(
             true,
             json!({}),
         );
-        ctx.commit_change(w, &[rec]).await?;
+        // In no snapshot: nothing for brokers to fetch.
+        ctx.commit_quiet(w, &[rec]).await?;
         Ok(no_content())
     }
     .await;
