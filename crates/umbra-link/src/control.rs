@@ -253,12 +253,32 @@ fn http_client(tls: rustls::ClientConfig) -> Result<reqwest::Client, LinkError> 
         .build()?)
 }
 
+/// The most of a successful answer's body read (a large organisation's snapshot is the
+/// largest): a bound on what a server holding the controller's name can make a peer hold.
+const MAX_ANSWER_BODY: usize = 256 << 20;
+
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, LinkError> {
     let status = resp.status();
-    if status.is_success() {
-        return Ok(resp.json().await?);
+    if !status.is_success() {
+        return Err(api_error(status, resp).await);
     }
-    Err(api_error(status, resp).await)
+    let answer_error = |why: String| LinkError::Api {
+        status: status.as_u16(),
+        error: ApiError {
+            error: why,
+            field: None,
+        },
+    };
+    match body_within(resp, MAX_ANSWER_BODY).await? {
+        Some(body) => serde_json::from_slice(&body).map_err(|e| {
+            answer_error(format!(
+                "HTTP {status} with an answer that is not valid: {e}"
+            ))
+        }),
+        None => Err(answer_error(format!(
+            "HTTP {status} with an answer over {MAX_ANSWER_BODY} bytes"
+        ))),
+    }
 }
 
 /// The most of an error answer's body read: the controller's are a line of JSON. What

@@ -118,6 +118,7 @@ async fn server(org: &Org) -> String {
                         serde_json::to_vec(&Thing { n: 0, who: bearer }).unwrap(),
                     ),
                     "/v1/poll" => ("204 No Content", "application/json", vec![]),
+                    "/v1/garbage" => ("200 OK", "application/json", b"\x1b[2J not json".to_vec()),
                     "/escape/v1/ca.pem" => (
                         "500 Internal Server Error",
                         "application/json",
@@ -202,6 +203,15 @@ async fn controller_client_json_errors_and_identity() {
             .unwrap()
             .is_some()
     );
+
+    // A success whose body is not the answer is an error that says so (read within a
+    // bound, never whole whatever its size).
+    match soon("garbage", c.get::<Thing>("/v1/garbage")).await {
+        Err(LinkError::Api { status: 200, error }) => {
+            assert!(error.error.contains("not valid"), "{}", error.error)
+        }
+        other => panic!("{other:?}"),
+    }
 
     let admin = c.clone().with_bearer_token("s3cret").unwrap();
     assert!(!format!("{admin:?}").contains("s3cret"));
