@@ -29,6 +29,10 @@ pub struct ConnectorConfig {
     /// per round trip, so long paths to brokers need more (1024 KiB keeps about 80 Mbit/s per
     /// stream at 100 ms).
     pub stream_window_kib: u32,
+    /// Streams one broker link may hold open at once (1 to 65536), each a connection to a
+    /// target: a broker beyond it is refused more, so that one broker (compromised, or
+    /// failing) cannot take every file descriptor and shut the others out.
+    pub max_streams_per_link: u32,
 }
 
 impl Default for ConnectorConfig {
@@ -41,6 +45,7 @@ impl Default for ConnectorConfig {
             reconnect_base_ms: 250,
             reconnect_cap_ms: 30_000,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
+            max_streams_per_link: 4096,
         }
     }
 }
@@ -74,6 +79,9 @@ impl ConnectorConfig {
         }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return err("stream_window_kib", umbra_link::STREAM_WINDOW_KIB_ERROR);
+        }
+        if self.max_streams_per_link == 0 || self.max_streams_per_link > 65_536 {
+            return err("max_streams_per_link", "must be between 1 and 65536");
         }
         if self.reconnect_base_ms == 0 {
             return err("reconnect_base_ms", "must be at least 1");
@@ -139,8 +147,10 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Breaker = fn(&mut ConnectorConfig);
-        let cases: [(Breaker, &str); 8] = [
+        let cases: [(Breaker, &str); 10] = [
             (|c| c.identity_dir = PathBuf::new(), "identity_dir"),
+            (|c| c.max_streams_per_link = 0, "max_streams_per_link"),
+            (|c| c.max_streams_per_link = 65_537, "max_streams_per_link"),
             (|c| c.dial_timeout_ms = 0, "dial_timeout_ms"),
             (|c| c.dial_timeout_ms = 600_000, "dial_timeout_ms"),
             (|c| c.idle_timeout_secs = 0, "idle_timeout_secs"),

@@ -121,7 +121,10 @@ impl Connector {
 
         let cancel = CancellationToken::new();
         let link_ctx = Arc::new(links::LinkCtx {
-            link_cfg: LinkConfig::default().with_stream_window_kib(cfg.stream_window_kib),
+            link_cfg: LinkConfig {
+                max_streams: cfg.max_streams_per_link,
+                ..LinkConfig::default().with_stream_window_kib(cfg.stream_window_kib)
+            },
             identity: identity_rx.clone(),
             serve: Arc::new(serve::ServeCtx {
                 published: published_rx,

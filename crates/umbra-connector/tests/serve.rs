@@ -533,3 +533,92 @@ mod capture {
         PANICS.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
+
+/// One broker link holds at most `max_streams_per_link` streams (each a connection to a
+/// target): the next one waits for a place instead of costing the connector another
+/// connection, so no broker can take every descriptor. The twin: once one ends, it is
+/// served.
+async fn streams_per_broker_link_are_bounded(transport: TransportPref) {
+    capture::init();
+    umbra_pki::install_crypto_provider();
+    let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let (echo, accepts) = echo_server().await;
+    let (listener, broker) = broker_endpoint(&ca, "b-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    connector_dir(
+        &ca,
+        dir.path(),
+        broker,
+        vec![PublishedTarget {
+            service: "echo".into(),
+            target: echo.to_string(),
+        }],
+    );
+    let _connector = Connector::start(ConnectorConfig {
+        identity_dir: dir.path().to_path_buf(),
+        transport,
+        max_streams_per_link: 3,
+        ..ConnectorConfig::default()
+    })
+    .await
+    .unwrap();
+    let link = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (code, mut s) = dial(&link, "echo", &echo.to_string()).await;
+        assert_eq!(code, DialCode::Ok, "{transport}");
+        echo_round_trip(&mut s, b"held").await;
+        held.push(s);
+    }
+    // A fourth gets no place while three are held, and costs no target connection.
+    let fourth = tokio::spawn({
+        let link = link.clone();
+        let target = echo.to_string();
+        async move {
+            let mut s = link.open().await.unwrap();
+            s.write_frame(&Frame::Dial {
+                flow: Flow::Tcp,
+                stream_id: 4,
+                service: "echo".into(),
+                target,
+                principal: "alice@example.test".into(),
+            })
+            .await
+            .unwrap();
+            match s.read_frame().await {
+                Ok(Frame::DialReply { code }) => (code, s),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !fourth.is_finished(),
+        "{transport}: a fourth stream was served"
+    );
+    assert_eq!(accepts.load(Ordering::SeqCst), 3, "{transport}");
+    // One ends: the fourth is served.
+    let mut first = held.remove(0);
+    first.finish().await.unwrap();
+    while let Ok(Some(_)) = first.recv_chunk().await {}
+    drop(first);
+    let (code, mut s) = tokio::time::timeout(WAIT, fourth)
+        .await
+        .expect("the fourth stream once a place was free")
+        .unwrap();
+    assert_eq!(code, DialCode::Ok, "{transport}");
+    echo_round_trip(&mut s, b"fourth").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_broker_link_are_bounded_over_quic() {
+    streams_per_broker_link_are_bounded(TransportPref::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_broker_link_are_bounded_over_tcp() {
+    streams_per_broker_link_are_bounded(TransportPref::Tcp).await;
+}

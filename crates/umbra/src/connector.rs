@@ -25,7 +25,9 @@ enum Cmd {
 /// Run a connector. Settings come from `--config FILE` (TOML), then flags and environment.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with connector settings.
+    /// TOML file with connector settings (identity_dir, transport, dial_timeout_ms,
+    /// idle_timeout_secs, reconnect_base_ms, reconnect_cap_ms, stream_window_kib,
+    /// max_streams_per_link: default 4096 streams, each a target connection, per broker link).
     #[arg(long, env = "UMBRA_CONNECTOR_CONFIG")]
     config: Option<PathBuf>,
     /// Identity directory written by `umbra connector enroll`.
