@@ -2622,6 +2622,19 @@ async fn openapi_lists_every_route() {
         }
     }
     assert_eq!(paths.len(), 32);
+    // Query parameters have the types the routes read.
+    let audit = doc["paths"]["/v1/audit"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let ty = |name: &str| {
+        audit
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["schema"]["type"].clone())
+    };
+    assert_eq!(ty("limit"), Some(json!("integer")));
+    assert_eq!(ty("actor"), Some(json!("string")));
+    assert_eq!(ty("result"), Some(json!("string")));
     h.ctl.shutdown().await;
 }
 

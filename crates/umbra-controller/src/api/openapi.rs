@@ -942,11 +942,14 @@ pub(crate) fn document() -> OpenApi {
                     .name(*q)
                     .parameter_in(ParameterIn::Query)
                     .required(Required::False)
-                    .schema(Some(ObjectBuilder::new().schema_type(if *q == "have" {
-                        Type::String
-                    } else {
-                        Type::Integer
-                    }))),
+                    .schema(Some(ObjectBuilder::new().schema_type(
+                        // Counts and positions are numbers; names, ids and tags are strings.
+                        if ["after", "wait", "limit", "last"].contains(q) {
+                            Type::Integer
+                        } else {
+                            Type::String
+                        },
+                    ))),
             );
         }
         if let Some((mime, c)) = content(route.request) {
