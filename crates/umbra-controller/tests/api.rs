@@ -3762,3 +3762,30 @@ async fn token_writes_leave_the_snapshot_version_alone() {
         .await;
     assert!(h.ctl.snapshot_version() > v);
 }
+
+/// Deleting a user revokes their devices, and each revocation is recorded as an
+/// administrator's own revocation is (`revoke`, `agent/ID`), so a search for it finds it.
+#[tokio::test]
+async fn deleting_a_user_records_each_device_revoked() {
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("ann@example.test").await;
+    let (s, _) = h.admin("DELETE", "/v1/users/ann@example.test", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let revokes = h.audited("revoke").await;
+    let target = format!("agent/{}", dev.peer.id.id);
+    assert!(
+        revokes
+            .iter()
+            .any(|r| r.target == target && r.detail["reason"] == "user deleted"),
+        "{revokes:?}"
+    );
+    let devices = h.ok("GET", "/v1/devices", None).await;
+    assert!(
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["revoked"] == true),
+        "{devices}"
+    );
+}

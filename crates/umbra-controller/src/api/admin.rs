@@ -129,15 +129,27 @@ pub(super) async fn delete_user(
             peers::peer_revoke(w.conn(), &ctx.org, Kind::Device, d, now).await?;
         }
         q::delete_user(w.conn(), &ctx.org, &id).await?;
-        let rec = audit::record(
+        let mut records = vec![audit::record(
             ctx.now(),
             ADMIN,
             "user.delete",
             &id,
             true,
             json!({ "revoked_devices": devices }),
-        );
-        ctx.commit_change(w, &[rec]).await?;
+        )];
+        // Each revocation as `revoke` records it, so that a search for a device's revocation
+        // finds this one too.
+        for d in &devices {
+            records.push(audit::record(
+                ctx.now(),
+                ADMIN,
+                "revoke",
+                &format!("{}/{d}", Kind::Device.role()),
+                true,
+                json!({ "role": Kind::Device.role().as_str(), "id": d, "owner": id, "reason": "user deleted" }),
+            ));
+        }
+        ctx.commit_change(w, &records).await?;
         Ok(no_content())
     }
     .await;
