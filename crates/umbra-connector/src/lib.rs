@@ -57,11 +57,12 @@ pub enum ConnectorError {
     /// `controller.json` is missing or unreadable.
     #[error("controller reference: {0}")]
     ControllerRef(#[source] umbra_link::LinkError),
-    /// The certificate expired (at the time given) while the connector was not running:
-    /// brokers refuse it, and only a valid certificate can be renewed.
+    /// The certificate expired (at the time given) without a renewal, while the connector
+    /// was not running or the controller was away: brokers refuse it, and only a valid
+    /// certificate can be renewed.
     #[error(
-        "this connector's certificate expired at {0}; it renews itself only while the \
-         connector runs. Enroll it again with a new token: \
+        "this connector's certificate expired at {0} without a renewal (it renews itself while \
+         it runs and the controller answers). Enroll it again with a new token: \
          umbra connector enroll --controller URL --token TOKEN"
     )]
     Expired(String),
@@ -85,6 +86,8 @@ pub struct Connector {
     identity: String,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Set once the connector cannot go on (its certificate expired unrenewed).
+    failed: watch::Receiver<Option<String>>,
 }
 
 /// Longest wait for the tasks at shutdown.
@@ -133,7 +136,9 @@ impl Connector {
             }),
             cfg,
         });
+        let (failed_tx, failed) = watch::channel(None);
         let tasks = vec![
+            tokio::spawn(watch_expiry(identity_rx.clone(), failed_tx, cancel.clone())),
             tokio::spawn(links::supervise(link_ctx, brokers_rx, cancel.clone())),
             tokio::spawn(sync::poll_published(
                 umbra_link::RenewingClient::new(cref.url.clone(), identity_rx.clone()),
@@ -154,7 +159,24 @@ impl Connector {
             identity: uri,
             cancel,
             tasks,
+            failed,
         })
+    }
+
+    /// Resolves if the connector cannot go on: its certificate expired without a renewal
+    /// (the controller was away for a third of its lifetime, or refused it). Brokers refuse
+    /// it and renewal needs a valid certificate, so it has stopped its links; enroll it
+    /// again. Pending for as long as it runs well.
+    pub async fn failed(&self) -> ConnectorError {
+        let mut rx = self.failed.clone();
+        loop {
+            if let Some(at) = rx.borrow_and_update().clone() {
+                return ConnectorError::Expired(at);
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// This connector's identity, `umbra://ORG/connector/ID`.
@@ -176,6 +198,41 @@ impl Connector {
 impl Drop for Connector {
     fn drop(&mut self) {
         self.cancel.cancel();
+    }
+}
+
+/// Waits for the certificate in use to expire (wall clock, so a suspended host is no
+/// exception); if no renewal replaced it by then, says why and stops the connector's links.
+async fn watch_expiry(
+    mut identity: watch::Receiver<Arc<TlsIdentity>>,
+    failed: watch::Sender<Option<String>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let not_after = identity.borrow_and_update().peer.not_after;
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = identity.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
+            // Checked again at least every minute: tokio's timer stands still across a
+            // suspend.
+            () = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
+        }
+        if SystemTime::now() < not_after {
+            continue;
+        }
+        let e = ConnectorError::Expired(umbra_pki::rfc3339(not_after));
+        tracing::error!(error = %e, "certificate expired without a renewal; stopping");
+        let _ = failed.send(Some(umbra_pki::rfc3339(not_after)));
+        cancel.cancel();
+        return;
     }
 }
 

@@ -622,3 +622,52 @@ async fn streams_per_broker_link_are_bounded_over_quic() {
 async fn streams_per_broker_link_are_bounded_over_tcp() {
     streams_per_broker_link_are_bounded(TransportPref::Tcp).await;
 }
+
+/// A connector whose certificate runs out without a renewal (the controller away) says so
+/// and stops, instead of redialing brokers that refuse it for ever: `failed` names the
+/// expiry and what to do, and its links are closed. The twin: until then it is linked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_connector_stops_and_says_so() {
+    capture::init();
+    umbra_pki::install_crypto_provider();
+    let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let (listener, broker) = broker_endpoint(&ca, "b-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    connector_dir(&ca, dir.path(), broker, vec![]);
+    // The same identity, issued so that 3 s of it are left (nothing answers at the
+    // controller's address, so it cannot be renewed).
+    let lifetime = Duration::from_secs(3600);
+    let p = umbra_pki::test_util::issue_pems(
+        &ca,
+        PeerId::new(ORG, Role::Connector, "c-1").unwrap(),
+        vec![],
+        SystemTime::now() - lifetime + Duration::from_secs(3),
+        lifetime,
+    )
+    .unwrap();
+    umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, ca.cert_pem()).unwrap();
+    let connector = Connector::start(ConnectorConfig {
+        identity_dir: dir.path().to_path_buf(),
+        transport: TransportPref::Tcp,
+        ..ConnectorConfig::default()
+    })
+    .await
+    .unwrap();
+    let link = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!link.is_closed());
+    let e = tokio::time::timeout(WAIT, connector.failed())
+        .await
+        .expect("the connector did not stop at its certificate's expiry");
+    let said = e.to_string();
+    assert!(
+        said.contains("expired") && said.contains("umbra connector enroll"),
+        "{said}"
+    );
+    tokio::time::timeout(WAIT, link.closed())
+        .await
+        .expect("its link outlived the certificate");
+    connector.shutdown().await;
+}

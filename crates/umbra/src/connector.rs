@@ -76,7 +76,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let c = Connector::start(cfg)
         .await
         .context("connector did not start")?;
-    crate::telemetry::shutdown_signal().await;
+    tokio::select! {
+        () = crate::telemetry::shutdown_signal() => {}
+        e = c.failed() => {
+            c.shutdown().await;
+            return Err(e).context("connector stopped");
+        }
+    }
     tracing::info!("shutting down");
     c.shutdown().await;
     Ok(())
