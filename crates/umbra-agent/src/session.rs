@@ -22,6 +22,7 @@
 //! over its `max_streams_per_device`) fails that request only: it tries the other brokers
 //! once each, and the link, with the live connections it carries, is kept.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -120,12 +121,18 @@ struct State {
     /// (`Unavailable`): the current broker stays the one new streams try first.
     side: Vec<(String, Link)>,
     down: DownMarks,
+    /// When the last dial to a broker failed, and why (cleared when one succeeds): requests
+    /// that began before do not dial it again (see [`Session::link`]).
+    dial_failed: HashMap<String, (Instant, String)>,
 }
 
 /// Failed attempts of one request, and the reason of the latest.
 struct Attempts {
     tried: Vec<String>,
     last: String,
+    /// When the request began: a broker marked down since then (by a request served
+    /// before it) is not dialed again for it.
+    started: Instant,
 }
 
 impl Session {
@@ -170,6 +177,7 @@ impl Session {
                 retiring: Vec::new(),
                 side: Vec::new(),
                 down,
+                dial_failed: HashMap::new(),
             }),
         }
     }
@@ -230,6 +238,7 @@ impl Session {
         let mut attempts = Attempts {
             tried: Vec::new(),
             last: "no brokers known".into(),
+            started: Instant::now(),
         };
         // Some broker allowed the stream but had no connector for it.
         let mut unavailable = false;
@@ -343,6 +352,16 @@ impl Session {
                 attempts.tried.push(id);
                 continue;
             };
+            // Requests waiting their turn while brokers cannot be reached would each dial
+            // every broker again, one after the other (seconds each): one that failed while
+            // this request waited is not tried again for it.
+            if let Some((at, why)) = st.dial_failed.get(&id)
+                && *at > attempts.started
+            {
+                attempts.last = why.clone();
+                attempts.tried.push(id);
+                continue;
+            }
             let identity = self.identity.borrow().clone();
             let dialed = if aside {
                 drop(st);
@@ -355,6 +374,7 @@ impl Session {
             match dialed {
                 Ok(link) => {
                     st.down.clear(&id);
+                    st.dial_failed.remove(&id);
                     if aside {
                         // The broker list may have dropped it during the dial (revoked or
                         // retired): a broker no longer listed carries nothing.
@@ -393,6 +413,8 @@ impl Session {
                     tracing::warn!(broker = %info.name, error = %e, "cannot reach broker");
                     attempts.last = e.to_string();
                     st.down.mark(&id, now, DOWN_FOR);
+                    st.dial_failed
+                        .insert(id.clone(), (Instant::now(), attempts.last.clone()));
                     attempts.tried.push(id);
                 }
             }
@@ -557,6 +579,72 @@ mod tests {
             }
         });
         (info, links)
+    }
+
+    /// A broker address that takes TCP connections and never answers (a black hole past
+    /// the handshake timeout); counts the connections.
+    async fn black_hole(id: &str) -> (BrokerInfo, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let info = BrokerInfo {
+            id: id.into(),
+            name: id.into(),
+            quic_addr: None,
+            tcp_addr: Some(l.local_addr().unwrap().to_string()),
+            server_name: umbra_pki::broker_server_name(id),
+        };
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(c);
+            }
+        });
+        (info, n)
+    }
+
+    /// While no broker can be reached, requests that queued behind one that tried them all
+    /// fail at once instead of each dialing every broker again in turn (seconds per broker,
+    /// for every local connection a browser opens). The twin: a request made after that
+    /// round dials again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_requests_do_not_redial_brokers_that_just_failed() {
+        umbra_pki::install_crypto_provider();
+        let ca = umbra_pki::Ca::generate("default", SystemTime::now()).unwrap();
+        let (a, a_dials) = black_hole("b-a").await;
+        let (b, b_dials) = black_hole("b-b").await;
+        let id = umbra_pki::test_util::identity(&ca, umbra_proto::Role::Agent, "d1").unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(id));
+        let cfg = AgentConfig {
+            transport: umbra_link::TransportPref::Tcp,
+            connect_timeout_ms: 300,
+            ..AgentConfig::default()
+        };
+        let session = Arc::new(Session::connect(cfg, rx, vec![a, b]).await);
+        let dials = || {
+            a_dials.load(std::sync::atomic::Ordering::SeqCst)
+                + b_dials.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let before = dials();
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let session = session.clone();
+            requests.spawn(async move { session.open("svc").await.map(|_| ()) });
+        }
+        while let Some(r) = requests.join_next().await {
+            assert!(matches!(r.unwrap(), Err(OpenError::NoBroker(_))));
+        }
+        // One round of dials (each broker once), not one per request.
+        let round = dials() - before;
+        assert!(round <= 2, "{round} dials for 6 requests to 2 brokers");
+        // A request after that round dials again (the network may be back).
+        let r = session.open("svc").await.map(|_| ());
+        assert!(matches!(r, Err(OpenError::NoBroker(_))), "{r:?}");
+        assert!(
+            dials() > before + round,
+            "a later request did not dial again"
+        );
     }
 
     /// A broker the controller drops from the list while the agent is dialing it for a side
