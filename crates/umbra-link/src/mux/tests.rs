@@ -718,21 +718,7 @@ async fn a_peer_that_returns_credit_without_reading_is_not_queued_for_without_bo
         }
     });
     // Credit for every byte the sender got rid of, none of them read.
-    let mut returned = 0u64;
-    soon("the sender to wait for room", async {
-        while !conn.shared.blocked.load(Ordering::SeqCst) {
-            let a = accepted.load(Ordering::SeqCst);
-            if a > returned {
-                let bytes = u32::try_from(a - returned).unwrap();
-                wr.write_all(&Header::Credit { stream: 1, bytes }.encode())
-                    .await
-                    .unwrap();
-                returned = a;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let mut returned = credit_until_blocked(&conn, &accepted, &mut wr).await;
     let held = accepted.load(Ordering::SeqCst);
     // What waits in the channel, what the driver holds for the connection, the pipe's buffer,
     // and a frame on its way.
@@ -814,21 +800,7 @@ async fn commands_held_while_the_output_was_full_go_out_once_it_drains() {
     });
     // Credit for every byte, none read, until the pipe and the driver's output are full and
     // the sender waits for room.
-    let mut returned = 0u64;
-    soon("the sender to wait for room", async {
-        while !conn.shared.blocked.load(Ordering::SeqCst) {
-            let a = accepted.load(Ordering::SeqCst);
-            if a > returned {
-                let bytes = u32::try_from(a - returned).unwrap();
-                wr.write_all(&Header::Credit { stream: 1, bytes }.encode())
-                    .await
-                    .unwrap();
-                returned = a;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    credit_until_blocked(&conn, &accepted, &mut wr).await;
     // Queued behind it all.
     let late_send = tokio::spawn(async move {
         late.send_chunk(Bytes::from_static(b"late")).await.unwrap();
@@ -851,4 +823,30 @@ async fn commands_held_while_the_output_was_full_go_out_once_it_drains() {
     .await;
     drop(soon("the late sender", late_send).await.unwrap());
     sender.abort();
+}
+
+/// As a peer that stops reading yet returns credit (stream 1) for every byte the sender has
+/// got rid of, until the sender waits for room in the link; the credit returned.
+async fn credit_until_blocked(
+    conn: &MuxConn,
+    accepted: &std::sync::atomic::AtomicU64,
+    wr: &mut tokio::io::WriteHalf<DuplexStream>,
+) -> u64 {
+    use std::sync::atomic::Ordering;
+    let mut returned = 0u64;
+    soon("the sender to wait for room", async {
+        while !conn.shared.blocked.load(Ordering::SeqCst) {
+            let a = accepted.load(Ordering::SeqCst);
+            if a > returned {
+                let bytes = u32::try_from(a - returned).unwrap();
+                wr.write_all(&Header::Credit { stream: 1, bytes }.encode())
+                    .await
+                    .unwrap();
+                returned = a;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    returned
 }
