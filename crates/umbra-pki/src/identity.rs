@@ -210,30 +210,28 @@ pub fn write_identity_dir(
     // Released when `lock` is dropped, at return.
     lock.lock()
         .map_err(|e| PkiError::io("lock", &lock_path, e))?;
-    let sync_dir = || {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| PkiError::io("sync directory", dir, e))
-    };
     // An earlier write interrupted before its last step left the certificate's only key in
     // `key.pem.next`, which this write is about to replace: move it into place first.
     finish_interrupted_write(dir)?;
+    // Each file is durable, its directory entry included, before the next step starts.
     write_atomic(dir, "ca.pem", ca_pem)?;
     write_atomic(dir, NEXT_KEY, key_pem)?;
-    sync_dir()?;
     write_atomic(dir, "cert.pem", cert_pem)?;
-    sync_dir()?;
+    move_key_into_place(dir)
+}
+
+/// Renames `key.pem.next` over `key.pem`, durably.
+fn move_key_into_place(dir: &Path) -> Result<(), PkiError> {
     let (next, key) = (dir.join(NEXT_KEY), dir.join("key.pem"));
     fs::rename(&next, &key).map_err(|e| PkiError::io("rename", &next, e))?;
-    sync_dir()
+    sync_dir(dir).map_err(|e| PkiError::io("sync directory", dir, e))
 }
 
 /// Renames `key.pem.next` over `key.pem` if it is the key of `cert.pem` (the last step of an
 /// interrupted [`write_identity_dir`]); anything else is left for the caller to overwrite.
 fn finish_interrupted_write(dir: &Path) -> Result<(), PkiError> {
-    let (next, key) = (dir.join(NEXT_KEY), dir.join("key.pem"));
     let (Ok(next_pem), Ok(cert), Ok(ca)) = (
-        fs::read_to_string(&next),
+        fs::read_to_string(dir.join(NEXT_KEY)),
         fs::read_to_string(dir.join("cert.pem")),
         fs::read_to_string(dir.join("ca.pem")),
     ) else {
@@ -242,10 +240,7 @@ fn finish_interrupted_write(dir: &Path) -> Result<(), PkiError> {
     if TlsIdentity::from_pem(&cert, &next_pem, &ca).is_err() {
         return Ok(());
     }
-    fs::rename(&next, &key).map_err(|e| PkiError::io("rename", &next, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| PkiError::io("sync directory", dir, e))
+    move_key_into_place(dir)
 }
 
 fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> {
@@ -302,10 +297,14 @@ fn put_private_file(
         return result;
     }
     // The rename itself is durable only once the directory is.
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => sync_dir(d),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+/// Makes the entries of `dir` (a rename, a new file) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
