@@ -133,10 +133,11 @@ async fn list_services(link: &umbra_link::Link, timeout: Duration) -> Result<Vec
         s.write_frame(&Frame::ListServices)
             .await
             .map_err(|e| e.to_string())?;
-        let mut answered = false;
         let _ = s.finish().await;
-        // One frame or several (a long list); the end of the stream ends the list.
+        // One frame or several (a long list, possibly empty); the end of the stream, after at
+        // least one, ends the list.
         let mut list = Vec::new();
+        let mut frames = 0usize;
         loop {
             match s.read_frame().await {
                 Ok(Frame::ServiceList { services }) => {
@@ -144,14 +145,12 @@ async fn list_services(link: &umbra_link::Link, timeout: Duration) -> Result<Vec
                         return Err(format!("more than {MAX_LISTED} services listed"));
                     }
                     list.extend(services);
+                    frames += 1;
                 }
                 Ok(other) => return Err(format!("unexpected answer to ListServices: {other:?}")),
-                Err(umbra_link::LinkError::StreamEnded) if answered => {
-                    return Ok(list);
-                }
+                Err(umbra_link::LinkError::StreamEnded) if frames > 0 => return Ok(list),
                 Err(e) => return Err(e.to_string()),
             }
-            answered = true;
         }
     };
     tokio::time::timeout(timeout, exchange)
