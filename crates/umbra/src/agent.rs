@@ -20,7 +20,9 @@ pub(crate) struct Args {
     /// moves at most a window per round trip; raise it for long paths to brokers.
     #[arg(long, global = true, env = "UMBRA_AGENT_STREAM_WINDOW_KIB")]
     stream_window_kib: Option<u32>,
-    /// TOML file with agent settings.
+    /// TOML file with agent settings (identity_dir, transport, open_timeout_ms,
+    /// connect_timeout_ms, idle_timeout_secs, stream_window_kib, allow_remote_clients,
+    /// broker_refresh_secs).
     #[arg(long, global = true, env = "UMBRA_AGENT_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
