@@ -1322,17 +1322,7 @@ async fn long_service_lists_arrive_whole_and_asking_is_bounded(t: TransportPref)
     want.extend([ECHO.to_owned(), SECRET.to_owned()]);
     want.sort();
     let cfg = s.agent("bob").config(t);
-    poll(&format!("[{t}] bob's whole list"), SOON, || async {
-        let got = umbra_agent::services(&cfg)
-            .await
-            .map_err(|e| e.to_string())?;
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!("{} of {} listed", got.len(), want.len()))
-        }
-    })
-    .await;
+    lists_soon(&format!("[{t}] bob's whole list"), &cfg, &want).await;
 
     // Alice asks 60 times at once on one link.
     let b0 = &s.brokers[0];
@@ -1372,31 +1362,36 @@ async fn long_service_lists_arrive_whole_and_asking_is_bounded(t: TransportPref)
     // Bob is not held back by alice's asking; alice is served again once her budget refills.
     served(b0, link_transport(t), &bob).await.unwrap();
     // (Polled: bob's own polls above may have spent his burst while the list converged.)
-    poll(
+    lists_soon(
         &format!("[{t}] bob's list beside alice's asking"),
-        SOON,
-        || async {
-            umbra_agent::services(&cfg)
-                .await
-                .map(|l| assert_eq!(l, want))
-                .map_err(|e| e.to_string())
-        },
+        &cfg,
+        &want,
     )
     .await;
     let alice_cfg = s.agent("alice").config(t);
-    poll(
+    lists_soon(
         &format!("[{t}] alice's list after a pause"),
-        SOON,
-        || async {
-            umbra_agent::services(&alice_cfg)
-                .await
-                .map(|l| assert_eq!(l, want))
-                .map_err(|e| e.to_string())
-        },
+        &alice_cfg,
+        &want,
     )
     .await;
 }
 both_transports!(long_service_lists_arrive_whole_and_asking_is_bounded);
+
+/// Waits until the agent of `cfg` lists exactly `want`.
+async fn lists_soon(what: &str, cfg: &umbra_agent::AgentConfig, want: &[String]) {
+    poll(what, SOON, || async {
+        let got = umbra_agent::services(cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{} of {} listed", got.len(), want.len()))
+        }
+    })
+    .await;
+}
 
 /// Whether a refusal came from the TLS handshake (the certificate did not verify: the dial
 /// failed, or the link closed with no word from the broker), not from a check after it.
