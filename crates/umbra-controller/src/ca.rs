@@ -199,6 +199,17 @@ pub(crate) async fn server_identity(
         crate::store::to_i64(audit::unix_secs(issued.not_after)),
     )
     .await?;
+    let now_secs = crate::store::to_i64(audit::unix_secs(now));
+    peers::certs_forget_expired(
+        w.conn(),
+        &org,
+        Role::Controller,
+        "controller",
+        &issued.serial_hex,
+        now_secs,
+        now_secs,
+    )
+    .await?;
     w.commit().await?;
     Ok(TlsIdentity::from_pem(
         &issued.cert_pem,

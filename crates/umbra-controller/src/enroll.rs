@@ -354,6 +354,16 @@ async fn record_cert(
         to_i64(audit::unix_secs(issued.not_after)),
     )
     .await?;
+    peers::certs_forget_expired(
+        w.conn(),
+        org,
+        identity.role,
+        &identity.id,
+        &issued.serial_hex,
+        now_secs,
+        now_secs - RENEWAL_WINDOW,
+    )
+    .await?;
     Ok(())
 }
 

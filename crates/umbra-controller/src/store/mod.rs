@@ -398,4 +398,43 @@ mod tests {
         let mut r = s.read().await.unwrap();
         assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 0);
     }
+
+    /// A renewal forgets its identity's certificates that expired and left the renewal-rate
+    /// window, and nothing else: not the one just issued, not one still valid, not one the
+    /// window still counts, not another identity's or another role's.
+    #[tokio::test]
+    async fn renewals_forget_expired_certificates() {
+        use umbra_proto::Role;
+        let (_dir, s) = mem().await;
+        let mut w = s.write().await.unwrap();
+        let rows = [
+            ("a1", Role::Agent, "d1", 0, 100), // expired, long ago: forgotten
+            ("a2", Role::Agent, "d1", 4000, 4500), // expired, in the window: kept
+            ("a3", Role::Agent, "d1", 100, 86_500), // still valid: kept
+            ("a4", Role::Agent, "d2", 0, 100), // another device: kept
+            ("a5", Role::Connector, "d1", 0, 100), // another role: kept
+            ("a6", Role::Agent, "d1", 5000, 91_400), // just issued: kept
+        ];
+        for (serial, role, subject, issued, not_after) in rows {
+            peers::cert_insert(w.conn(), "t", serial, role, subject, issued, not_after)
+                .await
+                .unwrap();
+        }
+        let forgotten =
+            peers::certs_forget_expired(w.conn(), "t", Role::Agent, "d1", "a6", 5000, 1400)
+                .await
+                .unwrap();
+        assert_eq!(forgotten, 1);
+        w.commit().await.unwrap();
+        let mut r = s.read().await.unwrap();
+        let left: Vec<String> =
+            sqlx::query_scalar("SELECT serial FROM certificates ORDER BY serial")
+                .fetch_all(&mut *r)
+                .await
+                .unwrap();
+        assert_eq!(left, ["a2", "a3", "a4", "a5", "a6"]);
+        // The newest certificate of each identity is still the one listings show.
+        let latest = peers::latest_certs(&mut r, "t", Role::Agent).await.unwrap();
+        assert_eq!(latest["d1"].0, "a6");
+    }
 }

@@ -621,6 +621,36 @@ pub(crate) async fn cert_insert(
     Ok(())
 }
 
+/// Forgets `role` `subject`'s certificates, other than `keep`, that expired by `now` and were
+/// issued before `issued_before` (Unix seconds). A renewing identity adds a row per renewal;
+/// without this the table, and every device listing that reads it, grows for as long as the
+/// deployment runs. An expired certificate opens nothing and a revoked one past its expiry
+/// is left out of snapshots already; `issued_before` keeps the rows a renewal-rate window
+/// still counts.
+pub(crate) async fn certs_forget_expired(
+    c: &mut SqliteConnection,
+    org: &str,
+    role: Role,
+    subject: &str,
+    keep: &str,
+    now: i64,
+    issued_before: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM certificates WHERE org = $1 AND role = $2 AND subject = $3 \
+         AND serial <> $4 AND not_after <= $5 AND issued_at < $6",
+    )
+    .bind(org)
+    .bind(role.as_str())
+    .bind(subject)
+    .bind(keep)
+    .bind(now)
+    .bind(issued_before)
+    .execute(c)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Certificates issued to `role` `subject` after `since` (Unix seconds).
 pub(crate) async fn certs_issued_since(
     c: &mut SqliteConnection,
