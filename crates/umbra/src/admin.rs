@@ -572,14 +572,7 @@ impl Client {
         let status = resp.status();
         let bytes = resp.bytes().await?;
         if !status.is_success() {
-            let msg = match serde_json::from_slice::<api::ApiError>(&bytes) {
-                Ok(e) => match e.field {
-                    Some(f) => format!("{} (field {f})", e.error),
-                    None => e.error,
-                },
-                Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
-            };
-            bail!("controller refused ({status}): {msg}");
+            return Err(Refused::from_body(status, &bytes).into());
         }
         if bytes.is_empty() {
             return Ok(serde_json::from_value(serde_json::Value::Null)?);
@@ -612,6 +605,57 @@ impl Client {
             .await
     }
 }
+
+/// The controller's answer to a request it refused: its status, message and the request
+/// field it names. `-o json` prints the three as they came, for scripts.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) status: reqwest::StatusCode,
+    pub(crate) error: String,
+    pub(crate) field: Option<String>,
+}
+
+impl Refused {
+    fn from_body(status: reqwest::StatusCode, body: &[u8]) -> Refused {
+        match serde_json::from_slice::<api::ApiError>(body) {
+            Ok(e) => Refused {
+                status,
+                error: e.error,
+                field: e.field,
+            },
+            // Not the API's error body (a proxy in the way, say): its text, bounded.
+            Err(_) => {
+                let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
+                Refused {
+                    status,
+                    error: text.trim().to_owned(),
+                    field: None,
+                }
+            }
+        }
+    }
+
+    /// `{"error", "field", "status"}`, as `-o json` prints it.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": self.error,
+            "field": self.field,
+            "status": self.status.as_u16(),
+        })
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "controller refused ({}): {}", self.status, self.error)?;
+        if let Some(field) = &self.field {
+            write!(f, " (field {field})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Path segment escaping for ids such as e-mail addresses.
 fn seg(s: &str) -> String {

@@ -109,7 +109,12 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if json_errors => {
-            eprintln!("{}", serde_json::json!({ "error": error_line(&e) }));
+            // The controller's own refusal keeps its parts; anything else is one line.
+            let v = match e.downcast_ref::<admin::Refused>() {
+                Some(r) => r.to_json(),
+                None => serde_json::json!({ "error": error_line(&e) }),
+            };
+            eprintln!("{v}");
             std::process::ExitCode::FAILURE
         }
         Err(e) => {

@@ -1878,6 +1878,22 @@ fn admin_changes_in_place() {
         "{printed}"
     );
     refused(&["access", "--user", "nobody@example.test"], "field user");
+    // A script gets the controller's refusal in its parts: message, field and status.
+    let bad = admin(&["-o", "json", "access", "--user", "nobody@example.test"]);
+    let e: Value = serde_json::from_str(bad.stderr.trim())
+        .unwrap_or_else(|e| panic!("-o json error is not JSON ({e}): {}", bad.describe()));
+    assert!(!bad.success(), "{}", bad.describe());
+    assert_eq!(
+        (&e["field"], &e["status"]),
+        (&Value::from("user"), &Value::from(404)),
+        "{e}"
+    );
+    assert!(
+        e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("nobody@example.test")),
+        "{e}"
+    );
     // A dry run reports and changes nothing.
     let before = json(&["policy", "list"]);
     let dry = ok(&["policy", "rm", "wiki-ann", "--dry-run"]);
