@@ -407,6 +407,10 @@ async fn audit_log_filters_and_newest() {
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
         (&format!("action={long}") as &str, "action"),
+        // A value of the wrong type names its parameter too, however the key is written.
+        ("limit=ten", "limit"),
+        ("action=x&after=-", "after"),
+        ("%6Cast=1e3", "last"),
     ] {
         let (s, v) = h.admin("GET", &format!("/v1/audit?{query}"), None).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {v}");
@@ -415,6 +419,12 @@ async fn audit_log_filters_and_newest() {
     let (s, v) = h.admin("GET", "/v1/audit?nosuch=1", None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(api_error(&v).error.contains("nosuch"), "{v}");
+    assert_eq!(api_error(&v).field.as_deref(), Some("nosuch"), "{v}");
+    // The twin: the same parameters, written with escapes, are read.
+    let (s, v) = h
+        .admin("GET", "/v1/audit?%6Cast=2&action=x%20y", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -234,14 +234,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiFailure;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Query::<T>::try_from_uri(&parts.uri)
-            .map(|Query(v)| ApiQuery(v))
-            .map_err(|e| {
-                let msg = e.body_text();
-                let field = field_named_in(&msg);
-                ApiFailure::new(StatusCode::BAD_REQUEST, msg, field.as_deref())
-            })
+        query(parts.uri.query().unwrap_or_default()).map(ApiQuery)
     }
+}
+
+/// Decodes a query string, naming the parameter it refuses: the one serde names (unknown,
+/// missing, duplicate), else the one whose value is refused (`limit=ten`).
+fn query<T: DeserializeOwned>(q: &str) -> Result<T, ApiFailure> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(q.as_bytes()));
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let msg = e.inner().to_string();
+        let field = field_named_in(&msg).or_else(|| match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+            _ => None,
+        });
+        ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid query: {msg}"),
+            field.as_deref(),
+        )
+    })
 }
 
 /// Proof that the request carried a valid admin bearer token when its headers arrived. It
