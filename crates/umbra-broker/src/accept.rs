@@ -27,7 +27,9 @@ use umbra_proto::{DialCode, Flow, Frame, OpenCode};
 use crate::Shared;
 use crate::authn::{LinkPeer, admit};
 use crate::authority::Authority;
-use crate::authz::{CERTIFICATE_EXPIRED, OpenFacts, authorize, certificate_expired};
+use crate::authz::{
+    CERTIFICATE_EXPIRED, CONNECTOR_CERTIFICATE_EXPIRED, OpenFacts, authorize, certificate_expired,
+};
 use crate::relay::{End, LiveEntry};
 use crate::route::{LoadGuard, PeerLink};
 
@@ -220,13 +222,14 @@ pub(crate) fn close_expired(shared: &Shared, link: &Link, peer: &umbra_pki::Peer
         "peer certificate expired; closing its link"
     );
     metrics::counter!("umbra_broker_links_expired_total").increment(1);
-    // The agent's live streams made with this certificate are ended first, each audited
-    // (`stream.revoke`, certificate_expired): closed with the link, they would end as link
-    // errors with no record. (A connector's streams carry no certificate of its own here; they
-    // end with the link.)
+    // The live streams this link carries are ended first, each audited (`stream.revoke`):
+    // closed with the link, they would end as link errors with no record. An agent's, for its
+    // own certificate; a connector's, naming the connector's.
     for e in shared.streams.entries() {
         if e.serial_hex == peer.serial_hex {
             e.end(CERTIFICATE_EXPIRED);
+        } else if e.connector_serial == peer.serial_hex {
+            e.end(CONNECTOR_CERTIFICATE_EXPIRED);
         }
     }
     link.close();
@@ -482,6 +485,7 @@ async fn open(
         service,
         target: svc.target.clone(),
         connector: via.peer.clone(),
+        connector_serial: via.link.peer().serial_hex.clone(),
         transport,
         started_at: SystemTime::now(),
         counters: Default::default(),

@@ -66,6 +66,9 @@ impl Verdict {
 /// Why a stream of a peer whose certificate has expired is denied (or ends).
 pub(crate) const CERTIFICATE_EXPIRED: &str = "certificate_expired";
 
+/// Why a stream ends whose connector's link was made with a certificate that has expired.
+pub(crate) const CONNECTOR_CERTIFICATE_EXPIRED: &str = "connector_certificate_expired";
+
 /// Whether a certificate valid until `not_after` has expired at `now`. Pure.
 pub(crate) fn certificate_expired(not_after: SystemTime, now: SystemTime) -> bool {
     not_after <= now
@@ -395,6 +398,7 @@ mod tests {
             service: service.into(),
             target: target.into(),
             connector: "c1".into(),
+            connector_serial: "c1".into(),
             transport: "quic",
             started_at: UNIX_EPOCH,
             counters: Default::default(),

@@ -29,6 +29,9 @@ pub(crate) struct LiveEntry {
     /// The service's `host:port` when the stream was opened (what the connector dialed).
     pub(crate) target: String,
     pub(crate) connector: String,
+    /// Serial of the certificate of the connector's link carrying it: the stream ends with
+    /// that certificate ([`crate::authz::CONNECTOR_CERTIFICATE_EXPIRED`]).
+    pub(crate) connector_serial: String,
     pub(crate) transport: &'static str,
     pub(crate) started_at: SystemTime,
     pub(crate) counters: Counters,
@@ -184,6 +187,7 @@ mod tests {
             service: "web".into(),
             target: "10.0.0.1:80".into(),
             connector: "c-1".into(),
+            connector_serial: "c1".into(),
             transport: "quic",
             started_at: SystemTime::UNIX_EPOCH,
             counters: Counters::default(),

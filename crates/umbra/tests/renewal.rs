@@ -769,6 +769,102 @@ async fn live_links_end_when_their_certificate_expires() {
     .await;
 }
 
+/// A connector's link ends when the certificate it was made with expires, and the streams it
+/// carries are ended first, each audited naming the connector's certificate (closed with the
+/// link alone, they would end as link errors with no record). The twin: a stream of the same
+/// agent link through a connector whose certificate is still valid goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_an_expiring_connector_link_are_audited() {
+    init();
+    let OneBroker {
+        mut s,
+        broker: _broker,
+        _echo,
+        _conn,
+    } = one_broker(12).await;
+    // Connector links made by hand, each serving one service: nothing renews them.
+    let hand_connector = |name: &'static str| {
+        let s = &s;
+        async move {
+            let dir = s.dir.path().join(name);
+            enroll(s, name, "connector", None, Some(name), &dir).await;
+            let service = format!("{name}-echo");
+            s.admin
+                .post(
+                    "/v1/services",
+                    json!({ "name": service, "target": s.echo.to_string(), "connectors": [name] }),
+                )
+                .await;
+            s.admin
+                .allow(&format!("alice-{name}"), ALICE, &service)
+                .await;
+            TlsIdentity::load_dir(&dir).unwrap()
+        }
+    };
+    let first = hand_connector("first").await;
+    // The second connector's and the agent's certificates expire at least a second after the
+    // first's (validity is in whole seconds).
+    sleep_until(first.peer.not_after - Duration::from_secs(10)).await;
+    let second = hand_connector("second").await;
+    let id = s.enroll_agent(ALICE, "alice").await.identity();
+    assert!(second.peer.not_after > first.peer.not_after);
+    assert!(id.peer.not_after > first.peer.not_after);
+    s.converge().await;
+    let mut links = Vec::new();
+    for c in [&first, &second] {
+        let l = dial(&s.brokers[0], Transport::Quic, c).await.unwrap();
+        tokio::spawn(stand_in_connector(l.clone(), None, Arc::default()));
+        links.push(l);
+    }
+    let link = dial(&s.brokers[0], Transport::Tls, &id).await.unwrap();
+    let stream_to = |service: &'static str| {
+        let link = &link;
+        async move {
+            poll("a stream", SOON, || async {
+                let (code, mut st) = open(link, service).await?;
+                if code != umbra_proto::OpenCode::Ok {
+                    return Err(format!("{code:?}"));
+                }
+                echo_open(&mut st, b"before expiry").await?;
+                Ok(st)
+            })
+            .await
+        }
+    };
+    let mut by_first = stream_to("first-echo").await;
+    let mut by_second = stream_to("second-echo").await;
+
+    tokio::time::timeout(Duration::from_secs(12) + MARGIN, links[0].closed())
+        .await
+        .expect("the connector's link outlived its certificate");
+    assert!(
+        echo_open(&mut by_first, b"after expiry").await.is_err(),
+        "a stream of the expired connector link still echoes"
+    );
+    assert!(
+        !link.is_closed() && !links[1].is_closed(),
+        "other links ended with the expired one"
+    );
+    echo_open(&mut by_second, b"through the other connector")
+        .await
+        .unwrap_or_else(|e| panic!("the stream through the other connector was cut: {e}"));
+    let device = id.peer.id.id.clone();
+    poll("the ended stream audited", SOON, || async {
+        let audit = s.admin.audit().await;
+        let reasons: Vec<&Value> = audit
+            .iter()
+            .filter(|e| e["action"] == "stream.revoke" && e["detail"]["device"] == device.as_str())
+            .map(|e| &e["detail"]["reason"])
+            .collect();
+        if reasons == [&json!("connector_certificate_expired")] {
+            Ok(())
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
+}
+
 /// A broker revoked while an agent holds a link to it that a renewal retired (kept for the
 /// streams it carries, the new streams going over a link made with the new certificate): the
 /// agent closes the retired link too, at once, long before the old certificate's expiry would
