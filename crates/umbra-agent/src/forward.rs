@@ -261,7 +261,7 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
         }
     };
     let counters = Counters::default();
-    match umbra_link::relay_tcp(tcp, stream, idle, &counters).await {
+    match umbra_link::relay_tcp(tcp, stream, umbra_link::TcpEnd::Client, idle, &counters).await {
         Ok(()) => tracing::debug!(
             up = counters.up.load(std::sync::atomic::Ordering::Relaxed),
             down = counters.down.load(std::sync::atomic::Ordering::Relaxed),

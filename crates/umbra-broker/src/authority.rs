@@ -136,9 +136,55 @@ pub(crate) fn store_cached(path: &Path, a: &Authority) -> std::io::Result<()> {
     umbra_pki::write_private_file(path, &bytes)
 }
 
+/// [`store_cached`], and when that fails, removes the copy already there (`Err` holds the
+/// failure, and whether the old copy is gone): it holds an older snapshot, one a revocation
+/// may since have replaced, and a restart while the controller is away must not enforce it.
+/// Without a copy, a restart denies until the controller answers. Removing a file works even
+/// on a full disk.
+pub(crate) fn store_cached_or_forget(
+    path: &Path,
+    a: &Authority,
+) -> Result<(), (std::io::Error, bool)> {
+    store_cached(path, a).map_err(|e| {
+        let gone = match std::fs::remove_file(path) {
+            Ok(()) => true,
+            Err(r) => r.kind() == std::io::ErrorKind::NotFound,
+        };
+        (e, gone)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cache that cannot be written is not left holding the previous snapshot; the twin: a
+    /// cache that can is replaced.
+    #[test]
+    fn a_failed_cache_write_leaves_no_older_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let a1 = Authority::new(snap(1), 1_000).unwrap();
+        let a2 = Authority::new(snap(2), 2_000).unwrap();
+        let fine = dir.path().join("snapshot.json");
+        store_cached_or_forget(&fine, &a1).unwrap();
+        store_cached_or_forget(&fine, &a2).unwrap();
+        assert_eq!(load_cached(&fine).unwrap().snapshot.version, 2);
+        // The file's own name fits; the temporary file's beside it is too long to create.
+        let doomed = dir.path().join("s".repeat(250));
+        store_cached(&doomed, &a1).unwrap_err();
+        std::fs::write(
+            &doomed,
+            serde_json::to_vec(&Stored {
+                confirmed_at: 1_000,
+                snapshot: snap(1),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(load_cached(&doomed).is_some());
+        let (_, gone) = store_cached_or_forget(&doomed, &a2).unwrap_err();
+        assert!(gone && !doomed.exists());
+    }
 
     fn snap(version: u64) -> Snapshot {
         Snapshot {

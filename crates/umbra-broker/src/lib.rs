@@ -172,6 +172,7 @@ impl Broker {
             }
             None => authority::Authority::empty()?,
         };
+        sync::publish_gauges(&held, std::time::SystemTime::now());
         // The certificate sits in a slot so that renewals take effect without rebinding.
         let (server_tls, cert_slot) = umbra_pki::server_config_reloadable(
             &identity,

@@ -17,7 +17,7 @@ use umbra_proto::api::BrokerHeartbeat;
 use crate::Shared;
 use crate::audit::Batch;
 use crate::authn::admit;
-use crate::authority::{Authority, store_cached, unix};
+use crate::authority::{Authority, store_cached_or_forget, unix};
 use crate::authz::{certificate_expired, recheck};
 use crate::relay::LiveEntry;
 
@@ -54,6 +54,9 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
     // broker restarted with its cached snapshot, or back from an outage, learns at once
     // whether it is current, instead of at the end of a long poll while its staleness runs.
     let mut at_once = true;
+    // Polls failed in a row: the first is worth a warning (the broker enforces what it holds
+    // from then on, while its staleness runs), the others are not.
+    let mut failures: u32 = 0;
     loop {
         let after = shared.authority.load().snapshot.version;
         let path = if at_once {
@@ -67,6 +70,27 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
             () = shared.shutdown.cancelled() => return,
         };
         at_once = r.is_err();
+        match &r {
+            Err(e) if failures == 0 => {
+                let a = shared.authority.load();
+                warn!(
+                    error = %e,
+                    version = a.snapshot.version,
+                    "cannot get the policy snapshot from the controller; enforcing the one held \
+                     until it is stale"
+                );
+            }
+            Err(e) => debug!(error = %e, "snapshot poll failed; retrying"),
+            Ok(_) if failures > 0 => {
+                info!(failures, "the controller answers the snapshot poll again");
+            }
+            Ok(_) => {}
+        }
+        failures = if r.is_err() {
+            failures.saturating_add(1)
+        } else {
+            0
+        };
         match r {
             Ok(Some(s)) => {
                 if !install(&shared, s, SystemTime::now()) {
@@ -79,9 +103,15 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
             }
             Ok(None) => confirm(&shared, SystemTime::now()),
             Err(e) => {
-                debug!(error = %e, "snapshot poll failed; retrying");
+                // An answer (a refusal, a snapshot this build cannot read) would come again
+                // at once: asked every second, the controller would build it every second.
+                let pause = if matches!(e, umbra_link::LinkError::Api { .. }) {
+                    REFUSED_SNAPSHOT_WAIT
+                } else {
+                    RETRY
+                };
                 tokio::select! {
-                    () = tokio::time::sleep(RETRY) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = shared.shutdown.cancelled() => return,
                 }
             }
@@ -95,19 +125,32 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
 fn confirm(shared: &Shared, now: SystemTime) {
     let a = Arc::new(shared.authority.load().confirmed(unix(now)));
     shared.authority.store(a.clone());
+    publish_gauges(&a, now);
     let persisted = shared.persisted_confirmation.load(Ordering::Relaxed);
     if persist_due(persisted, a.confirmed_at, shared.cfg.max_staleness()) {
         persist(shared, &a);
     }
 }
 
+/// Sets the snapshot gauges from the state held: at start (a cached snapshot), on each install
+/// and confirmation, and on every re-check and heartbeat (the age grows with no event at all,
+/// and most while the controller is away).
+pub(crate) fn publish_gauges(a: &Authority, now: SystemTime) {
+    metrics::gauge!("umbra_broker_snapshot_version").set(a.snapshot.version as f64);
+    metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);
+}
+
 /// Writes `a` (snapshot and confirmation) to the cache, and remembers when it was confirmed.
 fn persist(shared: &Shared, a: &Authority) {
-    match store_cached(&shared.snapshot_path, a) {
+    match store_cached_or_forget(&shared.snapshot_path, a) {
         Ok(()) => shared
             .persisted_confirmation
             .store(a.confirmed_at, Ordering::Relaxed),
-        Err(e) => warn!(error = %e, "could not persist the snapshot"),
+        Err((e, old_copy_gone)) => warn!(
+            error = %e,
+            old_copy_gone,
+            "could not persist the snapshot; a restart while the controller is away denies"
+        ),
     }
 }
 
@@ -152,7 +195,7 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
         }
     };
     shared.authority.store(a.clone());
-    metrics::gauge!("umbra_broker_snapshot_version").set(version as f64);
+    publish_gauges(&a, now);
     info!(version, "snapshot installed");
     // Live streams the new snapshot ends are ended before it is written to disk: an fsync on
     // a busy disk must not keep a revoked device's streams relaying.
@@ -246,6 +289,8 @@ pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
         every,
         max_staleness,
     );
+    // Logged once each way: stale (every stream refused from then on), and fresh again.
+    let mut was_fresh = true;
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
@@ -257,6 +302,22 @@ pub(crate) async fn reverify_loop(shared: Arc<Shared>) {
         let live = shared.streams.entries();
         let a = shared.authority.load_full();
         let now = SystemTime::now();
+        let fresh = a.is_fresh(now, max_staleness);
+        if !fresh && was_fresh {
+            warn!(
+                version = a.snapshot.version,
+                max_staleness_secs = max_staleness.as_secs(),
+                "the policy snapshot is stale (the controller has not confirmed it within \
+                 max_staleness_secs): every stream is refused until it answers"
+            );
+        } else if fresh && !was_fresh {
+            info!(
+                version = a.snapshot.version,
+                "the policy snapshot is fresh again"
+            );
+        }
+        was_fresh = fresh;
+        publish_gauges(&a, now);
         end_disallowed(&shared, &live, &a, now);
         close_expired_links(&shared, now);
         wait = next_recheck(&a, now, every, max_staleness);
@@ -335,7 +396,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         last_sent = tokio::time::Instant::now();
         let now = SystemTime::now();
         let a = shared.authority.load();
-        metrics::gauge!("umbra_broker_snapshot_age_seconds").set(a.age(now) as f64);
+        publish_gauges(&a, now);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
         let batch = shared.audit.take(AUDIT_PER_HEARTBEAT);
         // Read before the list, so that a stream starting meanwhile makes the next one due.

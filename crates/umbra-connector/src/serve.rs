@@ -198,19 +198,19 @@ pub(crate) async fn handle_stream(
             // Dropping the relay resets the stream and closes the connection to the target.
             return;
         }
-        r = umbra_link::relay_tcp(tcp, stream, ctx.idle_timeout, &counters) => r,
+        r = umbra_link::relay_tcp(tcp, stream, umbra_link::TcpEnd::Service, ctx.idle_timeout, &counters) => r,
     };
     let up = counters.up.load(std::sync::atomic::Ordering::Relaxed);
     let down = counters.down.load(std::sync::atomic::Ordering::Relaxed);
     match result {
         Ok(()) => tracing::debug!(
             parent: &span,
-            bytes_to_target = down,
-            bytes_from_target = up,
+            bytes_to_target = up,
+            bytes_from_target = down,
             "stream ended"
         ),
         Err(e) => {
-            tracing::debug!(parent: &span, bytes_to_target = down, bytes_from_target = up, error = %e, "stream ended with an error")
+            tracing::debug!(parent: &span, bytes_to_target = up, bytes_from_target = down, error = %e, "stream ended with an error")
         }
     }
 }

@@ -46,7 +46,8 @@ const TCP_MIN_READ: usize = 16 * 1024;
 /// [`relay_streams`]).
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Towards the service: `a -> b` in [`relay_streams`], TCP -> stream in [`relay_tcp`].
+    /// Towards the service: `a -> b` in [`relay_streams`]; in [`relay_tcp`], from the client's
+    /// TCP connection or to the service's.
     pub up: Arc<AtomicU64>,
     /// Back towards the client.
     pub down: Arc<AtomicU64>,
@@ -113,16 +114,33 @@ async fn pump(
     dst.finish()
 }
 
+/// Which end of a stream's path a TCP connection is, for which way its bytes count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpEnd {
+    /// The user's client (the agent's side): what it sends goes `up`, towards the service.
+    Client,
+    /// The service (the connector's side): what it sends goes `down`, back to the client.
+    Service,
+}
+
 /// Relays between a TCP connection and a stream until both directions have ended (see the
-/// module docs). `up` counts TCP -> stream. Runs in the stream's span.
+/// module docs). `up` counts the bytes towards the service: TCP -> stream when `tcp` is the
+/// [`TcpEnd::Client`], stream -> TCP when it is the [`TcpEnd::Service`]. Runs in the stream's
+/// span.
 pub async fn relay_tcp(
     tcp: TcpStream,
     s: Stream,
+    end: TcpEnd,
     idle: Duration,
     counters: &Counters,
 ) -> Result<(), LinkError> {
     let (mut send, mut recv, span) = s.into_parts();
     let (m_up, m_down) = telemetry::relay_bytes();
+    // (count, metric) of the bytes read from TCP, and of those written to it.
+    let ((in_total, m_in), (out_total, m_out)) = match end {
+        TcpEnd::Client => ((&counters.up, m_up), (&counters.down, m_down)),
+        TcpEnd::Service => ((&counters.down, m_down), (&counters.up, m_up)),
+    };
     let progress = Arc::new(AtomicU64::new(0));
     // Shared, not split: on a TLS link the link's driver writes what arrives to the socket
     // itself whenever the socket takes it at once (`mux::Splice`), sparing this task a
@@ -130,8 +148,8 @@ pub async fn relay_tcp(
     let tcp = Arc::new(tcp);
     recv.splice_tcp(&tcp, || SpliceStats {
         progress: progress.clone(),
-        total: counters.down.clone(),
-        metric: m_down.clone(),
+        total: out_total.clone(),
+        metric: m_out.clone(),
     });
     let r = async {
         let up = async {
@@ -146,8 +164,8 @@ pub async fn relay_tcp(
                 let chunk = buf.split().freeze();
                 let n = chunk.len() as u64;
                 send.send(chunk).await?;
-                counters.up.fetch_add(n, Ordering::Relaxed);
-                m_up.increment(n);
+                in_total.fetch_add(n, Ordering::Relaxed);
+                m_in.increment(n);
                 progress.fetch_add(1, Ordering::Relaxed);
             }
             send.finish()
@@ -156,8 +174,8 @@ pub async fn relay_tcp(
             while let Some(chunk) = recv.recv().await? {
                 write_all(&tcp, &chunk).await?;
                 let n = chunk.len() as u64;
-                counters.down.fetch_add(n, Ordering::Relaxed);
-                m_down.increment(n);
+                out_total.fetch_add(n, Ordering::Relaxed);
+                m_out.increment(n);
                 progress.fetch_add(1, Ordering::Relaxed);
             }
             socket2::SockRef::from(&*tcp).shutdown(std::net::Shutdown::Write)?;

@@ -1913,6 +1913,20 @@ fn check_controller_away(w: &mut World) {
         "both brokers restarted without a controller",
         &procs,
     );
+    // A broker restarted on its cached snapshot says which one it enforces, and how old.
+    let url = format!("http://127.0.0.1:{}/metrics", BROKER_METRICS + 1);
+    let text = scrape(w, Ns::Edge, "broker-1", &url);
+    let version = metric_sum(&text, "umbra_broker_snapshot_version", &[]).unwrap_or(0.0);
+    let age = metric_sum(&text, "umbra_broker_snapshot_age_seconds", &[]);
+    if version < 1.0 || age.is_none() {
+        w.fail(
+            format!(
+                "broker-1 restarted on its cached snapshot shows version {version} and age \
+                 {age:?}"
+            ),
+            &["broker-1"],
+        );
+    }
     let out = w.ssh(Ns::User, FWD_SSH, &format!("echo {SSH_ECHO}"));
     if !out.success() || out.stdout.trim() != SSH_ECHO {
         w.fail(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use umbra_link::{
-    Counters, Link, LinkConfig, LinkError, Transport, dial, relay_streams, relay_tcp,
+    Counters, Link, LinkConfig, LinkError, TcpEnd, Transport, dial, relay_streams, relay_tcp,
 };
 use umbra_proto::{DialCode, Flow, Frame, OpenCode, Role};
 
@@ -35,6 +35,7 @@ struct Chain {
     entry: std::net::SocketAddr,
     agent_counters: Arc<Counters>,
     broker_counters: Arc<Counters>,
+    connector_counters: Arc<Counters>,
     /// How each of the broker's relays ended.
     broker_ends: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Result<(), LinkError>>>,
     _links: Vec<Link>,
@@ -68,10 +69,13 @@ async fn chain_with(t: Transport, idle: Idle, target: std::net::SocketAddr) -> C
     let conn_link = dial(addr(&listener, t), &server_name(), t, org.connector(), &cfg)
         .await
         .unwrap();
+    let connector_counters = Arc::new(Counters::default());
     {
         let conn_link = conn_link.clone();
+        let counters = connector_counters.clone();
         tokio::spawn(async move {
             while let Some(mut s) = conn_link.accept().await {
+                let counters = counters.clone();
                 tokio::spawn(async move {
                     let Ok(Frame::Dial { target, .. }) = s.read_frame().await else {
                         return;
@@ -80,7 +84,7 @@ async fn chain_with(t: Transport, idle: Idle, target: std::net::SocketAddr) -> C
                     s.write_frame(&Frame::DialReply { code: DialCode::Ok })
                         .await
                         .unwrap();
-                    let _ = relay_tcp(tcp, s, idle.connector, &Counters::default()).await;
+                    let _ = relay_tcp(tcp, s, TcpEnd::Service, idle.connector, &counters).await;
                 });
             }
         });
@@ -164,7 +168,7 @@ async fn chain_with(t: Transport, idle: Idle, target: std::net::SocketAddr) -> C
                         s.read_frame().await.unwrap(),
                         Frame::OpenReply { code: OpenCode::Ok }
                     );
-                    let _ = relay_tcp(tcp, s, idle.agent, &counters).await;
+                    let _ = relay_tcp(tcp, s, TcpEnd::Client, idle.agent, &counters).await;
                 });
             }
         });
@@ -173,6 +177,7 @@ async fn chain_with(t: Transport, idle: Idle, target: std::net::SocketAddr) -> C
         entry,
         agent_counters,
         broker_counters,
+        connector_counters,
         broker_ends: tokio::sync::Mutex::new(broker_ends),
         _links: vec![conn_link, agent_link, from_agent, to_connector],
     }
@@ -302,6 +307,58 @@ async fn idle_relay_times_out(t: Transport) {
 }
 both!(idle_relay_times_out);
 
+/// Every relay counts bytes the same way: `up` towards the service, `down` back to the client,
+/// the connector included (its TCP connection is the service's end). A target that answers
+/// three bytes for each one it reads tells the two apart.
+async fn relays_count_each_direction(t: Transport) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got).await;
+                let _ = s.write_all(&got.repeat(3)).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let idle = Idle {
+        agent: Duration::ZERO,
+        broker: Duration::ZERO,
+        connector: Duration::ZERO,
+    };
+    let c = chain_with(t, idle, target).await;
+    let sent = 100_000;
+    let back = soon(
+        "round trip",
+        round_trip(c.entry, Arc::new(pattern(sent, 7))),
+    )
+    .await;
+    assert_eq!(back.len(), 3 * sent);
+    let want = (sent as u64, 3 * sent as u64);
+    for (who, counters) in [
+        ("agent", &c.agent_counters),
+        ("broker", &c.broker_counters),
+        ("connector", &c.connector_counters),
+    ] {
+        soon(who, async {
+            loop {
+                let got = (
+                    counters.up.load(std::sync::atomic::Ordering::Relaxed),
+                    counters.down.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                if got == want {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+}
+both!(relays_count_each_direction);
+
 /// `relay_tcp` itself returns `Timeout` when nothing moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_tcp_reports_idle_timeout() {
@@ -328,7 +385,13 @@ async fn relay_tcp_reports_idle_timeout() {
         let counters = Counters::default();
         let r = soon(
             "relay idle",
-            relay_tcp(tcp, s, Duration::from_millis(200), &counters),
+            relay_tcp(
+                tcp,
+                s,
+                TcpEnd::Client,
+                Duration::from_millis(200),
+                &counters,
+            ),
         )
         .await;
         assert!(matches!(r, Err(LinkError::Timeout(_))), "{t}: {r:?}");
