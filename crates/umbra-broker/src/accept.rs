@@ -120,14 +120,26 @@ async fn serve_link(shared: Arc<Shared>, link: Link, key: u64) {
                 };
                 let Some(mut stream) = stream else { break };
                 let Some(quota) = shared.device_streams.take(&device) else {
-                    // Reset at once: no task, no decision, no connector. Counted, not audited
-                    // per stream (a device over its bound would flood the audit log).
+                    // Reset at once: no task, no decision, no connector (its `Open` is not
+                    // read, so the record names no service). Audited within the device's
+                    // budget of denials, so a device over its bound cannot flood the log.
                     debug!(
                         max = shared.device_streams.max(),
                         "device at max_streams_per_device; stream reset"
                     );
                     metrics::counter!("umbra_broker_streams_refused_total", "reason" => "max_streams_per_device").increment(1);
                     stream.reset();
+                    shared.audit.record(
+                        &peer.id.to_uri(),
+                        "stream.open",
+                        &shared.name,
+                        "deny",
+                        serde_json::json!({
+                            "reason": "max_streams_per_device", "device": &*device,
+                            "max": shared.device_streams.max(), "transport": transport,
+                            "broker": shared.name,
+                        }),
+                    );
                     continue;
                 };
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);

@@ -210,7 +210,21 @@ pub(crate) async fn server_identity(
         now_secs,
     )
     .await?;
-    w.commit().await?;
+    // Every certificate the CA signs is in the trail, the controller's own included.
+    let rec = audit::record(
+        now,
+        audit::CONTROLLER,
+        "cert.issue",
+        &identity.to_uri(),
+        true,
+        serde_json::json!({
+            "serial": issued.serial_hex,
+            "names": names,
+            "not_after": umbra_pki::rfc3339(issued.not_after),
+            "reason": "controller server certificate",
+        }),
+    );
+    audit::commit(w, &org, std::slice::from_ref(&rec)).await?;
     Ok(TlsIdentity::from_pem(
         &issued.cert_pem,
         &key_pem,

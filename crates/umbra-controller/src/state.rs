@@ -199,6 +199,27 @@ impl Ctx {
         res
     }
 
+    /// [`Ctx::audited`] whose failure record also holds `about` (the keys a success record of
+    /// the action holds beside its target, such as the member a group change is about), so
+    /// that success and failure share one target and one way to search them.
+    pub(crate) async fn audited_about<T>(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        about: serde_json::Value,
+        res: Result<T, ApiFailure>,
+    ) -> Result<T, ApiFailure> {
+        if let Err(e) = &res {
+            let mut detail = failure_detail(e);
+            if let (Some(d), serde_json::Value::Object(extra)) = (detail.as_object_mut(), about) {
+                d.extend(extra);
+            }
+            self.store_failure(actor, action, target, detail).await;
+        }
+        res
+    }
+
     /// The peer's certificate must be present, of this organisation, of one of `roles`, not
     /// revoked, and its holder enrolled and not revoked.
     pub(crate) async fn check_peer(

@@ -427,6 +427,88 @@ async fn audit_log_filters_and_newest() {
     assert_eq!(s, StatusCode::OK, "{v}");
 }
 
+/// The controller's own server certificate, issued at each start, is in the audit trail like
+/// every certificate the CA signs, with its serial and names.
+#[tokio::test]
+async fn the_controllers_own_certificate_is_audited() {
+    let h = Harness::start().await;
+    let issued = h.audited("cert.issue").await;
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    let r = &issued[0];
+    assert!(r.target.ends_with("/controller/controller"), "{r:?}");
+    assert!(
+        r.detail["serial"].as_str().is_some_and(|s| !s.is_empty()),
+        "{r:?}"
+    );
+    assert!(
+        r.detail["names"].as_array().is_some_and(|n| !n.is_empty()),
+        "{r:?}"
+    );
+}
+
+/// A group membership change is recorded under the group whether it was made or refused, the
+/// member in the detail: a search for the group finds both.
+#[tokio::test]
+async fn membership_changes_are_recorded_under_the_group() {
+    let h = Harness::start().await;
+    h.ok("POST", "/v1/groups", Some(json!({ "name": "eng" })))
+        .await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ann@example.test", "groups": [] })),
+    )
+    .await;
+    let add = |user: &'static str| {
+        let h = &h;
+        async move {
+            h.admin(
+                "POST",
+                "/v1/groups/eng/members",
+                Some(json!({ "user": user })),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(add("ann@example.test").await, StatusCode::OK);
+    assert_eq!(add("nobody@example.test").await, StatusCode::NOT_FOUND);
+    let (s, _) = h
+        .admin("DELETE", "/v1/groups/eng/members/nobody@example.test", None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let records: Vec<(String, String, Value)> = h
+        .audit_page("/v1/audit?target=eng&limit=1000")
+        .await
+        .into_iter()
+        .filter(|r| r.record.action.starts_with("group.member"))
+        .map(|r| {
+            let r = r.record;
+            (r.action, r.result, r.detail["user"].clone())
+        })
+        .collect();
+    assert_eq!(
+        records,
+        [
+            (
+                "group.member.add".into(),
+                "ok".into(),
+                json!("ann@example.test")
+            ),
+            (
+                "group.member.add".into(),
+                "error".into(),
+                json!("nobody@example.test")
+            ),
+            (
+                "group.member.remove".into(),
+                "error".into(),
+                json!("nobody@example.test")
+            ),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn users_and_groups_crud() {
     let h = Harness::start().await;
@@ -3775,12 +3857,42 @@ async fn token_writes_leave_the_snapshot_version_alone() {
 
 /// Deleting a user revokes their devices, and each revocation is recorded as an
 /// administrator's own revocation is (`revoke`, `agent/ID`), so a search for it finds it.
+/// Their unused enrollment tokens go too, each recorded as a token deletion; the twin: a token
+/// of another user stays.
 #[tokio::test]
 async fn deleting_a_user_records_each_device_revoked() {
     let h = Harness::start().await;
     let (dev, _) = h.agent("ann@example.test").await;
+    let unused = h.token("agent", Some("ann@example.test"), None).await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ben@example.test", "groups": [] })),
+    )
+    .await;
+    let kept = h.token("agent", Some("ben@example.test"), None).await;
     let (s, _) = h.admin("DELETE", "/v1/users/ann@example.test", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
+    let deletions = h.audited("enroll_token.delete").await;
+    assert_eq!(
+        deletions
+            .iter()
+            .map(|r| (r.target.as_str(), r.detail["reason"].as_str()))
+            .collect::<Vec<_>>(),
+        [(unused.id.as_str(), Some("user deleted"))],
+        "{deletions:?}"
+    );
+    let tokens = h.ok("GET", "/v1/enrollment-tokens", None).await;
+    let ids: Vec<&str> = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&kept.id.as_str()) && !ids.contains(&unused.id.as_str()),
+        "{tokens}"
+    );
     let revokes = h.audited("revoke").await;
     let target = format!("agent/{}", dev.peer.id.id);
     assert!(

@@ -988,6 +988,28 @@ async fn streams_per_device_are_bounded(t: TransportPref) {
     for st in &mut held {
         stream_echo(st, b"still served").await.unwrap();
     }
+    // Each reset is a denial in the audit log, naming the bound.
+    let device = alice.peer.id.id.clone();
+    poll(&format!("[{t}] the resets audited"), SOON, || async {
+        let n = s
+            .admin
+            .audit()
+            .await
+            .iter()
+            .filter(|e| {
+                e["action"] == "stream.open"
+                    && e["result"] == "deny"
+                    && e["detail"]["reason"] == "max_streams_per_device"
+                    && e["detail"]["device"] == device.as_str()
+            })
+            .count();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} of 2"))
+        }
+    })
+    .await;
     // The held streams have ended (echoed and finished): room again.
     drop(held);
     let (code, _) = poll("a stream after the others ended", SOON, || {

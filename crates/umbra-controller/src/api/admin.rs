@@ -128,15 +128,27 @@ pub(super) async fn delete_user(
         for d in &devices {
             peers::peer_revoke(w.conn(), &ctx.org, Kind::Device, d, now).await?;
         }
-        q::delete_user(w.conn(), &ctx.org, &id).await?;
+        let (_, tokens) = q::delete_user(w.conn(), &ctx.org, &id).await?;
         let mut records = vec![audit::record(
             ctx.now(),
             ADMIN,
             "user.delete",
             &id,
             true,
-            json!({ "revoked_devices": devices }),
+            json!({ "revoked_devices": devices, "deleted_tokens": tokens }),
         )];
+        // Each unused enrollment token deleted with the user, as a token deletion records it:
+        // a search for the token finds where it went.
+        for t in &tokens {
+            records.push(audit::record(
+                ctx.now(),
+                ADMIN,
+                "enroll_token.delete",
+                t,
+                true,
+                json!({ "reason": "user deleted", "user": id }),
+            ));
+        }
         // Each revocation as `revoke` records it, so that a search for a device's revocation
         // finds this one too.
         for d in &devices {
@@ -287,7 +299,6 @@ pub(super) async fn add_member(
     ApiPath(group): ApiPath<String>,
     ApiJson(req): ApiJson<AddMember>,
 ) -> Result<Response, ApiFailure> {
-    let target = format!("{group}/{}", req.user);
     let res = async {
         let user = validate::user_id(&req.user, "user")?;
         let mut w = ctx.admin_write(&admin).await?;
@@ -321,7 +332,9 @@ pub(super) async fn add_member(
         .into_response())
     }
     .await;
-    ctx.audited(ADMIN, "group.member.add", &target, res).await
+    let about = json!({ "user": umbra_proto::bounded(&req.user, 512) });
+    ctx.audited_about(ADMIN, "group.member.add", &group, about, res)
+        .await
 }
 
 pub(super) async fn remove_member(
@@ -329,7 +342,7 @@ pub(super) async fn remove_member(
     State(ctx): State<Arc<Ctx>>,
     ApiPath((group, user)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiFailure> {
-    let target = format!("{group}/{user}");
+    let about = json!({ "user": umbra_proto::bounded(&user, 512) });
     let res = async {
         let user = validate::user_id(&user, "user")?;
         let mut w = ctx.admin_write(&admin).await?;
@@ -354,7 +367,7 @@ pub(super) async fn remove_member(
         Ok(no_content())
     }
     .await;
-    ctx.audited(ADMIN, "group.member.remove", &target, res)
+    ctx.audited_about(ADMIN, "group.member.remove", &group, about, res)
         .await
 }
 

@@ -125,17 +125,26 @@ pub(crate) async fn insert_user(
     Ok(())
 }
 
-/// Deletes the user and their memberships and unused agent tokens. Returns whether it existed.
+/// Deletes the user and their memberships and unused agent tokens. Returns whether it existed,
+/// and the ids of the tokens deleted with it.
 pub(crate) async fn delete_user(
     c: &mut SqliteConnection,
     org: &str,
     id: &str,
-) -> Result<bool, sqlx::Error> {
+) -> Result<(bool, Vec<String>), sqlx::Error> {
     sqlx::query("DELETE FROM group_members WHERE org = $1 AND user_id = $2")
         .bind(org)
         .bind(id)
         .execute(&mut *c)
         .await?;
+    let tokens: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM enroll_tokens WHERE org = $1 AND user_id = $2 AND used_at IS NULL \
+         ORDER BY id",
+    )
+    .bind(org)
+    .bind(id)
+    .fetch_all(&mut *c)
+    .await?;
     sqlx::query("DELETE FROM enroll_tokens WHERE org = $1 AND user_id = $2 AND used_at IS NULL")
         .bind(org)
         .bind(id)
@@ -146,7 +155,7 @@ pub(crate) async fn delete_user(
         .bind(id)
         .execute(c)
         .await?;
-    Ok(r.rows_affected() == 1)
+    Ok((r.rows_affected() == 1, tokens))
 }
 
 // ---------------------------------------------------------------------------------------------
