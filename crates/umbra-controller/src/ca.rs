@@ -59,9 +59,18 @@ pub(crate) fn resolve_kek(
         })?;
         return Ok((kek, KekSource::Config));
     }
-    if let Some(k) = env_key.filter(|k| !k.trim().is_empty()) {
+    // Set but empty is an error, not "unset": a secret injection that came out empty must not
+    // make the controller seal a new CA under a key it writes beside the database.
+    if let Some(k) = env_key {
         let kek = KeyEncryptionKey::parse(k).map_err(|_| {
-            ControllerError::CaKey(format!("{KEK_ENV} is not 32 bytes of hex or base64"))
+            ControllerError::CaKey(format!(
+                "{KEK_ENV} is not 32 bytes of hex or base64{}",
+                if k.trim().is_empty() {
+                    " (it is set, and empty)"
+                } else {
+                    ""
+                }
+            ))
         })?;
         return Ok((kek, KekSource::Env));
     }
@@ -291,5 +300,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(KEK_ENV) && !err.contains("not-a-key"), "{err}");
+    }
+
+    /// `UMBRA_CA_KEY` set and empty (a secret injection that came out empty) fails, naming it,
+    /// at the first start too: no key is generated into the data directory for it.
+    #[test]
+    fn an_empty_key_in_the_environment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        for empty in ["", "  \n"] {
+            let err = resolve_kek(&c, Some(empty), false).unwrap_err().to_string();
+            assert!(err.contains(KEK_ENV) && err.contains("empty"), "{err}");
+        }
+        assert!(!dir.path().join(KEK_FILE).exists());
+        // The twin: unset, the first start generates one.
+        assert!(matches!(
+            resolve_kek(&c, None, false),
+            Ok((_, KekSource::File(_)))
+        ));
     }
 }
