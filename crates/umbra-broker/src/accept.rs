@@ -403,16 +403,21 @@ async fn open(
         .increment(1);
     if verdict.code != OpenCode::Ok {
         info!(service, code = verdict.code.as_str(), reason = %verdict.reason, "stream denied");
-        shared.audit.record(
-            &actor,
-            "stream.open",
-            &service,
-            "deny",
-            serde_json::json!({
-                "stream": id, "user": user, "device": device, "reason": verdict.reason,
-                "code": verdict.code.as_str(), "transport": transport, "broker": shared.name,
-            }),
-        );
+        let mut detail = serde_json::json!({
+            "stream": id, "user": user, "device": device, "reason": verdict.reason,
+            "code": verdict.code.as_str(), "transport": transport, "broker": shared.name,
+        });
+        // Which `forbid` denied it, or why no policy could be evaluated: what an operator
+        // with many policies needs to find the one at fault.
+        if !verdict.policies.is_empty() {
+            detail["policies"] = serde_json::json!(verdict.policies);
+        }
+        if let Some(e) = &verdict.error {
+            detail["error"] = serde_json::json!(e);
+        }
+        shared
+            .audit
+            .record(&actor, "stream.open", &service, "deny", detail);
         if reply(
             &mut agent,
             &Frame::OpenReply { code: verdict.code },

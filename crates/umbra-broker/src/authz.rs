@@ -42,8 +42,11 @@ pub(crate) struct Verdict {
     pub(crate) reason: String,
     /// The device's user, when known.
     pub(crate) user: Option<String>,
-    /// Policies that decided it.
+    /// Policies that decided it: the `permit`s that allowed it, or the `forbid`s that denied
+    /// it.
     pub(crate) policies: Vec<String>,
+    /// Why the policies could not be evaluated (reason `error`), for the audit record.
+    pub(crate) error: Option<String>,
 }
 
 impl Verdict {
@@ -53,6 +56,7 @@ impl Verdict {
             reason: reason.into(),
             user,
             policies: vec![],
+            error: None,
         }
     }
 
@@ -187,7 +191,14 @@ pub(crate) fn authorize(
         },
     });
     if !d.allow {
-        return Verdict::deny(OpenCode::Denied, d.reason.as_str(), d.user);
+        let mut v = Verdict::deny(OpenCode::Denied, d.reason.as_str(), d.user);
+        match d.reason {
+            Reason::Forbidden { policies } => v.policies = policies,
+            // Bounded: the evaluator's message may quote a policy.
+            Reason::Error(e) => v.error = Some(umbra_proto::bounded(&e, 1024).into_owned()),
+            _ => {}
+        }
+        return v;
     }
     // Flow support is checked only after the decision, so that it reveals nothing about
     // services the device may not reach.
@@ -203,6 +214,7 @@ pub(crate) fn authorize(
         reason: "permitted".into(),
         user: d.user,
         policies,
+        error: None,
     }
 }
 
@@ -307,6 +319,39 @@ mod tests {
             authorize(&a, &open("demo", "01", Flow::Udp), at(NOW), MAX).code,
             OpenCode::UnsupportedFlow
         );
+    }
+
+    /// A denial by a `forbid` names it, and one by a policy that fails to evaluate says why:
+    /// the audit record carries both. The twin: the `permit` alone allows.
+    #[test]
+    fn a_denial_names_the_forbid_or_the_evaluation_error() {
+        let mut policies = allow_demo();
+        policies.push(PolicyText {
+            id: "no-demo-at-night".into(),
+            text: r#"forbid (principal == Umbra::User::"demo@example.test", action, resource == Umbra::Service::"demo") when { context.now > 0 };"#.into(),
+        });
+        let a = Authority::new(snapshot(policies.clone()), NOW).unwrap();
+        let v = authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW), MAX);
+        assert_eq!((v.code, v.reason.as_str()), (OpenCode::Denied, "forbidden"));
+        assert_eq!(v.policies, ["no-demo-at-night"]);
+        assert_eq!(v.error, None);
+
+        // Overflows at evaluation: that policy errs, and the request is denied.
+        policies[1].text = r#"forbid (principal, action, resource) when { context.now * 9223372036854775807 > 0 };"#.into();
+        let a = Authority::new(snapshot(policies), NOW).unwrap();
+        let v = authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW), MAX);
+        assert_eq!((v.code, v.reason.as_str()), (OpenCode::Denied, "error"));
+        assert!(
+            v.error
+                .as_deref()
+                .is_some_and(|e| e.contains("no-demo-at-night") || e.contains("overflow")),
+            "{:?}",
+            v.error
+        );
+
+        let a = Authority::new(snapshot(allow_demo()), NOW).unwrap();
+        let v = authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW), MAX);
+        assert_eq!((v.code, v.error), (OpenCode::Ok, None));
     }
 
     #[test]

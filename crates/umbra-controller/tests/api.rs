@@ -3384,6 +3384,32 @@ async fn access_says_who_may_reach_what_and_why() {
         brief(&nosuch),
         vec![(s("nosuch"), false, s("unknown_service"), vec![])]
     );
+    assert!(ann.decisions.iter().all(|d| d.error.is_none()), "{ann:?}");
+    // A policy that valid text cannot evaluate (an overflow): denied, saying why.
+    h.ok(
+        "POST",
+        "/v1/policies",
+        Some(json!({ "name": "overflows", "text": r#"forbid(principal, action, resource == Umbra::Service::"db") when { context.now * 9223372036854775807 > 0 };"# })),
+    )
+    .await;
+    let erring = access(&h, &s("user=ben@example.test&service=db")).await;
+    assert_eq!(
+        (
+            erring.decisions[0].allow,
+            erring.decisions[0].reason.as_str()
+        ),
+        (false, "error"),
+        "{erring:?}"
+    );
+    assert!(
+        erring.decisions[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| !e.is_empty()),
+        "{erring:?}"
+    );
+    let (st, _) = h.admin("DELETE", "/v1/policies/overflows", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
 
     // Disabled, and one device revoked: the same reasons the broker gives.
     let (dev, _) = h.agent("ann@example.test").await;

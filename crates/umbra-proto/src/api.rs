@@ -394,6 +394,9 @@ pub struct AccessDecision {
     pub reason: String,
     /// The policies that permitted it, or the `forbid` policies that denied it.
     pub policies: Vec<String>,
+    /// Why the policies could not be evaluated, for reason `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/enrollment-tokens`.

@@ -804,7 +804,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                             vec![
                                 d.service,
                                 if d.allow { "allow" } else { "deny" }.to_owned(),
-                                d.reason,
+                                match d.error {
+                                    Some(e) => format!("{}: {e}", d.reason),
+                                    None => d.reason,
+                                },
                                 d.policies.join(","),
                             ]
                         })

@@ -868,11 +868,16 @@ pub(super) async fn access(
                 Reason::Permitted { policies } | Reason::Forbidden { policies } => policies.clone(),
                 _ => Vec::new(),
             };
+            let error = match &d.reason {
+                Reason::Error(e) => Some(umbra_proto::bounded(e, 2048).into_owned()),
+                _ => None,
+            };
             api::AccessDecision {
                 service,
                 allow: d.allow,
                 reason: d.reason.as_str().to_owned(),
                 policies,
+                error,
             }
         })
         .collect();

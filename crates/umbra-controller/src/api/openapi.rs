@@ -719,6 +719,8 @@ struct AccessDecision {
     allow: bool,
     reason: String,
     policies: Vec<String>,
+    /// Why the policies could not be evaluated (reason `error` only).
+    error: Option<String>,
 }
 #[derive(ToSchema)]
 struct Access {
