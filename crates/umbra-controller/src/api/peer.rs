@@ -306,12 +306,9 @@ pub(super) async fn heartbeat(
     let (mut refused, mut why) = (0usize, "");
     let streams_json = match hb.streams {
         Some(streams) => {
-            let owners: std::collections::HashMap<String, String> =
-                peers::peer_list(w.conn(), &ctx.org, peers::Kind::Device)
-                    .await?
-                    .into_iter()
-                    .map(|d| (d.id, d.owner))
-                    .collect();
+            let named: std::collections::BTreeSet<&str> =
+                streams.iter().map(|s| s.device.as_str()).collect();
+            let owners = peers::device_owners(w.conn(), &ctx.org, &named).await?;
             let mut kept: Vec<LiveStream> = Vec::with_capacity(streams.len());
             for mut s in streams {
                 match audit::broker_may_list(&s, &owners) {

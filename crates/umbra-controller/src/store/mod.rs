@@ -399,6 +399,36 @@ mod tests {
         assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 0);
     }
 
+    /// Owners are found for the enrolled devices among those named, however many (looked up
+    /// a chunk at a time), and for no other.
+    #[tokio::test]
+    async fn device_owners_of_the_named_devices() {
+        let (_dir, s) = mem().await;
+        let mut w = s.write().await.unwrap();
+        for i in 0..600 {
+            peers::device_insert(w.conn(), "t", &format!("d{i}"), &format!("u{}", i % 7), 0)
+                .await
+                .unwrap();
+        }
+        peers::device_insert(w.conn(), "other", "d1", "x", 0)
+            .await
+            .unwrap();
+        w.commit().await.unwrap();
+        let ids: Vec<String> = (0..600)
+            .step_by(2)
+            .map(|i| format!("d{i}"))
+            .chain(["nosuch".into()])
+            .collect();
+        let named: std::collections::BTreeSet<&str> =
+            ids.iter().map(String::as_str).chain(["d1"]).collect();
+        let mut r = s.read().await.unwrap();
+        let owners = peers::device_owners(&mut r, "t", &named).await.unwrap();
+        assert_eq!(owners.len(), 301);
+        assert_eq!(owners["d1"], "u1");
+        assert_eq!(owners["d598"], format!("u{}", 598 % 7));
+        assert!(!owners.contains_key("nosuch") && !owners.contains_key("d3"));
+    }
+
     /// A renewal forgets its identity's certificates that expired and left the renewal-rate
     /// window, and nothing else: not the one just issued, not one still valid, not one the
     /// window still counts, not another identity's or another role's.

@@ -389,6 +389,32 @@ pub(crate) async fn peer_list(
     sqlx::query_as(sql).bind(org).fetch_all(c).await
 }
 
+/// Device id -> owner, for the devices among `ids` that are enrolled (any revocation state).
+/// Looked up by key, a few hundred at a time: a broker's heartbeat names the devices of its
+/// live streams, and must not cost a scan of every device ever enrolled.
+pub(crate) async fn device_owners(
+    c: &mut SqliteConnection,
+    org: &str,
+    ids: &std::collections::BTreeSet<&str>,
+) -> Result<std::collections::HashMap<String, String>, sqlx::Error> {
+    const CHUNK: usize = 256;
+    let ids: Vec<&str> = ids.iter().copied().collect();
+    let mut owners = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "SELECT id, user_id FROM devices WHERE org = $1 AND id IN ({})",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql)).bind(org);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        owners.extend(q.fetch_all(&mut *c).await?);
+    }
+    Ok(owners)
+}
+
 /// Connectors or brokers called `name` (any revocation state).
 pub(crate) async fn peers_named(
     c: &mut SqliteConnection,
