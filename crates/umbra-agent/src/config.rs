@@ -20,7 +20,9 @@ pub struct AgentConfig {
     pub open_timeout_ms: u64,
     /// Time allowed for one link handshake with a broker (per transport tried).
     pub connect_timeout_ms: u64,
-    /// A forwarded connection with no bytes either way for this long is closed.
+    /// A forwarded connection with no bytes either way for this long is closed (checked every
+    /// quarter of it). Default 3600, like the broker's: the shortest of the limits on a
+    /// stream's path applies.
     pub idle_timeout_secs: u64,
     /// Receive window per stream on broker links, in KiB (16 to 16384): the most this
     /// agent holds for one stream coming from a broker. A download moves at most one window
@@ -45,7 +47,7 @@ impl Default for AgentConfig {
             transport: TransportPref::Auto,
             open_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
-            idle_timeout_secs: 300,
+            idle_timeout_secs: 3_600,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
             allow_remote_clients: false,
             broker_refresh_secs: 60,

@@ -18,7 +18,9 @@ pub struct ConnectorConfig {
     pub transport: TransportPref,
     /// Time allowed for a TCP connection to a published target.
     pub dial_timeout_ms: u64,
-    /// A relayed connection with no bytes either way for this long is closed.
+    /// A relayed connection with no bytes either way for this long is closed (checked every
+    /// quarter of it). Default 3600, like the broker's: the shortest of the limits on a
+    /// stream's path applies.
     pub idle_timeout_secs: u64,
     /// First delay before redialing a broker after a failure.
     pub reconnect_base_ms: u64,
@@ -41,7 +43,7 @@ impl Default for ConnectorConfig {
             identity_dir: PathBuf::from("/var/lib/umbra/connector"),
             transport: TransportPref::Auto,
             dial_timeout_ms: 5_000,
-            idle_timeout_secs: 300,
+            idle_timeout_secs: 3_600,
             reconnect_base_ms: 250,
             reconnect_cap_ms: 30_000,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,

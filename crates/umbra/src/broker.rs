@@ -59,7 +59,8 @@ struct RunArgs {
     /// every policy change: time-bound policies end streams by it.
     #[arg(long, env = "UMBRA_BROKER_REVERIFY", value_parser = load::parse_duration)]
     reverify: Option<std::time::Duration>,
-    /// Close streams idle this long (default 1h).
+    /// Close streams idle this long (default 1h). The agent and the connector each have a
+    /// limit of their own (`idle_timeout_secs`, default 1h too): the shortest applies.
     #[arg(long, env = "UMBRA_BROKER_IDLE_TIMEOUT", value_parser = load::parse_duration)]
     idle_timeout: Option<std::time::Duration>,
     /// Streams one device may have open at once here, over all its links (default 1024);

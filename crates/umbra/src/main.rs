@@ -27,7 +27,9 @@ struct Cli {
     /// warnings only (and the agent's own `info`).
     #[arg(long, global = true, env = "UMBRA_LOG")]
     log: Option<String>,
-    /// Log format: `json` (one structured line per event) or `text`.
+    /// Log format: `json` (one structured line per event) or `text`. Default: `json` for the
+    /// controller, brokers, connectors and quickstart's log file; `text` for the agent and
+    /// admin commands, which a person runs.
     #[arg(long, global = true, env = "UMBRA_LOG_FORMAT", value_parser = ["json", "text"])]
     log_format: Option<String>,
     #[command(subcommand)]
@@ -64,9 +66,15 @@ fn main() -> std::process::ExitCode {
         .clone()
         .unwrap_or_else(|| if interactive { "text" } else { "json" }.to_owned());
     let format = format.as_str();
+    // Quickstart's log goes to a file, JSON unless asked otherwise (the terminal is for the
+    // person, and its own lines are not logs).
+    let quickstart_format = cli.log_format.clone().unwrap_or_else(|| "json".to_owned());
     let log = cli.log_filter();
     // Scripts reading `-o json` get their error as JSON too (on stderr, as a person would).
     let json_errors = matches!(&cli.command, Command::Admin(a) if a.json_output());
+    if matches!(cli.command, Command::Admin(_)) {
+        end_quietly_on_closed_output();
+    }
     if !matches!(cli.command, Command::Admin(_) | Command::Agent(_)) {
         // Installed before any role records a metric (records made earlier would be lost).
         telemetry::metrics_handle();
@@ -83,7 +91,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Quickstart(a) => quickstart::run(a, &log, format).await,
+            Command::Quickstart(a) => quickstart::run(a, &log, &quickstart_format).await,
             Command::Controller(a) => {
                 telemetry::init_logs(&log, format, None)?;
                 controller::run(a).await
@@ -121,6 +129,18 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", error_line(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Output read by another program (`| head`) may stop being read: the command then ends
+/// quietly, as other Unix tools do, instead of panicking in `println!`. Only for short-lived
+/// commands whose output is their result: the roles write to sockets, which never raise
+/// SIGPIPE (Rust sends with MSG_NOSIGNAL), but their logs go to stderr.
+#[allow(unsafe_code)]
+fn end_quietly_on_closed_output() {
+    // SAFETY: sets a signal's disposition to its default, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

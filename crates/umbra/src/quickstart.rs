@@ -133,9 +133,9 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     }
     let log = dir.join("umbra.log");
-    // The terminal is for the person; the structured log (audit lines included) goes to a file.
-    let _ = log_format;
-    crate::telemetry::init_logs(log_filter, "json", Some(&log))?;
+    // The terminal is for the person; the structured log (audit lines included) goes to a file,
+    // JSON unless `--log-format text`.
+    crate::telemetry::init_logs(log_filter, log_format, Some(&log))?;
 
     let p = base_port(&dir, a.base_port)?;
     let app_addr = loopback(p.checked_add(80).context("--base-port too high")?);

@@ -32,7 +32,11 @@ pub(crate) fn init_logs(filter: &str, format: &str, file: Option<&Path>) -> anyh
             .with_writer(writer)
             .try_init()
     } else {
-        builder.with_writer(writer).try_init()
+        // Colour codes only for a terminal, never into a file.
+        builder
+            .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(writer)
+            .try_init()
     };
     r.map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))
 }

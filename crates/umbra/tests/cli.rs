@@ -1878,6 +1878,30 @@ fn admin_changes_in_place() {
         "{printed}"
     );
     refused(&["access", "--user", "nobody@example.test"], "field user");
+    // A reader that stops reading (`| head -c 1`) ends the command quietly, as it would any
+    // Unix tool: no panic on the broken pipe.
+    {
+        use std::os::unix::process::ExitStatusExt;
+        let mut cmd = Command::new(common::umbra());
+        cmd.args(["admin", "--controller", &ctl.url, "--ca-file"])
+            .arg(&ca)
+            .args(["--token", &token, "-o", "json", "audit", "--last", "1000"])
+            .current_dir(home.path());
+        common::clean_env(&mut cmd, home.path());
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) && !stderr.contains("panicked"),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
     // A script gets the controller's refusal in its parts: message, field and status.
     let bad = admin(&["-o", "json", "access", "--user", "nobody@example.test"]);
     let e: Value = serde_json::from_str(bad.stderr.trim())
