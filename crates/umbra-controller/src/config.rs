@@ -52,6 +52,9 @@ pub struct ControllerConfig {
     /// Connections one enrolled identity (device, connector, broker) may hold open at once;
     /// more are closed after the handshake. Each role process holds one or two. Default 32.
     pub max_connections_per_peer: usize,
+    /// Days audit records are kept; older ones are deleted (checked hourly). 0 keeps them for
+    /// ever. Default 365, at most 36500.
+    pub audit_retention_days: u64,
 }
 
 impl Default for ControllerConfig {
@@ -70,6 +73,7 @@ impl Default for ControllerConfig {
             max_anonymous_connections: 1024,
             anonymous_connection_secs: 60,
             max_connections_per_peer: 32,
+            audit_retention_days: 365,
         }
     }
 }
@@ -90,6 +94,7 @@ impl fmt::Debug for ControllerConfig {
             .field("max_anonymous_connections", &self.max_anonymous_connections)
             .field("anonymous_connection_secs", &self.anonymous_connection_secs)
             .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("audit_retention_days", &self.audit_retention_days)
             .finish()
     }
 }
@@ -226,6 +231,12 @@ impl ControllerConfig {
                 "must be between 1 and 3600",
             ));
         }
+        if self.audit_retention_days > 36_500 {
+            return Err(ConfigError::new(
+                "audit_retention_days",
+                "must be at most 36500 (0 keeps records for ever)",
+            ));
+        }
         Ok(())
     }
 
@@ -235,6 +246,10 @@ impl ControllerConfig {
             Some(u) => crate::store::Database::Url(u.clone()),
             None => crate::store::Database::File(self.data_dir.join("umbra.db")),
         }
+    }
+
+    pub(crate) fn audit_retention(&self) -> Duration {
+        Duration::from_secs(self.audit_retention_days.saturating_mul(86_400))
     }
 
     pub(crate) fn cert_lifetime(&self) -> Duration {
@@ -307,6 +322,10 @@ mod tests {
                 Box::new(|c| c.cert_lifetime_secs = 8 * 24 * 3600),
             ),
             ("token_ttl_secs", Box::new(|c| c.token_ttl_secs = 0)),
+            (
+                "audit_retention_days",
+                Box::new(|c| c.audit_retention_days = 36_501),
+            ),
             (
                 "max_pending_handshakes",
                 Box::new(|c| c.max_pending_handshakes = 0),

@@ -39,6 +39,9 @@ pub struct Controller {
     rotation: JoinHandle<()>,
     /// Publishes committed versions a dropped request did not (`distribution::follow_store`).
     follow: JoinHandle<()>,
+    /// Forgets what has aged out (`housekeeping`).
+    sweeps: JoinHandle<()>,
+    audit_retention: Duration,
 }
 
 impl std::fmt::Debug for Controller {
@@ -152,6 +155,11 @@ impl Controller {
             cfg.server_names.clone(),
             shutdown_rx.clone(),
         ));
+        let sweeps = tokio::spawn(crate::housekeeping::sweep_loop(
+            ctx.clone(),
+            cfg.audit_retention(),
+            shutdown_rx.clone(),
+        ));
         let follow = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -183,7 +191,16 @@ impl Controller {
             server,
             rotation,
             follow,
+            sweeps,
+            audit_retention: cfg.audit_retention(),
         })
+    }
+
+    /// Runs a retention sweep now (one runs at start and every hour): deletes the audit
+    /// records older than `audit_retention_days` and the enrollment tokens used or expired
+    /// more than 30 days ago, and says how many.
+    pub async fn sweep(&self) -> Result<crate::housekeeping::Swept, ControllerError> {
+        Ok(crate::housekeeping::sweep(&self.ctx, self.audit_retention).await?)
     }
 
     /// `https://<address>:<port>` of the listener (loopback if bound to the unspecified address).
@@ -251,6 +268,8 @@ impl Controller {
         let _ = self.rotation.await;
         self.follow.abort();
         let _ = self.follow.await;
+        self.sweeps.abort();
+        let _ = self.sweeps.await;
         self.ctx.store.close().await;
         tracing::info!("controller stopped");
     }

@@ -13,6 +13,8 @@
 //! - **distribution** (`distribution`): versioned snapshots long-polled by brokers, published
 //!   targets long-polled by connectors;
 //! - the **admin tokens** (`admin_token`): first token, rotation, reset from the host;
+//! - **retention** (`housekeeping`): audit records older than `audit_retention_days`, and
+//!   enrollment tokens spent or expired a month ago, are deleted by an hourly sweep;
 //! - **audit** (`audit`; refusals of unauthenticated requests within a budget per source,
 //!   `failures`) and metrics (`umbra_controller_requests_total{route,status}`,
 //!   `umbra_enrollments_total{role,result}`, `umbra_renewals_total{role,result}`,
@@ -47,6 +49,7 @@ mod distribution;
 mod enroll;
 mod error;
 mod failures;
+mod housekeeping;
 mod state;
 mod store;
 mod validate;
@@ -55,4 +58,5 @@ pub use admin_token::reset_admin_token;
 pub use config::{ConfigError, ControllerConfig, MAX_TOKEN_TTL};
 pub use controller::Controller;
 pub use error::ControllerError;
+pub use housekeeping::Swept;
 pub use state::Clock;

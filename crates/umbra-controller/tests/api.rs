@@ -427,6 +427,56 @@ async fn audit_log_filters_and_newest() {
     assert_eq!(s, StatusCode::OK, "{v}");
 }
 
+/// Audit records older than `audit_retention_days` are deleted by the retention sweep, and
+/// enrollment tokens used or expired more than 30 days ago too; the sweep records what it did.
+/// The twins: a sweep with nothing aged out deletes nothing and records nothing, and with
+/// retention 0 the records stay while the tokens still go.
+#[tokio::test]
+async fn the_retention_sweep_forgets_what_aged_out() {
+    for retention in [30, 0] {
+        let h = Harness::start_cfg(|c| c.audit_retention_days = retention).await;
+        h.agent("ann@example.test").await;
+        let pending = h.token("connector", None, Some("c1")).await;
+        assert_eq!(
+            h.ctl.sweep().await.unwrap(),
+            umbra_controller::Swept::default()
+        );
+        let records = h.audit_page("/v1/audit?limit=1000").await.len() as u64;
+        let tokens = h.ok("GET", "/v1/enrollment-tokens", None).await;
+        assert_eq!(tokens.as_array().unwrap().len(), 2, "{tokens}");
+
+        // 31 days on.
+        h.skew.store(31 * 86_400, Ordering::SeqCst);
+        let swept = h.ctl.sweep().await.unwrap();
+        let audit_deleted = if retention == 0 { 0 } else { records };
+        assert_eq!(
+            swept,
+            umbra_controller::Swept {
+                audit: audit_deleted,
+                tokens: 2
+            },
+            "[{retention}]"
+        );
+        let left = h.audit_page("/v1/audit?limit=1000").await;
+        assert_eq!(
+            left.len() as u64,
+            records - audit_deleted + 1,
+            "[{retention}] {left:?}"
+        );
+        let sweep = &left.last().unwrap().record;
+        assert_eq!(sweep.action, "retention.sweep");
+        assert_eq!(sweep.detail["audit_deleted"], audit_deleted);
+        assert_eq!(sweep.detail["tokens_deleted"], 2);
+        let tokens = h.ok("GET", "/v1/enrollment-tokens", None).await;
+        assert_eq!(tokens, json!([]), "[{retention}] {}", pending.id);
+        // Once more: nothing left to forget.
+        assert_eq!(
+            h.ctl.sweep().await.unwrap(),
+            umbra_controller::Swept::default()
+        );
+    }
+}
+
 /// The controller's own server certificate, issued at each start, is in the audit trail like
 /// every certificate the CA signs, with its serial and names.
 #[tokio::test]

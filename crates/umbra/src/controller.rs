@@ -13,7 +13,8 @@ use umbra_controller::{Controller, ControllerConfig};
 pub(crate) struct Args {
     /// TOML file with controller settings (data_dir, listen, public_url, server_names,
     /// database_url, ca_key, org, cert_lifetime_secs, token_ttl_secs, max_pending_handshakes,
-    /// max_anonymous_connections, anonymous_connection_secs, max_connections_per_peer). The CA
+    /// max_anonymous_connections, anonymous_connection_secs, max_connections_per_peer,
+    /// audit_retention_days). The CA
     /// key is sealed with `ca_key` or UMBRA_CA_KEY (64 hex digits, or base64 of 32 bytes;
     /// from a secret store, never a flag); without either, a key is generated once into
     /// DATA_DIR/ca.kek (0600).
@@ -41,6 +42,9 @@ pub(crate) struct Args {
     /// Lifetime of issued certificates (default 24h, at most 7d).
     #[arg(long, env = "UMBRA_CERT_LIFETIME", value_parser = crate::load::parse_duration)]
     cert_lifetime: Option<std::time::Duration>,
+    /// Days audit records are kept, then deleted (default 365; 0 keeps them for ever).
+    #[arg(long, env = "UMBRA_AUDIT_RETENTION_DAYS")]
+    audit_retention_days: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics, or `none`. Never on the API port,
     /// which is public.
     #[arg(
@@ -75,6 +79,9 @@ pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
     }
     if let Some(v) = a.cert_lifetime {
         c.cert_lifetime_secs = v.as_secs();
+    }
+    if let Some(v) = a.audit_retention_days {
+        c.audit_retention_days = v;
     }
     // UMBRA_CA_KEY is read by the controller itself, so that what it says about a bad or
     // wrong key names the variable, not a `ca_key` setting the operator never wrote.

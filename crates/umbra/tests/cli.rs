@@ -77,6 +77,7 @@ fn help_of_every_command_names_its_options() {
                 "--public-url",
                 "--server-name",
                 "--database-url",
+                "--audit-retention-days",
                 "UMBRA_CA_KEY",
             ],
         ),

@@ -36,6 +36,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "broker_audit_seq",
         include_str!("../../migrations/0002_broker_audit_seq.sql"),
     ),
+    (
+        3,
+        "audit_indexes",
+        include_str!("../../migrations/0003_audit_indexes.sql"),
+    ),
 ];
 
 /// Counter holding the snapshot version.

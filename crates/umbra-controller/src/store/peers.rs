@@ -119,6 +119,24 @@ pub(crate) async fn token_insert(
     Ok(())
 }
 
+/// Deletes the enrollment tokens used, or expired, before `before` (Unix seconds), and returns
+/// how many: their use is in the audit log, and a token list that only grows would hide the
+/// ones still pending.
+pub(crate) async fn tokens_forget_before(
+    c: &mut SqliteConnection,
+    org: &str,
+    before: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM enroll_tokens WHERE org = $1 AND (used_at < $2 OR expires_at < $2)",
+    )
+    .bind(org)
+    .bind(before)
+    .execute(c)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 pub(crate) async fn token_list(
     c: &mut SqliteConnection,
     org: &str,
@@ -751,6 +769,27 @@ pub(crate) async fn revoked_serials(
 
 // ---------------------------------------------------------------------------------------------
 // Audit
+
+/// Deletes at most `limit` audit records made before `before_ms` (the oldest first), and
+/// returns how many. A batch at a time, so that no write transaction holds the store's write
+/// lock for long.
+pub(crate) async fn audit_forget_before(
+    c: &mut SqliteConnection,
+    org: &str,
+    before_ms: i64,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM audit WHERE org = $1 AND seq IN \
+         (SELECT seq FROM audit WHERE org = $1 AND at_ms < $2 ORDER BY at_ms LIMIT $3)",
+    )
+    .bind(org)
+    .bind(before_ms)
+    .bind(limit)
+    .execute(c)
+    .await?;
+    Ok(done.rows_affected())
+}
 
 pub(crate) async fn audit_insert(
     c: &mut SqliteConnection,
