@@ -354,6 +354,16 @@ fn reset_error(code: u32) -> LinkError {
     Refusal::from_code(code).map_or(LinkError::StreamReset(u64::from(code)), Refusal::error)
 }
 
+#[cfg(test)]
+impl MuxConn {
+    /// Makes the next stream id `id`, to reach the end of the id space in a test.
+    pub(crate) fn skip_ids_to(&self, id: u32) {
+        if let Side::Opener { next_id, .. } = &self.side {
+            *next_id.lock().unwrap_or_else(PoisonError::into_inner) = id;
+        }
+    }
+}
+
 /// The multiplexer side of a TLS link.
 pub(crate) struct MuxConn {
     shared: Arc<Shared>,
@@ -396,7 +406,14 @@ impl MuxConn {
         let id = {
             let mut next = next_id.lock().unwrap_or_else(PoisonError::into_inner);
             let id = *next;
-            *next = id.checked_add(1).ok_or(LinkError::Closed)?;
+            let Some(after) = id.checked_add(1) else {
+                // Out of ids (2^32 opens on one link): a link left up but unable to open
+                // would still be chosen for streams. Closed, it is dialed again.
+                drop(next);
+                self.shared.close();
+                return Err(LinkError::Closed);
+            };
+            *next = after;
             self.shared.send(Cmd::Open { id, entry })?;
             id
         };

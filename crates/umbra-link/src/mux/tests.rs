@@ -512,6 +512,25 @@ async fn pair(max_streams: u32) -> (MuxConn, MuxConn) {
     (opener.await.unwrap().unwrap(), acceptor)
 }
 
+/// A link that has used every stream id closes, so that its peers dial again, instead of
+/// staying up and refusing every open. The twin: the last id still opens a stream.
+#[tokio::test]
+async fn a_link_out_of_stream_ids_closes() {
+    let (opener, acceptor) = pair(16).await;
+    opener.skip_ids_to(u32::MAX - 1);
+    let mut s = soon("open", opener.open(&Span::none())).await.unwrap();
+    s.send_chunk(Bytes::from_static(b"last")).await.unwrap();
+    let mut got = soon("accept", acceptor.accept()).await.unwrap();
+    assert_eq!(read_n(&mut got, 4).await, b"last");
+    assert!(!opener.shared.closed.is_cancelled());
+    assert!(soon("open", opener.open(&Span::none())).await.is_err());
+    assert!(opener.shared.closed.is_cancelled());
+    soon("the peer sees the close", async {
+        while acceptor.accept().await.is_some() {}
+    })
+    .await;
+}
+
 async fn read_n(s: &mut Stream, n: usize) -> Vec<u8> {
     let mut v = Vec::new();
     while v.len() < n {
