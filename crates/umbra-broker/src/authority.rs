@@ -125,33 +125,21 @@ pub(crate) fn load_cached(path: &Path) -> Option<Authority> {
     }
 }
 
-/// Writes the snapshot atomically (temp file, fsync, rename) so a crash leaves the old or the
-/// new one, never half of either.
-pub(crate) fn store_cached(path: &Path, a: &Authority) -> std::io::Result<()> {
-    let stored = Stored {
-        confirmed_at: a.confirmed_at,
-        snapshot: (*a.snapshot).clone(),
-    };
-    let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
-    umbra_pki::write_private_file(path, &bytes)
-}
-
-/// [`store_cached`], and when that fails, removes the copy already there (`Err` holds the
-/// failure, and whether the old copy is gone): it holds an older snapshot, one a revocation
-/// may since have replaced, and a restart while the controller is away must not enforce it.
-/// Without a copy, a restart denies until the controller answers. Removing a file works even
-/// on a full disk.
+/// Writes the snapshot and its confirmation to the cache (atomically, 0600); when that fails,
+/// removes the copy already there (`Err` holds the failure, and whether no copy is left): it
+/// holds an older snapshot, one a revocation may since have replaced, and a restart while the
+/// controller is away must not enforce it. Without a copy, a restart denies until the
+/// controller answers.
 pub(crate) fn store_cached_or_forget(
     path: &Path,
     a: &Authority,
 ) -> Result<(), (std::io::Error, bool)> {
-    store_cached(path, a).map_err(|e| {
-        let gone = match std::fs::remove_file(path) {
-            Ok(()) => true,
-            Err(r) => r.kind() == std::io::ErrorKind::NotFound,
-        };
-        (e, gone)
-    })
+    let stored = Stored {
+        confirmed_at: a.confirmed_at,
+        snapshot: (*a.snapshot).clone(),
+    };
+    let bytes = serde_json::to_vec(&stored).map_err(|e| (std::io::Error::other(e), false))?;
+    umbra_pki::write_private_file_or_remove(path, &bytes)
 }
 
 #[cfg(test)]
@@ -171,7 +159,6 @@ mod tests {
         assert_eq!(load_cached(&fine).unwrap().snapshot.version, 2);
         // The file's own name fits; the temporary file's beside it is too long to create.
         let doomed = dir.path().join("s".repeat(250));
-        store_cached(&doomed, &a1).unwrap_err();
         std::fs::write(
             &doomed,
             serde_json::to_vec(&Stored {
@@ -235,7 +222,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = cache_path(dir.path());
         assert!(load_cached(&p).is_none());
-        store_cached(&p, &Authority::new(snap(7), 42).unwrap()).unwrap();
+        store_cached_or_forget(&p, &Authority::new(snap(7), 42).unwrap()).unwrap();
         let a = load_cached(&p).unwrap();
         assert_eq!(a.snapshot.version, 7);
         assert_eq!(a.confirmed_at, 42);

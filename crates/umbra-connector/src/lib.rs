@@ -111,6 +111,7 @@ impl Connector {
             version: 0,
             targets: vec![],
         });
+        sync::publish_gauges(published.version, None);
         tracing::info!(
             identity = %uri,
             version = published.version,

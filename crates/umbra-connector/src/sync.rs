@@ -65,11 +65,28 @@ pub(crate) fn load_cached(dir: &Path, connector_id: &str) -> Option<PublishedCon
     }
 }
 
-/// Writes `published.json` atomically (temporary file, fsync, rename), mode 0600.
-pub(crate) fn save_cached(dir: &Path, cfg: &PublishedConfig) -> io::Result<()> {
-    let path = dir.join(PUBLISHED_FILE);
+/// Writes `published.json` atomically (temporary file, fsync, rename), mode 0600; when that
+/// fails, removes the copy there: it holds older
+/// targets, perhaps one since unpublished, which a restart while the controller is away must
+/// not serve. Without a copy, a restart serves nothing until the controller answers.
+pub(crate) fn save_cached_or_forget(dir: &Path, cfg: &PublishedConfig) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(cfg).map_err(io::Error::other)?;
-    umbra_pki::write_private_file(&path, &bytes)
+    umbra_pki::write_private_file_or_remove(&dir.join(PUBLISHED_FILE), &bytes).map_err(|(e, _)| e)
+}
+
+/// Sets the published-targets gauges: the version held (at start, from the cache, and on
+/// each update) and, with `answered_at`, when the controller last answered its poll (Unix
+/// seconds; `time() - umbra_connector_controller_answered_timestamp_seconds` is how long the
+/// connector has served targets it could not confirm).
+pub(crate) fn publish_gauges(version: u64, answered_at: Option<std::time::SystemTime>) {
+    metrics::gauge!("umbra_connector_targets_version").set(version as f64);
+    if let Some(t) = answered_at {
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        metrics::gauge!("umbra_connector_controller_answered_timestamp_seconds").set(secs as f64);
+    }
 }
 
 /// Whether a configuration from the controller should replace the one held: another
@@ -120,6 +137,9 @@ pub(crate) async fn poll_published(
                 }
             } => r,
         };
+        if answer.is_ok() {
+            publish_gauges(tx.borrow().version, Some(std::time::SystemTime::now()));
+        }
         if answer.is_ok()
             && let Some(since) = failing.take()
         {
@@ -145,9 +165,14 @@ pub(crate) async fn poll_published(
                     }
                     continue;
                 }
-                if let Err(e) = save_cached(&dir, &new) {
-                    tracing::warn!(error = %e, "cannot cache the published targets");
+                if let Err(e) = save_cached_or_forget(&dir, &new) {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot cache the published targets; a restart while the controller is \
+                         away serves none"
+                    );
                 }
+                publish_gauges(new.version, None);
                 tracing::info!(
                     version = new.version,
                     targets = new.targets.len(),
@@ -233,7 +258,7 @@ mod tests {
         ));
         fs::create_dir_all(&dir).unwrap();
         assert_eq!(load_cached(&dir, "c-1"), None);
-        save_cached(&dir, &cfg("c-1", 3)).unwrap();
+        save_cached_or_forget(&dir, &cfg("c-1", 3)).unwrap();
         assert_eq!(load_cached(&dir, "c-1"), Some(cfg("c-1", 3)));
         // Another connector's cache is not served.
         assert_eq!(load_cached(&dir, "c-2"), None);

@@ -257,6 +257,23 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     put_private_file(path, bytes, |tmp| fs::rename(tmp, path))
 }
 
+/// [`write_private_file`] for a cache that must not outlive a failed update (a snapshot, a
+/// list of published targets): when the write fails, the copy at `path` is removed, so that
+/// a restart finds none rather than an older one. `Err` holds the failure and whether no
+/// copy is left. Removing a file works even on a full disk.
+pub fn write_private_file_or_remove(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(), (std::io::Error, bool)> {
+    write_private_file(path, bytes).map_err(|e| {
+        let gone = match fs::remove_file(path) {
+            Ok(()) => true,
+            Err(r) => r.kind() == std::io::ErrorKind::NotFound,
+        };
+        (e, gone)
+    })
+}
+
 /// Creates `path` with `bytes`, mode 0600, failing with `AlreadyExists` if it exists; like
 /// [`write_private_file`], a crash leaves no file or the whole one (never an empty or torn
 /// one, which a later start would take for the real thing).
@@ -610,6 +627,23 @@ mod tests {
         finish_interrupted_write(&dir).unwrap();
         assert_eq!(fs::read_to_string(dir.join("key.pem")).unwrap(), new.key);
         assert!(dir.join(NEXT_KEY).exists());
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_replaced_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let fine = dir.path().join("cache.json");
+        write_private_file_or_remove(&fine, b"one").unwrap();
+        write_private_file_or_remove(&fine, b"two").unwrap();
+        assert_eq!(fs::read(&fine).unwrap(), b"two");
+        // The file's own name fits; the temporary file's beside it is too long to create.
+        let doomed = dir.path().join("c".repeat(250));
+        fs::write(&doomed, b"older").unwrap();
+        let (e, gone) = write_private_file_or_remove(&doomed, b"newer").unwrap_err();
+        assert!(gone && !doomed.exists(), "{e}");
+        // Nothing there to begin with: nothing left either.
+        let (_, gone) = write_private_file_or_remove(&doomed, b"newer").unwrap_err();
+        assert!(gone);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use csr::{generate_key_pem, make_csr};
 pub use error::PkiError;
 pub use identity::{
     PeerCert, TlsIdentity, cert_not_after, create_private_file, peer_cert, rfc3339,
-    write_identity_dir, write_private_file,
+    write_identity_dir, write_private_file, write_private_file_or_remove,
 };
 pub use seal::{KeyEncryptionKey, SealedCa};
 pub use tls::{

@@ -1714,6 +1714,21 @@ fn check_metrics(w: &mut World) {
     let url = format!("http://127.0.0.1:{CONNECTOR_METRICS}/metrics");
     let conn = scrape(w, Ns::Apps, "connector", &url);
     expect("connector", &conn, "umbra_connector_links", &[], 2.0);
+    // Which targets it serves, and when the controller last confirmed them.
+    expect(
+        "connector",
+        &conn,
+        "umbra_connector_targets_version",
+        &[],
+        1.0,
+    );
+    expect(
+        "connector",
+        &conn,
+        "umbra_connector_controller_answered_timestamp_seconds",
+        &[],
+        1.0,
+    );
     expect(
         "connector",
         &conn,
