@@ -60,19 +60,17 @@ pub(crate) fn admit(peer: &PeerCert, a: &Authority, org: &str) -> Result<LinkPee
     if a.serial_revoked(&peer.serial_hex) {
         return Err(Refusal::RevokedCertificate);
     }
-    let s = &a.snapshot;
+    let id = &peer.id.id;
     match peer.id.role {
-        Role::Agent => match s.devices.iter().find(|d| d.id == peer.id.id) {
+        Role::Agent => match a.device_revoked(id) {
             None => Err(Refusal::UnknownDevice),
-            Some(d) if d.revoked => Err(Refusal::RevokedDevice),
-            Some(d) => Ok(LinkPeer::Agent {
-                device: d.id.clone(),
-            }),
+            Some(true) => Err(Refusal::RevokedDevice),
+            Some(false) => Ok(LinkPeer::Agent { device: id.clone() }),
         },
-        Role::Connector => match s.connectors.iter().find(|c| c.id == peer.id.id) {
+        Role::Connector => match a.connector_revoked(id) {
             None => Err(Refusal::UnknownConnector),
-            Some(c) if c.revoked => Err(Refusal::RevokedConnector),
-            Some(c) => Ok(LinkPeer::Connector { id: c.id.clone() }),
+            Some(true) => Err(Refusal::RevokedConnector),
+            Some(false) => Ok(LinkPeer::Connector { id: id.clone() }),
         },
         Role::Broker | Role::Controller => Err(Refusal::WrongRole),
     }

@@ -6,7 +6,7 @@
 //! restarted broker enforces the same snapshot while the controller is away, and keeps
 //! counting staleness from the last confirmation, not from its own restart.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +21,10 @@ pub(crate) struct Authority {
     pub(crate) engine: Arc<Engine>,
     /// The snapshot's revoked serials, for a lookup per stream instead of a scan.
     revoked: Arc<HashSet<String>>,
+    /// Device id -> revoked, and connector id -> revoked: every link is admitted again on each
+    /// new snapshot, and a scan of every device ever enrolled per link would not scale.
+    devices: Arc<HashMap<String, bool>>,
+    connectors: Arc<HashMap<String, bool>>,
     /// Last time the controller said this snapshot is current (Unix seconds).
     pub(crate) confirmed_at: u64,
 }
@@ -38,6 +42,20 @@ impl Authority {
         Ok(Authority {
             engine: Arc::new(Engine::from_snapshot(&snapshot)?),
             revoked: Arc::new(snapshot.revoked_serials.iter().cloned().collect()),
+            devices: Arc::new(
+                snapshot
+                    .devices
+                    .iter()
+                    .map(|d| (d.id.clone(), d.revoked))
+                    .collect(),
+            ),
+            connectors: Arc::new(
+                snapshot
+                    .connectors
+                    .iter()
+                    .map(|c| (c.id.clone(), c.revoked))
+                    .collect(),
+            ),
             snapshot: Arc::new(snapshot),
             confirmed_at,
         })
@@ -49,6 +67,8 @@ impl Authority {
             engine: self.engine.clone(),
             snapshot: self.snapshot.clone(),
             revoked: self.revoked.clone(),
+            devices: self.devices.clone(),
+            connectors: self.connectors.clone(),
             confirmed_at: at,
         }
     }
@@ -78,6 +98,16 @@ impl Authority {
     /// Seconds since the controller last confirmed the snapshot.
     pub(crate) fn age(&self, now: SystemTime) -> u64 {
         unix(now).saturating_sub(self.confirmed_at)
+    }
+
+    /// `Some(revoked)` for a device the snapshot knows.
+    pub(crate) fn device_revoked(&self, id: &str) -> Option<bool> {
+        self.devices.get(id).copied()
+    }
+
+    /// `Some(revoked)` for a connector the snapshot knows.
+    pub(crate) fn connector_revoked(&self, id: &str) -> Option<bool> {
+        self.connectors.get(id).copied()
     }
 
     /// Whether the certificate serial is revoked.
