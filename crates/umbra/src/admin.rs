@@ -340,7 +340,8 @@ enum TokenCmd {
         /// Connector and broker tokens: its name.
         #[arg(long)]
         name: Option<String>,
-        /// Token lifetime (default 1h, at most 7d).
+        /// Token lifetime (default: the controller's `token_ttl_secs`, 1h unless configured; at
+        /// most 7d).
         #[arg(long, value_parser = crate::load::parse_duration)]
         ttl: Option<std::time::Duration>,
     },

@@ -649,7 +649,8 @@ struct User {
 }
 #[derive(ToSchema)]
 struct UpdateUser {
-    disabled: Option<bool>,
+    /// The one change a user takes for now (required).
+    disabled: bool,
 }
 #[derive(ToSchema)]
 struct CreateGroup {
