@@ -199,6 +199,29 @@ fn refuse(
 }
 
 /// The log line, audit record and count of a link not admitted, for `reason`.
+/// Records each handshake the listener refused for the peer's fault (a certificate of another
+/// CA, expired, not a leaf; none at all), as the broker's own denial: the peer proved no
+/// identity, so the record names its address. Within the broker's budget of denials, so that
+/// a scanner cannot flood the trail.
+pub(crate) async fn audit_handshake_refusals(
+    shared: Arc<Shared>,
+    listener: Arc<umbra_link::Listener>,
+    me: String,
+) {
+    while let Some(r) = listener.refused().await {
+        shared.audit.record(
+            &me,
+            "link.handshake",
+            &r.remote.ip().to_string(),
+            "deny",
+            serde_json::json!({
+                "reason": r.reason, "remote": r.remote.to_string(),
+                "transport": r.transport.as_str(), "broker": shared.name,
+            }),
+        );
+    }
+}
+
 fn deny_link(shared: &Shared, peer: &umbra_pki::PeerCert, link: &Link, reason: &'static str) {
     warn!(reason, "link refused");
     shared.audit.record(

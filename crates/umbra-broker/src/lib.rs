@@ -250,6 +250,11 @@ impl Broker {
         };
         let mut tasks = vec![
             tokio::spawn(accept::accept_links(shared.clone(), listener.clone())),
+            tokio::spawn(accept::audit_handshake_refusals(
+                shared.clone(),
+                listener.clone(),
+                identity.peer.id.to_uri(),
+            )),
             tokio::spawn(sync::reverify_loop(shared.clone())),
         ];
         if let Some(client) = client {

@@ -448,6 +448,7 @@ pub struct Listener {
     quic_addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     links: tokio::sync::Mutex<mpsc::Receiver<Link>>,
+    refusals: tokio::sync::Mutex<mpsc::Receiver<HandshakeRefusal>>,
     stop: CancellationToken,
     endpoint: Option<quinn::Endpoint>,
     /// Handshakes in progress, one bound per transport: a flood on one (spoofed QUIC
@@ -462,6 +463,28 @@ impl std::fmt::Debug for Listener {
             .field("tcp_addr", &self.tcp_addr)
             .finish()
     }
+}
+
+/// A handshake the listener refused for something the peer did (a certificate of another
+/// CA, expired, or not a leaf; no certificate; another protocol), for the application's
+/// audit trail. Handshakes that merely failed (timed out, evicted, reset) are not reported.
+#[derive(Debug, Clone)]
+pub struct HandshakeRefusal {
+    pub remote: SocketAddr,
+    pub transport: Transport,
+    /// Why, as the TLS or QUIC stack said it (at most 512 bytes).
+    pub reason: String,
+}
+
+/// Refusals waiting for [`Listener::refused`]; beyond this many, new ones are only counted
+/// (`umbra_link_handshake_failures_total`) and logged.
+const REFUSALS_QUEUED: usize = 256;
+
+/// Where finished handshakes go: links to `accept`, refusals to `refused`.
+#[derive(Clone)]
+struct Sinks {
+    links: mpsc::Sender<Link>,
+    refusals: mpsc::Sender<HandshakeRefusal>,
 }
 
 impl Listener {
@@ -481,7 +504,9 @@ impl Listener {
             Pending::new(cfg.max_pending_handshakes),
         ];
         // Links handshaken but not yet taken by `accept`.
-        let (tx, rx) = mpsc::channel(cfg.max_pending_handshakes.max(1));
+        let (links, rx) = mpsc::channel(cfg.max_pending_handshakes.max(1));
+        let (refusals, refused_rx) = mpsc::channel(REFUSALS_QUEUED);
+        let tx = Sinks { links, refusals };
         let cfg = Arc::new(cfg);
 
         let mut tcp_addr = None;
@@ -529,6 +554,7 @@ impl Listener {
             quic_addr,
             tcp_addr,
             links: tokio::sync::Mutex::new(rx),
+            refusals: tokio::sync::Mutex::new(refused_rx),
             stop,
             endpoint,
             pending,
@@ -564,6 +590,19 @@ impl Listener {
         }
     }
 
+    /// The next handshake refused for the peer's fault (see [`HandshakeRefusal`]); `None` once
+    /// the listener is closed.
+    pub async fn refused(&self) -> Option<HandshakeRefusal> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let mut refusals = self.refusals.lock().await;
+        tokio::select! {
+            () = self.stop.cancelled() => None,
+            r = refusals.recv() => r,
+        }
+    }
+
     /// Stops accepting: no new links, `accept` returns `None`. Links already accepted stay
     /// up (close them one by one).
     pub fn close(&self) {
@@ -584,7 +623,7 @@ async fn accept_tcp(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     pending: Arc<Pending>,
-    tx: mpsc::Sender<Link>,
+    tx: Sinks,
     cfg: Arc<LinkConfig>,
     stop: CancellationToken,
 ) {
@@ -619,7 +658,7 @@ async fn accept_quic(
     endpoint: quinn::Endpoint,
     base: Arc<quinn::ServerConfig>,
     pending: Arc<Pending>,
-    tx: mpsc::Sender<Link>,
+    tx: Sinks,
     cfg: Arc<LinkConfig>,
     stop: CancellationToken,
 ) {
@@ -669,16 +708,12 @@ async fn bounded(
     }
 }
 
-/// Hands a finished handshake to `accept`, or logs and counts its failure.
-fn deliver(
-    r: Result<Link, LinkError>,
-    transport: Transport,
-    remote: SocketAddr,
-    tx: &mpsc::Sender<Link>,
-) {
+/// Hands a finished handshake to `accept`, or logs and counts its failure (and hands a
+/// refusal to `refused`).
+fn deliver(r: Result<Link, LinkError>, transport: Transport, remote: SocketAddr, tx: &Sinks) {
     let err = match r {
         Ok(link) => {
-            match tx.try_send(link) {
+            match tx.links.try_send(link) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(link)) => {
                     // Links are arriving faster than the application accepts them: shed this
@@ -695,6 +730,12 @@ fn deliver(
     telemetry::handshake_failed(transport);
     if err.is_peer_fault() {
         info!(%remote, transport = transport.as_str(), error = %err, "handshake refused");
+        // Full: the application is behind; the line above and the counter still have it.
+        let _ = tx.refusals.try_send(HandshakeRefusal {
+            remote,
+            transport,
+            reason: umbra_proto::bounded(&err.to_string(), 512).into_owned(),
+        });
     } else {
         debug!(%remote, transport = transport.as_str(), error = %err, "handshake failed");
     }

@@ -283,6 +283,32 @@ async fn data_path(t: TransportPref) {
     eprintln!("[{t}] forged leaf: {r:?}");
     assert!(refused_by_tls(&r), "[{t}] forged leaf: {r:?}");
     served(b0, lt, &carol).await.unwrap();
+    // Both refusals are in the audit trail: the broker's own denials, naming the address
+    // (the peer proved no identity) and why.
+    poll(
+        &format!("[{t}] handshake refusals audited"),
+        SOON,
+        || async {
+            let audit = s.admin.audit().await;
+            let refusals: Vec<&Value> = audit
+                .iter()
+                .filter(|e| {
+                    e["action"] == "link.handshake"
+                        && e["result"] == "deny"
+                        && e["target"] == "127.0.0.1"
+                        && e["detail"]["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("certificate"))
+                })
+                .collect();
+            if refusals.len() >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{refusals:?}"))
+            }
+        },
+    )
+    .await;
 
     // 3. Device revoked: alice's live stream is cut and her new connections fail within 3 s;
     // bob keeps working; her identity is turned away at the link.
