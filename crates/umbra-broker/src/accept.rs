@@ -199,20 +199,37 @@ fn refuse(
 }
 
 /// The log line, audit record and count of a link not admitted, for `reason`.
-/// Records each handshake the listener refused for the peer's fault (a certificate of another
-/// CA, expired, not a leaf; none at all), as the broker's own denial: the peer proved no
-/// identity, so the record names its address. Within the broker's budget of denials, so that
-/// a scanner cannot flood the trail.
+/// Policies named in one decision's record, at most this many: the controller refuses a
+/// broker's record with a detail over 4 KiB, and would lose who asked with it.
+const POLICIES_LISTED: usize = 16;
+
+/// Puts the policies that decided a stream in its record's detail: `policies`, the first
+/// [`POLICIES_LISTED`], and `policies_total` when there were more.
+fn listed_policies(detail: &mut serde_json::Value, policies: &[String]) {
+    let listed = &policies[..policies.len().min(POLICIES_LISTED)];
+    detail["policies"] = serde_json::json!(listed);
+    if policies.len() > POLICIES_LISTED {
+        detail["policies_total"] = serde_json::json!(policies.len());
+    }
+}
+
+/// Records each handshake the listener refused for the peer's credential (a certificate of
+/// another CA, expired, not a leaf; none at all), as the broker's own denial: the peer proved
+/// no identity, so the record names its address. Each address has a budget of its own (and
+/// all share the broker's total), so that one scanner can neither flood the trail nor keep
+/// another peer's refusal out of it.
 pub(crate) async fn audit_handshake_refusals(
     shared: Arc<Shared>,
     listener: Arc<umbra_link::Listener>,
     me: String,
 ) {
     while let Some(r) = listener.refused().await {
-        shared.audit.record(
+        let source = r.remote.ip().to_string();
+        shared.audit.record_for(
+            &source,
             &me,
             "link.handshake",
-            &r.remote.ip().to_string(),
+            &source,
             "deny",
             serde_json::json!({
                 "reason": r.reason, "remote": r.remote.to_string(),
@@ -433,7 +450,7 @@ async fn open(
         // Which `forbid` denied it, or why no policy could be evaluated: what an operator
         // with many policies needs to find the one at fault.
         if !verdict.policies.is_empty() {
-            detail["policies"] = serde_json::json!(verdict.policies);
+            listed_policies(&mut detail, &verdict.policies);
         }
         if let Some(e) = &verdict.error {
             detail["error"] = serde_json::json!(e);
@@ -494,16 +511,14 @@ async fn open(
         }
         return None;
     };
-    shared.audit.record(
-        &actor,
-        "stream.open",
-        &service,
-        "allow",
-        serde_json::json!({
-            "stream": id, "user": user, "device": device, "policies": verdict.policies,
-            "connector": via.peer, "transport": transport, "broker": shared.name,
-        }),
-    );
+    let mut detail = serde_json::json!({
+        "stream": id, "user": user, "device": device,
+        "connector": via.peer, "transport": transport, "broker": shared.name,
+    });
+    listed_policies(&mut detail, &verdict.policies);
+    shared
+        .audit
+        .record(&actor, "stream.open", &service, "allow", detail);
     if !reply(
         &mut agent,
         &Frame::OpenReply { code: OpenCode::Ok },
@@ -719,6 +734,31 @@ mod tests {
     use umbra_proto::frame::FrameError;
 
     use super::*;
+
+    /// A decision by many policies names the first 16 and how many there were, so that its
+    /// record stays within what the controller stores; the twin: a few are all named.
+    #[test]
+    fn a_record_names_a_bounded_number_of_policies() {
+        let many: Vec<String> = (0..100)
+            .map(|i| format!("{}#{i}", "p".repeat(63)))
+            .collect();
+        let mut detail = serde_json::json!({ "stream": 1 });
+        listed_policies(&mut detail, &many);
+        assert_eq!(detail["policies"].as_array().unwrap().len(), 16);
+        assert_eq!(detail["policies"][0], many[0].as_str());
+        assert_eq!(detail["policies_total"], 100);
+        assert!(
+            detail.to_string().len() < 2048,
+            "{}",
+            detail.to_string().len()
+        );
+        let mut detail = serde_json::json!({});
+        listed_policies(&mut detail, &many[..2]);
+        assert_eq!(
+            detail,
+            serde_json::json!({ "policies": [&many[0], &many[1]] })
+        );
+    }
 
     fn frame_errors() -> Vec<LinkError> {
         vec![

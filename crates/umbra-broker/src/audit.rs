@@ -153,9 +153,25 @@ impl AuditQueue {
         Ok(q)
     }
 
-    /// Logs, numbers, spools and queues one event.
+    /// Logs, numbers, spools and queues one event. A denial or an error counts against its
+    /// actor's budget.
     pub(crate) fn record(
         &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: serde_json::Value,
+    ) {
+        self.record_for(actor, actor, action, target, result, detail);
+    }
+
+    /// [`AuditQueue::record`] with a denial or an error counted against `whose` budget: the
+    /// source address of a peer that proved no identity, whose refusals the broker records
+    /// as its own.
+    pub(crate) fn record_for(
+        &self,
+        whose: &str,
         actor: &str,
         action: &str,
         target: &str,
@@ -170,7 +186,7 @@ impl AuditQueue {
             let verdict = self
                 .lock()
                 .denials
-                .on_event(Some(actor.to_owned()), Instant::now());
+                .on_event(Some(whose.to_owned()), Instant::now());
             match verdict {
                 Verdict::Skip => {
                     metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
@@ -344,21 +360,38 @@ fn trim_to(q: &mut VecDeque<(u64, AuditRecord)>, budget: u64) -> usize {
     dropped
 }
 
-/// Epoch, unacknowledged events in order, and the next number, from a spool's bytes.
+/// Epoch, unacknowledged events in order, and the next number, from a spool's bytes. The
+/// epoch is `None` when the spool does not say where its numbering is: no `next` line, no
+/// event and no acknowledgement (a spool an older version rewrote with nothing unsent). Its
+/// numbering would start over at 1 under an epoch whose numbers the controller has seen, and
+/// the controller would drop those events as resends; a new epoch numbers them afresh.
 fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) {
     let mut epoch = None;
     let mut events = Vec::new();
     let mut acked = 0;
     let mut next = 1;
+    let mut numbered = false;
     let mut skipped = 0usize;
     for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         match serde_json::from_slice::<Line>(line) {
             Ok(Line::Epoch { epoch: e }) => epoch = epoch.or(Some(e)),
-            Ok(Line::Event { seq, rec }) => events.push((seq, rec)),
-            Ok(Line::Acked { acked: a }) => acked = acked.max(a),
-            Ok(Line::Next { next: n }) => next = next.max(n),
+            Ok(Line::Event { seq, rec }) => {
+                events.push((seq, rec));
+                numbered = true;
+            }
+            Ok(Line::Acked { acked: a }) => {
+                acked = acked.max(a);
+                numbered = true;
+            }
+            Ok(Line::Next { next: n }) => {
+                next = next.max(n);
+                numbered = true;
+            }
             Err(_) => skipped += 1,
         }
+    }
+    if !numbered {
+        epoch = None;
     }
     if skipped > 0 {
         tracing::warn!(
@@ -714,6 +747,33 @@ mod tests {
             AuditSeq {
                 epoch,
                 first: n + 1
+            }
+        );
+    }
+
+    /// A spool an older version rewrote with nothing unsent holds its epoch alone, and no
+    /// word of its numbering: its next events go under a new epoch, not numbered from 1 again
+    /// under the old one (whose numbers the controller has seen, and would drop as resends).
+    /// The twin: a spool that says where its numbering is keeps its epoch.
+    #[test]
+    fn a_spool_with_its_epoch_alone_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        std::fs::write(&path, "{\"epoch\":77}\n").unwrap();
+        let a = AuditQueue::open(&path).unwrap();
+        rec(&a, "after the upgrade");
+        let seq = a.take(10).seq;
+        assert_ne!(seq.epoch, 77);
+        assert_eq!(seq.first, 1);
+        drop(a);
+        std::fs::write(&path, "{\"epoch\":77}\n{\"next\":9}\n").unwrap();
+        let b = AuditQueue::open(&path).unwrap();
+        rec(&b, "numbered");
+        assert_eq!(
+            b.take(10).seq,
+            AuditSeq {
+                epoch: 77,
+                first: 9
             }
         );
     }

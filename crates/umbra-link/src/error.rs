@@ -145,6 +145,37 @@ impl LinkError {
     }
 }
 
+impl LinkError {
+    /// Whether a server's handshake failed because the peer's credential was refused: a
+    /// certificate not trusted, expired, not a leaf, none, no Umbra identity, no `umbra/1`
+    /// ALPN after the handshake. Unlike [`LinkError::is_peer_fault`], not a peer that gave up
+    /// (closed its side, timed out) nor one whose QUIC Initial was refused (its source
+    /// address, which one datagram can forge, proved nothing): over QUIC, only the TLS alerts
+    /// about certificates count, which come after the client has answered from its address.
+    pub fn is_refused_credential(&self) -> bool {
+        match self {
+            // The peer's alert is the peer refusing us (or giving up), not a refusal of its
+            // credential.
+            LinkError::Tls(rustls::Error::AlertReceived(_)) => false,
+            LinkError::Tls(_)
+            | LinkError::Handshake(_)
+            | LinkError::PeerIdentity(_)
+            | LinkError::WrongPeer => true,
+            LinkError::Quic(quinn::ConnectionError::TransportError(e)) => {
+                // CRYPTO_ERROR (0x100 + TLS alert): bad_certificate, unsupported_certificate,
+                // certificate_revoked, certificate_expired, certificate_unknown, unknown_ca,
+                // access_denied, decrypt_error (a certificate's signature), and
+                // certificate_required: alerts about the client's certificate flight, which a
+                // client sends only once it has the server's from its address.
+                let code = u64::from(e.code);
+                code.checked_sub(0x100)
+                    .is_some_and(|alert| matches!(alert, 42..=46 | 48 | 49 | 51 | 116))
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<FrameError> for LinkError {
     fn from(e: FrameError) -> Self {
         LinkError::Frame(e)
@@ -204,6 +235,49 @@ pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a listener reports for the audit trail: its refusals of a peer's credential, not
+    /// a peer that refused it or gave up, and over QUIC not what an Initial alone (one
+    /// datagram, from any address) can cause.
+    #[test]
+    fn refused_credentials_are_told_from_other_failures() {
+        let quic = |alert: u8| {
+            LinkError::Quic(quinn::ConnectionError::TransportError(
+                quinn_proto::TransportError {
+                    code: quinn_proto::TransportErrorCode::crypto(alert),
+                    frame: None,
+                    reason: String::new(),
+                },
+            ))
+        };
+        let refused = [
+            LinkError::Tls(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+            LinkError::Handshake("no client certificate"),
+            LinkError::WrongPeer,
+            quic(48),
+            quic(45),
+            quic(51),
+            quic(116),
+        ];
+        for e in &refused {
+            assert!(e.is_refused_credential(), "{e}");
+        }
+        let not = [
+            LinkError::Tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA,
+            )),
+            quic(120), // no_application_protocol: decided on the Initial alone
+            quic(40),
+            LinkError::Quic(quinn::ConnectionError::TimedOut),
+            LinkError::Timeout("handshake"),
+            LinkError::Io(io::Error::from(io::ErrorKind::ConnectionReset)),
+        ];
+        for e in &not {
+            assert!(!e.is_refused_credential(), "{e}");
+        }
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("error sending request")]

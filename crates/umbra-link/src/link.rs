@@ -465,9 +465,11 @@ impl std::fmt::Debug for Listener {
     }
 }
 
-/// A handshake the listener refused for something the peer did (a certificate of another
-/// CA, expired, or not a leaf; no certificate; another protocol), for the application's
-/// audit trail. Handshakes that merely failed (timed out, evicted, reset) are not reported.
+/// A handshake the listener refused for the peer's credential (a certificate of another CA,
+/// expired, or not a leaf; none; no Umbra identity), for the application's audit trail (see
+/// [`LinkError::is_refused_credential`]). Handshakes that merely failed (timed out, evicted,
+/// given up by the peer) or were refused before the peer answered from its address are not
+/// reported.
 #[derive(Debug, Clone)]
 pub struct HandshakeRefusal {
     pub remote: SocketAddr,
@@ -731,11 +733,13 @@ fn deliver(r: Result<Link, LinkError>, transport: Transport, remote: SocketAddr,
     if err.is_peer_fault() {
         info!(%remote, transport = transport.as_str(), error = %err, "handshake refused");
         // Full: the application is behind; the line above and the counter still have it.
-        let _ = tx.refusals.try_send(HandshakeRefusal {
-            remote,
-            transport,
-            reason: umbra_proto::bounded(&err.to_string(), 512).into_owned(),
-        });
+        if err.is_refused_credential() {
+            let _ = tx.refusals.try_send(HandshakeRefusal {
+                remote,
+                transport,
+                reason: umbra_proto::bounded(&err.to_string(), 512).into_owned(),
+            });
+        }
     } else {
         debug!(%remote, transport = transport.as_str(), error = %err, "handshake failed");
     }
