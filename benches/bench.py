@@ -544,9 +544,16 @@ class Umbra:
             self.broker = None
 
     def start_connectors(self):
+        # The memory test's idle streams all ride one broker link per connector: lift the
+        # per-link cap (4096 by default, a bound on what one broker can make a connector
+        # dial) above them. Nothing else depends on it.
+        cfg = os.path.join(self.d, "connector.toml")
+        with open(cfg, "w") as f:
+            f.write("max_streams_per_link = 65536\n")
         for t in TRANSPORTS:
             self.connectors[t] = start(f"connector-{t}", [
                 self.exe, "connector", "--dir", self.conn_dirs[t], "--transport", t,
+                "--config", cfg,
                 "--metrics-listen", f"{HOST}:{self.conn_metrics[t]}"], self.d, env=self.env)
         self.wait_connector_links()
 

@@ -37,7 +37,7 @@ pub struct AgentConfig {
     /// leaves the list (revoked, or retired) is dropped within about a second, and the agent's
     /// links to it are closed. While the controller cannot be reached the last list stays in
     /// use, and tries are spaced by a backoff of at most this many seconds.
-    pub broker_refresh_secs: u64,
+    pub broker_retry_max_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -50,7 +50,7 @@ impl Default for AgentConfig {
             idle_timeout_secs: 3_600,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
             allow_remote_clients: false,
-            broker_refresh_secs: 60,
+            broker_retry_max_secs: 60,
         }
     }
 }
@@ -81,7 +81,7 @@ pub struct ConfigError {
 }
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
-const MAX_BROKER_REFRESH_SECS: u64 = 3600;
+const MAX_BROKER_RETRY_SECS: u64 = 300;
 
 impl AgentConfig {
     /// Checks every field; the error names the first one at fault.
@@ -102,8 +102,8 @@ impl AgentConfig {
         if self.idle_timeout_secs == 0 {
             return err("idle_timeout_secs", "must be at least 1");
         }
-        if !(1..=MAX_BROKER_REFRESH_SECS).contains(&self.broker_refresh_secs) {
-            return err("broker_refresh_secs", "must be between 1 and 3600");
+        if !(1..=MAX_BROKER_RETRY_SECS).contains(&self.broker_retry_max_secs) {
+            return err("broker_retry_max_secs", "must be between 1 and 300");
         }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return err("stream_window_kib", umbra_link::STREAM_WINDOW_KIB_ERROR);
@@ -119,8 +119,8 @@ impl AgentConfig {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
-    pub(crate) fn broker_refresh(&self) -> Duration {
-        Duration::from_secs(self.broker_refresh_secs)
+    pub(crate) fn broker_retry_max(&self) -> Duration {
+        Duration::from_secs(self.broker_retry_max_secs)
     }
 
     pub(crate) fn idle_timeout(&self) -> Duration {
@@ -188,8 +188,8 @@ mod tests {
             (|c| c.idle_timeout_secs = 0, "idle_timeout_secs"),
             (|c| c.stream_window_kib = 15, "stream_window_kib"),
             (|c| c.stream_window_kib = 16_385, "stream_window_kib"),
-            (|c| c.broker_refresh_secs = 0, "broker_refresh_secs"),
-            (|c| c.broker_refresh_secs = 3601, "broker_refresh_secs"),
+            (|c| c.broker_retry_max_secs = 0, "broker_retry_max_secs"),
+            (|c| c.broker_retry_max_secs = 301, "broker_retry_max_secs"),
         ];
         for (break_it, field) in cases {
             let mut c = AgentConfig {

@@ -209,7 +209,7 @@ async fn accept(
 /// Follows the broker list (a long poll on the controller, see
 /// [`umbra_link::follow_broker_list`]); a changed list is remembered in `controller.json` and
 /// goes to the session, which stops using (and closes its links to) a broker no longer
-/// listed. Retries wait at most `broker_refresh_secs`.
+/// listed. Retries wait at most `broker_retry_max_secs`.
 async fn refresh_brokers(
     session: Arc<Session>,
     cfg: AgentConfig,
@@ -224,7 +224,7 @@ async fn refresh_brokers(
         &url,
         identity_rx,
         held,
-        cfg.broker_refresh(),
+        cfg.broker_retry_max(),
         cancel,
         |brokers| {
             tracing::info!(brokers = brokers.len(), "broker list updated");

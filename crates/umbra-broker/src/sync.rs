@@ -71,6 +71,17 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
         };
         at_once = r.is_err();
         match &r {
+            // An answer this broker cannot read: every poll would get the same.
+            Err(e @ umbra_link::LinkError::Api { status: 200, .. }) if failures == 0 => {
+                let a = shared.authority.load();
+                tracing::error!(
+                    error = %e,
+                    version = a.snapshot.version,
+                    "cannot read the controller's policy snapshot (a controller newer than this \
+                     broker? upgrade the broker); enforcing the one held until it is stale, \
+                     without the controller's changes since"
+                );
+            }
             Err(e) if failures == 0 => {
                 let a = shared.authority.load();
                 warn!(
@@ -378,6 +389,9 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
     let mut last_sent = tokio::time::Instant::now();
     let mut reported: Option<Reported> = None;
     let mut refused: Option<tokio::time::Instant> = None;
+    // Heartbeats the controller refused in a row for something other than the stream list:
+    // the first is a warning (nothing this broker reports is stored meanwhile), not each.
+    let mut refusals_in_a_row: u32 = 0;
     loop {
         tokio::select! {
             // Biased: the first tick is immediate, so a starting broker registers its
@@ -422,6 +436,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             .await
         {
             Ok(_) => {
+                refusals_in_a_row = 0;
                 if hb.streams.is_some() {
                     reported = Some(Reported {
                         generation,
@@ -437,17 +452,35 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             Err(e) => {
                 // Refused for what it carried (not lost on the way): if that was the stream
                 // list, the next ones go without it for a while.
-                if let (
-                    Some(list),
-                    umbra_link::LinkError::Api {
-                        status: 400 | 413, ..
-                    },
-                ) = (&hb.streams, &e)
-                {
-                    warn!(streams = list.len(), error = %e, "the controller refused the live-stream list; sending audit events without it for {} s", STREAMS_REFRESH.as_secs());
-                    refused = Some(last_sent);
-                } else {
-                    debug!(error = %e, "heartbeat failed");
+                match (&hb.streams, &e) {
+                    (Some(list), umbra_link::LinkError::Api { status: 413, .. }) => {
+                        warn!(streams = list.len(), error = %e, "the controller refused the live-stream list; sending audit events without it for {} s", STREAMS_REFRESH.as_secs());
+                        refused = Some(last_sent);
+                    }
+                    (Some(list), umbra_link::LinkError::Api { status: 400, error })
+                        if error.field.as_deref() == Some("streams") =>
+                    {
+                        warn!(streams = list.len(), error = %e, "the controller refused the live-stream list; sending audit events without it for {} s", STREAMS_REFRESH.as_secs());
+                        refused = Some(last_sent);
+                    }
+                    // Refused for something else: a controller older than this broker (a field
+                    // it does not know) refuses every heartbeat alike.
+                    (_, umbra_link::LinkError::Api { status: 400, .. }) => {
+                        if refusals_in_a_row == 0 {
+                            warn!(
+                                error = %e,
+                                "the controller refuses this broker's heartbeats: its addresses, \
+                                 live streams and audit events are not stored (a controller older \
+                                 than this broker? upgrade the controller first)"
+                            );
+                        }
+                        refusals_in_a_row = refusals_in_a_row.saturating_add(1);
+                        // The stream list may have been it after all: leave it out a while.
+                        if hb.streams.is_some() {
+                            refused = Some(last_sent);
+                        }
+                    }
+                    _ => debug!(error = %e, "heartbeat failed"),
                 }
                 reported = None;
                 shared.audit.requeue(Batch {
