@@ -415,12 +415,17 @@ pub(crate) async fn renew(
     res
 }
 
-/// Most certificates one identity may be issued within [`RENEWAL_WINDOW`]: a renewal beyond
-/// it is refused (429) until the oldest of them leaves the window. An identity renews once
-/// per two thirds of a lifetime; a few processes sharing one identity directory, or answers
-/// lost on the way, add a few more. Over a 24-hour lifetime that bounds an identity's valid
-/// certificates (the serials a revocation puts in every snapshot) to under 200.
-const MAX_ISSUED_IN_WINDOW: i64 = 8;
+/// Most certificates one identity may be issued within [`RENEWAL_WINDOW`] when they live
+/// `lifetime`: a renewal beyond it is refused (429) until the oldest of them leaves the window.
+/// An identity renews once per two thirds of a lifetime (5400 / lifetime seconds an hour);
+/// twice that, plus 8 for a few processes sharing one identity directory or answers lost on
+/// the way. A fixed 8 would refuse the renewals a lifetime under 11 minutes needs, and its
+/// certificates would expire. The valid certificates of an identity (the serials a revocation
+/// puts in every snapshot) stay under 3 + 8 per hour of lifetime: under 200 for a day. Pure.
+fn max_issued_in_window(lifetime: std::time::Duration) -> i64 {
+    let secs = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX).max(1);
+    8 + 2 * 5400 / secs
+}
 const RENEWAL_WINDOW: i64 = 3600;
 
 async fn renew_inner(
@@ -457,7 +462,7 @@ async fn renew_inner(
         now_secs - RENEWAL_WINDOW,
     )
     .await?;
-    if recent >= MAX_ISSUED_IN_WINDOW {
+    if recent >= max_issued_in_window(ctx.cert_lifetime) {
         return Err(ApiFailure::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -487,6 +492,24 @@ async fn renew_inner(
 mod tests {
     use super::*;
     use axum::http::StatusCode;
+
+    /// The renewal rate a lifetime needs (an hour over two thirds of it) is always allowed
+    /// twice over; a day's lifetime keeps the bound of 8 an hour.
+    #[test]
+    fn the_renewal_rate_follows_the_lifetime() {
+        use std::time::Duration;
+        assert_eq!(max_issued_in_window(Duration::from_secs(86_400)), 8);
+        assert_eq!(max_issued_in_window(Duration::from_secs(7 * 86_400)), 8);
+        for secs in [1, 12, 60, 600, 3_600, 20_000] {
+            let needed = 3_600 / (secs * 2 / 3).max(1);
+            let allowed = max_issued_in_window(Duration::from_secs(secs));
+            assert!(
+                allowed >= 2 * needed as i64 && allowed >= 8,
+                "{secs}: {allowed} < 2 × {needed}"
+            );
+        }
+        assert_eq!(max_issued_in_window(Duration::ZERO), 8 + 10_800);
+    }
 
     #[test]
     fn secrets_fit_the_token_format() {

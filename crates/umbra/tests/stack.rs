@@ -1016,26 +1016,14 @@ async fn streams_per_device_are_bounded(t: TransportPref) {
     }
     // Each reset is a denial in the audit log, naming the bound.
     let device = alice.peer.id.id.clone();
-    poll(&format!("[{t}] the resets audited"), SOON, || async {
-        let n = s
-            .admin
-            .audit()
-            .await
-            .iter()
-            .filter(|e| {
-                e["action"] == "stream.open"
-                    && e["result"] == "deny"
-                    && e["detail"]["reason"] == "max_streams_per_device"
-                    && e["detail"]["device"] == device.as_str()
-            })
-            .count();
-        if n == 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} of 2"))
-        }
-    })
-    .await;
+    s.admin
+        .wait_audited(&format!("[{t}] the resets audited"), 2, |e| {
+            e["action"] == "stream.open"
+                && e["result"] == "deny"
+                && e["detail"]["reason"] == "max_streams_per_device"
+                && e["detail"]["device"] == device.as_str()
+        })
+        .await;
     // The held streams have ended (echoed and finished): room again.
     drop(held);
     let (code, _) = poll("a stream after the others ended", SOON, || {

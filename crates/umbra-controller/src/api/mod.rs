@@ -190,6 +190,15 @@ fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiFailure> {
 /// Turns a serde error into a 400 naming the field: the one serde names (unknown, missing,
 /// duplicate), else the top-level field whose value was refused (a wrong type, say).
 fn json_failure(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiFailure {
+    decode_failure("invalid JSON body", e)
+}
+
+/// A 400 for a body or query that did not decode: `what: serde's message`, naming the field
+/// serde names, else the top-level field whose value was refused.
+fn decode_failure<E: std::fmt::Display>(
+    what: &str,
+    e: &serde_path_to_error::Error<E>,
+) -> ApiFailure {
     let msg = e.inner().to_string();
     let field = field_named_in(&msg).or_else(|| match e.path().iter().next() {
         Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
@@ -197,7 +206,7 @@ fn json_failure(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiFailure
     });
     ApiFailure::new(
         StatusCode::BAD_REQUEST,
-        format!("invalid JSON body: {msg}"),
+        format!("{what}: {msg}"),
         field.as_deref(),
     )
 }
@@ -242,18 +251,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 /// missing, duplicate), else the one whose value is refused (`limit=ten`).
 fn query<T: DeserializeOwned>(q: &str) -> Result<T, ApiFailure> {
     let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(q.as_bytes()));
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let msg = e.inner().to_string();
-        let field = field_named_in(&msg).or_else(|| match e.path().iter().next() {
-            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
-            _ => None,
-        });
-        ApiFailure::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid query: {msg}"),
-            field.as_deref(),
-        )
-    })
+    serde_path_to_error::deserialize(de).map_err(|e| decode_failure("invalid query", &e))
 }
 
 /// Proof that the request carried a valid admin bearer token when its headers arrived. It

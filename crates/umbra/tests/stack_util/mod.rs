@@ -273,6 +273,25 @@ impl Admin {
             .await;
     }
 
+    /// Waits until exactly `n` stored audit entries satisfy `matches` (brokers send theirs
+    /// with their heartbeats).
+    pub(crate) async fn wait_audited(
+        &self,
+        what: &str,
+        n: usize,
+        matches: impl Fn(&Value) -> bool,
+    ) {
+        poll(what, SOON, || async {
+            let got = self.audit().await.iter().filter(|e| matches(e)).count();
+            if got == n {
+                Ok(())
+            } else {
+                Err(format!("{got} of {n}"))
+            }
+        })
+        .await;
+    }
+
     /// Every audit entry stored so far.
     pub(crate) async fn audit(&self) -> Vec<Value> {
         let mut out = Vec::new();
