@@ -215,9 +215,9 @@ fn listed_policies(detail: &mut serde_json::Value, policies: &[String]) {
 
 /// Records each handshake the listener refused for the peer's credential (a certificate of
 /// another CA, expired, not a leaf; none at all), as the broker's own denial: the peer proved
-/// no identity, so the record names its address. Each address has a budget of its own (and
-/// all share the broker's total), so that one scanner can neither flood the trail nor keep
-/// another peer's refusal out of it.
+/// no identity, so the record names its address. These have a budget of their own, per address
+/// and in all, apart from identities' denials: a flood from many addresses can neither fill
+/// the trail nor keep a real user's denial out of it.
 pub(crate) async fn audit_handshake_refusals(
     shared: Arc<Shared>,
     listener: Arc<umbra_link::Listener>,
@@ -225,12 +225,11 @@ pub(crate) async fn audit_handshake_refusals(
 ) {
     while let Some(r) = listener.refused().await {
         let source = r.remote.ip().to_string();
-        shared.audit.record_for(
+        shared.audit.record_unauthenticated(
             &source,
             &me,
             "link.handshake",
             &source,
-            "deny",
             serde_json::json!({
                 "reason": r.reason, "remote": r.remote.to_string(),
                 "transport": r.transport.as_str(), "broker": shared.name,

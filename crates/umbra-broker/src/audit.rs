@@ -49,6 +49,18 @@ const DENIALS: BudgetConfig = BudgetConfig {
     max_keys: 4096,
 };
 
+/// The budget of refusals of peers that proved no identity (a handshake refused for its
+/// certificate), apart from identities' denials: per source address a burst of 5, then one
+/// per 10 s; in all a burst of 100, then 2 per second. However many addresses a flood comes
+/// from, it cannot spend the budget real users' denials are recorded within.
+const UNAUTHENTICATED: BudgetConfig = BudgetConfig {
+    key_burst: 5.0,
+    key_every: Duration::from_secs(10),
+    global_burst: 100.0,
+    global_per_sec: 2.0,
+    max_keys: 1024,
+};
+
 /// Spool size past which an acknowledgement rewrites it with only what is still unsent (or
 /// twice the size of the last rewrite, whichever is larger).
 pub(crate) const COMPACT_AT: u64 = 1 << 20;
@@ -93,6 +105,8 @@ struct Inner {
     next_seq: u64,
     spool: Option<Spool>,
     denials: Budget<String>,
+    /// Refusals of peers that proved no identity, by source address.
+    unauthenticated: Budget<String>,
 }
 
 struct Spool {
@@ -127,6 +141,7 @@ impl AuditQueue {
                 next_seq,
                 spool,
                 denials: Budget::new(DENIALS, Instant::now()),
+                unauthenticated: Budget::new(UNAUTHENTICATED, Instant::now()),
             }),
             queued: tokio::sync::Notify::new(),
         }
@@ -163,15 +178,29 @@ impl AuditQueue {
         result: &str,
         detail: serde_json::Value,
     ) {
-        self.record_for(actor, actor, action, target, result, detail);
+        self.record_within(None, actor, action, target, result, detail);
     }
 
-    /// [`AuditQueue::record`] with a denial or an error counted against `whose` budget: the
-    /// source address of a peer that proved no identity, whose refusals the broker records
-    /// as its own.
-    pub(crate) fn record_for(
+    /// [`AuditQueue::record`] of a refusal of a peer that proved no identity (a handshake
+    /// refused for its certificate), recorded as the broker's own (`actor`): it counts against
+    /// `source`'s budget among such refusals ([`UNAUTHENTICATED`]), never against the budget
+    /// identities' denials are recorded within.
+    pub(crate) fn record_unauthenticated(
         &self,
-        whose: &str,
+        source: &str,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) {
+        self.record_within(Some(source), actor, action, target, "deny", detail);
+    }
+
+    /// Records one event; a denial or an error counts against its actor's budget, or with
+    /// `unauthenticated`, against that source's budget among unauthenticated refusals.
+    fn record_within(
+        &self,
+        unauthenticated: Option<&str>,
         actor: &str,
         action: &str,
         target: &str,
@@ -183,10 +212,17 @@ impl AuditQueue {
         // stores the record.
         let target = &*umbra_proto::audit_target(target);
         if result == "deny" || result == "error" {
-            let verdict = self
-                .lock()
-                .denials
-                .on_event(Some(whose.to_owned()), Instant::now());
+            let verdict = {
+                let mut inner = self.lock();
+                match unauthenticated {
+                    Some(source) => inner
+                        .unauthenticated
+                        .on_event(Some(source.to_owned()), Instant::now()),
+                    None => inner
+                        .denials
+                        .on_event(Some(actor.to_owned()), Instant::now()),
+                }
+            };
             match verdict {
                 Verdict::Skip => {
                     metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
@@ -588,6 +624,39 @@ mod tests {
         assert_eq!(count(d1, "deny"), 20);
         assert_eq!(count(d2, "deny"), 1);
         assert_eq!(count(d1, "allow"), 30);
+    }
+
+    /// Refusals of unauthenticated peers from many addresses are bounded in all (burst 100),
+    /// and spend nothing of the budget identities' denials are recorded within: a user's
+    /// denial after the flood is recorded.
+    #[test]
+    fn a_flood_of_unauthenticated_refusals_leaves_users_denials_alone() {
+        let a = AuditQueue::default();
+        let me = "umbra://o/broker/b-1";
+        for round in 0..10 {
+            for ip in 0..300 {
+                a.record_unauthenticated(
+                    &format!("10.0.{round}.{ip}"),
+                    me,
+                    "link.handshake",
+                    "10.0.0.1",
+                    serde_json::json!({}),
+                );
+            }
+        }
+        for _ in 0..25 {
+            a.record(
+                "umbra://o/agent/d-1",
+                "stream.open",
+                "web",
+                "deny",
+                serde_json::json!({}),
+            );
+        }
+        let b = a.take(CAP);
+        let count = |actor: &str| b.records.iter().filter(|r| r.actor == actor).count();
+        assert_eq!(count(me), 100);
+        assert_eq!(count("umbra://o/agent/d-1"), 20);
     }
 
     #[test]

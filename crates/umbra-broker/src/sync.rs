@@ -57,6 +57,8 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
     // Polls failed in a row: the first is worth a warning (the broker enforces what it holds
     // from then on, while its staleness runs), the others are not.
     let mut failures: u32 = 0;
+    // Whether this run of failures has said the controller's answer cannot be read.
+    let mut unreadable_said = false;
     loop {
         let after = shared.authority.load().snapshot.version;
         let path = if at_once {
@@ -71,8 +73,10 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
         };
         at_once = r.is_err();
         match &r {
-            // An answer this broker cannot read: every poll would get the same.
-            Err(e @ umbra_link::LinkError::Api { status: 200, .. }) if failures == 0 => {
+            // An answer this broker cannot read: every poll would get the same. Said once,
+            // also after an outage (a controller restarted into a newer version).
+            Err(e @ umbra_link::LinkError::Api { status: 200, .. }) if !unreadable_said => {
+                unreadable_said = true;
                 let a = shared.authority.load();
                 tracing::error!(
                     error = %e,
@@ -96,6 +100,9 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
                 info!(failures, "the controller answers the snapshot poll again");
             }
             Ok(_) => {}
+        }
+        if r.is_ok() {
+            unreadable_said = false;
         }
         failures = if r.is_err() {
             failures.saturating_add(1)

@@ -154,10 +154,11 @@ impl LinkError {
     /// about certificates count, which come after the client has answered from its address.
     pub fn is_refused_credential(&self) -> bool {
         match self {
-            // The peer's alert is the peer refusing us (or giving up), not a refusal of its
-            // credential.
-            LinkError::Tls(rustls::Error::AlertReceived(_)) => false,
-            LinkError::Tls(_)
+            // Only what rustls says of the certificate: not the peer's alert (the peer refusing
+            // us, or giving up), nor bytes that are not TLS or a client with nothing in common.
+            LinkError::Tls(
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented,
+            )
             | LinkError::Handshake(_)
             | LinkError::PeerIdentity(_)
             | LinkError::WrongPeer => true,
@@ -254,6 +255,7 @@ mod tests {
             LinkError::Tls(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             )),
+            LinkError::Tls(rustls::Error::NoCertificatesPresented),
             LinkError::Handshake("no client certificate"),
             LinkError::WrongPeer,
             quic(48),
@@ -268,6 +270,14 @@ mod tests {
             LinkError::Tls(rustls::Error::AlertReceived(
                 rustls::AlertDescription::UnknownCA,
             )),
+            // `curl http://` at the TLS port; a TLS 1.2-only client.
+            LinkError::Tls(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType,
+            )),
+            LinkError::Tls(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::Tls13RequiredForQuic,
+            )),
+            LinkError::Tls(rustls::Error::NoApplicationProtocol),
             quic(120), // no_application_protocol: decided on the Initial alone
             quic(40),
             LinkError::Quic(quinn::ConnectionError::TimedOut),
