@@ -103,12 +103,10 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
         }
         if r.is_ok() {
             unreadable_said = false;
-        }
-        failures = if r.is_err() {
-            failures.saturating_add(1)
+            failures = 0;
         } else {
-            0
-        };
+            failures = failures.saturating_add(1);
+        }
         match r {
             Ok(Some(s)) => {
                 if !install(&shared, s, SystemTime::now()) {
@@ -396,9 +394,9 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
     let mut last_sent = tokio::time::Instant::now();
     let mut reported: Option<Reported> = None;
     let mut refused: Option<tokio::time::Instant> = None;
-    // Heartbeats the controller refused in a row for something other than the stream list:
-    // the first is a warning (nothing this broker reports is stored meanwhile), not each.
-    let mut refusals_in_a_row: u32 = 0;
+    // Whether the controller refuses heartbeats for something other than the stream list: the
+    // first refusal is a warning (nothing this broker reports is stored meanwhile), not each.
+    let mut refusing = false;
     loop {
         tokio::select! {
             // Biased: the first tick is immediate, so a starting broker registers its
@@ -443,7 +441,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             .await
         {
             Ok(_) => {
-                refusals_in_a_row = 0;
+                refusing = false;
                 if hb.streams.is_some() {
                     reported = Some(Reported {
                         generation,
@@ -460,12 +458,9 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                 // Refused for what it carried (not lost on the way): if that was the stream
                 // list, the next ones go without it for a while.
                 match (&hb.streams, &e) {
-                    (Some(list), umbra_link::LinkError::Api { status: 413, .. }) => {
-                        warn!(streams = list.len(), error = %e, "the controller refused the live-stream list; sending audit events without it for {} s", STREAMS_REFRESH.as_secs());
-                        refused = Some(last_sent);
-                    }
-                    (Some(list), umbra_link::LinkError::Api { status: 400, error })
-                        if error.field.as_deref() == Some("streams") =>
+                    (Some(list), umbra_link::LinkError::Api { status, error })
+                        if *status == 413
+                            || (*status == 400 && error.field.as_deref() == Some("streams")) =>
                     {
                         warn!(streams = list.len(), error = %e, "the controller refused the live-stream list; sending audit events without it for {} s", STREAMS_REFRESH.as_secs());
                         refused = Some(last_sent);
@@ -473,7 +468,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                     // Refused for something else: a controller older than this broker (a field
                     // it does not know) refuses every heartbeat alike.
                     (_, umbra_link::LinkError::Api { status: 400, .. }) => {
-                        if refusals_in_a_row == 0 {
+                        if !refusing {
                             warn!(
                                 error = %e,
                                 "the controller refuses this broker's heartbeats: its addresses, \
@@ -481,7 +476,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                                  than this broker? upgrade the controller first)"
                             );
                         }
-                        refusals_in_a_row = refusals_in_a_row.saturating_add(1);
+                        refusing = true;
                         // The stream list may have been it after all: leave it out a while.
                         if hb.streams.is_some() {
                             refused = Some(last_sent);
