@@ -125,7 +125,7 @@ pub(crate) async fn build_snapshot(
         })
         .collect();
     let groups = admin::group_names(c, org).await?;
-    let devices = peers::peer_list(c, org, Kind::Device)
+    let devices = peers::peer_list(c, org, Kind::Device, &peers::PeerPage::ALL)
         .await?
         .into_iter()
         .map(|d| DeviceFacts {
@@ -134,7 +134,7 @@ pub(crate) async fn build_snapshot(
             revoked: d.revoked_at.is_some(),
         })
         .collect();
-    let connector_rows = peers::peer_list(c, org, Kind::Connector).await?;
+    let connector_rows = peers::peer_list(c, org, Kind::Connector, &peers::PeerPage::ALL).await?;
     // name -> ids of the live connectors carrying it (several instances may share a name).
     let mut live_by_name: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for r in connector_rows.iter().filter(|r| r.revoked_at.is_none()) {

@@ -950,6 +950,103 @@ async fn concurrent_redemption_has_one_winner() {
     );
 }
 
+/// Ids of a listing's entries, in order.
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Device and connector listings page in enrollment order and filter by owner; a bad page
+/// request names its parameter. The unpaged listing is the pages put together.
+#[tokio::test]
+async fn peer_listings_page_and_filter_by_owner() {
+    let h = Harness::start().await;
+    for (i, user) in ["alice@example.com", "bob@example.com"].iter().enumerate() {
+        for _ in 0..3 - i {
+            h.skew.fetch_add(1, Ordering::SeqCst);
+            h.agent(user).await;
+        }
+    }
+    let all = ids(&h.ok("GET", "/v1/devices", None).await);
+    assert_eq!(all.len(), 5);
+    // Pages of two, each after the last id of the one before, make up the whole list.
+    let mut paged = Vec::new();
+    let mut path = "/v1/devices?limit=2".to_owned();
+    loop {
+        let page = ids(&h.ok("GET", &path, None).await);
+        assert!(page.len() <= 2);
+        paged.extend(page.iter().cloned());
+        match page.last() {
+            Some(last) if page.len() == 2 => path = format!("/v1/devices?limit=2&after={last}"),
+            _ => break,
+        }
+    }
+    assert_eq!(paged, all);
+    // By user: only theirs, with their certificates, and pageable too.
+    let alice = h
+        .ok("GET", "/v1/devices?user=alice@example.com", None)
+        .await;
+    assert_eq!(ids(&alice).len(), 3);
+    for d in alice.as_array().unwrap() {
+        assert_eq!(d["user"], "alice@example.com");
+        assert!(!d["cert_serial"].as_str().unwrap().is_empty(), "{d}");
+    }
+    let first = ids(&h
+        .ok("GET", "/v1/devices?user=alice@example.com&limit=2", None)
+        .await);
+    let rest = ids(&h
+        .ok(
+            "GET",
+            &format!("/v1/devices?user=alice@example.com&after={}", first[1]),
+            None,
+        )
+        .await);
+    assert_eq!([first, rest].concat(), ids(&alice));
+    assert_eq!(
+        ids(&h
+            .ok("GET", "/v1/devices?user=nobody@example.com", None)
+            .await),
+        Vec::<String>::new()
+    );
+
+    // Connectors: by name.
+    h.peer("connector", "c1").await;
+    h.peer("connector", "c2").await;
+    h.peer("connector", "c1").await;
+    let c1 = h.ok("GET", "/v1/connectors?name=c1", None).await;
+    assert_eq!(ids(&c1).len(), 2);
+    assert!(c1.as_array().unwrap().iter().all(|c| c["name"] == "c1"));
+    let all_c = ids(&h.ok("GET", "/v1/connectors", None).await);
+    assert_eq!(all_c.len(), 3);
+    let after_first = ids(&h
+        .ok("GET", &format!("/v1/connectors?after={}", all_c[0]), None)
+        .await);
+    assert_eq!(after_first, all_c[1..]);
+
+    let long = "a".repeat(513);
+    for (path, field) in [
+        ("/v1/devices?limit=0", "limit"),
+        ("/v1/devices?limit=1001", "limit"),
+        ("/v1/devices?limit=two", "limit"),
+        ("/v1/devices?after=d-nosuch", "after"),
+        // A connector's id is no place to page devices from.
+        (&format!("/v1/devices?after={}", all_c[0]) as &str, "after"),
+        ("/v1/devices?name=c1", "name"),
+        (&format!("/v1/devices?user={long}"), "user"),
+        ("/v1/devices?user=", "user"),
+        ("/v1/connectors?user=alice@example.com", "user"),
+        ("/v1/connectors?nosuch=1", "nosuch"),
+    ] {
+        let (s, v) = h.admin("GET", path, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(api_error(&v).field.as_deref(), Some(field), "{path}: {v}");
+    }
+    h.ctl.shutdown().await;
+}
+
 fn evil_csr(ca: bool, names: Vec<String>) -> String {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(names).unwrap();

@@ -356,8 +356,14 @@ enum TokenCmd {
 
 #[derive(clap::Subcommand)]
 enum DeviceCmd {
-    /// List devices.
-    List,
+    /// List devices, in enrollment order.
+    List {
+        /// Only this user's devices (e.g. to find and revoke a lost laptop's).
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Revoke a device: its certificates stop working and its live streams are closed.
     Revoke {
         /// Device id (from `umbra admin device list`).
@@ -367,13 +373,31 @@ enum DeviceCmd {
 
 #[derive(clap::Subcommand)]
 enum ConnectorCmd {
-    /// List connectors.
-    List,
+    /// List connectors, in enrollment order.
+    List {
+        /// Only the instances carrying this name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Revoke a connector (id or name).
     Revoke {
         /// Connector id or name (from `umbra admin connector list`).
         id: String,
     },
+}
+
+/// One page of a long listing. Without `--limit` every entry is listed (fetched 1000 at a
+/// time).
+#[derive(clap::Args)]
+struct PageArgs {
+    /// At most this many entries (1 to 1000).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: Option<u32>,
+    /// Start after this id: the last one of the page before.
+    #[arg(long)]
+    after: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -1015,8 +1039,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 .await?;
             out!(v, |_| println!("enrollment token {id} removed"));
         }
-        Cmd::Device(DeviceCmd::List) => {
-            let v: Vec<api::Device> = c.get("/v1/devices").await?;
+        Cmd::Device(DeviceCmd::List { user, page }) => {
+            let filter: Vec<_> = user.iter().map(|u| ("user", u.clone())).collect();
+            let v: Vec<api::Device> =
+                list_pages(&c, "/v1/devices", &filter, page, |d: &api::Device| &d.id).await?;
             out!(v, |v: Vec<api::Device>| table(
                 &["id", "user", "revoked", "cert expires", "serial"],
                 v.into_iter()
@@ -1034,8 +1060,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let v = c.revoke("devices", id).await?;
             out!(v, |_| println!("device {id} revoked"));
         }
-        Cmd::Connector(ConnectorCmd::List) => {
-            let v: Vec<api::Connector> = c.get("/v1/connectors").await?;
+        Cmd::Connector(ConnectorCmd::List { name, page }) => {
+            let filter: Vec<_> = name.iter().map(|n| ("name", n.clone())).collect();
+            let v: Vec<api::Connector> =
+                list_pages(&c, "/v1/connectors", &filter, page, |x: &api::Connector| {
+                    &x.id
+                })
+                .await?;
             out!(v, |v: Vec<api::Connector>| table(
                 &["id", "name", "revoked", "cert expires"],
                 v.into_iter()
@@ -1274,6 +1305,32 @@ async fn follow_audit(
 
 /// `/v1/audit` with `query`, each value percent-encoded (an identity URI or an e-mail address
 /// is a valid filter).
+/// A listing that pages (`/v1/devices`, `/v1/connectors`): the page `page` asks for, or, without
+/// `--limit`, every entry, fetched a page at a time after the last id of the one before.
+async fn list_pages<T: DeserializeOwned>(
+    c: &Client,
+    path: &str,
+    filter: &[(&str, String)],
+    page: &PageArgs,
+    id: impl Fn(&T) -> &String,
+) -> anyhow::Result<Vec<T>> {
+    const PAGE: u32 = 1000;
+    let mut all = Vec::new();
+    let mut after = page.after.clone();
+    loop {
+        let mut query = filter.to_vec();
+        query.push(("limit", page.limit.unwrap_or(PAGE).to_string()));
+        query.extend(after.take().map(|a| ("after", a)));
+        let v: Vec<T> = c.get(&path_with_query(path, &query)?).await?;
+        let full = v.len() == PAGE as usize;
+        after = v.last().map(|x| id(x).clone());
+        all.extend(v);
+        if page.limit.is_some() || !full {
+            return Ok(all);
+        }
+    }
+}
+
 fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
     path_with_query("/v1/audit", query)
 }

@@ -194,6 +194,10 @@ fn help_of_every_command_names_its_options() {
         ),
         (&["admin", "device", "--help"], &["list", "revoke"]),
         (
+            &["admin", "device", "list", "--help"],
+            &["--user", "--limit", "--after"],
+        ),
+        (
             &["admin", "audit", "--help"],
             &["--after", "--limit", "list"],
         ),
@@ -1159,6 +1163,27 @@ fn quickstart_runs_stops_and_resumes() {
         assert!(out.success(), "{args:?}: {}", out.describe());
         serde_json::from_str::<Value>(&out.stdout).expect("JSON")
     };
+    // Devices by user, and a page of them; a user with none lists none.
+    let device_list = |extra: &[&str]| {
+        let mut args = vec!["admin", "--config", cfg_arg, "-o", "json", "device", "list"];
+        args.extend_from_slice(extra);
+        let out = umbra(home.path(), &args);
+        assert!(out.success(), "{args:?}: {}", out.describe());
+        serde_json::from_str::<Value>(&out.stdout).expect("JSON")
+    };
+    let demo = device_list(&["--user", "demo@example.test", "--limit", "1"]);
+    assert_eq!(demo.as_array().map(Vec::len), Some(1), "{demo}");
+    assert_eq!(demo[0]["user"], "demo@example.test", "{demo}");
+    let after = device_list(&["--after", demo[0]["id"].as_str().expect("id")]);
+    assert_eq!(
+        after,
+        serde_json::json!([]),
+        "quickstart enrolls one device"
+    );
+    assert_eq!(
+        device_list(&["--user", "nobody@example.test"]),
+        serde_json::json!([])
+    );
     let listed = audit(&["list", "--limit", "3"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
     assert_eq!(listed, audit(&["--limit", "3"]));

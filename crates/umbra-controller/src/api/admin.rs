@@ -984,7 +984,8 @@ async fn device_view(
     org: &str,
     rows: Vec<PeerRow>,
 ) -> Result<Vec<api::Device>, sqlx::Error> {
-    let certs = peers::latest_certs(c, org, Kind::Device.role()).await?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let certs = peers::latest_certs(c, org, Kind::Device.role(), &ids).await?;
     Ok(rows
         .into_iter()
         .map(|d| {
@@ -1006,7 +1007,8 @@ async fn connector_view(
     org: &str,
     rows: Vec<PeerRow>,
 ) -> Result<Vec<api::Connector>, sqlx::Error> {
-    let certs = peers::latest_certs(c, org, Kind::Connector.role()).await?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let certs = peers::latest_certs(c, org, Kind::Connector.role(), &ids).await?;
     Ok(rows
         .into_iter()
         .map(|d| {
@@ -1023,21 +1025,93 @@ async fn connector_view(
         .collect())
 }
 
+/// Most peers one page of a listing returns.
+const LIST_PAGE_MAX: i64 = 1000;
+
+/// A listing of devices or connectors: all, or a page (`limit`, then `after` the last id of the
+/// page before), of one owner if `user` (devices) or `name` (connectors) is given.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PeerListQuery {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+/// Validates a listing's query for `kind` (devices filter by `user`, connectors by `name`) and
+/// checks that the peer it pages `after` exists.
+async fn peer_page<'q>(
+    c: &mut SqliteConnection,
+    org: &str,
+    kind: Kind,
+    q: &'q PeerListQuery,
+) -> Result<peers::PeerPage<'q>, ApiFailure> {
+    let (owner, other) = match kind {
+        Kind::Device => (q.user.as_deref(), q.name.as_ref().map(|_| "name")),
+        _ => (q.name.as_deref(), q.user.as_ref().map(|_| "user")),
+    };
+    if let Some(field) = other {
+        return Err(ApiFailure::invalid(
+            field,
+            format!("{}s are not listed by {field}", kind.noun()),
+        ));
+    }
+    if let Some(owner) = owner {
+        let field = if kind == Kind::Device { "user" } else { "name" };
+        if owner.is_empty() || owner.len() > 512 {
+            return Err(ApiFailure::invalid(field, "must be 1 to 512 bytes"));
+        }
+    }
+    if let Some(n) = q.limit {
+        if !(1..=LIST_PAGE_MAX).contains(&n) {
+            return Err(ApiFailure::invalid(
+                "limit",
+                format!("must be between 1 and {LIST_PAGE_MAX}"),
+            ));
+        }
+    }
+    if let Some(after) = q.after.as_deref() {
+        if after.len() > 512 || peers::peer_get(c, org, kind, after).await?.is_none() {
+            return Err(ApiFailure::invalid(
+                "after",
+                format!(
+                    "no {} {after}: give the last id of the page before",
+                    kind.noun()
+                ),
+            ));
+        }
+    }
+    Ok(peers::PeerPage {
+        owner,
+        after: q.after.as_deref(),
+        limit: q.limit,
+    })
+}
+
 pub(super) async fn list_devices(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
+    ApiQuery(q): ApiQuery<PeerListQuery>,
 ) -> Result<Json<Vec<api::Device>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
-    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Device).await?;
+    let page = peer_page(&mut r, &ctx.org, Kind::Device, &q).await?;
+    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Device, &page).await?;
     Ok(Json(device_view(&mut r, &ctx.org, rows).await?))
 }
 
 pub(super) async fn list_connectors(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
+    ApiQuery(q): ApiQuery<PeerListQuery>,
 ) -> Result<Json<Vec<api::Connector>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
-    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Connector).await?;
+    let page = peer_page(&mut r, &ctx.org, Kind::Connector, &q).await?;
+    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Connector, &page).await?;
     Ok(Json(connector_view(&mut r, &ctx.org, rows).await?))
 }
 

@@ -55,6 +55,13 @@ pub(crate) struct RouteDoc {
     pub(crate) query: &'static [&'static str],
 }
 
+impl RouteDoc {
+    /// A listing of devices or connectors, paged by id (the audit log pages by number).
+    fn response_is_list(&self) -> bool {
+        matches!(self.response, Body::List("Device" | "Connector"))
+    }
+}
+
 const fn r(
     method: &'static str,
     path: &'static str,
@@ -381,15 +388,17 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         201,
         One("AdminTokenCreated"),
     ),
-    r(
-        "get",
-        "/v1/devices",
-        Admin,
-        "List devices",
-        NoBody,
-        200,
-        List("Device"),
-    ),
+    RouteDoc {
+        method: "get",
+        path: "/v1/devices",
+        auth: Admin,
+        summary: "Devices in enrollment order: all, or those of `user`; a page of at most `limit` \
+                  (1 to 1000) after the device `after` (the last id of the page before)",
+        request: NoBody,
+        status: 200,
+        response: List("Device"),
+        query: &["user", "after", "limit"],
+    },
     r(
         "post",
         "/v1/devices/{id}/revoke",
@@ -399,15 +408,18 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         200,
         One("Device"),
     ),
-    r(
-        "get",
-        "/v1/connectors",
-        Admin,
-        "List connectors",
-        NoBody,
-        200,
-        List("Connector"),
-    ),
+    RouteDoc {
+        method: "get",
+        path: "/v1/connectors",
+        auth: Admin,
+        summary: "Connectors in enrollment order: all, or the instances named `name`; a page of \
+                  at most `limit` (1 to 1000) after the connector `after` (the last id of the \
+                  page before)",
+        request: NoBody,
+        status: 200,
+        response: List("Connector"),
+        query: &["name", "after", "limit"],
+    },
     r(
         "post",
         "/v1/connectors/{id}/revoke",
@@ -946,8 +958,11 @@ pub(crate) fn document() -> OpenApi {
                     .parameter_in(ParameterIn::Query)
                     .required(Required::False)
                     .schema(Some(ObjectBuilder::new().schema_type(
-                        // Counts and positions are numbers; names, ids and tags are strings.
-                        if ["after", "wait", "limit", "last"].contains(q) {
+                        // Counts and sequence positions are numbers; names, ids and tags are
+                        // strings (a listing of peers pages after an id).
+                        if ["after", "wait", "limit", "last"].contains(q)
+                            && !(*q == "after" && route.response_is_list())
+                        {
                             Type::Integer
                         } else {
                             Type::String

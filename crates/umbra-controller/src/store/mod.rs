@@ -41,6 +41,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit_indexes",
         include_str!("../../migrations/0003_audit_indexes.sql"),
     ),
+    (
+        4,
+        "peer_list_indexes",
+        include_str!("../../migrations/0004_peer_list_indexes.sql"),
+    ),
 ];
 
 /// Counter holding the snapshot version.
@@ -469,7 +474,9 @@ mod tests {
                 .unwrap();
         assert_eq!(left, ["a2", "a3", "a4", "a5", "a6"]);
         // The newest certificate of each identity is still the one listings show.
-        let latest = peers::latest_certs(&mut r, "t", Role::Agent).await.unwrap();
+        let latest = peers::latest_certs(&mut r, "t", Role::Agent, &["d1"])
+            .await
+            .unwrap();
         assert_eq!(latest["d1"].0, "a6");
     }
 }

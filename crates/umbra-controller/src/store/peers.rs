@@ -279,6 +279,15 @@ impl Kind {
         }
     }
 
+    /// What an error message calls one.
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            Kind::Device => "device",
+            Kind::Connector => "connector",
+            Kind::Broker => "broker",
+        }
+    }
+
     /// Prefix of generated ids (`d-…`, `c-…`, `b-…`).
     pub(crate) fn id_prefix(self) -> &'static str {
         match self {
@@ -388,23 +397,68 @@ pub(crate) async fn peer_get(
         .await
 }
 
+/// Which peers a listing returns: all of one owner (a device's user, a connector's name), and a
+/// page of them, in enrollment order, after the peer `after`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PeerPage<'a> {
+    pub(crate) owner: Option<&'a str>,
+    pub(crate) after: Option<&'a str>,
+    pub(crate) limit: Option<i64>,
+}
+
+impl PeerPage<'_> {
+    /// Every peer of the kind.
+    pub(crate) const ALL: PeerPage<'static> = PeerPage {
+        owner: None,
+        after: None,
+        limit: None,
+    };
+}
+
+/// Peers of one kind in enrollment order (`created_at`, then id), as `page` selects. A page
+/// after a peer that does not exist is empty (ids are never deleted, so the caller checks).
 pub(crate) async fn peer_list(
     c: &mut SqliteConnection,
     org: &str,
     kind: Kind,
+    page: &PeerPage<'_>,
 ) -> Result<Vec<PeerRow>, sqlx::Error> {
-    let sql = match kind {
-        Kind::Device => {
-            "SELECT id, user_id AS owner, created_at, revoked_at FROM devices WHERE org = $1 ORDER BY created_at, id"
-        }
-        Kind::Connector => {
-            "SELECT id, name AS owner, created_at, revoked_at FROM connectors WHERE org = $1 ORDER BY created_at, id"
-        }
-        Kind::Broker => {
-            "SELECT id, name AS owner, created_at, revoked_at FROM brokers WHERE org = $1 ORDER BY created_at, id"
-        }
+    let (table, owner) = match kind {
+        Kind::Device => ("devices", "user_id"),
+        Kind::Connector => ("connectors", "name"),
+        Kind::Broker => ("brokers", "name"),
     };
-    sqlx::query_as(sql).bind(org).fetch_all(c).await
+    // Table and column names are the constants above; every value is bound, numbered in the
+    // order it is bound.
+    let mut sql =
+        format!("SELECT id, {owner} AS owner, created_at, revoked_at FROM {table} WHERE org = $1");
+    let mut n = 1;
+    if page.owner.is_some() {
+        n += 1;
+        sql.push_str(&format!(" AND {owner} = ${n}"));
+    }
+    if page.after.is_some() {
+        n += 1;
+        sql.push_str(&format!(
+            " AND (created_at, id) > (SELECT created_at, id FROM {table} WHERE org = $1 AND id = ${n})"
+        ));
+    }
+    sql.push_str(" ORDER BY created_at, id");
+    if page.limit.is_some() {
+        n += 1;
+        sql.push_str(&format!(" LIMIT ${n}"));
+    }
+    let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(org);
+    if let Some(owner) = page.owner {
+        q = q.bind(owner);
+    }
+    if let Some(after) = page.after {
+        q = q.bind(after);
+    }
+    if let Some(limit) = page.limit {
+        q = q.bind(limit);
+    }
+    q.fetch_all(c).await
 }
 
 /// Device id -> owner, for the devices among `ids` that are enrolled (any revocation state).
@@ -735,20 +789,34 @@ pub(crate) async fn latest_certs(
     c: &mut SqliteConnection,
     org: &str,
     role: Role,
+    subjects: &[&str],
 ) -> Result<BTreeMap<String, (String, u64)>, sqlx::Error> {
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT subject, serial, not_after FROM certificates WHERE org = $1 AND role = $2 \
-         ORDER BY issued_at, not_after",
-    )
-    .bind(org)
-    .bind(role.as_str())
-    .fetch_all(c)
-    .await?;
-    // Later rows win: ordered by issue time.
-    Ok(rows
-        .into_iter()
-        .map(|(s, serial, na)| (s, (serial, to_u64(na))))
-        .collect())
+    // By subject, a few hundred at a time: a page of a listing reads its own rows' certificates,
+    // not every certificate of the role.
+    const CHUNK: usize = 256;
+    let mut latest = BTreeMap::new();
+    for chunk in subjects.chunks(CHUNK) {
+        let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+        let sql = format!(
+            "SELECT subject, serial, not_after FROM certificates WHERE org = $1 AND role = $2 \
+             AND subject IN ({}) ORDER BY issued_at, not_after",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql))
+            .bind(org)
+            .bind(role.as_str());
+        for s in chunk {
+            q = q.bind(*s);
+        }
+        // Later rows win: ordered by issue time.
+        latest.extend(
+            q.fetch_all(&mut *c)
+                .await?
+                .into_iter()
+                .map(|(s, serial, na)| (s, (serial, to_u64(na)))),
+        );
+    }
+    Ok(latest)
 }
 
 /// Serials of revoked certificates still within their validity at `now`.
