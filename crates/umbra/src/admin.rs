@@ -1131,27 +1131,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Stream(StreamCmd::List) => {
             let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;
-            // Streams name their broker by id (what its certificate proves); people read names.
-            let names: std::collections::HashMap<String, String> = if json {
-                Default::default()
+            let names = if json {
+                PeerNames::default()
             } else {
-                c.get::<Vec<api::Broker>>("/v1/brokers/all")
-                    .await?
-                    .into_iter()
-                    .map(|b| (b.id, b.name))
-                    .collect()
+                PeerNames::fetch(&c).await?
             };
-            let connectors: std::collections::HashMap<String, String> = if json {
-                Default::default()
-            } else {
-                c.get::<Vec<api::Connector>>("/v1/connectors")
-                    .await?
-                    .into_iter()
-                    .map(|x| (x.id, x.name))
-                    .collect()
-            };
-            let broker = |id: String| names.get(&id).cloned().unwrap_or(id);
-            let connector = |id: String| connectors.get(&id).cloned().unwrap_or(id);
+            let broker = |id: String| names.broker(id);
+            let connector = |id: String| names.connector(id);
             out!(v, |v: Vec<api::LiveStream>| table(
                 &[
                     "id",
@@ -1370,6 +1356,7 @@ async fn check_policy(
         );
     }
     if !r.ends.is_empty() {
+        let names = PeerNames::fetch(c).await?;
         table(
             &[
                 "id", "broker", "user", "device", "service", "since", "reason",
@@ -1379,7 +1366,7 @@ async fn check_policy(
                 .map(|e| {
                     vec![
                         e.stream.id.to_string(),
-                        e.stream.broker,
+                        names.broker(e.stream.broker),
                         e.stream.user,
                         e.stream.device,
                         e.stream.service,
@@ -1391,6 +1378,34 @@ async fn check_policy(
         );
     }
     Ok(())
+}
+
+/// Brokers' and connectors' names by id. Live streams name them by id (what a certificate
+/// proves); the tables people read name them. An id with no name (a broker revoked since) is
+/// shown as the id.
+#[derive(Default)]
+struct PeerNames {
+    brokers: std::collections::HashMap<String, String>,
+    connectors: std::collections::HashMap<String, String>,
+}
+
+impl PeerNames {
+    async fn fetch(c: &Client) -> anyhow::Result<PeerNames> {
+        let brokers = c.get::<Vec<api::Broker>>("/v1/brokers/all").await?;
+        let connectors = c.get::<Vec<api::Connector>>("/v1/connectors").await?;
+        Ok(PeerNames {
+            brokers: brokers.into_iter().map(|b| (b.id, b.name)).collect(),
+            connectors: connectors.into_iter().map(|x| (x.id, x.name)).collect(),
+        })
+    }
+
+    fn broker(&self, id: String) -> String {
+        self.brokers.get(&id).cloned().unwrap_or(id)
+    }
+
+    fn connector(&self, id: String) -> String {
+        self.connectors.get(&id).cloned().unwrap_or(id)
+    }
 }
 
 fn print_service(s: api::Service) {

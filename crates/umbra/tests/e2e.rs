@@ -1421,6 +1421,32 @@ fn check_stream_list(w: &mut World) {
             &["controller"],
         ),
     }
+    // A dry run of removing ssh's policy lists that stream as one it would end, its broker
+    // by name too; nothing changes.
+    let dry_args: Vec<String> = w
+        .admin_args(&["policy", "rm", "ssh-allow", "--dry-run"])
+        .into_iter()
+        .filter(|a| *a != "-o" && *a != "json")
+        .map(String::from)
+        .collect();
+    let dry_args: Vec<&str> = dry_args.iter().map(String::as_str).collect();
+    let out = w.umbra("admin-dry-run", Ns::Edge, &dry_args);
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(" ssh ") && l.contains(USER))
+        .map(str::to_owned);
+    match row {
+        Some(r) if r.contains("broker-1 ") || r.contains("broker-2 ") => {}
+        other => w.fail(
+            format!(
+                "policy rm --dry-run does not list the live ssh stream with its broker's name: \
+                 {other:?} in {:?}",
+                out.stdout
+            ),
+            &["controller"],
+        ),
+    }
     let status = w.proc("ssh-session").wait_exit(Duration::from_secs(25));
     let text = w.proc("ssh-session").stdout_text();
     if !status.is_some_and(|s| s.success()) || text.trim() != "done" {
