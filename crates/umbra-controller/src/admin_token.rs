@@ -153,12 +153,12 @@ mod tests {
     use super::*;
 
     /// A reset from the host runs in another process, past the in-process write lock. A write
-    /// whose transaction checked the token before the reset committed cannot commit after it
-    /// (SQLite refuses a write to a transaction that read an older state), so the check that
-    /// `Ctx::admin_write` makes holds until the commit. The twin: a write checked after the
-    /// reset, with the new token, goes through.
-    #[tokio::test]
-    async fn a_write_checked_before_a_reset_elsewhere_cannot_commit() {
+    /// transaction takes SQLite's write lock when it begins, so a reset waits for a write that
+    /// checked the token before it, and that write commits as checked; every write after the
+    /// reset sees the new token. The twin: a write checked after the reset, with the new token,
+    /// goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_elsewhere_waits_for_a_write_checked_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::File(dir.path().join("t.db"));
         let server = Store::open(&db, "t").await.unwrap();
@@ -168,22 +168,24 @@ mod tests {
 
         let mut w = server.write().await.unwrap();
         assert!(old.is_current(w.conn(), "t").await.unwrap());
-        let mut r = host.write().await.unwrap();
-        let (new, rec) = replace(r.conn(), "t", now, audit::CONTROLLER, "admin_token.reset")
-            .await
-            .unwrap();
-        audit::commit(r, "t", std::slice::from_ref(&rec))
-            .await
-            .unwrap();
+        let reset = tokio::spawn(async move {
+            let mut r = host.write().await?;
+            let (new, rec) =
+                replace(r.conn(), "t", now, audit::CONTROLLER, "admin_token.reset").await?;
+            audit::commit(r, "t", std::slice::from_ref(&rec)).await?;
+            Ok::<_, sqlx::Error>(new.token)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
-            store::bump(w.conn(), "t", store::SNAPSHOT_VERSION)
-                .await
-                .is_err(),
-            "a write checked before the reset was let through"
+            !reset.is_finished(),
+            "the reset did not wait for the write that checked the old token"
         );
-        drop(w);
+        store::bump(w.conn(), "t", store::SNAPSHOT_VERSION)
+            .await
+            .unwrap();
+        w.commit().await.unwrap();
+        let new = Presented::new(&reset.await.unwrap().unwrap());
 
-        let new = Presented::new(&new.token);
         let mut w = server.write().await.unwrap();
         assert!(!old.is_current(w.conn(), "t").await.unwrap());
         assert!(new.is_current(w.conn(), "t").await.unwrap());

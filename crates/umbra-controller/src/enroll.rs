@@ -96,7 +96,7 @@ pub(crate) async fn create_token(
             let name = req.name.as_deref().ok_or_else(|| {
                 ApiFailure::invalid("name", "connector and broker tokens need a name")
             })?;
-            (None, Some(validate::name(name, "name")?))
+            (None, Some(validate::peer_name(name, "name")?))
         }
     };
     let now = ctx.now();

@@ -70,8 +70,8 @@ impl Ctx {
     /// body may arrive seconds later: it is checked again in this transaction, and a token
     /// rotated or reset since is answered 401 with nothing changed. The check holds until the
     /// commit: writers in this process wait for the store's write lock (a rotation is a
-    /// write), and SQLite refuses to let a transaction that has read write once another
-    /// connection (a reset from the host) has committed since.
+    /// write), and the transaction holds SQLite's write lock from its start, so a reset from
+    /// the host waits for it.
     pub(crate) async fn admin_write(&self, admin: &Presented) -> Result<WriteTx<'_>, ApiFailure> {
         let mut w = self.store.write().await?;
         if !admin.is_current(w.conn(), &self.org).await? {

@@ -20,6 +20,28 @@ pub(crate) fn name(s: &str, field: &str) -> Result<String, ApiFailure> {
     }
 }
 
+/// A connector's or broker's name: a [`name`] that is not shaped like a peer id (`c-`, `b-` or
+/// `d-` and 16 hex digits). Revocation and listings take an id or a name, ids first: a name
+/// spelled like another peer's id would make `connector revoke NAME` revoke that other peer.
+pub(crate) fn peer_name(s: &str, field: &str) -> Result<String, ApiFailure> {
+    let name = name(s, field)?;
+    if looks_like_peer_id(&name) {
+        return Err(ApiFailure::invalid(
+            field,
+            format!(
+                "{field} {name} is shaped like a peer id (c-, b- or d- and 16 hex digits): choose another name"
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+/// `c-`, `b-` or `d-` and 16 lowercase hex digits, as generated ids are.
+pub(crate) fn looks_like_peer_id(s: &str) -> bool {
+    matches!(s.as_bytes(), [b'c' | b'b' | b'd', b'-', rest @ ..]
+        if rest.len() == 16 && rest.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)))
+}
+
 /// A user id: an e-mail address, stored lowercased ([`umbra_proto::user_id`]).
 pub(crate) fn user_id(s: &str, field: &str) -> Result<String, ApiFailure> {
     umbra_proto::user_id(s)
@@ -47,7 +69,30 @@ pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
         return Err(bad("port is not a number 1-65535"));
     }
     let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        inner.parse::<Ipv6Addr>().is_ok()
+        let Ok(addr) = inner.parse::<Ipv6Addr>() else {
+            return Err(bad("invalid IPv6 address"));
+        };
+        // What the lists show is what is dialed: an IPv4 address dressed as IPv6 reaches the
+        // IPv4 host, and one address has many IPv6 spellings. One form each.
+        if let Some(v4) = addr.to_ipv4_mapped() {
+            return Err(bad(&format!(
+                "an IPv4-mapped IPv6 address; write the IPv4 address: {v4}:{port}"
+            )));
+        }
+        if !addr.is_loopback() && !addr.is_unspecified() {
+            if let Some(v4) = addr.to_ipv4() {
+                return Err(bad(&format!(
+                    "an IPv4-compatible IPv6 address; write the IPv4 address: {v4}:{port}"
+                )));
+            }
+        }
+        let canonical = addr.to_string();
+        if canonical != inner {
+            return Err(bad(&format!(
+                "write the IPv6 address in its standard form: [{canonical}]:{port}"
+            )));
+        }
+        true
     } else if host.contains(':') {
         false
     } else if host.parse::<IpAddr>().is_ok() {
@@ -108,6 +153,55 @@ mod tests {
                 Some("id"),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn peer_names_are_not_shaped_like_ids() {
+        for id_like in [
+            "c-2d3fff4da2f6bb11",
+            "b-0123456789abcdef",
+            "d-ffffffffffffffff",
+        ] {
+            let e = peer_name(id_like, "name").unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("name"), "{id_like}");
+            assert!(e.error.contains("peer id"), "{}", e.error);
+        }
+        // Twins: near misses are names.
+        for ok in [
+            "dc-1",
+            "c-2d3fff4da2f6bb1",
+            "c-2d3fff4da2f6bb111",
+            "x-2d3fff4da2f6bb11",
+            "c-2d3fff4da2f6bb1g",
+            "c-demo",
+        ] {
+            assert_eq!(peer_name(ok, "name").unwrap(), ok);
+        }
+    }
+
+    #[test]
+    fn ipv6_targets_have_one_spelling() {
+        for (bad, hint) in [
+            ("[::ffff:7f00:1]:8080", "127.0.0.1:8080"),
+            ("[::FFFF:127.0.0.1]:8080", "127.0.0.1:8080"),
+            ("[::ffff:10.0.0.5]:22", "10.0.0.5:22"),
+            ("[::10.0.0.5]:22", "10.0.0.5:22"),
+            ("[0:0:0:0:0:0:0:1]:8080", "[::1]:8080"),
+            ("[FD00::1]:80", "[fd00::1]:80"),
+            ("[fd00:0::1]:80", "[fd00::1]:80"),
+        ] {
+            let e = host_port(bad, "target").unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("target"), "{bad}");
+            assert!(e.error.contains(hint), "{bad}: {}", e.error);
+        }
+        for good in [
+            "[::1]:8080",
+            "[::]:80",
+            "[fd00::1]:80",
+            "[2001:db8::5:1]:443",
+        ] {
+            assert_eq!(host_port(good, "target").unwrap(), good);
         }
     }
 

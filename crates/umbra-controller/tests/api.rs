@@ -159,9 +159,10 @@ impl Harness {
     }
 
     async fn agent(&self, user: &str) -> (TlsIdentity, IssuedCert) {
-        let _ = self
+        let (s, v) = self
             .admin("POST", "/v1/users", Some(json!({ "id": user })))
             .await;
+        assert!(s.is_success() || s == StatusCode::CONFLICT, "{s} {v}");
         let t = self.token("agent", Some(user), None).await;
         self.enroll(&t.token).await
     }
@@ -1005,12 +1006,31 @@ async fn peer_listings_page_and_filter_by_owner() {
         )
         .await);
     assert_eq!([first, rest].concat(), ids(&alice));
+    // The user as an admin may type it: normalised as when it was stored.
     assert_eq!(
         ids(&h
-            .ok("GET", "/v1/devices?user=nobody@example.com", None)
+            .ok("GET", "/v1/devices?user=%20Alice@Example.COM", None)
+            .await),
+        ids(&alice)
+    );
+    // A user with no device lists none; a user that does not exist is an error, not "none".
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "carol@example.com" })),
+    )
+    .await;
+    assert_eq!(
+        ids(&h
+            .ok("GET", "/v1/devices?user=carol@example.com", None)
             .await),
         Vec::<String>::new()
     );
+    let (s, v) = h
+        .admin("GET", "/v1/devices?user=nobody@example.com", None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(api_error(&v).field.as_deref(), Some("user"), "{v}");
 
     // Connectors: by name.
     h.peer("connector", "c1").await;
@@ -1035,8 +1055,9 @@ async fn peer_listings_page_and_filter_by_owner() {
         // A connector's id is no place to page devices from.
         (&format!("/v1/devices?after={}", all_c[0]) as &str, "after"),
         ("/v1/devices?name=c1", "name"),
-        (&format!("/v1/devices?user={long}"), "user"),
+        (&format!("/v1/devices?user={long}@example.com"), "user"),
         ("/v1/devices?user=", "user"),
+        ("/v1/connectors?name=C1", "name"),
         ("/v1/connectors?user=alice@example.com", "user"),
         ("/v1/connectors?nosuch=1", "nosuch"),
     ] {
@@ -1045,6 +1066,52 @@ async fn peer_listings_page_and_filter_by_owner() {
         assert_eq!(api_error(&v).field.as_deref(), Some(field), "{path}: {v}");
     }
     h.ctl.shutdown().await;
+}
+
+/// A write refused after it wrote (deleting a group that does not exist runs its DELETE
+/// first) never makes another writer fail: it once released the store's lock before its
+/// rollback had run, and a writer that read first then met SQLite's lock (500, "database is
+/// locked") about once in 150 requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_never_fail_other_writers() {
+    let h = Arc::new(Harness::start().await);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..150 {
+                let (s, v) = if t % 2 == 0 {
+                    h.admin("DELETE", "/v1/groups/nosuch", None).await
+                } else {
+                    let name = format!("g{t}-{i}");
+                    h.admin("POST", "/v1/groups", Some(json!({ "name": name })))
+                        .await
+                };
+                statuses.push((s, v));
+            }
+            statuses
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        for (s, v) in task.await.unwrap() {
+            assert!(
+                s == StatusCode::NOT_FOUND || s == StatusCode::CREATED,
+                "{s} {v}"
+            );
+            created += usize::from(s == StatusCode::CREATED);
+        }
+    }
+    assert_eq!(created, 4 * 150);
+    assert_eq!(
+        h.ok("GET", "/v1/groups", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        created
+    );
 }
 
 fn evil_csr(ca: bool, names: Vec<String>) -> String {

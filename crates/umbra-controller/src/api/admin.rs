@@ -406,7 +406,7 @@ fn connector_names(names: &[String]) -> Result<Vec<String>, ApiFailure> {
     }
     let mut connectors = names
         .iter()
-        .map(|c| validate::name(c, "connectors"))
+        .map(|c| validate::peer_name(c, "connectors"))
         .collect::<Result<Vec<_>, _>>()?;
     connectors.sort();
     connectors.dedup();
@@ -1043,30 +1043,38 @@ pub(super) struct PeerListQuery {
     limit: Option<i64>,
 }
 
-/// Validates a listing's query for `kind` (devices filter by `user`, connectors by `name`) and
-/// checks that the peer it pages `after` exists.
-async fn peer_page<'q>(
+/// Validates a listing's query for `kind` (devices filter by `user`, connectors by `name`, each
+/// normalised as when it was stored; an unknown user is an error, not an empty list, so a typo
+/// is not read as "no devices to revoke") and checks that the peer it pages `after` exists.
+async fn peer_page(
     c: &mut SqliteConnection,
     org: &str,
     kind: Kind,
-    q: &'q PeerListQuery,
-) -> Result<peers::PeerPage<'q>, ApiFailure> {
-    let (owner, other) = match kind {
-        Kind::Device => (q.user.as_deref(), q.name.as_ref().map(|_| "name")),
-        _ => (q.name.as_deref(), q.user.as_ref().map(|_| "user")),
-    };
-    if let Some(field) = other {
-        return Err(ApiFailure::invalid(
-            field,
-            format!("{}s are not listed by {field}", kind.noun()),
-        ));
-    }
-    if let Some(owner) = owner {
-        let field = if kind == Kind::Device { "user" } else { "name" };
-        if owner.is_empty() || owner.len() > 512 {
-            return Err(ApiFailure::invalid(field, "must be 1 to 512 bytes"));
+    q: &PeerListQuery,
+) -> Result<PeerListPage, ApiFailure> {
+    let owner = match (kind, &q.user, &q.name) {
+        (Kind::Device, Some(u), None) => {
+            let user = validate::user_id(u, "user")?;
+            if q::user_disabled(c, org, &user).await?.is_none() {
+                return Err(ApiFailure::not_found("user", format!("no user {user}")));
+            }
+            Some(user)
         }
-    }
+        (Kind::Device, _, Some(_)) => {
+            return Err(ApiFailure::invalid(
+                "name",
+                "devices are listed by user, not by name",
+            ));
+        }
+        (_, Some(_), _) => {
+            return Err(ApiFailure::invalid(
+                "user",
+                format!("{}s are listed by name, not by user", kind.noun()),
+            ));
+        }
+        (_, None, Some(n)) => Some(validate::name(n, "name")?),
+        (_, None, None) => None,
+    };
     if let Some(n) = q.limit {
         if !(1..=LIST_PAGE_MAX).contains(&n) {
             return Err(ApiFailure::invalid(
@@ -1086,11 +1094,28 @@ async fn peer_page<'q>(
             ));
         }
     }
-    Ok(peers::PeerPage {
+    Ok(PeerListPage {
         owner,
-        after: q.after.as_deref(),
+        after: q.after.clone(),
         limit: q.limit,
     })
+}
+
+/// A validated [`PeerListQuery`].
+struct PeerListPage {
+    owner: Option<String>,
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+impl PeerListPage {
+    fn page(&self) -> peers::PeerPage<'_> {
+        peers::PeerPage {
+            owner: self.owner.as_deref(),
+            after: self.after.as_deref(),
+            limit: self.limit,
+        }
+    }
 }
 
 pub(super) async fn list_devices(
@@ -1100,7 +1125,7 @@ pub(super) async fn list_devices(
 ) -> Result<Json<Vec<api::Device>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
     let page = peer_page(&mut r, &ctx.org, Kind::Device, &q).await?;
-    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Device, &page).await?;
+    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Device, &page.page()).await?;
     Ok(Json(device_view(&mut r, &ctx.org, rows).await?))
 }
 
@@ -1111,7 +1136,7 @@ pub(super) async fn list_connectors(
 ) -> Result<Json<Vec<api::Connector>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
     let page = peer_page(&mut r, &ctx.org, Kind::Connector, &q).await?;
-    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Connector, &page).await?;
+    let rows = peers::peer_list(&mut r, &ctx.org, Kind::Connector, &page.page()).await?;
     Ok(Json(connector_view(&mut r, &ctx.org, rows).await?))
 }
 

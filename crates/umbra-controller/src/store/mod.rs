@@ -6,9 +6,12 @@
 //! `synchronous=FULL`: a committed write survives `kill -9` and power loss.
 //!
 //! Writes go through [`Store::write`]: one transaction per logical change, serialised by an
-//! in-process lock so that a transaction that reads before it writes never races another
-//! writer (SQLite would answer such a race with `SQLITE_BUSY` instead of waiting). Reads that
-//! must be consistent across several tables ([`Store::read`]) use a transaction as a snapshot.
+//! in-process lock, and begun `IMMEDIATE` so that SQLite's own write lock is taken (waiting
+//! through the busy timeout) before the first read: a transaction that reads before it writes
+//! would otherwise be refused with `SQLITE_BUSY` when it comes to write while another
+//! connection still holds that lock. A write transaction dropped without commit (a refusal,
+//! a cancelled request) keeps the in-process lock until its rollback has run. Reads that must
+//! be consistent across several tables ([`Store::read`]) use a transaction as a snapshot.
 //!
 //! It does not decide anything: validation and authorisation happen in the callers.
 
@@ -22,7 +25,9 @@ use std::time::Duration;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr, SqliteConnection, SqlitePool, Transaction};
-use tokio::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// The database backend of this build.
 pub(crate) type Db = sqlx::Sqlite;
@@ -66,24 +71,56 @@ pub(crate) enum Database {
 pub(crate) struct Store {
     pool: SqlitePool,
     org: String,
-    write_lock: Mutex<()>,
+    write_lock: Arc<Mutex<()>>,
 }
 
 /// A write transaction holding the store's write lock. Dropping it without
-/// [`WriteTx::commit`] rolls back.
+/// [`WriteTx::commit`] rolls back, and the lock is released once the rollback has run.
 pub(crate) struct WriteTx<'a> {
-    tx: Transaction<'static, Db>,
-    _guard: MutexGuard<'a, ()>,
+    /// `Some` until [`WriteTx::commit`] or drop takes it.
+    tx: Option<Transaction<'static, Db>>,
+    guard: Option<OwnedMutexGuard<()>>,
+    _store: std::marker::PhantomData<&'a Store>,
 }
 
 impl WriteTx<'_> {
     /// The connection to run statements on.
     pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
+        // Only `commit` and `drop` take the transaction, and both consume the `WriteTx`.
+        self.tx
+            .as_mut()
+            .expect("a WriteTx holds its transaction until commit or drop")
     }
 
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        match self.tx.take() {
+            // If this future is dropped mid-commit, the lock goes with it: the next writer's
+            // `BEGIN IMMEDIATE` waits for SQLite's lock through the busy timeout.
+            Some(tx) => tx.commit().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WriteTx<'_> {
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        let guard = self.guard.take();
+        // sqlx only queues the rollback of a dropped transaction; the next writer must not
+        // start before it has run, or its first write could meet this one's lock.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = tx.rollback().await {
+                        tracing::warn!(error = %e, "rolling back a write transaction failed");
+                    }
+                    drop(guard);
+                });
+            }
+            Err(_) => drop(tx),
+        }
     }
 }
 
@@ -147,7 +184,7 @@ impl Store {
         let store = Store {
             pool,
             org: org.to_owned(),
-            write_lock: Mutex::new(()),
+            write_lock: Arc::new(Mutex::new(())),
         };
         let mut w = store.write().await.map_err(StoreOpenError::Connect)?;
         for name in [SNAPSHOT_VERSION, AUDIT_SEQ] {
@@ -171,9 +208,13 @@ impl Store {
 
     /// Starts a write transaction (waits for the write lock).
     pub(crate) async fn write(&self) -> Result<WriteTx<'_>, sqlx::Error> {
-        let guard = self.write_lock.lock().await;
-        let tx = self.pool.begin().await?;
-        Ok(WriteTx { tx, _guard: guard })
+        let guard = self.write_lock.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx {
+            tx: Some(tx),
+            guard: Some(guard),
+            _store: std::marker::PhantomData,
+        })
     }
 
     /// Starts a read-only transaction: a consistent view across statements.
@@ -407,6 +448,57 @@ mod tests {
         }
         let mut r = s.read().await.unwrap();
         assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 0);
+    }
+
+    /// Writers that wrote and then gave up (a refused request, a cancelled one), interleaved
+    /// with writers that read first and commit, and with readers: every committed write is
+    /// kept, every dropped one rolled back, and none fails. (The API test
+    /// `refused_writes_never_fail_other_writers` drives the same through HTTP.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_writer_never_fails_the_next_one() {
+        let (_dir, s) = mem().await;
+        let s = Arc::new(s);
+        let mut tasks = Vec::new();
+        for t in 0..6 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..150 {
+                    if t >= 4 {
+                        // Readers keep other pooled connections busy, so writers take turns
+                        // on different connections.
+                        let mut r = s.read().await?;
+                        counter(&mut r, "t", SNAPSHOT_VERSION).await?;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    if t % 2 == 0 {
+                        // Writes, then is dropped without commit.
+                        let mut w = s.write().await?;
+                        for d in 0..20 {
+                            peers::device_insert(w.conn(), "t", &format!("d{t}-{i}-{d}"), "u", 0)
+                                .await?;
+                        }
+                    } else {
+                        // Reads first, then writes and commits.
+                        let mut w = s.write().await?;
+                        counter(w.conn(), "t", SNAPSHOT_VERSION).await?;
+                        bump(w.conn(), "t", SNAPSHOT_VERSION).await?;
+                        w.commit().await?;
+                    }
+                }
+                Ok::<_, sqlx::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let mut r = s.read().await.unwrap();
+        assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 300);
+        let devices: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+            .fetch_one(&mut *r)
+            .await
+            .unwrap();
+        assert_eq!(devices, 0);
     }
 
     /// Owners are found for the enrolled devices among those named, however many (looked up
