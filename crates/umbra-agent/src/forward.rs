@@ -248,6 +248,7 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
         Err(OpenError::Denied(_)) => {
             count_stream("denied");
             tracing::warn!("access to {service} denied");
+            umbra_link::reset_tcp(tcp);
             return;
         }
         Err(e) => {
@@ -257,6 +258,7 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
                 _ => "error",
             });
             tracing::warn!(error = %e, "cannot open a stream to {service}");
+            umbra_link::reset_tcp(tcp);
             return;
         }
     };

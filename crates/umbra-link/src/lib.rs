@@ -52,7 +52,7 @@ pub use link::{EXPLAIN_WAIT, HandshakeRefusal, Link, Listener, QuicPath, dial};
 #[doc(hidden)]
 pub use mux::fuzz_peer as fuzz_mux_peer;
 pub use mux::{MuxError, MuxFrameError};
-pub use relay::{Counters, TcpEnd, relay_streams, relay_tcp};
+pub use relay::{Counters, TcpEnd, relay_streams, relay_tcp, reset_tcp};
 pub use stream::Stream;
 pub use transport::{
     ALPN, DEFAULT_STREAM_WINDOW_KIB, LinkConfig, Refusal, ResetKey, STREAM_WINDOW_KIB,

@@ -6,7 +6,11 @@
 //!   write half, and the other direction keeps running until it ends too;
 //! - idle timeout: no chunk moved either way for `idle` (checked every `idle / 4`) ends the
 //!   relay with [`LinkError::Timeout`]; `Duration::ZERO` disables it;
-//! - any error ends both directions and resets both streams (the TCP connection is closed).
+//! - any error ends both directions and resets both streams, and the TCP connection is
+//!   reset too (RST, not FIN): a transfer cut short anywhere on the path (the far end reset,
+//!   a link lost, the idle limit, access revoked) must not reach a client or a service as a
+//!   clean end of data, which `nc > file` and every read-until-EOF protocol would take for a
+//!   complete one. Only a relay that ended well closes its TCP connection gracefully.
 //!
 //! The loops do not enter the stream's span per poll (entering an enabled span costs a few
 //! µs per message on this path); their log lines name it as `parent` instead.
@@ -141,6 +145,9 @@ pub async fn relay_tcp(
         TcpEnd::Client => ((&counters.up, m_up), (&counters.down, m_down)),
         TcpEnd::Service => ((&counters.down, m_down), (&counters.up, m_up)),
     };
+    // Until the relay has ended well, closing this connection resets it: also when this
+    // future is dropped (a connector ending a stream whose target was unpublished).
+    abort_on_close(&tcp);
     let progress = Arc::new(AtomicU64::new(0));
     // Shared, not split: on a TLS link the link's driver writes what arrives to the socket
     // itself whenever the socket takes it at once (`mux::Splice`), sparing this task a
@@ -187,12 +194,36 @@ pub async fn relay_tcp(
         }
     }
     .await;
-    if let Err(e) = &r {
-        debug!(parent: &span, error = %e, "relay ended");
-        send.reset();
-        recv.stop();
+    match &r {
+        Ok(()) => {
+            // Both directions ended (FIN each way): close gracefully, sending what the
+            // socket still holds.
+            if let Err(e) = socket2::SockRef::from(&*tcp).set_linger(None) {
+                debug!(parent: &span, error = %e, "cannot clear SO_LINGER");
+            }
+        }
+        Err(e) => {
+            debug!(parent: &span, error = %e, "relay ended");
+            send.reset();
+            recv.stop();
+        }
     }
     r
+}
+
+/// Makes closing `tcp` reset the connection (SO_LINGER 0: RST, unsent data discarded) rather
+/// than end it with a FIN, which the other end would read as a complete transfer.
+fn abort_on_close(tcp: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
+        debug!(error = %e, "cannot set SO_LINGER");
+    }
+}
+
+/// Closes a TCP connection that will carry nothing (its stream was denied or could not be
+/// opened) with a reset, so the client sees a refusal, not an empty answer.
+pub fn reset_tcp(tcp: TcpStream) {
+    abort_on_close(&tcp);
+    drop(tcp);
 }
 
 /// Reads what `tcp` has into `buf`, waiting for some: 0 at end of input.

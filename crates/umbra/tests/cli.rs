@@ -1180,9 +1180,30 @@ fn quickstart_runs_stops_and_resumes() {
         serde_json::json!([]),
         "quickstart enrolls one device"
     );
+    // The user as typed, normalised; an unknown user is an error naming the field.
     assert_eq!(
-        device_list(&["--user", "nobody@example.test"]),
-        serde_json::json!([])
+        device_list(&["--user", "Demo@Example.TEST"]),
+        device_list(&["--user", "demo@example.test"])
+    );
+    let unknown = umbra(
+        home.path(),
+        &[
+            "admin",
+            "--config",
+            cfg_arg,
+            "device",
+            "list",
+            "--user",
+            "nobody@example.test",
+        ],
+    );
+    assert!(
+        !unknown.success()
+            && unknown
+                .stderr
+                .contains("no user nobody@example.test (field user)"),
+        "{}",
+        unknown.describe()
     );
     let listed = audit(&["list", "--limit", "3"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");

@@ -300,12 +300,111 @@ async fn idle_relay_times_out(t: Transport) {
     .await;
     assert!(matches!(end, Some(Err(LinkError::Timeout(_)))), "{end:?}");
     assert!(quiet.elapsed() >= idle, "ended after {:?}", quiet.elapsed());
-    // The agent's relay saw its stream reset and closed the client's connection.
+    // The agent's relay saw its stream reset and reset the client's connection: an end the
+    // client cannot take for a complete answer.
     let mut rest = Vec::new();
-    let _ = soon("the client's connection to end", tcp.read_to_end(&mut rest)).await;
+    let r = soon("the client's connection to end", tcp.read_to_end(&mut rest)).await;
+    assert_eq!(
+        r.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{t}: the client saw a clean end"
+    );
     assert!(rest.is_empty());
 }
 both!(idle_relay_times_out);
+
+/// Resets `s` (SO_LINGER 0, then close), as a crashing or aborting peer does.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// A service that resets its connection in the middle of an answer: the client's read ends
+/// in an error, not in a clean end of data that would pass a truncated transfer for a whole
+/// one. The twin is `chain_moves_8_mib_both_ways`: an answer that ends well ends cleanly.
+async fn a_reset_service_resets_the_client(t: Transport) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = [0u8; 1];
+                let _ = s.read_exact(&mut req).await;
+                let _ = s.write_all(&pattern(300_000, 3)).await;
+                reset(s);
+            });
+        }
+    });
+    let none = Idle {
+        agent: Duration::ZERO,
+        broker: Duration::ZERO,
+        connector: Duration::ZERO,
+    };
+    let c = chain_with(t, none, target).await;
+    let mut tcp = TcpStream::connect(c.entry).await.unwrap();
+    tcp.write_all(b"?").await.unwrap();
+    let mut got = Vec::new();
+    let r = soon("the client's read to end", tcp.read_to_end(&mut got)).await;
+    assert_eq!(
+        r.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{t}: the client read {} bytes and a clean end",
+        got.len()
+    );
+    assert!(got.len() <= 300_000);
+}
+both!(a_reset_service_resets_the_client);
+
+/// A client that aborts (resets) mid-upload: the service's read ends in an error, not in a
+/// clean end that it would take for a complete request. The twin: a client that half-closes
+/// after the same bytes is read to a clean end with every byte.
+async fn an_aborted_upload_resets_the_service(t: Transport) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (ends, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let ends = ends.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let r = s.read_to_end(&mut got).await.map_err(|e| e.kind());
+                let _ = ends.send((r, got.len()));
+            });
+        }
+    });
+    let none = Idle {
+        agent: Duration::ZERO,
+        broker: Duration::ZERO,
+        connector: Duration::ZERO,
+    };
+    let c = chain_with(t, none, target).await;
+    for abort in [true, false] {
+        let mut tcp = TcpStream::connect(c.entry).await.unwrap();
+        tcp.write_all(&pattern(14_000, 5)).await.unwrap();
+        // Let the bytes reach the service before the end.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if abort {
+            reset(tcp);
+        } else {
+            tcp.shutdown().await.unwrap();
+        }
+        let (r, n) = soon("the service's read to end", ended.recv())
+            .await
+            .unwrap();
+        if abort {
+            assert_eq!(
+                r.err(),
+                Some(std::io::ErrorKind::ConnectionReset),
+                "{t}: the service read {n} bytes and a clean end of an aborted upload"
+            );
+        } else {
+            assert_eq!((r, n), (Ok(14_000), 14_000), "{t}");
+        }
+    }
+}
+both!(an_aborted_upload_resets_the_service);
 
 /// Every relay counts bytes the same way: `up` towards the service, `down` back to the client,
 /// the connector included (its TCP connection is the service's end). A target that answers

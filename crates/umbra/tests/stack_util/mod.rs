@@ -833,19 +833,30 @@ pub(crate) async fn echo_ok(addr: SocketAddr) -> Result<(), String> {
     round_trip(addr, b"ping through umbra", Duration::from_secs(3)).await
 }
 
-/// The forward closes the connection without a byte: refused. `Err` if data came back or the
-/// connection stayed open.
+/// The forward resets the connection without a byte: refused. `Err` if data came back, the
+/// connection stayed open, or it ended cleanly (a client would take that for an empty answer).
 pub(crate) async fn refused(addr: SocketAddr) -> Result<(), String> {
+    let reset = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::ConnectionReset {
+            Ok(())
+        } else {
+            Err(e.to_string())
+        }
+    };
     let run = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        // The reset may come before the connect is seen to complete.
+        let mut s = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => return reset(e),
+        };
         // Ignore write errors: the forward may already have closed.
         let _ = s.write_all(b"probe").await;
         let _ = s.shutdown().await;
         let mut buf = Vec::new();
         match s.read_to_end(&mut buf).await {
-            Ok(_) if buf.is_empty() => Ok(()),
+            Ok(_) if buf.is_empty() => Err("closed cleanly, not reset".to_string()),
             Ok(_) => Err(format!("{} bytes came back: still allowed", buf.len())),
-            Err(_) => Ok(()), // reset: closed without data
+            Err(e) => reset(e),
         }
     };
     tokio::time::timeout(Duration::from_secs(3), run)
