@@ -38,7 +38,10 @@ pub struct BrokerConfig {
     pub reverify_secs: u64,
     /// Limit for a peer to send the header frame of a new stream.
     pub open_timeout_ms: u64,
-    /// Limit for a connector to answer a dial.
+    /// Limit for a connector to answer a dial. Keep it above the connectors' own
+    /// `dial_timeout_ms` (5000 by default), the time they give a target to accept: a target
+    /// that drops connection attempts is then reported by its connector as unreachable, not
+    /// taken for a silent connector (which is passed over for every service it serves).
     pub dial_timeout_ms: u64,
     /// A stream with no bytes either way for this long is closed.
     pub idle_timeout_secs: u64,
@@ -80,7 +83,7 @@ impl Default for BrokerConfig {
             max_staleness_secs: 24 * 3600,
             reverify_secs: 10,
             open_timeout_ms: 5_000,
-            dial_timeout_ms: 5_000,
+            dial_timeout_ms: 7_000,
             idle_timeout_secs: 3_600,
             heartbeat_ms: 1_000,
             max_pending_handshakes: 256,

@@ -1114,6 +1114,39 @@ async fn refused_writes_never_fail_other_writers() {
     );
 }
 
+/// A refused change about a user is recorded under the user's id as stored, whatever the
+/// request's spelling: one user's history is found under one target.
+#[tokio::test]
+async fn refusals_about_a_user_are_filed_under_its_stored_id() {
+    let h = Harness::start().await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "alice@example.com" })),
+    )
+    .await;
+    let (s, _) = h
+        .admin(
+            "POST",
+            "/v1/users",
+            Some(json!({ "id": " Alice@Example.COM" })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = h.admin("DELETE", "/v1/users/Bob@Example.COM", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let alice = h
+        .audit_page("/v1/audit?limit=1000&target=alice@example.com&action=user.create")
+        .await;
+    let results: Vec<&str> = alice.iter().map(|e| e.record.result.as_str()).collect();
+    assert_eq!(results, ["ok", "error"], "{alice:?}");
+    let bob = h
+        .audit_page("/v1/audit?limit=1000&target=bob@example.com&action=user.delete")
+        .await;
+    assert_eq!(bob.len(), 1, "{bob:?}");
+    h.ctl.shutdown().await;
+}
+
 fn evil_csr(ca: bool, names: Vec<String>) -> String {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(names).unwrap();

@@ -59,6 +59,21 @@ fn check_ids(set: &PolicySet) -> Result<(), PolicyError> {
                     ),
                     None => "a user id is an ASCII e-mail address".to_owned(),
                 },
+                // Generated, never chosen: `d-` and 16 lowercase hex digits.
+                schema::DEVICE if device_id_shaped(id) => continue,
+                schema::DEVICE => {
+                    let lower = id.to_ascii_lowercase();
+                    if device_id_shaped(&lower) {
+                        format!(
+                            "device ids are lowercase; write {}::{}",
+                            schema::DEVICE,
+                            literal(&lower)
+                        )
+                    } else {
+                        "a device id is d- and 16 lowercase hex digits (see `umbra admin device list`)"
+                            .to_owned()
+                    }
+                }
                 schema::GROUP | schema::SERVICE if umbra_proto::valid_name(id) => continue,
                 schema::GROUP | schema::SERVICE => {
                     "names are 1-63 lowercase letters, digits, '-', '_' or '.'".to_owned()
@@ -77,6 +92,16 @@ fn check_ids(set: &PolicySet) -> Result<(), PolicyError> {
     } else {
         Err(PolicyError::Invalid(reasons.join("; ")))
     }
+}
+
+/// `d-` and 16 lowercase hex digits: the shape of every device id the controller generates.
+fn device_id_shaped(id: &str) -> bool {
+    id.strip_prefix("d-").is_some_and(|hex| {
+        hex.len() == 16
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// Parses one stored policy text and validates it (schema errors only, see [`Check::Load`]),
@@ -447,6 +472,16 @@ mod tests {
                 "ASCII e-mail",
             ),
             (
+                r#"forbid (principal, action, resource) when { context.device == Umbra::Device::"D-B3612D890D64C528" };"#,
+                r#"Umbra::Device::"D-B3612D890D64C528""#,
+                r#"write Umbra::Device::"d-b3612d890d64c528""#,
+            ),
+            (
+                r#"forbid (principal, action, resource) when { context.device == Umbra::Device::"laptop-1" };"#,
+                r#"Umbra::Device::"laptop-1""#,
+                "16 lowercase hex",
+            ),
+            (
                 "forbid (principal == Umbra::User::\"a\u{1b}@b.c\", action, resource);",
                 r#"Umbra::User::"a\u{1b}@b.c""#,
                 "ASCII e-mail",
@@ -461,6 +496,7 @@ mod tests {
             r#"forbid (principal == Umbra::User::"mallory@corp.example", action, resource);"#,
             r#"forbid (principal in Umbra::Group::"eng", action, resource == Umbra::Service::"db");"#,
             r#"permit (principal, action, resource) unless { principal in Umbra::Group::"eng" };"#,
+            r#"forbid (principal, action, resource) when { context.device == Umbra::Device::"d-b3612d890d64c528" };"#,
         ] {
             assert_eq!(validate_policy(text), Ok(1), "{text}");
         }

@@ -68,16 +68,18 @@ pub fn dns_name(s: &str) -> bool {
         })
 }
 
-/// `s` with its control characters (newlines, escapes, ...) written as escapes (`\n`,
-/// `\u{1b}`), the rest as it is: for text a peer chose that ends up in a log line, an audit
-/// record or a terminal, where a raw control character could forge a line or rewrite one.
+/// `s` with its control characters (newlines, escapes, ...) and invisible formatting
+/// characters (bidirectional overrides, zero-width characters, line separators) written as
+/// escapes (`\n`, `\u{1b}`, `\u{202e}`), the rest as it is: for text a peer chose that ends
+/// up in a log line, an audit record or a terminal, where a raw control character could forge
+/// a line or rewrite one, and a bidirectional override could make a row read backwards.
 pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
     if !has_controls(s) {
         return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if c.is_control() {
+        if is_control(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -86,9 +88,29 @@ pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// Whether `s` holds a control character (see [`escape_controls`]).
+/// Whether `s` holds a control or invisible formatting character (see [`escape_controls`]).
 pub fn has_controls(s: &str) -> bool {
-    s.chars().any(char::is_control)
+    s.chars().any(is_control)
+}
+
+/// A control character (Unicode Cc), or one of the format characters (Cf) and separators
+/// (Zl, Zp) that change how the text around them is shown while showing nothing themselves.
+fn is_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{61c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0001}'
+                | '\u{e0020}'..='\u{e007f}'
+        )
 }
 
 /// `s` cut to at most `max` bytes, on a character boundary, marked `…` (the marker counts):
@@ -109,12 +131,26 @@ pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
 /// refuses a broker's record with a longer one.
 pub const AUDIT_TARGET_MAX: usize = 256;
 
-/// `target` as an audit record holds it: control characters escaped (so that it cannot forge
-/// lines where records are shown), then [`bounded`] to [`AUDIT_TARGET_MAX`] (escapes make a
-/// name of control characters several times longer, and a record with a longer target would
-/// be refused, who and the decision with it).
+/// `target` as an audit record holds it: every character outside printable ASCII escaped
+/// (`\u{435}`), so that it cannot forge lines where records are shown, nor pass for another
+/// name (a Cyrillic `е` in `dеmo`): every name Umbra stores is ASCII, so a legitimate target
+/// is unchanged. Then [`bounded`] to [`AUDIT_TARGET_MAX`] (escapes make a name several times
+/// longer, and a record with a longer target would be refused, who and the decision with it).
 pub fn audit_target(target: &str) -> String {
-    bounded(&escape_controls(target), AUDIT_TARGET_MAX).into_owned()
+    let escaped = if target.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        std::borrow::Cow::Borrowed(target)
+    } else {
+        let mut out = String::with_capacity(target.len() + 8);
+        for c in target.chars() {
+            if (' '..='~').contains(&c) {
+                out.push(c);
+            } else {
+                out.extend(c.escape_default());
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    };
+    bounded(&escaped, AUDIT_TARGET_MAX).into_owned()
 }
 
 #[cfg(test)]
@@ -134,6 +170,12 @@ mod tests {
         // Not control characters: left as they are.
         assert_eq!(escape_controls("élan – ok"), "élan – ok");
         assert!(has_controls("a\u{7f}") && has_controls("\u{85}") && !has_controls("a b"));
+        // Invisible formatting: a bidirectional override that would make "deny … wolla" read
+        // as "allow", zero-width characters, separators.
+        assert_eq!(escape_controls("demo\u{202e} wolla"), "demo\\u{202e} wolla");
+        for c in ['\u{200b}', '\u{2066}', '\u{2028}', '\u{feff}', '\u{e0041}'] {
+            assert!(has_controls(&format!("demo{c}")), "{c:?}");
+        }
     }
 
     /// Cut on a character boundary, marked, within the bound; text within it is whole.
@@ -150,8 +192,20 @@ mod tests {
         assert!(hostile.len() <= AUDIT_TARGET_MAX && hostile.ends_with('…'));
         assert!(hostile.starts_with("\\u{1}\\u{1}") && !has_controls(&hostile));
         let cut = audit_target(&"é".repeat(AUDIT_TARGET_MAX));
-        assert!(cut.len() <= AUDIT_TARGET_MAX);
-        assert!(cut.trim_end_matches('…').chars().all(|c| c == 'é'));
+        assert!(cut.len() <= AUDIT_TARGET_MAX && cut.ends_with('…'));
+        assert!(cut.starts_with("\\u{e9}\\u{e9}"), "{cut}");
+        // A look-alike of a name cannot pass for it; a bidirectional override cannot turn
+        // the row around; names as Umbra stores them are unchanged.
+        assert_eq!(audit_target("d\u{435}mo"), "d\\u{435}mo");
+        assert_eq!(audit_target("demo\u{202e} wolla"), "demo\\u{202e} wolla");
+        for same in [
+            "demo",
+            "alice@example.com",
+            "umbra://default/agent/d-0123456789abcdef",
+            "10.0.0.5:22",
+        ] {
+            assert_eq!(audit_target(same), same);
+        }
     }
 
     #[test]

@@ -142,3 +142,19 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     broker.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// A broker waits longer for a connector's answer to a dial than a connector waits for a
+    /// target to accept: a target that drops connection attempts is answered `Unreachable` by
+    /// its connector before the broker gives up and takes the connector for a silent one.
+    #[test]
+    fn brokers_wait_longer_for_a_dial_than_connectors_for_a_target() {
+        let broker = umbra_broker::BrokerConfig::default().dial_timeout_ms;
+        let connector = umbra_connector::ConnectorConfig::default().dial_timeout_ms;
+        assert!(
+            broker >= connector + 1_000,
+            "broker {broker} ms, connector {connector} ms"
+        );
+    }
+}

@@ -106,7 +106,7 @@ pub(super) async fn create_user(
         })
     }
     .await;
-    ctx.audited(ADMIN, "user.create", &req.id, res)
+    ctx.audited(ADMIN, "user.create", &user_target(&req.id), res)
         .await
         .map(created)
 }
@@ -165,7 +165,8 @@ pub(super) async fn delete_user(
         Ok(no_content())
     }
     .await;
-    ctx.audited(ADMIN, "user.delete", &id, res).await
+    ctx.audited(ADMIN, "user.delete", &user_target(&id), res)
+        .await
 }
 
 /// `PATCH /v1/users/{id}`: disable or enable. Disabling keeps the user, their groups and
@@ -217,7 +218,13 @@ pub(super) async fn update_user(
         Ok(Json(user).into_response())
     }
     .await;
-    ctx.audited(ADMIN, action, &id, res).await
+    ctx.audited(ADMIN, action, &user_target(&id), res).await
+}
+
+/// The target of a user's audit record: the id as stored (lowercased) when the request's
+/// spelling is one, so that refusals and successes about one user share a target.
+fn user_target(raw: &str) -> String {
+    umbra_proto::user_id(raw).unwrap_or_else(|| raw.to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------
