@@ -38,6 +38,8 @@ pub struct Forwarder {
     forwards: Vec<(String, SocketAddr)>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
+    /// Set to the expiry time once the certificate expired without a renewal.
+    expired: tokio::sync::watch::Receiver<Option<SystemTime>>,
 }
 
 impl Forwarder {
@@ -118,6 +120,12 @@ impl Forwarder {
                 )
             })
             .collect();
+        let (expired_tx, expired) = tokio::sync::watch::channel(None);
+        tokio::spawn(watch_expiry(
+            identity_rx.clone(),
+            expired_tx,
+            cancel.clone(),
+        ));
         let services: Vec<&str> = bound.iter().map(|(s, _)| s.as_str()).collect();
         let span = tracing::info_span!("forwards", services = %services.join(","));
         let task = tokio::spawn(
@@ -127,7 +135,23 @@ impl Forwarder {
             forwards: bound,
             cancel,
             task: Some(task),
+            expired,
         })
+    }
+
+    /// Waits until the forwards stop by themselves: the certificate expired without a
+    /// renewal (a suspend past its expiry, a controller away too long). Then nothing can be
+    /// forwarded any more; the error says to enroll again.
+    pub async fn failed(&mut self) -> AgentError {
+        let at = match self.expired.wait_for(Option::is_some).await {
+            Ok(at) => *at,
+            // The watcher is gone only once the forwarder is shutting down.
+            Err(_) => None,
+        };
+        match at {
+            Some(at) => AgentError::Expired(umbra_pki::rfc3339(at)),
+            None => std::future::pending().await,
+        }
     }
 
     /// The address actually bound for the first forward (useful with port 0).
@@ -158,6 +182,23 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// Waits for the certificate in use to expire without a renewal; then says so, stops every
+/// forward (a connection it accepted could only be refused) and reports the expiry.
+async fn watch_expiry(
+    identity: tokio::sync::watch::Receiver<Arc<umbra_pki::TlsIdentity>>,
+    expired: tokio::sync::watch::Sender<Option<SystemTime>>,
+    cancel: CancellationToken,
+) {
+    let at = tokio::select! {
+        () = cancel.cancelled() => return,
+        at = umbra_link::enroll::until_expired(identity) => at,
+    };
+    let e = AgentError::Expired(umbra_pki::rfc3339(at));
+    tracing::error!(error = %e, "certificate expired without a renewal; forwards stopped");
+    let _ = expired.send(Some(at));
+    cancel.cancel();
 }
 
 /// Follows the broker list for the session until `cancel`, then waits for the accept loops

@@ -31,6 +31,54 @@ pub(crate) fn load(
     Ok((id, cref))
 }
 
+/// Where the certificate's renewal stands after an agent command looked at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Not due before this time.
+    NotDue(SystemTime),
+    /// It was due and was renewed now.
+    Renewed,
+    /// Due since this time; renewing failed (the held certificate is kept).
+    Failed { due: SystemTime, error: String },
+}
+
+/// Renews the certificate in `cfg.identity_dir` once, if its renewal time has passed: a
+/// forward renews it while it runs, but an agent that only runs now and then, or a laptop that
+/// slept through the renewal time, must not let it lapse (an expired certificate cannot renew,
+/// and the device must enroll again). Bounded by twice the connect timeout; on failure the
+/// held identity is kept and the failure reported.
+pub(crate) async fn renew_if_due(
+    cfg: &AgentConfig,
+    id: TlsIdentity,
+    now: SystemTime,
+) -> (TlsIdentity, Renewal) {
+    let due = match id.cert_chain.first().map(umbra_link::enroll::cert_validity) {
+        Some(Ok((not_before, not_after))) => umbra_link::enroll::renew_at(not_before, not_after),
+        _ => {
+            let not_after = id.peer.not_after;
+            return (id, Renewal::NotDue(not_after));
+        }
+    };
+    if now < due {
+        return (id, Renewal::NotDue(due));
+    }
+    let renewed = tokio::time::timeout(
+        cfg.connect_timeout() * 2,
+        umbra_link::enroll::renew(&cfg.identity_dir),
+    )
+    .await;
+    let error = match renewed {
+        Ok(Ok(_)) => match TlsIdentity::load_dir(&cfg.identity_dir) {
+            Ok(fresh) => return (fresh, Renewal::Renewed),
+            Err(e) => e.to_string(),
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the controller did not answer in time".to_owned(),
+    };
+    tracing::warn!(%error, due = %umbra_pki::rfc3339(due), "certificate renewal is due and failed");
+    (id, Renewal::Failed { due, error })
+}
+
 /// Stores `brokers` as the list in `controller.json` (a failure is logged: the list in memory
 /// is what counts, the file is for the next start).
 pub(crate) fn remember_brokers(

@@ -13,8 +13,9 @@
 //! 5. `forward`: accept local TCP connections and relay each over its own stream.
 //! 6. `status`: identity, broker round trip times, the services the user may reach.
 //!
-//! The certificate is renewed in the background while forwarding; new links use the renewed
-//! identity. Enrollment itself ([`enroll`]) is umbra-link's.
+//! The certificate is renewed in the background while forwarding (new links use the renewed
+//! identity), and by `status` and `services` once it is due; a forward whose certificate
+//! expired without a renewal stops. Enrollment itself ([`enroll`]) is umbra-link's.
 //!
 //! Not owned here: the access decision (the broker's), and the wire format (umbra-proto).
 
@@ -31,6 +32,7 @@ use umbra_proto::Role;
 
 pub use config::{AgentConfig, ConfigError, TransportPref, UnknownTransportPref};
 pub use forward::Forwarder;
+pub use identity::Renewal;
 pub use status::{BrokerStatus, Status, services, status};
 pub use umbra_link::enroll::enroll;
 
@@ -44,9 +46,10 @@ pub enum AgentError {
     Identity(#[source] umbra_pki::PkiError),
     /// The certificate has expired (at the time given): renewal needs a valid one.
     #[error(
-        "this device's certificate expired at {0}; it renews itself only while an agent runs. \
-         Enroll this device again with a new token from your administrator: \
-         umbra agent enroll --controller URL --token TOKEN"
+        "this device's certificate expired at {0} without a renewal (every agent command \
+         renews it once it is due, if the controller can be reached). Enroll this device \
+         again with a new token from your administrator: \
+         umbra agent enroll --controller URL --token-file FILE"
     )]
     Expired(String),
     /// The identity is not an agent's.

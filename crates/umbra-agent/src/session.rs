@@ -58,8 +58,9 @@ pub(crate) enum OpenError {
     /// This device's certificate expired (at the time given) and was not renewed. Final: it
     /// authorizes nothing, not even on a link dialed while it was valid.
     #[error(
-        "this device's certificate expired at {0} and could not be renewed \
-         (is the controller reachable? was the device revoked?)"
+        "this device's certificate expired at {0} without a renewal (the controller could not \
+         be reached in time, or the device was revoked); it cannot renew any more. Enroll \
+         this device again with a new token from your administrator"
     )]
     Expired(String),
 }

@@ -19,8 +19,11 @@ pub struct Status {
     pub identity: String,
     /// The user this device is bound to.
     pub user: Option<String>,
-    /// When the device certificate expires (it is renewed while the agent runs).
+    /// When the device certificate expires (it is renewed while a forward runs, and by any
+    /// agent command once due).
     pub cert_not_after: SystemTime,
+    /// Where its renewal stands.
+    pub renewal: identity::Renewal,
     /// Every known broker, nearest first; unreachable ones last.
     pub brokers: Vec<BrokerStatus>,
 }
@@ -41,6 +44,7 @@ pub struct BrokerStatus {
 pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
     cfg.validate()?;
     let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
+    let (id, renewal) = identity::renew_if_due(cfg, id, SystemTime::now()).await;
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
@@ -81,6 +85,7 @@ pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
         identity: id.peer.id.to_uri(),
         user: cref.user,
         cert_not_after: id.peer.not_after,
+        renewal,
         brokers,
     })
 }
@@ -89,6 +94,7 @@ pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
 pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     cfg.validate()?;
     let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
+    let (id, _) = identity::renew_if_due(cfg, id, SystemTime::now()).await;
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;

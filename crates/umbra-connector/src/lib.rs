@@ -205,36 +205,18 @@ impl Drop for Connector {
 /// Waits for the certificate in use to expire (wall clock, so a suspended host is no
 /// exception); if no renewal replaced it by then, says why and stops the connector's links.
 async fn watch_expiry(
-    mut identity: watch::Receiver<Arc<TlsIdentity>>,
+    identity: watch::Receiver<Arc<TlsIdentity>>,
     failed: watch::Sender<Option<String>>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let not_after = identity.borrow_and_update().peer.not_after;
-        let left = not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            r = identity.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                continue;
-            }
-            // Checked again at least every minute: tokio's timer stands still across a
-            // suspend.
-            () = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
-        }
-        if SystemTime::now() < not_after {
-            continue;
-        }
-        let e = ConnectorError::Expired(umbra_pki::rfc3339(not_after));
-        tracing::error!(error = %e, "certificate expired without a renewal; stopping");
-        let _ = failed.send(Some(umbra_pki::rfc3339(not_after)));
-        cancel.cancel();
-        return;
-    }
+    let not_after = tokio::select! {
+        () = cancel.cancelled() => return,
+        at = umbra_link::enroll::until_expired(identity) => at,
+    };
+    let e = ConnectorError::Expired(umbra_pki::rfc3339(not_after));
+    tracing::error!(error = %e, "certificate expired without a renewal; stopping");
+    let _ = failed.send(Some(umbra_pki::rfc3339(not_after)));
+    cancel.cancel();
 }
 
 async fn join_all(tasks: Vec<JoinHandle<()>>) {

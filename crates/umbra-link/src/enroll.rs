@@ -152,6 +152,23 @@ pub async fn renew(dir: &Path) -> Result<IssuedCert, EnrollError> {
             "the renewed certificate names another identity",
         ));
     }
+    let now = SystemTime::now();
+    let leaf = fresh
+        .cert_chain
+        .first()
+        .ok_or(EnrollError::BadAnswer("no certificate in the answer"))?;
+    let (not_before, not_after) = cert_validity(leaf)?;
+    if let Some(why) = renewal_unusable((not_before, not_after), current.peer.not_after, now) {
+        // Keeping the held certificate: one the controller's clock made unusable here would
+        // replace it and lock this identity out.
+        tracing::warn!(
+            not_before = %umbra_pki::rfc3339(not_before),
+            not_after = %umbra_pki::rfc3339(not_after),
+            now = %umbra_pki::rfc3339(now),
+            "the renewed certificate is not valid by this host's clock; keeping the current one (is the controller's or this host's clock wrong?)"
+        );
+        return Err(EnrollError::BadAnswer(why));
+    }
     umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
     if !issued.brokers.is_empty() && issued.brokers != cref.brokers {
         cref.brokers = issued.brokers.clone();
@@ -196,6 +213,32 @@ pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     }
 }
 
+/// Why a renewed certificate valid from `not_before` to `not_after` must not replace the held
+/// one (valid until `held_not_after`) at `now`, by this host's clock: it has already expired
+/// (a controller whose clock is behind), or it is not valid yet while the held one still is
+/// for more than [`LAST_CHANCE`] (a controller whose clock is ahead: brokers with a right
+/// clock would refuse it, and new links would fail until it starts; retried, the controller's
+/// clock may have been set right). In its last minutes the held certificate can renew no more
+/// once it expires, so a certificate that starts later is the better of the two. `None`: use
+/// it.
+pub fn renewal_unusable(
+    (not_before, not_after): (SystemTime, SystemTime),
+    held_not_after: SystemTime,
+    now: SystemTime,
+) -> Option<&'static str> {
+    if not_after <= now {
+        return Some("the renewed certificate has already expired by this host's clock");
+    }
+    let held_left = held_not_after.duration_since(now).unwrap_or(Duration::ZERO);
+    if not_before > now && held_left > LAST_CHANCE {
+        return Some("the renewed certificate is not valid yet by this host's clock");
+    }
+    None
+}
+
+/// See [`renewal_unusable`]: twice the longest wait between two renewal attempts.
+const LAST_CHANCE: Duration = Duration::from_secs(120);
+
 /// The validity window of a certificate, DER.
 pub fn cert_validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), EnrollError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -210,9 +253,11 @@ pub fn cert_validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTim
 /// First delay between failed renewal attempts, and the longest.
 const RENEW_RETRY_BASE: Duration = Duration::from_secs(5);
 const RENEW_RETRY_CAP: Duration = Duration::from_secs(300);
-/// Longest single sleep while waiting for the renewal time: wall-clock time jumps (suspend,
-/// clock corrections) are noticed at least this often.
-const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(600);
+/// Longest single sleep while waiting for the renewal time or between retries: wall-clock
+/// time jumps (a suspend, during which tokio's timer stands still; clock corrections) are
+/// noticed at least this often. A laptop that wakes close to its certificate's expiry must
+/// renew at once, not after a sleep begun before the suspend has run out.
+const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(60);
 /// Usual least time between two successful renewals. Certificates start a minute before they
 /// are issued (clock skew), so with a lifetime under a minute and a half the renewal time of a
 /// fresh certificate is already past: without a gap such a peer would renew in a tight loop.
@@ -264,6 +309,7 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
         }
 
         let mut backoff = Backoff::new(RENEW_RETRY_BASE, RENEW_RETRY_CAP);
+        let held_not_after = current.peer.not_after;
         let fresh = loop {
             match renew(dir).await {
                 Ok(_) => match TlsIdentity::load_dir(dir) {
@@ -272,8 +318,18 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
                 },
                 Err(e) => tracing::warn!(error = %e, "certificate renewal failed; will retry"),
             }
-            // At least one base interval, so a persistent failure never spins.
-            let delay = backoff.next_delay(random_unit()).max(RENEW_RETRY_BASE);
+            let now = SystemTime::now();
+            let Ok(left) = held_not_after.duration_since(now) else {
+                // Only a valid certificate authenticates a renewal: no retry can succeed.
+                tracing::error!(
+                    not_after = %umbra_pki::rfc3339(held_not_after),
+                    "the certificate expired before it could be renewed; renewal stops. Enroll again with a new token from the administrator"
+                );
+                return;
+            };
+            // At least one base interval, so a persistent failure never spins; at most a
+            // quarter of what is left, so the last tries come before expiry, not after it.
+            let delay = retry_delay(backoff.next_delay(random_unit()), left);
             tokio::time::sleep(delay).await;
         };
         let gap = match fresh.cert_chain.first().map(cert_validity) {
@@ -284,6 +340,53 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
             return;
         }
         tokio::time::sleep(gap).await;
+    }
+}
+
+/// The wait before retrying a failed renewal: the backoff's `delay`, but no more than a
+/// quarter of the `left` validity of the held certificate nor [`RENEW_WAKE_INTERVAL`], and
+/// never under [`RENEW_RETRY_BASE`].
+fn retry_delay(delay: Duration, left: Duration) -> Duration {
+    delay
+        .min(left / 4)
+        .min(RENEW_WAKE_INTERVAL)
+        .max(RENEW_RETRY_BASE)
+}
+
+/// Waits until the certificate last published on `identity` has expired, by the wall clock
+/// (checked at least every minute: tokio's timer stands still across a suspend), with no
+/// renewed one published before; returns its expiry. Never returns while renewals keep up.
+pub async fn until_expired(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> SystemTime {
+    loop {
+        let not_after = identity.borrow_and_update().peer.not_after;
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::select! {
+            r = identity.changed() => {
+                if r.is_err() {
+                    // No more renewals: only the wall clock can still end the certificate.
+                    return wall_clock_reaches(not_after).await;
+                }
+                continue;
+            }
+            () = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
+        }
+        if SystemTime::now() >= not_after {
+            return not_after;
+        }
+    }
+}
+
+/// Returns `at` once the wall clock has reached it (checked at least every minute).
+async fn wall_clock_reaches(at: SystemTime) -> SystemTime {
+    loop {
+        match at.duration_since(SystemTime::now()) {
+            Ok(left) if !left.is_zero() => {
+                tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+            }
+            _ => return at,
+        }
     }
 }
 
@@ -385,6 +488,45 @@ mod tests {
         }
         let other = "umbra://default/agent/d2".to_owned();
         assert!(check_issued(&issued(other, not_after), &p.key_pem).is_err());
+    }
+
+    /// A renewed certificate that has already expired here, or that is not valid yet while
+    /// the held one still is, never replaces the held one; the twins are used.
+    #[test]
+    fn renewals_this_clock_cannot_use_are_refused() {
+        let now = t(1_000_000);
+        let h = Duration::from_secs(3600);
+        let held = now + 8 * h;
+        // The controller's clock two days behind: expired on arrival.
+        let behind = (now - 50 * h, now - 26 * h);
+        assert!(renewal_unusable(behind, held, now).is_some());
+        // A day ahead: not valid yet, while the held one is for 8 more hours.
+        let ahead = (now + 24 * h, now + 48 * h);
+        assert!(renewal_unusable(ahead, held, now).is_some());
+        // ... but in the held one's last minutes, it is the better of the two.
+        assert_eq!(
+            renewal_unusable(ahead, now + Duration::from_secs(90), now),
+            None
+        );
+        assert!(renewal_unusable(ahead, now + Duration::from_secs(180), now).is_some());
+        // In step (backdated a minute), or a minute ahead: used.
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            renewal_unusable((now - minute, now + 24 * h), held, now),
+            None
+        );
+        assert_eq!(renewal_unusable((now, now + 24 * h), held, now), None);
+    }
+
+    /// Retries come at least every base interval, at most every minute, and more often as
+    /// expiry nears.
+    #[test]
+    fn retries_quicken_near_expiry() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_delay(s(300), s(86_400)), RENEW_WAKE_INTERVAL);
+        assert_eq!(retry_delay(s(300), s(100)), s(25));
+        assert_eq!(retry_delay(s(300), s(4)), RENEW_RETRY_BASE);
+        assert_eq!(retry_delay(s(1), s(86_400)), RENEW_RETRY_BASE);
     }
 
     #[test]

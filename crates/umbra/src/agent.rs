@@ -229,6 +229,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 "certificate:  valid until {}",
                 umbra_pki::rfc3339(s.cert_not_after)
             );
+            match &s.renewal {
+                umbra_agent::Renewal::NotDue(at) => {
+                    println!("renewal:      due {}", umbra_pki::rfc3339(*at))
+                }
+                umbra_agent::Renewal::Renewed => println!("renewal:      renewed now"),
+                umbra_agent::Renewal::Failed { due, error } => println!(
+                    "renewal:      due since {} and failed: {error}. It is retried by every agent command and while a forward runs; before the certificate expires, or the device must enroll again",
+                    umbra_pki::rfc3339(*due)
+                ),
+            }
             println!("brokers:");
             for b in s.brokers {
                 match b.rtt {
@@ -270,13 +280,19 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             if let Some(addr) = metrics_listen {
                 crate::telemetry::serve_metrics(addr).await;
             }
-            let f = umbra_agent::Forwarder::start_many(cfg, &forwards).await?;
+            let mut f = umbra_agent::Forwarder::start_many(cfg, &forwards).await?;
             for (service, addr) in f.forwards() {
                 println!("forwarding {addr} to {service}");
             }
-            crate::telemetry::shutdown_signal().await;
+            let failed = tokio::select! {
+                () = crate::telemetry::shutdown_signal() => None,
+                e = f.failed() => Some(e),
+            };
             f.shutdown().await;
-            Ok(())
+            match failed {
+                Some(e) => Err(e.into()),
+                None => Ok(()),
+            }
         }
     }
 }

@@ -480,12 +480,12 @@ async fn renewed_certificates_keep_roles_working_past_expiry() {
             .map(|h| h.dir.clone())
             .collect(),
     );
-    let fwd_alice_q = s.forward("alice-quic", TransportPref::Quic, ECHO).await;
+    let mut fwd_alice_q = s.forward("alice-quic", TransportPref::Quic, ECHO).await;
     let fwd_alice_t = s.forward("alice-tcp", TransportPref::Tcp, ECHO_TCP).await;
-    let fwd_carol_q = s.forward("carol-quic", TransportPref::Quic, ECHO).await;
-    let fwd_carol_t = s.forward("carol-tcp", TransportPref::Tcp, ECHO_TCP).await;
-    let fwd_bob_q = s.forward("bob", TransportPref::Quic, ECHO).await;
-    let fwd_bob_t = s.forward("bob", TransportPref::Tcp, ECHO_TCP).await;
+    let mut fwd_carol_q = s.forward("carol-quic", TransportPref::Quic, ECHO).await;
+    let mut fwd_carol_t = s.forward("carol-tcp", TransportPref::Tcp, ECHO_TCP).await;
+    let mut fwd_bob_q = s.forward("bob", TransportPref::Quic, ECHO).await;
+    let mut fwd_bob_t = s.forward("bob", TransportPref::Tcp, ECHO_TCP).await;
 
     // While the enrolled certificates are valid: Alice and Carol are served, Bob is refused.
     for (f, what) in [
@@ -565,6 +565,28 @@ async fn renewed_certificates_keep_roles_working_past_expiry() {
 
     // --- Past every enrolled certificate's end.
     sleep_until(expiry + MARGIN).await;
+    // The forwards whose certificates expired without a renewal stop, saying what to do; the
+    // twin: Alice's, renewed, goes on.
+    for (f, what) in [
+        (&mut fwd_carol_q, "carol over QUIC"),
+        (&mut fwd_carol_t, "carol over TLS/TCP"),
+        (&mut fwd_bob_q, "bob over QUIC"),
+        (&mut fwd_bob_t, "bob over TLS/TCP"),
+    ] {
+        let e = tokio::time::timeout(SOON, f.failed())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still forwarding on an expired certificate"));
+        assert!(
+            e.to_string().contains("Enroll this device again"),
+            "{what}: {e}"
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), fwd_alice_q.failed())
+            .await
+            .is_err(),
+        "alice's forward stopped though it renewed"
+    );
     let b0 = &s.brokers[0];
     // The enrolled certificates can no longer complete a handshake, so whatever completes one
     // from here on presents a renewed certificate.
@@ -665,6 +687,56 @@ async fn one_broker(lifetime_secs: u64) -> OneBroker {
         _echo: echo_task,
         _conn: conn,
     }
+}
+
+/// `umbra agent status` and `services` renew a certificate whose renewal time has passed (a
+/// device that only runs a forward now and then, or slept through it, would otherwise let it
+/// lapse and have to enroll again), and say so; a certificate not yet due is left alone.
+/// With 30 s certificates (backdated a minute) a fresh one is due at once; with the default
+/// lifetime it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_commands_renew_a_due_certificate() {
+    init();
+    let mut ob = one_broker(30).await;
+    let dir = ob.s.enroll_agent(ALICE, "alice").await.dir.clone();
+    let held = Holder::capture("alice", &dir);
+    let cfg = ob.s.agent("alice").config(TransportPref::Quic);
+    let st = umbra_agent::status(&cfg).await.unwrap();
+    assert_eq!(st.renewal, umbra_agent::Renewal::Renewed);
+    let now = TlsIdentity::load_dir(&dir).unwrap();
+    assert_eq!(now.peer.id, held.orig.peer.id);
+    assert_ne!(now.peer.serial_hex, held.orig.peer.serial_hex);
+    assert_eq!(st.cert_not_after, now.peer.not_after);
+    let audit = ob.s.admin.audit().await;
+    assert!(
+        !renewals(&audit, &held.uri(), "ok").is_empty(),
+        "no renew audited"
+    );
+    // `services` renews too.
+    let before = TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex;
+    let list = umbra_agent::services(&cfg).await.unwrap();
+    assert_eq!(list, [ECHO]);
+    assert_ne!(TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex, before);
+
+    // The twin: a day-long certificate is not due; nothing is renewed.
+    let long = ControllerConfig {
+        cert_lifetime_secs: 86_400,
+        ..ob.s.ctl_cfg.clone()
+    };
+    ob.s.restart_controller(long).await;
+    let dir2 = ob.s.enroll_agent(ALICE, "alice-2").await.dir.clone();
+    let held2 = TlsIdentity::load_dir(&dir2).unwrap();
+    let cfg2 = ob.s.agent("alice-2").config(TransportPref::Quic);
+    let st = umbra_agent::status(&cfg2).await.unwrap();
+    assert!(
+        matches!(st.renewal, umbra_agent::Renewal::NotDue(at) if at > SystemTime::now()),
+        "{:?}",
+        st.renewal
+    );
+    assert_eq!(
+        TlsIdentity::load_dir(&dir2).unwrap().peer.serial_hex,
+        held2.peer.serial_hex
+    );
 }
 
 /// The broker ends a live link when the certificate it was made with expires (TLS checks

@@ -833,8 +833,9 @@ pub(crate) async fn echo_ok(addr: SocketAddr) -> Result<(), String> {
     round_trip(addr, b"ping through umbra", Duration::from_secs(3)).await
 }
 
-/// The forward resets the connection without a byte: refused. `Err` if data came back, the
-/// connection stayed open, or it ended cleanly (a client would take that for an empty answer).
+/// The forward resets the connection without a byte, or no longer listens (it stopped, its
+/// certificate expired): refused. `Err` if data came back, the connection stayed open, or it
+/// ended cleanly (a client would take that for an empty answer).
 pub(crate) async fn refused(addr: SocketAddr) -> Result<(), String> {
     let reset = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::ConnectionReset {
@@ -847,6 +848,7 @@ pub(crate) async fn refused(addr: SocketAddr) -> Result<(), String> {
         // The reset may come before the connect is seen to complete.
         let mut s = match TcpStream::connect(addr).await {
             Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(()),
             Err(e) => return reset(e),
         };
         // Ignore write errors: the forward may already have closed.
