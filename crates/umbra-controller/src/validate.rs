@@ -79,12 +79,13 @@ pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
                 "an IPv4-mapped IPv6 address; write the IPv4 address: {v4}:{port}"
             )));
         }
-        if !addr.is_loopback() && !addr.is_unspecified() {
-            if let Some(v4) = addr.to_ipv4() {
-                return Err(bad(&format!(
-                    "an IPv4-compatible IPv6 address; write the IPv4 address: {v4}:{port}"
-                )));
-            }
+        if !addr.is_loopback()
+            && !addr.is_unspecified()
+            && let Some(v4) = addr.to_ipv4()
+        {
+            return Err(bad(&format!(
+                "an IPv4-compatible IPv6 address; write the IPv4 address: {v4}:{port}"
+            )));
         }
         let canonical = addr.to_string();
         if canonical != inner {

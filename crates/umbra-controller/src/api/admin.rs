@@ -1082,24 +1082,24 @@ async fn peer_page(
         (_, None, Some(n)) => Some(validate::name(n, "name")?),
         (_, None, None) => None,
     };
-    if let Some(n) = q.limit {
-        if !(1..=LIST_PAGE_MAX).contains(&n) {
-            return Err(ApiFailure::invalid(
-                "limit",
-                format!("must be between 1 and {LIST_PAGE_MAX}"),
-            ));
-        }
+    if let Some(n) = q.limit
+        && !(1..=LIST_PAGE_MAX).contains(&n)
+    {
+        return Err(ApiFailure::invalid(
+            "limit",
+            format!("must be between 1 and {LIST_PAGE_MAX}"),
+        ));
     }
-    if let Some(after) = q.after.as_deref() {
-        if after.len() > 512 || peers::peer_get(c, org, kind, after).await?.is_none() {
-            return Err(ApiFailure::invalid(
-                "after",
-                format!(
-                    "no {} {after}: give the last id of the page before",
-                    kind.noun()
-                ),
-            ));
-        }
+    if let Some(after) = q.after.as_deref()
+        && (after.len() > 512 || peers::peer_get(c, org, kind, after).await?.is_none())
+    {
+        return Err(ApiFailure::invalid(
+            "after",
+            format!(
+                "no {} {after}: give the last id of the page before",
+                kind.noun()
+            ),
+        ));
     }
     Ok(PeerListPage {
         owner,

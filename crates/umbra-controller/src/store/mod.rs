@@ -86,10 +86,11 @@ pub(crate) struct WriteTx<'a> {
 impl WriteTx<'_> {
     /// The connection to run statements on.
     pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
-        // Only `commit` and `drop` take the transaction, and both consume the `WriteTx`.
-        self.tx
-            .as_mut()
-            .expect("a WriteTx holds its transaction until commit or drop")
+        match self.tx.as_mut() {
+            Some(tx) => tx,
+            // Only `commit` and `drop` take the transaction, and both consume the `WriteTx`.
+            None => unreachable!("a WriteTx holds its transaction until commit or drop"),
+        }
     }
 
     pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
