@@ -75,6 +75,17 @@ pub(crate) fn resolve_kek(
         return Ok((kek, KekSource::Env));
     }
     let path = cfg.data_dir.join(KEK_FILE);
+    // Like a private key: refused if another user owns it or may read it.
+    match umbra_pki::check_private_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ControllerError::Io {
+                op: "use",
+                path,
+                source: e,
+            });
+        }
+        _ => {}
+    }
     match fs::read_to_string(&path) {
         Ok(text) => {
             let kek = KeyEncryptionKey::parse(&text).map_err(|_| {
@@ -285,6 +296,12 @@ mod tests {
         // Later starts read the same file.
         let (k2, _) = resolve_kek(&c, None, true).unwrap();
         assert_eq!(k1.to_base64(), k2.to_base64());
+        // Not once other users may read it (a copy made with the wrong mode): refused, named.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = resolve_kek(&c, None, true).unwrap_err().to_string();
+        assert!(err.contains("ca.kek") && err.contains("chmod 600"), "{err}");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(resolve_kek(&c, None, true).is_ok());
         // The environment beats the file, the config beats both.
         let hex_key = "11".repeat(32);
         let (_, src) = resolve_kek(&c, Some(&hex_key), true).unwrap();

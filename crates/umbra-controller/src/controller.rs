@@ -1,9 +1,7 @@
 //! Start-up and shutdown: open the store, take custody of the CA, bind, create the first admin
 //! token (the last step that can fail), serve.
 
-use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -112,10 +110,12 @@ impl Controller {
         let ca_pem = ca.cert_pem().to_owned();
         // The CA certificate is public: operators hand it to `umbra admin --ca-file`.
         let ca_file = cfg.data_dir.join("ca.pem");
-        fs::write(&ca_file, &ca_pem).map_err(|source| ControllerError::Io {
-            op: "write",
-            path: ca_file,
-            source,
+        umbra_pki::write_public_file(&ca_file, ca_pem.as_bytes()).map_err(|source| {
+            ControllerError::Io {
+                op: "write",
+                path: ca_file,
+                source,
+            }
         })?;
         // Last of the steps that can fail: the token is shown only by a start that succeeds,
         // and its hash, once committed, stops every later start from creating one. Created
@@ -275,19 +275,13 @@ impl Controller {
     }
 }
 
+/// The data directory: this user's own, private (see [`umbra_pki::private_dir`]).
 fn create_data_dir(cfg: &ControllerConfig) -> Result<(), ControllerError> {
-    if cfg.data_dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.data_dir)
-        .map_err(|source| ControllerError::Io {
-            op: "create directory",
-            path: cfg.data_dir.clone(),
-            source,
-        })
+    umbra_pki::private_dir(&cfg.data_dir).map_err(|source| ControllerError::Io {
+        op: "use directory",
+        path: cfg.data_dir.clone(),
+        source,
+    })
 }
 
 /// Replaces the server certificate daily, long before its 7-day expiry.

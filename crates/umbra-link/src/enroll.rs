@@ -109,13 +109,7 @@ pub async fn enroll(
     // identity (enroll again), not an identity that cannot find its controller and that
     // every later enrollment refuses to replace. The directory is made as the identity's
     // own writer makes it (private to this user).
-    fs::create_dir_all(dir).map_err(|e| local_io("create", dir, e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| local_io("set permissions of", dir, e))?;
-    }
+    umbra_pki::private_dir(dir).map_err(|e| local_io("use directory", dir, e))?;
     save_controller_ref(
         dir,
         &ControllerRef {

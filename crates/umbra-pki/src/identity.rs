@@ -127,9 +127,21 @@ impl TlsIdentity {
     /// [`write_identity_dir`] was interrupted between replacing the certificate and moving
     /// its key into place (see there). The directory is left as it is; the next write
     /// completes it.
+    ///
+    /// A key file that other users can read, or that another user owns, is refused (as
+    /// OpenSSH refuses an unprotected private key): copied with the wrong mode, it may
+    /// already have been read, and a renewal that would set it right can be hours away.
     pub fn load_dir(dir: &Path) -> Result<Self, PkiError> {
         let read = |name: &str| {
             let path = dir.join(name);
+            if name == "key.pem" || name == NEXT_KEY {
+                match check_private_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(PkiError::io("use", &path, e));
+                    }
+                    _ => {}
+                }
+            }
             fs::read_to_string(&path).map_err(|e| PkiError::io("read", &path, e))
         };
         let (cert, ca) = (read("cert.pem")?, read("ca.pem")?);
@@ -196,15 +208,15 @@ pub fn write_identity_dir(
     cert_pem: &str,
     ca_pem: &str,
 ) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(|e| PkiError::io("create directory", dir, e))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| PkiError::io("set permissions of", dir, e))?;
+    private_dir(dir).map_err(|e| PkiError::io("use directory", dir, e))?;
     let lock_path = dir.join(WRITE_LOCK);
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
+        // Never through a symlink planted in its place.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)
         .map_err(|e| PkiError::io("open", &lock_path, e))?;
     // Released when `lock` is dropped, at return.
@@ -248,13 +260,106 @@ fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> 
     write_private_file(&target, contents.as_bytes()).map_err(|e| PkiError::io("write", &target, e))
 }
 
+/// Makes `dir` (and its missing parents) the private directory of this process's user, where
+/// a role keeps its identity or state. A missing one is created with mode 0700. An existing
+/// one must be a directory owned by this user (the effective uid) and writable by no one
+/// else, and a symlink in its place must be this user's too: a directory another local user
+/// made first (under /tmp, say) would let them swap its files, read what is written there or
+/// point a write at a file of ours. Refused otherwise, naming what is wrong; a directory that
+/// passes is set to 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{}: {why}", dir.display()),
+        )
+    };
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    let me = effective_uid()?;
+    let link = fs::symlink_metadata(dir)?;
+    if link.file_type().is_symlink() && link.uid() != me {
+        return Err(refuse(format!(
+            "a symlink owned by uid {}, not by this user (uid {me}); refusing to follow it",
+            link.uid()
+        )));
+    }
+    let meta = fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(refuse("not a directory".into()));
+    }
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "owned by uid {}, not by this user (uid {me}): another user could replace what is \
+             kept there; use a directory of this user's own",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "writable by other users (mode {:o}): anything kept there could be replaced; \
+             chmod 700 it, or use another directory",
+            meta.mode() & 0o7777
+        )));
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Checks that the file at `path` (a private key, a key-encryption key) is this user's and
+/// that no other user can read or write it; refused otherwise, saying how to set it right.
+pub fn check_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
+    let me = effective_uid()?;
+    if meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("owned by uid {}, not by this user (uid {me})", meta.uid()),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "other users may read it (mode {:o}): if they could, treat the key as leaked; \
+                 chmod 600 {}",
+                meta.mode() & 0o7777,
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// This process's effective user id: the owner of `/proc/self` (no `unsafe` call needed).
+fn effective_uid() -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata("/proc/self")?.uid())
+}
+
+/// Replaces `path` atomically with `bytes`, readable by everyone (mode 0644), as
+/// [`write_private_file`] does: for public files (a CA certificate). A symlink at `path` is
+/// replaced, never followed.
+pub fn write_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    put_file(path, bytes, 0o644, |tmp| fs::rename(tmp, path))
+}
+
 /// Replaces `path` atomically with `bytes`, readable by the owner only (mode 0600): a
 /// temporary file beside it, fsync, rename, fsync of the directory. A crash leaves the old
 /// content or the new one, never a mix, and once this returns the new one survives a power
 /// cut; on error the temporary file is removed. For keys, identities and every state file a
 /// role keeps (snapshot cache, published targets, tokens).
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    put_private_file(path, bytes, |tmp| fs::rename(tmp, path))
+    put_file(path, bytes, 0o600, |tmp| fs::rename(tmp, path))
 }
 
 /// [`write_private_file`] for a cache that must not outlive a failed update (a snapshot, a
@@ -278,18 +383,19 @@ pub fn write_private_file_or_remove(
 /// [`write_private_file`], a crash leaves no file or the whole one (never an empty or torn
 /// one, which a later start would take for the real thing).
 pub fn create_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    put_private_file(path, bytes, |tmp| {
+    put_file(path, bytes, 0o600, |tmp| {
         // A hard link fails if `path` exists, where a rename would replace it.
         fs::hard_link(tmp, path)?;
         fs::remove_file(tmp)
     })
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it, has `place` put it at `path`,
-/// and syncs the directory.
-fn put_private_file(
+/// Writes `bytes` to a temporary file (of `mode`) beside `path`, syncs it, has `place` put it
+/// at `path`, and syncs the directory.
+fn put_file(
     path: &Path,
     bytes: &[u8],
+    mode: u32,
     place: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let name = path
@@ -301,10 +407,10 @@ fn put_private_file(
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)?;
-        // The umask can only remove bits from 0600; set it exactly anyway.
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+        // The umask can only remove bits from the mode; set it exactly anyway.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         place(&tmp)
@@ -473,6 +579,80 @@ mod tests {
         let d = format!("{id:?}");
         assert!(d.contains("umbra") || d.contains("acme"), "{d}");
         assert!(!d.contains("PRIVATE") && !d.contains("key"), "{d}");
+    }
+
+    /// A directory another user could write to, or that another user owns, is refused by
+    /// name; a missing one is made private; one of ours that is merely readable is tightened.
+    #[test]
+    fn private_dirs_are_ours_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        // Missing: created, parents too, 0700.
+        let new = tmp.path().join("a/b");
+        private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+        // Ours and readable: tightened.
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o700);
+        // Writable by others (a shared dir, or one made with umask 0): refused, unchanged.
+        for m in [0o777, 0o770, 0o1777] {
+            let shared = tmp.path().join(format!("shared-{m:o}"));
+            fs::create_dir(&shared).unwrap();
+            fs::set_permissions(&shared, fs::Permissions::from_mode(m)).unwrap();
+            let e = private_dir(&shared).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+            assert!(e.to_string().contains("writable by other users"), "{e}");
+            assert!(e.to_string().contains(&shared.display().to_string()), "{e}");
+            assert_eq!(mode(&shared), m);
+        }
+        // A file in its place.
+        let file = tmp.path().join("file");
+        fs::write(&file, "x").unwrap();
+        assert!(private_dir(&file).is_err());
+        // Our own symlink to our own directory is fine.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        private_dir(&link).unwrap();
+        // Another user's directory (needs root to make one): refused.
+        if effective_uid().unwrap() == 0 {
+            let theirs = tmp.path().join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).unwrap();
+            let e = private_dir(&theirs).unwrap_err();
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+            assert_eq!(fs::metadata(&theirs).unwrap().uid(), 65534);
+            // And another user's symlink to our directory.
+            let their_link = tmp.path().join("their-link");
+            std::os::unix::fs::symlink(&new, &their_link).unwrap();
+            std::os::unix::fs::lchown(&their_link, Some(65534), Some(65534)).unwrap();
+            let e = private_dir(&their_link).unwrap_err();
+            assert!(e.to_string().contains("symlink owned by uid 65534"), "{e}");
+        }
+    }
+
+    /// An identity whose key other users can read is refused at load, saying how to fix it;
+    /// the same identity with the key 0600 loads.
+    #[test]
+    fn a_key_others_can_read_is_refused() {
+        let org = Org::new("acme");
+        let p = org.pems(Role::Agent, "d1");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("id");
+        write_identity_dir(&dir, &p.key, &p.cert, org.ca.cert_pem()).unwrap();
+        let key = dir.join("key.pem");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = TlsIdentity::load_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("other users may read it") && e.contains("chmod 600"),
+            "{e}"
+        );
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        TlsIdentity::load_dir(&dir).unwrap();
     }
 
     #[test]

@@ -46,7 +46,10 @@ enum Cmd {
         #[arg(required = true, value_name = "SERVICE[=ADDR]")]
         services: Vec<String>,
         /// Local address for a SERVICE given without =ADDR (default: 127.0.0.1 and a free
-        /// port). Loopback only, unless --allow-remote-clients.
+        /// port). Loopback only, unless --allow-remote-clients. Every local account and
+        /// process of this host can connect to it too, and reaches the service as this
+        /// device's user: on a shared host (jump host, terminal server, CI runner), forward
+        /// only while you use it.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
         /// Allow --listen on an address other hosts can reach (e.g. 0.0.0.0). Whoever

@@ -126,12 +126,8 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::Result<()> {
     let dir = a.data_dir.unwrap_or_else(default_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    }
+    umbra_pki::private_dir(&dir)
+        .with_context(|| format!("cannot use {} as the data directory", dir.display()))?;
     let log = dir.join("umbra.log");
     // The terminal is for the person; the structured log (audit lines included) goes to a file,
     // JSON unless `--log-format text`.
@@ -190,7 +186,8 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     };
     let ca_pem = controller.ca_pem();
     let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &ca_pem)?;
+    umbra_pki::write_public_file(&ca_file, ca_pem.as_bytes())
+        .with_context(|| format!("cannot write {}", ca_file.display()))?;
     write_private(
         &dir.join("admin.toml"),
         &format!(

@@ -15,9 +15,14 @@ pub(crate) fn init_logs(filter: &str, format: &str, file: Option<&Path>) -> anyh
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match file {
         Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // It holds the audit lines: owner only, and never through a symlink planted in
+            // its place.
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(p)
                 .with_context(|| format!("cannot open log file {}", p.display()))?;
             tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(f))
