@@ -52,6 +52,7 @@ pub(crate) fn check_seeds(dir: &Path, check: impl Fn(&[u8]) -> bool) -> usize {
         seen += 1;
         let ok = panic::catch_unwind(AssertUnwindSafe(|| check(&bytes)))
             .unwrap_or_else(|_| panic!("the check panicked on seed {}", path.display()));
+        assert_named_outcome(&path, ok);
         accepted += usize::from(ok);
     }
     assert!(seen > 0, "no seeds written to {}", dir.display());
@@ -107,7 +108,9 @@ pub(crate) fn replay(target: &str, mutants: usize, check: impl Fn(&[u8]) -> bool
     // reaches the invariants far more often than mutating what a fuzzer kept for coverage.
     let mut accepted: Vec<&[u8]> = Vec::new();
     for (path, bytes) in &stored {
-        if run_one(target, &path.display().to_string(), bytes, &check) {
+        let ok = run_one(target, &path.display().to_string(), bytes, &check);
+        assert_named_outcome(path, ok);
+        if ok {
             accepted.push(bytes);
         }
     }
@@ -135,6 +138,22 @@ pub(crate) fn replay(target: &str, mutants: usize, check: impl Fn(&[u8]) -> bool
         r.generated += 1;
     }
     r
+}
+
+/// A seed named `seed-…-refused…` is one the product must refuse (a CSR asking for a CA
+/// certificate, a P-521 key): the check must not accept it.
+fn assert_named_outcome(path: &Path, accepted: bool) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    if name.starts_with("seed-") && name.contains("-refused") {
+        assert!(
+            !accepted,
+            "{} was accepted, and must be refused",
+            path.display()
+        );
+    }
 }
 
 fn run_one(target: &str, what: &str, input: &[u8], check: &impl Fn(&[u8]) -> bool) -> bool {

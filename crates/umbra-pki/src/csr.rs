@@ -240,6 +240,49 @@ mod tests {
         assert!(check_csr(&csr, &[GrantedName::Ip("::1".parse().unwrap())]).is_err());
     }
 
+    /// Only the key types the CA issues for: an RSA or P-521 key is refused, naming the types;
+    /// the twins, P-256, P-384 and Ed25519, are accepted.
+    #[test]
+    fn csr_key_types() {
+        for (alg, ok) in [
+            (&rcgen::PKCS_RSA_SHA256, false),
+            (&rcgen::PKCS_ECDSA_P521_SHA512, false),
+            (&rcgen::PKCS_ECDSA_P256_SHA256, true),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, true),
+            (&rcgen::PKCS_ED25519, true),
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap();
+            match check_csr(&csr, &[]) {
+                Ok(_) => assert!(ok, "{alg:?} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{alg:?} refused: {e}");
+                    if *alg == rcgen::PKCS_RSA_SHA256 {
+                        let e = e.to_string();
+                        assert!(e.contains("ECDSA P-256, ECDSA P-384 or Ed25519"), "{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes after the request, inside the PEM, are refused; the same request without them
+    /// is accepted.
+    #[test]
+    fn trailing_data_is_refused() {
+        let csr = make_csr(&generate_key_pem().unwrap()).unwrap();
+        let der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap();
+        let mut longer = der.as_ref().to_vec();
+        longer.extend_from_slice(&[0x05, 0x00]);
+        let err = check_csr(&to_pem(&longer), &[]).unwrap_err();
+        assert!(err.to_string().contains("trailing data"), "{err}");
+        assert!(check_csr(&to_pem(der.as_ref()), &[]).is_ok());
+    }
+
     #[test]
     fn garbage_is_refused() {
         assert!(check_csr("", &[]).is_err());
