@@ -314,7 +314,29 @@ async fn data_path(t: TransportPref) {
     // bob keeps working; her identity is turned away at the link.
     let live = LiveConn::open(fa).await.unwrap();
     let alice_id = s.agent("alice").identity();
+    // A link of hers that carries no stream: the broker closes it too, refusing her
+    // identity, and records why; a link of bob's stays up.
+    let held = dial(b0, lt, &alice_id).await.unwrap();
+    let bobs = dial(b0, lt, &s.agent("bob").identity()).await.unwrap();
     s.revoke_device(&s.agent("alice").device).await;
+    tokio::time::timeout(ENFORCE, held.closed())
+        .await
+        .unwrap_or_else(|_| panic!("[{t}] a revoked device's idle link stayed up"));
+    assert_eq!(held.refused(), Some(umbra_link::Refusal::Identity), "[{t}]");
+    assert!(!bobs.is_closed(), "[{t}] bob's link was closed too");
+    poll("the link's revocation audited", ENFORCE, || async {
+        let audit = s.admin.audit().await;
+        let uri = alice_id.peer.id.to_uri();
+        if audit
+            .iter()
+            .any(|e| e["action"] == "link.revoke" && e["actor"] == uri.as_str())
+        {
+            Ok(())
+        } else {
+            Err("no link.revoke record".to_string())
+        }
+    })
+    .await;
     live.closed_within(ENFORCE).await.unwrap();
     poll("alice refused after revocation", ENFORCE, || refused(fa)).await;
     echo_ok(fb).await.unwrap();
