@@ -409,6 +409,21 @@ async fn data_path(t: TransportPref) {
     );
 }
 
+/// The services a broker lists on `link` (one `ListServices` exchange; every answer frame up
+/// to the end of the stream).
+async fn listed(link: &umbra_link::Link) -> Vec<String> {
+    let mut st = link.open().await.unwrap();
+    st.write_frame(&Frame::ListServices).await.unwrap();
+    let mut all = Vec::new();
+    loop {
+        match tokio::time::timeout(SOON, st.read_frame()).await.unwrap() {
+            Ok(Frame::ServiceList { services }) => all.extend(services),
+            Err(umbra_link::LinkError::StreamEnded) => return all,
+            other => panic!("unexpected answer to ListServices: {other:?}"),
+        }
+    }
+}
+
 /// The broker's bytes that are not an answer to `Open`, as a broker stand-in would send them.
 fn bad_open_replies() -> [(&'static str, Vec<u8>, &'static str); 5] {
     [
@@ -790,6 +805,18 @@ async fn brokers_and_controller_away(t: TransportPref) {
         },
     )
     .await;
+    // A stale broker lists nothing (what it knows may be out of date, and it opens nothing);
+    // the twin: the broker whose limit is a day lists what alice may reach.
+    let link = dial(b1, lt, &alice_id).await.unwrap();
+    assert_eq!(
+        listed(&link).await,
+        Vec::<String>::new(),
+        "[{t}] a stale broker's list"
+    );
+    link.close();
+    let link = dial(&s.brokers[0], lt, &alice_id).await.unwrap();
+    assert!(listed(&link).await.contains(&ECHO.to_owned()), "[{t}]");
+    link.close();
     // The broker without a snapshot knows no device: it closes alice's link without calling
     // it a refusal (another broker, or a later try, may serve her); a revoked identity is
     // refused everywhere (case 7).
