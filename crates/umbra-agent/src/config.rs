@@ -38,6 +38,11 @@ pub struct AgentConfig {
     /// links to it are closed. While the controller cannot be reached the last list stays in
     /// use, and tries are spaced by a backoff of at most this many seconds.
     pub broker_retry_max_secs: u64,
+    /// A running forward measures every broker again this often (1 to 3600 s), and new
+    /// connections go to the nearest that answers: after a network change, or once a broker
+    /// it failed over from is back, it returns to the nearest one. Connections in progress
+    /// stay where they are.
+    pub reprobe_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -51,6 +56,7 @@ impl Default for AgentConfig {
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
             allow_remote_clients: false,
             broker_retry_max_secs: 60,
+            reprobe_secs: 60,
         }
     }
 }
@@ -105,6 +111,9 @@ impl AgentConfig {
         if !(1..=MAX_BROKER_RETRY_SECS).contains(&self.broker_retry_max_secs) {
             return err("broker_retry_max_secs", "must be between 1 and 300");
         }
+        if !(1..=3600).contains(&self.reprobe_secs) {
+            return err("reprobe_secs", "must be between 1 and 3600");
+        }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return err("stream_window_kib", umbra_link::STREAM_WINDOW_KIB_ERROR);
         }
@@ -125,6 +134,10 @@ impl AgentConfig {
 
     pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub(crate) fn reprobe(&self) -> Duration {
+        Duration::from_secs(self.reprobe_secs)
     }
 }
 
@@ -190,6 +203,8 @@ mod tests {
             (|c| c.stream_window_kib = 16_385, "stream_window_kib"),
             (|c| c.broker_retry_max_secs = 0, "broker_retry_max_secs"),
             (|c| c.broker_retry_max_secs = 301, "broker_retry_max_secs"),
+            (|c| c.reprobe_secs = 0, "reprobe_secs"),
+            (|c| c.reprobe_secs = 3601, "reprobe_secs"),
         ];
         for (break_it, field) in cases {
             let mut c = AgentConfig {

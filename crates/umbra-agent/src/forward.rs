@@ -211,11 +211,33 @@ async fn run(
     cref: umbra_link::enroll::ControllerRef,
     cancel: CancellationToken,
 ) {
+    let reprobing = tokio::spawn(reprobe(session.clone(), cfg.reprobe(), cancel.clone()));
     refresh_brokers(session.clone(), cfg, identity_rx, cref, cancel).await;
+    let _ = reprobing.await;
     for a in accepting {
         let _ = a.await;
     }
     session.close().await;
+}
+
+/// Measures the brokers again while the forwards run: every `every` while new streams are not
+/// going to the nearest broker (after a failover, or a network change that broke the link),
+/// and every ten times that otherwise (distances change when the device moves).
+async fn reprobe(session: Arc<Session>, every: Duration, cancel: CancellationToken) {
+    let mut ticks: u32 = 0;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        ticks = ticks.wrapping_add(1);
+        if ticks % 10 == 0 || session.off_nearest().await {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = session.reprobe() => {}
+            }
+        }
+    }
 }
 
 /// Accepts local connections for one service until `cancel`; each is relayed over its own

@@ -101,6 +101,9 @@ fn reply(read: Result<Frame, LinkError>) -> Reply {
 /// connecting to a slow target.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
 
+/// Most links kept for the streams they carry after a nearer broker took over new ones.
+const MAX_RETIRING: usize = 8;
+
 /// The agent's connection to the broker fabric.
 pub(crate) struct Session {
     cfg: AgentConfig,
@@ -125,6 +128,8 @@ struct State {
     /// When the last dial to a broker failed, and why (cleared when one succeeds): requests
     /// that began before do not dial it again (see [`Session::link`]).
     dial_failed: HashMap<String, (Instant, String)>,
+    /// Some broker did not answer the last measurement: it may be nearer once it is back.
+    some_unmeasured: bool,
 }
 
 /// Failed attempts of one request, and the reason of the latest.
@@ -148,6 +153,7 @@ impl Session {
         let mut current = None;
         let mut ranked_brokers = Vec::with_capacity(probes.len());
         let mut down = DownMarks::default();
+        let mut some_unmeasured = false;
         let now = Instant::now();
         for Probe { broker, result, .. } in probes {
             match result {
@@ -163,6 +169,7 @@ impl Session {
                 Err(e) => {
                     tracing::info!(broker = %broker.name, error = %e, "broker not reachable");
                     down.mark(&broker.id, now, DOWN_FOR);
+                    some_unmeasured = true;
                 }
             }
             ranked_brokers.push(broker);
@@ -177,9 +184,97 @@ impl Session {
                 dialed_with: id.peer.not_after,
                 retiring: Vec::new(),
                 side: Vec::new(),
+                some_unmeasured,
                 down,
                 dial_failed: HashMap::new(),
             }),
+        }
+    }
+
+    /// Measures every broker again and ranks them nearest first; when the nearest that
+    /// answers is not the current broker (the agent failed over while it was away, or the
+    /// device moved to another network), its fresh link becomes the current one: new streams
+    /// go there, and the old link stays for the streams it carries.
+    pub(crate) async fn reprobe(&self) {
+        let brokers = self.state.lock().await.brokers.clone();
+        if brokers.is_empty() {
+            return;
+        }
+        let identity = self.identity.borrow().clone();
+        let probes = brokers::probe_all(&self.cfg, &identity, &brokers).await;
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let mut ranked = Vec::with_capacity(probes.len());
+        let mut nearest = None;
+        st.some_unmeasured = false;
+        for Probe { broker, result, .. } in probes {
+            // The list may have changed during the probes: only listed brokers count.
+            if !st.brokers.iter().any(|b| b.id == broker.id) {
+                if let Ok((_, link)) = result {
+                    link.close();
+                }
+                continue;
+            }
+            match result {
+                Ok((_, link)) => {
+                    st.down.clear(&broker.id);
+                    if nearest.is_none() {
+                        nearest = Some((broker.clone(), link));
+                    } else {
+                        link.close();
+                    }
+                }
+                Err(_) => {
+                    st.down.mark(&broker.id, now, DOWN_FOR);
+                    st.some_unmeasured = true;
+                }
+            }
+            ranked.push(broker.id);
+        }
+        for id in st.ranked.clone() {
+            if !ranked.contains(&id) {
+                ranked.push(id);
+            }
+        }
+        st.ranked = ranked;
+        let Some((broker, link)) = nearest else {
+            return;
+        };
+        let current_ok = st
+            .current
+            .as_ref()
+            .is_some_and(|(id, l)| *id == broker.id && !l.is_closed());
+        // A renewal during the probes: the next request links again with the new
+        // certificate; this link was made with the old one.
+        if current_ok || identity.peer.not_after != st.dialed_with {
+            link.close();
+            return;
+        }
+        tracing::info!(broker = %broker.name, transport = link.transport().as_str(), "a nearer broker answers; new connections go there");
+        if let Some((_, old)) = st.current.take() {
+            st.retiring.retain(|l| !l.is_closed());
+            // Bounded: a device that keeps moving between networks does not pile up links
+            // (the oldest, and what it still carries, goes first).
+            if st.retiring.len() >= MAX_RETIRING {
+                st.retiring.remove(0).close();
+            }
+            st.retiring.push(old);
+        }
+        st.current = Some((broker.id, link));
+    }
+
+    /// Whether new streams may not be going to the nearest broker: none is current, its link
+    /// is down, the agent failed over to another one, or some broker could not be measured
+    /// (it may be nearer once it is back).
+    pub(crate) async fn off_nearest(&self) -> bool {
+        let st = self.state.lock().await;
+        if st.some_unmeasured {
+            return true;
+        }
+        match (&st.current, st.ranked.first()) {
+            (Some((id, link)), Some(first)) => id != first || link.is_closed(),
+            (None, Some(_)) => true,
+            (_, None) => false,
         }
     }
 

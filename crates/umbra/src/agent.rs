@@ -22,7 +22,7 @@ pub(crate) struct Args {
     stream_window_kib: Option<u32>,
     /// TOML file with agent settings (identity_dir, transport, open_timeout_ms,
     /// connect_timeout_ms, idle_timeout_secs, stream_window_kib, allow_remote_clients,
-    /// broker_retry_max_secs).
+    /// broker_retry_max_secs, reprobe_secs).
     #[arg(long, global = true, env = "UMBRA_AGENT_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]

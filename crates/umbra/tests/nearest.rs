@@ -7,6 +7,9 @@
 //! The delayed broker listens on 127.0.0.1 and advertises 127.0.0.2, where the relay listens
 //! on the same port (TLS over TCP; the agents here use that transport).
 //!
+//! An agent that failed over to the far broker while the near one was down returns to the
+//! near one once it answers again (its brokers are measured again while it runs).
+//!
 //! A service whose one connector is linked to the far broker only is served through the far
 //! broker (a side link: the near broker stays the agent's first choice). Revoking the far
 //! broker ends that side link and its stream, not the near broker's. Once the connector links
@@ -229,6 +232,95 @@ async fn nearest_is_used(far: usize) {
         }
     })
     .await;
+}
+
+/// The near broker is down when the forward starts: its streams go through the far one. Once
+/// the near broker is back, new streams go through it again (a stream already on the far one
+/// stays there), without restarting the forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_returns_to_the_nearest_broker() {
+    init();
+    let far = 1;
+    let mut s = Stack::controller_only(&[ALICE]).await;
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let host = if i == far { FAR_HOST } else { "127.0.0.1" };
+        ports.push(add_broker(&mut s, &format!("broker-{i}"), host).await);
+    }
+    let _relay = delay_relay(ports[far].port()).await;
+    let (echo, _echo_task) = echo_server().await;
+    s.echo = echo;
+    s.brokers_registered().await;
+    let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
+    umbra_link::enroll::enroll(
+        &s.url,
+        &token,
+        &s.connector_dir,
+        umbra_proto::Role::Connector,
+    )
+    .await
+    .unwrap();
+    s.admin
+        .post(
+            "/v1/services",
+            serde_json::json!({ "name": ECHO, "target": echo.to_string(), "connectors": [CONNECTOR] }),
+        )
+        .await;
+    s.start_connector().await;
+    s.admin.allow("alice-echo", ALICE, ECHO).await;
+    s.enroll_agent(ALICE, "alice").await;
+    s.converge().await;
+    let id = s.agent("alice").identity();
+    for b in &s.brokers {
+        poll(&format!("{} serves echo", b.cfg.name), SOON, || {
+            served(b, umbra_link::Transport::Tls, &id)
+        })
+        .await;
+    }
+    // The near broker goes away; the forward starts on the far one.
+    s.brokers[1 - far].stop().await;
+    let mut cfg = s.agent("alice").config(TransportPref::Tcp);
+    cfg.open_timeout_ms = 5_000;
+    cfg.reprobe_secs = 1;
+    let fwd = Forwarder::start(cfg, ECHO, ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let mut on_far = poll("alice reaches echo", SOON, || {
+        LiveConn::open(fwd.local_addr())
+    })
+    .await;
+    let farb = &s.brokers[far];
+    let got = carrier(&s, ECHO).await;
+    assert!(got == farb.cfg.name || got == farb.id, "{got}");
+    // Back: new streams go to it again; the one on the far broker goes on.
+    s.brokers[1 - far].start_again().await;
+    let near = &s.brokers[1 - far];
+    poll(
+        "new streams through the near broker again",
+        Duration::from_secs(20),
+        || async {
+            let c = LiveConn::open(fwd.local_addr()).await?;
+            // Held until its broker's next heartbeat lists it.
+            let mut last = serde_json::Value::Null;
+            for _ in 0..15 {
+                last = s.admin.get("/v1/streams").await;
+                let through_near = last.as_array().unwrap().iter().any(|e| {
+                    e["service"] == ECHO
+                        && (e["broker"] == near.cfg.name.as_str()
+                            || e["broker"] == near.id.as_str())
+                });
+                if through_near {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(c);
+            Err(format!("{last}"))
+        },
+    )
+    .await;
+    on_far.echo(b"still on the far broker").await.unwrap();
+    fwd.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
