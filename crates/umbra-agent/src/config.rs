@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         type Breaker = fn(&mut AgentConfig);
-        let cases: [(Breaker, &str); 9] = [
+        let cases: [(Breaker, &str); 11] = [
             (|c| c.identity_dir = PathBuf::new(), "identity_dir"),
             (|c| c.open_timeout_ms = 0, "open_timeout_ms"),
             (|c| c.connect_timeout_ms = 0, "connect_timeout_ms"),
