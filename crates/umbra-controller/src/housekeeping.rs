@@ -46,46 +46,52 @@ fn cutoffs(now_ms: i64, audit_retention: Duration) -> (Option<i64>, i64) {
     (audit, tokens)
 }
 
-/// One sweep at the controller's `now`.
+/// One sweep at the controller's `now`. Each batch of audit records is deleted in the same
+/// transaction as the `retention.sweep` record that says so (the last batch also deletes the
+/// aged tokens): a sweep cut short by a crash or an error leaves no deletion unrecorded.
 pub(crate) async fn sweep(ctx: &Ctx, audit_retention: Duration) -> Result<Swept, sqlx::Error> {
     let now = ctx.now();
     let now_ms = i64::try_from(audit::unix_ms(now)).unwrap_or(i64::MAX);
     let (audit_before, tokens_before) = cutoffs(now_ms, audit_retention);
     let mut swept = Swept::default();
-    if let Some(before) = audit_before {
-        loop {
-            let mut w = ctx.store.write().await?;
-            let n = peers::audit_forget_before(w.conn(), &ctx.org, before, BATCH).await?;
-            w.commit().await?;
-            swept.audit += n;
-            if n < BATCH as u64 {
-                break;
-            }
-            // Let waiting writers in between two batches.
-            tokio::task::yield_now().await;
+    loop {
+        let mut w = ctx.store.write().await?;
+        let n = match audit_before {
+            Some(before) => peers::audit_forget_before(w.conn(), &ctx.org, before, BATCH).await?,
+            None => 0,
+        };
+        let last = n < BATCH as u64;
+        let tokens = if last {
+            peers::tokens_forget_before(w.conn(), &ctx.org, tokens_before).await?
+        } else {
+            0
+        };
+        swept.audit += n;
+        swept.tokens += tokens;
+        if n == 0 && tokens == 0 {
+            // Nothing deleted in this transaction, nothing to record.
+            return Ok(swept);
         }
+        let rec = audit::record(
+            now,
+            audit::CONTROLLER,
+            "retention.sweep",
+            &ctx.org,
+            true,
+            serde_json::json!({
+                "audit_deleted": n,
+                "audit_before_ms": audit_before,
+                "tokens_deleted": tokens,
+                "tokens_before": tokens_before,
+            }),
+        );
+        audit::commit(w, &ctx.org, std::slice::from_ref(&rec)).await?;
+        if last {
+            return Ok(swept);
+        }
+        // Let waiting writers in between two batches.
+        tokio::task::yield_now().await;
     }
-    let mut w = ctx.store.write().await?;
-    swept.tokens = peers::tokens_forget_before(w.conn(), &ctx.org, tokens_before).await?;
-    if swept == Swept::default() {
-        // Nothing deleted, nothing to record.
-        return Ok(swept);
-    }
-    let rec = audit::record(
-        now,
-        audit::CONTROLLER,
-        "retention.sweep",
-        &ctx.org,
-        true,
-        serde_json::json!({
-            "audit_deleted": swept.audit,
-            "audit_before_ms": audit_before,
-            "tokens_deleted": swept.tokens,
-            "tokens_before": tokens_before,
-        }),
-    );
-    audit::commit(w, &ctx.org, std::slice::from_ref(&rec)).await?;
-    Ok(swept)
 }
 
 /// Sweeps at start and every [`SWEEP_EVERY`] until shutdown.
