@@ -435,12 +435,13 @@ fn read_spool(bytes: &[u8]) -> (Option<u64>, VecDeque<(u64, AuditRecord)>, u64) 
             "unreadable audit spool lines skipped (a torn write at a crash)"
         );
     }
+    // Saturating: the spool is a file, and a damaged one must not overflow the numbering.
     let next = events
         .iter()
-        .map(|(s, _)| s + 1)
+        .map(|(s, _)| s.saturating_add(1))
         .max()
         .unwrap_or(1)
-        .max(acked + 1)
+        .max(acked.saturating_add(1))
         .max(next);
     events.sort_by_key(|(s, _)| *s);
     events.dedup_by_key(|(s, _)| *s);
@@ -506,6 +507,22 @@ mod tests {
             .await
             .expect("woken by the event");
         assert_eq!(a.take(10).records.len(), 1);
+    }
+
+    /// A damaged spool whose numbers reach the top of the range is read without an overflow
+    /// (a panic in a debug build, a wrap to 0 in release); a plain one as it says.
+    #[test]
+    fn spool_numbers_at_the_top_of_the_range() {
+        let rec = r#"{"at_ms":1,"actor":"x","action":"stream.open","target":"t","result":"allow","detail":null}"#;
+        let damaged = format!(
+            "{{\"epoch\":7}}\n{{\"seq\":{max},\"rec\":{rec}}}\n{{\"acked\":{max}}}\n",
+            max = u64::MAX
+        );
+        let (epoch, pending, next) = read_spool(damaged.as_bytes());
+        assert_eq!((epoch, pending.len(), next), (Some(7), 0, u64::MAX));
+        let plain = format!("{{\"epoch\":7}}\n{{\"seq\":4,\"rec\":{rec}}}\n{{\"acked\":3}}\n");
+        let (epoch, pending, next) = read_spool(plain.as_bytes());
+        assert_eq!((epoch, pending.len(), next), (Some(7), 1, 5));
     }
 
     #[test]
