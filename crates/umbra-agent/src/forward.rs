@@ -231,7 +231,7 @@ async fn reprobe(session: Arc<Session>, every: Duration, cancel: CancellationTok
             () = tokio::time::sleep(every) => {}
         }
         ticks = ticks.wrapping_add(1);
-        if ticks % 10 == 0 || session.off_nearest().await {
+        if ticks.is_multiple_of(10) || session.off_nearest().await {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = session.reprobe() => {}

@@ -141,16 +141,40 @@ pub(crate) async fn stage(
 /// Stores `records` (the controller's own) in `w`, commits, then logs them: the log never
 /// shows an event that the store does not hold.
 pub(crate) async fn commit(
-    mut w: WriteTx<'_>,
+    w: WriteTx,
     org: &str,
     records: &[AuditRecord],
 ) -> Result<(), sqlx::Error> {
-    stage(w.conn(), org, records, CONTROLLER).await?;
-    w.commit().await?;
-    for r in records {
-        emit(r);
+    commit_detached(w, org, records, None).await.map(|_| ())
+}
+
+/// Stores `records` in `w`, bumps the counter `bump` if given, commits, and logs the records,
+/// in a task of its own: a request dropped meanwhile (its client gone) cannot leave a change
+/// committed with its log lines never written. Returns the bumped counter's new value.
+pub(crate) async fn commit_detached(
+    mut w: WriteTx,
+    org: &str,
+    records: &[AuditRecord],
+    bump: Option<&'static str>,
+) -> Result<Option<u64>, sqlx::Error> {
+    let org = org.to_owned();
+    let records = records.to_vec();
+    let task = tokio::spawn(async move {
+        stage(w.conn(), &org, &records, CONTROLLER).await?;
+        let v = match bump {
+            Some(name) => Some(crate::store::bump(w.conn(), &org, name).await?),
+            None => None,
+        };
+        w.commit().await?;
+        for r in &records {
+            emit(r);
+        }
+        Ok(v)
+    });
+    match task.await {
+        Ok(r) => r,
+        Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e.to_string()))),
     }
-    Ok(())
 }
 
 pub(crate) fn emit(rec: &AuditRecord) {

@@ -338,7 +338,7 @@ fn issue(
 }
 
 async fn record_cert(
-    w: &mut crate::store::WriteTx<'_>,
+    w: &mut crate::store::WriteTx,
     org: &str,
     issued: &Issued,
     identity: &PeerId,

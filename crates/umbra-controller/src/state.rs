@@ -72,7 +72,7 @@ impl Ctx {
     /// commit: writers in this process wait for the store's write lock (a rotation is a
     /// write), and the transaction holds SQLite's write lock from its start, so a reset from
     /// the host waits for it.
-    pub(crate) async fn admin_write(&self, admin: &Presented) -> Result<WriteTx<'_>, ApiFailure> {
+    pub(crate) async fn admin_write(&self, admin: &Presented) -> Result<WriteTx, ApiFailure> {
         let mut w = self.store.write().await?;
         if !admin.is_current(w.conn(), &self.org).await? {
             return Err(token_replaced());
@@ -97,15 +97,13 @@ impl Ctx {
     /// then logs the event and wakes long-pollers. Returns the new version.
     pub(crate) async fn commit_change(
         &self,
-        mut w: WriteTx<'_>,
+        w: WriteTx,
         records: &[AuditRecord],
     ) -> Result<u64, ApiFailure> {
-        audit::stage(w.conn(), &self.org, records, audit::CONTROLLER).await?;
-        let v = store::bump(w.conn(), &self.org, SNAPSHOT_VERSION).await?;
-        w.commit().await?;
-        for r in records {
-            audit::emit(r);
-        }
+        let v = audit::commit_detached(w, &self.org, records, Some(SNAPSHOT_VERSION))
+            .await?
+            .unwrap_or_default();
+        // A request dropped before this leaves the wake-up to `follow_store`.
         self.dist.publish(v);
         Ok(v)
     }
@@ -113,7 +111,7 @@ impl Ctx {
     /// Commits a change that does not alter the snapshot (renewal), with its audit record.
     pub(crate) async fn commit_quiet(
         &self,
-        w: WriteTx<'_>,
+        w: WriteTx,
         records: &[AuditRecord],
     ) -> Result<(), ApiFailure> {
         Ok(audit::commit(w, &self.org, records).await?)

@@ -1172,7 +1172,7 @@ pub(super) async fn list_brokers(
 /// with the state after the change.
 async fn revoke_rows(
     ctx: &Ctx,
-    mut w: crate::store::WriteTx<'_>,
+    mut w: crate::store::WriteTx,
     kind: Kind,
     rows: Vec<PeerRow>,
 ) -> Result<Vec<PeerRow>, ApiFailure> {

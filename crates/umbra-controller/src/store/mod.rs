@@ -76,14 +76,13 @@ pub(crate) struct Store {
 
 /// A write transaction holding the store's write lock. Dropping it without
 /// [`WriteTx::commit`] rolls back, and the lock is released once the rollback has run.
-pub(crate) struct WriteTx<'a> {
+pub(crate) struct WriteTx {
     /// `Some` until [`WriteTx::commit`] or drop takes it.
     tx: Option<Transaction<'static, Db>>,
     guard: Option<OwnedMutexGuard<()>>,
-    _store: std::marker::PhantomData<&'a Store>,
 }
 
-impl WriteTx<'_> {
+impl WriteTx {
     /// The connection to run statements on.
     pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
         match self.tx.as_mut() {
@@ -103,7 +102,7 @@ impl WriteTx<'_> {
     }
 }
 
-impl Drop for WriteTx<'_> {
+impl Drop for WriteTx {
     fn drop(&mut self) {
         let Some(tx) = self.tx.take() else {
             return;
@@ -207,14 +206,15 @@ impl Store {
         &self.org
     }
 
-    /// Starts a write transaction (waits for the write lock).
-    pub(crate) async fn write(&self) -> Result<WriteTx<'_>, sqlx::Error> {
+    /// Starts a write transaction (waits for the write lock). It borrows nothing from the
+    /// store, so that a commit can be finished by a task of its own (see
+    /// `audit::commit_detached`).
+    pub(crate) async fn write(&self) -> Result<WriteTx, sqlx::Error> {
         let guard = self.write_lock.clone().lock_owned().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok(WriteTx {
             tx: Some(tx),
             guard: Some(guard),
-            _store: std::marker::PhantomData,
         })
     }
 
