@@ -58,6 +58,11 @@ pub(crate) struct Args {
     /// does the same without a restart.)
     #[arg(long)]
     reset_admin_token: bool,
+    /// Write a new admin token (the first one, or a --reset-admin-token one) to this file,
+    /// mode 0600, instead of printing it: under a service manager, standard output goes to a
+    /// journal that others may read. Then `umbra admin --token-file PATH` uses it.
+    #[arg(long, value_name = "PATH")]
+    write_admin_token: Option<PathBuf>,
 }
 
 pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
@@ -96,22 +101,34 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         crate::telemetry::serve_metrics(addr).await;
     }
     let ca_file = cfg.data_dir.join("ca.pem");
+    if let Some(path) = &a.write_admin_token {
+        // Checked before a token exists: one made and then not written would be lost.
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(
+            parent.is_dir(),
+            "--write-admin-token {}: no directory {}",
+            path.display(),
+            parent.display()
+        );
+    }
     if a.reset_admin_token {
         let t = umbra_controller::reset_admin_token(&cfg, std::time::SystemTime::now())
             .await
             .context("cannot reset the admin token")?;
-        // Shown once: only its hash is stored.
-        println!(
-            "admin token reset (shown once, store it now; the {} old token(s) no longer work): {}",
-            t.replaced, t.token
+        let what = format!(
+            "admin token reset (the {} old token(s) no longer work)",
+            t.replaced
         );
+        show_admin_token(&what, &t.token, a.write_admin_token.as_deref());
     }
     let c = Controller::start(cfg)
         .await
         .context("controller did not start")?;
     if let Some(token) = c.first_admin_token() {
-        // Shown once: only its hash is stored.
-        println!("admin token (shown once, store it now): {token}");
+        show_admin_token("admin token", &token, a.write_admin_token.as_deref());
     }
     println!("controller listening on {}", c.url());
     if c.public_url() != c.url() {
@@ -123,4 +140,26 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     c.shutdown().await;
     Ok(())
+}
+
+/// Shows a new admin token once (only its hash is stored): written to `file` (0600) when
+/// given, else printed. A file that cannot be written falls back to printing, with why: a
+/// token shown nowhere would lock the operator out.
+fn show_admin_token(what: &str, token: &str, file: Option<&std::path::Path>) {
+    if let Some(path) = file {
+        match umbra_pki::write_private_file(path, format!("{token}\n").as_bytes()) {
+            Ok(()) => {
+                println!(
+                    "{what}: written to {} (0600), shown nowhere else",
+                    path.display()
+                );
+                return;
+            }
+            Err(e) => eprintln!(
+                "cannot write {}: {e}; printing the token instead",
+                path.display()
+            ),
+        }
+    }
+    println!("{what} (shown once, store it now): {token}");
 }

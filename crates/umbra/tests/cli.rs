@@ -2076,13 +2076,13 @@ fn controller_reset_admin_token() {
     let reset = token_in(&out, "admin token reset");
     assert!(reset.starts_with("umbra-admin-") && reset != first, "{out}");
     let ca = data.join("ca.pem");
-    let list = |token: &str| {
+    let list_at = |port: u16, token: &str| {
         umbra(
             home.path(),
             &[
                 "admin",
                 "--controller",
-                &format!("https://127.0.0.1:{port2}"),
+                &format!("https://127.0.0.1:{port}"),
                 "--ca-file",
                 ca.to_str().expect("utf-8"),
                 "--token",
@@ -2092,6 +2092,7 @@ fn controller_reset_admin_token() {
             ],
         )
     };
+    let list = |token: &str| list_at(port2, token);
     let old = list(&first);
     assert!(
         !old.success() && old.stderr.contains("invalid admin token"),
@@ -2100,6 +2101,32 @@ fn controller_reset_admin_token() {
     );
     let new = list(&reset);
     assert!(new.success(), "the reset token: {}", new.describe());
+    p.interrupt();
+    let _ = p.wait_exit(Duration::from_secs(20));
+
+    // Under a service manager the token goes to a file (0600), not to standard output.
+    let file = home.path().join("admin.token");
+    let file_arg = file.to_str().expect("utf-8");
+    let (mut p, port3, r) = start(3, &["--reset-admin-token", "--write-admin-token", file_arg]);
+    let out = r.unwrap_or_else(|e| panic!("reset start: {e}\n{}", p.tails(20)));
+    assert!(
+        out.contains(&format!("written to {file_arg}")) && !out.contains("umbra-admin-"),
+        "{out}"
+    );
+    let written = std::fs::read_to_string(&file).expect("token file");
+    let written = written.trim();
+    assert!(written.starts_with("umbra-admin-"), "{written}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(list_at(port3, written).success());
+    assert!(
+        !list_at(port3, &reset).success(),
+        "the previous token still works"
+    );
     p.interrupt();
     let _ = p.wait_exit(Duration::from_secs(20));
 }
