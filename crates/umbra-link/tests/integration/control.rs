@@ -293,3 +293,178 @@ async fn pinned_ca_fetch_bounds_and_escapes_error_answers() {
         other => panic!("{other:?}"),
     }
 }
+
+/// How the stand-in controller below answers a renewal.
+#[derive(Clone, Copy, Debug)]
+enum RenewAnswer {
+    /// As the real one does.
+    Good,
+    /// Signed by another CA.
+    OtherCa,
+    /// For another identity.
+    OtherIdentity,
+    /// By a clock two days behind: expired on arrival.
+    ClockBehind,
+    /// By a clock a day ahead: not valid yet.
+    ClockAhead,
+}
+
+/// A stand-in controller that answers every `POST /v1/renew` with a certificate for the
+/// CSR's key, as `how` says.
+async fn renew_server(org: &Org, other: &Org, how: RenewAnswer) -> String {
+    let id = org.identity_with(
+        Role::Controller,
+        "ctl",
+        vec!["127.0.0.1".into()],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    );
+    let tls = umbra_pki::server_config(&id, ClientAuth::Optional, &[b"http/1.1"], false).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    // The issuing CA: a copy of one of the two, made from its sealed form.
+    let source = match how {
+        RenewAnswer::OtherCa => &other.ca,
+        _ => &org.ca,
+    };
+    let kek = umbra_pki::KeyEncryptionKey::generate();
+    let ca = Arc::new(umbra_pki::Ca::unseal(&source.seal(&kek).unwrap(), &kek).unwrap());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, ca) = (acceptor.clone(), ca.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 8192];
+                let (head_end, len) = loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "request cut short");
+                    req.extend_from_slice(&buf[..n]);
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&req[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        break (i + 4, len);
+                    }
+                };
+                while req.len() < head_end + len {
+                    let n = s.read(&mut buf).await.unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                }
+                let body: umbra_proto::api::RenewRequest =
+                    serde_json::from_slice(&req[head_end..head_end + len]).unwrap();
+                let day = Duration::from_secs(86_400);
+                let (who, at) = match how {
+                    RenewAnswer::OtherIdentity => ("d2", SystemTime::now()),
+                    RenewAnswer::ClockBehind => ("d1", SystemTime::now() - 2 * day),
+                    RenewAnswer::ClockAhead => ("d1", SystemTime::now() + day),
+                    _ => ("d1", SystemTime::now()),
+                };
+                let identity = umbra_proto::PeerId::new(ca.org(), Role::Agent, who).unwrap();
+                let issued = ca
+                    .issue(
+                        &umbra_pki::IssueRequest {
+                            csr_pem: &body.csr_pem,
+                            identity: identity.clone(),
+                            dns_names: vec![],
+                            lifetime: day,
+                        },
+                        at,
+                        umbra_pki::random_bytes::<16>(),
+                    )
+                    .unwrap();
+                let answer = umbra_proto::api::IssuedCert {
+                    identity: identity.to_uri(),
+                    cert_pem: issued.cert_pem,
+                    ca_pem: ca.cert_pem().to_owned(),
+                    serial: issued.serial_hex,
+                    not_after: issued
+                        .not_after
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs(),
+                    user: None,
+                    brokers: vec![],
+                };
+                let out = serde_json::to_vec(&answer).unwrap();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    out.len()
+                );
+                s.write_all(resp.as_bytes()).await.unwrap();
+                s.write_all(&out).await.unwrap();
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+/// A renewal answer that does not check out never replaces the identity held: another CA,
+/// another identity, a certificate this host's clock says has expired or has not started.
+/// The twin: a good answer replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
+    let org = Org::new();
+    let other = Org::new();
+    for how in [
+        RenewAnswer::OtherCa,
+        RenewAnswer::OtherIdentity,
+        RenewAnswer::ClockBehind,
+        RenewAnswer::ClockAhead,
+        RenewAnswer::Good,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = umbra_pki::test_util::issue_pems(
+            &org.ca,
+            umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap(),
+            vec![],
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem())
+            .unwrap();
+        let held = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+        let pems = |id: &umbra_pki::TlsIdentity| id.cert_chain[0].clone();
+        let url = renew_server(&org, &other, how).await;
+        umbra_link::enroll::save_controller_ref(
+            dir.path(),
+            &umbra_link::enroll::ControllerRef {
+                url,
+                identity: held.peer.id.to_uri(),
+                user: None,
+                brokers: vec![],
+            },
+        )
+        .unwrap();
+        let r = soon("renewal", umbra_link::enroll::renew(dir.path())).await;
+        let now = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+        match how {
+            RenewAnswer::Good => {
+                r.unwrap();
+                assert_ne!(pems(&now), pems(&held), "{how:?}: not replaced");
+            }
+            _ => {
+                let e = r.unwrap_err().to_string();
+                let want = match how {
+                    RenewAnswer::OtherCa => "different CA",
+                    RenewAnswer::OtherIdentity => "another identity",
+                    RenewAnswer::ClockBehind => "already expired",
+                    _ => "not valid yet",
+                };
+                assert!(e.contains(want), "{how:?}: {e}");
+                assert_eq!(
+                    pems(&now),
+                    pems(&held),
+                    "{how:?}: the held identity was replaced"
+                );
+            }
+        }
+    }
+}
