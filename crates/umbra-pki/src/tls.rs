@@ -607,12 +607,73 @@ mod tests {
         let agent = p.org.identity(Role::Agent, "d-1");
         let client = client_config(&p.org.ca.cert_der(), Some(&agent), &[ALPN], false).unwrap();
         let server = p.server(ClientAuth::Required);
-        for _ in 0..2 {
-            let (c, s) =
-                handshake(client.clone(), server.clone(), &broker_server_name("b1")).unwrap();
-            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
-            assert_eq!(s.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        let (reloadable, _slot) =
+            server_config_reloadable(&p.broker, ClientAuth::Required, &[ALPN], false).unwrap();
+        // Each side refuses on its own, against a peer that would resume: a client that keeps
+        // tickets, and servers that issue them.
+        let mut resuming_client = client.clone();
+        resuming_client.resumption = rustls::client::Resumption::in_memory_sessions(64);
+        let resuming = |mut s: ServerConfig| {
+            s.session_storage = rustls::server::ServerSessionMemoryCache::new(64);
+            s.send_tls13_tickets = 2;
+            s
+        };
+        let pairs = [
+            ("both sides ours", client.clone(), server.clone()),
+            (
+                "ours, reloadable server",
+                client.clone(),
+                reloadable.clone(),
+            ),
+            (
+                "our server, a resuming client",
+                resuming_client.clone(),
+                server.clone(),
+            ),
+            (
+                "our reloadable server, a resuming client",
+                resuming_client,
+                reloadable.clone(),
+            ),
+            (
+                "our client, a resuming server",
+                client.clone(),
+                resuming(server.clone()),
+            ),
+        ];
+        for (what, client, server) in pairs {
+            for _ in 0..2 {
+                let (c, s) =
+                    handshake(client.clone(), server.clone(), &broker_server_name("b1")).unwrap();
+                assert_eq!(
+                    c.handshake_kind(),
+                    Some(rustls::HandshakeKind::Full),
+                    "{what}"
+                );
+                assert_eq!(
+                    s.handshake_kind(),
+                    Some(rustls::HandshakeKind::Full),
+                    "{what}"
+                );
+            }
         }
+        // The twin: two peers that both resume do resume, so the cases above show a refusal.
+        let mut c2 = client_config(&p.org.ca.cert_der(), Some(&agent), &[ALPN], false).unwrap();
+        c2.resumption = rustls::client::Resumption::in_memory_sessions(64);
+        let s2 = resuming(server.clone());
+        let kinds: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, _) = handshake(c2.clone(), s2.clone(), &broker_server_name("b1")).unwrap();
+                c.handshake_kind()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ]
+        );
     }
 
     #[test]
