@@ -303,7 +303,8 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let stream = match session.open(&service).await {
+    // The hold keeps the link this connection rides from being closed as idle.
+    let (stream, _hold) = match session.open(&service).await {
         Ok(s) => {
             count_stream("ok");
             s

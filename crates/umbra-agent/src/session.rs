@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Mutex, watch};
-use umbra_link::{Link, LinkError, Stream};
+use umbra_link::{Link, LinkError, LinkHold, Stream};
 use umbra_pki::TlsIdentity;
 use umbra_proto::api::BrokerInfo;
 use umbra_proto::{Flow, Frame, OpenCode};
@@ -97,12 +97,27 @@ fn reply(read: Result<Frame, LinkError>) -> Reply {
 }
 
 /// How long a broker that answers pings may take to answer an `Open`: it may try several
-/// connectors, each for up to its dial timeout (5 s by default), and a connector may be
+/// connectors, each for up to its dial timeout (7 s by default), and a connector may be
 /// connecting to a slow target.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
 
-/// Most links kept for the streams they carry after a nearer broker took over new ones.
-const MAX_RETIRING: usize = 8;
+/// Whether a broker measured at `rtt` is clearly nearer than the current one at `current`:
+/// by at least a third and 5 ms, so that measurement noise between brokers about as near as
+/// each other never moves the agent.
+fn clearly_nearer(rtt: Duration, current: Duration) -> bool {
+    rtt + Duration::from_millis(5) < current && rtt * 3 < current * 2
+}
+
+/// Closes the links in `links` that carry nothing any more (no [`umbra_link::LinkHold`]
+/// taken on them), and forgets the closed ones.
+fn close_idle(links: &mut Vec<Link>) {
+    links.retain(|l| {
+        if l.held() == 0 {
+            l.close();
+        }
+        !l.is_closed()
+    });
+}
 
 /// The agent's connection to the broker fabric.
 pub(crate) struct Session {
@@ -130,6 +145,9 @@ struct State {
     dial_failed: HashMap<String, (Instant, String)>,
     /// Some broker did not answer the last measurement: it may be nearer once it is back.
     some_unmeasured: bool,
+    /// Brokers that failed a request lately (a stale policy, a refused stream): answering
+    /// pings does not make one the current broker again before its mark ends.
+    failed_requests: DownMarks,
 }
 
 /// Failed attempts of one request, and the reason of the latest.
@@ -185,16 +203,18 @@ impl Session {
                 retiring: Vec::new(),
                 side: Vec::new(),
                 some_unmeasured,
+                failed_requests: DownMarks::default(),
                 down,
                 dial_failed: HashMap::new(),
             }),
         }
     }
 
-    /// Measures every broker again and ranks them nearest first; when the nearest that
-    /// answers is not the current broker (the agent failed over while it was away, or the
-    /// device moved to another network), its fresh link becomes the current one: new streams
-    /// go there, and the old link stays for the streams it carries.
+    /// Measures every broker again and ranks them nearest first. New streams move to the
+    /// nearest that answers (and has not just failed a request) only when the current broker
+    /// is gone, or the other is clearly nearer ([`clearly_nearer`]): round trips that differ
+    /// by noise must not make the agent hop between brokers. The old link stays for the
+    /// streams it carries and is closed once it carries none.
     pub(crate) async fn reprobe(&self) {
         let brokers = self.state.lock().await.brokers.clone();
         if brokers.is_empty() {
@@ -205,8 +225,10 @@ impl Session {
         let mut st = self.state.lock().await;
         let now = Instant::now();
         let mut ranked = Vec::with_capacity(probes.len());
-        let mut nearest = None;
+        let mut nearest: Option<(BrokerInfo, Duration, Link)> = None;
+        let mut current_rtt = None;
         st.some_unmeasured = false;
+        let current_id = st.current.as_ref().map(|(id, _)| id.clone());
         for Probe { broker, result, .. } in probes {
             // The list may have changed during the probes: only listed brokers count.
             if !st.brokers.iter().any(|b| b.id == broker.id) {
@@ -216,10 +238,19 @@ impl Session {
                 continue;
             }
             match result {
-                Ok((_, link)) => {
-                    st.down.clear(&broker.id);
-                    if nearest.is_none() {
-                        nearest = Some((broker.clone(), link));
+                Ok((rtt, link)) => {
+                    if current_id.as_deref() == Some(broker.id.as_str()) {
+                        current_rtt = Some(rtt);
+                    }
+                    // It answers: no longer down for being unreachable. But one that failed a
+                    // request lately (stale, refused a stream) is not chosen again before its
+                    // mark ends, whatever its pings say.
+                    let failed = st.failed_requests.is_down(&broker.id, now);
+                    if !failed {
+                        st.down.clear(&broker.id);
+                    }
+                    if nearest.is_none() && !failed {
+                        nearest = Some((broker.clone(), rtt, link));
                     } else {
                         link.close();
                     }
@@ -237,28 +268,23 @@ impl Session {
             }
         }
         st.ranked = ranked;
-        let Some((broker, link)) = nearest else {
+        close_idle(&mut st.retiring);
+        let Some((broker, rtt, link)) = nearest else {
             return;
         };
-        let current_ok = st
-            .current
-            .as_ref()
-            .is_some_and(|(id, l)| *id == broker.id && !l.is_closed());
+        let current_up = st.current.as_ref().is_some_and(|(_, l)| !l.is_closed());
+        let is_current = current_id.as_deref() == Some(broker.id.as_str());
+        let better = !current_up || current_rtt.is_none_or(|c| clearly_nearer(rtt, c));
         // A renewal during the probes: the next request links again with the new
         // certificate; this link was made with the old one.
-        if current_ok || identity.peer.not_after != st.dialed_with {
+        if (current_up && is_current) || !better || identity.peer.not_after != st.dialed_with {
             link.close();
             return;
         }
-        tracing::info!(broker = %broker.name, transport = link.transport().as_str(), "a nearer broker answers; new connections go there");
+        tracing::info!(broker = %broker.name, rtt_ms = rtt.as_secs_f64() * 1e3, transport = link.transport().as_str(), "a nearer broker answers; new connections go there");
         if let Some((_, old)) = st.current.take() {
-            st.retiring.retain(|l| !l.is_closed());
-            // Bounded: a device that keeps moving between networks does not pile up links
-            // (the oldest, and what it still carries, goes first).
-            if st.retiring.len() >= MAX_RETIRING {
-                st.retiring.remove(0).close();
-            }
             st.retiring.push(old);
+            close_idle(&mut st.retiring);
         }
         st.current = Some((broker.id, link));
     }
@@ -322,7 +348,7 @@ impl Session {
     /// Opens a stream to `service` through the current broker, failing over as described in
     /// the module documentation. On success the stream's reply has been read and application
     /// bytes may flow.
-    pub(crate) async fn open(&self, service: &str) -> Result<Stream, OpenError> {
+    pub(crate) async fn open(&self, service: &str) -> Result<(Stream, LinkHold), OpenError> {
         // Brokers check the certificate's validity at the handshake only: a link dialed while
         // it was valid would go on carrying new streams. Renewal replaces it well before it
         // expires; when that failed, stop here, and drop the link.
@@ -347,8 +373,11 @@ impl Session {
                 Err(_) if unavailable => return Err(OpenError::Unavailable(service.to_owned())),
                 Err(e) => return Err(e),
             };
+            // Held from before the stream opens: a link retired meanwhile is not closed as
+            // idle under it.
+            let hold = link.hold();
             match self.try_open(&link, service).await {
-                Ok((OpenCode::Ok, stream)) => return Ok(stream),
+                Ok((OpenCode::Ok, stream)) => return Ok((stream, hold)),
                 Ok((OpenCode::Denied, _)) => return Err(OpenError::Denied(service.to_owned())),
                 Ok((OpenCode::Unavailable, _)) => {
                     // This broker has no live link to a connector of the service (it may
@@ -407,7 +436,7 @@ impl Session {
     ) -> Result<(String, Link), OpenError> {
         loop {
             let mut st = self.state.lock().await;
-            st.retiring.retain(|l| !l.is_closed());
+            close_idle(&mut st.retiring);
             st.side.retain(|(_, l)| !l.is_closed());
             let cert = self.identity.borrow().peer.not_after;
             if cert != st.dialed_with {
@@ -526,6 +555,7 @@ impl Session {
             id != broker_id
         });
         st.down.mark(broker_id, Instant::now(), DOWN_FOR);
+        st.failed_requests.mark(broker_id, Instant::now(), DOWN_FOR);
         if st.current.as_ref().is_some_and(|(id, _)| id == broker_id)
             && let Some((_, link)) = st.current.take()
         {
@@ -622,6 +652,19 @@ mod tests {
     use umbra_proto::frame::FrameError;
 
     use super::*;
+
+    /// Only a clearly nearer broker takes new streams: noise between brokers about as near
+    /// as each other does not move the agent.
+    #[test]
+    fn only_a_clearly_nearer_broker_takes_over() {
+        let ms = Duration::from_millis;
+        assert!(clearly_nearer(ms(10), ms(60)));
+        assert!(clearly_nearer(Duration::from_micros(500), ms(6)));
+        assert!(!clearly_nearer(ms(9), ms(10)), "10% nearer");
+        assert!(!clearly_nearer(ms(1), ms(5)), "within 5 ms");
+        assert!(!clearly_nearer(ms(40), ms(50)), "a fifth nearer");
+        assert!(!clearly_nearer(ms(60), ms(10)));
+    }
 
     /// A broker at the transport level: answers pings, and every `Open` with `Unavailable`
     /// (the broker itself is fine; it has no connector). Returns its info and its links.

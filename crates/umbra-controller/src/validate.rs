@@ -48,8 +48,28 @@ pub(crate) fn user_id(s: &str, field: &str) -> Result<String, ApiFailure> {
         .ok_or_else(|| ApiFailure::invalid(field, format!("{field} must be an e-mail address")))
 }
 
-/// `host:port` with port 1-65535; host a DNS name, an IPv4 address or a bracketed IPv6 address.
+/// `host:port` with port 1-65535; host a DNS name, an IPv4 address or a bracketed IPv6 address
+/// in its one standard spelling (a service target: what the lists show is what is dialed).
 pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
+    parse_host_port(s, field, Spelling::Exact)
+}
+
+/// A broker's advertised `host:port`, as [`host_port`] checks it, but an IPv6 address is
+/// stored in its standard spelling rather than refused (an IPv4-mapped one as the IPv4
+/// address): a broker writes what its operator gave `--advertise-host`, and a spelling is no
+/// reason to drop it from every broker list.
+pub(crate) fn advertised_addr(s: &str, field: &str) -> Result<String, ApiFailure> {
+    parse_host_port(s, field, Spelling::Normalise)
+}
+
+/// How [`parse_host_port`] takes an IPv6 address not in its standard spelling.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spelling {
+    Exact,
+    Normalise,
+}
+
+fn parse_host_port(s: &str, field: &str, spelling: Spelling) -> Result<String, ApiFailure> {
     let bad = |why: &str| ApiFailure::invalid(field, format!("{field} must be host:port ({why})"));
     // The broker names the target in its Dial frame, in at most 255 bytes.
     if s.len() > usize::from(u8::MAX) {
@@ -74,23 +94,27 @@ pub(crate) fn host_port(s: &str, field: &str) -> Result<String, ApiFailure> {
         };
         // What the lists show is what is dialed: an IPv4 address dressed as IPv6 reaches the
         // IPv4 host, and one address has many IPv6 spellings. One form each.
-        if let Some(v4) = addr.to_ipv4_mapped() {
+        let v4 = addr.to_ipv4_mapped().map(|v4| (v4, "mapped")).or_else(|| {
+            (!addr.is_loopback() && !addr.is_unspecified())
+                .then(|| addr.to_ipv4())
+                .flatten()
+                .map(|v4| (v4, "compatible"))
+        });
+        let canonical = match v4 {
+            Some((v4, _)) if spelling == Spelling::Normalise => format!("{v4}:{port}"),
+            Some((v4, kind)) => {
+                return Err(bad(&format!(
+                    "an IPv4-{kind} IPv6 address; write the IPv4 address: {v4}:{port}"
+                )));
+            }
+            None => format!("[{addr}]:{port}"),
+        };
+        if canonical != s {
+            if spelling == Spelling::Normalise {
+                return Ok(canonical);
+            }
             return Err(bad(&format!(
-                "an IPv4-mapped IPv6 address; write the IPv4 address: {v4}:{port}"
-            )));
-        }
-        if !addr.is_loopback()
-            && !addr.is_unspecified()
-            && let Some(v4) = addr.to_ipv4()
-        {
-            return Err(bad(&format!(
-                "an IPv4-compatible IPv6 address; write the IPv4 address: {v4}:{port}"
-            )));
-        }
-        let canonical = addr.to_string();
-        if canonical != inner {
-            return Err(bad(&format!(
-                "write the IPv6 address in its standard form: [{canonical}]:{port}"
+                "write the IPv6 address in its standard form: {canonical}"
             )));
         }
         true
@@ -203,6 +227,28 @@ mod tests {
             "[2001:db8::5:1]:443",
         ] {
             assert_eq!(host_port(good, "target").unwrap(), good);
+        }
+    }
+
+    /// A broker's advertised address is stored in the standard spelling, not refused.
+    #[test]
+    fn advertised_addresses_are_normalised() {
+        for (given, stored) in [
+            ("[2001:DB8::1]:7401", "[2001:db8::1]:7401"),
+            ("[2001:db8:0:0::1]:7401", "[2001:db8::1]:7401"),
+            ("[::ffff:203.0.113.5]:7401", "203.0.113.5:7401"),
+            ("[2001:db8::1]:7401", "[2001:db8::1]:7401"),
+            ("eu-1.example.test:7401", "eu-1.example.test:7401"),
+            ("203.0.113.5:7401", "203.0.113.5:7401"),
+        ] {
+            assert_eq!(
+                advertised_addr(given, "quic_addr").unwrap(),
+                stored,
+                "{given}"
+            );
+        }
+        for bad in ["[zz]:1", "010.0.0.5:7401", "a b:1", "[::1]:0"] {
+            assert!(advertised_addr(bad, "quic_addr").is_err(), "{bad}");
         }
     }
 

@@ -1031,6 +1031,14 @@ async fn peer_listings_page_and_filter_by_owner() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     assert_eq!(api_error(&v).field.as_deref(), Some("user"), "{v}");
+    // A removed user's devices stay listed, revoked, under that user.
+    h.ok("DELETE", "/v1/users/bob@example.com", None).await;
+    let bob = h.ok("GET", "/v1/devices?user=bob@example.com", None).await;
+    assert_eq!(ids(&bob).len(), 2, "{bob}");
+    assert!(
+        bob.as_array().unwrap().iter().all(|d| d["revoked"] == true),
+        "{bob}"
+    );
 
     // Connectors: by name.
     h.peer("connector", "c1").await;
@@ -1741,6 +1749,16 @@ async fn heartbeat_brokers_streams_and_audit() {
     let mut bad = hb.clone();
     bad["quic_addr"] = json!("nowhere");
     assert_eq!(heartbeat(&h, &b, &bad).await, StatusCode::BAD_REQUEST);
+    // An IPv6 address in another spelling is stored in the standard one, not refused; sent
+    // again as it was, it is no change.
+    let mut v6 = hb.clone();
+    v6["quic_addr"] = json!("[2001:DB8:0::1]:4433");
+    assert_eq!(heartbeat(&h, &b, &v6).await, StatusCode::OK);
+    let listed = h.ok("GET", "/v1/brokers/all", None).await;
+    assert_eq!(listed[0]["quic_addr"], "[2001:db8::1]:4433", "{listed}");
+    let version = h.ctl.snapshot_version();
+    assert_eq!(heartbeat(&h, &b, &v6).await, StatusCode::OK);
+    assert_eq!(h.ctl.snapshot_version(), version);
     h.ctl.shutdown().await;
 }
 

@@ -109,7 +109,7 @@ pub async fn enroll(
     // identity (enroll again), not an identity that cannot find its controller and that
     // every later enrollment refuses to replace. The directory is made as the identity's
     // own writer makes it (private to this user).
-    umbra_pki::private_dir(dir).map_err(|e| local_io("use directory", dir, e))?;
+    umbra_pki::private_dir_tight(dir).map_err(|e| local_io("use directory", dir, e))?;
     save_controller_ref(
         dir,
         &ControllerRef {
@@ -209,8 +209,8 @@ pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
 
 /// Why a renewed certificate valid from `not_before` to `not_after` must not replace the held
 /// one (valid until `held_not_after`) at `now`, by this host's clock: it has already expired
-/// (a controller whose clock is behind), or it is not valid yet while the held one still is
-/// for more than [`LAST_CHANCE`] (a controller whose clock is ahead: brokers with a right
+/// (a controller whose clock is behind), or it starts more than [`SKEW_ALLOWED`] from now
+/// while the held one is still valid for more than [`LAST_CHANCE`] (a controller whose clock is ahead: brokers with a right
 /// clock would refuse it, and new links would fail until it starts; retried, the controller's
 /// clock may have been set right). In its last minutes the held certificate can renew no more
 /// once it expires, so a certificate that starts later is the better of the two. `None`: use
@@ -224,7 +224,7 @@ pub fn renewal_unusable(
         return Some("the renewed certificate has already expired by this host's clock");
     }
     let held_left = held_not_after.duration_since(now).unwrap_or(Duration::ZERO);
-    if not_before > now && held_left > LAST_CHANCE {
+    if not_before > now + SKEW_ALLOWED && held_left > LAST_CHANCE {
         return Some("the renewed certificate is not valid yet by this host's clock");
     }
     None
@@ -232,6 +232,11 @@ pub fn renewal_unusable(
 
 /// See [`renewal_unusable`]: twice the longest wait between two renewal attempts.
 const LAST_CHANCE: Duration = Duration::from_secs(120);
+/// How far this host's clock may be behind the controller's before a renewed certificate
+/// counts as not valid yet: brokers with a right clock take a certificate this host sees
+/// start a few minutes ahead (a laptop without time sync drifts), and refusing it would
+/// spend the renewal rate limit on certificates thrown away.
+const SKEW_ALLOWED: Duration = Duration::from_secs(600);
 
 /// The validity window of a certificate, DER.
 pub fn cert_validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), EnrollError> {
@@ -503,13 +508,19 @@ mod tests {
             None
         );
         assert!(renewal_unusable(ahead, now + Duration::from_secs(180), now).is_some());
-        // In step (backdated a minute), or a minute ahead: used.
+        // In step (backdated a minute), or a few minutes ahead (this host's clock a little
+        // slow): used; more than ten minutes ahead: not.
         let minute = Duration::from_secs(60);
         assert_eq!(
             renewal_unusable((now - minute, now + 24 * h), held, now),
             None
         );
         assert_eq!(renewal_unusable((now, now + 24 * h), held, now), None);
+        assert_eq!(
+            renewal_unusable((now + 5 * minute, now + 24 * h), held, now),
+            None
+        );
+        assert!(renewal_unusable((now + 11 * minute, now + 24 * h), held, now).is_some());
     }
 
     /// Retries come at least every base interval, at most every minute, and more often as

@@ -47,7 +47,7 @@ pub use control::{
     ControllerClient, FOLLOWING_AGAIN, RenewingClient, fetch_pinned_ca, follow_broker_list,
 };
 pub use error::LinkError;
-pub use link::{EXPLAIN_WAIT, HandshakeRefusal, Link, Listener, QuicPath, dial};
+pub use link::{EXPLAIN_WAIT, HandshakeRefusal, Link, LinkHold, Listener, QuicPath, dial};
 /// Not API: see [`mux::fuzz_peer`].
 #[doc(hidden)]
 pub use mux::fuzz_peer as fuzz_mux_peer;

@@ -67,6 +67,19 @@ struct LinkInner {
     /// Set by [`Link::refuse`]: the link counts as closed from then on (no new streams are
     /// opened on it), although on QUIC the close itself goes out a little later.
     refused_here: std::sync::atomic::AtomicBool,
+    /// Holds taken on the link ([`Link::hold`]): what its user still carries over it.
+    holds: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A hold on a link: its user still carries something over it (a relayed connection), so
+/// the link is not to be closed as idle. Released when dropped.
+#[derive(Debug)]
+pub struct LinkHold(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for LinkHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 pub(crate) enum Conn {
@@ -190,8 +203,23 @@ impl Link {
                 span: p.span,
                 conn: p.conn,
                 refused_here: std::sync::atomic::AtomicBool::new(false),
+                holds: Arc::default(),
             }),
         }
+    }
+
+    /// Takes a hold on the link for something its user carries over it (see [`LinkHold`]):
+    /// a user that keeps links for what they carry closes those with none held.
+    pub fn hold(&self) -> LinkHold {
+        self.inner
+            .holds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LinkHold(self.inner.holds.clone())
+    }
+
+    /// How many holds are taken on the link now.
+    pub fn held(&self) -> usize {
+        self.inner.holds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The peer's identity, from the leaf certificate the handshake verified.

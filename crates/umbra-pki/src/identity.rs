@@ -132,6 +132,14 @@ impl TlsIdentity {
     /// OpenSSH refuses an unprotected private key): copied with the wrong mode, it may
     /// already have been read, and a renewal that would set it right can be hours away.
     pub fn load_dir(dir: &Path) -> Result<Self, PkiError> {
+        // A directory others could change fails here, at start, not at the first renewal.
+        match check_private_dir(dir) {
+            // A missing one is reported by the read of its first file.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PkiError::io("use directory", dir, e));
+            }
+            _ => {}
+        }
         let read = |name: &str| {
             let path = dir.join(name);
             if name == "key.pem" || name == NEXT_KEY {
@@ -208,7 +216,7 @@ pub fn write_identity_dir(
     cert_pem: &str,
     ca_pem: &str,
 ) -> Result<(), PkiError> {
-    private_dir(dir).map_err(|e| PkiError::io("use directory", dir, e))?;
+    private_dir_tight(dir).map_err(|e| PkiError::io("use directory", dir, e))?;
     let lock_path = dir.join(WRITE_LOCK);
     let lock = fs::OpenOptions::new()
         .create(true)
@@ -260,21 +268,11 @@ fn write_atomic(dir: &Path, name: &str, contents: &str) -> Result<(), PkiError> 
     write_private_file(&target, contents.as_bytes()).map_err(|e| PkiError::io("write", &target, e))
 }
 
-/// Makes `dir` (and its missing parents) the private directory of this process's user, where
-/// a role keeps its identity or state. A missing one is created with mode 0700. An existing
-/// one must be a directory owned by this user (the effective uid) and writable by no one
-/// else, and a symlink in its place must be this user's too: a directory another local user
-/// made first (under /tmp, say) would let them swap its files, read what is written there or
-/// point a write at a file of ours. Refused otherwise, naming what is wrong; a directory that
-/// passes is set to 0700.
+/// Makes `dir` (and its missing parents) a directory only this process's user can change,
+/// where a role keeps its identity or state: a missing one is created with mode 0700; an
+/// existing one must pass [`check_private_dir`].
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let refuse = |why: String| {
-        std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!("{}: {why}", dir.display()),
-        )
-    };
+    use std::os::unix::fs::DirBuilderExt;
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::DirBuilder::new()
@@ -285,11 +283,30 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
         Err(e) => return Err(e),
         Ok(_) => {}
     }
-    let me = effective_uid()?;
+    check_private_dir(dir)
+}
+
+/// Checks that no other local user can change what is in `dir`: a directory another user made
+/// first (under /tmp, say) would let them swap its files, read what is written there or point
+/// a write at a file of ours. The directory must be owned by this user (the effective uid) or
+/// by root; writable by nobody else, except by a group this process is in (a volume shared
+/// through a group, as Kubernetes' `fsGroup` makes); and a symlink in its place must be this
+/// user's or root's (as systemd's `StateDirectory=` makes). Refused otherwise, naming what is
+/// wrong. Where the process's ids cannot be read (no `/proc`), only the mode is checked.
+pub fn check_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{}: {why}", dir.display()),
+        )
+    };
+    let ids = process_ids();
+    let trusted = |uid: u32| uid == 0 || ids.as_ref().is_none_or(|i| i.uid == uid);
     let link = fs::symlink_metadata(dir)?;
-    if link.file_type().is_symlink() && link.uid() != me {
+    if link.file_type().is_symlink() && !trusted(link.uid()) {
         return Err(refuse(format!(
-            "a symlink owned by uid {}, not by this user (uid {me}); refusing to follow it",
+            "a symlink owned by uid {}, neither this user nor root; refusing to follow it",
             link.uid()
         )));
     }
@@ -297,33 +314,82 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     if !meta.is_dir() {
         return Err(refuse("not a directory".into()));
     }
-    if meta.uid() != me {
+    if !trusted(meta.uid()) {
         return Err(refuse(format!(
-            "owned by uid {}, not by this user (uid {me}): another user could replace what is \
-             kept there; use a directory of this user's own",
+            "owned by uid {}, neither this user nor root: its owner could replace what is kept \
+             there; use a directory of this user's own",
             meta.uid()
         )));
     }
-    if meta.mode() & 0o022 != 0 {
+    let mode = meta.mode();
+    let group_ok = ids.as_ref().is_some_and(|i| i.groups.contains(&meta.gid()));
+    if mode & 0o002 != 0 || (mode & 0o020 != 0 && !group_ok) {
         return Err(refuse(format!(
             "writable by other users (mode {:o}): anything kept there could be replaced; \
              chmod 700 it, or use another directory",
-            meta.mode() & 0o7777
+            mode & 0o7777
         )));
     }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    Ok(())
 }
 
-/// Checks that the file at `path` (a private key, a key-encryption key) is this user's and
-/// that no other user can read or write it; refused otherwise, saying how to set it right.
+/// [`private_dir`], then set to 0700 if this user owns it (a directory of root's, or shared
+/// through a group, is left as its owner made it): for identity directories, which hold keys.
+pub fn private_dir_tight(dir: &Path) -> std::io::Result<()> {
+    private_dir(dir)?;
+    tighten_if_ours(dir)
+}
+
+fn tighten_if_ours(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = fs::metadata(dir)?.uid();
+    if process_ids().is_none_or(|i| i.uid == owner) {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// This process's effective uid, and its effective and supplementary gids.
+struct ProcessIds {
+    uid: u32,
+    groups: Vec<u32>,
+}
+
+/// Read from `/proc/self/status` (no `unsafe` call needed); `None` where there is no `/proc`
+/// (then only modes are checked).
+fn process_ids() -> Option<ProcessIds> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(|v| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+    };
+    // `Uid:` and `Gid:` list real, effective, saved and filesystem ids.
+    let uid = *field("Uid:")?.get(1)?;
+    let mut groups = field("Groups:").unwrap_or_default();
+    groups.push(*field("Gid:")?.get(1)?);
+    Some(ProcessIds { uid, groups })
+}
+
+/// Checks that the file at `path` (a private key, a key-encryption key) is this user's (or
+/// root's) and that no other user can read or write it; refused otherwise, saying how to set
+/// it right.
 pub fn check_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(path)?;
-    let me = effective_uid()?;
-    if meta.uid() != me {
+    if let Some(ids) = process_ids()
+        && meta.uid() != ids.uid
+        && meta.uid() != 0
+    {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            format!("owned by uid {}, not by this user (uid {me})", meta.uid()),
+            format!(
+                "owned by uid {}, neither this user (uid {}) nor root",
+                meta.uid(),
+                ids.uid
+            ),
         ));
     }
     if meta.mode() & 0o077 != 0 {
@@ -338,12 +404,6 @@ pub fn check_private_file(path: &Path) -> std::io::Result<()> {
         ));
     }
     Ok(())
-}
-
-/// This process's effective user id: the owner of `/proc/self` (no `unsafe` call needed).
-fn effective_uid() -> std::io::Result<u32> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(fs::metadata("/proc/self")?.uid())
 }
 
 /// Replaces `path` atomically with `bytes`, readable by everyone (mode 0644), as
@@ -592,14 +652,21 @@ mod tests {
         let new = tmp.path().join("a/b");
         private_dir(&new).unwrap();
         assert_eq!(mode(&new), 0o700);
-        // Ours and readable: tightened.
+        // Ours and readable: accepted as it is, tightened for keys.
         let open = tmp.path().join("open");
         fs::create_dir(&open).unwrap();
         fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
         private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o755);
+        private_dir_tight(&open).unwrap();
         assert_eq!(mode(&open), 0o700);
+        // Writable by a group this process is in (a volume shared through a group): accepted.
+        let shared_ours = tmp.path().join("group-ours");
+        fs::create_dir(&shared_ours).unwrap();
+        fs::set_permissions(&shared_ours, fs::Permissions::from_mode(0o2770)).unwrap();
+        private_dir(&shared_ours).unwrap();
         // Writable by others (a shared dir, or one made with umask 0): refused, unchanged.
-        for m in [0o777, 0o770, 0o1777] {
+        for m in [0o777, 0o707, 0o1777] {
             let shared = tmp.path().join(format!("shared-{m:o}"));
             fs::create_dir(&shared).unwrap();
             fs::set_permissions(&shared, fs::Permissions::from_mode(m)).unwrap();
@@ -617,8 +684,15 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&new, &link).unwrap();
         private_dir(&link).unwrap();
-        // Another user's directory (needs root to make one): refused.
-        if effective_uid().unwrap() == 0 {
+        // Another user's directory (needs root to make one): refused; so is one writable by a
+        // group this process is not in, and another user's symlink. Root's are trusted.
+        if process_ids().unwrap().uid == 0 {
+            let other_group = tmp.path().join("group-theirs");
+            fs::create_dir(&other_group).unwrap();
+            std::os::unix::fs::chown(&other_group, None, Some(65534)).unwrap();
+            fs::set_permissions(&other_group, fs::Permissions::from_mode(0o770)).unwrap();
+            let e = private_dir(&other_group).unwrap_err();
+            assert!(e.to_string().contains("writable by other users"), "{e}");
             let theirs = tmp.path().join("theirs");
             fs::create_dir(&theirs).unwrap();
             std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();

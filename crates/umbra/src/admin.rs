@@ -1043,6 +1043,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let filter: Vec<_> = user.iter().map(|u| ("user", u.clone())).collect();
             let v: Vec<api::Device> =
                 list_pages(&c, "/v1/devices", &filter, page, |d: &api::Device| &d.id).await?;
+            // An older controller ignores the filter: never show another user's devices as
+            // this user's.
+            if let Some(u) = user {
+                let want = u.trim().to_ascii_lowercase();
+                if v.iter().any(|d| d.user != want) {
+                    bail!(
+                        "the controller does not filter devices by user (is it older than this command?); upgrade it"
+                    );
+                }
+            }
             out!(v, |v: Vec<api::Device>| table(
                 &["id", "user", "revoked", "cert expires", "serial"],
                 v.into_iter()
@@ -1289,10 +1299,10 @@ async fn follow_audit(
     }
 }
 
-/// `/v1/audit` with `query`, each value percent-encoded (an identity URI or an e-mail address
-/// is a valid filter).
 /// A listing that pages (`/v1/devices`, `/v1/connectors`): the page `page` asks for, or, without
-/// `--limit`, every entry, fetched a page at a time after the last id of the one before.
+/// `--limit`, every entry, fetched a page at a time after the last id of the one before. A
+/// controller that ignores the paging (one older than this command) is an error, not an
+/// endless loop: a page longer than asked for, or one that repeats an id.
 async fn list_pages<T: DeserializeOwned>(
     c: &Client,
     path: &str,
@@ -1301,14 +1311,22 @@ async fn list_pages<T: DeserializeOwned>(
     id: impl Fn(&T) -> &String,
 ) -> anyhow::Result<Vec<T>> {
     const PAGE: u32 = 1000;
+    let limit = page.limit.unwrap_or(PAGE);
     let mut all = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut after = page.after.clone();
     loop {
         let mut query = filter.to_vec();
-        query.push(("limit", page.limit.unwrap_or(PAGE).to_string()));
+        query.push(("limit", limit.to_string()));
         query.extend(after.take().map(|a| ("after", a)));
         let v: Vec<T> = c.get(&path_with_query(path, &query)?).await?;
-        let full = v.len() == PAGE as usize;
+        if v.len() > limit as usize || !v.iter().all(|x| seen.insert(id(x).clone())) {
+            bail!(
+                "the controller does not page {path} (is it older than this command?); \
+                 upgrade it, or list without --user, --limit and --after"
+            );
+        }
+        let full = v.len() == limit as usize;
         after = v.last().map(|x| id(x).clone());
         all.extend(v);
         if page.limit.is_some() || !full {
@@ -1317,6 +1335,8 @@ async fn list_pages<T: DeserializeOwned>(
     }
 }
 
+/// `/v1/audit` with `query`, each value percent-encoded (an identity URI or an e-mail address
+/// is a valid filter).
 fn audit_path(query: &[(&str, String)]) -> anyhow::Result<String> {
     path_with_query("/v1/audit", query)
 }

@@ -126,7 +126,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::Result<()> {
     let dir = a.data_dir.unwrap_or_else(default_dir);
-    umbra_pki::private_dir(&dir)
+    umbra_pki::private_dir_tight(&dir)
         .with_context(|| format!("cannot use {} as the data directory", dir.display()))?;
     let log = dir.join("umbra.log");
     // The terminal is for the person; the structured log (audit lines included) goes to a file,

@@ -718,6 +718,31 @@ async fn agent_commands_renew_a_due_certificate() {
     assert_eq!(list, [ECHO]);
     assert_ne!(TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex, before);
 
+    // Due, and the controller cannot be reached: the held certificate is kept, and status
+    // says renewal failed (and the broker still answers).
+    let held = TlsIdentity::load_dir(&dir).unwrap();
+    let mut cref = umbra_link::enroll::load_controller_ref(&dir).unwrap();
+    let real = cref.url.clone();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cref.url = format!("https://{dead}");
+    umbra_link::enroll::save_controller_ref(&dir, &cref).unwrap();
+    let st = umbra_agent::status(&cfg).await.unwrap();
+    assert!(
+        matches!(&st.renewal, umbra_agent::Renewal::Failed { due, .. } if *due <= SystemTime::now()),
+        "{:?}",
+        st.renewal
+    );
+    assert_eq!(
+        TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex,
+        held.peer.serial_hex
+    );
+    assert!(st.brokers.iter().any(|b| b.rtt.is_ok()), "{:?}", st.brokers);
+    cref.url = real;
+    umbra_link::enroll::save_controller_ref(&dir, &cref).unwrap();
+
     // The twin: a day-long certificate is not due; nothing is renewed.
     let long = ControllerConfig {
         cert_lifetime_secs: 86_400,

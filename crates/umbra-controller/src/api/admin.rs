@@ -1062,7 +1062,17 @@ async fn peer_page(
     let owner = match (kind, &q.user, &q.name) {
         (Kind::Device, Some(u), None) => {
             let user = validate::user_id(u, "user")?;
-            if q::user_disabled(c, org, &user).await?.is_none() {
+            // A removed user's devices are still listed (revoked) under that user.
+            let one = peers::PeerPage {
+                owner: Some(&user),
+                after: None,
+                limit: Some(1),
+            };
+            if q::user_disabled(c, org, &user).await?.is_none()
+                && peers::peer_list(c, org, Kind::Device, &one)
+                    .await?
+                    .is_empty()
+            {
                 return Err(ApiFailure::not_found("user", format!("no user {user}")));
             }
             Some(user)

@@ -266,12 +266,12 @@ pub(super) async fn heartbeat(
     let quic = hb
         .quic_addr
         .as_deref()
-        .map(|a| validate::host_port(a, "quic_addr"))
+        .map(|a| validate::advertised_addr(a, "quic_addr"))
         .transpose()?;
     let tcp = hb
         .tcp_addr
         .as_deref()
-        .map(|a| validate::host_port(a, "tcp_addr"))
+        .map(|a| validate::advertised_addr(a, "tcp_addr"))
         .transpose()?;
     if hb
         .streams
@@ -376,30 +376,21 @@ pub(super) async fn heartbeat(
             serde_json::json!({ "refused": refused, "reason": why }),
         )
     });
-    if let Some(r) = &refusal {
-        audit::stage(
-            w.conn(),
-            &ctx.org,
-            std::slice::from_ref(r),
-            audit::CONTROLLER,
-        )
-        .await?;
-    }
-    // Where a broker can be reached is part of the snapshot and of every broker list.
+    // Where a broker can be reached is part of the snapshot and of every broker list. The
+    // refusal record is committed and logged together (`commit_detached`), so a broker that
+    // hangs up meanwhile cannot leave it stored and never logged.
     let moved = old_quic != quic || old_tcp != tcp;
-    let version = if moved {
-        let v = store::bump(w.conn(), &ctx.org, SNAPSHOT_VERSION).await?;
-        w.commit().await?;
-        tracing::info!(broker = %peer.id, name = %row.owner, ?quic, ?tcp, "broker addresses changed");
-        ctx.dist.publish(v);
-        v
-    } else {
-        w.commit().await?;
-        ctx.dist.current()
+    let records: Vec<_> = refusal.into_iter().collect();
+    let bumped =
+        audit::commit_detached(w, &ctx.org, &records, moved.then_some(SNAPSHOT_VERSION)).await?;
+    let version = match bumped {
+        Some(v) => {
+            tracing::info!(broker = %peer.id, name = %row.owner, ?quic, ?tcp, "broker addresses changed");
+            ctx.dist.publish(v);
+            v
+        }
+        None => ctx.dist.current(),
     };
-    if let Some(r) = &refusal {
-        audit::emit(r);
-    }
     Ok(Json(HeartbeatAck {
         snapshot_version: version,
     }))
