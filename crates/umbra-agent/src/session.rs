@@ -279,6 +279,12 @@ impl Session {
         // certificate; this link was made with the old one.
         if (current_up && is_current) || !better || identity.peer.not_after != st.dialed_with {
             link.close();
+            // Kept: it ranks first, so that failover order and `off_nearest` agree with the
+            // choice (else the agent would measure every tick, the nearest by noise).
+            if current_up && let Some(id) = &current_id {
+                st.ranked.retain(|r| r != id);
+                st.ranked.insert(0, id.clone());
+            }
             return;
         }
         tracing::info!(broker = %broker.name, rtt_ms = rtt.as_secs_f64() * 1e3, transport = link.transport().as_str(), "a nearer broker answers; new connections go there");
@@ -367,15 +373,12 @@ impl Session {
         // Further attempts go over side links: the current link is fine and stays current.
         let mut aside = false;
         loop {
-            let (broker_id, link) = match self.link(&mut attempts, aside).await {
+            let (broker_id, link, hold) = match self.link(&mut attempts, aside).await {
                 Ok(l) => l,
                 // Some broker allowed the stream but none could reach a connector.
                 Err(_) if unavailable => return Err(OpenError::Unavailable(service.to_owned())),
                 Err(e) => return Err(e),
             };
-            // Held from before the stream opens: a link retired meanwhile is not closed as
-            // idle under it.
-            let hold = link.hold();
             match self.try_open(&link, service).await {
                 Ok((OpenCode::Ok, stream)) => return Ok((stream, hold)),
                 Ok((OpenCode::Denied, _)) => return Err(OpenError::Denied(service.to_owned())),
@@ -425,6 +428,9 @@ impl Session {
     /// no connector for the service, or reset the stream while its link stays up) that one
     /// is a side link: kept for such services, while the current broker stays current.
     ///
+    /// The link comes with a hold taken under the session's lock, so that a re-measurement
+    /// retiring it meanwhile does not close it as idle under the request.
+    ///
     /// A side link is dialed without holding the session's lock: the current link is fine,
     /// and the streams other requests open on it must not wait for a dial to a broker that
     /// may be far or unreachable. A new current link is dialed under the lock: the current
@@ -433,7 +439,7 @@ impl Session {
         &self,
         attempts: &mut Attempts,
         aside: bool,
-    ) -> Result<(String, Link), OpenError> {
+    ) -> Result<(String, Link, LinkHold), OpenError> {
         loop {
             let mut st = self.state.lock().await;
             close_idle(&mut st.retiring);
@@ -453,7 +459,7 @@ impl Session {
             let current = st.current.as_ref().map(|(id, _)| id.clone());
             if !aside && let Some((id, link)) = &st.current {
                 if !link.is_closed() && !attempts.tried.contains(id) {
-                    return Ok((id.clone(), link.clone()));
+                    return Ok((id.clone(), link.clone(), link.hold()));
                 }
                 if link.is_closed() {
                     let id = id.clone();
@@ -471,7 +477,7 @@ impl Session {
                 return Err(OpenError::NoBroker(attempts.last.clone()));
             };
             if aside && let Some((_, link)) = st.side.iter().find(|(b, _)| *b == id) {
-                return Ok((id, link.clone()));
+                return Ok((id, link.clone(), link.hold()));
             }
             let Some(info) = st.brokers.iter().find(|b| b.id == id).cloned() else {
                 attempts.tried.push(id);
@@ -516,7 +522,8 @@ impl Session {
                         {
                             let held = held.clone();
                             link.close();
-                            return Ok((id, held));
+                            let hold = held.hold();
+                            return Ok((id, held, hold));
                         }
                         if identity.peer.not_after != st.dialed_with {
                             link.close();
@@ -532,7 +539,8 @@ impl Session {
                         st.dialed_with = identity.peer.not_after;
                         st.current = Some((id.clone(), link.clone()));
                     }
-                    return Ok((id, link));
+                    let hold = link.hold();
+                    return Ok((id, link, hold));
                 }
                 Err(e) => {
                     tracing::warn!(broker = %info.name, error = %e, "cannot reach broker");

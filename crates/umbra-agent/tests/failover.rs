@@ -360,21 +360,7 @@ async fn denial_is_final_and_closes_the_connection() {
     let f = Forwarder::start(s.cfg.clone(), "secret", "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    // A denied connection is reset without data (perhaps before the connect is seen done).
-    let end = match TcpStream::connect(f.local_addr()).await {
-        Ok(mut tcp) => {
-            let mut buf = [0u8; 16];
-            tokio::time::timeout(WAIT, tcp.read(&mut buf))
-                .await
-                .unwrap()
-        }
-        Err(e) => Err(e),
-    };
-    assert_eq!(
-        end.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "a denied connection is reset without data"
-    );
+    assert_reset_without_data(f.local_addr(), "a denied connection").await;
     // One Open in total: a denial is not a reason to ask another broker.
     let opens = s.a.opens.load(Ordering::SeqCst) + s.b.opens.load(Ordering::SeqCst);
     assert_eq!(opens, 1);

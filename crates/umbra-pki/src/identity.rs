@@ -322,7 +322,13 @@ pub fn check_private_dir(dir: &Path) -> std::io::Result<()> {
         )));
     }
     let mode = meta.mode();
-    let group_ok = ids.as_ref().is_some_and(|i| i.groups.contains(&meta.gid()));
+    // Group write is allowed on root's directories only, to a process that is not root (a
+    // volume shared through a group): on one of ours the group bits may be an ACL mask that
+    // lets another user in.
+    let group_ok = meta.uid() == 0
+        && ids
+            .as_ref()
+            .is_some_and(|i| i.uid != 0 && i.groups.contains(&meta.gid()));
     if mode & 0o002 != 0 || (mode & 0o020 != 0 && !group_ok) {
         return Err(refuse(format!(
             "writable by other users (mode {:o}): anything kept there could be replaced; \
@@ -355,10 +361,28 @@ struct ProcessIds {
     groups: Vec<u32>,
 }
 
-/// Read from `/proc/self/status` (no `unsafe` call needed); `None` where there is no `/proc`
-/// (then only modes are checked).
+/// Read from `/proc/self/status` (no `unsafe` call needed). Where there is no `/proc`, the
+/// uid is the owner of a file this process creates (in the temporary directory), with no
+/// supplementary groups known; `None` only if neither works (then only modes are checked).
 fn process_ids() -> Option<ProcessIds> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        use std::os::unix::fs::MetadataExt;
+        let probe =
+            std::env::temp_dir().join(format!(".umbra-uid-{}", hex::encode(random_bytes::<8>())));
+        let made = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe);
+        let ids = made
+            .ok()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| ProcessIds {
+                uid: m.uid(),
+                groups: vec![m.gid()],
+            });
+        let _ = fs::remove_file(&probe);
+        return ids;
+    };
     let field = |name: &str| {
         status.lines().find_map(|l| l.strip_prefix(name)).map(|v| {
             v.split_whitespace()
@@ -660,11 +684,12 @@ mod tests {
         assert_eq!(mode(&open), 0o755);
         private_dir_tight(&open).unwrap();
         assert_eq!(mode(&open), 0o700);
-        // Writable by a group this process is in (a volume shared through a group): accepted.
+        // Ours and writable by our group: refused (the group bits may be an ACL mask letting
+        // another user in).
         let shared_ours = tmp.path().join("group-ours");
         fs::create_dir(&shared_ours).unwrap();
         fs::set_permissions(&shared_ours, fs::Permissions::from_mode(0o2770)).unwrap();
-        private_dir(&shared_ours).unwrap();
+        assert!(private_dir(&shared_ours).is_err());
         // Writable by others (a shared dir, or one made with umask 0): refused, unchanged.
         for m in [0o777, 0o707, 0o1777] {
             let shared = tmp.path().join(format!("shared-{m:o}"));
@@ -693,6 +718,7 @@ mod tests {
             fs::set_permissions(&other_group, fs::Permissions::from_mode(0o770)).unwrap();
             let e = private_dir(&other_group).unwrap_err();
             assert!(e.to_string().contains("writable by other users"), "{e}");
+
             let theirs = tmp.path().join("theirs");
             fs::create_dir(&theirs).unwrap();
             std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();

@@ -1077,6 +1077,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     &x.id
                 })
                 .await?;
+            if let Some(n) = name
+                && v.iter().any(|x| &x.name != n)
+            {
+                bail!(
+                    "the controller does not filter connectors by name (is it older than this command?); upgrade it"
+                );
+            }
             out!(v, |v: Vec<api::Connector>| table(
                 &["id", "name", "revoked", "cert expires"],
                 v.into_iter()

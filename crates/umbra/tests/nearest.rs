@@ -117,9 +117,9 @@ async fn carrier(s: &Stack, service: &str) -> String {
     .await
 }
 
-/// With the delay in front of broker `far` (0 or 1), alice's agent carries her stream through
-/// the other one.
-async fn nearest_is_used(far: usize) {
+/// Two brokers, broker `far` (0 or 1) behind the delay relay; a connector linked to both
+/// serving echo; alice enrolled and allowed. Returns the stack and what must stay alive.
+async fn two_brokers(far: usize) -> (Stack, JoinHandle<()>, JoinHandle<()>) {
     init();
     let mut s = Stack::controller_only(&[ALICE]).await;
     let mut ports = Vec::new();
@@ -127,8 +127,8 @@ async fn nearest_is_used(far: usize) {
         let host = if i == far { FAR_HOST } else { "127.0.0.1" };
         ports.push(add_broker(&mut s, &format!("broker-{i}"), host).await);
     }
-    let _relay = delay_relay(ports[far].port()).await;
-    let (echo, _echo_task) = echo_server().await;
+    let relay = delay_relay(ports[far].port()).await;
+    let (echo, echo_task) = echo_server().await;
     s.echo = echo;
     // The connector and the agent learn the brokers from the controller: wait until both
     // have reported their (advertised) addresses.
@@ -162,6 +162,11 @@ async fn nearest_is_used(far: usize) {
         })
         .await;
     }
+    (s, relay, echo_task)
+}
+
+async fn nearest_is_used(far: usize) {
+    let (s, _relay, _echo_task) = two_brokers(far).await;
     let fwd = forward(&s, ECHO).await;
     let mut held_near = poll("alice reaches echo", SOON, || {
         LiveConn::open(fwd.local_addr())
@@ -239,44 +244,8 @@ async fn nearest_is_used(far: usize) {
 /// stays there), without restarting the forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_returns_to_the_nearest_broker() {
-    init();
     let far = 1;
-    let mut s = Stack::controller_only(&[ALICE]).await;
-    let mut ports = Vec::new();
-    for i in 0..2 {
-        let host = if i == far { FAR_HOST } else { "127.0.0.1" };
-        ports.push(add_broker(&mut s, &format!("broker-{i}"), host).await);
-    }
-    let _relay = delay_relay(ports[far].port()).await;
-    let (echo, _echo_task) = echo_server().await;
-    s.echo = echo;
-    s.brokers_registered().await;
-    let token = s.admin.token("connector", None, Some(CONNECTOR)).await;
-    umbra_link::enroll::enroll(
-        &s.url,
-        &token,
-        &s.connector_dir,
-        umbra_proto::Role::Connector,
-    )
-    .await
-    .unwrap();
-    s.admin
-        .post(
-            "/v1/services",
-            serde_json::json!({ "name": ECHO, "target": echo.to_string(), "connectors": [CONNECTOR] }),
-        )
-        .await;
-    s.start_connector().await;
-    s.admin.allow("alice-echo", ALICE, ECHO).await;
-    s.enroll_agent(ALICE, "alice").await;
-    s.converge().await;
-    let id = s.agent("alice").identity();
-    for b in &s.brokers {
-        poll(&format!("{} serves echo", b.cfg.name), SOON, || {
-            served(b, umbra_link::Transport::Tls, &id)
-        })
-        .await;
-    }
+    let (mut s, _relay, _echo_task) = two_brokers(far).await;
     // The near broker goes away; the forward starts on the far one.
     s.brokers[1 - far].stop().await;
     let mut cfg = s.agent("alice").config(TransportPref::Tcp);
