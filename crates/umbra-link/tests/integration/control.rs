@@ -22,6 +22,35 @@ struct Thing {
 /// Bytes of the endless error body sent so far.
 static ENDLESS_SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// One HTTP/1.1 request from `s`: its head (request line and headers) and its body, read to
+/// its `content-length`.
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "request cut short");
+        req.extend_from_slice(&buf[..n]);
+        if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&req[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while req.len() < head_end + len {
+        let n = s.read(&mut buf).await.unwrap();
+        req.extend_from_slice(&buf[..n]);
+    }
+    (head, req[head_end..head_end + len].to_vec())
+}
+
 /// Serves one request per connection; answers depend on the path.
 async fn server(org: &Org) -> String {
     let id = org.identity_with(
@@ -51,30 +80,8 @@ async fn server(org: &Org) -> String {
                     .and_then(|c| c.first())
                     .and_then(|c| umbra_pki::peer_cert(c).ok())
                     .map_or_else(|| "anonymous".to_owned(), |p| p.id.to_uri());
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                let head_end = loop {
-                    let n = s.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "request cut short");
-                    req.extend_from_slice(&buf[..n]);
-                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&req[..head_end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                while req.len() < head_end + len {
-                    let n = s.read(&mut buf).await.unwrap();
-                    req.extend_from_slice(&buf[..n]);
-                }
-                let body = &req[head_end..head_end + len];
+                let (head, body) = read_request(&mut s).await;
+                let body = &body[..];
                 let bearer = head
                     .lines()
                     .find_map(|l| l.strip_prefix("authorization: "))
@@ -337,27 +344,8 @@ async fn renew_server(org: &Org, other: &Org, how: RenewAnswer) -> String {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 8192];
-                let (head_end, len) = loop {
-                    let n = s.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "request cut short");
-                    req.extend_from_slice(&buf[..n]);
-                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&req[..i]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        break (i + 4, len);
-                    }
-                };
-                while req.len() < head_end + len {
-                    let n = s.read(&mut buf).await.unwrap();
-                    req.extend_from_slice(&buf[..n]);
-                }
-                let body: umbra_proto::api::RenewRequest =
-                    serde_json::from_slice(&req[head_end..head_end + len]).unwrap();
+                let (_, body) = read_request(&mut s).await;
+                let body: umbra_proto::api::RenewRequest = serde_json::from_slice(&body).unwrap();
                 let day = Duration::from_secs(86_400);
                 let (who, at) = match how {
                     RenewAnswer::OtherIdentity => ("d2", SystemTime::now()),
