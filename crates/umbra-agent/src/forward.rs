@@ -72,7 +72,10 @@ impl Forwarder {
                 return Err(AgentError::RemoteListen(*listen));
             }
         }
-        let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
+        // An expired certificate renews (within the controller's grace) before anything
+        // binds; a valid one is the background renewal's from here.
+        let (id, cref, _) =
+            identity::load_usable(&cfg, SystemTime::now(), identity::RenewWhen::Expired).await?;
         let mut listeners = Vec::with_capacity(forwards.len());
         for (service, listen) in forwards {
             let listener = TcpListener::bind(listen)

@@ -13,22 +13,63 @@ use umbra_proto::api::BrokerList;
 use crate::AgentError;
 use crate::config::AgentConfig;
 
-/// Loads the identity and `controller.json`; the identity must be an agent's, and its
-/// certificate still valid at `now` (brokers refuse an expired one, and only a valid
-/// certificate can be renewed: the device must enroll again).
-pub(crate) fn load(
-    dir: &Path,
-    now: SystemTime,
-) -> Result<(TlsIdentity, ControllerRef), AgentError> {
+/// Loads the identity and `controller.json`; the identity must be an agent's. An expired
+/// certificate loads too: [`load_usable`] renews it while the controller still allows.
+pub(crate) fn load(dir: &Path) -> Result<(TlsIdentity, ControllerRef), AgentError> {
     let id = TlsIdentity::load_dir(dir).map_err(AgentError::Identity)?;
     if id.peer.id.role != Role::Agent {
         return Err(AgentError::WrongRole(id.peer.id.role));
     }
-    if id.peer.not_after <= now {
-        return Err(AgentError::Expired(umbra_pki::rfc3339(id.peer.not_after)));
-    }
     let cref = load_controller_ref(dir).map_err(AgentError::ControllerRef)?;
     Ok((id, cref))
+}
+
+/// When [`load_usable`] renews the certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RenewWhen {
+    /// Once its renewal time has passed (`status`, `services`).
+    Due,
+    /// Only if it has expired (a forward, whose own renewal takes over from there).
+    Expired,
+}
+
+/// [`load`], then [`renew_if_due`] (or only if expired, by `when`): a certificate that expired
+/// while the device slept renews within the controller's grace. One still expired after that
+/// is refused with the controller's reason (brokers refuse it).
+pub(crate) async fn load_usable(
+    cfg: &AgentConfig,
+    now: SystemTime,
+    when: RenewWhen,
+) -> Result<(TlsIdentity, ControllerRef, Renewal), AgentError> {
+    let (id, cref) = load(&cfg.identity_dir)?;
+    let expired = id.peer.not_after <= now;
+    if when == RenewWhen::Expired && !expired {
+        let due = id_renew_at(&id);
+        return Ok((id, cref, Renewal::NotDue(due)));
+    }
+    let (id, renewal) = renew_if_due(cfg, id, now).await;
+    if let Renewal::Failed { error, .. } = &renewal
+        && id.peer.not_after <= now
+    {
+        return Err(AgentError::ExpiredUnrenewed {
+            at: umbra_pki::rfc3339(id.peer.not_after),
+            error: error.clone(),
+        });
+    }
+    // A renewal may have brought a new broker list into controller.json.
+    let cref = match renewal {
+        Renewal::Renewed => load_controller_ref(&cfg.identity_dir).unwrap_or(cref),
+        _ => cref,
+    };
+    Ok((id, cref, renewal))
+}
+
+/// The certificate's renewal time (its expiry if its validity cannot be read).
+fn id_renew_at(id: &TlsIdentity) -> SystemTime {
+    match id.cert_chain.first().map(umbra_link::enroll::cert_validity) {
+        Some(Ok((not_before, not_after))) => umbra_link::enroll::renew_at(not_before, not_after),
+        _ => id.peer.not_after,
+    }
 }
 
 /// Where the certificate's renewal stands after an agent command looked at it.
@@ -44,21 +85,15 @@ pub enum Renewal {
 
 /// Renews the certificate in `cfg.identity_dir` once, if its renewal time has passed: a
 /// forward renews it while it runs, but an agent that only runs now and then, or a laptop that
-/// slept through the renewal time, must not let it lapse (an expired certificate cannot renew,
-/// and the device must enroll again). Bounded by twice the connect timeout; on failure the
-/// held identity is kept and the failure reported.
+/// slept through the renewal time, must not let it lapse (an expired certificate renews only
+/// within the controller's grace; after that the device must enroll again). Bounded by twice
+/// the connect timeout; on failure the held identity is kept and the failure reported.
 pub(crate) async fn renew_if_due(
     cfg: &AgentConfig,
     id: TlsIdentity,
     now: SystemTime,
 ) -> (TlsIdentity, Renewal) {
-    let due = match id.cert_chain.first().map(umbra_link::enroll::cert_validity) {
-        Some(Ok((not_before, not_after))) => umbra_link::enroll::renew_at(not_before, not_after),
-        _ => {
-            let not_after = id.peer.not_after;
-            return (id, Renewal::NotDue(not_after));
-        }
-    };
+    let due = id_renew_at(&id);
     if now < due {
         return (id, Renewal::NotDue(due));
     }
@@ -156,29 +191,55 @@ mod tests {
     }
 
     #[test]
-    fn a_valid_certificate_loads_and_an_expired_one_says_to_enroll_again() {
+    fn a_valid_certificate_loads_and_so_does_an_expired_one() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
         let id = enrolled(dir.path(), now, Role::Agent);
-
-        let (loaded, cref) = load(dir.path(), now + Duration::from_secs(3599)).unwrap();
+        let (loaded, cref) = load(dir.path()).unwrap();
         assert_eq!(loaded.peer, id.peer);
         assert_eq!(cref.user.as_deref(), Some("alice@acme.test"));
+    }
 
-        for later in [id.peer.not_after, now + Duration::from_secs(48 * 3600)] {
-            match load(dir.path(), later) {
-                Err(e @ AgentError::Expired(_)) => {
-                    let msg = e.to_string();
-                    assert!(
-                        msg.contains(&umbra_pki::rfc3339(id.peer.not_after)),
-                        "{msg}"
-                    );
-                    assert!(msg.contains("umbra agent enroll"), "{msg}");
+    /// An expired certificate the controller does not renew (here: it cannot be reached) is
+    /// refused with the reason and the way out; a forward does not try to renew a valid one
+    /// before it starts, while status and services renew a due one.
+    #[tokio::test]
+    async fn an_expired_certificate_that_does_not_renew_says_why_and_to_enroll_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let id = enrolled(dir.path(), now, Role::Agent);
+        let cfg = AgentConfig {
+            identity_dir: dir.path().to_path_buf(),
+            connect_timeout_ms: 200,
+            ..AgentConfig::default()
+        };
+        for when in [RenewWhen::Due, RenewWhen::Expired] {
+            for later in [id.peer.not_after, now + Duration::from_secs(48 * 3600)] {
+                match load_usable(&cfg, later, when).await {
+                    Err(e @ AgentError::ExpiredUnrenewed { .. }) => {
+                        let msg = e.to_string();
+                        assert!(
+                            msg.contains(&umbra_pki::rfc3339(id.peer.not_after)),
+                            "{msg}"
+                        );
+                        assert!(msg.contains("umbra agent enroll"), "{msg}");
+                    }
+                    Err(e) => panic!("expected ExpiredUnrenewed, got {e}"),
+                    Ok(_) => panic!("an expired identity was used"),
                 }
-                Err(e) => panic!("expected Expired, got {e}"),
-                Ok(_) => panic!("an expired identity loaded"),
             }
         }
+        // Valid: a forward starts with it, renewal not even tried; status tried (it is due
+        // at two thirds of the hour) and kept it.
+        let (_, _, r) = load_usable(&cfg, now + Duration::from_secs(3000), RenewWhen::Expired)
+            .await
+            .unwrap();
+        assert!(matches!(r, Renewal::NotDue(_)), "{r:?}");
+        let (kept, _, r) = load_usable(&cfg, now + Duration::from_secs(3000), RenewWhen::Due)
+            .await
+            .unwrap();
+        assert!(matches!(r, Renewal::Failed { .. }), "{r:?}");
+        assert_eq!(kept.peer, id.peer);
     }
 
     #[test]
@@ -187,7 +248,7 @@ mod tests {
         let now = SystemTime::now();
         enrolled(dir.path(), now, Role::Connector);
         assert!(matches!(
-            load(dir.path(), now),
+            load(dir.path()),
             Err(AgentError::WrongRole(Role::Connector))
         ));
     }

@@ -47,11 +47,21 @@ pub enum AgentError {
     /// The certificate has expired (at the time given): renewal needs a valid one.
     #[error(
         "this device's certificate expired at {0} without a renewal (every agent command \
-         renews it once it is due, if the controller can be reached). Enroll this device \
-         again with a new token from your administrator: \
+         renews it once it is due, and for a while after it expired, when the controller can \
+         be reached: run one again to retry). Enroll this device again with a new token from \
+         your administrator if that fails: \
          umbra agent enroll --controller URL --token-file FILE"
     )]
     Expired(String),
+    /// The certificate has expired (at `at`) and the controller did not renew it.
+    #[error(
+        "this device's certificate expired at {at} and was not renewed: {error}. The \
+         controller renews a certificate for a while after it expired (renew_grace_secs, 7 \
+         days by default), unless the device was revoked or its user disabled; try again once \
+         it can be reached. Otherwise enroll this device again with a new token from your \
+         administrator: umbra agent enroll --controller URL --token-file FILE"
+    )]
+    ExpiredUnrenewed { at: String, error: String },
     /// The identity is not an agent's.
     #[error("the identity in identity_dir is a {0} certificate, not an agent's")]
     WrongRole(Role),

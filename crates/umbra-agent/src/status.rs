@@ -43,8 +43,8 @@ pub struct BrokerStatus {
 /// Reads the identity and measures every broker (in parallel).
 pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
     cfg.validate()?;
-    let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
-    let (id, renewal) = identity::renew_if_due(cfg, id, SystemTime::now()).await;
+    let (id, cref, renewal) =
+        identity::load_usable(cfg, SystemTime::now(), identity::RenewWhen::Due).await?;
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
@@ -93,8 +93,8 @@ pub async fn status(cfg: &AgentConfig) -> Result<Status, AgentError> {
 /// The services this device's user may reach, sorted, as the nearest answering broker says.
 pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     cfg.validate()?;
-    let (id, cref) = identity::load(&cfg.identity_dir, SystemTime::now())?;
-    let (id, _) = identity::renew_if_due(cfg, id, SystemTime::now()).await;
+    let (id, cref, _) =
+        identity::load_usable(cfg, SystemTime::now(), identity::RenewWhen::Due).await?;
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;

@@ -62,11 +62,42 @@ pub enum ConnectorError {
     /// certificate can be renewed.
     #[error(
         "this connector's certificate expired at {0} without a renewal (it renews itself while \
-         it runs and the controller answers). Enroll it again with a new token: \
+         it runs and the controller answers, and for a while after expiry: start it again to \
+         retry). Enroll it again with a new token if that fails: \
          umbra connector enroll --controller URL --token TOKEN"
     )]
     Expired(String),
+    /// The certificate had expired (at `at`) when the connector started, and the controller
+    /// did not renew it.
+    #[error(
+        "this connector's certificate expired at {at} and was not renewed: {error}. The \
+         controller renews a certificate for a while after it expired (renew_grace_secs, 7 \
+         days by default) unless the connector was revoked; start again once it can be \
+         reached, or enroll it again with a new token: \
+         umbra connector enroll --controller URL --token TOKEN"
+    )]
+    ExpiredUnrenewed { at: String, error: String },
 }
+
+/// Renews the expired identity in `dir` (expired at `at`), as the controller allows for a
+/// while after expiry (a host powered off past its certificate's end), or says why not.
+async fn renew_expired(dir: &std::path::Path, at: String) -> Result<TlsIdentity, ConnectorError> {
+    let renewed = tokio::time::timeout(RENEW_AT_START, umbra_link::enroll::renew(dir)).await;
+    let error = match renewed {
+        Ok(Ok(issued)) => {
+            tracing::info!(serial = %issued.serial, "the expired certificate was renewed");
+            let identity = TlsIdentity::load_dir(dir).map_err(ConnectorError::Identity)?;
+            usable(&identity, SystemTime::now())?;
+            return Ok(identity);
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the controller did not answer in time".to_owned(),
+    };
+    Err(ConnectorError::ExpiredUnrenewed { at, error })
+}
+
+/// How long a start waits for the renewal of an expired certificate.
+const RENEW_AT_START: Duration = Duration::from_secs(10);
 
 /// Whether `identity` can serve as this connector's at `now`: a connector's, not expired.
 fn usable(identity: &TlsIdentity, now: SystemTime) -> Result<(), ConnectorError> {
@@ -101,7 +132,11 @@ impl Connector {
         cfg.validate()?;
         let dir = cfg.identity_dir.clone();
         let identity = TlsIdentity::load_dir(&dir).map_err(ConnectorError::Identity)?;
-        usable(&identity, SystemTime::now())?;
+        let identity = match usable(&identity, SystemTime::now()) {
+            Ok(()) => identity,
+            Err(ConnectorError::Expired(at)) => renew_expired(&dir, at).await?,
+            Err(e) => return Err(e),
+        };
         let cref = load_controller_ref(&dir).map_err(ConnectorError::ControllerRef)?;
         let me = identity.peer.id.id.clone();
         let uri = identity.peer.id.to_uri();

@@ -13,14 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use umbra_pki::{
-    Ca, ClientAuth, KeyEncryptionKey, PkiError, SealedCa, ServerCertSlot, TlsIdentity,
-};
+use umbra_pki::{Ca, KeyEncryptionKey, PkiError, SealedCa, ServerCertSlot, TlsIdentity};
 use umbra_proto::{PeerId, Role};
 
 use crate::audit;
 use crate::config::ControllerConfig;
 use crate::error::ControllerError;
+use crate::state::Clock;
 use crate::store::{Store, peers};
 
 /// File name of a generated KEK inside the data directory.
@@ -253,17 +252,38 @@ pub(crate) async fn server_identity(
 }
 
 /// The TLS server configuration: TLS 1.3, HTTP/2 or HTTP/1.1, client certificates optional
-/// but verified against the CA when sent. The certificate can be replaced through the slot.
+/// but verified against the CA, by the controller's `clock`, when sent; one expired at most
+/// `renew_grace` ago passes too, for `POST /v1/renew` alone (every route checks expiry again,
+/// `Ctx::check_cert`). The certificate can be replaced through the slot.
 pub(crate) fn server_tls(
     id: &TlsIdentity,
+    renew_grace: std::time::Duration,
+    clock: Clock,
 ) -> Result<(Arc<rustls::ServerConfig>, ServerCertSlot), ControllerError> {
-    let (cfg, slot) = umbra_pki::server_config_reloadable(
+    let (cfg, slot) = umbra_pki::server_config_renewing(
         id,
-        ClientAuth::Optional,
         &[b"h2", b"http/1.1"],
-        false,
+        renew_grace,
+        Arc::new(ClockTime(clock)),
     )?;
     Ok((Arc::new(cfg), slot))
+}
+
+/// The controller's clock as the TLS library's: handshakes judge certificates by the same
+/// time as the routes behind them.
+struct ClockTime(Clock);
+
+impl std::fmt::Debug for ClockTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClockTime")
+    }
+}
+
+impl rustls::time_provider::TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        let since = (self.0)().duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(since))
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// Longest lifetime of an enrollment token.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Longest `renew_grace_secs`.
+pub(crate) const MAX_RENEW_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Controller settings. See the field docs for defaults.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +41,13 @@ pub struct ControllerConfig {
     pub org: String,
     /// Lifetime of issued peer certificates, seconds. Default 86400 (1 day), at most 7 days.
     pub cert_lifetime_secs: u64,
+    /// How long after its certificate expired a device, connector or broker may still renew
+    /// it, seconds: a laptop asleep over a weekend renews when it wakes instead of enrolling
+    /// again. Only the identity's newest certificate renews this way, and never a revoked
+    /// one, a revoked device or connector, or the device of a disabled user. 0 turns it off
+    /// (an expired certificate then needs a new enrollment). Default 604800 (7 days), at most
+    /// 30 days.
+    pub renew_grace_secs: u64,
     /// Default lifetime of enrollment tokens, seconds. Default 3600, at most 7 days.
     pub token_ttl_secs: u64,
     /// TLS handshakes the API runs at once. When all are taken, a new connection evicts the
@@ -68,6 +78,7 @@ impl Default for ControllerConfig {
             ca_key: None,
             org: "default".into(),
             cert_lifetime_secs: 86_400,
+            renew_grace_secs: 7 * 86_400,
             token_ttl_secs: 3_600,
             max_pending_handshakes: 256,
             max_anonymous_connections: 1024,
@@ -89,6 +100,7 @@ impl fmt::Debug for ControllerConfig {
             .field("ca_key", &self.ca_key.as_ref().map(|_| ".."))
             .field("org", &self.org)
             .field("cert_lifetime_secs", &self.cert_lifetime_secs)
+            .field("renew_grace_secs", &self.renew_grace_secs)
             .field("token_ttl_secs", &self.token_ttl_secs)
             .field("max_pending_handshakes", &self.max_pending_handshakes)
             .field("max_anonymous_connections", &self.max_anonymous_connections)
@@ -200,6 +212,15 @@ impl ControllerConfig {
                 format!("must be between 1 and {max_cert}"),
             ));
         }
+        if self.renew_grace_secs > MAX_RENEW_GRACE.as_secs() {
+            return Err(ConfigError::new(
+                "renew_grace_secs",
+                format!(
+                    "must be at most {} (30 days; 0 turns renewal after expiry off)",
+                    MAX_RENEW_GRACE.as_secs()
+                ),
+            ));
+        }
         let max_ttl = MAX_TOKEN_TTL.as_secs();
         if self.token_ttl_secs == 0 || self.token_ttl_secs > max_ttl {
             return Err(ConfigError::new(
@@ -254,6 +275,10 @@ impl ControllerConfig {
 
     pub(crate) fn cert_lifetime(&self) -> Duration {
         Duration::from_secs(self.cert_lifetime_secs)
+    }
+
+    pub(crate) fn renew_grace(&self) -> Duration {
+        Duration::from_secs(self.renew_grace_secs)
     }
 
     pub(crate) fn token_ttl(&self) -> Duration {
@@ -322,6 +347,10 @@ mod tests {
                 Box::new(|c| c.cert_lifetime_secs = 8 * 24 * 3600),
             ),
             ("token_ttl_secs", Box::new(|c| c.token_ttl_secs = 0)),
+            (
+                "renew_grace_secs",
+                Box::new(|c| c.renew_grace_secs = 30 * 24 * 3600 + 1),
+            ),
             (
                 "audit_retention_days",
                 Box::new(|c| c.audit_retention_days = 36_501),

@@ -62,7 +62,7 @@ impl Controller {
     }
 
     /// [`Controller::start`] with an injected clock (tests and simulations move time to expire
-    /// tokens without sleeping). TLS handshakes still use the system clock.
+    /// tokens without sleeping). TLS handshakes judge client certificates by it too.
     pub async fn start_with_clock(
         cfg: ControllerConfig,
         clock: Clock,
@@ -78,7 +78,7 @@ impl Controller {
         let ca = ca::load_or_create(&store, &cfg, env_key.as_deref(), clock()).await?;
 
         let server_id = ca::server_identity(&ca, &store, &cfg.server_names, clock()).await?;
-        let (tls, slot) = ca::server_tls(&server_id)?;
+        let (tls, slot) = ca::server_tls(&server_id, cfg.renew_grace(), clock.clone())?;
 
         // Every start moves the version to at least the clock in milliseconds. A store
         // restored from a backup counts on from where the backup was; without this, it could
@@ -129,6 +129,7 @@ impl Controller {
             ca,
             clock,
             cert_lifetime: cfg.cert_lifetime(),
+            renew_grace: cfg.renew_grace(),
             token_ttl: cfg.token_ttl(),
             dist: Distribution::new(version),
             heartbeats: umbra_link::quota::Quota::new(api::MAX_HEARTBEATS_PER_BROKER),

@@ -438,12 +438,27 @@ async fn renew_inner(
     let now_secs = ctx.now_secs();
     let org = ctx.org.as_str();
     let roles = [Role::Agent, Role::Connector, Role::Broker];
-    // No certificate, an expired or a foreign one: refused before queueing on the write lock.
-    ctx.check_cert(conn, &roles)?;
+    // No certificate, a foreign one or one expired beyond the grace: refused before queueing
+    // on the write lock.
+    let peer = ctx.check_cert_within(conn, &roles, ctx.renew_grace)?;
     let mut w = ctx.store.write().await?;
     // Checked inside the write transaction so a revocation cannot slip in between.
     let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) =
-        ctx.check_peer(w.conn(), conn, &roles).await?;
+        ctx.check_stored(w.conn(), peer).await?;
+    // An expired certificate renews only if no renewal replaced it: one that was (with a key
+    // the device has since discarded) opens nothing once expired, even to whoever copied it
+    // and its key before.
+    let expired_secs = now
+        .duration_since(peer.not_after)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(|d| d.as_secs());
+    if expired_secs.is_some() && peers::cert_replaced(w.conn(), org, &peer.serial_hex).await? {
+        return Err(ApiFailure::forbidden(
+            "this expired certificate was replaced by a renewal: only a certificate no renewal \
+             replaced renews after expiry; enroll again",
+        ));
+    }
     // A disabled user's devices keep their certificates (enabling the user again restores
     // them) but get no new ones, so disabling takes every credential away within a lifetime.
     if kind == Kind::Device && admin::user_disabled(w.conn(), org, &row.owner).await? != Some(false)
@@ -475,6 +490,7 @@ async fn renew_inner(
     }
     let issued = issue(ctx, &req.csr_pem, &identity, now)?;
     record_cert(&mut w, org, &issued, &identity, now_secs).await?;
+    peers::cert_mark_replaced(w.conn(), org, &peer.serial_hex, now_secs).await?;
     let brokers = peers::broker_infos(w.conn(), org).await?;
     let user = (kind == Kind::Device).then(|| row.owner.clone());
     let rec = audit::record(
@@ -483,7 +499,15 @@ async fn renew_inner(
         "renew",
         &identity.to_uri(),
         true,
-        json!({ "old_serial": peer.serial_hex, "serial": issued.serial_hex }),
+        match expired_secs {
+            None => json!({ "old_serial": peer.serial_hex, "serial": issued.serial_hex }),
+            // A renewal after expiry says so: how long the identity went without one.
+            Some(secs) => json!({
+                "old_serial": peer.serial_hex,
+                "serial": issued.serial_hex,
+                "expired_secs": secs,
+            }),
+        },
     );
     ctx.commit_quiet(w, &[rec]).await?;
     Ok(issued_cert(ctx, &identity, issued, user, brokers))

@@ -39,6 +39,8 @@ pub(crate) struct Ctx {
     pub(crate) ca: Ca,
     pub(crate) clock: Clock,
     pub(crate) cert_lifetime: Duration,
+    /// How long after expiry a certificate may still renew (`renew_grace_secs`).
+    pub(crate) renew_grace: Duration,
     pub(crate) token_ttl: Duration,
     pub(crate) dist: Distribution,
     /// Heartbeats in flight, per broker identity (`api::HeartbeatConn`).
@@ -227,6 +229,16 @@ impl Ctx {
         roles: &[Role],
     ) -> Result<(Arc<PeerCert>, PeerRow, Kind), ApiFailure> {
         let peer = self.check_cert(conn, roles)?;
+        self.check_stored(c, peer).await
+    }
+
+    /// The second part of [`Ctx::check_peer`]: the certificate is one this controller issued
+    /// and did not revoke, and its holder is known and not revoked.
+    pub(crate) async fn check_stored(
+        &self,
+        c: &mut SqliteConnection,
+        peer: Arc<PeerCert>,
+    ) -> Result<(Arc<PeerCert>, PeerRow, Kind), ApiFailure> {
         match peers::cert_revoked(c, &self.org, &peer.serial_hex).await? {
             Some(false) => {}
             Some(true) => return Err(ApiFailure::forbidden("certificate revoked")),
@@ -255,6 +267,17 @@ impl Ctx {
         conn: &ConnPeer,
         roles: &[Role],
     ) -> Result<Arc<PeerCert>, ApiFailure> {
+        self.check_cert_within(conn, roles, Duration::ZERO)
+    }
+
+    /// [`Ctx::check_cert`], letting through a certificate expired at most `grace` ago (the
+    /// renewal route, with `renew_grace`).
+    pub(crate) fn check_cert_within(
+        &self,
+        conn: &ConnPeer,
+        roles: &[Role],
+        grace: Duration,
+    ) -> Result<Arc<PeerCert>, ApiFailure> {
         let Some(peer) = conn.0.clone() else {
             return Err(ApiFailure::unauthorized(
                 "a client certificate issued by this controller is required",
@@ -267,10 +290,12 @@ impl Ctx {
         }
         // TLS checked validity at the handshake only; a connection may outlive its
         // certificate (HTTP/2 keeps it open), and an expired one must not renew or poll on.
-        if self.now() > peer.not_after {
-            return Err(ApiFailure::unauthorized(
-                "certificate expired: enroll again",
-            ));
+        if self.now() > peer.not_after + grace {
+            return Err(ApiFailure::unauthorized(if grace.is_zero() {
+                "certificate expired: renew it, or enroll again"
+            } else {
+                "certificate expired longer ago than renewal allows: enroll again"
+            }));
         }
         if !roles.contains(&peer.id.role) {
             let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();

@@ -1259,8 +1259,9 @@ async fn renewal_and_revocation() {
     h.ctl.shutdown().await;
 }
 
-/// A certificate that expired while its connection stayed open (HTTP/2 keeps one) renews
-/// and polls no more; the same certificate within its lifetime does.
+/// A certificate that expired while its connection stayed open (HTTP/2 keeps one) polls no
+/// more, and renews no more once past the renewal grace; the same certificate within its
+/// lifetime does both.
 #[tokio::test]
 async fn an_expired_certificate_is_refused_on_an_open_connection() {
     let h = Harness::start().await;
@@ -1275,19 +1276,158 @@ async fn an_expired_certificate_is_refused_on_an_open_connection() {
         .unwrap()
         .as_secs();
     // The controller's clock passes the certificate's end; the connection is the same one
-    // (TLS would refuse a new handshake by the real clock only later).
+    // (a new handshake would be judged by the moved clock).
     h.skew.store(lifetime + 60, Ordering::SeqCst);
     let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let key = umbra_pki::generate_key_pem().unwrap();
     let csr = umbra_pki::make_csr(&key).unwrap();
+    h.skew.store(lifetime + 8 * 86_400, Ordering::SeqCst);
     let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let v: Value = resp.json().await.unwrap();
     assert!(api_error(&v).error.contains("expired"), "{v}");
-    // The twin: within its lifetime it renews.
+    // The twin: within its lifetime it polls and renews.
     h.skew.store(lifetime.saturating_sub(60), Ordering::SeqCst);
+    let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::OK);
     let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    h.ctl.shutdown().await;
+}
+
+/// A certificate that expired while its holder was away (a laptop asleep over a weekend, a
+/// connector host powered off) renews within the controller's grace, on a new connection, and
+/// opens nothing else; the renewal is audited with how long it had lapsed. Refused: beyond
+/// the grace (at the handshake), a certificate a renewal already replaced, a revoked device,
+/// a disabled user's device, and any expired certificate with the grace turned off.
+#[tokio::test]
+async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
+    let h = Harness::start().await;
+    let day = 86_400;
+    let (dev, issued) = h.agent("alice@example.com").await;
+    let (other, _) = h.agent("alice@example.com").await;
+    let (revoked, _) = h.agent("alice@example.com").await;
+    let (bob, _) = h.agent("bob@example.com").await;
+    let (conn, _) = h.peer("connector", "c1").await;
+    let lifetime = dev
+        .peer
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap()
+        .as_secs();
+    let csr = || umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+    h.ok(
+        "POST",
+        &format!("/v1/devices/{}/revoke", revoked.peer.id.id),
+        None,
+    )
+    .await;
+    h.ok(
+        "PATCH",
+        "/v1/users/bob@example.com",
+        Some(json!({ "disabled": true })),
+    )
+    .await;
+
+    // Two days after expiry, by the controller's clock; every client below is a new
+    // connection, so the handshake judges the certificate by that clock too.
+    h.skew.store(lifetime + 2 * day, Ordering::SeqCst);
+    let c = h.as_peer(&dev);
+    // Only renewal is open to it.
+    let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let resp = h.renew(&c, json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let renewed: IssuedCert = resp.json().await.unwrap();
+    assert_eq!(renewed.identity, issued.identity);
+    assert_eq!(renewed.user.as_deref(), Some("alice@example.com"));
+    let r = h.audited("renew").await;
+    let r = r.last().unwrap();
+    assert_eq!(
+        (r.result.as_str(), r.actor.as_str()),
+        ("ok", issued.identity.as_str())
+    );
+    let lapsed = r.detail["expired_secs"].as_u64().unwrap();
+    assert!((2 * day - 5..2 * day + 120).contains(&lapsed), "{r:?}");
+    // The certificate it replaced renews no more, though still within the grace (the renewal
+    // forgot it: it had expired; see below for one not forgotten yet).
+    let resp = h.renew(&c, json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // A connector's renews the same way.
+    let resp = h
+        .renew(&h.as_peer(&conn), json!({ "csr_pem": csr() }))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // A revoked device and a disabled user's device do not.
+    let resp = h
+        .renew(&h.as_peer(&revoked), json!({ "csr_pem": csr() }))
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = h.renew(&h.as_peer(&bob), json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let v: Value = resp.json().await.unwrap();
+    assert!(api_error(&v).error.contains("disabled"), "{v}");
+
+    // Eight days after expiry, past the 7-day grace, the handshake itself refuses it.
+    h.skew.store(lifetime + 8 * day, Ordering::SeqCst);
+    let e = h
+        .as_peer(&other)
+        .post(h.url("/v1/renew"))
+        .json(&json!({ "csr_pem": csr() }))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(e.is_connect() || e.is_request(), "{e:?}");
+    h.ctl.shutdown().await;
+
+    // With the grace turned off, an expired certificate fails the handshake at once; the
+    // twin within its lifetime renews.
+    let h = Harness::start_cfg(|c| c.renew_grace_secs = 0).await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let lifetime = dev
+        .peer
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap()
+        .as_secs();
+    h.skew.store(lifetime + 60, Ordering::SeqCst);
+    let e = h
+        .as_peer(&dev)
+        .post(h.url("/v1/renew"))
+        .json(&json!({ "csr_pem": csr() }))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(e.is_connect() || e.is_request(), "{e:?}");
+    h.skew.store(lifetime - 60, Ordering::SeqCst);
+    let resp = h.renew(&h.as_peer(&dev), json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    h.ctl.shutdown().await;
+
+    // Two-minute certificates: one replaced by a renewal within the hour is still on record
+    // when it expires, and is refused for not being the newest; the newest, expired as long,
+    // renews.
+    let h = Harness::start_cfg(|c| c.cert_lifetime_secs = 120).await;
+    let (old, _) = h.agent("alice@example.com").await;
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let resp = h
+        .renew(
+            &h.as_peer(&old),
+            json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let newer: IssuedCert = resp.json().await.unwrap();
+    let newer = TlsIdentity::from_pem(&newer.cert_pem, &key, &newer.ca_pem).unwrap();
+    h.skew.store(300, Ordering::SeqCst);
+    let resp = h.renew(&h.as_peer(&old), json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let v: Value = resp.json().await.unwrap();
+    assert!(api_error(&v).error.contains("replaced"), "{v}");
+    let resp = h
+        .renew(&h.as_peer(&newer), json!({ "csr_pem": csr() }))
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     h.ctl.shutdown().await;
 }

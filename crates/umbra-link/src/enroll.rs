@@ -309,27 +309,48 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
 
         let mut backoff = Backoff::new(RENEW_RETRY_BASE, RENEW_RETRY_CAP);
         let held_not_after = current.peer.not_after;
+        // Attempts made once the held certificate had expired (the controller renews one
+        // within its grace: a suspend past the expiry).
+        let mut after_expiry = 0;
         let fresh = loop {
-            match renew(dir).await {
+            let expired = SystemTime::now() >= held_not_after;
+            after_expiry += u32::from(expired);
+            let refused = match renew(dir).await {
                 Ok(_) => match TlsIdentity::load_dir(dir) {
                     Ok(id) => break Arc::new(id),
-                    Err(e) => tracing::warn!(error = %e, "renewed, but cannot reload the identity"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewed, but cannot reload the identity");
+                        false
+                    }
                 },
-                Err(e) => tracing::warn!(error = %e, "certificate renewal failed; will retry"),
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate renewal failed; will retry");
+                    refused_for_good(&e)
+                }
+            };
             let now = SystemTime::now();
             let Ok(left) = held_not_after.duration_since(now) else {
-                // Only a valid certificate authenticates a renewal: no retry can succeed.
-                tracing::error!(
-                    not_after = %umbra_pki::rfc3339(held_not_after),
-                    "the certificate expired before it could be renewed; renewal stops. Enroll again with a new token from the administrator"
-                );
-                return;
+                if after_expiry >= AFTER_EXPIRY_ATTEMPTS || (expired && refused) {
+                    // Whoever waits on this identity learns that no renewal comes (the
+                    // channel closes): a forward or connector stops and says to enroll again.
+                    tracing::error!(
+                        not_after = %umbra_pki::rfc3339(held_not_after),
+                        "the certificate expired and the controller did not renew it; renewal stops. Start again to retry, or enroll again with a new token from the administrator"
+                    );
+                    return;
+                }
+                // The first attempt after expiry comes at once, a second after a pause (a
+                // network coming back after a resume).
+                if after_expiry > 0 {
+                    tokio::time::sleep(RENEW_RETRY_BASE).await;
+                }
+                continue;
             };
             // At least one base interval, so a persistent failure never spins; at most a
-            // quarter of what is left, so the last tries come before expiry, not after it.
+            // quarter of what is left, so the last tries come before expiry, not after it;
+            // and never past the expiry, when one more attempt is due at once.
             let delay = retry_delay(backoff.next_delay(random_unit()), left);
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(delay.min(left)).await;
         };
         let gap = match fresh.cert_chain.first().map(cert_validity) {
             Some(Ok((_, not_after))) => renew_gap(SystemTime::now(), not_after),
@@ -339,6 +360,30 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
             return;
         }
         tokio::time::sleep(gap).await;
+    }
+}
+
+/// Renewal attempts made after the held certificate expired before renewal gives up.
+const AFTER_EXPIRY_ATTEMPTS: u32 = 2;
+
+/// Whether a failed renewal was the controller's refusal rather than a failure to reach it:
+/// an API error that says this identity may not renew (revoked, disabled, replaced, expired
+/// beyond the grace) or a TLS alert its handshake sent (a certificate it does not accept).
+/// Retrying those changes nothing.
+fn refused_for_good(e: &EnrollError) -> bool {
+    match e {
+        EnrollError::Link(LinkError::Api { status, .. }) => matches!(status, 401 | 403),
+        EnrollError::Link(LinkError::Http(e)) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            while let Some(c) = cause {
+                if let Some(rustls::Error::AlertReceived(_)) = c.downcast_ref::<rustls::Error>() {
+                    return true;
+                }
+                cause = c.source();
+            }
+            false
+        }
+        _ => false,
     }
 }
 
@@ -353,8 +398,9 @@ fn retry_delay(delay: Duration, left: Duration) -> Duration {
 }
 
 /// Waits until the certificate last published on `identity` has expired, by the wall clock
-/// (checked at least every minute: tokio's timer stands still across a suspend), with no
-/// renewed one published before; returns its expiry. Never returns while renewals keep up.
+/// (checked at least every minute: tokio's timer stands still across a suspend), and the
+/// renewal's attempts after expiry (within the controller's grace) have failed too; returns
+/// its expiry. Never returns while renewals keep up.
 pub async fn until_expired(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> SystemTime {
     loop {
         let not_after = identity.borrow_and_update().peer.not_after;
@@ -371,11 +417,21 @@ pub async fn until_expired(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> S
             }
             () = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
         }
-        if SystemTime::now() >= not_after {
-            return not_after;
+        if SystemTime::now() < not_after {
+            continue;
+        }
+        // Expired: the renewal either renews after all or gives up (the channel closes). Its
+        // attempts may start up to a minute late after a resume; bounded all the same.
+        match tokio::time::timeout(EXPIRED_VERDICT_WAIT, identity.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) | Err(_) => return not_after,
         }
     }
 }
+
+/// How long [`until_expired`] waits, once the certificate expired, for the renewal's attempts
+/// after expiry: its wake-ups (at most a minute apart) and two attempts.
+const EXPIRED_VERDICT_WAIT: Duration = Duration::from_secs(90);
 
 /// Returns `at` once the wall clock has reached it (checked at least every minute).
 async fn wall_clock_reaches(at: SystemTime) -> SystemTime {

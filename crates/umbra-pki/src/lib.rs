@@ -43,5 +43,5 @@ pub use seal::{KeyEncryptionKey, SealedCa};
 pub use tls::{
     ClientAuth, ServerCertSlot, client_config, crypto_provider, crypto_provider_pq_only,
     install_crypto_provider, kx_group_name, server_config, server_config_reloadable,
-    server_config_with_slot,
+    server_config_renewing, server_config_with_slot,
 };

@@ -8,10 +8,13 @@
 
 use std::sync::{Arc, OnceLock};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, NamedGroup, RootCertStore, ServerConfig};
-use rustls_pki_types::CertificateDer;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::time_provider::TimeProvider;
+use rustls::{CertificateError, ClientConfig, NamedGroup, RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::error::PkiError;
 use crate::identity::TlsIdentity;
@@ -193,6 +196,111 @@ pub fn server_config_with_slot(
     cfg.send_tls13_tickets = 0;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
+}
+
+/// A server config like [`server_config_reloadable`] with [`ClientAuth::Optional`], for a
+/// server with a renewal route: a client certificate that expired at most `grace` ago, by
+/// `time`, passes the handshake as if it were still valid (chain, signature and usage are
+/// verified as of its last valid second). Such a server must refuse that certificate on every
+/// request but renewal, and check there that its holder may still renew: a device that slept
+/// past its certificate's expiry renews it instead of enrolling again. `time` is also the
+/// clock of every other certificate check. A certificate not valid yet is never let through.
+pub fn server_config_renewing(
+    id: &TlsIdentity,
+    alpn: &[&[u8]],
+    grace: std::time::Duration,
+    time: Arc<dyn TimeProvider>,
+) -> Result<(ServerConfig, ServerCertSlot), PkiError> {
+    let provider = crypto_provider();
+    let slot = ServerCertSlot(Arc::new(std::sync::RwLock::new(ServerCertSlot::certified(
+        id, &provider,
+    )?)));
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let verifier = Arc::new(ExpiredWithin { inner, grace });
+    let mut cfg = ServerConfig::builder_with_details(provider, time)
+        .with_protocol_versions(TLS13_ONLY)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(slot.clone()));
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok((cfg, slot))
+}
+
+/// A client certificate verifier that lets a leaf expired at most `grace` ago through, as
+/// verified by `inner` at the leaf's own expiry. Every other refusal of `inner` stands.
+#[derive(Debug)]
+struct ExpiredWithin {
+    inner: Arc<dyn ClientCertVerifier>,
+    grace: std::time::Duration,
+}
+
+impl ClientCertVerifier for ExpiredWithin {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(rustls::Error::InvalidCertificate(CertificateError::ExpiredContext {
+                time,
+                not_after,
+            })) if time.as_secs().saturating_sub(not_after.as_secs()) <= self.grace.as_secs()
+                // The expiry refused must be the leaf's own (a trust anchor carries none).
+                && leaf_not_after(end_entity) == Some(not_after.as_secs()) =>
+            {
+                self.inner
+                    .verify_client_cert(end_entity, intermediates, not_after)
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The leaf's `notAfter`, Unix seconds.
+fn leaf_not_after(leaf: &CertificateDer<'_>) -> Option<u64> {
+    let na = crate::peer_cert(leaf).ok()?.not_after;
+    Some(na.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
 }
 
 /// A TLS 1.3 client config trusting only `ca`, presenting `client` if given.
@@ -506,6 +614,66 @@ mod tests {
         // The twin issued now is accepted.
         let fresh = p.org.identity(Role::Agent, "d-1");
         assert!(p.connect(Some(&fresh), ClientAuth::Required).is_ok());
+    }
+
+    /// A clock fixed at a time a test chooses.
+    #[derive(Debug)]
+    struct FixedTime(SystemTime);
+
+    impl TimeProvider for FixedTime {
+        fn current_time(&self) -> Option<UnixTime> {
+            Some(UnixTime::since_unix_epoch(
+                self.0.duration_since(std::time::UNIX_EPOCH).unwrap(),
+            ))
+        }
+    }
+
+    /// A renewal server lets a certificate expired within its grace through the handshake,
+    /// by its own clock, and nothing else: not one expired longer ago, one not valid yet, one
+    /// from another CA, nor any expired one without a grace.
+    #[test]
+    fn a_renewal_server_admits_certificates_expired_within_its_grace() {
+        let p = Pair::new();
+        let day = Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        let server = |grace: Duration, at: SystemTime| {
+            server_config_renewing(&p.broker, &[ALPN], grace, Arc::new(FixedTime(at)))
+                .unwrap()
+                .0
+        };
+        let connect = |id: &TlsIdentity, server: ServerConfig| {
+            let cfg = client_config(&p.org.ca.cert_der(), Some(id), &[ALPN], false).unwrap();
+            handshake(cfg, server, &broker_server_name("b1"))
+        };
+        // Valid for a day from two days ago: expired a day ago.
+        let lapsed = p
+            .org
+            .load(&p.org.pems_at(Role::Agent, "d-1", now - 2 * day, day));
+        let (_, s) = connect(&lapsed, server(2 * day, now)).unwrap();
+        assert_eq!(client_identity(&s).unwrap(), lapsed.peer);
+        // The grace is a bound: half a day is not enough, and none is none.
+        assert_refused_certificate(connect(&lapsed, server(day / 2, now)));
+        assert_refused_certificate(connect(&lapsed, server(Duration::ZERO, now)));
+        // The server's clock decides, not the system's: half a day later the two-day grace
+        // holds, two days later it is spent.
+        assert!(connect(&lapsed, server(2 * day, now + day / 2)).is_ok());
+        assert_refused_certificate(connect(&lapsed, server(2 * day, now + 2 * day)));
+        // Not valid yet is no expiry: refused whatever the grace.
+        let early = p
+            .org
+            .load(&p.org.pems_at(Role::Agent, "d-2", now + day, day));
+        assert_refused_certificate(connect(&early, server(30 * day, now)));
+        // Another CA's expired certificate is still another CA's.
+        let foreign = Org::new("acme");
+        let foreign = foreign.load(&foreign.pems_at(Role::Agent, "d-1", now - 2 * day, day));
+        assert_refused_certificate(connect(&foreign, server(30 * day, now)));
+        // The twins: a valid certificate, and no certificate at all (enrollment).
+        let fresh = p.org.identity(Role::Agent, "d-3");
+        let (_, s) = connect(&fresh, server(Duration::ZERO, now)).unwrap();
+        assert_eq!(client_identity(&s).unwrap().id, fresh.peer.id);
+        let anonymous = client_config(&p.org.ca.cert_der(), None, &[ALPN], false).unwrap();
+        let (_, s) = handshake(anonymous, server(day, now), &broker_server_name("b1")).unwrap();
+        assert!(client_identity(&s).is_none());
     }
 
     #[test]

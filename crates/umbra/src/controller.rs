@@ -12,9 +12,9 @@ use umbra_controller::{Controller, ControllerConfig};
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// TOML file with controller settings (data_dir, listen, public_url, server_names,
-    /// database_url, ca_key, org, cert_lifetime_secs, token_ttl_secs, max_pending_handshakes,
-    /// max_anonymous_connections, anonymous_connection_secs, max_connections_per_peer,
-    /// audit_retention_days). The CA
+    /// database_url, ca_key, org, cert_lifetime_secs, renew_grace_secs, token_ttl_secs,
+    /// max_pending_handshakes, max_anonymous_connections, anonymous_connection_secs,
+    /// max_connections_per_peer, audit_retention_days). The CA
     /// key is sealed with `ca_key` or UMBRA_CA_KEY (64 hex digits, or base64 of 32 bytes;
     /// from a secret store, never a flag); without either, a key is generated once into
     /// DATA_DIR/ca.kek (0600).
@@ -42,6 +42,12 @@ pub(crate) struct Args {
     /// Lifetime of issued certificates (default 24h, at most 7d).
     #[arg(long, env = "UMBRA_CERT_LIFETIME", value_parser = crate::load::parse_duration)]
     cert_lifetime: Option<std::time::Duration>,
+    /// How long after expiry a certificate may still renew (default 7d, at most 30d; 0 turns
+    /// it off): a laptop asleep past its certificate's end renews instead of enrolling again.
+    /// Never a revoked device or connector, a disabled user's device, or a certificate a
+    /// renewal already replaced.
+    #[arg(long, env = "UMBRA_RENEW_GRACE", value_parser = crate::load::parse_duration)]
+    renew_grace: Option<std::time::Duration>,
     /// Days audit records are kept, then deleted (default 365; 0 keeps them for ever).
     #[arg(long, env = "UMBRA_AUDIT_RETENTION_DAYS")]
     audit_retention_days: Option<u64>,
@@ -84,6 +90,9 @@ pub(crate) fn config(a: &Args) -> anyhow::Result<ControllerConfig> {
     }
     if let Some(v) = a.cert_lifetime {
         c.cert_lifetime_secs = v.as_secs();
+    }
+    if let Some(v) = a.renew_grace {
+        c.renew_grace_secs = v.as_secs();
     }
     if let Some(v) = a.audit_retention_days {
         c.audit_retention_days = v;

@@ -764,6 +764,114 @@ async fn agent_commands_renew_a_due_certificate() {
     );
 }
 
+/// A laptop asleep past its certificate's end, and a connector host powered off as long,
+/// renew when they come back, within the controller's grace, instead of enrolling again:
+/// `services`, a forward's start and a connector's start renew the expired certificate and
+/// then work; the renewal is audited with how long it had lapsed. Refused: a revoked device
+/// (the reason and the way out are said), and any expired certificate with the grace off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_that_expired_while_away_renew_within_the_grace() {
+    init();
+    let mut ob = one_broker(86_400).await;
+    let day = ob.s.ctl_cfg.clone();
+    let short = ControllerConfig {
+        cert_lifetime_secs: 2,
+        ..day.clone()
+    };
+    ob.s.restart_controller(short).await;
+    let mut held = Vec::new();
+    for key in ["asleep", "forwarding", "revoked", "unrenewed"] {
+        let dir = ob.s.enroll_agent(ALICE, key).await.dir.clone();
+        held.push(Holder::capture(key, &dir));
+    }
+    let conn_dir = ob.s.dir.path().join("connector-2");
+    let conn = enroll(
+        &ob.s,
+        "connector-2",
+        "connector",
+        None,
+        Some("connector-2"),
+        &conn_dir,
+    )
+    .await;
+    let revoked = ob.s.agent("revoked").device.clone();
+    ob.s.revoke_device(&revoked).await;
+    let last = held
+        .iter()
+        .chain([&conn])
+        .map(|h| h.orig.peer.not_after)
+        .max()
+        .unwrap();
+    sleep_until(last + MARGIN).await;
+    // Back after the expiry, to a controller signing day-long certificates again.
+    ob.s.restart_controller(day.clone()).await;
+    let renewed_now = |h: &Holder| {
+        let now = TlsIdentity::load_dir(&h.dir).unwrap();
+        assert_eq!(now.peer.id, h.orig.peer.id, "{}", h.name);
+        assert_ne!(now.peer.serial_hex, h.orig.peer.serial_hex, "{}", h.name);
+        assert!(
+            now.peer.not_after > SystemTime::now() + Duration::from_secs(3_600),
+            "{}",
+            h.name
+        );
+    };
+
+    // `services` renews and lists.
+    let cfg = ob.s.agent("asleep").config(TransportPref::Quic);
+    assert_eq!(umbra_agent::services(&cfg).await.unwrap(), [ECHO]);
+    renewed_now(&held[0]);
+    // A forward renews before it starts, and carries a connection.
+    let f = ob.s.forward("forwarding", TransportPref::Tcp, ECHO).await;
+    renewed_now(&held[1]);
+    echo_ok(f.local_addr()).await.unwrap();
+    f.shutdown().await;
+    // A connector renews at its start.
+    let c2 = start_connector(&conn_dir, TransportPref::Quic).await;
+    renewed_now(&conn);
+    c2.shutdown().await;
+    // Each renewal says how long its certificate had lapsed.
+    let audit = ob.s.admin.audit().await;
+    for h in [&held[0], &held[1], &conn] {
+        let r = renewals(&audit, &h.uri(), "ok");
+        let lapsed = r
+            .iter()
+            .filter_map(|e| e["detail"]["expired_secs"].as_u64())
+            .collect::<Vec<_>>();
+        assert!(
+            lapsed.len() == 1 && lapsed[0] >= MARGIN.as_secs(),
+            "{}: {r:?}",
+            h.name
+        );
+    }
+
+    // A revoked device does not renew: refused, with why and what to do.
+    let cfg = ob.s.agent("revoked").config(TransportPref::Quic);
+    let e = umbra_agent::services(&cfg).await.unwrap_err().to_string();
+    assert!(
+        e.contains("revoked") && e.contains("umbra agent enroll"),
+        "{e}"
+    );
+    // With the grace turned off, nothing expired renews: services and a forward refuse.
+    let strict = ControllerConfig {
+        renew_grace_secs: 0,
+        ..day
+    };
+    ob.s.restart_controller(strict).await;
+    let cfg = ob.s.agent("unrenewed").config(TransportPref::Quic);
+    let e = umbra_agent::services(&cfg).await.unwrap_err().to_string();
+    assert!(e.contains("umbra agent enroll"), "{e}");
+    let e = Forwarder::start(cfg, ECHO, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .err()
+        .expect("a forward started on an expired certificate")
+        .to_string();
+    assert!(e.contains("umbra agent enroll"), "{e}");
+    assert_eq!(
+        TlsIdentity::load_dir(&held[3].dir).unwrap().peer.serial_hex,
+        held[3].orig.peer.serial_hex
+    );
+}
+
 /// The broker ends a live link when the certificate it was made with expires (TLS checks
 /// validity only at the handshake), on both transports, streams and all; not before. Holders
 /// that renew are not cut off: on each renewal the connector and the agent link again with

@@ -51,6 +51,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "peer_list_indexes",
         include_str!("../../migrations/0004_peer_list_indexes.sql"),
     ),
+    (
+        5,
+        "certificate_replaced",
+        include_str!("../../migrations/0005_certificate_replaced.sql"),
+    ),
 ];
 
 /// Counter holding the snapshot version.

@@ -769,6 +769,40 @@ pub(crate) async fn certs_issued_since(
     .await
 }
 
+/// Records that a renewal replaced `serial` at `now` (Unix seconds).
+pub(crate) async fn cert_mark_replaced(
+    c: &mut SqliteConnection,
+    org: &str,
+    serial: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE certificates SET replaced_at = $3 WHERE org = $1 AND serial = $2 \
+         AND replaced_at IS NULL",
+    )
+    .bind(org)
+    .bind(serial)
+    .bind(now)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Whether a renewal replaced `serial` ([`cert_mark_replaced`]).
+pub(crate) async fn cert_replaced(
+    c: &mut SqliteConnection,
+    org: &str,
+    serial: &str,
+) -> Result<bool, sqlx::Error> {
+    let at: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT replaced_at FROM certificates WHERE org = $1 AND serial = $2")
+            .bind(org)
+            .bind(serial)
+            .fetch_optional(c)
+            .await?;
+    Ok(matches!(at, Some(Some(_))))
+}
+
 /// `Some(revoked)` for a certificate this controller issued.
 pub(crate) async fn cert_revoked(
     c: &mut SqliteConnection,
