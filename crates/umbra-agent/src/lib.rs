@@ -57,9 +57,10 @@ pub enum AgentError {
     #[error(
         "this device's certificate expired at {at} and was not renewed: {error}. The \
          controller renews a certificate for a while after it expired (renew_grace_secs, 7 \
-         days by default), unless the device was revoked or its user disabled; try again once \
-         it can be reached. Otherwise enroll this device again with a new token from your \
-         administrator: umbra agent enroll --controller URL --token-file FILE"
+         days by default): if it could not be reached, try again once it can. If it refused \
+         (the device revoked, its user disabled, expired too long ago), enroll this device \
+         again with a new token from your administrator: \
+         umbra agent enroll --controller URL --token-file FILE"
     )]
     ExpiredUnrenewed { at: String, error: String },
     /// The identity is not an agent's.

@@ -118,6 +118,8 @@ struct Spool {
     base: u64,
     /// Write errors are logged once, then only counted.
     failing: bool,
+    /// Lines were appended since the last [`AuditQueue::durable`].
+    unsynced: bool,
 }
 
 impl Default for AuditQueue {
@@ -316,6 +318,32 @@ impl AuditQueue {
         }
     }
 
+    /// Makes the spool's lines so far durable (fsync), if any were appended since the last
+    /// time; called before a heartbeat sends events. Once the controller has stored an event
+    /// it never takes that number again, and a power cut that lost the spool's tail would
+    /// restart the numbering below it: the controller would drop every new event as a
+    /// resend. Off the stream path: the file is synced through a handle of its own, without
+    /// the queue's lock.
+    pub(crate) async fn durable(&self) {
+        let file = {
+            let mut inner = self.lock();
+            match &mut inner.spool {
+                Some(s) if s.unsynced => match s.file.try_clone() {
+                    Ok(f) => {
+                        s.unsynced = false;
+                        f
+                    }
+                    Err(_) => return,
+                },
+                _ => return,
+            }
+        };
+        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        if !matches!(synced, Ok(Ok(()))) {
+            metrics::counter!("umbra_broker_audit_spool_errors_total").increment(1);
+        }
+    }
+
     /// Puts a batch back at the front after a failed heartbeat.
     pub(crate) fn requeue(&self, batch: Batch) {
         let mut inner = self.lock();
@@ -360,11 +388,18 @@ impl Spool {
             Err(_) => return,
         };
         buf.push(b'\n');
+        // A line a failed write left torn (a full disk) is cut off first: the next line
+        // would be glued to it, and both lost at the next start.
+        if self.failing && self.file.set_len(self.bytes).is_err() {
+            metrics::counter!("umbra_broker_audit_spool_errors_total").increment(1);
+            return;
+        }
         // One write call per line, so that a crash leaves at most the last line torn.
         match self.file.write_all(&buf) {
             Ok(()) => {
                 self.bytes += buf.len() as u64;
                 self.failing = false;
+                self.unsynced = true;
             }
             Err(e) => {
                 if !self.failing {
@@ -481,6 +516,7 @@ fn rewrite(
         bytes: text.len() as u64,
         base: text.len() as u64,
         failing: false,
+        unsynced: false,
     })
 }
 
@@ -739,6 +775,50 @@ mod tests {
         let c = AuditQueue::open(&path).unwrap();
         assert_ne!(c.epoch, epoch);
         assert_eq!(c.take(10).seq.first, 1);
+    }
+
+    /// A write a full disk cut short leaves a torn line; the next event, once there is room
+    /// again, is not glued to it (both would be lost at the next start): every event but the
+    /// torn one comes back, and the torn one is still queued in memory.
+    #[test]
+    fn a_line_torn_by_a_full_disk_does_not_take_the_next_one_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        rec(&a, "before");
+        {
+            // What a short write leaves: part of a line, counted nowhere, the spool failing.
+            let mut inner = a.lock();
+            let s = inner.spool.as_mut().unwrap();
+            (&s.file)
+                .write_all(br#"{"seq":2,"rec":{"at_ms":1,"act"#)
+                .unwrap();
+            s.failing = true;
+        }
+        rec(&a, "after");
+        drop(a);
+        let b = AuditQueue::open(&path).unwrap();
+        let got = b.take(10);
+        let targets: Vec<_> = got.records.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["before", "after"], "{got:?}");
+        assert_eq!(got.seq.first, 1);
+    }
+
+    /// Lines appended since the last heartbeat are synced before the next one sends events;
+    /// with nothing new, nothing is synced.
+    #[tokio::test]
+    async fn events_are_made_durable_before_they_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let unsynced = |a: &AuditQueue| a.lock().spool.as_ref().unwrap().unsynced;
+        assert!(!unsynced(&a), "a fresh spool is written durably");
+        rec(&a, "x");
+        assert!(unsynced(&a));
+        a.durable().await;
+        assert!(!unsynced(&a));
+        a.durable().await;
+        assert!(!unsynced(&a));
     }
 
     #[test]

@@ -328,7 +328,9 @@ async fn renewal(
     slot: umbra_pki::ServerCertSlot,
     client: Arc<ArcSwap<ControllerClient>>,
 ) {
-    let mut renewed = umbra_link::enroll::spawn_renewal(dir, Arc::new(identity));
+    // A broker runs on past an expiry (its listeners stay up): renewal goes on until the
+    // controller renews or refuses for good.
+    let mut renewed = umbra_link::enroll::spawn_renewal_until_refused(dir, Arc::new(identity));
     loop {
         tokio::select! {
             r = renewed.changed() => if r.is_err() { return },

@@ -418,6 +418,8 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         publish_gauges(&a, now);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
         let batch = shared.audit.take(AUDIT_PER_HEARTBEAT);
+        // What the controller is about to store must be on disk here first (see `durable`).
+        shared.audit.durable().await;
         // Read before the list, so that a stream starting meanwhile makes the next one due.
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.

@@ -211,11 +211,14 @@ pub(crate) async fn server_identity(
     peers::cert_insert(
         w.conn(),
         &org,
-        &issued.serial_hex,
-        Role::Controller,
-        "controller",
-        crate::store::to_i64(audit::unix_secs(now)),
-        crate::store::to_i64(audit::unix_secs(issued.not_after)),
+        &peers::NewCert {
+            serial: &issued.serial_hex,
+            role: Role::Controller,
+            subject: "controller",
+            issued_at: crate::store::to_i64(audit::unix_secs(now)),
+            not_after: crate::store::to_i64(audit::unix_secs(issued.not_after)),
+            renewed_from: None,
+        },
     )
     .await?;
     let now_secs = crate::store::to_i64(audit::unix_secs(now));

@@ -286,7 +286,7 @@ async fn redeem_inner(
         }
     }
     let issued = issue(ctx, &req.csr_pem, &identity, now)?;
-    record_cert(&mut w, org, &issued, &identity, now_secs).await?;
+    record_cert(ctx, &mut w, org, &issued, &identity, now_secs, None).await?;
     peers::token_set_used_by(w.conn(), org, &token.id, &identity.to_uri()).await?;
     let brokers = peers::broker_infos(w.conn(), org).await?;
     detail["serial"] = json!(issued.serial_hex);
@@ -338,29 +338,36 @@ fn issue(
 }
 
 async fn record_cert(
+    ctx: &Ctx,
     w: &mut crate::store::WriteTx,
     org: &str,
     issued: &Issued,
     identity: &PeerId,
     now_secs: i64,
+    renewed_from: Option<&str>,
 ) -> Result<(), ApiFailure> {
     peers::cert_insert(
         w.conn(),
         org,
-        &issued.serial_hex,
-        identity.role,
-        &identity.id,
-        now_secs,
-        to_i64(audit::unix_secs(issued.not_after)),
+        &peers::NewCert {
+            serial: &issued.serial_hex,
+            role: identity.role,
+            subject: &identity.id,
+            issued_at: now_secs,
+            not_after: to_i64(audit::unix_secs(issued.not_after)),
+            renewed_from,
+        },
     )
     .await?;
+    // Kept through the renewal grace after expiry: an expired certificate may still renew.
+    let grace = to_i64(ctx.renew_grace.as_secs());
     peers::certs_forget_expired(
         w.conn(),
         org,
         identity.role,
         &identity.id,
         &issued.serial_hex,
-        now_secs,
+        now_secs.saturating_sub(grace),
         now_secs - RENEWAL_WINDOW,
     )
     .await?;
@@ -445,19 +452,25 @@ async fn renew_inner(
     // Checked inside the write transaction so a revocation cannot slip in between.
     let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) =
         ctx.check_stored(w.conn(), peer).await?;
-    // An expired certificate renews only if no renewal replaced it: one that was (with a key
-    // the device has since discarded) opens nothing once expired, even to whoever copied it
-    // and its key before.
+    // An expired certificate renews only while no certificate renewed from it was ever
+    // used: a renewal whose answer was lost, or never reached the holder's disk, may be
+    // retried. Once the new certificate is in use, the old one (with a key its holder has
+    // since discarded) opens nothing, even to whoever copied it and its key before.
     let expired_secs = now
         .duration_since(peer.not_after)
         .ok()
         .filter(|d| !d.is_zero())
         .map(|d| d.as_secs());
-    if expired_secs.is_some() && peers::cert_replaced(w.conn(), org, &peer.serial_hex).await? {
-        return Err(ApiFailure::forbidden(
-            "this expired certificate was replaced by a renewal: only a certificate no renewal \
-             replaced renews after expiry; enroll again",
-        ));
+    let mut unused = Vec::new();
+    if expired_secs.is_some() {
+        let (role, subject, serial) = (peer.id.role, &peer.id.id, &peer.serial_hex);
+        if peers::cert_successor_seen(w.conn(), org, role, subject, serial).await? {
+            return Err(ApiFailure::forbidden(
+                "this expired certificate was renewed before, and the renewed certificate is \
+                 in use: it renews no more; enroll again",
+            ));
+        }
+        unused = peers::cert_unseen_successors(w.conn(), org, serial).await?;
     }
     // A disabled user's devices keep their certificates (enabling the user again restores
     // them) but get no new ones, so disabling takes every credential away within a lifetime.
@@ -489,8 +502,19 @@ async fn renew_inner(
         ));
     }
     let issued = issue(ctx, &req.csr_pem, &identity, now)?;
-    record_cert(&mut w, org, &issued, &identity, now_secs).await?;
-    peers::cert_mark_replaced(w.conn(), org, &peer.serial_hex, now_secs).await?;
+    record_cert(
+        ctx,
+        &mut w,
+        org,
+        &issued,
+        &identity,
+        now_secs,
+        Some(&peer.serial_hex),
+    )
+    .await?;
+    // In this transaction, not later (`Ctx::mark_seen`): the certificate it renewed from
+    // must not renew again once this renewal is committed.
+    peers::cert_mark_seen(w.conn(), org, &peer.serial_hex, now_secs).await?;
     let brokers = peers::broker_infos(w.conn(), org).await?;
     let user = (kind == Kind::Device).then(|| row.owner.clone());
     let rec = audit::record(
@@ -501,11 +525,14 @@ async fn renew_inner(
         true,
         match expired_secs {
             None => json!({ "old_serial": peer.serial_hex, "serial": issued.serial_hex }),
-            // A renewal after expiry says so: how long the identity went without one.
+            // A renewal after expiry says so: how long the identity went without one, and
+            // the certificates of earlier renewals from the same one that were never used
+            // (answers lost, or someone else holding its key: the trail shows both).
             Some(secs) => json!({
                 "old_serial": peer.serial_hex,
                 "serial": issued.serial_hex,
                 "expired_secs": secs,
+                "earlier_unused": unused,
             }),
         },
     );

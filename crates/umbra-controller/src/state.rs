@@ -239,15 +239,15 @@ impl Ctx {
         c: &mut SqliteConnection,
         peer: Arc<PeerCert>,
     ) -> Result<(Arc<PeerCert>, PeerRow, Kind), ApiFailure> {
-        match peers::cert_revoked(c, &self.org, &peer.serial_hex).await? {
-            Some(false) => {}
-            Some(true) => return Err(ApiFailure::forbidden("certificate revoked")),
+        let seen = match peers::cert_revoked(c, &self.org, &peer.serial_hex).await? {
+            Some((false, seen)) => seen,
+            Some((true, _)) => return Err(ApiFailure::forbidden("certificate revoked")),
             None => {
                 return Err(ApiFailure::forbidden(
                     "certificate unknown to this controller",
                 ));
             }
-        }
+        };
         let kind = Kind::from_role(peer.id.role)
             .ok_or_else(|| ApiFailure::forbidden("this route is not for the controller"))?;
         let row = peers::peer_get(c, &self.org, kind, &peer.id.id)
@@ -256,7 +256,31 @@ impl Ctx {
         if row.revoked_at.is_some() {
             return Err(ApiFailure::forbidden(format!("{} revoked", peer.id.role)));
         }
+        if !seen {
+            self.mark_seen(&peer.serial_hex);
+        }
         Ok((peer, row, kind))
+    }
+
+    /// Records, in a write of its own (once per certificate, off the request's path), that
+    /// `serial` has authenticated a request: from then on the certificate it was renewed
+    /// from no longer renews after expiry (see `enroll::renew`).
+    fn mark_seen(&self, serial: &str) {
+        let store = self.store.clone();
+        let org = self.org.clone();
+        let serial = serial.to_owned();
+        let now = self.now_secs();
+        tokio::spawn(async move {
+            let r = async {
+                let mut w = store.write().await?;
+                peers::cert_mark_seen(w.conn(), &org, &serial, now).await?;
+                w.commit().await
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, %serial, "cannot record a certificate's first use");
+            }
+        });
     }
 
     /// The first part of [`Ctx::check_peer`], without the store: the connection's certificate

@@ -185,6 +185,34 @@ impl Harness {
             .unwrap()
     }
 
+    /// Waits until the store records the certificate `serial`'s first use (written off the
+    /// request's path), read from the database file itself.
+    async fn first_use_recorded(&self, serial: &str) {
+        let url = format!(
+            "sqlite://{}?mode=ro",
+            self.dir.path().join("umbra.db").display()
+        );
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen: Option<i64> =
+                sqlx::query_scalar("SELECT seen_at FROM certificates WHERE serial = $1")
+                    .bind(serial)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if seen.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "first use of {serial} not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pool.close().await;
+    }
+
     /// The audit rows with `action`, oldest first.
     async fn audited(&self, action: &str) -> Vec<AuditRecord> {
         let path = format!("/v1/audit?limit=1000&action={action}");
@@ -1337,9 +1365,13 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     // Only renewal is open to it.
     let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let resp = h.renew(&c, json!({ "csr_pem": csr() })).await;
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let resp = h
+        .renew(&c, json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }))
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let renewed: IssuedCert = resp.json().await.unwrap();
+    let dev2 = TlsIdentity::from_pem(&renewed.cert_pem, &key, &renewed.ca_pem).unwrap();
     assert_eq!(renewed.identity, issued.identity);
     assert_eq!(renewed.user.as_deref(), Some("alice@example.com"));
     let r = h.audited("renew").await;
@@ -1350,10 +1382,15 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     );
     let lapsed = r.detail["expired_secs"].as_u64().unwrap();
     assert!((2 * day - 5..2 * day + 120).contains(&lapsed), "{r:?}");
-    // The certificate it replaced renews no more, though still within the grace (the renewal
-    // forgot it: it had expired; see below for one not forgotten yet).
+    // Once the renewed certificate is in use, the one it replaced renews no more, though
+    // still within the grace.
+    let (s, _) = get_json::<BrokerList>(&h.as_peer(&dev2), h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::OK);
+    h.first_use_recorded(&dev2.peer.serial_hex).await;
     let resp = h.renew(&c, json!({ "csr_pem": csr() })).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let v: Value = resp.json().await.unwrap();
+    assert!(api_error(&v).error.contains("in use"), "{v}");
     // A connector's renews the same way.
     let resp = h
         .renew(&h.as_peer(&conn), json!({ "csr_pem": csr() }))
@@ -1405,9 +1442,9 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     assert_eq!(resp.status(), StatusCode::OK);
     h.ctl.shutdown().await;
 
-    // Two-minute certificates: one replaced by a renewal within the hour is still on record
-    // when it expires, and is refused for not being the newest; the newest, expired as long,
-    // renews.
+    // Two-minute certificates, renewed within the hour (still on record when they expire).
+    // A renewal whose certificate is in use replaces the old one for good: once expired, it
+    // renews no more; the newest, expired as long, renews.
     let h = Harness::start_cfg(|c| c.cert_lifetime_secs = 120).await;
     let (old, _) = h.agent("alice@example.com").await;
     let key = umbra_pki::generate_key_pem().unwrap();
@@ -1420,15 +1457,45 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     assert_eq!(resp.status(), StatusCode::OK);
     let newer: IssuedCert = resp.json().await.unwrap();
     let newer = TlsIdentity::from_pem(&newer.cert_pem, &key, &newer.ca_pem).unwrap();
+    let (s, _) = get_json::<BrokerList>(&h.as_peer(&newer), h.url("/v1/brokers")).await;
+    assert_eq!(s, StatusCode::OK, "the renewed certificate in use");
+    // Its first use is recorded off the request's path: wait for it in the store.
+    h.first_use_recorded(&newer.peer.serial_hex).await;
     h.skew.store(300, Ordering::SeqCst);
     let resp = h.renew(&h.as_peer(&old), json!({ "csr_pem": csr() })).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let v: Value = resp.json().await.unwrap();
-    assert!(api_error(&v).error.contains("replaced"), "{v}");
+    assert!(api_error(&v).error.contains("in use"), "{v}");
+    // The certificate in use, expired as long, renews.
     let resp = h
         .renew(&h.as_peer(&newer), json!({ "csr_pem": csr() }))
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
+    h.skew.store(0, Ordering::SeqCst);
+
+    // A renewal whose answer was lost (or never written to disk): nothing it issued was ever
+    // used, so the expired certificate renews again, and the trail names the unused one.
+    let (lost_from, lost_issued) = h.agent("alice@example.com").await;
+    let resp = h
+        .renew(&h.as_peer(&lost_from), json!({ "csr_pem": csr() }))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let lost: IssuedCert = resp.json().await.unwrap();
+    h.skew.store(300, Ordering::SeqCst);
+    let resp = h
+        .renew(&h.as_peer(&lost_from), json!({ "csr_pem": csr() }))
+        .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "a retried renewal after expiry"
+    );
+    let retried: IssuedCert = resp.json().await.unwrap();
+    assert_ne!(retried.serial, lost.serial);
+    let r = h.audited("renew").await;
+    let r = r.last().unwrap();
+    assert_eq!(r.detail["old_serial"], lost_issued.serial.as_str());
+    assert_eq!(r.detail["earlier_unused"], json!([lost.serial]));
     h.ctl.shutdown().await;
 }
 

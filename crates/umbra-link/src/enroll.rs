@@ -271,18 +271,61 @@ const RENEW_GAP_FLOOR: Duration = Duration::from_secs(2);
 ///
 /// Holders of long-lived connections keep them; new connections should use the latest
 /// identity from the channel.
+///
+/// Once the certificate has expired unrenewed, two more attempts are made (the controller
+/// renews within its grace), then renewal stops and the channel closes: a forward or a
+/// connector waiting in [`until_expired`] stops and says so (started again, it renews
+/// first).
 pub fn spawn_renewal(dir: PathBuf, current: Arc<TlsIdentity>) -> watch::Receiver<Arc<TlsIdentity>> {
+    spawn(dir, current, AfterExpiry::GiveUp)
+}
+
+/// [`spawn_renewal`] for a holder that runs on past its certificate's expiry (a broker: its
+/// listeners stay up): after expiry it keeps trying, at most a minute apart, until the
+/// controller renews or refuses for good (revoked, or expired beyond its grace).
+pub fn spawn_renewal_until_refused(
+    dir: PathBuf,
+    current: Arc<TlsIdentity>,
+) -> watch::Receiver<Arc<TlsIdentity>> {
+    spawn(dir, current, AfterExpiry::UntilRefused)
+}
+
+/// What renewal does once the held certificate has expired unrenewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterExpiry {
+    /// [`AFTER_EXPIRY_ATTEMPTS`] attempts, then it stops.
+    GiveUp,
+    /// Attempts at most [`RENEW_WAKE_INTERVAL`] apart until a refusal for good.
+    UntilRefused,
+}
+
+fn spawn(
+    dir: PathBuf,
+    current: Arc<TlsIdentity>,
+    after: AfterExpiry,
+) -> watch::Receiver<Arc<TlsIdentity>> {
     let (tx, rx) = watch::channel(current);
     tokio::spawn(async move {
         tokio::select! {
-            () = renewal_loop(&dir, &tx) => {}
+            () = renewal_loop(&dir, &tx, after) => {}
             () = tx.closed() => {}
         }
     });
     rx
 }
 
-async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
+/// The identity in `dir` if it is another, currently valid certificate of `held`'s peer
+/// (another process sharing the directory renewed it).
+fn renewed_elsewhere(dir: &Path, held: &TlsIdentity) -> Option<TlsIdentity> {
+    let on_disk = TlsIdentity::load_dir(dir).ok()?;
+    (on_disk.peer.id == held.peer.id
+        && on_disk.peer.serial_hex != held.peer.serial_hex
+        && on_disk.peer.not_after > SystemTime::now()
+        && on_disk.peer.not_after > held.peer.not_after)
+        .then_some(on_disk)
+}
+
+async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: AfterExpiry) {
     loop {
         let current = tx.borrow().clone();
         let Some(leaf) = current.cert_chain.first() else {
@@ -324,12 +367,31 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>) {
                     }
                 },
                 Err(e) => {
+                    // Another process sharing the directory may have renewed it first (the
+                    // controller then refuses this one's older certificate).
+                    if let Some(id) = renewed_elsewhere(dir, &current) {
+                        tracing::info!(serial = %id.peer.serial_hex, "using the certificate another process renewed");
+                        break Arc::new(id);
+                    }
                     tracing::warn!(error = %e, "certificate renewal failed; will retry");
                     refused_for_good(&e)
                 }
             };
             let now = SystemTime::now();
             let Ok(left) = held_not_after.duration_since(now) else {
+                if after == AfterExpiry::UntilRefused && !(expired && refused) {
+                    if after_expiry == 1 {
+                        tracing::error!(
+                            not_after = %umbra_pki::rfc3339(held_not_after),
+                            "the certificate expired before it could be renewed; renewal goes on (the controller renews for a while after expiry)"
+                        );
+                    }
+                    let delay = backoff
+                        .next_delay(random_unit())
+                        .clamp(RENEW_RETRY_BASE, RENEW_WAKE_INTERVAL);
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
                 if after_expiry >= AFTER_EXPIRY_ATTEMPTS || (expired && refused) {
                     // Whoever waits on this identity learns that no renewal comes (the
                     // channel closes): a forward or connector stops and says to enroll again.

@@ -12,7 +12,12 @@ use tracing_subscriber::EnvFilter;
 pub(crate) fn init_logs(filter: &str, format: &str, file: Option<&Path>) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(filter).with_context(|| format!("invalid --log filter {filter:?}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A log line that cannot be written (a full disk, a closed pipe) is dropped: by default
+    // the subscriber reports it on stderr, and when stderr is what failed, that report panics
+    // whichever task was logging (a broker's snapshot loop among them, for good).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match file {
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;

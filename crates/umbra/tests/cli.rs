@@ -2269,3 +2269,75 @@ fn enroll_takes_its_token_from_a_file() {
     ctl.proc.interrupt();
     let _ = ctl.proc.wait_exit(Duration::from_secs(20));
 }
+
+/// Log lines that cannot be written (stderr a pipe nobody reads any more, as when the reader
+/// of a service's output died; or a full disk) are dropped, and the role runs on: without
+/// that, the logging library reported the failed write on that same stderr, which panics the
+/// task that was logging (at start, the whole process). The twin in every other test: logs
+/// that can be written are.
+#[test]
+fn a_log_that_cannot_be_written_stops_nothing() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let data = home.path().join("ctl");
+    let stdout = home.path().join("controller.stdout");
+    let mut cmd = Command::new(common::umbra());
+    cmd.args([
+        "controller",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "none",
+        "--log",
+        "debug",
+    ])
+    .current_dir(home.path());
+    common::clean_env(&mut cmd, home.path());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the controller");
+    // Nobody reads its log: every write to it fails (EPIPE).
+    drop(child.stderr.take());
+    let mut proc = Proc {
+        name: "controller".into(),
+        child,
+        stdout: stdout.clone(),
+        stderr: home.path().join("none"),
+        status: None,
+    };
+    let out = poll(Duration::from_secs(30), || {
+        let out = std::fs::read_to_string(&stdout).unwrap_or_default();
+        if let Some(s) = proc.exited() {
+            panic!("the controller exited ({s}) without a log to write:\n{out}");
+        }
+        if out.contains("controller listening on") {
+            Ok(out)
+        } else {
+            Err(out)
+        }
+    })
+    .unwrap_or_else(|out| panic!("the controller does not listen:\n{out}"));
+    let port = printed_port(&out, "controller listening on https://127.0.0.1:").expect("port");
+    let ctl = AdminCtl {
+        token: token_in(&out, "admin token (shown once"),
+        url: format!("https://127.0.0.1:{port}"),
+        ca: data.join("ca.pem"),
+        proc,
+    };
+    // Admin changes log a line each (and refusals too); every one is served.
+    for i in 0..20 {
+        let o = ctl.admin(home.path(), &["user", "add", &format!("u{i}@example.test")]);
+        assert!(o.success(), "user add {i}: {}", o.describe());
+        let o = ctl.admin(home.path(), &["user", "add", &format!("u{i}@example.test")]);
+        assert!(!o.success(), "a duplicate user was added");
+    }
+    let o = ctl.admin(home.path(), &["-o", "json", "user", "list"]);
+    assert!(o.success(), "{}", o.describe());
+    let users: Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(users.as_array().map(Vec::len), Some(20), "{users}");
+    let mut proc = ctl.proc;
+    assert!(proc.exited().is_none(), "the controller exited");
+    proc.kill9();
+}

@@ -872,6 +872,60 @@ async fn certificates_that_expired_while_away_renew_within_the_grace() {
     );
 }
 
+/// A broker whose certificate expired while the controller was away (its listeners stay up)
+/// keeps trying to renew, and renews within the grace once the controller is back; agents
+/// reach it again. Without that it would run on, refusing every handshake, until restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_renews_after_expiry_once_the_controller_is_back() {
+    init();
+    let mut ob = one_broker(20).await;
+    let dir = ob.s.enroll_agent(ALICE, "alice").await.dir.clone();
+    let day = ControllerConfig {
+        cert_lifetime_secs: 86_400,
+        ..ob.s.ctl_cfg.clone()
+    };
+    ob.s.stop_controller().await;
+    // What the broker holds once the controller is gone (a renewal may have been under way).
+    let held = ob.broker.settled().await;
+    sleep_until(held.peer.not_after + MARGIN).await;
+    assert_eq!(
+        ob.broker.settled().await.peer.serial_hex,
+        held.peer.serial_hex,
+        "renewed without a controller"
+    );
+    ob.s.restart_controller(day).await;
+    let renewed = poll(
+        "the broker renews after expiry",
+        Duration::from_secs(90),
+        || async {
+            let now = ob.broker.current()?.0;
+            if now.peer.not_after > SystemTime::now() + Duration::from_secs(3_600) {
+                Ok(now)
+            } else {
+                Err(format!("still {}", now.peer.serial_hex))
+            }
+        },
+    )
+    .await;
+    assert_ne!(renewed.peer.serial_hex, held.peer.serial_hex);
+    let audit = ob.s.admin.audit().await;
+    assert!(
+        renewals(&audit, &ob.broker.uri(), "ok")
+            .iter()
+            .any(|e| e["detail"]["expired_secs"].as_u64().is_some()),
+        "no renewal after expiry audited"
+    );
+    // It presents the renewed certificate: an agent (renewing its own, expired too) is
+    // served through it again.
+    let cfg = ob.s.agent("alice").config(TransportPref::Quic);
+    let list = poll("the agent is served again", SOON, || async {
+        umbra_agent::services(&cfg).await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!(list, [ECHO]);
+    assert!(TlsIdentity::load_dir(&dir).unwrap().peer.not_after > SystemTime::now());
+}
+
 /// The broker ends a live link when the certificate it was made with expires (TLS checks
 /// validity only at the handshake), on both transports, streams and all; not before. Holders
 /// that renew are not cut off: on each renewal the connector and the agent link again with

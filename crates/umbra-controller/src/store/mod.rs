@@ -53,8 +53,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         5,
-        "certificate_replaced",
-        include_str!("../../migrations/0005_certificate_replaced.sql"),
+        "certificate_renewals",
+        include_str!("../../migrations/0005_certificate_renewals.sql"),
     ),
 ];
 
@@ -72,7 +72,8 @@ pub(crate) enum Database {
     File(std::path::PathBuf),
 }
 
-/// Handle to the database.
+/// Handle to the database (clones share the pool and the write lock).
+#[derive(Clone)]
 pub(crate) struct Store {
     pool: SqlitePool,
     org: String,
@@ -554,9 +555,15 @@ mod tests {
             ("a6", Role::Agent, "d1", 5000, 91_400), // just issued: kept
         ];
         for (serial, role, subject, issued, not_after) in rows {
-            peers::cert_insert(w.conn(), "t", serial, role, subject, issued, not_after)
-                .await
-                .unwrap();
+            let cert = peers::NewCert {
+                serial,
+                role,
+                subject,
+                issued_at: issued,
+                not_after,
+                renewed_from: None,
+            };
+            peers::cert_insert(w.conn(), "t", &cert).await.unwrap();
         }
         let forgotten =
             peers::certs_forget_expired(w.conn(), "t", Role::Agent, "d1", "a6", 5000, 1400)

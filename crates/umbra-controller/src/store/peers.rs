@@ -695,31 +695,41 @@ pub(crate) async fn broker_audit_set_mark(
 // ---------------------------------------------------------------------------------------------
 // Certificates
 
+/// A certificate row as issued.
+pub(crate) struct NewCert<'a> {
+    pub(crate) serial: &'a str,
+    pub(crate) role: Role,
+    pub(crate) subject: &'a str,
+    /// Unix seconds.
+    pub(crate) issued_at: i64,
+    pub(crate) not_after: i64,
+    /// The serial of the certificate a renewal issued it for.
+    pub(crate) renewed_from: Option<&'a str>,
+}
+
 pub(crate) async fn cert_insert(
     c: &mut SqliteConnection,
     org: &str,
-    serial: &str,
-    role: Role,
-    subject: &str,
-    issued_at: i64,
-    not_after: i64,
+    cert: &NewCert<'_>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO certificates (org, serial, role, subject, issued_at, not_after) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO certificates (org, serial, role, subject, issued_at, not_after, \
+         renewed_from) VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(org)
-    .bind(serial)
-    .bind(role.as_str())
-    .bind(subject)
-    .bind(issued_at)
-    .bind(not_after)
+    .bind(cert.serial)
+    .bind(cert.role.as_str())
+    .bind(cert.subject)
+    .bind(cert.issued_at)
+    .bind(cert.not_after)
+    .bind(cert.renewed_from)
     .execute(c)
     .await?;
     Ok(())
 }
 
-/// Forgets `role` `subject`'s certificates, other than `keep`, that expired by `now` and were
+/// Forgets `role` `subject`'s certificates, other than `keep`, that expired by `now` (the
+/// caller keeps those still within the renewal grace by passing a time that far back) and were
 /// issued before `issued_before` (Unix seconds). A renewing identity adds a row per renewal;
 /// without this the table, and every device listing that reads it, grows for as long as the
 /// deployment runs. An expired certificate opens nothing and a revoked one past its expiry
@@ -769,16 +779,16 @@ pub(crate) async fn certs_issued_since(
     .await
 }
 
-/// Records that a renewal replaced `serial` at `now` (Unix seconds).
-pub(crate) async fn cert_mark_replaced(
+/// Records that `serial` authenticated a request at `now`, the first time it did.
+pub(crate) async fn cert_mark_seen(
     c: &mut SqliteConnection,
     org: &str,
     serial: &str,
     now: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE certificates SET replaced_at = $3 WHERE org = $1 AND serial = $2 \
-         AND replaced_at IS NULL",
+        "UPDATE certificates SET seen_at = $3 WHERE org = $1 AND serial = $2 \
+         AND seen_at IS NULL",
     )
     .bind(org)
     .bind(serial)
@@ -788,34 +798,61 @@ pub(crate) async fn cert_mark_replaced(
     Ok(())
 }
 
-/// Whether a renewal replaced `serial` ([`cert_mark_replaced`]).
-pub(crate) async fn cert_replaced(
+/// Whether a certificate renewed from `serial` (of `role` `subject`) has authenticated a
+/// request here. Certificates issued before renewals were recorded count as renewed from
+/// every older certificate of their identity.
+pub(crate) async fn cert_successor_seen(
+    c: &mut SqliteConnection,
+    org: &str,
+    role: Role,
+    subject: &str,
+    serial: &str,
+) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM certificates WHERE org = $1 AND seen_at IS NOT NULL \
+         AND (renewed_from = $2 OR (renewed_from IS NULL AND role = $3 AND subject = $4 \
+         AND issued_at > (SELECT issued_at FROM certificates WHERE org = $1 AND serial = $2)))",
+    )
+    .bind(org)
+    .bind(serial)
+    .bind(role.as_str())
+    .bind(subject)
+    .fetch_one(c)
+    .await?;
+    Ok(n > 0)
+}
+
+/// Serials of the certificates renewed from `serial` that never authenticated a request.
+pub(crate) async fn cert_unseen_successors(
     c: &mut SqliteConnection,
     org: &str,
     serial: &str,
-) -> Result<bool, sqlx::Error> {
-    let at: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT replaced_at FROM certificates WHERE org = $1 AND serial = $2")
-            .bind(org)
-            .bind(serial)
-            .fetch_optional(c)
-            .await?;
-    Ok(matches!(at, Some(Some(_))))
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT serial FROM certificates WHERE org = $1 AND renewed_from = $2 \
+         AND seen_at IS NULL ORDER BY serial",
+    )
+    .bind(org)
+    .bind(serial)
+    .fetch_all(c)
+    .await
 }
 
-/// `Some(revoked)` for a certificate this controller issued.
+/// `Some((revoked, seen))` for a certificate this controller issued: whether it was
+/// revoked, and whether it has authenticated a request here before ([`cert_mark_seen`]).
 pub(crate) async fn cert_revoked(
     c: &mut SqliteConnection,
     org: &str,
     serial: &str,
-) -> Result<Option<bool>, sqlx::Error> {
-    let v: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT revoked_at FROM certificates WHERE org = $1 AND serial = $2")
-            .bind(org)
-            .bind(serial)
-            .fetch_optional(c)
-            .await?;
-    Ok(v.map(|r| r.is_some()))
+) -> Result<Option<(bool, bool)>, sqlx::Error> {
+    let v: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT revoked_at, seen_at FROM certificates WHERE org = $1 AND serial = $2",
+    )
+    .bind(org)
+    .bind(serial)
+    .fetch_optional(c)
+    .await?;
+    Ok(v.map(|(r, s)| (r.is_some(), s.is_some())))
 }
 
 /// subject id -> (serial, not_after) of its most recent certificate of `role`.
