@@ -110,13 +110,15 @@ enum Cmd {
         #[command(subcommand)]
         list: Option<AuditCmd>,
         /// Only events after this sequence number.
-        #[arg(long, default_value_t = 0, global = true)]
+        #[arg(long, default_value_t = 0, global = true,
+              value_parser = clap::value_parser!(i64).range(0..))]
         after: i64,
         /// The oldest events, at most this many (default 100, at most 1000).
-        #[arg(long, global = true, conflicts_with = "last")]
+        #[arg(long, global = true, conflicts_with = "last",
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: Option<u32>,
         /// The newest events instead, this many (at most 1000): what just happened.
-        #[arg(long, global = true)]
+        #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=1000))]
         last: Option<u32>,
         /// Only events by this actor, e.g. `admin` or `umbra://default/agent/d-...`.
         #[arg(long, global = true)]
@@ -128,7 +130,7 @@ enum Cmd {
         #[arg(long, global = true)]
         target: Option<String>,
         /// Only events with this result: `allow` or `deny` (decisions), `ok` or `error`.
-        #[arg(long, global = true)]
+        #[arg(long, global = true, value_parser = ["allow", "deny", "ok", "error"])]
         result: Option<String>,
         /// Keep printing new events as they are recorded, one per line (with `-o json`, one
         /// JSON object per line), until Ctrl-C. Starts with the newest 10 unless `--last`,
@@ -589,20 +591,29 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        Ok(self.send_with_headers(rb).await?.0)
+    }
+
+    /// [`Client::send`], and the answer's headers.
+    async fn send_with_headers<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> anyhow::Result<(T, reqwest::header::HeaderMap)> {
         let resp = rb
             .bearer_auth(&self.token)
             .send()
             .await
             .with_context(|| format!("cannot reach the controller at {}", self.base))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp.bytes().await?;
         if !status.is_success() {
             return Err(Refused::from_body(status, &bytes).into());
         }
         if bytes.is_empty() {
-            return Ok(serde_json::from_value(serde_json::Value::Null)?);
+            return Ok((serde_json::from_value(serde_json::Value::Null)?, headers));
         }
-        Ok(serde_json::from_slice(&bytes)?)
+        Ok((serde_json::from_slice(&bytes)?, headers))
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -1121,9 +1132,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 .await?;
             // The old token is dead now: the new one is printed whatever happens to the file.
             let saved = c.token_file.as_ref().map(|p| {
-                umbra_pki::write_private_file(p, format!("{}\n", t.token).as_bytes())
+                // A symlink (to a secrets mount, a shared copy) is written through: replacing
+                // the link would leave the file it points to, which others read, with the
+                // dead token.
+                let target = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                umbra_pki::write_private_file(&target, format!("{}\n", t.token).as_bytes())
                     .map(|()| p.clone())
-                    .map_err(|e| format!("cannot write {}: {e}", p.display()))
+                    .map_err(|e| format!("cannot write {}: {e}", target.display()))
             });
             out!(
                 serde_json::json!({
@@ -1131,6 +1146,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     "token": t.token,
                     "replaced": t.replaced,
                     "token_file": saved.as_ref().and_then(|r| r.as_ref().ok()),
+                    "token_file_error": saved.as_ref().and_then(|r| r.as_ref().err()),
                 }),
                 |_| {
                     println!("{}", t.token);
@@ -1142,12 +1158,30 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             );
             match saved {
                 Some(Ok(p)) => eprintln!("new token written to {}", p.display()),
-                Some(Err(e)) => eprintln!("warning: {e}; store the token above now"),
+                // A failure: a script checking only the exit status would go on with the
+                // dead token in its file.
+                Some(Err(e)) => anyhow::bail!(
+                    "the token was rotated, but {e}: store the new token printed above now"
+                ),
                 None => eprintln!("shown once: store it now"),
             }
         }
         Cmd::Stream(StreamCmd::List) => {
-            let v: Vec<api::LiveStream> = c.get("/v1/streams").await?;
+            let (v, headers): (Vec<api::LiveStream>, _) = c
+                .send_with_headers(c.http.get(format!("{}/v1/streams", c.base)))
+                .await?;
+            // Said on stderr (stdout stays the list): brokers left out may carry streams.
+            let silent = headers
+                .get("x-umbra-brokers-silent")
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<u64>().ok())
+                .unwrap_or(0);
+            if silent > 0 {
+                eprintln!(
+                    "note: {silent} broker(s) not heard from in the last 30 s are left out; \
+                     streams they carry are not listed (see `umbra admin broker list`)"
+                );
+            }
             let names = if json {
                 PeerNames::default()
             } else {

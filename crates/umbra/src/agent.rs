@@ -62,6 +62,14 @@ enum Cmd {
     },
 }
 
+impl Args {
+    /// Whether the command prints its result and ends (status, services, enroll), as
+    /// opposed to a forward, which runs on.
+    pub(crate) fn prints_result(&self) -> bool {
+        !matches!(self.cmd, Cmd::Forward { .. })
+    }
+}
+
 /// Enrollment flags, the same for agents, connectors and brokers.
 #[derive(clap::Args)]
 pub(crate) struct EnrollArgs {
@@ -76,10 +84,16 @@ pub(crate) struct EnrollArgs {
     /// both are given.
     #[arg(long, env = "UMBRA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Where to write the identity (default: UMBRA_BROKER_DIR or UMBRA_CONNECTOR_DIR, else
-    /// where `umbra broker` or `umbra connector` looks without --dir).
+    /// Where to write the identity. Default: UMBRA_BROKER_DIR or UMBRA_CONNECTOR_DIR, else
+    /// the identity_dir of the role's settings file (--config, or UMBRA_BROKER_CONFIG /
+    /// UMBRA_CONNECTOR_CONFIG), else the role's default (`--dir` in `umbra broker --help`,
+    /// `umbra connector --help`): where the role then looks.
     #[arg(long = "dir", id = "enroll_dir")]
     dir: Option<PathBuf>,
+    /// The role's TOML settings file, for its identity_dir (the same file `umbra broker` or
+    /// `umbra connector` runs with).
+    #[arg(long = "config", id = "enroll_config")]
+    config: Option<PathBuf>,
     /// Replace an identity in --dir that is still valid (refused otherwise). The replaced
     /// identity stays registered at the controller until an administrator revokes it.
     #[arg(long)]
@@ -111,16 +125,26 @@ pub(crate) struct AgentEnrollArgs {
 /// Runs an enrollment and reports it.
 /// `umbra broker enroll` / `umbra connector enroll`: the identity goes where that role's run
 /// command looks for it unless `--dir` says otherwise (`default_dir`, under `env`).
+/// Enrolls a broker or connector: into `--dir`, else the directory variable `env`, else the
+/// identity_dir that `config_dir` reads from the role's settings file (`--config`, else the
+/// file variable `config_env`; the role's default without one), as the role finds it when it
+/// runs.
 pub(crate) async fn enroll(
     a: EnrollArgs,
     role: &str,
     env: &str,
-    default_dir: PathBuf,
+    config_env: &str,
+    config_dir: impl FnOnce(Option<&std::path::Path>) -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<()> {
-    let dir = a
-        .dir
-        .or_else(|| std::env::var_os(env).map(PathBuf::from))
-        .unwrap_or(default_dir);
+    let dir = match a.dir.or_else(|| std::env::var_os(env).map(PathBuf::from)) {
+        Some(d) => d,
+        None => {
+            let file = a
+                .config
+                .or_else(|| std::env::var_os(config_env).map(PathBuf::from));
+            config_dir(file.as_deref())?
+        }
+    };
     let token = enroll_token(a.token, a.token_file)?;
     enroll_into(&a.controller, &token, &dir, role, a.force).await
 }
@@ -238,11 +262,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 }
                 umbra_agent::Renewal::Renewed => println!("renewal:      renewed now"),
                 umbra_agent::Renewal::Failed { due, error } => println!(
-                    "renewal:      due since {} and failed: {error}. It is retried by every agent command and while a forward runs; before the certificate expires, or the device must enroll again",
+                    "renewal:      due since {} and failed: {error}. It is retried by every agent command and while a forward runs (after expiry, for as long as the controller's renew grace allows; then the device must enroll again)",
                     umbra_pki::rfc3339(*due)
                 ),
             }
             println!("brokers:");
+            let answered = s.brokers.iter().any(|b| b.rtt.is_ok());
             for b in s.brokers {
                 match b.rtt {
                     Ok(rtt) => println!(
@@ -263,6 +288,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     Err(e) => println!("  {:<20} unreachable: {e}", b.info.name),
                 }
             }
+            // A health check (`agent status && ...`) fails when this device can use no broker.
+            anyhow::ensure!(
+                answered,
+                "no broker answered this device: nothing can be forwarded now"
+            );
             Ok(())
         }
         Cmd::Services => {

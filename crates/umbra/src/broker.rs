@@ -128,8 +128,18 @@ fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(Cmd::Enroll(e)) = a.cmd {
-        let default = umbra_broker::BrokerConfig::default().identity_dir;
-        return crate::agent::enroll(e, "broker", "UMBRA_BROKER_DIR", default).await;
+        let from_file = |file: Option<&std::path::Path>| {
+            let c: umbra_broker::BrokerConfig = crate::load::file_or_default(file)?;
+            Ok(c.identity_dir)
+        };
+        return crate::agent::enroll(
+            e,
+            "broker",
+            "UMBRA_BROKER_DIR",
+            "UMBRA_BROKER_CONFIG",
+            from_file,
+        )
+        .await;
     }
     let cfg = config(&a.run)?;
     if let Some(addr) = parse_listen("metrics-listen", &a.run.metrics_listen)? {

@@ -30,7 +30,8 @@ struct RunArgs {
     /// max_streams_per_link: default 4096 streams, each a target connection, per broker link).
     #[arg(long, env = "UMBRA_CONNECTOR_CONFIG")]
     config: Option<PathBuf>,
-    /// Identity directory written by `umbra connector enroll`.
+    /// Identity directory written by `umbra connector enroll` (default
+    /// /var/lib/umbra/connector).
     #[arg(long, env = "UMBRA_CONNECTOR_DIR")]
     dir: Option<PathBuf>,
     /// Transport to brokers: auto (QUIC, falling back to TLS over TCP), quic or tcp.
@@ -66,8 +67,18 @@ fn config(a: &RunArgs) -> anyhow::Result<ConnectorConfig> {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(Cmd::Enroll(e)) = a.cmd {
-        let default = umbra_connector::ConnectorConfig::default().identity_dir;
-        return crate::agent::enroll(e, "connector", "UMBRA_CONNECTOR_DIR", default).await;
+        let from_file = |file: Option<&std::path::Path>| {
+            let c: ConnectorConfig = crate::load::file_or_default(file)?;
+            Ok(c.identity_dir)
+        };
+        return crate::agent::enroll(
+            e,
+            "connector",
+            "UMBRA_CONNECTOR_DIR",
+            "UMBRA_CONNECTOR_CONFIG",
+            from_file,
+        )
+        .await;
     }
     let cfg = config(&a.run)?;
     if let Some(addr) = crate::broker::parse_listen("metrics-listen", &a.run.metrics_listen)? {

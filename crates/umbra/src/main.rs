@@ -72,7 +72,11 @@ fn main() -> std::process::ExitCode {
     let log = cli.log_filter();
     // Scripts reading `-o json` get their error as JSON too (on stderr, as a person would).
     let json_errors = matches!(&cli.command, Command::Admin(a) if a.json_output());
-    if matches!(cli.command, Command::Admin(_)) {
+    if match &cli.command {
+        Command::Admin(_) => true,
+        Command::Agent(a) => a.prints_result(),
+        _ => false,
+    } {
         end_quietly_on_closed_output();
     }
     if !matches!(cli.command, Command::Admin(_) | Command::Agent(_)) {

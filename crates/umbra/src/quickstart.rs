@@ -125,7 +125,20 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::Result<()> {
+    // The command that resumes this state (the base port is kept in the directory).
+    let again = match &a.data_dir {
+        Some(d) => format!(
+            "umbra quickstart --data-dir {}",
+            std::path::absolute(d)
+                .unwrap_or_else(|_| d.clone())
+                .display()
+        ),
+        None => "umbra quickstart".to_owned(),
+    };
     let dir = a.data_dir.unwrap_or_else(default_dir);
+    // Absolute: the paths it prints and stores (admin.toml) work from any directory.
+    let dir = std::path::absolute(&dir)
+        .with_context(|| format!("cannot use {} as the data directory", dir.display()))?;
     umbra_pki::private_dir_tight(&dir)
         .with_context(|| format!("cannot use {} as the data directory", dir.display()))?;
     let log = dir.join("umbra.log");
@@ -386,7 +399,7 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
     }
     app.abort();
     controller.shutdown().await;
-    println!("stopped; run `umbra quickstart` again to resume with the same state.");
+    println!("stopped; run `{again}` again to resume with the same state.");
     Ok(())
 }
 

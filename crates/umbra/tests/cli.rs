@@ -1324,10 +1324,18 @@ fn quickstart_runs_stops_and_resumes() {
         q.proc.tails(30)
     );
 
-    // Second run on the same directory, now given as --data-dir: same CA, same objects (none
-    // made twice), works again.
-    let mut q = Quickstart::start(home.path(), Some(&data), base, 2);
+    // Second run on the same directory, now given as --data-dir, relative to where it runs:
+    // same CA, same objects (none made twice), works again; what it prints names the
+    // directory absolutely, so the commands work from anywhere.
+    let relative = data.strip_prefix(home.path()).expect("under home");
+    let mut q = Quickstart::start(home.path(), Some(relative), base, 2);
     let printed = q.next_steps();
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains(&data.display().to_string())),
+        "{printed:?}"
+    );
     let ca_second = std::fs::read_to_string(data.join("ca.pem")).expect("ca.pem");
     assert_eq!(
         ca_first, ca_second,
@@ -1469,6 +1477,45 @@ fn quickstart_runs_stops_and_resumes() {
             && v["token_file"].is_null(),
         "{v}"
     );
+    // Through a symlink (to a secrets mount, say), the file it points to gets the new token
+    // and the link stays.
+    let latest = v["token"].as_str().expect("token").to_owned();
+    std::fs::write(&token_file, format!("{latest}\n")).expect("store the token");
+    let link = home.path().join("token-link");
+    std::os::unix::fs::symlink(&token_file, &link).expect("symlink");
+    let out = umbra(
+        home.path(),
+        &[
+            "admin",
+            "--controller",
+            &controller,
+            "--ca-file",
+            ca_arg,
+            "--token-file",
+            link.to_str().expect("utf-8"),
+            "admin-token",
+            "rotate",
+        ],
+    );
+    assert!(out.success(), "rotate through a link: {}", out.describe());
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink(),
+        "the link was replaced by a file"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&token_file)
+            .expect("admin.token")
+            .trim(),
+        out.stdout.trim(),
+        "the file behind the link was not updated"
+    );
+    // Rotated once more by a token on the command line, the file holds a dead token again
+    // (what the next run must recover from).
+    let out = with_token(out.stdout.trim(), &["admin-token", "rotate"]);
+    assert!(out.success(), "{}", out.describe());
 
     q.proc.interrupt();
     let status = q.proc.wait_exit(Duration::from_secs(20));
@@ -1553,6 +1600,13 @@ fn quickstart_runs_stops_and_resumes() {
         status.is_some_and(|s| s.success()),
         "the fourth quickstart did not exit 0 on Ctrl-C: {status:?}\n{}",
         q.proc.tails(30)
+    );
+    // Its parting words resume this directory, not the default one.
+    let again = format!("umbra quickstart --data-dir {}", data.display());
+    assert!(
+        q.proc.stdout_text().contains(&again),
+        "{}",
+        q.proc.tails(10)
     );
 
     // Another --base-port on the same directory is refused, naming the one it was set up
@@ -2203,6 +2257,35 @@ fn enroll_takes_its_token_from_a_file() {
     );
     assert!(o.success(), "enroll from a file: {}", o.describe());
     assert!(o.stdout.contains("enrolled umbra://"), "{}", o.describe());
+    // `agent status` with no broker to answer prints what it knows and fails (a health
+    // check); the twin that succeeds is in the end-to-end test.
+    let o = umbra(home.path(), &["agent", "--dir", dir_arg, "status"]);
+    assert!(
+        !o.success() && o.stdout.contains("identity:") && o.stderr.contains("no broker answered"),
+        "{}",
+        o.describe()
+    );
+    // `agent status` whose reader stops reading ends quietly (no panic on the broken pipe).
+    {
+        use std::os::unix::process::ExitStatusExt;
+        let mut cmd = Command::new(common::umbra());
+        cmd.args(["agent", "--dir", dir_arg, "status"])
+            .current_dir(home.path());
+        common::clean_env(&mut cmd, home.path());
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) && !stderr.contains("panicked"),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
     let o = enroll(&["--force", "--token-file", file.to_str().expect("utf-8")]);
     assert!(!o.success(), "a spent token from a file: {}", o.describe());
 
@@ -2225,6 +2308,72 @@ fn enroll_takes_its_token_from_a_file() {
     );
     assert!(
         o.success() && o.stdout.contains(cdir_s) && cdir.join("cert.pem").exists(),
+        "{}",
+        o.describe()
+    );
+    // With a settings file instead (UMBRA_CONNECTOR_CONFIG, or --config), it goes to the
+    // file's identity_dir: where `umbra connector` with that file looks.
+    for (n, how) in [(2, "env"), (3, "flag")] {
+        let t = admin(&[
+            "token",
+            "create",
+            "--role",
+            "connector",
+            "--name",
+            &format!("dc-{n}"),
+        ]);
+        let cdir = home.path().join(format!("connector-from-config-{n}"));
+        let conf = home.path().join(format!("connector-{n}.toml"));
+        std::fs::write(
+            &conf,
+            format!("identity_dir = {:?}\n", cdir.to_str().expect("utf-8")),
+        )
+        .expect("write");
+        let conf_s = conf.to_str().expect("utf-8");
+        let mut args = vec![
+            "connector",
+            "enroll",
+            "--controller",
+            &url,
+            "--token",
+            t.trim(),
+        ];
+        let mut env = vec![];
+        if how == "flag" {
+            args.extend(["--config", conf_s]);
+        } else {
+            env.push(("UMBRA_CONNECTOR_CONFIG", conf_s));
+        }
+        let o = umbra_env(home.path(), &args, &env);
+        assert!(
+            o.success() && cdir.join("cert.pem").exists(),
+            "{how}: {}",
+            o.describe()
+        );
+    }
+    // A broker enrolled but never heard from: `stream list` says its streams are left out
+    // (on stderr; the list on stdout stays valid JSON).
+    let t = admin(&["token", "create", "--role", "broker", "--name", "eu-1"]);
+    let bdir = home.path().join("broker-silent");
+    let o = umbra(
+        home.path(),
+        &[
+            "broker",
+            "enroll",
+            "--controller",
+            &url,
+            "--token",
+            t.trim(),
+            "--dir",
+            bdir.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(o.success(), "{}", o.describe());
+    let o = ctl.admin(home.path(), &["-o", "json", "stream", "list"]);
+    assert!(o.success(), "{}", o.describe());
+    assert_eq!(o.stdout.trim(), "[]", "{}", o.describe());
+    assert!(
+        o.stderr.contains("1 broker(s) not heard from"),
         "{}",
         o.describe()
     );

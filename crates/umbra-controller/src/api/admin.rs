@@ -1324,20 +1324,21 @@ pub(super) async fn revoke_broker(
 // ---------------------------------------------------------------------------------------------
 // Streams and audit
 
+/// Header of `GET /v1/streams`: how many brokers (not revoked) the list leaves out, not
+/// heard from in the last 30 s. Their streams may still run (a broker cut off from the
+/// controller carries its streams on); an empty list with silent brokers is not "no streams".
+pub(crate) const BROKERS_SILENT_HEADER: &str = "x-umbra-brokers-silent";
+
 pub(super) async fn list_streams(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
-) -> Result<Json<Vec<LiveStream>>, ApiFailure> {
+) -> Result<Response, ApiFailure> {
     let mut r = ctx.store.read().await?;
-    Ok(Json(live_streams(&ctx, &mut r).await?))
+    let (live, silent) = live_streams_and_silent(&ctx, &mut r).await?;
+    Ok(([(BROKERS_SILENT_HEADER, silent.to_string())], Json(live)).into_response())
 }
 
-/// The streams brokers heard from lately report live.
-async fn live_streams(ctx: &Ctx, c: &mut SqliteConnection) -> Result<Vec<LiveStream>, ApiFailure> {
-    Ok(live_streams_and_silent(ctx, c).await?.0)
-}
-
-/// [`live_streams`], and how many brokers (not revoked) are left out of it: not heard from
+/// The streams brokers heard from lately report live, and how many brokers (not revoked) are left out of it: not heard from
 /// lately, or with a list that cannot be read.
 async fn live_streams_and_silent(
     ctx: &Ctx,

@@ -451,7 +451,9 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/streams",
         Admin,
-        "Live streams reported by brokers seen in the last 30 s",
+        "Live streams reported by brokers seen in the last 30 s; header \
+         `x-umbra-brokers-silent`: how many brokers are left out, not heard from lately \
+         (their streams may still run)",
         NoBody,
         200,
         List("LiveStream"),
