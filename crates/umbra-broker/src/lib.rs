@@ -76,6 +76,16 @@ pub enum BrokerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another broker is running on {0}: one process per broker identity (start this one \
+         with another --dir, enrolled with its own token)"
+    )]
+    AlreadyRunning(PathBuf),
+    #[error("cannot lock {dir}: {source}")]
+    Lock {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The QUIC stateless-reset key, created once and kept next to the identity so that a
@@ -141,6 +151,8 @@ pub struct Broker {
     shared: Arc<Shared>,
     listener: Arc<Listener>,
     tasks: Vec<JoinHandle<()>>,
+    /// This process's hold on the identity directory (`umbra_pki::lock_instance`).
+    _instance: std::fs::File,
 }
 
 impl Broker {
@@ -155,6 +167,12 @@ impl Broker {
         if identity.peer.id.role != Role::Broker {
             return Err(BrokerError::NotABroker(dir));
         }
+        let instance = umbra_pki::lock_instance(&dir)
+            .map_err(|source| BrokerError::Lock {
+                dir: dir.clone(),
+                source,
+            })?
+            .ok_or_else(|| BrokerError::AlreadyRunning(dir.clone()))?;
         let cref = umbra_link::enroll::load_controller_ref(&dir).map_err(|source| {
             BrokerError::ControllerRef {
                 dir: dir.clone(),
@@ -279,6 +297,7 @@ impl Broker {
             shared,
             listener,
             tasks,
+            _instance: instance,
         })
     }
 

@@ -77,6 +77,15 @@ pub enum ConnectorError {
          umbra connector enroll --controller URL --token TOKEN"
     )]
     ExpiredUnrenewed { at: String, error: String },
+    /// Another connector process holds the identity directory.
+    #[error(
+        "another connector is running on {0}: one process per connector identity (enroll \
+         another with its own token and --dir)"
+    )]
+    AlreadyRunning(std::path::PathBuf),
+    /// The identity directory's lock could not be taken.
+    #[error("cannot lock {0}: {1}")]
+    Lock(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// Renews the expired identity in `dir` (expired at `at`), as the controller allows for a
@@ -114,6 +123,8 @@ fn usable(identity: &TlsIdentity, now: SystemTime) -> Result<(), ConnectorError>
 
 /// A running connector.
 pub struct Connector {
+    /// This process's hold on the identity directory (`umbra_pki::lock_instance`).
+    _instance: std::fs::File,
     identity: String,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -132,6 +143,9 @@ impl Connector {
         cfg.validate()?;
         let dir = cfg.identity_dir.clone();
         let identity = TlsIdentity::load_dir(&dir).map_err(ConnectorError::Identity)?;
+        let instance = umbra_pki::lock_instance(&dir)
+            .map_err(|e| ConnectorError::Lock(dir.clone(), e))?
+            .ok_or_else(|| ConnectorError::AlreadyRunning(dir.clone()))?;
         let identity = match usable(&identity, SystemTime::now()) {
             Ok(()) => identity,
             Err(ConnectorError::Expired(at)) => renew_expired(&dir, at).await?,
@@ -192,6 +206,7 @@ impl Connector {
             )),
         ];
         Ok(Connector {
+            _instance: instance,
             identity: uri,
             cancel,
             tasks,

@@ -240,6 +240,32 @@ pub fn write_identity_dir(
     move_key_into_place(dir)
 }
 
+/// Held by the one process that runs a role on an identity directory (see
+/// [`lock_instance`]).
+const INSTANCE_LOCK: &str = ".instance.lock";
+
+/// Takes the exclusive lock of a role's identity directory for as long as the returned file
+/// lives: `None` if another process holds it. Two brokers (or connectors) on one identity
+/// would take turns on every link (the peer keeps only the newest link per identity) and
+/// share one audit spool; the second is refused instead. Agents' commands share a
+/// directory by design and take no such lock.
+pub fn lock_instance(dir: &Path) -> std::io::Result<Option<fs::File>> {
+    let path = dir.join(INSTANCE_LOCK);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        // Never through a symlink planted in its place.
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Renames `key.pem.next` over `key.pem`, durably.
 fn move_key_into_place(dir: &Path) -> Result<(), PkiError> {
     let (next, key) = (dir.join(NEXT_KEY), dir.join("key.pem"));
@@ -624,6 +650,17 @@ mod tests {
             peer_cert(&CertificateDer::from(vec![0x30, 0x00])),
             Err(PkiError::Cert(_))
         ));
+    }
+
+    /// One process per role directory: a second lock is refused while the first is held,
+    /// and taken once it is released.
+    #[test]
+    fn one_instance_per_identity_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_instance(dir.path()).unwrap().expect("first");
+        assert!(lock_instance(dir.path()).unwrap().is_none(), "second taken");
+        drop(first);
+        assert!(lock_instance(dir.path()).unwrap().is_some(), "not released");
     }
 
     #[test]

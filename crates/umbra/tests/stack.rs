@@ -1487,3 +1487,48 @@ fn refused_by_tls(r: &Refusal) -> bool {
         Refusal::Handshake(_) | Refusal::ClosedAfterHandshake { refused: None, .. }
     )
 }
+
+/// One process per broker or connector identity: a second started on a directory in use is
+/// refused, saying why, and the first serves on; once the first has stopped, the directory
+/// can be used again. (Two on one identity would take turns on every link and share one
+/// audit spool.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_one_identity_is_refused() {
+    init();
+    let mut s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let mut second = s.brokers[0].cfg.clone();
+    second.listen_quic = Some("127.0.0.1:0".parse().unwrap());
+    second.listen_tcp = Some("127.0.0.1:0".parse().unwrap());
+    let e = umbra_broker::Broker::start(second.clone())
+        .await
+        .err()
+        .expect("a second broker on one identity started");
+    assert!(e.to_string().contains("another broker is running"), "{e}");
+    let c = umbra_connector::Connector::start(umbra_connector::ConnectorConfig {
+        identity_dir: s.connector_dir.clone(),
+        ..umbra_connector::ConnectorConfig::default()
+    })
+    .await
+    .err()
+    .expect("a second connector on one identity started");
+    assert!(
+        c.to_string().contains("another connector is running"),
+        "{c}"
+    );
+    // The first ones still serve.
+    s.converge().await;
+    let alice = s.agent("alice").identity();
+    for t in [Transport::Quic, Transport::Tls] {
+        served(&s.brokers[0], t, &alice).await.unwrap();
+    }
+    // Stopped, the broker's directory takes a new process.
+    s.brokers[0].stop().await;
+    let b = umbra_broker::Broker::start(second)
+        .await
+        .expect("the directory of a stopped broker");
+    b.shutdown().await;
+}
