@@ -1532,3 +1532,47 @@ async fn a_second_process_on_one_identity_is_refused() {
         .expect("the directory of a stopped broker");
     b.shutdown().await;
 }
+
+/// An agent stream that never sends its header frame (which service it wants) is reset once
+/// the broker has waited `open_timeout_ms` for it, on both transports: a silent stream holds
+/// neither a broker task nor the device's stream quota for as long as the link lives. The
+/// twin: a stream on the same link that says what it wants is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_names_its_service_is_reset() {
+    init();
+    let s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE],
+    })
+    .await;
+    let alice = s.agent("alice").identity();
+    let b = &s.brokers[0];
+    let limit = Duration::from_millis(b.cfg.open_timeout_ms);
+    for t in [Transport::Quic, Transport::Tls] {
+        let link = dial(b, t, &alice).await.unwrap();
+        let mut silent = link.open().await.unwrap();
+        // A stream is only seen by the peer once something is sent on it: send a byte of a
+        // frame header and nothing more.
+        silent.send_chunk(Bytes::from_static(&[0])).await.unwrap();
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(limit + Duration::from_secs(5), silent.read_frame()).await;
+        assert!(
+            matches!(answer, Ok(Err(_))),
+            "[{t:?}] a silent stream was held: {answer:?}"
+        );
+        eprintln!("[{t:?}] silent stream reset after {:?}", started.elapsed());
+        assert!(
+            started.elapsed() + Duration::from_millis(500) >= limit,
+            "[{t:?}] reset before the open timeout: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(b.running().live_streams(), 0, "[{t:?}]");
+        let (code, mut st) = open(&link, ECHO).await.unwrap();
+        assert_eq!(code, OpenCode::Ok, "[{t:?}]");
+        stream_echo(&mut st, b"after a silent stream")
+            .await
+            .unwrap();
+        link.close();
+    }
+}
