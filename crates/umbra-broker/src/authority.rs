@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use umbra_policy::Engine;
@@ -27,6 +27,9 @@ pub(crate) struct Authority {
     connectors: Arc<HashMap<String, bool>>,
     /// Last time the controller said this snapshot is current (Unix seconds).
     pub(crate) confirmed_at: u64,
+    /// The same moment on this process's monotonic clock, when this process saw it (`None`
+    /// for a snapshot loaded from disk).
+    confirmed_mono: Option<Instant>,
 }
 
 impl Authority {
@@ -58,11 +61,13 @@ impl Authority {
             ),
             snapshot: Arc::new(snapshot),
             confirmed_at,
+            confirmed_mono: None,
         })
     }
 
-    /// Same snapshot, newer confirmation.
-    pub(crate) fn confirmed(&self, at: u64) -> Self {
+    /// This state, confirmed by the controller at `at` (Unix seconds), which this process
+    /// saw at `mono` on its monotonic clock.
+    pub(crate) fn confirmed(&self, at: u64, mono: Instant) -> Self {
         Authority {
             engine: self.engine.clone(),
             snapshot: self.snapshot.clone(),
@@ -70,13 +75,13 @@ impl Authority {
             devices: self.devices.clone(),
             connectors: self.connectors.clone(),
             confirmed_at: at,
+            confirmed_mono: Some(mono),
         }
     }
 
     /// Whether this state may still authorize new streams at `now`.
     pub(crate) fn is_fresh(&self, now: SystemTime, max_staleness: Duration) -> bool {
-        self.snapshot.version > 0
-            && unix(now).saturating_sub(self.confirmed_at) <= max_staleness.as_secs()
+        self.snapshot.version > 0 && self.age(now) <= max_staleness.as_secs()
     }
 
     /// How long until this state stops being fresh at the current confirmation; `None` if it
@@ -92,12 +97,23 @@ impl Authority {
                 .saturating_add(max_staleness.as_secs())
                 .saturating_add(1),
         );
-        Some(stale_at.saturating_sub(now))
+        let by_wall = stale_at.saturating_sub(now);
+        let by_mono = self.confirmed_mono.map_or(Duration::MAX, |m| {
+            (max_staleness + Duration::from_secs(1)).saturating_sub(m.elapsed())
+        });
+        Some(by_wall.min(by_mono))
     }
 
-    /// Seconds since the controller last confirmed the snapshot.
+    /// Seconds since the controller last confirmed the snapshot: by the wall clock, or by
+    /// this process's monotonic clock where that counts more. A wall clock stepped back (a
+    /// time sync correcting it) must not stretch the enforcement of an old snapshot past the
+    /// staleness limit. Not the other way round: across a suspend the monotonic clock stands
+    /// still, and the wall clock is the one that is right. (The monotonic part reads the
+    /// process's clock; a state made with [`Authority::new`] has none and is pure.)
     pub(crate) fn age(&self, now: SystemTime) -> u64 {
-        unix(now).saturating_sub(self.confirmed_at)
+        let wall = unix(now).saturating_sub(self.confirmed_at);
+        let mono = self.confirmed_mono.map_or(0, |m| m.elapsed().as_secs());
+        wall.max(mono)
     }
 
     /// `Some(revoked)` for a device the snapshot knows.
@@ -225,6 +241,31 @@ mod tests {
                 .unwrap()
                 .is_fresh(UNIX_EPOCH + Duration::from_secs(1), max)
         );
+    }
+
+    /// A wall clock stepped back after the confirmation (by more than the limit) does not
+    /// keep the state fresh: this process has measured the time that passed. The twins: just
+    /// confirmed, it is fresh; a wall clock stepped forward makes it stale at once (the next
+    /// confirmation mends it).
+    #[test]
+    fn a_wall_clock_stepped_back_does_not_stretch_freshness() {
+        let max = Duration::from_secs(60);
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(120))
+            .expect("the monotonic clock is past 120 s");
+        let a = Authority::new(snap(3), 1_000)
+            .unwrap()
+            .confirmed(1_000, long_ago);
+        // By the wall clock 10 s passed; by this process's, 120.
+        assert!(!a.is_fresh(at(1_010), max));
+        assert_eq!(a.fresh_for(at(1_010), max), None);
+        assert!(a.age(at(1_010)) >= 120);
+        let b = a.confirmed(1_000, Instant::now());
+        assert!(b.is_fresh(at(1_010), max));
+        let left = b.fresh_for(at(1_010), max).unwrap();
+        assert!(left <= Duration::from_secs(51), "{left:?}");
+        assert!(!b.is_fresh(at(1_061), max), "wall clock stepped forward");
     }
 
     #[test]

@@ -426,7 +426,7 @@ mod tests {
             authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code,
             OpenCode::Stale
         );
-        let a = a.confirmed(NOW + 601);
+        let a = a.confirmed(NOW + 601, std::time::Instant::now());
         assert_eq!(
             authorize(&a, &open("demo", "01", Flow::Tcp), at(NOW + 601), MAX).code,
             OpenCode::Ok
@@ -501,7 +501,7 @@ mod tests {
             ended(recheck(&streams, &a, at(NOW + 601), MAX)),
             vec![(1, "stale_snapshot".into())]
         );
-        let a = a.confirmed(NOW + 601);
+        let a = a.confirmed(NOW + 601, std::time::Instant::now());
         assert!(recheck(&streams, &a, at(NOW + 601), MAX).is_empty());
     }
 
@@ -543,7 +543,7 @@ mod tests {
             Some("stale_snapshot")
         );
         // A confirmation that came meanwhile keeps it.
-        let confirmed = decided.confirmed(limit + 1);
+        let confirmed = decided.confirmed(limit + 1, std::time::Instant::now());
         assert_eq!(
             recheck_registered(&e, &decided, &confirmed, at(limit + 1), MAX),
             None

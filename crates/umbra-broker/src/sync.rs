@@ -139,7 +139,12 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
 /// too, now and then ([`persist_due`]), so that a broker restarted while the controller is
 /// away counts staleness from about when it was last confirmed, not from the last change.
 fn confirm(shared: &Shared, now: SystemTime) {
-    let a = Arc::new(shared.authority.load().confirmed(unix(now)));
+    let a = Arc::new(
+        shared
+            .authority
+            .load()
+            .confirmed(unix(now), std::time::Instant::now()),
+    );
     shared.authority.store(a.clone());
     publish_gauges(&a, now);
     let persisted = shared.persisted_confirmation.load(Ordering::Relaxed);
@@ -203,7 +208,7 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
         );
     }
     let a = match Authority::new(s, unix(now)) {
-        Ok(a) => Arc::new(a),
+        Ok(a) => Arc::new(a.confirmed(unix(now), std::time::Instant::now())),
         Err(e) => {
             // Keep enforcing the last good one rather than opening or closing everything.
             warn!(version, held, error = %e, "snapshot with invalid policies; keeping the one held");
