@@ -324,7 +324,10 @@ impl AuditQueue {
     /// restart the numbering below it: the controller would drop every new event as a
     /// resend. Off the stream path: the file is synced through a handle of its own, without
     /// the queue's lock.
-    pub(crate) async fn durable(&self) {
+    ///
+    /// `false` if the sync failed: the events must wait (they are not on disk), and the
+    /// next call tries again.
+    pub(crate) async fn durable(&self) -> bool {
         let file = {
             let mut inner = self.lock();
             match &mut inner.spool {
@@ -333,15 +336,20 @@ impl AuditQueue {
                         s.unsynced = false;
                         f
                     }
-                    Err(_) => return,
+                    Err(_) => return false,
                 },
-                _ => return,
+                _ => return true,
             }
         };
         let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
-        if !matches!(synced, Ok(Ok(()))) {
-            metrics::counter!("umbra_broker_audit_spool_errors_total").increment(1);
+        if matches!(synced, Ok(Ok(()))) {
+            return true;
         }
+        metrics::counter!("umbra_broker_audit_spool_errors_total").increment(1);
+        if let Some(s) = &mut self.lock().spool {
+            s.unsynced = true;
+        }
+        false
     }
 
     /// Puts a batch back at the front after a failed heartbeat.
@@ -815,9 +823,9 @@ mod tests {
         assert!(!unsynced(&a), "a fresh spool is written durably");
         rec(&a, "x");
         assert!(unsynced(&a));
-        a.durable().await;
+        assert!(a.durable().await);
         assert!(!unsynced(&a));
-        a.durable().await;
+        assert!(a.durable().await);
         assert!(!unsynced(&a));
     }
 

@@ -422,9 +422,13 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let a = shared.authority.load();
         publish_gauges(&a, now);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
-        let batch = shared.audit.take(AUDIT_PER_HEARTBEAT);
-        // What the controller is about to store must be on disk here first (see `durable`).
-        shared.audit.durable().await;
+        let mut batch = shared.audit.take(AUDIT_PER_HEARTBEAT);
+        // What the controller is about to store must be on disk here first (see `durable`):
+        // when the sync fails, the events wait for a heartbeat after one that succeeds.
+        if !shared.audit.durable().await {
+            shared.audit.requeue(batch);
+            batch = shared.audit.take(0);
+        }
         // Read before the list, so that a stream starting meanwhile makes the next one due.
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.

@@ -43,8 +43,9 @@ pub struct ControllerConfig {
     pub cert_lifetime_secs: u64,
     /// How long after its certificate expired a device, connector or broker may still renew
     /// it, seconds: a laptop asleep over a weekend renews when it wakes instead of enrolling
-    /// again. Only the identity's newest certificate renews this way, and never a revoked
-    /// one, a revoked device or connector, or the device of a disabled user. 0 turns it off
+    /// again. Never a certificate once one renewed from it (or a later one of its identity)
+    /// has been used at the controller, a revoked one, a revoked device or connector, or the
+    /// device of a disabled user. 0 turns it off
     /// (an expired certificate then needs a new enrollment). Default 604800 (7 days), at most
     /// 30 days.
     pub renew_grace_secs: u64,

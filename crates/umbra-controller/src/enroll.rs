@@ -448,6 +448,14 @@ async fn renew_inner(
     // No certificate, a foreign one or one expired beyond the grace: refused before queueing
     // on the write lock.
     let peer = ctx.check_cert_within(conn, &roles, ctx.renew_grace)?;
+    if ctx.renew_grace.is_zero() && now > peer.not_after {
+        // Reached only on a connection opened before the expiry (a new one fails its
+        // handshake): say why renewal, of all routes, refuses.
+        return Err(ApiFailure::unauthorized(
+            "certificate expired, and this controller renews no expired certificate \
+             (renew_grace_secs = 0): enroll again",
+        ));
+    }
     let mut w = ctx.store.write().await?;
     // Checked inside the write transaction so a revocation cannot slip in between.
     let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) =

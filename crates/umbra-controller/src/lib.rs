@@ -52,7 +52,7 @@ mod failures;
 mod housekeeping;
 mod state;
 mod store;
-mod validate;
+pub(crate) mod validate;
 
 pub use admin_token::reset_admin_token;
 pub use config::{ConfigError, ControllerConfig, MAX_TOKEN_TTL};
@@ -60,3 +60,10 @@ pub use controller::Controller;
 pub use error::ControllerError;
 pub use housekeeping::Swept;
 pub use state::Clock;
+
+/// Not API: for `fuzz/` (target `validate`) and its corpus replay test only. The controller's
+/// checks of names, user ids and `host:port` values on one input.
+#[doc(hidden)]
+pub fn fuzz_validate(s: &str) -> validate::Validated {
+    validate::all(s)
+}

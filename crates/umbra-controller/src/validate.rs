@@ -310,3 +310,26 @@ mod tests {
         );
     }
 }
+
+/// What each check makes of one input (`None`: refused). Not API: see
+/// [`crate::fuzz_validate`].
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    pub name: Option<String>,
+    pub peer_name: Option<String>,
+    pub user_id: Option<String>,
+    pub host_port: Option<String>,
+    pub advertised_addr: Option<String>,
+}
+
+/// Runs every check on `s`.
+pub(crate) fn all(s: &str) -> Validated {
+    Validated {
+        name: name(s, "f").ok(),
+        peer_name: peer_name(s, "f").ok(),
+        user_id: user_id(s, "f").ok(),
+        host_port: host_port(s, "f").ok(),
+        advertised_addr: advertised_addr(s, "f").ok(),
+    }
+}

@@ -374,7 +374,7 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
                         break Arc::new(id);
                     }
                     tracing::warn!(error = %e, "certificate renewal failed; will retry");
-                    refused_for_good(&e)
+                    e.is_refusal()
                 }
             };
             let now = SystemTime::now();
@@ -428,24 +428,35 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
 /// Renewal attempts made after the held certificate expired before renewal gives up.
 const AFTER_EXPIRY_ATTEMPTS: u32 = 2;
 
-/// Whether a failed renewal was the controller's refusal rather than a failure to reach it:
-/// an API error that says this identity may not renew (revoked, disabled, replaced, expired
-/// beyond the grace) or a TLS alert its handshake sent (a certificate it does not accept).
-/// Retrying those changes nothing.
-fn refused_for_good(e: &EnrollError) -> bool {
-    match e {
-        EnrollError::Link(LinkError::Api { status, .. }) => matches!(status, 401 | 403),
-        EnrollError::Link(LinkError::Http(e)) => {
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-            while let Some(c) = cause {
-                if let Some(rustls::Error::AlertReceived(_)) = c.downcast_ref::<rustls::Error>() {
-                    return true;
+impl EnrollError {
+    /// Whether this was the controller's refusal rather than a failure to reach it: an API
+    /// error that says this identity may not (401, 403: revoked, disabled, expired beyond the
+    /// grace, renewed before and the renewal in use), or a TLS alert its handshake sent (a
+    /// certificate it does not accept, e.g. expired with no grace left). Retrying those
+    /// changes nothing.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            EnrollError::Link(LinkError::Api { status, .. }) => matches!(status, 401 | 403),
+            EnrollError::Link(LinkError::Tls(rustls::Error::AlertReceived(_))) => true,
+            EnrollError::Link(LinkError::Http(e)) => {
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+                while let Some(c) = cause {
+                    // hyper hands the TLS error on inside an io::Error, whose `source` skips
+                    // what it wraps: look inside it too.
+                    let inner = c
+                        .downcast_ref::<io::Error>()
+                        .and_then(|io| io.get_ref())
+                        .and_then(|i| i.downcast_ref::<rustls::Error>());
+                    let tls = c.downcast_ref::<rustls::Error>().or(inner);
+                    if let Some(rustls::Error::AlertReceived(_)) = tls {
+                        return true;
+                    }
+                    cause = c.source();
                 }
-                cause = c.source();
+                false
             }
-            false
+            _ => false,
         }
-        _ => false,
     }
 }
 

@@ -1136,7 +1136,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 // the link would leave the file it points to, which others read, with the
                 // dead token.
                 let target = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                // Its readers keep their access: the file is replaced with the mode it had
+                // (new files are 0600).
+                let mode = std::fs::metadata(&target).ok().map(|m| m.permissions());
                 umbra_pki::write_private_file(&target, format!("{}\n", t.token).as_bytes())
+                    .and_then(|()| match mode {
+                        Some(m) => std::fs::set_permissions(&target, m),
+                        None => Ok(()),
+                    })
                     .map(|()| p.clone())
                     .map_err(|e| format!("cannot write {}: {e}", target.display()))
             });

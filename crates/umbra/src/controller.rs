@@ -44,8 +44,8 @@ pub(crate) struct Args {
     cert_lifetime: Option<std::time::Duration>,
     /// How long after expiry a certificate may still renew (default 7d, at most 30d; 0 turns
     /// it off): a laptop asleep past its certificate's end renews instead of enrolling again.
-    /// Never a revoked device or connector, a disabled user's device, or a certificate a
-    /// renewal already replaced.
+    /// Never a revoked device or connector, a disabled user's device, or a certificate once
+    /// the one a renewal replaced it with has been used.
     #[arg(long, env = "UMBRA_RENEW_GRACE", value_parser = crate::load::parse_duration)]
     renew_grace: Option<std::time::Duration>,
     /// Days audit records are kept, then deleted (default 365; 0 keeps them for ever).

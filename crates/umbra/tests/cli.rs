@@ -1483,6 +1483,12 @@ fn quickstart_runs_stops_and_resumes() {
     std::fs::write(&token_file, format!("{latest}\n")).expect("store the token");
     let link = home.path().join("token-link");
     std::os::unix::fs::symlink(&token_file, &link).expect("symlink");
+    // Shared with a group that reads it: that stays so.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o640))
+            .expect("chmod");
+    }
     let out = umbra(
         home.path(),
         &[
@@ -1512,6 +1518,14 @@ fn quickstart_runs_stops_and_resumes() {
         out.stdout.trim(),
         "the file behind the link was not updated"
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file)
+            .expect("token file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640, "the file's readers lost it");
+    }
     // Rotated once more by a token on the command line, the file holds a dead token again
     // (what the next run must recover from).
     let out = with_token(out.stdout.trim(), &["admin-token", "rotate"]);

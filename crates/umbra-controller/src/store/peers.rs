@@ -798,9 +798,9 @@ pub(crate) async fn cert_mark_seen(
     Ok(())
 }
 
-/// Whether a certificate renewed from `serial` (of `role` `subject`) has authenticated a
-/// request here. Certificates issued before renewals were recorded count as renewed from
-/// every older certificate of their identity.
+/// Whether a certificate of `role` `subject` renewed from `serial`, or issued after it, has
+/// authenticated a request here. Any later one, not only its direct renewals: those could be
+/// forgotten (expired past the grace) before `serial` itself, after a lifetime was cut.
 pub(crate) async fn cert_successor_seen(
     c: &mut SqliteConnection,
     org: &str,
@@ -809,9 +809,9 @@ pub(crate) async fn cert_successor_seen(
     serial: &str,
 ) -> Result<bool, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM certificates WHERE org = $1 AND seen_at IS NOT NULL \
-         AND (renewed_from = $2 OR (renewed_from IS NULL AND role = $3 AND subject = $4 \
-         AND issued_at > (SELECT issued_at FROM certificates WHERE org = $1 AND serial = $2)))",
+        "SELECT COUNT(*) FROM certificates WHERE org = $1 AND role = $3 AND subject = $4 \
+         AND serial <> $2 AND seen_at IS NOT NULL AND (renewed_from = $2 OR issued_at > \
+         (SELECT issued_at FROM certificates WHERE org = $1 AND serial = $2))",
     )
     .bind(org)
     .bind(serial)

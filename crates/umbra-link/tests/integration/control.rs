@@ -456,3 +456,98 @@ async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
         }
     }
 }
+
+/// A renewal the controller refuses (its TLS handshake does not accept the certificate; an
+/// API answer 401 or 403) is told from one that could not reach it (nothing listening; a
+/// 500): retrying the first changes nothing, the second may work later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_renewal_is_told_from_an_unreachable_controller() {
+    let org = Org::new();
+    let other = Org::new();
+    let dir = tempfile::tempdir().unwrap();
+    let p = umbra_pki::test_util::issue_pems(
+        &org.ca,
+        umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap(),
+        vec![],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem()).unwrap();
+    let held = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+    let renew_at = |url: String| {
+        umbra_link::enroll::save_controller_ref(
+            dir.path(),
+            &umbra_link::enroll::ControllerRef {
+                url,
+                identity: held.peer.id.to_uri(),
+                user: None,
+                brokers: vec![],
+            },
+        )
+        .unwrap();
+        umbra_link::enroll::renew(dir.path())
+    };
+    let server_id = org.identity_with(
+        Role::Controller,
+        "ctl",
+        vec!["127.0.0.1".into()],
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    );
+
+    // A handshake that refuses the client's certificate (it trusts another CA for clients).
+    let picky = umbra_pki::TlsIdentity {
+        ca: other.ca.cert_der(),
+        ..server_id.clone()
+    };
+    let tls =
+        umbra_pki::server_config(&picky, ClientAuth::Required, &[b"http/1.1"], false).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let e = soon("refused handshake", renew_at(url)).await.unwrap_err();
+    assert!(e.is_refusal(), "a refused handshake: {e}");
+
+    // API answers: 403 and 401 are refusals, a 500 is not.
+    for (status, refusal) in [(403, true), (401, true), (500, false)] {
+        let tls = umbra_pki::server_config(&server_id, ClientAuth::Optional, &[b"http/1.1"], false)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let _ = read_request(&mut s).await;
+                let body = br#"{"error":"agent revoked"}"#;
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let e = soon("API answer", renew_at(url)).await.unwrap_err();
+        assert_eq!(e.is_refusal(), refusal, "{status}: {e}");
+    }
+
+    // Nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = soon("dead port", renew_at(format!("https://{dead}")))
+        .await
+        .unwrap_err();
+    assert!(!e.is_refusal(), "an unreachable controller: {e}");
+}
