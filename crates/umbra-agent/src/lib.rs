@@ -56,10 +56,10 @@ pub enum AgentError {
     /// The certificate has expired (at `at`) and the controller did not renew it.
     #[error(
         "this device's certificate expired at {at} and was not renewed: {error}. The \
-         controller renews a certificate for a while after it expired (renew_grace_secs, 7 \
-         days by default): if it could not be reached, try again once it can. If it refused \
-         (the device revoked, its user disabled, expired too long ago), enroll this device \
-         again with a new token from your administrator: \
+         controller renews a certificate for a while after it expired (its renew grace): if \
+         it could not be reached, try again once it can; if your user is disabled, it renews \
+         once an administrator enables it again. If the device was revoked or expired too \
+         long ago, enroll it again with a new token from your administrator: \
          umbra agent enroll --controller URL --token-file FILE"
     )]
     ExpiredUnrenewed { at: String, error: String },

@@ -58,9 +58,10 @@ pub(crate) enum OpenError {
     /// This device's certificate expired (at the time given) and was not renewed. Final: it
     /// authorizes nothing, not even on a link dialed while it was valid.
     #[error(
-        "this device's certificate expired at {0} without a renewal (the controller could not \
-         be reached in time, or the device was revoked); it cannot renew any more. Enroll \
-         this device again with a new token from your administrator"
+        "this device's certificate expired at {0} and was not renewed in time (the renewal \
+         goes on while the controller allows; see the log). If the controller refuses it (the \
+         device revoked, its user disabled, expired too long ago), enroll this device again \
+         with a new token from your administrator"
     )]
     Expired(String),
 }
@@ -100,6 +101,9 @@ fn reply(read: Result<Frame, LinkError>) -> Reply {
 /// connectors, each for up to its dial timeout (7 s by default), and a connector may be
 /// connecting to a slow target.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
+/// How long a new connection waits for the renewal of an expired certificate (after a
+/// resume, the renewal wakes within `RENEW_WAKE_INTERVAL` of `umbra_link::enroll`).
+const EXPIRED_OPEN_WAIT: Duration = Duration::from_secs(20);
 
 /// Whether a broker measured at `rtt` is clearly nearer than the current one at `current`:
 /// by at least a third and 5 ms, so that measurement noise between brokers about as near as
@@ -351,6 +355,26 @@ impl Session {
         st.brokers = list;
     }
 
+    /// Waits up to `wait` for the renewal to publish a certificate valid now (after a resume
+    /// the renewal may not have run yet: the controller renews an expired certificate for a
+    /// while); whether one came.
+    async fn renewed_within(&self, wait: Duration) -> bool {
+        let mut identity = self.identity.clone();
+        let valid = |id: &umbra_pki::TlsIdentity| id.peer.not_after > SystemTime::now();
+        tokio::time::timeout(wait, async {
+            loop {
+                if valid(&identity.borrow_and_update()) {
+                    return true;
+                }
+                if identity.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Opens a stream to `service` through the current broker, failing over as described in
     /// the module documentation. On success the stream's reply has been read and application
     /// bytes may flow.
@@ -359,7 +383,7 @@ impl Session {
         // it was valid would go on carrying new streams. Renewal replaces it well before it
         // expires; when that failed, stop here, and drop the link.
         let not_after = self.identity.borrow().peer.not_after;
-        if not_after <= SystemTime::now() {
+        if not_after <= SystemTime::now() && !self.renewed_within(EXPIRED_OPEN_WAIT).await {
             self.close().await;
             return Err(OpenError::Expired(umbra_pki::rfc3339(not_after)));
         }

@@ -11,8 +11,10 @@
 //! 4. `serve`: read the broker's `Dial`, check it against the published targets (exact
 //!    string match), dial the target, relay.
 //!
-//! The certificate is renewed in the background (`umbra_link::enroll::spawn_renewal`); new
-//! links use the renewed identity.
+//! The certificate is renewed in the background
+//! (`umbra_link::enroll::spawn_renewal_until_refused`), also after an expiry while the
+//! controller was away; new links use the renewed identity. Only the controller's refusal
+//! stops the connector.
 //!
 //! Offline start: everything the connector needs at start is on disk in its identity
 //! directory (`key.pem`, `cert.pem`, `ca.pem`, `controller.json` with the controller URL and
@@ -34,7 +36,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use umbra_link::LinkConfig;
-use umbra_link::enroll::{load_controller_ref, spawn_renewal};
+use umbra_link::enroll::{load_controller_ref, spawn_renewal_until_refused};
 use umbra_pki::TlsIdentity;
 use umbra_proto::Role;
 use umbra_proto::api::ConnectorConfig as PublishedConfig;
@@ -61,10 +63,9 @@ pub enum ConnectorError {
     /// was not running or the controller was away: brokers refuse it, and only a valid
     /// certificate can be renewed.
     #[error(
-        "this connector's certificate expired at {0} without a renewal (it renews itself while \
-         it runs and the controller answers, and for a while after expiry: start it again to \
-         retry). Enroll it again with a new token if that fails: \
-         umbra connector enroll --controller URL --token TOKEN"
+        "this connector's certificate expired at {0} and the controller refused to renew it \
+         (the connector revoked, or expired longer ago than the controller renews). Enroll it \
+         again with a new token: umbra connector enroll --controller URL --token TOKEN"
     )]
     Expired(String),
     /// The certificate had expired (at `at`) when the connector started, and the controller
@@ -89,8 +90,14 @@ pub enum ConnectorError {
 }
 
 /// Renews the expired identity in `dir` (expired at `at`), as the controller allows for a
-/// while after expiry (a host powered off past its certificate's end), or says why not.
-async fn renew_expired(dir: &std::path::Path, at: String) -> Result<TlsIdentity, ConnectorError> {
+/// while after expiry (a host powered off past its certificate's end). A refusal is an
+/// error; a controller that cannot be reached is not (the connector starts, and renewal goes
+/// on in the background until the controller answers): the expired identity is returned.
+async fn renew_expired(
+    dir: &std::path::Path,
+    at: String,
+    expired: TlsIdentity,
+) -> Result<TlsIdentity, ConnectorError> {
     let renewed = tokio::time::timeout(RENEW_AT_START, umbra_link::enroll::renew(dir)).await;
     let error = match renewed {
         Ok(Ok(issued)) => {
@@ -99,8 +106,15 @@ async fn renew_expired(dir: &std::path::Path, at: String) -> Result<TlsIdentity,
             usable(&identity, SystemTime::now())?;
             return Ok(identity);
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "the controller did not answer in time".to_owned(),
+        Ok(Err(e)) if e.is_refusal() => e.to_string(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, not_after = %at, "the certificate has expired and the controller cannot be reached; starting, and renewing once it can");
+            return Ok(expired);
+        }
+        Err(_) => {
+            tracing::warn!(not_after = %at, "the certificate has expired and the controller did not answer in time; starting, and renewing once it does");
+            return Ok(expired);
+        }
     };
     Err(ConnectorError::ExpiredUnrenewed { at, error })
 }
@@ -148,7 +162,7 @@ impl Connector {
             .ok_or_else(|| ConnectorError::AlreadyRunning(dir.clone()))?;
         let identity = match usable(&identity, SystemTime::now()) {
             Ok(()) => identity,
-            Err(ConnectorError::Expired(at)) => renew_expired(&dir, at).await?,
+            Err(ConnectorError::Expired(at)) => renew_expired(&dir, at, identity).await?,
             Err(e) => return Err(e),
         };
         let cref = load_controller_ref(&dir).map_err(ConnectorError::ControllerRef)?;
@@ -170,7 +184,8 @@ impl Connector {
         );
         let (published_tx, published_rx) = watch::channel(Arc::new(published));
         let (brokers_tx, brokers_rx) = watch::channel(Arc::new(cref.brokers.clone()));
-        let identity_rx = spawn_renewal(dir.clone(), Arc::new(identity));
+        // Unattended: renewal goes on past an expiry until the controller renews or refuses.
+        let identity_rx = spawn_renewal_until_refused(dir.clone(), Arc::new(identity));
 
         let cancel = CancellationToken::new();
         let link_ctx = Arc::new(links::LinkCtx {
@@ -252,8 +267,9 @@ impl Drop for Connector {
     }
 }
 
-/// Waits for the certificate in use to expire (wall clock, so a suspended host is no
-/// exception); if no renewal replaced it by then, says why and stops the connector's links.
+/// Waits for renewal to end for good (the controller refused it) with the certificate in use
+/// expired; then says why and stops the connector's links. A controller away does not end
+/// it: the connector runs on and renews once the controller is back.
 async fn watch_expiry(
     identity: watch::Receiver<Arc<TlsIdentity>>,
     failed: watch::Sender<Option<String>>,
@@ -261,7 +277,7 @@ async fn watch_expiry(
 ) {
     let not_after = tokio::select! {
         () = cancel.cancelled() => return,
-        at = umbra_link::enroll::until_expired(identity) => at,
+        at = umbra_link::enroll::until_renewal_ends(identity) => at,
     };
     let e = ConnectorError::Expired(umbra_pki::rfc3339(not_after));
     tracing::error!(error = %e, "certificate expired without a renewal; stopping");

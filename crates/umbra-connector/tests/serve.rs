@@ -623,17 +623,19 @@ async fn streams_per_broker_link_are_bounded_over_tcp() {
     streams_per_broker_link_are_bounded(TransportPref::Tcp).await;
 }
 
-/// A connector whose certificate runs out without a renewal (the controller away) says so
-/// and stops, instead of redialing brokers that refuse it for ever: `failed` names the
-/// expiry and what to do, and its links are closed. The twin: until then it is linked.
+/// A connector whose certificate runs out while the controller is away runs on and keeps
+/// trying to renew (unattended, it recovers by itself when the controller is back, which
+/// renews an expired certificate for a while); once the controller refuses (here: its
+/// handshake does not accept the certificate), it says so and stops, naming the expiry and
+/// what to do, and its links are closed. The twin: until then it is linked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_connector_stops_and_says_so() {
+async fn an_expired_connector_runs_on_until_refused_then_stops_and_says_so() {
     capture::init();
     umbra_pki::install_crypto_provider();
     let ca = Ca::generate(ORG, SystemTime::now()).unwrap();
     let (listener, broker) = broker_endpoint(&ca, "b-1").await;
     let dir = tempfile::tempdir().unwrap();
-    connector_dir(&ca, dir.path(), broker, vec![]);
+    connector_dir(&ca, dir.path(), broker.clone(), vec![]);
     // The same identity, issued so that 3 s of it are left (nothing answers at the
     // controller's address, so it cannot be renewed).
     let lifetime = Duration::from_secs(3600);
@@ -658,9 +660,50 @@ async fn an_expired_connector_stops_and_says_so() {
         .unwrap()
         .unwrap();
     assert!(!link.is_closed());
-    let e = tokio::time::timeout(WAIT, connector.failed())
+    // Expired, the controller away: it runs on.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(8), connector.failed())
+            .await
+            .is_err(),
+        "the connector stopped while the controller could still renew it"
+    );
+    // The controller is back, and refuses the certificate at its handshake (it trusts
+    // another CA for clients).
+    let other = Ca::generate(ORG, SystemTime::now()).unwrap();
+    let server = umbra_pki::test_util::issue_pems(
+        &ca,
+        PeerId::new(ORG, Role::Controller, "ctl").unwrap(),
+        vec!["127.0.0.1".into()],
+        SystemTime::now(),
+        lifetime,
+    )
+    .unwrap();
+    let mut server_id =
+        umbra_pki::TlsIdentity::from_pem(&server.cert_pem, &server.key_pem, ca.cert_pem()).unwrap();
+    server_id.ca = other.cert_der();
+    let tls =
+        umbra_pki::server_config(&server_id, ClientAuth::Required, &[b"http/1.1"], false).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    save_controller_ref(
+        dir.path(),
+        &ControllerRef {
+            url,
+            identity: format!("umbra://{ORG}/connector/c-1"),
+            user: None,
+            brokers: vec![broker],
+        },
+    )
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(40), connector.failed())
         .await
-        .expect("the connector did not stop at its certificate's expiry");
+        .expect("the connector did not stop once the controller refused it");
     let said = e.to_string();
     assert!(
         said.contains("expired") && said.contains("umbra connector enroll"),

@@ -254,19 +254,24 @@ pub(crate) async fn server_identity(
     )?)
 }
 
+/// How long past the renewal grace an expired client certificate still passes the
+/// controller's handshake, to be refused by the renewal route with its reason.
+pub(crate) const REFUSAL_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// The TLS server configuration: TLS 1.3, HTTP/2 or HTTP/1.1, client certificates optional
 /// but verified against the CA, by the controller's `clock`, when sent; one expired at most
-/// `renew_grace` ago passes too, for `POST /v1/renew` alone (every route checks expiry again,
-/// `Ctx::check_cert`). The certificate can be replaced through the slot.
+/// `expired_grace` ago passes too, for `POST /v1/renew` alone (every route checks expiry
+/// again, `Ctx::check_cert`). The certificate can be replaced through the slot.
 pub(crate) fn server_tls(
     id: &TlsIdentity,
-    renew_grace: std::time::Duration,
+    expired_grace: std::time::Duration,
     clock: Clock,
 ) -> Result<(Arc<rustls::ServerConfig>, ServerCertSlot), ControllerError> {
     let (cfg, slot) = umbra_pki::server_config_renewing(
         id,
         &[b"h2", b"http/1.1"],
-        renew_grace,
+        expired_grace,
         Arc::new(ClockTime(clock)),
     )?;
     Ok((Arc::new(cfg), slot))

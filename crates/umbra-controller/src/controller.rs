@@ -78,7 +78,12 @@ impl Controller {
         let ca = ca::load_or_create(&store, &cfg, env_key.as_deref(), clock()).await?;
 
         let server_id = ca::server_identity(&ca, &store, &cfg.server_names, clock()).await?;
-        let (tls, slot) = ca::server_tls(&server_id, cfg.renew_grace(), clock.clone())?;
+        // The handshake lets an expired certificate through for a month past the renewal
+        // grace: the renewal route then refuses it with the reason, audited, instead of a
+        // handshake failure its holder sees as a closed connection. Every route checks
+        // expiry again (`Ctx::check_cert`).
+        let tls_grace = cfg.renew_grace() + ca::REFUSAL_WINDOW;
+        let (tls, slot) = ca::server_tls(&server_id, tls_grace, clock.clone())?;
 
         // Every start moves the version to at least the clock in milliseconds. A store
         // restored from a backup counts on from where the backup was; without this, it could

@@ -447,15 +447,14 @@ async fn renew_inner(
     let roles = [Role::Agent, Role::Connector, Role::Broker];
     // No certificate, a foreign one or one expired beyond the grace: refused before queueing
     // on the write lock.
-    let peer = ctx.check_cert_within(conn, &roles, ctx.renew_grace)?;
-    if ctx.renew_grace.is_zero() && now > peer.not_after {
-        // Reached only on a connection opened before the expiry (a new one fails its
-        // handshake): say why renewal, of all routes, refuses.
+    if ctx.renew_grace.is_zero() && conn.0.as_ref().is_some_and(|p| now > p.not_after) {
+        // Said before the general check, whose advice ("renew it") would be wrong here.
         return Err(ApiFailure::unauthorized(
             "certificate expired, and this controller renews no expired certificate \
              (renew_grace_secs = 0): enroll again",
         ));
     }
+    let peer = ctx.check_cert_within(conn, &roles, ctx.renew_grace)?;
     let mut w = ctx.store.write().await?;
     // Checked inside the write transaction so a revocation cannot slip in between.
     let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) =

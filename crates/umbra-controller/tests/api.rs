@@ -1406,8 +1406,28 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     let v: Value = resp.json().await.unwrap();
     assert!(api_error(&v).error.contains("disabled"), "{v}");
 
-    // Eight days after expiry, past the 7-day grace, the handshake itself refuses it.
+    // Eight days after expiry, past the 7-day grace: refused with the reason (the handshake
+    // lets it through for a month more, so that its holder learns why), and audited.
     h.skew.store(lifetime + 8 * day, Ordering::SeqCst);
+    let resp = h
+        .renew(&h.as_peer(&other), json!({ "csr_pem": csr() }))
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        api_error(&v)
+            .error
+            .contains("longer ago than renewal allows"),
+        "{v}"
+    );
+    let r = h.audited("renew").await;
+    let r = r.last().unwrap();
+    assert_eq!(
+        (r.result.as_str(), r.detail["status"].as_u64()),
+        ("error", Some(401))
+    );
+    // Past that month too, the handshake itself refuses it.
+    h.skew.store(lifetime + 40 * day, Ordering::SeqCst);
     let e = h
         .as_peer(&other)
         .post(h.url("/v1/renew"))
@@ -1418,8 +1438,8 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     assert!(e.is_connect() || e.is_request(), "{e:?}");
     h.ctl.shutdown().await;
 
-    // With the grace turned off, an expired certificate fails the handshake at once; the
-    // twin within its lifetime renews.
+    // With the grace turned off, an expired certificate is refused, saying so; the twin
+    // within its lifetime renews.
     let h = Harness::start_cfg(|c| c.renew_grace_secs = 0).await;
     let (dev, _) = h.agent("alice@example.com").await;
     let lifetime = dev
@@ -1429,14 +1449,15 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
         .unwrap()
         .as_secs();
     h.skew.store(lifetime + 60, Ordering::SeqCst);
-    let e = h
-        .as_peer(&dev)
-        .post(h.url("/v1/renew"))
-        .json(&json!({ "csr_pem": csr() }))
-        .send()
-        .await
-        .unwrap_err();
-    assert!(e.is_connect() || e.is_request(), "{e:?}");
+    let resp = h.renew(&h.as_peer(&dev), json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        api_error(&v)
+            .error
+            .contains("renews no expired certificate"),
+        "{v}"
+    );
     h.skew.store(lifetime - 60, Ordering::SeqCst);
     let resp = h.renew(&h.as_peer(&dev), json!({ "csr_pem": csr() })).await;
     assert_eq!(resp.status(), StatusCode::OK);

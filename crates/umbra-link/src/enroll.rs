@@ -256,7 +256,7 @@ const RENEW_RETRY_CAP: Duration = Duration::from_secs(300);
 /// time jumps (a suspend, during which tokio's timer stands still; clock corrections) are
 /// noticed at least this often. A laptop that wakes close to its certificate's expiry must
 /// renew at once, not after a sleep begun before the suspend has run out.
-const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(60);
+const RENEW_WAKE_INTERVAL: Duration = Duration::from_secs(15);
 /// Usual least time between two successful renewals. Certificates start a minute before they
 /// are issued (clock skew), so with a lifetime under a minute and a half the renewal time of a
 /// fresh certificate is already past: without a gap such a peer would renew in a tight loop.
@@ -272,17 +272,18 @@ const RENEW_GAP_FLOOR: Duration = Duration::from_secs(2);
 /// Holders of long-lived connections keep them; new connections should use the latest
 /// identity from the channel.
 ///
-/// Once the certificate has expired unrenewed, two more attempts are made (the controller
-/// renews within its grace), then renewal stops and the channel closes: a forward or a
-/// connector waiting in [`until_expired`] stops and says so (started again, it renews
-/// first).
+/// Once the certificate has expired unrenewed, renewal goes on for [`AFTER_EXPIRY_FOR`] (the
+/// controller renews within its grace), or until the controller refuses, then stops and the
+/// channel closes: a forward waiting in [`until_expired`] stops and says so (started again,
+/// it renews first).
 pub fn spawn_renewal(dir: PathBuf, current: Arc<TlsIdentity>) -> watch::Receiver<Arc<TlsIdentity>> {
     spawn(dir, current, AfterExpiry::GiveUp)
 }
 
-/// [`spawn_renewal`] for a holder that runs on past its certificate's expiry (a broker: its
-/// listeners stay up): after expiry it keeps trying, at most a minute apart, until the
-/// controller renews or refuses for good (revoked, or expired beyond its grace).
+/// [`spawn_renewal`] for a holder that runs on past its certificate's expiry (a broker, a
+/// connector: unattended, they recover by themselves when the controller is back): after
+/// expiry it keeps trying, at most [`RENEW_WAKE_INTERVAL`] apart, until the controller renews
+/// or refuses for good (revoked, or expired beyond its grace); then the channel closes.
 pub fn spawn_renewal_until_refused(
     dir: PathBuf,
     current: Arc<TlsIdentity>,
@@ -293,7 +294,7 @@ pub fn spawn_renewal_until_refused(
 /// What renewal does once the held certificate has expired unrenewed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AfterExpiry {
-    /// [`AFTER_EXPIRY_ATTEMPTS`] attempts, then it stops.
+    /// Attempts for [`AFTER_EXPIRY_FOR`], then it stops.
     GiveUp,
     /// Attempts at most [`RENEW_WAKE_INTERVAL`] apart until a refusal for good.
     UntilRefused,
@@ -353,11 +354,15 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
         let mut backoff = Backoff::new(RENEW_RETRY_BASE, RENEW_RETRY_CAP);
         let held_not_after = current.peer.not_after;
         // Attempts made once the held certificate had expired (the controller renews one
-        // within its grace: a suspend past the expiry).
+        // within its grace: a suspend past the expiry), and when the first of them started.
         let mut after_expiry = 0;
+        let mut first_after_expiry: Option<std::time::Instant> = None;
         let fresh = loop {
             let expired = SystemTime::now() >= held_not_after;
             after_expiry += u32::from(expired);
+            if expired && first_after_expiry.is_none() {
+                first_after_expiry = Some(std::time::Instant::now());
+            }
             let refused = match renew(dir).await {
                 Ok(_) => match TlsIdentity::load_dir(dir) {
                     Ok(id) => break Arc::new(id),
@@ -392,7 +397,9 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
                     tokio::time::sleep(delay).await;
                     continue;
                 }
-                if after_expiry >= AFTER_EXPIRY_ATTEMPTS || (expired && refused) {
+                let window_spent =
+                    first_after_expiry.is_some_and(|t| t.elapsed() >= AFTER_EXPIRY_FOR);
+                if window_spent || (expired && refused) {
                     // Whoever waits on this identity learns that no renewal comes (the
                     // channel closes): a forward or connector stops and says to enroll again.
                     tracing::error!(
@@ -401,10 +408,13 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
                     );
                     return;
                 }
-                // The first attempt after expiry comes at once, a second after a pause (a
-                // network coming back after a resume).
+                // The first attempt after expiry comes at once, the next ones after growing
+                // pauses (a network coming back after a resume), for AFTER_EXPIRY_FOR.
                 if after_expiry > 0 {
-                    tokio::time::sleep(RENEW_RETRY_BASE).await;
+                    let delay = backoff
+                        .next_delay(random_unit())
+                        .clamp(RENEW_RETRY_BASE, RENEW_WAKE_INTERVAL);
+                    tokio::time::sleep(delay).await;
                 }
                 continue;
             };
@@ -425,8 +435,9 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
     }
 }
 
-/// Renewal attempts made after the held certificate expired before renewal gives up.
-const AFTER_EXPIRY_ATTEMPTS: u32 = 2;
+/// How long renewal goes on failing after the held certificate expired before it gives up
+/// ([`spawn_renewal`]): long enough for a network to come back after a resume.
+const AFTER_EXPIRY_FOR: Duration = Duration::from_secs(30);
 
 impl EnrollError {
     /// Whether this was the controller's refusal rather than a failure to reach it: an API
@@ -471,7 +482,7 @@ fn retry_delay(delay: Duration, left: Duration) -> Duration {
 }
 
 /// Waits until the certificate last published on `identity` has expired, by the wall clock
-/// (checked at least every minute: tokio's timer stands still across a suspend), and the
+/// (checked every [`RENEW_WAKE_INTERVAL`]: tokio's timer stands still across a suspend), and the
 /// renewal's attempts after expiry (within the controller's grace) have failed too; returns
 /// its expiry. Never returns while renewals keep up.
 pub async fn until_expired(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> SystemTime {
@@ -488,13 +499,13 @@ pub async fn until_expired(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> S
                 }
                 continue;
             }
-            () = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
+            () = tokio::time::sleep(left.min(RENEW_WAKE_INTERVAL)) => {}
         }
         if SystemTime::now() < not_after {
             continue;
         }
         // Expired: the renewal either renews after all or gives up (the channel closes). Its
-        // attempts may start up to a minute late after a resume; bounded all the same.
+        // attempts may start a wake interval late after a resume; bounded all the same.
         match tokio::time::timeout(EXPIRED_VERDICT_WAIT, identity.changed()).await {
             Ok(Ok(())) => continue,
             Ok(Err(_)) | Err(_) => return not_after,
@@ -502,16 +513,25 @@ pub async fn until_expired(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> S
     }
 }
 
-/// How long [`until_expired`] waits, once the certificate expired, for the renewal's attempts
-/// after expiry: its wake-ups (at most a minute apart) and two attempts.
-const EXPIRED_VERDICT_WAIT: Duration = Duration::from_secs(90);
+/// Waits until renewal has ended for good on `identity` (the channel closed: the controller
+/// refused, see [`spawn_renewal_until_refused`]) with the certificate last published expired;
+/// returns its expiry. Never returns while renewal goes on, even past the expiry.
+pub async fn until_renewal_ends(mut identity: watch::Receiver<Arc<TlsIdentity>>) -> SystemTime {
+    while identity.changed().await.is_ok() {}
+    let not_after = identity.borrow().peer.not_after;
+    wall_clock_reaches(not_after).await
+}
 
-/// Returns `at` once the wall clock has reached it (checked at least every minute).
+/// How long [`until_expired`] waits, once the certificate expired, for the renewal's attempts
+/// after expiry: a wake-up, [`AFTER_EXPIRY_FOR`] and the requests of its last attempt.
+const EXPIRED_VERDICT_WAIT: Duration = Duration::from_secs(120);
+
+/// Returns `at` once the wall clock has reached it (checked every [`RENEW_WAKE_INTERVAL`]).
 async fn wall_clock_reaches(at: SystemTime) -> SystemTime {
     loop {
         match at.duration_since(SystemTime::now()) {
             Ok(left) if !left.is_zero() => {
-                tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+                tokio::time::sleep(left.min(RENEW_WAKE_INTERVAL)).await;
             }
             _ => return at,
         }
@@ -652,13 +672,13 @@ mod tests {
         assert!(renewal_unusable((now + 11 * minute, now + 24 * h), held, now).is_some());
     }
 
-    /// Retries come at least every base interval, at most every minute, and more often as
+    /// Retries come at least every base interval, at most every wake interval, and more often as
     /// expiry nears.
     #[test]
     fn retries_quicken_near_expiry() {
         let s = Duration::from_secs;
         assert_eq!(retry_delay(s(300), s(86_400)), RENEW_WAKE_INTERVAL);
-        assert_eq!(retry_delay(s(300), s(100)), s(25));
+        assert_eq!(retry_delay(s(300), s(40)), s(10));
         assert_eq!(retry_delay(s(300), s(4)), RENEW_RETRY_BASE);
         assert_eq!(retry_delay(s(1), s(86_400)), RENEW_RETRY_BASE);
     }

@@ -164,7 +164,8 @@ enum UserCmd {
         id: String,
     },
     /// Enable a disabled user again: their devices whose certificates have not expired work
-    /// again at once (an expired device enrolls again).
+    /// again at once; an expired one renews within the controller's renew grace (past it,
+    /// it enrolls again).
     Enable {
         /// The user's id (e-mail address).
         id: String,
