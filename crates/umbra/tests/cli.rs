@@ -1996,26 +1996,11 @@ fn admin_changes_in_place() {
     // A reader that stops reading (`| head -c 1`) ends the command quietly, as it would any
     // Unix tool: no panic on the broken pipe.
     {
-        use std::os::unix::process::ExitStatusExt;
         let mut cmd = Command::new(common::umbra());
         cmd.args(["admin", "--controller", &ctl.url, "--ca-file"])
             .arg(&ca)
-            .args(["--token", &token, "-o", "json", "audit", "--last", "1000"])
-            .current_dir(home.path());
-        common::clean_env(&mut cmd, home.path());
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.signal() == Some(libc::SIGPIPE) && !stderr.contains("panicked"),
-            "{:?}: {stderr}",
-            out.status
-        );
+            .args(["--token", &token, "-o", "json", "audit", "--last", "1000"]);
+        ends_quietly_when_unread(home.path(), cmd);
     }
     // A script gets the controller's refusal in its parts: message, field and status.
     let bad = admin(&["-o", "json", "access", "--user", "nobody@example.test"]);
@@ -2281,24 +2266,9 @@ fn enroll_takes_its_token_from_a_file() {
     );
     // `agent status` whose reader stops reading ends quietly (no panic on the broken pipe).
     {
-        use std::os::unix::process::ExitStatusExt;
         let mut cmd = Command::new(common::umbra());
-        cmd.args(["agent", "--dir", dir_arg, "status"])
-            .current_dir(home.path());
-        common::clean_env(&mut cmd, home.path());
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.signal() == Some(libc::SIGPIPE) && !stderr.contains("panicked"),
-            "{:?}: {stderr}",
-            out.status
-        );
+        cmd.args(["agent", "--dir", dir_arg, "status"]);
+        ends_quietly_when_unread(home.path(), cmd);
     }
     let o = enroll(&["--force", "--token-file", file.to_str().expect("utf-8")]);
     assert!(!o.success(), "a spent token from a file: {}", o.describe());
@@ -2503,4 +2473,25 @@ fn a_log_that_cannot_be_written_stops_nothing() {
     let mut proc = ctl.proc;
     assert!(proc.exited().is_none(), "the controller exited");
     proc.kill9();
+}
+
+/// Runs `cmd` (in `home`) with its output closed before it writes: it must end by SIGPIPE, as
+/// a Unix tool does under `| head`, not panic on the broken pipe.
+fn ends_quietly_when_unread(home: &Path, mut cmd: Command) {
+    use std::os::unix::process::ExitStatusExt;
+    cmd.current_dir(home);
+    common::clean_env(&mut cmd, home);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.signal() == Some(libc::SIGPIPE) && !stderr.contains("panicked"),
+        "{:?}: {stderr}",
+        out.status
+    );
 }
