@@ -111,13 +111,8 @@ pub(crate) async fn renew_if_due(
         Err(_) => "the controller did not answer in time".to_owned(),
     };
     // Another process sharing the directory (a forward, another command) may have renewed
-    // it meanwhile: the controller then refuses this one's older certificate.
-    if let Ok(on_disk) = TlsIdentity::load_dir(&cfg.identity_dir)
-        && on_disk.peer.id == id.peer.id
-        && on_disk.peer.serial_hex != id.peer.serial_hex
-        && on_disk.peer.not_after > now
-        && on_disk.peer.not_after > id.peer.not_after
-    {
+    // it meanwhile.
+    if let Some(on_disk) = umbra_link::enroll::renewed_elsewhere(&cfg.identity_dir, &id, now) {
         return (on_disk, Renewal::Renewed);
     }
     tracing::warn!(%error, due = %umbra_pki::rfc3339(due), "certificate renewal is due and failed");

@@ -251,6 +251,15 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Whole seconds left of `id`'s certificate by the real clock.
+fn secs_left(id: &TlsIdentity) -> u64 {
+    id.peer
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap()
+        .as_secs()
+}
+
 fn api_error(v: &Value) -> ApiError {
     serde_json::from_value(v.clone()).unwrap()
 }
@@ -1297,12 +1306,7 @@ async fn an_expired_certificate_is_refused_on_an_open_connection() {
     let c = h.as_peer(&dev);
     let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;
     assert_eq!(s, StatusCode::OK);
-    let lifetime = dev
-        .peer
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap()
-        .as_secs();
+    let lifetime = secs_left(&dev);
     // The controller's clock passes the certificate's end; the connection is the same one
     // (a new handshake would be judged by the moved clock).
     h.skew.store(lifetime + 60, Ordering::SeqCst);
@@ -1338,12 +1342,7 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     let (revoked, _) = h.agent("alice@example.com").await;
     let (bob, _) = h.agent("bob@example.com").await;
     let (conn, _) = h.peer("connector", "c1").await;
-    let lifetime = dev
-        .peer
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap()
-        .as_secs();
+    let lifetime = secs_left(&dev);
     let csr = || umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
     h.ok(
         "POST",
@@ -1442,12 +1441,7 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     // within its lifetime renews.
     let h = Harness::start_cfg(|c| c.renew_grace_secs = 0).await;
     let (dev, _) = h.agent("alice@example.com").await;
-    let lifetime = dev
-        .peer
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap()
-        .as_secs();
+    let lifetime = secs_left(&dev);
     h.skew.store(lifetime + 60, Ordering::SeqCst);
     let resp = h.renew(&h.as_peer(&dev), json!({ "csr_pem": csr() })).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);

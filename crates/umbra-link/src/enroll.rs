@@ -315,13 +315,14 @@ fn spawn(
     rx
 }
 
-/// The identity in `dir` if it is another, currently valid certificate of `held`'s peer
-/// (another process sharing the directory renewed it).
-fn renewed_elsewhere(dir: &Path, held: &TlsIdentity) -> Option<TlsIdentity> {
+/// The identity in `dir` if it is another certificate of `held`'s peer, valid at `now` and
+/// ending later than `held` (another process sharing the directory renewed it: the
+/// controller then refuses a renewal with the older one).
+pub fn renewed_elsewhere(dir: &Path, held: &TlsIdentity, now: SystemTime) -> Option<TlsIdentity> {
     let on_disk = TlsIdentity::load_dir(dir).ok()?;
     (on_disk.peer.id == held.peer.id
         && on_disk.peer.serial_hex != held.peer.serial_hex
-        && on_disk.peer.not_after > SystemTime::now()
+        && on_disk.peer.not_after > now
         && on_disk.peer.not_after > held.peer.not_after)
         .then_some(on_disk)
 }
@@ -374,7 +375,7 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
                 Err(e) => {
                     // Another process sharing the directory may have renewed it first (the
                     // controller then refuses this one's older certificate).
-                    if let Some(id) = renewed_elsewhere(dir, &current) {
+                    if let Some(id) = renewed_elsewhere(dir, &current, SystemTime::now()) {
                         tracing::info!(serial = %id.peer.serial_hex, "using the certificate another process renewed");
                         break Arc::new(id);
                     }
