@@ -99,7 +99,7 @@ pub(crate) async fn renew_if_due(
     }
     let renewed = tokio::time::timeout(
         cfg.connect_timeout() * 2,
-        umbra_link::enroll::renew(&cfg.identity_dir),
+        umbra_link::enroll::renew(&cfg.identity_dir, &id),
     )
     .await;
     let error = match renewed {

@@ -151,21 +151,52 @@ impl AuditQueue {
 
     /// Opens the spool at `path`, queueing what an earlier run recorded and the controller
     /// did not acknowledge; a missing spool starts a new epoch.
+    ///
+    /// A spool that cannot be rewritten (a full disk) does not keep the broker from starting:
+    /// enforcing access matters more than a durable trail, and every event is in the log as
+    /// well. The spool it read is kept and appended to, under its own numbering; when it
+    /// gives no numbering to go on with (none there, or one from an older version), events
+    /// are kept in memory only, under a new epoch. Either way it is said in the log.
     pub(crate) fn open(path: &Path) -> io::Result<AuditQueue> {
-        let (epoch, pending, next_seq) = match std::fs::read(path) {
-            Ok(bytes) => read_spool(&bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (None, VecDeque::new(), 1),
+        Self::open_with(path, rewrite)
+    }
+
+    /// [`AuditQueue::open`], with the function that rewrites the spool (tests make it fail).
+    fn open_with(
+        path: &Path,
+        rewrite: impl FnOnce(&Path, u64, &VecDeque<(u64, AuditRecord)>, u64) -> io::Result<Spool>,
+    ) -> io::Result<AuditQueue> {
+        let (read, (known, pending, next_seq)) = match std::fs::read(path) {
+            Ok(bytes) => {
+                let r = read_spool(&bytes);
+                (Some(bytes), r)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (None, (None, VecDeque::new(), 1)),
             Err(e) => return Err(e),
         };
-        let epoch = epoch.unwrap_or_else(new_epoch);
+        let epoch = known.unwrap_or_else(new_epoch);
         if !pending.is_empty() {
             tracing::info!(
                 events = pending.len(),
                 "audit events from before the restart queued again"
             );
         }
-        let spool = rewrite(path, epoch, &pending, next_seq)?;
-        let q = AuditQueue::with(epoch, pending, next_seq, Some(spool));
+        let spool = match rewrite(path, epoch, &pending, next_seq) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let kept = match (known, &read) {
+                    (Some(_), Some(bytes)) => append_to(path, bytes).ok(),
+                    _ => None,
+                };
+                if kept.is_some() {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot rewrite the audit spool; appending to it as it is");
+                } else {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot write the audit spool; audit events are kept in memory only until a restart (they are in the log too)");
+                }
+                kept
+            }
+        };
+        let q = AuditQueue::with(epoch, pending, next_seq, spool);
         q.queued.notify_one();
         Ok(q)
     }
@@ -528,6 +559,29 @@ fn rewrite(
     })
 }
 
+/// Opens the spool at `path`, whose contents were `read`, to append to it as it is: cut back
+/// to its last whole line first (a torn one would swallow the next), which needs no room on
+/// disk. It must not have changed since it was read (the broker's instance lock).
+fn append_to(path: &Path, read: &[u8]) -> io::Result<Spool> {
+    let end = read
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i as u64 + 1);
+    if end == 0 {
+        return Err(io::Error::other("no whole line to go on from"));
+    }
+    let file = OpenOptions::new().append(true).open(path)?;
+    file.set_len(end)?;
+    Ok(Spool {
+        path: path.to_owned(),
+        file,
+        bytes: end,
+        base: end,
+        failing: false,
+        unsynced: false,
+    })
+}
+
 /// A random epoch below 2^63 (the controller stores it as a signed 64-bit number), never 0.
 fn new_epoch() -> u64 {
     (u64::from_le_bytes(umbra_pki::random_bytes::<8>()) >> 1) | 1
@@ -810,6 +864,55 @@ mod tests {
         let targets: Vec<_> = got.records.iter().map(|r| r.target.as_str()).collect();
         assert_eq!(targets, ["before", "after"], "{got:?}");
         assert_eq!(got.seq.first, 1);
+    }
+
+    /// A spool that cannot be rewritten at start (a full disk) keeps the broker going: the
+    /// one it read is appended to under its numbering, a torn last line cut off first, and
+    /// everything comes back at the next start. With no spool to go on from, events are kept
+    /// in memory under a new epoch. The twin: a start that can rewrite does so.
+    #[test]
+    fn a_spool_that_cannot_be_rewritten_at_start_stops_nothing() {
+        let full = |_: &Path, _: u64, _: &VecDeque<(u64, AuditRecord)>, _: u64| {
+            Err(io::Error::from(io::ErrorKind::StorageFull))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let epoch = a.epoch;
+        for t in ["a", "b"] {
+            rec(&a, t);
+        }
+        let sent = a.take(1);
+        a.acked(&sent);
+        drop(a);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":3,"rec":{"at_ms":1,"act"#).unwrap();
+        drop(f);
+
+        let b = AuditQueue::open_with(&path, full).unwrap();
+        assert!(b.lock().spool.is_some(), "appending to the spool it read");
+        rec(&b, "c");
+        let got = b.take(10);
+        assert_eq!(got.seq, AuditSeq { epoch, first: 2 });
+        let targets: Vec<_> = got.records.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["b", "c"]);
+        drop(b);
+        // Room again: all of it comes back, under the same numbering.
+        let c = AuditQueue::open(&path).unwrap();
+        let again = c.take(10);
+        assert_eq!(again.seq, AuditSeq { epoch, first: 2 });
+        let targets: Vec<_> = again.records.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["b", "c"]);
+        drop(c);
+
+        // No spool yet: memory only, numbered afresh; nothing written.
+        let fresh = dir.path().join("other.spool");
+        let d = AuditQueue::open_with(&fresh, full).unwrap();
+        assert!(d.lock().spool.is_none());
+        rec(&d, "kept");
+        let got = d.take(10);
+        assert_eq!((got.seq.first, got.records.len()), (1, 1));
+        assert!(!fresh.exists());
     }
 
     /// Lines appended since the last heartbeat are synced before the next one sends events;

@@ -31,6 +31,11 @@ pub struct BrokerConfig {
     /// How long the broker keeps authorizing streams from its last snapshot once it can no
     /// longer confirm it with the controller. Past this, every new stream is refused, and
     /// live streams end too (the re-check comes then, whatever `reverify_secs` is).
+    /// Certificates bound it too: one that expires while the controller is away cannot be
+    /// renewed, and a link ends when its peer's certificate (or the broker's own) expires.
+    /// So with the controller away, access lasts at most until the earliest of this limit
+    /// and the expiry of the certificates in use (`cert_lifetime_secs` at the controller;
+    /// they renew with a third of it left, so that is at worst a third of a lifetime).
     pub max_staleness_secs: u64,
     /// Live streams are decided again at least this often (and at once on every new
     /// snapshot): a decision can change with time alone, by a policy on `context.now` or by

@@ -173,6 +173,10 @@ impl Broker {
                 source,
             })?
             .ok_or_else(|| BrokerError::AlreadyRunning(dir.clone()))?;
+        let swept = umbra_pki::sweep_temp_files(&dir, std::time::SystemTime::now());
+        if swept > 0 {
+            info!(dir = %dir.display(), swept, "removed temporary files an earlier stop left");
+        }
         let cref = umbra_link::enroll::load_controller_ref(&dir).map_err(|source| {
             BrokerError::ControllerRef {
                 dir: dir.clone(),

@@ -98,10 +98,13 @@ async fn renew_expired(
     at: String,
     expired: TlsIdentity,
 ) -> Result<TlsIdentity, ConnectorError> {
-    let renewed = tokio::time::timeout(RENEW_AT_START, umbra_link::enroll::renew(dir)).await;
+    let renewed =
+        tokio::time::timeout(RENEW_AT_START, umbra_link::enroll::renew(dir, &expired)).await;
     let error = match renewed {
         Ok(Ok(issued)) => {
-            tracing::info!(serial = %issued.serial, "the expired certificate was renewed");
+            if let Some(issued) = issued {
+                tracing::info!(serial = %issued.serial, "the expired certificate was renewed");
+            }
             let identity = TlsIdentity::load_dir(dir).map_err(ConnectorError::Identity)?;
             usable(&identity, SystemTime::now())?;
             return Ok(identity);
@@ -160,6 +163,10 @@ impl Connector {
         let instance = umbra_pki::lock_instance(&dir)
             .map_err(|e| ConnectorError::Lock(dir.clone(), e))?
             .ok_or_else(|| ConnectorError::AlreadyRunning(dir.clone()))?;
+        let swept = umbra_pki::sweep_temp_files(&dir, SystemTime::now());
+        if swept > 0 {
+            tracing::info!(dir = %dir.display(), swept, "removed temporary files an earlier stop left");
+        }
         let identity = match usable(&identity, SystemTime::now()) {
             Ok(()) => identity,
             Err(ConnectorError::Expired(at)) => renew_expired(&dir, at, identity).await?,

@@ -287,7 +287,12 @@ fn create_data_dir(cfg: &ControllerConfig) -> Result<(), ControllerError> {
         op: "use directory",
         path: cfg.data_dir.clone(),
         source,
-    })
+    })?;
+    let swept = umbra_pki::sweep_temp_files(&cfg.data_dir, std::time::SystemTime::now());
+    if swept > 0 {
+        tracing::info!(dir = %cfg.data_dir.display(), swept, "removed temporary files an earlier stop left");
+    }
+    Ok(())
 }
 
 /// Replaces the server certificate daily, long before its 7-day expiry.

@@ -19,7 +19,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
 use umbra_pki::{IssueRequest, Issued, PeerCert, PkiError};
 use umbra_proto::api::{
-    CreateEnrollToken, EnrollRequest, EnrollToken, EnrollTokenCreated, IssuedCert, RenewRequest,
+    CreateEnrollToken, CredentialState, EnrollRequest, EnrollToken, EnrollTokenCreated, IssuedCert,
+    RenewRequest,
 };
 use umbra_proto::{PeerId, Role};
 
@@ -436,6 +437,35 @@ fn max_issued_in_window(lifetime: std::time::Duration) -> i64 {
 }
 const RENEWAL_WINDOW: i64 = 3600;
 
+/// Where a holder's latest certificate stands, as [`renew`] would judge it at `now`: the
+/// state, and the last second at which a renewal would still be granted (`None` when it
+/// would not be, whatever the time: revoked, or `renews` false for a disabled user's device).
+/// `not_after` is `None` when no certificate is on record. What `renew` checks beyond this
+/// (a successor already in use) never applies to the latest certificate.
+pub(crate) fn credential_state(
+    now: u64,
+    not_after: Option<u64>,
+    grace_secs: u64,
+    revoked: bool,
+    renews: bool,
+) -> (CredentialState, Option<u64>) {
+    let Some(not_after) = not_after else {
+        return (CredentialState::Unknown, None);
+    };
+    if revoked {
+        return (CredentialState::Revoked, None);
+    }
+    let until = renews.then(|| not_after.saturating_add(grace_secs));
+    let state = if now <= not_after {
+        CredentialState::Valid
+    } else if until.is_some_and(|u| now <= u) {
+        CredentialState::Renewable
+    } else {
+        CredentialState::Lapsed
+    };
+    (state, until)
+}
+
 async fn renew_inner(
     ctx: &Ctx,
     conn: &ConnPeer,
@@ -551,6 +581,56 @@ async fn renew_inner(
 mod tests {
     use super::*;
     use axum::http::StatusCode;
+
+    /// Each state at its edges: valid up to and at `not_after`, renewable up to and at
+    /// `not_after + grace`, lapsed one second later; never renewable when revoked or when the
+    /// holder may not renew (then no `renew_until` either); a grace of 0 renews until expiry.
+    #[test]
+    fn credential_states_follow_the_renewal_rules() {
+        use CredentialState::*;
+        let (na, g) = (1_000, 100);
+        assert_eq!(
+            credential_state(999, Some(na), g, false, true),
+            (Valid, Some(1_100))
+        );
+        assert_eq!(
+            credential_state(1_000, Some(na), g, false, true),
+            (Valid, Some(1_100))
+        );
+        assert_eq!(
+            credential_state(1_001, Some(na), g, false, true),
+            (Renewable, Some(1_100))
+        );
+        assert_eq!(
+            credential_state(1_100, Some(na), g, false, true),
+            (Renewable, Some(1_100))
+        );
+        assert_eq!(
+            credential_state(1_101, Some(na), g, false, true),
+            (Lapsed, Some(1_100))
+        );
+        assert_eq!(
+            credential_state(1_001, Some(na), 0, false, true),
+            (Lapsed, Some(1_000))
+        );
+        assert_eq!(
+            credential_state(999, Some(na), g, false, false),
+            (Valid, None)
+        );
+        assert_eq!(
+            credential_state(1_001, Some(na), g, false, false),
+            (Lapsed, None)
+        );
+        assert_eq!(
+            credential_state(999, Some(na), g, true, true),
+            (Revoked, None)
+        );
+        assert_eq!(credential_state(999, None, g, false, true), (Unknown, None));
+        assert_eq!(
+            credential_state(0, Some(u64::MAX), g, false, true),
+            (Valid, Some(u64::MAX))
+        );
+    }
 
     /// The renewal rate a lifetime needs (an hour over two thirds of it) is always allowed
     /// twice over; a day's lifetime keeps the bound of 8 an hour.

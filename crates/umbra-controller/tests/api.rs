@@ -1328,6 +1328,113 @@ async fn an_expired_certificate_is_refused_on_an_open_connection() {
     h.ctl.shutdown().await;
 }
 
+/// The listings tell an operator where each credential stands, by the same rules as the
+/// renewal route: valid; expired but renewed on its holder's return (until the grace ends);
+/// lapsed (enroll again); revoked. A disabled user's device is never renewable. Brokers list
+/// their certificate's expiry too.
+#[tokio::test]
+async fn listings_say_whether_a_certificate_still_renews() {
+    let h = Harness::start().await;
+    let day = 86_400;
+    let grace = 7 * day;
+    let (dev, issued) = h.agent("alice@example.com").await;
+    let (revoked, _) = h.agent("alice@example.com").await;
+    let (bob, _) = h.agent("bob@example.com").await;
+    let (conn, conn_cert) = h.peer("connector", "c1").await;
+    let (_broker, broker_cert) = h.peer("broker", "b1").await;
+    let lifetime = secs_left(&dev);
+    h.ok(
+        "POST",
+        &format!("/v1/devices/{}/revoke", revoked.peer.id.id),
+        None,
+    )
+    .await;
+    h.ok(
+        "PATCH",
+        "/v1/users/bob@example.com",
+        Some(json!({ "disabled": true })),
+    )
+    .await;
+    let devices = || async {
+        let v = h.ok("GET", "/v1/devices", None).await;
+        let by_id = |id: &str| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["id"] == id)
+                .cloned()
+                .unwrap()
+        };
+        [&dev, &revoked, &bob].map(|d| {
+            let d = by_id(&d.peer.id.id);
+            (
+                d["cert_state"].as_str().unwrap().to_owned(),
+                d["renew_until"].as_u64(),
+            )
+        })
+    };
+    let connector = || async {
+        let v = h.ok("GET", "/v1/connectors", None).await;
+        let c = &v[0];
+        (
+            c["cert_state"].as_str().unwrap().to_owned(),
+            c["renew_until"].as_u64(),
+        )
+    };
+    let until = |not_after: u64| Some(not_after + grace);
+    let s = |x: &str| x.to_owned();
+
+    assert_eq!(
+        devices().await,
+        [
+            (s("valid"), until(issued.not_after)),
+            (s("revoked"), None),
+            (s("valid"), None),
+        ]
+    );
+    assert_eq!(connector().await, (s("valid"), until(conn_cert.not_after)));
+    let v = h.ok("GET", "/v1/brokers/all", None).await;
+    assert_eq!(v[0]["cert_not_after"], broker_cert.not_after, "{v}");
+    assert_eq!(v[0]["cert_state"], "valid", "{v}");
+    assert_eq!(v[0]["renew_until"], broker_cert.not_after + grace, "{v}");
+
+    // Two days after expiry: renewable, but not the disabled user's device.
+    h.skew.store(lifetime + 2 * day, Ordering::SeqCst);
+    assert_eq!(
+        devices().await,
+        [
+            (s("renewable"), until(issued.not_after)),
+            (s("revoked"), None),
+            (s("lapsed"), None),
+        ]
+    );
+    assert_eq!(
+        connector().await,
+        (s("renewable"), until(conn_cert.not_after))
+    );
+    let v = h.ok("GET", "/v1/brokers/all", None).await;
+    assert_eq!(v[0]["cert_state"], "renewable", "{v}");
+    // What the listing promised holds: the device renews, and is valid again.
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let resp = h
+        .renew(
+            &h.as_peer(&dev),
+            json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let renewed: IssuedCert = resp.json().await.unwrap();
+    assert_eq!(devices().await[0], (s("valid"), until(renewed.not_after)));
+
+    // Past the grace: lapsed, and the renewal route agrees.
+    h.skew.store(lifetime + 8 * day, Ordering::SeqCst);
+    assert_eq!(connector().await, (s("lapsed"), until(conn_cert.not_after)));
+    let csr = umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+    let resp = h.renew(&h.as_peer(&conn), json!({ "csr_pem": csr })).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    h.ctl.shutdown().await;
+}
+
 /// A certificate that expired while its holder was away (a laptop asleep over a weekend, a
 /// connector host powered off) renews within the controller's grace, on a new connection, and
 /// opens nothing else; the renewal is audited with how long it had lapsed. Refused: beyond

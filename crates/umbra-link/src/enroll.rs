@@ -124,10 +124,52 @@ pub async fn enroll(
     Ok(issued)
 }
 
-/// Renews the certificate in `dir`: a new key and CSR, `POST /v1/renew` authenticated with the
-/// current certificate, then the identity files are replaced atomically. The identity must stay
-/// the same, and so must the CA.
-pub async fn renew(dir: &Path) -> Result<IssuedCert, EnrollError> {
+/// Renews the certificate in `dir`, `held` being the identity the caller uses: a new key and
+/// CSR, `POST /v1/renew` authenticated with the current certificate, then the identity files
+/// are replaced atomically. The identity must stay the same, and so must the CA.
+///
+/// Renewals of one directory take turns across processes (agent commands share one). A
+/// renewal that waited for another's and finds `held` already replaced by a fresher
+/// certificate asks the controller for nothing and answers `None`: the new identity is on
+/// disk. Two commands started together after a suspend get one certificate, not one each.
+/// A lock held longer than [`RENEW_LOCK_WAIT`] (a process stopped mid-renewal) is not
+/// waited for further.
+pub async fn renew(dir: &Path, held: &TlsIdentity) -> Result<Option<IssuedCert>, EnrollError> {
+    let _turn = renewal_turn(dir).await;
+    if let Some(on_disk) = renewed_elsewhere(dir, held, SystemTime::now()) {
+        tracing::info!(serial = %on_disk.peer.serial_hex, "another process renewed the certificate");
+        return Ok(None);
+    }
+    renew_now(dir).await.map(Some)
+}
+
+/// How long [`renew`] waits for another process's renewal of the same directory.
+const RENEW_LOCK_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits (in steps, so that a caller's timeout can end the wait) for the renewal lock of
+/// `dir`, at most [`RENEW_LOCK_WAIT`]; `None` if it could not be had (then the renewal goes
+/// ahead without it: at worst two certificates for one).
+async fn renewal_turn(dir: &Path) -> Option<std::fs::File> {
+    let start = std::time::Instant::now();
+    loop {
+        match umbra_pki::try_lock_renewal(dir) {
+            Ok(Some(f)) => return Some(f),
+            Ok(None) if start.elapsed() < RENEW_LOCK_WAIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(None) => {
+                tracing::warn!(dir = %dir.display(), "another process has been renewing this certificate for long; renewing anyway");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot take the renewal lock; renewing anyway");
+                return None;
+            }
+        }
+    }
+}
+
+async fn renew_now(dir: &Path) -> Result<IssuedCert, EnrollError> {
     let current = TlsIdentity::load_dir(dir)?;
     let mut cref = load_controller_ref(dir)?;
     let key_pem = umbra_pki::generate_key_pem()?;
@@ -316,14 +358,15 @@ fn spawn(
 }
 
 /// The identity in `dir` if it is another certificate of `held`'s peer, valid at `now` and
-/// ending later than `held` (another process sharing the directory renewed it: the
-/// controller then refuses a renewal with the older one).
+/// ending no earlier than `held` (another process sharing the directory renewed it: the
+/// controller then refuses a renewal with the older one). Certificate times are whole
+/// seconds: a renewal made within a second of `held`'s issue ends when it does.
 pub fn renewed_elsewhere(dir: &Path, held: &TlsIdentity, now: SystemTime) -> Option<TlsIdentity> {
     let on_disk = TlsIdentity::load_dir(dir).ok()?;
     (on_disk.peer.id == held.peer.id
         && on_disk.peer.serial_hex != held.peer.serial_hex
         && on_disk.peer.not_after > now
-        && on_disk.peer.not_after > held.peer.not_after)
+        && on_disk.peer.not_after >= held.peer.not_after)
         .then_some(on_disk)
 }
 
@@ -364,7 +407,7 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
             if expired && first_after_expiry.is_none() {
                 first_after_expiry = Some(std::time::Instant::now());
             }
-            let refused = match renew(dir).await {
+            let refused = match renew(dir, &current).await {
                 Ok(_) => match TlsIdentity::load_dir(dir) {
                     Ok(id) => break Arc::new(id),
                     Err(e) => {

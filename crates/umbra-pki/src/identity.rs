@@ -233,6 +233,7 @@ pub fn write_identity_dir(
     // An earlier write interrupted before its last step left the certificate's only key in
     // `key.pem.next`, which this write is about to replace: move it into place first.
     finish_interrupted_write(dir)?;
+    sweep_temp_files(dir, SystemTime::now());
     // Each file is durable, its directory entry included, before the next step starts.
     write_atomic(dir, "ca.pem", ca_pem)?;
     write_atomic(dir, NEXT_KEY, key_pem)?;
@@ -250,7 +251,23 @@ const INSTANCE_LOCK: &str = ".instance.lock";
 /// share one audit spool; the second is refused instead. Agents' commands share a
 /// directory by design and take no such lock.
 pub fn lock_instance(dir: &Path) -> std::io::Result<Option<fs::File>> {
-    let path = dir.join(INSTANCE_LOCK);
+    try_lock(&dir.join(INSTANCE_LOCK))
+}
+
+/// Held while a process renews the certificate of an identity directory (see
+/// [`try_lock_renewal`]).
+const RENEW_LOCK: &str = ".renew.lock";
+
+/// Takes the lock that serialises renewals of `dir`'s certificate across processes (agent
+/// commands share a directory): `None` if another process holds it. Without it, two
+/// commands started after a suspend would each get a certificate for the same expired one.
+pub fn try_lock_renewal(dir: &Path) -> std::io::Result<Option<fs::File>> {
+    try_lock(&dir.join(RENEW_LOCK))
+}
+
+/// An exclusive lock on the file at `path` (created 0600 if absent), held for as long as the
+/// returned file lives; `None` if another open file holds it.
+fn try_lock(path: &Path) -> std::io::Result<Option<fs::File>> {
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -258,7 +275,7 @@ pub fn lock_instance(dir: &Path) -> std::io::Result<Option<fs::File>> {
         .mode(0o600)
         // Never through a symlink planted in its place.
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?;
+        .open(path)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(fs::TryLockError::WouldBlock) => Ok(None),
@@ -500,6 +517,57 @@ pub fn create_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// How old a temporary file of [`put_file`] must be before [`sweep_temp_files`] takes it for
+/// one a crash left behind: a write takes milliseconds, so one this old has no writer.
+const TEMP_FILE_ORPHANED: Duration = Duration::from_secs(600);
+
+/// Removes the temporary files (`.NAME.HEX16.tmp`) that a kill or a power cut in the middle
+/// of [`put_file`] left in `dir`: earlier keys among them, which a renewal meant to discard.
+/// Only files last written [`TEMP_FILE_ORPHANED`] before `now`, so another process's write
+/// in progress is never touched. Best effort (a directory that cannot be read is left as it
+/// is); the count removed.
+pub fn sweep_temp_files(dir: &Path, now: SystemTime) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !is_temp_file_name(&name.to_string_lossy()) {
+            continue;
+        }
+        // Not through a symlink, and only plain files.
+        let Ok(meta) = e.path().symlink_metadata() else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age >= TEMP_FILE_ORPHANED);
+        if meta.is_file() && old && fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The name of a temporary file [`put_file`] writes for `name`.
+fn temp_name(name: &str) -> String {
+    format!(".{name}.{}.tmp", hex::encode(random_bytes::<8>()))
+}
+
+/// Whether `name` is one [`put_file`] gives its temporary files.
+fn is_temp_file_name(name: &str) -> bool {
+    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    let Some((target, hex)) = stem.rsplit_once('.') else {
+        return false;
+    };
+    !target.is_empty() && hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Writes `bytes` to a temporary file (of `mode`) beside `path`, syncs it, has `place` put it
 /// at `path`, and syncs the directory.
 fn put_file(
@@ -512,7 +580,7 @@ fn put_file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex::encode(random_bytes::<8>())));
+    let tmp = path.with_file_name(temp_name(&name));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -654,6 +722,51 @@ mod tests {
 
     /// One process per role directory: a second lock is refused while the first is held,
     /// and taken once it is released.
+    /// Orphaned temporary files go (a leftover key among them); fresh ones, whose writer may
+    /// be at work, stay, and so do other files, directories and symlinks whatever their
+    /// names or ages.
+    #[test]
+    fn orphaned_temp_files_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let now = SystemTime::now();
+        let old = now - TEMP_FILE_ORPHANED - Duration::from_secs(1);
+        let put = |name: &str, at: SystemTime| {
+            let f = fs::File::create(d.join(name)).unwrap();
+            f.set_modified(at).unwrap();
+        };
+        put(".key.pem.next.0123456789abcdef.tmp", old);
+        put(".published.json.fedcba9876543210.tmp", old);
+        put(".cert.pem.00112233445566aa.tmp", now);
+        put("cert.pem", old);
+        put(".cert.pem.notsixteenhex.tmp", old);
+        put(".0123456789abcdef.tmp", old);
+        put("key.pem.0123456789abcdef.tmp", old);
+        fs::create_dir(d.join(".dir.0123456789abcdef.tmp")).unwrap();
+        std::os::unix::fs::symlink("cert.pem", d.join(".ln.0123456789abcdef.tmp")).unwrap();
+        assert_eq!(sweep_temp_files(d, now), 2);
+        let mut left: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".0123456789abcdef.tmp",
+                ".cert.pem.00112233445566aa.tmp",
+                ".cert.pem.notsixteenhex.tmp",
+                ".dir.0123456789abcdef.tmp",
+                ".ln.0123456789abcdef.tmp",
+                "cert.pem",
+                "key.pem.0123456789abcdef.tmp",
+            ]
+        );
+        // The names put_file gives are the ones swept.
+        assert!(is_temp_file_name(&temp_name("key.pem.next")));
+        assert!(is_temp_file_name(&temp_name("x")));
+    }
+
     #[test]
     fn one_instance_per_identity_directory() {
         let dir = tempfile::tempdir().unwrap();

@@ -476,6 +476,46 @@ pub struct Device {
     pub cert_serial: String,
     pub cert_not_after: u64,
     pub revoked: bool,
+    /// Where its credential stands (absent from controllers before it: `unknown`).
+    #[serde(default)]
+    pub cert_state: CredentialState,
+    /// The last second at which the controller would renew `cert_serial`: its expiry plus
+    /// the controller's `renew_grace_secs`. Absent when it would not renew it at all (device
+    /// revoked, user disabled).
+    #[serde(default)]
+    pub renew_until: Option<u64>,
+}
+
+/// Where a device's, connector's or broker's latest certificate stands, as the controller
+/// would judge a renewal of it now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialState {
+    /// Valid; its holder renews it before it expires.
+    Valid,
+    /// Expired, and the controller still renews it (until `renew_until`): the holder gets a
+    /// new one as soon as it is back, with no new enrollment.
+    Renewable,
+    /// Expired, and the controller renews it no more: the holder must enroll again.
+    Lapsed,
+    /// The device, connector or broker is revoked.
+    Revoked,
+    /// No certificate on record, or a state this client does not know.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl CredentialState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialState::Valid => "valid",
+            CredentialState::Renewable => "renewable",
+            CredentialState::Lapsed => "lapsed",
+            CredentialState::Revoked => "revoked",
+            CredentialState::Unknown => "unknown",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -486,6 +526,12 @@ pub struct Connector {
     pub cert_serial: String,
     pub cert_not_after: u64,
     pub revoked: bool,
+    /// As for [`Device::cert_state`].
+    #[serde(default)]
+    pub cert_state: CredentialState,
+    /// As for [`Device::renew_until`].
+    #[serde(default)]
+    pub renew_until: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -498,6 +544,15 @@ pub struct Broker {
     pub snapshot_version: u64,
     /// Unix seconds of the last heartbeat; 0 if never.
     pub last_seen: u64,
+    /// Expiry of its latest certificate (0 if none on record, or an older controller).
+    #[serde(default)]
+    pub cert_not_after: u64,
+    /// As for [`Device::cert_state`].
+    #[serde(default)]
+    pub cert_state: CredentialState,
+    /// As for [`Device::renew_until`].
+    #[serde(default)]
+    pub renew_until: Option<u64>,
 }
 
 /// A stored audit event.

@@ -685,11 +685,25 @@ impl Refused {
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "controller refused ({}): {}", self.status, self.error)?;
-        if let Some(field) = &self.field {
-            write!(f, " (field {field})")?;
+        match self.field.as_deref() {
+            // Named as the command line names it, where that is another word than the API's.
+            Some(field) => match flag_of(field) {
+                Some(flag) => write!(f, " ({flag})"),
+                None => write!(f, " (field {field})"),
+            },
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// The option of `umbra admin` that sets a request field whose name is not the option's.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "ttl_secs" => "--ttl",
+        "groups" => "--group",
+        "connectors" => "--connector",
+        _ => return None,
+    })
 }
 
 impl std::error::Error for Refused {}
@@ -747,6 +761,19 @@ fn ts(unix: u64) -> String {
         Some(d) if unix < 253_402_300_800 => umbra_pki::rfc3339(d),
         _ => unix.to_string(),
     }
+}
+
+/// A listed certificate's state for people: the controller's word for it, or `revoked` from
+/// an older controller that says no more.
+fn state(s: api::CredentialState, revoked: bool) -> String {
+    match s {
+        api::CredentialState::Unknown if revoked => "revoked",
+        api::CredentialState::Unknown => "-",
+        // Said so that nobody waits for it to come back on its own.
+        api::CredentialState::Lapsed => "lapsed (enroll again)",
+        s => s.as_str(),
+    }
+    .to_owned()
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -1066,13 +1093,21 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
             out!(v, |v: Vec<api::Device>| table(
-                &["id", "user", "revoked", "cert expires", "serial"],
+                &[
+                    "id",
+                    "user",
+                    "state",
+                    "cert expires",
+                    "renews until",
+                    "serial"
+                ],
                 v.into_iter()
                     .map(|d| vec![
                         d.id,
                         d.user,
-                        d.revoked.to_string(),
+                        state(d.cert_state, d.revoked),
                         ts(d.cert_not_after),
+                        d.renew_until.map_or_else(|| "-".to_owned(), ts),
                         d.cert_serial
                     ])
                     .collect()
@@ -1097,9 +1132,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 );
             }
             out!(v, |v: Vec<api::Connector>| table(
-                &["id", "name", "revoked", "cert expires"],
+                &["id", "name", "state", "cert expires", "renews until"],
                 v.into_iter()
-                    .map(|x| vec![x.id, x.name, x.revoked.to_string(), ts(x.cert_not_after)])
+                    .map(|x| vec![
+                        x.id,
+                        x.name,
+                        state(x.cert_state, x.revoked),
+                        ts(x.cert_not_after),
+                        x.renew_until.map_or_else(|| "-".to_owned(), ts),
+                    ])
                     .collect()
             ));
         }
@@ -1110,7 +1151,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Broker(BrokerCmd::List) => {
             let v: Vec<api::Broker> = c.get("/v1/brokers/all").await?;
             out!(v, |v: Vec<api::Broker>| table(
-                &["id", "name", "quic", "tcp", "snapshot", "last seen"],
+                &[
+                    "id",
+                    "name",
+                    "quic",
+                    "tcp",
+                    "snapshot",
+                    "last seen",
+                    "state",
+                    "cert expires"
+                ],
                 v.into_iter()
                     .map(|b| vec![
                         b.id,
@@ -1118,7 +1168,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         b.quic_addr.unwrap_or_default(),
                         b.tcp_addr.unwrap_or_default(),
                         b.snapshot_version.to_string(),
-                        ts(b.last_seen)
+                        ts(b.last_seen),
+                        state(b.cert_state, false),
+                        ts(b.cert_not_after),
                     ])
                     .collect()
             ));

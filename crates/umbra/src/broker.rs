@@ -52,7 +52,8 @@ struct RunArgs {
     #[arg(long, env = "UMBRA_BROKER_ADVERTISE_HOST")]
     advertise_host: Option<String>,
     /// Keep authorizing from the last snapshot this long without the controller (default
-    /// 24h); past it new streams are refused and live ones end.
+    /// 24h); past it new streams are refused and live ones end. Certificates that expire
+    /// meanwhile cannot renew, so links end at their expiry first.
     #[arg(long, env = "UMBRA_BROKER_MAX_STALENESS", value_parser = load::parse_duration)]
     max_staleness: Option<std::time::Duration>,
     /// Decide live streams again at least this often (default 10s; 1s to 1h), besides at

@@ -1205,6 +1205,29 @@ fn quickstart_runs_stops_and_resumes() {
         "{}",
         unknown.describe()
     );
+    // Where each credential stands: in the JSON, and as a column of the table.
+    assert_eq!(demo[0]["cert_state"], "valid", "{demo}");
+    assert!(
+        demo[0]["renew_until"].as_u64() > demo[0]["cert_not_after"].as_u64(),
+        "{demo}"
+    );
+    let table = umbra(
+        home.path(),
+        &["admin", "--config", cfg_arg, "device", "list"],
+    );
+    let header = table.stdout.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        table.success()
+            && header.contains("STATE")
+            && header.contains("RENEWS UNTIL")
+            && table
+                .stdout
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.contains("valid")),
+        "{}",
+        table.describe()
+    );
     let listed = audit(&["list", "--limit", "3"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
     assert_eq!(listed, audit(&["--limit", "3"]));
@@ -1796,6 +1819,24 @@ fn admin_changes_in_place() {
             o.describe()
         );
     };
+    // A field the command line calls otherwise is named by its option, not the API's name.
+    let too_long = admin(&[
+        "token",
+        "create",
+        "--role",
+        "connector",
+        "--name",
+        "c9",
+        "--ttl",
+        "8d",
+    ]);
+    assert!(
+        !too_long.success()
+            && too_long.stderr.contains("(--ttl)")
+            && !too_long.stderr.contains("(field"),
+        "{}",
+        too_long.describe()
+    );
     // The admin token never goes out in clear: an http:// controller URL is refused before
     // any connection, naming the option. (Every command above and below is its twin.)
     let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -719,6 +719,30 @@ async fn agent_commands_renew_a_due_certificate() {
     assert_eq!(list, [ECHO]);
     assert_ne!(TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex, before);
 
+    // Commands started together (after a suspend, say) renew once between them, not once
+    // each: the others wait their turn and take the certificate it brought.
+    let before = TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex;
+    let count = |audit: &[Value]| renewals(audit, &held.uri(), "ok").len();
+    let renewed_before = count(&ob.s.admin.audit().await);
+    let (a, b, c, d) = tokio::join!(
+        umbra_agent::status(&cfg),
+        umbra_agent::status(&cfg),
+        umbra_agent::services(&cfg),
+        umbra_agent::status(&cfg),
+    );
+    for st in [a.unwrap(), b.unwrap(), d.unwrap()] {
+        assert_eq!(st.renewal, umbra_agent::Renewal::Renewed);
+    }
+    assert_eq!(c.unwrap(), [ECHO]);
+    let after = TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex;
+    assert_ne!(after, before);
+    let audit = ob.s.admin.audit().await;
+    assert_eq!(
+        count(&audit),
+        renewed_before + 1,
+        "one renewal for four commands"
+    );
+
     // Due, and the controller cannot be reached: the held certificate is kept, and status
     // says renewal failed (and the broker still answers).
     let held = TlsIdentity::load_dir(&dir).unwrap();

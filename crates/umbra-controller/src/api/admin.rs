@@ -987,16 +987,27 @@ pub(super) async fn rotate_admin_token(
 // Devices, connectors, brokers
 
 async fn device_view(
+    ctx: &Ctx,
     c: &mut SqliteConnection,
-    org: &str,
     rows: Vec<PeerRow>,
 ) -> Result<Vec<api::Device>, sqlx::Error> {
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-    let certs = peers::latest_certs(c, org, Kind::Device.role(), &ids).await?;
+    let certs = peers::latest_certs(c, &ctx.org, Kind::Device.role(), &ids).await?;
+    // A disabled user's devices get no new certificate (see `enroll::renew`).
+    let disabled = q::users_disabled(c, &ctx.org).await?;
+    let now = ctx.now_secs();
     Ok(rows
         .into_iter()
         .map(|d| {
-            let (serial, not_after) = certs.get(&d.id).cloned().unwrap_or_default();
+            let cert = certs.get(&d.id).cloned();
+            let (cert_state, renew_until) = credential(
+                ctx,
+                now,
+                cert.as_ref(),
+                d.revoked_at.is_some(),
+                !disabled.contains(&d.owner),
+            );
+            let (serial, not_after) = cert.unwrap_or_default();
             api::Device {
                 id: d.id,
                 user: d.owner,
@@ -1004,22 +1015,28 @@ async fn device_view(
                 cert_serial: serial,
                 cert_not_after: not_after,
                 revoked: d.revoked_at.is_some(),
+                cert_state,
+                renew_until,
             }
         })
         .collect())
 }
 
 async fn connector_view(
+    ctx: &Ctx,
     c: &mut SqliteConnection,
-    org: &str,
     rows: Vec<PeerRow>,
 ) -> Result<Vec<api::Connector>, sqlx::Error> {
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-    let certs = peers::latest_certs(c, org, Kind::Connector.role(), &ids).await?;
+    let certs = peers::latest_certs(c, &ctx.org, Kind::Connector.role(), &ids).await?;
+    let now = ctx.now_secs();
     Ok(rows
         .into_iter()
         .map(|d| {
-            let (serial, not_after) = certs.get(&d.id).cloned().unwrap_or_default();
+            let cert = certs.get(&d.id).cloned();
+            let (cert_state, renew_until) =
+                credential(ctx, now, cert.as_ref(), d.revoked_at.is_some(), true);
+            let (serial, not_after) = cert.unwrap_or_default();
             api::Connector {
                 id: d.id,
                 name: d.owner,
@@ -1027,9 +1044,28 @@ async fn connector_view(
                 cert_serial: serial,
                 cert_not_after: not_after,
                 revoked: d.revoked_at.is_some(),
+                cert_state,
+                renew_until,
             }
         })
         .collect())
+}
+
+/// [`enroll::credential_state`] of a listed peer's latest certificate (serial, not_after).
+fn credential(
+    ctx: &Ctx,
+    now: i64,
+    cert: Option<&(String, u64)>,
+    revoked: bool,
+    renews: bool,
+) -> (api::CredentialState, Option<u64>) {
+    enroll::credential_state(
+        to_u64(now),
+        cert.map(|c| c.1),
+        ctx.renew_grace.as_secs(),
+        revoked,
+        renews,
+    )
 }
 
 /// Most peers one page of a listing returns.
@@ -1143,7 +1179,7 @@ pub(super) async fn list_devices(
     let mut r = ctx.store.read().await?;
     let page = peer_page(&mut r, &ctx.org, Kind::Device, &q).await?;
     let rows = peers::peer_list(&mut r, &ctx.org, Kind::Device, &page.page()).await?;
-    Ok(Json(device_view(&mut r, &ctx.org, rows).await?))
+    Ok(Json(device_view(&ctx, &mut r, rows).await?))
 }
 
 pub(super) async fn list_connectors(
@@ -1154,7 +1190,7 @@ pub(super) async fn list_connectors(
     let mut r = ctx.store.read().await?;
     let page = peer_page(&mut r, &ctx.org, Kind::Connector, &q).await?;
     let rows = peers::peer_list(&mut r, &ctx.org, Kind::Connector, &page.page()).await?;
-    Ok(Json(connector_view(&mut r, &ctx.org, rows).await?))
+    Ok(Json(connector_view(&ctx, &mut r, rows).await?))
 }
 
 pub(super) async fn list_brokers(
@@ -1163,16 +1199,27 @@ pub(super) async fn list_brokers(
 ) -> Result<Json<Vec<api::Broker>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
     let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    let ids: Vec<&str> = rows.iter().map(|b| b.id.as_str()).collect();
+    let certs = peers::latest_certs(&mut r, &ctx.org, Kind::Broker.role(), &ids).await?;
+    let now = ctx.now_secs();
     Ok(Json(
         rows.into_iter()
-            .map(|b| api::Broker {
-                id: b.id,
-                name: b.name,
-                quic_addr: b.quic_addr,
-                tcp_addr: b.tcp_addr,
-                server_name: b.server_name,
-                snapshot_version: to_u64(b.snapshot_version),
-                last_seen: to_u64(b.last_seen),
+            .map(|b| {
+                let cert = certs.get(&b.id);
+                // Only brokers not revoked are listed.
+                let (cert_state, renew_until) = credential(&ctx, now, cert, false, true);
+                api::Broker {
+                    cert_not_after: cert.map_or(0, |c| c.1),
+                    id: b.id,
+                    name: b.name,
+                    quic_addr: b.quic_addr,
+                    tcp_addr: b.tcp_addr,
+                    server_name: b.server_name,
+                    snapshot_version: to_u64(b.snapshot_version),
+                    last_seen: to_u64(b.last_seen),
+                    cert_state,
+                    renew_until,
+                }
             })
             .collect(),
     ))
@@ -1232,7 +1279,7 @@ pub(super) async fn revoke_device(
         .audited(ADMIN, "revoke", &format!("agent/{id}"), res)
         .await?;
     let mut r = ctx.store.read().await?;
-    device_view(&mut r, &ctx.org, rows)
+    device_view(&ctx, &mut r, rows)
         .await?
         .pop()
         .map(Json)
@@ -1255,7 +1302,7 @@ pub(super) async fn revoke_connector(
         .audited(ADMIN, "revoke", &format!("connector/{id}"), res)
         .await?;
     let mut r = ctx.store.read().await?;
-    connector_view(&mut r, &ctx.org, rows)
+    connector_view(&ctx, &mut r, rows)
         .await?
         .pop()
         .map(Json)

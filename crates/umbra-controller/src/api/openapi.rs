@@ -784,6 +784,21 @@ struct Device {
     cert_serial: String,
     cert_not_after: u64,
     revoked: bool,
+    cert_state: CredentialState,
+    /// The last second at which the controller would renew `cert_serial` (its expiry plus
+    /// `renew_grace_secs`); absent when it would not renew it (revoked, user disabled).
+    renew_until: Option<u64>,
+}
+/// Where the latest certificate stands: `valid`; `renewable` (expired, renewed on the
+/// holder's return until `renew_until`); `lapsed` (enroll again); `revoked`; `unknown`.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+enum CredentialState {
+    Valid,
+    Renewable,
+    Lapsed,
+    Revoked,
+    Unknown,
 }
 #[derive(ToSchema)]
 struct Connector {
@@ -793,6 +808,8 @@ struct Connector {
     cert_serial: String,
     cert_not_after: u64,
     revoked: bool,
+    cert_state: CredentialState,
+    renew_until: Option<u64>,
 }
 #[derive(ToSchema)]
 struct Broker {
@@ -803,6 +820,9 @@ struct Broker {
     server_name: String,
     snapshot_version: u64,
     last_seen: u64,
+    cert_not_after: u64,
+    cert_state: CredentialState,
+    renew_until: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -852,6 +872,7 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<EnrollTokenInfo>()
         .schema_from::<AdminTokenCreated>()
         .schema_from::<Device>()
+        .schema_from::<CredentialState>()
         .schema_from::<Connector>()
         .schema_from::<Broker>()
         .security_scheme(

@@ -94,6 +94,19 @@ pub(crate) async fn user_disabled(
     Ok(v.map(|d| d != 0))
 }
 
+/// Ids of the organisation's disabled users (few: a listing of devices reads them once).
+pub(crate) async fn users_disabled(
+    c: &mut SqliteConnection,
+    org: &str,
+) -> Result<std::collections::BTreeSet<String>, sqlx::Error> {
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM users WHERE org = $1 AND disabled <> 0")
+            .bind(org)
+            .fetch_all(c)
+            .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// Sets a user's `disabled` flag; false if there is no such user.
 pub(crate) async fn set_user_disabled(
     c: &mut SqliteConnection,

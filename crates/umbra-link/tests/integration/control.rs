@@ -431,11 +431,11 @@ async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
             },
         )
         .unwrap();
-        let r = soon("renewal", umbra_link::enroll::renew(dir.path())).await;
+        let r = soon("renewal", umbra_link::enroll::renew(dir.path(), &held)).await;
         let now = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
         match how {
             RenewAnswer::Good => {
-                r.unwrap();
+                assert!(r.unwrap().is_some(), "renewed here");
                 assert_ne!(pems(&now), pems(&held), "{how:?}: not replaced");
             }
             _ => {
@@ -455,6 +455,74 @@ async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
             }
         }
     }
+}
+
+/// Renewals of one directory take turns: one that waited while another process renewed (it
+/// held the lock) takes the certificate that one wrote and asks the controller for nothing
+/// (here there is none to ask: a dead address). The twin: with nothing renewed meanwhile, it
+/// does ask, and fails on that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_waited_for_another_takes_its_certificate() {
+    let org = Org::new();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap();
+    let issue = |lifetime: u64| {
+        umbra_pki::test_util::issue_pems(
+            &org.ca,
+            agent.clone(),
+            vec![],
+            SystemTime::now(),
+            Duration::from_secs(lifetime),
+        )
+        .unwrap()
+    };
+    let p = issue(3600);
+    umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem()).unwrap();
+    let held = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    umbra_link::enroll::save_controller_ref(
+        dir.path(),
+        &umbra_link::enroll::ControllerRef {
+            url: format!("https://{dead}"),
+            identity: held.peer.id.to_uri(),
+            user: None,
+            brokers: vec![],
+        },
+    )
+    .unwrap();
+
+    // Another process is renewing: the lock is held.
+    let other = umbra_pki::try_lock_renewal(dir.path())
+        .unwrap()
+        .expect("free");
+    let waiting = tokio::spawn({
+        let (dir, held) = (dir.path().to_owned(), held.clone());
+        async move { umbra_link::enroll::renew(&dir, &held).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "went ahead while another renewed");
+    // That process writes its fresher certificate, and lets go.
+    let fresh = issue(7200);
+    umbra_pki::write_identity_dir(
+        dir.path(),
+        &fresh.key_pem,
+        &fresh.cert_pem,
+        org.ca.cert_pem(),
+    )
+    .unwrap();
+    drop(other);
+    let r = soon("renewal", waiting).await.unwrap();
+    assert!(r.unwrap().is_none(), "asked the controller again");
+    let now = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+    assert_ne!(now.peer.serial_hex, held.peer.serial_hex);
+
+    // The twin: the certificate held is the newest on disk, so it asks (and the dead address
+    // fails it).
+    let e = soon("renewal", umbra_link::enroll::renew(dir.path(), &now)).await;
+    assert!(e.is_err(), "{e:?}");
 }
 
 /// A renewal the controller refuses (its TLS handshake does not accept the certificate; an
@@ -486,7 +554,7 @@ async fn a_refused_renewal_is_told_from_an_unreachable_controller() {
             },
         )
         .unwrap();
-        umbra_link::enroll::renew(dir.path())
+        umbra_link::enroll::renew(dir.path(), &held)
     };
     let server_id = org.identity_with(
         Role::Controller,
