@@ -16,7 +16,12 @@ use crate::config::AgentConfig;
 /// Loads the identity and `controller.json`; the identity must be an agent's. An expired
 /// certificate loads too: [`load_usable`] renews it while the controller still allows.
 pub(crate) fn load(dir: &Path) -> Result<(TlsIdentity, ControllerRef), AgentError> {
-    let id = TlsIdentity::load_dir(dir).map_err(AgentError::Identity)?;
+    let id = TlsIdentity::load_dir(dir).map_err(|e| match &e {
+        umbra_pki::PkiError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            AgentError::NotEnrolled(e)
+        }
+        _ => AgentError::Identity(e),
+    })?;
     if id.peer.id.role != Role::Agent {
         return Err(AgentError::WrongRole(id.peer.id.role));
     }
@@ -193,6 +198,22 @@ mod tests {
         )
         .unwrap();
         TlsIdentity::load_dir(dir).unwrap()
+    }
+
+    /// An empty directory is a device not enrolled, and says to enroll; a damaged identity
+    /// says what is wrong, not to enroll (the device is enrolled).
+    #[test]
+    fn a_missing_identity_is_told_from_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load(dir.path()).err().unwrap();
+        assert!(matches!(e, AgentError::NotEnrolled(_)), "{e}");
+        assert!(e.to_string().contains("enroll this device first"), "{e}");
+        std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+        std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not a CA").unwrap();
+        let e = load(dir.path()).err().unwrap();
+        assert!(matches!(e, AgentError::Identity(_)), "{e}");
+        assert!(!e.to_string().contains("enroll this device first"), "{e}");
     }
 
     #[test]

@@ -41,8 +41,12 @@ pub use umbra_link::enroll::enroll;
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// No usable identity in `identity_dir` (not enrolled, or files damaged).
+    /// No identity in `identity_dir`: the device is not enrolled.
     #[error("identity: {0} (enroll this device first)")]
+    NotEnrolled(#[source] umbra_pki::PkiError),
+    /// The identity in `identity_dir` cannot be used (files damaged, a directory or key
+    /// others may change or read): the error says which.
+    #[error("identity: {0}")]
     Identity(#[source] umbra_pki::PkiError),
     /// The certificate has expired (at the time given): renewal needs a valid one.
     #[error(

@@ -485,30 +485,49 @@ async fn open(
     };
     let routed =
         open_to_connector(&shared, id, &svc.connectors, &service, &svc.target, &user).await;
-    let Some((connector_stream, via, _load)) = routed else {
-        info!(service, "no connector reachable");
-        shared.audit.record(
-            &actor,
-            "stream.open",
-            &service,
-            "error",
-            serde_json::json!({
-                "stream": id, "user": user, "device": device, "reason": "no_connector",
+    let (connector_stream, via, _load) = match routed {
+        Ok(r) => r,
+        Err(failed) => {
+            // Allowed, then not served: say which (no connector linked, or the ones tried
+            // could not dial the target, and the last one's reason), and which policies had
+            // allowed it.
+            let reason = match &failed {
+                None => "no_connector",
+                Some(_) => "connector_failed",
+            };
+            info!(
+                service,
+                reason,
+                last_error = failed.as_ref().map(|f| f.1.as_str()),
+                "stream allowed but not served"
+            );
+            let mut detail = serde_json::json!({
+                "stream": id, "user": user, "device": device, "reason": reason,
                 "code": "unavailable", "transport": transport, "broker": shared.name,
-            }),
-        );
-        if reply(
-            &mut agent,
-            &Frame::OpenReply {
-                code: OpenCode::Unavailable,
-            },
-            &shared,
-        )
-        .await
-        {
-            let _ = agent.finish().await;
+            });
+            if let Some((tried, last)) = failed {
+                detail["connectors_tried"] = serde_json::json!(tried);
+                detail["error"] = serde_json::json!(last);
+            }
+            if !verdict.policies.is_empty() {
+                listed_policies(&mut detail, &verdict.policies);
+            }
+            shared
+                .audit
+                .record(&actor, "stream.open", &service, "error", detail);
+            if reply(
+                &mut agent,
+                &Frame::OpenReply {
+                    code: OpenCode::Unavailable,
+                },
+                &shared,
+            )
+            .await
+            {
+                let _ = agent.finish().await;
+            }
+            return None;
         }
-        return None;
     };
     let mut detail = serde_json::json!({
         "stream": id, "user": user, "device": device,
@@ -665,7 +684,9 @@ async fn open_to_connector(
     service: &str,
     target: &str,
     user: &str,
-) -> Option<(Stream, Arc<PeerLink>, LoadGuard)> {
+) -> Result<(Stream, Arc<PeerLink>, LoadGuard), Option<(usize, String)>> {
+    // How many connectors were tried, and the last one's reason; `None`: none to try.
+    let mut failed = None;
     for c in shared
         .connectors
         .candidates(connectors, crate::route::now_ms())
@@ -687,7 +708,7 @@ async fn open_to_connector(
         let reason = match tokio::time::timeout(shared.cfg.dial_timeout(), dial).await {
             Ok(Ok((DialAnswer::Connected, s))) => {
                 c.mark_answering();
-                return Some((s, c.clone(), guard));
+                return Ok((s, c.clone(), guard));
             }
             Ok(Ok((DialAnswer::Malformed(error), _s))) => {
                 warn!(
@@ -724,8 +745,10 @@ async fn open_to_connector(
             "error",
             serde_json::json!({ "stream": id, "reason": reason, "broker": shared.name }),
         );
+        let tried = failed.as_ref().map_or(0, |(n, _)| *n) + 1;
+        failed = Some((tried, reason));
     }
-    None
+    Err(failed)
 }
 
 #[cfg(test)]

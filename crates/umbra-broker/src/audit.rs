@@ -17,8 +17,10 @@
 //! The queue is bounded: if the controller is away for long, the oldest events are dropped
 //! from it (they are still in the log) and counted. So that a flood of refusals cannot push
 //! real events out, denials and errors have a budget per actor (the identity that asked) and
-//! in all ([`DENIALS`]): beyond it they are counted, not recorded, and the actor's next
-//! recorded one says how many were skipped (`skipped` in its detail).
+//! in all ([`DENIALS`]): beyond it they are counted and logged (the line says `stored=false`)
+//! but not stored, and the actor's next stored one says how many were skipped (`skipped` in
+//! its detail). Refusals of peers that proved no identity beyond their budget are counted
+//! only (a debug line): anyone can make them as fast as handshakes fail.
 //!
 //! A record's target may be what a peer asked for (a service name): it is escaped and bounded
 //! as the controller's own are ([`umbra_proto::audit_target`]), since the controller refuses
@@ -260,13 +262,31 @@ impl AuditQueue {
                 Verdict::Skip => {
                     metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
                         .increment(1);
-                    tracing::debug!(
-                        actor,
-                        action,
-                        object = target,
-                        result,
-                        "over the actor's audit budget: counted, not recorded"
-                    );
+                    if unauthenticated.is_some() {
+                        // Anyone can make these, as fast as handshakes fail: a flood of them
+                        // must not flood the log either. Counted.
+                        tracing::debug!(
+                            actor,
+                            action,
+                            object = target,
+                            result,
+                            "over the source's audit budget: counted, not recorded"
+                        );
+                    } else {
+                        // An identity's decision is still an audit line in the log (its
+                        // rate is bounded by its links and streams); only the store is
+                        // spared, and the actor's next stored record counts what was not.
+                        tracing::info!(
+                            target: "audit",
+                            actor,
+                            action,
+                            object = target,
+                            result,
+                            detail = %detail,
+                            stored = false,
+                            "audit"
+                        );
+                    }
                     return;
                 }
                 Verdict::Record { skipped } if skipped > 0 => {
@@ -738,6 +758,82 @@ mod tests {
         assert_eq!(count(d1, "deny"), 20);
         assert_eq!(count(d2, "deny"), 1);
         assert_eq!(count(d1, "allow"), 30);
+    }
+
+    /// What the budget keeps out of the store is still an audit line in the log, saying it
+    /// was not stored: every decision about an identity is logged. Unauthenticated refusals
+    /// beyond their budget are not (anyone can make them).
+    #[test]
+    fn decisions_beyond_the_budget_are_still_logged() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let sub = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer({
+                let buf = buf.clone();
+                move || buf.clone()
+            })
+            .finish();
+        let a = AuditQueue::default();
+        tracing::subscriber::with_default(sub, || {
+            for _ in 0..30 {
+                a.record(
+                    "umbra://o/agent/d-1",
+                    "stream.open",
+                    "web",
+                    "deny",
+                    serde_json::json!({"n": 1}),
+                );
+            }
+            for i in 0..150 {
+                a.record_unauthenticated(
+                    &format!("10.0.0.{i}:1"),
+                    "umbra://o/broker/b-1",
+                    "link.open",
+                    "handshake",
+                    serde_json::json!({}),
+                );
+            }
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let of = |actor: &str| -> Vec<&serde_json::Value> {
+            lines
+                .iter()
+                .filter(|l| l["target"] == "audit" && l["fields"]["actor"] == actor)
+                .collect()
+        };
+        let user = of("umbra://o/agent/d-1");
+        assert_eq!(user.len(), 30, "{text}");
+        let unstored = user
+            .iter()
+            .filter(|l| l["fields"]["stored"] == false)
+            .count();
+        assert_eq!(unstored, 10);
+        assert_eq!(
+            a.take(1000)
+                .records
+                .iter()
+                .filter(|r| r.actor.contains("d-1"))
+                .count(),
+            20
+        );
+        // The unauthenticated ones: only those within the budget (burst 100) are lines.
+        assert_eq!(of("umbra://o/broker/b-1").len(), 100);
     }
 
     /// Refusals of unauthenticated peers from many addresses are bounded in all (burst 100),

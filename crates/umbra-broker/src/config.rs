@@ -136,11 +136,15 @@ impl BrokerConfig {
                 "required when listening on a wildcard address",
             ));
         }
+        // As the controller checks it in every heartbeat: a broker started with one it
+        // refuses would run without its addresses, streams or audit events being stored.
         if let Some(h) = &self.advertise_host
-            && (h.is_empty()
-                || h.contains(['/', ' ', ':']) && h.parse::<std::net::Ipv6Addr>().is_err())
+            && !umbra_proto::dialable_host(h)
         {
-            return Err(bad("advertise_host", "a host name or IP address"));
+            return Err(bad(
+                "advertise_host",
+                "a DNS name (letters, digits, '-', '_', dots) or an IP address",
+            ));
         }
         // Upper bounds too: a duration is added to clocks and timers, where an absurd one
         // would overflow (a panic in a background task that then never runs again).
@@ -377,6 +381,25 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field, "advertise_host");
         c.advertise_host = Some("broker1.example.test".into());
         c.validate().unwrap();
+        // What the controller would refuse in every heartbeat is refused at start.
+        for bad in [
+            "",
+            "bad!",
+            "x*y",
+            "a b",
+            "010.0.0.5",
+            "10.1",
+            "[::1]",
+            "h:80",
+            "a/b",
+        ] {
+            c.advertise_host = Some(bad.into());
+            assert_eq!(c.validate().unwrap_err().field, "advertise_host", "{bad:?}");
+        }
+        for good in ["10.0.0.5", "::1", "fd00::7", "b-1.pop_2.example.test"] {
+            c.advertise_host = Some(good.into());
+            c.validate().unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
         let c = BrokerConfig {
             name: "Bad Name".into(),
             ..BrokerConfig::default()

@@ -478,13 +478,23 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                     }
                     // Refused for something else: a controller older than this broker (a field
                     // it does not know) refuses every heartbeat alike.
-                    (_, umbra_link::LinkError::Api { status: 400, .. }) => {
+                    (_, umbra_link::LinkError::Api { status: 400, error }) => {
                         if !refusing {
+                            // A field it names is a value of this broker's it refuses (an
+                            // address); one it does not know is likely a newer broker's.
+                            let cause = match error.field.as_deref() {
+                                Some(f @ ("quic_addr" | "tcp_addr")) => format!(
+                                    "it refuses this broker's {f}: check --advertise-host and the listen addresses"
+                                ),
+                                Some(f) => format!("it refuses the heartbeat's {f}"),
+                                None => "a controller older than this broker? upgrade the \
+                                         controller first"
+                                    .to_owned(),
+                            };
                             warn!(
                                 error = %e,
                                 "the controller refuses this broker's heartbeats: its addresses, \
-                                 live streams and audit events are not stored (a controller older \
-                                 than this broker? upgrade the controller first)"
+                                 live streams and audit events are not stored ({cause})"
                             );
                         }
                         refusing = true;

@@ -116,6 +116,7 @@ pub(crate) async fn supervise(
 async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: CancellationToken) {
     let mut backoff = Backoff::new(ctx.cfg.reconnect_base(), ctx.cfg.reconnect_cap());
     let name: Arc<str> = Arc::from(broker.name.as_str());
+    // Links up to this broker: one, or two while a link of the old certificate drains.
     let gauge = metrics::gauge!("umbra_connector_links", "broker" => broker.name.clone());
     let mut identity = ctx.identity.clone();
     loop {
@@ -127,7 +128,7 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
         match dialed {
             Ok(link) => {
                 let up_at = tokio::time::Instant::now();
-                gauge.set(1.0);
+                gauge.increment(1.0);
                 tracing::info!(
                     transport = link.transport().as_str(),
                     kx = link.kx_group(),
@@ -143,14 +144,18 @@ async fn broker_task(ctx: Arc<LinkCtx>, broker: BrokerInfo, cancel: Cancellation
                     // and the broker closes it; the new certificate links again at once.
                     tracing::info!("certificate renewed; linking again with it");
                     let (ctx, name, cancel) = (ctx.clone(), name.clone(), cancel.clone());
+                    let gauge = gauge.clone();
                     tokio::spawn(
-                        async move { serve_link(&ctx, &link, &name, &cancel, None).await }
-                            .in_current_span(),
+                        async move {
+                            serve_link(&ctx, &link, &name, &cancel, None).await;
+                            gauge.decrement(1.0);
+                        }
+                        .in_current_span(),
                     );
                     backoff.reset();
                     continue;
                 }
-                gauge.set(0.0);
+                gauge.decrement(1.0);
                 if cancel.is_cancelled() {
                     return;
                 }

@@ -438,16 +438,17 @@ fn max_issued_in_window(lifetime: std::time::Duration) -> i64 {
 const RENEWAL_WINDOW: i64 = 3600;
 
 /// Where a holder's latest certificate stands, as [`renew`] would judge it at `now`: the
-/// state, and the last second at which a renewal would still be granted (`None` when it
-/// would not be, whatever the time: revoked, or `renews` false for a disabled user's device).
-/// `not_after` is `None` when no certificate is on record. What `renew` checks beyond this
-/// (a successor already in use) never applies to the latest certificate.
+/// state, and the last second at which a renewal would be granted (`None` once revoked).
+/// `not_after` is `None` when no certificate is on record. A disabled user's device renews
+/// nothing while the user stays disabled, but would within the same bounds once enabled:
+/// it says so rather than "lapsed". What `renew` checks beyond this (a successor already in
+/// use) never applies to the latest certificate.
 pub(crate) fn credential_state(
     now: u64,
     not_after: Option<u64>,
     grace_secs: u64,
     revoked: bool,
-    renews: bool,
+    user_disabled: bool,
 ) -> (CredentialState, Option<u64>) {
     let Some(not_after) = not_after else {
         return (CredentialState::Unknown, None);
@@ -455,15 +456,17 @@ pub(crate) fn credential_state(
     if revoked {
         return (CredentialState::Revoked, None);
     }
-    let until = renews.then(|| not_after.saturating_add(grace_secs));
-    let state = if now <= not_after {
-        CredentialState::Valid
-    } else if until.is_some_and(|u| now <= u) {
-        CredentialState::Renewable
-    } else {
+    let until = not_after.saturating_add(grace_secs);
+    let state = if now > until {
         CredentialState::Lapsed
+    } else if user_disabled {
+        CredentialState::UserDisabled
+    } else if now <= not_after {
+        CredentialState::Valid
+    } else {
+        CredentialState::Renewable
     };
-    (state, until)
+    (state, Some(until))
 }
 
 async fn renew_inner(
@@ -589,45 +592,54 @@ mod tests {
     fn credential_states_follow_the_renewal_rules() {
         use CredentialState::*;
         let (na, g) = (1_000, 100);
-        assert_eq!(
-            credential_state(999, Some(na), g, false, true),
-            (Valid, Some(1_100))
-        );
-        assert_eq!(
-            credential_state(1_000, Some(na), g, false, true),
-            (Valid, Some(1_100))
-        );
-        assert_eq!(
-            credential_state(1_001, Some(na), g, false, true),
-            (Renewable, Some(1_100))
-        );
-        assert_eq!(
-            credential_state(1_100, Some(na), g, false, true),
-            (Renewable, Some(1_100))
-        );
-        assert_eq!(
-            credential_state(1_101, Some(na), g, false, true),
-            (Lapsed, Some(1_100))
-        );
-        assert_eq!(
-            credential_state(1_001, Some(na), 0, false, true),
-            (Lapsed, Some(1_000))
-        );
+        let until = Some(1_100);
         assert_eq!(
             credential_state(999, Some(na), g, false, false),
-            (Valid, None)
+            (Valid, until)
+        );
+        assert_eq!(
+            credential_state(1_000, Some(na), g, false, false),
+            (Valid, until)
         );
         assert_eq!(
             credential_state(1_001, Some(na), g, false, false),
-            (Lapsed, None)
+            (Renewable, until)
         );
         assert_eq!(
-            credential_state(999, Some(na), g, true, true),
+            credential_state(1_100, Some(na), g, false, false),
+            (Renewable, until)
+        );
+        assert_eq!(
+            credential_state(1_101, Some(na), g, false, false),
+            (Lapsed, until)
+        );
+        assert_eq!(
+            credential_state(1_001, Some(na), 0, false, false),
+            (Lapsed, Some(1_000))
+        );
+        // A disabled user's device, before and after expiry, until the grace ends.
+        assert_eq!(
+            credential_state(999, Some(na), g, false, true),
+            (UserDisabled, until)
+        );
+        assert_eq!(
+            credential_state(1_050, Some(na), g, false, true),
+            (UserDisabled, until)
+        );
+        assert_eq!(
+            credential_state(1_101, Some(na), g, false, true),
+            (Lapsed, until)
+        );
+        assert_eq!(
+            credential_state(999, Some(na), g, true, false),
             (Revoked, None)
         );
-        assert_eq!(credential_state(999, None, g, false, true), (Unknown, None));
         assert_eq!(
-            credential_state(0, Some(u64::MAX), g, false, true),
+            credential_state(999, None, g, false, false),
+            (Unknown, None)
+        );
+        assert_eq!(
+            credential_state(0, Some(u64::MAX), g, false, false),
             (Valid, Some(u64::MAX))
         );
     }

@@ -122,7 +122,7 @@ fn parse_host_port(s: &str, field: &str, spelling: Spelling) -> Result<String, A
         false
     } else if host.parse::<IpAddr>().is_ok() {
         true
-    } else if ends_in_a_number(host) {
+    } else if umbra_proto::ends_in_a_number(host) {
         // Not a canonical address, yet the system resolver reads it as one with the old C
         // rules (octal, hex, short forms): `010.0.0.5` is 8.0.0.5 to the connector's dial
         // while every list and audit record shows it as written.
@@ -136,19 +136,6 @@ fn parse_host_port(s: &str, field: &str, spelling: Spelling) -> Result<String, A
         return Err(bad("invalid host"));
     }
     Ok(s.to_owned())
-}
-
-/// Whether a host's last label is a number (all digits, or `0x` and hex digits), which the
-/// resolver takes for an IPv4 address in some form; no DNS name ends in one (the WHATWG URL
-/// standard's "ends in a number").
-fn ends_in_a_number(host: &str) -> bool {
-    let last = host.rsplit('.').next().unwrap_or(host);
-    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
-        return true;
-    }
-    last.strip_prefix("0x")
-        .or_else(|| last.strip_prefix("0X"))
-        .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

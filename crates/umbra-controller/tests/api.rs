@@ -1330,8 +1330,8 @@ async fn an_expired_certificate_is_refused_on_an_open_connection() {
 
 /// The listings tell an operator where each credential stands, by the same rules as the
 /// renewal route: valid; expired but renewed on its holder's return (until the grace ends);
-/// lapsed (enroll again); revoked. A disabled user's device is never renewable. Brokers list
-/// their certificate's expiry too.
+/// lapsed (enroll again); revoked. A disabled user's device says so: it renews once the user
+/// is enabled again, within the same bounds. Brokers list their certificate's expiry too.
 #[tokio::test]
 async fn listings_say_whether_a_certificate_still_renews() {
     let h = Harness::start().await;
@@ -1339,7 +1339,7 @@ async fn listings_say_whether_a_certificate_still_renews() {
     let grace = 7 * day;
     let (dev, issued) = h.agent("alice@example.com").await;
     let (revoked, _) = h.agent("alice@example.com").await;
-    let (bob, _) = h.agent("bob@example.com").await;
+    let (bob, bob_cert) = h.agent("bob@example.com").await;
     let (conn, conn_cert) = h.peer("connector", "c1").await;
     let (_broker, broker_cert) = h.peer("broker", "b1").await;
     let lifetime = secs_left(&dev);
@@ -1389,7 +1389,7 @@ async fn listings_say_whether_a_certificate_still_renews() {
         [
             (s("valid"), until(issued.not_after)),
             (s("revoked"), None),
-            (s("valid"), None),
+            (s("user_disabled"), until(bob_cert.not_after)),
         ]
     );
     assert_eq!(connector().await, (s("valid"), until(conn_cert.not_after)));
@@ -1405,7 +1405,7 @@ async fn listings_say_whether_a_certificate_still_renews() {
         [
             (s("renewable"), until(issued.not_after)),
             (s("revoked"), None),
-            (s("lapsed"), None),
+            (s("user_disabled"), until(bob_cert.not_after)),
         ]
     );
     assert_eq!(
@@ -1425,6 +1425,31 @@ async fn listings_say_whether_a_certificate_still_renews() {
     assert_eq!(resp.status(), StatusCode::OK);
     let renewed: IssuedCert = resp.json().await.unwrap();
     assert_eq!(devices().await[0], (s("valid"), until(renewed.not_after)));
+    // So does the disabled user's device, once the user is enabled: as listed.
+    let resp = h
+        .renew(
+            &h.as_peer(&bob),
+            json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    h.ok(
+        "PATCH",
+        "/v1/users/bob@example.com",
+        Some(json!({ "disabled": false })),
+    )
+    .await;
+    assert_eq!(
+        devices().await[2],
+        (s("renewable"), until(bob_cert.not_after))
+    );
+    let resp = h
+        .renew(
+            &h.as_peer(&bob),
+            json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
 
     // Past the grace: lapsed, and the renewal route agrees.
     h.skew.store(lifetime + 8 * day, Ordering::SeqCst);

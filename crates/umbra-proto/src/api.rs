@@ -480,8 +480,8 @@ pub struct Device {
     #[serde(default)]
     pub cert_state: CredentialState,
     /// The last second at which the controller would renew `cert_serial`: its expiry plus
-    /// the controller's `renew_grace_secs`. Absent when it would not renew it at all (device
-    /// revoked, user disabled).
+    /// the controller's `renew_grace_secs` (for a disabled user's device: once enabled).
+    /// Absent when it would not renew it at all (revoked).
     #[serde(default)]
     pub renew_until: Option<u64>,
 }
@@ -498,6 +498,9 @@ pub enum CredentialState {
     Renewable,
     /// Expired, and the controller renews it no more: the holder must enroll again.
     Lapsed,
+    /// A device whose user is disabled: refused everywhere, and renewed only once the user
+    /// is enabled again (until `renew_until`; after that it lapses).
+    UserDisabled,
     /// The device, connector or broker is revoked.
     Revoked,
     /// No certificate on record, or a state this client does not know.
@@ -512,6 +515,7 @@ impl CredentialState {
             CredentialState::Valid => "valid",
             CredentialState::Renewable => "renewable",
             CredentialState::Lapsed => "lapsed",
+            CredentialState::UserDisabled => "user_disabled",
             CredentialState::Revoked => "revoked",
             CredentialState::Unknown => "unknown",
         }

@@ -68,6 +68,25 @@ pub fn dns_name(s: &str) -> bool {
         })
 }
 
+/// Whether a host's last label is a number (all digits, or `0x` and hex digits), which the
+/// resolver takes for an IPv4 address in some form; no DNS name ends in one (the WHATWG URL
+/// standard's "ends in a number").
+pub fn ends_in_a_number(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    last.strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A host a peer can be told to dial: an IP address, or a DNS name ([`dns_name`]) that the
+/// resolver cannot read as an IPv4 address in an old form ([`ends_in_a_number`]).
+pub fn dialable_host(s: &str) -> bool {
+    s.parse::<std::net::IpAddr>().is_ok() || (dns_name(s) && !ends_in_a_number(s))
+}
+
 /// `s` with its control characters (newlines, escapes, ...) and invisible formatting
 /// characters (bidirectional overrides, zero-width characters, line separators) written as
 /// escapes (`\n`, `\u{1b}`, `\u{202e}`), the rest as it is: for text a peer chose that ends

@@ -359,7 +359,8 @@ enum TokenCmd {
 
 #[derive(clap::Subcommand)]
 enum DeviceCmd {
-    /// List devices, in enrollment order.
+    /// List devices, in enrollment order (to the second; those enrolled within one second in
+    /// id order).
     List {
         /// Only this user's devices (e.g. to find and revoke a lost laptop's).
         #[arg(long)]
@@ -376,7 +377,7 @@ enum DeviceCmd {
 
 #[derive(clap::Subcommand)]
 enum ConnectorCmd {
-    /// List connectors, in enrollment order.
+    /// List connectors, in enrollment order (to the second; then by id).
     List {
         /// Only the instances carrying this name.
         #[arg(long)]
@@ -771,6 +772,7 @@ fn state(s: api::CredentialState, revoked: bool) -> String {
         api::CredentialState::Unknown => "-",
         // Said so that nobody waits for it to come back on its own.
         api::CredentialState::Lapsed => "lapsed (enroll again)",
+        api::CredentialState::UserDisabled => "user disabled",
         s => s.as_str(),
     }
     .to_owned()
@@ -1159,7 +1161,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     "snapshot",
                     "last seen",
                     "state",
-                    "cert expires"
+                    "cert expires",
+                    "renews until"
                 ],
                 v.into_iter()
                     .map(|b| vec![
@@ -1171,6 +1174,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         ts(b.last_seen),
                         state(b.cert_state, false),
                         ts(b.cert_not_after),
+                        b.renew_until.map_or_else(|| "-".to_owned(), ts),
                     ])
                     .collect()
             ));

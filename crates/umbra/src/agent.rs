@@ -188,7 +188,7 @@ fn check_replace(
                 _ => String::new(),
             };
             anyhow::bail!(
-                "{} already holds a valid identity, {} (until {}); pass --force to replace it{revoke}",
+                "{} already holds an unexpired identity, {} (until {}); pass --force to replace it{revoke}",
                 dir.display(),
                 old.to_uri(),
                 umbra_pki::rfc3339(id.peer.not_after)
@@ -275,11 +275,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         b.info.name,
                         b.transport,
                         rtt.as_secs_f64() * 1e3,
-                        b.info
-                            .quic_addr
-                            .as_deref()
-                            .or(b.info.tcp_addr.as_deref())
-                            .unwrap_or("-")
+                        // The address the measurement went to.
+                        match b.transport {
+                            umbra_link::Transport::Quic => b.info.quic_addr.as_deref(),
+                            umbra_link::Transport::Tls => b.info.tcp_addr.as_deref(),
+                        }
+                        .unwrap_or("-")
                     ),
                     Err(_) if b.refused => println!(
                         "  {:<20} refused this device (revoked, or not enrolled): ask an administrator",
@@ -427,7 +428,7 @@ mod tests {
         write_identity(&agent, &ca, Role::Agent, "d-1", now);
         let e = check_replace(&agent, false, now).unwrap_err().to_string();
         for part in [
-            "already holds a valid identity",
+            "already holds an unexpired identity",
             "umbra://default/agent/d-1",
             "--force",
             "umbra admin device revoke d-1",

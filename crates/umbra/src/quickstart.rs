@@ -373,16 +373,26 @@ pub(crate) async fn run(a: Args, log_filter: &str, log_format: &str) -> anyhow::
         log.display()
     );
     match metrics {
-        Some(addr) => println!("  metrics     http://{addr}/metrics (every role)"),
+        // One process, one registry: counters of the roles in it add up (bytes count at
+        // the broker and at the connector), where separate processes each serve their own.
+        Some(addr) => {
+            println!("  metrics     http://{addr}/metrics (every role of this process, summed)")
+        }
         None => println!("  metrics     not served: {metrics_addr} is in use"),
     }
     println!();
+    // 8080 on the default ports; with another --base-port (one moved away from a clash),
+    // a port of that range, which quickstart itself does not take.
+    let forward_port = match p {
+        DEFAULT_BASE_PORT => 8080,
+        _ => p.checked_add(95).unwrap_or(8080),
+    };
     println!("Next, in another terminal:");
     println!(
-        "  {exe} agent --dir {} forward {SERVICE} --listen 127.0.0.1:8080",
+        "  {exe} agent --dir {} forward {SERVICE} --listen 127.0.0.1:{forward_port}",
         agent_dir.display()
     );
-    println!("  curl http://127.0.0.1:8080/");
+    println!("  curl http://127.0.0.1:{forward_port}/");
     println!("Administer it:");
     println!(
         "  {exe} admin --config {} stream list",

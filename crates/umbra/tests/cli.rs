@@ -1394,7 +1394,7 @@ fn quickstart_runs_stops_and_resumes() {
     let out = enroll(&[]);
     assert!(
         !out.success()
-            && out.stderr.contains("already holds a valid identity")
+            && out.stderr.contains("already holds an unexpired identity")
             && out.stderr.contains("--force")
             && out.stderr.contains("umbra admin device revoke d-"),
         "enrolling over a valid identity: {}",

@@ -138,6 +138,56 @@ async fn data_path(t: TransportPref) {
     secret.shutdown().await;
     nosuch.shutdown().await;
 
+    // 2b. Allowed, but the target refuses the connector: Unavailable, and the record says
+    // the connector tried and why, with the policy that allowed it (not "no connector").
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    s.admin
+        .ok(
+            "PATCH",
+            &format!("/v1/services/{ECHO}"),
+            Some(json!({ "target": dead.to_string() })),
+        )
+        .await;
+    s.converge().await;
+    let link = dial(b0, lt, &carol).await.unwrap();
+    assert_eq!(open_code(&link, ECHO).await.unwrap(), OpenCode::Unavailable);
+    link.close();
+    poll("the failed dial in the audit log", SOON, || async {
+        let audit = s.admin.audit().await;
+        let found = audit.iter().any(|e| {
+            e["action"] == "stream.open"
+                && e["result"] == "error"
+                && e["target"] == ECHO
+                && e["detail"]["device"] == carol_device.as_str()
+                && e["detail"]["reason"] == "connector_failed"
+                && e["detail"]["connectors_tried"] == 1
+                && e["detail"]["error"].as_str().is_some_and(|x| !x.is_empty())
+                && e["detail"]["policies"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p == "carol-echo"))
+        });
+        if found {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} entries, no connector_failed record",
+                audit.len()
+            ))
+        }
+    })
+    .await;
+    s.admin
+        .ok(
+            "PATCH",
+            &format!("/v1/services/{ECHO}"),
+            Some(json!({ "target": s.echo.to_string() })),
+        )
+        .await;
+    poll("alice reaches echo again", SOON, || echo_ok(fa)).await;
+
     // 4. Policy removed: the live stream is cut, new ones refused; bob unaffected; re-adding
     // restores access.
     let live = LiveConn::open(fa).await.unwrap();

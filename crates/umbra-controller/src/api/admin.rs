@@ -1005,7 +1005,7 @@ async fn device_view(
                 now,
                 cert.as_ref(),
                 d.revoked_at.is_some(),
-                !disabled.contains(&d.owner),
+                disabled.contains(&d.owner),
             );
             let (serial, not_after) = cert.unwrap_or_default();
             api::Device {
@@ -1035,7 +1035,7 @@ async fn connector_view(
         .map(|d| {
             let cert = certs.get(&d.id).cloned();
             let (cert_state, renew_until) =
-                credential(ctx, now, cert.as_ref(), d.revoked_at.is_some(), true);
+                credential(ctx, now, cert.as_ref(), d.revoked_at.is_some(), false);
             let (serial, not_after) = cert.unwrap_or_default();
             api::Connector {
                 id: d.id,
@@ -1057,14 +1057,14 @@ fn credential(
     now: i64,
     cert: Option<&(String, u64)>,
     revoked: bool,
-    renews: bool,
+    user_disabled: bool,
 ) -> (api::CredentialState, Option<u64>) {
     enroll::credential_state(
         to_u64(now),
         cert.map(|c| c.1),
         ctx.renew_grace.as_secs(),
         revoked,
-        renews,
+        user_disabled,
     )
 }
 
@@ -1207,7 +1207,7 @@ pub(super) async fn list_brokers(
             .map(|b| {
                 let cert = certs.get(&b.id);
                 // Only brokers not revoked are listed.
-                let (cert_state, renew_until) = credential(&ctx, now, cert, false, true);
+                let (cert_state, renew_until) = credential(&ctx, now, cert, false, false);
                 api::Broker {
                     cert_not_after: cert.map_or(0, |c| c.1),
                     id: b.id,

@@ -786,17 +786,19 @@ struct Device {
     revoked: bool,
     cert_state: CredentialState,
     /// The last second at which the controller would renew `cert_serial` (its expiry plus
-    /// `renew_grace_secs`); absent when it would not renew it (revoked, user disabled).
+    /// `renew_grace_secs`; a disabled user's device only once enabled); absent when revoked.
     renew_until: Option<u64>,
 }
 /// Where the latest certificate stands: `valid`; `renewable` (expired, renewed on the
-/// holder's return until `renew_until`); `lapsed` (enroll again); `revoked`; `unknown`.
+/// holder's return until `renew_until`); `lapsed` (enroll again); `user_disabled` (renewed
+/// once the user is enabled, until `renew_until`); `revoked`; `unknown`.
 #[derive(ToSchema)]
 #[schema(rename_all = "snake_case")]
 enum CredentialState {
     Valid,
     Renewable,
     Lapsed,
+    UserDisabled,
     Revoked,
     Unknown,
 }
