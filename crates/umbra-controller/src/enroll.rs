@@ -223,6 +223,13 @@ async fn redeem_inner(
         let row = peers::token_by_hash(w.conn(), org, &hash).await?;
         if let Some(t) = &row {
             *target = t.id.clone();
+            // A token reused or expired is still of a role: counted under it.
+            *role_label = match t.role.as_str() {
+                "agent" => "agent",
+                "connector" => "connector",
+                "broker" => "broker",
+                _ => "unknown",
+            };
         }
         return Err(token_refusal(row.as_ref(), &hash));
     }

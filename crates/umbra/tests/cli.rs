@@ -1416,6 +1416,18 @@ fn quickstart_runs_stops_and_resumes() {
         cert_before,
         "--force did not replace the identity"
     );
+    // The token is spent now: used again it is refused, and counted under its role.
+    let out = enroll(&["--force"]);
+    assert!(!out.success(), "a spent token enrolled: {}", out.describe());
+    let metrics = common::http_get_path(base + 90, "/metrics").expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("umbra_enrollments_total")
+                && l.contains("role=\"agent\"")
+                && l.contains("result=\"refused\"")),
+        "a spent token's refusal is not counted under its role:\n{metrics}"
+    );
     forward_and_get(home.path(), &printed, &q);
 
     // Rotating the admin token: with the config's token file, the new token goes into that
