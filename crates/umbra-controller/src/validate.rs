@@ -138,9 +138,46 @@ fn parse_host_port(s: &str, field: &str, spelling: Spelling) -> Result<String, A
     Ok(s.to_owned())
 }
 
+/// The version a peer announces in its `User-Agent` (`umbra/<version>`, what
+/// `umbra_link::control` sends): at most 32 characters of letters, digits, `.`, `-` and `+`,
+/// or `None` for anything else (an old peer, another client), which is shown as unknown.
+pub(crate) fn announced_version(user_agent: Option<&str>) -> Option<String> {
+    let v = user_agent?.strip_prefix("umbra/")?;
+    let v = v.split(' ').next().unwrap_or(v);
+    (!v.is_empty()
+        && v.len() <= 32
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+')))
+    .then(|| v.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a peer announces is kept only in the one shape `umbra_link` sends.
+    #[test]
+    fn announced_versions() {
+        assert_eq!(
+            announced_version(Some("umbra/0.1.0")).as_deref(),
+            Some("0.1.0")
+        );
+        assert_eq!(
+            announced_version(Some("umbra/1.2.3-rc.1+g1a2b (broker)")).as_deref(),
+            Some("1.2.3-rc.1+g1a2b")
+        );
+        for bad in [
+            "",
+            "umbra/",
+            "curl/8.0",
+            "umbra/1.0\u{1b}[31m",
+            "umbra/1;DROP",
+            &format!("umbra/{}", "9".repeat(33)),
+        ] {
+            assert_eq!(announced_version(Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(announced_version(None), None);
+    }
 
     #[test]
     fn user_ids() {

@@ -1971,6 +1971,63 @@ async fn heartbeat(h: &Harness, client: &reqwest::Client, body: &Value) -> Statu
         .status()
 }
 
+/// Brokers (with each heartbeat) and connectors (polling their targets) announce their
+/// version in `User-Agent`; the listings show the last one announced, for an operator
+/// upgrading a fleet. Anything but `umbra/<version>` is shown as not known.
+#[tokio::test]
+async fn listings_show_the_version_each_peer_announced() {
+    let h = Harness::start().await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (conn, _) = h.peer("connector", "c1").await;
+    let hb = json!({
+        "name": "b1",
+        "quic_addr": "127.0.0.1:4433",
+        "server_name": umbra_pki::broker_server_name(&broker.peer.id.id),
+        "snapshot_version": h.ctl.snapshot_version(),
+        "audit": [],
+    });
+    let beat = |ua: &'static str| {
+        let (c, hb) = (h.as_peer(&broker), hb.clone());
+        let url = h.url("/v1/broker/heartbeat");
+        async move {
+            let r = c
+                .post(url)
+                .header("user-agent", ua)
+                .json(&hb)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    let poll = |ua: &'static str| {
+        let c = h.as_peer(&conn);
+        let url = h.url("/v1/connector/config?after=0");
+        async move {
+            let r = c.get(url).header("user-agent", ua).send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    let versions = || async {
+        let b = h.ok("GET", "/v1/brokers/all", None).await;
+        let c = h.ok("GET", "/v1/connectors", None).await;
+        (b[0]["version"].clone(), c[0]["version"].clone())
+    };
+    assert_eq!(versions().await, (Value::Null, Value::Null));
+    beat("umbra/7.8.9").await;
+    poll("umbra/7.8.9 (connector)").await;
+    assert_eq!(versions().await, (json!("7.8.9"), json!("7.8.9")));
+    // An upgrade shows at the next heartbeat and poll.
+    beat("umbra/7.9.0").await;
+    poll("umbra/7.9.0").await;
+    assert_eq!(versions().await, (json!("7.9.0"), json!("7.9.0")));
+    // Not ours, or not a version: not known (never the text as sent).
+    beat("curl/8.0").await;
+    poll("umbra/1.0;rm").await;
+    assert_eq!(versions().await, (Value::Null, Value::Null));
+    h.ctl.shutdown().await;
+}
+
 #[tokio::test]
 async fn heartbeat_brokers_streams_and_audit() {
     let h = Harness::start().await;

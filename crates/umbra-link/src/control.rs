@@ -246,6 +246,8 @@ pub async fn follow_broker_list<F, Fut>(
 
 fn http_client(tls: rustls::ClientConfig) -> Result<reqwest::Client, LinkError> {
     Ok(reqwest::Client::builder()
+        // The controller lists the version each broker and connector announces.
+        .user_agent(concat!("umbra/", env!("CARGO_PKG_VERSION")))
         .tls_backend_preconfigured(tls)
         .https_only(true)
         .connect_timeout(CONNECT_TIMEOUT)

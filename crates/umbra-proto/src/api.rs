@@ -536,6 +536,9 @@ pub struct Connector {
     /// As for [`Device::renew_until`].
     #[serde(default)]
     pub renew_until: Option<u64>,
+    /// The software version it last announced (`None`: not known).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -557,6 +560,9 @@ pub struct Broker {
     /// As for [`Device::renew_until`].
     #[serde(default)]
     pub renew_until: Option<u64>,
+    /// The software version it last announced (`None`: not known).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// A stored audit event.

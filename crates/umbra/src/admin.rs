@@ -1134,7 +1134,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 );
             }
             out!(v, |v: Vec<api::Connector>| table(
-                &["id", "name", "state", "cert expires", "renews until"],
+                &[
+                    "id",
+                    "name",
+                    "state",
+                    "cert expires",
+                    "renews until",
+                    "version"
+                ],
                 v.into_iter()
                     .map(|x| vec![
                         x.id,
@@ -1142,6 +1149,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         state(x.cert_state, x.revoked),
                         ts(x.cert_not_after),
                         x.renew_until.map_or_else(|| "-".to_owned(), ts),
+                        x.version.unwrap_or_else(|| "-".to_owned()),
                     ])
                     .collect()
             ));
@@ -1162,7 +1170,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     "last seen",
                     "state",
                     "cert expires",
-                    "renews until"
+                    "renews until",
+                    "version"
                 ],
                 v.into_iter()
                     .map(|b| vec![
@@ -1175,6 +1184,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         state(b.cert_state, false),
                         ts(b.cert_not_after),
                         b.renew_until.map_or_else(|| "-".to_owned(), ts),
+                        b.version.unwrap_or_else(|| "-".to_owned()),
                     ])
                     .collect()
             ));

@@ -1205,6 +1205,22 @@ fn quickstart_runs_stops_and_resumes() {
         "{}",
         unknown.describe()
     );
+    // Each broker and the connector announced this build's version.
+    for what in ["broker", "connector"] {
+        let v = umbra(
+            home.path(),
+            &["admin", "--config", cfg_arg, "-o", "json", what, "list"],
+        );
+        let v: Value = serde_json::from_str(&v.stdout).expect("JSON");
+        let all = v.as_array().expect("a list");
+        assert!(
+            !all.is_empty()
+                && all
+                    .iter()
+                    .all(|x| x["version"] == env!("CARGO_PKG_VERSION")),
+            "{what}: {v}"
+        );
+    }
     // Where each credential stands: in the JSON, and as a column of the table.
     assert_eq!(demo[0]["cert_state"], "valid", "{demo}");
     assert!(

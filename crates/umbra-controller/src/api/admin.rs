@@ -1029,6 +1029,7 @@ async fn connector_view(
 ) -> Result<Vec<api::Connector>, sqlx::Error> {
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let certs = peers::latest_certs(c, &ctx.org, Kind::Connector.role(), &ids).await?;
+    let mut versions = peers::connector_versions(c, &ctx.org, &ids).await?;
     let now = ctx.now_secs();
     Ok(rows
         .into_iter()
@@ -1038,6 +1039,7 @@ async fn connector_view(
                 credential(ctx, now, cert.as_ref(), d.revoked_at.is_some(), false);
             let (serial, not_after) = cert.unwrap_or_default();
             api::Connector {
+                version: versions.remove(&d.id),
                 id: d.id,
                 name: d.owner,
                 created_at: to_u64(d.created_at),
@@ -1219,6 +1221,7 @@ pub(super) async fn list_brokers(
                     last_seen: to_u64(b.last_seen),
                     cert_state,
                     renew_until,
+                    version: b.version,
                 }
             })
             .collect(),

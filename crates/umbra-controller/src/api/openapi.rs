@@ -812,6 +812,8 @@ struct Connector {
     revoked: bool,
     cert_state: CredentialState,
     renew_until: Option<u64>,
+    /// The software version it last announced; absent if not known.
+    version: Option<String>,
 }
 #[derive(ToSchema)]
 struct Broker {
@@ -825,6 +827,8 @@ struct Broker {
     cert_not_after: u64,
     cert_state: CredentialState,
     renew_until: Option<u64>,
+    /// The software version it last announced (with each heartbeat); absent if not known.
+    version: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -222,9 +222,16 @@ pub(super) async fn snapshot(
 pub(super) async fn connector_config(
     State(ctx): State<Arc<Ctx>>,
     Extension(conn): Extension<ConnPeer>,
+    headers: axum::http::HeaderMap,
     ApiQuery(q): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiFailure> {
     let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
+    let version = validate::announced_version(
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    remember_connector_version(&ctx, &peer.id.id, version).await?;
     let _slot = wait_slot(&ctx, &peer)?;
     if !changed_since(&ctx, q.after.unwrap_or(0), q.wait()).await? {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -234,6 +241,28 @@ pub(super) async fn connector_config(
     let (peer, row, _) = ctx.check_peer(&mut r, &conn, &[Role::Connector]).await?;
     let cfg = distribution::connector_config(&mut r, &ctx.org, &peer.id.id, &row.owner).await?;
     Ok(Json(cfg).into_response())
+}
+
+/// Stores the version a connector announced, when it is not the one stored: a write at its
+/// first poll after a start or an upgrade, none on the polls between.
+async fn remember_connector_version(
+    ctx: &Ctx,
+    id: &str,
+    version: Option<String>,
+) -> Result<(), ApiFailure> {
+    let stored = {
+        let mut r = ctx.store.read().await?;
+        peers::connector_versions(&mut r, &ctx.org, &[id])
+            .await?
+            .remove(id)
+    };
+    if stored == version {
+        return Ok(());
+    }
+    let mut w = ctx.store.write().await?;
+    peers::connector_set_version(w.conn(), &ctx.org, id, version.as_deref()).await?;
+    w.commit().await?;
+    Ok(())
 }
 
 /// Which of a heartbeat's `n` audit events are new, given the broker's last stored mark
@@ -261,8 +290,14 @@ pub(super) async fn heartbeat(
     // Before the body: only a broker's connection gets it read, and only so many at once
     // (see `HeartbeatConn`); the place is held until this returns.
     HeartbeatConn { conn, _place }: HeartbeatConn,
+    headers: axum::http::HeaderMap,
     ApiJson(hb): ApiJson<BrokerHeartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiFailure> {
+    let version = validate::announced_version(
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    );
     let quic = hb
         .quic_addr
         .as_deref()
@@ -336,6 +371,7 @@ pub(super) async fn heartbeat(
         tcp.as_deref(),
         hb.snapshot_version,
         streams_json.as_deref(),
+        version.as_deref(),
         now_secs,
     )
     .await?;

@@ -56,6 +56,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "certificate_renewals",
         include_str!("../../migrations/0005_certificate_renewals.sql"),
     ),
+    (
+        6,
+        "peer_versions",
+        include_str!("../../migrations/0006_peer_versions.sql"),
+    ),
 ];
 
 /// Counter holding the snapshot version.

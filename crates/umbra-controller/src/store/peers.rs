@@ -574,6 +574,8 @@ pub(crate) struct BrokerRow {
     pub(crate) snapshot_version: i64,
     pub(crate) last_seen: i64,
     pub(crate) streams: String,
+    /// The version it last announced.
+    pub(crate) version: Option<String>,
 }
 
 impl<'r> FromRow<'r, SqliteRow> for BrokerRow {
@@ -587,6 +589,7 @@ impl<'r> FromRow<'r, SqliteRow> for BrokerRow {
             snapshot_version: row.try_get("snapshot_version")?,
             last_seen: row.try_get("last_seen")?,
             streams: row.try_get("streams")?,
+            version: row.try_get("version")?,
         })
     }
 }
@@ -596,8 +599,8 @@ pub(crate) async fn brokers_active(
     org: &str,
 ) -> Result<Vec<BrokerRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams \
-         FROM brokers WHERE org = $1 AND revoked_at IS NULL ORDER BY name, id",
+        "SELECT id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, \
+         version FROM brokers WHERE org = $1 AND revoked_at IS NULL ORDER BY name, id",
     )
     .bind(org)
     .fetch_all(c)
@@ -623,6 +626,47 @@ pub(crate) async fn broker_infos(
         .collect())
 }
 
+/// Connector id -> the version it last announced, for the connectors among `ids` that
+/// announced one.
+pub(crate) async fn connector_versions(
+    c: &mut SqliteConnection,
+    org: &str,
+    ids: &[&str],
+) -> Result<BTreeMap<String, String>, sqlx::Error> {
+    const CHUNK: usize = 256;
+    let mut out = BTreeMap::new();
+    for chunk in ids.chunks(CHUNK) {
+        let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "SELECT id, version FROM connectors WHERE org = $1 AND version IS NOT NULL \
+             AND id IN ({})",
+            marks.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql)).bind(org);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        out.extend(q.fetch_all(&mut *c).await?);
+    }
+    Ok(out)
+}
+
+/// Records the version a connector announced.
+pub(crate) async fn connector_set_version(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    version: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE connectors SET version = $3 WHERE org = $1 AND id = $2")
+        .bind(org)
+        .bind(id)
+        .bind(version)
+        .execute(c)
+        .await
+        .map(|_| ())
+}
+
 /// Records a heartbeat; `streams_json: None` keeps the stored live streams. Returns the
 /// addresses stored before it.
 #[allow(clippy::too_many_arguments)]
@@ -634,6 +678,7 @@ pub(crate) async fn broker_heartbeat(
     tcp_addr: Option<&str>,
     snapshot_version: u64,
     streams_json: Option<&str>,
+    version: Option<&str>,
     now: i64,
 ) -> Result<(Option<String>, Option<String>), sqlx::Error> {
     let before: (Option<String>, Option<String>) =
@@ -644,7 +689,7 @@ pub(crate) async fn broker_heartbeat(
             .await?;
     sqlx::query(
         "UPDATE brokers SET quic_addr = $1, tcp_addr = $2, snapshot_version = $3, last_seen = $4, \
-         streams = COALESCE($5, streams) WHERE org = $6 AND id = $7",
+         streams = COALESCE($5, streams), version = $8 WHERE org = $6 AND id = $7",
     )
     .bind(quic_addr)
     .bind(tcp_addr)
@@ -653,6 +698,7 @@ pub(crate) async fn broker_heartbeat(
     .bind(streams_json)
     .bind(org)
     .bind(id)
+    .bind(version)
     .execute(c)
     .await?;
     Ok(before)
