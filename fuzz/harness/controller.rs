@@ -1,5 +1,6 @@
 //! One input of the `validate` fuzz target: the controller's checks of what administrators
-//! and brokers send it as names, user ids and `host:port` values (`validate.rs`, reached
+//! and brokers send it as names, user ids, `host:port` values and announced versions
+//! (`User-Agent`) (`validate.rs`, reached
 //! through the `umbra_controller::fuzz_validate` hook).
 //!
 //! Shared, through `#[path]`, by `fuzz/fuzz_targets/validate.rs` (libFuzzer) and by
@@ -17,7 +18,8 @@ fn printable(s: &str) -> bool {
 /// ASCII and accepted again as it was stored (normalising twice changes nothing, so a value
 /// has one spelling); a name is stored as given, a peer name is a name, a user id is stored
 /// lowercased, a service target is stored as given and within the 255 bytes a Dial frame
-/// carries, and a broker's address normalised is a target as given. True if any check
+/// carries, a broker's address normalised is a target as given, and an announced version
+/// is short, printable and what the peer sent. True if any check
 /// accepted a line.
 pub(crate) fn validate(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -63,6 +65,21 @@ pub(crate) fn validate(data: &[u8]) -> bool {
                 again.host_port.as_ref(),
                 Some(a),
                 "normalised, refused: {a:?}"
+            );
+        }
+        if let Some(version) = &v.announced_version {
+            // Shown in listings as is: short, printable, and what follows `umbra/` as sent.
+            assert!(printable(version) && version.len() <= 32, "{version:?}");
+            assert!(
+                s.starts_with(&format!("umbra/{version}")),
+                "{s:?} -> {version:?}"
+            );
+            assert_eq!(
+                fuzz_validate(&format!("umbra/{version}"))
+                    .announced_version
+                    .as_ref(),
+                Some(version),
+                "not idempotent: {version:?}"
             );
         }
         accepted |= v.name.is_some()

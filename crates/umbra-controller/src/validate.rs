@@ -345,6 +345,8 @@ pub struct Validated {
     pub user_id: Option<String>,
     pub host_port: Option<String>,
     pub advertised_addr: Option<String>,
+    /// [`announced_version`] of the input as a `User-Agent`.
+    pub announced_version: Option<String>,
 }
 
 /// Runs every check on `s`.
@@ -355,5 +357,6 @@ pub(crate) fn all(s: &str) -> Validated {
         user_id: user_id(s, "f").ok(),
         host_port: host_port(s, "f").ok(),
         advertised_addr: advertised_addr(s, "f").ok(),
+        announced_version: announced_version(Some(s)),
     }
 }
