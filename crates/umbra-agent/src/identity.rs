@@ -92,7 +92,7 @@ pub enum Renewal {
 /// forward renews it while it runs, but an agent that only runs now and then, or a laptop that
 /// slept through the renewal time, must not let it lapse (an expired certificate renews only
 /// within the controller's grace; after that the device must enroll again). Bounded by twice
-/// the connect timeout; on failure the held identity is kept and the failure reported.
+/// the connect timeout (plus the wait for another process renewing it); on failure the held identity is kept and the failure reported.
 pub(crate) async fn renew_if_due(
     cfg: &AgentConfig,
     id: TlsIdentity,
@@ -102,8 +102,10 @@ pub(crate) async fn renew_if_due(
     if now < due {
         return (id, Renewal::NotDue(due));
     }
+    // Bounded as a request to the controller is, plus the wait for another process of this
+    // device renewing at the same time (whose certificate it then takes).
     let renewed = tokio::time::timeout(
-        cfg.connect_timeout() * 2,
+        cfg.connect_timeout() * 2 + umbra_link::enroll::RENEW_LOCK_WAIT,
         umbra_link::enroll::renew(&cfg.identity_dir, &id),
     )
     .await;

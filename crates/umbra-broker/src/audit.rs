@@ -109,6 +109,9 @@ struct Inner {
     denials: Budget<String>,
     /// Refusals of peers that proved no identity, by source address.
     unauthenticated: Budget<String>,
+    /// The number this run started numbering at, until a heartbeat's answer confirmed (or
+    /// moved) it: see [`AuditQueue::confirm`]. `None` once confirmed.
+    unconfirmed_from: Option<u64>,
 }
 
 struct Spool {
@@ -146,6 +149,7 @@ impl AuditQueue {
                 spool,
                 denials: Budget::new(DENIALS, Instant::now()),
                 unauthenticated: Budget::new(UNAUTHENTICATED, Instant::now()),
+                unconfirmed_from: Some(next_seq),
             }),
             queued: tokio::sync::Notify::new(),
         }
@@ -156,9 +160,10 @@ impl AuditQueue {
     ///
     /// A spool that cannot be rewritten (a full disk) does not keep the broker from starting:
     /// enforcing access matters more than a durable trail, and every event is in the log as
-    /// well. The spool it read is kept and appended to, under its own numbering; when it
-    /// gives no numbering to go on with (none there, or one from an older version), events
-    /// are kept in memory only, under a new epoch. Either way it is said in the log.
+    /// well. The spool it read is kept and appended to, under its own numbering; when that
+    /// fails too, events are kept in memory only (under the spool's epoch if it had one, else
+    /// a new one). Either way it is said in the log, and the first heartbeat's answer says
+    /// where to number on ([`AuditQueue::confirm`]).
     pub(crate) fn open(path: &Path) -> io::Result<AuditQueue> {
         Self::open_with(path, rewrite)
     }
@@ -355,11 +360,20 @@ impl AuditQueue {
     }
 
     /// Takes up to `max` queued events for a heartbeat (possibly none: the numbering still
-    /// goes along).
+    /// goes along). The heartbeat takes none before the numbering is confirmed
+    /// ([`AuditQueue::confirmed`]).
     pub(crate) fn take(&self, max: usize) -> Batch {
         let mut inner = self.lock();
-        let n = inner.q.len().min(max);
         let first = inner.q.front().map_or(inner.next_seq, |(s, _)| *s);
+        // A batch is numbered from its first event on: it ends before any gap (a spool a
+        // full disk left with holes), and the rest goes in the next one.
+        let n = inner
+            .q
+            .iter()
+            .take(max)
+            .enumerate()
+            .take_while(|(i, (s, _))| *s == first.saturating_add(*i as u64))
+            .count();
         Batch {
             seq: AuditSeq {
                 epoch: self.epoch,
@@ -401,6 +415,70 @@ impl AuditQueue {
             s.unsynced = true;
         }
         false
+    }
+
+    /// The controller answered a heartbeat: where it has this broker's numbering (`stored`:
+    /// epoch and the last number stored; `None` from a controller that does not say). The
+    /// first answer of a run confirms the numbering this run started with, or moves it.
+    ///
+    /// A spool can be behind what the controller stored: lines a full disk refused were
+    /// still sent (in memory, numbered right), and a restart numbers on from the spool. Its
+    /// new events would get numbers the controller has stored and be dropped as resends. So
+    /// no event goes out before this, and when the controller holds the same epoch at or
+    /// past where this run started, this run's events are numbered again after it (and
+    /// spooled again under the new numbers). Events replayed from the spool are then all at
+    /// or below what it stored (they were sent before this run), and are dropped here.
+    pub(crate) fn confirm(&self, stored: Option<(u64, u64)>) {
+        self.confirm_numbering(stored);
+        if !self.lock().q.is_empty() {
+            self.queued.notify_one();
+        }
+    }
+
+    /// Whether a heartbeat's answer confirmed this run's numbering: events may go out.
+    pub(crate) fn confirmed(&self) -> bool {
+        self.lock().unconfirmed_from.is_none()
+    }
+
+    fn confirm_numbering(&self, stored: Option<(u64, u64)>) {
+        let mut inner = self.lock();
+        let Some(start) = inner.unconfirmed_from.take() else {
+            return;
+        };
+        let Some((epoch, last)) = stored else { return };
+        if epoch != self.epoch || last < start {
+            return;
+        }
+        let shift = last + 1 - start;
+        tracing::warn!(
+            from = start,
+            to = last + 1,
+            "the audit spool was behind what the controller stored (a disk that was full?); numbering this run's events after it"
+        );
+        let Inner {
+            q, spool, next_seq, ..
+        } = &mut *inner;
+        // Replayed from the spool, numbered below this run's start, so at or below what the
+        // controller stored: it has them. What is left is this run's, numbered without gaps.
+        q.retain(|(seq, _)| *seq >= start);
+        for (seq, rec) in q.iter_mut() {
+            if *seq >= start {
+                *seq = seq.saturating_add(shift);
+                if let Some(s) = spool.as_mut() {
+                    s.append(&Line::Event {
+                        seq: *seq,
+                        rec: &*rec,
+                    });
+                }
+            }
+        }
+        *next_seq = next_seq.saturating_add(shift);
+        if let Some(s) = spool.as_mut() {
+            // Everything up to the controller's mark is stored there: the old lines of this
+            // run's events, under their first numbers, are not to be sent again.
+            s.append(&Line::<&AuditRecord>::Acked { acked: last });
+            s.append(&Line::<&AuditRecord>::Next { next: *next_seq });
+        }
     }
 
     /// Puts a batch back at the front after a failed heartbeat.
@@ -1009,6 +1087,62 @@ mod tests {
         let got = d.take(10);
         assert_eq!((got.seq.first, got.records.len()), (1, 1));
         assert!(!fresh.exists());
+    }
+
+    /// A run whose spool is behind what the controller stored (lines a full disk refused
+    /// were sent anyway) numbers its events after the controller's mark once the first
+    /// answer says where it is: none of them is taken for a resend and dropped. The spool
+    /// follows, so the next start numbers on from there. The twins: a controller at or below
+    /// where the run started, one of another epoch, and one that says nothing change nothing.
+    #[test]
+    fn a_spool_behind_the_controller_numbers_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.spool");
+        let a = AuditQueue::open(&path).unwrap();
+        let epoch = a.epoch;
+        for t in ["a", "b", "c"] {
+            rec(&a, t);
+        }
+        // Events 1-3 on disk; 4-9 were sent and stored while the disk refused their lines.
+        drop(a);
+        let b = AuditQueue::open(&path).unwrap();
+        assert!(!b.confirmed());
+        for t in ["d", "e"] {
+            rec(&b, t);
+        }
+        b.confirm(Some((epoch, 9)));
+        assert!(b.confirmed());
+        let got = b.take(10);
+        assert_eq!(got.seq, AuditSeq { epoch, first: 10 });
+        let targets: Vec<_> = got.records.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(
+            targets,
+            ["d", "e"],
+            "the replayed ones were stored: dropped"
+        );
+        // A second answer changes nothing.
+        b.requeue(got);
+        b.confirm(Some((epoch, 50)));
+        assert_eq!(b.take(10).seq.first, 10);
+        drop(b);
+        // The next start numbers on from the spool, after the renumbered events.
+        let c = AuditQueue::open(&path).unwrap();
+        rec(&c, "f");
+        let got = c.take(10);
+        assert_eq!(got.seq.epoch, epoch);
+        let last = got.seq.first + got.records.len() as u64 - 1;
+        assert_eq!(last, 12, "{got:?}");
+        assert_eq!(got.records.last().unwrap().target, "f");
+        drop(c);
+
+        // Twins: nothing to move.
+        for stored in [Some((epoch, 12)), Some((epoch ^ 1, 99)), None] {
+            let d = AuditQueue::open(&path).unwrap();
+            rec(&d, "g");
+            let before = d.take(0).seq;
+            d.confirm(stored);
+            assert_eq!(d.take(0).seq, before, "{stored:?}");
+        }
     }
 
     /// Lines appended since the last heartbeat are synced before the next one sends events;

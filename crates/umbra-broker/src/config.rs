@@ -138,12 +138,14 @@ impl BrokerConfig {
         }
         // As the controller checks it in every heartbeat: a broker started with one it
         // refuses would run without its addresses, streams or audit events being stored.
+        // The controller takes `host:port` in at most 255 bytes (what a Dial frame carries):
+        // with the longest port and an IPv6 address's brackets, 247 for the host.
         if let Some(h) = &self.advertise_host
-            && !umbra_proto::dialable_host(h)
+            && (!umbra_proto::dialable_host(h) || h.len() > 247)
         {
             return Err(bad(
                 "advertise_host",
-                "a DNS name (letters, digits, '-', '_', dots) or an IP address",
+                "a DNS name (letters, digits, '-', '_', dots; at most 247 bytes) or an IP address",
             ));
         }
         // Upper bounds too: a duration is added to clocks and timers, where an absurd one
@@ -382,6 +384,17 @@ mod tests {
         c.advertise_host = Some("broker1.example.test".into());
         c.validate().unwrap();
         // What the controller would refuse in every heartbeat is refused at start.
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(59)
+        );
+        c.advertise_host = Some(long.clone());
+        assert_eq!(c.validate().unwrap_err().field, "advertise_host");
+        c.advertise_host = Some(long[..247].to_owned());
+        c.validate().unwrap();
         for bad in [
             "",
             "bad!",

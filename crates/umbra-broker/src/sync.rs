@@ -422,7 +422,13 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let a = shared.authority.load();
         publish_gauges(&a, now);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
-        let mut batch = shared.audit.take(AUDIT_PER_HEARTBEAT);
+        // No event goes out before the controller has said where it has this broker's
+        // numbering (the first answer of a run; see `AuditQueue::confirm`).
+        let mut batch = shared.audit.take(if shared.audit.confirmed() {
+            AUDIT_PER_HEARTBEAT
+        } else {
+            0
+        });
         // What the controller is about to store must be on disk here first (see `durable`):
         // when the sync fails, the events wait for a heartbeat after one that succeeds.
         if !shared.audit.durable().await {
@@ -451,8 +457,10 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             .post::<_, serde_json::Value>("/v1/broker/heartbeat", &hb)
             .await
         {
-            Ok(_) => {
+            Ok(ack) => {
                 refusing = false;
+                let n = |k: &str| ack.get(k).and_then(serde_json::Value::as_u64);
+                shared.audit.confirm(n("audit_epoch").zip(n("audit_last")));
                 if hb.streams.is_some() {
                     reported = Some(Reported {
                         generation,

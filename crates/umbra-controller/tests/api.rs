@@ -2121,6 +2121,23 @@ async fn heartbeat_brokers_streams_and_audit() {
         (count("n1").await, count("n2").await, count("n3").await),
         (1, 1, 1)
     );
+    // The answer says where the numbering is stored: a broker whose spool is behind (a
+    // full disk) numbers on from there. An empty numbered heartbeat (what a broker sends
+    // first after a start) asks without moving it.
+    let ack: Value = b
+        .post(h.url("/v1/broker/heartbeat"))
+        .json(&numbered(1, &[]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&ack["audit_epoch"], &ack["audit_last"]),
+        (&json!(77), &json!(3)),
+        "{ack}"
+    );
     let mut bad = numbered(0, &["n4"]);
     assert_eq!(heartbeat(&h, &b, &bad).await, StatusCode::BAD_REQUEST);
     bad["audit_seq"] = json!({ "epoch": u64::MAX, "first": 1 });

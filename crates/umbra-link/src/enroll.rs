@@ -143,18 +143,24 @@ pub async fn renew(dir: &Path, held: &TlsIdentity) -> Result<Option<IssuedCert>,
     renew_now(dir).await.map(Some)
 }
 
-/// How long [`renew`] waits for another process's renewal of the same directory.
-const RENEW_LOCK_WAIT: Duration = Duration::from_secs(20);
+/// How long [`renew`] waits for another process's renewal of the same directory (callers
+/// that bound a renewal add it to their bound).
+pub const RENEW_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Waits (in steps, so that a caller's timeout can end the wait) for the renewal lock of
 /// `dir`, at most [`RENEW_LOCK_WAIT`]; `None` if it could not be had (then the renewal goes
 /// ahead without it: at worst two certificates for one).
 async fn renewal_turn(dir: &Path) -> Option<std::fs::File> {
     let start = std::time::Instant::now();
+    let mut said = false;
     loop {
         match umbra_pki::try_lock_renewal(dir) {
             Ok(Some(f)) => return Some(f),
             Ok(None) if start.elapsed() < RENEW_LOCK_WAIT => {
+                if !said && start.elapsed() >= Duration::from_secs(1) {
+                    said = true;
+                    tracing::info!(dir = %dir.display(), "waiting for another process renewing this certificate");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Ok(None) => {

@@ -487,7 +487,9 @@ pub struct Device {
 }
 
 /// Where a device's, connector's or broker's latest certificate stands, as the controller
-/// would judge a renewal of it now.
+/// would judge a renewal of it now. Judged on the latest certificate issued, which is the one
+/// its holder has unless the answer that carried it was lost: a holder left with the one
+/// before may find its window ends sooner (that one's expiry plus the grace).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialState {

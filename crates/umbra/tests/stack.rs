@@ -1626,3 +1626,141 @@ async fn a_stream_that_never_names_its_service_is_reset() {
         link.close();
     }
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` at `at` (root only). `None` where that cannot be done, which
+    /// fails the test when UMBRA_E2E_REQUIRED=1 (as in CI) and skips it, saying so, otherwise.
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(at.to_owned())),
+            other => {
+                let why = format!("cannot mount a tmpfs (root needed): {other:?}");
+                if std::env::var("UMBRA_E2E_REQUIRED").is_ok_and(|v| v == "1") {
+                    panic!("{why} (UMBRA_E2E_REQUIRED=1)");
+                }
+                eprintln!("skipped: {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A broker whose disk is full keeps auditing every decision, across a restart on the still
+/// full disk: its spool cannot record the events (nor be rewritten at start), yet each
+/// reaches the controller once, and none of those after the restart is taken for a resend
+/// of what was stored before it (the controller's answer says where the numbering stands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_on_a_full_disk_loses_no_audit_event() {
+    init();
+    let mut s = Stack::start(Opts {
+        brokers: vec![86_400],
+        users: vec![ALICE, BOB],
+    })
+    .await;
+    // The broker moves to a small disk of its own.
+    let full = s.dir.path().join("full");
+    let Some(_disk) = Tmpfs::mount(&full, "2M") else {
+        return;
+    };
+    s.brokers[0].stop().await;
+    let old = s.brokers[0].cfg.identity_dir.clone();
+    for e in std::fs::read_dir(&old).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), full.join(e.file_name())).unwrap();
+        }
+    }
+    s.brokers[0].cfg.identity_dir = full.clone();
+    s.brokers[0].start_again().await;
+    s.converge().await;
+    // Bob's decisions are counted (`ready` streams as the first agent, alice).
+    s.ready().await;
+    let alice = s.agent("bob").identity();
+    let device = s.agent("bob").device.clone();
+    async fn stored(s: &Stack, device: &str) -> usize {
+        s.admin
+            .audit()
+            .await
+            .iter()
+            .filter(|e| {
+                e["action"] == "stream.open"
+                    && e["result"] == "allow"
+                    && e["detail"]["device"] == device
+            })
+            .count()
+    }
+    async fn streams(s: &Stack, alice: &TlsIdentity, n: usize) {
+        let b = &s.brokers[0];
+        let link = poll("a link to the broker", SOON, || {
+            dial(b, Transport::Quic, alice)
+        })
+        .await;
+        for i in 0..n {
+            let (code, mut st) = open(&link, ECHO).await.unwrap();
+            assert_eq!(code, OpenCode::Ok);
+            stream_echo(&mut st, format!("stream {i}").as_bytes())
+                .await
+                .unwrap();
+        }
+        link.close();
+    }
+    async fn reach(s: &Stack, device: &str, want: usize) {
+        poll("the decisions at the controller", SOON, || async {
+            let n = stored(s, device).await;
+            if n == want {
+                Ok(())
+            } else {
+                Err(format!("{n} of {want}"))
+            }
+        })
+        .await;
+    }
+    let before = stored(&s, &device).await;
+
+    // Full: nothing more fits.
+    let mut filler = std::fs::File::create(full.join("filler")).unwrap();
+    let zeros = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut filler, &zeros).is_ok() {}
+    drop(filler);
+    streams(&s, &alice, 10).await;
+    reach(&s, &device, before + 10).await;
+
+    // Restarted on the full disk: it starts (the spool cannot be rewritten), and what it
+    // decides next is stored too, not dropped as resends of the first ten.
+    s.brokers[0].stop().await;
+    s.brokers[0].start_again().await;
+    s.ready().await;
+    streams(&s, &alice, 5).await;
+    reach(&s, &device, before + 15).await;
+    // And once there is room again, the same after another restart.
+    std::fs::remove_file(full.join("filler")).unwrap();
+    s.brokers[0].stop().await;
+    s.brokers[0].start_again().await;
+    s.ready().await;
+    streams(&s, &alice, 3).await;
+    reach(&s, &device, before + 18).await;
+    s.brokers[0].stop().await;
+}

@@ -995,7 +995,7 @@ async fn device_view(
     let certs = peers::latest_certs(c, &ctx.org, Kind::Device.role(), &ids).await?;
     // A disabled user's devices get no new certificate (see `enroll::renew`).
     let disabled = q::users_disabled(c, &ctx.org).await?;
-    let now = ctx.now_secs();
+    let now = whole_secs_up(ctx);
     Ok(rows
         .into_iter()
         .map(|d| {
@@ -1030,7 +1030,7 @@ async fn connector_view(
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let certs = peers::latest_certs(c, &ctx.org, Kind::Connector.role(), &ids).await?;
     let mut versions = peers::connector_versions(c, &ctx.org, &ids).await?;
-    let now = ctx.now_secs();
+    let now = whole_secs_up(ctx);
     Ok(rows
         .into_iter()
         .map(|d| {
@@ -1053,16 +1053,27 @@ async fn connector_view(
         .collect())
 }
 
+/// The controller's time in whole seconds, rounded up: certificate times are whole seconds,
+/// and the renewal route compares them with the exact time, so within the second a window
+/// ends it already refuses; a listing must not call it open then.
+fn whole_secs_up(ctx: &Ctx) -> u64 {
+    let d = ctx
+        .now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 /// [`enroll::credential_state`] of a listed peer's latest certificate (serial, not_after).
 fn credential(
     ctx: &Ctx,
-    now: i64,
+    now: u64,
     cert: Option<&(String, u64)>,
     revoked: bool,
     user_disabled: bool,
 ) -> (api::CredentialState, Option<u64>) {
     enroll::credential_state(
-        to_u64(now),
+        now,
         cert.map(|c| c.1),
         ctx.renew_grace.as_secs(),
         revoked,
@@ -1203,7 +1214,7 @@ pub(super) async fn list_brokers(
     let rows = peers::brokers_active(&mut r, &ctx.org).await?;
     let ids: Vec<&str> = rows.iter().map(|b| b.id.as_str()).collect();
     let certs = peers::latest_certs(&mut r, &ctx.org, Kind::Broker.role(), &ids).await?;
-    let now = ctx.now_secs();
+    let now = whole_secs_up(&ctx);
     Ok(Json(
         rows.into_iter()
             .map(|b| {

@@ -599,6 +599,10 @@ struct AuditSeq {
 #[derive(ToSchema)]
 struct HeartbeatAck {
     snapshot_version: u64,
+    /// The broker's audit epoch as stored (absent without numbering).
+    audit_epoch: Option<u64>,
+    /// The last audit event number stored for that epoch.
+    audit_last: Option<u64>,
 }
 #[derive(ToSchema)]
 struct UserFacts {

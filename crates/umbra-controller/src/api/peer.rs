@@ -283,6 +283,14 @@ fn audit_to_store(stored: (u64, u64), given: AuditSeq, n: usize) -> (usize, (u64
 pub(crate) struct HeartbeatAck {
     /// The controller's current snapshot version.
     pub(crate) snapshot_version: u64,
+    /// The broker's audit numbering as stored here after this heartbeat: its epoch and the
+    /// last number stored (absent for a heartbeat without numbering). A broker whose spool
+    /// lost lines (a full disk) would otherwise number new events below it after a restart,
+    /// and they would be taken for resends and dropped: it numbers on from here instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) audit_epoch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) audit_last: Option<u64>,
 }
 
 pub(super) async fn heartbeat(
@@ -375,10 +383,12 @@ pub(super) async fn heartbeat(
         now_secs,
     )
     .await?;
+    let mut stored_mark = None;
     let fresh = match hb.audit_seq {
         Some(given) => {
             let stored = peers::broker_audit_mark(w.conn(), &ctx.org, &peer.id.id).await?;
             let (skip, mark) = audit_to_store(stored, given, hb.audit.len());
+            stored_mark = Some(mark);
             if mark != stored {
                 peers::broker_audit_set_mark(w.conn(), &ctx.org, &peer.id.id, mark).await?;
             }
@@ -429,6 +439,8 @@ pub(super) async fn heartbeat(
     };
     Ok(Json(HeartbeatAck {
         snapshot_version: version,
+        audit_epoch: stored_mark.map(|m| m.0),
+        audit_last: stored_mark.map(|m| m.1),
     }))
 }
 
