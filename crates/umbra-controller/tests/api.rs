@@ -172,6 +172,17 @@ impl Harness {
         self.enroll(&t.token).await
     }
 
+    async fn revoke_device(&self, device: &TlsIdentity) {
+        let path = format!("/v1/devices/{}/revoke", device.peer.id.id);
+        self.ok("POST", &path, None).await;
+    }
+
+    async fn set_disabled(&self, user: &str, disabled: bool) {
+        let path = format!("/v1/users/{user}");
+        self.ok("PATCH", &path, Some(json!({ "disabled": disabled })))
+            .await;
+    }
+
     fn as_peer(&self, id: &TlsIdentity) -> reqwest::Client {
         client(&self.ca, Some(id))
     }
@@ -1343,18 +1354,8 @@ async fn listings_say_whether_a_certificate_still_renews() {
     let (conn, conn_cert) = h.peer("connector", "c1").await;
     let (_broker, broker_cert) = h.peer("broker", "b1").await;
     let lifetime = secs_left(&dev);
-    h.ok(
-        "POST",
-        &format!("/v1/devices/{}/revoke", revoked.peer.id.id),
-        None,
-    )
-    .await;
-    h.ok(
-        "PATCH",
-        "/v1/users/bob@example.com",
-        Some(json!({ "disabled": true })),
-    )
-    .await;
+    h.revoke_device(&revoked).await;
+    h.set_disabled("bob@example.com", true).await;
     let devices = || async {
         let v = h.ok("GET", "/v1/devices", None).await;
         let by_id = |id: &str| {
@@ -1433,12 +1434,7 @@ async fn listings_say_whether_a_certificate_still_renews() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    h.ok(
-        "PATCH",
-        "/v1/users/bob@example.com",
-        Some(json!({ "disabled": false })),
-    )
-    .await;
+    h.set_disabled("bob@example.com", false).await;
     assert_eq!(
         devices().await[2],
         (s("renewable"), until(bob_cert.not_after))
@@ -1476,18 +1472,8 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     let (conn, _) = h.peer("connector", "c1").await;
     let lifetime = secs_left(&dev);
     let csr = || umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
-    h.ok(
-        "POST",
-        &format!("/v1/devices/{}/revoke", revoked.peer.id.id),
-        None,
-    )
-    .await;
-    h.ok(
-        "PATCH",
-        "/v1/users/bob@example.com",
-        Some(json!({ "disabled": true })),
-    )
-    .await;
+    h.revoke_device(&revoked).await;
+    h.set_disabled("bob@example.com", true).await;
 
     // Two days after expiry, by the controller's clock; every client below is a new
     // connection, so the handshake judges the certificate by that clock too.
