@@ -262,6 +262,11 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A certificate request for a key nobody keeps: for requests whose certificate is not used.
+fn throwaway_csr() -> String {
+    umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap()
+}
+
 /// Whole seconds left of `id`'s certificate by the real clock.
 fn secs_left(id: &TlsIdentity) -> u64 {
     id.peer
@@ -974,7 +979,7 @@ async fn concurrent_redemption_has_one_winner() {
     for _ in 0..20 {
         let h = h.clone();
         let token = t.token.clone();
-        let csr = umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+        let csr = throwaway_csr();
         tasks.push(tokio::spawn(async move {
             h.redeem(&token, &csr).await.status()
         }));
@@ -1428,10 +1433,7 @@ async fn listings_say_whether_a_certificate_still_renews() {
     assert_eq!(devices().await[0], (s("valid"), until(renewed.not_after)));
     // So does the disabled user's device, once the user is enabled: as listed.
     let resp = h
-        .renew(
-            &h.as_peer(&bob),
-            json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }),
-        )
+        .renew(&h.as_peer(&bob), json!({ "csr_pem": throwaway_csr() }))
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     h.set_disabled("bob@example.com", false).await;
@@ -1440,18 +1442,16 @@ async fn listings_say_whether_a_certificate_still_renews() {
         (s("renewable"), until(bob_cert.not_after))
     );
     let resp = h
-        .renew(
-            &h.as_peer(&bob),
-            json!({ "csr_pem": umbra_pki::make_csr(&key).unwrap() }),
-        )
+        .renew(&h.as_peer(&bob), json!({ "csr_pem": throwaway_csr() }))
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // Past the grace: lapsed, and the renewal route agrees.
     h.skew.store(lifetime + 8 * day, Ordering::SeqCst);
     assert_eq!(connector().await, (s("lapsed"), until(conn_cert.not_after)));
-    let csr = umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
-    let resp = h.renew(&h.as_peer(&conn), json!({ "csr_pem": csr })).await;
+    let resp = h
+        .renew(&h.as_peer(&conn), json!({ "csr_pem": throwaway_csr() }))
+        .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     h.ctl.shutdown().await;
 }
@@ -1471,7 +1471,7 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     let (bob, _) = h.agent("bob@example.com").await;
     let (conn, _) = h.peer("connector", "c1").await;
     let lifetime = secs_left(&dev);
-    let csr = || umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+    let csr = throwaway_csr;
     h.revoke_device(&revoked).await;
     h.set_disabled("bob@example.com", true).await;
 
@@ -1693,7 +1693,7 @@ async fn connector_revocation_and_refused_renewals_are_audited() {
     );
 
     // The revoked connector can no longer renew, and that attempt is audited too.
-    let csr = umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+    let csr = throwaway_csr();
     let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let renewals = h.audited("renew").await;
@@ -2225,7 +2225,7 @@ async fn revoked_broker_is_unlisted_and_unserved() {
     assert_eq!(all.as_array().unwrap().len(), 1);
     assert_eq!(all[0]["name"], "b1");
     // The revoked broker is served nothing more: no heartbeat, snapshot or renewal.
-    let csr = || umbra_pki::make_csr(&umbra_pki::generate_key_pem().unwrap()).unwrap();
+    let csr = throwaway_csr;
     let (_, b2, hb2) = &brokers[1];
     assert_eq!(heartbeat(&h, b2, hb2).await, StatusCode::FORBIDDEN);
     let (s, _) = get_json::<Value>(b2, h.url("/v1/snapshot?after=0&wait=0")).await;

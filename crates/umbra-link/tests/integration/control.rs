@@ -393,6 +393,39 @@ async fn renew_server(org: &Org, other: &Org, how: RenewAnswer) -> String {
     url
 }
 
+/// Writes an agent identity of `org`, valid for `lifetime` from now, into `dir`; the
+/// identity as loaded back (what its holder uses).
+fn agent_identity_in(
+    org: &Org,
+    dir: &std::path::Path,
+    lifetime: Duration,
+) -> umbra_pki::TlsIdentity {
+    let p = umbra_pki::test_util::issue_pems(
+        &org.ca,
+        umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap(),
+        vec![],
+        SystemTime::now(),
+        lifetime,
+    )
+    .unwrap();
+    umbra_pki::write_identity_dir(dir, &p.key_pem, &p.cert_pem, org.ca.cert_pem()).unwrap();
+    umbra_pki::TlsIdentity::load_dir(dir).unwrap()
+}
+
+/// Points the controller reference in `dir`, of `held`, at `url`.
+fn controller_at(dir: &std::path::Path, held: &umbra_pki::TlsIdentity, url: String) {
+    umbra_link::enroll::save_controller_ref(
+        dir,
+        &umbra_link::enroll::ControllerRef {
+            url,
+            identity: held.peer.id.to_uri(),
+            user: None,
+            brokers: vec![],
+        },
+    )
+    .unwrap();
+}
+
 /// A renewal answer that does not check out never replaces the identity held: another CA,
 /// another identity, a certificate this host's clock says has expired or has not started.
 /// The twin: a good answer replaces it.
@@ -408,29 +441,9 @@ async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
         RenewAnswer::Good,
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let p = umbra_pki::test_util::issue_pems(
-            &org.ca,
-            umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap(),
-            vec![],
-            SystemTime::now(),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem())
-            .unwrap();
-        let held = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+        let held = agent_identity_in(&org, dir.path(), Duration::from_secs(3600));
         let pems = |id: &umbra_pki::TlsIdentity| id.cert_chain[0].clone();
-        let url = renew_server(&org, &other, how).await;
-        umbra_link::enroll::save_controller_ref(
-            dir.path(),
-            &umbra_link::enroll::ControllerRef {
-                url,
-                identity: held.peer.id.to_uri(),
-                user: None,
-                brokers: vec![],
-            },
-        )
-        .unwrap();
+        controller_at(dir.path(), &held, renew_server(&org, &other, how).await);
         let r = soon("renewal", umbra_link::enroll::renew(dir.path(), &held)).await;
         let now = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
         match how {
@@ -465,34 +478,12 @@ async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
 async fn a_renewal_that_waited_for_another_takes_its_certificate() {
     let org = Org::new();
     let dir = tempfile::tempdir().unwrap();
-    let agent = umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap();
-    let issue = |lifetime: u64| {
-        umbra_pki::test_util::issue_pems(
-            &org.ca,
-            agent.clone(),
-            vec![],
-            SystemTime::now(),
-            Duration::from_secs(lifetime),
-        )
-        .unwrap()
-    };
-    let p = issue(3600);
-    umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem()).unwrap();
-    let held = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+    let held = agent_identity_in(&org, dir.path(), Duration::from_secs(3600));
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    umbra_link::enroll::save_controller_ref(
-        dir.path(),
-        &umbra_link::enroll::ControllerRef {
-            url: format!("https://{dead}"),
-            identity: held.peer.id.to_uri(),
-            user: None,
-            brokers: vec![],
-        },
-    )
-    .unwrap();
+    controller_at(dir.path(), &held, format!("https://{dead}"));
 
     // Another process is renewing: the lock is held.
     let other = umbra_pki::try_lock_renewal(dir.path())
@@ -505,14 +496,7 @@ async fn a_renewal_that_waited_for_another_takes_its_certificate() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "went ahead while another renewed");
     // That process writes its fresher certificate, and lets go.
-    let fresh = issue(7200);
-    umbra_pki::write_identity_dir(
-        dir.path(),
-        &fresh.key_pem,
-        &fresh.cert_pem,
-        org.ca.cert_pem(),
-    )
-    .unwrap();
+    agent_identity_in(&org, dir.path(), Duration::from_secs(7200));
     drop(other);
     let r = soon("renewal", waiting).await.unwrap();
     assert!(r.unwrap().is_none(), "asked the controller again");
@@ -533,27 +517,9 @@ async fn a_refused_renewal_is_told_from_an_unreachable_controller() {
     let org = Org::new();
     let other = Org::new();
     let dir = tempfile::tempdir().unwrap();
-    let p = umbra_pki::test_util::issue_pems(
-        &org.ca,
-        umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap(),
-        vec![],
-        SystemTime::now(),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem()).unwrap();
-    let held = umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap();
+    let held = agent_identity_in(&org, dir.path(), Duration::from_secs(3600));
     let renew_at = |url: String| {
-        umbra_link::enroll::save_controller_ref(
-            dir.path(),
-            &umbra_link::enroll::ControllerRef {
-                url,
-                identity: held.peer.id.to_uri(),
-                user: None,
-                brokers: vec![],
-            },
-        )
-        .unwrap();
+        controller_at(dir.path(), &held, url);
         umbra_link::enroll::renew(dir.path(), &held)
     };
     let server_id = org.identity_with(
