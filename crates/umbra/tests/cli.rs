@@ -34,6 +34,24 @@ fn enroll_agent_cmd(
     umbra_env(home, &args, envs)
 }
 
+/// `umbra broker enroll --controller URL --token TOKEN --dir DIR`.
+fn broker_enroll(home: &Path, url: &str, token: &str, dir: &Path) -> Output {
+    let dir = dir.to_str().expect("utf-8");
+    umbra(
+        home,
+        &[
+            "broker",
+            "enroll",
+            "--controller",
+            url,
+            "--token",
+            token,
+            "--dir",
+            dir,
+        ],
+    )
+}
+
 /// `umbra ARGS` with a clean environment plus `envs`, killed after 20 s.
 fn umbra_env(home: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let dir = home.join("out");
@@ -2408,19 +2426,7 @@ fn enroll_takes_its_token_from_a_file() {
     // (on stderr; the list on stdout stays valid JSON).
     let t = admin(&["token", "create", "--role", "broker", "--name", "eu-1"]);
     let bdir = home.path().join("broker-silent");
-    let o = umbra(
-        home.path(),
-        &[
-            "broker",
-            "enroll",
-            "--controller",
-            &url,
-            "--token",
-            t.trim(),
-            "--dir",
-            bdir.to_str().expect("utf-8"),
-        ],
-    );
+    let o = broker_enroll(home.path(), &url, t.trim(), &bdir);
     assert!(o.success(), "{}", o.describe());
     let o = ctl.admin(home.path(), &["-o", "json", "stream", "list"]);
     assert!(o.success(), "{}", o.describe());
@@ -2441,19 +2447,7 @@ fn enroll_takes_its_token_from_a_file() {
         "ann@example.test",
     ]);
     let bdir = home.path().join("broker-wrong-token");
-    let o = umbra(
-        home.path(),
-        &[
-            "broker",
-            "enroll",
-            "--controller",
-            &url,
-            "--token",
-            t.trim(),
-            "--dir",
-            bdir.to_str().expect("utf-8"),
-        ],
-    );
+    let o = broker_enroll(home.path(), &url, t.trim(), &bdir);
     assert!(
         !o.success() && o.stderr.contains("umbra agent enroll") && !bdir.join("cert.pem").exists(),
         "{}",
