@@ -17,8 +17,8 @@
 //! The queue is bounded: if the controller is away for long, the oldest events are dropped
 //! from it (they are still in the log) and counted. So that a flood of refusals cannot push
 //! real events out, denials and errors have a budget per actor (the identity that asked) and
-//! in all ([`DENIALS`]): beyond it they are counted and logged (the line says `stored=false`)
-//! but not stored, and the actor's next stored one says how many were skipped (`skipped` in
+//! in all ([`DENIALS`]): beyond it they are counted and logged (each audit line says
+//! `stored`, false for these) but not stored, and the actor's next stored one says how many were skipped (`skipped` in
 //! its detail). Refusals of peers that proved no identity beyond their budget are counted
 //! only (a debug line): anyone can make them as fast as handshakes fail.
 //!
@@ -251,6 +251,8 @@ impl AuditQueue {
         // that it cannot forge lines where records are shown, and so that the controller
         // stores the record.
         let target = &*umbra_proto::audit_target(target);
+        // Whether the record goes to the store too (the log line is written either way).
+        let mut stored = true;
         if result == "deny" || result == "error" {
             let verdict = {
                 let mut inner = self.lock();
@@ -277,22 +279,12 @@ impl AuditQueue {
                             result,
                             "over the source's audit budget: counted, not recorded"
                         );
-                    } else {
-                        // An identity's decision is still an audit line in the log (its
-                        // rate is bounded by its links and streams); only the store is
-                        // spared, and the actor's next stored record counts what was not.
-                        tracing::info!(
-                            target: "audit",
-                            actor,
-                            action,
-                            object = target,
-                            result,
-                            detail = %detail,
-                            stored = false,
-                            "audit"
-                        );
+                        return;
                     }
-                    return;
+                    // An identity's decision is still an audit line in the log (its rate is
+                    // bounded by its links and streams); only the store is spared, and the
+                    // actor's next stored record counts what was not.
+                    stored = false;
                 }
                 Verdict::Record { skipped } if skipped > 0 => {
                     if let Some(d) = detail.as_object_mut() {
@@ -309,8 +301,12 @@ impl AuditQueue {
             object = target,
             result,
             detail = %detail,
+            stored,
             "audit"
         );
+        if !stored {
+            return;
+        }
         let rec = AuditRecord {
             at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -462,14 +458,12 @@ impl AuditQueue {
         // controller stored: it has them. What is left is this run's, numbered without gaps.
         q.retain(|(seq, _)| *seq >= start);
         for (seq, rec) in q.iter_mut() {
-            if *seq >= start {
-                *seq = seq.saturating_add(shift);
-                if let Some(s) = spool.as_mut() {
-                    s.append(&Line::Event {
-                        seq: *seq,
-                        rec: &*rec,
-                    });
-                }
+            *seq = seq.saturating_add(shift);
+            if let Some(s) = spool.as_mut() {
+                s.append(&Line::Event {
+                    seq: *seq,
+                    rec: &*rec,
+                });
             }
         }
         *next_seq = next_seq.saturating_add(shift);

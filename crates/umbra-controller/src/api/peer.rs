@@ -226,11 +226,7 @@ pub(super) async fn connector_config(
     ApiQuery(q): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiFailure> {
     let (peer, _, _) = ctx.authorize_peer(&conn, &[Role::Connector]).await?;
-    let version = validate::announced_version(
-        headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok()),
-    );
+    let version = announced_version(&headers);
     remember_connector_version(&ctx, &peer.id.id, version).await?;
     let _slot = wait_slot(&ctx, &peer)?;
     if !changed_since(&ctx, q.after.unwrap_or(0), q.wait()).await? {
@@ -241,6 +237,15 @@ pub(super) async fn connector_config(
     let (peer, row, _) = ctx.check_peer(&mut r, &conn, &[Role::Connector]).await?;
     let cfg = distribution::connector_config(&mut r, &ctx.org, &peer.id.id, &row.owner).await?;
     Ok(Json(cfg).into_response())
+}
+
+/// The version a peer announced in its `User-Agent` ([`validate::announced_version`]).
+fn announced_version(headers: &axum::http::HeaderMap) -> Option<String> {
+    validate::announced_version(
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 /// Stores the version a connector announced, when it is not the one stored: a write at its
@@ -301,11 +306,7 @@ pub(super) async fn heartbeat(
     headers: axum::http::HeaderMap,
     ApiJson(hb): ApiJson<BrokerHeartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiFailure> {
-    let version = validate::announced_version(
-        headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok()),
-    );
+    let version = announced_version(&headers);
     let quic = hb
         .quic_addr
         .as_deref()
