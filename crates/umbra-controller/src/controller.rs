@@ -265,6 +265,40 @@ impl Controller {
         self.ctx.dist.waiting_now()
     }
 
+    /// Not API: for `fuzz/` (target `admin_api`) and its corpus replay test only. Serves one
+    /// request in process with the router the listener serves, as it arrives on a connection
+    /// from loopback without a client certificate (an administrator's). `None` if `method`
+    /// and `target` make no request line, which the listener's HTTP parser refuses before
+    /// any route runs.
+    #[doc(hidden)]
+    pub async fn fuzz_request(
+        &self,
+        method: &str,
+        target: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> Option<(u16, Vec<u8>)> {
+        use tower::Service;
+        let mut req = axum::http::Request::builder().method(method).uri(target);
+        if let Some(t) = bearer {
+            req = req.header(axum::http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let mut req = req.body(axum::body::Body::from(body)).ok()?;
+        req.extensions_mut()
+            .insert(crate::state::ConnPeer::default());
+        req.extensions_mut()
+            .insert(crate::state::ClientAddr(SocketAddr::from((
+                Ipv4Addr::LOCALHOST,
+                40_000,
+            ))));
+        let Ok(resp) = api::router(self.ctx.clone()).call(req).await;
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .ok()?;
+        Some((status, body.to_vec()))
+    }
+
     /// Stops accepting, lets open requests finish (long polls end at once), closes the
     /// database.
     pub async fn shutdown(self) {
