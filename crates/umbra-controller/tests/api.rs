@@ -2214,9 +2214,24 @@ async fn revoked_broker_is_unlisted_and_unserved() {
     let (s, _) = h.admin("POST", "/v1/brokers/nope/revoke", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let v = h.ctl.snapshot_version();
-    let (s, _) = h.admin("POST", "/v1/brokers/b2/revoke", None).await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = h.admin("POST", "/v1/brokers/b2/revoke", None).await;
+    assert_eq!(s, StatusCode::OK);
     assert!(h.ctl.snapshot_version() > v, "a revocation is a change");
+    // The answer is the broker, as listed, now revoked (by name here; its id is the key).
+    let revoked: umbra_proto::api::Broker = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (
+            revoked.name.as_str(),
+            revoked.id.as_str(),
+            revoked.cert_state
+        ),
+        (
+            "b2",
+            brokers[1].0.peer.id.id.as_str(),
+            umbra_proto::api::CredentialState::Revoked
+        )
+    );
+    assert_eq!(revoked.renew_until, None);
 
     // Agents, connectors and the other broker no longer see it.
     assert_eq!(listed(h.as_peer(&dev)).await, ["b1"]);
@@ -2254,7 +2269,7 @@ async fn revoked_broker_is_unlisted_and_unserved() {
     let (s, _) = h
         .admin("POST", &format!("/v1/brokers/{b2_id}/revoke"), None)
         .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(s, StatusCode::OK);
     assert_eq!(h.ctl.snapshot_version(), v);
     h.ctl.shutdown().await;
 }

@@ -217,11 +217,14 @@ enum ServiceCmd {
     },
     /// Change a service's target, its connectors, or both, in one change (live streams on
     /// the old route end; new ones take the new route).
+    #[command(group(
+        clap::ArgGroup::new("change").args(["target", "connectors"]).required(true).multiple(true)
+    ))]
     Set {
         /// Service name.
         name: String,
         /// New host:port as the connector sees it.
-        #[arg(long, required_unless_present = "connectors")]
+        #[arg(long)]
         target: Option<String>,
         /// Connector that may serve it (repeatable; the list replaces the old one).
         #[arg(long = "connector")]
@@ -638,10 +641,19 @@ impl Client {
         let url = format!("{}{path}", self.base);
         self.send(self.http.request(method, url).json(body)).await
     }
-    async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base)))
-            .await
+    /// Deletes what `path` names (the controller answers 204, no body).
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .send(self.http.delete(format!("{}{path}", self.base)))
+            .await?;
+        Ok(())
     }
+}
+
+/// What `-o json` prints for a deletion, which the controller answers with no body: the
+/// kind of object and the name or id it was asked to remove.
+fn removed(kind: &str, id: &str) -> serde_json::Value {
+    serde_json::json!({ "removed": kind, "id": id })
 }
 
 /// The controller's answer to a request it refused: its status, message and the request
@@ -745,7 +757,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = w[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|s| s.to_uppercase()).collect());
     for r in rows {
@@ -785,7 +797,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         ($v:expr, $human:expr) => {{
             let v = $v;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 #[allow(clippy::redundant_closure_call)]
                 ($human)(v);
@@ -803,7 +815,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(u, |u: api::User| println!("user {} added", u.id));
+            out!(u, |u: api::User| outln!("user {} added", u.id));
         }
         Cmd::User(UserCmd::List) => {
             let v: Vec<api::User> = c.get("/v1/users").await?;
@@ -820,8 +832,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::User(UserCmd::Rm { id }) => {
-            let v = c.delete(&format!("/v1/users/{}", seg(id))).await?;
-            out!(v, |_| println!("user {id} removed"));
+            c.delete(&format!("/v1/users/{}", seg(id))).await?;
+            out!(removed("user", id), |_| outln!("user {id} removed"));
         }
         Cmd::User(UserCmd::Disable { id } | UserCmd::Enable { id }) => {
             let disabled = matches!(a.cmd, Cmd::User(UserCmd::Disable { .. }));
@@ -834,7 +846,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(u, |u: api::User| println!(
+            out!(u, |u: api::User| outln!(
                 "user {} {}",
                 u.id,
                 if u.disabled { "disabled" } else { "enabled" }
@@ -852,7 +864,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             query.extend(service.clone().map(|s| ("service", s)));
             let v: api::Access = c.get(&path_with_query("/v1/access", &query)?).await?;
             out!(v, |v: api::Access| {
-                println!(
+                outln!(
                     "{} on {}, over {} (snapshot {}):",
                     v.user,
                     v.device.as_deref().map_or_else(
@@ -885,7 +897,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let g: api::Group = c
                 .post("/v1/groups", &api::CreateGroup { name: name.clone() })
                 .await?;
-            out!(g, |g: api::Group| println!("group {} added", g.name));
+            out!(g, |g: api::Group| outln!("group {} added", g.name));
         }
         Cmd::Group(GroupCmd::List) => {
             let v: Vec<api::Group> = c.get("/v1/groups").await?;
@@ -903,17 +915,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     &serde_json::json!({ "user": user }),
                 )
                 .await?;
-            out!(v, |_| println!("{user} added to {group}"));
+            out!(v, |_| outln!("{user} added to {group}"));
         }
         Cmd::Group(GroupCmd::RmMember { group, user }) => {
-            let v = c
-                .delete(&format!("/v1/groups/{}/members/{}", seg(group), seg(user)))
+            c.delete(&format!("/v1/groups/{}/members/{}", seg(group), seg(user)))
                 .await?;
-            out!(v, |_| println!("{user} removed from {group}"));
+            let v = serde_json::json!({ "removed": "member", "group": group, "user": user });
+            out!(v, |_| outln!("{user} removed from {group}"));
         }
         Cmd::Group(GroupCmd::Rm { name }) => {
-            let v = c.delete(&format!("/v1/groups/{}", seg(name))).await?;
-            out!(v, |_| println!("group {name} removed"));
+            c.delete(&format!("/v1/groups/{}", seg(name))).await?;
+            out!(removed("group", name), |_| outln!("group {name} removed"));
         }
         Cmd::Service(ServiceCmd::Add {
             name,
@@ -959,8 +971,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::Service(ServiceCmd::Rm { name }) => {
-            let v = c.delete(&format!("/v1/services/{}", seg(name))).await?;
-            out!(v, |_| println!("service {name} removed"));
+            c.delete(&format!("/v1/services/{}", seg(name))).await?;
+            out!(removed("service", name), |_| outln!(
+                "service {name} removed"
+            ));
         }
         Cmd::Policy(
             PolicyCmd::Add {
@@ -1001,7 +1015,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(p, |p: api::Policy| println!("policy {} added", p.name));
+            out!(p, |p: api::Policy| outln!("policy {} added", p.name));
         }
         Cmd::Policy(PolicyCmd::Set { name, source, .. }) => {
             let p: api::Policy = c
@@ -1013,17 +1027,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            out!(p, |p: api::Policy| println!("policy {} replaced", p.name));
+            out!(p, |p: api::Policy| outln!("policy {} replaced", p.name));
         }
         Cmd::Policy(PolicyCmd::List) => {
             let v: Vec<api::Policy> = c.get("/v1/policies").await?;
             out!(v, |v: Vec<api::Policy>| for p in v {
-                println!("# {}\n{}\n", p.name, p.text.trim_end());
+                outln!("# {}\n{}\n", p.name, p.text.trim_end());
             });
         }
         Cmd::Policy(PolicyCmd::Rm { name, .. }) => {
-            let v = c.delete(&format!("/v1/policies/{}", seg(name))).await?;
-            out!(v, |_| println!("policy {name} removed"));
+            c.delete(&format!("/v1/policies/{}", seg(name))).await?;
+            out!(removed("policy", name), |_| outln!("policy {name} removed"));
         }
         Cmd::Token(TokenCmd::Create {
             role,
@@ -1045,7 +1059,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             out!(
                 serde_json::json!({"id": t.id, "token": t.token, "role": t.role, "expires_at": t.expires_at}),
                 |_| {
-                    println!("{}", t.token);
+                    outln!("{}", t.token);
                     eprintln!(
                         "{} token {} (expires {}; shown once)",
                         t.role,
@@ -1075,10 +1089,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             ));
         }
         Cmd::Token(TokenCmd::Rm { id }) => {
-            let v = c
-                .delete(&format!("/v1/enrollment-tokens/{}", seg(id)))
+            c.delete(&format!("/v1/enrollment-tokens/{}", seg(id)))
                 .await?;
-            out!(v, |_| println!("enrollment token {id} removed"));
+            out!(removed("enrollment_token", id), |_| outln!(
+                "enrollment token {id} removed"
+            ));
         }
         Cmd::Device(DeviceCmd::List { user, page }) => {
             let filter: Vec<_> = user.iter().map(|u| ("user", u.clone())).collect();
@@ -1117,7 +1132,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Device(DeviceCmd::Revoke { id }) => {
             let v = c.revoke("devices", id).await?;
-            out!(v, |_| println!("device {id} revoked"));
+            out!(v, |_| outln!("device {id} revoked"));
         }
         Cmd::Connector(ConnectorCmd::List { name, page }) => {
             let filter: Vec<_> = name.iter().map(|n| ("name", n.clone())).collect();
@@ -1156,7 +1171,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Connector(ConnectorCmd::Revoke { id }) => {
             let v = c.revoke("connectors", id).await?;
-            out!(v, |_| println!("connector {id} revoked"));
+            out!(v, |_| outln!("connector {id} revoked"));
         }
         Cmd::Broker(BrokerCmd::List) => {
             let v: Vec<api::Broker> = c.get("/v1/brokers/all").await?;
@@ -1191,7 +1206,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Broker(BrokerCmd::Revoke { id }) => {
             let v = c.revoke("brokers", id).await?;
-            out!(v, |_| println!("broker {id} revoked"));
+            out!(v, |_| outln!("broker {id} revoked"));
         }
         Cmd::AdminToken(AdminTokenCmd::Rotate) => {
             let t: api::AdminTokenCreated = c
@@ -1223,7 +1238,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     "token_file_error": saved.as_ref().and_then(|r| r.as_ref().err()),
                 }),
                 |_| {
-                    println!("{}", t.token);
+                    outln!("{}", t.token);
                     eprintln!(
                         "admin token {} replaces {} token(s), which no longer work",
                         t.id, t.replaced
@@ -1469,23 +1484,36 @@ async fn check_policy(
     let r: api::PolicyCheckResult = c
         .post(&format!("/v1/policies/{}/check", seg(name)), body)
         .await?;
+    // Refused as the command itself would be (status, message and field), so that a script
+    // reads a dry run's refusal as it reads the real one's.
+    let refused = |status, error: String| Refused {
+        status,
+        error,
+        field: Some("name".to_owned()),
+    };
     match (expect, r.change.as_str()) {
         (e, got) if e == got => {}
-        ("add", _) => bail!("policy {name} already exists (field name)"),
-        _ => bail!("no policy {name} (field name)"),
+        ("add", _) => {
+            let error = format!("policy {name} already exists");
+            return Err(refused(reqwest::StatusCode::CONFLICT, error).into());
+        }
+        _ => {
+            let error = format!("no policy {name}");
+            return Err(refused(reqwest::StatusCode::NOT_FOUND, error).into());
+        }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "dry run, nothing changed: to {} policy {name} would end {} of {} live streams",
         r.change,
         r.ends.len(),
         r.live
     );
     if r.brokers_silent > 0 {
-        println!(
+        outln!(
             "({} brokers not heard from lately are not counted; they apply the change too)",
             r.brokers_silent
         );
@@ -1544,7 +1572,7 @@ impl PeerNames {
 }
 
 fn print_service(s: api::Service) {
-    println!(
+    outln!(
         "service {} -> {} via {}",
         s.name,
         s.target,

@@ -62,14 +62,6 @@ enum Cmd {
     },
 }
 
-impl Args {
-    /// Whether the command prints its result and ends (status, services, enroll), as
-    /// opposed to a forward, which runs on.
-    pub(crate) fn prints_result(&self) -> bool {
-        !matches!(self.cmd, Cmd::Forward { .. })
-    }
-}
-
 /// Enrollment flags, the same for agents, connectors and brokers.
 #[derive(clap::Args)]
 pub(crate) struct EnrollArgs {
@@ -213,16 +205,16 @@ async fn enroll_into(
     let expires = std::time::UNIX_EPOCH
         .checked_add(std::time::Duration::from_secs(issued.not_after))
         .unwrap_or(std::time::UNIX_EPOCH);
-    println!(
+    outln!(
         "enrolled {} (certificate valid until {}) into {}",
         issued.identity,
         umbra_pki::rfc3339(expires),
         dir.display()
     );
     if let Some(u) = issued.user {
-        println!("this device belongs to {u}");
+        outln!("this device belongs to {u}");
     }
-    println!("identity written to {}", dir.display());
+    outln!("identity written to {}", dir.display());
     Ok(())
 }
 
@@ -250,27 +242,27 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Status => {
             let s = umbra_agent::status(&cfg).await?;
-            println!("identity:     {}", s.identity);
-            println!("user:         {}", s.user.as_deref().unwrap_or("-"));
-            println!(
+            outln!("identity:     {}", s.identity);
+            outln!("user:         {}", s.user.as_deref().unwrap_or("-"));
+            outln!(
                 "certificate:  valid until {}",
                 umbra_pki::rfc3339(s.cert_not_after)
             );
             match &s.renewal {
                 umbra_agent::Renewal::NotDue(at) => {
-                    println!("renewal:      due {}", umbra_pki::rfc3339(*at))
+                    outln!("renewal:      due {}", umbra_pki::rfc3339(*at))
                 }
-                umbra_agent::Renewal::Renewed => println!("renewal:      renewed now"),
-                umbra_agent::Renewal::Failed { due, error } => println!(
+                umbra_agent::Renewal::Renewed => outln!("renewal:      renewed now"),
+                umbra_agent::Renewal::Failed { due, error } => outln!(
                     "renewal:      due since {} and failed: {error}. It is retried by every agent command and while a forward runs (after expiry, for as long as the controller's renew grace allows; then the device must enroll again)",
                     umbra_pki::rfc3339(*due)
                 ),
             }
-            println!("brokers:");
+            outln!("brokers:");
             let answered = s.brokers.iter().any(|b| b.rtt.is_ok());
             for b in s.brokers {
                 match b.rtt {
-                    Ok(rtt) => println!(
+                    Ok(rtt) => outln!(
                         "  {:<20} {:<8} rtt {:>8.2} ms  {}",
                         b.info.name,
                         b.transport,
@@ -282,11 +274,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         }
                         .unwrap_or("-")
                     ),
-                    Err(_) if b.refused => println!(
+                    Err(_) if b.refused => outln!(
                         "  {:<20} refused this device (revoked, or not enrolled): ask an administrator",
                         b.info.name
                     ),
-                    Err(e) => println!("  {:<20} unreachable: {e}", b.info.name),
+                    Err(e) => outln!("  {:<20} unreachable: {e}", b.info.name),
                 }
             }
             // A health check (`agent status && ...`) fails when this device can use no broker.
@@ -298,7 +290,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Services => {
             for s in umbra_agent::services(&cfg).await? {
-                println!("{s}");
+                outln!("{s}");
             }
             Ok(())
         }
@@ -316,7 +308,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             }
             let mut f = umbra_agent::Forwarder::start_many(cfg, &forwards).await?;
             for (service, addr) in f.forwards() {
-                println!("forwarding {addr} to {service}");
+                outln!("forwarding {addr} to {service}");
             }
             let failed = tokio::select! {
                 () = crate::telemetry::shutdown_signal() => None,

@@ -2,6 +2,14 @@
 //!
 //! Parses flags, starts telemetry, and hands over to one module per subcommand.
 
+/// `println!` for a command's result, which a person or another program reads: see
+/// [`stdout_line`].
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::stdout_line(format_args!($($t)*))
+    };
+}
+
 mod admin;
 mod agent;
 mod broker;
@@ -55,7 +63,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     malloc::tune();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(&e),
+    };
     umbra_pki::install_crypto_provider();
     let interactive = matches!(
         cli.command,
@@ -72,13 +83,6 @@ fn main() -> std::process::ExitCode {
     let log = cli.log_filter();
     // Scripts reading `-o json` get their error as JSON too (on stderr, as a person would).
     let json_errors = matches!(&cli.command, Command::Admin(a) if a.json_output());
-    if match &cli.command {
-        Command::Admin(_) => true,
-        Command::Agent(a) => a.prints_result(),
-        _ => false,
-    } {
-        end_quietly_on_closed_output();
-    }
     if !matches!(cli.command, Command::Admin(_) | Command::Agent(_)) {
         // Installed before any role records a metric (records made earlier would be lost).
         telemetry::metrics_handle();
@@ -121,10 +125,13 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if json_errors => {
-            // The controller's own refusal keeps its parts; anything else is one line.
+            // The controller's own refusal keeps its parts; anything else is one line, in the
+            // same shape (no field named, no HTTP status: no answer came).
             let v = match e.downcast_ref::<admin::Refused>() {
                 Some(r) => r.to_json(),
-                None => serde_json::json!({ "error": error_line(&e) }),
+                None => {
+                    serde_json::json!({ "error": error_line(&e), "field": null, "status": null })
+                }
             };
             eprintln!("{v}");
             std::process::ExitCode::FAILURE
@@ -136,15 +143,72 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Output read by another program (`| head`) may stop being read: the command then ends
-/// quietly, as other Unix tools do, instead of panicking in `println!`. Only for short-lived
-/// commands whose output is their result: the roles write to sockets, which never raise
-/// SIGPIPE (Rust sends with MSG_NOSIGNAL), but their logs go to stderr.
-#[allow(unsafe_code)]
-fn end_quietly_on_closed_output() {
-    // SAFETY: sets a signal's disposition to its default, before any thread is started.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+/// Ends on a command line clap refuses (exit status 2), as clap would, except that an admin
+/// command asked for `-o json` gets the refusal as JSON on stderr, in the shape of the
+/// controller's refusals (`status` null: no request was sent), so that a script reads every
+/// failure one way. Help and version are printed as asked.
+fn usage_error(e: &clap::Error) -> ! {
+    use clap::error::{ContextKind, ErrorKind};
+    let wants_help = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if wants_help || !admin_json_asked(std::env::args()) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let text = text.trim_start().trim_start_matches("error:");
+    let text = text.split("\n\nUsage:").next().unwrap_or(text);
+    let error = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let field = e.get(ContextKind::InvalidArg).map(ToString::to_string);
+    eprintln!(
+        "{}",
+        serde_json::json!({ "error": error, "field": field, "status": null })
+    );
+    std::process::exit(2);
+}
+
+/// Whether a command line clap refused asks for an admin command's output as JSON: `admin`
+/// and then `-o json` (or `-ojson`, `-o=json`, `--output json`, `--output=json`).
+fn admin_json_asked(args: impl Iterator<Item = String>) -> bool {
+    let mut admin = false;
+    let mut prev = String::new();
+    for a in args.skip(1) {
+        if a == "admin" {
+            admin = true;
+        } else if admin
+            && (matches!(a.as_str(), "-ojson" | "-o=json" | "--output=json")
+                || (a == "json" && matches!(prev.as_str(), "-o" | "--output")))
+        {
+            return true;
+        }
+        prev = a;
+    }
+    false
+}
+
+/// Writes one line of a command's result to stdout. Output that stops being read (`| head`)
+/// ends the command quietly, by SIGPIPE, as it ends other Unix tools; any other
+/// failure to write it (a full disk) ends the command with that error. Resetting SIGPIPE for
+/// the whole process instead would also kill it, without a word, when a socket write fails:
+/// `writev`, which TLS writes use, has no `MSG_NOSIGNAL`, so a controller or broker that
+/// resets the connection (a plain HTTP port given as the controller) would end the command
+/// with no error at all.
+pub(crate) fn stdout_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            end_by_sigpipe();
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -182,9 +246,46 @@ fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// Ends the process by SIGPIPE, as a write to a closed pipe ends a Unix tool (the shell sees
+/// status 141).
+#[allow(unsafe_code)]
+fn end_by_sigpipe() -> ! {
+    // SAFETY: sets a signal's disposition to its default and raises it in this thread; the
+    // process ends there. Nothing else is running that relies on SIGPIPE being ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(141)
+}
+
 #[cfg(test)]
 mod tests {
     use super::error_line;
+
+    #[test]
+    fn admin_json_is_asked_for_in_every_spelling() {
+        let asked = |line: &str| super::admin_json_asked(line.split(' ').map(str::to_owned));
+        for line in [
+            "umbra admin -o json service set x",
+            "umbra admin service set x -o json",
+            "umbra admin service set x -ojson",
+            "umbra admin service set x -o=json",
+            "umbra --log warn admin --output json user add",
+            "umbra admin user add --output=json",
+        ] {
+            assert!(asked(line), "{line}");
+        }
+        for line in [
+            "umbra admin service set x",
+            "umbra admin -o table user list",
+            "umbra agent status -o json",
+            "umbra admin user add json",
+            "umbra -o json admin",
+        ] {
+            assert!(!asked(line), "{line}");
+        }
+    }
 
     /// An explicit `--log` is used as given, `info` included; without one, each command has
     /// its default. (`UMBRA_LOG` counts as given; the test environment leaves it unset.)

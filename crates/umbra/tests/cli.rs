@@ -862,6 +862,61 @@ fn admin_without_a_controller_says_so() {
     );
 }
 
+/// `umbra admin` pointed at a plain HTTP port (a metrics port, a proxy) says it cannot reach
+/// the controller and fails with status 1, every time. It used to die of SIGPIPE now and then,
+/// with nothing said: its TLS alert went out with `writev` (no `MSG_NOSIGNAL`) on a
+/// connection the server had reset, while SIGPIPE was reset to its default for stdout. The
+/// server is axum's, as the roles' metrics listeners are; 20 tries (about 2 in 5 died).
+#[test]
+fn admin_pointed_at_a_plain_http_port_says_so_every_time() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("https://{}", listener.local_addr().expect("addr"));
+    rt.spawn(async move {
+        let app = axum::Router::new().route("/metrics", axum::routing::get(|| async { "" }));
+        let _ = axum::serve(listener, app).await;
+    });
+    // Any PEM certificate will do: the handshake never gets that far.
+    let ca = home.path().join("ca.pem");
+    let org = umbra_pki::Ca::generate("acme", std::time::SystemTime::now()).expect("ca");
+    std::fs::write(&ca, org.cert_pem()).expect("ca.pem");
+    for i in 0..20 {
+        let out = umbra(
+            home.path(),
+            &[
+                "admin",
+                "-o",
+                "json",
+                "--controller",
+                &url,
+                "--ca-file",
+                ca.to_str().expect("utf-8"),
+                "--token",
+                "umbra-admin-x",
+                "user",
+                "list",
+            ],
+        );
+        let e: Value = serde_json::from_str(out.stderr.trim())
+            .unwrap_or_else(|e| panic!("try {i}: not JSON ({e}): {}", out.describe()));
+        assert!(
+            code(&out) == Some(1)
+                && e["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("cannot reach the controller")),
+            "try {i}: {}",
+            out.describe()
+        );
+    }
+}
+
 /// A base port where P, P+1, P+2 (TCP and UDP), P+80 and P+90 are free on loopback, starting from a
 /// pid-derived place so that parallel runs rarely meet.
 fn quickstart_base_port() -> u16 {
@@ -1775,6 +1830,11 @@ fn start_controller(
     (proc, port, r)
 }
 
+/// The exit code of a command that exited (not killed by a signal).
+fn code(o: &Output) -> Option<i32> {
+    o.status.and_then(|s| s.code())
+}
+
 /// The port printed right after `prefix` in `out`.
 fn printed_port(out: &str, prefix: &str) -> Option<u16> {
     let rest = &out[out.find(prefix)? + prefix.len()..];
@@ -2147,10 +2207,89 @@ fn admin_changes_in_place() {
         ],
         "no policy nosuch",
     );
+    // Refused as a script reads the real command's refusal: status, field and message.
+    let dry = admin(&[
+        "-o",
+        "json",
+        "policy",
+        "add",
+        "wiki-ann",
+        "--allow-everyone",
+        "--service",
+        "wiki",
+        "--dry-run",
+    ]);
+    let real = admin(&[
+        "-o",
+        "json",
+        "policy",
+        "add",
+        "wiki-ann",
+        "--allow-everyone",
+        "--service",
+        "wiki",
+    ]);
+    let parse = |o: &Output| -> Value {
+        serde_json::from_str(o.stderr.trim())
+            .unwrap_or_else(|e| panic!("-o json error is not JSON ({e}): {}", o.describe()))
+    };
+    assert_eq!(
+        parse(&dry),
+        parse(&real),
+        "{}\n{}",
+        dry.describe(),
+        real.describe()
+    );
+    assert_eq!(parse(&dry)["status"], 409);
+    assert_eq!(
+        (code(&dry), code(&real)),
+        (Some(1), Some(1)),
+        "{}",
+        dry.describe()
+    );
+    let dry = admin(&["-o", "json", "policy", "rm", "nosuch", "--dry-run"]);
+    let real = admin(&["-o", "json", "policy", "rm", "nosuch"]);
+    assert_eq!(
+        parse(&dry),
+        parse(&real),
+        "{}\n{}",
+        dry.describe(),
+        real.describe()
+    );
+    assert_eq!(
+        (&parse(&dry)["status"], &parse(&dry)["field"]),
+        (&Value::from(404), &Value::from("name"))
+    );
     assert_eq!(
         json(&["policy", "list"]),
         before,
         "a dry run changed the policies"
+    );
+    // A command line that clap refuses: JSON too when `-o json` is asked for, with status 2
+    // as clap's own; text otherwise.
+    let usage = admin(&["-o", "json", "service", "set", "wiki"]);
+    let e = parse(&usage);
+    assert!(
+        code(&usage) == Some(2)
+            && e["status"].is_null()
+            && e["error"].as_str().is_some_and(|m| m.contains("--target")
+                && m.contains("--connector")
+                && !m.contains("Usage:")),
+        "{}",
+        usage.describe()
+    );
+    let usage = admin(&["service", "set", "wiki"]);
+    assert!(
+        code(&usage) == Some(2) && usage.stderr.contains("Usage:"),
+        "{}",
+        usage.describe()
+    );
+    // A removal prints what it removed (the controller answers it with no body), not `null`.
+    ok(&["group", "add", "gone"]);
+    let removed = json(&["group", "rm", "gone"]);
+    assert_eq!(
+        removed,
+        serde_json::json!({ "removed": "group", "id": "gone" })
     );
     let audit = ok(&["audit", "--action", "policy.update", "--result", "ok"]);
     assert!(audit.contains("wiki-ann"), "{audit}");

@@ -736,10 +736,7 @@ pub(super) async fn check_policy(
             "add"
         }
         (None, None) => {
-            return Err(ApiFailure::not_found(
-                "name",
-                format!("no policy {name} to remove (give text to check adding it)"),
-            ));
+            return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
     };
     let after = Engine::from_snapshot(&snapshot)
@@ -1212,31 +1209,40 @@ pub(super) async fn list_brokers(
 ) -> Result<Json<Vec<api::Broker>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
     let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    // Only brokers not revoked are listed.
+    Ok(Json(broker_view(&ctx, &mut r, rows, false).await?))
+}
+
+/// Brokers as listed, each judged by its latest certificate.
+async fn broker_view(
+    ctx: &Ctx,
+    c: &mut SqliteConnection,
+    rows: Vec<peers::BrokerRow>,
+    revoked: bool,
+) -> Result<Vec<api::Broker>, ApiFailure> {
     let ids: Vec<&str> = rows.iter().map(|b| b.id.as_str()).collect();
-    let certs = peers::latest_certs(&mut r, &ctx.org, Kind::Broker.role(), &ids).await?;
-    let now = whole_secs_up(&ctx);
-    Ok(Json(
-        rows.into_iter()
-            .map(|b| {
-                let cert = certs.get(&b.id);
-                // Only brokers not revoked are listed.
-                let (cert_state, renew_until) = credential(&ctx, now, cert, false, false);
-                api::Broker {
-                    cert_not_after: cert.map_or(0, |c| c.1),
-                    id: b.id,
-                    name: b.name,
-                    quic_addr: b.quic_addr,
-                    tcp_addr: b.tcp_addr,
-                    server_name: b.server_name,
-                    snapshot_version: to_u64(b.snapshot_version),
-                    last_seen: to_u64(b.last_seen),
-                    cert_state,
-                    renew_until,
-                    version: b.version,
-                }
-            })
-            .collect(),
-    ))
+    let certs = peers::latest_certs(c, &ctx.org, Kind::Broker.role(), &ids).await?;
+    let now = whole_secs_up(ctx);
+    Ok(rows
+        .into_iter()
+        .map(|b| {
+            let cert = certs.get(&b.id);
+            let (cert_state, renew_until) = credential(ctx, now, cert, revoked, false);
+            api::Broker {
+                cert_not_after: cert.map_or(0, |c| c.1),
+                id: b.id,
+                name: b.name,
+                quic_addr: b.quic_addr,
+                tcp_addr: b.tcp_addr,
+                server_name: b.server_name,
+                snapshot_version: to_u64(b.snapshot_version),
+                last_seen: to_u64(b.last_seen),
+                cert_state,
+                renew_until,
+                version: b.version,
+            }
+        })
+        .collect())
 }
 
 /// Revokes the peers in `rows` (those not yet revoked) with one audit record each; answers
@@ -1370,16 +1376,27 @@ pub(super) async fn revoke_broker(
     Admin(admin): Admin,
     State(ctx): State<Arc<Ctx>>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiFailure> {
+) -> Result<Json<api::Broker>, ApiFailure> {
     let res = async {
         let mut w = ctx.admin_write(&admin).await?;
         let rows = by_id_or_name(&ctx, w.conn(), Kind::Broker, &id).await?;
-        revoke_rows(&ctx, w, Kind::Broker, rows).await?;
-        Ok(no_content())
+        revoke_rows(&ctx, w, Kind::Broker, rows).await
     }
     .await;
-    ctx.audited(ADMIN, "revoke", &format!("broker/{id}"), res)
-        .await
+    // As for devices: only the revocation is audited.
+    let rows = ctx
+        .audited(ADMIN, "revoke", &format!("broker/{id}"), res)
+        .await?;
+    let mut r = ctx.store.read().await?;
+    let mut brokers = Vec::with_capacity(rows.len());
+    for row in rows {
+        brokers.extend(peers::broker_get(&mut r, &ctx.org, &row.id).await?);
+    }
+    broker_view(&ctx, &mut r, brokers, true)
+        .await?
+        .pop()
+        .map(Json)
+        .ok_or_else(ApiFailure::internal)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -442,10 +442,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/v1/brokers/{id}/revoke",
         Admin,
-        "Revoke a broker and its certificates",
+        "Revoke a broker (by id or name) and its certificates",
         NoBody,
-        204,
-        NoBody,
+        200,
+        One("Broker"),
     ),
     r(
         "get",

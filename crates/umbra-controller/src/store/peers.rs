@@ -607,6 +607,22 @@ pub(crate) async fn brokers_active(
     .await
 }
 
+/// One broker by id, revoked or not.
+pub(crate) async fn broker_get(
+    c: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+) -> Result<Option<BrokerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, \
+         version FROM brokers WHERE org = $1 AND id = $2",
+    )
+    .bind(org)
+    .bind(id)
+    .fetch_optional(c)
+    .await
+}
+
 /// Brokers that agents and connectors can dial: not revoked, with at least one address.
 pub(crate) async fn broker_infos(
     c: &mut SqliteConnection,
