@@ -530,12 +530,13 @@ async fn renew_inner(
     // serial still valid in every snapshot: an identity renewing in a loop would stall the
     // controller's writes and swell the snapshots. A rate, not a count of valid certificates:
     // a device whose answers were lost must still renew before its certificate expires.
-    let recent = peers::certs_issued_since(
+    let recent = peers::certs_issued_between(
         w.conn(),
         org,
         identity.role,
         &identity.id,
         now_secs - RENEWAL_WINDOW,
+        now_secs,
     )
     .await?;
     if recent >= max_issued_in_window(ctx.cert_lifetime) {

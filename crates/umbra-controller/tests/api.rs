@@ -4538,24 +4538,22 @@ async fn an_identity_renewing_in_a_loop_is_refused() {
     let h = Harness::start().await;
     let (dev, _) = h.agent("ann@example.test").await;
     let (other, _) = h.agent("ben@example.test").await;
-    let renew = |id: &TlsIdentity| {
-        let c = h.as_peer(id);
-        let h = &h;
-        async move {
-            let key = umbra_pki::generate_key_pem().unwrap();
-            let csr = umbra_pki::make_csr(&key).unwrap();
-            h.renew(&c, json!({ "csr_pem": csr })).await
-        }
-    };
     // Enrolled, then 7 renewals: 8 valid certificates.
     for i in 0..7 {
-        assert_eq!(renew(&dev).await.status(), StatusCode::OK, "renewal {i}");
+        assert_eq!(
+            renew_with_new_key(&h, &dev).await.status(),
+            StatusCode::OK,
+            "renewal {i}"
+        );
     }
-    let refused = renew(&dev).await;
+    let refused = renew_with_new_key(&h, &dev).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     let e: ApiError = refused.json().await.unwrap();
     assert!(e.error.contains("renewed too often"), "{}", e.error);
-    assert_eq!(renew(&other).await.status(), StatusCode::OK);
+    assert_eq!(
+        renew_with_new_key(&h, &other).await.status(),
+        StatusCode::OK
+    );
     let audit = h.ok("GET", "/v1/audit?limit=1000", None).await;
     let refusals = audit
         .as_array()
@@ -4566,7 +4564,77 @@ async fn an_identity_renewing_in_a_loop_is_refused() {
     assert_eq!(refusals, 1, "{audit}");
     // An hour on, with the certificate it has (still valid for most of its day).
     h.skew.store(3601, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(renew(&dev).await.status(), StatusCode::OK);
+    assert_eq!(renew_with_new_key(&h, &dev).await.status(), StatusCode::OK);
+}
+
+/// An enrolling host whose clock is a day behind the controller's is told so: the
+/// certificate is not valid yet by its clock. The identity is written all the same (the
+/// token is spent), and works once the clock is set right. The twins: 15 minutes behind is
+/// within what certificates allow (they start 10 minutes before their issue, and a host may
+/// see one start 10 minutes ahead), and no skew at all.
+#[tokio::test]
+async fn an_enrolling_host_whose_clock_is_off_is_told_so() {
+    let h = Harness::start().await;
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ann@example.test" })),
+    )
+    .await;
+    let enroll = |dir: std::path::PathBuf| {
+        let h = &h;
+        async move {
+            let token = h.token("agent", Some("ann@example.test"), None).await.token;
+            umbra_link::enroll::enroll(&h.ctl.url(), &token, &dir, Role::Agent).await
+        }
+    };
+    for (skew, refused) in [(86_400, true), (15 * 60, false), (0, false)] {
+        h.skew.store(skew, Ordering::SeqCst);
+        let dir = h.dir.path().join(format!("agent-{skew}"));
+        let r = enroll(dir.clone()).await;
+        if refused {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("this host's clock is about 1 d behind the controller's")
+                    && e.contains("not valid yet")
+                    && e.contains("identity is written"),
+                "{e}"
+            );
+        } else {
+            r.unwrap_or_else(|e| panic!("{skew} s: {e}"));
+        }
+        // Written either way.
+        let id = TlsIdentity::load_dir(&dir).unwrap();
+        assert_eq!(id.peer.id.role, Role::Agent);
+    }
+}
+
+/// A renewal of `id`'s certificate for a new key.
+async fn renew_with_new_key(h: &Harness, id: &TlsIdentity) -> reqwest::Response {
+    let key = umbra_pki::generate_key_pem().unwrap();
+    let csr = umbra_pki::make_csr(&key).unwrap();
+    h.renew(&h.as_peer(id), json!({ "csr_pem": csr })).await
+}
+
+/// A controller whose clock ran half an hour ahead for a while, and was set right since, does not
+/// count the certificates it stamped in its future against an identity's renewals: else the
+/// identity could not renew for as long as the clock had been ahead. The twin: while the
+/// clock is ahead, the limit holds.
+#[tokio::test]
+async fn certificates_stamped_ahead_do_not_hold_renewals_back() {
+    let h = Harness::start().await;
+    let (dev, _) = h.agent("ann@example.test").await;
+    h.skew.store(1800, Ordering::SeqCst);
+    for i in 0..7 {
+        let r = renew_with_new_key(&h, &dev).await;
+        assert_eq!(r.status(), StatusCode::OK, "renewal {i}");
+    }
+    let r = renew_with_new_key(&h, &dev).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Set right: only the enrollment's certificate is within the last hour.
+    h.skew.store(0, Ordering::SeqCst);
+    let r = renew_with_new_key(&h, &dev).await;
+    assert_eq!(r.status(), StatusCode::OK);
 }
 
 /// An enrollment command for one role given a token of another (`umbra broker enroll` with

@@ -47,6 +47,11 @@ pub enum EnrollError {
     Link(#[from] LinkError),
     #[error("controller answer rejected: {0}")]
     BadAnswer(&'static str),
+    /// The certificate the controller issued cannot be used by this host's clock: one of
+    /// the two clocks is wrong (the message estimates by how much). An enrollment's identity
+    /// is written all the same (its token is spent), and works once the clock is set right.
+    #[error("{0}")]
+    Clock(String),
     #[error(transparent)]
     Pki(#[from] umbra_pki::PkiError),
 }
@@ -121,7 +126,87 @@ pub async fn enroll(
     )?;
     umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
     tracing::info!(identity = %issued.identity, serial = %issued.serial, not_after = issued.not_after, "enrolled");
+    let issued_der = pem_cert(&issued.cert_pem)?;
+    let validity = cert_validity(&issued_der)?;
+    let now = SystemTime::now();
+    let skew = clock_note(validity, now);
+    if let Some(why) = unusable_here(validity, now) {
+        // Written all the same: the token is spent, and the certificate is good by the
+        // controller's clock; this host's clock is what must change.
+        return Err(EnrollError::Clock(format!(
+            "enrolled as {}, but {}: {why}. Set this host's clock right (NTP); the identity \
+             is written to {} and works once it is",
+            issued.identity,
+            skew.as_deref()
+                .unwrap_or("this host's clock disagrees with the controller's"),
+            dir.display()
+        )));
+    }
+    if let Some(note) = skew {
+        tracing::warn!(clock = %note, "this host's clock disagrees with the controller's; certificates may be refused until it is set right");
+    }
     Ok(issued)
+}
+
+/// How far this host's clock is ahead of the controller's, in seconds (negative: behind),
+/// judged at `now` from a certificate the controller has just issued: Umbra's CA starts a
+/// certificate [`umbra_pki::BACKDATE`] before its time of issue. Good to within the request's
+/// round trip.
+pub fn clock_offset((not_before, not_after): (SystemTime, SystemTime), now: SystemTime) -> i64 {
+    let backdated = not_after
+        .duration_since(not_before)
+        .is_ok_and(|w| w > umbra_pki::BACKDATE);
+    let issued = if backdated {
+        not_before + umbra_pki::BACKDATE
+    } else {
+        not_before
+    };
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    match now.duration_since(issued) {
+        Ok(ahead) => secs(ahead),
+        Err(behind) => -secs(behind.duration()),
+    }
+}
+
+/// "this host's clock is about 2 d ahead of the controller's", when the clocks differ by more
+/// than [`SKEW_ALLOWED`] (judged as [`clock_offset`] judges); `None` within it.
+pub fn clock_note(validity: (SystemTime, SystemTime), now: SystemTime) -> Option<String> {
+    let offset = clock_offset(validity, now);
+    let by = Duration::from_secs(offset.unsigned_abs());
+    (by > SKEW_ALLOWED).then(|| {
+        let side = if offset > 0 { "ahead of" } else { "behind" };
+        format!(
+            "this host's clock is about {} {side} the controller's",
+            rough(by)
+        )
+    })
+}
+
+/// A duration as a person says it, to its largest unit: `2 d`, `5 h`, `12 min`, `40 s`.
+fn rough(d: Duration) -> String {
+    // Each unit from where the next smaller one would round up to it (23 h 59 min is 1 d).
+    let s = d.as_secs();
+    match s {
+        84_600.. => format!("{} d", (s + 43_200) / 86_400),
+        3_570.. => format!("{} h", (s + 1_800) / 3_600),
+        60.. => format!("{} min", (s + 30) / 60),
+        _ => format!("{s} s"),
+    }
+}
+
+/// Why a certificate valid from `not_before` to `not_after` cannot be used at `now` by this
+/// host's clock: it has expired, or starts more than [`SKEW_ALLOWED`] from now.
+fn unusable_here(
+    (not_before, not_after): (SystemTime, SystemTime),
+    now: SystemTime,
+) -> Option<&'static str> {
+    if not_after <= now {
+        Some("by this host's clock the certificate has already expired")
+    } else if not_before > now + SKEW_ALLOWED {
+        Some("by this host's clock the certificate is not valid yet")
+    } else {
+        None
+    }
 }
 
 /// Renews the certificate in `dir`, `held` being the identity the caller uses: a new key and
@@ -203,13 +288,18 @@ async fn renew_now(dir: &Path) -> Result<IssuedCert, EnrollError> {
     if let Some(why) = renewal_unusable((not_before, not_after), current.peer.not_after, now) {
         // Keeping the held certificate: one the controller's clock made unusable here would
         // replace it and lock this identity out.
+        let skew = clock_note((not_before, not_after), now)
+            .unwrap_or_else(|| "the controller's or this host's clock is wrong".to_owned());
         tracing::warn!(
             not_before = %umbra_pki::rfc3339(not_before),
             not_after = %umbra_pki::rfc3339(not_after),
             now = %umbra_pki::rfc3339(now),
-            "the renewed certificate is not valid by this host's clock; keeping the current one (is the controller's or this host's clock wrong?)"
+            clock = %skew,
+            "the renewed certificate is not valid by this host's clock; keeping the current one"
         );
-        return Err(EnrollError::BadAnswer(why));
+        return Err(EnrollError::Clock(format!(
+            "{why} ({skew}): the current certificate is kept; set the wrong clock right"
+        )));
     }
     umbra_pki::write_identity_dir(dir, &key_pem, &issued.cert_pem, &issued.ca_pem)?;
     if !issued.brokers.is_empty() && issued.brokers != cref.brokers {
@@ -247,12 +337,21 @@ pub fn save_controller_ref(dir: &Path, cref: &ControllerRef) -> Result<(), LinkE
 }
 
 /// When to renew: at two thirds of the certificate's lifetime, so that a renewal that fails
-/// (controller away) still has a third of the lifetime to be retried in.
+/// (controller away) still has a third of the lifetime to be retried in. The lifetime is the
+/// one granted, from the issue: Umbra's CA starts a certificate [`umbra_pki::BACKDATE`] before
+/// it issues it, for clocks that are behind, and counting that from the start would renew
+/// short certificates at once. A window no longer than that (not one of Umbra's) counts whole.
 pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    match not_after.duration_since(not_before) {
-        Ok(lifetime) => not_before + (lifetime - lifetime / 3),
-        Err(_) => not_before,
-    }
+    let Ok(window) = not_after.duration_since(not_before) else {
+        return not_before;
+    };
+    let issued = if window > umbra_pki::BACKDATE {
+        not_before + umbra_pki::BACKDATE
+    } else {
+        not_before
+    };
+    let lifetime = not_after.duration_since(issued).unwrap_or_default();
+    issued + (lifetime - lifetime / 3)
 }
 
 /// Why a renewed certificate valid from `not_before` to `not_after` must not replace the held
@@ -377,6 +476,11 @@ pub fn renewed_elsewhere(dir: &Path, held: &TlsIdentity, now: SystemTime) -> Opt
 }
 
 async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: AfterExpiry) {
+    // How far this host's clock was ahead of the controller's at the last renewal, beyond
+    // what is allowed: renewals are scheduled by the controller's time, else a host ahead by
+    // more than a third of the lifetime would find each new certificate due at once and
+    // renew in a loop until the controller refuses it.
+    let mut ahead = Duration::ZERO;
     loop {
         let current = tx.borrow().clone();
         let Some(leaf) = current.cert_chain.first() else {
@@ -384,7 +488,7 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
             return;
         };
         let due = match cert_validity(leaf) {
-            Ok((not_before, not_after)) => renew_at(not_before, not_after),
+            Ok((not_before, not_after)) => renew_at(not_before, not_after) + ahead,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the certificate's validity; not renewing");
                 return;
@@ -474,8 +578,19 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
             let delay = retry_delay(backoff.next_delay(random_unit()), left);
             tokio::time::sleep(delay.min(left)).await;
         };
+        let now = SystemTime::now();
         let gap = match fresh.cert_chain.first().map(cert_validity) {
-            Some(Ok((_, not_after))) => renew_gap(SystemTime::now(), not_after),
+            Some(Ok(validity)) => {
+                ahead = Duration::ZERO;
+                if let Some(note) = clock_note(validity, now) {
+                    tracing::warn!(clock = %note, "this host's clock disagrees with the controller's; peers judge certificates by their own clocks");
+                    let offset = clock_offset(validity, now);
+                    if offset > 0 {
+                        ahead = Duration::from_secs(offset.unsigned_abs());
+                    }
+                }
+                renew_gap(now, validity.1 + ahead)
+            }
             _ => MIN_RENEW_GAP,
         };
         if tx.send(fresh).is_err() {
@@ -735,8 +850,13 @@ mod tests {
 
     #[test]
     fn renew_at_two_thirds() {
-        // 24 h certificate issued at t=1000 (60 s back-dated by the CA).
-        assert_eq!(renew_at(t(1000), t(1000 + 86_400)), t(1000 + 57_600));
+        let back = umbra_pki::BACKDATE;
+        // 24 h certificate issued at t=1000, started BACKDATE earlier by the CA: two thirds
+        // of the 24 h granted.
+        assert_eq!(renew_at(t(1000) - back, t(1000 + 86_400)), t(1000 + 57_600));
+        // A 3 s certificate renews 2 s after its issue, not at once.
+        assert_eq!(renew_at(t(1000) - back, t(1003)), t(1002));
+        // A window without the CA's early start (not one of Umbra's) counts whole.
         assert_eq!(renew_at(t(0), t(3)), t(2));
         assert_eq!(renew_at(t(10), t(10)), t(10));
         // Sub-second precision does not drift.
@@ -747,19 +867,74 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_offset_is_read_from_a_fresh_certificate() {
+        let back = umbra_pki::BACKDATE;
+        let day = Duration::from_secs(86_400);
+        // Issued at t=100 000 by the controller's clock: started BACKDATE before.
+        let issued = t(100_000);
+        let cert = (issued - back, issued + day);
+        assert_eq!(clock_offset(cert, issued), 0);
+        assert_eq!(
+            clock_offset(cert, issued + Duration::from_secs(7_200)),
+            7_200
+        );
+        assert_eq!(clock_offset(cert, issued - Duration::from_secs(90)), -90);
+        // Within what is allowed: nothing to say.
+        assert_eq!(clock_note(cert, issued + back), None);
+        assert_eq!(clock_note(cert, issued - back), None);
+        assert_eq!(
+            clock_note(cert, issued + 2 * day).as_deref(),
+            Some("this host's clock is about 2 d ahead of the controller's")
+        );
+        assert_eq!(
+            clock_note(cert, issued - Duration::from_secs(5 * 3600 + 100)).as_deref(),
+            Some("this host's clock is about 5 h behind the controller's")
+        );
+        assert_eq!(
+            clock_note(cert, issued + Duration::from_secs(12 * 60 + 10)).as_deref(),
+            Some("this host's clock is about 12 min ahead of the controller's")
+        );
+        // A window without the CA's early start counts from its start.
+        assert_eq!(clock_offset((t(10), t(13)), t(12)), 2);
+        for (secs, said) in [
+            (86_399, "1 d"),
+            (84_600, "1 d"),
+            (84_599, "23 h"),
+            (3_599, "1 h"),
+            (3_569, "59 min"),
+            (59, "59 s"),
+        ] {
+            assert_eq!(rough(Duration::from_secs(secs)), said);
+        }
+    }
+
+    #[test]
     fn renew_at_inverted_window_is_now_due() {
         assert_eq!(renew_at(t(100), t(50)), t(100));
     }
 
     #[test]
     fn renew_at_is_inside_the_window() {
-        for (nb, life) in [(0u64, 1u64), (5, 7), (1_700_000_000, 604_800), (42, 86_400)] {
+        let back = umbra_pki::BACKDATE.as_secs();
+        for (nb, life) in [
+            (0u64, 1u64),
+            (5, 7),
+            (1_700_000_000, 604_800),
+            (42, 86_400),
+            (42, back),
+            (42, back + 1),
+            (42, back + 3),
+        ] {
             let at = renew_at(t(nb), t(nb + life));
             assert!(at >= t(nb) && at <= t(nb + life));
-            // Strictly more than half the lifetime is used, and at least a quarter remains.
-            let used = at.duration_since(t(nb)).unwrap_or_default();
-            assert!(used * 2 >= Duration::from_secs(life));
-            assert!((Duration::from_secs(life) - used) * 4 >= Duration::from_secs(life));
+            // Of the lifetime granted (from the issue, BACKDATE after the start when the window
+            // is longer than that), more than half is used and at least a quarter remains.
+            let granted = if life > back { life - back } else { life };
+            let issued = t(nb + life - granted);
+            let used = at.duration_since(issued).unwrap_or_default();
+            assert!(used * 2 >= Duration::from_secs(granted), "{nb} {life}");
+            let left = t(nb + life).duration_since(at).unwrap_or_default();
+            assert!(left * 4 >= Duration::from_secs(granted), "{nb} {life}");
         }
     }
 

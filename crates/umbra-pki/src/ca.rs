@@ -34,8 +34,13 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime of a CA certificate.
 const CA_LIFETIME: Duration = Duration::from_secs(3650 * 24 * 3600);
-/// Certificates start a little before `now` to tolerate clock skew between peers.
-const BACKDATE: Duration = Duration::from_secs(60);
+/// How long before it is issued a certificate starts: peers judge it by their own clocks, and
+/// a host whose clock is behind the controller's by up to this much (a laptop without time
+/// sync, a VM resumed) still takes a certificate issued a moment ago. Less than this refused
+/// access after every issue and renewal wherever a clock was a few minutes behind. The
+/// lifetime granted runs from the issue, not from this earlier start: see
+/// `umbra_link::enroll::renew_at`.
+pub const BACKDATE: Duration = Duration::from_secs(600);
 
 /// An organisation's CA: certificate and (unsealed, in memory) private key.
 pub struct Ca {
@@ -406,7 +411,7 @@ mod tests {
             san.general_names,
             vec![GeneralName::URI("umbra://acme/agent/d-1")]
         );
-        // Validity: backdated by one minute.
+        // Validity: backdated by ten minutes.
         assert_eq!(
             to_system_time(cert.validity().not_before.to_datetime()).unwrap(),
             t0() - BACKDATE

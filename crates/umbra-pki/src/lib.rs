@@ -30,7 +30,9 @@ mod testutil;
 
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use ca::{Ca, DEFAULT_LIFETIME, IssueRequest, Issued, MAX_LIFETIME, broker_server_name};
+pub use ca::{
+    BACKDATE, Ca, DEFAULT_LIFETIME, IssueRequest, Issued, MAX_LIFETIME, broker_server_name,
+};
 pub use crypto::{ct_eq, random_bytes, sha256};
 pub use csr::{generate_key_pem, make_csr};
 pub use error::PkiError;

@@ -821,22 +821,27 @@ pub(crate) async fn certs_forget_expired(
     Ok(done.rows_affected())
 }
 
-/// Certificates issued to `role` `subject` after `since` (Unix seconds).
-pub(crate) async fn certs_issued_since(
+/// Certificates issued to `role` `subject` after `since` and no later than `now` (Unix
+/// seconds). Those stamped after `now` were issued while the controller's clock was ahead:
+/// counting them would hold the identity's renewals back for as long as the clock was off,
+/// once it is set right.
+pub(crate) async fn certs_issued_between(
     c: &mut SqliteConnection,
     org: &str,
     role: Role,
     subject: &str,
     since: i64,
+    now: i64,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT COUNT(*) FROM certificates WHERE org = $1 AND role = $2 AND subject = $3 \
-         AND issued_at > $4",
+         AND issued_at > $4 AND issued_at <= $5",
     )
     .bind(org)
     .bind(role.as_str())
     .bind(subject)
     .bind(since)
+    .bind(now)
     .fetch_one(c)
     .await
 }

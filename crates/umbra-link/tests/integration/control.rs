@@ -453,11 +453,18 @@ async fn renewal_answers_that_do_not_check_out_keep_the_identity() {
             }
             _ => {
                 let e = r.unwrap_err().to_string();
+                // A clock answer estimates the skew, from the renewed certificate.
                 let want = match how {
                     RenewAnswer::OtherCa => "different CA",
                     RenewAnswer::OtherIdentity => "another identity",
-                    RenewAnswer::ClockBehind => "already expired",
-                    _ => "not valid yet",
+                    RenewAnswer::ClockBehind => {
+                        "already expired by this host's clock (this host's clock is about 2 d \
+                         ahead of the controller's)"
+                    }
+                    _ => {
+                        "not valid yet by this host's clock (this host's clock is about 1 d \
+                         behind the controller's)"
+                    }
                 };
                 assert!(e.contains(want), "{how:?}: {e}");
                 assert_eq!(
