@@ -59,6 +59,9 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
     let mut failures: u32 = 0;
     // Whether this run of failures has said the controller's answer cannot be read.
     let mut unreadable_said = false;
+    // The failure last warned of: a run of failures whose cause changes (the controller
+    // back, but refusing this broker's certificate) is warned of again, once per cause.
+    let mut said = String::new();
     loop {
         let after = shared.authority.load().snapshot.version;
         let path = if at_once {
@@ -86,7 +89,8 @@ pub(crate) async fn snapshot_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Contr
                      without the controller's changes since"
                 );
             }
-            Err(e) if failures == 0 => {
+            Err(e) if failures == 0 || e.failure_kind() != said => {
+                said = e.failure_kind();
                 let a = shared.authority.load();
                 warn!(
                     error = %e,

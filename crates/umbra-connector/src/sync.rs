@@ -120,6 +120,8 @@ pub(crate) async fn poll_published(
     // warning, the retries after it are not (an outage would fill the log), and the first
     // answer after them says how long it lasted.
     let mut failing: Option<std::time::Instant> = None;
+    // The failure last warned of.
+    let mut said = String::new();
     loop {
         let after = tx.borrow().version;
         // After a failure, a question answered at once (`wait=0`), not a long poll: whether
@@ -185,8 +187,11 @@ pub(crate) async fn poll_published(
             Err(e) => {
                 let delay = backoff.next_delay(rand::random::<f64>());
                 let retry_in_ms = delay.as_millis() as u64;
-                if failing.is_none() {
-                    failing = Some(std::time::Instant::now());
+                // Warned of once per run of failures, and again when its cause changes (the
+                // controller back, but refusing this connector's certificate).
+                if failing.is_none() || e.failure_kind() != said {
+                    failing.get_or_insert_with(std::time::Instant::now);
+                    said = e.failure_kind();
                     tracing::warn!(error = %e, retry_in_ms, "{TARGETS_UNREACHABLE}");
                 } else {
                     tracing::debug!(error = %e, retry_in_ms, "cannot fetch the published targets; still serving the last known ones");

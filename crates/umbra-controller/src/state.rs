@@ -315,10 +315,22 @@ impl Ctx {
         // TLS checked validity at the handshake only; a connection may outlive its
         // certificate (HTTP/2 keeps it open), and an expired one must not renew or poll on.
         if self.now() > peer.not_after + grace {
+            // The expiry is named, judged by this controller's clock: a peer whose own clock
+            // says otherwise can tell that one of the two is wrong. (Not the time now: peers
+            // log a refusal again when its text changes, and this one must not change.)
+            let at = umbra_pki::rfc3339(peer.not_after);
             return Err(ApiFailure::unauthorized(if grace.is_zero() {
-                "certificate expired: renew it, or enroll again"
+                format!(
+                    "certificate expired at {at} by the controller's clock: renew it, or \
+                     enroll again (if it has not expired by this host's clock, one of the two \
+                     clocks is wrong)"
+                )
             } else {
-                "certificate expired longer ago than renewal allows: enroll again"
+                format!(
+                    "certificate expired at {at} by the controller's clock, longer ago than \
+                     renewal allows: enroll again (if it has not expired by this host's clock, \
+                     one of the two clocks is wrong)"
+                )
             }));
         }
         if !roles.contains(&peer.id.role) {

@@ -1334,7 +1334,15 @@ async fn an_expired_certificate_is_refused_on_an_open_connection() {
     let resp = h.renew(&c, json!({ "csr_pem": csr })).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let v: Value = resp.json().await.unwrap();
-    assert!(api_error(&v).error.contains("expired"), "{v}");
+    // Named with its expiry by the controller's clock, which a peer whose clock disagrees
+    // can tell from its own.
+    let expiry = umbra_pki::rfc3339(dev.peer.not_after);
+    assert!(
+        api_error(&v)
+            .error
+            .contains(&format!("expired at {expiry} by the controller's clock")),
+        "{v}"
+    );
     // The twin: within its lifetime it polls and renews.
     h.skew.store(lifetime.saturating_sub(60), Ordering::SeqCst);
     let (s, _) = get_json::<BrokerList>(&c, h.url("/v1/brokers")).await;

@@ -614,23 +614,10 @@ impl EnrollError {
         match self {
             EnrollError::Link(LinkError::Api { status, .. }) => matches!(status, 401 | 403),
             EnrollError::Link(LinkError::Tls(rustls::Error::AlertReceived(_))) => true,
-            EnrollError::Link(LinkError::Http(e)) => {
-                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-                while let Some(c) = cause {
-                    // hyper hands the TLS error on inside an io::Error, whose `source` skips
-                    // what it wraps: look inside it too.
-                    let inner = c
-                        .downcast_ref::<io::Error>()
-                        .and_then(|io| io.get_ref())
-                        .and_then(|i| i.downcast_ref::<rustls::Error>());
-                    let tls = c.downcast_ref::<rustls::Error>().or(inner);
-                    if let Some(rustls::Error::AlertReceived(_)) = tls {
-                        return true;
-                    }
-                    cause = c.source();
-                }
-                false
-            }
+            EnrollError::Link(LinkError::Http(e)) => matches!(
+                crate::error::tls_cause(e),
+                Some(rustls::Error::AlertReceived(_))
+            ),
             _ => false,
         }
     }

@@ -93,6 +93,24 @@ pub enum LinkError {
     PinMismatch,
 }
 
+/// The TLS error among `e`'s causes, if there is one.
+pub(crate) fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        // hyper hands the TLS error on inside an io::Error, whose `source` skips what it
+        // wraps: look inside it too.
+        let inner = c
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>());
+        if let Some(t) = c.downcast_ref::<rustls::Error>().or(inner) {
+            return Some(t);
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// An error's message followed by its causes': reqwest's own says only "error sending request
 /// for url (...)", and the cause (connection refused, timed out, certificate not trusted) is
 /// what an operator needs.
@@ -112,6 +130,21 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 }
 
 impl LinkError {
+    /// The kind of failure, for telling a new cause from a repeat of the last one in a run
+    /// of failed polls: the controller unreachable (however: refused, reset, timed out), a
+    /// TLS error (a certificate a clock makes invalid, say: named), or the controller's own
+    /// refusal (its status and message).
+    pub fn failure_kind(&self) -> String {
+        match self {
+            LinkError::Http(e) => match tls_cause(e) {
+                Some(t) => format!("tls: {t}"),
+                None => "unreachable".to_owned(),
+            },
+            LinkError::Api { status, error } => format!("{status}: {}", error.error),
+            other => other.to_string(),
+        }
+    }
+
     /// The broker's refusal this error reports, if it is one.
     pub fn refusal(&self) -> Option<Refusal> {
         match self {
@@ -236,6 +269,43 @@ pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polls warn again only when the kind of failure changes: however the controller is
+    /// unreachable, it is one kind; its refusals are told apart by what they say.
+    #[tokio::test]
+    async fn failures_of_one_kind_are_one_kind() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let client = reqwest::Client::new();
+        let a = client
+            .get(format!("http://{addr}/v1/snapshot?after=1"))
+            .send();
+        let b = client
+            .get(format!("http://{addr}/v1/snapshot?after=2&wait=0"))
+            .send();
+        let (a, b) = (
+            LinkError::Http(a.await.unwrap_err()),
+            LinkError::Http(b.await.unwrap_err()),
+        );
+        assert_ne!(a.to_string(), b.to_string(), "the URLs differ");
+        assert_eq!(a.failure_kind(), "unreachable");
+        assert_eq!(b.failure_kind(), "unreachable");
+        let api = |status, msg: &str| LinkError::Api {
+            status,
+            error: umbra_proto::api::ApiError {
+                error: msg.to_owned(),
+                field: None,
+            },
+        };
+        let expired = api(401, "certificate expired at 2027-01-01T00:00:00Z");
+        assert_eq!(
+            expired.failure_kind(),
+            api(401, "certificate expired at 2027-01-01T00:00:00Z").failure_kind()
+        );
+        assert_ne!(expired.failure_kind(), api(403, "revoked").failure_kind());
+        assert_ne!(expired.failure_kind(), a.failure_kind());
+    }
 
     /// What a listener reports for the audit trail: its refusals of a peer's credential, not
     /// a peer that refused it or gave up, and over QUIC not what an Initial alone (one

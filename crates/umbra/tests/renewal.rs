@@ -690,18 +690,29 @@ async fn one_broker(lifetime_secs: u64) -> OneBroker {
     }
 }
 
+/// Waits until the certificate in `dir` is due for renewal (two thirds of its lifetime).
+async fn until_due(dir: &std::path::Path) {
+    let id = TlsIdentity::load_dir(dir).unwrap();
+    let (not_before, not_after) = umbra_link::enroll::cert_validity(&id.cert_chain[0]).unwrap();
+    let due = umbra_link::enroll::renew_at(not_before, not_after);
+    if let Ok(wait) = due.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    }
+}
+
 /// `umbra agent status` and `services` renew a certificate whose renewal time has passed (a
 /// device that only runs a forward now and then, or slept through it, would otherwise let it
 /// lapse and have to enroll again), and say so; a certificate not yet due is left alone.
-/// With 30 s certificates (backdated a minute) a fresh one is due at once; with the default
-/// lifetime it is not.
+/// 9 s certificates are due 6 s after their issue, with 3 s left to renew them in; with the
+/// default lifetime a fresh one is not due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_commands_renew_a_due_certificate() {
     init();
-    let mut ob = one_broker(30).await;
+    let mut ob = one_broker(9).await;
     let dir = ob.s.enroll_agent(ALICE, "alice").await.dir.clone();
     let held = Holder::capture("alice", &dir);
     let cfg = ob.s.agent("alice").config(TransportPref::Quic);
+    until_due(&dir).await;
     let st = umbra_agent::status(&cfg).await.unwrap();
     assert_eq!(st.renewal, umbra_agent::Renewal::Renewed);
     let now = TlsIdentity::load_dir(&dir).unwrap();
@@ -715,6 +726,7 @@ async fn agent_commands_renew_a_due_certificate() {
     );
     // `services` renews too.
     let before = TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex;
+    until_due(&dir).await;
     let list = umbra_agent::services(&cfg).await.unwrap();
     assert_eq!(list, [ECHO]);
     assert_ne!(TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex, before);
@@ -724,6 +736,7 @@ async fn agent_commands_renew_a_due_certificate() {
     let before = TlsIdentity::load_dir(&dir).unwrap().peer.serial_hex;
     let count = |audit: &[Value]| renewals(audit, &held.uri(), "ok").len();
     let renewed_before = count(&ob.s.admin.audit().await);
+    until_due(&dir).await;
     let (a, b, c, d) = tokio::join!(
         umbra_agent::status(&cfg),
         umbra_agent::status(&cfg),
@@ -754,6 +767,7 @@ async fn agent_commands_renew_a_due_certificate() {
         .unwrap();
     cref.url = format!("https://{dead}");
     umbra_link::enroll::save_controller_ref(&dir, &cref).unwrap();
+    until_due(&dir).await;
     let st = umbra_agent::status(&cfg).await.unwrap();
     assert!(
         matches!(&st.renewal, umbra_agent::Renewal::Failed { due, .. } if *due <= SystemTime::now()),
