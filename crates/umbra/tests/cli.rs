@@ -2208,7 +2208,7 @@ fn admin_changes_in_place() {
         "no policy nosuch",
     );
     // Refused as a script reads the real command's refusal: status, field and message.
-    let dry = admin(&[
+    let add = [
         "-o",
         "json",
         "policy",
@@ -2217,18 +2217,9 @@ fn admin_changes_in_place() {
         "--allow-everyone",
         "--service",
         "wiki",
-        "--dry-run",
-    ]);
-    let real = admin(&[
-        "-o",
-        "json",
-        "policy",
-        "add",
-        "wiki-ann",
-        "--allow-everyone",
-        "--service",
-        "wiki",
-    ]);
+    ];
+    let dry = admin(&[&add[..], &["--dry-run"]].concat());
+    let real = admin(&add);
     let parse = |o: &Output| -> Value {
         serde_json::from_str(o.stderr.trim())
             .unwrap_or_else(|e| panic!("-o json error is not JSON ({e}): {}", o.describe()))
