@@ -20,7 +20,7 @@ pub enum LinkError {
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
     /// The TLS handshake failed (certificate not trusted, expired, wrong name, alert, ...).
-    #[error("tls: {0}")]
+    #[error("tls: {}{}", .0, clock_hint(.0))]
     Tls(#[from] rustls::Error),
     /// The QUIC connection failed or was closed.
     #[error("quic: {0}")]
@@ -83,7 +83,7 @@ pub enum LinkError {
     #[error("configuration: {0}")]
     Config(String),
     /// HTTP to the controller failed below the API (connect, TLS, timeout, bad body).
-    #[error("controller request: {}", with_causes(.0))]
+    #[error("controller request: {}{}", with_causes(.0), tls_cause(.0).map_or("", clock_hint))]
     Http(#[from] reqwest::Error),
     /// The controller answered with an API error.
     #[error("controller answered {status}: {}", error.error)]
@@ -91,6 +91,24 @@ pub enum LinkError {
     /// The CA fetched from the controller does not match the pinned hash.
     #[error("CA certificate does not match the pinned SHA-256")]
     PinMismatch,
+}
+
+/// What to check when a certificate was refused for its time: each side judges the other's
+/// certificate by its own clock, so a wrong clock on either side looks like this.
+fn clock_hint(e: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription, CertificateError};
+    match e {
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => " (judged by this host's clock: is it right?)",
+        rustls::Error::AlertReceived(AlertDescription::CertificateExpired) => {
+            " (the peer judged this host's certificate by its own clock: is either clock wrong?)"
+        }
+        _ => "",
+    }
 }
 
 /// The TLS error among `e`'s causes, if there is one.
@@ -269,6 +287,29 @@ pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate refused for its time says which clock judged it.
+    #[test]
+    fn time_refusals_name_the_clock() {
+        use rustls::{AlertDescription, CertificateError};
+        let e = LinkError::Tls(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet,
+        ));
+        assert!(
+            e.to_string()
+                .ends_with("(judged by this host's clock: is it right?)"),
+            "{e}"
+        );
+        let e = LinkError::Tls(rustls::Error::AlertReceived(
+            AlertDescription::CertificateExpired,
+        ));
+        assert!(e.to_string().contains("by its own clock"), "{e}");
+        // Other TLS errors say nothing of clocks.
+        let e = LinkError::Tls(rustls::Error::InvalidCertificate(
+            CertificateError::BadSignature,
+        ));
+        assert!(!e.to_string().contains("clock"), "{e}");
+    }
 
     /// Polls warn again only when the kind of failure changes: however the controller is
     /// unreachable, it is one kind; its refusals are told apart by what they say.
