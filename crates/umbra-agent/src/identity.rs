@@ -49,7 +49,7 @@ pub(crate) async fn load_usable(
     let (id, cref) = load(&cfg.identity_dir)?;
     let expired = id.peer.not_after <= now;
     if when == RenewWhen::Expired && !expired {
-        let due = id_renew_at(&id);
+        let due = umbra_link::enroll::renew_due(&cfg.identity_dir, &id);
         return Ok((id, cref, Renewal::NotDue(due)));
     }
     let (id, renewal) = renew_if_due(cfg, id, now).await;
@@ -67,14 +67,6 @@ pub(crate) async fn load_usable(
         _ => cref,
     };
     Ok((id, cref, renewal))
-}
-
-/// The certificate's renewal time (its expiry if its validity cannot be read).
-fn id_renew_at(id: &TlsIdentity) -> SystemTime {
-    match id.cert_chain.first().map(umbra_link::enroll::cert_validity) {
-        Some(Ok((not_before, not_after))) => umbra_link::enroll::renew_at(not_before, not_after),
-        _ => id.peer.not_after,
-    }
 }
 
 /// Where the certificate's renewal stands after an agent command looked at it.
@@ -98,7 +90,7 @@ pub(crate) async fn renew_if_due(
     id: TlsIdentity,
     now: SystemTime,
 ) -> (TlsIdentity, Renewal) {
-    let due = id_renew_at(&id);
+    let due = umbra_link::enroll::renew_due(&cfg.identity_dir, &id);
     if now < due {
         return (id, Renewal::NotDue(due));
     }

@@ -153,14 +153,7 @@ pub async fn enroll(
 /// certificate [`umbra_pki::BACKDATE`] before its time of issue. Good to within the request's
 /// round trip.
 pub fn clock_offset((not_before, not_after): (SystemTime, SystemTime), now: SystemTime) -> i64 {
-    let backdated = not_after
-        .duration_since(not_before)
-        .is_ok_and(|w| w > umbra_pki::BACKDATE);
-    let issued = if backdated {
-        not_before + umbra_pki::BACKDATE
-    } else {
-        not_before
-    };
+    let issued = issue_time(not_before, not_after);
     let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     match now.duration_since(issued) {
         Ok(ahead) => secs(ahead),
@@ -307,6 +300,9 @@ async fn renew_now(dir: &Path) -> Result<IssuedCert, EnrollError> {
         save_controller_ref(dir, &cref)?;
     }
     tracing::info!(identity = %issued.identity, serial = %issued.serial, not_after = issued.not_after, "certificate renewed");
+    if let Some(note) = clock_note((not_before, not_after), now) {
+        tracing::warn!(clock = %note, "this host's clock disagrees with the controller's; peers judge certificates by their own clocks, and renewals follow the controller's");
+    }
     Ok(issued)
 }
 
@@ -342,16 +338,49 @@ pub fn save_controller_ref(dir: &Path, cref: &ControllerRef) -> Result<(), LinkE
 /// it issues it, for clocks that are behind, and counting that from the start would renew
 /// short certificates at once. A window no longer than that (not one of Umbra's) counts whole.
 pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let Ok(window) = not_after.duration_since(not_before) else {
-        return not_before;
-    };
-    let issued = if window > umbra_pki::BACKDATE {
-        not_before + umbra_pki::BACKDATE
-    } else {
-        not_before
-    };
+    let issued = issue_time(not_before, not_after);
     let lifetime = not_after.duration_since(issued).unwrap_or_default();
     issued + (lifetime - lifetime / 3)
+}
+
+/// When the controller issued a certificate valid from `not_before` to `not_after`, by its
+/// clock: Umbra's CA starts one [`umbra_pki::BACKDATE`] before. A window no longer than that
+/// (not one of Umbra's) starts at its issue.
+fn issue_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    match not_after.duration_since(not_before) {
+        Ok(window) if window > umbra_pki::BACKDATE => not_before + umbra_pki::BACKDATE,
+        _ => not_before,
+    }
+}
+
+/// When to renew the certificate in `dir` (`id`'s), by this host's clock: [`renew_at`],
+/// moved by how far this host's clock was from the controller's when the certificate arrived
+/// (its file's time of writing, against the issue time the certificate carries; see
+/// [`clock_offset`]). A host 3 minutes behind then renews 3 minutes earlier by its clock,
+/// not after a short certificate has expired; a host ahead renews later by its clock, not at
+/// once after every renewal. Never later than a twelfth of the lifetime before the expiry
+/// (a file copied long after its issue says nothing of the clock), nor before the start.
+pub fn renew_due(dir: &Path, id: &TlsIdentity) -> SystemTime {
+    let Some(Ok((not_before, not_after))) = id.cert_chain.first().map(cert_validity) else {
+        return id.peer.not_after;
+    };
+    let due = renew_at(not_before, not_after);
+    let written = fs::metadata(dir.join("cert.pem")).and_then(|m| m.modified());
+    let Ok(written) = written else {
+        return due;
+    };
+    let offset = clock_offset((not_before, not_after), written);
+    let moved = if offset >= 0 {
+        due + Duration::from_secs(offset.unsigned_abs())
+    } else {
+        due.checked_sub(Duration::from_secs(offset.unsigned_abs()))
+            .unwrap_or(not_before)
+    };
+    let lifetime = not_after
+        .duration_since(issue_time(not_before, not_after))
+        .unwrap_or_default();
+    let latest = not_after.checked_sub(lifetime / 12).unwrap_or(not_before);
+    moved.clamp(not_before, latest.max(not_before))
 }
 
 /// Why a renewed certificate valid from `not_before` to `not_after` must not replace the held
@@ -476,24 +505,20 @@ pub fn renewed_elsewhere(dir: &Path, held: &TlsIdentity, now: SystemTime) -> Opt
 }
 
 async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: AfterExpiry) {
-    // How far this host's clock was ahead of the controller's at the last renewal, beyond
-    // what is allowed: renewals are scheduled by the controller's time, else a host ahead by
-    // more than a third of the lifetime would find each new certificate due at once and
-    // renew in a loop until the controller refuses it.
-    let mut ahead = Duration::ZERO;
     loop {
         let current = tx.borrow().clone();
         let Some(leaf) = current.cert_chain.first() else {
             tracing::warn!(dir = %dir.display(), "identity has no certificate; not renewing");
             return;
         };
-        let due = match cert_validity(leaf) {
-            Ok((not_before, not_after)) => renew_at(not_before, not_after) + ahead,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the certificate's validity; not renewing");
-                return;
-            }
-        };
+        if let Err(e) = cert_validity(leaf) {
+            tracing::warn!(error = %e, "cannot read the certificate's validity; not renewing");
+            return;
+        }
+        // By the controller's time as this host's clock stood when the certificate came: a
+        // host ahead by more than a third of the lifetime would otherwise find each new
+        // certificate due at once, and renew in a loop until the controller refuses it.
+        let due = renew_due(dir, &current);
         // Sleep in bounded steps against the wall clock: the deadline is a wall-clock time.
         loop {
             let left = due
@@ -581,15 +606,13 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
         let now = SystemTime::now();
         let gap = match fresh.cert_chain.first().map(cert_validity) {
             Some(Ok(validity)) => {
-                ahead = Duration::ZERO;
-                if let Some(note) = clock_note(validity, now) {
-                    tracing::warn!(clock = %note, "this host's clock disagrees with the controller's; peers judge certificates by their own clocks");
-                    let offset = clock_offset(validity, now);
-                    if offset > 0 {
-                        ahead = Duration::from_secs(offset.unsigned_abs());
-                    }
-                }
-                renew_gap(now, validity.1 + ahead)
+                let offset = clock_offset(validity, now);
+                let by_controller = if offset >= 0 {
+                    validity.1 + Duration::from_secs(offset.unsigned_abs())
+                } else {
+                    validity.1
+                };
+                renew_gap(now, by_controller)
             }
             _ => MIN_RENEW_GAP,
         };

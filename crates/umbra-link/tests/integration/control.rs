@@ -592,3 +592,53 @@ async fn a_refused_renewal_is_told_from_an_unreachable_controller() {
         .unwrap_err();
     assert!(!e.is_refusal(), "an unreachable controller: {e}");
 }
+
+/// A certificate is due for renewal by the controller's time, as this host's clock stood when
+/// the certificate came (the time its file was written): a host 3 minutes behind renews a
+/// 6-minute certificate 3 minutes earlier by its own clock (else after it expired), a host
+/// ahead renews later by its own (else at once, after every renewal). Never later than a
+/// twelfth of the lifetime before the expiry: a host 20 h ahead with day-long certificates,
+/// or a file copied long after its issue. The twin: a file written when it was issued.
+#[test]
+fn renewal_is_due_by_the_controllers_time() {
+    let org = Org::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The controller's time of issue, whole seconds as in a certificate.
+    let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let write = |lifetime: Duration| {
+        let p = umbra_pki::test_util::issue_pems(
+            &org.ca,
+            umbra_proto::PeerId::new(org.ca.org(), Role::Agent, "d1").unwrap(),
+            vec![],
+            issued,
+            lifetime,
+        )
+        .unwrap();
+        umbra_pki::write_identity_dir(dir.path(), &p.key_pem, &p.cert_pem, org.ca.cert_pem())
+            .unwrap();
+        umbra_pki::TlsIdentity::load_dir(dir.path()).unwrap()
+    };
+    let written_at = |t: SystemTime| {
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("cert.pem"))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    let due = |id| umbra_link::enroll::renew_due(dir.path(), id);
+    let min = |m: u64| Duration::from_secs(60 * m);
+    let six = write(min(6));
+    written_at(issued);
+    assert_eq!(due(&six), issued + min(4));
+    written_at(issued - min(3));
+    assert_eq!(due(&six), issued + min(1));
+    written_at(issued + min(1));
+    assert_eq!(due(&six), issued + min(5));
+    let day = write(min(24 * 60));
+    written_at(issued + min(2));
+    assert_eq!(due(&day), issued + min(16 * 60 + 2));
+    written_at(issued + min(20 * 60));
+    // Capped: a twelfth of the lifetime granted (from the issue) before the end.
+    assert_eq!(due(&day), issued + min(22 * 60));
+}
