@@ -112,17 +112,20 @@ fn clock_hint(e: &rustls::Error) -> &'static str {
 }
 
 /// The TLS error among `e`'s causes, if there is one.
-pub(crate) fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
+pub(crate) fn tls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
-        // hyper hands the TLS error on inside an io::Error, whose `source` skips what it
-        // wraps: look inside it too.
-        let inner = c
-            .downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|i| i.downcast_ref::<rustls::Error>());
-        if let Some(t) = c.downcast_ref::<rustls::Error>().or(inner) {
-            return Some(t);
+        // hyper hands the TLS error on inside an io::Error, hyper-rustls inside another one,
+        // and an io::Error's `source` skips what it wraps: look inside each.
+        let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(c);
+        while let Some(i) = inner {
+            if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                return Some(t);
+            }
+            inner = i
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|w| w as &(dyn std::error::Error + 'static));
         }
         cause = c.source();
     }
@@ -287,6 +290,16 @@ pub(crate) fn from_conn(e: quinn::ConnectionError) -> LinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TLS error is found however deep in io::Errors it is wrapped (hyper-rustls wraps it
+    /// in two).
+    #[test]
+    fn a_tls_error_is_found_inside_wrapped_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet);
+        let twice = io::Error::other(io::Error::new(io::ErrorKind::InvalidData, tls.clone()));
+        assert_eq!(tls_cause(&twice), Some(&tls));
+        assert_eq!(tls_cause(&io::Error::other("no tls here")), None);
+    }
 
     /// A certificate refused for its time says which clock judged it.
     #[test]
