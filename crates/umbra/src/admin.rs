@@ -1373,19 +1373,18 @@ async fn follow_audit(
     filters: &[(&str, String)],
     json: bool,
 ) -> anyhow::Result<()> {
-    use std::io::Write as _;
     let mut seen = first.last().map_or(after, |e| e.seq);
     let mut page = first;
     let mut unreachable = false;
     loop {
-        let mut out = std::io::stdout().lock();
+        // Line by line through `outln!`: a reader that goes away (`| head`) ends the command
+        // quietly, by SIGPIPE, as it ends every other one.
         for e in &page {
             if json {
-                writeln!(out, "{}", serde_json::to_string(e)?)?;
+                outln!("{}", serde_json::to_string(e)?);
             } else {
                 let r = &e.record;
-                writeln!(
-                    out,
+                outln!(
                     "{}  {}  {}  {}  {}  {}  {}  {}",
                     e.seq,
                     ts(r.at_ms / 1000),
@@ -1395,11 +1394,9 @@ async fn follow_audit(
                     r.result,
                     e.source,
                     r.detail
-                )?;
+                );
             }
         }
-        out.flush()?;
-        drop(out);
         let full = page.len() >= 1000;
         if !full {
             tokio::select! {

@@ -2148,6 +2148,12 @@ fn admin_changes_in_place() {
             .arg(&ca)
             .args(["--token", &token, "-o", "json", "audit", "--last", "1000"]);
         ends_quietly_when_unread(home.path(), cmd);
+        // `--follow` too, which writes page by page for as long as it runs.
+        let mut cmd = Command::new(common::umbra());
+        cmd.args(["admin", "--controller", &ctl.url, "--ca-file"])
+            .arg(&ca)
+            .args(["--token", &token, "audit", "--follow", "--last", "5"]);
+        ends_quietly_when_unread(home.path(), cmd);
     }
     // A script gets the controller's refusal in its parts: message, field and status.
     let bad = admin(&["-o", "json", "access", "--user", "nobody@example.test"]);
@@ -2238,19 +2244,22 @@ fn admin_changes_in_place() {
         "{}",
         dry.describe()
     );
-    let dry = admin(&["-o", "json", "policy", "rm", "nosuch", "--dry-run"]);
-    let real = admin(&["-o", "json", "policy", "rm", "nosuch"]);
-    assert_eq!(
-        parse(&dry),
-        parse(&real),
-        "{}\n{}",
-        dry.describe(),
-        real.describe()
-    );
-    assert_eq!(
-        (&parse(&dry)["status"], &parse(&dry)["field"]),
-        (&Value::from(404), &Value::from("name"))
-    );
+    // Removing a name that is not there, or that no policy could have.
+    for name in ["nosuch", "B@D"] {
+        let dry = admin(&["-o", "json", "policy", "rm", name, "--dry-run"]);
+        let real = admin(&["-o", "json", "policy", "rm", name]);
+        assert_eq!(
+            parse(&dry),
+            parse(&real),
+            "{}\n{}",
+            dry.describe(),
+            real.describe()
+        );
+        assert_eq!(
+            (&parse(&dry)["status"], &parse(&dry)["field"]),
+            (&Value::from(404), &Value::from("name"))
+        );
+    }
     assert_eq!(
         json(&["policy", "list"]),
         before,

@@ -709,10 +709,15 @@ pub(super) async fn check_policy(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<api::PolicyCheck>,
 ) -> Result<Json<api::PolicyCheckResult>, ApiFailure> {
-    let name = validate::name(&name, "name")?;
-    if let Some(text) = &req.text {
-        policy_text(text)?;
-    }
+    // Checked as the change itself would be: adding or replacing checks the name and text,
+    // removing only looks the name up (a name that cannot exist is "no policy", as there).
+    let name = match &req.text {
+        Some(text) => {
+            policy_text(text)?;
+            validate::name(&name, "name")?
+        }
+        None => name,
+    };
     let mut r = ctx.admin_read(&admin).await?;
     let now = ctx.now_secs();
     let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
