@@ -176,6 +176,7 @@ fn seed_generator_writes_requests_to_every_admin_route() {
         ),
         ("revoke-device", 1, "/v1/devices/{device}/revoke", ""),
         ("rotate", 1, "/v1/admin-token/rotate", ""),
+        ("rotate-query", 1, "/v1/admin-token/rotate?x=1", ""),
         ("wrong-method", 4, "/v1/users", ""),
         ("no-route", 0, "users/x/y/z", ""),
     ];
@@ -187,6 +188,7 @@ fn seed_generator_writes_requests_to_every_admin_route() {
     // Without the admin token: a wrong one (bit 7), or none (bits 7 and 6).
     for (name, cred, method, target, body) in [
         ("wrong-token-list-users", 0x80u8, 0u8, "/v1/users", ""),
+        ("no-token-head-users", 0xc0, 6, "/v1/users", ""),
         (
             "no-token-create-user",
             0xc0,
