@@ -194,9 +194,9 @@ fn unusable_here(
     now: SystemTime,
 ) -> Option<&'static str> {
     if not_after <= now {
-        Some("by this host's clock the certificate has already expired")
+        Some("the certificate has already expired by this host's clock")
     } else if not_before > now + SKEW_ALLOWED {
-        Some("by this host's clock the certificate is not valid yet")
+        Some("the certificate is not valid yet by this host's clock")
     } else {
         None
     }
@@ -365,16 +365,14 @@ pub fn renew_due(dir: &Path, id: &TlsIdentity) -> SystemTime {
         return id.peer.not_after;
     };
     let due = renew_at(not_before, not_after);
-    let written = fs::metadata(dir.join("cert.pem")).and_then(|m| m.modified());
-    let Ok(written) = written else {
+    let Ok(written) = umbra_pki::cert_written_at(dir) else {
         return due;
     };
-    let offset = clock_offset((not_before, not_after), written);
-    let moved = if offset >= 0 {
-        due + Duration::from_secs(offset.unsigned_abs())
+    let offset = Duration::from_secs(clock_offset((not_before, not_after), written).unsigned_abs());
+    let moved = if written >= issue_time(not_before, not_after) {
+        due + offset
     } else {
-        due.checked_sub(Duration::from_secs(offset.unsigned_abs()))
-            .unwrap_or(not_before)
+        due.checked_sub(offset).unwrap_or(not_before)
     };
     let lifetime = not_after
         .duration_since(issue_time(not_before, not_after))
@@ -396,14 +394,9 @@ pub fn renewal_unusable(
     held_not_after: SystemTime,
     now: SystemTime,
 ) -> Option<&'static str> {
-    if not_after <= now {
-        return Some("the renewed certificate has already expired by this host's clock");
-    }
+    let why = unusable_here((not_before, not_after), now)?;
     let held_left = held_not_after.duration_since(now).unwrap_or(Duration::ZERO);
-    if not_before > now + SKEW_ALLOWED && held_left > LAST_CHANCE {
-        return Some("the renewed certificate is not valid yet by this host's clock");
-    }
-    None
+    (not_after <= now || held_left > LAST_CHANCE).then_some(why)
 }
 
 /// See [`renewal_unusable`]: twice the longest wait between two renewal attempts.
@@ -603,17 +596,8 @@ async fn renewal_loop(dir: &Path, tx: &watch::Sender<Arc<TlsIdentity>>, after: A
             let delay = retry_delay(backoff.next_delay(random_unit()), left);
             tokio::time::sleep(delay.min(left)).await;
         };
-        let now = SystemTime::now();
         let gap = match fresh.cert_chain.first().map(cert_validity) {
-            Some(Ok(validity)) => {
-                let offset = clock_offset(validity, now);
-                let by_controller = if offset >= 0 {
-                    validity.1 + Duration::from_secs(offset.unsigned_abs())
-                } else {
-                    validity.1
-                };
-                renew_gap(now, by_controller)
-            }
+            Some(Ok((_, not_after))) => renew_gap(SystemTime::now(), not_after),
             _ => MIN_RENEW_GAP,
         };
         if tx.send(fresh).is_err() {

@@ -205,6 +205,12 @@ const WRITE_LOCK: &str = ".identity.lock";
 /// each replaced atomically (temporary file, fsync, rename, fsync of the directory).
 ///
 /// A renewal replaces the key and the certificate together, which no single rename can do.
+/// When the certificate in the identity directory `dir` was written, by this host's clock:
+/// for a certificate written as it arrived, when this host received it.
+pub fn cert_written_at(dir: &Path) -> std::io::Result<SystemTime> {
+    fs::metadata(dir.join("cert.pem"))?.modified()
+}
+
 /// The new key goes to `key.pem.next` first, then the certificate replaces `cert.pem`, then
 /// the key is renamed over `key.pem`. A crash at any point leaves a directory that
 /// [`TlsIdentity::load_dir`] loads: the old pair, or the new certificate with its key still

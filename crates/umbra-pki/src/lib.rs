@@ -37,7 +37,7 @@ pub use crypto::{ct_eq, random_bytes, sha256};
 pub use csr::{generate_key_pem, make_csr};
 pub use error::PkiError;
 pub use identity::{
-    PeerCert, TlsIdentity, cert_not_after, check_private_dir, check_private_file,
+    PeerCert, TlsIdentity, cert_not_after, cert_written_at, check_private_dir, check_private_file,
     create_private_file, lock_instance, peer_cert, private_dir, private_dir_tight, rfc3339,
     sweep_temp_files, try_lock_renewal, write_identity_dir, write_private_file,
     write_private_file_or_remove, write_public_file,
