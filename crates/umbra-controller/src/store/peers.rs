@@ -578,6 +578,13 @@ pub(crate) struct BrokerRow {
     pub(crate) version: Option<String>,
 }
 
+/// The columns a [`BrokerRow`] is read from, as one literal for `concat!`.
+macro_rules! broker_columns {
+    () => {
+        "id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, version"
+    };
+}
+
 impl<'r> FromRow<'r, SqliteRow> for BrokerRow {
     fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
         Ok(BrokerRow {
@@ -598,10 +605,11 @@ pub(crate) async fn brokers_active(
     c: &mut SqliteConnection,
     org: &str,
 ) -> Result<Vec<BrokerRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, \
-         version FROM brokers WHERE org = $1 AND revoked_at IS NULL ORDER BY name, id",
-    )
+    sqlx::query_as(concat!(
+        "SELECT ",
+        broker_columns!(),
+        " FROM brokers WHERE org = $1 AND revoked_at IS NULL ORDER BY name, id"
+    ))
     .bind(org)
     .fetch_all(c)
     .await
@@ -613,10 +621,11 @@ pub(crate) async fn broker_get(
     org: &str,
     id: &str,
 ) -> Result<Option<BrokerRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, \
-         version FROM brokers WHERE org = $1 AND id = $2",
-    )
+    sqlx::query_as(concat!(
+        "SELECT ",
+        broker_columns!(),
+        " FROM brokers WHERE org = $1 AND id = $2"
+    ))
     .bind(org)
     .bind(id)
     .fetch_optional(c)
