@@ -132,6 +132,10 @@ pub(crate) struct Shared {
     pub(crate) tcp_addr: Option<String>,
     pub(crate) snapshot_path: PathBuf,
     pub(crate) authority: ArcSwap<authority::Authority>,
+    /// The snapshot version in force with what it ends ended: set after an install has
+    /// re-decided the live streams and links, and reported in heartbeats. `authority` holds
+    /// the new version a moment earlier, while the streams it ends are still being closed.
+    pub(crate) applied: AtomicU64,
     /// The confirmation time last written to `snapshot_path` (Unix seconds).
     pub(crate) persisted_confirmation: std::sync::atomic::AtomicU64,
     pub(crate) connectors: route::Registry,
@@ -242,6 +246,7 @@ impl Broker {
             tcp_addr: listener.tcp_addr().map(fmt_addr),
             snapshot_path,
             persisted_confirmation: held.confirmed_at.into(),
+            applied: held.snapshot.version.into(),
             authority: ArcSwap::from_pointee(held),
             connectors: Default::default(),
             agents: Default::default(),

@@ -225,6 +225,7 @@ pub(crate) fn install(shared: &Shared, s: Snapshot, now: SystemTime) -> bool {
     // Live streams the new snapshot ends are ended before it is written to disk: an fsync on
     // a busy disk must not keep a revoked device's streams relaying.
     reevaluate(shared, &a, now);
+    shared.applied.store(version, Ordering::Release);
     persist(shared, &a);
     true
 }
@@ -450,7 +451,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             quic_addr: shared.quic_addr.clone(),
             tcp_addr: shared.tcp_addr.clone(),
             server_name: shared.server_name.clone(),
-            snapshot_version: a.snapshot.version,
+            snapshot_version: shared.applied.load(Ordering::Acquire),
             streams,
             audit: batch.records,
             audit_seq: Some(batch.seq),

@@ -2184,6 +2184,187 @@ async fn heartbeat_brokers_streams_and_audit() {
     h.ctl.shutdown().await;
 }
 
+/// `GET /v1/rollout`: where each broker stands on a snapshot version, from what its
+/// heartbeats report in force. Applied, behind, or silent (not heard from in 30 s, whatever
+/// it reported); a wait ends as soon as no broker is behind, and does not wait for silent
+/// ones. Refused: a version the store does not have yet, unknown parameters, no token.
+#[tokio::test]
+async fn rollout_tells_where_each_broker_stands() {
+    let h = Harness::start().await;
+    let mut brokers = Vec::new();
+    for name in ["b1", "b2"] {
+        let (id, _) = h.peer("broker", name).await;
+        let client = h.as_peer(&id);
+        let hb = move |version: u64| {
+            json!({
+                "name": name,
+                "quic_addr": null,
+                "tcp_addr": "127.0.0.1:4433",
+                "server_name": umbra_pki::broker_server_name(&id.peer.id.id),
+                "snapshot_version": version,
+                "audit": [],
+            })
+        };
+        brokers.push((client, hb));
+    }
+    async fn rollout(h: &Harness, query: &str) -> umbra_proto::api::Rollout {
+        let v = h.ok("GET", &format!("/v1/rollout{query}"), None).await;
+        serde_json::from_value(v).unwrap()
+    }
+    let states = |r: &umbra_proto::api::Rollout| -> Vec<(String, &'static str)> {
+        r.brokers
+            .iter()
+            .map(|b| (b.name.clone(), b.state.as_str()))
+            .collect()
+    };
+    // A broker's first heartbeat registers its addresses, which is a change itself; the
+    // second reports the version after it.
+    for (client, hb) in &brokers {
+        assert_eq!(heartbeat(&h, client, &hb(0)).await, StatusCode::OK);
+    }
+    let v1 = rollout(&h, "").await.current;
+    for (client, hb) in &brokers {
+        assert_eq!(heartbeat(&h, client, &hb(v1)).await, StatusCode::OK);
+    }
+    let r = rollout(&h, "").await;
+    assert_eq!(
+        (r.version, r.current, r.applied, r.behind, r.silent),
+        (v1, v1, 2, 0, 0)
+    );
+
+    // A change: both brokers are behind until they report it in force.
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "bob@example.com" })),
+    )
+    .await;
+    let v2 = rollout(&h, "").await.current;
+    assert!(v2 > v1);
+    let r = rollout(&h, "").await;
+    assert_eq!((r.version, r.behind), (v2, 2));
+    assert_eq!(
+        states(&r),
+        [("b1".to_owned(), "behind"), ("b2".to_owned(), "behind")]
+    );
+    // The older version is in force at both.
+    let r = rollout(&h, &format!("?version={v1}")).await;
+    assert_eq!((r.version, r.current, r.applied), (v1, v2, 2));
+
+    // A wait is answered once the last broker behind reports the version, not at its end.
+    let waiting = {
+        let (http, url, token) = (
+            h.http.clone(),
+            h.url("/v1/rollout?wait=20"),
+            h.admin_token.clone(),
+        );
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r: umbra_proto::api::Rollout = http
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        heartbeat(&h, &brokers[0].0, &brokers[0].1(v2)).await,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!waiting.is_finished(), "answered with b2 still behind");
+    assert_eq!(
+        heartbeat(&h, &brokers[1].0, &brokers[1].1(v2)).await,
+        StatusCode::OK
+    );
+    let (r, took) = waiting.await.unwrap();
+    assert_eq!((r.version, r.applied, r.behind), (v2, 2, 0), "{r:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "held to the end of its wait: {took:?}"
+    );
+    // A wait that ends with a broker behind answers with it behind.
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "carol@example.com" })),
+    )
+    .await;
+    assert_eq!(
+        heartbeat(
+            &h,
+            &brokers[0].0,
+            &brokers[0].1(rollout(&h, "").await.current)
+        )
+        .await,
+        StatusCode::OK
+    );
+    let r = rollout(&h, "?wait=1").await;
+    assert_eq!(
+        states(&r),
+        [("b1".to_owned(), "applied"), ("b2".to_owned(), "behind")]
+    );
+
+    // Refused, naming what: a version the store does not have, a parameter it does not
+    // know; no token, no answer.
+    let ahead = format!("/v1/rollout?version={}", rollout(&h, "").await.current + 1);
+    let (s, e) = h.admin("GET", &ahead, None).await;
+    assert_eq!(
+        (s, e["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("version")),
+        "{e}"
+    );
+    let (s, _) = h.admin("GET", "/v1/rollout?versoin=1", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let s = h
+        .http
+        .get(h.url("/v1/rollout"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // 31 s later by the controller's clock neither broker has been heard from lately: both
+    // silent, whatever they reported, and a wait does not hold for them.
+    h.skew.fetch_add(31, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let r = rollout(&h, "?wait=10").await;
+    assert_eq!((r.applied, r.behind, r.silent), (0, 0, 2), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "held for silent brokers"
+    );
+    // b1 heard from again: applied. A revoked broker is not counted at all.
+    assert_eq!(
+        heartbeat(
+            &h,
+            &brokers[0].0,
+            &brokers[0].1(rollout(&h, "").await.current)
+        )
+        .await,
+        StatusCode::OK
+    );
+    h.ok("POST", "/v1/brokers/b2/revoke", None).await;
+    assert_eq!(
+        heartbeat(
+            &h,
+            &brokers[0].0,
+            &brokers[0].1(rollout(&h, "").await.current)
+        )
+        .await,
+        StatusCode::OK
+    );
+    let r = rollout(&h, "").await;
+    assert_eq!(states(&r), [("b1".to_owned(), "applied")]);
+}
+
 /// Revoking a broker (by name) takes it out of the broker lists peers fetch and ends what
 /// the controller serves it (heartbeat, snapshot, renewal); the other broker is untouched.
 #[tokio::test]
@@ -3544,6 +3725,7 @@ async fn openapi_lists_every_route() {
         ("get", "/v1/brokers/all"),
         ("post", "/v1/brokers/{id}/revoke"),
         ("get", "/v1/streams"),
+        ("get", "/v1/rollout"),
         ("get", "/v1/audit"),
         ("get", "/v1/access"),
     ] {
@@ -3569,7 +3751,7 @@ async fn openapi_lists_every_route() {
             assert_ne!(e.error, "no such route", "{method} {path}");
         }
     }
-    assert_eq!(paths.len(), 32);
+    assert_eq!(paths.len(), 33);
     // Query parameters have the types the routes read.
     let audit = doc["paths"]["/v1/audit"]["get"]["parameters"]
         .as_array()

@@ -181,6 +181,8 @@ pub struct BrokerHeartbeat {
     pub quic_addr: Option<String>,
     pub tcp_addr: Option<String>,
     pub server_name: String,
+    /// The snapshot version in force: the broker decides with it, and the live streams and
+    /// links it no longer allows are ended already. What `GET /v1/rollout` counts as applied.
     pub snapshot_version: u64,
     /// Every live stream, or absent when the set is unchanged since the broker's last report
     /// that carried it (brokers send it when streams start or end, and every few seconds for
@@ -565,6 +567,62 @@ pub struct Broker {
     /// The software version it last announced (`None`: not known).
     #[serde(default)]
     pub version: Option<String>,
+}
+
+/// `GET /v1/rollout`: whether the brokers enforce a snapshot version (the controller's current
+/// one unless another is asked about), so that an administrator can tell when a change (a
+/// revocation, say) is in force everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The version asked about.
+    pub version: u64,
+    /// The controller's current version.
+    pub current: u64,
+    /// How many brokers are [`RolloutState::Applied`], [`RolloutState::Behind`] and
+    /// [`RolloutState::Silent`].
+    pub applied: u64,
+    pub behind: u64,
+    pub silent: u64,
+    /// Every broker not revoked, by name.
+    pub brokers: Vec<RolloutBroker>,
+}
+
+/// One broker of a [`Rollout`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutBroker {
+    pub id: String,
+    pub name: String,
+    /// The version it reported in force at its last heartbeat.
+    pub snapshot_version: u64,
+    /// Unix seconds of its last heartbeat; 0 if never.
+    pub last_seen: u64,
+    pub state: RolloutState,
+}
+
+/// Where a broker stands on the version a [`Rollout`] asks about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Heard from lately, and enforcing the version or a newer one: the streams and links it
+    /// no longer allows are ended.
+    Applied,
+    /// Heard from lately, and enforcing an older version (it applies a change within about a
+    /// second, and reports it at its next heartbeat).
+    Behind,
+    /// Not heard from in the last 30 s: it enforces the snapshot it holds until its staleness
+    /// limit, and denies every stream after that. Nothing confirms the version there.
+    #[serde(other)]
+    Silent,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Applied => "applied",
+            RolloutState::Behind => "behind",
+            RolloutState::Silent => "silent",
+        }
+    }
 }
 
 /// A stored audit event.

@@ -34,6 +34,12 @@ pub(crate) struct Args {
     /// Output: `table` for people, `json` for scripts.
     #[arg(short = 'o', long, global = true, default_value = "table", value_parser = ["table", "json"])]
     output: String,
+    /// After a change brokers enforce (users, groups, services, policies, revocations), wait
+    /// at most TIME (e.g. 10s) until every broker heard from lately has it in force (streams
+    /// it ends, ended), and say so on stderr. Exit status 3 if that is not confirmed in time:
+    /// the change is made, but a broker is behind or silent. With `rollout`, its wait.
+    #[arg(long, global = true, value_name = "TIME", value_parser = wait_time)]
+    wait: Option<std::time::Duration>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,6 +48,45 @@ impl Args {
     /// `-o json`: results, and errors, as JSON.
     pub(crate) fn json_output(&self) -> bool {
         self.output == "json"
+    }
+}
+
+/// Longest `--wait`.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `--wait TIME`: a duration from 1 s to an hour.
+fn wait_time(s: &str) -> Result<std::time::Duration, String> {
+    let d = crate::load::parse_duration(s)?;
+    if d.is_zero() || d > MAX_WAIT {
+        return Err(format!("{s:?}: give 1s to 1h"));
+    }
+    Ok(d)
+}
+
+impl Cmd {
+    /// Whether the command changes what brokers enforce (what `--wait` waits for). Dry runs,
+    /// listings and enrollment or admin tokens do not.
+    fn changes_enforcement(&self) -> bool {
+        match self {
+            Cmd::User(c) => !matches!(c, UserCmd::List),
+            Cmd::Group(c) => !matches!(c, GroupCmd::List),
+            Cmd::Service(c) => !matches!(c, ServiceCmd::List),
+            Cmd::Policy(c) => match c {
+                PolicyCmd::Add { dry_run, .. }
+                | PolicyCmd::Set { dry_run, .. }
+                | PolicyCmd::Rm { dry_run, .. } => !dry_run,
+                PolicyCmd::List => false,
+            },
+            Cmd::Device(c) => matches!(c, DeviceCmd::Revoke { .. }),
+            Cmd::Connector(c) => matches!(c, ConnectorCmd::Revoke { .. }),
+            Cmd::Broker(c) => matches!(c, BrokerCmd::Revoke { .. }),
+            Cmd::Token(_)
+            | Cmd::AdminToken(_)
+            | Cmd::Stream(_)
+            | Cmd::Access { .. }
+            | Cmd::Audit { .. }
+            | Cmd::Rollout { .. } => false,
+        }
     }
 }
 
@@ -87,6 +132,14 @@ enum Cmd {
     /// The admin token itself.
     #[command(subcommand)]
     AdminToken(AdminTokenCmd),
+    /// Whether every broker enforces the controller's current state (or snapshot --snapshot):
+    /// each broker applied, behind, or silent (not heard from in 30 s). With --wait, waits
+    /// until none is behind (exit status 3 if one still is, or one is silent).
+    Rollout {
+        /// The snapshot version to ask about (default: the controller's current one).
+        #[arg(long, value_name = "VERSION")]
+        snapshot: Option<u64>,
+    },
     /// What the policy decides now, and why: may this user reach this service (or which
     /// services may they reach)? Decided as a broker decides, on the controller's current
     /// state; changes nothing.
@@ -791,7 +844,128 @@ fn state(s: api::CredentialState, revoked: bool) -> String {
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    if a.wait.is_some() && !a.cmd.changes_enforcement() && !matches!(a.cmd, Cmd::Rollout { .. }) {
+        bail!(
+            "--wait follows a change that brokers enforce (users, groups, services, policies, \
+             revocations); `umbra admin rollout --wait TIME` waits without one"
+        );
+    }
     let c = Client::new(&a)?;
+    let started = std::time::Instant::now();
+    command(&a, &c).await?;
+    if let Some(wait) = a.wait
+        && a.cmd.changes_enforcement()
+    {
+        let r = rollout(&c, None, wait).await?;
+        let verdict = Verdict::of(&r);
+        match &verdict {
+            Verdict::Confirmed => eprintln!(
+                "in force at every broker ({}) after {:.1} s (snapshot {})",
+                r.applied,
+                started.elapsed().as_secs_f64(),
+                r.version
+            ),
+            Verdict::NoBroker => eprintln!("no broker to confirm it: none is enrolled"),
+            Verdict::Unconfirmed(_) => {}
+        }
+        verdict.into_result(wait)?;
+    }
+    Ok(())
+}
+
+/// Waits up to `wait` until no broker heard from lately is behind on `version` (default:
+/// the controller's current version when first asked), asking the controller to hold each
+/// request for up to 20 s (its own limit is 25).
+async fn rollout(
+    c: &Client,
+    version: Option<u64>,
+    wait: std::time::Duration,
+) -> anyhow::Result<api::Rollout> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut version = version;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Whole seconds, rounded up: the controller's wait is in seconds.
+        let secs = (left.as_millis().div_ceil(1000) as u64).min(20);
+        let mut query = vec![("wait", secs.to_string())];
+        query.extend(version.map(|v| ("version", v.to_string())));
+        let r: api::Rollout = c.get(&path_with_query("/v1/rollout", &query)?).await?;
+        if r.behind == 0 || std::time::Instant::now() >= deadline {
+            return Ok(r);
+        }
+        version = Some(r.version);
+    }
+}
+
+/// What a rollout says of a change: in force at every broker, or not (yet) confirmed.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Confirmed,
+    /// No broker is enrolled: nothing enforces anything, so nothing is behind either.
+    NoBroker,
+    /// Each broker behind or silent, said for a person.
+    Unconfirmed(Vec<String>),
+}
+
+impl Verdict {
+    /// Pure.
+    fn of(r: &api::Rollout) -> Verdict {
+        if r.brokers.is_empty() {
+            return Verdict::NoBroker;
+        }
+        let missing: Vec<String> = r
+            .brokers
+            .iter()
+            .filter_map(|b| match b.state {
+                api::RolloutState::Applied => None,
+                api::RolloutState::Behind => Some(format!(
+                    "broker {} is behind (it has {} in force)",
+                    b.name, b.snapshot_version
+                )),
+                api::RolloutState::Silent if b.last_seen == 0 => {
+                    Some(format!("broker {} has never been heard from", b.name))
+                }
+                api::RolloutState::Silent => Some(format!(
+                    "broker {} is silent since {} (it enforces what it holds until its \
+                     staleness limit, then denies every stream; revoke it if it is gone for good)",
+                    b.name,
+                    ts(b.last_seen)
+                )),
+            })
+            .collect();
+        if missing.is_empty() {
+            Verdict::Confirmed
+        } else {
+            Verdict::Unconfirmed(missing)
+        }
+    }
+
+    fn into_result(self, wait: std::time::Duration) -> Result<(), Unconfirmed> {
+        match self {
+            Verdict::Unconfirmed(missing) => Err(Unconfirmed(format!(
+                "not confirmed within {} s: {}",
+                wait.as_secs(),
+                missing.join("; ")
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A change made (or a rollout asked about) that not every broker confirmed in time: the
+/// command exits with status 3, apart from its failures (1) and usage errors (2).
+#[derive(Debug)]
+pub(crate) struct Unconfirmed(String);
+
+impl std::fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unconfirmed {}
+
+async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
     let json = a.output == "json";
     macro_rules! out {
         ($v:expr, $human:expr) => {{
@@ -996,13 +1170,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 "replace"
             };
-            check_policy(&c, name, &body, expect, json).await?;
+            check_policy(c, name, &body, expect, json).await?;
         }
         Cmd::Policy(PolicyCmd::Rm {
             name,
             dry_run: true,
         }) => {
-            check_policy(&c, name, &api::PolicyCheck::default(), "remove", json).await?;
+            check_policy(c, name, &api::PolicyCheck::default(), "remove", json).await?;
         }
         Cmd::Policy(PolicyCmd::Add { name, source, .. }) => {
             let text = source.text()?;
@@ -1098,7 +1272,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Device(DeviceCmd::List { user, page }) => {
             let filter: Vec<_> = user.iter().map(|u| ("user", u.clone())).collect();
             let v: Vec<api::Device> =
-                list_pages(&c, "/v1/devices", &filter, page, |d: &api::Device| &d.id).await?;
+                list_pages(c, "/v1/devices", &filter, page, |d: &api::Device| &d.id).await?;
             // An older controller ignores the filter: never show another user's devices as
             // this user's.
             if let Some(u) = user {
@@ -1137,7 +1311,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Connector(ConnectorCmd::List { name, page }) => {
             let filter: Vec<_> = name.iter().map(|n| ("name", n.clone())).collect();
             let v: Vec<api::Connector> =
-                list_pages(&c, "/v1/connectors", &filter, page, |x: &api::Connector| {
+                list_pages(c, "/v1/connectors", &filter, page, |x: &api::Connector| {
                     &x.id
                 })
                 .await?;
@@ -1274,7 +1448,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let names = if json {
                 PeerNames::default()
             } else {
-                PeerNames::fetch(&c).await?
+                PeerNames::fetch(c).await?
             };
             let broker = |id: String| names.broker(id);
             let connector = |id: String| names.connector(id);
@@ -1304,6 +1478,48 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     ])
                     .collect()
             ));
+        }
+        Cmd::Rollout { snapshot } => {
+            let r = match a.wait {
+                Some(wait) => rollout(c, *snapshot, wait).await?,
+                None => {
+                    let query: Vec<_> = snapshot
+                        .iter()
+                        .map(|v| ("version", v.to_string()))
+                        .collect();
+                    c.get(&path_with_query("/v1/rollout", &query)?).await?
+                }
+            };
+            let verdict = Verdict::of(&r);
+            out!(r, |r: api::Rollout| {
+                outln!(
+                    "snapshot {} (the controller's current: {}): applied at {} of {} broker(s), {} behind, {} silent",
+                    r.version,
+                    r.current,
+                    r.applied,
+                    r.brokers.len(),
+                    r.behind,
+                    r.silent
+                );
+                table(
+                    &["name", "id", "state", "snapshot", "last seen"],
+                    r.brokers
+                        .into_iter()
+                        .map(|b| {
+                            vec![
+                                b.name,
+                                b.id,
+                                b.state.as_str().to_owned(),
+                                b.snapshot_version.to_string(),
+                                ts(b.last_seen),
+                            ]
+                        })
+                        .collect(),
+                );
+            });
+            if let Some(wait) = a.wait {
+                verdict.into_result(wait)?;
+            }
         }
         Cmd::Audit {
             after,
@@ -1336,7 +1552,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             query.extend(filters.iter().cloned());
             let v: Vec<api::AuditEntry> = c.get(&audit_path(&query)?).await?;
             if *follow {
-                return follow_audit(&c, v, *after, &filters, json).await;
+                return follow_audit(c, v, *after, &filters, json).await;
             }
             out!(v, |v: Vec<api::AuditEntry>| table(
                 &[
@@ -1586,6 +1802,145 @@ fn path_with_query(path: &str, query: &[(&str, String)]) -> anyhow::Result<Strin
         Some(q) if !q.is_empty() => format!("{}?{q}", url.path()),
         _ => url.path().to_owned(),
     })
+}
+
+#[cfg(test)]
+mod rollout_tests {
+    use super::{Cmd, Verdict, api};
+    use clap::Parser;
+
+    fn broker(name: &str, state: api::RolloutState, held: u64, seen: u64) -> api::RolloutBroker {
+        api::RolloutBroker {
+            id: format!("id-{name}"),
+            name: name.to_owned(),
+            snapshot_version: held,
+            last_seen: seen,
+            state,
+        }
+    }
+
+    fn report(brokers: Vec<api::RolloutBroker>) -> api::Rollout {
+        let n = |s| brokers.iter().filter(|b| b.state == s).count() as u64;
+        api::Rollout {
+            version: 9,
+            current: 9,
+            applied: n(api::RolloutState::Applied),
+            behind: n(api::RolloutState::Behind),
+            silent: n(api::RolloutState::Silent),
+            brokers,
+        }
+    }
+
+    #[test]
+    fn a_change_is_confirmed_only_where_every_broker_applied_it() {
+        use api::RolloutState::{Applied, Behind, Silent};
+        assert_eq!(
+            Verdict::of(&report(vec![
+                broker("a", Applied, 9, 5),
+                broker("b", Applied, 12, 5)
+            ])),
+            Verdict::Confirmed
+        );
+        assert_eq!(Verdict::of(&report(vec![])), Verdict::NoBroker);
+        let Verdict::Unconfirmed(why) = Verdict::of(&report(vec![
+            broker("a", Applied, 9, 5),
+            broker("b", Behind, 8, 5),
+            broker("c", Silent, 9, 5),
+            broker("d", Silent, 0, 0),
+        ])) else {
+            panic!("confirmed with brokers behind and silent");
+        };
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(
+            why[0].contains("broker b is behind (it has 8 in force)"),
+            "{why:?}"
+        );
+        assert!(
+            why[1].contains("broker c is silent since 1970-01-01T00:00:05Z"),
+            "{why:?}"
+        );
+        assert!(
+            why[2].contains("broker d has never been heard from"),
+            "{why:?}"
+        );
+        let e = Verdict::Unconfirmed(why)
+            .into_result(std::time::Duration::from_secs(7))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("not confirmed within 7 s: broker b"),
+            "{e}"
+        );
+    }
+
+    /// `--wait` is for what brokers enforce: every such command, and nothing else.
+    #[test]
+    fn wait_follows_changes_brokers_enforce() {
+        let cmd = |line: &str| -> Cmd {
+            let mut args = vec!["umbra", "admin"];
+            args.extend(line.split(' '));
+            match crate::Cli::try_parse_from(args).unwrap().command {
+                crate::Command::Admin(a) => a.cmd,
+                _ => unreachable!(),
+            }
+        };
+        for line in [
+            "user add a@b.c",
+            "user rm a@b.c",
+            "user disable a@b.c",
+            "user enable a@b.c",
+            "group add g",
+            "group add-member g a@b.c",
+            "group rm-member g a@b.c",
+            "group rm g",
+            "service add s --target h:1 --connector c",
+            "service set s --target h:1",
+            "service rm s",
+            "policy add p --allow-user a@b.c --service s",
+            "policy set p --text x",
+            "policy rm p",
+            "device revoke d",
+            "connector revoke c",
+            "broker revoke b",
+        ] {
+            assert!(cmd(line).changes_enforcement(), "{line}");
+        }
+        for line in [
+            "user list",
+            "group list",
+            "service list",
+            "policy list",
+            "policy add p --text x --dry-run",
+            "policy rm p --dry-run",
+            "token create --role agent --user a@b.c",
+            "token rm t",
+            "admin-token rotate",
+            "device list",
+            "connector list",
+            "broker list",
+            "stream list",
+            "access --user a@b.c",
+            "audit",
+            "rollout",
+        ] {
+            assert!(!cmd(line).changes_enforcement(), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_wait_is_a_second_to_an_hour() {
+        assert!(super::wait_time("0s").is_err());
+        assert!(super::wait_time("61m").is_err());
+        assert!(super::wait_time("soon").is_err());
+        assert_eq!(
+            super::wait_time("1h"),
+            Ok(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(
+            super::wait_time("10"),
+            Ok(std::time::Duration::from_secs(10))
+        );
+    }
 }
 
 #[cfg(test)]

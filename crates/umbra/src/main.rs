@@ -122,6 +122,15 @@ fn main() -> std::process::ExitCode {
             }
         }
     });
+    // A change made that not every broker confirmed within `--wait`: said as any error is,
+    // with its own exit status.
+    let status = |e: &anyhow::Error| {
+        if e.is::<admin::Unconfirmed>() {
+            std::process::ExitCode::from(3)
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if json_errors => {
@@ -134,11 +143,11 @@ fn main() -> std::process::ExitCode {
                 }
             };
             eprintln!("{v}");
-            std::process::ExitCode::FAILURE
+            status(&e)
         }
         Err(e) => {
             eprintln!("error: {}", error_line(&e));
-            std::process::ExitCode::FAILURE
+            status(&e)
         }
     }
 }
@@ -262,6 +271,13 @@ fn end_by_sigpipe() -> ! {
 #[cfg(test)]
 mod tests {
     use super::error_line;
+
+    /// Clap's own checks of every command at once (a duplicate option name, say, panics only
+    /// when that command is parsed).
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 
     #[test]
     fn admin_json_is_asked_for_in_every_spelling() {

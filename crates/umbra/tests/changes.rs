@@ -10,9 +10,10 @@
 //! 2. replaced by one that no longer allows her (checked first: the dry run names her live
 //!    stream, not bob's, and changes nothing): her stream ends, new ones are refused, bob is
 //!    served; the old text back, she is served again;
-//! 3. alice disabled: her stream ends and new ones are refused (audited as `disabled_user`,
-//!    the reason `GET /v1/access` gives too), bob is served; enabled again, her enrolled
-//!    device is served at once;
+//! 3. alice disabled: the broker reports the change in force (`GET /v1/rollout`), her stream
+//!    ends and new ones are refused (audited as `disabled_user`, the reason
+//!    `GET /v1/access` gives too), bob is served; enabled again, her enrolled device is
+//!    served at once;
 //! 4. the service given a second connector: the route of live streams is unchanged, they run
 //!    on; then given a new target: live streams to the old target end, and new connections
 //!    reach the new target only;
@@ -144,6 +145,15 @@ async fn changes_in_place(t: TransportPref) {
         .ok("PATCH", &user, Some(json!({ "disabled": true })))
         .await;
     assert_eq!(u["disabled"], true, "[{t}] {u}");
+    // The broker confirms it has the change in force (its heartbeat reports the version
+    // once the streams it ends are ended), as `umbra admin ... --wait` asks.
+    let r = s.admin.get("/v1/rollout?wait=10").await;
+    assert_eq!(
+        (&r["applied"], &r["behind"]),
+        (&json!(1), &json!(0)),
+        "[{t}] {r}"
+    );
+    assert_eq!(r["brokers"][0]["state"], "applied", "[{t}] {r}");
     live.closed_within(ENFORCE).await.unwrap();
     poll("disabled alice refused", ENFORCE, || refused(fa)).await;
     echo_ok(fb).await.unwrap();

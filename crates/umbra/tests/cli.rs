@@ -159,6 +159,7 @@ fn help_of_every_command_names_its_options() {
                 "--token",
                 "--ca-file",
                 "--output",
+                "--wait",
                 "user",
                 "group",
                 "service",
@@ -168,9 +169,11 @@ fn help_of_every_command_names_its_options() {
                 "connector",
                 "broker",
                 "stream",
+                "rollout",
                 "audit",
             ],
         ),
+        (&["admin", "rollout", "--help"], &["--snapshot", "--wait"]),
         (&["admin", "user", "add", "--help"], &["--group"]),
         (&["admin", "user", "--help"], &["disable", "enable"]),
         (
@@ -2696,4 +2699,169 @@ fn ends_quietly_when_unread(home: &Path, mut cmd: Command) {
         "{:?}: {stderr}",
         out.status
     );
+}
+
+/// `umbra admin ... --wait TIME` and `umbra admin rollout` against a real controller and real
+/// broker processes: a change is confirmed once every broker heard from lately has it in
+/// force; a broker that is behind (stopped with SIGSTOP: heard from lately, not applying) or
+/// silent (enrolled, never started) makes the command exit 3 after the change is made, naming
+/// the broker; `--wait` after a listing is refused, as are a wait of 0 and a version the
+/// controller does not have yet.
+#[test]
+fn admin_wait_confirms_changes_at_the_brokers() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let ctl = AdminCtl::start(home.path());
+    let admin = |args: &[&str]| ctl.admin(home.path(), args);
+    let json = |args: &[&str]| -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let o = admin(&all);
+        assert!(
+            o.success(),
+            "umbra admin {}: {}",
+            all.join(" "),
+            o.describe()
+        );
+        serde_json::from_str(&o.stdout).expect("JSON output")
+    };
+    let enroll_broker = |name: &str| -> PathBuf {
+        let t = json(&["token", "create", "--role", "broker", "--name", name]);
+        let dir = home.path().join(name);
+        let o = broker_enroll(
+            home.path(),
+            &ctl.url,
+            t["token"].as_str().expect("token"),
+            &dir,
+        );
+        assert!(o.success(), "broker enroll: {}", o.describe());
+        dir
+    };
+    let signal = |p: &Proc, sig: &str| {
+        let s = Command::new("sh")
+            .args(["-c", &format!("kill -{sig} {}", p.pid())])
+            .status()
+            .expect("kill");
+        assert!(s.success(), "kill -{sig}");
+    };
+
+    let b1 = enroll_broker("b1");
+    let mut cmd = Command::new(common::umbra());
+    cmd.args([
+        "broker",
+        "--dir",
+        b1.to_str().expect("utf-8"),
+        "--name",
+        "b1",
+    ])
+    .args([
+        "--listen-quic",
+        "127.0.0.1:0",
+        "--listen-tcp",
+        "127.0.0.1:0",
+    ])
+    .args(["--metrics-listen", "none"])
+    .current_dir(home.path());
+    common::clean_env(&mut cmd, home.path());
+    let mut broker = Proc::spawn(
+        "broker",
+        cmd,
+        home.path().join("b1.stdout"),
+        home.path().join("b1.stderr"),
+    );
+    poll(Duration::from_secs(20), || {
+        let r = json(&["rollout"]);
+        (r["applied"] == 1 && r["brokers"][0]["name"] == "b1")
+            .then_some(())
+            .ok_or(format!("{r}"))
+    })
+    .unwrap_or_else(|e| panic!("b1 never reported: {e}\n{}", broker.tails(10)));
+
+    // Confirmed: the change, then the line that says where it is in force.
+    let o = admin(&["user", "add", "bob@example.test", "--wait", "10s"]);
+    assert!(
+        o.success()
+            && o.stdout.contains("user bob@example.test added")
+            && o.stderr.contains("in force at every broker (1)"),
+        "{}",
+        o.describe()
+    );
+    // Refused before anything is sent: a wait after a listing, a wait of nothing, a
+    // version not committed yet (named by the controller).
+    let o = admin(&["user", "list", "--wait", "5s"]);
+    assert!(
+        code(&o) == Some(1) && o.stderr.contains("--wait follows a change"),
+        "{}",
+        o.describe()
+    );
+    let o = admin(&["user", "disable", "bob@example.test", "--wait", "0s"]);
+    assert_eq!(code(&o), Some(2), "{}", o.describe());
+    let current = json(&["rollout"])["current"].as_u64().expect("current");
+    let ahead = (current + 1000).to_string();
+    let o = admin(&["-o", "json", "rollout", "--snapshot", &ahead]);
+    let e: Value = serde_json::from_str(o.stderr.trim()).expect("JSON error");
+    assert!(
+        code(&o) == Some(1) && e["field"] == "version" && e["status"] == 400,
+        "{}",
+        o.describe()
+    );
+    let users = json(&["user", "list"]);
+    assert_eq!(
+        users[0]["disabled"], false,
+        "a refused command changed nothing"
+    );
+
+    // Behind: b1 is heard from lately, but stopped, so it applies nothing. The change is
+    // made all the same; the command says which broker has not confirmed it, and exits 3.
+    signal(&broker, "STOP");
+    let o = admin(&["user", "disable", "bob@example.test", "--wait", "2s"]);
+    signal(&broker, "CONT");
+    assert!(
+        code(&o) == Some(3)
+            && o.stdout.contains("user bob@example.test disabled")
+            && o.stderr.contains("broker b1 is behind"),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(json(&["user", "list"])[0]["disabled"], true);
+    // Running again, b1 catches up: the rollout confirms that very version.
+    let r = json(&["rollout", "--wait", "20s"]);
+    assert!(
+        r["applied"] == 1 && r["behind"] == 0 && r["brokers"][0]["state"] == "applied",
+        "{r}"
+    );
+
+    // Silent: b2 is enrolled and never started. The command does not wait for it (nothing
+    // says it will come), and exits 3 naming it; b1 still applied the change.
+    enroll_broker("b2");
+    let o = admin(&["user", "enable", "bob@example.test", "--wait", "10s"]);
+    assert!(
+        code(&o) == Some(3) && o.stderr.contains("broker b2 has never been heard from"),
+        "{}",
+        o.describe()
+    );
+    let o = admin(&["-o", "json", "rollout", "--wait", "5s"]);
+    let r: Value = serde_json::from_str(&o.stdout).expect("JSON report");
+    assert!(
+        code(&o) == Some(3) && r["applied"] == 1 && r["silent"] == 1 && r["behind"] == 0,
+        "{}",
+        o.describe()
+    );
+    // Without --wait, a report: the state is said, the status is 0.
+    let o = admin(&["rollout"]);
+    assert!(
+        o.success()
+            && o.stdout
+                .contains("applied at 1 of 2 broker(s), 0 behind, 1 silent"),
+        "{}",
+        o.describe()
+    );
+    // A broker gone for good is revoked: it is no longer counted.
+    let o = admin(&["broker", "revoke", "b2", "--wait", "10s"]);
+    assert!(
+        o.success() && o.stderr.contains("in force at every broker (1)"),
+        "{}",
+        o.describe()
+    );
+    broker.interrupt();
+    assert!(broker.wait_exit(Duration::from_secs(10)).is_some());
 }

@@ -1447,6 +1447,93 @@ async fn live_streams_and_silent(
     Ok((out, silent))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rollout: whether the brokers enforce a version
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RolloutQuery {
+    #[serde(default)]
+    version: Option<u64>,
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+/// How often a waiting `GET /v1/rollout` reads the brokers' reports again. Brokers report at
+/// each heartbeat (every second by default), to whichever controller shares the store: the
+/// store is what is read, not this process's own heartbeats.
+const ROLLOUT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `GET /v1/rollout?version=V&wait=S`: where every broker (not revoked) stands on version `V`
+/// (default: the controller's current one). With `wait` (seconds, at most 25), the answer
+/// comes once no broker heard from lately is behind, or when the wait ends: silent brokers
+/// are not waited for, since nothing says they will be back. Reads only.
+pub(super) async fn rollout(
+    _: Admin,
+    State(ctx): State<Arc<Ctx>>,
+    ApiQuery(q): ApiQuery<RolloutQuery>,
+) -> Result<Json<api::Rollout>, ApiFailure> {
+    let wait = std::time::Duration::from_secs(q.wait.unwrap_or(0)).min(super::peer::MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let report = rollout_now(&ctx, q.version).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if report.behind == 0 || left.is_zero() || *shutdown.borrow() {
+            return Ok(Json(report));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ROLLOUT_POLL.min(left)) => {}
+            _ = shutdown.changed() => return Ok(Json(report)),
+        }
+    }
+}
+
+async fn rollout_now(ctx: &Ctx, version: Option<u64>) -> Result<api::Rollout, ApiFailure> {
+    let mut r = ctx.store.read().await?;
+    let current = crate::store::counter(&mut r, &ctx.org, crate::store::SNAPSHOT_VERSION).await?;
+    let version = version.unwrap_or(current);
+    if version > current {
+        return Err(ApiFailure::invalid(
+            "version",
+            format!("version {version} is ahead of the controller's current version {current}"),
+        ));
+    }
+    let since = ctx.now_secs() - LIVE_BROKER_SECS;
+    let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    drop(r);
+    let brokers: Vec<api::RolloutBroker> = rows
+        .into_iter()
+        .map(|b| api::RolloutBroker {
+            state: rollout_state(to_u64(b.snapshot_version), b.last_seen >= since, version),
+            id: b.id,
+            name: b.name,
+            snapshot_version: to_u64(b.snapshot_version),
+            last_seen: to_u64(b.last_seen),
+        })
+        .collect();
+    let count = |s| brokers.iter().filter(|b| b.state == s).count() as u64;
+    Ok(api::Rollout {
+        version,
+        current,
+        applied: count(api::RolloutState::Applied),
+        behind: count(api::RolloutState::Behind),
+        silent: count(api::RolloutState::Silent),
+        brokers,
+    })
+}
+
+/// Where a broker that reported `held` in force stands on `version`; `heard` is whether it
+/// reported lately. A broker not heard from confirms nothing, whatever it last reported.
+/// Pure.
+fn rollout_state(held: u64, heard: bool, version: u64) -> api::RolloutState {
+    match (heard, held >= version) {
+        (false, _) => api::RolloutState::Silent,
+        (true, true) => api::RolloutState::Applied,
+        (true, false) => api::RolloutState::Behind,
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AuditQuery {
@@ -1524,4 +1611,20 @@ pub(super) async fn list_audit(
     let q = audit_query(&aq)?;
     let mut r = ctx.store.read().await?;
     Ok(Json(peers::audit_list(&mut r, &ctx.org, &q).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::RolloutState::{Applied, Behind, Silent};
+
+    #[test]
+    fn a_broker_confirms_a_version_only_when_heard_from_lately() {
+        assert_eq!(rollout_state(7, true, 7), Applied);
+        assert_eq!(rollout_state(9, true, 7), Applied);
+        assert_eq!(rollout_state(6, true, 7), Behind);
+        // Silent: what it reported last is no confirmation, newer or not.
+        assert_eq!(rollout_state(9, false, 7), Silent);
+        assert_eq!(rollout_state(0, false, 7), Silent);
+    }
 }

@@ -109,6 +109,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/brokers/all", get(admin::list_brokers))
         .route("/v1/brokers/{id}/revoke", post(admin::revoke_broker))
         .route("/v1/streams", get(admin::list_streams))
+        .route("/v1/rollout", get(admin::rollout))
         .route("/v1/audit", get(admin::list_audit))
         .route("/v1/access", get(admin::access))
         .route("/v1/policies/{name}/check", post(admin::check_policy))

@@ -460,6 +460,20 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     ),
     RouteDoc {
         method: "get",
+        path: "/v1/rollout",
+        auth: Admin,
+        summary: "Where every broker (not revoked) stands on snapshot `version` (default: the \
+                  controller's current one): `applied` (heard from in the last 30 s, with the \
+                  version or a newer one in force), `behind`, or `silent` (not heard from \
+                  lately: nothing confirms it). With `wait` (seconds, at most 25) the answer \
+                  comes once no broker is behind, or when the wait ends. Reads only",
+        request: NoBody,
+        status: 200,
+        response: One("Rollout"),
+        query: &["version", "wait"],
+    },
+    RouteDoc {
+        method: "get",
         path: "/v1/audit",
         auth: Admin,
         summary: "Audit records after sequence number `after`, oldest first: the oldest `limit` \
@@ -835,6 +849,32 @@ struct Broker {
     version: Option<String>,
 }
 
+#[derive(ToSchema)]
+struct Rollout {
+    version: u64,
+    current: u64,
+    applied: u64,
+    behind: u64,
+    silent: u64,
+    brokers: Vec<RolloutBroker>,
+}
+#[derive(ToSchema)]
+struct RolloutBroker {
+    id: String,
+    name: String,
+    /// The version it reported in force (the streams it ends, ended) at its last heartbeat.
+    snapshot_version: u64,
+    last_seen: u64,
+    state: RolloutState,
+}
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+enum RolloutState {
+    Applied,
+    Behind,
+    Silent,
+}
+
 // ---------------------------------------------------------------------------------------------
 
 fn components() -> utoipa::openapi::Components {
@@ -885,6 +925,9 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<CredentialState>()
         .schema_from::<Connector>()
         .schema_from::<Broker>()
+        .schema_from::<Rollout>()
+        .schema_from::<RolloutBroker>()
+        .schema_from::<RolloutState>()
         .security_scheme(
             "admin_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
@@ -993,7 +1036,7 @@ pub(crate) fn document() -> OpenApi {
                     .schema(Some(ObjectBuilder::new().schema_type(
                         // Counts and sequence positions are numbers; names, ids and tags are
                         // strings (a listing of peers pages after an id).
-                        if ["after", "wait", "limit", "last"].contains(q)
+                        if ["after", "wait", "limit", "last", "version"].contains(q)
                             && !(*q == "after" && route.response_is_list())
                         {
                             Type::Integer
