@@ -119,11 +119,14 @@ pub(crate) fn broker_may_list(
 }
 
 /// Writes records in the caller's transaction; returns the sequence number of the last one.
+/// `received`: when the controller got them (Unix ms, its own clock), for records a peer
+/// reported; `None` for the controller's own, whose time is already its clock's.
 pub(crate) async fn stage(
     c: &mut SqliteConnection,
     org: &str,
     records: &[AuditRecord],
     source: &str,
+    received: Option<u64>,
 ) -> Result<u64, sqlx::Error> {
     let n = records.len() as u64;
     if n == 0 {
@@ -132,7 +135,8 @@ pub(crate) async fn stage(
     let last = store::bump_by(c, org, AUDIT_SEQ, n).await?;
     let first = last + 1 - n;
     for (i, rec) in records.iter().enumerate() {
-        peers::audit_insert(c, org, first + i as u64, rec, source).await?;
+        let received_ms = received.unwrap_or(rec.at_ms);
+        peers::audit_insert(c, org, first + i as u64, rec, source, received_ms).await?;
     }
     Ok(last)
 }
@@ -160,7 +164,7 @@ pub(crate) async fn commit_detached(
     let org = org.to_owned();
     let records = records.to_vec();
     let task = tokio::spawn(async move {
-        stage(w.conn(), &org, &records, CONTROLLER).await?;
+        stage(w.conn(), &org, &records, CONTROLLER, None).await?;
         let v = match bump {
             Some(name) => Some(crate::store::bump(w.conn(), &org, name).await?),
             None => None,

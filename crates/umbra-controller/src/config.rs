@@ -63,8 +63,9 @@ pub struct ControllerConfig {
     /// Connections one enrolled identity (device, connector, broker) may hold open at once;
     /// more are closed after the handshake. Each role process holds one or two. Default 32.
     pub max_connections_per_peer: usize,
-    /// Days audit records are kept; older ones are deleted (checked hourly). 0 keeps them for
-    /// ever. Default 365, at most 36500.
+    /// Days audit records are kept, counted from when this controller stored them (not from
+    /// a broker's clock); older ones are deleted (checked hourly). 0 keeps them for ever.
+    /// Default 365, at most 36500.
     pub audit_retention_days: u64,
 }
 

@@ -1,7 +1,9 @@
 //! Retention: what the store forgets as it ages, so that a deployment that runs for years
 //! keeps a store, and listings, of bounded size.
 //!
-//! - Audit records older than `audit_retention_days` (0: kept for ever). Allowed streams are
+//! - Audit records stored more than `audit_retention_days` ago, by the controller's clock
+//!   (0: kept for ever). A broker's records also carry the broker's time, which may be wrong:
+//!   by that one, a host whose clock says 1970 would lose them at once. Allowed streams are
 //!   recorded one by one, so this is what grows fastest: a busy deployment adds gigabytes a
 //!   month.
 //! - Enrollment tokens used or expired more than [`TOKEN_RETENTION`] ago (their use stays in

@@ -531,6 +531,75 @@ async fn the_retention_sweep_forgets_what_aged_out() {
     }
 }
 
+/// A broker's records keep the broker's time (`at_ms`) and carry the controller's time of
+/// storing them (`received_ms`); retention ages them by the latter. A broker whose clock says
+/// 1970 (no real-time clock) does not have its records deleted at the next sweep, and one
+/// whose clock is ten years ahead does not keep them for ever. The twin: the controller's own
+/// records have the two times equal, and age as before.
+#[tokio::test]
+async fn broker_records_age_by_when_the_controller_stored_them() {
+    let h = Harness::start_cfg(|c| c.audit_retention_days = 30).await;
+    let (broker, _) = h.peer("broker", "b1").await;
+    let (dev, _) = h.agent("alice@example.com").await;
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ten_years_ms = 10 * 365 * 86_400_000;
+    let record = |at_ms: u64, target: &str| {
+        json!({
+            "at_ms": at_ms, "actor": dev.peer.id.to_uri(), "action": "stream.open",
+            "target": target, "result": "deny", "detail": {}
+        })
+    };
+    let hb = json!({
+        "name": "b1",
+        "quic_addr": null,
+        "tcp_addr": "127.0.0.1:4443",
+        "server_name": umbra_pki::broker_server_name(&broker.peer.id.id),
+        "snapshot_version": 0,
+        "audit": [record(1, "clock-1970"), record(now_ms + ten_years_ms, "clock-ahead")],
+    });
+    assert_eq!(
+        heartbeat(&h, &h.as_peer(&broker), &hb).await,
+        StatusCode::OK
+    );
+    let by_target =
+        |audit: &[AuditEntry], t: &str| audit.iter().find(|e| e.record.target == t).cloned();
+    let audit = h.audit_page("/v1/audit?limit=1000").await;
+    let before = now_ms.saturating_sub(60_000);
+    for t in ["clock-1970", "clock-ahead"] {
+        let e = by_target(&audit, t).unwrap_or_else(|| panic!("{t} not stored"));
+        assert!(
+            e.received_ms >= before && e.received_ms < now_ms + 60_000,
+            "{t}: stored at {} by the controller's clock",
+            e.received_ms
+        );
+    }
+    assert_eq!(by_target(&audit, "clock-1970").unwrap().record.at_ms, 1);
+    let own: Vec<&AuditEntry> = audit.iter().filter(|e| e.source == "controller").collect();
+    assert!(!own.is_empty());
+    assert!(
+        own.iter().all(|e| e.received_ms == e.record.at_ms),
+        "{own:?}"
+    );
+
+    // A sweep now forgets nothing: nothing was stored 30 days ago.
+    assert_eq!(
+        h.ctl.sweep().await.unwrap(),
+        umbra_controller::Swept::default()
+    );
+    assert!(by_target(&h.audit_page("/v1/audit?limit=1000").await, "clock-1970").is_some());
+    // 31 days on by the controller's clock, everything stored then is forgotten, the record
+    // dated ten years ahead too.
+    h.skew.store(31 * 86_400, Ordering::SeqCst);
+    let swept = h.ctl.sweep().await.unwrap();
+    assert_eq!(swept.audit, audit.len() as u64);
+    let left = h.audit_page("/v1/audit?limit=1000").await;
+    assert!(by_target(&left, "clock-ahead").is_none(), "{left:?}");
+    assert_eq!(left.len(), 1, "only the sweep's own record: {left:?}");
+}
+
 /// The controller's own server certificate, issued at each start, is in the audit trail like
 /// every certificate the CA signs, with its serial and names.
 #[tokio::test]

@@ -634,6 +634,11 @@ pub struct AuditEntry {
     /// Who wrote it: `controller`, or the identity URI of the broker that reported it.
     #[serde(default)]
     pub source: String,
+    /// When the controller stored it, by the controller's clock (Unix ms). `at_ms` is its
+    /// source's time: for a broker's record, the broker's clock, which may be wrong. Retention
+    /// ages records by this one. 0 from an older controller.
+    #[serde(default)]
+    pub received_ms: u64,
 }
 
 #[cfg(test)]

@@ -829,6 +829,21 @@ fn ts(unix: u64) -> String {
     }
 }
 
+/// Farthest an audit record's own time may be from when the controller stored it before the
+/// listing says both: a broker's clock that far off (as the controllers' own skew allowance).
+const AUDIT_CLOCK_NOTE_MS: u64 = 10 * 60 * 1000;
+
+/// An audit record's time for people: its source's, and the controller's time of storing it
+/// too when the two are far apart (a broker whose clock is wrong).
+fn at(e: &api::AuditEntry) -> String {
+    let own = ts(e.record.at_ms / 1000);
+    if e.received_ms != 0 && e.received_ms.abs_diff(e.record.at_ms) > AUDIT_CLOCK_NOTE_MS {
+        format!("{own} (stored {})", ts(e.received_ms / 1000))
+    } else {
+        own
+    }
+}
+
 /// A listed certificate's state for people: the controller's word for it, or `revoked` from
 /// an older controller that says no more.
 fn state(s: api::CredentialState, revoked: bool) -> String {
@@ -1561,7 +1576,7 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                 v.into_iter()
                     .map(|e| vec![
                         e.seq.to_string(),
-                        ts(e.record.at_ms / 1000),
+                        at(&e),
                         e.record.actor,
                         e.record.action,
                         e.record.target,
@@ -1603,7 +1618,7 @@ async fn follow_audit(
                 outln!(
                     "{}  {}  {}  {}  {}  {}  {}  {}",
                     e.seq,
-                    ts(r.at_ms / 1000),
+                    at(e),
                     r.actor,
                     r.action,
                     r.target,
@@ -1925,6 +1940,39 @@ mod rollout_tests {
         ] {
             assert!(!cmd(line).changes_enforcement(), "{line}");
         }
+    }
+
+    /// A record whose source's clock is far from the controller's shows both times.
+    #[test]
+    fn audit_times_far_from_their_storing_show_both() {
+        let entry = |at_ms: u64, received_ms: u64| api::AuditEntry {
+            seq: 1,
+            record: api::AuditRecord {
+                at_ms,
+                actor: "a".into(),
+                action: "stream.open".into(),
+                target: "t".into(),
+                result: "allow".into(),
+                detail: serde_json::Value::Null,
+            },
+            source: "umbra://default/broker/b".into(),
+            received_ms,
+        };
+        let day = 86_400_000;
+        assert_eq!(super::at(&entry(day, day + 60_000)), "1970-01-02T00:00:00Z");
+        assert_eq!(
+            super::at(&entry(day, 0)),
+            "1970-01-02T00:00:00Z",
+            "older controller"
+        );
+        assert_eq!(
+            super::at(&entry(1_000, day)),
+            "1970-01-01T00:00:01Z (stored 1970-01-02T00:00:00Z)"
+        );
+        assert_eq!(
+            super::at(&entry(2 * day, day)),
+            "1970-01-03T00:00:00Z (stored 1970-01-02T00:00:00Z)"
+        );
     }
 
     #[test]

@@ -590,6 +590,9 @@ struct AuditEntry {
     detail: serde_json::Value,
     /// `controller`, or the identity URI of the broker that reported the record.
     source: String,
+    /// When the controller stored it, by its own clock (Unix ms); `at_ms` is the source's
+    /// time (a broker's clock for its records). Retention ages records by this one.
+    received_ms: u64,
 }
 #[derive(ToSchema)]
 struct BrokerHeartbeat {

@@ -411,7 +411,8 @@ pub(super) async fn heartbeat(
             }
         }
     }
-    audit::stage(w.conn(), &ctx.org, &kept, &peer.id.to_uri()).await?;
+    let received = audit::unix_ms((ctx.clock)());
+    audit::stage(w.conn(), &ctx.org, &kept, &peer.id.to_uri(), Some(received)).await?;
     let refusal = (refused > 0).then(|| {
         metrics::counter!("umbra_controller_audit_refused_total").increment(refused as u64);
         audit::record(

@@ -61,6 +61,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "peer_versions",
         include_str!("../../migrations/0006_peer_versions.sql"),
     ),
+    (
+        7,
+        "audit_received",
+        include_str!("../../migrations/0007_audit_received.sql"),
+    ),
 ];
 
 /// Counter holding the snapshot version.
@@ -250,8 +255,13 @@ pub enum StoreOpenError {
 }
 
 fn migrator() -> Migrator {
+    migrator_upto(MIGRATIONS.len())
+}
+
+/// The first `n` migrations (tests build an older store with fewer).
+fn migrator_upto(n: usize) -> Migrator {
     Migrator::with_migrations(
-        MIGRATIONS
+        MIGRATIONS[..n]
             .iter()
             .map(|(version, desc, sql)| {
                 Migration::new(
@@ -404,6 +414,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fk, 1);
+    }
+
+    /// Audit records stored before the controller kept its time of storing them get their
+    /// own time as that time (retention ages them as before); the open migrates the store.
+    #[tokio::test]
+    async fn older_audit_records_get_their_own_time_as_stored_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let opts = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new().connect_with(opts).await.unwrap();
+            migrator_upto(6).run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO audit (org, seq, at_ms, actor, action, target, result, detail, source) \
+                 VALUES ('t', 1, 1234, 'a', 'stream.open', 'x', 'allow', '{}', 'b')",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let s = Store::open(&Database::File(path), "t").await.unwrap();
+        let mut r = s.read().await.unwrap();
+        let got: (i64, i64) = sqlx::query_as("SELECT at_ms, received_ms FROM audit WHERE seq = 1")
+            .fetch_one(&mut *r)
+            .await
+            .unwrap();
+        assert_eq!(got, (1234, 1234));
     }
 
     #[tokio::test]

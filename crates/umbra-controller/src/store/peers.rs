@@ -985,8 +985,9 @@ pub(crate) async fn revoked_serials(
 // ---------------------------------------------------------------------------------------------
 // Audit
 
-/// Deletes at most `limit` audit records made before `before_ms` (the oldest first), and
-/// returns how many. A batch at a time, so that no write transaction holds the store's write
+/// Deletes at most `limit` audit records stored before `before_ms` (by the controller's clock,
+/// `received_ms`, whatever time their source gave them; the oldest first), and returns how
+/// many. A batch at a time, so that no write transaction holds the store's write
 /// lock for long.
 pub(crate) async fn audit_forget_before(
     c: &mut SqliteConnection,
@@ -996,7 +997,7 @@ pub(crate) async fn audit_forget_before(
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM audit WHERE org = $1 AND seq IN \
-         (SELECT seq FROM audit WHERE org = $1 AND at_ms < $2 ORDER BY at_ms LIMIT $3)",
+         (SELECT seq FROM audit WHERE org = $1 AND received_ms < $2 ORDER BY received_ms LIMIT $3)",
     )
     .bind(org)
     .bind(before_ms)
@@ -1012,10 +1013,12 @@ pub(crate) async fn audit_insert(
     seq: u64,
     rec: &AuditRecord,
     source: &str,
+    received_ms: u64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO audit (org, seq, at_ms, actor, action, target, result, detail, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO audit \
+         (org, seq, at_ms, actor, action, target, result, detail, source, received_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(org)
     .bind(to_i64(seq))
@@ -1026,6 +1029,7 @@ pub(crate) async fn audit_insert(
     .bind(&rec.result)
     .bind(rec.detail.to_string())
     .bind(source)
+    .bind(to_i64(received_ms))
     .execute(c)
     .await?;
     Ok(())
@@ -1051,9 +1055,19 @@ pub(crate) async fn audit_list(
     q: &AuditQuery<'_>,
 ) -> Result<Vec<AuditEntry>, sqlx::Error> {
     use std::fmt::Write as _;
-    type Row = (i64, i64, String, String, String, String, String, String);
+    type Row = (
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        i64,
+    );
     let mut sql = String::from(
-        "SELECT seq, at_ms, actor, action, target, result, detail, source FROM audit \
+        "SELECT seq, at_ms, actor, action, target, result, detail, source, received_ms FROM audit \
          WHERE org = $1 AND seq > $2",
     );
     // Only fixed column names are written into the statement; every value is bound ($3...).
@@ -1085,9 +1099,10 @@ pub(crate) async fn audit_list(
     Ok(rows
         .into_iter()
         .map(
-            |(seq, at_ms, actor, action, target, result, detail, source)| AuditEntry {
+            |(seq, at_ms, actor, action, target, result, detail, source, received_ms)| AuditEntry {
                 seq,
                 source,
+                received_ms: to_u64(received_ms),
                 record: AuditRecord {
                     at_ms: to_u64(at_ms),
                     actor,
