@@ -141,6 +141,8 @@ pub(crate) async fn create_token(
         token: token.to_string(),
         role: row.role,
         expires_at: crate::store::to_u64(expires_at),
+        user,
+        name,
     })
 }
 

@@ -960,6 +960,21 @@ async fn token_validation() {
     }
     let t = h.token("broker", None, Some("b1")).await;
     assert!(t.token.starts_with("umb1."));
+    // The answer says whom the token is for, as stored.
+    assert_eq!((t.user.as_deref(), t.name.as_deref()), (None, Some("b1")));
+    h.ok(
+        "POST",
+        "/v1/users",
+        Some(json!({ "id": "ann@example.com" })),
+    )
+    .await;
+    let a = h.token("agent", Some("Ann@Example.COM"), None).await;
+    assert_eq!(
+        (a.user.as_deref(), a.name.as_deref()),
+        (Some("ann@example.com"), None)
+    );
+    h.ok("DELETE", &format!("/v1/enrollment-tokens/{}", a.id), None)
+        .await;
     let list = h.ok("GET", "/v1/enrollment-tokens", None).await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert!(

@@ -444,6 +444,12 @@ pub struct EnrollTokenCreated {
     pub token: String,
     pub role: String,
     pub expires_at: u64,
+    /// Agent tokens: the user the device will belong to, as stored (lowercased).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Connector and broker tokens: the name the peer will have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl fmt::Debug for EnrollTokenCreated {
@@ -452,6 +458,8 @@ impl fmt::Debug for EnrollTokenCreated {
             .field("id", &self.id)
             .field("role", &self.role)
             .field("expires_at", &self.expires_at)
+            .field("user", &self.user)
+            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }

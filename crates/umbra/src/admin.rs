@@ -1246,13 +1246,17 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                 )
                 .await?;
             out!(
-                serde_json::json!({"id": t.id, "token": t.token, "role": t.role, "expires_at": t.expires_at}),
+                serde_json::json!({
+                    "id": t.id, "token": t.token, "role": t.role, "expires_at": t.expires_at,
+                    "user": t.user, "name": t.name,
+                }),
                 |_| {
                     outln!("{}", t.token);
                     eprintln!(
-                        "{} token {} (expires {}; shown once)",
+                        "{} token {} for {} (expires {}; shown once)",
                         t.role,
                         t.id,
+                        t.user.as_deref().or(t.name.as_deref()).unwrap_or("-"),
                         ts(t.expires_at)
                     );
                 }

@@ -779,6 +779,10 @@ struct EnrollTokenCreated {
     token: String,
     role: String,
     expires_at: u64,
+    /// Agent tokens: the user the device will belong to (lowercased).
+    user: Option<String>,
+    /// Connector and broker tokens: the peer's name.
+    name: Option<String>,
 }
 #[derive(ToSchema)]
 struct AdminTokenCreated {
