@@ -154,13 +154,54 @@ struct State {
     failed_requests: DownMarks,
 }
 
-/// Failed attempts of one request, and the reason of the latest.
+/// Failed attempts of one request, and why each broker failed it.
 struct Attempts {
     tried: Vec<String>,
-    last: String,
+    /// Broker id and why, in the order tried; one entry per broker (its latest reason).
+    failures: Vec<(String, String)>,
     /// When the request began: a broker marked down since then (by a request served
     /// before it) is not dialed again for it.
     started: Instant,
+}
+
+impl Attempts {
+    fn new() -> Attempts {
+        Attempts {
+            tried: Vec::new(),
+            failures: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Broker `id` failed this request for `why`.
+    fn failed(&mut self, id: &str, why: String) {
+        match self.failures.iter_mut().find(|(b, _)| b == id) {
+            Some(f) => f.1 = why,
+            None => self.failures.push((id.to_owned(), why)),
+        }
+    }
+
+    /// Every broker's failure, named (`name` gives a broker's name from its id): the one
+    /// that matters may not be the last tried (a broker that refused the stream for a stale
+    /// policy, then one that could not be reached). Pure.
+    fn summary(&self, name: impl Fn(&str) -> Option<String>) -> String {
+        if self.failures.is_empty() {
+            return "no brokers known".into();
+        }
+        self.failures
+            .iter()
+            .map(|(id, why)| format!("{}: {why}", name(id).unwrap_or_else(|| id.clone())))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Why broker `id` failed this request, if it did.
+    fn reason(&self, id: &str) -> Option<&str> {
+        self.failures
+            .iter()
+            .find(|(b, _)| b == id)
+            .map(|(_, why)| why.as_str())
+    }
 }
 
 impl Session {
@@ -387,11 +428,7 @@ impl Session {
             self.close().await;
             return Err(OpenError::Expired(umbra_pki::rfc3339(not_after)));
         }
-        let mut attempts = Attempts {
-            tried: Vec::new(),
-            last: "no brokers known".into(),
-            started: Instant::now(),
-        };
+        let mut attempts = Attempts::new();
         // Some broker allowed the stream but had no connector for it.
         let mut unavailable = false;
         // Further attempts go over side links: the current link is fine and stays current.
@@ -418,19 +455,19 @@ impl Session {
                 }
                 Ok((OpenCode::UnsupportedFlow, _)) => return Err(OpenError::UnsupportedFlow),
                 Ok((OpenCode::Stale, _)) => {
-                    attempts.last = "broker policy is stale".into();
+                    attempts.failed(&broker_id, "broker policy is stale".into());
                 }
                 Err(Failure::Refused) => {
                     self.mark_failed(&broker_id).await;
                     return Err(OpenError::Refused);
                 }
-                Err(Failure::Broker(e)) => attempts.last = e,
+                Err(Failure::Broker(e)) => attempts.failed(&broker_id, e),
                 Err(Failure::Stream(e)) => {
                     // The link is fine: closing it, or replacing it as the current one, would
                     // end every live connection it carries. The other brokers are tried over
                     // side links.
                     tracing::info!(broker = %broker_id, service, error = %e, "broker reset the stream; trying the next");
-                    attempts.last = e;
+                    attempts.failed(&broker_id, e);
                     aside = true;
                     attempts.tried.push(broker_id);
                     continue;
@@ -438,10 +475,13 @@ impl Session {
                 Err(Failure::Malformed(error)) => {
                     tracing::warn!(broker = %broker_id, peer = %link.peer().id, %error, "malformed answer to Open from broker; closing its link");
                     link.close();
-                    attempts.last = format!("malformed answer from the broker: {error}");
+                    attempts.failed(
+                        &broker_id,
+                        format!("malformed answer from the broker: {error}"),
+                    );
                 }
             }
-            tracing::warn!(broker = %broker_id, reason = %attempts.last, "broker failed; failing over");
+            tracing::warn!(broker = %broker_id, reason = attempts.reason(&broker_id).unwrap_or("-"), "broker failed; failing over");
             self.mark_failed(&broker_id).await;
             attempts.tried.push(broker_id);
         }
@@ -498,7 +538,13 @@ impl Session {
                 .find(|id| !aside || current.as_deref() != Some(*id))
                 .map(str::to_owned);
             let Some(id) = next else {
-                return Err(OpenError::NoBroker(attempts.last.clone()));
+                let name = |id: &str| {
+                    st.brokers
+                        .iter()
+                        .find(|b| b.id == id)
+                        .map(|b| b.name.clone())
+                };
+                return Err(OpenError::NoBroker(attempts.summary(name)));
             };
             if aside && let Some((_, link)) = st.side.iter().find(|(b, _)| *b == id) {
                 return Ok((id, link.clone(), link.hold()));
@@ -513,7 +559,7 @@ impl Session {
             if let Some((at, why)) = st.dial_failed.get(&id)
                 && *at > attempts.started
             {
-                attempts.last = why.clone();
+                attempts.failed(&id, why.clone());
                 attempts.tried.push(id);
                 continue;
             }
@@ -568,10 +614,10 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::warn!(broker = %info.name, error = %e, "cannot reach broker");
-                    attempts.last = e.to_string();
+                    attempts.failed(&id, e.to_string());
                     st.down.mark(&id, now, DOWN_FOR);
                     st.dial_failed
-                        .insert(id.clone(), (Instant::now(), attempts.last.clone()));
+                        .insert(id.clone(), (Instant::now(), e.to_string()));
                     attempts.tried.push(id);
                 }
             }
@@ -812,10 +858,31 @@ mod tests {
         // A request after that round dials again (the network may be back).
         let r = session.open("svc").await.map(|_| ());
         assert!(matches!(r, Err(OpenError::NoBroker(_))), "{r:?}");
+        // The answer names every broker and why it failed, not only the last tried.
+        let said = r.unwrap_err().to_string();
+        assert!(
+            said.contains("b-a: ") && said.contains("; b-b: ")
+                || said.contains("b-b: ") && said.contains("; b-a: "),
+            "{said}"
+        );
         assert!(
             dials() > before + round,
             "a later request did not dial again"
         );
+    }
+
+    /// One reason per broker, the latest, in the order tried; names where known.
+    #[test]
+    fn a_failed_request_names_every_broker_and_why() {
+        let mut a = Attempts::new();
+        assert_eq!(a.summary(|_| None), "no brokers known");
+        a.failed("b-1", "broker policy is stale".into());
+        a.failed("b-2", "connection refused".into());
+        a.failed("b-1", "timed out".into());
+        let name = |id: &str| (id == "b-1").then(|| "eu-1".to_owned());
+        assert_eq!(a.summary(name), "eu-1: timed out; b-2: connection refused");
+        assert_eq!(a.reason("b-1"), Some("timed out"));
+        assert_eq!(a.reason("b-3"), None);
     }
 
     /// A broker the controller drops from the list while the agent is dialing it for a side

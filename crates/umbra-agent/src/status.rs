@@ -98,24 +98,30 @@ pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
     let id = Arc::new(id);
     let cref = identity::refresh_brokers(cfg, &id, cref).await;
     let probes = brokers::probe_all(cfg, &id, &cref.brokers).await;
-    let mut last = String::from("no brokers known");
+    // Every broker's failure: the one that matters may not be the last asked.
+    let mut failures = Vec::new();
     let mut answer = None;
     let mut refused = false;
     for p in &probes {
         let Ok((_, link)) = &p.result else {
             if let Err(e) = &p.result {
                 refused |= p.refused;
-                last = format!("{}: {e}", p.broker.name);
+                failures.push(format!("{}: {e}", p.broker.name));
             }
             continue;
         };
         if answer.is_none() {
             match list_services(link, cfg.open_timeout()).await {
                 Ok(list) => answer = Some(list),
-                Err(e) => last = format!("{}: {e}", p.broker.name),
+                Err(e) => failures.push(format!("{}: {e}", p.broker.name)),
             }
         }
     }
+    let failures = if failures.is_empty() {
+        "no brokers known".to_owned()
+    } else {
+        failures.join("; ")
+    };
     for p in &probes {
         if let Ok((_, link)) = &p.result {
             link.close();
@@ -125,7 +131,7 @@ pub async fn services(cfg: &AgentConfig) -> Result<Vec<String>, AgentError> {
         Some(list) => Ok(list),
         // A refusal is final (revoked): one speaks for all brokers.
         None if refused => Err(AgentError::Refused),
-        None => Err(AgentError::NoBroker(last)),
+        None => Err(AgentError::NoBroker(failures)),
     }
 }
 

@@ -2726,7 +2726,11 @@ fn admin_wait_confirms_changes_at_the_brokers() {
     };
     let enroll_broker = |name: &str| -> PathBuf {
         let t = json(&["token", "create", "--role", "broker", "--name", name]);
-        assert_eq!((&t["name"], &t["user"]), (&Value::from(name), &Value::Null), "{t}");
+        assert_eq!(
+            (&t["name"], &t["user"]),
+            (&Value::from(name), &Value::Null),
+            "{t}"
+        );
         let dir = home.path().join(name);
         let o = broker_enroll(
             home.path(),
