@@ -19,7 +19,11 @@
 //! real events out, denials and errors have a budget per actor (the identity that asked) and
 //! in all ([`DENIALS`]): beyond it they are counted and logged (each audit line says
 //! `stored`, false for these) but not stored, and the actor's next stored one says how many were skipped (`skipped` in
-//! its detail). Refusals of peers that proved no identity beyond their budget are counted
+//! its detail). Allowed streams have no budget (every access is recorded), so a device that
+//! opens streams as fast as it can would fill a backlog on its own: while the queue is half
+//! full (the controller away or slow), an actor that already holds [`ACTOR_SHARE`] of it has
+//! its new events logged and counted the same way, not queued, and the others' events keep
+//! their room. Refusals of peers that proved no identity beyond their budget are counted
 //! only (a debug line): anyone can make them as fast as handshakes fail.
 //!
 //! A record's target may be what a peer asked for (a service name): it is escaped and bounded
@@ -39,6 +43,9 @@ use umbra_link::budget::{Budget, BudgetConfig, Verdict};
 use umbra_proto::api::{AuditRecord, AuditSeq};
 
 const CAP: usize = 10_000;
+/// Most queued events one actor may hold while the queue is at least half full (see the
+/// module docs).
+const ACTOR_SHARE: usize = CAP / 10;
 
 /// The budget of `deny` and `error` records (see the module docs): per actor a burst of 20,
 /// then one per 2 s; in all a burst of 1000, then 50 per second, well above what policy
@@ -104,6 +111,8 @@ pub(crate) struct AuditQueue {
 struct Inner {
     /// Unsent events, oldest first, numbered without gaps.
     q: VecDeque<(u64, AuditRecord)>,
+    /// How many events of `q` each actor holds (actors with none are absent).
+    held: Shares,
     next_seq: u64,
     spool: Option<Spool>,
     denials: Budget<String>,
@@ -144,6 +153,7 @@ impl AuditQueue {
         AuditQueue {
             epoch,
             inner: Mutex::new(Inner {
+                held: Shares::of_queue(&q),
                 q,
                 next_seq,
                 spool,
@@ -253,7 +263,20 @@ impl AuditQueue {
         let target = &*umbra_proto::audit_target(target);
         // Whether the record goes to the store too (the log line is written either way).
         let mut stored = true;
-        if result == "deny" || result == "error" {
+        // Events of this actor not queued for its share of a backlog, since its last queued.
+        let mut over_share = 0;
+        {
+            let mut inner = self.lock();
+            let Inner { q, held, .. } = &mut *inner;
+            if q.len() >= CAP / 2 && held.of(actor) >= ACTOR_SHARE {
+                held.skip(actor);
+                stored = false;
+                metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
+            } else {
+                over_share = held.take_skipped(actor);
+            }
+        }
+        if stored && (result == "deny" || result == "error") {
             let verdict = {
                 let mut inner = self.lock();
                 match unauthenticated {
@@ -294,6 +317,15 @@ impl AuditQueue {
                 Verdict::Record { .. } => {}
             }
         }
+        if over_share > 0
+            && let Some(d) = detail.as_object_mut()
+        {
+            let before = d
+                .get("skipped")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            d.insert("skipped".into(), (before + over_share).into());
+        }
         tracing::info!(
             target: "audit",
             actor,
@@ -324,20 +356,27 @@ impl AuditQueue {
         if let Some(spool) = &mut inner.spool {
             spool.append(&Line::Event { seq, rec: &rec });
         }
-        if inner.q.len() >= CAP {
-            inner.q.pop_front();
+        let Inner {
+            q,
+            held,
+            spool,
+            next_seq,
+            ..
+        } = &mut *inner;
+        if q.len() >= CAP
+            && let Some((_, old)) = q.pop_front()
+        {
+            held.remove(&old.actor);
             metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
         }
-        inner.q.push_back((seq, rec));
-        let Inner {
-            q, spool, next_seq, ..
-        } = &mut *inner;
+        held.add(&rec.actor);
+        q.push_back((seq, rec));
         if let Some(s) = spool
             && s.bytes >= SPOOL_MAX
         {
             // Keep the newest events that fit in half the bound; the older ones are dropped
             // from the queue too (still in the log), as when the queue is full.
-            let dropped = trim_to(q, SPOOL_MAX / 2);
+            let dropped = trim_to(q, held, SPOOL_MAX / 2);
             if dropped > 0 {
                 metrics::counter!("umbra_broker_audit_dropped_total").increment(dropped as u64);
             }
@@ -370,12 +409,17 @@ impl AuditQueue {
             .enumerate()
             .take_while(|(i, (s, _))| *s == first.saturating_add(*i as u64))
             .count();
+        let Inner { q, held, .. } = &mut *inner;
+        let records: Vec<AuditRecord> = q.drain(..n).map(|(_, r)| r).collect();
+        for r in &records {
+            held.remove(&r.actor);
+        }
         Batch {
             seq: AuditSeq {
                 epoch: self.epoch,
                 first,
             },
-            records: inner.q.drain(..n).map(|(_, r)| r).collect(),
+            records,
         }
     }
 
@@ -452,11 +496,20 @@ impl AuditQueue {
             "the audit spool was behind what the controller stored (a disk that was full?); numbering this run's events after it"
         );
         let Inner {
-            q, spool, next_seq, ..
+            q,
+            held,
+            spool,
+            next_seq,
+            ..
         } = &mut *inner;
         // Replayed from the spool, numbered below this run's start, so at or below what the
         // controller stored: it has them. What is left is this run's, numbered without gaps.
-        q.retain(|(seq, _)| *seq >= start);
+        q.retain(|(seq, rec)| {
+            if *seq < start {
+                held.remove(&rec.actor);
+            }
+            *seq >= start
+        });
         for (seq, rec) in q.iter_mut() {
             *seq = seq.saturating_add(shift);
             if let Some(s) = spool.as_mut() {
@@ -478,11 +531,13 @@ impl AuditQueue {
     /// Puts a batch back at the front after a failed heartbeat.
     pub(crate) fn requeue(&self, batch: Batch) {
         let mut inner = self.lock();
+        let Inner { q, held, .. } = &mut *inner;
         for (i, rec) in batch.records.into_iter().enumerate().rev() {
-            if inner.q.len() >= CAP {
+            if q.len() >= CAP {
                 break;
             }
-            inner.q.push_front((batch.seq.first + i as u64, rec));
+            held.add(&rec.actor);
+            q.push_front((batch.seq.first + i as u64, rec));
         }
     }
 
@@ -545,7 +600,7 @@ impl Spool {
 
 /// Drops the oldest events until the spool lines of the rest take at most `budget` bytes;
 /// returns how many were dropped.
-fn trim_to(q: &mut VecDeque<(u64, AuditRecord)>, budget: u64) -> usize {
+fn trim_to(q: &mut VecDeque<(u64, AuditRecord)>, held: &mut Shares, budget: u64) -> usize {
     let mut total = 0u64;
     let mut keep = 0usize;
     for (seq, rec) in q.iter().rev() {
@@ -558,8 +613,61 @@ fn trim_to(q: &mut VecDeque<(u64, AuditRecord)>, budget: u64) -> usize {
         keep += 1;
     }
     let dropped = q.len() - keep;
-    q.drain(..dropped);
+    for (_, rec) in q.drain(..dropped) {
+        held.remove(&rec.actor);
+    }
     dropped
+}
+
+/// How many queued events each actor holds, and how many of an actor's events were not
+/// queued for its share since its last queued one (the `skipped` its next one reports).
+#[derive(Debug, Default)]
+struct Shares {
+    held: std::collections::HashMap<String, usize>,
+    skipped: std::collections::HashMap<String, u64>,
+}
+
+impl Shares {
+    fn of_queue(q: &VecDeque<(u64, AuditRecord)>) -> Shares {
+        let mut s = Shares::default();
+        for (_, r) in q {
+            s.add(&r.actor);
+        }
+        s
+    }
+
+    fn of(&self, actor: &str) -> usize {
+        self.held.get(actor).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, actor: &str) {
+        match self.held.get_mut(actor) {
+            Some(n) => *n += 1,
+            None => {
+                self.held.insert(actor.to_owned(), 1);
+            }
+        }
+    }
+
+    fn remove(&mut self, actor: &str) {
+        if let Some(n) = self.held.get_mut(actor) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(actor);
+            }
+        }
+    }
+
+    /// One of `actor`'s events was not queued (it holds its share). Only actors that held a
+    /// full share have a count, each until its next queued event.
+    fn skip(&mut self, actor: &str) {
+        *self.skipped.entry(actor.to_owned()).or_default() += 1;
+    }
+
+    /// The count of `actor`'s events not queued since its last queued one; resets it.
+    fn take_skipped(&mut self, actor: &str) -> u64 {
+        self.skipped.remove(actor).unwrap_or(0)
+    }
 }
 
 /// Epoch, unacknowledged events in order, and the next number, from a spool's bytes. The
@@ -718,9 +826,10 @@ mod tests {
     #[test]
     fn bounded_and_ordered() {
         let a = AuditQueue::default();
+        // Many actors, none holding its share of the queue.
         for i in 0..CAP + 5 {
             a.record(
-                "x",
+                &format!("x{}", i % 20),
                 "stream.open",
                 &i.to_string(),
                 "allow",
@@ -809,6 +918,52 @@ mod tests {
 
     /// A flood of denials of one identity keeps its burst, and pushes out neither another
     /// identity's denials nor any allowed stream's record.
+    /// While a backlog builds (nothing taken: the controller away), one device opening
+    /// streams as fast as it can fills half the queue and then holds its share: another
+    /// actor's event still finds room, and the device's next queued event says how many of
+    /// its own were not queued. The twin: with the queue taken as heartbeats take it, every
+    /// event of the same flood is queued.
+    #[test]
+    fn one_actor_cannot_fill_a_backlog_alone() {
+        let q = AuditQueue::default();
+        let flood = |q: &AuditQueue, n: usize| {
+            for _ in 0..n {
+                q.record(
+                    "umbra://o/agent/d-flood",
+                    "stream.open",
+                    "web",
+                    "allow",
+                    serde_json::json!({}),
+                );
+            }
+        };
+        flood(&q, 4 * CAP);
+        q.record(
+            "umbra://o/agent/d-other",
+            "stream.open",
+            "web",
+            "deny",
+            serde_json::json!({}),
+        );
+        let all = q.take(CAP).records;
+        let of = |who: &str| all.iter().filter(|r| r.actor.ends_with(who)).count();
+        assert_eq!(of("d-other"), 1);
+        assert_eq!(of("d-flood"), CAP / 2);
+        // Sent: the device's next event is queued, and counts what was not.
+        flood(&q, 1);
+        let next = q.take(CAP).records;
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].detail["skipped"], 4 * CAP - CAP / 2);
+        // Taken as heartbeats take it, the same flood is all queued.
+        let q = AuditQueue::default();
+        let mut taken = 0;
+        for _ in 0..20 {
+            flood(&q, 2_000);
+            taken += q.take(2_500).records.len();
+        }
+        assert_eq!(taken, 40_000);
+    }
+
     #[test]
     fn denials_have_a_budget_per_actor() {
         let a = AuditQueue::default();
