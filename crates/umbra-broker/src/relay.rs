@@ -96,11 +96,20 @@ impl LiveStreams {
         self.lock().len()
     }
 
-    /// The admin view.
-    pub(crate) fn report(&self, broker: &str) -> Vec<LiveStream> {
-        let mut v: Vec<LiveStream> = self
-            .lock()
-            .values()
+    /// The admin view: at most `max` streams (the oldest, by id), and how many more there
+    /// are. A heartbeat's body is bounded, and a broker with more live streams than one
+    /// carries says so rather than having its whole list refused.
+    pub(crate) fn report(&self, broker: &str, max: usize) -> (Vec<LiveStream>, u64) {
+        // Under the lock only the entries are taken; they are described after it.
+        let (mut kept, total): (Vec<Arc<LiveEntry>>, usize) = {
+            let m = self.lock();
+            (m.values().cloned().collect(), m.len())
+        };
+        kept.sort_unstable_by_key(|e| e.id);
+        kept.truncate(max);
+        let omitted = (total - kept.len()) as u64;
+        let v = kept
+            .iter()
             .map(|e| LiveStream {
                 id: e.id,
                 broker: broker.to_owned(),
@@ -114,8 +123,7 @@ impl LiveStreams {
                 bytes_down: e.counters.down.load(Ordering::Relaxed),
             })
             .collect();
-        v.sort_by_key(|s| s.id);
-        v
+        (v, omitted)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<LiveEntry>>> {
@@ -205,6 +213,24 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// A report lists at most so many streams, the oldest, and counts the rest; under the
+    /// limit it lists them all and counts none.
+    #[test]
+    fn a_report_lists_the_oldest_streams_and_counts_the_rest() {
+        let live = LiveStreams::default();
+        for id in [7, 3, 9, 1, 5] {
+            live.insert(Arc::new(LiveEntry { id, ..entry() }));
+        }
+        let (listed, omitted) = live.report("b1", 3);
+        let ids: Vec<u64> = listed.iter().map(|s| s.id).collect();
+        assert_eq!((ids, omitted), (vec![1, 3, 5], 2));
+        assert!(listed.iter().all(|s| s.broker == "b1"));
+        let (listed, omitted) = live.report("b1", 5);
+        assert_eq!((listed.len(), omitted), (5, 0));
+        let (listed, omitted) = live.report("b1", 0);
+        assert_eq!((listed.len(), omitted), (0, 5));
     }
 
     #[test]

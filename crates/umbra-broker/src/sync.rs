@@ -37,6 +37,10 @@ const STREAMS_REFRESH: Duration = Duration::from_secs(10);
 /// 5 KiB (the controller's bounds on its fields and detail), so a full batch stays within the
 /// controller's 16 MiB body limit.
 const AUDIT_PER_HEARTBEAT: usize = 2_500;
+/// Most live streams one heartbeat lists (the rest are counted): a stream is at most about
+/// 650 bytes of JSON (a 254-byte user id, names of 63), so a full list stays within the
+/// controller's 16 MiB body limit with room for the audit events beside it.
+const MAX_REPORTED_STREAMS: usize = 16_384;
 /// Longest the controller holds a snapshot poll open.
 const MAX_POLL_WAIT_SECS: u64 = 25;
 
@@ -444,8 +448,14 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.
         let min_gap = shared.cfg.heartbeat() / 2;
-        let streams = streams_due(reported, refused, generation, last_sent, min_gap)
-            .then(|| shared.streams.report(&shared.name));
+        let (streams, streams_omitted) =
+            match streams_due(reported, refused, generation, last_sent, min_gap) {
+                true => {
+                    let (list, omitted) = shared.streams.report(&shared.name, MAX_REPORTED_STREAMS);
+                    (Some(list), (omitted > 0).then_some(omitted))
+                }
+                false => (None, None),
+            };
         let hb = BrokerHeartbeat {
             name: shared.name.clone(),
             quic_addr: shared.quic_addr.clone(),
@@ -453,6 +463,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
             server_name: shared.server_name.clone(),
             snapshot_version: shared.applied.load(Ordering::Acquire),
             streams,
+            streams_omitted,
             audit: batch.records,
             audit_seq: Some(batch.seq),
         };

@@ -2242,10 +2242,43 @@ async fn heartbeat_brokers_streams_and_audit() {
     assert_eq!(h.ok("GET", "/v1/streams", None).await, json!([]));
     h.skew.store(0, Ordering::SeqCst);
 
+    // A broker with more live streams than a heartbeat lists says how many it left out; the
+    // listing and a policy check say so too. A heartbeat without a list keeps the count, and
+    // a full list puts it back to 0.
+    let omitted = || async {
+        let resp = h
+            .http
+            .get(h.url("/v1/streams"))
+            .bearer_auth(&h.admin_token)
+            .send()
+            .await
+            .unwrap();
+        resp.headers()["x-umbra-streams-omitted"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(omitted().await, "0");
+    let mut many = hb.clone();
+    many["streams_omitted"] = json!(40_000);
+    assert_eq!(heartbeat(&h, &b, &many).await, StatusCode::OK);
+    assert_eq!(omitted().await, "40000");
+    assert_eq!(heartbeat(&h, &b, &audit_only).await, StatusCode::OK);
+    assert_eq!(omitted().await, "40000");
+    let check = h
+        .ok(
+            "POST",
+            "/v1/policies/new-one/check",
+            Some(json!({ "text": "permit(principal, action, resource);" })),
+        )
+        .await;
+    assert_eq!(check["streams_omitted"], 40_000, "{check}");
+
     let mut none_left = hb.clone();
     none_left["streams"] = json!([]);
     assert_eq!(heartbeat(&h, &b, &none_left).await, StatusCode::OK);
     assert_eq!(h.ok("GET", "/v1/streams", None).await, json!([]));
+    assert_eq!(omitted().await, "0");
 
     // Only brokers heartbeat; bad addresses are refused.
     assert_eq!(

@@ -190,6 +190,10 @@ pub struct BrokerHeartbeat {
     /// streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<Vec<LiveStream>>,
+    /// Live streams left out of `streams`: a heartbeat carries at most so many. Sent only
+    /// with a list, and only when some were left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_omitted: Option<u64>,
     /// Decisions and link events since the last heartbeat (bounded by the broker).
     pub audit: Vec<AuditRecord>,
     /// Where `audit` sits in the broker's numbering, so that the controller stores each event
@@ -353,6 +357,10 @@ pub struct PolicyCheckResult {
     /// Brokers whose streams could not be looked at (not heard from in the last 30 s): they
     /// apply the change too once they hold it.
     pub brokers_silent: usize,
+    /// Live streams brokers carry but left out of their lists (more than a heartbeat
+    /// carries): not looked at either. 0 from an older controller.
+    #[serde(default)]
+    pub streams_omitted: u64,
 }
 
 /// One stream a policy change would end, and the decision's reason after it.

@@ -1453,15 +1453,25 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                 .send_with_headers(c.http.get(format!("{}/v1/streams", c.base)))
                 .await?;
             // Said on stderr (stdout stays the list): brokers left out may carry streams.
-            let silent = headers
-                .get("x-umbra-brokers-silent")
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| h.parse::<u64>().ok())
-                .unwrap_or(0);
+            let count = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let silent = count("x-umbra-brokers-silent");
             if silent > 0 {
                 eprintln!(
                     "note: {silent} broker(s) not heard from in the last 30 s are left out; \
                      streams they carry are not listed (see `umbra admin broker list`)"
+                );
+            }
+            let omitted = count("x-umbra-streams-omitted");
+            if omitted > 0 {
+                eprintln!(
+                    "note: {omitted} more live stream(s) are not listed: a broker lists at most \
+                     16384 of its streams, the oldest"
                 );
             }
             let names = if json {
@@ -1748,6 +1758,13 @@ async fn check_policy(
         outln!(
             "({} brokers not heard from lately are not counted; they apply the change too)",
             r.brokers_silent
+        );
+    }
+    if r.streams_omitted > 0 {
+        outln!(
+            "({} live streams the brokers do not list are not counted; the change applies to \
+             them too)",
+            r.streams_omitted
         );
     }
     if !r.ends.is_empty() {

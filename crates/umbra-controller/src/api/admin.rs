@@ -721,7 +721,11 @@ pub(super) async fn check_policy(
     let mut r = ctx.admin_read(&admin).await?;
     let now = ctx.now_secs();
     let mut snapshot = crate::distribution::build_snapshot(&mut r, &ctx.org, now).await?;
-    let (live, brokers_silent) = live_streams_and_silent(&ctx, &mut r).await?;
+    let Live {
+        streams: live,
+        brokers_silent,
+        omitted: streams_omitted,
+    } = live_streams(&ctx, &mut r).await?;
     drop(r);
     let before = stored_engine(&snapshot)?;
     let held = snapshot.policies.iter().position(|p| p.id == name);
@@ -781,6 +785,7 @@ pub(super) async fn check_policy(
         ends,
         live: live.len(),
         brokers_silent,
+        streams_omitted,
     }))
 }
 
@@ -1411,40 +1416,60 @@ pub(super) async fn revoke_broker(
 /// heard from in the last 30 s. Their streams may still run (a broker cut off from the
 /// controller carries its streams on); an empty list with silent brokers is not "no streams".
 pub(crate) const BROKERS_SILENT_HEADER: &str = "x-umbra-brokers-silent";
+/// Header of `GET /v1/streams`: how many live streams the brokers heard from lately left out
+/// of their lists (a heartbeat carries at most so many).
+pub(crate) const STREAMS_OMITTED_HEADER: &str = "x-umbra-streams-omitted";
 
 pub(super) async fn list_streams(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
 ) -> Result<Response, ApiFailure> {
     let mut r = ctx.store.read().await?;
-    let (live, silent) = live_streams_and_silent(&ctx, &mut r).await?;
-    Ok(([(BROKERS_SILENT_HEADER, silent.to_string())], Json(live)).into_response())
+    let live = live_streams(&ctx, &mut r).await?;
+    Ok((
+        [
+            (BROKERS_SILENT_HEADER, live.brokers_silent.to_string()),
+            (STREAMS_OMITTED_HEADER, live.omitted.to_string()),
+        ],
+        Json(live.streams),
+    )
+        .into_response())
 }
 
-/// The streams brokers heard from lately report live, and how many brokers (not revoked) are left out of it: not heard from
-/// lately, or with a list that cannot be read.
-async fn live_streams_and_silent(
-    ctx: &Ctx,
-    c: &mut SqliteConnection,
-) -> Result<(Vec<LiveStream>, usize), ApiFailure> {
+/// The live streams brokers heard from lately report, and what the list leaves out.
+struct Live {
+    streams: Vec<LiveStream>,
+    /// Brokers (not revoked) not heard from lately, or with a list that cannot be read.
+    brokers_silent: usize,
+    /// Streams the brokers heard from left out of their lists.
+    omitted: u64,
+}
+
+async fn live_streams(ctx: &Ctx, c: &mut SqliteConnection) -> Result<Live, ApiFailure> {
     let since = ctx.now_secs() - LIVE_BROKER_SECS;
     let rows = peers::brokers_active(c, &ctx.org).await?;
-    let mut out = Vec::new();
-    let mut silent = 0;
+    let mut live = Live {
+        streams: Vec::new(),
+        brokers_silent: 0,
+        omitted: 0,
+    };
     for b in rows {
         if b.last_seen < since {
-            silent += 1;
+            live.brokers_silent += 1;
             continue;
         }
         match serde_json::from_str::<Vec<LiveStream>>(&b.streams) {
-            Ok(s) => out.extend(s),
+            Ok(s) => {
+                live.streams.extend(s);
+                live.omitted = live.omitted.saturating_add(to_u64(b.streams_omitted));
+            }
             Err(e) => {
-                silent += 1;
+                live.brokers_silent += 1;
                 tracing::warn!(broker = %b.id, error = %e, "stored streams unreadable");
             }
         }
     }
-    Ok((out, silent))
+    Ok(live)
 }
 
 // ---------------------------------------------------------------------------------------------

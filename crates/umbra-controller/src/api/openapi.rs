@@ -453,7 +453,8 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         Admin,
         "Live streams reported by brokers seen in the last 30 s; header \
          `x-umbra-brokers-silent`: how many brokers are left out, not heard from lately \
-         (their streams may still run)",
+         (their streams may still run); header `x-umbra-streams-omitted`: how many live \
+         streams brokers left out of their lists (more than one heartbeat carries)",
         NoBody,
         200,
         List("LiveStream"),
@@ -603,6 +604,8 @@ struct BrokerHeartbeat {
     snapshot_version: u64,
     /// Absent: the broker's live streams are unchanged since its last report.
     streams: Option<Vec<LiveStream>>,
+    /// Live streams left out of `streams` (a heartbeat carries at most so many).
+    streams_omitted: Option<u64>,
     audit: Vec<AuditRecord>,
     /// `audit[i]` is event number `first + i` of the broker's spool `epoch`; the controller
     /// stores each number once.
@@ -742,6 +745,8 @@ struct PolicyCheckResult {
     ends: Vec<PolicyCheckEnd>,
     live: u64,
     brokers_silent: u64,
+    /// Live streams brokers left out of their lists (more than a heartbeat carries).
+    streams_omitted: u64,
 }
 #[derive(ToSchema)]
 struct Policy {

@@ -379,7 +379,9 @@ pub(super) async fn heartbeat(
         quic.as_deref(),
         tcp.as_deref(),
         hb.snapshot_version,
-        streams_json.as_deref(),
+        streams_json
+            .as_deref()
+            .map(|j| (j, hb.streams_omitted.unwrap_or(0))),
         version.as_deref(),
         now_secs,
     )

@@ -66,6 +66,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit_received",
         include_str!("../../migrations/0007_audit_received.sql"),
     ),
+    (
+        8,
+        "broker_streams_omitted",
+        include_str!("../../migrations/0008_broker_streams_omitted.sql"),
+    ),
 ];
 
 /// Counter holding the snapshot version.

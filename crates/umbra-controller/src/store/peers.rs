@@ -574,6 +574,8 @@ pub(crate) struct BrokerRow {
     pub(crate) snapshot_version: i64,
     pub(crate) last_seen: i64,
     pub(crate) streams: String,
+    /// Live streams it left out of `streams` (more than one heartbeat carries).
+    pub(crate) streams_omitted: i64,
     /// The version it last announced.
     pub(crate) version: Option<String>,
 }
@@ -581,7 +583,8 @@ pub(crate) struct BrokerRow {
 /// The columns a [`BrokerRow`] is read from, as one literal for `concat!`.
 macro_rules! broker_columns {
     () => {
-        "id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, version"
+        "id, name, server_name, quic_addr, tcp_addr, snapshot_version, last_seen, streams, \
+         streams_omitted, version"
     };
 }
 
@@ -596,6 +599,7 @@ impl<'r> FromRow<'r, SqliteRow> for BrokerRow {
             snapshot_version: row.try_get("snapshot_version")?,
             last_seen: row.try_get("last_seen")?,
             streams: row.try_get("streams")?,
+            streams_omitted: row.try_get("streams_omitted")?,
             version: row.try_get("version")?,
         })
     }
@@ -702,7 +706,7 @@ pub(crate) async fn broker_heartbeat(
     quic_addr: Option<&str>,
     tcp_addr: Option<&str>,
     snapshot_version: u64,
-    streams_json: Option<&str>,
+    streams: Option<(&str, u64)>,
     version: Option<&str>,
     now: i64,
 ) -> Result<(Option<String>, Option<String>), sqlx::Error> {
@@ -714,16 +718,18 @@ pub(crate) async fn broker_heartbeat(
             .await?;
     sqlx::query(
         "UPDATE brokers SET quic_addr = $1, tcp_addr = $2, snapshot_version = $3, last_seen = $4, \
-         streams = COALESCE($5, streams), version = $8 WHERE org = $6 AND id = $7",
+         streams = COALESCE($5, streams), streams_omitted = COALESCE($9, streams_omitted), \
+         version = $8 WHERE org = $6 AND id = $7",
     )
     .bind(quic_addr)
     .bind(tcp_addr)
     .bind(to_i64(snapshot_version))
     .bind(now)
-    .bind(streams_json)
+    .bind(streams.map(|s| s.0))
     .bind(org)
     .bind(id)
     .bind(version)
+    .bind(streams.map(|s| to_i64(s.1)))
     .execute(c)
     .await?;
     Ok(before)
