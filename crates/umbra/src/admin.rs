@@ -36,8 +36,10 @@ pub(crate) struct Args {
     output: String,
     /// After a change brokers enforce (users, groups, services, policies, revocations), wait
     /// at most TIME (e.g. 10s) until every broker heard from lately has it in force (streams
-    /// it ends, ended), and say so on stderr. Exit status 3 if that is not confirmed in time:
-    /// the change is made, but a broker is behind or silent. With `rollout`, its wait.
+    /// it ends, ended), and say so on stderr. Exit status 3 if that is not confirmed: the
+    /// change is made, but a broker is behind at the end of the wait, or silent (not heard
+    /// from in 30 s: not waited for), or the controller could not be reached to ask. With
+    /// `rollout`, its wait.
     #[arg(long, global = true, value_name = "TIME", value_parser = wait_time)]
     wait: Option<std::time::Duration>,
     #[command(subcommand)]
@@ -858,20 +860,34 @@ fn state(s: api::CredentialState, revoked: bool) -> String {
     .to_owned()
 }
 
-pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
-    if a.wait.is_some() && !a.cmd.changes_enforcement() && !matches!(a.cmd, Cmd::Rollout { .. }) {
-        bail!(
+impl Args {
+    /// A command line clap accepts that is still not a command (exit status 2, as clap's own
+    /// refusals): `--wait` where nothing is waited for.
+    pub(crate) fn usage_problem(&self) -> Option<&'static str> {
+        (self.wait.is_some()
+            && !self.cmd.changes_enforcement()
+            && !matches!(self.cmd, Cmd::Rollout { .. }))
+        .then_some(
             "--wait follows a change that brokers enforce (users, groups, services, policies, \
-             revocations); `umbra admin rollout --wait TIME` waits without one"
-        );
+             revocations); `umbra admin rollout --wait TIME` waits without one",
+        )
     }
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let c = Client::new(&a)?;
     let started = std::time::Instant::now();
     command(&a, &c).await?;
     if let Some(wait) = a.wait
         && a.cmd.changes_enforcement()
     {
-        let r = rollout(&c, None, wait).await?;
+        // The change is made: whatever keeps it from being confirmed is status 3, not a
+        // failure a script would read as "nothing changed".
+        let r = rollout(&c, None, wait, true).await.map_err(|e| {
+            Unconfirmed(format!(
+                "the change is made, but it could not be confirmed at the brokers: {e:#}"
+            ))
+        })?;
         let verdict = Verdict::of(&r);
         match &verdict {
             Verdict::Confirmed => eprintln!(
@@ -883,18 +899,23 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             Verdict::NoBroker => eprintln!("no broker to confirm it: none is enrolled"),
             Verdict::Unconfirmed(_) => {}
         }
-        verdict.into_result(wait)?;
+        verdict.into_result(&r, wait)?;
     }
     Ok(())
 }
 
+/// How long a wait that cannot reach the controller pauses before it asks again.
+const ROLLOUT_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Waits up to `wait` until no broker heard from lately is behind on `version` (default:
 /// the controller's current version when first asked), asking the controller to hold each
-/// request for up to 20 s (its own limit is 25).
+/// request for up to 20 s (its own limit is 25). With `retry`, a controller that cannot be
+/// reached (restarting, say) is asked again until the wait ends.
 async fn rollout(
     c: &Client,
     version: Option<u64>,
     wait: std::time::Duration,
+    retry: bool,
 ) -> anyhow::Result<api::Rollout> {
     let deadline = std::time::Instant::now() + wait;
     let mut version = version;
@@ -904,7 +925,21 @@ async fn rollout(
         let secs = (left.as_millis().div_ceil(1000) as u64).min(20);
         let mut query = vec![("wait", secs.to_string())];
         query.extend(version.map(|v| ("version", v.to_string())));
-        let r: api::Rollout = c.get(&path_with_query("/v1/rollout", &query)?).await?;
+        let r: api::Rollout = match c.get(&path_with_query("/v1/rollout", &query)?).await {
+            Ok(r) => r,
+            // Not reached (the HTTP layer failed): a controller restarting answers again
+            // soon, and the version asked about stays (a start only raises it).
+            Err(e)
+                if retry
+                    && e.chain().any(|c| c.is::<reqwest::Error>())
+                    && std::time::Instant::now() + ROLLOUT_RETRY < deadline =>
+            {
+                tracing::debug!(error = %e, "cannot reach the controller; asking again");
+                tokio::time::sleep(ROLLOUT_RETRY).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if r.behind == 0 || std::time::Instant::now() >= deadline {
             return Ok(r);
         }
@@ -955,11 +990,18 @@ impl Verdict {
         }
     }
 
-    fn into_result(self, wait: std::time::Duration) -> Result<(), Unconfirmed> {
+    /// Status 3 when not confirmed. "Within" the wait only when a broker was behind at its
+    /// end: silent brokers are not waited for (nothing says they will be back), so a wait
+    /// with only those left ends at once.
+    fn into_result(self, r: &api::Rollout, wait: std::time::Duration) -> Result<(), Unconfirmed> {
         match self {
-            Verdict::Unconfirmed(missing) => Err(Unconfirmed(format!(
+            Verdict::Unconfirmed(missing) if r.behind > 0 => Err(Unconfirmed(format!(
                 "not confirmed within {} s: {}",
                 wait.as_secs(),
+                missing.join("; ")
+            ))),
+            Verdict::Unconfirmed(missing) => Err(Unconfirmed(format!(
+                "not confirmed: {}",
                 missing.join("; ")
             ))),
             _ => Ok(()),
@@ -1510,7 +1552,7 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
         }
         Cmd::Rollout { snapshot } => {
             let r = match a.wait {
-                Some(wait) => rollout(c, *snapshot, wait).await?,
+                Some(wait) => rollout(c, *snapshot, wait, false).await?,
                 None => {
                     let query: Vec<_> = snapshot
                         .iter()
@@ -1519,7 +1561,8 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                     c.get(&path_with_query("/v1/rollout", &query)?).await?
                 }
             };
-            let verdict = Verdict::of(&r);
+            // Judged before the report is printed (printing takes it); said after.
+            let judged = a.wait.map(|wait| Verdict::of(&r).into_result(&r, wait));
             out!(r, |r: api::Rollout| {
                 outln!(
                     "snapshot {} (the controller's current: {}): applied at {} of {} broker(s), {} behind, {} silent",
@@ -1546,8 +1589,8 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                         .collect(),
                 );
             });
-            if let Some(wait) = a.wait {
-                verdict.into_result(wait)?;
+            if let Some(judged) = judged {
+                judged?;
             }
         }
         Cmd::Audit {
@@ -1899,14 +1942,21 @@ mod rollout_tests {
             why[2].contains("broker d has never been heard from"),
             "{why:?}"
         );
-        let e = Verdict::Unconfirmed(why)
-            .into_result(std::time::Duration::from_secs(7))
+        let behind = report(vec![broker("b", Behind, 8, 5)]);
+        let e = Verdict::Unconfirmed(why.clone())
+            .into_result(&behind, std::time::Duration::from_secs(7))
             .unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("not confirmed within 7 s: broker b"),
             "{e}"
         );
+        // Only silent brokers left: the wait did not run out, and is not said to have.
+        let silent = report(vec![broker("c", Silent, 9, 5)]);
+        let e = Verdict::Unconfirmed(why)
+            .into_result(&silent, std::time::Duration::from_secs(7))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("not confirmed: broker b"), "{e}");
     }
 
     /// `--wait` is for what brokers enforce: every such command, and nothing else.

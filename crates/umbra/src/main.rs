@@ -67,6 +67,12 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => usage_error(&e),
     };
+    if let Command::Admin(a) = &cli.command
+        && let Some(problem) = a.usage_problem()
+    {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        usage_error(&cmd.error(clap::error::ErrorKind::ArgumentConflict, problem));
+    }
     umbra_pki::install_crypto_provider();
     let interactive = matches!(
         cli.command,

@@ -2794,7 +2794,14 @@ fn admin_wait_confirms_changes_at_the_brokers() {
     // version not committed yet (named by the controller).
     let o = admin(&["user", "list", "--wait", "5s"]);
     assert!(
-        code(&o) == Some(1) && o.stderr.contains("--wait follows a change"),
+        code(&o) == Some(2) && o.stderr.contains("--wait follows a change"),
+        "{}",
+        o.describe()
+    );
+    let o = admin(&["-o", "json", "audit", "--wait", "5s"]);
+    let e: Value = serde_json::from_str(o.stderr.trim()).expect("JSON usage error");
+    assert!(
+        code(&o) == Some(2) && e["error"].as_str().unwrap().contains("--wait follows"),
         "{}",
         o.describe()
     );
@@ -2864,6 +2871,25 @@ fn admin_wait_confirms_changes_at_the_brokers() {
     let o = admin(&["broker", "revoke", "b2", "--wait", "10s"]);
     assert!(
         o.success() && o.stderr.contains("in force at every broker (1)"),
+        "{}",
+        o.describe()
+    );
+    // The controller goes away during the wait (b1 stopped, so the wait lasts): the change
+    // is made, so the command says it could not confirm it and exits 3, not 1.
+    signal(&broker, "STOP");
+    let o = std::thread::scope(|scope| {
+        let waiting =
+            scope.spawn(|| admin(&["user", "disable", "bob@example.test", "--wait", "6s"]));
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(&ctl.proc, "KILL");
+        waiting.join().expect("admin")
+    });
+    signal(&broker, "CONT");
+    assert!(
+        code(&o) == Some(3)
+            && o.stdout.contains("user bob@example.test disabled")
+            && o.stderr
+                .contains("the change is made, but it could not be confirmed"),
         "{}",
         o.describe()
     );
