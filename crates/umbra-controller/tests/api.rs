@@ -2328,6 +2328,15 @@ async fn rollout_tells_where_each_broker_stands() {
         let v = h.ok("GET", &format!("/v1/rollout{query}"), None).await;
         serde_json::from_value(v).unwrap()
     }
+    // Broker `i` reports the controller's current version in force.
+    let beat_current = |i: usize| {
+        let (client, hb) = &brokers[i];
+        let h = &h;
+        async move {
+            let v = rollout(h, "").await.current;
+            assert_eq!(heartbeat(h, client, &hb(v)).await, StatusCode::OK);
+        }
+    };
     let states = |r: &umbra_proto::api::Rollout| -> Vec<(String, &'static str)> {
         r.brokers
             .iter()
@@ -2413,15 +2422,7 @@ async fn rollout_tells_where_each_broker_stands() {
         Some(json!({ "id": "carol@example.com" })),
     )
     .await;
-    assert_eq!(
-        heartbeat(
-            &h,
-            &brokers[0].0,
-            &brokers[0].1(rollout(&h, "").await.current)
-        )
-        .await,
-        StatusCode::OK
-    );
+    beat_current(0).await;
     let r = rollout(&h, "?wait=1").await;
     assert_eq!(
         states(&r),
@@ -2459,25 +2460,9 @@ async fn rollout_tells_where_each_broker_stands() {
         "held for silent brokers"
     );
     // b1 heard from again: applied. A revoked broker is not counted at all.
-    assert_eq!(
-        heartbeat(
-            &h,
-            &brokers[0].0,
-            &brokers[0].1(rollout(&h, "").await.current)
-        )
-        .await,
-        StatusCode::OK
-    );
+    beat_current(0).await;
     h.ok("POST", "/v1/brokers/b2/revoke", None).await;
-    assert_eq!(
-        heartbeat(
-            &h,
-            &brokers[0].0,
-            &brokers[0].1(rollout(&h, "").await.current)
-        )
-        .await,
-        StatusCode::OK
-    );
+    beat_current(0).await;
     let r = rollout(&h, "").await;
     assert_eq!(states(&r), [("b1".to_owned(), "applied")]);
 }
