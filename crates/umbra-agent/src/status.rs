@@ -161,6 +161,15 @@ async fn list_services(link: &umbra_link::Link, timeout: Duration) -> Result<Vec
                 }
                 Ok(other) => return Err(format!("unexpected answer to ListServices: {other:?}")),
                 Err(umbra_link::LinkError::StreamEnded) if frames > 0 => return Ok(list),
+                // What a broker does instead of listing: its policy is stale (it authorizes
+                // nothing), or this device asked too often.
+                Err(umbra_link::LinkError::StreamReset(_)) => {
+                    return Err(
+                        "the broker would not list (its policy is stale, or services were \
+                         asked for too often)"
+                            .to_owned(),
+                    );
+                }
                 Err(e) => return Err(e.to_string()),
             }
         }

@@ -368,6 +368,15 @@ async fn serve_stream(
             let a = shared.authority.load_full();
             let owner = a.engine.device_owner(&device).map(str::to_owned);
             let now = SystemTime::now();
+            // A stale snapshot authorizes nothing, but an empty list would read as "nothing
+            // allowed": the stream is reset, and the agent asks another broker.
+            if !a.is_fresh(now, shared.cfg.max_staleness()) {
+                debug!("service list asked of a stale snapshot; stream reset");
+                metrics::counter!("umbra_broker_streams_refused_total", "reason" => "stale")
+                    .increment(1);
+                s.reset();
+                return None;
+            }
             let services = match owner {
                 Some(user)
                     if a.is_fresh(now, shared.cfg.max_staleness())

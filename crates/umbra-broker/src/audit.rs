@@ -273,6 +273,7 @@ impl AuditQueue {
                 stored = false;
                 metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
             } else {
+                // Taken now, put back below if the record is not stored after all.
                 over_share = held.take_skipped(actor);
             }
         }
@@ -290,6 +291,10 @@ impl AuditQueue {
             };
             match verdict {
                 Verdict::Skip => {
+                    if over_share > 0 {
+                        self.lock().held.put_back_skipped(actor, over_share);
+                        over_share = 0;
+                    }
                     metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
                         .increment(1);
                     if unauthenticated.is_some() {
@@ -668,6 +673,11 @@ impl Shares {
     fn take_skipped(&mut self, actor: &str) -> u64 {
         self.skipped.remove(actor).unwrap_or(0)
     }
+
+    /// Gives back a count taken for an event that was not stored after all.
+    fn put_back_skipped(&mut self, actor: &str, n: u64) {
+        *self.skipped.entry(actor.to_owned()).or_default() += n;
+    }
 }
 
 /// Epoch, unacknowledged events in order, and the next number, from a spool's bytes. The
@@ -962,6 +972,41 @@ mod tests {
             taken += q.take(2_500).records.len();
         }
         assert_eq!(taken, 40_000);
+    }
+
+    /// The count of a device's events not queued for its share goes to its next stored
+    /// record, also when the event right after is a denial over its budget (not stored).
+    #[test]
+    fn the_share_count_waits_for_a_stored_record() {
+        let q = AuditQueue::default();
+        let rec = |result: &str| {
+            q.record(
+                "umbra://o/agent/d-x",
+                "stream.open",
+                "web",
+                result,
+                serde_json::json!({}),
+            );
+        };
+        // Its denial budget spent first (those denials are stored), then a flood of allowed
+        // streams while nothing is taken: half the queue is its, the rest counted.
+        for _ in 0..DENIALS.key_burst as usize {
+            rec("deny");
+        }
+        for _ in 0..CAP {
+            rec("allow");
+        }
+        assert_eq!(q.take(2 * CAP).records.len(), CAP / 2);
+        // A denial over its budget: not stored, and the count is not spent on it.
+        rec("deny");
+        assert!(q.take(CAP).records.is_empty());
+        rec("allow");
+        let next = q.take(CAP).records;
+        assert_eq!(next.len(), 1);
+        assert_eq!(
+            next[0].detail["skipped"],
+            (CAP + DENIALS.key_burst as usize) - CAP / 2
+        );
     }
 
     #[test]

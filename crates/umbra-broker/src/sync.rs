@@ -38,9 +38,12 @@ const STREAMS_REFRESH: Duration = Duration::from_secs(10);
 /// controller's 16 MiB body limit.
 const AUDIT_PER_HEARTBEAT: usize = 2_500;
 /// Most live streams one heartbeat lists (the rest are counted): a stream is at most about
-/// 650 bytes of JSON (a 254-byte user id, names of 63), so a full list stays within the
-/// controller's 16 MiB body limit with room for the audit events beside it.
+/// 650 bytes of JSON (a 254-byte user id, names of 63), so a full list takes up to about
+/// 10.2 MiB of the controller's 16 MiB body limit.
 const MAX_REPORTED_STREAMS: usize = 16_384;
+/// Most audit events a heartbeat carries beside the stream list: at about 5 KiB each at
+/// most, 4.9 MiB, so that the two at their largest stay within the body limit.
+const AUDIT_WITH_LIST: usize = 1_000;
 /// Longest the controller holds a snapshot poll open.
 const MAX_POLL_WAIT_SECS: u64 = 25;
 
@@ -433,29 +436,31 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
         // No event goes out before the controller has said where it has this broker's
         // numbering (the first answer of a run; see `AuditQueue::confirm`).
-        let mut batch = shared.audit.take(if shared.audit.confirmed() {
-            AUDIT_PER_HEARTBEAT
-        } else {
-            0
-        });
+        // Read before the list, so that a stream starting meanwhile makes the next one due.
+        let generation = shared.streams.generation();
+        // Half an interval: a regular tick always finds the gap passed.
+        let min_gap = shared.cfg.heartbeat() / 2;
+        let with_list = streams_due(reported, refused, generation, last_sent, min_gap);
+        let mut batch = shared
+            .audit
+            .take(match (shared.audit.confirmed(), with_list) {
+                (false, _) => 0,
+                // Fewer beside a full list: both at their largest stay within the body limit.
+                (true, true) => AUDIT_WITH_LIST,
+                (true, false) => AUDIT_PER_HEARTBEAT,
+            });
         // What the controller is about to store must be on disk here first (see `durable`):
         // when the sync fails, the events wait for a heartbeat after one that succeeds.
         if !shared.audit.durable().await {
             shared.audit.requeue(batch);
             batch = shared.audit.take(0);
         }
-        // Read before the list, so that a stream starting meanwhile makes the next one due.
-        let generation = shared.streams.generation();
-        // Half an interval: a regular tick always finds the gap passed.
-        let min_gap = shared.cfg.heartbeat() / 2;
-        let (streams, streams_omitted) =
-            match streams_due(reported, refused, generation, last_sent, min_gap) {
-                true => {
-                    let (list, omitted) = shared.streams.report(&shared.name, MAX_REPORTED_STREAMS);
-                    (Some(list), (omitted > 0).then_some(omitted))
-                }
-                false => (None, None),
-            };
+        let (streams, streams_omitted) = if with_list {
+            let (list, omitted) = shared.streams.report(&shared.name, MAX_REPORTED_STREAMS);
+            (Some(list), (omitted > 0).then_some(omitted))
+        } else {
+            (None, None)
+        };
         let hb = BrokerHeartbeat {
             name: shared.name.clone(),
             quic_addr: shared.quic_addr.clone(),

@@ -855,18 +855,29 @@ async fn brokers_and_controller_away(t: TransportPref) {
         },
     )
     .await;
-    // A stale broker lists nothing (what it knows may be out of date, and it opens nothing);
-    // the twin: the broker whose limit is a day lists what alice may reach.
+    // A stale broker does not list (what it knows may be out of date, and it opens
+    // nothing): it resets the stream, where an empty list would say "nothing allowed". The
+    // twin: the broker whose limit is a day lists what alice may reach.
     let link = dial(b1, lt, &alice_id).await.unwrap();
-    assert_eq!(
-        listed(&link).await,
-        Vec::<String>::new(),
-        "[{t}] a stale broker's list"
-    );
+    let mut st = link.open().await.unwrap();
+    st.write_frame(&Frame::ListServices).await.unwrap();
+    match tokio::time::timeout(SOON, st.read_frame()).await.unwrap() {
+        Err(umbra_link::LinkError::StreamReset(_)) => {}
+        other => panic!("[{t}] a stale broker's list: {other:?}"),
+    }
     link.close();
     let link = dial(&s.brokers[0], lt, &alice_id).await.unwrap();
     assert!(listed(&link).await.contains(&ECHO.to_owned()), "[{t}]");
     link.close();
+    // The agent asks the next broker when one will not list: whichever it measured nearest,
+    // alice's services are listed (was: an empty list when the stale one was nearest).
+    for _ in 0..3 {
+        let listed = umbra_agent::services(&s.agent("alice").config(t)).await;
+        assert!(
+            listed.as_ref().is_ok_and(|l| l.contains(&ECHO.to_owned())),
+            "[{t}] {listed:?}"
+        );
+    }
     // The broker without a snapshot knows no device: it closes alice's link without calling
     // it a refusal (another broker, or a later try, may serve her); a revoked identity is
     // refused everywhere (case 7).
