@@ -614,10 +614,11 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::warn!(broker = %info.name, error = %e, "cannot reach broker");
-                    attempts.failed(&id, e.to_string());
+                    let why = e.to_string();
                     st.down.mark(&id, now, DOWN_FOR);
                     st.dial_failed
-                        .insert(id.clone(), (Instant::now(), e.to_string()));
+                        .insert(id.clone(), (Instant::now(), why.clone()));
+                    attempts.failed(&id, why);
                     attempts.tried.push(id);
                 }
             }

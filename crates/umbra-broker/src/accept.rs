@@ -378,10 +378,7 @@ async fn serve_stream(
                 return None;
             }
             let services = match owner {
-                Some(user)
-                    if a.is_fresh(now, shared.cfg.max_staleness())
-                        && !certificate_expired(link.peer().not_after, now) =>
-                {
+                Some(user) if !certificate_expired(link.peer().not_after, now) => {
                     a.engine.services_for(
                         &user,
                         &device,

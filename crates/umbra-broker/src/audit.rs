@@ -263,64 +263,64 @@ impl AuditQueue {
         let target = &*umbra_proto::audit_target(target);
         // Whether the record goes to the store too (the log line is written either way).
         let mut stored = true;
-        // Events of this actor not queued for its share of a backlog, since its last queued.
-        let mut over_share = 0;
-        {
+        // Under one lock: whether the actor holds its share of a backlog (the event is then
+        // counted, not queued), else the denial budget, and the count of its events not
+        // queued for its share since its last queued one, which this one reports if stored.
+        let (verdict, over_share) = {
             let mut inner = self.lock();
-            let Inner { q, held, .. } = &mut *inner;
+            let Inner {
+                q,
+                held,
+                denials,
+                unauthenticated: anonymous,
+                ..
+            } = &mut *inner;
             if q.len() >= CAP / 2 && held.of(actor) >= ACTOR_SHARE {
                 held.skip(actor);
                 stored = false;
                 metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
+                (None, 0)
             } else {
-                // Taken now, put back below if the record is not stored after all.
-                over_share = held.take_skipped(actor);
+                let verdict =
+                    (result == "deny" || result == "error").then(|| match unauthenticated {
+                        Some(source) => anonymous.on_event(Some(source.to_owned()), Instant::now()),
+                        None => denials.on_event(Some(actor.to_owned()), Instant::now()),
+                    });
+                // A denial over its budget is not stored either: the count waits.
+                let over_share = match verdict {
+                    Some(Verdict::Skip) => 0,
+                    _ => held.take_skipped(actor),
+                };
+                (verdict, over_share)
             }
-        }
-        if stored && (result == "deny" || result == "error") {
-            let verdict = {
-                let mut inner = self.lock();
-                match unauthenticated {
-                    Some(source) => inner
-                        .unauthenticated
-                        .on_event(Some(source.to_owned()), Instant::now()),
-                    None => inner
-                        .denials
-                        .on_event(Some(actor.to_owned()), Instant::now()),
-                }
-            };
-            match verdict {
-                Verdict::Skip => {
-                    if over_share > 0 {
-                        self.lock().held.put_back_skipped(actor, over_share);
-                        over_share = 0;
-                    }
-                    metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
+        };
+        match verdict {
+            Some(Verdict::Skip) => {
+                metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
                         .increment(1);
-                    if unauthenticated.is_some() {
-                        // Anyone can make these, as fast as handshakes fail: a flood of them
-                        // must not flood the log either. Counted.
-                        tracing::debug!(
-                            actor,
-                            action,
-                            object = target,
-                            result,
-                            "over the source's audit budget: counted, not recorded"
-                        );
-                        return;
-                    }
-                    // An identity's decision is still an audit line in the log (its rate is
-                    // bounded by its links and streams); only the store is spared, and the
-                    // actor's next stored record counts what was not.
-                    stored = false;
+                if unauthenticated.is_some() {
+                    // Anyone can make these, as fast as handshakes fail: a flood of them
+                    // must not flood the log either. Counted.
+                    tracing::debug!(
+                        actor,
+                        action,
+                        object = target,
+                        result,
+                        "over the source's audit budget: counted, not recorded"
+                    );
+                    return;
                 }
-                Verdict::Record { skipped } if skipped > 0 => {
-                    if let Some(d) = detail.as_object_mut() {
-                        d.insert("skipped".into(), skipped.into());
-                    }
-                }
-                Verdict::Record { .. } => {}
+                // An identity's decision is still an audit line in the log (its rate is
+                // bounded by its links and streams); only the store is spared, and the
+                // actor's next stored record counts what was not.
+                stored = false;
             }
+            Some(Verdict::Record { skipped }) if skipped > 0 => {
+                if let Some(d) = detail.as_object_mut() {
+                    d.insert("skipped".into(), skipped.into());
+                }
+            }
+            _ => {}
         }
         if over_share > 0
             && let Some(d) = detail.as_object_mut()
@@ -673,11 +673,6 @@ impl Shares {
     fn take_skipped(&mut self, actor: &str) -> u64 {
         self.skipped.remove(actor).unwrap_or(0)
     }
-
-    /// Gives back a count taken for an event that was not stored after all.
-    fn put_back_skipped(&mut self, actor: &str, n: u64) {
-        *self.skipped.entry(actor.to_owned()).or_default() += n;
-    }
 }
 
 /// Epoch, unacknowledged events in order, and the next number, from a spool's bytes. The
@@ -926,8 +921,6 @@ mod tests {
         );
     }
 
-    /// A flood of denials of one identity keeps its burst, and pushes out neither another
-    /// identity's denials nor any allowed stream's record.
     /// While a backlog builds (nothing taken: the controller away), one device opening
     /// streams as fast as it can fills half the queue and then holds its share: another
     /// actor's event still finds room, and the device's next queued event says how many of
@@ -1009,6 +1002,8 @@ mod tests {
         );
     }
 
+    /// A flood of denials of one identity keeps its burst, and pushes out neither another
+    /// identity's denials nor any allowed stream's record.
     #[test]
     fn denials_have_a_budget_per_actor() {
         let a = AuditQueue::default();

@@ -434,13 +434,13 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         let a = shared.authority.load();
         publish_gauges(&a, now);
         metrics::gauge!("umbra_broker_connector_links").set(shared.connectors.len() as f64);
-        // No event goes out before the controller has said where it has this broker's
-        // numbering (the first answer of a run; see `AuditQueue::confirm`).
         // Read before the list, so that a stream starting meanwhile makes the next one due.
         let generation = shared.streams.generation();
         // Half an interval: a regular tick always finds the gap passed.
         let min_gap = shared.cfg.heartbeat() / 2;
         let with_list = streams_due(reported, refused, generation, last_sent, min_gap);
+        // No event goes out before the controller has said where it has this broker's
+        // numbering (the first answer of a run; see `AuditQueue::confirm`).
         let mut batch = shared
             .audit
             .take(match (shared.audit.confirmed(), with_list) {

@@ -51,6 +51,18 @@ impl Args {
     pub(crate) fn json_output(&self) -> bool {
         self.output == "json"
     }
+
+    /// A command line clap accepts that is still not a command (exit status 2, as clap's own
+    /// refusals): `--wait` where nothing is waited for.
+    pub(crate) fn usage_problem(&self) -> Option<&'static str> {
+        (self.wait.is_some()
+            && !self.cmd.changes_enforcement()
+            && !matches!(self.cmd, Cmd::Rollout { .. }))
+        .then_some(
+            "--wait follows a change that brokers enforce (users, groups, services, policies, \
+             revocations); `umbra admin rollout --wait TIME` waits without one",
+        )
+    }
 }
 
 /// Longest `--wait`.
@@ -832,7 +844,8 @@ fn ts(unix: u64) -> String {
 }
 
 /// Farthest an audit record's own time may be from when the controller stored it before the
-/// listing says both: a broker's clock that far off (as the controllers' own skew allowance).
+/// listing says both: a broker's clock that far off is worth a look (10 min, the skew the
+/// roles tolerate elsewhere).
 const AUDIT_CLOCK_NOTE_MS: u64 = 10 * 60 * 1000;
 
 /// An audit record's time for people: its source's, and the controller's time of storing it
@@ -858,20 +871,6 @@ fn state(s: api::CredentialState, revoked: bool) -> String {
         s => s.as_str(),
     }
     .to_owned()
-}
-
-impl Args {
-    /// A command line clap accepts that is still not a command (exit status 2, as clap's own
-    /// refusals): `--wait` where nothing is waited for.
-    pub(crate) fn usage_problem(&self) -> Option<&'static str> {
-        (self.wait.is_some()
-            && !self.cmd.changes_enforcement()
-            && !matches!(self.cmd, Cmd::Rollout { .. }))
-        .then_some(
-            "--wait follows a change that brokers enforce (users, groups, services, policies, \
-             revocations); `umbra admin rollout --wait TIME` waits without one",
-        )
-    }
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {

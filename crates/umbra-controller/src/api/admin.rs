@@ -1525,16 +1525,16 @@ async fn rollout_now(ctx: &Ctx, version: Option<u64>) -> Result<api::Rollout, Ap
         ));
     }
     let since = ctx.now_secs() - LIVE_BROKER_SECS;
-    let rows = peers::brokers_active(&mut r, &ctx.org).await?;
+    let rows = peers::broker_versions(&mut r, &ctx.org).await?;
     drop(r);
     let brokers: Vec<api::RolloutBroker> = rows
         .into_iter()
-        .map(|b| api::RolloutBroker {
-            state: rollout_state(to_u64(b.snapshot_version), b.last_seen >= since, version),
-            id: b.id,
-            name: b.name,
-            snapshot_version: to_u64(b.snapshot_version),
-            last_seen: to_u64(b.last_seen),
+        .map(|(id, name, held, last_seen)| api::RolloutBroker {
+            state: rollout_state(to_u64(held), last_seen >= since, version),
+            id,
+            name,
+            snapshot_version: to_u64(held),
+            last_seen: to_u64(last_seen),
         })
         .collect();
     let count = |s| brokers.iter().filter(|b| b.state == s).count() as u64;
