@@ -322,6 +322,7 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
             count_stream(match e {
                 OpenError::Unavailable(_) => "unavailable",
                 OpenError::NoBroker(_) => "no_broker",
+                OpenError::RateLimited(_) => "rate_limited",
                 _ => "error",
             });
             tracing::warn!(error = %e, "cannot open a stream to {service}");
@@ -341,7 +342,7 @@ async fn forward_one(tcp: TcpStream, session: Arc<Session>, service: Arc<str>, i
 }
 
 /// `umbra_agent_streams_total{result}`: local connections by how their stream open ended
-/// (`ok`, `denied`, `unavailable`, `no_broker`, `error`). Bytes and links are counted by
+/// (`ok`, `denied`, `unavailable`, `no_broker`, `rate_limited`, `error`). Bytes and links are counted by
 /// `umbra-link` (`umbra_relay_bytes_total`, `umbra_links`).
 fn count_stream(result: &'static str) {
     metrics::counter!("umbra_agent_streams_total", "result" => result).increment(1);

@@ -7,7 +7,8 @@
 //! new connection at most one and a half open timeouts plus one connect. A broker that answers
 //! the ping is busy, not dead (trying connectors, or a connector waiting for a slow target): its
 //! answer is awaited up to [`ANSWER_WAIT`]. A `Denied` answer is the policy's decision and is final
-//! (every broker holds the same policy). A `Stale` answer (the broker's policy is too old to
+//! (every broker holds the same policy); so is a `RateLimited` one (this device opens streams
+//! faster than the broker allows: going to another broker would get around the bound). A `Stale` answer (the broker's policy is too old to
 //! authorize anything) fails over: another broker may hold a fresh one. An `Unavailable` answer
 //! (allowed, but this broker has no live link to a connector of the service, e.g. just after it
 //! restarted) tries the other brokers once each without marking this one down, over side links kept
@@ -44,6 +45,14 @@ pub(crate) enum OpenError {
     /// Allowed, but no connector could reach the service.
     #[error("{0} is unavailable (no connector could reach it)")]
     Unavailable(String),
+    /// The broker refused to decide: this device opened streams faster than it allows. Final
+    /// for this connection (another broker would be a way around the bound, not a cure); the
+    /// next one, a moment later, is decided again.
+    #[error(
+        "broker {0} is rate limiting this device: it opened new connections faster than the \
+         broker allows (its stream_opens_per_sec); try again in a moment"
+    )]
+    RateLimited(String),
     /// The broker does not serve this kind of flow.
     #[error("the broker does not serve this flow kind")]
     UnsupportedFlow,
@@ -454,6 +463,9 @@ impl Session {
                     continue;
                 }
                 Ok((OpenCode::UnsupportedFlow, _)) => return Err(OpenError::UnsupportedFlow),
+                Ok((OpenCode::RateLimited, _)) => {
+                    return Err(OpenError::RateLimited(broker_id.to_string()));
+                }
                 Ok((OpenCode::Stale, _)) => {
                     attempts.failed(&broker_id, "broker policy is stale".into());
                 }
@@ -745,11 +757,13 @@ mod tests {
         assert!(!clearly_nearer(ms(60), ms(10)));
     }
 
-    /// A broker at the transport level: answers pings, and every `Open` with `Unavailable`
-    /// (the broker itself is fine; it has no connector). Returns its info and its links.
-    async fn unavailable_broker(
+    /// A broker at the transport level: answers pings, and every `Open` with `code` (with
+    /// `Unavailable`, the broker itself is fine; it has no connector). Returns its info and
+    /// its links.
+    async fn answering_broker(
         ca: &umbra_pki::Ca,
         id: &str,
+        code: OpenCode,
     ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>) {
         let tls = umbra_pki::test_util::identity(ca, umbra_proto::Role::Broker, id).unwrap();
         let server = umbra_pki::server_config(
@@ -784,9 +798,7 @@ mod tests {
                         tokio::spawn(async move {
                             let answer = match s.read_frame().await {
                                 Ok(Frame::Ping { nonce }) => Frame::Pong { nonce },
-                                Ok(Frame::Open { .. }) => Frame::OpenReply {
-                                    code: OpenCode::Unavailable,
-                                },
+                                Ok(Frame::Open { .. }) => Frame::OpenReply { code },
                                 _ => return,
                             };
                             let _ = s.write_frame(&answer).await;
@@ -872,6 +884,50 @@ mod tests {
         );
     }
 
+    /// A broker that rate limits this device answers for this connection: the agent does not
+    /// take the request to another broker (that would get around the bound), says which
+    /// broker and why, and keeps the link; the next request is asked again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rate_limited_open_is_final_and_names_the_broker() {
+        umbra_pki::install_crypto_provider();
+        let ca = umbra_pki::Ca::generate("default", SystemTime::now()).unwrap();
+        let (a, a_links) = answering_broker(&ca, "b-a", OpenCode::RateLimited).await;
+        let (b, b_links) = answering_broker(&ca, "b-b", OpenCode::Unavailable).await;
+        let id = umbra_pki::test_util::identity(&ca, umbra_proto::Role::Agent, "d1").unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(id));
+        let cfg = AgentConfig {
+            transport: umbra_link::TransportPref::Tcp,
+            ..AgentConfig::default()
+        };
+        // `b-a` alone is measured, so it is current; `b-b` is there to be (not) tried.
+        let session = Arc::new(Session::connect(cfg.clone(), rx.clone(), vec![a.clone()]).await);
+        session.update_brokers(vec![a, b.clone()]).await;
+        for _ in 0..2 {
+            let r = session.open("svc").await.map(|_| ());
+            let said = match r {
+                Err(e @ OpenError::RateLimited(_)) => e.to_string(),
+                other => panic!("{other:?}"),
+            };
+            assert!(
+                said.contains("b-a") && said.contains("rate limiting"),
+                "{said}"
+            );
+        }
+        assert!(b_links.lock().await.is_empty(), "b-b was asked");
+        let links = a_links.lock().await;
+        assert_eq!(links.len(), 1, "one link to b-a, kept");
+        assert!(!links[0].is_closed());
+        drop(links);
+        // The twin: the same brokers, with an answer that is not final first (no connector
+        // there): the request does go on to b-b.
+        let (c, _) = answering_broker(&ca, "b-c", OpenCode::Unavailable).await;
+        let session = Arc::new(Session::connect(cfg, rx, vec![c.clone()]).await);
+        session.update_brokers(vec![c, b]).await;
+        let r = session.open("svc").await.map(|_| ());
+        assert!(matches!(r, Err(OpenError::Unavailable(_))), "{r:?}");
+        assert!(!b_links.lock().await.is_empty(), "b-b was not asked");
+    }
+
     /// One reason per broker, the latest, in the order tried; names where known.
     #[test]
     fn a_failed_request_names_every_broker_and_why() {
@@ -893,8 +949,8 @@ mod tests {
     async fn a_broker_dropped_from_the_list_during_a_side_dial_is_not_used() {
         umbra_pki::install_crypto_provider();
         let ca = umbra_pki::Ca::generate("default", SystemTime::now()).unwrap();
-        let (a, _) = unavailable_broker(&ca, "b-a").await;
-        let (mut b, b_links) = unavailable_broker(&ca, "b-b").await;
+        let (a, _) = answering_broker(&ca, "b-a", OpenCode::Unavailable).await;
+        let (mut b, b_links) = answering_broker(&ca, "b-b", OpenCode::Unavailable).await;
         let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let to = b
             .tcp_addr

@@ -2,8 +2,9 @@
 //! frame. One tracing span per link and per stream.
 //!
 //! The stage order of one stream, as a newcomer reads it: [`serve_stream`] reads the header
-//! frame -> [`crate::authz::authorize`] -> [`open_to_connector`] (route + dial) -> reply to the
-//! agent -> [`crate::relay::run`].
+//! frame -> the device's rate of opens ([`rate_limited`] beyond it) ->
+//! [`crate::authz::authorize`] -> [`open_to_connector`] (route + dial) -> reply to the agent ->
+//! [`crate::relay::run`].
 //!
 //! Header frames a peer must not send close that peer's whole link, not just the stream: bytes
 //! that are not a frame (bad version, unknown kind, a length over the limit, a bad field, a
@@ -348,6 +349,16 @@ async fn serve_stream(
     };
     match agent_request(read) {
         AgentRequest::Open { flow, service } => {
+            // Before any decision or dial: the flood this stops is of both.
+            let verdict = shared
+                .opens
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .on_event(Some(device.clone()), std::time::Instant::now());
+            if verdict == umbra_link::budget::Verdict::Skip {
+                rate_limited(&shared, &link, &device, s, id, &service).await;
+                return None;
+            }
             return open(shared, &link, &device, s, id, flow, service).await;
         }
         AgentRequest::ListServices => {
@@ -415,6 +426,35 @@ async fn serve_stream(
         }
     }
     None
+}
+
+/// Answers an `Open` of a device over its rate of stream opens (`stream_opens_per_sec`): no
+/// decision, no dial. Recorded within the device's budget of denials, with no log line beyond
+/// it (see `AuditQueue::record_flood`), and counted.
+async fn rate_limited(
+    shared: &Shared,
+    link: &Link,
+    device: &str,
+    mut agent: Stream,
+    id: u64,
+    service: &str,
+) {
+    let code = OpenCode::RateLimited;
+    metrics::counter!("umbra_broker_decisions_total", "result" => code.as_str()).increment(1);
+    metrics::counter!("umbra_broker_streams_refused_total", "reason" => "open_rate").increment(1);
+    shared.audit.record_flood(
+        &link.peer().id.to_uri(),
+        "stream.open",
+        service,
+        serde_json::json!({
+            "stream": id, "device": device, "reason": "open_rate", "code": code.as_str(),
+            "per_sec": shared.cfg.stream_opens_per_sec, "burst": shared.cfg.stream_open_burst,
+            "transport": link.transport().as_str(), "broker": shared.name,
+        }),
+    );
+    if reply(&mut agent, &Frame::OpenReply { code }, shared).await {
+        let _ = agent.finish().await;
+    }
 }
 
 async fn open(

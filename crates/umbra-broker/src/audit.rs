@@ -47,6 +47,18 @@ const CAP: usize = 10_000;
 /// module docs).
 const ACTOR_SHARE: usize = CAP / 10;
 
+/// Which budget a denial or an error is recorded within.
+#[derive(Debug, Clone, Copy)]
+enum Budgeted<'a> {
+    /// The actor's budget of denials; over it, the record is still a log line.
+    Identity,
+    /// The actor's budget of denials; over it, counted with a debug line only.
+    Flood,
+    /// The source's budget among refusals of peers that proved no identity; over it,
+    /// counted with a debug line only.
+    Unauthenticated(&'a str),
+}
+
 /// The budget of `deny` and `error` records (see the module docs): per actor a burst of 20,
 /// then one per 2 s; in all a burst of 1000, then 50 per second, well above what policy
 /// denials of real users add up to.
@@ -228,7 +240,21 @@ impl AuditQueue {
         result: &str,
         detail: serde_json::Value,
     ) {
-        self.record_within(None, actor, action, target, result, detail);
+        self.record_within(Budgeted::Identity, actor, action, target, result, detail);
+    }
+
+    /// [`AuditQueue::record`] of a refusal that the actor can repeat as fast as it can send
+    /// (a device over its rate of stream opens): within the actor's budget of denials, and
+    /// beyond it counted with a debug line only, so that the flood the refusal stops is not
+    /// a flood of log lines either. The next stored refusal says how many were skipped.
+    pub(crate) fn record_flood(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) {
+        self.record_within(Budgeted::Flood, actor, action, target, "deny", detail);
     }
 
     /// [`AuditQueue::record`] of a refusal of a peer that proved no identity (a handshake
@@ -243,14 +269,21 @@ impl AuditQueue {
         target: &str,
         detail: serde_json::Value,
     ) {
-        self.record_within(Some(source), actor, action, target, "deny", detail);
+        self.record_within(
+            Budgeted::Unauthenticated(source),
+            actor,
+            action,
+            target,
+            "deny",
+            detail,
+        );
     }
 
-    /// Records one event; a denial or an error counts against its actor's budget, or with
-    /// `unauthenticated`, against that source's budget among unauthenticated refusals.
+    /// Records one event; a denial or an error counts against its actor's budget, or for an
+    /// unauthenticated peer, against that source's budget among unauthenticated refusals.
     fn record_within(
         &self,
-        unauthenticated: Option<&str>,
+        budget: Budgeted<'_>,
         actor: &str,
         action: &str,
         target: &str,
@@ -281,11 +314,14 @@ impl AuditQueue {
                 metrics::counter!("umbra_broker_audit_dropped_total").increment(1);
                 (None, 0)
             } else {
-                let verdict =
-                    (result == "deny" || result == "error").then(|| match unauthenticated {
-                        Some(source) => anonymous.on_event(Some(source.to_owned()), Instant::now()),
-                        None => denials.on_event(Some(actor.to_owned()), Instant::now()),
-                    });
+                let verdict = (result == "deny" || result == "error").then(|| match budget {
+                    Budgeted::Unauthenticated(source) => {
+                        anonymous.on_event(Some(source.to_owned()), Instant::now())
+                    }
+                    Budgeted::Identity | Budgeted::Flood => {
+                        denials.on_event(Some(actor.to_owned()), Instant::now())
+                    }
+                });
                 // A denial over its budget is not stored either: the count waits.
                 let over_share = match verdict {
                     Some(Verdict::Skip) => 0,
@@ -298,15 +334,16 @@ impl AuditQueue {
             Some(Verdict::Skip) => {
                 metrics::counter!("umbra_broker_audit_skipped_total", "action" => action.to_owned())
                         .increment(1);
-                if unauthenticated.is_some() {
-                    // Anyone can make these, as fast as handshakes fail: a flood of them
-                    // must not flood the log either. Counted.
+                if !matches!(budget, Budgeted::Identity) {
+                    // Anyone can make these, as fast as handshakes fail, or the actor as
+                    // fast as it can ask: a flood of them must not flood the log either.
+                    // Counted.
                     tracing::debug!(
                         actor,
                         action,
                         object = target,
                         result,
-                        "over the source's audit budget: counted, not recorded"
+                        "over the audit budget: counted, not recorded"
                     );
                     return;
                 }
@@ -1063,6 +1100,15 @@ mod tests {
                     serde_json::json!({"n": 1}),
                 );
             }
+            // A device over its rate of opens: refusals it repeats as fast as it can ask.
+            for _ in 0..30 {
+                a.record_flood(
+                    "umbra://o/agent/d-2",
+                    "stream.open",
+                    "web",
+                    serde_json::json!({"reason": "open_rate"}),
+                );
+            }
             for i in 0..150 {
                 a.record_unauthenticated(
                     &format!("10.0.0.{i}:1"),
@@ -1101,6 +1147,11 @@ mod tests {
         );
         // The unauthenticated ones: only those within the budget (burst 100) are lines.
         assert_eq!(of("umbra://o/broker/b-1").len(), 100);
+        // The flood: only those within the device's budget (burst 20) are lines, each stored;
+        // the rest are counted.
+        let flood = of("umbra://o/agent/d-2");
+        assert_eq!(flood.len(), 20, "{text}");
+        assert!(flood.iter().all(|l| l["fields"]["stored"] == true));
     }
 
     /// Refusals of unauthenticated peers from many addresses are bounded in all (burst 100),

@@ -70,6 +70,15 @@ pub struct BrokerConfig {
     /// 256 MiB by default), whatever it does. Links never stall for it: a stream whose
     /// reader stopped holds its own window, never the shared link to a connector.
     pub max_streams_per_device: usize,
+    /// New streams one device may open per second at this broker, after a burst of
+    /// `stream_open_burst`; more are answered "rate limited" before any decision or dial.
+    /// Every stream opened is an audit record in the controller's store (every access is
+    /// recorded), so this bounds how fast one device can grow the store, and the Cedar
+    /// decisions and connector dials it can make the broker do. The defaults leave room for a
+    /// browser's or a test suite's bursts of connections.
+    pub stream_opens_per_sec: u32,
+    /// New streams one device may open at once before `stream_opens_per_sec` applies.
+    pub stream_open_burst: u32,
     /// Receive window per stream on agent and connector links, in KiB (16 to 16384): the
     /// most the broker holds for one stream in each direction. A stream moves at most one
     /// window per round trip, so long paths need more (1024 KiB keeps about 80 Mbit/s per
@@ -95,6 +104,8 @@ impl Default for BrokerConfig {
             handshake_timeout_ms: 5_000,
             max_links_per_peer: 32,
             max_streams_per_device: 1024,
+            stream_opens_per_sec: 50,
+            stream_open_burst: 500,
             stream_window_kib: umbra_link::DEFAULT_STREAM_WINDOW_KIB,
         }
     }
@@ -199,6 +210,12 @@ impl BrokerConfig {
                 "max_streams_per_device",
                 "must be between 1 and 1000000",
             ));
+        }
+        if !(1..=1_000_000).contains(&self.stream_opens_per_sec) {
+            return Err(bad("stream_opens_per_sec", "must be between 1 and 1000000"));
+        }
+        if !(1..=1_000_000).contains(&self.stream_open_burst) {
+            return Err(bad("stream_open_burst", "must be between 1 and 1000000"));
         }
         if umbra_link::stream_window_bytes(self.stream_window_kib).is_none() {
             return Err(bad(
@@ -368,6 +385,25 @@ mod tests {
                 ..BrokerConfig::default()
             };
             assert_eq!(c.validate().unwrap_err().field, "max_streams_per_device");
+            let c = BrokerConfig {
+                stream_opens_per_sec: n as u32,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "stream_opens_per_sec");
+            let c = BrokerConfig {
+                stream_open_burst: n as u32,
+                ..BrokerConfig::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "stream_open_burst");
+        }
+        // The twin: the bounds themselves are taken.
+        for n in [1, 1_000_000] {
+            let c = BrokerConfig {
+                stream_opens_per_sec: n,
+                stream_open_burst: n,
+                ..BrokerConfig::default()
+            };
+            c.validate().unwrap();
         }
         let c = BrokerConfig {
             listen_quic: None,

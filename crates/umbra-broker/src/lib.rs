@@ -123,6 +123,21 @@ const LISTINGS: umbra_link::budget::BudgetConfig = umbra_link::budget::BudgetCon
     max_keys: 4096,
 };
 
+/// The rate of stream opens per device: a burst, then a steady rate, per device only. There is
+/// no bound over all devices: one device's flood must not refuse another's streams.
+fn opens_budget(cfg: &BrokerConfig) -> umbra_link::budget::BudgetConfig {
+    umbra_link::budget::BudgetConfig {
+        key_burst: f64::from(cfg.stream_open_burst),
+        key_every: std::time::Duration::from_secs_f64(1.0 / f64::from(cfg.stream_opens_per_sec)),
+        // Far beyond what a broker can open: never the limit.
+        global_burst: 1e15,
+        global_per_sec: 1e15,
+        // Devices tracked one by one; beyond them (a broker with more devices streaming at
+        // once), new ones share a budget until tracked ones are whole again.
+        max_keys: 65_536,
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) cfg: BrokerConfig,
     pub(crate) org: String,
@@ -146,6 +161,9 @@ pub(crate) struct Shared {
     pub(crate) audit: audit::AuditQueue,
     /// Service lists per device ([`LISTINGS`]).
     pub(crate) listings: std::sync::Mutex<umbra_link::budget::Budget<Arc<str>>>,
+    /// Streams opened per device (`stream_opens_per_sec` after `stream_open_burst`; see
+    /// [`opens_budget`]).
+    pub(crate) opens: std::sync::Mutex<umbra_link::budget::Budget<Arc<str>>>,
     pub(crate) next_id: AtomicU64,
     pub(crate) shutdown: CancellationToken,
 }
@@ -255,6 +273,10 @@ impl Broker {
             audit,
             listings: std::sync::Mutex::new(umbra_link::budget::Budget::new(
                 LISTINGS,
+                std::time::Instant::now(),
+            )),
+            opens: std::sync::Mutex::new(umbra_link::budget::Budget::new(
+                opens_budget(&cfg),
                 std::time::Instant::now(),
             )),
             next_id: AtomicU64::new(1),

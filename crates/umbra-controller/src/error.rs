@@ -131,9 +131,31 @@ impl ApiFailure {
 }
 
 impl From<sqlx::Error> for ApiFailure {
+    /// The cause is logged, not sent, except for what the operator must act on: a store that
+    /// is full or damaged (SQLite's primary result codes 13, and 11 or 26). A failed write
+    /// changed nothing either way (its transaction is rolled back).
     fn from(e: sqlx::Error) -> Self {
         tracing::error!(error = %e, "database error");
-        ApiFailure::internal()
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        match code {
+            Some(13) => ApiFailure::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "the controller's store is full (no space left for its database): nothing was \
+                 changed; free space where the controller keeps its data, then retry",
+                None,
+            ),
+            Some(11 | 26) => ApiFailure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the controller's store is damaged (its database file is malformed); see the \
+                 controller's log, and restore the data directory from a backup",
+                None,
+            ),
+            _ => ApiFailure::internal(),
+        }
     }
 }
 

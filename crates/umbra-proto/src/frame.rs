@@ -78,6 +78,10 @@ pub enum OpenCode {
     UnsupportedFlow,
     /// The broker's policy snapshot is older than its staleness limit: it authorizes nothing.
     Stale,
+    /// This device opens streams faster than the broker allows (its `stream_opens_per_sec`
+    /// after a burst of `stream_open_burst`); nothing was decided. Asked again later, the same
+    /// broker may allow it.
+    RateLimited,
 }
 
 impl OpenCode {
@@ -88,6 +92,7 @@ impl OpenCode {
             OpenCode::Unavailable => 2,
             OpenCode::UnsupportedFlow => 3,
             OpenCode::Stale => 4,
+            OpenCode::RateLimited => 5,
         }
     }
     fn from_u8(v: u8) -> Result<Self, FrameError> {
@@ -97,6 +102,7 @@ impl OpenCode {
             2 => OpenCode::Unavailable,
             3 => OpenCode::UnsupportedFlow,
             4 => OpenCode::Stale,
+            5 => OpenCode::RateLimited,
             _ => return Err(FrameError::BadValue("open code")),
         })
     }
@@ -108,6 +114,7 @@ impl OpenCode {
             OpenCode::Unavailable => "unavailable",
             OpenCode::UnsupportedFlow => "unsupported_flow",
             OpenCode::Stale => "stale",
+            OpenCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -517,6 +524,9 @@ mod tests {
             Frame::OpenReply { code: OpenCode::Ok },
             Frame::OpenReply {
                 code: OpenCode::Stale,
+            },
+            Frame::OpenReply {
+                code: OpenCode::RateLimited,
             },
             Frame::Dial {
                 flow: Flow::Tcp,

@@ -31,7 +31,8 @@ struct RunArgs {
     /// TOML file with broker settings (name, identity_dir, listen_quic, listen_tcp,
     /// advertise_host, max_staleness_secs, reverify_secs, open_timeout_ms, dial_timeout_ms,
     /// idle_timeout_secs, heartbeat_ms, max_pending_handshakes, handshake_timeout_ms,
-    /// max_links_per_peer, max_streams_per_device, stream_window_kib).
+    /// max_links_per_peer, max_streams_per_device, stream_opens_per_sec, stream_open_burst,
+    /// stream_window_kib).
     #[arg(long, env = "UMBRA_BROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Name in this broker's log lines, audit records and stream reports (default: its
@@ -68,6 +69,15 @@ struct RunArgs {
     /// more are reset. Each may hold up to one stream window of memory each way.
     #[arg(long, env = "UMBRA_BROKER_MAX_STREAMS_PER_DEVICE")]
     max_streams_per_device: Option<usize>,
+    /// New streams one device may open per second here (default 50), after a burst of
+    /// --stream-open-burst; more are answered "rate limited". Each stream opened is an audit
+    /// record: this bounds how fast one device can grow the controller's store.
+    #[arg(long, env = "UMBRA_BROKER_STREAM_OPENS_PER_SEC")]
+    stream_opens_per_sec: Option<u32>,
+    /// New streams one device may open at once here before --stream-opens-per-sec applies
+    /// (default 500).
+    #[arg(long, env = "UMBRA_BROKER_STREAM_OPEN_BURST")]
+    stream_open_burst: Option<u32>,
     /// Receive window per stream, in KiB (16-16384, default 256): the most the broker holds
     /// for one stream each way. One stream moves at most a window per round trip; raise it
     /// for long paths.
@@ -119,6 +129,12 @@ fn config(a: &RunArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(v) = a.max_streams_per_device {
         c.max_streams_per_device = v;
+    }
+    if let Some(v) = a.stream_opens_per_sec {
+        c.stream_opens_per_sec = v;
+    }
+    if let Some(v) = a.stream_open_burst {
+        c.stream_open_burst = v;
     }
     if let Some(v) = a.stream_window_kib {
         c.stream_window_kib = v;

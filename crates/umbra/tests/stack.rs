@@ -1172,6 +1172,111 @@ async fn streams_per_device_are_bounded(t: TransportPref) {
 }
 both_transports!(streams_per_device_are_bounded);
 
+/// Opens on `link` until the broker answers `RateLimited`; how many it allowed first, and the
+/// first allowed stream (kept open).
+async fn open_until_rate_limited(
+    link: &umbra_link::Link,
+    t: TransportPref,
+) -> (usize, Option<umbra_link::Stream>) {
+    let mut held = None;
+    let mut allowed = 0;
+    loop {
+        let (code, st) = open(link, ECHO).await.unwrap();
+        match code {
+            OpenCode::Ok => {
+                allowed += 1;
+                held.get_or_insert(st);
+            }
+            OpenCode::RateLimited => return (allowed, held),
+            other => panic!("[{t}] {other:?}"),
+        }
+        assert!(
+            allowed < 100,
+            "[{t}] {allowed} streams allowed, none rate limited"
+        );
+    }
+}
+
+/// A device opens at most `stream_opens_per_sec` streams a second at a broker, after a burst
+/// of `stream_open_burst` (1 and 3 here): the next are answered `RateLimited` before any
+/// decision or dial, and audited within the device's budget of denials, while another user's
+/// streams are served and the device's live streams go on. The agent turns the answer into a
+/// refused connection; a moment later the device may open again.
+async fn stream_opens_per_device_are_rate_limited(t: TransportPref) {
+    let (s, alice, bob) = bounded_broker(
+        |c| {
+            c.stream_open_burst = 3;
+            c.stream_opens_per_sec = 1;
+        },
+        t,
+    )
+    .await;
+    let b0 = &s.brokers[0];
+    let tr = link_transport(t);
+    let link = dial(b0, tr, &alice).await.unwrap();
+    // The setup's probes spent some of alice's burst: let it fill up again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let (allowed, held) = open_until_rate_limited(&link, t).await;
+    // The burst, plus what came back while they were opened.
+    let most = 3 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (3..=most).contains(&allowed),
+        "[{t}] {allowed} allowed before the first RateLimited (burst 3, at most {most})"
+    );
+    // Asked again at once: still limited, and the link is kept.
+    assert_eq!(
+        open_code(&link, ECHO).await.unwrap(),
+        OpenCode::RateLimited,
+        "[{t}]"
+    );
+    // Another device is not held back, and alice's live stream runs on.
+    served(b0, tr, &bob).await.unwrap();
+    stream_echo(&mut held.unwrap(), b"still served")
+        .await
+        .unwrap();
+    // Audited as a denial that names the bound.
+    let device = alice.peer.id.id.clone();
+    poll(&format!("[{t}] the rate limit audited"), SOON, || async {
+        let n = s
+            .admin
+            .audit()
+            .await
+            .iter()
+            .filter(|e| {
+                e["action"] == "stream.open"
+                    && e["result"] == "deny"
+                    && e["target"] == ECHO
+                    && e["detail"]["reason"] == "open_rate"
+                    && e["detail"]["code"] == "rate_limited"
+                    && e["detail"]["device"] == device.as_str()
+            })
+            .count();
+        if n > 0 {
+            Ok(())
+        } else {
+            Err("none yet".to_string())
+        }
+    })
+    .await;
+    // Through the agent: a connection while over the rate is refused. (Tried again if a
+    // token came back between the last `RateLimited` and the agent's open.)
+    let f = s.forward("alice", t, ECHO).await;
+    let fa = f.local_addr();
+    poll(
+        &format!("[{t}] a connection refused while over the rate"),
+        SOON,
+        || async {
+            open_until_rate_limited(&link, t).await;
+            refused(fa).await
+        },
+    )
+    .await;
+    // A moment later: served again, at the rate.
+    poll(&format!("[{t}] alice served again"), SOON, || echo_ok(fa)).await;
+}
+both_transports!(stream_opens_per_device_are_rate_limited);
+
 /// 13. Bad admin requests answer 400 with a reason and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_admin_requests_change_nothing() {

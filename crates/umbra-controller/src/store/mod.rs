@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqlSafeStr, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{Connection, SqlSafeStr, SqliteConnection, SqlitePool, Transaction};
 use std::sync::Arc;
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -195,6 +195,18 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // A transaction whose COMMIT failed (a full disk: SQLite may have rolled it back
+            // itself, so the ROLLBACK that follows fails too) leaves sqlx counting it as open
+            // on its connection. Taken again, that connection refuses every `BEGIN IMMEDIATE`,
+            // and a read on it could run inside what is left of the old transaction: stale
+            // reads, an older snapshot for the brokers. Such a connection is closed, not
+            // reused. The ping first lets the connection's rollbacks queued on drop run.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(opts)
             .await
             .map_err(StoreOpenError::Connect)?;
@@ -449,6 +461,82 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, (1234, 1234));
+    }
+
+    /// A connection left counting a transaction as open (its COMMIT and the ROLLBACK after it
+    /// failed, as on a full disk) is not given out again: every later write and read
+    /// succeeds and sees every committed write. The failure is made by ending the transaction
+    /// behind sqlx's back, which leaves the connection in the state a full disk leaves it in.
+    #[tokio::test]
+    async fn a_connection_whose_commit_failed_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&Database::File(dir.path().join("t.db")), "t")
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let mut w = s.write().await.unwrap();
+            sqlx::raw_sql("ROLLBACK").execute(w.conn()).await.unwrap();
+            assert!(w.commit().await.is_err(), "COMMIT with no transaction");
+        }
+        // More rounds than the pool has connections: each would be met.
+        for i in 1..=20 {
+            let mut w = s.write().await.unwrap_or_else(|e| panic!("write {i}: {e}"));
+            bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap();
+            w.commit()
+                .await
+                .unwrap_or_else(|e| panic!("commit {i}: {e}"));
+            let mut r = s.read().await.unwrap();
+            assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), i);
+            r.commit().await.unwrap();
+        }
+    }
+
+    /// A write refused for a full store says so to the administrator (507), and changes
+    /// nothing. The store is made full with SQLite's own cap on its size in pages.
+    #[tokio::test]
+    async fn a_full_store_says_so_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&Database::File(dir.path().join("t.db")), "t")
+            .await
+            .unwrap();
+        let mut w = s.write().await.unwrap();
+        bump(w.conn(), "t", SNAPSHOT_VERSION).await.unwrap();
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(w.conn())
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PRAGMA max_page_count = {pages}"
+        )))
+        .execute(w.conn())
+        .await
+        .unwrap();
+        let big = "x".repeat(64 * 1024);
+        let e = sqlx::query(
+            "INSERT INTO audit (org, seq, at_ms, received_ms, actor, action, target, result, \
+             detail, source) VALUES ('t', 1, 1, 1, 'a', 'x', 'y', 'allow', $1, 'c')",
+        )
+        .bind(&big)
+        .execute(w.conn())
+        .await
+        .unwrap_err();
+        drop(w);
+        let f = crate::error::ApiFailure::from(e);
+        assert_eq!(f.status, axum::http::StatusCode::INSUFFICIENT_STORAGE);
+        assert!(
+            f.error.contains("full") && f.error.contains("nothing was changed"),
+            "{}",
+            f.error
+        );
+        // Nothing changed: the bump went with the refused write.
+        let mut r = s.read().await.unwrap();
+        assert_eq!(counter(&mut r, "t", SNAPSHOT_VERSION).await.unwrap(), 0);
+        // Any other database error stays a plain internal error (the cause is logged).
+        let f = crate::error::ApiFailure::from(sqlx::Error::RowNotFound);
+        assert_eq!(
+            (f.status.as_u16(), f.error.as_str()),
+            (500, "internal error")
+        );
     }
 
     #[tokio::test]
