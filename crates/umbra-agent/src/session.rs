@@ -2,7 +2,9 @@
 //!
 //! [`Session::open`] asks the current broker for a stream to a service. If the link is dead, or
 //! the broker does not answer within `open_timeout` nor a ping sent then within half of it,
-//! that broker is marked down for a while, the next one in [`failover_order`] is dialed
+//! that broker is marked down for a while (its link takes no new streams, but is not closed
+//! under the live connections it carries: a blip that cost one request must not cut them),
+//! the next one in [`failover_order`] is dialed
 //! (bounded by `connect_timeout`) and the request is retried there, so a killed broker costs a
 //! new connection at most one and a half open timeouts plus one connect. A broker that answers
 //! the ping is busy, not dead (trying connectors, or a connector waiting for a slow target): its
@@ -639,19 +641,27 @@ impl Session {
 
     async fn mark_failed(&self, broker_id: &str) {
         let mut st = self.state.lock().await;
-        st.side.retain(|(id, link)| {
+        // Its links take no new streams but are retired, not closed: one request that went
+        // unanswered for a second may be a blip of the network that the link outlives, and
+        // the live connections riding it (an ssh session, a transfer) must not be cut for
+        // it. A retired link is closed once nothing rides it; if the broker is really gone,
+        // its keepalive ends it (and what rode it) within the link's idle timeout.
+        let failed = std::mem::take(&mut st.side);
+        for (id, link) in failed {
             if id == broker_id {
-                link.close();
+                st.retiring.push(link);
+            } else {
+                st.side.push((id, link));
             }
-            id != broker_id
-        });
+        }
         st.down.mark(broker_id, Instant::now(), DOWN_FOR);
         st.failed_requests.mark(broker_id, Instant::now(), DOWN_FOR);
         if st.current.as_ref().is_some_and(|(id, _)| id == broker_id)
             && let Some((_, link)) = st.current.take()
         {
-            link.close();
+            st.retiring.push(link);
         }
+        close_idle(&mut st.retiring);
     }
 
     /// One `Open` on `link`, bounded by the open timeout. `Err` means the broker failed or
@@ -926,6 +936,134 @@ mod tests {
         let r = session.open("svc").await.map(|_| ());
         assert!(matches!(r, Err(OpenError::Unavailable(_))), "{r:?}");
         assert!(!b_links.lock().await.is_empty(), "b-b was not asked");
+    }
+
+    /// A broker at the transport level whose every `Open` is answered `Ok` and then echoed,
+    /// and which, while `mute` is set, answers neither new `Open`s nor pings (a blip of the
+    /// network as new requests see it); the streams already open echo on.
+    async fn muting_broker(
+        ca: &umbra_pki::Ca,
+        id: &str,
+        mute: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>) {
+        let tls = umbra_pki::test_util::identity(ca, umbra_proto::Role::Broker, id).unwrap();
+        let server = umbra_pki::server_config(
+            &tls,
+            umbra_pki::ClientAuth::Required,
+            &[umbra_link::ALPN],
+            false,
+        )
+        .unwrap();
+        let listener = umbra_link::Listener::bind(
+            None,
+            Some("127.0.0.1:0".parse().unwrap()),
+            Arc::new(server),
+            umbra_link::LinkConfig::default(),
+        )
+        .await
+        .unwrap();
+        let info = BrokerInfo {
+            id: id.into(),
+            name: id.into(),
+            quic_addr: None,
+            tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
+            server_name: umbra_pki::broker_server_name(id),
+        };
+        let links = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let held = links.clone();
+        tokio::spawn(async move {
+            while let Some(link) = listener.accept().await {
+                held.lock().await.push(link.clone());
+                let mute = mute.clone();
+                tokio::spawn(async move {
+                    while let Some(mut s) = link.accept().await {
+                        let muted = mute.load(std::sync::atomic::Ordering::SeqCst);
+                        tokio::spawn(async move {
+                            let first = s.read_frame().await;
+                            if muted {
+                                // Never answered; the stream is held until the agent drops it.
+                                let _ = s.recv_chunk().await;
+                                return;
+                            }
+                            match first {
+                                Ok(Frame::Ping { nonce }) => {
+                                    let _ = s.write_frame(&Frame::Pong { nonce }).await;
+                                    let _ = s.finish().await;
+                                }
+                                Ok(Frame::Open { .. }) => {
+                                    let ok = Frame::OpenReply { code: OpenCode::Ok };
+                                    if s.write_frame(&ok).await.is_err() {
+                                        return;
+                                    }
+                                    while let Ok(Some(c)) = s.recv_chunk().await {
+                                        if s.send_chunk(c).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    let _ = s.finish().await;
+                                }
+                                _ => {}
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        (info, links)
+    }
+
+    /// A request that goes unanswered for a moment (a blip) fails over to the next broker,
+    /// and the connection already open on the first broker's link goes on: the link is
+    /// retired (no new streams), not closed under it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_request_does_not_cut_the_live_connections() {
+        umbra_pki::install_crypto_provider();
+        let ca = umbra_pki::Ca::generate("default", SystemTime::now()).unwrap();
+        let mute = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, a_links) = muting_broker(&ca, "b-a", mute.clone()).await;
+        let (b, _) = muting_broker(&ca, "b-b", Arc::default()).await;
+        let id = umbra_pki::test_util::identity(&ca, umbra_proto::Role::Agent, "d1").unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(id));
+        let cfg = AgentConfig {
+            transport: umbra_link::TransportPref::Tcp,
+            open_timeout_ms: 300,
+            ..AgentConfig::default()
+        };
+        let session = Arc::new(Session::connect(cfg, rx, vec![a.clone()]).await);
+        session.update_brokers(vec![a, b]).await;
+        let (mut live, _live_hold) = session.open("svc").await.unwrap();
+        async fn echo(s: &mut Stream, what: &'static [u8]) -> Option<bytes::Bytes> {
+            let fut = async {
+                s.send_chunk(bytes::Bytes::from_static(what)).await.ok()?;
+                s.recv_chunk().await.ok()?
+            };
+            tokio::time::timeout(Duration::from_secs(5), fut)
+                .await
+                .ok()?
+        }
+        let got = echo(&mut live, b"before").await;
+        assert_eq!(got.as_deref(), Some(&b"before"[..]));
+        // The blip: b-a answers nothing new, and the request goes to b-b.
+        mute.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_other, _other_hold) = session.open("svc").await.unwrap();
+        mute.store(false, std::sync::atomic::Ordering::SeqCst);
+        let current = session.state.lock().await.current.clone().map(|(id, _)| id);
+        assert_eq!(current.as_deref(), Some("b-b"));
+        // The live connection on b-a's link goes on.
+        let got = echo(&mut live, b"after").await;
+        assert_eq!(got.as_deref(), Some(&b"after"[..]));
+        assert!(!a_links.lock().await[0].is_closed());
+        // Once nothing rides it, the retired link is closed.
+        drop((live, _live_hold));
+        session.reprobe().await;
+        let t0 = std::time::Instant::now();
+        while !a_links.lock().await[0].is_closed() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the retired link stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// One reason per broker, the latest, in the order tried; names where known.

@@ -12,9 +12,13 @@ use std::time::{Duration, Instant};
 
 use umbra_link::Link;
 
-/// How long a connector link that let a `Dial` go unanswered is passed over: tried only when
-/// no answering link of the service is left. Long enough to spare the streams behind it the
-/// dial timeout; a link that is really dead is closed by its keepalive meanwhile.
+/// How long a connector link that let a `Dial` go unanswered is passed over: offered no
+/// stream, even when it is the service's only one (the stream is then answered `Unavailable`
+/// at once, and the agent asks another broker, instead of every new stream waiting out the
+/// dial timeout on a link that is blackholed). Long enough to spare the streams behind it the
+/// dial timeout; a link that is really dead is closed by its keepalive meanwhile (the
+/// connector links again), and a connector that was only slow is offered streams again
+/// after it.
 pub(crate) const SILENT_FOR: Duration = Duration::from_secs(30);
 
 /// Milliseconds on the broker's monotonic clock (since its first call), for [`PeerLink`]'s
@@ -114,9 +118,9 @@ impl Registry {
         }
     }
 
-    /// Live links of the given connectors, one per connector (its newest, see [`newest`]):
-    /// those answering first, then those recently silent (see [`SILENT_FOR`]); least loaded
-    /// first within each. `now` is [`now_ms`].
+    /// Live links of the given connectors, one per connector (its newest, see [`newest`]),
+    /// but none recently silent (see [`SILENT_FOR`]); least loaded first. `now` is
+    /// [`now_ms`].
     pub(crate) fn candidates(&self, connectors: &[String], now: u64) -> Vec<Arc<PeerLink>> {
         let m = self.lock();
         let mut out: Vec<Arc<PeerLink>> = connectors
@@ -128,7 +132,8 @@ impl Registry {
             })
             .collect();
         drop(m);
-        rank(&mut out, |c| (c.silent(now), c.active()));
+        out.retain(|c| !c.silent(now));
+        rank(&mut out, |c| c.active());
         out
     }
 
@@ -199,18 +204,5 @@ mod tests {
         let mut v = vec![("a", 3), ("b", 1), ("c", 1), ("d", 0)];
         rank(&mut v, |x| x.1);
         assert_eq!(v.iter().map(|x| x.0).collect::<String>(), "dbca");
-    }
-
-    #[test]
-    fn silent_links_go_last_however_idle() {
-        // (name, silent, load)
-        let mut v = vec![
-            ("a", false, 3),
-            ("b", true, 0),
-            ("c", false, 1),
-            ("d", true, 2),
-        ];
-        rank(&mut v, |x| (x.1, x.2));
-        assert_eq!(v.iter().map(|x| x.0).collect::<String>(), "cabd");
     }
 }

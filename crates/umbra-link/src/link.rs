@@ -515,7 +515,23 @@ const REFUSALS_QUEUED: usize = 256;
 struct Sinks {
     links: mpsc::Sender<Link>,
     refusals: mpsc::Sender<HandshakeRefusal>,
+    /// Which refused handshakes get an `info` line ([`REFUSAL_LINES`]): anyone can make them
+    /// as fast as connections fail, and each line is a write to the log.
+    lines: Arc<std::sync::Mutex<crate::budget::Budget<std::net::IpAddr>>>,
 }
+
+/// The budget of `handshake refused` lines: per source address a burst of 10, then one per
+/// 10 s; in all a burst of 100, then 10 a second. Beyond it a refusal is a `debug` line, and
+/// the source's next `info` line says how many were not logged; every one is counted
+/// (`umbra_link_handshake_failures_total`), and what the application records of them (the
+/// broker's audit) has a budget of its own.
+const REFUSAL_LINES: crate::budget::BudgetConfig = crate::budget::BudgetConfig {
+    key_burst: 10.0,
+    key_every: Duration::from_secs(10),
+    global_burst: 100.0,
+    global_per_sec: 10.0,
+    max_keys: 4096,
+};
 
 impl Listener {
     /// Binds the given addresses (port 0 picks one; see [`Listener::quic_addr`] and
@@ -536,7 +552,14 @@ impl Listener {
         // Links handshaken but not yet taken by `accept`.
         let (links, rx) = mpsc::channel(cfg.max_pending_handshakes.max(1));
         let (refusals, refused_rx) = mpsc::channel(REFUSALS_QUEUED);
-        let tx = Sinks { links, refusals };
+        let tx = Sinks {
+            links,
+            refusals,
+            lines: Arc::new(std::sync::Mutex::new(crate::budget::Budget::new(
+                REFUSAL_LINES,
+                std::time::Instant::now(),
+            ))),
+        };
         let cfg = Arc::new(cfg);
 
         let mut tcp_addr = None;
@@ -670,7 +693,7 @@ async fn accept_tcp(
                 }
             },
         };
-        let slot = pending.admit();
+        let slot = pending.admit(remote.ip());
         let (acceptor, tx, cfg) = (acceptor.clone(), tx.clone(), cfg.clone());
         tokio::spawn(async move {
             let r = bounded(
@@ -710,10 +733,10 @@ async fn accept_quic(
             metrics::counter!("umbra_link_quic_retries_total").increment(1);
             continue;
         }
-        let slot = pending.admit();
+        let remote = incoming.remote_address();
+        let slot = pending.admit(remote.ip());
         let (tx, cfg, base) = (tx.clone(), cfg.clone(), base.clone());
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
             let handshake = quic::accept(incoming, &base, &cfg);
             let r = bounded(slot, cfg.handshake_timeout, handshake).await;
             deliver(r, Transport::Quic, remote, &tx);
@@ -759,7 +782,21 @@ fn deliver(r: Result<Link, LinkError>, transport: Transport, remote: SocketAddr,
     };
     telemetry::handshake_failed(transport);
     if err.is_peer_fault() {
-        info!(%remote, transport = transport.as_str(), error = %err, "handshake refused");
+        let line = tx
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .on_event(Some(remote.ip()), std::time::Instant::now());
+        match line {
+            crate::budget::Verdict::Record { skipped } => info!(
+                %remote, transport = transport.as_str(), error = %err, not_logged = skipped,
+                "handshake refused"
+            ),
+            crate::budget::Verdict::Skip => debug!(
+                %remote, transport = transport.as_str(), error = %err,
+                "handshake refused (over the log budget)"
+            ),
+        }
         // Full: the application is behind; the line above and the counter still have it.
         if err.is_refused_credential() {
             let _ = tx.refusals.try_send(HandshakeRefusal {
@@ -770,5 +807,79 @@ fn deliver(r: Result<Link, LinkError>, transport: Transport, remote: SocketAddr,
         }
     } else {
         debug!(%remote, transport = transport.as_str(), error = %err, "handshake failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of refused handshakes from one address is not a flood of log lines: ten
+    /// `info` lines, then one per 10 s; another address still gets its lines, and the
+    /// source's next line says how many were not logged.
+    #[test]
+    fn refused_handshakes_are_logged_within_a_budget() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer({
+                let buf = buf.clone();
+                move || buf.clone()
+            })
+            .finish();
+        let (links, _l) = mpsc::channel(1);
+        let (refusals, _r) = mpsc::channel(1);
+        let tx = Sinks {
+            links,
+            refusals,
+            lines: Arc::new(std::sync::Mutex::new(crate::budget::Budget::new(
+                REFUSAL_LINES,
+                std::time::Instant::now(),
+            ))),
+        };
+        let flood: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let other: SocketAddr = "198.51.100.2:6000".parse().unwrap();
+        tracing::subscriber::with_default(sub, || {
+            for _ in 0..1000 {
+                deliver(
+                    Err(LinkError::Handshake("not TLS")),
+                    Transport::Tls,
+                    flood,
+                    &tx,
+                );
+            }
+            deliver(
+                Err(LinkError::Handshake("not TLS")),
+                Transport::Tls,
+                other,
+                &tx,
+            );
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines = |from: &str| {
+            text.lines()
+                .filter(|l| l.contains("handshake refused") && l.contains(from))
+                .count()
+        };
+        assert_eq!(lines("192.0.2.1:5000"), 10, "{text}");
+        assert_eq!(lines("198.51.100.2:6000"), 1, "{text}");
+        // The source's next line, once its budget is back, counts the 990 not logged.
+        let next = tx.lines.lock().unwrap().on_event(
+            Some(flood.ip()),
+            std::time::Instant::now() + Duration::from_secs(10),
+        );
+        assert_eq!(next, crate::budget::Verdict::Record { skipped: 990 });
     }
 }

@@ -3,6 +3,9 @@
 //! - `umbra_links{transport}` gauge: links currently up.
 //! - `umbra_link_handshake_failures_total{transport}` counter: failed handshakes, listening
 //!   and dialing.
+//! - `umbra_link_handshakes_evicted_total{reason}` counter: handshakes in progress cancelled
+//!   for a newer connection (`pending.rs`): `source_share` (its source held its share of the
+//!   slots) or `all_taken`. Steady counts mean a flood of connections, or too few slots.
 //! - `umbra_relay_bytes_total{direction}` counter: bytes relayed, `up` (towards the service)
 //!   and `down`.
 //! - `umbra_quic_mtu_probes_total{result}` counter: path MTU probes of QUIC links, `sent` and

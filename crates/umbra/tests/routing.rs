@@ -11,7 +11,8 @@
 //!
 //! - `a_silent_connector_is_passed_over`: a connector whose link is up but which leaves a
 //!   `Dial` unanswered costs one stream the dial timeout (that stream is then served by the
-//!   other connector); the streams after it are not offered to it at all.
+//!   other connector); the streams after it are not offered to it at all, and a service it
+//!   alone serves is answered `Unavailable` at once instead of waiting the dial timeout.
 //!
 //! All run once per transport (agent links and connector links alike): `::quic`, `::tcp`.
 //!
@@ -50,6 +51,8 @@ const ALLOWED: &str = "allowed";
 const NOSUCH: &str = "nosuch";
 /// The second connector's name.
 const CONN2: &str = "conn2";
+/// Served by the second connector alone.
+const SOLO: &str = "solo";
 /// How soon a connector's departure must be noticed, and a cut stream seen closed.
 const ENFORCE: Duration = Duration::from_secs(3);
 /// Held streams in the spread check.
@@ -567,4 +570,25 @@ async fn a_silent_connector_is_passed_over(t: TransportPref) {
     );
     assert!(!silent.is_closed(), "[{t:?}] the silent link is still up");
     held.echo(b"still held").await.unwrap();
+
+    // A service that only the silent connector serves: its streams are not sent to wait out
+    // the dial timeout there one after another, they are answered `Unavailable` at once (an
+    // agent then asks another broker), and no `Dial` reaches the silent link.
+    publish(&s, SOLO, target, &[CONN2]).await;
+    s.admin.allow("alice-solo", ALICE, SOLO).await;
+    s.converge().await;
+    let alice = s.agent("alice").identity();
+    let link = dial(&s.brokers[0], lt, &alice).await.unwrap();
+    for i in 0..3 {
+        // `open_code` gives up after 3 s, within the broker's dial timeout (5 s here) that a
+        // Dial on the silent link would wait out: an answer at all is the "at once" half.
+        let code = open_code(&link, SOLO).await.unwrap();
+        assert_eq!(code, OpenCode::Unavailable, "[{t:?}] stream {i}");
+    }
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        1,
+        "[{t:?}] a Dial reached the silent link"
+    );
+    link.close();
 }

@@ -161,7 +161,7 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let slot = limits.handshakes.admit();
+    let slot = limits.handshakes.admit(remote.ip());
     let handshake = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
         () = slot.evicted.cancelled() => {
@@ -195,7 +195,7 @@ async fn connection(
             }
         });
     // Without a client certificate: a place among the anonymous connections, for a while.
-    let anonymous = peer.is_none().then(|| limits.anonymous.admit());
+    let anonymous = peer.is_none().then(|| limits.anonymous.admit(remote.ip()));
     // With one: a place among that identity's connections, for as long as it lasts.
     let _place = match &peer {
         Some(p) => match limits.per_peer.take(&p.id.to_uri()) {

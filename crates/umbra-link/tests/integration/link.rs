@@ -938,19 +938,21 @@ async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
     };
     let listener = org.listener(cfg.clone()).await;
     let udp = listener.quic_addr().unwrap();
-    // Four stalled TCP handshakes.
+    // Four stalled TCP handshakes, each from a loopback address of its own (one source holds
+    // at most an eighth of the slots: see `pending.rs`).
     let mut stalled = Vec::new();
-    for _ in 0..4 {
-        stalled.push(
-            tokio::net::TcpStream::connect(listener.tcp_addr().unwrap())
-                .await
-                .unwrap(),
-        );
+    for i in 0..4 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("127.0.1.{}:0", i + 1).parse().unwrap())
+            .unwrap();
+        stalled.push(sock.connect(listener.tcp_addr().unwrap()).await.unwrap());
     }
     let mut senders = Vec::new();
-    for _ in 0..24 {
+    for i in 0..24 {
         let initial = first_flight(&org, Transport::Quic, &cfg).await;
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sock = tokio::net::UdpSocket::bind(format!("127.0.2.{}:0", i + 1))
+            .await
+            .unwrap();
         sock.send_to(&initial, udp).await.unwrap();
         senders.push(sock);
     }
@@ -984,6 +986,54 @@ async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
         .await;
         assert!(r.is_err(), "a stalled TCP handshake was closed: {r:?}");
     }
+    agents_link_on_both_transports(&org, &listener, &cfg).await;
+}
+
+/// A flood of bare TCP connects from one address evicts only its own handshakes in progress
+/// (one source holds at most an eighth of the slots): a slower handshake from another address,
+/// as a distant peer's is, keeps its slot however fast the flood comes. The twin: a real agent
+/// links meanwhile, on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_flood_from_one_source_evicts_only_its_own() {
+    let org = Org::new();
+    let cfg = LinkConfig {
+        handshake_timeout: Duration::from_secs(20),
+        max_pending_handshakes: 16,
+        ..LinkConfig::default()
+    };
+    let listener = org.listener(cfg.clone()).await;
+    let to = listener.tcp_addr().unwrap();
+    let from = |ip: &str| {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        sock
+    };
+    // The distant peer's handshake, in progress (it has sent nothing yet).
+    let mut far = from("127.0.3.1").connect(to).await.unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(from("127.0.3.2").connect(to).await.unwrap());
+    }
+    // The flood's older connections were closed (evicted); the last ones hold its share.
+    let mut closed = 0;
+    for s in &mut flood {
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(
+            Duration::from_millis(20),
+            tokio::io::AsyncReadExt::read(s, &mut b),
+        )
+        .await;
+        closed += usize::from(matches!(r, Ok(Ok(0) | Err(_))));
+    }
+    assert!(closed >= 190, "{closed} of the flood's 200 evicted");
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::io::AsyncReadExt::read(&mut far, &mut b),
+    )
+    .await;
+    assert!(r.is_err(), "the other source's handshake was closed: {r:?}");
+    assert!(listener.handshakes_in_progress() <= 3);
     agents_link_on_both_transports(&org, &listener, &cfg).await;
 }
 
