@@ -36,9 +36,9 @@ pub enum ControllerError {
     /// The database could not be opened or queried.
     #[error("database: {0}")]
     Database(#[source] sqlx::Error),
-    /// The database schema could not be migrated.
-    #[error("database migration: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// The database could not be opened, migrated, or is damaged (each names the database).
+    #[error(transparent)]
+    Store(#[from] StoreOpenError),
     /// The CA key-encryption key is missing or malformed.
     #[error("CA key: {0}")]
     CaKey(String),
@@ -63,15 +63,6 @@ pub enum ControllerError {
 impl From<sqlx::Error> for ControllerError {
     fn from(e: sqlx::Error) -> Self {
         ControllerError::Database(e)
-    }
-}
-
-impl From<StoreOpenError> for ControllerError {
-    fn from(e: StoreOpenError) -> Self {
-        match e {
-            StoreOpenError::Connect(e) => ControllerError::Database(e),
-            StoreOpenError::Migrate(e) => ControllerError::Migrate(e),
-        }
     }
 }
 

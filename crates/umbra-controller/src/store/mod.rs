@@ -172,18 +172,21 @@ fn private_db_files(path: &std::path::Path) -> std::io::Result<()> {
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub(crate) async fn open(db: &Database, org: &str) -> Result<Store, StoreOpenError> {
+        Store::open_checked(db, org).await.map_err(|e| e.at(db))
+    }
+
+    async fn open_checked(db: &Database, org: &str) -> Result<Store, OpenFailure> {
         let opts = match db {
             Database::Url(url) => {
-                let opts = SqliteConnectOptions::from_str(url).map_err(StoreOpenError::Connect)?;
+                let opts = SqliteConnectOptions::from_str(url).map_err(OpenFailure::Connect)?;
                 let file = opts.get_filename();
                 if file != std::path::Path::new(":memory:") {
-                    private_db_files(file)
-                        .map_err(|e| StoreOpenError::Connect(sqlx::Error::Io(e)))?;
+                    private_db_files(file).map_err(|e| OpenFailure::Connect(sqlx::Error::Io(e)))?;
                 }
                 opts
             }
             Database::File(path) => {
-                private_db_files(path).map_err(|e| StoreOpenError::Connect(sqlx::Error::Io(e)))?;
+                private_db_files(path).map_err(|e| OpenFailure::Connect(sqlx::Error::Io(e)))?;
                 SqliteConnectOptions::new().filename(path)
             }
         };
@@ -209,17 +212,26 @@ impl Store {
             })
             .connect_with(opts)
             .await
-            .map_err(StoreOpenError::Connect)?;
-        migrator()
-            .run(&pool)
+            .map_err(OpenFailure::Connect)?;
+        // Damage that SQLite finds only when a query reaches it would otherwise let the
+        // controller start and fail the requests that touch it (a policy table among them).
+        // `quick_check` reads every page once: milliseconds for a small store, seconds for a
+        // large audit log, once per start.
+        let problems: Vec<String> = sqlx::query_scalar("PRAGMA quick_check(5)")
+            .fetch_all(&pool)
             .await
-            .map_err(StoreOpenError::Migrate)?;
+            .map_err(OpenFailure::Connect)?;
+        if problems.iter().any(|p| p != "ok") {
+            pool.close().await;
+            return Err(OpenFailure::Damaged(problems.join("; ")));
+        }
+        migrator().run(&pool).await.map_err(OpenFailure::Migrate)?;
         let store = Store {
             pool,
             org: org.to_owned(),
             write_lock: Arc::new(Mutex::new(())),
         };
-        let mut w = store.write().await.map_err(StoreOpenError::Connect)?;
+        let mut w = store.write().await.map_err(OpenFailure::Connect)?;
         for name in [SNAPSHOT_VERSION, AUDIT_SEQ] {
             sqlx::query(
                 "INSERT INTO counters (org, name, value) VALUES ($1, $2, 0) \
@@ -229,9 +241,9 @@ impl Store {
             .bind(name)
             .execute(w.conn())
             .await
-            .map_err(StoreOpenError::Connect)?;
+            .map_err(OpenFailure::Connect)?;
         }
-        w.commit().await.map_err(StoreOpenError::Connect)?;
+        w.commit().await.map_err(OpenFailure::Connect)?;
         Ok(store)
     }
 
@@ -262,13 +274,56 @@ impl Store {
     }
 }
 
-/// Why the database could not be opened.
+/// Why the database could not be opened; each names the database ([`Database`]'s file or
+/// URL).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreOpenError {
-    #[error("cannot open the database: {0}")]
-    Connect(#[source] sqlx::Error),
-    #[error("cannot migrate the database: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("cannot open the database {db}: {source}")]
+    Connect {
+        db: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot migrate the database {db}: {source}")]
+    Migrate {
+        db: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// SQLite's `quick_check` found damage: the controller does not run on it.
+    #[error(
+        "the database {db} is damaged ({problems}); the controller does not run on a damaged \
+         store: stop every controller using it and restore its data directory from a backup"
+    )]
+    Damaged { db: String, problems: String },
+}
+
+/// [`StoreOpenError`] before the database is named.
+enum OpenFailure {
+    Connect(sqlx::Error),
+    Migrate(sqlx::migrate::MigrateError),
+    Damaged(String),
+}
+
+impl OpenFailure {
+    fn at(self, db: &Database) -> StoreOpenError {
+        let db = db.describe();
+        match self {
+            OpenFailure::Connect(source) => StoreOpenError::Connect { db, source },
+            OpenFailure::Migrate(source) => StoreOpenError::Migrate { db, source },
+            OpenFailure::Damaged(problems) => StoreOpenError::Damaged { db, problems },
+        }
+    }
+}
+
+impl Database {
+    /// The file or URL, for messages.
+    fn describe(&self) -> String {
+        match self {
+            Database::Url(u) => u.clone(),
+            Database::File(p) => p.display().to_string(),
+        }
+    }
 }
 
 fn migrator() -> Migrator {
@@ -536,6 +591,52 @@ mod tests {
         assert_eq!(
             (f.status.as_u16(), f.error.as_str()),
             (500, "internal error")
+        );
+    }
+
+    /// A damaged database file is refused at open, with its path and what to do, instead of
+    /// a controller that starts and fails the requests that reach the damage. The twin: the
+    /// same store opens before the damage.
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_at_open_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let db = Database::File(path.clone());
+        let s = Store::open(&db, "t").await.unwrap();
+        let mut w = s.write().await.unwrap();
+        for seq in 1..=300 {
+            sqlx::query(
+                "INSERT INTO audit (org, seq, at_ms, received_ms, actor, action, target, \
+                 result, detail, source) VALUES ('t', $1, 1, 1, 'a', 'x', 'y', 'allow', $2, 'c')",
+            )
+            .bind(seq)
+            .bind("d".repeat(1000))
+            .execute(w.conn())
+            .await
+            .unwrap();
+        }
+        w.commit().await.unwrap();
+        s.close().await;
+        drop(s);
+        Store::open(&db, "t").await.unwrap().close().await;
+        // Garbage over a page in the middle of the file (the audit table's pages).
+        let mut bytes = std::fs::read(&path).unwrap();
+        let pages = bytes.len() / 4096;
+        assert!(pages > 10, "{pages} pages");
+        let at = pages / 2 * 4096;
+        for (i, b) in bytes[at..at + 4096].iter_mut().enumerate() {
+            *b = (i * 7 + 13) as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = match Store::open(&db, "t").await {
+            Err(e) => e,
+            Ok(_) => panic!("a damaged store was opened"),
+        };
+        assert!(matches!(e, StoreOpenError::Damaged { .. }), "{e:?}");
+        let said = e.to_string();
+        assert!(
+            said.contains(&path.display().to_string()) && said.contains("backup"),
+            "{said}"
         );
     }
 
