@@ -85,7 +85,7 @@ pub(crate) fn server_endpoint(
     sc.transport_config(Arc::new(transport_config(cfg, true, addr)?));
     // Connections waiting for a handshake slot; beyond this quinn refuses new ones.
     sc.max_incoming(cfg.max_pending_handshakes.saturating_mul(4).max(64));
-    let e = endpoint(addr, Some(sc.clone()), cfg.reset_key.as_ref())?;
+    let e = endpoint(addr, Some(sc.clone()), cfg.reset_key.as_ref(), None)?;
     Ok((e, sc))
 }
 
@@ -103,8 +103,15 @@ fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     reset_key: Option<&crate::transport::ResetKey>,
+    peer: Option<SocketAddr>,
 ) -> Result<Endpoint, LinkError> {
     let socket = std::net::UdpSocket::bind(addr)?;
+    // A dialer's socket is connected to its broker: the kernel then drops datagrams from
+    // anyone else, so the port of an agent or a connector (which never listens) answers no
+    // scanner's forged Initial, as quinn would otherwise (with a close).
+    if let Some(peer) = peer {
+        socket.connect(peer)?;
+    }
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     // Best effort: a smaller buffer only costs throughput.
     if let Err(e) = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER) {
@@ -198,7 +205,7 @@ pub(crate) async fn dial(
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = endpoint(bind, None, None)?;
+    let endpoint = endpoint(bind, None, None, Some(addr))?;
     let conn = endpoint
         .connect_with(cc, addr, server_name)?
         .await

@@ -989,6 +989,41 @@ async fn a_quic_initial_flood_takes_no_slot_it_cannot_prove() {
     agents_link_on_both_transports(&org, &listener, &cfg).await;
 }
 
+/// A dialer's QUIC socket takes datagrams from its broker only: a QUIC Initial sent to it
+/// from another address gets no answer (an agent or a connector never listens, and a scanner
+/// must not find its port responsive). The twin: the same Initial sent to the listener is
+/// answered, and the dialer's link works throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialers_quic_port_answers_nobody_else() {
+    let org = Org::new();
+    let cfg = LinkConfig::default();
+    let listener = org.listener(cfg.clone()).await;
+    let (link, server) = agent_link(&org, &listener, Transport::Quic, &cfg).await;
+    let dialer_port = server.remote_addr();
+    let initial = first_flight(&org, Transport::Quic, &cfg).await;
+    let scanner = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 2048];
+    for _ in 0..3 {
+        scanner.send_to(&initial, dialer_port).await.unwrap();
+    }
+    let answer = tokio::time::timeout(Duration::from_millis(500), scanner.recv(&mut buf)).await;
+    assert!(answer.is_err(), "the dialer's port answered: {answer:?}");
+    scanner
+        .send_to(&initial, listener.quic_addr().unwrap())
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), scanner.recv(&mut buf)).await;
+    assert!(
+        matches!(answer, Ok(Ok(n)) if n > 0),
+        "the listener did not answer: {answer:?}"
+    );
+    // The link is not disturbed: a stream both ways.
+    let mut s = link.open().await.unwrap();
+    s.write_frame(&open_frame()).await.unwrap();
+    let mut accepted = soon("stream", server.accept()).await.unwrap();
+    assert_eq!(accepted.read_frame().await.unwrap(), open_frame());
+}
+
 /// A flood of bare TCP connects from one address evicts only its own handshakes in progress
 /// (one source holds at most an eighth of the slots): a slower handshake from another address,
 /// as a distant peer's is, keeps its slot however fast the flood comes. The twin: a real agent
