@@ -767,14 +767,17 @@ mod tests {
         assert!(!clearly_nearer(ms(60), ms(10)));
     }
 
-    /// A broker at the transport level: answers pings, and every `Open` with `code` (with
-    /// `Unavailable`, the broker itself is fine; it has no connector). Returns its info and
-    /// its links.
-    async fn answering_broker(
+    /// A broker at the transport level that hands every stream of every link to `serve`.
+    /// Returns its info and its links.
+    async fn stand_in<F, Fut>(
         ca: &umbra_pki::Ca,
         id: &str,
-        code: OpenCode,
-    ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>) {
+        serve: F,
+    ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>)
+    where
+        F: Fn(Stream) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let tls = umbra_pki::test_util::identity(ca, umbra_proto::Role::Broker, id).unwrap();
         let server = umbra_pki::server_config(
             &tls,
@@ -803,22 +806,35 @@ mod tests {
         tokio::spawn(async move {
             while let Some(link) = listener.accept().await {
                 held.lock().await.push(link.clone());
+                let serve = serve.clone();
                 tokio::spawn(async move {
-                    while let Some(mut s) = link.accept().await {
-                        tokio::spawn(async move {
-                            let answer = match s.read_frame().await {
-                                Ok(Frame::Ping { nonce }) => Frame::Pong { nonce },
-                                Ok(Frame::Open { .. }) => Frame::OpenReply { code },
-                                _ => return,
-                            };
-                            let _ = s.write_frame(&answer).await;
-                            let _ = s.finish().await;
-                        });
+                    while let Some(s) = link.accept().await {
+                        tokio::spawn(serve(s));
                     }
                 });
             }
         });
         (info, links)
+    }
+
+    /// A broker at the transport level: answers pings, and every `Open` with `code` (with
+    /// `Unavailable`, the broker itself is fine; it has no connector). Returns its info and
+    /// its links.
+    async fn answering_broker(
+        ca: &umbra_pki::Ca,
+        id: &str,
+        code: OpenCode,
+    ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>) {
+        stand_in(ca, id, move |mut s: Stream| async move {
+            let answer = match s.read_frame().await {
+                Ok(Frame::Ping { nonce }) => Frame::Pong { nonce },
+                Ok(Frame::Open { .. }) => Frame::OpenReply { code },
+                _ => return,
+            };
+            let _ = s.write_frame(&answer).await;
+            let _ = s.finish().await;
+        })
+        .await
     }
 
     /// A broker address that takes TCP connections and never answers (a black hole past
@@ -946,70 +962,37 @@ mod tests {
         id: &str,
         mute: Arc<std::sync::atomic::AtomicBool>,
     ) -> (BrokerInfo, Arc<tokio::sync::Mutex<Vec<Link>>>) {
-        let tls = umbra_pki::test_util::identity(ca, umbra_proto::Role::Broker, id).unwrap();
-        let server = umbra_pki::server_config(
-            &tls,
-            umbra_pki::ClientAuth::Required,
-            &[umbra_link::ALPN],
-            false,
-        )
-        .unwrap();
-        let listener = umbra_link::Listener::bind(
-            None,
-            Some("127.0.0.1:0".parse().unwrap()),
-            Arc::new(server),
-            umbra_link::LinkConfig::default(),
-        )
-        .await
-        .unwrap();
-        let info = BrokerInfo {
-            id: id.into(),
-            name: id.into(),
-            quic_addr: None,
-            tcp_addr: listener.tcp_addr().map(|a| a.to_string()),
-            server_name: umbra_pki::broker_server_name(id),
-        };
-        let links = Arc::new(tokio::sync::Mutex::new(Vec::new()));
-        let held = links.clone();
-        tokio::spawn(async move {
-            while let Some(link) = listener.accept().await {
-                held.lock().await.push(link.clone());
-                let mute = mute.clone();
-                tokio::spawn(async move {
-                    while let Some(mut s) = link.accept().await {
-                        let muted = mute.load(std::sync::atomic::Ordering::SeqCst);
-                        tokio::spawn(async move {
-                            let first = s.read_frame().await;
-                            if muted {
-                                // Never answered; the stream is held until the agent drops it.
-                                let _ = s.recv_chunk().await;
+        stand_in(ca, id, move |mut s: Stream| {
+            let muted = mute.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let first = s.read_frame().await;
+                if muted {
+                    // Never answered; the stream is held until the agent drops it.
+                    let _ = s.recv_chunk().await;
+                    return;
+                }
+                match first {
+                    Ok(Frame::Ping { nonce }) => {
+                        let _ = s.write_frame(&Frame::Pong { nonce }).await;
+                        let _ = s.finish().await;
+                    }
+                    Ok(Frame::Open { .. }) => {
+                        let ok = Frame::OpenReply { code: OpenCode::Ok };
+                        if s.write_frame(&ok).await.is_err() {
+                            return;
+                        }
+                        while let Ok(Some(c)) = s.recv_chunk().await {
+                            if s.send_chunk(c).await.is_err() {
                                 return;
                             }
-                            match first {
-                                Ok(Frame::Ping { nonce }) => {
-                                    let _ = s.write_frame(&Frame::Pong { nonce }).await;
-                                    let _ = s.finish().await;
-                                }
-                                Ok(Frame::Open { .. }) => {
-                                    let ok = Frame::OpenReply { code: OpenCode::Ok };
-                                    if s.write_frame(&ok).await.is_err() {
-                                        return;
-                                    }
-                                    while let Ok(Some(c)) = s.recv_chunk().await {
-                                        if s.send_chunk(c).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    let _ = s.finish().await;
-                                }
-                                _ => {}
-                            }
-                        });
+                        }
+                        let _ = s.finish().await;
                     }
-                });
+                    _ => {}
+                }
             }
-        });
-        (info, links)
+        })
+        .await
     }
 
     /// A request that goes unanswered for a moment (a blip) fails over to the next broker,

@@ -520,6 +520,17 @@ struct Sinks {
     lines: Arc<std::sync::Mutex<crate::budget::Budget<std::net::IpAddr>>>,
 }
 
+impl Sinks {
+    fn new(links: mpsc::Sender<Link>, refusals: mpsc::Sender<HandshakeRefusal>) -> Sinks {
+        let lines = crate::budget::Budget::new(REFUSAL_LINES, std::time::Instant::now());
+        Sinks {
+            links,
+            refusals,
+            lines: Arc::new(std::sync::Mutex::new(lines)),
+        }
+    }
+}
+
 /// The budget of `handshake refused` lines: per source address a burst of 10, then one per
 /// 10 s; in all a burst of 100, then 10 a second. Beyond it a refusal is a `debug` line, and
 /// the source's next `info` line says how many were not logged; every one is counted
@@ -552,14 +563,7 @@ impl Listener {
         // Links handshaken but not yet taken by `accept`.
         let (links, rx) = mpsc::channel(cfg.max_pending_handshakes.max(1));
         let (refusals, refused_rx) = mpsc::channel(REFUSALS_QUEUED);
-        let tx = Sinks {
-            links,
-            refusals,
-            lines: Arc::new(std::sync::Mutex::new(crate::budget::Budget::new(
-                REFUSAL_LINES,
-                std::time::Instant::now(),
-            ))),
-        };
+        let tx = Sinks::new(links, refusals);
         let cfg = Arc::new(cfg);
 
         let mut tcp_addr = None;
@@ -841,14 +845,7 @@ mod tests {
             .finish();
         let (links, _l) = mpsc::channel(1);
         let (refusals, _r) = mpsc::channel(1);
-        let tx = Sinks {
-            links,
-            refusals,
-            lines: Arc::new(std::sync::Mutex::new(crate::budget::Budget::new(
-                REFUSAL_LINES,
-                std::time::Instant::now(),
-            ))),
-        };
+        let tx = Sinks::new(links, refusals);
         let flood: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let other: SocketAddr = "198.51.100.2:6000".parse().unwrap();
         tracing::subscriber::with_default(sub, || {
