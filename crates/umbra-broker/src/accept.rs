@@ -428,6 +428,34 @@ async fn serve_stream(
     None
 }
 
+/// Pings a connector link passed over for silence (see [`crate::route::SILENT_FOR`]) every
+/// [`crate::route::PROBE_EVERY`], and takes it back at the first `Pong`; gives up when the
+/// pass ends by itself, the link closes, or the broker stops.
+async fn probe_silent(c: Arc<PeerLink>, shutdown: tokio_util::sync::CancellationToken) {
+    use crate::route::{PROBE_EVERY, now_ms};
+    let mut nonce = 0u64;
+    while c.silent(now_ms()) && !c.link.is_closed() {
+        tokio::select! {
+            () = tokio::time::sleep(PROBE_EVERY) => {}
+            () = shutdown.cancelled() => break,
+        }
+        nonce += 1;
+        let ping = async {
+            let mut s = c.link.open().await?;
+            s.write_frame(&Frame::Ping { nonce }).await?;
+            s.read_frame().await
+        };
+        if let Ok(Ok(Frame::Pong { nonce: n })) = tokio::time::timeout(PROBE_EVERY, ping).await
+            && n == nonce
+        {
+            c.mark_answering();
+            info!(connector = %c.peer, "connector answers again; its link takes streams");
+            break;
+        }
+    }
+    c.end_probe();
+}
+
 /// Answers an `Open` of a device over its rate of stream opens (`stream_opens_per_sec`): no
 /// decision, no dial. Recorded within the device's budget of denials, with no log line beyond
 /// it (see `AuditQueue::record_flood`), and counted.
@@ -538,6 +566,13 @@ async fn open(
             // could not dial the target, and the last one's reason), and which policies had
             // allowed it.
             let reason = match &failed {
+                // Its links are up but passed over until they answer a ping again.
+                None if shared
+                    .connectors
+                    .any_silent(&svc.connectors, crate::route::now_ms()) =>
+                {
+                    "connector_silent"
+                }
                 None => "no_connector",
                 Some(_) => "connector_failed",
             };
@@ -773,13 +808,16 @@ async fn open_to_connector(
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => {
-                // Its next streams would wait as long: pass it over for a while.
+                // Its next streams would wait as long: pass it over until it answers a ping.
                 c.mark_silent(crate::route::now_ms());
                 info!(
                     connector = %c.peer,
                     silent_for_secs = crate::route::SILENT_FOR.as_secs(),
-                    "connector did not answer in time; passing its link over"
+                    "connector did not answer in time; passing its link over until it answers a ping"
                 );
+                if c.start_probe() {
+                    tokio::spawn(probe_silent(c.clone(), shared.shutdown.clone()));
+                }
                 "timeout".to_owned()
             }
         };

@@ -52,7 +52,11 @@ pub struct BrokerConfig {
     pub idle_timeout_secs: u64,
     /// Interval of heartbeats (live streams, audit events) to the controller.
     pub heartbeat_ms: u64,
-    /// TLS handshakes allowed in flight at once (the rest wait; none blocks a real peer long).
+    /// Handshakes in progress at once, per transport. When all are taken, a new connection
+    /// evicts the oldest; one source address (an IPv6 /64) holds at most an eighth of them
+    /// and evicts its own, so a flood from one host cannot evict every distant peer. Peers
+    /// behind one NAT or load balancer count as one source: for more than an eighth of this
+    /// many of them handshaking at once (a reconnect storm), raise it.
     pub max_pending_handshakes: usize,
     /// Limit for a TLS/QUIC handshake.
     pub handshake_timeout_ms: u64,

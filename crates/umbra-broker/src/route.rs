@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 
 use umbra_link::Link;
 
-/// How long a connector link that let a `Dial` go unanswered is passed over: offered no
-/// stream, even when it is the service's only one (the stream is then answered `Unavailable`
-/// at once, and the agent asks another broker, instead of every new stream waiting out the
-/// dial timeout on a link that is blackholed). Long enough to spare the streams behind it the
-/// dial timeout; a link that is really dead is closed by its keepalive meanwhile (the
-/// connector links again), and a connector that was only slow is offered streams again
-/// after it.
+/// How long at most a connector link that let a `Dial` go unanswered is passed over: offered
+/// no stream, even when it is the service's only one (the stream is then answered
+/// `Unavailable` at once, and the agent asks another broker, instead of every new stream
+/// waiting out the dial timeout on a link that is blackholed). Meanwhile the broker pings the
+/// link every [`PROBE_EVERY`], and the first `Pong` ends the pass (a short outage costs
+/// seconds, not this); a link that is really dead is closed by its keepalive (the connector
+/// links again).
 pub(crate) const SILENT_FOR: Duration = Duration::from_secs(30);
+
+/// How often a silent connector link is pinged, and how long each ping may take.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Milliseconds on the broker's monotonic clock (since its first call), for [`PeerLink`]'s
 /// health marks.
@@ -37,6 +40,8 @@ pub(crate) struct PeerLink {
     active: AtomicUsize,
     /// [`now_ms`] until which this link is passed over (0: it answers).
     silent_until: AtomicU64,
+    /// Whether a task is pinging this silent link (at most one).
+    probing: std::sync::atomic::AtomicBool,
 }
 
 impl PeerLink {
@@ -55,8 +60,17 @@ impl PeerLink {
         self.silent_until.store(0, Ordering::Relaxed);
     }
 
-    fn silent(&self, now: u64) -> bool {
+    pub(crate) fn silent(&self, now: u64) -> bool {
         self.silent_until.load(Ordering::Relaxed) > now
+    }
+
+    /// Whether the caller is to ping this link until it answers (no one else is).
+    pub(crate) fn start_probe(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn end_probe(&self) {
+        self.probing.store(false, Ordering::Release);
     }
 }
 
@@ -103,6 +117,7 @@ impl Registry {
             key,
             active: AtomicUsize::new(0),
             silent_until: AtomicU64::new(0),
+            probing: Default::default(),
         });
         links.push(c.clone());
         Some(c)
@@ -135,6 +150,17 @@ impl Registry {
         out.retain(|c| !c.silent(now));
         rank(&mut out, |c| c.active());
         out
+    }
+
+    /// Whether a live link of one of `connectors` is passed over for silence now: why a
+    /// stream found no link to go to, when it found none.
+    pub(crate) fn any_silent(&self, connectors: &[String], now: u64) -> bool {
+        let m = self.lock();
+        connectors
+            .iter()
+            .filter_map(|id| m.get(id))
+            .flatten()
+            .any(|c| !c.link.is_closed() && c.silent(now))
     }
 
     /// Number of live links, for metrics.

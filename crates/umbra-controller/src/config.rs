@@ -52,7 +52,11 @@ pub struct ControllerConfig {
     /// Default lifetime of enrollment tokens, seconds. Default 3600, at most 7 days.
     pub token_ttl_secs: u64,
     /// TLS handshakes the API runs at once. When all are taken, a new connection evicts the
-    /// oldest handshake, so that stalled ones cannot keep a real client out. Default 256.
+    /// oldest handshake, so that stalled ones cannot keep a real client out; one source
+    /// address (an IPv6 /64) holds at most an eighth of them and evicts its own, so a flood
+    /// from one host cannot evict every distant client. Clients behind one NAT or load
+    /// balancer count as one source: for more than an eighth of this many of them
+    /// handshaking at once, raise it. Default 256.
     pub max_pending_handshakes: usize,
     /// Connections without a client certificate (enrollment, administration) held at once.
     /// When all are taken, a new one evicts the oldest. Default 1024.

@@ -12,7 +12,8 @@
 //! - `a_silent_connector_is_passed_over`: a connector whose link is up but which leaves a
 //!   `Dial` unanswered costs one stream the dial timeout (that stream is then served by the
 //!   other connector); the streams after it are not offered to it at all, and a service it
-//!   alone serves is answered `Unavailable` at once instead of waiting the dial timeout.
+//!   alone serves is answered `Unavailable` at once instead of waiting the dial timeout, until
+//!   the connector answers the broker's pings again.
 //!
 //! All run once per transport (agent links and connector links alike): `::quic`, `::tcp`.
 //!
@@ -521,10 +522,12 @@ async fn a_silent_connector_is_passed_over(t: TransportPref) {
     let id2 = umbra_pki::TlsIdentity::load_dir(&dir2).unwrap();
     let silent = dial(&s.brokers[0], lt, &id2).await.unwrap();
     let dials = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(stand_in_connector(
+    let pongs = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(stand_in_connector_with(
         silent.clone(),
         Some(Vec::new()),
         dials.clone(),
+        pongs.clone(),
     ));
     connector_links(&prom, 2, lt).await;
 
@@ -590,5 +593,30 @@ async fn a_silent_connector_is_passed_over(t: TransportPref) {
         1,
         "[{t:?}] a Dial reached the silent link"
     );
+    // The audit record says why: a connector passed over, not none linked.
+    s.admin
+        .wait_audited(&format!("[{t:?}] the silent connector named"), 3, |e| {
+            e["action"] == "stream.open"
+                && e["target"] == SOLO
+                && e["detail"]["reason"] == "connector_silent"
+        })
+        .await;
+    // Once it answers the broker's pings again, it is offered streams again: within a ping or
+    // two, not at the end of the 30 s pass (a short outage costs seconds).
+    pongs.store(true, Ordering::SeqCst);
+    poll(
+        &format!("[{t:?}] the silent connector taken back"),
+        SOON,
+        || async {
+            let link = link.clone();
+            tokio::spawn(async move { open_code(&link, SOLO).await });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            match dials.load(Ordering::SeqCst) {
+                1 => Err("not offered a stream yet".to_string()),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await;
     link.close();
 }

@@ -1079,10 +1079,29 @@ pub(crate) async fn stand_in_connector(
     answer: Option<Vec<u8>>,
     dials: Arc<AtomicUsize>,
 ) {
+    stand_in_connector_with(link, answer, dials, Arc::default()).await;
+}
+
+/// [`stand_in_connector`] that answers the broker's pings while `pongs` is set.
+pub(crate) async fn stand_in_connector_with(
+    link: Link,
+    answer: Option<Vec<u8>>,
+    dials: Arc<AtomicUsize>,
+    pongs: Arc<std::sync::atomic::AtomicBool>,
+) {
     while let Some(mut s) = link.accept().await {
         let (link, answer, dials) = (link.clone(), answer.clone(), dials.clone());
+        let pongs = pongs.clone();
         tokio::spawn(async move {
-            let Ok(Frame::Dial { .. }) = s.read_frame().await else {
+            let dial = match s.read_frame().await {
+                Ok(Frame::Ping { nonce }) if pongs.load(Ordering::SeqCst) => {
+                    let _ = s.write_frame(&Frame::Pong { nonce }).await;
+                    let _ = s.finish().await;
+                    return;
+                }
+                other => other,
+            };
+            let Ok(Frame::Dial { .. }) = dial else {
                 return;
             };
             dials.fetch_add(1, Ordering::SeqCst);
