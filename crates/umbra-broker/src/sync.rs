@@ -414,6 +414,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
     // Whether the controller refuses heartbeats for something other than the stream list: the
     // first refusal is a warning (nothing this broker reports is stored meanwhile), not each.
     let mut refusing = false;
+    let mut failing = ServerFailing::default();
     loop {
         tokio::select! {
             // Biased: the first tick is immediate, so a starting broker registers its
@@ -480,6 +481,9 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
         {
             Ok(ack) => {
                 refusing = false;
+                if failing.succeeded() {
+                    info!("the controller takes this broker's heartbeats again");
+                }
                 let n = |k: &str| ack.get(k).and_then(serde_json::Value::as_u64);
                 shared.audit.confirm(n("audit_epoch").zip(n("audit_last")));
                 if hb.streams.is_some() {
@@ -532,6 +536,16 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
                             refused = Some(last_sent);
                         }
                     }
+                    // The controller is reachable but fails them (its store full or broken):
+                    // the operator of this broker is told once, not at every heartbeat.
+                    (_, umbra_link::LinkError::Api { status, .. }) if failing.failed(*status) => {
+                        warn!(
+                            error = %e,
+                            "the controller fails this broker's heartbeats: its audit events \
+                             wait in the spool here, and its live streams are not shown there \
+                             (see the controller's log)"
+                        );
+                    }
                     _ => debug!(error = %e, "heartbeat failed"),
                 }
                 reported = None;
@@ -544,10 +558,41 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, client: Arc<ArcSwap<Cont
     }
 }
 
+/// Whether the controller is failing this broker's heartbeats with server errors (5xx): a
+/// streak is said once when it starts, and once when a heartbeat goes through again.
+#[derive(Debug, Default)]
+struct ServerFailing(bool);
+
+impl ServerFailing {
+    /// A heartbeat was answered with `status`: whether this starts a streak of server errors.
+    fn failed(&mut self, status: u16) -> bool {
+        (500..600).contains(&status) && !std::mem::replace(&mut self.0, true)
+    }
+
+    /// A heartbeat went through: whether this ends a streak.
+    fn succeeded(&mut self) -> bool {
+        std::mem::take(&mut self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    /// Server errors are said once per streak, and the end of a streak once; other answers
+    /// (a refusal, which has its own line) start nothing.
+    #[test]
+    fn a_streak_of_server_errors_is_said_once() {
+        let mut f = ServerFailing::default();
+        assert!(!f.failed(400) && !f.failed(413));
+        assert!(!f.succeeded(), "no streak to end");
+        assert!(f.failed(507), "the first server error is said");
+        assert!(!f.failed(507) && !f.failed(500), "and not the next ones");
+        assert!(f.succeeded(), "the end of the streak is said");
+        assert!(!f.succeeded());
+        assert!(f.failed(503), "a new streak is said again");
+    }
 
     #[test]
     fn the_stream_list_goes_out_when_it_changed_or_got_old() {
