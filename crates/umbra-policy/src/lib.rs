@@ -49,4 +49,4 @@ pub use decide::{AccessRequest, Decision, Reason, RequestContext};
 pub use engine::Engine;
 pub use error::PolicyError;
 pub use schema::SCHEMA;
-pub use text::{PolicySubject, allow_policy, validate_policy};
+pub use text::{Named, PolicySubject, allow_policy, named_entities, validate_policy};

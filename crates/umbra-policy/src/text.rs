@@ -94,6 +94,48 @@ fn check_ids(set: &PolicySet) -> Result<(), PolicyError> {
     }
 }
 
+/// A user, group or service a policy text names by id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Named {
+    User(String),
+    Group(String),
+    Service(String),
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Named::User(id) => write!(f, "user {id}"),
+            Named::Group(id) => write!(f, "group {id}"),
+            Named::Service(id) => write!(f, "service {id}"),
+        }
+    }
+}
+
+/// The users, groups and services `text` names (in its scopes and conditions), each once,
+/// sorted. The controller checks them against what is stored when the policy is written: a
+/// name that does not exist (a typo, or a group since removed) grants nothing, and Cedar
+/// accepts it in silence. Devices are left out: their ids are generated, never typed.
+pub fn named_entities(text: &str) -> Result<Vec<Named>, PolicyError> {
+    let set = parse(text, None)?;
+    let mut named: Vec<Named> = set
+        .policies()
+        .flat_map(|p| p.entity_literals())
+        .filter_map(|uid| {
+            let id = uid.id().unescaped().to_owned();
+            match uid.type_name().to_string().as_str() {
+                schema::USER => Some(Named::User(id)),
+                schema::GROUP => Some(Named::Group(id)),
+                schema::SERVICE => Some(Named::Service(id)),
+                _ => None,
+            }
+        })
+        .collect();
+    named.sort();
+    named.dedup();
+    Ok(named)
+}
+
 /// `d-` and 16 lowercase hex digits: the shape of every device id the controller generates.
 fn device_id_shaped(id: &str) -> bool {
     id.strip_prefix("d-").is_some_and(|hex| {
@@ -287,6 +329,33 @@ mod tests {
             Err(e @ PolicyError::Invalid(_)) => e.to_string(),
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn named_entities_are_found_in_scopes_and_conditions_once() {
+        let text = r#"permit (principal in Umbra::Group::"eng", action == Umbra::Action::"connect", resource == Umbra::Service::"wiki")
+when { principal == Umbra::User::"bob@example.test" || resource == Umbra::Service::"wiki" };
+forbid (principal == Umbra::User::"bob@example.test", action, resource)
+when { resource in [Umbra::Service::"db", Umbra::Service::"wiki"] }
+unless { context.device == Umbra::Device::"d-0123456789abcdef" };"#;
+        assert_eq!(
+            named_entities(text),
+            Ok(vec![
+                Named::User("bob@example.test".into()),
+                Named::Group("eng".into()),
+                Named::Service("db".into()),
+                Named::Service("wiki".into()),
+            ])
+        );
+        assert_eq!(
+            Named::Group("eng".into()).to_string(),
+            "group eng",
+            "as a person reads it"
+        );
+        // Every user, every service: nothing named.
+        let open = r#"permit (principal, action == Umbra::Action::"connect", resource);"#;
+        assert_eq!(named_entities(open), Ok(Vec::new()));
+        assert!(named_entities("permit (").is_err());
     }
 
     #[test]

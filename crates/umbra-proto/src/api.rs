@@ -376,6 +376,12 @@ pub struct Policy {
     pub name: String,
     pub text: String,
     pub created_at: u64,
+    /// In the answer to a write only: the users, groups and services the text names that do
+    /// not exist (`group eng`), each of which the policy grants nothing through until one of
+    /// that name is made (a typo, or a group since removed). The write is made all the same:
+    /// a policy may be written before what it names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
 }
 
 /// `GET /v1/access`: what the policy decides now for a user (on one of their devices, or on

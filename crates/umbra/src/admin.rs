@@ -1245,7 +1245,9 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
+            let unknown = p.unknown.clone();
             out!(p, |p: api::Policy| outln!("policy {} added", p.name));
+            warn_unknown(name, &unknown);
         }
         Cmd::Policy(PolicyCmd::Set { name, source, .. }) => {
             let p: api::Policy = c
@@ -1257,7 +1259,9 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
+            let unknown = p.unknown.clone();
             out!(p, |p: api::Policy| outln!("policy {} replaced", p.name));
+            warn_unknown(name, &unknown);
         }
         Cmd::Policy(PolicyCmd::List) => {
             let v: Vec<api::Policy> = c.get("/v1/policies").await?;
@@ -1625,6 +1629,17 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
             if *follow {
                 return follow_audit(c, v, *after, &filters, json).await;
             }
+            // A full page of the oldest events is not the whole log: say how to go on, on
+            // stderr (a script reading stdout gets the page as it was).
+            let page = limit.map_or(AUDIT_PAGE, |n| n as usize);
+            if let Some(end) = v.last().filter(|_| last.is_none() && v.len() >= page) {
+                eprintln!(
+                    "{} events shown, oldest first; more may follow: --after {} for the next \
+                     page, --last N for the newest",
+                    v.len(),
+                    end.seq
+                );
+            }
             out!(v, |v: Vec<api::AuditEntry>| table(
                 &[
                     "seq", "at", "actor", "action", "target", "result", "source", "detail"
@@ -1646,6 +1661,20 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Says on stderr what a policy just written names that does not exist (a typo, or a group
+/// since removed): Cedar accepts it, and it grants nothing through it.
+fn warn_unknown(policy: &str, unknown: &[String]) {
+    for u in unknown {
+        eprintln!(
+            "warning: policy {policy} names {u}, which does not exist: it grants nothing \
+             through it until one of that name is made"
+        );
+    }
+}
+
+/// The events `/v1/audit` answers without `limit` or `last`.
+const AUDIT_PAGE: usize = 100;
 
 /// How often `audit --follow` asks for new events.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);

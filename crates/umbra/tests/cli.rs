@@ -1323,6 +1323,28 @@ fn quickstart_runs_stops_and_resumes() {
     let listed = audit(&["list", "--limit", "3"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
     assert_eq!(listed, audit(&["--limit", "3"]));
+    // A full page says, on stderr, that it may not be all and how to go on; a page that
+    // holds the rest, and the newest events, say nothing.
+    let page = umbra(
+        home.path(),
+        &["admin", "--config", cfg_arg, "audit", "--limit", "3"],
+    );
+    let next = format!("--after {} for the next page", listed[2]["seq"]);
+    assert!(
+        page.success() && page.stderr.contains(&next) && page.stdout.lines().count() == 4,
+        "{}",
+        page.describe()
+    );
+    for quiet in [&["--limit", "1000"][..], &["--last", "3"][..]] {
+        let mut args = vec!["admin", "--config", cfg_arg, "audit"];
+        args.extend_from_slice(quiet);
+        let out = umbra(home.path(), &args);
+        assert!(
+            out.success() && !out.stderr.contains("more may follow"),
+            "{quiet:?}: {}",
+            out.describe()
+        );
+    }
     // The newest events, and filters (an identity URI as the target goes through encoded).
     let all = audit(&["--limit", "1000"]);
     let all = all.as_array().expect("a list");
@@ -2099,18 +2121,59 @@ fn admin_changes_in_place() {
         ],
         "no policy nosuch",
     );
-    ok(&["group", "add", "eng"]);
+    // A policy naming a group that does not exist (a typo) is written, and said to grant
+    // nothing through it: on stderr for people, as `unknown` for scripts and in the audit.
+    let typo = admin(&[
+        "policy",
+        "add",
+        "wiki-typo",
+        "--allow-group",
+        "enginering",
+        "--service",
+        "wiki",
+    ]);
     assert!(
-        ok(&[
-            "policy",
-            "set",
-            "wiki-ann",
-            "--allow-group",
-            "eng",
-            "--service",
-            "wiki"
-        ])
-        .contains("replaced")
+        typo.success()
+            && typo.stderr.contains(
+                "policy wiki-typo names group enginering, which does not exist: it grants nothing"
+            )
+            && !typo.stderr.contains("service wiki"),
+        "{}",
+        typo.describe()
+    );
+    let typo_set = json(&[
+        "policy",
+        "set",
+        "wiki-typo",
+        "--text",
+        r#"permit (principal in Umbra::Group::"enginering", action, resource) when { resource in [Umbra::Service::"wiki", Umbra::Service::"wikki"] };"#,
+    ]);
+    assert_eq!(
+        typo_set["unknown"],
+        serde_json::json!(["group enginering", "service wikki"]),
+        "{typo_set}"
+    );
+    let audited = json(&["audit", "--last", "1", "--action", "policy.update"]);
+    assert_eq!(
+        audited[0]["detail"]["unknown"], typo_set["unknown"],
+        "{audited}"
+    );
+    ok(&["policy", "rm", "wiki-typo"]);
+    ok(&["group", "add", "eng"]);
+    // Naming only what exists: no warning.
+    let known = admin(&[
+        "policy",
+        "set",
+        "wiki-ann",
+        "--allow-group",
+        "eng",
+        "--service",
+        "wiki",
+    ]);
+    assert!(
+        known.success() && known.stdout.contains("replaced") && !known.stderr.contains("warning"),
+        "{}",
+        known.describe()
     );
     let after = json(&["policy", "list"]);
     assert!(

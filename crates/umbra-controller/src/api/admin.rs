@@ -572,16 +572,19 @@ pub(super) async fn list_policies(
     Ok(Json(q::list_policies(&mut r, &ctx.org).await?))
 }
 
-/// Checks a policy text (size, Cedar syntax, Umbra's schema); the number of policies in it.
-fn policy_text(text: &str) -> Result<usize, ApiFailure> {
+/// Checks a policy text (size, Cedar syntax, Umbra's schema); the number of policies in it
+/// and the users, groups and services it names.
+fn policy_text(text: &str) -> Result<(usize, Vec<umbra_policy::Named>), ApiFailure> {
     if text.len() > MAX_POLICY_BYTES {
         return Err(ApiFailure::invalid(
             "text",
             format!("policy text is longer than {MAX_POLICY_BYTES} bytes"),
         ));
     }
-    umbra_policy::validate_policy(text)
-        .map_err(|e| ApiFailure::invalid("text", format!("invalid policy: {e}")))
+    let invalid =
+        |e: umbra_policy::PolicyError| ApiFailure::invalid("text", format!("invalid policy: {e}"));
+    let count = umbra_policy::validate_policy(text).map_err(invalid)?;
+    Ok((count, umbra_policy::named_entities(text).map_err(invalid)?))
 }
 
 pub(super) async fn create_policy(
@@ -591,7 +594,7 @@ pub(super) async fn create_policy(
 ) -> Result<Response, ApiFailure> {
     let res = async {
         let name = validate::name(&req.name, "name")?;
-        let count = policy_text(&req.text)?;
+        let (count, named) = policy_text(&req.text)?;
         let mut w = ctx.admin_write(&admin).await?;
         if q::policy_exists(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::conflict(
@@ -601,19 +604,18 @@ pub(super) async fn create_policy(
         }
         let now = ctx.now_secs();
         q::insert_policy(w.conn(), &ctx.org, &name, &req.text, now).await?;
-        let rec = audit::record(
-            ctx.now(),
-            ADMIN,
-            "policy.create",
-            &name,
-            true,
-            json!({ "policies": count, "text": policy_in_audit(&req.text) }),
-        );
+        let unknown = q::unknown_named(w.conn(), &ctx.org, &named).await?;
+        let mut detail = json!({ "policies": count, "text": policy_in_audit(&req.text) });
+        if !unknown.is_empty() {
+            detail["unknown"] = json!(unknown);
+        }
+        let rec = audit::record(ctx.now(), ADMIN, "policy.create", &name, true, detail);
         ctx.commit_change(w, &[rec]).await?;
         Ok(api::Policy {
             name,
             text: req.text.clone(),
             created_at: to_u64(now),
+            unknown,
         })
     }
     .await;
@@ -632,28 +634,26 @@ pub(super) async fn replace_policy(
     ApiJson(req): ApiJson<ReplacePolicy>,
 ) -> Result<Response, ApiFailure> {
     let res = async {
-        let count = policy_text(&req.text)?;
+        let (count, named) = policy_text(&req.text)?;
         let mut w = ctx.admin_write(&admin).await?;
         let was = q::policy(w.conn(), &ctx.org, &name).await?.map(|p| p.text);
         if !q::set_policy_text(w.conn(), &ctx.org, &name, &req.text).await? {
             return Err(ApiFailure::not_found("name", format!("no policy {name}")));
         }
         // The answer is read in the same transaction: what was committed, nothing later.
-        let policy = q::policy(w.conn(), &ctx.org, &name)
+        let mut policy = q::policy(w.conn(), &ctx.org, &name)
             .await?
             .ok_or_else(ApiFailure::internal)?;
-        let rec = audit::record(
-            ctx.now(),
-            ADMIN,
-            "policy.update",
-            &name,
-            true,
-            json!({
-                "policies": count,
-                "text": policy_in_audit(&req.text),
-                "was": was.as_deref().map(policy_in_audit),
-            }),
-        );
+        policy.unknown = q::unknown_named(w.conn(), &ctx.org, &named).await?;
+        let mut detail = json!({
+            "policies": count,
+            "text": policy_in_audit(&req.text),
+            "was": was.as_deref().map(policy_in_audit),
+        });
+        if !policy.unknown.is_empty() {
+            detail["unknown"] = json!(policy.unknown);
+        }
+        let rec = audit::record(ctx.now(), ADMIN, "policy.update", &name, true, detail);
         ctx.commit_change(w, &[rec]).await?;
         Ok(Json(policy).into_response())
     }

@@ -498,6 +498,7 @@ pub(crate) async fn list_policies(
             name,
             text,
             created_at: to_u64(created_at),
+            unknown: Vec::new(),
         })
         .collect())
 }
@@ -518,7 +519,30 @@ pub(crate) async fn policy(
         name: name.to_owned(),
         text,
         created_at: to_u64(created_at),
+        unknown: Vec::new(),
     }))
+}
+
+/// Of what a policy text names, what does not exist in `org` (as a person reads it:
+/// `group eng`), in the order given.
+pub(crate) async fn unknown_named(
+    c: &mut SqliteConnection,
+    org: &str,
+    named: &[umbra_policy::Named],
+) -> Result<Vec<String>, sqlx::Error> {
+    use umbra_policy::Named;
+    let mut unknown = Vec::new();
+    for n in named {
+        let exists = match n {
+            Named::User(id) => user_disabled(&mut *c, org, id).await?.is_some(),
+            Named::Group(name) => group_exists(&mut *c, org, name).await?,
+            Named::Service(name) => service_exists(&mut *c, org, name).await?,
+        };
+        if !exists {
+            unknown.push(n.to_string());
+        }
+    }
+    Ok(unknown)
 }
 
 pub(crate) async fn policy_exists(
