@@ -501,24 +501,27 @@ async fn renew_inner(
     // Checked inside the write transaction so a revocation cannot slip in between.
     let (peer, row, kind): (std::sync::Arc<PeerCert>, _, _) =
         ctx.check_stored(w.conn(), peer).await?;
-    // An expired certificate renews only while no certificate renewed from it was ever
-    // used: a renewal whose answer was lost, or never reached the holder's disk, may be
-    // retried. Once the new certificate is in use, the old one (with a key its holder has
-    // since discarded) opens nothing, even to whoever copied it and its key before.
+    // A certificate renews only while no certificate renewed from it was ever used: a
+    // renewal whose answer was lost, or never reached the holder's disk, may be retried.
+    // Once the new certificate is in use, the old one (with a key its holder has since
+    // discarded) renews nothing, expired or not: whoever copied it and its key before the
+    // renewal cannot fork the identity, and later lock its holder out. (The holder's own
+    // processes renew from the newest certificate on disk.)
     let expired_secs = now
         .duration_since(peer.not_after)
         .ok()
         .filter(|d| !d.is_zero())
         .map(|d| d.as_secs());
+    let (role, subject, serial) = (peer.id.role, &peer.id.id, &peer.serial_hex);
+    if peers::cert_successor_seen(w.conn(), org, role, subject, serial).await? {
+        return Err(ApiFailure::forbidden(
+            "this certificate was renewed before, and the renewed certificate is in use: it \
+             renews no more (if this holder did not renew it, a copy of its key is in other \
+             hands: revoke the identity); enroll again",
+        ));
+    }
     let mut unused = Vec::new();
     if expired_secs.is_some() {
-        let (role, subject, serial) = (peer.id.role, &peer.id.id, &peer.serial_hex);
-        if peers::cert_successor_seen(w.conn(), org, role, subject, serial).await? {
-            return Err(ApiFailure::forbidden(
-                "this expired certificate was renewed before, and the renewed certificate is \
-                 in use: it renews no more; enroll again",
-            ));
-        }
         unused = peers::cert_unseen_successors(w.conn(), org, serial).await?;
     }
     // A disabled user's devices keep their certificates (enabling the user again restores

@@ -1686,6 +1686,14 @@ async fn an_expired_certificate_renews_within_the_grace_and_no_further() {
     assert_eq!(s, StatusCode::OK, "the renewed certificate in use");
     // Its first use is recorded off the request's path: wait for it in the store.
     h.first_use_recorded(&newer.peer.serial_hex).await;
+    // Still valid, the old certificate renews no more either: whoever copied it and its key
+    // before the renewal cannot fork the identity (and lock its holder out later). Audited.
+    let resp = h.renew(&h.as_peer(&old), json!({ "csr_pem": csr() })).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let v: Value = resp.json().await.unwrap();
+    assert!(api_error(&v).error.contains("a copy of its key"), "{v}");
+    let r = h.audited("renew").await;
+    assert_eq!(r.last().map(|r| r.result.as_str()), Some("error"), "{r:?}");
     h.skew.store(300, Ordering::SeqCst);
     let resp = h.renew(&h.as_peer(&old), json!({ "csr_pem": csr() })).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);

@@ -376,10 +376,11 @@ pub struct Policy {
     pub name: String,
     pub text: String,
     pub created_at: u64,
-    /// In the answer to a write only: the users, groups and services the text names that do
-    /// not exist (`group eng`), each of which the policy grants nothing through until one of
-    /// that name is made (a typo, or a group since removed). The write is made all the same:
-    /// a policy may be written before what it names.
+    /// In the answer to a write and in listings: the users, groups and services the text
+    /// names that do not exist (`group eng`), each of which the policy grants nothing through
+    /// until one of that name is made (a typo, or a group since removed: a group made later
+    /// with its name gets its grant). The write is made all the same: a policy may be written
+    /// before what it names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unknown: Vec<String>,
 }

@@ -1266,7 +1266,11 @@ async fn command(a: &Args, c: &Client) -> anyhow::Result<()> {
         Cmd::Policy(PolicyCmd::List) => {
             let v: Vec<api::Policy> = c.get("/v1/policies").await?;
             out!(v, |v: Vec<api::Policy>| for p in v {
-                outln!("# {}\n{}\n", p.name, p.text.trim_end());
+                outln!("# {}", p.name);
+                for u in &p.unknown {
+                    outln!("# (names {u}, which does not exist: grants nothing through it)");
+                }
+                outln!("{}\n", p.text.trim_end());
             });
         }
         Cmd::Policy(PolicyCmd::Rm { name, .. }) => {

@@ -2158,6 +2158,43 @@ fn admin_changes_in_place() {
         audited[0]["detail"]["unknown"], typo_set["unknown"],
         "{audited}"
     );
+    // Listings keep saying so, also of a group removed after its policy was written; the
+    // removal's audit record names the policies left naming it.
+    ok(&["group", "add", "gone"]);
+    ok(&[
+        "policy",
+        "add",
+        "wiki-gone",
+        "--allow-group",
+        "gone",
+        "--service",
+        "wiki",
+    ]);
+    ok(&["group", "rm", "gone"]);
+    let removed = json(&["audit", "--last", "1", "--action", "group.delete"]);
+    assert_eq!(
+        removed[0]["detail"]["policies"],
+        serde_json::json!(["wiki-gone"]),
+        "{removed}"
+    );
+    let listed = json(&["policy", "list"]);
+    let unknown_of = |name: &str| {
+        listed
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == name))
+            .map(|p| p["unknown"].clone())
+    };
+    assert_eq!(
+        unknown_of("wiki-gone"),
+        Some(serde_json::json!(["group gone"])),
+        "{listed}"
+    );
+    assert_eq!(unknown_of("wiki-ann"), Some(Value::Null), "{listed}");
+    assert!(
+        ok(&["policy", "list"]).contains("# (names group gone, which does not exist"),
+        "the table says it too"
+    );
+    ok(&["policy", "rm", "wiki-gone"]);
     ok(&["policy", "rm", "wiki-typo"]);
     ok(&["group", "add", "eng"]);
     // Naming only what exists: no warning.

@@ -129,13 +129,16 @@ pub(super) async fn delete_user(
             peers::peer_revoke(w.conn(), &ctx.org, Kind::Device, d, now).await?;
         }
         let (_, tokens) = q::delete_user(w.conn(), &ctx.org, &id).await?;
+        let mut detail = json!({ "revoked_devices": devices, "deleted_tokens": tokens });
+        name_policies(&mut detail, w.conn(), &ctx.org, umbra_policy::Named::User(id.clone()))
+            .await?;
         let mut records = vec![audit::record(
             ctx.now(),
             ADMIN,
             "user.delete",
             &id,
             true,
-            json!({ "revoked_devices": devices, "deleted_tokens": tokens }),
+            detail,
         )];
         // Each unused enrollment token deleted with the user, as a token deletion records it:
         // a search for the token finds where it went.
@@ -278,14 +281,10 @@ pub(super) async fn delete_group(
         if !q::delete_group(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no group {name}")));
         }
-        let rec = audit::record(
-            ctx.now(),
-            ADMIN,
-            "group.delete",
-            &name,
-            true,
-            json!({ "members": members }),
-        );
+        let mut detail = json!({ "members": members });
+        let named = umbra_policy::Named::Group(name.clone());
+        name_policies(&mut detail, w.conn(), &ctx.org, named).await?;
+        let rec = audit::record(ctx.now(), ADMIN, "group.delete", &name, true, detail);
         ctx.commit_change(w, &[rec]).await?;
         Ok(no_content())
     }
@@ -553,7 +552,10 @@ pub(super) async fn delete_service(
         if !q::delete_service(w.conn(), &ctx.org, &name).await? {
             return Err(ApiFailure::not_found("name", format!("no service {name}")));
         }
-        let rec = audit::record(ctx.now(), ADMIN, "service.delete", &name, true, json!({}));
+        let mut detail = json!({});
+        let named = umbra_policy::Named::Service(name.clone());
+        name_policies(&mut detail, w.conn(), &ctx.org, named).await?;
+        let rec = audit::record(ctx.now(), ADMIN, "service.delete", &name, true, detail);
         ctx.commit_change(w, &[rec]).await?;
         Ok(no_content())
     }
@@ -564,12 +566,37 @@ pub(super) async fn delete_service(
 // ---------------------------------------------------------------------------------------------
 // Policies
 
+/// Every policy, each with what it names that does not exist (`unknown`): a removed group's
+/// policies stay, grant nothing through it, and would grant to a group made later with its
+/// name, so the listing keeps showing them.
 pub(super) async fn list_policies(
     _: Admin,
     State(ctx): State<Arc<Ctx>>,
 ) -> Result<Json<Vec<api::Policy>>, ApiFailure> {
     let mut r = ctx.store.read().await?;
-    Ok(Json(q::list_policies(&mut r, &ctx.org).await?))
+    let mut all = q::list_policies(&mut r, &ctx.org).await?;
+    for p in &mut all {
+        // Stored texts were checked when written; one that no longer parses names nothing.
+        let named = umbra_policy::named_entities(&p.text).unwrap_or_default();
+        p.unknown = q::unknown_named(&mut r, &ctx.org, &named).await?;
+    }
+    Ok(Json(all))
+}
+
+/// Adds to a removal's audit `detail` the policies that name what was removed (`policies`):
+/// they stay, grant nothing through it, and would grant to whatever is made later with its
+/// name.
+async fn name_policies(
+    detail: &mut serde_json::Value,
+    c: &mut SqliteConnection,
+    org: &str,
+    removed: umbra_policy::Named,
+) -> Result<(), ApiFailure> {
+    let naming = q::policies_naming(c, org, &removed).await?;
+    if !naming.is_empty() {
+        detail["policies"] = json!(naming);
+    }
+    Ok(())
 }
 
 /// Checks a policy text (size, Cedar syntax, Umbra's schema); the number of policies in it

@@ -753,9 +753,9 @@ struct Policy {
     name: String,
     text: String,
     created_at: u64,
-    /// In the answer to a write only, and only when there are some: the users, groups and
-    /// services the text names that do not exist (`group eng`). The policy is written; it
-    /// grants nothing through those until one of that name is made.
+    /// In the answer to a write and in listings, only when there are some: the users, groups
+    /// and services the text names that do not exist (`group eng`). The policy is written;
+    /// it grants nothing through those until one of that name is made.
     unknown: Option<Vec<String>>,
 }
 #[derive(ToSchema)]

@@ -523,6 +523,20 @@ pub(crate) async fn policy(
     }))
 }
 
+/// The names of the stored policies whose text names `what`, in name order.
+pub(crate) async fn policies_naming(
+    c: &mut SqliteConnection,
+    org: &str,
+    what: &umbra_policy::Named,
+) -> Result<Vec<String>, sqlx::Error> {
+    Ok(list_policies(c, org)
+        .await?
+        .into_iter()
+        .filter(|p| umbra_policy::named_entities(&p.text).is_ok_and(|n| n.contains(what)))
+        .map(|p| p.name)
+        .collect())
+}
+
 /// Of what a policy text names, what does not exist in `org` (as a person reads it:
 /// `group eng`), in the order given.
 pub(crate) async fn unknown_named(
