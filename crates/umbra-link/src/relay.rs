@@ -6,6 +6,9 @@
 //!   write half, and the other direction keeps running until it ends too;
 //! - idle timeout: no chunk moved either way for `idle` (checked every `idle / 4`) ends the
 //!   relay with [`LinkError::Timeout`]; `Duration::ZERO` disables it;
+//! - a stream aborted by the other side (reset, access revoked, its link gone) ends the
+//!   relay at once, also while both directions are parked (a peer that neither reads nor
+//!   sends: nothing else would notice before the idle limit);
 //! - any error ends both directions and resets both streams, and the TCP connection is
 //!   reset too (RST, not FIN): a transfer cut short anywhere on the path (the far end reset,
 //!   a link lost, the idle limit, access revoked) must not reach a client or a service as a
@@ -82,12 +85,16 @@ pub async fn relay_streams(
     };
     a_recv.splice(&b_send, stats(&counters.up, &m_up));
     b_recv.splice(&a_send, stats(&counters.down, &m_down));
+    // Either side's end aborted (see `SendHalf::aborted`): the pumps may both be parked.
+    let (a_aborted, b_aborted) = (gated(a_send.aborted()), gated(b_send.aborted()));
     let r = async {
         let up = pump(&mut a_recv, &mut b_send, &progress, &counters.up, &m_up);
         let down = pump(&mut b_recv, &mut a_send, &progress, &counters.down, &m_down);
         tokio::select! {
             r = async { tokio::try_join!(up, down).map(|_| ()) } => r,
             () = idle_watch(&progress, idle) => Err(LinkError::Timeout("relay idle")),
+            e = a_aborted => Err(e),
+            e = b_aborted => Err(e),
         }
     }
     .await;
@@ -158,6 +165,9 @@ pub async fn relay_tcp(
         total: out_total.clone(),
         metric: m_out.clone(),
     });
+    // The stream aborted (see `SendHalf::aborted`): `up` may be parked reading a silent
+    // peer and `down` writing to one that reads nothing, and neither would see it.
+    let aborted = gated(send.aborted());
     let r = async {
         let up = async {
             let mut buf = BytesMut::with_capacity(TCP_CHUNK);
@@ -191,6 +201,7 @@ pub async fn relay_tcp(
         tokio::select! {
             r = async { tokio::try_join!(up, down).map(|_| ()) } => r,
             () = idle_watch(&progress, idle) => Err(LinkError::Timeout("relay idle")),
+            e = aborted => Err(e),
         }
     }
     .await;
@@ -250,6 +261,60 @@ async fn write_all(tcp: &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `f`, polled only once it asked to be (its waker was woken), not at every wake-up of the
+/// relay task that awaits it: `select!` polls every branch at each wake-up, that is with
+/// every chunk, and an abort watch waits on a tokio `Notify`, whose every poll takes a lock.
+fn gated<F: Future + Unpin>(f: F) -> Gated<F> {
+    Gated {
+        inner: f,
+        gate: Arc::new(Gate {
+            // The first poll polls `f`, which registers its waker.
+            woken: std::sync::atomic::AtomicBool::new(true),
+            outer: atomic_waker::AtomicWaker::new(),
+        }),
+    }
+}
+
+struct Gated<F> {
+    inner: F,
+    gate: Arc<Gate>,
+}
+
+struct Gate {
+    /// `inner`'s waker was woken since it was last polled.
+    woken: std::sync::atomic::AtomicBool,
+    /// The task awaiting the [`Gated`].
+    outer: atomic_waker::AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.outer.wake();
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // Registered before `woken` is read: a wake in between is not missed.
+        self.gate.outer.register(cx.waker());
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(self.gate.clone());
+        std::pin::Pin::new(&mut self.inner).poll(&mut std::task::Context::from_waker(&waker))
+    }
+}
+
 /// Returns once `progress` has not moved for `idle` (never, for a zero `idle`).
 async fn idle_watch(progress: &AtomicU64, idle: Duration) {
     if idle.is_zero() {
@@ -267,5 +332,33 @@ async fn idle_watch(progress: &AtomicU64, idle: Duration) {
         } else if quiet_since.elapsed() >= idle {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Poll, Waker};
+
+    /// A gated future is polled at its first poll and then only after its own waker was
+    /// woken, however often the task awaiting it is; and it is ready as soon as that is.
+    #[test]
+    fn a_gated_future_is_polled_only_when_it_asked_to_be() {
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let polls = Arc::new(AtomicU64::new(0));
+        let counted = polls.clone();
+        let inner = std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            std::pin::Pin::new(&mut rx).poll(cx)
+        });
+        let mut g = gated(inner);
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..5 {
+            assert!(std::pin::Pin::new(&mut g).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "polled once, at first");
+        tx.send(5).unwrap();
+        assert_eq!(std::pin::Pin::new(&mut g).poll(&mut cx), Poll::Ready(Ok(5)));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 }

@@ -160,6 +160,29 @@ impl SendHalf {
         }
     }
 
+    /// Resolves, with why, once the peer aborted the stream (QUIC: STOP_SENDING; a TLS link:
+    /// RESET) or its link is gone; never while the stream is healthy, nor once it ended
+    /// well. Holds no borrow of this half. A relay whose two directions are both parked (its
+    /// TCP peer reads nothing and sends nothing) learns from it at once that the broker
+    /// ended the stream (access revoked, the other side gone), instead of at its idle limit.
+    pub(crate) fn aborted(&self) -> std::pin::Pin<Box<dyn Future<Output = LinkError> + Send>> {
+        match &self.inner {
+            SendInner::Quic(s) => {
+                let stopped = s.stopped();
+                Box::pin(async move {
+                    match stopped.await {
+                        Ok(Some(code)) => LinkError::StreamReset(code.into_inner()),
+                        // Finished and every byte acknowledged: nothing more can abort it.
+                        Ok(None) => std::future::pending().await,
+                        Err(quinn::StoppedError::ConnectionLost(c)) => crate::error::from_conn(c),
+                        Err(quinn::StoppedError::ZeroRttRejected) => LinkError::Closed,
+                    }
+                })
+            }
+            SendInner::Mux(s) => Box::pin(s.aborted()),
+        }
+    }
+
     pub(crate) fn reset(&mut self) {
         self.done = true;
         match &mut self.inner {

@@ -320,6 +320,9 @@ struct StreamShared {
     state: AtomicU64,
     /// Wakes the sender waiting for credit (or for the news that there will be none).
     notify: Notify,
+    /// Wakes whoever waits for the stream's end by reset or by the link's end
+    /// ([`MuxSend::aborted`]); `notify` has one waiter only, the sender.
+    ended: Notify,
     /// Events the reader has taken from its channel (it stores, the driver loads).
     taken: AtomicU64,
     /// Set by the driver while it holds small chunks back for the reader (see
@@ -336,6 +339,7 @@ impl StreamShared {
             credit: AtomicU64::new(u64::from(credit)),
             state: AtomicU64::new(OPEN),
             notify: Notify::new(),
+            ended: Notify::new(),
             taken: AtomicU64::new(0),
             held: AtomicBool::new(false),
         })
@@ -346,6 +350,7 @@ impl StreamShared {
             .state
             .compare_exchange(OPEN, state, Ordering::AcqRel, Ordering::Acquire);
         self.notify.notify_one();
+        self.ended.notify_waiters();
     }
 }
 
@@ -530,6 +535,26 @@ impl MuxSend {
             })?;
         }
         Ok(())
+    }
+
+    /// Resolves, with the error a send would get, once the stream was reset (by the peer, or
+    /// here) or its link ended; never while it is open or after it ended well. Holds no
+    /// borrow of this half, so a relay can wait for it while the half is busy sending.
+    pub(crate) fn aborted(&self) -> impl Future<Output = LinkError> + Send + 'static {
+        let (stream, link) = (self.stream.clone(), self.link.clone());
+        async move {
+            loop {
+                // Enabled before the state is read: an end in between is not missed.
+                let ended = stream.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                match stream.state.load(Ordering::Acquire) {
+                    OPEN => ended.await,
+                    GONE => return link.error(),
+                    reset => return reset_error(u32::try_from(reset - 1).unwrap_or(0)),
+                }
+            }
+        }
     }
 
     /// The credit available, once there is some.

@@ -406,6 +406,94 @@ async fn an_aborted_upload_resets_the_service(t: Transport) {
 }
 both!(an_aborted_upload_resets_the_service);
 
+/// A stream the broker ends while a relay at its edge has both directions parked (its TCP
+/// peer neither reads nor sends: a stalled download, a service that stopped reading) ends
+/// that relay at once and resets its TCP connection, though the edges here have no idle
+/// limit: before, it stayed open until the idle limit (an hour by default), after access
+/// was revoked. The broker's relay ends first, by its own idle limit, as a revocation ends
+/// it. Round `A`: the client uploads to a service that reads nothing (the connector's
+/// relay is parked both ways); round `B`: the service sends to a client that reads nothing
+/// (the agent's is).
+async fn a_stalled_relay_ends_when_the_broker_ends_its_stream(t: Transport) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    let (held, mut service_conns) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let held = held.clone();
+            tokio::spawn(async move {
+                let mut mode = [0u8; 1];
+                s.read_exact(&mut mode).await.unwrap();
+                if mode[0] == b'B' {
+                    // Sends until the client's relay is full, then waits.
+                    let _ = s.write_all(&pattern(16 << 20, 7)).await;
+                }
+                let _ = held.send(s);
+            });
+        }
+    });
+    let edges_never_idle = Idle {
+        agent: Duration::ZERO,
+        broker: Duration::from_millis(500),
+        connector: Duration::ZERO,
+    };
+    let c = chain_with(t, edges_never_idle, target).await;
+
+    // A: the service reads nothing, sends nothing.
+    let mut client = TcpStream::connect(c.entry).await.unwrap();
+    client.write_all(b"A").await.unwrap();
+    let (_r, mut w) = client.into_split();
+    let uploading = tokio::spawn(async move {
+        let _ = w.write_all(&pattern(16 << 20, 5)).await;
+        w
+    });
+    let service = soon("the service's connection", service_conns.recv())
+        .await
+        .unwrap();
+    let end = soon(
+        "the broker's relay to end",
+        c.broker_ends.lock().await.recv(),
+    )
+    .await;
+    assert!(matches!(end, Some(Err(LinkError::Timeout(_)))), "{end:?}");
+    // Reading would drain the connection and set the relay going again: its reset is
+    // watched for in the socket's pending error instead.
+    soon(
+        "the connector to reset the service's connection",
+        reset_seen(&service),
+    )
+    .await;
+    uploading.abort();
+
+    // B: the client reads nothing, sends nothing more.
+    let mut client = TcpStream::connect(c.entry).await.unwrap();
+    client.write_all(b"B").await.unwrap();
+    let end = soon(
+        "the broker's relay to end",
+        c.broker_ends.lock().await.recv(),
+    )
+    .await;
+    assert!(matches!(end, Some(Err(LinkError::Timeout(_)))), "{end:?}");
+    soon(
+        "the agent to reset the client's connection",
+        reset_seen(&client),
+    )
+    .await;
+}
+both!(a_stalled_relay_ends_when_the_broker_ends_its_stream);
+
+/// Returns once `tcp` was reset by its peer, read from its pending error (`SO_ERROR`)
+/// without reading any data.
+async fn reset_seen(tcp: &TcpStream) {
+    loop {
+        match tcp.take_error().unwrap() {
+            Some(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Some(e) => panic!("{e}"),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// Every relay counts bytes the same way: `up` towards the service, `down` back to the client,
 /// the connector included (its TCP connection is the service's end). A target that answers
 /// three bytes for each one it reads tells the two apart.
